@@ -1,0 +1,535 @@
+//! `hanlin`: the command-line front door (chat, run, pull, list, rm, show, bench).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hanlin_engine::{FinishReason, GenerateParams, LoadedModel, SamplerConfig};
+use hanlin_store::{catalog, Store, DEFAULT_MODEL};
+use hanlin_tokenizer::Message;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "hanlin",
+    version,
+    about = "Hanlin (翰林): a self-hosted ChatGPT system"
+)]
+struct Cli {
+    /// Model store directory (default: $HANLIN_HOME or the user data dir)
+    #[arg(long, global = true, env = "HANLIN_HOME")]
+    home: Option<PathBuf>,
+    /// Compute threads (default: all cores)
+    #[arg(long, short = 't', global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Interactive multi-turn chat (fetches the model on first use)
+    Chat {
+        /// Model name or path to a .gguf file
+        #[arg(default_value = DEFAULT_MODEL)]
+        model: String,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// One-shot: answer PROMPT (or --file) and stream it to stdout
+    Run {
+        model: String,
+        prompt: Option<String>,
+        /// Read the prompt from a file (must be UTF-8)
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+        /// Send the prompt as-is, without the chat template
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Fetch a model into the store (catalog name or hf:owner/repo/file.gguf)
+    Pull { name: String },
+    /// List pulled models and the catalog
+    List,
+    /// Remove a pulled model
+    Rm { name: String },
+    /// Show a model's architecture, quantization, tokenizer and template
+    Show { model: String },
+    /// Measure prefill and decode speed and peak memory
+    Bench {
+        #[arg(default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Prompt tokens for the prefill measurement
+        #[arg(short = 'p', long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens to decode
+        #[arg(short = 'n', long, default_value_t = 64)]
+        gen_tokens: usize,
+        /// Repetitions (the median is reported)
+        #[arg(short = 'r', long, default_value_t = 3)]
+        reps: usize,
+        /// Print one JSON line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GenArgs {
+    /// System prompt
+    #[arg(long, short = 's')]
+    system: Option<String>,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.1)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Random seed (same seed, same text)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Maximum tokens to generate per answer
+    #[arg(long, short = 'n', default_value_t = 1024)]
+    max_tokens: usize,
+    /// Stop when this string is generated (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Context length in tokens (capped by the model's)
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Print timing statistics to stderr after each answer
+    #[arg(long)]
+    verbose: bool,
+}
+
+impl GenArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampler: SamplerConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                penalty_last_n: 64,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANLIN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let store = Store::open(cli.home.clone().unwrap_or_else(Store::default_home))
+        .context("opening the model store")?;
+    let threads = cli.threads.unwrap_or_else(hanlin_engine::default_threads);
+    match cli.cmd {
+        Cmd::Chat { model, gen } => chat(&store, &model, threads, &gen),
+        Cmd::Run {
+            model,
+            prompt,
+            file,
+            raw,
+            gen,
+        } => {
+            let text = match (prompt, file) {
+                (Some(p), None) => p,
+                (None, Some(f)) => {
+                    let bytes =
+                        std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                    String::from_utf8(bytes).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is not valid UTF-8 (invalid byte at offset {})",
+                            f.display(),
+                            e.utf8_error().valid_up_to()
+                        )
+                    })?
+                }
+                (Some(_), Some(_)) => {
+                    bail!("give the prompt either as an argument or with --file, not both")
+                }
+                (None, None) => bail!("no prompt: give it as an argument or with --file"),
+            };
+            one_shot(&store, &model, threads, &text, raw, &gen)
+        }
+        Cmd::Pull { name } => {
+            let m = store.pull(&name, true)?;
+            println!("pulled {} ({}, sha256 {})", m.name, human(m.size), m.sha256);
+            Ok(())
+        }
+        Cmd::List => list(&store),
+        Cmd::Rm { name } => {
+            let m = store.remove(&name)?;
+            println!("removed {} ({})", m.name, human(m.size));
+            Ok(())
+        }
+        Cmd::Show { model } => show(&store, &model),
+        Cmd::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            json,
+        } => bench(
+            &store,
+            &model,
+            threads,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            json,
+        ),
+    }
+}
+
+/// A model argument: an existing file, a pulled model, or a catalog name (pulled now).
+fn resolve(store: &Store, model: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(model);
+    if p.is_file() {
+        return Ok(p);
+    }
+    if model.ends_with(".gguf")
+        || model.contains(std::path::MAIN_SEPARATOR) && !model.starts_with("hf:")
+    {
+        bail!("model file {model} does not exist");
+    }
+    let name = match model.strip_prefix("hf:") {
+        Some(spec) => hanlin_store::hf::HfFile::parse(spec)?.local_name(),
+        None => model.to_string(),
+    };
+    if let Some(p) = store.path_of(&name)? {
+        return Ok(p);
+    }
+    eprintln!("{model} is not in the store yet; fetching it…");
+    let m = store.pull(model, true)?;
+    Ok(store.blob_path(&m.sha256))
+}
+
+fn load(store: &Store, model: &str, threads: usize) -> Result<Arc<LoadedModel>> {
+    let path = resolve(store, model)?;
+    LoadedModel::load(&path, threads).with_context(|| format!("loading {model}"))
+}
+
+fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) -> Result<()> {
+    let m = load(store, model, threads)?;
+    let mut session = m.new_session(gen.ctx);
+    let mut history: Vec<Message> = gen
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect();
+    let params = gen.params();
+    eprintln!(
+        "Hanlin chat with {model}. Type a message; /clear starts over, /exit (or Ctrl-D) quits."
+    );
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    loop {
+        eprint!(">>> ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" | "/bye" => break,
+            "/clear" => {
+                history.retain(|m| m.role == "system");
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let prompt = m.chat_prompt(&history)?;
+        let g = match session.generate(&prompt, &params, |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+            true
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                history.pop();
+                eprintln!("\nerror: {e}");
+                continue;
+            }
+        };
+        println!();
+        if g.finish == FinishReason::ContextFull {
+            eprintln!("(the context is full; /clear to start a new conversation)");
+        }
+        if gen.verbose {
+            stats(&g);
+        }
+        history.push(Message::new("assistant", g.text));
+    }
+    Ok(())
+}
+
+fn one_shot(
+    store: &Store,
+    model: &str,
+    threads: usize,
+    text: &str,
+    raw: bool,
+    gen: &GenArgs,
+) -> Result<()> {
+    let m = load(store, model, threads)?;
+    let prompt = if raw {
+        m.tokenizer.encode(text, true)?
+    } else {
+        let mut msgs: Vec<Message> = gen
+            .system
+            .iter()
+            .map(|s| Message::new("system", s.as_str()))
+            .collect();
+        msgs.push(Message::new("user", text));
+        m.chat_prompt(&msgs)?
+    };
+    let mut session = m.new_session(gen.ctx);
+    let mut out = std::io::stdout();
+    let g = session.generate(&prompt, &gen.params(), |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
+    println!();
+    if gen.verbose {
+        stats(&g);
+    }
+    Ok(())
+}
+
+fn stats(g: &hanlin_engine::Generation) {
+    let pf = g.prompt_tokens - g.cached_tokens;
+    eprintln!(
+        "[prompt {} tokens ({} cached) in {:.2}s = {:.1} tok/s; {} tokens in {:.2}s = {:.1} tok/s; finish {:?}]",
+        g.prompt_tokens,
+        g.cached_tokens,
+        g.prefill_time.as_secs_f64(),
+        pf as f64 / g.prefill_time.as_secs_f64().max(1e-9),
+        g.tokens.len(),
+        g.decode_time.as_secs_f64(),
+        g.tokens.len() as f64 / g.decode_time.as_secs_f64().max(1e-9),
+        g.finish
+    );
+}
+
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn list(store: &Store) -> Result<()> {
+    let pulled = store.list()?;
+    println!("{:<24} {:>10}  {:<16} SOURCE", "NAME", "SIZE", "SHA256");
+    for m in &pulled {
+        println!(
+            "{:<24} {:>10}  {:<16} {}",
+            m.name,
+            human(m.size),
+            &m.sha256[..12.min(m.sha256.len())],
+            m.source
+        );
+    }
+    if pulled.is_empty() {
+        println!("(no models pulled yet)");
+    }
+    println!("\navailable to pull:");
+    for e in catalog() {
+        let mark = if pulled.iter().any(|m| m.name == e.name) {
+            "*"
+        } else {
+            " "
+        };
+        let default = if e.name == DEFAULT_MODEL {
+            " [default]"
+        } else {
+            ""
+        };
+        println!(" {mark} {:<22} {}{default}", e.name, e.description);
+    }
+    Ok(())
+}
+
+fn show(store: &Store, model: &str) -> Result<()> {
+    let path = resolve(store, model)?;
+    let f = hanlin_formats::GgufFile::open(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let h = &f.header;
+    println!("file         {}", path.display());
+    println!(
+        "format       GGUF v{}, {} tensors, {}",
+        h.version,
+        h.tensors.len(),
+        human(f.bytes().len() as u64)
+    );
+    match hanlin_arch::ModelConfig::from_gguf(h) {
+        Ok(c) => {
+            let params: u64 = h.tensors.iter().map(|t| t.n_elements()).sum();
+            println!(
+                "architecture {} ({:.0}M parameters)",
+                c.arch.name(),
+                params as f64 / 1e6
+            );
+            println!(
+                "shape        {} layers, d_model {}, heads {}/{} (kv), head_dim {}, ffn {}, vocab {}",
+                c.n_layer, c.d_model, c.n_head, c.n_head_kv, c.head_dim, c.d_ff, c.vocab_size
+            );
+            println!(
+                "context      {} tokens, rope base {}",
+                c.context_length, c.rope_base
+            );
+            if let Some(m) = c.moe {
+                println!(
+                    "experts      {} ({} per token, ffn {})",
+                    m.n_expert, m.n_expert_used, m.d_ff_expert
+                );
+            }
+        }
+        Err(e) => println!("architecture unsupported: {e}"),
+    }
+    let mut types: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for t in &h.tensors {
+        let e = types.entry(t.ty.name()).or_default();
+        e.0 += 1;
+        e.1 += t.size as u64;
+    }
+    let q: Vec<String> = types
+        .iter()
+        .map(|(k, (n, b))| format!("{k}×{n} ({})", human(*b)))
+        .collect();
+    println!("tensors      {}", q.join(", "));
+    println!(
+        "tokenizer    {} (pre {}), {} tokens",
+        h.get_str("tokenizer.ggml.model").unwrap_or("?"),
+        h.get_str("tokenizer.ggml.pre").unwrap_or("-"),
+        h.get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .map(|a| a.len())
+            .unwrap_or(0)
+    );
+    for k in ["general.name", "general.license", "general.size_label"] {
+        if let Some(v) = h.get(k) {
+            println!("{:<12} {}", k.trim_start_matches("general."), v.summary());
+        }
+    }
+    if let Some(t) = h.get_str("tokenizer.chat_template") {
+        let first: String = t.lines().take(3).collect::<Vec<_>>().join(" ⏎ ");
+        println!(
+            "template     {} chars: {}…",
+            t.len(),
+            first.chars().take(100).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn bench(
+    store: &Store,
+    model: &str,
+    threads: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+    json: bool,
+) -> Result<()> {
+    let m = load(store, model, threads)?;
+    let vocab = m.model.cfg.vocab_size as u32;
+    // A fixed, ordinary token sequence (like llama-bench, content does not matter for speed).
+    let prompt: Vec<u32> = (0..n_prompt as u32)
+        .map(|i| (i * 7919 + 13) % vocab.min(30000))
+        .collect();
+    let reps = reps.max(1);
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..reps {
+        let mut s = m.new_session(n_prompt + n_gen + 1);
+        if n_prompt > 0 {
+            let t = Instant::now();
+            s.prefill(&prompt)?;
+            pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        if n_gen > 0 {
+            let mut s = m.new_session(n_gen + 2);
+            s.prefill(&[prompt.first().copied().unwrap_or(1)])?;
+            let t = Instant::now();
+            let mut tok = 1u32;
+            for _ in 0..n_gen {
+                let logits = s.step(tok)?;
+                tok = hanlin_engine::sampler::argmax(&logits);
+            }
+            tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let pp = if pp.is_empty() { 0.0 } else { median(pp) };
+    let tg = if tg.is_empty() { 0.0 } else { median(tg) };
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"model": model, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen,
+                "prefill_tok_s": pp, "decode_tok_s": tg, "peak_rss_bytes": rss,
+                "simd": format!("{:?}", hanlin_engine::simd_level())})
+        );
+    } else {
+        println!(
+            "model    {model} ({threads} threads, {:?})",
+            hanlin_engine::simd_level()
+        );
+        println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
+        println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");
+        println!("peak RSS {}", human(rss));
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Hanlin's inference engine: loads a model (GGUF, memory-mapped), runs the
+//! transformer forward pass on its own kernels, and generates text.
+//!
+//! Flow: [`LoadedModel::load`] → [`Session`] (owns a [`KvCache`]) →
+//! [`Session::generate`] (prefill the prompt in one batch, then decode one
+//! token at a time through [`Sampler`], streaming text through a callback).
+
+mod generate;
+pub mod kv;
+pub mod model;
+pub mod sampler;
+
+pub use generate::{FinishReason, GenerateParams, Generation, LoadedModel, Session};
+pub use hanlin_kernels::dot::{simd_level, SimdLevel};
+pub use kv::KvCache;
+pub use model::{Logits, Model};
+pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
+
+/// Compute threads to use by default: every core the OS gives us.
+pub fn default_threads() -> usize {
+    hanlin_kernels::ThreadPool::default_threads()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Format(#[from] hanlin_formats::FormatError),
+    #[error(transparent)]
+    Arch(#[from] hanlin_arch::ArchError),
+    #[error(transparent)]
+    Tokenizer(#[from] hanlin_tokenizer::TokenizerError),
+    #[error(transparent)]
+    Template(#[from] hanlin_tokenizer::TemplateError),
+    #[error("invalid model: {0}")]
+    BadModel(String),
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(u32),
+    #[error("the prompt needs {needed} positions but the context holds {limit}; shorten the prompt or raise --ctx")]
+    ContextOverflow { needed: usize, limit: usize },
+}

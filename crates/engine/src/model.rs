@@ -1,0 +1,519 @@
+//! Loading a model's weights (memory-mapped GGUF) and the forward pass.
+
+use crate::kv::KvCache;
+use crate::EngineError;
+use half::slice::HalfFloatSliceExt;
+use hanlin_arch::{names, Activation, ModelConfig};
+use hanlin_formats::{GgmlType, GgufFile, TensorInfo};
+use hanlin_kernels::ops::{self, Rope, RopeStyle};
+use hanlin_kernels::{matmul, Activations, QMat, ThreadPool};
+use std::path::Path;
+
+/// A weight matrix inside the mapped file.
+#[derive(Debug, Clone, Copy)]
+pub struct WRef {
+    pub ty: GgmlType,
+    pub offset: usize,
+    pub size: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+struct Ffn {
+    gate: WRef,
+    up: WRef,
+    down: WRef,
+}
+
+struct Moe {
+    router: WRef,
+    /// 3-D expert tensors viewed as `n_expert * d_ff` rows (gate/up) and
+    /// `n_expert * d_model` rows (down).
+    gate: WRef,
+    up: WRef,
+    down: WRef,
+    shared: Option<(Ffn, Option<WRef>)>,
+}
+
+enum FeedForward {
+    Dense(Ffn),
+    Moe(Moe),
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: WRef,
+    wk: WRef,
+    wv: WRef,
+    wo: WRef,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    post_ffn_norm: Option<Vec<f32>>,
+    ffn: FeedForward,
+    rope: Rope,
+    window: Option<usize>,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    file: GgufFile,
+    embd: WRef,
+    output: WRef,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+}
+
+/// Which positions of a batch need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    Last,
+    All,
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo, EngineError> {
+        self.file
+            .header
+            .tensor(name)
+            .ok_or_else(|| EngineError::BadModel(format!("tensor {name} is missing")))
+    }
+    fn has(&self, name: &str) -> bool {
+        self.file.header.tensor(name).is_some()
+    }
+    /// A matrix with `cols` inputs and `rows` outputs (ggml dims `[cols, rows, (n)]`).
+    fn mat(&self, name: &str, cols: usize, rows: usize) -> Result<WRef, EngineError> {
+        let t = self.info(name)?;
+        if t.row_len() != cols || t.n_rows() != rows {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} has shape {:?}, expected [{cols}, {rows}]",
+                t.dims
+            )));
+        }
+        Ok(WRef {
+            ty: t.ty,
+            offset: t.offset,
+            size: t.size,
+            rows,
+            cols,
+        })
+    }
+    fn vec(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let t = self.info(name)?;
+        if t.n_elements() != len as u64 {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} has shape {:?}, expected [{len}]",
+                t.dims
+            )));
+        }
+        let mut out = vec![0f32; len];
+        hanlin_kernels::quant::dequantize_row(t.ty, self.file.tensor_data(t), &mut out);
+        Ok(out)
+    }
+    fn opt_vec(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>, EngineError> {
+        if self.has(name) {
+            self.vec(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let file = GgufFile::open(path)?;
+        let cfg = ModelConfig::from_gguf(&file.header)?;
+        let l = Loader { file: &file };
+        let (d, q, kv) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim());
+        let embd = l.mat(names::TOKEN_EMBD, d, cfg.vocab_size)?;
+        let output = if l.has(names::OUTPUT) {
+            l.mat(names::OUTPUT, d, cfg.vocab_size)?
+        } else {
+            embd
+        };
+        let output_norm = l.vec(names::OUTPUT_NORM, d)?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let n = |t: &str| names::blk(i, t);
+            let ffn = match cfg.moe {
+                None => FeedForward::Dense(Ffn {
+                    gate: l.mat(&n(names::FFN_GATE), d, cfg.d_ff)?,
+                    up: l.mat(&n(names::FFN_UP), d, cfg.d_ff)?,
+                    down: l.mat(&n(names::FFN_DOWN), cfg.d_ff, d)?,
+                }),
+                Some(m) => {
+                    let shared = match m.d_ff_shared {
+                        Some(sd) if l.has(&n(names::FFN_GATE_SHEXP)) => Some((
+                            Ffn {
+                                gate: l.mat(&n(names::FFN_GATE_SHEXP), d, sd)?,
+                                up: l.mat(&n(names::FFN_UP_SHEXP), d, sd)?,
+                                down: l.mat(&n(names::FFN_DOWN_SHEXP), sd, d)?,
+                            },
+                            if l.has(&n(names::FFN_GATE_INP_SHEXP)) {
+                                Some(l.mat(&n(names::FFN_GATE_INP_SHEXP), d, 1)?)
+                            } else {
+                                None
+                            },
+                        )),
+                        _ => None,
+                    };
+                    FeedForward::Moe(Moe {
+                        router: l.mat(&n(names::FFN_GATE_INP), d, m.n_expert)?,
+                        gate: l.mat(&n(names::FFN_GATE_EXPS), d, m.d_ff_expert * m.n_expert)?,
+                        up: l.mat(&n(names::FFN_UP_EXPS), d, m.d_ff_expert * m.n_expert)?,
+                        down: l.mat(&n(names::FFN_DOWN_EXPS), m.d_ff_expert, d * m.n_expert)?,
+                        shared,
+                    })
+                }
+            };
+            let local = cfg.is_local_layer(i);
+            let base = if local {
+                cfg.rope_base_local.unwrap_or(cfg.rope_base)
+            } else {
+                cfg.rope_base
+            };
+            let style = if cfg.rope_neox {
+                RopeStyle::Neox
+            } else {
+                RopeStyle::Normal
+            };
+            layers.push(Layer {
+                attn_norm: l.vec(&n(names::ATTN_NORM), d)?,
+                wq: l.mat(&n(names::ATTN_Q), d, q)?,
+                wk: l.mat(&n(names::ATTN_K), d, kv)?,
+                wv: l.mat(&n(names::ATTN_V), d, kv)?,
+                wo: l.mat(&n(names::ATTN_OUT), q, d)?,
+                bq: l.opt_vec(&n(names::ATTN_Q_BIAS), q)?,
+                bk: l.opt_vec(&n(names::ATTN_K_BIAS), kv)?,
+                bv: l.opt_vec(&n(names::ATTN_V_BIAS), kv)?,
+                q_norm: l.opt_vec(&n(names::ATTN_Q_NORM), cfg.head_dim)?,
+                k_norm: l.opt_vec(&n(names::ATTN_K_NORM), cfg.head_dim)?,
+                post_attn_norm: l.opt_vec(&n(names::ATTN_POST_NORM), d)?,
+                ffn_norm: l.vec(&n(names::FFN_NORM), d)?,
+                post_ffn_norm: l.opt_vec(&n(names::FFN_POST_NORM), d)?,
+                ffn,
+                rope: Rope::new(style, cfg.n_rot, base, 1.0),
+                window: if local {
+                    cfg.sliding_window.map(|(w, _)| w)
+                } else {
+                    None
+                },
+            });
+        }
+        Ok(Self {
+            cfg,
+            file,
+            embd,
+            output,
+            output_norm,
+            layers,
+        })
+    }
+
+    pub fn header(&self) -> &hanlin_formats::GgufHeader {
+        &self.file.header
+    }
+
+    fn q(&self, w: &WRef) -> QMat<'_> {
+        QMat {
+            ty: w.ty,
+            data: &self.file.bytes()[w.offset..w.offset + w.size],
+            rows: w.rows,
+            cols: w.cols,
+        }
+    }
+
+    /// A row range of a weight (one expert of a 3-D expert tensor).
+    fn q_rows(&self, w: &WRef, start: usize, n: usize) -> QMat<'_> {
+        let rb = w.ty.row_bytes(w.cols);
+        let off = w.offset + start * rb;
+        QMat {
+            ty: w.ty,
+            data: &self.file.bytes()[off..off + n * rb],
+            rows: n,
+            cols: w.cols,
+        }
+    }
+
+    fn mm(&self, pool: &ThreadPool, w: &WRef, a: &Activations, out: &mut Vec<f32>) {
+        out.resize(a.n_tok * w.rows, 0.0);
+        matmul(pool, &self.q(w), a, out);
+    }
+
+    /// Run `tokens` (continuing the sequence in `cache`) and return logits:
+    /// `vocab` floats for the last token, or for every token with [`Logits::All`].
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        let cfg = &self.cfg;
+        let t_n = tokens.len();
+        if t_n == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(EngineError::BadToken(bad));
+        }
+        let p0 = cache.len();
+        if p0 + t_n > cache.capacity() {
+            return Err(EngineError::ContextOverflow {
+                needed: p0 + t_n,
+                limit: cache.capacity(),
+            });
+        }
+        let d = cfg.d_model;
+        let hd = cfg.head_dim;
+        let mut x = vec![0f32; t_n * d];
+        let embd = self.q(&self.embd);
+        let scale = if cfg.embed_scale {
+            (d as f32).sqrt()
+        } else {
+            1.0
+        };
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = &mut x[t * d..(t + 1) * d];
+            embd.dequantize_row(tok as usize, row);
+            if scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        let mut h = vec![0f32; t_n * d];
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        let mut attn = vec![0f32; t_n * cfg.q_dim()];
+        let (mut o, mut g, mut u, mut dn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (li, layer) in self.layers.iter().enumerate() {
+            ops::rms_norm(&x, &layer.attn_norm, cfg.norm_eps, &mut h);
+            {
+                let a = Activations::new(&h, d);
+                self.mm(pool, &layer.wq, &a, &mut q);
+                self.mm(pool, &layer.wk, &a, &mut k);
+                self.mm(pool, &layer.wv, &a, &mut v);
+            }
+            for (buf, bias) in [
+                (&mut q, &layer.bq),
+                (&mut k, &layer.bk),
+                (&mut v, &layer.bv),
+            ] {
+                if let Some(b) = bias {
+                    for row in buf.chunks_exact_mut(b.len()) {
+                        ops::add_inplace(row, b);
+                    }
+                }
+            }
+            if let Some(w) = &layer.q_norm {
+                ops::rms_norm_inplace(&mut q, w, cfg.norm_eps);
+            }
+            if let Some(w) = &layer.k_norm {
+                ops::rms_norm_inplace(&mut k, w, cfg.norm_eps);
+            }
+            for t in 0..t_n {
+                layer
+                    .rope
+                    .apply(&mut q[t * cfg.q_dim()..(t + 1) * cfg.q_dim()], hd, p0 + t);
+                layer
+                    .rope
+                    .apply(&mut k[t * cfg.kv_dim()..(t + 1) * cfg.kv_dim()], hd, p0 + t);
+            }
+            cache.append(li, &k, &v);
+            self.attention(pool, layer, li, cache, &q, p0, t_n, &mut attn);
+            {
+                let a = Activations::new(&attn, cfg.q_dim());
+                self.mm(pool, &layer.wo, &a, &mut o);
+            }
+            if let Some(w) = &layer.post_attn_norm {
+                ops::rms_norm_inplace(&mut o, w, cfg.norm_eps);
+            }
+            ops::add_inplace(&mut x, &o);
+            ops::rms_norm(&x, &layer.ffn_norm, cfg.norm_eps, &mut h);
+            match &layer.ffn {
+                FeedForward::Dense(f) => self.dense_ffn(pool, f, &h, &mut g, &mut u, &mut dn),
+                FeedForward::Moe(m) => self.moe_ffn(pool, m, &h, &mut g, &mut u, &mut dn),
+            }
+            if let Some(w) = &layer.post_ffn_norm {
+                ops::rms_norm_inplace(&mut dn, w, cfg.norm_eps);
+            }
+            ops::add_inplace(&mut x, &dn);
+        }
+        cache.commit(t_n);
+        let rows: &[f32] = match want {
+            Logits::Last => &x[(t_n - 1) * d..],
+            Logits::All => &x,
+        };
+        let mut normed = vec![0f32; rows.len()];
+        ops::rms_norm(rows, &self.output_norm, cfg.norm_eps, &mut normed);
+        let a = Activations::new(&normed, d);
+        let mut logits = Vec::new();
+        self.mm(pool, &self.output, &a, &mut logits);
+        Ok(logits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        pool: &ThreadPool,
+        layer: &Layer,
+        li: usize,
+        cache: &KvCache,
+        q: &[f32],
+        p0: usize,
+        t_n: usize,
+        out: &mut [f32],
+    ) {
+        let cfg = &self.cfg;
+        let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
+        let group = nh / cfg.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, vals) = cache.layer(li);
+        let op = SendPtr(out.as_mut_ptr());
+        pool.for_chunks(t_n * nh, 1, &|r| {
+            let mut scores = Vec::new();
+            let mut qh = vec![0f32; hd];
+            let mut row = vec![0f32; hd];
+            for job in r {
+                let (t, head) = (job / nh, job % nh);
+                let pos = p0 + t;
+                let start = layer
+                    .window
+                    .map(|w| (pos + 1).saturating_sub(w))
+                    .unwrap_or(0);
+                let kvh = head / group;
+                // Queries are rounded to f16 as llama.cpp does before its f16 K·Q.
+                for (d, s) in qh.iter_mut().zip(&q[t * nh * hd + head * hd..][..hd]) {
+                    *d = half::f16::from_f32(*s).to_f32();
+                }
+                scores.clear();
+                for p in start..=pos {
+                    keys[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(&mut row);
+                    scores.push(qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale);
+                }
+                ops::softmax(&mut scores);
+                // SAFETY: each (t, head) job writes its own disjoint `hd` slice.
+                let dst = unsafe { op.slice(t * nh * hd + head * hd, hd) };
+                dst.fill(0.0);
+                for (i, p) in (start..=pos).enumerate() {
+                    vals[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(&mut row);
+                    let s = half::f16::from_f32(scores[i]).to_f32();
+                    for (o, v) in dst.iter_mut().zip(&row) {
+                        *o += s * v;
+                    }
+                }
+            }
+        });
+    }
+
+    fn act(&self) -> fn(f32) -> f32 {
+        match self.cfg.activation {
+            Activation::Silu => ops::silu,
+            Activation::GeluTanh => ops::gelu,
+        }
+    }
+
+    fn dense_ffn(
+        &self,
+        pool: &ThreadPool,
+        f: &Ffn,
+        h: &[f32],
+        g: &mut Vec<f32>,
+        u: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+    ) {
+        let a = Activations::new(h, self.cfg.d_model);
+        self.mm(pool, &f.gate, &a, g);
+        self.mm(pool, &f.up, &a, u);
+        ops::glu(g, u, self.act());
+        let a = Activations::new(g, f.gate.rows);
+        self.mm(pool, &f.down, &a, out);
+    }
+
+    fn moe_ffn(
+        &self,
+        pool: &ThreadPool,
+        m: &Moe,
+        h: &[f32],
+        g: &mut Vec<f32>,
+        u: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+    ) {
+        let d = self.cfg.d_model;
+        let Some(mc) = self.cfg.moe else { return };
+        let t_n = h.len() / d;
+        out.clear();
+        out.resize(t_n * d, 0.0);
+        let mut router = Vec::new();
+        self.mm(pool, &m.router, &Activations::new(h, d), &mut router);
+        let mut y = Vec::new();
+        for t in 0..t_n {
+            let ht = &h[t * d..(t + 1) * d];
+            let probs = &mut router[t * mc.n_expert..(t + 1) * mc.n_expert];
+            ops::softmax(probs);
+            let mut idx: Vec<usize> = (0..mc.n_expert).collect();
+            idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            idx.truncate(mc.n_expert_used);
+            let norm: f32 = if mc.norm_topk {
+                idx.iter().map(|&e| probs[e]).sum()
+            } else {
+                1.0
+            };
+            let a = Activations::new(ht, d);
+            for &e in &idx {
+                let w = probs[e] / norm;
+                let ff = mc.d_ff_expert;
+                g.resize(ff, 0.0);
+                u.resize(ff, 0.0);
+                matmul(pool, &self.q_rows(&m.gate, e * ff, ff), &a, g);
+                matmul(pool, &self.q_rows(&m.up, e * ff, ff), &a, u);
+                ops::glu(g, u, self.act());
+                y.resize(d, 0.0);
+                matmul(
+                    pool,
+                    &self.q_rows(&m.down, e * d, d),
+                    &Activations::new(g, ff),
+                    &mut y,
+                );
+                for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(&y) {
+                    *o += w * v;
+                }
+            }
+            if let Some((sf, sgate)) = &m.shared {
+                let mut sy = Vec::new();
+                self.dense_ffn(pool, sf, ht, g, u, &mut sy);
+                let gate = match sgate {
+                    Some(gw) => {
+                        let mut s = Vec::new();
+                        self.mm(pool, gw, &a, &mut s);
+                        1.0 / (1.0 + (-s[0]).exp())
+                    }
+                    None => 1.0,
+                };
+                for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(&sy) {
+                    *o += gate * v;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes from pool threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Safety: `[off, off + len)` is in bounds and written by no other thread.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}

@@ -1,0 +1,540 @@
+//! Dot products between one quantized weight row and one quantized activation
+//! row. Each format has a portable scalar version (the reference) and, where it
+//! matters for the models we ship, an AVX2 version chosen at run time.
+
+#[cfg(test)]
+use crate::quant::QK;
+use crate::quant::{self, BlockQ8, BlockQ8K};
+use hanlin_formats::GgmlType;
+
+/// Dot product of a weight row (raw ggml bytes) with 32-element activation blocks.
+pub type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
+/// Dot product of a weight row (raw ggml bytes) with 256-element activation blocks.
+pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
+
+/// Which SIMD level the kernels use on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    Scalar,
+    Avx2,
+}
+
+/// Detected once; `HANLIN_SIMD=scalar` forces the portable path.
+pub fn simd_level() -> SimdLevel {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var("HANLIN_SIMD").is_ok_and(|v| v == "scalar") {
+            return SimdLevel::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Scalar
+    })
+}
+
+macro_rules! scalar32 {
+    ($name:ident, $ty:expr) => {
+        fn $name(w: &[u8], x: &[BlockQ8]) -> f32 {
+            scalar_q8($ty, w, x)
+        }
+    };
+}
+macro_rules! scalark {
+    ($name:ident, $ty:expr) => {
+        fn $name(w: &[u8], x: &[BlockQ8K]) -> f32 {
+            scalar_q8k($ty, w, x)
+        }
+    };
+}
+scalar32!(scalar_q4_0, GgmlType::Q4_0);
+scalar32!(scalar_q4_1, GgmlType::Q4_1);
+scalar32!(scalar_q5_0, GgmlType::Q5_0);
+scalar32!(scalar_q5_1, GgmlType::Q5_1);
+scalar32!(scalar_q8_0, GgmlType::Q8_0);
+scalark!(scalar_q2_k, GgmlType::Q2_K);
+scalark!(scalar_q3_k, GgmlType::Q3_K);
+scalark!(scalar_q4_k, GgmlType::Q4_K);
+scalark!(scalar_q5_k, GgmlType::Q5_K);
+scalark!(scalar_q6_k, GgmlType::Q6_K);
+
+/// Portable reference for the 32-element formats.
+pub fn scalar_q8(ty: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.chunks_exact(ty.type_size()).zip(x) {
+        let u = quant::unpack32(ty, b);
+        let isum: i32 =
+            u.q.iter()
+                .zip(&xb.qs)
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum();
+        acc += u.d * xb.d * isum as f32 + u.m * xb.s;
+    }
+    acc
+}
+
+/// Portable reference for the K formats.
+pub fn scalar_q8k(ty: GgmlType, w: &[u8], x: &[BlockQ8K]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.chunks_exact(ty.type_size()).zip(x) {
+        let u = quant::unpack_k(ty, b);
+        let mut s = 0f32;
+        for k in 0..16 {
+            let isum: i32 = (0..16)
+                .map(|l| u.q[16 * k + l] as i32 * xb.qs[16 * k + l] as i32)
+                .sum();
+            s += u.scale[k] * isum as f32 - u.min[k] * xb.bsums[k] as f32;
+        }
+        acc += xb.d * s;
+    }
+    acc
+}
+
+/// The fastest available dot product for a 32-element weight format.
+pub fn dot_q8(ty: GgmlType) -> Option<DotQ8> {
+    let simd = simd_level() == SimdLevel::Avx2;
+    Some(match ty {
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q4_0 if simd => avx2::q4_0,
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q4_1 if simd => avx2::q4_1,
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q5_0 if simd => avx2::q5_0,
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q5_1 if simd => avx2::q5_1,
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q8_0 if simd => avx2::q8_0,
+        GgmlType::Q4_0 => scalar_q4_0,
+        GgmlType::Q4_1 => scalar_q4_1,
+        GgmlType::Q5_0 => scalar_q5_0,
+        GgmlType::Q5_1 => scalar_q5_1,
+        GgmlType::Q8_0 => scalar_q8_0,
+        _ => return None,
+    })
+}
+
+/// The fastest available dot product for a K weight format.
+pub fn dot_q8k(ty: GgmlType) -> Option<DotQ8K> {
+    let simd = simd_level() == SimdLevel::Avx2;
+    Some(match ty {
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q4_K if simd => avx2::q4_k,
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q5_K if simd => avx2::q5_k,
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q6_K if simd => avx2::q6_k,
+        GgmlType::Q2_K => scalar_q2_k,
+        GgmlType::Q3_K => scalar_q3_k,
+        GgmlType::Q4_K => scalar_q4_k,
+        GgmlType::Q5_K => scalar_q5_k,
+        GgmlType::Q6_K => scalar_q6_k,
+        _ => return None,
+    })
+}
+
+/// Dot product of an f32 vector with itself-typed float row (F32/F16/BF16).
+pub fn dot_float(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    match ty {
+        GgmlType::F32 => w
+            .chunks_exact(4)
+            .zip(x)
+            .map(|(c, v)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v)
+            .sum(),
+        GgmlType::F16 => w
+            .chunks_exact(2)
+            .zip(x)
+            .map(|(c, v)| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32() * v)
+            .sum(),
+        GgmlType::BF16 => w
+            .chunks_exact(2)
+            .zip(x)
+            .map(|(c, v)| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32() * v)
+            .sum(),
+        _ => {
+            let mut tmp = vec![0f32; x.len()];
+            quant::dequantize_row(ty, w, &mut tmp);
+            tmp.iter().zip(x).map(|(a, b)| a * b).sum()
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// u8 x i8 pairwise products summed to 8 i32 lanes.
+    #[inline(always)]
+    unsafe fn dot_u8i8(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+
+    /// 16 packed nibbles -> 32 bytes: low nibbles first, then high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0xF);
+        let lo = _mm_and_si128(v, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 32 bits -> 32 bytes of 0xFF where the bit is set.
+    #[inline(always)]
+    unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+        let x = _mm256_set1_epi32(bits as i32);
+        let shuf = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let b = _mm256_shuffle_epi8(x, shuf);
+        let m = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(b, m), _mm256_set1_epi64x(-1))
+    }
+
+    /// One f16 at `p` (unaligned) to f32 with the F16C instruction.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Shared loop for the 32-element formats: `unpacked` returns the unsigned
+    /// quants, `offset` is subtracted from each (via the activation sums), and a
+    /// block minimum at `m_at` is added when present.
+    #[inline(always)]
+    unsafe fn q32_loop(
+        w: &[u8],
+        x: &[BlockQ8],
+        size: usize,
+        offset: f32,
+        m_at: Option<usize>,
+        unpacked: impl Fn(*const u8) -> __m256i,
+    ) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        let n = (w.len() / size).min(x.len());
+        let wp = w.as_ptr();
+        for i in 0..n {
+            let b = wp.add(i * size);
+            let xb = x.get_unchecked(i);
+            let d = load_f16(b);
+            let q = unpacked(b);
+            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let p = _mm256_cvtepi32_ps(dot_u8i8(q, xv));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
+            corr += match m_at {
+                Some(at) => load_f16(b.add(at)) * xb.s,
+                None => -offset * d * xb.s,
+            };
+        }
+        hsum(acc) + corr
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
+        q32_loop(w, x, 18, 8.0, None, |b| nibbles(b.add(2)))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
+        q32_loop(w, x, 20, 0.0, Some(2), |b| nibbles(b.add(4)))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
+        q32_loop(w, x, 22, 16.0, None, |b| {
+            let qh = u32::from_le_bytes(*(b.add(2) as *const [u8; 4]));
+            let hb = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(nibbles(b.add(6)), hb)
+        })
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_1_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
+        q32_loop(w, x, 24, 0.0, Some(2), |b| {
+            let qh = u32::from_le_bytes(*(b.add(4) as *const [u8; 4]));
+            let hb = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(nibbles(b.add(8)), hb)
+        })
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let n = (w.len() / 34).min(x.len());
+        let wp = w.as_ptr();
+        for i in 0..n {
+            let b = wp.add(i * 34);
+            let xb = x.get_unchecked(i);
+            let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let p = dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
+            acc = _mm256_fmadd_ps(
+                _mm256_set1_ps(load_f16(b) * xb.d),
+                _mm256_cvtepi32_ps(p),
+                acc,
+            );
+        }
+        hsum(acc)
+    }
+
+    /// Q4_K and Q5_K share a layout apart from the high bits.
+    #[inline(always)]
+    unsafe fn q45k(w: &[u8], x: &[BlockQ8K], five: bool) -> f32 {
+        let size = if five { 176 } else { 144 };
+        let mut acc = _mm256_setzero_ps();
+        let mut mins_acc = 0f32;
+        let n = (w.len() / size).min(x.len());
+        let m4 = _mm256_set1_epi8(0xF);
+        for i in 0..n {
+            let b = &w[i * size..(i + 1) * size];
+            let xb = x.get_unchecked(i);
+            let d = load_f16(b.as_ptr()) * xb.d;
+            let dmin = load_f16(b.as_ptr().add(2)) * xb.d;
+            let sc = &b[4..16];
+            let (qh, qs) = if five {
+                (&b[16..48], &b[48..176])
+            } else {
+                (&b[0..0], &b[16..144])
+            };
+            let mut summ = 0i32;
+            let mut scales = [0i16; 8];
+            for (j, scale) in scales.iter_mut().enumerate() {
+                let (s, m) = quant::scale_min_k4(j, sc);
+                *scale = s as i16;
+                summ += m as i32 * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32);
+            }
+            mins_acc += dmin * summ as f32;
+            let hv = if five {
+                _mm256_loadu_si256(qh.as_ptr() as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q = _mm256_loadu_si256(qs.as_ptr().add(32 * j) as *const __m256i);
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if five {
+                    let one = _mm256_set1_epi8(1);
+                    let hl = _mm256_and_si256(
+                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)),
+                        one,
+                    );
+                    let hh = _mm256_and_si256(
+                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                        one,
+                    );
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
+                }
+                let xl = _mm256_loadu_si256(xb.qs.as_ptr().add(64 * j) as *const __m256i);
+                let xh = _mm256_loadu_si256(xb.qs.as_ptr().add(64 * j + 32) as *const __m256i);
+                let pl = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, xl),
+                    _mm256_set1_epi16(scales[2 * j]),
+                );
+                let ph = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, xh),
+                    _mm256_set1_epi16(scales[2 * j + 1]),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum(acc) - mins_acc
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_k_impl(w: &[u8], x: &[BlockQ8K]) -> f32 {
+        q45k(w, x, false)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_k_impl(w: &[u8], x: &[BlockQ8K]) -> f32 {
+        q45k(w, x, true)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_impl(w: &[u8], x: &[BlockQ8K]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let n = (w.len() / 210).min(x.len());
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(3);
+        for i in 0..n {
+            let b = &w[i * 210..(i + 1) * 210];
+            let xb = x.get_unchecked(i);
+            let d = load_f16(b.as_ptr().add(208)) * xb.d;
+            let sc: [i8; 16] = std::array::from_fn(|k| b[192 + k] as i8);
+            let off: i32 = sc
+                .iter()
+                .zip(&xb.bsums)
+                .map(|(&s, &b)| s as i32 * b as i32)
+                .sum();
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                let ql = b.as_ptr().add(64 * h);
+                let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+                let qa = _mm256_loadu_si256(ql as *const __m256i);
+                let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(qa, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(qb, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                    ),
+                ];
+                for (k, qk) in q.iter().enumerate() {
+                    let xv =
+                        _mm256_loadu_si256(xb.qs.as_ptr().add(128 * h + 32 * k) as *const __m256i);
+                    let s0 = sc[8 * h + 2 * k] as i16;
+                    let s1 = sc[8 * h + 2 * k + 1] as i16;
+                    let sv = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, xv), sv);
+                    sumi = _mm256_add_epi32(sumi, p);
+                }
+            }
+            let s = _mm256_cvtepi32_ps(sumi);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            acc = _mm256_sub_ps(
+                acc,
+                _mm256_setr_ps(d * 32.0 * off as f32, 0., 0., 0., 0., 0., 0., 0.),
+            );
+        }
+        hsum(acc)
+    }
+
+    macro_rules! safe_wrappers {
+        ($($name:ident => $imp:ident : $blk:ty),*) => {$(
+            pub(super) fn $name(w: &[u8], x: &[$blk]) -> f32 {
+                // SAFETY: these functions are only handed out by `dot_q8`/`dot_q8k`
+                // after `simd_level()` confirmed AVX2, FMA and F16C at run time.
+                unsafe { $imp(w, x) }
+            }
+        )*};
+    }
+    safe_wrappers!(
+        q4_0 => q4_0_impl: BlockQ8,
+        q4_1 => q4_1_impl: BlockQ8,
+        q5_0 => q5_0_impl: BlockQ8,
+        q5_1 => q5_1_impl: BlockQ8,
+        q8_0 => q8_0_impl: BlockQ8,
+        q4_k => q4_k_impl: BlockQ8K,
+        q5_k => q5_k_impl: BlockQ8K,
+        q6_k => q6_k_impl: BlockQ8K
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Random but valid weight bytes: scales are sane f16 values, quants random.
+    pub(crate) fn random_row(ty: GgmlType, n: usize, rng: &mut impl Rng) -> Vec<u8> {
+        let mut b: Vec<u8> = (0..ty.row_bytes(n)).map(|_| rng.random()).collect();
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+        let size = ty.type_size();
+        for blk in b.chunks_exact_mut(size) {
+            let (at, vals): (&[usize], [f32; 2]) = match ty {
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (&[0], [0.01, 0.0]),
+                GgmlType::Q4_1 | GgmlType::Q5_1 => (&[0, 2], [0.01, -0.05]),
+                GgmlType::Q2_K => (&[80, 82], [0.01, 0.003]),
+                GgmlType::Q3_K => (&[108], [0.01, 0.0]),
+                GgmlType::Q4_K | GgmlType::Q5_K => (&[0, 2], [0.002, 0.001]),
+                GgmlType::Q6_K => (&[208], [0.001, 0.0]),
+                _ => (&[], [0.0, 0.0]),
+            };
+            for (k, &a) in at.iter().enumerate() {
+                let scale = vals[k] * rng.random_range(0.5..1.5f32);
+                blk[a..a + 2].copy_from_slice(&f16(scale));
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn integer_dots_match_dequantized_float_dot() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let n = 512;
+        for ty in GgmlType::ALL {
+            if ty.block_size() == 1 {
+                continue;
+            }
+            for _ in 0..20 {
+                let w = random_row(ty, n, &mut rng);
+                let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                let mut wf = vec![0f32; n];
+                quant::dequantize_row(ty, &w, &mut wf);
+                let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
+                let norm: f32 = wf.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+                let (scalar, fast) = if ty.block_size() == QK {
+                    let mut xq = Vec::new();
+                    quant::quantize_q8(&x, &mut xq);
+                    (scalar_q8(ty, &w, &xq), dot_q8(ty).expect("dot")(&w, &xq))
+                } else {
+                    let mut xq = Vec::new();
+                    quant::quantize_q8k(&x, &mut xq);
+                    (scalar_q8k(ty, &w, &xq), dot_q8k(ty).expect("dot")(&w, &xq))
+                };
+                // 8-bit activations: error bounded by ~1% of the absolute sum.
+                assert!(
+                    (scalar - exact).abs() <= 0.01 * norm + 1e-4,
+                    "{ty}: {scalar} vs {exact}"
+                );
+                assert!(
+                    (fast - scalar).abs() <= 1e-4 * norm + 1e-5,
+                    "{ty} simd {fast} vs scalar {scalar}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dot_float_matches_for_float_types() {
+        let x: Vec<f32> = (0..64).map(|i| i as f32 * 0.1 - 3.0).collect();
+        let w: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
+        let exact: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let f32b = quant::encode_f32(&w);
+        assert!((dot_float(GgmlType::F32, &f32b, &x) - exact).abs() < 1e-4);
+        let f16b = quant::encode_f16(&w);
+        assert!((dot_float(GgmlType::F16, &f16b, &x) - exact).abs() < 1e-2);
+    }
+
+    #[test]
+    fn q8_0_roundtrip() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).cos()).collect();
+        let b = quant::quantize_row_q8_0(&x);
+        let mut y = vec![0f32; 64];
+        quant::dequantize_row(GgmlType::Q8_0, &b, &mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 0.01);
+        }
+    }
+}

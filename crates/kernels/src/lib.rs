@@ -1,0 +1,16 @@
+//! Hanlin's CPU kernels: everything the forward pass computes with.
+//!
+//! - [`quant`]: ggml block formats, dequantization, activation quantization.
+//! - [`dot`]: integer dot products, scalar reference + AVX2, chosen at run time.
+//! - [`matmul`]: batched quantized matrix multiply over the thread pool.
+//! - [`ops`]: RMSNorm, RoPE, softmax, activations.
+//! - [`pool`]: the persistent thread pool.
+
+pub mod dot;
+pub mod matmul;
+pub mod ops;
+pub mod pool;
+pub mod quant;
+
+pub use matmul::{matmul, Activations, QMat};
+pub use pool::ThreadPool;

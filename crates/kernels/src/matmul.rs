@@ -1,0 +1,180 @@
+//! `out = x · Wᵀ` for a quantized weight matrix `W` (`rows × cols`, ggml row
+//! layout) and a batch of activation rows `x` (`n_tok × cols`). Activations are
+//! quantized once per batch to the 8-bit block format the weight type pairs
+//! with, then every weight row is dotted with every token while it is hot in
+//! cache. Rows are split across the pool's threads.
+
+use crate::dot;
+use crate::pool::ThreadPool;
+use crate::quant::{self, BlockQ8, BlockQ8K};
+use hanlin_formats::GgmlType;
+use std::cell::OnceCell;
+
+/// A borrowed quantized matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct QMat<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> QMat<'a> {
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.cols)
+    }
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+    /// Dequantize row `r` into `out` (`cols` long), e.g. an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        quant::dequantize_row(self.ty, self.row(r), out);
+    }
+}
+
+/// A batch of activation rows with lazily built quantized copies.
+pub struct Activations<'a> {
+    pub x: &'a [f32],
+    pub n_tok: usize,
+    pub cols: usize,
+    q8: OnceCell<Vec<BlockQ8>>,
+    q8k: OnceCell<Vec<BlockQ8K>>,
+}
+
+impl<'a> Activations<'a> {
+    pub fn new(x: &'a [f32], cols: usize) -> Self {
+        Self {
+            x,
+            n_tok: x.len() / cols,
+            cols,
+            q8: OnceCell::new(),
+            q8k: OnceCell::new(),
+        }
+    }
+    fn q8(&self) -> &[BlockQ8] {
+        self.q8.get_or_init(|| {
+            let mut v = Vec::new();
+            quant::quantize_q8(self.x, &mut v);
+            v
+        })
+    }
+    fn q8k(&self) -> &[BlockQ8K] {
+        self.q8k.get_or_init(|| {
+            let mut v = Vec::new();
+            quant::quantize_q8k(self.x, &mut v);
+            v
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: threads write disjoint elements (distinct rows) of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Store `v` at `i`. Safety: `i` is in bounds and no other thread writes it.
+    #[inline(always)]
+    unsafe fn set(self, i: usize, v: f32) {
+        *self.0.add(i) = v;
+    }
+}
+
+/// Dot every row in a chunk with every token; `dot(row_bytes, token)`.
+fn run_rows(
+    pool: &ThreadPool,
+    w: &QMat,
+    n_tok: usize,
+    out: &mut [f32],
+    dot: &(dyn Fn(&[u8], usize) -> f32 + Sync),
+) {
+    let rows = w.rows;
+    let op = OutPtr(out.as_mut_ptr());
+    // Small chunks balance the two cores in decode; in prefill a chunk of rows
+    // is reused across all tokens while it sits in L1/L2.
+    let chunk = if n_tok == 1 { 16 } else { 8 };
+    pool.for_chunks(rows, chunk, &|range| {
+        for t in 0..n_tok {
+            for r in range.clone() {
+                // SAFETY: t * rows + r < n_tok * rows <= out.len(); rows are disjoint per thread.
+                unsafe { op.set(t * rows + r, dot(w.row(r), t)) };
+            }
+        }
+    });
+}
+
+/// `out[t * w.rows + r] = dot(x[t], W[r])` for all tokens `t` and rows `r`.
+pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
+    assert_eq!(w.cols, a.cols, "matmul: inner dimensions differ");
+    assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
+    let n_tok = a.n_tok;
+    match w.ty.block_size() {
+        32 => {
+            let f = dot::dot_q8(w.ty).expect("32-element type has a dot");
+            let xq = a.q8();
+            let bpr = w.cols / 32;
+            run_rows(pool, w, n_tok, out, &|wr, t| {
+                f(wr, &xq[t * bpr..(t + 1) * bpr])
+            });
+        }
+        256 => {
+            let f = dot::dot_q8k(w.ty).expect("K type has a dot");
+            let xq = a.q8k();
+            let bpr = w.cols / 256;
+            run_rows(pool, w, n_tok, out, &|wr, t| {
+                f(wr, &xq[t * bpr..(t + 1) * bpr])
+            });
+        }
+        _ => {
+            let cols = w.cols;
+            let x = a.x;
+            run_rows(pool, w, n_tok, out, &|wr, t| {
+                dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols])
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_naive() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols, n_tok) = (37, 64, 3);
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let x: Vec<f32> = (0..n_tok * cols)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2)
+            .collect();
+        for (ty, data, tol) in [
+            (GgmlType::F32, quant::encode_f32(&wf), 1e-4),
+            (GgmlType::F16, quant::encode_f16(&wf), 1e-2),
+            (GgmlType::Q8_0, quant::quantize_row_q8_0(&wf), 0.1),
+        ] {
+            let w = QMat {
+                ty,
+                data: &data,
+                rows,
+                cols,
+            };
+            let a = Activations::new(&x, cols);
+            let mut out = vec![0f32; n_tok * rows];
+            matmul(&pool, &w, &a, &mut out);
+            for t in 0..n_tok {
+                for r in 0..rows {
+                    let e: f32 = (0..cols).map(|c| wf[r * cols + c] * x[t * cols + c]).sum();
+                    assert!(
+                        (out[t * rows + r] - e).abs() < tol,
+                        "{ty} t{t} r{r}: {} vs {e}",
+                        out[t * rows + r]
+                    );
+                }
+            }
+        }
+    }
+}

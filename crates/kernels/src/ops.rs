@@ -1,0 +1,155 @@
+//! Element-wise and row-wise operations of the transformer layers.
+
+/// RMSNorm of each row of `x` (row length `w.len()`) into `out`.
+/// `add_one` multiplies by `(1 + w)` instead of `w` (used when the weight file
+/// stores the Gemma-style offset form).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// In-place RMSNorm over each `w.len()`-sized chunk of `x`.
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for (v, g) in xr.iter_mut().zip(w) {
+            *v *= scale * g;
+        }
+    }
+}
+
+/// Rotary position embedding layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs are adjacent elements `(2i, 2i+1)` (llama GGUF files).
+    Normal,
+    /// Pairs are `(i, i + n_rot/2)` (GPT-NeoX; Qwen, Gemma).
+    Neox,
+}
+
+/// Precomputed inverse frequencies for RoPE.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub n_rot: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(style: RopeStyle, n_rot: usize, base: f32, freq_scale: f32) -> Self {
+        let inv_freq = (0..n_rot / 2)
+            .map(|i| freq_scale * base.powf(-2.0 * i as f32 / n_rot as f32))
+            .collect();
+        Self {
+            style,
+            n_rot,
+            inv_freq,
+        }
+    }
+
+    /// Rotate every head (`head_dim` apart) of one token's vector at `pos`.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {
+        let half = self.n_rot / 2;
+        let cs: Vec<(f32, f32)> = self
+            .inv_freq
+            .iter()
+            .map(|f| (pos as f32 * f).sin_cos())
+            .collect();
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(s, c)) in cs.iter().enumerate() {
+                let (a, b) = match self.style {
+                    RopeStyle::Normal => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (as used by Gemma).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// `gate = act(gate) * up`, element-wise.
+pub fn glu(gate: &mut [f32], up: &[f32], act: fn(f32) -> f32) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = act(*g) * u;
+    }
+}
+
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_preserves_norm_and_is_identity_at_zero() {
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let r = Rope::new(style, 8, 10000.0, 1.0);
+            let orig: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
+            let mut x = orig.clone();
+            r.apply(&mut x, 8, 0);
+            assert_eq!(x, orig);
+            r.apply(&mut x, 8, 17);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = x.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+            assert_ne!(x, orig);
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x = vec![1.0, 2.0, 3.0, 1000.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[3] > 0.999);
+    }
+
+    #[test]
+    fn rms_norm_unit_rms() {
+        let x = vec![3.0, 4.0];
+        let mut o = vec![0.0; 2];
+        rms_norm(&x, &[1.0, 1.0], 0.0, &mut o);
+        let rms = (o.iter().map(|v| v * v).sum::<f32>() / 2.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+}

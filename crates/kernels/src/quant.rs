@@ -1,0 +1,340 @@
+//! Block layouts of the ggml quantization formats, dequantization of every
+//! supported type, and quantization of activations (8-bit blocks) for the
+//! integer dot products in [`crate::dot`].
+
+use half::{bf16, f16};
+use hanlin_formats::GgmlType;
+
+pub const QK: usize = 32;
+pub const QK_K: usize = 256;
+
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Activation block for the 32-element formats: `qs * d` approximates the
+/// values; `s = d * sum(qs)` serves formats with an offset or a minimum.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ8 {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+/// Activation block for the K-quant formats (256 elements); `bsums[k]` is the
+/// sum of `qs[16k..16k+16]`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; 16],
+}
+
+/// Quantize `x` (length a multiple of 32) into 8-bit blocks.
+pub fn quantize_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
+    out.clear();
+    for chunk in x.chunks_exact(QK) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; QK];
+        let mut sum = 0i32;
+        for (q, v) in qs.iter_mut().zip(chunk) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        // Scales are kept at f16 precision, as in ggml's Q8_0/Q8_1 blocks, so
+        // results match llama.cpp's as closely as possible.
+        let d = f16::from_f32(d).to_f32();
+        out.push(BlockQ8 {
+            d,
+            s: f16::from_f32(d * sum as f32).to_f32(),
+            qs,
+        });
+    }
+}
+
+/// Quantize `x` (length a multiple of 256) into 8-bit K blocks.
+pub fn quantize_q8k(x: &[f32], out: &mut Vec<BlockQ8K>) {
+    out.clear();
+    for chunk in x.chunks_exact(QK_K) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; QK_K];
+        for (q, v) in qs.iter_mut().zip(chunk) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        }
+        let mut bsums = [0i16; 16];
+        for (k, b) in bsums.iter_mut().enumerate() {
+            *b = qs[16 * k..16 * k + 16].iter().map(|&q| q as i16).sum();
+        }
+        out.push(BlockQ8K { d, qs, bsums });
+    }
+}
+
+/// 6-bit scale and min `j` (0..8) of a Q4_K/Q5_K block's 12 packed bytes.
+#[inline(always)]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Sixteen signed 6-bit scales of a Q3_K block (already offset by -32).
+pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
+    let rd = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a0, a1, tmp) = (rd(0), rd(4), rd(8));
+    const M1: u32 = 0x0303_0303;
+    const M2: u32 = 0x0f0f_0f0f;
+    let aux = [
+        (a0 & M2) | ((tmp & M1) << 4),
+        (a1 & M2) | (((tmp >> 2) & M1) << 4),
+        ((a0 >> 4) & M2) | (((tmp >> 4) & M1) << 4),
+        ((a1 >> 4) & M2) | (((tmp >> 6) & M1) << 4),
+    ];
+    let mut out = [0i8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = ((aux[i / 4] >> (8 * (i % 4))) & 0xff) as i8 - 32;
+    }
+    out
+}
+
+/// Unpacked 32-element block: `value[i] = d * q[i] + m`.
+pub(crate) struct Unpacked32 {
+    pub q: [i8; QK],
+    pub d: f32,
+    pub m: f32,
+}
+
+pub(crate) fn unpack32(ty: GgmlType, b: &[u8]) -> Unpacked32 {
+    let mut q = [0i8; QK];
+    match ty {
+        GgmlType::Q4_0 => {
+            for j in 0..16 {
+                q[j] = (b[2 + j] & 0xF) as i8 - 8;
+                q[j + 16] = (b[2 + j] >> 4) as i8 - 8;
+            }
+            Unpacked32 {
+                q,
+                d: f16_at(b, 0),
+                m: 0.0,
+            }
+        }
+        GgmlType::Q4_1 => {
+            for j in 0..16 {
+                q[j] = (b[4 + j] & 0xF) as i8;
+                q[j + 16] = (b[4 + j] >> 4) as i8;
+            }
+            Unpacked32 {
+                q,
+                d: f16_at(b, 0),
+                m: f16_at(b, 2),
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let (qh_at, qs_at, off) = if ty == GgmlType::Q5_0 {
+                (2, 6, 16)
+            } else {
+                (4, 8, 0)
+            };
+            let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
+            for j in 0..16 {
+                let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                q[j] = ((b[qs_at + j] & 0xF) | h0) as i8 - off;
+                q[j + 16] = ((b[qs_at + j] >> 4) | h1) as i8 - off;
+            }
+            let m = if ty == GgmlType::Q5_1 {
+                f16_at(b, 2)
+            } else {
+                0.0
+            };
+            Unpacked32 {
+                q,
+                d: f16_at(b, 0),
+                m,
+            }
+        }
+        GgmlType::Q8_0 => {
+            for j in 0..QK {
+                q[j] = b[2 + j] as i8;
+            }
+            Unpacked32 {
+                q,
+                d: f16_at(b, 0),
+                m: 0.0,
+            }
+        }
+        _ => unreachable!("unpack32 called for {ty:?}"),
+    }
+}
+
+/// Unpacked 256-element K block: value `i` = `scale[i/16] * q[i] - min[i/16]`.
+pub(crate) struct UnpackedK {
+    pub q: [i8; QK_K],
+    pub scale: [f32; 16],
+    pub min: [f32; 16],
+}
+
+pub(crate) fn unpack_k(ty: GgmlType, b: &[u8]) -> UnpackedK {
+    let mut q = [0i8; QK_K];
+    let mut scale = [0f32; 16];
+    let mut min = [0f32; 16];
+    match ty {
+        GgmlType::Q2_K => {
+            let (sc, qs) = (&b[0..16], &b[16..80]);
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            for k in 0..16 {
+                scale[k] = d * (sc[k] & 0xF) as f32;
+                min[k] = dmin * (sc[k] >> 4) as f32;
+            }
+            for n in 0..2 {
+                for j in 0..4 {
+                    for l in 0..32 {
+                        q[128 * n + 32 * j + l] = ((qs[32 * n + l] >> (2 * j)) & 3) as i8;
+                    }
+                }
+            }
+        }
+        GgmlType::Q3_K => {
+            let (hm, qs, sc) = (&b[0..32], &b[32..96], q3k_scales(&b[96..108]));
+            let d = f16_at(b, 108);
+            for k in 0..16 {
+                scale[k] = d * sc[k] as f32;
+            }
+            for n in 0..2 {
+                for j in 0..4 {
+                    let m = 1u8 << (4 * n + j);
+                    for l in 0..32 {
+                        let lo = ((qs[32 * n + l] >> (2 * j)) & 3) as i8;
+                        let hi = if hm[l] & m != 0 { 0 } else { 4 };
+                        q[128 * n + 32 * j + l] = lo - hi;
+                    }
+                }
+            }
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let sc = &b[4..16];
+            let (qh, qs) = if ty == GgmlType::Q5_K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, sc);
+                for k in [2 * j, 2 * j + 1] {
+                    scale[k] = d * s as f32;
+                    min[k] = dmin * m as f32;
+                }
+            }
+            for j in 0..4 {
+                for l in 0..32 {
+                    let (mut lo, mut hi) = (qs[32 * j + l] & 0xF, qs[32 * j + l] >> 4);
+                    if let Some(qh) = qh {
+                        lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                        hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                    }
+                    q[64 * j + l] = lo as i8;
+                    q[64 * j + 32 + l] = hi as i8;
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = f16_at(b, 208);
+            for k in 0..16 {
+                scale[k] = d * (sc[k] as i8) as f32;
+            }
+            for n in 0..2 {
+                let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+                for l in 0..32 {
+                    let y = 128 * n + l;
+                    q[y] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    q[y + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    q[y + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    q[y + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                }
+            }
+        }
+        _ => unreachable!("unpack_k called for {ty:?}"),
+    }
+    UnpackedK { q, scale, min }
+}
+
+/// Dequantize one row (`out.len()` elements) of type `ty` from `bytes`.
+pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+            for (o, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(ty.type_size()))
+            {
+                let u = unpack32(ty, b);
+                for (v, q) in o.iter_mut().zip(u.q) {
+                    *v = u.d * q as f32 + u.m;
+                }
+            }
+        }
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            for (o, b) in out
+                .chunks_exact_mut(QK_K)
+                .zip(bytes.chunks_exact(ty.type_size()))
+            {
+                let u = unpack_k(ty, b);
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = u.scale[i / 16] * u.q[i] as f32 - u.min[i / 16];
+                }
+            }
+        }
+    }
+}
+
+/// Quantize `x` into ggml Q8_0 bytes (used to write small test models and by export).
+pub fn quantize_row_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK * 34);
+    for chunk in x.chunks_exact(QK) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        out.extend(chunk.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// Encode `x` as F16 bytes.
+pub fn encode_f16(x: &[f32]) -> Vec<u8> {
+    x.iter()
+        .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+        .collect()
+}
+
+/// Encode `x` as F32 bytes.
+pub fn encode_f32(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}

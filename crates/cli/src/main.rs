@@ -57,7 +57,12 @@ enum Cmd {
     /// Remove a pulled model
     Rm { name: String },
     /// Show a model's architecture, quantization, tokenizer and template
-    Show { model: String },
+    Show {
+        model: String,
+        /// Print only the path of the model file
+        #[arg(long)]
+        path: bool,
+    },
     /// Measure prefill and decode speed and peak memory
     Bench {
         #[arg(default_value = DEFAULT_MODEL)]
@@ -74,6 +79,9 @@ enum Cmd {
         /// Print one JSON line instead of a table
         #[arg(long)]
         json: bool,
+        /// Measure the machine's memory read bandwidth instead
+        #[arg(long)]
+        bandwidth: bool,
     },
 }
 
@@ -192,13 +200,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("removed {} ({})", m.name, human(m.size));
             Ok(())
         }
-        Cmd::Show { model } => show(&store, &model),
+        Cmd::Show { model, path: true } => {
+            println!("{}", resolve(&store, &model)?.display());
+            Ok(())
+        }
+        Cmd::Show { model, path: false } => show(&store, &model),
+        Cmd::Bench { bandwidth: true, json, .. } => read_bandwidth(threads, json),
         Cmd::Bench {
             model,
             prompt_tokens,
             gen_tokens,
             reps,
             json,
+            ..
         } => bench(
             &store,
             &model,
@@ -459,6 +473,41 @@ fn show(store: &Store, model: &str) -> Result<()> {
             t.len(),
             first.chars().take(100).collect::<String>()
         );
+    }
+    Ok(())
+}
+
+/// Multi-threaded read bandwidth over a 1 GiB buffer (median of 5 passes).
+fn read_bandwidth(threads: usize, json: bool) -> Result<()> {
+    let pool = hanlin_kernels::ThreadPool::new(threads);
+    let n = (1usize << 30) / 4;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let chunk = 1 << 16;
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let total = std::sync::Mutex::new(0f32);
+        let t = Instant::now();
+        pool.for_chunks(n / chunk, 4, &|r| {
+            let mut acc = [0f32; 16];
+            for c in r {
+                for b in buf[c * chunk..(c + 1) * chunk].chunks_exact(16) {
+                    for (a, v) in acc.iter_mut().zip(b) {
+                        *a += v;
+                    }
+                }
+            }
+            if let Ok(mut t) = total.lock() {
+                *t += acc.iter().sum::<f32>();
+            }
+        });
+        rates.push((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        std::hint::black_box(total);
+    }
+    let bw = median(rates);
+    if json {
+        println!("{}", serde_json::json!({"read_gb_s": bw, "threads": threads}));
+    } else {
+        println!("read bandwidth {bw:.1} GB/s ({threads} threads)");
     }
     Ok(())
 }

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Hanlin vs llama.cpp on the same GGUF files, same threads, one run.
+
+    bench/compare.py [--threads 2] [--prompt 512] [--gen 64] [--reps 3] [MODEL ...]
+
+Builds llama.cpp from the llama-cpp-python source package if needed
+(scripts/build_llama_cpp.sh), pulls the models into Hanlin's store, then for
+each model runs `hanlin bench` and `llama-bench` (each in its own process,
+peak RSS from wait4) and prints medians and ratios, plus the machine's read
+bandwidth and the decode ceiling it implies (file size / bandwidth).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANLIN = os.path.join(ROOT, "target", "release", "hanlin")
+
+
+def run(cmd, env=None):
+    """Run cmd, return its stdout."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = p.communicate()
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err.decode(errors='replace')[-2000:]}")
+    return out.decode()
+
+
+def run_rss(cmd, env=None):
+    """Run cmd, return (stdout, peak RSS bytes)."""
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        out = os.open("/tmp/.hanlin-bench.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(fd, 2)
+        os.execvpe(cmd[0], cmd, env or os.environ)
+    _, status, ru = os.wait4(pid, 0)
+    if status != 0:
+        sys.exit(f"{' '.join(cmd)} failed with status {status}")
+    with open("/tmp/.hanlin-bench.out") as f:
+        return f.read(), ru.ru_maxrss * 1024
+
+
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("models", nargs="*", default=["qwen2.5-coder-0.5b", "smollm2-135m"])
+    a = ap.parse_args()
+
+    subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
+    env = dict(os.environ)
+    for line in subprocess.run([os.path.join(ROOT, "scripts", "build_llama_cpp.sh")], capture_output=True, text=True, check=True).stdout.splitlines():
+        k, v = line.removeprefix("export ").split("=", 1)
+        env[k] = v.strip("'")
+    bw = json.loads(run([HANLIN, "bench", "--bandwidth", "--json", "-t", str(a.threads)]))["read_gb_s"]
+    print(f"machine read bandwidth: {bw:.1f} GB/s ({a.threads} threads)\n")
+    rows = []
+    for m in a.models:
+        run([HANLIN, "pull", m])
+        path = run([HANLIN, "show", "--path", m]).strip()
+        size = os.path.getsize(path)
+        hj, hrss = run_rss([HANLIN, "bench", m, "-t", str(a.threads), "-p", str(a.prompt), "-n", str(a.gen), "-r", str(a.reps), "--json"])
+        h = json.loads(hj)
+        lj, lrss = run_rss([os.path.join(env["LLAMA_CPP_BIN"], "llama-bench"), "-m", path, "-t", str(a.threads),
+                            "-p", str(a.prompt), "-n", str(a.gen), "-r", str(a.reps), "-o", "json"], env)
+        lb = json.loads(lj)
+        lpp = median([r["avg_ts"] for r in lb if r["n_prompt"] > 0 and r["n_gen"] == 0])
+        ltg = median([r["avg_ts"] for r in lb if r["n_gen"] > 0 and r["n_prompt"] == 0])
+        ceiling = bw * 1e9 / size
+        rows.append((m, h["prefill_tok_s"], lpp, h["decode_tok_s"], ltg, ceiling, h["peak_rss_bytes"], lrss))
+    print(f"{'model':<22} {'prefill':>9} {'llama.cpp':>9} {'ratio':>6} | {'decode':>7} {'llama.cpp':>9} {'ratio':>6} {'ceiling':>8} | {'RSS MB':>7} {'llama':>7} {'ratio':>6}")
+    for m, hp, lp, ht, lt, c, hr, lr in rows:
+        print(f"{m:<22} {hp:9.1f} {lp:9.1f} {hp/lp:6.2f} | {ht:7.1f} {lt:9.1f} {ht/lt:6.2f} {c:8.1f} | {hr/1e6:7.0f} {lr/1e6:7.0f} {hr/lr:6.2f}")
+    print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")
+
+
+if __name__ == "__main__":
+    main()

@@ -376,36 +376,69 @@ impl Model {
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys, vals) = cache.layer(li);
         let op = SendPtr(out.as_mut_ptr());
-        pool.for_chunks(t_n * nh, 1, &|r| {
-            let mut scores = Vec::new();
-            let mut qh = vec![0f32; hd];
+        // One job per (kv head, block of query tokens): each key/value row is
+        // converted from f16 once and used by every query head of the group
+        // and every token of the block.
+        const TB: usize = 8;
+        let n_blocks = t_n.div_ceil(TB);
+        pool.for_chunks(cfg.n_head_kv * n_blocks, 1, &|r| {
+            let mut scores: Vec<f32> = Vec::new();
+            let mut qs = vec![0f32; TB * group * hd];
             let mut row = vec![0f32; hd];
             for job in r {
-                let (t, head) = (job / nh, job % nh);
-                let pos = p0 + t;
-                let start = layer
-                    .window
-                    .map(|w| (pos + 1).saturating_sub(w))
-                    .unwrap_or(0);
-                let kvh = head / group;
-                // Queries are rounded to f16 as llama.cpp does before its f16 K·Q.
-                for (d, s) in qh.iter_mut().zip(&q[t * nh * hd + head * hd..][..hd]) {
-                    *d = half::f16::from_f32(*s).to_f32();
+                let (kvh, blk) = (job / n_blocks, job % n_blocks);
+                let t0 = blk * TB;
+                let tb = TB.min(t_n - t0);
+                let last = p0 + t0 + tb - 1;
+                let first = |t: usize| layer.window.map(|w| (p0 + t + 1).saturating_sub(w)).unwrap_or(0);
+                let lo = first(t0);
+                let span = last + 1 - lo;
+                // Queries rounded to f16, as llama.cpp does before its f16 K·Q.
+                for t in 0..tb {
+                    for g in 0..group {
+                        let src = &q[(t0 + t) * nh * hd + (kvh * group + g) * hd..][..hd];
+                        for (d, s) in qs[(t * group + g) * hd..][..hd].iter_mut().zip(src) {
+                            *d = half::f16::from_f32(*s).to_f32();
+                        }
+                    }
                 }
                 scores.clear();
-                for p in start..=pos {
+                scores.resize(tb * group * span, f32::NEG_INFINITY);
+                for p in lo..=last {
                     keys[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(&mut row);
-                    scores.push(qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale);
+                    for t in 0..tb {
+                        let pos = p0 + t0 + t;
+                        if p > pos || p < first(t0 + t) {
+                            continue;
+                        }
+                        for g in 0..group {
+                            let qv = &qs[(t * group + g) * hd..][..hd];
+                            scores[(t * group + g) * span + p - lo] = ops::dot_f32(qv, &row) * scale;
+                        }
+                    }
                 }
-                ops::softmax(&mut scores);
-                // SAFETY: each (t, head) job writes its own disjoint `hd` slice.
-                let dst = unsafe { op.slice(t * nh * hd + head * hd, hd) };
-                dst.fill(0.0);
-                for (i, p) in (start..=pos).enumerate() {
+                for sc in scores.chunks_exact_mut(span) {
+                    ops::softmax(sc);
+                    // Probabilities rounded to f16 as in llama.cpp's f16 V product.
+                    sc.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+                }
+                for t in 0..tb {
+                    for g in 0..group {
+                        // SAFETY: each (token, head) output slice belongs to exactly one job.
+                        unsafe { op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd) }.fill(0.0);
+                    }
+                }
+                for p in lo..=last {
                     vals[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(&mut row);
-                    let s = half::f16::from_f32(scores[i]).to_f32();
-                    for (o, v) in dst.iter_mut().zip(&row) {
-                        *o += s * v;
+                    for t in 0..tb {
+                        for g in 0..group {
+                            let s = scores[(t * group + g) * span + p - lo];
+                            if s != 0.0 {
+                                // SAFETY: as above.
+                                let dst = unsafe { op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd) };
+                                ops::axpy(dst, s, &row);
+                            }
+                        }
                     }
                 }
             }

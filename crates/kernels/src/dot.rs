@@ -139,6 +139,41 @@ pub fn dot_q8k(ty: GgmlType) -> Option<DotQ8K> {
     })
 }
 
+/// Four tokens at once (one weight row): `None` where no such kernel exists.
+pub type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
+/// Four tokens at once for the K formats.
+pub type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
+
+pub fn dot_q8_x4(ty: GgmlType) -> Option<DotQ8x4> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        return Some(match ty {
+            GgmlType::Q4_0 => avx2::q4_0_x4,
+            GgmlType::Q4_1 => avx2::q4_1_x4,
+            GgmlType::Q5_0 => avx2::q5_0_x4,
+            GgmlType::Q5_1 => avx2::q5_1_x4,
+            GgmlType::Q8_0 => avx2::q8_0_x4,
+            _ => return None,
+        });
+    }
+    let _ = ty;
+    None
+}
+
+pub fn dot_q8k_x4(ty: GgmlType) -> Option<DotQ8Kx4> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        return Some(match ty {
+            GgmlType::Q4_K => avx2::q4_k_x4,
+            GgmlType::Q5_K => avx2::q5_k_x4,
+            GgmlType::Q6_K => avx2::q6_k_x4,
+            _ => return None,
+        });
+    }
+    let _ = ty;
+    None
+}
+
 /// Dot product of an f32 vector with itself-typed float row (F32/F16/BF16).
 pub fn dot_float(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
     match ty {
@@ -167,6 +202,9 @@ pub fn dot_float(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    //! Every kernel exists for one token and for four tokens at once: the
+    //! four-token form unpacks each weight block once and reuses it, which is
+    //! what makes batched prefill compute-efficient.
     use super::*;
     use std::arch::x86_64::*;
 
@@ -218,236 +256,225 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
-    /// Shared loop for the 32-element formats: `unpacked` returns the unsigned
-    /// quants, `offset` is subtracted from each (via the activation sums), and a
-    /// block minimum at `m_at` is added when present.
     #[inline(always)]
-    unsafe fn q32_loop(
+    unsafe fn q5_high(p: *const u8) -> __m256i {
+        let qh = u32::from_le_bytes(*(p as *const [u8; 4]));
+        _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10))
+    }
+
+    /// The 32-element formats. `unpack` gives the block's quants as bytes;
+    /// with `SIGNED` they are signed (Q4_0/Q5_0/Q8_0, offsets already
+    /// removed) and multiplied through the sign trick, otherwise unsigned
+    /// with a per-block minimum at byte `m_at` (Q4_1/Q5_1).
+    #[inline(always)]
+    unsafe fn q32<const NT: usize, const SIGNED: bool>(
         w: &[u8],
-        x: &[BlockQ8],
+        xs: [&[BlockQ8]; NT],
         size: usize,
-        offset: f32,
-        m_at: Option<usize>,
-        unpacked: impl Fn(*const u8) -> __m256i,
-    ) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0f32;
-        let n = (w.len() / size).min(x.len());
+        m_at: usize,
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) -> [f32; NT] {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut macc = [0f32; NT];
+        let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
         let wp = w.as_ptr();
         for i in 0..n {
             let b = wp.add(i * size);
-            let xb = x.get_unchecked(i);
-            let d = load_f16(b);
-            let q = unpacked(b);
-            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let p = _mm256_cvtepi32_ps(dot_u8i8(q, xv));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
-            corr += match m_at {
-                Some(at) => load_f16(b.add(at)) * xb.s,
-                None => -offset * d * xb.s,
-            };
+            let d = _mm256_set1_ps(load_f16(b));
+            let q = unpack(b);
+            let aq = if SIGNED { _mm256_sign_epi8(q, q) } else { q };
+            let m = if SIGNED { 0.0 } else { load_f16(b.add(m_at)) };
+            for k in 0..NT {
+                let xb = xs[k].get_unchecked(i);
+                let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                let xv = if SIGNED { _mm256_sign_epi8(xv, q) } else { xv };
+                let p = _mm256_cvtepi32_ps(dot_u8i8(aq, xv));
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb.d)), p, acc[k]);
+                if !SIGNED {
+                    macc[k] += m * xb.s;
+                }
+            }
         }
-        hsum(acc) + corr
+        std::array::from_fn(|k| hsum(acc[k]) + macc[k])
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        q32_loop(w, x, 18, 8.0, None, |b| nibbles(b.add(2)))
+    #[inline(always)]
+    unsafe fn q4_0_u(b: *const u8) -> __m256i {
+        _mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8))
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        q32_loop(w, x, 20, 0.0, Some(2), |b| nibbles(b.add(4)))
+    #[inline(always)]
+    unsafe fn q4_1_u(b: *const u8) -> __m256i {
+        nibbles(b.add(4))
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        q32_loop(w, x, 22, 16.0, None, |b| {
-            let qh = u32::from_le_bytes(*(b.add(2) as *const [u8; 4]));
-            let hb = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
-            _mm256_or_si256(nibbles(b.add(6)), hb)
-        })
+    #[inline(always)]
+    unsafe fn q5_0_u(b: *const u8) -> __m256i {
+        let u = _mm256_or_si256(nibbles(b.add(6)), q5_high(b.add(2)));
+        _mm256_sub_epi8(u, _mm256_set1_epi8(16))
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_1_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        q32_loop(w, x, 24, 0.0, Some(2), |b| {
-            let qh = u32::from_le_bytes(*(b.add(4) as *const [u8; 4]));
-            let hb = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
-            _mm256_or_si256(nibbles(b.add(8)), hb)
-        })
+    #[inline(always)]
+    unsafe fn q5_1_u(b: *const u8) -> __m256i {
+        _mm256_or_si256(nibbles(b.add(8)), q5_high(b.add(4)))
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let n = (w.len() / 34).min(x.len());
-        let wp = w.as_ptr();
-        for i in 0..n {
-            let b = wp.add(i * 34);
-            let xb = x.get_unchecked(i);
-            let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let p = dot_u8i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
-            acc = _mm256_fmadd_ps(
-                _mm256_set1_ps(load_f16(b) * xb.d),
-                _mm256_cvtepi32_ps(p),
-                acc,
-            );
-        }
-        hsum(acc)
+    #[inline(always)]
+    unsafe fn q8_0_u(b: *const u8) -> __m256i {
+        _mm256_loadu_si256(b.add(2) as *const __m256i)
     }
 
     /// Q4_K and Q5_K share a layout apart from the high bits.
     #[inline(always)]
-    unsafe fn q45k(w: &[u8], x: &[BlockQ8K], five: bool) -> f32 {
-        let size = if five { 176 } else { 144 };
-        let mut acc = _mm256_setzero_ps();
-        let mut mins_acc = 0f32;
-        let n = (w.len() / size).min(x.len());
+    unsafe fn q45k<const NT: usize, const FIVE: bool>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
+        let size = if FIVE { 176 } else { 144 };
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut mins = [0f32; NT];
+        let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
         let m4 = _mm256_set1_epi8(0xF);
         for i in 0..n {
-            let b = &w[i * size..(i + 1) * size];
-            let xb = x.get_unchecked(i);
-            let d = load_f16(b.as_ptr()) * xb.d;
-            let dmin = load_f16(b.as_ptr().add(2)) * xb.d;
-            let sc = &b[4..16];
-            let (qh, qs) = if five {
-                (&b[16..48], &b[48..176])
-            } else {
-                (&b[0..0], &b[16..144])
-            };
-            let mut summ = 0i32;
+            let b = w.as_ptr().add(i * size);
+            let d = load_f16(b);
+            let dmin = load_f16(b.add(2));
+            let sc = std::slice::from_raw_parts(b.add(4), 12);
+            let qs = b.add(if FIVE { 48 } else { 16 });
             let mut scales = [0i16; 8];
-            for (j, scale) in scales.iter_mut().enumerate() {
+            let mut mvals = [0i32; 8];
+            for j in 0..8 {
                 let (s, m) = quant::scale_min_k4(j, sc);
-                *scale = s as i16;
-                summ += m as i32 * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32);
+                scales[j] = s as i16;
+                mvals[j] = m as i32;
             }
-            mins_acc += dmin * summ as f32;
-            let hv = if five {
-                _mm256_loadu_si256(qh.as_ptr() as *const __m256i)
-            } else {
-                _mm256_setzero_si256()
-            };
-            let mut sumi = _mm256_setzero_si256();
+            let hv = if FIVE { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            let mut sumi = [_mm256_setzero_si256(); NT];
             for j in 0..4 {
-                let q = _mm256_loadu_si256(qs.as_ptr().add(32 * j) as *const __m256i);
+                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
                 let mut lo = _mm256_and_si256(q, m4);
                 let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                if five {
+                if FIVE {
                     let one = _mm256_set1_epi8(1);
-                    let hl = _mm256_and_si256(
-                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)),
-                        one,
-                    );
-                    let hh = _mm256_and_si256(
-                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
-                        one,
-                    );
+                    let hl = _mm256_and_si256(_mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)), one);
+                    let hh = _mm256_and_si256(_mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)), one);
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
                 }
-                let xl = _mm256_loadu_si256(xb.qs.as_ptr().add(64 * j) as *const __m256i);
-                let xh = _mm256_loadu_si256(xb.qs.as_ptr().add(64 * j + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, xl),
-                    _mm256_set1_epi16(scales[2 * j]),
-                );
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, xh),
-                    _mm256_set1_epi16(scales[2 * j + 1]),
-                );
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                let sl = _mm256_set1_epi16(scales[2 * j]);
+                let sh = _mm256_set1_epi16(scales[2 * j + 1]);
+                for k in 0..NT {
+                    let xq = xs[k].get_unchecked(i).qs.as_ptr();
+                    let xl = _mm256_loadu_si256(xq.add(64 * j) as *const __m256i);
+                    let xh = _mm256_loadu_si256(xq.add(64 * j + 32) as *const __m256i);
+                    let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), sl);
+                    let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), sh);
+                    sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(pl, ph));
+                }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for k in 0..NT {
+                let xb = xs[k].get_unchecked(i);
+                let mut summ = 0i32;
+                for j in 0..8 {
+                    summ += mvals[j] * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32);
+                }
+                mins[k] += dmin * xb.d * summ as f32;
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+            }
         }
-        hsum(acc) - mins_acc
+        std::array::from_fn(|k| hsum(acc[k]) - mins[k])
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_k_impl(w: &[u8], x: &[BlockQ8K]) -> f32 {
-        q45k(w, x, false)
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_k_impl(w: &[u8], x: &[BlockQ8K]) -> f32 {
-        q45k(w, x, true)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_impl(w: &[u8], x: &[BlockQ8K]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let n = (w.len() / 210).min(x.len());
+    #[inline(always)]
+    unsafe fn q6k<const NT: usize>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut offs = [0f32; NT];
+        let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
         let m4 = _mm256_set1_epi8(0xF);
         let m2 = _mm256_set1_epi8(3);
         for i in 0..n {
-            let b = &w[i * 210..(i + 1) * 210];
-            let xb = x.get_unchecked(i);
-            let d = load_f16(b.as_ptr().add(208)) * xb.d;
-            let sc: [i8; 16] = std::array::from_fn(|k| b[192 + k] as i8);
-            let off: i32 = sc
-                .iter()
-                .zip(&xb.bsums)
-                .map(|(&s, &b)| s as i32 * b as i32)
-                .sum();
-            let mut sumi = _mm256_setzero_si256();
+            let b = w.as_ptr().add(i * 210);
+            let d = load_f16(b.add(208));
+            let sc: [i8; 16] = std::array::from_fn(|k| *b.add(192 + k) as i8);
+            let mut sumi = [_mm256_setzero_si256(); NT];
             for h in 0..2 {
-                let ql = b.as_ptr().add(64 * h);
-                let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+                let ql = b.add(64 * h);
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
                 let qa = _mm256_loadu_si256(ql as *const __m256i);
                 let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let hbits = |shift: i32| {
+                    let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
+                    _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+                };
                 let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(qa, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(qb, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
-                    ),
+                    _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0)),
+                    _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
                 ];
-                for (k, qk) in q.iter().enumerate() {
-                    let xv =
-                        _mm256_loadu_si256(xb.qs.as_ptr().add(128 * h + 32 * k) as *const __m256i);
-                    let s0 = sc[8 * h + 2 * k] as i16;
-                    let s1 = sc[8 * h + 2 * k + 1] as i16;
+                for (kq, qk) in q.iter().enumerate() {
+                    let s0 = sc[8 * h + 2 * kq] as i16;
+                    let s1 = sc[8 * h + 2 * kq + 1] as i16;
                     let sv = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, xv), sv);
-                    sumi = _mm256_add_epi32(sumi, p);
+                    for k in 0..NT {
+                        let xq = xs[k].get_unchecked(i).qs.as_ptr();
+                        let xv = _mm256_loadu_si256(xq.add(128 * h + 32 * kq) as *const __m256i);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, xv), sv);
+                        sumi[k] = _mm256_add_epi32(sumi[k], p);
+                    }
                 }
             }
-            let s = _mm256_cvtepi32_ps(sumi);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-            acc = _mm256_sub_ps(
-                acc,
-                _mm256_setr_ps(d * 32.0 * off as f32, 0., 0., 0., 0., 0., 0., 0.),
-            );
+            for k in 0..NT {
+                let xb = xs[k].get_unchecked(i);
+                let off: i32 = sc.iter().zip(&xb.bsums).map(|(&s, &b)| s as i32 * b as i32).sum();
+                let dd = d * xb.d;
+                offs[k] += dd * 32.0 * off as f32;
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+            }
         }
-        hsum(acc)
+        std::array::from_fn(|k| hsum(acc[k]) - offs[k])
+    }
+
+    macro_rules! kernels {
+        ($($name:ident, $name4:ident => $body:expr, $blk:ty;)*) => {$(
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name(w: &[u8], x: &[$blk]) -> f32 {
+                let f = $body;
+                f(w, [x])[0]
+            }
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name4(w: &[u8], x: [&[$blk]; 4]) -> [f32; 4] {
+                let f = $body;
+                f(w, x)
+            }
+        )*};
+    }
+    kernels! {
+        q4_0_i, q4_0_i4 => |w, x| q32::<_, true>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
+        q4_1_i, q4_1_i4 => |w, x| q32::<_, false>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
+        q5_0_i, q5_0_i4 => |w, x| q32::<_, true>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
+        q5_1_i, q5_1_i4 => |w, x| q32::<_, false>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
+        q8_0_i, q8_0_i4 => |w, x| q32::<_, true>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
+        q4_k_i, q4_k_i4 => |w, x| q45k::<_, false>(w, x), BlockQ8K;
+        q5_k_i, q5_k_i4 => |w, x| q45k::<_, true>(w, x), BlockQ8K;
+        q6_k_i, q6_k_i4 => |w, x| q6k(w, x), BlockQ8K;
     }
 
     macro_rules! safe_wrappers {
-        ($($name:ident => $imp:ident : $blk:ty),*) => {$(
+        ($($name:ident, $name4:ident => $imp:ident, $imp4:ident : $blk:ty),*) => {$(
             pub(super) fn $name(w: &[u8], x: &[$blk]) -> f32 {
                 // SAFETY: these functions are only handed out by `dot_q8`/`dot_q8k`
                 // after `simd_level()` confirmed AVX2, FMA and F16C at run time.
                 unsafe { $imp(w, x) }
             }
+            pub(super) fn $name4(w: &[u8], x: [&[$blk]; 4]) -> [f32; 4] {
+                // SAFETY: as above.
+                unsafe { $imp4(w, x) }
+            }
         )*};
     }
     safe_wrappers!(
-        q4_0 => q4_0_impl: BlockQ8,
-        q4_1 => q4_1_impl: BlockQ8,
-        q5_0 => q5_0_impl: BlockQ8,
-        q5_1 => q5_1_impl: BlockQ8,
-        q8_0 => q8_0_impl: BlockQ8,
-        q4_k => q4_k_impl: BlockQ8K,
-        q5_k => q5_k_impl: BlockQ8K,
-        q6_k => q6_k_impl: BlockQ8K
+        q4_0, q4_0_x4 => q4_0_i, q4_0_i4: BlockQ8,
+        q4_1, q4_1_x4 => q4_1_i, q4_1_i4: BlockQ8,
+        q5_0, q5_0_x4 => q5_0_i, q5_0_i4: BlockQ8,
+        q5_1, q5_1_x4 => q5_1_i, q5_1_i4: BlockQ8,
+        q8_0, q8_0_x4 => q8_0_i, q8_0_i4: BlockQ8,
+        q4_k, q4_k_x4 => q4_k_i, q4_k_i4: BlockQ8K,
+        q5_k, q5_k_x4 => q5_k_i, q5_k_i4: BlockQ8K,
+        q6_k, q6_k_x4 => q6_k_i, q6_k_i4: BlockQ8K
     );
 }
 
@@ -503,6 +530,26 @@ mod tests {
                     quant::quantize_q8k(&x, &mut xq);
                     (scalar_q8k(ty, &w, &xq), dot_q8k(ty).expect("dot")(&w, &xq))
                 };
+                // The four-token kernels give the one-token results.
+                if ty.block_size() == QK {
+                    let mut xq = Vec::new();
+                    quant::quantize_q8(&x, &mut xq);
+                    if let Some(f4) = dot_q8_x4(ty) {
+                        let one = dot_q8(ty).expect("dot")(&w, &xq);
+                        for v in f4(&w, [&xq, &xq, &xq, &xq]) {
+                            assert!((v - one).abs() <= 1e-5 * norm + 1e-6, "{ty} x4");
+                        }
+                    }
+                } else {
+                    let mut xq = Vec::new();
+                    quant::quantize_q8k(&x, &mut xq);
+                    if let Some(f4) = dot_q8k_x4(ty) {
+                        let one = dot_q8k(ty).expect("dot")(&w, &xq);
+                        for v in f4(&w, [&xq, &xq, &xq, &xq]) {
+                            assert!((v - one).abs() <= 1e-5 * norm + 1e-6, "{ty} x4");
+                        }
+                    }
+                }
                 // 8-bit activations: error bounded by ~1% of the absolute sum.
                 assert!(
                     (scalar - exact).abs() <= 0.01 * norm + 1e-4,

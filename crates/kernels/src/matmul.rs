@@ -82,24 +82,39 @@ impl OutPtr {
     }
 }
 
-/// Dot every row in a chunk with every token; `dot(row_bytes, token)`.
+/// Dot every row with every token: `dot1(row, t)` for one token,
+/// `dot4(row, t)` for tokens `t..t+4` when a four-token kernel exists.
 fn run_rows(
     pool: &ThreadPool,
     w: &QMat,
     n_tok: usize,
     out: &mut [f32],
-    dot: &(dyn Fn(&[u8], usize) -> f32 + Sync),
+    dot1: &(dyn Fn(&[u8], usize) -> f32 + Sync),
+    dot4: Option<&(dyn Fn(&[u8], usize) -> [f32; 4] + Sync)>,
 ) {
     let rows = w.rows;
     let op = OutPtr(out.as_mut_ptr());
-    // Small chunks balance the two cores in decode; in prefill a chunk of rows
-    // is reused across all tokens while it sits in L1/L2.
+    // Small chunks balance the cores in decode; in prefill a chunk of rows is
+    // reused across all tokens while it sits in L1/L2.
     let chunk = if n_tok == 1 { 16 } else { 8 };
     pool.for_chunks(rows, chunk, &|range| {
-        for t in 0..n_tok {
+        let mut t = 0;
+        if let Some(dot4) = dot4 {
+            while t + 4 <= n_tok {
+                for r in range.clone() {
+                    let v = dot4(w.row(r), t);
+                    for (k, v) in v.into_iter().enumerate() {
+                        // SAFETY: (t + k) * rows + r < n_tok * rows <= out.len(); rows are disjoint per thread.
+                        unsafe { op.set((t + k) * rows + r, v) };
+                    }
+                }
+                t += 4;
+            }
+        }
+        for t in t..n_tok {
             for r in range.clone() {
-                // SAFETY: t * rows + r < n_tok * rows <= out.len(); rows are disjoint per thread.
-                unsafe { op.set(t * rows + r, dot(w.row(r), t)) };
+                // SAFETY: as above.
+                unsafe { op.set(t * rows + r, dot1(w.row(r), t)) };
             }
         }
     });
@@ -115,24 +130,24 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             let f = dot::dot_q8(w.ty).expect("32-element type has a dot");
             let xq = a.q8();
             let bpr = w.cols / 32;
-            run_rows(pool, w, n_tok, out, &|wr, t| {
-                f(wr, &xq[t * bpr..(t + 1) * bpr])
-            });
+            let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
+            let f4 = dot::dot_q8_x4(w.ty);
+            let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
+            run_rows(pool, w, n_tok, out, &|wr, t| f(wr, x(t)), d4.as_ref().map(|d| d as _));
         }
         256 => {
             let f = dot::dot_q8k(w.ty).expect("K type has a dot");
             let xq = a.q8k();
             let bpr = w.cols / 256;
-            run_rows(pool, w, n_tok, out, &|wr, t| {
-                f(wr, &xq[t * bpr..(t + 1) * bpr])
-            });
+            let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
+            let f4 = dot::dot_q8k_x4(w.ty);
+            let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
+            run_rows(pool, w, n_tok, out, &|wr, t| f(wr, x(t)), d4.as_ref().map(|d| d as _));
         }
         _ => {
             let cols = w.cols;
             let x = a.x;
-            run_rows(pool, w, n_tok, out, &|wr, t| {
-                dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols])
-            });
+            run_rows(pool, w, n_tok, out, &|wr, t| dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols]), None);
         }
     }
 }
@@ -144,7 +159,7 @@ mod tests {
     #[test]
     fn matmul_matches_naive() {
         let pool = ThreadPool::new(2);
-        let (rows, cols, n_tok) = (37, 64, 3);
+        let (rows, cols, n_tok) = (37, 64, 7);
         let wf: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
             .collect();

@@ -205,7 +205,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Show { model, path: false } => show(&store, &model),
-        Cmd::Bench { bandwidth: true, json, .. } => read_bandwidth(threads, json),
+        Cmd::Bench {
+            bandwidth: true,
+            json,
+            ..
+        } => read_bandwidth(threads, json),
         Cmd::Bench {
             model,
             prompt_tokens,
@@ -505,7 +509,10 @@ fn read_bandwidth(threads: usize, json: bool) -> Result<()> {
     }
     let bw = median(rates);
     if json {
-        println!("{}", serde_json::json!({"read_gb_s": bw, "threads": threads}));
+        println!(
+            "{}",
+            serde_json::json!({"read_gb_s": bw, "threads": threads})
+        );
     } else {
         println!("read bandwidth {bw:.1} GB/s ({threads} threads)");
     }

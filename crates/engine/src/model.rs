@@ -390,7 +390,12 @@ impl Model {
                 let t0 = blk * TB;
                 let tb = TB.min(t_n - t0);
                 let last = p0 + t0 + tb - 1;
-                let first = |t: usize| layer.window.map(|w| (p0 + t + 1).saturating_sub(w)).unwrap_or(0);
+                let first = |t: usize| {
+                    layer
+                        .window
+                        .map(|w| (p0 + t + 1).saturating_sub(w))
+                        .unwrap_or(0)
+                };
                 let lo = first(t0);
                 let span = last + 1 - lo;
                 // Queries rounded to f16, as llama.cpp does before its f16 K·Q.
@@ -413,19 +418,22 @@ impl Model {
                         }
                         for g in 0..group {
                             let qv = &qs[(t * group + g) * hd..][..hd];
-                            scores[(t * group + g) * span + p - lo] = ops::dot_f32(qv, &row) * scale;
+                            scores[(t * group + g) * span + p - lo] =
+                                ops::dot_f32(qv, &row) * scale;
                         }
                     }
                 }
                 for sc in scores.chunks_exact_mut(span) {
                     ops::softmax(sc);
                     // Probabilities rounded to f16 as in llama.cpp's f16 V product.
-                    sc.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+                    sc.iter_mut()
+                        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
                 }
                 for t in 0..tb {
                     for g in 0..group {
                         // SAFETY: each (token, head) output slice belongs to exactly one job.
-                        unsafe { op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd) }.fill(0.0);
+                        unsafe { op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd) }
+                            .fill(0.0);
                     }
                 }
                 for p in lo..=last {
@@ -435,7 +443,9 @@ impl Model {
                             let s = scores[(t * group + g) * span + p - lo];
                             if s != 0.0 {
                                 // SAFETY: as above.
-                                let dst = unsafe { op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd) };
+                                let dst = unsafe {
+                                    op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
+                                };
                                 ops::axpy(dst, s, &row);
                             }
                         }

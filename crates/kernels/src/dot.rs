@@ -17,9 +17,12 @@ pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 pub enum SimdLevel {
     Scalar,
     Avx2,
+    /// AVX2 plus VNNI dot-product instructions (AVX-512 VNNI with VL).
+    Avx2Vnni,
 }
 
-/// Detected once; `HANLIN_SIMD=scalar` forces the portable path.
+/// Detected once; `HANLIN_SIMD=scalar` forces the portable path and
+/// `HANLIN_SIMD=avx2` disables VNNI.
 pub fn simd_level() -> SimdLevel {
     use std::sync::OnceLock;
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
@@ -33,6 +36,11 @@ pub fn simd_level() -> SimdLevel {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
+                let vnni =
+                    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+                if vnni && !std::env::var("HANLIN_SIMD").is_ok_and(|v| v == "avx2") {
+                    return SimdLevel::Avx2Vnni;
+                }
                 return SimdLevel::Avx2;
             }
         }
@@ -99,7 +107,18 @@ pub fn scalar_q8k(ty: GgmlType, w: &[u8], x: &[BlockQ8K]) -> f32 {
 
 /// The fastest available dot product for a 32-element weight format.
 pub fn dot_q8(ty: GgmlType) -> Option<DotQ8> {
-    let simd = simd_level() == SimdLevel::Avx2;
+    let simd = simd_level() != SimdLevel::Scalar;
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        return Some(match ty {
+            GgmlType::Q4_0 => avx2::q4_0_v,
+            GgmlType::Q4_1 => avx2::q4_1_v,
+            GgmlType::Q5_0 => avx2::q5_0_v,
+            GgmlType::Q5_1 => avx2::q5_1_v,
+            GgmlType::Q8_0 => avx2::q8_0_v,
+            _ => return None,
+        });
+    }
     Some(match ty {
         #[cfg(target_arch = "x86_64")]
         GgmlType::Q4_0 if simd => avx2::q4_0,
@@ -122,7 +141,7 @@ pub fn dot_q8(ty: GgmlType) -> Option<DotQ8> {
 
 /// The fastest available dot product for a K weight format.
 pub fn dot_q8k(ty: GgmlType) -> Option<DotQ8K> {
-    let simd = simd_level() == SimdLevel::Avx2;
+    let simd = simd_level() != SimdLevel::Scalar;
     Some(match ty {
         #[cfg(target_arch = "x86_64")]
         GgmlType::Q4_K if simd => avx2::q4_k,
@@ -146,6 +165,17 @@ pub type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
 
 pub fn dot_q8_x4(ty: GgmlType) -> Option<DotQ8x4> {
     #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        return Some(match ty {
+            GgmlType::Q4_0 => avx2::q4_0_v4,
+            GgmlType::Q4_1 => avx2::q4_1_v4,
+            GgmlType::Q5_0 => avx2::q5_0_v4,
+            GgmlType::Q5_1 => avx2::q5_1_v4,
+            GgmlType::Q8_0 => avx2::q8_0_v4,
+            _ => return None,
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
         return Some(match ty {
             GgmlType::Q4_0 => avx2::q4_0_x4,
@@ -162,7 +192,7 @@ pub fn dot_q8_x4(ty: GgmlType) -> Option<DotQ8x4> {
 
 pub fn dot_q8k_x4(ty: GgmlType) -> Option<DotQ8Kx4> {
     #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx2 {
+    if simd_level() != SimdLevel::Scalar {
         return Some(match ty {
             GgmlType::Q4_K => avx2::q4_k_x4,
             GgmlType::Q5_K => avx2::q5_k_x4,
@@ -207,6 +237,9 @@ mod avx2 {
     //! what makes batched prefill compute-efficient.
     use super::*;
     use std::arch::x86_64::*;
+
+    /// How far ahead of the current weight block to prefetch.
+    const PREFETCH: usize = 1024;
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -267,7 +300,7 @@ mod avx2 {
     /// removed) and multiplied through the sign trick, otherwise unsigned
     /// with a per-block minimum at byte `m_at` (Q4_1/Q5_1).
     #[inline(always)]
-    unsafe fn q32<const NT: usize, const SIGNED: bool>(
+    unsafe fn q32<const NT: usize, const SIGNED: bool, const VNNI: bool>(
         w: &[u8],
         xs: [&[BlockQ8]; NT],
         size: usize,
@@ -280,6 +313,8 @@ mod avx2 {
         let wp = w.as_ptr();
         for i in 0..n {
             let b = wp.add(i * size);
+            // Rows are short; fetch ahead across row ends (prefetches never fault).
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
             let d = _mm256_set1_ps(load_f16(b));
             let q = unpack(b);
             let aq = if SIGNED { _mm256_sign_epi8(q, q) } else { q };
@@ -288,7 +323,11 @@ mod avx2 {
                 let xb = xs[k].get_unchecked(i);
                 let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
                 let xv = if SIGNED { _mm256_sign_epi8(xv, q) } else { xv };
-                let p = _mm256_cvtepi32_ps(dot_u8i8(aq, xv));
+                let p = if VNNI {
+                    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), aq, xv))
+                } else {
+                    _mm256_cvtepi32_ps(dot_u8i8(aq, xv))
+                };
                 acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb.d)), p, acc[k]);
                 if !SIGNED {
                     macc[k] += m * xb.s;
@@ -322,7 +361,10 @@ mod avx2 {
 
     /// Q4_K and Q5_K share a layout apart from the high bits.
     #[inline(always)]
-    unsafe fn q45k<const NT: usize, const FIVE: bool>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
+    unsafe fn q45k<const NT: usize, const FIVE: bool>(
+        w: &[u8],
+        xs: [&[BlockQ8K]; NT],
+    ) -> [f32; NT] {
         let size = if FIVE { 176 } else { 144 };
         let mut acc = [_mm256_setzero_ps(); NT];
         let mut mins = [0f32; NT];
@@ -330,6 +372,8 @@ mod avx2 {
         let m4 = _mm256_set1_epi8(0xF);
         for i in 0..n {
             let b = w.as_ptr().add(i * size);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64) as *const i8);
             let d = load_f16(b);
             let dmin = load_f16(b.add(2));
             let sc = std::slice::from_raw_parts(b.add(4), 12);
@@ -341,7 +385,11 @@ mod avx2 {
                 scales[j] = s as i16;
                 mvals[j] = m as i32;
             }
-            let hv = if FIVE { _mm256_loadu_si256(b.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+            let hv = if FIVE {
+                _mm256_loadu_si256(b.add(16) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut sumi = [_mm256_setzero_si256(); NT];
             for j in 0..4 {
                 let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
@@ -349,8 +397,14 @@ mod avx2 {
                 let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
                 if FIVE {
                     let one = _mm256_set1_epi8(1);
-                    let hl = _mm256_and_si256(_mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)), one);
-                    let hh = _mm256_and_si256(_mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)), one);
+                    let hl = _mm256_and_si256(
+                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)),
+                        one,
+                    );
+                    let hh = _mm256_and_si256(
+                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                        one,
+                    );
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
                 }
@@ -372,7 +426,11 @@ mod avx2 {
                     summ += mvals[j] * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32);
                 }
                 mins[k] += dmin * xb.d * summ as f32;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+                acc[k] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(d * xb.d),
+                    _mm256_cvtepi32_ps(sumi[k]),
+                    acc[k],
+                );
             }
         }
         std::array::from_fn(|k| hsum(acc[k]) - mins[k])
@@ -387,6 +445,9 @@ mod avx2 {
         let m2 = _mm256_set1_epi8(3);
         for i in 0..n {
             let b = w.as_ptr().add(i * 210);
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
             let d = load_f16(b.add(208));
             let sc: [i8; 16] = std::array::from_fn(|k| *b.add(192 + k) as i8);
             let mut sumi = [_mm256_setzero_si256(); NT];
@@ -419,7 +480,11 @@ mod avx2 {
             }
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
-                let off: i32 = sc.iter().zip(&xb.bsums).map(|(&s, &b)| s as i32 * b as i32).sum();
+                let off: i32 = sc
+                    .iter()
+                    .zip(&xb.bsums)
+                    .map(|(&s, &b)| s as i32 * b as i32)
+                    .sum();
                 let dd = d * xb.d;
                 offs[k] += dd * 32.0 * off as f32;
                 acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
@@ -429,35 +494,43 @@ mod avx2 {
     }
 
     macro_rules! kernels {
-        ($($name:ident, $name4:ident => $body:expr, $blk:ty;)*) => {$(
-            #[target_feature(enable = "avx2,fma,f16c")]
+        ($feat:literal: $($name:ident, $name4:ident => $body:expr, $blk:ty;)*) => {$(
+            #[target_feature(enable = $feat)]
             unsafe fn $name(w: &[u8], x: &[$blk]) -> f32 {
                 let f = $body;
                 f(w, [x])[0]
             }
-            #[target_feature(enable = "avx2,fma,f16c")]
+            #[target_feature(enable = $feat)]
             unsafe fn $name4(w: &[u8], x: [&[$blk]; 4]) -> [f32; 4] {
                 let f = $body;
                 f(w, x)
             }
         )*};
     }
-    kernels! {
-        q4_0_i, q4_0_i4 => |w, x| q32::<_, true>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
-        q4_1_i, q4_1_i4 => |w, x| q32::<_, false>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
-        q5_0_i, q5_0_i4 => |w, x| q32::<_, true>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
-        q5_1_i, q5_1_i4 => |w, x| q32::<_, false>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
-        q8_0_i, q8_0_i4 => |w, x| q32::<_, true>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
+    kernels! { "avx2,fma,f16c":
+        q4_0_i, q4_0_i4 => |w, x| q32::<_, true, false>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
+        q4_1_i, q4_1_i4 => |w, x| q32::<_, false, false>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
+        q5_0_i, q5_0_i4 => |w, x| q32::<_, true, false>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
+        q5_1_i, q5_1_i4 => |w, x| q32::<_, false, false>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
+        q8_0_i, q8_0_i4 => |w, x| q32::<_, true, false>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
         q4_k_i, q4_k_i4 => |w, x| q45k::<_, false>(w, x), BlockQ8K;
         q5_k_i, q5_k_i4 => |w, x| q45k::<_, true>(w, x), BlockQ8K;
         q6_k_i, q6_k_i4 => |w, x| q6k(w, x), BlockQ8K;
+    }
+    kernels! { "avx2,fma,f16c,avx512vnni,avx512vl":
+        q4_0_vi, q4_0_vi4 => |w, x| q32::<_, true, true>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
+        q4_1_vi, q4_1_vi4 => |w, x| q32::<_, false, true>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
+        q5_0_vi, q5_0_vi4 => |w, x| q32::<_, true, true>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
+        q5_1_vi, q5_1_vi4 => |w, x| q32::<_, false, true>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
+        q8_0_vi, q8_0_vi4 => |w, x| q32::<_, true, true>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
     }
 
     macro_rules! safe_wrappers {
         ($($name:ident, $name4:ident => $imp:ident, $imp4:ident : $blk:ty),*) => {$(
             pub(super) fn $name(w: &[u8], x: &[$blk]) -> f32 {
-                // SAFETY: these functions are only handed out by `dot_q8`/`dot_q8k`
-                // after `simd_level()` confirmed AVX2, FMA and F16C at run time.
+                // SAFETY: these functions are only handed out by the `dot_*`
+                // selectors after `simd_level()` confirmed at run time the CPU
+                // features they were compiled for.
                 unsafe { $imp(w, x) }
             }
             pub(super) fn $name4(w: &[u8], x: [&[$blk]; 4]) -> [f32; 4] {
@@ -474,7 +547,12 @@ mod avx2 {
         q8_0, q8_0_x4 => q8_0_i, q8_0_i4: BlockQ8,
         q4_k, q4_k_x4 => q4_k_i, q4_k_i4: BlockQ8K,
         q5_k, q5_k_x4 => q5_k_i, q5_k_i4: BlockQ8K,
-        q6_k, q6_k_x4 => q6_k_i, q6_k_i4: BlockQ8K
+        q6_k, q6_k_x4 => q6_k_i, q6_k_i4: BlockQ8K,
+        q4_0_v, q4_0_v4 => q4_0_vi, q4_0_vi4: BlockQ8,
+        q4_1_v, q4_1_v4 => q4_1_vi, q4_1_vi4: BlockQ8,
+        q5_0_v, q5_0_v4 => q5_0_vi, q5_0_vi4: BlockQ8,
+        q5_1_v, q5_1_v4 => q5_1_vi, q5_1_vi4: BlockQ8,
+        q8_0_v, q8_0_v4 => q8_0_vi, q8_0_vi4: BlockQ8
     );
 }
 

@@ -94,9 +94,15 @@ fn run_rows(
 ) {
     let rows = w.rows;
     let op = OutPtr(out.as_mut_ptr());
-    // Small chunks balance the cores in decode; in prefill a chunk of rows is
-    // reused across all tokens while it sits in L1/L2.
-    let chunk = if n_tok == 1 { 16 } else { 8 };
+    // Decode streams the weights once: a few large contiguous ranges per
+    // thread keep the hardware prefetchers on one sequential stream. In
+    // prefill a small chunk of rows is reused across all tokens while it sits
+    // in L1/L2.
+    let chunk = if n_tok == 1 {
+        rows.div_ceil(pool.n_threads() * 4).max(16)
+    } else {
+        8
+    };
     pool.for_chunks(rows, chunk, &|range| {
         let mut t = 0;
         if let Some(dot4) = dot4 {
@@ -132,8 +138,16 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             let bpr = w.cols / 32;
             let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
             let f4 = dot::dot_q8_x4(w.ty);
-            let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
-            run_rows(pool, w, n_tok, out, &|wr, t| f(wr, x(t)), d4.as_ref().map(|d| d as _));
+            let d4 = f4
+                .map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
+            run_rows(
+                pool,
+                w,
+                n_tok,
+                out,
+                &|wr, t| f(wr, x(t)),
+                d4.as_ref().map(|d| d as _),
+            );
         }
         256 => {
             let f = dot::dot_q8k(w.ty).expect("K type has a dot");
@@ -141,13 +155,28 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             let bpr = w.cols / 256;
             let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
             let f4 = dot::dot_q8k_x4(w.ty);
-            let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
-            run_rows(pool, w, n_tok, out, &|wr, t| f(wr, x(t)), d4.as_ref().map(|d| d as _));
+            let d4 = f4
+                .map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
+            run_rows(
+                pool,
+                w,
+                n_tok,
+                out,
+                &|wr, t| f(wr, x(t)),
+                d4.as_ref().map(|d| d as _),
+            );
         }
         _ => {
             let cols = w.cols;
             let x = a.x;
-            run_rows(pool, w, n_tok, out, &|wr, t| dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols]), None);
+            run_rows(
+                pool,
+                w,
+                n_tok,
+                out,
+                &|wr, t| dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols]),
+                None,
+            );
         }
     }
 }

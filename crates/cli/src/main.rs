@@ -247,7 +247,9 @@ fn resolve(store: &Store, model: &str) -> Result<PathBuf> {
     if let Some(p) = store.path_of(&name)? {
         return Ok(p);
     }
-    eprintln!("{model} is not in the store yet; fetching it…");
+    if model.starts_with("hf:") || catalog().iter().any(|e| e.name == model) {
+        eprintln!("{model} is not in the store yet; fetching it…");
+    }
     let m = store.pull(model, true)?;
     Ok(store.blob_path(&m.sha256))
 }

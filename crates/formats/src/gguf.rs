@@ -366,7 +366,7 @@ pub fn parse(buf: &[u8]) -> Result<GgufHeader, FormatError> {
         if end > data_len {
             return Err(FormatError::Truncated {
                 what: format!("data of tensor {name:?}"),
-                offset: data_offset as u64 + rel,
+                offset: (data_offset as u64).saturating_add(rel),
                 needed: size,
                 available: data_len.saturating_sub(rel),
             });

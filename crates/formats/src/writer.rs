@@ -198,6 +198,26 @@ mod tests {
     }
 
     #[test]
+    fn huge_tensor_offset_is_an_error() {
+        // Found by the fuzzer: an offset near u64::MAX overflowed while the
+        // error message was being built.
+        let mut buf = sample();
+        let at = buf
+            .windows(9)
+            .position(|w| w == b"\x01\0\0\0\0\0\0\0w")
+            .expect("tensor name")
+            + 9
+            + 4
+            + 16
+            + 4;
+        buf[at..at + 8].copy_from_slice(&(u64::MAX - 127).to_le_bytes());
+        assert!(parse(&buf)
+            .expect_err("huge offset")
+            .to_string()
+            .contains("truncated"));
+    }
+
+    #[test]
     fn every_single_byte_corruption_is_handled() {
         let buf = sample();
         for i in 0..buf.len() {

@@ -421,10 +421,11 @@ mod avx2 {
             }
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
-                let mut summ = 0i32;
-                for j in 0..8 {
-                    summ += mvals[j] * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32);
-                }
+                let summ: i32 = mvals
+                    .iter()
+                    .zip(xb.bsums.chunks_exact(2))
+                    .map(|(&m, b)| m * (b[0] as i32 + b[1] as i32))
+                    .sum();
                 mins[k] += dmin * xb.d * summ as f32;
                 acc[k] = _mm256_fmadd_ps(
                     _mm256_set1_ps(d * xb.d),

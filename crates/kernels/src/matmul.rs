@@ -82,6 +82,9 @@ impl OutPtr {
     }
 }
 
+/// `dot4(row, t)`: tokens `t..t+4` against one weight row.
+type Dot4<'a> = &'a (dyn Fn(&[u8], usize) -> [f32; 4] + Sync);
+
 /// Dot every row with every token: `dot1(row, t)` for one token,
 /// `dot4(row, t)` for tokens `t..t+4` when a four-token kernel exists.
 fn run_rows(
@@ -90,7 +93,7 @@ fn run_rows(
     n_tok: usize,
     out: &mut [f32],
     dot1: &(dyn Fn(&[u8], usize) -> f32 + Sync),
-    dot4: Option<&(dyn Fn(&[u8], usize) -> [f32; 4] + Sync)>,
+    dot4: Option<Dot4>,
 ) {
     let rows = w.rows;
     let op = OutPtr(out.as_mut_ptr());

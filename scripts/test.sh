@@ -9,5 +9,5 @@ for m in smollm2-135m qwen2.5-coder-0.5b; do
 done
 cargo test --release --workspace "$@"
 # The kernels again on the narrower SIMD paths this CPU also supports.
-HANLIN_SIMD=avx2 cargo test --release -p hanlin-kernels
-HANLIN_SIMD=scalar cargo test --release -p hanlin-kernels
+HANLIN_SIMD=avx2 cargo test --release -p hanlin-kernels --lib
+HANLIN_SIMD=scalar cargo test --release -p hanlin-kernels --lib

@@ -17,7 +17,8 @@ pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 pub enum SimdLevel {
     Scalar,
     Avx2,
-    /// AVX2 plus VNNI dot-product instructions (AVX-512 VNNI with VL).
+    /// AVX2 plus VNNI dot-product instructions (AVX-512 VNNI, VL and BW on
+    /// 256-bit vectors).
     Avx2Vnni,
 }
 
@@ -300,7 +301,7 @@ mod avx2 {
     /// removed) and multiplied through the sign trick, otherwise unsigned
     /// with a per-block minimum at byte `m_at` (Q4_1/Q5_1).
     #[inline(always)]
-    unsafe fn q32<const NT: usize, const SIGNED: bool, const VNNI: bool>(
+    unsafe fn q32<const NT: usize, const SIGNED: bool>(
         w: &[u8],
         xs: [&[BlockQ8]; NT],
         size: usize,
@@ -323,11 +324,7 @@ mod avx2 {
                 let xb = xs[k].get_unchecked(i);
                 let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
                 let xv = if SIGNED { _mm256_sign_epi8(xv, q) } else { xv };
-                let p = if VNNI {
-                    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), aq, xv))
-                } else {
-                    _mm256_cvtepi32_ps(dot_u8i8(aq, xv))
-                };
+                let p = _mm256_cvtepi32_ps(dot_u8i8(aq, xv));
                 acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb.d)), p, acc[k]);
                 if !SIGNED {
                     macc[k] += m * xb.s;
@@ -335,6 +332,53 @@ mod avx2 {
             }
         }
         std::array::from_fn(|k| hsum(acc[k]) + macc[k])
+    }
+
+    /// VNNI form of the 32-element formats: weights stay unsigned
+    /// (`u = q + OFF`) and the offset is removed inside the integer dot by
+    /// starting each of the 8 lanes at `-OFF/8 * sum(x)`. A block minimum at
+    /// byte `m_at` (Q4_1/Q5_1) is added through the activation sums.
+    #[inline(always)]
+    unsafe fn q32v<const NT: usize, const OFF: i32>(
+        w: &[u8],
+        xs: [&[BlockQ8]; NT],
+        size: usize,
+        m_at: Option<usize>,
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) -> [f32; NT] {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut macc = [0f32; NT];
+        let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
+        let wp = w.as_ptr();
+        for i in 0..n {
+            let b = wp.add(i * size);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
+            let d = _mm256_set1_ps(load_f16(b));
+            let u = unpack(b);
+            let m = m_at.map(|at| load_f16(b.add(at)));
+            for k in 0..NT {
+                let xb = xs[k].get_unchecked(i);
+                let init = if OFF != 0 {
+                    _mm256_set1_epi32(-(OFF / 8) * xb.isum)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(init, u, xv));
+                acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xb.d)), p, acc[k]);
+                if let Some(m) = m {
+                    macc[k] += m * xb.s;
+                }
+            }
+        }
+        std::array::from_fn(|k| hsum(acc[k]) + macc[k])
+    }
+
+    /// Q5 high bits from a mask register (AVX-512BW): 0x10 where the bit is set.
+    #[inline(always)]
+    unsafe fn q5_high_mask(p: *const u8) -> __m256i {
+        let qh = u32::from_le_bytes(*(p as *const [u8; 4]));
+        _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10))
     }
 
     #[inline(always)]
@@ -509,21 +553,27 @@ mod avx2 {
         )*};
     }
     kernels! { "avx2,fma,f16c":
-        q4_0_i, q4_0_i4 => |w, x| q32::<_, true, false>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
-        q4_1_i, q4_1_i4 => |w, x| q32::<_, false, false>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
-        q5_0_i, q5_0_i4 => |w, x| q32::<_, true, false>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
-        q5_1_i, q5_1_i4 => |w, x| q32::<_, false, false>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
-        q8_0_i, q8_0_i4 => |w, x| q32::<_, true, false>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
+        q4_0_i, q4_0_i4 => |w, x| q32::<_, true>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
+        q4_1_i, q4_1_i4 => |w, x| q32::<_, false>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
+        q5_0_i, q5_0_i4 => |w, x| q32::<_, true>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
+        q5_1_i, q5_1_i4 => |w, x| q32::<_, false>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
+        q8_0_i, q8_0_i4 => |w, x| q32::<_, true>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
         q4_k_i, q4_k_i4 => |w, x| q45k::<_, false>(w, x), BlockQ8K;
         q5_k_i, q5_k_i4 => |w, x| q45k::<_, true>(w, x), BlockQ8K;
         q6_k_i, q6_k_i4 => |w, x| q6k(w, x), BlockQ8K;
     }
-    kernels! { "avx2,fma,f16c,avx512vnni,avx512vl":
-        q4_0_vi, q4_0_vi4 => |w, x| q32::<_, true, true>(w, x, 18, 0, |b| q4_0_u(b)), BlockQ8;
-        q4_1_vi, q4_1_vi4 => |w, x| q32::<_, false, true>(w, x, 20, 2, |b| q4_1_u(b)), BlockQ8;
-        q5_0_vi, q5_0_vi4 => |w, x| q32::<_, true, true>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
-        q5_1_vi, q5_1_vi4 => |w, x| q32::<_, false, true>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
-        q8_0_vi, q8_0_vi4 => |w, x| q32::<_, true, true>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
+    kernels! { "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw":
+        q4_0_vi, q4_0_vi4 => |w, x| q32v::<_, 8>(w, x, 18, None, |b| nibbles(b.add(2))), BlockQ8;
+        q4_1_vi, q4_1_vi4 => |w, x| q32v::<_, 0>(w, x, 20, Some(2), |b| nibbles(b.add(4))), BlockQ8;
+        q5_0_vi, q5_0_vi4 => |w, x| q32v::<_, 16>(
+            w, x, 22, None, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)))
+        ), BlockQ8;
+        q5_1_vi, q5_1_vi4 => |w, x| q32v::<_, 0>(
+            w, x, 24, Some(2), |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)))
+        ), BlockQ8;
+        q8_0_vi, q8_0_vi4 => |w, x| q32v::<_, 128>(
+            w, x, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128))
+        ), BlockQ8;
     }
 
     macro_rules! safe_wrappers {

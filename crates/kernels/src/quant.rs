@@ -20,6 +20,8 @@ pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
 pub struct BlockQ8 {
     pub d: f32,
     pub s: f32,
+    /// `sum(qs)`, for kernels that remove a weight offset in integers.
+    pub isum: i32,
     pub qs: [i8; QK],
 }
 
@@ -52,6 +54,7 @@ pub fn quantize_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
         out.push(BlockQ8 {
             d,
             s: f16::from_f32(d * sum as f32).to_f32(),
+            isum: sum,
             qs,
         });
     }

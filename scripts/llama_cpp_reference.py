@@ -6,7 +6,7 @@ llama.cpp under vendor/llama.cpp); `scripts/build_llama_cpp.sh` builds it and
 prints the two paths this script needs:
 
     eval "$(scripts/build_llama_cpp.sh)"     # sets LLAMA_CPP_PY and LLAMA_CPP_LIB_PATH
-    python3 scripts/llama_cpp_reference.py MODEL.gguf NAME
+    python3 scripts/llama_cpp_reference.py MODEL.gguf NAME [--plain]
 
 Writes crates/engine/tests/fixtures/NAME.tokens.json (token ids for a corpus of Chinese,
 English, mixed, emoji, code and whitespace-heavy strings) and
@@ -50,12 +50,21 @@ PROMPTS = [
     "<|im_start|>user\n请写一首关于秋天的短诗。<|im_end|>\n<|im_start|>assistant\n",
 ]
 
+# For base (not chat-tuned) models: `... MODEL.gguf NAME --plain`.
+PLAIN_PROMPTS = [
+    "长城是中国古代的",
+    "def is_prime(n):\n    \"\"\"Return True if n is a prime number.\"\"\"\n",
+    "The capital of France is",
+    "秋天来了，",
+]
+
 STEPS = 256
 TOPK = 8
 
 
 def main():
     model, name = sys.argv[1], sys.argv[2]
+    prompts = PLAIN_PROMPTS if "--plain" in sys.argv[3:] else PROMPTS
     llm = llama_cpp.Llama(model_path=model, n_ctx=1024, n_threads=2, logits_all=True, verbose=False, seed=0)
     toks = []
     for text in CORPUS:
@@ -66,7 +75,9 @@ def main():
 
     runs = []
     eog = {int(llm.token_eos())}
-    for prompt in PROMPTS:
+    if "--plain" in sys.argv[3:]:
+        eog = set()  # a base model's continuation is cut at STEPS
+    for prompt in prompts:
         prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         llm.reset()
         llm.eval(prompt_ids)

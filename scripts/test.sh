@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin hanlin
-for m in smollm2-135m qwen2.5-coder-0.5b; do
+for m in smollm2-135m qwen2.5-coder-0.5b gemma3-270m; do
   ./target/release/hanlin pull "$m"
 done
 cargo test --release --workspace "$@"

@@ -5,7 +5,7 @@ use crate::model::{Logits, Model};
 use crate::sampler::{logprobs, Sampler, SamplerConfig, TokenLogprob};
 use crate::EngineError;
 use hanlin_kernels::ThreadPool;
-use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, CHATML};
+use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, CHATML, GEMMA};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,10 +22,15 @@ impl LoadedModel {
     pub fn load(path: &Path, threads: usize) -> Result<Arc<Self>, EngineError> {
         let model = Model::load(path)?;
         let tokenizer = Tokenizer::from_gguf(model.header())?;
+        // Models without a template of their own get their family's format.
+        let fallback = match model.cfg.arch {
+            hanlin_arch::Arch::Gemma3 => GEMMA,
+            _ => CHATML,
+        };
         let src = model
             .header()
             .get_str("tokenizer.chat_template")
-            .unwrap_or(CHATML)
+            .unwrap_or(fallback)
             .to_string();
         let name = |id: Option<u32>| {
             id.and_then(|i| tokenizer.token_str(i))

@@ -8,9 +8,10 @@
 //! - [`ChatTemplate`]: renders the model's own Jinja chat template with `minijinja`.
 
 mod bpe;
+mod spm;
 mod template;
 
-pub use template::{ChatTemplate, Message, TemplateError, CHATML};
+pub use template::{ChatTemplate, Message, TemplateError, CHATML, GEMMA};
 
 use hanlin_formats::{GgufHeader, Value};
 
@@ -18,7 +19,7 @@ use hanlin_formats::{GgufHeader, Value};
 pub enum TokenizerError {
     #[error("the model file has no tokenizer ({0} missing)")]
     Missing(&'static str),
-    #[error("tokenizer model {0:?} is not supported yet (supported: gpt2 byte-level BPE)")]
+    #[error("tokenizer model {0:?} is not supported (supported: gpt2 byte-level BPE, llama SentencePiece)")]
     UnsupportedModel(String),
     #[error("building the tokenizer failed: {0}")]
     Build(String),
@@ -50,12 +51,24 @@ impl TokenType {
     }
 }
 
+enum Inner {
+    Bpe(Box<tokenizers::Tokenizer>),
+    Spm(Box<SpmInner>),
+}
+
+/// SentencePiece pieces, with special tokens matched in the text first.
+struct SpmInner {
+    spm: spm::Spm,
+    specials: aho_corasick::AhoCorasick,
+    special_ids: Vec<u32>,
+}
+
 pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<TokenType>,
     /// Bytes each token decodes to (control tokens: their text).
     bytes: Vec<Vec<u8>>,
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub add_bos: bool,
@@ -108,7 +121,53 @@ impl Tokenizer {
                     .iter()
                     .map(|v| v.as_str().unwrap_or_default().to_string())
                     .collect();
-                bpe::build(&tokens, &types, &merges, &pre)?
+                let (tk, bytes) = bpe::build(&tokens, &types, &merges, &pre)?;
+                (Inner::Bpe(Box::new(tk)), bytes)
+            }
+            "llama" => {
+                let scores: Vec<f32> =
+                    match h.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+                        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+                        None => vec![0.0; tokens.len()],
+                    };
+                let add_space_prefix = h
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                let unk = id("tokenizer.ggml.unknown_token_id");
+                let spm = spm::Spm::new(&tokens, &types, scores, unk, add_space_prefix);
+                let (special_ids, patterns): (Vec<u32>, Vec<&str>) = tokens
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, t)| {
+                        matches!(types[*i], TokenType::Control | TokenType::UserDefined)
+                            && !t.is_empty()
+                    })
+                    .map(|(i, t)| (i as u32, t.as_str()))
+                    .unzip();
+                let specials = aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                    .build(&patterns)
+                    .map_err(|e| TokenizerError::Build(e.to_string()))?;
+                let bytes = tokens
+                    .iter()
+                    .zip(&types)
+                    .map(|(t, ty)| match ty {
+                        TokenType::Byte => spm::byte_token(t).map(|b| vec![b]).unwrap_or_default(),
+                        TokenType::Normal | TokenType::Unused => {
+                            t.replace('\u{2581}', " ").into_bytes()
+                        }
+                        _ => t.as_bytes().to_vec(),
+                    })
+                    .collect();
+                (
+                    Inner::Spm(Box::new(SpmInner {
+                        spm,
+                        specials,
+                        special_ids,
+                    })),
+                    bytes,
+                )
             }
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
@@ -167,15 +226,45 @@ impl Tokenizer {
     /// recognised, as llama.cpp does for rendered chat templates. A BOS token is
     /// prepended when the model asks for it and `add_bos` is set.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if add_bos && self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.inner {
+            Inner::Bpe(tk) => {
+                let enc = tk
+                    .encode_fast(text, false)
+                    .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Inner::Spm(inner) => {
+                let SpmInner {
+                    spm,
+                    specials,
+                    special_ids,
+                } = inner.as_ref();
+                let mut pos = 0;
+                let mut first = true;
+                let plain = |frag: &str, first: bool, ids: &mut Vec<u32>| {
+                    if first && spm.add_space_prefix() {
+                        spm.encode(&format!(" {frag}"), ids);
+                    } else {
+                        spm.encode(frag, ids);
+                    }
+                };
+                for m in specials.find_iter(text) {
+                    if m.start() > pos {
+                        plain(&text[pos..m.start()], first, &mut ids);
+                    }
+                    first = false;
+                    ids.push(special_ids[m.pattern().as_usize()]);
+                    pos = m.end();
+                }
+                if pos < text.len() {
+                    plain(&text[pos..], first, &mut ids);
+                }
+            }
+        }
         Ok(ids)
     }
 

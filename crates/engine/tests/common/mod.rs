@@ -25,4 +25,4 @@ pub fn fixture(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).expect("fixture is JSON")
 }
 
-pub const MODELS: [&str; 2] = ["smollm2-135m", "qwen2.5-coder-0.5b"];
+pub const MODELS: [&str; 3] = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"];

@@ -83,7 +83,7 @@ def main():
         llm.eval(prompt_ids)
         generated, steps = [], []
         for _ in range(STEPS):
-            logits = np.array(llm.eval_logits[-1], dtype=np.float32)
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
             top = np.argsort(-logits)[:TOPK]
             steps.append({"ids": [int(i) for i in top], "logits": [round(float(logits[i]), 4) for i in top]})
             nxt = int(top[0])

@@ -232,7 +232,7 @@ fn run(cli: Cli) -> Result<()> {
 /// A model argument: an existing file, a pulled model, or a catalog name (pulled now).
 fn resolve(store: &Store, model: &str) -> Result<PathBuf> {
     let p = PathBuf::from(model);
-    if p.is_file() {
+    if p.is_file() || p.join("config.json").is_file() {
         return Ok(p);
     }
     if model.ends_with(".gguf")

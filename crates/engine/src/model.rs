@@ -128,8 +128,13 @@ impl Loader<'_> {
 }
 
 impl Model {
+    /// Load a GGUF file, or a Hugging Face safetensors directory.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
-        let file = GgufFile::open(path)?;
+        let file = if path.is_dir() {
+            GgufFile::from_hf_dir(path)?
+        } else {
+            GgufFile::open(path)?
+        };
         let cfg = ModelConfig::from_gguf(&file.header)?;
         let l = Loader { file: &file };
         let (d, q, kv) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim());

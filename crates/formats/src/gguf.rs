@@ -423,6 +423,29 @@ impl GgufFile {
         Ok(Self { header, map })
     }
 
+    /// A Hugging Face directory (config.json, tokenizer.json, *.safetensors),
+    /// converted in memory to GGUF form (see [`crate::hf`]).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, FormatError> {
+        let bytes = crate::hf::hf_dir_to_gguf(dir)?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// GGUF bytes already in memory.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FormatError> {
+        let io = |e: std::io::Error| FormatError::Io {
+            path: "<memory>".into(),
+            source: e,
+        };
+        if bytes.is_empty() {
+            return Err(FormatError::NotGguf);
+        }
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
+        anon.copy_from_slice(bytes);
+        let map = anon.make_read_only().map_err(io)?;
+        let header = parse(&map)?;
+        Ok(Self { header, map })
+    }
+
     /// Raw bytes of a tensor (already bounds-checked by [`parse`]).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         &self.map[t.offset..t.offset + t.size]

@@ -3,6 +3,7 @@
 //! the trainer's export).
 
 pub mod gguf;
+pub mod hf;
 pub mod writer;
 
 pub use gguf::{GgufFile, GgufHeader, TensorInfo, Value};
@@ -31,6 +32,28 @@ pub enum FormatError {
     Invalid { offset: u64, msg: String },
     #[error("tensor {tensor:?} has unsupported ggml type {ty}")]
     UnsupportedType { tensor: String, ty: u32 },
+}
+
+/// Decode F32/F16/BF16 bytes to f32 (other types leave `out` untouched).
+pub fn dequant_float(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        _ => {}
+    }
 }
 
 /// ggml tensor element types understood by Hanlin.

@@ -191,6 +191,23 @@ pub fn dot_q8_x4(ty: GgmlType) -> Option<DotQ8x4> {
     None
 }
 
+/// Two weight rows × four tokens (512-bit VNNI only).
+pub type DotQ8_2x4 = fn(&[u8], &[u8], [&[BlockQ8]; 4]) -> [[f32; 4]; 2];
+
+pub fn dot_q8_2x4(ty: GgmlType) -> Option<DotQ8_2x4> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        return match ty {
+            GgmlType::Q4_0 => Some(avx2::q4_0_2x4),
+            GgmlType::Q5_0 => Some(avx2::q5_0_2x4),
+            GgmlType::Q8_0 => Some(avx2::q8_0_2x4),
+            _ => None,
+        };
+    }
+    let _ = ty;
+    None
+}
+
 pub fn dot_q8k_x4(ty: GgmlType) -> Option<DotQ8Kx4> {
     #[cfg(target_arch = "x86_64")]
     if simd_level() != SimdLevel::Scalar {
@@ -372,6 +389,77 @@ mod avx2 {
             }
         }
         std::array::from_fn(|k| hsum(acc[k]) + macc[k])
+    }
+
+    /// Two weight rows × four tokens with 512-bit VNNI: each zmm holds two
+    /// consecutive 32-element blocks, so one `vpdpbusd` covers 64 products.
+    /// Unpacked weights are shared by the four tokens and the activations by
+    /// the two rows. Same offset scheme as [`q32v`].
+    #[inline(always)]
+    unsafe fn q32v_2x4<const OFF: i32>(
+        w0: &[u8],
+        w1: &[u8],
+        xs: [&[BlockQ8]; 4],
+        size: usize,
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) -> [[f32; 4]; 2] {
+        let n = xs.iter().fold((w0.len() / size).min(w1.len() / size), |n, x| n.min(x.len()));
+        let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+        let hi = 0xFF00u16;
+        let pairs = n / 2;
+        let wp = [w0.as_ptr(), w1.as_ptr()];
+        for i in 0..pairs {
+            let mut wv = [_mm512_setzero_si512(); 2];
+            let mut dv = [_mm512_setzero_ps(); 2];
+            for r in 0..2 {
+                let b0 = wp[r].add(2 * i * size);
+                let b1 = b0.add(size);
+                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH) as *const i8);
+                wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack(b0)), unpack(b1), 1);
+                dv[r] = _mm512_mask_mov_ps(_mm512_set1_ps(load_f16(b0)), hi, _mm512_set1_ps(load_f16(b1)));
+            }
+            for k in 0..4 {
+                let x0 = xs[k].get_unchecked(2 * i);
+                let x1 = xs[k].get_unchecked(2 * i + 1);
+                let xv = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i)),
+                    _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i),
+                    1,
+                );
+                let init = if OFF != 0 {
+                    _mm512_mask_mov_epi32(
+                        _mm512_set1_epi32(-(OFF / 8) * x0.isum),
+                        hi,
+                        _mm512_set1_epi32(-(OFF / 8) * x1.isum),
+                    )
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let xd = _mm512_mask_mov_ps(_mm512_set1_ps(x0.d), hi, _mm512_set1_ps(x1.d));
+                for r in 0..2 {
+                    let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wv[r], xv));
+                    acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dv[r], xd), p, acc[r][k]);
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; 2];
+        for r in 0..2 {
+            for k in 0..4 {
+                out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+            }
+        }
+        if n % 2 == 1 {
+            // An odd last block goes through the 256-bit form.
+            let last = n - 1;
+            for (r, w) in [w0, w1].into_iter().enumerate() {
+                let tail = &w[last * size..(last + 1) * size];
+                let v = q32v::<4, OFF>(tail, std::array::from_fn(|k| &xs[k][last..last + 1]), size, None, &unpack);
+                for k in 0..4 {
+                    out[r][k] += v[k];
+                }
+            }
+        }
+        out
     }
 
     /// Q5 high bits from a mask register (AVX-512BW): 0x10 where the bit is set.
@@ -576,6 +664,30 @@ mod avx2 {
         ), BlockQ8;
     }
 
+    macro_rules! kernels_2x4 {
+        ($($name:ident => $off:literal, $size:literal, $unpack:expr;)*) => {$(
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+            unsafe fn $name(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
+                q32v_2x4::<$off>(w0, w1, x, $size, $unpack)
+            }
+        )*};
+    }
+    kernels_2x4! {
+        q4_0_z => 8, 18, |b| nibbles(b.add(2));
+        q5_0_z => 16, 22, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)));
+        q8_0_z => 128, 34, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128));
+    }
+    macro_rules! safe_2x4 {
+        ($($name:ident => $imp:ident),*) => {$(
+            pub(super) fn $name(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
+                // SAFETY: handed out by `dot_q8_2x4` only after `simd_level()`
+                // found AVX-512 VNNI/VL/BW (which imply AVX-512F) at run time.
+                unsafe { $imp(w0, w1, x) }
+            }
+        )*};
+    }
+    safe_2x4!(q4_0_2x4 => q4_0_z, q5_0_2x4 => q5_0_z, q8_0_2x4 => q8_0_z);
+
     macro_rules! safe_wrappers {
         ($($name:ident, $name4:ident => $imp:ident, $imp4:ident : $blk:ty),*) => {$(
             pub(super) fn $name(w: &[u8], x: &[$blk]) -> f32 {
@@ -667,6 +779,30 @@ mod tests {
                         let one = dot_q8(ty).expect("dot")(&w, &xq);
                         for v in f4(&w, [&xq, &xq, &xq, &xq]) {
                             assert!((v - one).abs() <= 1e-5 * norm + 1e-6, "{ty} x4");
+                        }
+                    }
+                    if let Some(f24) = dot_q8_2x4(ty) {
+                        // Four different token rows and two weight rows; odd block
+                        // counts exercise the tail.
+                        let w2 = random_row(ty, n, &mut rng);
+                        let xs: Vec<Vec<quant::BlockQ8>> = (0..4)
+                            .map(|k| {
+                                let xk: Vec<f32> = x.iter().map(|v| v * (k as f32 + 1.0) - 0.1 * k as f32).collect();
+                                let mut q = Vec::new();
+                                quant::quantize_q8(&xk, &mut q);
+                                q
+                            })
+                            .collect();
+                        for blocks in [n / QK, n / QK - 1] {
+                            let bytes = blocks * ty.type_size();
+                            let xr: [&[quant::BlockQ8]; 4] = std::array::from_fn(|k| &xs[k][..blocks]);
+                            let got = f24(&w[..bytes], &w2[..bytes], xr);
+                            for (r, wr) in [&w[..bytes], &w2[..bytes]].into_iter().enumerate() {
+                                for k in 0..4 {
+                                    let want = scalar_q8(ty, wr, xr[k]);
+                                    assert!((got[r][k] - want).abs() <= 1e-4 * norm * (k as f32 + 2.0) + 1e-4, "{ty} 2x4 r{r} t{k}: {} vs {want}", got[r][k]);
+                                }
+                            }
                         }
                     }
                 } else {

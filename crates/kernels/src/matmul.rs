@@ -84,6 +84,8 @@ impl OutPtr {
 
 /// `dot4(row, t)`: tokens `t..t+4` against one weight row.
 type Dot4<'a> = &'a (dyn Fn(&[u8], usize) -> [f32; 4] + Sync);
+/// `dot2x4(row0, row1, t)`: tokens `t..t+4` against two weight rows.
+type Dot2x4<'a> = &'a (dyn Fn(&[u8], &[u8], usize) -> [[f32; 4]; 2] + Sync);
 
 /// Dot every row with every token: `dot1(row, t)` for one token,
 /// `dot4(row, t)` for tokens `t..t+4` when a four-token kernel exists.
@@ -94,6 +96,7 @@ fn run_rows(
     out: &mut [f32],
     dot1: &(dyn Fn(&[u8], usize) -> f32 + Sync),
     dot4: Option<Dot4>,
+    dot2x4: Option<Dot2x4>,
 ) {
     let rows = w.rows;
     let op = OutPtr(out.as_mut_ptr());
@@ -110,10 +113,24 @@ fn run_rows(
         let mut t = 0;
         if let Some(dot4) = dot4 {
             while t + 4 <= n_tok {
-                for r in range.clone() {
+                let mut r = range.start;
+                if let Some(d24) = dot2x4 {
+                    while r + 2 <= range.end {
+                        let v = d24(w.row(r), w.row(r + 1), t);
+                        for (dr, row) in v.into_iter().enumerate() {
+                            for (k, v) in row.into_iter().enumerate() {
+                                // SAFETY: (t + k) * rows + r + dr < n_tok * rows <= out.len();
+                                // rows are disjoint per thread.
+                                unsafe { op.set((t + k) * rows + r + dr, v) };
+                            }
+                        }
+                        r += 2;
+                    }
+                }
+                for r in r..range.end {
                     let v = dot4(w.row(r), t);
                     for (k, v) in v.into_iter().enumerate() {
-                        // SAFETY: (t + k) * rows + r < n_tok * rows <= out.len(); rows are disjoint per thread.
+                        // SAFETY: as above.
                         unsafe { op.set((t + k) * rows + r, v) };
                     }
                 }
@@ -143,6 +160,10 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             let f4 = dot::dot_q8_x4(w.ty);
             let d4 = f4
                 .map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
+            let f24 = dot::dot_q8_2x4(w.ty);
+            let d24 = f24.map(|f| {
+                move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, [x(t), x(t + 1), x(t + 2), x(t + 3)])
+            });
             run_rows(
                 pool,
                 w,
@@ -150,6 +171,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 out,
                 &|wr, t| f(wr, x(t)),
                 d4.as_ref().map(|d| d as _),
+                d24.as_ref().map(|d| d as _),
             );
         }
         256 => {
@@ -167,6 +189,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 out,
                 &|wr, t| f(wr, x(t)),
                 d4.as_ref().map(|d| d as _),
+                None,
             );
         }
         _ => {
@@ -178,6 +201,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 n_tok,
                 out,
                 &|wr, t| dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols]),
+                None,
                 None,
             );
         }

@@ -199,7 +199,9 @@ pub fn dot_q8_2x4(ty: GgmlType) -> Option<DotQ8_2x4> {
     if simd_level() == SimdLevel::Avx2Vnni {
         return match ty {
             GgmlType::Q4_0 => Some(avx2::q4_0_2x4),
+            GgmlType::Q4_1 => Some(avx2::q4_1_2x4),
             GgmlType::Q5_0 => Some(avx2::q5_0_2x4),
+            GgmlType::Q5_1 => Some(avx2::q5_1_2x4),
             GgmlType::Q8_0 => Some(avx2::q8_0_2x4),
             _ => None,
         };
@@ -401,22 +403,36 @@ mod avx2 {
         w1: &[u8],
         xs: [&[BlockQ8]; 4],
         size: usize,
+        m_at: Option<usize>,
         unpack: impl Fn(*const u8) -> __m256i,
     ) -> [[f32; 4]; 2] {
-        let n = xs.iter().fold((w0.len() / size).min(w1.len() / size), |n, x| n.min(x.len()));
+        let n = xs
+            .iter()
+            .fold((w0.len() / size).min(w1.len() / size), |n, x| {
+                n.min(x.len())
+            });
         let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+        let mut macc = [[0f32; 4]; 2];
         let hi = 0xFF00u16;
         let pairs = n / 2;
         let wp = [w0.as_ptr(), w1.as_ptr()];
         for i in 0..pairs {
             let mut wv = [_mm512_setzero_si512(); 2];
             let mut dv = [_mm512_setzero_ps(); 2];
+            let mut mins = [[0f32; 2]; 2];
             for r in 0..2 {
                 let b0 = wp[r].add(2 * i * size);
                 let b1 = b0.add(size);
+                if let Some(at) = m_at {
+                    mins[r] = [load_f16(b0.add(at)), load_f16(b1.add(at))];
+                }
                 _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH) as *const i8);
                 wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack(b0)), unpack(b1), 1);
-                dv[r] = _mm512_mask_mov_ps(_mm512_set1_ps(load_f16(b0)), hi, _mm512_set1_ps(load_f16(b1)));
+                dv[r] = _mm512_mask_mov_ps(
+                    _mm512_set1_ps(load_f16(b0)),
+                    hi,
+                    _mm512_set1_ps(load_f16(b1)),
+                );
             }
             for k in 0..4 {
                 let x0 = xs[k].get_unchecked(2 * i);
@@ -439,13 +455,16 @@ mod avx2 {
                 for r in 0..2 {
                     let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wv[r], xv));
                     acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dv[r], xd), p, acc[r][k]);
+                    if m_at.is_some() {
+                        macc[r][k] += mins[r][0] * x0.s + mins[r][1] * x1.s;
+                    }
                 }
             }
         }
         let mut out = [[0f32; 4]; 2];
         for r in 0..2 {
             for k in 0..4 {
-                out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+                out[r][k] = _mm512_reduce_add_ps(acc[r][k]) + macc[r][k];
             }
         }
         if n % 2 == 1 {
@@ -453,7 +472,13 @@ mod avx2 {
             let last = n - 1;
             for (r, w) in [w0, w1].into_iter().enumerate() {
                 let tail = &w[last * size..(last + 1) * size];
-                let v = q32v::<4, OFF>(tail, std::array::from_fn(|k| &xs[k][last..last + 1]), size, None, &unpack);
+                let v = q32v::<4, OFF>(
+                    tail,
+                    std::array::from_fn(|k| &xs[k][last..last + 1]),
+                    size,
+                    m_at,
+                    &unpack,
+                );
                 for k in 0..4 {
                     out[r][k] += v[k];
                 }
@@ -665,17 +690,19 @@ mod avx2 {
     }
 
     macro_rules! kernels_2x4 {
-        ($($name:ident => $off:literal, $size:literal, $unpack:expr;)*) => {$(
+        ($($name:ident => $off:literal, $size:literal, $m_at:expr, $unpack:expr;)*) => {$(
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
             unsafe fn $name(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
-                q32v_2x4::<$off>(w0, w1, x, $size, $unpack)
+                q32v_2x4::<$off>(w0, w1, x, $size, $m_at, $unpack)
             }
         )*};
     }
     kernels_2x4! {
-        q4_0_z => 8, 18, |b| nibbles(b.add(2));
-        q5_0_z => 16, 22, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)));
-        q8_0_z => 128, 34, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128));
+        q4_0_z => 8, 18, None, |b| nibbles(b.add(2));
+        q4_1_z => 0, 20, Some(2), |b| nibbles(b.add(4));
+        q5_0_z => 16, 22, None, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)));
+        q5_1_z => 0, 24, Some(2), |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)));
+        q8_0_z => 128, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128));
     }
     macro_rules! safe_2x4 {
         ($($name:ident => $imp:ident),*) => {$(
@@ -686,7 +713,13 @@ mod avx2 {
             }
         )*};
     }
-    safe_2x4!(q4_0_2x4 => q4_0_z, q5_0_2x4 => q5_0_z, q8_0_2x4 => q8_0_z);
+    safe_2x4!(
+        q4_0_2x4 => q4_0_z,
+        q4_1_2x4 => q4_1_z,
+        q5_0_2x4 => q5_0_z,
+        q5_1_2x4 => q5_1_z,
+        q8_0_2x4 => q8_0_z
+    );
 
     macro_rules! safe_wrappers {
         ($($name:ident, $name4:ident => $imp:ident, $imp4:ident : $blk:ty),*) => {$(
@@ -787,7 +820,10 @@ mod tests {
                         let w2 = random_row(ty, n, &mut rng);
                         let xs: Vec<Vec<quant::BlockQ8>> = (0..4)
                             .map(|k| {
-                                let xk: Vec<f32> = x.iter().map(|v| v * (k as f32 + 1.0) - 0.1 * k as f32).collect();
+                                let xk: Vec<f32> = x
+                                    .iter()
+                                    .map(|v| v * (k as f32 + 1.0) - 0.1 * k as f32)
+                                    .collect();
                                 let mut q = Vec::new();
                                 quant::quantize_q8(&xk, &mut q);
                                 q
@@ -795,12 +831,18 @@ mod tests {
                             .collect();
                         for blocks in [n / QK, n / QK - 1] {
                             let bytes = blocks * ty.type_size();
-                            let xr: [&[quant::BlockQ8]; 4] = std::array::from_fn(|k| &xs[k][..blocks]);
+                            let xr: [&[quant::BlockQ8]; 4] =
+                                std::array::from_fn(|k| &xs[k][..blocks]);
                             let got = f24(&w[..bytes], &w2[..bytes], xr);
                             for (r, wr) in [&w[..bytes], &w2[..bytes]].into_iter().enumerate() {
                                 for k in 0..4 {
                                     let want = scalar_q8(ty, wr, xr[k]);
-                                    assert!((got[r][k] - want).abs() <= 1e-4 * norm * (k as f32 + 2.0) + 1e-4, "{ty} 2x4 r{r} t{k}: {} vs {want}", got[r][k]);
+                                    assert!(
+                                        (got[r][k] - want).abs()
+                                            <= 1e-4 * norm * (k as f32 + 2.0) + 1e-4,
+                                        "{ty} 2x4 r{r} t{k}: {} vs {want}",
+                                        got[r][k]
+                                    );
                                 }
                             }
                         }

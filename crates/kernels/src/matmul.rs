@@ -162,7 +162,9 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 .map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
             let f24 = dot::dot_q8_2x4(w.ty);
             let d24 = f24.map(|f| {
-                move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, [x(t), x(t + 1), x(t + 2), x(t + 3)])
+                move |w0: &[u8], w1: &[u8], t: usize| {
+                    f(w0, w1, [x(t), x(t + 1), x(t + 2), x(t + 3)])
+                }
             });
             run_rows(
                 pool,

@@ -249,8 +249,9 @@ impl Session {
         if emitted < text.len() && finish != FinishReason::Cancelled {
             on_text(&text[emitted..]);
         }
-        // The last sampled token is in `out` but not yet in the cache; record it
-        // so the next turn's prefix match stays exact.
+        // The last sampled token is in `out` but was never fed back, so the
+        // cache (and `self.tokens`) end one token short; the next turn's
+        // prefix match recomputes it.
         Ok(Generation {
             text,
             tokens: out,

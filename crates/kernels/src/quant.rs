@@ -2,7 +2,7 @@
 //! supported type, and quantization of activations (8-bit blocks) for the
 //! integer dot products in [`crate::dot`].
 
-use half::{bf16, f16};
+use half::f16;
 use hanlin_formats::GgmlType;
 
 pub const QK: usize = 32;
@@ -277,20 +277,8 @@ pub(crate) fn unpack_k(ty: GgmlType, b: &[u8]) -> UnpackedK {
 /// Dequantize one row (`out.len()` elements) of type `ty` from `bytes`.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     match ty {
-        GgmlType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            hanlin_formats::dequant_float(ty, bytes, out)
         }
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
             for (o, b) in out

@@ -524,7 +524,7 @@ mod avx2 {
     ) -> [f32; NT] {
         let size = if FIVE { 176 } else { 144 };
         let mut acc = [_mm256_setzero_ps(); NT];
-        let mut mins = [0f32; NT];
+        let mut mins = [_mm256_setzero_ps(); NT];
         let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
         let m4 = _mm256_set1_epi8(0xF);
         for i in 0..n {
@@ -576,14 +576,31 @@ mod avx2 {
                     sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(pl, ph));
                 }
             }
+            // Minimums: sum(m_j * (bsum_2j + bsum_2j+1)) as 8 lanes of
+            // pairwise products, each m repeated for its two 16-wide sums.
+            let m16 = _mm256_setr_epi16(
+                mvals[0] as i16,
+                mvals[0] as i16,
+                mvals[1] as i16,
+                mvals[1] as i16,
+                mvals[2] as i16,
+                mvals[2] as i16,
+                mvals[3] as i16,
+                mvals[3] as i16,
+                mvals[4] as i16,
+                mvals[4] as i16,
+                mvals[5] as i16,
+                mvals[5] as i16,
+                mvals[6] as i16,
+                mvals[6] as i16,
+                mvals[7] as i16,
+                mvals[7] as i16,
+            );
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
-                let summ: i32 = mvals
-                    .iter()
-                    .zip(xb.bsums.chunks_exact(2))
-                    .map(|(&m, b)| m * (b[0] as i32 + b[1] as i32))
-                    .sum();
-                mins[k] += dmin * xb.d * summ as f32;
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
+                mins[k] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * xb.d), summ, mins[k]);
                 acc[k] = _mm256_fmadd_ps(
                     _mm256_set1_ps(d * xb.d),
                     _mm256_cvtepi32_ps(sumi[k]),
@@ -591,13 +608,12 @@ mod avx2 {
                 );
             }
         }
-        std::array::from_fn(|k| hsum(acc[k]) - mins[k])
+        std::array::from_fn(|k| hsum(acc[k]) - hsum(mins[k]))
     }
 
     #[inline(always)]
     unsafe fn q6k<const NT: usize>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
         let mut acc = [_mm256_setzero_ps(); NT];
-        let mut offs = [0f32; NT];
         let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
         let m4 = _mm256_set1_epi8(0xF);
         let m2 = _mm256_set1_epi8(3);
@@ -608,6 +624,7 @@ mod avx2 {
             }
             let d = load_f16(b.add(208));
             let sc: [i8; 16] = std::array::from_fn(|k| *b.add(192 + k) as i8);
+
             let mut sumi = [_mm256_setzero_si256(); NT];
             for h in 0..2 {
                 let ql = b.add(64 * h);
@@ -636,19 +653,18 @@ mod avx2 {
                     }
                 }
             }
+            // The -32 offset of every quant, removed in integers: subtract
+            // 32 * sum(scale_k * bsum_k) (8 lanes of pairwise products).
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192) as *const __m128i));
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
-                let off: i32 = sc
-                    .iter()
-                    .zip(&xb.bsums)
-                    .map(|(&s, &b)| s as i32 * b as i32)
-                    .sum();
-                let dd = d * xb.d;
-                offs[k] += dd * 32.0 * off as f32;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+                let si = _mm256_sub_epi32(sumi[k], off);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(si), acc[k]);
             }
         }
-        std::array::from_fn(|k| hsum(acc[k]) - offs[k])
+        std::array::from_fn(|k| hsum(acc[k]))
     }
 
     macro_rules! kernels {

@@ -152,48 +152,26 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
     let n_tok = a.n_tok;
     match w.ty.block_size() {
-        32 => {
-            let f = dot::dot_q8(w.ty).expect("32-element type has a dot");
-            let xq = a.q8();
-            let bpr = w.cols / 32;
-            let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-            let f4 = dot::dot_q8_x4(w.ty);
-            let d4 = f4
-                .map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
-            let f24 = dot::dot_q8_2x4(w.ty);
-            let d24 = f24.map(|f| {
-                move |w0: &[u8], w1: &[u8], t: usize| {
-                    f(w0, w1, [x(t), x(t + 1), x(t + 2), x(t + 3)])
-                }
-            });
-            run_rows(
-                pool,
-                w,
-                n_tok,
-                out,
-                &|wr, t| f(wr, x(t)),
-                d4.as_ref().map(|d| d as _),
-                d24.as_ref().map(|d| d as _),
-            );
-        }
-        256 => {
-            let f = dot::dot_q8k(w.ty).expect("K type has a dot");
-            let xq = a.q8k();
-            let bpr = w.cols / 256;
-            let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-            let f4 = dot::dot_q8k_x4(w.ty);
-            let d4 = f4
-                .map(|f4| move |wr: &[u8], t: usize| f4(wr, [x(t), x(t + 1), x(t + 2), x(t + 3)]));
-            run_rows(
-                pool,
-                w,
-                n_tok,
-                out,
-                &|wr, t| f(wr, x(t)),
-                d4.as_ref().map(|d| d as _),
-                None,
-            );
-        }
+        32 => quantized(
+            pool,
+            w,
+            out,
+            a.q8(),
+            n_tok,
+            dot::dot_q8(w.ty).expect("32-element type has a dot"),
+            dot::dot_q8_x4(w.ty),
+            dot::dot_q8_2x4(w.ty),
+        ),
+        256 => quantized(
+            pool,
+            w,
+            out,
+            a.q8k(),
+            n_tok,
+            dot::dot_q8k(w.ty).expect("K type has a dot"),
+            dot::dot_q8k_x4(w.ty),
+            None,
+        ),
         _ => {
             let cols = w.cols;
             let x = a.x;
@@ -208,6 +186,40 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             );
         }
     }
+}
+
+/// Four-token kernel over activation blocks `B`.
+type Kernel4<B> = fn(&[u8], [&[B]; 4]) -> [f32; 4];
+/// Two-row × four-token kernel over activation blocks `B`.
+type Kernel2x4<B> = fn(&[u8], &[u8], [&[B]; 4]) -> [[f32; 4]; 2];
+
+/// A quantized weight against activations quantized to blocks `B`, with the
+/// one-token kernel and, where they exist, the four-token and 2×4 kernels.
+#[allow(clippy::too_many_arguments)]
+fn quantized<B: Sync>(
+    pool: &ThreadPool,
+    w: &QMat,
+    out: &mut [f32],
+    xq: &[B],
+    n_tok: usize,
+    f: fn(&[u8], &[B]) -> f32,
+    f4: Option<Kernel4<B>>,
+    f24: Option<Kernel2x4<B>>,
+) {
+    let bpr = xq.len() / n_tok;
+    let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
+    let x4 = |t: usize| [x(t), x(t + 1), x(t + 2), x(t + 3)];
+    let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, x4(t)));
+    let d24 = f24.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x4(t)));
+    run_rows(
+        pool,
+        w,
+        n_tok,
+        out,
+        &|wr, t| f(wr, x(t)),
+        d4.as_ref().map(|d| d as _),
+        d24.as_ref().map(|d| d as _),
+    );
 }
 
 #[cfg(test)]

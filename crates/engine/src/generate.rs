@@ -187,6 +187,7 @@ impl Session {
         let mut lps = Vec::new();
         let mut finish = FinishReason::Length;
         let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut stopped_by_string = false;
         while out.len() < params.max_tokens {
             let raw = (params.logprobs || params.top_logprobs > 0).then(|| logits.clone());
             let id = sampler.sample(&mut logits, &self.tokens);
@@ -207,6 +208,7 @@ impl Session {
                 .min()
             {
                 text.truncate(pos);
+                stopped_by_string = true;
                 if pos > emitted && !on_text(&text[emitted..]) {
                     finish = FinishReason::Cancelled;
                     break;
@@ -216,15 +218,9 @@ impl Session {
                 break;
             }
             // Hold back a tail that could still grow into a stop string.
-            let mut safe = text
-                .len()
-                .saturating_sub(max_stop.saturating_sub(1))
-                .max(emitted);
+            let mut safe = text.len() - (max_stop.saturating_sub(1)).min(text.len() - emitted);
             while !text.is_char_boundary(safe) {
                 safe -= 1;
-            }
-            if max_stop == 0 {
-                safe = text.len();
             }
             if safe > emitted {
                 let keep_going = on_text(&text[emitted..safe]);
@@ -243,7 +239,8 @@ impl Session {
             }
             logits = self.step(id)?;
         }
-        if finish != FinishReason::Stop || emitted == text.len() {
+        // Text after a stop string is dropped, so is any byte still pending.
+        if !stopped_by_string {
             text.push_str(&stream.finish());
         }
         if emitted < text.len() && finish != FinishReason::Cancelled {

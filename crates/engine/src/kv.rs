@@ -42,9 +42,6 @@ impl KvCache {
         }
         self.len = n;
     }
-    pub fn clear(&mut self) {
-        self.truncate(0);
-    }
     /// Append keys/values of new tokens for layer `l` (not yet committed).
     pub(crate) fn append(&mut self, l: usize, k: &[f32], v: &[f32]) {
         self.keys[l].truncate(self.len * self.kv_dim);
@@ -57,13 +54,5 @@ impl KvCache {
     }
     pub(crate) fn layer(&self, l: usize) -> (&[f16], &[f16]) {
         (&self.keys[l], &self.vals[l])
-    }
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.keys
-            .iter()
-            .chain(&self.vals)
-            .map(|v| v.capacity() * 2)
-            .sum()
     }
 }

@@ -214,14 +214,6 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    pub fn token_id(&self, s: &str) -> Option<u32> {
-        self.tokens.iter().position(|t| t == s).map(|i| i as u32)
-    }
-
-    pub fn is_control(&self, id: u32) -> bool {
-        matches!(self.types.get(id as usize), Some(TokenType::Control))
-    }
-
     /// Encode text. Special tokens written in the text (e.g. `<|im_start|>`) are
     /// recognised, as llama.cpp does for rendered chat templates. A BOS token is
     /// prepended when the model asks for it and `add_bos` is set.

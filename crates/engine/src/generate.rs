@@ -5,7 +5,7 @@ use crate::model::{Logits, Model};
 use crate::sampler::{logprobs, Sampler, SamplerConfig, TokenLogprob};
 use crate::EngineError;
 use hanlin_kernels::ThreadPool;
-use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, CHATML, GEMMA};
+use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, Utf8Stream, CHATML, GEMMA};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,90 +174,155 @@ impl Session {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, EngineError> {
         let m = self.m.clone();
-        let tok = &m.tokenizer;
         let t0 = Instant::now();
         let (mut logits, cached) = self.prefill(prompt)?;
         let prefill_time = t0.elapsed();
         let t1 = Instant::now();
-        let mut sampler = Sampler::new(params.sampler.clone());
-        let mut stream = tok.stream();
-        let mut text = String::new();
-        let mut emitted = 0usize; // bytes of `text` already handed to on_text
-        let mut out = Vec::new();
-        let mut lps = Vec::new();
-        let mut finish = FinishReason::Length;
-        let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
-        let mut stopped_by_string = false;
-        while out.len() < params.max_tokens {
-            let raw = (params.logprobs || params.top_logprobs > 0).then(|| logits.clone());
-            let id = sampler.sample(&mut logits, &self.tokens);
-            if let Some(raw) = raw {
-                let (lp, top) = logprobs(&raw, id, params.top_logprobs);
-                lps.push((TokenLogprob { id, logprob: lp }, top));
+        let mut dec = Decoder::new(params.clone());
+        let finish = loop {
+            let full = self.cache.len() >= self.cache.capacity();
+            let step = dec.next(&m.tokenizer, &mut logits, &self.tokens, full);
+            if !step.text.is_empty() && !on_text(&step.text) {
+                break FinishReason::Cancelled;
             }
-            if tok.eog.contains(&id) {
-                finish = FinishReason::Stop;
-                break;
+            match (step.finish, step.feed) {
+                (Some(f), _) => break f,
+                (None, Some(id)) => logits = self.step(id)?,
+                (None, None) => unreachable!("a step either finishes or feeds a token"),
             }
-            out.push(id);
-            text.push_str(&stream.push(id));
-            if let Some(pos) = params
-                .stop
-                .iter()
-                .filter_map(|s| text[emitted..].find(s.as_str()).map(|p| p + emitted))
-                .min()
-            {
-                text.truncate(pos);
-                stopped_by_string = true;
-                if pos > emitted && !on_text(&text[emitted..]) {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-                emitted = text.len();
-                finish = FinishReason::Stop;
-                break;
-            }
-            // Hold back a tail that could still grow into a stop string.
-            let mut safe = text.len() - (max_stop.saturating_sub(1)).min(text.len() - emitted);
-            while !text.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            if safe > emitted {
-                let keep_going = on_text(&text[emitted..safe]);
-                emitted = safe;
-                if !keep_going {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-            }
-            if self.cache.len() >= self.cache.capacity() {
-                finish = FinishReason::ContextFull;
-                break;
-            }
-            if out.len() >= params.max_tokens {
-                break;
-            }
-            logits = self.step(id)?;
-        }
-        // Text after a stop string is dropped, so is any byte still pending.
-        if !stopped_by_string {
-            text.push_str(&stream.finish());
-        }
-        if emitted < text.len() && finish != FinishReason::Cancelled {
-            on_text(&text[emitted..]);
-        }
-        // The last sampled token is in `out` but was never fed back, so the
+        };
+        // The last sampled token is in `tokens` but was never fed back, so the
         // cache (and `self.tokens`) end one token short; the next turn's
         // prefix match recomputes it.
         Ok(Generation {
-            text,
-            tokens: out,
+            text: dec.text,
+            tokens: dec.out,
             prompt_tokens: prompt.len(),
             cached_tokens: cached,
             finish,
             prefill_time,
             decode_time: t1.elapsed(),
-            logprobs: lps,
+            logprobs: dec.lps,
         })
+    }
+}
+
+/// What one sampling step produced.
+pub struct DecodeStep {
+    /// Text that became final (never a broken character, never part of a
+    /// possible stop string).
+    pub text: String,
+    /// Set when the sequence is finished.
+    pub finish: Option<FinishReason>,
+    /// The sampled token, to be fed back when the sequence goes on.
+    pub feed: Option<u32>,
+}
+
+/// Per-sequence decoding state shared by [`Session::generate`] and the batch
+/// scheduler: sampling, log-probabilities, streaming detokenization, stop
+/// strings and the token limit.
+pub struct Decoder {
+    params: GenerateParams,
+    sampler: Sampler,
+    stream: Utf8Stream,
+    max_stop: usize,
+    emitted: usize,
+    /// Everything generated so far (after a stop string: cut before it).
+    pub text: String,
+    /// Sampled tokens (end-of-generation tokens excluded).
+    pub out: Vec<u32>,
+    pub lps: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+}
+
+impl Decoder {
+    pub fn new(params: GenerateParams) -> Self {
+        Self {
+            sampler: Sampler::new(params.sampler.clone()),
+            stream: Utf8Stream::default(),
+            max_stop: params.stop.iter().map(String::len).max().unwrap_or(0),
+            emitted: 0,
+            text: String::new(),
+            out: Vec::new(),
+            lps: Vec::new(),
+            params,
+        }
+    }
+
+    /// Sample the next token from `logits` (`history`: the tokens the
+    /// penalties look at; `context_full`: no room to feed another token).
+    pub fn next(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &mut [f32],
+        history: &[u32],
+        context_full: bool,
+    ) -> DecodeStep {
+        let p = &self.params;
+        let raw = (p.logprobs || p.top_logprobs > 0).then(|| logits.to_vec());
+        let id = self.sampler.sample(logits, history);
+        if let Some(raw) = raw {
+            let (lp, top) = logprobs(&raw, id, p.top_logprobs);
+            self.lps.push((TokenLogprob { id, logprob: lp }, top));
+        }
+        if tok.eog.contains(&id) {
+            return self.finish(FinishReason::Stop);
+        }
+        self.out.push(id);
+        self.text
+            .push_str(&self.stream.push(tok.token_bytes(id, false)));
+        if let Some(pos) = p
+            .stop
+            .iter()
+            .filter_map(|s| {
+                self.text[self.emitted..]
+                    .find(s.as_str())
+                    .map(|i| i + self.emitted)
+            })
+            .min()
+        {
+            // Text after a stop string is dropped, so is any byte still pending.
+            self.text.truncate(pos);
+            let text = self.text[self.emitted.min(pos)..].to_string();
+            self.emitted = self.text.len();
+            return DecodeStep {
+                text,
+                finish: Some(FinishReason::Stop),
+                feed: None,
+            };
+        }
+        if self.out.len() >= p.max_tokens {
+            return self.finish(FinishReason::Length);
+        }
+        if context_full {
+            return self.finish(FinishReason::ContextFull);
+        }
+        // Hold back a tail that could still grow into a stop string.
+        let held = self
+            .max_stop
+            .saturating_sub(1)
+            .min(self.text.len() - self.emitted);
+        let mut safe = self.text.len() - held;
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        let text = self.text[self.emitted..safe.max(self.emitted)].to_string();
+        self.emitted = self.emitted.max(safe);
+        DecodeStep {
+            text,
+            finish: None,
+            feed: Some(id),
+        }
+    }
+
+    /// Finish without a stop string: flush pending bytes and held-back text.
+    fn finish(&mut self, reason: FinishReason) -> DecodeStep {
+        self.text.push_str(&self.stream.finish());
+        let text = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        DecodeStep {
+            text,
+            finish: Some(reason),
+            feed: None,
+        }
     }
 }

@@ -42,6 +42,21 @@ impl KvCache {
         }
         self.len = n;
     }
+    /// A new cache holding the first `n` positions of this one (another
+    /// sequence sharing this one's prefix).
+    pub fn clone_prefix(&self, n: usize) -> Self {
+        let n = n.min(self.len);
+        let cut = |v: &Vec<Vec<f16>>| -> Vec<Vec<f16>> {
+            v.iter().map(|l| l[..n * self.kv_dim].to_vec()).collect()
+        };
+        Self {
+            keys: cut(&self.keys),
+            vals: cut(&self.vals),
+            kv_dim: self.kv_dim,
+            len: n,
+            limit: self.limit,
+        }
+    }
     /// Append keys/values of new tokens for layer `l` (not yet committed).
     pub(crate) fn append(&mut self, l: usize, k: &[f32], v: &[f32]) {
         self.keys[l].truncate(self.len * self.kv_dim);

@@ -4,17 +4,23 @@
 //! Flow: [`LoadedModel::load`] → [`Session`] (owns a [`KvCache`]) →
 //! [`Session::generate`] (prefill the prompt in one batch, then decode one
 //! token at a time through [`Sampler`], streaming text through a callback).
+//! For serving, [`Scheduler`] runs many sequences at once with continuous
+//! batching ([`Model::forward_batch`]) and a shared-prefix KV pool.
 
 mod generate;
 pub mod kv;
 pub mod model;
 pub mod sampler;
+pub mod sched;
 
-pub use generate::{FinishReason, GenerateParams, Generation, LoadedModel, Session};
+pub use generate::{
+    DecodeStep, Decoder, FinishReason, GenerateParams, Generation, LoadedModel, Session,
+};
 pub use hanlin_kernels::dot::{simd_level, SimdLevel};
 pub use kv::KvCache;
-pub use model::{Logits, Model};
+pub use model::{BatchSeq, Logits, Model};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
+pub use sched::{Event, Job, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError};
 
 /// Compute threads to use by default: every core the OS gives us.
 pub fn default_threads() -> usize {

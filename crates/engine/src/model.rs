@@ -68,9 +68,18 @@ pub struct Model {
     layers: Vec<Layer>,
 }
 
+/// One sequence's share of a batched forward pass.
+pub struct BatchSeq<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub want: Logits,
+}
+
 /// Which positions of a batch need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
+    /// None (a prompt chunk that is not the prompt's end).
+    None,
     Last,
     All,
 }
@@ -262,23 +271,52 @@ impl Model {
         cache: &mut KvCache,
         want: Logits,
     ) -> Result<Vec<f32>, EngineError> {
+        let mut seqs = [BatchSeq {
+            tokens,
+            cache,
+            want,
+        }];
+        Ok(self
+            .forward_batch(pool, &mut seqs)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// One pass over the weights for several sequences at once (continuous
+    /// batching): the rows of every sequence go through each matrix product
+    /// together, while RoPE positions, attention and the KV cache stay per
+    /// sequence. Returns each sequence's logits as [`Model::forward`] would.
+    pub fn forward_batch(
+        &self,
+        pool: &ThreadPool,
+        seqs: &mut [BatchSeq<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let cfg = &self.cfg;
-        let t_n = tokens.len();
+        for s in seqs.iter() {
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(EngineError::BadToken(bad));
+            }
+            let needed = s.cache.len() + s.tokens.len();
+            if needed > s.cache.capacity() {
+                return Err(EngineError::ContextOverflow {
+                    needed,
+                    limit: s.cache.capacity(),
+                });
+            }
+        }
+        // Row ranges of each sequence in the stacked batch.
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut t_n = 0;
+        for s in seqs.iter() {
+            spans.push(t_n..t_n + s.tokens.len());
+            t_n += s.tokens.len();
+        }
         if t_n == 0 {
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); seqs.len()]);
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(EngineError::BadToken(bad));
-        }
-        let p0 = cache.len();
-        if p0 + t_n > cache.capacity() {
-            return Err(EngineError::ContextOverflow {
-                needed: p0 + t_n,
-                limit: cache.capacity(),
-            });
-        }
+        let p0s: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
         let d = cfg.d_model;
-        let hd = cfg.head_dim;
+        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
         let mut x = vec![0f32; t_n * d];
         let embd = self.q(&self.embd);
         let scale = if cfg.embed_scale {
@@ -286,8 +324,8 @@ impl Model {
         } else {
             1.0
         };
-        for (t, &tok) in tokens.iter().enumerate() {
-            let row = &mut x[t * d..(t + 1) * d];
+        let all_tokens = seqs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &tok) in x.chunks_exact_mut(d).zip(all_tokens) {
             embd.dequantize_row(tok as usize, row);
             if scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= scale);
@@ -295,7 +333,7 @@ impl Model {
         }
         let mut h = vec![0f32; t_n * d];
         let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
-        let mut attn = vec![0f32; t_n * cfg.q_dim()];
+        let mut attn = vec![0f32; t_n * qd];
         let (mut o, mut g, mut u, mut dn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (li, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &layer.attn_norm, cfg.norm_eps, &mut h);
@@ -322,18 +360,27 @@ impl Model {
             if let Some(w) = &layer.k_norm {
                 ops::rms_norm_inplace(&mut k, w, cfg.norm_eps);
             }
-            for t in 0..t_n {
-                layer
-                    .rope
-                    .apply(&mut q[t * cfg.q_dim()..(t + 1) * cfg.q_dim()], hd, p0 + t);
-                layer
-                    .rope
-                    .apply(&mut k[t * cfg.kv_dim()..(t + 1) * cfg.kv_dim()], hd, p0 + t);
+            for ((s, span), &p0) in seqs.iter_mut().zip(&spans).zip(&p0s) {
+                for (i, t) in span.clone().enumerate() {
+                    layer.rope.apply(&mut q[t * qd..(t + 1) * qd], hd, p0 + i);
+                    layer.rope.apply(&mut k[t * kvd..(t + 1) * kvd], hd, p0 + i);
+                }
+                let rows = span.start * kvd..span.end * kvd;
+                s.cache.append(li, &k[rows.clone()], &v[rows]);
+                let qrows = span.start * qd..span.end * qd;
+                self.attention(
+                    pool,
+                    layer,
+                    li,
+                    s.cache,
+                    &q[qrows.clone()],
+                    p0,
+                    span.len(),
+                    &mut attn[qrows],
+                );
             }
-            cache.append(li, &k, &v);
-            self.attention(pool, layer, li, cache, &q, p0, t_n, &mut attn);
             {
-                let a = Activations::new(&attn, cfg.q_dim());
+                let a = Activations::new(&attn, qd);
                 self.mm(pool, &layer.wo, &a, &mut o);
             }
             if let Some(w) = &layer.post_attn_norm {
@@ -350,17 +397,35 @@ impl Model {
             }
             ops::add_inplace(&mut x, &dn);
         }
-        cache.commit(t_n);
-        let rows: &[f32] = match want {
-            Logits::Last => &x[(t_n - 1) * d..],
-            Logits::All => &x,
-        };
+        // Only the rows whose logits are wanted go through the output matrix.
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        for (s, span) in seqs.iter_mut().zip(&spans) {
+            s.cache.commit(span.len());
+            let wanted = match (s.want, span.is_empty()) {
+                (_, true) | (Logits::None, _) => 0..0,
+                (Logits::Last, false) => span.end - 1..span.end,
+                (Logits::All, false) => span.clone(),
+            };
+            rows.extend_from_slice(&x[wanted.start * d..wanted.end * d]);
+            counts.push(wanted.len());
+        }
+        if rows.is_empty() {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
         let mut normed = vec![0f32; rows.len()];
-        ops::rms_norm(rows, &self.output_norm, cfg.norm_eps, &mut normed);
+        ops::rms_norm(&rows, &self.output_norm, cfg.norm_eps, &mut normed);
         let a = Activations::new(&normed, d);
         let mut logits = Vec::new();
         self.mm(pool, &self.output, &a, &mut logits);
-        Ok(logits)
+        let vocab = cfg.vocab_size;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,7 +1,7 @@
 //! Forward-pass tests on tiny generated models (random weights written as GGUF):
 //! dense llama/qwen2/qwen3 layouts and a Mixture-of-Experts (qwen2moe) model.
 
-use hanlin_engine::{EngineError, KvCache, Logits, Model};
+use hanlin_engine::{BatchSeq, EngineError, KvCache, Logits, Model};
 use hanlin_formats::writer::{write_gguf, WriteTensor};
 use hanlin_formats::{GgmlType, Value};
 use hanlin_kernels::quant::{encode_f32, quantize_row_q8_0};
@@ -182,6 +182,43 @@ fn check_consistency(arch: &str) {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(max < 1e-3, "{arch}: truncated cache differs by {max}");
+
+    // Several sequences in one batched pass (continuous batching): each gets
+    // the logits it would get alone, whatever its history.
+    let fresh = || KvCache::new(LAYERS, model.cfg.kv_dim(), 64);
+    let mut caches = vec![fresh(), fresh(), fresh()];
+    let none = model
+        .forward(&pool, &toks[..3], &mut caches[1], Logits::None)
+        .expect("history");
+    assert!(none.is_empty());
+    let inputs: [&[u32]; 3] = [&toks[..5], &[7], &toks[2..]];
+    let wants = [Logits::All, Logits::Last, Logits::Last];
+    let mut expected = Vec::new();
+    for ((c, t), w) in caches.iter().zip(inputs).zip(wants) {
+        let mut alone = c.clone_prefix(c.len());
+        expected.push(model.forward(&pool, t, &mut alone, w).expect("alone"));
+    }
+    let mut batch: Vec<BatchSeq> = caches
+        .iter_mut()
+        .zip(inputs)
+        .zip(wants)
+        .map(|((cache, tokens), want)| BatchSeq {
+            tokens,
+            cache,
+            want,
+        })
+        .collect();
+    let got = model.forward_batch(&pool, &mut batch).expect("batch");
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g.len(), e.len(), "{arch}: sequence {i}");
+        let max = g
+            .iter()
+            .zip(e)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-3, "{arch}: batched sequence {i} differs by {max}");
+    }
+    assert_eq!(caches[1].len(), 4);
 }
 
 #[test]

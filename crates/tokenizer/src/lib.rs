@@ -3,7 +3,7 @@
 //! - [`Tokenizer`]: built from GGUF metadata (`tokenizer.ggml.*`, byte-level BPE
 //!   with the pre-tokenizer that `tokenizer.ggml.pre` names) on top of the
 //!   `tokenizers` crate; token → bytes for decoding is our own table.
-//! - [`StreamDecoder`]: turns a stream of token ids into text that never splits
+//! - [`StreamDecoder`] (and the owned [`Utf8Stream`]): turns a stream of token ids into text that never splits
 //!   a UTF-8 character.
 //! - [`ChatTemplate`]: renders the model's own Jinja chat template with `minijinja`.
 
@@ -283,7 +283,7 @@ impl Tokenizer {
     pub fn stream(&self) -> StreamDecoder<'_> {
         StreamDecoder {
             tok: self,
-            pending: Vec::new(),
+            bytes: Utf8Stream::default(),
         }
     }
 }
@@ -291,14 +291,32 @@ impl Tokenizer {
 /// Incremental decoder: text comes out only in whole UTF-8 characters.
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
-    pending: Vec<u8>,
+    bytes: Utf8Stream,
 }
 
 impl StreamDecoder<'_> {
     /// Feed one token; returns the text that became complete.
     pub fn push(&mut self, id: u32) -> String {
-        self.pending
-            .extend_from_slice(self.tok.token_bytes(id, false));
+        self.bytes.push(self.tok.token_bytes(id, false))
+    }
+
+    /// Flush whatever is left (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        self.bytes.finish()
+    }
+}
+
+/// The byte side of [`StreamDecoder`], owning no tokenizer (for sequences
+/// that outlive a borrow, such as those of a batch scheduler).
+#[derive(Debug, Default, Clone)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Append a token's bytes; returns the text that became complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
         self.take_complete()
     }
 

@@ -1,0 +1,438 @@
+//! Continuous batching: one scheduler thread per loaded model runs every
+//! active sequence in the same forward pass (one pass over the weights per
+//! step, the decode tokens of all sequences stacked into one batched GEMM),
+//! admits queued requests between steps by priority, and feeds long prompts
+//! in chunks so they do not stall the sequences already decoding.
+//!
+//! KV caches are per sequence. A finished sequence's cache goes into a
+//! prefix pool (bounded in tokens); a new request starts from the longest
+//! prefix it shares with the pool or with a running sequence, so a system
+//! prompt or a conversation's earlier turns are not recomputed.
+
+use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel};
+use crate::kv::KvCache;
+use crate::model::{BatchSeq, Logits};
+use crate::sampler::TokenLogprob;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Prompt tokens fed per step, across all prefilling sequences.
+    pub prefill_chunk: usize,
+    /// Requests waiting for a slot before new ones are refused.
+    pub max_queue: usize,
+    /// Context (KV positions) per sequence.
+    pub ctx: usize,
+    /// Tokens kept in the prefix pool after their sequences finish.
+    pub prefix_pool_tokens: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            prefill_chunk: 256,
+            max_queue: 256,
+            ctx: 8192,
+            prefix_pool_tokens: 32 * 1024,
+        }
+    }
+}
+
+/// What a request hears back, in order: `Started`, any number of `Token`,
+/// then `Done` or `Failed`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started {
+        prompt_tokens: usize,
+        /// Prompt tokens whose KV entries came from the prefix cache.
+        cached_tokens: usize,
+    },
+    Token {
+        text: String,
+        /// Log-probabilities of the tokens sampled since the last event
+        /// (when asked for).
+        logprobs: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Receives a request's events on the scheduler thread; returning `false`
+/// (the client went away) frees the sequence at once.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    /// Higher is admitted first (plans give paying users a higher one).
+    pub priority: i32,
+    pub sink: Sink,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("the scheduler has stopped")]
+    Stopped,
+}
+
+/// Counters the server exports as metrics.
+#[derive(Debug, Default)]
+pub struct SchedStats {
+    pub queued: AtomicUsize,
+    pub active: AtomicUsize,
+    /// KV positions held by running sequences.
+    pub kv_tokens: AtomicUsize,
+    /// KV positions held by the prefix pool.
+    pub pool_tokens: AtomicUsize,
+    pub steps: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+}
+
+/// Handle to a model's scheduler thread; dropping every handle stops it once
+/// its running sequences finish.
+pub struct Scheduler {
+    tx: mpsc::Sender<Job>,
+    pub model: Arc<LoadedModel>,
+    pub config: SchedulerConfig,
+    pub stats: Arc<SchedStats>,
+}
+
+impl Scheduler {
+    pub fn start(model: Arc<LoadedModel>, mut config: SchedulerConfig) -> Self {
+        config.ctx = config.ctx.min(model.model.cfg.context_length).max(2);
+        config.max_batch = config.max_batch.max(1);
+        config.prefill_chunk = config.prefill_chunk.max(1);
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(SchedStats::default());
+        let mut worker = Worker {
+            m: model.clone(),
+            cfg: config.clone(),
+            stats: stats.clone(),
+            rx,
+            waiting: Vec::new(),
+            active: Vec::new(),
+            pool: VecDeque::new(),
+            arrivals: 0,
+        };
+        std::thread::Builder::new()
+            .name("hanlin-sched".into())
+            .spawn(move || worker.run())
+            .expect("spawn scheduler thread");
+        Self {
+            tx,
+            model,
+            config,
+            stats,
+        }
+    }
+
+    /// Queue a request. Refused when the queue is full (back-pressure).
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let queued = self.stats.queued.load(Ordering::Relaxed);
+        if queued >= self.config.max_queue {
+            return Err(SubmitError::QueueFull(queued));
+        }
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(job).map_err(|_| {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            SubmitError::Stopped
+        })
+    }
+}
+
+struct Waiting {
+    job: Job,
+    arrival: u64,
+}
+
+struct Seq {
+    job: Job,
+    dec: Decoder,
+    cache: KvCache,
+    /// Tokens whose KV entries are in `cache` (prompt prefix, then fed tokens).
+    tokens: Vec<u32>,
+    cached: usize,
+    /// Sampled and not yet fed back.
+    pending: Option<u32>,
+    lps_sent: usize,
+    done: bool,
+}
+
+impl Seq {
+    fn prefilling(&self) -> bool {
+        self.tokens.len() < self.job.prompt.len()
+    }
+    fn send(&mut self, e: Event) {
+        if !self.done && !(self.job.sink)(e) {
+            self.done = true;
+        }
+    }
+}
+
+struct Worker {
+    m: Arc<LoadedModel>,
+    cfg: SchedulerConfig,
+    stats: Arc<SchedStats>,
+    rx: mpsc::Receiver<Job>,
+    waiting: Vec<Waiting>,
+    active: Vec<Seq>,
+    /// Caches of finished sequences, oldest first.
+    pool: VecDeque<(Vec<u32>, KvCache)>,
+    arrivals: u64,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(job) => self.enqueue(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.enqueue(job);
+            }
+            self.admit();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.arrivals += 1;
+        self.waiting.push(Waiting {
+            job,
+            arrival: self.arrivals,
+        });
+    }
+
+    fn admit(&mut self) {
+        while self.active.len() < self.cfg.max_batch && !self.waiting.is_empty() {
+            // Highest priority first, then first come.
+            let best = (0..self.waiting.len())
+                .min_by_key(|&i| (-self.waiting[i].job.priority, self.waiting[i].arrival))
+                .unwrap_or(0);
+            let w = self.waiting.swap_remove(best);
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            let mut job = w.job;
+            let n = job.prompt.len();
+            if n == 0 || n >= self.cfg.ctx {
+                let msg = if n == 0 {
+                    "the prompt is empty".to_string()
+                } else {
+                    format!(
+                        "the prompt has {n} tokens but the context holds {}",
+                        self.cfg.ctx
+                    )
+                };
+                (job.sink)(Event::Failed(msg));
+                continue;
+            }
+            let (cache, tokens) = self.prefix_for(&job.prompt);
+            let cached = tokens.len();
+            self.stats
+                .prompt_tokens
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.stats
+                .cached_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+            let mut seq = Seq {
+                dec: Decoder::new(job.params.clone()),
+                job,
+                cache,
+                tokens,
+                cached,
+                pending: None,
+                lps_sent: 0,
+                done: false,
+            };
+            seq.send(Event::Started {
+                prompt_tokens: n,
+                cached_tokens: cached,
+            });
+            if !seq.done {
+                self.active.push(seq);
+            }
+        }
+    }
+
+    /// The longest cached prefix of `prompt` (never all of it: the last
+    /// prompt token is always run, for its logits).
+    fn prefix_for(&mut self, prompt: &[u32]) -> (KvCache, Vec<u32>) {
+        let limit = prompt.len() - 1;
+        let pooled = self
+            .pool
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| (i, common_prefix(t, prompt).min(limit)))
+            .max_by_key(|&(_, n)| n);
+        let running = self
+            .active
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, common_prefix(&s.tokens, prompt).min(limit)))
+            .max_by_key(|&(_, n)| n);
+        let rn = running.map_or(0, |r| r.1);
+        match (pooled, running) {
+            (Some((i, n)), _) if n > 0 && n >= rn => {
+                if let Some((_, mut cache)) = self.pool.remove(i) {
+                    cache.truncate(n);
+                    return (cache, prompt[..n].to_vec());
+                }
+            }
+            (_, Some((i, n))) if n > 0 => {
+                return (self.active[i].cache.clone_prefix(n), prompt[..n].to_vec());
+            }
+            _ => {}
+        }
+        let c = &self.m.model.cfg;
+        (
+            KvCache::new(c.n_layer, c.kv_dim(), self.cfg.ctx),
+            Vec::new(),
+        )
+    }
+
+    fn step(&mut self) {
+        // What each active sequence feeds this step.
+        let mut budget = self.cfg.prefill_chunk;
+        let plan: Vec<(Vec<u32>, Logits)> = self
+            .active
+            .iter()
+            .map(|s| {
+                if let Some(id) = s.pending {
+                    (vec![id], Logits::Last)
+                } else if s.prefilling() && budget > 0 {
+                    let rest = &s.job.prompt[s.tokens.len()..];
+                    let n = rest.len().min(budget);
+                    budget -= n;
+                    let want = if n == rest.len() {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    };
+                    (rest[..n].to_vec(), want)
+                } else {
+                    (Vec::new(), Logits::None)
+                }
+            })
+            .collect();
+        if plan.iter().all(|(t, _)| t.is_empty()) {
+            return;
+        }
+        let result = {
+            let mut batch: Vec<BatchSeq<'_>> = self
+                .active
+                .iter_mut()
+                .zip(&plan)
+                .map(|(s, (tokens, want))| BatchSeq {
+                    tokens,
+                    cache: &mut s.cache,
+                    want: *want,
+                })
+                .collect();
+            self.m.model.forward_batch(&self.m.pool, &mut batch)
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for s in &mut self.active {
+                    s.send(Event::Failed(e.to_string()));
+                    s.done = true;
+                }
+                self.retire();
+                return;
+            }
+        };
+        let tok = &self.m.tokenizer;
+        for ((s, (fed, _)), mut lg) in self.active.iter_mut().zip(plan).zip(logits) {
+            s.tokens.extend_from_slice(&fed);
+            if s.pending.is_some() {
+                s.pending = None;
+            }
+            if lg.is_empty() || s.done {
+                continue;
+            }
+            let full = s.cache.len() >= s.cache.capacity();
+            let st = s.dec.next(tok, &mut lg, &s.tokens, full);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let lps = s.dec.lps[s.lps_sent..].to_vec();
+            s.lps_sent = s.dec.lps.len();
+            if !st.text.is_empty() || !lps.is_empty() {
+                s.send(Event::Token {
+                    text: st.text,
+                    logprobs: lps,
+                });
+            }
+            match (st.finish, st.feed) {
+                (Some(finish), _) => {
+                    let done = Event::Done {
+                        finish,
+                        prompt_tokens: s.job.prompt.len(),
+                        cached_tokens: s.cached,
+                        completion_tokens: s.dec.out.len(),
+                    };
+                    s.send(done);
+                    s.done = true;
+                }
+                (None, feed) => s.pending = feed,
+            }
+        }
+        self.retire();
+    }
+
+    /// Move finished (or abandoned) sequences' caches into the prefix pool.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].done {
+                let s = self.active.swap_remove(i);
+                if !s.tokens.is_empty() {
+                    self.pool.push_back((s.tokens, s.cache));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let mut total: usize = self.pool.iter().map(|(t, _)| t.len()).sum();
+        while total > self.cfg.prefix_pool_tokens {
+            match self.pool.pop_front() {
+                Some((t, _)) => total -= t.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let st = &self.stats;
+        st.active.store(self.active.len(), Ordering::Relaxed);
+        st.kv_tokens.store(
+            self.active.iter().map(|s| s.cache.len()).sum(),
+            Ordering::Relaxed,
+        );
+        st.pool_tokens.store(
+            self.pool.iter().map(|(t, _)| t.len()).sum(),
+            Ordering::Relaxed,
+        );
+    }
+}

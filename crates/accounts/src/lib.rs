@@ -1,0 +1,559 @@
+//! Accounts for `hanlin serve`: users (admin / user), plans (`free`, `plus`
+//! and any an admin adds), API keys (shown once, stored as sha256 hashes,
+//! scoped to models, expiring, revocable) and per-request usage records.
+//!
+//! Storage is `sqlx`'s `Any` driver over portable SQL, so the same code and
+//! migrations run on an embedded SQLite file (the default) and on
+//! PostgreSQL (`postgres://…`). Rate limits and quotas live in [`limits`].
+
+pub mod limits;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unknown plan {0:?}")]
+    UnknownPlan(String),
+    #[error("unknown user {0:?}")]
+    UnknownUser(String),
+    #[error("unknown key {0:?}")]
+    UnknownKey(String),
+    #[error("invalid value: {0}")]
+    Invalid(String),
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("Incorrect API key provided.")]
+    Invalid,
+    #[error("This API key has expired.")]
+    Expired,
+    #[error("This API key has been revoked.")]
+    Revoked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        if s == "admin" {
+            Role::Admin
+        } else {
+            Role::User
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+    pub tokens_per_day: i64,
+    pub max_context: i64,
+    /// Model names, or `["*"]` for all.
+    pub models: Vec<String>,
+    /// Scheduler priority: higher is admitted first under load.
+    pub priority: i64,
+}
+
+impl Plan {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub plan: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub user_id: String,
+    /// The first characters of the secret, to recognise it in listings.
+    pub prefix: String,
+    pub name: String,
+    /// Models the key is limited to (`None`: whatever the plan allows).
+    pub models: Option<Vec<String>>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+}
+
+impl ApiKey {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|ms| ms.iter().any(|m| m == model))
+    }
+}
+
+/// Everything a request needs to know about its caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+    pub key: ApiKey,
+    pub plan: Plan,
+}
+
+/// Options for a new key.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub name: String,
+    pub models: Option<Vec<String>>,
+    pub expires_at: Option<i64>,
+}
+
+/// One finished request's token counts, from the engine.
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub model: String,
+    pub ts: i64,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UsageRow {
+    pub day: String,
+    pub user: String,
+    pub model: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `YYYY-MM-DD` (UTC) of a unix time.
+pub fn day_of(ts: i64) -> String {
+    // Howard Hinnant's days-to-civil.
+    let z = ts.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+pub fn hash_key(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    pub postgres: bool,
+}
+
+impl Db {
+    /// Open (creating if needed) and migrate the database at `url`:
+    /// `sqlite://path` or `postgres://…`.
+    pub async fn connect(url: &str) -> Result<Self, AccountError> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres");
+        let url = if !postgres && !url.contains("mode=") && !url.contains(":memory:") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}mode=rwc")
+        } else {
+            url.to_string()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if postgres { 16 } else { 4 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if !postgres {
+                        // Concurrent writers wait instead of failing with SQLITE_BUSY.
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, postgres })
+    }
+
+    /// Drop every table (tests only: gives a PostgreSQL test database a
+    /// fresh schema on the next connect).
+    #[doc(hidden)]
+    pub async fn reset_for_tests(&self) -> Result<(), AccountError> {
+        for t in ["usage", "api_keys", "users", "plans", "_sqlx_migrations"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn plan(&self, name: &str) -> Result<Plan, AccountError> {
+        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority FROM plans WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| AccountError::UnknownPlan(name.to_string()))?;
+        plan_of(&row)
+    }
+
+    pub async fn plans(&self) -> Result<Vec<Plan>, AccountError> {
+        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority FROM plans ORDER BY priority, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(plan_of).collect()
+    }
+
+    /// Create or replace a plan.
+    pub async fn put_plan(&self, p: &Plan) -> Result<(), AccountError> {
+        if p.name.is_empty() || p.models.is_empty() {
+            return Err(AccountError::Invalid(
+                "a plan needs a name and at least one model (or *)".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT name FROM plans WHERE name = $1")
+            .bind(&p.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        let sql = if exists {
+            "UPDATE plans SET requests_per_minute = $2, tokens_per_minute = $3, tokens_per_day = $4, max_context = $5, models = $6, priority = $7 WHERE name = $1"
+        } else {
+            "INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        };
+        sqlx::query(sql)
+            .bind(&p.name)
+            .bind(p.requests_per_minute)
+            .bind(p.tokens_per_minute)
+            .bind(p.tokens_per_day)
+            .bind(p.max_context)
+            .bind(p.models.join(","))
+            .bind(p.priority)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn user_by_name(&self, name: &str) -> Result<Option<User>, AccountError> {
+        let row =
+            sqlx::query("SELECT id, name, role, plan, created_at FROM users WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.as_ref().map(user_of).transpose()?)
+    }
+
+    pub async fn users(&self) -> Result<Vec<User>, AccountError> {
+        let rows = sqlx::query("SELECT id, name, role, plan, created_at FROM users ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(user_of).collect::<Result<_, _>>()?)
+    }
+
+    /// The user called `name`, created with `role` and `plan` if missing;
+    /// an existing user's plan is changed when `plan` is given.
+    pub async fn ensure_user(
+        &self,
+        name: &str,
+        role: Role,
+        plan: Option<&str>,
+    ) -> Result<User, AccountError> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(AccountError::Invalid(
+                "a user name is 1 to 128 characters".into(),
+            ));
+        }
+        if let Some(p) = plan {
+            self.plan(p).await?;
+        }
+        if let Some(u) = self.user_by_name(name).await? {
+            if let Some(p) = plan.filter(|p| *p != u.plan) {
+                sqlx::query("UPDATE users SET plan = $1 WHERE id = $2")
+                    .bind(p)
+                    .bind(&u.id)
+                    .execute(&self.pool)
+                    .await?;
+            }
+            if role == Role::Admin && u.role != Role::Admin {
+                sqlx::query("UPDATE users SET role = 'admin' WHERE id = $1")
+                    .bind(&u.id)
+                    .execute(&self.pool)
+                    .await?;
+            }
+            return self
+                .user_by_name(name)
+                .await?
+                .ok_or_else(|| AccountError::UnknownUser(name.into()));
+        }
+        let id = format!("user-{}", random_token(16));
+        let res = sqlx::query(
+            "INSERT INTO users (id, name, role, plan, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(role.as_str())
+        .bind(plan.unwrap_or("free"))
+        .bind(now())
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = res {
+            // Lost a race with another creator of the same name: use theirs.
+            if let Some(u) = self.user_by_name(name).await? {
+                return Ok(u);
+            }
+            return Err(e.into());
+        }
+        self.user_by_name(name)
+            .await?
+            .ok_or_else(|| AccountError::UnknownUser(name.into()))
+    }
+
+    /// Create a key; returns its record and the secret (shown once).
+    pub async fn create_key(
+        &self,
+        user_id: &str,
+        opts: &NewKey,
+    ) -> Result<(ApiKey, String), AccountError> {
+        let secret = format!("sk-hl-{}", random_token(40));
+        let id = format!("key-{}", random_token(16));
+        sqlx::query("INSERT INTO api_keys (id, user_id, hash, prefix, name, models, expires_at, revoked_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8)")
+            .bind(&id)
+            .bind(user_id)
+            .bind(hash_key(&secret))
+            .bind(&secret[..10])
+            .bind(&opts.name)
+            .bind(opts.models.as_ref().map(|m| m.join(",")))
+            .bind(opts.expires_at)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        let key = self
+            .key(&id)
+            .await?
+            .ok_or_else(|| AccountError::UnknownKey(id.clone()))?;
+        Ok((key, secret))
+    }
+
+    pub async fn key(&self, id: &str) -> Result<Option<ApiKey>, AccountError> {
+        let row = sqlx::query("SELECT id, user_id, prefix, name, models, expires_at, revoked_at, created_at FROM api_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_of).transpose()?)
+    }
+
+    pub async fn keys(&self, user_id: Option<&str>) -> Result<Vec<ApiKey>, AccountError> {
+        let rows = sqlx::query("SELECT id, user_id, prefix, name, models, expires_at, revoked_at, created_at FROM api_keys WHERE ($1 = '' OR user_id = $1) ORDER BY created_at, id")
+            .bind(user_id.unwrap_or(""))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(key_of).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<(), AccountError> {
+        let r = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 && self.key(id).await?.is_none() {
+            return Err(AccountError::UnknownKey(id.into()));
+        }
+        Ok(())
+    }
+
+    /// Who holds `secret`, with their plan; `Ok(Err(..))` when the key is refused.
+    pub async fn authenticate(&self, secret: &str) -> Result<Result<Caller, AuthError>, AccountError> {
+        let row = sqlx::query("SELECT k.id, k.user_id, k.prefix, k.name, k.models, k.expires_at, k.revoked_at, k.created_at, u.id, u.name, u.role, u.plan, u.created_at FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.hash = $1")
+            .bind(hash_key(secret))
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Ok(Err(AuthError::Invalid));
+        };
+        let key = key_of(&row)?;
+        if key.revoked_at.is_some() {
+            return Ok(Err(AuthError::Revoked));
+        }
+        if key.expires_at.is_some_and(|t| t <= now()) {
+            return Ok(Err(AuthError::Expired));
+        }
+        let user = User {
+            id: row.try_get(8)?,
+            name: row.try_get(9)?,
+            role: Role::parse(&row.try_get::<String, _>(10)?),
+            plan: row.try_get(11)?,
+            created_at: row.try_get(12)?,
+        };
+        let plan = self.plan(&user.plan).await?;
+        Ok(Ok(Caller { user, key, plan }))
+    }
+
+    /// Store one request's usage; recording the same request twice is a no-op.
+    pub async fn record_usage(&self, u: &UsageRecord) -> Result<(), AccountError> {
+        let sql = "INSERT INTO usage (request_id, key_id, user_id, model, day, ts, prompt_tokens, cached_tokens, completion_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (request_id) DO NOTHING";
+        sqlx::query(sql)
+            .bind(&u.request_id)
+            .bind(&u.key_id)
+            .bind(&u.user_id)
+            .bind(&u.model)
+            .bind(day_of(u.ts))
+            .bind(u.ts)
+            .bind(u.prompt_tokens)
+            .bind(u.cached_tokens)
+            .bind(u.completion_tokens)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Tokens (prompt + completion) a user spent on day `day`.
+    pub async fn tokens_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
+        let row = sqlx::query("SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2")
+            .bind(user_id)
+            .bind(day)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Usage summed by day, user and model; optionally for one user / day.
+    pub async fn usage(
+        &self,
+        user: Option<&str>,
+        day: Option<&str>,
+    ) -> Result<Vec<UsageRow>, AccountError> {
+        let rows = sqlx::query("SELECT s.day, u.name, s.model, CAST(COUNT(*) AS BIGINT), CAST(SUM(s.prompt_tokens) AS BIGINT), CAST(SUM(s.cached_tokens) AS BIGINT), CAST(SUM(s.completion_tokens) AS BIGINT) FROM usage s JOIN users u ON u.id = s.user_id WHERE ($1 = '' OR u.name = $1) AND ($2 = '' OR s.day = $2) GROUP BY s.day, u.name, s.model ORDER BY s.day, u.name, s.model")
+            .bind(user.unwrap_or(""))
+            .bind(day.unwrap_or(""))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    day: r.try_get(0)?,
+                    user: r.try_get(1)?,
+                    model: r.try_get(2)?,
+                    requests: r.try_get(3)?,
+                    prompt_tokens: r.try_get(4)?,
+                    cached_tokens: r.try_get(5)?,
+                    completion_tokens: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn plan_of(row: &sqlx::any::AnyRow) -> Result<Plan, AccountError> {
+    Ok(Plan {
+        name: row.try_get(0)?,
+        requests_per_minute: row.try_get(1)?,
+        tokens_per_minute: row.try_get(2)?,
+        tokens_per_day: row.try_get(3)?,
+        max_context: row.try_get(4)?,
+        models: split_list(&row.try_get::<String, _>(5)?),
+        priority: row.try_get(6)?,
+    })
+}
+
+fn user_of(row: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        role: Role::parse(&row.try_get::<String, _>(2)?),
+        plan: row.try_get(3)?,
+        created_at: row.try_get(4)?,
+    })
+}
+
+fn key_of(row: &sqlx::any::AnyRow) -> Result<ApiKey, sqlx::Error> {
+    Ok(ApiKey {
+        id: row.try_get(0)?,
+        user_id: row.try_get(1)?,
+        prefix: row.try_get(2)?,
+        name: row.try_get(3)?,
+        models: row
+            .try_get::<Option<String>, _>(4)?
+            .map(|s| split_list(&s)),
+        expires_at: row.try_get(5)?,
+        revoked_at: row.try_get(6)?,
+        created_at: row.try_get(7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_utc_dates() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(951_782_400), "2000-02-29");
+        assert_eq!(day_of(1_795_392_000), "2026-11-23");
+    }
+}

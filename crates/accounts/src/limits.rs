@@ -1,0 +1,258 @@
+//! Rate limits and quotas, enforced exactly under concurrency: every check
+//! and reservation happens under one lock, and a request reserves its worst
+//! case (prompt + max new tokens) before it is admitted, so concurrent
+//! requests can never jointly overshoot a limit. When the request ends, the
+//! reservation is replaced by what the engine actually counted.
+
+use crate::{day_of, Plan};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Which limit refused a request, and when to try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("Rate limit reached: {limit} requests per minute. Please try again in {}s.", retry_after.as_secs().max(1))]
+    Requests { limit: i64, retry_after: Duration },
+    #[error("Rate limit reached: {limit} tokens per minute (this request needs up to {needed}). Please try again in {}s.", retry_after.as_secs().max(1))]
+    TokensPerMinute {
+        limit: i64,
+        needed: i64,
+        retry_after: Duration,
+    },
+    #[error("You exceeded your daily quota of {limit} tokens (this request needs up to {needed}). It resets at 00:00 UTC.")]
+    TokensPerDay {
+        limit: i64,
+        needed: i64,
+        retry_after: Duration,
+    },
+}
+
+impl LimitError {
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            LimitError::Requests { retry_after, .. }
+            | LimitError::TokensPerMinute { retry_after, .. }
+            | LimitError::TokensPerDay { retry_after, .. } => *retry_after,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Window {
+    requests: VecDeque<Instant>,
+    /// (when, tokens) counted against the per-minute limit.
+    tokens: VecDeque<(Instant, i64)>,
+    day: String,
+    day_tokens: i64,
+}
+
+impl Window {
+    fn expire(&mut self, now: Instant) {
+        while self
+            .requests
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= MINUTE)
+        {
+            self.requests.pop_front();
+        }
+        while self
+            .tokens
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= MINUTE)
+        {
+            self.tokens.pop_front();
+        }
+    }
+    fn minute_tokens(&self) -> i64 {
+        self.tokens.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Per-user windows. Cheap to clone (shared).
+#[derive(Clone, Default)]
+pub struct Limiter {
+    users: Arc<Mutex<HashMap<String, Window>>>,
+}
+
+/// A request's admitted reservation; settle it with the real counts.
+#[derive(Debug)]
+pub struct Reservation {
+    user_id: String,
+    at: Instant,
+    day: String,
+    reserved: i64,
+}
+
+fn seconds_to_midnight(unix: i64) -> Duration {
+    Duration::from_secs((86_400 - unix.rem_euclid(86_400)) as u64)
+}
+
+impl Limiter {
+    /// Check the plan's limits for a request that needs up to `needed`
+    /// tokens and reserve them. `spent_today` is read from the database the
+    /// first time a user is seen each day (so restarts keep daily quotas).
+    pub fn admit(
+        &self,
+        user_id: &str,
+        plan: &Plan,
+        needed: i64,
+        spent_today: impl FnOnce() -> i64,
+    ) -> Result<Reservation, LimitError> {
+        let now = Instant::now();
+        let unix = crate::now();
+        let today = day_of(unix);
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let w = users.entry(user_id.to_string()).or_default();
+        if w.day != today {
+            w.day = today.clone();
+            w.day_tokens = spent_today();
+        }
+        w.expire(now);
+        if w.requests.len() as i64 >= plan.requests_per_minute {
+            let oldest = w.requests.front().copied().unwrap_or(now);
+            return Err(LimitError::Requests {
+                limit: plan.requests_per_minute,
+                retry_after: MINUTE.saturating_sub(now.duration_since(oldest)),
+            });
+        }
+        let minute = w.minute_tokens();
+        if minute + needed > plan.tokens_per_minute {
+            let retry_after = if needed > plan.tokens_per_minute {
+                MINUTE
+            } else {
+                // Wait until enough of the window has expired.
+                let mut freed = 0;
+                let mut when = MINUTE;
+                for (t, n) in &w.tokens {
+                    freed += n;
+                    if minute - freed + needed <= plan.tokens_per_minute {
+                        when = MINUTE.saturating_sub(now.duration_since(*t));
+                        break;
+                    }
+                }
+                when
+            };
+            return Err(LimitError::TokensPerMinute {
+                limit: plan.tokens_per_minute,
+                needed,
+                retry_after,
+            });
+        }
+        if w.day_tokens + needed > plan.tokens_per_day {
+            return Err(LimitError::TokensPerDay {
+                limit: plan.tokens_per_day,
+                needed,
+                retry_after: seconds_to_midnight(unix),
+            });
+        }
+        w.requests.push_back(now);
+        w.tokens.push_back((now, needed));
+        w.day_tokens += needed;
+        Ok(Reservation {
+            user_id: user_id.to_string(),
+            at: now,
+            day: today,
+            reserved: needed,
+        })
+    }
+
+    /// Replace a reservation by the tokens actually used.
+    pub fn settle(&self, r: Reservation, used: i64) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = users.get_mut(&r.user_id) else {
+            return;
+        };
+        if w.day == r.day {
+            w.day_tokens += used - r.reserved;
+        }
+        if let Some(entry) = w
+            .tokens
+            .iter_mut()
+            .find(|(t, n)| *t == r.at && *n == r.reserved)
+        {
+            entry.1 = used;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(rpm: i64, tpm: i64, tpd: i64) -> Plan {
+        Plan {
+            name: "t".into(),
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            tokens_per_day: tpd,
+            max_context: 4096,
+            models: vec!["*".into()],
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_are_exact_under_concurrency() {
+        let l = Limiter::default();
+        let p = plan(10, 1_000_000, 1_000_000);
+        let admitted = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..64 {
+                s.spawn(|| {
+                    if l.admit("u", &p, 1, || 0).is_ok() {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 10);
+        match l.admit("u", &p, 1, || 0) {
+            Err(LimitError::Requests { retry_after, .. }) => {
+                assert!(retry_after <= MINUTE && retry_after > Duration::from_secs(50))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other users are not affected.
+        assert!(l.admit("v", &p, 1, || 0).is_ok());
+    }
+
+    #[test]
+    fn token_limits_count_reservations_then_actual_use() {
+        let l = Limiter::default();
+        let p = plan(100, 1000, 1500);
+        let r = l.admit("u", &p, 800, || 0).expect("fits");
+        assert!(matches!(
+            l.admit("u", &p, 300, || 0),
+            Err(LimitError::TokensPerMinute { .. })
+        ));
+        // It used only 100 of the 800 it reserved.
+        l.settle(r, 100);
+        let r2 = l.admit("u", &p, 800, || 0).expect("fits after settling");
+        l.settle(r2, 800);
+        // 900 spent today; the daily quota (1500) refuses 700 more, with the
+        // time to midnight.
+        let l2 = l.clone();
+        let mut p2 = p.clone();
+        p2.tokens_per_minute = 1_000_000;
+        match l2.admit("u", &p2, 700, || 0) {
+            Err(e @ LimitError::TokensPerDay { .. }) => {
+                assert!(e.retry_after() <= Duration::from_secs(86_400))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn daily_quota_starts_from_what_the_database_says() {
+        let l = Limiter::default();
+        let p = plan(100, 1_000_000, 1000);
+        assert!(matches!(
+            l.admit("u", &p, 10, || 995),
+            Err(LimitError::TokensPerDay { .. })
+        ));
+        assert!(l.admit("u", &p, 5, || unreachable!("read once per day")).is_ok());
+    }
+}

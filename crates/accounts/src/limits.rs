@@ -91,6 +91,13 @@ fn seconds_to_midnight(unix: i64) -> Duration {
 }
 
 impl Limiter {
+    /// Whether `user_id`'s spending on `day` is already tracked here (if
+    /// not, the caller reads it from the database before [`Limiter::admit`]).
+    pub fn knows(&self, user_id: &str, day: &str) -> bool {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.get(user_id).is_some_and(|w| w.day == day)
+    }
+
     /// Check the plan's limits for a request that needs up to `needed`
     /// tokens and reserve them. `spent_today` is read from the database the
     /// first time a user is seen each day (so restarts keep daily quotas).

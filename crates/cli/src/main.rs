@@ -1,4 +1,5 @@
-//! `hanlin`: the command-line front door (chat, run, pull, list, rm, show, bench).
+//! `hanlin`: the command-line front door (chat, run, pull, list, rm, show,
+//! serve, admin, bench).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -63,6 +64,15 @@ enum Cmd {
         #[arg(long)]
         path: bool,
     },
+    /// Serve the OpenAI-compatible API (continuous batching, keys, quotas)
+    Serve(ServeArgs),
+    /// Manage users, API keys, plans and usage (directly in the database)
+    Admin {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
     /// Measure prefill and decode speed and peak memory
     Bench {
         #[arg(default_value = DEFAULT_MODEL)]
@@ -82,6 +92,140 @@ enum Cmd {
         /// Measure the machine's memory read bandwidth instead
         #[arg(long)]
         bandwidth: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DbArgs {
+    /// sqlite://FILE or postgres://USER@HOST/DB (default: sqlite in the store directory)
+    #[arg(long, env = "HANLIN_DATABASE_URL", global = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// Address to listen on
+    #[arg(long, env = "HANLIN_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "HANLIN_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Model loaded at start (others load on first request)
+    #[arg(long, env = "HANLIN_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    #[command(flatten)]
+    db: DbArgs,
+    /// Sequences decoded together per step
+    #[arg(long, env = "HANLIN_MAX_BATCH", default_value_t = 16)]
+    max_batch: usize,
+    /// Requests allowed to wait for a slot (beyond: 429)
+    #[arg(long, env = "HANLIN_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    /// Context per sequence in tokens (capped by the model's)
+    #[arg(long, env = "HANLIN_CTX", default_value_t = 8192)]
+    ctx: usize,
+    /// Prompt tokens fed per step across sequences (chunked prefill)
+    #[arg(long, env = "HANLIN_PREFILL_CHUNK", default_value_t = 256)]
+    prefill_chunk: usize,
+    /// Memory for loaded models in MiB (least recently used ones are evicted)
+    #[arg(long, env = "HANLIN_MEMORY_BUDGET_MB", default_value_t = 4096)]
+    memory_budget_mb: u64,
+    /// Largest request body in KiB (beyond: 413)
+    #[arg(long, env = "HANLIN_MAX_BODY_KB", default_value_t = 2048)]
+    max_body_kb: usize,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// API keys
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+    /// Users
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Plans (rate limits, quotas, models, priority)
+    Plan {
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
+    /// Token usage by day, user and model
+    Usage {
+        #[arg(long)]
+        user: Option<String>,
+        /// YYYY-MM-DD (UTC)
+        #[arg(long)]
+        day: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Create a key (and the user, if needed); the key is printed alone on the last line
+    Create {
+        #[arg(long)]
+        user: String,
+        /// Plan for the user (free, plus, or one an admin made)
+        #[arg(long)]
+        plan: Option<String>,
+        /// Make the user an admin
+        #[arg(long)]
+        admin: bool,
+        /// A label for the key
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Limit the key to these models (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Expire after this many days
+        #[arg(long)]
+        expires_days: Option<u32>,
+    },
+    /// List keys (never their secrets)
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a key by id
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a user or change their plan / role
+    Set {
+        name: String,
+        #[arg(long)]
+        plan: Option<String>,
+        #[arg(long)]
+        admin: bool,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    List,
+    /// Create or change a plan
+    Set {
+        name: String,
+        #[arg(long)]
+        rpm: i64,
+        #[arg(long)]
+        tpm: i64,
+        #[arg(long)]
+        tpd: i64,
+        #[arg(long)]
+        max_context: i64,
+        /// Comma-separated models, or *
+        #[arg(long, default_value = "*")]
+        models: String,
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
     },
 }
 
@@ -205,6 +349,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Show { model, path: false } => show(&store, &model),
+        Cmd::Serve(args) => serve(&store, threads, args),
+        Cmd::Admin { db, cmd } => {
+            let url = database_url(&store, &db);
+            runtime()?.block_on(admin(&url, cmd))
+        }
         Cmd::Bench {
             bandwidth: true,
             json,
@@ -227,6 +376,191 @@ fn run(cli: Cli) -> Result<()> {
             json,
         ),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn database_url(store: &Store, db: &DbArgs) -> String {
+    db.database_url.clone().unwrap_or_else(|| {
+        format!("sqlite://{}", store.home().join("hanlin.db").display())
+    })
+}
+
+fn serve(store: &Store, threads: usize, a: ServeArgs) -> Result<()> {
+    // Fetch the default model on first run, like `chat`.
+    resolve(store, &a.model)?;
+    let config = hanlin_server::Config {
+        host: a.host.clone(),
+        port: a.port,
+        database_url: database_url(store, &a.db),
+        default_model: a.model.clone(),
+        threads,
+        memory_budget: a.memory_budget_mb * 1024 * 1024,
+        max_body: a.max_body_kb * 1024,
+        sched: hanlin_engine::SchedulerConfig {
+            max_batch: a.max_batch,
+            prefill_chunk: a.prefill_chunk,
+            max_queue: a.max_queue,
+            ctx: a.ctx,
+            ..Default::default()
+        },
+    };
+    let store = Store::open(store.home()).context("opening the model store")?;
+    runtime()?.block_on(async move {
+        let state = hanlin_server::AppState::new(config, store).await?;
+        hanlin_server::serve(state).await?;
+        Ok(())
+    })
+}
+
+async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
+    use hanlin_accounts::{Db, NewKey, Plan, Role};
+    let db = Db::connect(url)
+        .await
+        .with_context(|| format!("opening the database {url}"))?;
+    match cmd {
+        AdminCmd::Key {
+            cmd:
+                KeyCmd::Create {
+                    user,
+                    plan,
+                    admin,
+                    name,
+                    models,
+                    expires_days,
+                },
+        } => {
+            let role = if admin { Role::Admin } else { Role::User };
+            let u = db.ensure_user(&user, role, plan.as_deref()).await?;
+            let opts = NewKey {
+                name,
+                models: (!models.is_empty()).then_some(models),
+                expires_at: expires_days.map(|d| hanlin_accounts::now() + i64::from(d) * 86_400),
+            };
+            let (key, secret) = db.create_key(&u.id, &opts).await?;
+            eprintln!(
+                "created key {} for {} (plan {}, role {:?}); it is shown only once:",
+                key.id, u.name, u.plan, u.role
+            );
+            println!("{secret}");
+        }
+        AdminCmd::Key {
+            cmd: KeyCmd::List { user },
+        } => {
+            let uid = match user {
+                Some(n) => Some(
+                    db.user_by_name(&n)
+                        .await?
+                        .with_context(|| format!("no user {n}"))?
+                        .id,
+                ),
+                None => None,
+            };
+            println!("{:<22} {:<24} {:<12} {:<8} name", "id", "user", "prefix", "status");
+            let users = db.users().await?;
+            for k in db.keys(uid.as_deref()).await? {
+                let owner = users
+                    .iter()
+                    .find(|u| u.id == k.user_id)
+                    .map_or("?", |u| u.name.as_str());
+                let status = if k.revoked_at.is_some() {
+                    "revoked"
+                } else if k.expires_at.is_some_and(|t| t <= hanlin_accounts::now()) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!("{:<22} {:<24} {:<12} {:<8} {}", k.id, owner, k.prefix, status, k.name);
+            }
+        }
+        AdminCmd::Key {
+            cmd: KeyCmd::Revoke { id },
+        } => {
+            db.revoke_key(&id).await?;
+            println!("revoked {id}");
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Set { name, plan, admin },
+        } => {
+            let role = if admin { Role::Admin } else { Role::User };
+            let u = db.ensure_user(&name, role, plan.as_deref()).await?;
+            println!("{} {:?} plan {}", u.name, u.role, u.plan);
+        }
+        AdminCmd::User {
+            cmd: UserCmd::List,
+        } => {
+            for u in db.users().await? {
+                println!("{:<24} {:<6} {}", u.name, format!("{:?}", u.role).to_lowercase(), u.plan);
+            }
+        }
+        AdminCmd::Plan {
+            cmd: PlanCmd::List,
+        } => {
+            println!(
+                "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} models",
+                "plan", "rpm", "tpm", "tpd", "context", "priority"
+            );
+            for p in db.plans().await? {
+                println!(
+                    "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} {}",
+                    p.name,
+                    p.requests_per_minute,
+                    p.tokens_per_minute,
+                    p.tokens_per_day,
+                    p.max_context,
+                    p.priority,
+                    p.models.join(",")
+                );
+            }
+        }
+        AdminCmd::Plan {
+            cmd:
+                PlanCmd::Set {
+                    name,
+                    rpm,
+                    tpm,
+                    tpd,
+                    max_context,
+                    models,
+                    priority,
+                },
+        } => {
+            let plan = Plan {
+                name,
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                tokens_per_day: tpd,
+                max_context,
+                models: models.split(',').map(|m| m.trim().to_string()).collect(),
+                priority,
+            };
+            db.put_plan(&plan).await?;
+            println!("plan {} saved", plan.name);
+        }
+        AdminCmd::Usage { user, day, json } => {
+            let rows = db.usage(user.as_deref(), day.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<10} {:<20} {:<22} {:>8} {:>10} {:>10} {:>10}",
+                    "day", "user", "model", "requests", "prompt", "cached", "completion"
+                );
+                for r in rows {
+                    println!(
+                        "{:<10} {:<20} {:<22} {:>8} {:>10} {:>10} {:>10}",
+                        r.day, r.user, r.model, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A model argument: an existing file, a pulled model, or a catalog name (pulled now).

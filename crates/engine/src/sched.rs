@@ -55,6 +55,10 @@ pub enum Event {
     },
     Token {
         text: String,
+        /// Tokens sampled since the previous `Token` event (text can lag
+        /// behind tokens: a character split across tokens, a possible stop
+        /// string held back).
+        tokens: usize,
         /// Log-probabilities of the tokens sampled since the last event
         /// (when asked for).
         logprobs: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
@@ -170,6 +174,7 @@ struct Seq {
     /// Sampled and not yet fed back.
     pending: Option<u32>,
     lps_sent: usize,
+    tokens_sent: usize,
     done: bool,
 }
 
@@ -264,6 +269,7 @@ impl Worker {
                 cached,
                 pending: None,
                 lps_sent: 0,
+                tokens_sent: 0,
                 done: false,
             };
             seq.send(Event::Started {
@@ -378,9 +384,12 @@ impl Worker {
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             let lps = s.dec.lps[s.lps_sent..].to_vec();
             s.lps_sent = s.dec.lps.len();
-            if !st.text.is_empty() || !lps.is_empty() {
+            let tokens = s.dec.out.len() - s.tokens_sent;
+            if !st.text.is_empty() || !lps.is_empty() || (tokens > 0 && st.finish.is_some()) {
+                s.tokens_sent = s.dec.out.len();
                 s.send(Event::Token {
                     text: st.text,
+                    tokens,
                     logprobs: lps,
                 });
             }

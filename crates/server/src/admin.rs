@@ -1,0 +1,211 @@
+//! The admin API (`/v1/admin/...`): users, keys, plans and usage. Every
+//! route needs a key whose user has the admin role.
+
+use crate::api::auth;
+use crate::error::ApiError;
+use crate::openai::parse;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use hanlin_accounts::{NewKey, Plan, Role};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+type AppResult<T> = Result<T, ApiError>;
+
+async fn admin(st: &AppState, headers: &HeaderMap) -> AppResult<()> {
+    let caller = auth(st, headers).await?;
+    if caller.user.role != Role::Admin {
+        return Err(ApiError::forbidden("This endpoint needs an admin key."));
+    }
+    Ok(())
+}
+
+fn body(b: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
+    b.map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))
+}
+
+pub async fn users(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    Ok(Json(json!({"object": "list", "data": st.db.users().await?})))
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    name: String,
+    role: Option<String>,
+    plan: Option<String>,
+}
+
+fn role_of(s: Option<&str>) -> AppResult<Role> {
+    match s.unwrap_or("user") {
+        "user" => Ok(Role::User),
+        "admin" => Ok(Role::Admin),
+        other => Err(ApiError::bad_request(format!(
+            "Unknown role '{other}'; use 'user' or 'admin'."
+        ))
+        .param("role")),
+    }
+}
+
+fn account_error(e: hanlin_accounts::AccountError) -> ApiError {
+    use hanlin_accounts::AccountError as E;
+    match e {
+        E::UnknownPlan(_) | E::UnknownUser(_) | E::Invalid(_) => {
+            ApiError::bad_request(e.to_string())
+        }
+        E::UnknownKey(_) => ApiError::not_found(e.to_string()),
+        other => other.into(),
+    }
+}
+
+pub async fn create_user(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    let req: NewUser = parse(&body(b)?, &["name", "role", "plan"])?;
+    let role = role_of(req.role.as_deref())?;
+    let u = st
+        .db
+        .ensure_user(&req.name, role, req.plan.as_deref())
+        .await
+        .map_err(account_error)?;
+    Ok(Json(json!(u)))
+}
+
+pub async fn keys(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    let user_id = match q.get("user") {
+        Some(name) => Some(
+            st.db
+                .user_by_name(name)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("unknown user {name:?}")))?
+                .id,
+        ),
+        None => None,
+    };
+    Ok(Json(
+        json!({"object": "list", "data": st.db.keys(user_id.as_deref()).await?}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct CreateKey {
+    user: String,
+    plan: Option<String>,
+    role: Option<String>,
+    name: Option<String>,
+    models: Option<Vec<String>>,
+    expires_in_days: Option<u32>,
+}
+
+pub async fn create_key(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    let req: CreateKey = parse(
+        &body(b)?,
+        &["user", "plan", "role", "name", "models", "expires_in_days"],
+    )?;
+    let role = role_of(req.role.as_deref())?;
+    let user = st
+        .db
+        .ensure_user(&req.user, role, req.plan.as_deref())
+        .await
+        .map_err(account_error)?;
+    let opts = NewKey {
+        name: req.name.unwrap_or_default(),
+        models: req.models,
+        expires_at: req
+            .expires_in_days
+            .map(|d| hanlin_accounts::now() + i64::from(d) * 86_400),
+    };
+    let (key, secret) = st.db.create_key(&user.id, &opts).await?;
+    Ok(Json(json!({"key": secret, "id": key.id, "user": user.name, "plan": user.plan, "expires_at": key.expires_at, "models": key.models})))
+}
+
+pub async fn revoke_key(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    st.db.revoke_key(&id).await.map_err(account_error)?;
+    Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+pub async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    Ok(Json(json!({"object": "list", "data": st.db.plans().await?})))
+}
+
+#[derive(Deserialize)]
+struct PlanBody {
+    requests_per_minute: i64,
+    tokens_per_minute: i64,
+    tokens_per_day: i64,
+    max_context: i64,
+    models: Vec<String>,
+    priority: i64,
+}
+
+pub async fn put_plan(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    let p: PlanBody = parse(
+        &body(b)?,
+        &[
+            "requests_per_minute",
+            "tokens_per_minute",
+            "tokens_per_day",
+            "max_context",
+            "models",
+            "priority",
+        ],
+    )?;
+    let plan = Plan {
+        name,
+        requests_per_minute: p.requests_per_minute,
+        tokens_per_minute: p.tokens_per_minute,
+        tokens_per_day: p.tokens_per_day,
+        max_context: p.max_context,
+        models: p.models,
+        priority: p.priority,
+    };
+    st.db.put_plan(&plan).await.map_err(account_error)?;
+    Ok(Json(json!(plan)))
+}
+
+pub async fn usage(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> AppResult<Json<Value>> {
+    admin(&st, &headers).await?;
+    let rows = st
+        .db
+        .usage(
+            q.get("user").map(String::as_str),
+            q.get("day").map(String::as_str),
+        )
+        .await?;
+    Ok(Json(json!({"object": "list", "data": rows})))
+}

@@ -1,0 +1,83 @@
+//! Prometheus metrics (`GET /metrics`).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub inter_token: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub active: IntGaugeVec,
+    pub kv_tokens: IntGaugeVec,
+    pub prefix_pool_tokens: IntGaugeVec,
+}
+
+fn buckets() -> Vec<f64> {
+    vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("hanlin".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "HTTP API requests by endpoint and status"),
+            &["endpoint", "status"],
+        )?;
+        let ttft = HistogramVec::new(
+            HistogramOpts::new("time_to_first_token_seconds", "Time to first token")
+                .buckets(buckets()),
+            &["model"],
+        )?;
+        let inter_token = HistogramVec::new(
+            HistogramOpts::new("inter_token_latency_seconds", "Time between streamed tokens")
+                .buckets(buckets()),
+            &["model"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new("tokens_total", "Tokens by key, model and kind (prompt, cached, completion)"),
+            &["key", "model", "kind"],
+        )?;
+        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
+        let queue_depth = gauge("queue_depth", "Requests waiting for a batch slot")?;
+        let active = gauge("active_sequences", "Sequences in the running batch")?;
+        let kv_tokens = gauge("kv_cache_tokens", "KV cache positions held by running sequences")?;
+        let prefix_pool_tokens = gauge("prefix_cache_tokens", "KV positions kept for prefix reuse")?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ttft.clone()),
+            Box::new(inter_token.clone()),
+            Box::new(tokens.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(active.clone()),
+            Box::new(kv_tokens.clone()),
+            Box::new(prefix_pool_tokens.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(Self {
+            registry,
+            requests,
+            ttft,
+            inter_token,
+            tokens,
+            queue_depth,
+            active,
+            kv_tokens,
+            prefix_pool_tokens,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,115 @@
+//! The models a server can serve: every model in the store, loaded on first
+//! use (one scheduler each) and evicted least-recently-used when loading
+//! another would exceed the memory budget.
+
+use crate::error::ApiError;
+use hanlin_engine::{LoadedModel, Scheduler, SchedulerConfig};
+use hanlin_store::Store;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+struct Loaded {
+    name: String,
+    sched: Arc<Scheduler>,
+    bytes: u64,
+    last_used: Instant,
+}
+
+pub struct Models {
+    store: Store,
+    threads: usize,
+    budget_bytes: u64,
+    sched: SchedulerConfig,
+    loaded: Mutex<Vec<Loaded>>,
+    /// Serialises loading so two requests for a cold model load it once.
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl Models {
+    pub fn new(store: Store, threads: usize, budget_bytes: u64, sched: SchedulerConfig) -> Self {
+        Self {
+            store,
+            threads,
+            budget_bytes,
+            sched,
+            loaded: Mutex::new(Vec::new()),
+            loading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Names of the models that can be served (pulled into the store).
+    pub fn available(&self) -> Vec<(String, u64)> {
+        match self.store.list() {
+            Ok(list) => list.into_iter().map(|m| (m.name, m.pulled_at)).collect(),
+            Err(e) => {
+                tracing::error!("listing the model store: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Schedulers of the models loaded now (for metrics).
+    pub fn loaded(&self) -> Vec<(String, Arc<Scheduler>)> {
+        self.lock()
+            .iter()
+            .map(|l| (l.name.clone(), l.sched.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Loaded>> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn hit(&self, name: &str) -> Option<Arc<Scheduler>> {
+        let mut loaded = self.lock();
+        let l = loaded.iter_mut().find(|l| l.name == name)?;
+        l.last_used = Instant::now();
+        Some(l.sched.clone())
+    }
+
+    /// The scheduler for `name`, loading the model if needed.
+    pub async fn get(&self, name: &str) -> Result<Arc<Scheduler>, ApiError> {
+        if let Some(s) = self.hit(name) {
+            return Ok(s);
+        }
+        let _guard = self.loading.lock().await;
+        if let Some(s) = self.hit(name) {
+            return Ok(s);
+        }
+        let manifest = self
+            .store
+            .get(name)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .ok_or_else(|| ApiError::model_not_found(name))?;
+        let path = self.store.blob_path(&manifest.sha256);
+        // Make room first: least recently used models go.
+        {
+            let mut loaded = self.lock();
+            loaded.sort_by_key(|l| l.last_used);
+            while !loaded.is_empty()
+                && loaded.iter().map(|l| l.bytes).sum::<u64>() + manifest.size > self.budget_bytes
+            {
+                let gone = loaded.remove(0);
+                tracing::info!(model = %gone.name, "evicting model (memory budget)");
+            }
+        }
+        let threads = self.threads;
+        let cfg = self.sched.clone();
+        let model_name = name.to_string();
+        let started = Instant::now();
+        let sched = tokio::task::spawn_blocking(move || {
+            LoadedModel::load(&path, threads).map(|m| Arc::new(Scheduler::start(m, cfg)))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("loading {model_name}: {e}")))?
+        .map_err(|e| ApiError::internal(format!("loading {model_name}: {e}")))?;
+        tracing::info!(model = name, secs = started.elapsed().as_secs_f32(), "model loaded");
+        self.lock().push(Loaded {
+            name: name.to_string(),
+            sched: sched.clone(),
+            bytes: manifest.size,
+            last_used: Instant::now(),
+        });
+        Ok(sched)
+    }
+}

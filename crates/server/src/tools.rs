@@ -1,0 +1,62 @@
+//! Tool calls in model output. Qwen2.5 / Hermes-style templates ask the model
+//! to answer with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+//! blocks; they become OpenAI `tool_calls`.
+
+use serde_json::{json, Value};
+
+/// Split generated text into the plain content and the parsed tool calls.
+/// Blocks that are not valid JSON with a `name` stay in the content.
+pub fn split_tool_calls(text: &str) -> (String, Vec<Value>) {
+    const OPEN: &str = "<tool_call>";
+    const CLOSE: &str = "</tool_call>";
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        content.push_str(&rest[..start]);
+        let after = &rest[start + OPEN.len()..];
+        let (body, next) = match after.find(CLOSE) {
+            Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
+            None => (after, ""),
+        };
+        match serde_json::from_str::<Value>(body.trim()) {
+            Ok(v) if v.get("name").and_then(Value::as_str).is_some() => {
+                let args = match v.get("arguments").or_else(|| v.get("parameters")) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(a) => a.to_string(),
+                    None => "{}".to_string(),
+                };
+                calls.push(json!({
+                    "id": format!("call_{}", calls.len() + 1),
+                    "type": "function",
+                    "function": {"name": v["name"], "arguments": args},
+                }));
+            }
+            _ => content.push_str(&rest[start..start + OPEN.len() + body.len()]),
+        }
+        rest = next;
+    }
+    content.push_str(rest);
+    (content.trim().to_string(), calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qwen_tool_calls_and_keeps_plain_text() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"北京\"}}\n</tool_call>";
+        let (content, calls) = split_tool_calls(text);
+        assert_eq!(content, "Let me check.");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        let args: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().expect("string"))
+                .expect("json");
+        assert_eq!(args["city"], "北京");
+        let (content, calls) = split_tool_calls("no tools <tool_call>not json</tool_call>");
+        assert!(calls.is_empty());
+        assert!(content.contains("not json"));
+    }
+}

@@ -272,18 +272,7 @@ impl Db {
                 "a plan needs a name and at least one model (or *)".into(),
             ));
         }
-        let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT name FROM plans WHERE name = $1")
-            .bind(&p.name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-        let sql = if exists {
-            "UPDATE plans SET requests_per_minute = $2, tokens_per_minute = $3, tokens_per_day = $4, max_context = $5, models = $6, priority = $7 WHERE name = $1"
-        } else {
-            "INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-        };
-        sqlx::query(sql)
+        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority")
             .bind(&p.name)
             .bind(p.requests_per_minute)
             .bind(p.tokens_per_minute)
@@ -291,18 +280,16 @@ impl Db {
             .bind(p.max_context)
             .bind(p.models.join(","))
             .bind(p.priority)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?;
-        tx.commit().await?;
         Ok(())
     }
 
     pub async fn user_by_name(&self, name: &str) -> Result<Option<User>, AccountError> {
-        let row =
-            sqlx::query("SELECT id, name, role, plan, created_at FROM users WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query("SELECT id, name, role, plan, created_at FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().map(user_of).transpose()?)
     }
 
@@ -414,13 +401,12 @@ impl Db {
     }
 
     pub async fn revoke_key(&self, id: &str) -> Result<(), AccountError> {
-        let r = sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now())
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
         if r.rows_affected() == 0 && self.key(id).await?.is_none() {
             return Err(AccountError::UnknownKey(id.into()));
         }
@@ -428,7 +414,10 @@ impl Db {
     }
 
     /// Who holds `secret`, with their plan; `Ok(Err(..))` when the key is refused.
-    pub async fn authenticate(&self, secret: &str) -> Result<Result<Caller, AuthError>, AccountError> {
+    pub async fn authenticate(
+        &self,
+        secret: &str,
+    ) -> Result<Result<Caller, AuthError>, AccountError> {
         let row = sqlx::query("SELECT k.id, k.user_id, k.prefix, k.name, k.models, k.expires_at, k.revoked_at, k.created_at, u.id, u.name, u.role, u.plan, u.created_at FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.hash = $1")
             .bind(hash_key(secret))
             .fetch_optional(&self.pool)
@@ -537,9 +526,7 @@ fn key_of(row: &sqlx::any::AnyRow) -> Result<ApiKey, sqlx::Error> {
         user_id: row.try_get(1)?,
         prefix: row.try_get(2)?,
         name: row.try_get(3)?,
-        models: row
-            .try_get::<Option<String>, _>(4)?
-            .map(|s| split_list(&s)),
+        models: row.try_get::<Option<String>, _>(4)?.map(|s| split_list(&s)),
         expires_at: row.try_get(5)?,
         revoked_at: row.try_get(6)?,
         created_at: row.try_get(7)?,

@@ -260,6 +260,8 @@ mod tests {
             l.admit("u", &p, 10, || 995),
             Err(LimitError::TokensPerDay { .. })
         ));
-        assert!(l.admit("u", &p, 5, || unreachable!("read once per day")).is_ok());
+        assert!(l
+            .admit("u", &p, 5, || unreachable!("read once per day"))
+            .is_ok());
     }
 }

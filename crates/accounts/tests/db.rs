@@ -9,16 +9,37 @@ async fn exercise(db: &Db) {
     let plans = db.plans().await.expect("plans");
     let names: Vec<_> = plans.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["free", "plus"]);
-    assert!(db.plan("plus").await.expect("plus").priority > db.plan("free").await.expect("free").priority);
+    assert!(
+        db.plan("plus").await.expect("plus").priority
+            > db.plan("free").await.expect("free").priority
+    );
 
-    let alice = db.ensure_user("alice", Role::User, None).await.expect("user");
+    let alice = db
+        .ensure_user("alice", Role::User, None)
+        .await
+        .expect("user");
     assert_eq!(alice.plan, "free");
-    let again = db.ensure_user("alice", Role::User, Some("plus")).await.expect("user");
-    assert_eq!((again.id.as_str(), again.plan.as_str()), (alice.id.as_str(), "plus"));
-    assert!(db.ensure_user("bob", Role::User, Some("gold")).await.is_err());
+    let again = db
+        .ensure_user("alice", Role::User, Some("plus"))
+        .await
+        .expect("user");
+    assert_eq!(
+        (again.id.as_str(), again.plan.as_str()),
+        (alice.id.as_str(), "plus")
+    );
+    assert!(db
+        .ensure_user("bob", Role::User, Some("gold"))
+        .await
+        .is_err());
 
     let (key, secret) = db
-        .create_key(&alice.id, &NewKey { name: "laptop".into(), ..Default::default() })
+        .create_key(
+            &alice.id,
+            &NewKey {
+                name: "laptop".into(),
+                ..Default::default()
+            },
+        )
         .await
         .expect("key");
     assert!(secret.starts_with("sk-hl-") && secret.len() > 40);
@@ -26,17 +47,33 @@ async fn exercise(db: &Db) {
     let caller = db.authenticate(&secret).await.expect("db").expect("valid");
     assert_eq!(caller.user.name, "alice");
     assert_eq!(caller.plan.name, "plus");
-    assert_eq!(db.authenticate("sk-hl-nope").await.expect("db").err(), Some(AuthError::Invalid));
+    assert_eq!(
+        db.authenticate("sk-hl-nope").await.expect("db").err(),
+        Some(AuthError::Invalid)
+    );
 
     let (scoped, scoped_secret) = db
-        .create_key(&alice.id, &NewKey { name: "ci".into(), models: Some(vec!["smollm2-135m".into()]), expires_at: Some(hanlin_accounts::now() - 1) })
+        .create_key(
+            &alice.id,
+            &NewKey {
+                name: "ci".into(),
+                models: Some(vec!["smollm2-135m".into()]),
+                expires_at: Some(hanlin_accounts::now() - 1),
+            },
+        )
         .await
         .expect("key");
     assert!(scoped.allows("smollm2-135m") && !scoped.allows("qwen2.5-coder-0.5b"));
-    assert_eq!(db.authenticate(&scoped_secret).await.expect("db").err(), Some(AuthError::Expired));
+    assert_eq!(
+        db.authenticate(&scoped_secret).await.expect("db").err(),
+        Some(AuthError::Expired)
+    );
 
     db.revoke_key(&key.id).await.expect("revoke");
-    assert_eq!(db.authenticate(&secret).await.expect("db").err(), Some(AuthError::Revoked));
+    assert_eq!(
+        db.authenticate(&secret).await.expect("db").err(),
+        Some(AuthError::Revoked)
+    );
     assert!(db.revoke_key("key-missing").await.is_err());
     assert_eq!(db.keys(Some(&alice.id)).await.expect("keys").len(), 2);
 
@@ -52,15 +89,31 @@ async fn exercise(db: &Db) {
         cached_tokens: 0,
         completion_tokens: c,
     };
-    db.record_usage(&rec("r1", "m1", 10, 5)).await.expect("usage");
-    db.record_usage(&rec("r1", "m1", 10, 5)).await.expect("usage twice");
-    db.record_usage(&rec("r2", "m1", 20, 7)).await.expect("usage");
-    db.record_usage(&rec("r3", "m2", 1, 1)).await.expect("usage");
+    db.record_usage(&rec("r1", "m1", 10, 5))
+        .await
+        .expect("usage");
+    db.record_usage(&rec("r1", "m1", 10, 5))
+        .await
+        .expect("usage twice");
+    db.record_usage(&rec("r2", "m1", 20, 7))
+        .await
+        .expect("usage");
+    db.record_usage(&rec("r3", "m2", 1, 1))
+        .await
+        .expect("usage");
     let day = hanlin_accounts::day_of(ts);
     assert_eq!(db.tokens_on(&alice.id, &day).await.expect("sum"), 44);
     let rows = db.usage(Some("alice"), Some(&day)).await.expect("usage");
     assert_eq!(rows.len(), 2);
-    assert_eq!((rows[0].model.as_str(), rows[0].requests, rows[0].prompt_tokens, rows[0].completion_tokens), ("m1", 2, 30, 12));
+    assert_eq!(
+        (
+            rows[0].model.as_str(),
+            rows[0].requests,
+            rows[0].prompt_tokens,
+            rows[0].completion_tokens
+        ),
+        ("m1", 2, 30, 12)
+    );
 
     // Plans are editable.
     let mut gold = db.plan("plus").await.expect("plus");
@@ -70,7 +123,10 @@ async fn exercise(db: &Db) {
     gold.tokens_per_day = 1;
     db.put_plan(&gold).await.expect("update");
     assert_eq!(db.plan("gold").await.expect("gold").tokens_per_day, 1);
-    let admin = db.ensure_user("root", Role::Admin, Some("gold")).await.expect("admin");
+    let admin = db
+        .ensure_user("root", Role::Admin, Some("gold"))
+        .await
+        .expect("admin");
     assert_eq!(admin.role, Role::Admin);
 }
 

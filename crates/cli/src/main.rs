@@ -386,9 +386,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn database_url(store: &Store, db: &DbArgs) -> String {
-    db.database_url.clone().unwrap_or_else(|| {
-        format!("sqlite://{}", store.home().join("hanlin.db").display())
-    })
+    db.database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", store.home().join("hanlin.db").display()))
 }
 
 fn serve(store: &Store, threads: usize, a: ServeArgs) -> Result<()> {
@@ -461,7 +461,10 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 ),
                 None => None,
             };
-            println!("{:<22} {:<24} {:<12} {:<8} name", "id", "user", "prefix", "status");
+            println!(
+                "{:<22} {:<24} {:<12} {:<8} name",
+                "id", "user", "prefix", "status"
+            );
             let users = db.users().await?;
             for k in db.keys(uid.as_deref()).await? {
                 let owner = users
@@ -475,7 +478,10 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 } else {
                     "active"
                 };
-                println!("{:<22} {:<24} {:<12} {:<8} {}", k.id, owner, k.prefix, status, k.name);
+                println!(
+                    "{:<22} {:<24} {:<12} {:<8} {}",
+                    k.id, owner, k.prefix, status, k.name
+                );
             }
         }
         AdminCmd::Key {
@@ -491,16 +497,17 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
             let u = db.ensure_user(&name, role, plan.as_deref()).await?;
             println!("{} {:?} plan {}", u.name, u.role, u.plan);
         }
-        AdminCmd::User {
-            cmd: UserCmd::List,
-        } => {
+        AdminCmd::User { cmd: UserCmd::List } => {
             for u in db.users().await? {
-                println!("{:<24} {:<6} {}", u.name, format!("{:?}", u.role).to_lowercase(), u.plan);
+                println!(
+                    "{:<24} {:<6} {}",
+                    u.name,
+                    format!("{:?}", u.role).to_lowercase(),
+                    u.plan
+                );
             }
         }
-        AdminCmd::Plan {
-            cmd: PlanCmd::List,
-        } => {
+        AdminCmd::Plan { cmd: PlanCmd::List } => {
             println!(
                 "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} models",
                 "plan", "rpm", "tpm", "tpd", "context", "priority"
@@ -554,7 +561,13 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 for r in rows {
                     println!(
                         "{:<10} {:<20} {:<22} {:>8} {:>10} {:>10} {:>10}",
-                        r.day, r.user, r.model, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens
+                        r.day,
+                        r.user,
+                        r.model,
+                        r.requests,
+                        r.prompt_tokens,
+                        r.cached_tokens,
+                        r.completion_tokens
                     );
                 }
             }

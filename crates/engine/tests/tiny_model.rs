@@ -186,7 +186,7 @@ fn check_consistency(arch: &str) {
     // Several sequences in one batched pass (continuous batching): each gets
     // the logits it would get alone, whatever its history.
     let fresh = || KvCache::new(LAYERS, model.cfg.kv_dim(), 64);
-    let mut caches = vec![fresh(), fresh(), fresh()];
+    let mut caches = [fresh(), fresh(), fresh()];
     let none = model
         .forward(&pool, &toks[..3], &mut caches[1], Logits::None)
         .expect("history");

@@ -32,7 +32,9 @@ fn body(b: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
 
 pub async fn users(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
     admin(&st, &headers).await?;
-    Ok(Json(json!({"object": "list", "data": st.db.users().await?})))
+    Ok(Json(
+        json!({"object": "list", "data": st.db.users().await?}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -135,7 +137,9 @@ pub async fn create_key(
             .map(|d| hanlin_accounts::now() + i64::from(d) * 86_400),
     };
     let (key, secret) = st.db.create_key(&user.id, &opts).await?;
-    Ok(Json(json!({"key": secret, "id": key.id, "user": user.name, "plan": user.plan, "expires_at": key.expires_at, "models": key.models})))
+    Ok(Json(
+        json!({"key": secret, "id": key.id, "user": user.name, "plan": user.plan, "expires_at": key.expires_at, "models": key.models}),
+    ))
 }
 
 pub async fn revoke_key(
@@ -150,7 +154,9 @@ pub async fn revoke_key(
 
 pub async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
     admin(&st, &headers).await?;
-    Ok(Json(json!({"object": "list", "data": st.db.plans().await?})))
+    Ok(Json(
+        json!({"object": "list", "data": st.db.plans().await?}),
+    ))
 }
 
 #[derive(Deserialize)]

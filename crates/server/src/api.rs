@@ -131,7 +131,10 @@ fn budget(
     default: Option<usize>,
     param: &str,
 ) -> AppResult<usize> {
-    let limit = sched.config.ctx.min(caller.plan.max_context.max(1) as usize);
+    let limit = sched
+        .config
+        .ctx
+        .min(caller.plan.max_context.max(1) as usize);
     let fits = |need: usize| need <= limit;
     if !fits(prompt_len + 1) {
         return Err(ApiError::bad_request(format!(
@@ -253,7 +256,9 @@ async fn chat_inner(
     let text = m
         .template
         .render(&messages, tools.as_ref(), true)
-        .map_err(|e| ApiError::bad_request(format!("The chat template failed: {e}")).param("messages"))?;
+        .map_err(|e| {
+            ApiError::bad_request(format!("The chat template failed: {e}")).param("messages")
+        })?;
     let prompt = m
         .tokenizer
         .encode(&text, true)
@@ -266,15 +271,17 @@ async fn chat_inner(
     let logprobs = req.logprobs.unwrap_or(false);
     let top = req.top_logprobs.unwrap_or(0) as usize;
     if top > 20 {
-        return Err(ApiError::bad_request("'top_logprobs' must be between 0 and 20.")
-            .param("top_logprobs")
-            .code("invalid_value"));
+        return Err(
+            ApiError::bad_request("'top_logprobs' must be between 0 and 20.")
+                .param("top_logprobs")
+                .code("invalid_value"),
+        );
     }
     if top > 0 && !logprobs {
-        return Err(ApiError::bad_request(
-            "'top_logprobs' requires 'logprobs' to be true.",
-        )
-        .param("top_logprobs"));
+        return Err(
+            ApiError::bad_request("'top_logprobs' requires 'logprobs' to be true.")
+                .param("top_logprobs"),
+        );
     }
     let params = req.sampling.to_params(max_new, logprobs, top)?;
     let n = req.sampling.n()?;
@@ -335,14 +342,23 @@ async fn completion_inner(
             .map_err(|e| ApiError::bad_request(format!("Tokenizing the prompt failed: {e}")))?,
     };
     // OpenAI's default for completions is 16 tokens.
-    let max_new = budget(&sched, &caller, prompt.len(), req.max_tokens, Some(16), "max_tokens")?;
+    let max_new = budget(
+        &sched,
+        &caller,
+        prompt.len(),
+        req.max_tokens,
+        Some(16),
+        "max_tokens",
+    )?;
     let top = req.logprobs.unwrap_or(0) as usize;
     if top > 5 {
         return Err(ApiError::bad_request("'logprobs' must be between 0 and 5.")
             .param("logprobs")
             .code("invalid_value"));
     }
-    let params = req.sampling.to_params(max_new, req.logprobs.is_some(), top)?;
+    let params = req
+        .sampling
+        .to_params(max_new, req.logprobs.is_some(), top)?;
     let n = req.sampling.n()?;
     let run = Run {
         id: format!("cmpl-{}", random_id()),
@@ -513,7 +529,9 @@ async fn drive(
                 }
                 if run.stream && run.kind == Kind::Chat && !choices[i].sent_role {
                     choices[i].sent_role = true;
-                    chunk = Some(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+                    chunk = Some(
+                        json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                    );
                 }
             }
             Event::Token {
@@ -558,8 +576,12 @@ async fn drive(
                         Value::Null
                     };
                     chunk = Some(match run.kind {
-                        Kind::Chat => json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
-                        Kind::Text => json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}),
+                        Kind::Chat => {
+                            json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                        }
+                        Kind::Text => {
+                            json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null})
+                        }
                     });
                 }
             }
@@ -590,8 +612,12 @@ async fn drive(
                         }
                     }
                     chunk = Some(match run.kind {
-                        Kind::Chat => json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason}),
-                        Kind::Text => json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason}),
+                        Kind::Chat => {
+                            json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason})
+                        }
+                        Kind::Text => {
+                            json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
+                        }
                     });
                 }
             }

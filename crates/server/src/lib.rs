@@ -70,8 +70,12 @@ pub struct AppState {
 impl AppState {
     pub async fn new(config: Config, store: hanlin_store::Store) -> Result<Arc<Self>, ServerError> {
         let db = Db::connect(&config.database_url).await?;
-        let models =
-            models::Models::new(store, config.threads, config.memory_budget, config.sched.clone());
+        let models = models::Models::new(
+            store,
+            config.threads,
+            config.memory_budget,
+            config.sched.clone(),
+        );
         Ok(Arc::new(Self {
             db,
             models,
@@ -91,7 +95,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(api::get_model))
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
-        .route("/v1/admin/users", get(admin::users).post(admin::create_user))
+        .route(
+            "/v1/admin/users",
+            get(admin::users).post(admin::create_user),
+        )
         .route("/v1/admin/keys", get(admin::keys).post(admin::create_key))
         .route("/v1/admin/keys/{id}", delete(admin::revoke_key))
         .route("/v1/admin/plans", get(admin::plans))
@@ -118,7 +125,10 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         .map_err(|e| ServerError::Model(e.message))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!("serving the OpenAI-compatible API on http://{local}/v1");
-    println!("Hanlin is serving on http://{local}/v1 (default model {})", state.config.default_model);
+    println!(
+        "Hanlin is serving on http://{local}/v1 (default model {})",
+        state.config.default_model
+    );
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -35,19 +35,29 @@ impl Metrics {
             &["model"],
         )?;
         let inter_token = HistogramVec::new(
-            HistogramOpts::new("inter_token_latency_seconds", "Time between streamed tokens")
-                .buckets(buckets()),
+            HistogramOpts::new(
+                "inter_token_latency_seconds",
+                "Time between streamed tokens",
+            )
+            .buckets(buckets()),
             &["model"],
         )?;
         let tokens = IntCounterVec::new(
-            Opts::new("tokens_total", "Tokens by key, model and kind (prompt, cached, completion)"),
+            Opts::new(
+                "tokens_total",
+                "Tokens by key, model and kind (prompt, cached, completion)",
+            ),
             &["key", "model", "kind"],
         )?;
         let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
         let queue_depth = gauge("queue_depth", "Requests waiting for a batch slot")?;
         let active = gauge("active_sequences", "Sequences in the running batch")?;
-        let kv_tokens = gauge("kv_cache_tokens", "KV cache positions held by running sequences")?;
-        let prefix_pool_tokens = gauge("prefix_cache_tokens", "KV positions kept for prefix reuse")?;
+        let kv_tokens = gauge(
+            "kv_cache_tokens",
+            "KV cache positions held by running sequences",
+        )?;
+        let prefix_pool_tokens =
+            gauge("prefix_cache_tokens", "KV positions kept for prefix reuse")?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ttft.clone()),

@@ -103,7 +103,11 @@ impl Models {
         .await
         .map_err(|e| ApiError::internal(format!("loading {model_name}: {e}")))?
         .map_err(|e| ApiError::internal(format!("loading {model_name}: {e}")))?;
-        tracing::info!(model = name, secs = started.elapsed().as_secs_f32(), "model loaded");
+        tracing::info!(
+            model = name,
+            secs = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
         self.lock().push(Loaded {
             name: name.to_string(),
             sched: sched.clone(),

@@ -65,7 +65,9 @@ pub fn parse<T: DeserializeOwned>(body: &[u8], fields: &[&str]) -> Result<T, Api
         ))
     })?;
     if !value.is_object() {
-        return Err(ApiError::bad_request("The request body must be a JSON object."));
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+        ));
     }
     if let Some(obj) = value.as_object() {
         if let Some(k) = obj
@@ -243,9 +245,11 @@ impl Sampling {
             Some(Stop::Many(v)) => v.clone(),
         };
         if stop.len() > 4 {
-            return Err(ApiError::bad_request("'stop' may hold at most 4 sequences.")
-                .param("stop")
-                .code("invalid_value"));
+            return Err(
+                ApiError::bad_request("'stop' may hold at most 4 sequences.")
+                    .param("stop")
+                    .code("invalid_value"),
+            );
         }
         let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
         let seed = match self.seed {
@@ -287,8 +291,10 @@ impl ChatRequest {
     /// The conversation as template messages (text parts joined).
     pub fn template_messages(&self) -> Result<Vec<Message>, ApiError> {
         if self.messages.is_empty() {
-            return Err(ApiError::bad_request("'messages' must contain at least one message.")
-                .param("messages"));
+            return Err(
+                ApiError::bad_request("'messages' must contain at least one message.")
+                    .param("messages"),
+            );
         }
         self.messages
             .iter()

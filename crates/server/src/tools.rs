@@ -4,9 +4,41 @@
 
 use serde_json::{json, Value};
 
+fn call_json(index: usize, v: &Value) -> Option<Value> {
+    let name = v.get("name").and_then(Value::as_str)?;
+    let args = match v.get("arguments").or_else(|| v.get("parameters")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(a) => a.to_string(),
+        None => "{}".to_string(),
+    };
+    Some(json!({
+        "id": format!("call_{}", index + 1),
+        "type": "function",
+        "function": {"name": name, "arguments": args},
+    }))
+}
+
 /// Split generated text into the plain content and the parsed tool calls.
-/// Blocks that are not valid JSON with a `name` stay in the content.
+/// Blocks that are not valid JSON with a `name` stay in the content. The
+/// tags are special tokens in Qwen's vocabulary, which the detokenizer does
+/// not print: an answer that is nothing but call objects (one per line) is
+/// read as calls too.
 pub fn split_tool_calls(text: &str) -> (String, Vec<Value>) {
+    if !text.contains("<tool_call>") {
+        let bare: Option<Vec<Value>> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                let v: Value = serde_json::from_str(l.trim()).ok()?;
+                v.get("arguments").or_else(|| v.get("parameters"))?;
+                call_json(i, &v)
+            })
+            .collect();
+        if let Some(calls) = bare.filter(|c| !c.is_empty()) {
+            return (String::new(), calls);
+        }
+    }
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
     let mut content = String::new();
@@ -19,20 +51,12 @@ pub fn split_tool_calls(text: &str) -> (String, Vec<Value>) {
             Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
             None => (after, ""),
         };
-        match serde_json::from_str::<Value>(body.trim()) {
-            Ok(v) if v.get("name").and_then(Value::as_str).is_some() => {
-                let args = match v.get("arguments").or_else(|| v.get("parameters")) {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(a) => a.to_string(),
-                    None => "{}".to_string(),
-                };
-                calls.push(json!({
-                    "id": format!("call_{}", calls.len() + 1),
-                    "type": "function",
-                    "function": {"name": v["name"], "arguments": args},
-                }));
-            }
-            _ => content.push_str(&rest[start..start + OPEN.len() + body.len()]),
+        match serde_json::from_str::<Value>(body.trim())
+            .ok()
+            .and_then(|v| call_json(calls.len(), &v))
+        {
+            Some(call) => calls.push(call),
+            None => content.push_str(&rest[start..start + OPEN.len() + body.len()]),
         }
         rest = next;
     }
@@ -58,5 +82,14 @@ mod tests {
         let (content, calls) = split_tool_calls("no tools <tool_call>not json</tool_call>");
         assert!(calls.is_empty());
         assert!(content.contains("not json"));
+        // Tags decoded away (special tokens): bare call objects, one per line.
+        let (content, calls) = split_tool_calls(
+            "{\"name\": \"a\", \"arguments\": {}}\n{\"name\": \"b\", \"arguments\": {\"x\": 1}}",
+        );
+        assert_eq!((content.as_str(), calls.len()), ("", 2));
+        assert_eq!(calls[1]["function"]["arguments"], "{\"x\":1}");
+        // A JSON answer that is not a call stays content.
+        let (content, calls) = split_tool_calls("{\"name\": \"Ann\", \"age\": 3}");
+        assert!(calls.is_empty() && content.contains("Ann"));
     }
 }

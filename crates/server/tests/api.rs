@@ -1,0 +1,409 @@
+//! The HTTP API over a real model: OpenAI-shaped errors for bad input,
+//! exact rate limits and quotas under concurrency, exact metering, the admin
+//! API, metrics, and a vanished client freeing its sequence.
+
+mod common;
+
+use common::{start, MODEL};
+use hanlin_accounts::Plan;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(base: &str, path: &str, key: &str, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn chat(max_tokens: u32) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn err_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_openai_errors_and_the_server_stays_up() {
+    let srv = start().await;
+    let base = &srv.base;
+    let key = srv.user_key("eve", "free").await;
+    let url = format!("{base}/v1/chat/completions");
+
+    // Keys: missing, wrong, revoked, expired.
+    let r = client()
+        .post(&url)
+        .json(&chat(4))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        post(base, "/v1/chat/completions", "sk-hl-bogus", chat(4))
+            .await
+            .0,
+        401
+    );
+    let u = srv
+        .state
+        .db
+        .user_by_name("eve")
+        .await
+        .expect("db")
+        .expect("eve");
+    let (k, revoked) = srv
+        .state
+        .db
+        .create_key(&u.id, &Default::default())
+        .await
+        .expect("key");
+    srv.state.db.revoke_key(&k.id).await.expect("revoke");
+    let (s, v) = post(base, "/v1/chat/completions", &revoked, chat(4)).await;
+    assert_eq!(
+        (
+            s,
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("revoked")
+        ),
+        (401, true)
+    );
+    let (_, expired) = srv
+        .state
+        .db
+        .create_key(
+            &u.id,
+            &hanlin_accounts::NewKey {
+                expires_at: Some(hanlin_accounts::now() - 5),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("key");
+    let (s, v) = post(base, "/v1/chat/completions", &expired, chat(4)).await;
+    assert_eq!(
+        (
+            s,
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("expired")
+        ),
+        (401, true)
+    );
+
+    // Malformed JSON, wrong types, unknown fields, bad values.
+    let r = client()
+        .post(&url)
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": MODEL, "messages": "hi"}),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = post(base, "/v1/chat/completions", &key, json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frobnicate": true})).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("frobnicate")));
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!((s, err_code(&v)), (400, "invalid_value"));
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": MODEL, "messages": []}),
+    )
+    .await;
+    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("messages")));
+    let (s, v) = post(base, "/v1/chat/completions", &key, json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000})).await;
+    assert_eq!((s, err_code(&v)), (400, "context_length_exceeded"));
+    let (s, v) = post(base, "/v1/chat/completions", &key, json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {}}})).await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("response_format"))
+    );
+
+    // A prompt longer than the plan's context (free: 4096 tokens).
+    let long = "长城 ".repeat(5000);
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": MODEL, "messages": [{"role": "user", "content": long}]}),
+    )
+    .await;
+    assert_eq!((s, err_code(&v)), (400, "context_length_exceeded"));
+
+    // Bodies over the limit (256 KiB in these tests).
+    let huge = "x".repeat(300 * 1024);
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": MODEL, "messages": [{"role": "user", "content": huge}]}),
+    )
+    .await;
+    assert_eq!((s, err_code(&v)), (413, "request_too_large"));
+
+    // Unknown model, unknown endpoint.
+    let (s, v) = post(
+        base,
+        "/v1/chat/completions",
+        &key,
+        json!({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!((s, err_code(&v)), (404, "model_not_found"));
+    let r = client()
+        .get(format!("{base}/v1/nope"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+
+    // A key scoped to one model cannot use another.
+    let (_, scoped) = srv
+        .state
+        .db
+        .create_key(
+            &u.id,
+            &hanlin_accounts::NewKey {
+                models: Some(vec![common::QWEN.into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("key");
+    let (s, v) = post(base, "/v1/chat/completions", &scoped, chat(4)).await;
+    assert_eq!((s, err_code(&v)), (404, "model_not_found"));
+    let models: Value = client()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(&scoped)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"].as_array().map(Vec::len), Some(1));
+
+    // After all that, the server still answers.
+    let (s, v) = post(base, "/v1/chat/completions", &key, chat(4)).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_quotas_are_exact_under_concurrency() {
+    let srv = start().await;
+    srv.plan(Plan {
+        name: "tiny".into(),
+        requests_per_minute: 5,
+        tokens_per_minute: 1_000_000,
+        tokens_per_day: 1_000_000,
+        max_context: 2048,
+        models: vec!["*".into()],
+        priority: 0,
+    })
+    .await;
+    let key = srv.user_key("burst", "tiny").await;
+    // 64 concurrent clients against a limit of 5 requests per minute.
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (base, key) = (srv.base.clone(), key.clone());
+            tokio::spawn(async move {
+                let r = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(&key)
+                    .json(&chat(2))
+                    .send()
+                    .await
+                    .expect("send");
+                let retry = r.headers().get("retry-after").is_some();
+                (r.status().as_u16(), retry)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (200, _) => ok += 1,
+            (429, true) => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, limited), (5, 59));
+
+    // Daily token quota: a reservation that cannot fit is refused with
+    // insufficient_quota; what was admitted is metered exactly.
+    srv.plan(Plan {
+        name: "daily".into(),
+        requests_per_minute: 1000,
+        tokens_per_minute: 1_000_000,
+        tokens_per_day: 400,
+        max_context: 2048,
+        models: vec!["*".into()],
+        priority: 0,
+    })
+    .await;
+    let key = srv.user_key("saver", "daily").await;
+    let mut spent = 0u64;
+    let mut refused = None;
+    for _ in 0..20 {
+        let (s, v) = post(&srv.base, "/v1/chat/completions", &key, chat(40)).await;
+        match s {
+            200 => spent += v["usage"]["total_tokens"].as_u64().expect("usage"),
+            429 => {
+                refused = Some(v);
+                break;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    let refused = refused.expect("the daily quota ran out");
+    assert_eq!(err_code(&refused), "insufficient_quota");
+    assert!(spent > 0 && spent <= 400, "spent {spent}");
+    // The database has exactly what the responses reported.
+    let mut metered = 0;
+    for _ in 0..50 {
+        let rows = srv
+            .state
+            .db
+            .usage(Some("saver"), None)
+            .await
+            .expect("usage");
+        metered = rows
+            .iter()
+            .map(|r| (r.prompt_tokens + r.completion_tokens) as u64)
+            .sum();
+        if metered == spent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metered, spent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_metrics_and_vanished_clients() {
+    let srv = start().await;
+    let base = &srv.base;
+    let user_key = srv.user_key("carol", "free").await;
+    // Non-admins are refused.
+    let r = client()
+        .get(format!("{base}/v1/admin/users"))
+        .bearer_auth(&user_key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 403);
+    // The admin creates a plus user and key through the API.
+    let (s, v) = post(
+        base,
+        "/v1/admin/keys",
+        &srv.admin_key,
+        json!({"user": "dave", "plan": "plus"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let dave = v["key"].as_str().expect("key").to_string();
+    assert_eq!(v["plan"], "plus");
+    let (s, _) = post(base, "/v1/chat/completions", &dave, chat(3)).await;
+    assert_eq!(s, 200);
+    let usage: Value = client()
+        .get(format!("{base}/v1/admin/usage?user=dave"))
+        .bearer_auth(&srv.admin_key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(usage["data"][0]["user"], "dave", "{usage}");
+    // Revoking through the API takes effect at once.
+    let id = v["id"].as_str().expect("id");
+    let r = client()
+        .delete(format!("{base}/v1/admin/keys/{id}"))
+        .bearer_auth(&srv.admin_key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        post(base, "/v1/chat/completions", &dave, chat(3)).await.0,
+        401
+    );
+
+    // A streaming client that goes away frees its sequence.
+    let mut r = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&user_key)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 2000, "stream": true}))
+        .send()
+        .await
+        .expect("send");
+    let first = r.chunk().await.expect("chunk");
+    assert!(first.is_some());
+    drop(r);
+    let sched = srv.state.models.get(MODEL).await.expect("model");
+    let mut freed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if sched
+            .stats
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "the abandoned sequence is still running");
+
+    let text = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    for m in [
+        "hanlin_requests_total",
+        "hanlin_time_to_first_token_seconds",
+        "hanlin_inter_token_latency_seconds",
+        "hanlin_tokens_total",
+        "hanlin_queue_depth",
+        "hanlin_kv_cache_tokens",
+    ] {
+        assert!(text.contains(m), "{m} missing from /metrics");
+    }
+}

@@ -1,0 +1,106 @@
+#![allow(dead_code)] // each test binary uses a different part of this module
+//! A real server on a free loopback port, over the real models in the store
+//! and a fresh SQLite database (or PostgreSQL when
+//! `HANLIN_TEST_POSTGRES_URL` is set: `.ci/run` runs the suite both ways).
+
+use hanlin_accounts::{NewKey, Plan, Role};
+use hanlin_server::{AppState, Config};
+use std::sync::Arc;
+
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<AppState>,
+    pub admin_key: String,
+    _dir: tempfile::TempDir,
+}
+
+pub const MODEL: &str = "smollm2-135m";
+pub const QWEN: &str = "qwen2.5-coder-0.5b";
+
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let home = hanlin_store::Store::default_home();
+    let store = hanlin_store::Store::open(&home).expect("open the model store");
+    for m in [MODEL, QWEN] {
+        assert!(
+            store.get(m).expect("store").is_some(),
+            "model {m} is not in the store at {}; run `cargo run --release -- pull {m}` first (CI does this)",
+            home.display()
+        );
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let database_url = match std::env::var("HANLIN_TEST_POSTGRES_URL") {
+        Ok(url) => {
+            let db = hanlin_accounts::Db::connect(&url)
+                .await
+                .expect("PostgreSQL");
+            db.reset_for_tests().await.expect("reset");
+            url
+        }
+        Err(_) => format!("sqlite://{}", dir.path().join("hanlin.db").display()),
+    };
+    let mut config = Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        database_url,
+        default_model: MODEL.into(),
+        threads: hanlin_engine::default_threads(),
+        memory_budget: 4 << 30,
+        max_body: 256 * 1024,
+        sched: hanlin_engine::SchedulerConfig {
+            ctx: 4096,
+            ..Default::default()
+        },
+    };
+    tweak(&mut config);
+    let state = AppState::new(config, store).await.expect("server state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = hanlin_server::router(state.clone());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    let admin = state
+        .db
+        .ensure_user("root", Role::Admin, None)
+        .await
+        .expect("admin");
+    let (_, admin_key) = state
+        .db
+        .create_key(&admin.id, &NewKey::default())
+        .await
+        .expect("key");
+    TestServer {
+        base,
+        state,
+        admin_key,
+        _dir: dir,
+    }
+}
+
+impl TestServer {
+    /// A new user on `plan` and a key for them.
+    pub async fn user_key(&self, name: &str, plan: &str) -> String {
+        let u = self
+            .state
+            .db
+            .ensure_user(name, Role::User, Some(plan))
+            .await
+            .expect("user");
+        self.state
+            .db
+            .create_key(&u.id, &NewKey::default())
+            .await
+            .expect("key")
+            .1
+    }
+
+    pub async fn plan(&self, p: Plan) {
+        self.state.db.put_plan(&p).await.expect("plan");
+    }
+}

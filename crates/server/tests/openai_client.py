@@ -1,0 +1,146 @@
+"""Drives a running Hanlin server with the official `openai` package.
+
+Environment: HANLIN_BASE (http://host:port), HANLIN_KEY, HANLIN_MODEL (a small
+English model), HANLIN_QWEN (the default, Chinese-capable model).
+Every check asserts; the first failure exits non-zero.
+"""
+import json
+import os
+
+import openai
+
+base = os.environ["HANLIN_BASE"] + "/v1"
+key = os.environ["HANLIN_KEY"]
+model = os.environ["HANLIN_MODEL"]
+qwen = os.environ["HANLIN_QWEN"]
+client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+
+# Models
+ids = [m.id for m in client.models.list().data]
+assert model in ids and qwen in ids, ids
+
+# Non-streaming chat, greedy, with usage
+r = client.chat.completions.create(
+    model=qwen,
+    messages=[{"role": "user", "content": "用中文介绍一下长城"}],
+    max_tokens=32,
+    temperature=0,
+)
+c = r.choices[0]
+assert c.message.role == "assistant"
+assert "长城" in c.message.content, c.message.content
+assert c.finish_reason in ("stop", "length")
+assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+# Streaming: pieces add up to the same text as the non-streamed greedy answer
+stream = client.chat.completions.create(
+    model=qwen,
+    messages=[{"role": "user", "content": "用中文介绍一下长城"}],
+    max_tokens=32,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for ch in chunk.choices:
+        if ch.delta.content:
+            pieces.append(ch.delta.content)
+        if ch.finish_reason:
+            finish = ch.finish_reason
+assert "".join(pieces) == c.message.content, ("".join(pieces), c.message.content)
+assert len(pieces) > 3
+assert finish == c.finish_reason
+assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+# The same prompt again: its prefix comes from the KV cache.
+assert usage.prompt_tokens_details.cached_tokens > 0
+
+# n, seed, stop, logprobs
+r = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+    max_tokens=24,
+    n=2,
+    seed=7,
+    temperature=1.0,
+    logprobs=True,
+    top_logprobs=3,
+)
+assert len(r.choices) == 2 and r.choices[0].index == 0 and r.choices[1].index == 1
+lp = r.choices[0].logprobs.content
+assert len(lp) > 0 and all(t.logprob <= 0 for t in lp)
+assert all(len(t.top_logprobs) == 3 for t in lp)
+again = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+    max_tokens=24,
+    seed=7,
+    temperature=1.0,
+)
+assert again.choices[0].message.content == r.choices[0].message.content, "same seed, same text"
+
+r = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
+    max_tokens=60,
+    temperature=0,
+    stop=["5"],
+)
+assert "5" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop", r
+
+# Text completions, and fill-in-the-middle with the coder model
+r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+assert "Paris" in r.choices[0].text, r.choices[0].text
+r = client.completions.create(
+    model=qwen,
+    prompt="def add(a, b):\n    ",
+    suffix="\n\nprint(add(2, 3))\n",
+    max_tokens=16,
+    temperature=0,
+)
+assert "return" in r.choices[0].text and "a + b" in r.choices[0].text.replace("a+b", "a + b"), r.choices[0].text
+
+# Tools: the Qwen template announces them; the answer comes back as tool_calls.
+tools = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}]
+r = client.chat.completions.create(
+    model=qwen,
+    messages=[{"role": "user", "content": "What's the weather like in Paris today?"}],
+    tools=tools,
+    max_tokens=64,
+    temperature=0,
+)
+c = r.choices[0]
+assert c.finish_reason == "tool_calls", c
+call = c.message.tool_calls[0]
+assert call.function.name == "get_weather"
+assert "Paris" in json.loads(call.function.arguments)["city"]
+
+# Errors come back as the client's own exception types
+def raises(exc, fn):
+    try:
+        fn()
+    except exc as e:
+        return e
+    raise AssertionError(f"expected {exc.__name__}")
+
+e = raises(openai.NotFoundError, lambda: client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}]))
+assert e.code == "model_not_found"
+e = raises(openai.AuthenticationError, lambda: openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).models.list())
+assert e.code == "invalid_api_key"
+e = raises(openai.BadRequestError, lambda: client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], temperature=5))
+assert e.param == "temperature"
+e = raises(openai.BadRequestError, lambda: client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6))
+assert e.code == "context_length_exceeded"
+e = raises(openai.BadRequestError, lambda: client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], extra_body={"bogus": 1}))
+assert e.param == "bogus"
+print("openai client: all checks passed")

@@ -691,17 +691,15 @@ async fn drive(
             completion_tokens: completion_tokens as i64,
         };
         // The request id makes retries idempotent: a record is never
-        // counted twice, and a database hiccup does not lose it.
+        // counted twice, and a database outage does not lose it (this task
+        // keeps retrying until the database is back).
         let mut delay = Duration::from_millis(100);
-        for attempt in 1..=8 {
-            match st.db.record_usage(&rec).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
+        let mut attempt = 0u32;
+        while let Err(e) = st.db.record_usage(&rec).await {
+            attempt += 1;
+            tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
         }
     }
 }

@@ -83,6 +83,20 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     }
 }
 
+/// A new, empty database on the PostgreSQL server at `url`, so tests can
+/// run in parallel.
+async fn fresh_postgres_database(url: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("hanlin_t_{:016x}", rand::random::<u64>());
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create a test database");
+    let (server, _) = url.rsplit_once('/').expect("a database URL");
+    format!("{server}/{name}")
+}
+
 impl TestServer {
     /// A new user on `plan` and a key for them.
     pub async fn user_key(&self, name: &str, plan: &str) -> String {

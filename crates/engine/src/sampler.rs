@@ -107,28 +107,59 @@ impl Sampler {
         if c.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
-        let k = if c.top_k == 0 {
-            cand.len()
-        } else {
-            c.top_k.min(cand.len())
-        };
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            cand.truncate(k);
+        let t = c.temperature;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        if c.top_k == 0 && c.top_p >= 1.0 && c.min_p <= 0.0 {
+            // No truncation: draw from the whole softmax in one pass, with
+            // no sort over the vocabulary.
+            let total: f32 = logits.iter().map(|&l| ((l - max) / t).exp()).sum();
+            let mut r = self.rng.random::<f32>() * total;
+            let mut last = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                let p = ((l - max) / t).exp();
+                if p > 0.0 {
+                    last = i;
+                }
+                r -= p;
+                if r <= 0.0 {
+                    return i as u32;
+                }
+            }
+            return last as u32;
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand
-            .iter()
-            .map(|(_, l)| ((l - max) / c.temperature).exp())
-            .collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
+        let n = logits.len();
+        // With top-k, probabilities are normalised over the k best; without,
+        // over the whole vocabulary. Only as many of the best tokens as
+        // top-p / min-p can keep are sorted (k grows until they are covered).
+        let z: f32 = if c.top_k == 0 {
+            logits.iter().map(|&l| ((l - max) / t).exp()).sum()
+        } else {
+            0.0
+        };
+        let mut k = if c.top_k > 0 { c.top_k.min(n) } else { 64.min(n) };
+        let (cand, probs) = loop {
+            let mut cand: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            if k < n {
+                cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+                cand.truncate(k);
+            }
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let mut probs: Vec<f32> = cand.iter().map(|(_, l)| ((l - max) / t).exp()).collect();
+            let norm = if c.top_k > 0 { probs.iter().sum() } else { z };
+            probs.iter_mut().for_each(|p| *p /= norm);
+            let covered = c.top_k > 0
+                || k == n
+                || ((c.top_p >= 1.0 || probs.iter().sum::<f32>() >= c.top_p)
+                    && (c.min_p <= 0.0 || probs[k - 1] < probs[0] * c.min_p));
+            if covered {
+                break (cand, probs);
+            }
+            k = (k * 4).min(n);
+        };
         let mut keep = probs.len();
         if c.min_p > 0.0 {
             let thr = probs[0] * c.min_p;
@@ -244,6 +275,60 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&mut [1.0, 5.0, 2.0], &[1]), 2);
+    }
+
+    /// The sampled frequencies follow the exact truncated distribution, also
+    /// when top-p needs more than the first batch of sorted candidates.
+    #[test]
+    fn sampling_matches_the_exact_distribution() {
+        let n = 500;
+        let logits: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 2.0).collect();
+        for (top_p, min_p) in [(1.0f32, 0.0f32), (0.5, 0.0), (0.95, 0.0), (1.0, 0.2)] {
+            // Reference: sort everything, softmax, cut, renormalise.
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            let z: f32 = logits.iter().map(|l| l.exp()).sum();
+            let p: Vec<f32> = idx.iter().map(|&i| logits[i].exp() / z).collect();
+            let mut keep = n;
+            if min_p > 0.0 {
+                keep = p.iter().take_while(|&&x| x >= p[0] * min_p).count();
+            }
+            if top_p < 1.0 {
+                let mut acc = 0.0;
+                keep = p.iter().take_while(|&&x| {
+                    let before = acc;
+                    acc += x;
+                    before < top_p
+                }).count();
+            }
+            let total: f32 = p[..keep].iter().sum();
+            let mut expected = vec![0f32; n];
+            for (r, &i) in idx[..keep].iter().enumerate() {
+                expected[i] = p[r] / total;
+            }
+            let mut s = Sampler::new(SamplerConfig {
+                temperature: 1.0,
+                top_k: 0,
+                top_p,
+                min_p,
+                repeat_penalty: 1.0,
+                seed: 3,
+                ..SamplerConfig::default()
+            });
+            let draws = 40_000;
+            let mut counts = vec![0f32; n];
+            for _ in 0..draws {
+                counts[s.sample(&mut logits.clone(), &[]) as usize] += 1.0;
+            }
+            let tv: f32 = counts
+                .iter()
+                .zip(&expected)
+                .map(|(c, e)| (c / draws as f32 - e).abs())
+                .sum::<f32>()
+                / 2.0;
+            assert!(tv < 0.04, "top_p {top_p} min_p {min_p}: total variation {tv}");
+            assert!(counts.iter().zip(&expected).all(|(c, e)| *e > 0.0 || *c == 0.0));
+        }
     }
 
     #[test]

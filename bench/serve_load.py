@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Load test: N concurrent streaming chats against `hanlin serve` and against
+llama.cpp's `llama-server -np N` (same GGUF, same threads), in one run.
+
+Prints aggregate decode tokens/s, TTFT p50/p95 and the ratios, plus the
+prefix-cache check (second turn of a conversation with a ~1,500-token
+history: TTFT relative to the first turn).
+
+    python3 bench/serve_load.py                       # default model, 1 and 8 streams
+    python3 bench/serve_load.py --streams 4 --tokens 64
+    LLAMA_SERVER=/path/to/llama-server python3 bench/serve_load.py
+
+llama-server comes from scripts/build_llama_cpp.sh ($LLAMA_CPP_BIN, or found
+under ~/.cache/hanlin/llama.cpp); without it only Hanlin is measured.
+Only the Python standard library is used.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HANLIN = ROOT / "target" / "release" / "hanlin"
+
+TOPICS = [
+    "the history of the Great Wall of China",
+    "how a CPU cache works",
+    "a journey across the Pacific Ocean",
+    "why the sky is blue",
+    "the life of a honeybee",
+    "how compilers optimise loops",
+    "the story of paper money",
+    "a day in the life of a lighthouse keeper",
+    "用中文讲一个关于长城的故事",
+    "用中文介绍一下杭州西湖",
+    "how vaccines train the immune system",
+    "the rules of the game of Go",
+    "how rivers shape valleys",
+    "the invention of the printing press",
+    "用中文写一篇关于春天的短文",
+    "how a hash table handles collisions",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            sys.exit(f"server exited early (code {proc.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.5)
+    sys.exit(f"server at {url} did not become ready")
+
+
+def stream_chat(base, key, messages, max_tokens, model, out):
+    body = json.dumps({
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }).encode()
+    req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {key}",
+    })
+    t0 = time.perf_counter()
+    ttft, tokens, chunks, text = None, None, 0, []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            ev = json.loads(data)
+            if ev.get("usage"):
+                tokens = ev["usage"]["completion_tokens"]
+            for ch in ev.get("choices", []):
+                piece = (ch.get("delta") or {}).get("content")
+                if piece:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    chunks += 1
+                    text.append(piece)
+    out.update(ttft=ttft or 0.0, tokens=tokens if tokens is not None else chunks,
+               elapsed=time.perf_counter() - t0, text="".join(text))
+
+
+def run_load(base, key, model, streams, max_tokens):
+    results = [dict() for _ in range(streams)]
+    threads = []
+    t0 = time.perf_counter()
+    for i in range(streams):
+        msgs = [{"role": "user", "content": f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}."}]
+        th = threading.Thread(target=stream_chat, args=(base, key, msgs, max_tokens, model, results[i]))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    toks = sum(r["tokens"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
+    return {"streams": streams, "tokens": toks, "wall": wall, "tok_s": toks / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_p95": p95}
+
+
+def prefix_check(base, key, model):
+    """Second turn of a conversation with a long history: TTFT vs the first."""
+    history = "\n".join(f"{i}. " + TOPICS[i % len(TOPICS)] + " is a topic we discussed at length, covering many details." for i in range(110))
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Here are my notes:\n" + history + "\nSummarise them in one sentence."}]
+    first = {}
+    stream_chat(base, key, msgs, 24, model, first)
+    msgs = msgs + [{"role": "assistant", "content": first["text"]},
+                   {"role": "user", "content": "Now list three of the topics."}]
+    second = {}
+    stream_chat(base, key, msgs, 24, model, second)
+    return first["ttft"], second["ttft"]
+
+
+def start_hanlin(model, threads, port, tmp):
+    env = dict(os.environ, HANLIN_DATABASE_URL=f"sqlite://{tmp}/bench.db", HANLIN_LOG="warn")
+    key = subprocess.run([str(HANLIN), "admin", "key", "create", "--user", "bench", "--plan", "plus"],
+                         env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    proc = subprocess.Popen([str(HANLIN), "-t", str(threads), "serve", "--port", str(port), "--model", model,
+                             "--ctx", "4096"], env=env, stdout=subprocess.DEVNULL)
+    return proc, key
+
+
+def find_llama_server():
+    p = os.environ.get("LLAMA_SERVER")
+    if p:
+        return Path(p) if Path(p).exists() else None
+    b = os.environ.get("LLAMA_CPP_BIN")
+    if b and (Path(b) / "llama-server").exists():
+        return Path(b) / "llama-server"
+    found = sorted((Path.home() / ".cache" / "hanlin" / "llama.cpp").glob("*/vendor/llama.cpp/build/bin/llama-server"))
+    return found[-1] if found else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    if not HANLIN.exists():
+        subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
+    gguf = subprocess.run([str(HANLIN), "show", args.model, "--path"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        proc, key = start_hanlin(args.model, args.threads, port, tmp)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base + "/health", proc)
+            run_load(base, key, args.model, 1, 8)  # warm-up (loads the model)
+            rows["hanlin", 1] = run_load(base, key, args.model, 1, args.tokens)
+            rows["hanlin", args.streams] = run_load(base, key, args.model, args.streams, args.tokens)
+            t1, t2 = prefix_check(base, key, args.model)
+        finally:
+            proc.terminate()
+            proc.wait()
+    llama = find_llama_server()
+    if llama:
+        port = free_port()
+        lib = str(llama.parent)
+        env = dict(os.environ, LD_LIBRARY_PATH=lib + ":" + os.environ.get("LD_LIBRARY_PATH", ""))
+        proc = subprocess.Popen([str(llama), "-m", gguf, "-t", str(args.threads), "-np", str(args.streams),
+                                 "-c", str(4096 * args.streams), "--port", str(port), "--host", "127.0.0.1"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base + "/health", proc)
+            run_load(base, "none", args.model, 1, 8)
+            rows["llama-server", 1] = run_load(base, "none", args.model, 1, args.tokens)
+            rows["llama-server", args.streams] = run_load(base, "none", args.model, args.streams, args.tokens)
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"model {args.model}, {args.threads} threads, {args.tokens} max tokens per stream")
+    print(f"{'server':<14} {'streams':>7} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9}")
+    for (name, n), r in rows.items():
+        print(f"{name:<14} {n:>7} {r['tokens']:>7} {r['tok_s']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s")
+    h1, hn = rows["hanlin", 1], rows["hanlin", args.streams]
+    print(f"hanlin {args.streams} streams / hanlin 1 stream: {hn['tok_s'] / h1['tok_s']:.2f}x")
+    if ("llama-server", args.streams) in rows:
+        ln = rows["llama-server", args.streams]
+        print(f"hanlin / llama-server at {args.streams} streams: {hn['tok_s'] / ln['tok_s']:.2f}x")
+        print(f"hanlin / llama-server at 1 stream: {h1['tok_s'] / rows['llama-server', 1]['tok_s']:.2f}x")
+    print(f"prefix cache: second-turn TTFT {t2:.3f}s vs first turn {t1:.3f}s = {t2 / t1:.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -82,6 +82,9 @@ pub enum Logits {
     None,
     Last,
     All,
+    /// No logits: the mean over the positions of the final-normalised
+    /// hidden state, L2-normalised (`d_model` floats; a sentence embedding).
+    Mean,
 }
 
 struct Loader<'a> {
@@ -400,18 +403,32 @@ impl Model {
         // Only the rows whose logits are wanted go through the output matrix.
         let mut rows = Vec::new();
         let mut counts = Vec::with_capacity(seqs.len());
-        for (s, span) in seqs.iter_mut().zip(&spans) {
+        let mut means: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+        for (i, (s, span)) in seqs.iter_mut().zip(&spans).enumerate() {
             s.cache.commit(span.len());
             let wanted = match (s.want, span.is_empty()) {
                 (_, true) | (Logits::None, _) => 0..0,
                 (Logits::Last, false) => span.end - 1..span.end,
                 (Logits::All, false) => span.clone(),
+                (Logits::Mean, false) => {
+                    let seq = &x[span.start * d..span.end * d];
+                    let mut normed = vec![0f32; seq.len()];
+                    ops::rms_norm(seq, &self.output_norm, cfg.norm_eps, &mut normed);
+                    let mut mean = vec![0f32; d];
+                    for row in normed.chunks_exact(d) {
+                        ops::add_inplace(&mut mean, row);
+                    }
+                    let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                    mean.iter_mut().for_each(|v| *v /= norm);
+                    means[i] = Some(mean);
+                    0..0
+                }
             };
             rows.extend_from_slice(&x[wanted.start * d..wanted.end * d]);
             counts.push(wanted.len());
         }
         if rows.is_empty() {
-            return Ok(vec![Vec::new(); seqs.len()]);
+            return Ok(means.into_iter().map(Option::unwrap_or_default).collect());
         }
         let mut normed = vec![0f32; rows.len()];
         ops::rms_norm(&rows, &self.output_norm, cfg.norm_eps, &mut normed);
@@ -421,8 +438,11 @@ impl Model {
         let vocab = cfg.vocab_size;
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
-        for n in counts {
-            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+        for (n, mean) in counts.into_iter().zip(means) {
+            match mean {
+                Some(m) => out.push(m),
+                None => out.push(logits[at * vocab..(at + n) * vocab].to_vec()),
+            }
             at += n;
         }
         Ok(out)

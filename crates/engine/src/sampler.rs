@@ -136,7 +136,11 @@ impl Sampler {
         } else {
             0.0
         };
-        let mut k = if c.top_k > 0 { c.top_k.min(n) } else { 64.min(n) };
+        let mut k = if c.top_k > 0 {
+            c.top_k.min(n)
+        } else {
+            64.min(n)
+        };
         let (cand, probs) = loop {
             let mut cand: Vec<(u32, f32)> = logits
                 .iter()
@@ -295,11 +299,14 @@ mod tests {
             }
             if top_p < 1.0 {
                 let mut acc = 0.0;
-                keep = p.iter().take_while(|&&x| {
-                    let before = acc;
-                    acc += x;
-                    before < top_p
-                }).count();
+                keep = p
+                    .iter()
+                    .take_while(|&&x| {
+                        let before = acc;
+                        acc += x;
+                        before < top_p
+                    })
+                    .count();
             }
             let total: f32 = p[..keep].iter().sum();
             let mut expected = vec![0f32; n];
@@ -326,8 +333,14 @@ mod tests {
                 .map(|(c, e)| (c / draws as f32 - e).abs())
                 .sum::<f32>()
                 / 2.0;
-            assert!(tv < 0.04, "top_p {top_p} min_p {min_p}: total variation {tv}");
-            assert!(counts.iter().zip(&expected).all(|(c, e)| *e > 0.0 || *c == 0.0));
+            assert!(
+                tv < 0.04,
+                "top_p {top_p} min_p {min_p}: total variation {tv}"
+            );
+            assert!(counts
+                .iter()
+                .zip(&expected)
+                .all(|(c, e)| *e > 0.0 || *c == 0.0));
         }
     }
 

@@ -69,6 +69,8 @@ pub enum Event {
         cached_tokens: usize,
         completion_tokens: usize,
     },
+    /// The answer to an embedding job (then `Done`).
+    Embedding(Vec<f32>),
     Failed(String),
 }
 
@@ -81,6 +83,8 @@ pub struct Job {
     pub params: GenerateParams,
     /// Higher is admitted first (plans give paying users a higher one).
     pub priority: i32,
+    /// Embed the prompt (mean-pooled hidden state) instead of generating.
+    pub embed: bool,
     pub sink: Sink,
 }
 
@@ -253,6 +257,10 @@ impl Worker {
                 (job.sink)(Event::Failed(msg));
                 continue;
             }
+            if job.embed {
+                self.embed(job);
+                continue;
+            }
             let (cache, tokens) = self.prefix_for(&job.prompt);
             let cached = tokens.len();
             self.stats
@@ -278,6 +286,41 @@ impl Worker {
             });
             if !seq.done {
                 self.active.push(seq);
+            }
+        }
+    }
+
+    /// Embedding jobs run alone, whole, between decode steps (their inputs
+    /// are short and they need every position at once).
+    fn embed(&mut self, mut job: Job) {
+        let c = &self.m.model.cfg;
+        let n = job.prompt.len();
+        let mut cache = KvCache::new(c.n_layer, c.kv_dim(), n);
+        if !(job.sink)(Event::Started {
+            prompt_tokens: n,
+            cached_tokens: 0,
+        }) {
+            return;
+        }
+        self.stats
+            .prompt_tokens
+            .fetch_add(n as u64, Ordering::Relaxed);
+        match self
+            .m
+            .model
+            .forward(&self.m.pool, &job.prompt, &mut cache, Logits::Mean)
+        {
+            Ok(v) => {
+                (job.sink)(Event::Embedding(v));
+                (job.sink)(Event::Done {
+                    finish: FinishReason::Stop,
+                    prompt_tokens: n,
+                    cached_tokens: 0,
+                    completion_tokens: 0,
+                });
+            }
+            Err(e) => {
+                (job.sink)(Event::Failed(e.to_string()));
             }
         }
     }

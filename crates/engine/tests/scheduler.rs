@@ -30,6 +30,7 @@ fn job(prompt: Vec<u32>, max: usize, priority: i32) -> (Job, mpsc::Receiver<Even
             prompt,
             params: greedy(max),
             priority,
+            embed: false,
             sink,
         },
         rx,
@@ -45,6 +46,7 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (String, usize, Event) {
             Event::Started { cached_tokens, .. } => cached = cached_tokens,
             Event::Token { text: t, .. } => text.push_str(&t),
             e @ (Event::Done { .. } | Event::Failed(_)) => return (text, cached, e),
+            Event::Embedding(_) => panic!("a generation job got an embedding"),
         }
     }
 }
@@ -162,6 +164,7 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
             prompt: p.clone(),
             params: greedy(500),
             priority: 0,
+            embed: false,
             sink,
         })
         .expect("submit");

@@ -426,6 +426,7 @@ async fn start(
             prompt: prompt.clone(),
             params: p,
             priority: run.caller.plan.priority as i32,
+            embed: false,
             sink: Box::new(move |e| tx.send((i, e)).is_ok()),
         };
         if let Err(e) = run.sched.submit(job) {
@@ -625,6 +626,7 @@ async fn drive(
                 failed = Some(msg);
                 break;
             }
+            Event::Embedding(_) => {}
         }
         if let Some(c) = chunk {
             if out.send(Ok(stream_chunk(&run, c))).await.is_err() {
@@ -669,39 +671,205 @@ async fn drive(
     };
     st.limiter.settle(reservation, used as i64);
     if admitted {
-        let key = [run.caller.key.id.as_str(), run.model.as_str()];
-        for (kind, n) in [
-            ("prompt", prompt_tokens),
-            ("cached", cached_tokens),
-            ("completion", completion_tokens),
-        ] {
-            st.metrics
-                .tokens
-                .with_label_values(&[key[0], key[1], kind])
-                .inc_by(n as u64);
+        meter(
+            &st,
+            &run.caller,
+            &run.id,
+            &run.model,
+            run.created,
+            [prompt_tokens, cached_tokens, completion_tokens],
+        )
+        .await;
+    }
+}
+
+/// Count a finished request: metrics, and a usage row keyed by the request
+/// id, retried until the database accepts it (the key makes retries
+/// idempotent: a record is never counted twice, and a database outage does
+/// not lose it).
+async fn meter(
+    st: &AppState,
+    caller: &Caller,
+    request_id: &str,
+    model: &str,
+    ts: i64,
+    [prompt, cached, completion]: [usize; 3],
+) {
+    for (kind, n) in [
+        ("prompt", prompt),
+        ("cached", cached),
+        ("completion", completion),
+    ] {
+        st.metrics
+            .tokens
+            .with_label_values(&[caller.key.id.as_str(), model, kind])
+            .inc_by(n as u64);
+    }
+    let rec = UsageRecord {
+        request_id: request_id.to_string(),
+        key_id: caller.key.id.clone(),
+        user_id: caller.user.id.clone(),
+        model: model.to_string(),
+        ts,
+        prompt_tokens: prompt as i64,
+        cached_tokens: cached as i64,
+        completion_tokens: completion as i64,
+    };
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    while let Err(e) = st.db.record_usage(&rec).await {
+        attempt += 1;
+        tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+pub async fn embeddings(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = embeddings_inner(&st, &headers, body).await;
+    finish_response(&st, "embeddings", r)
+}
+
+async fn embeddings_inner(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Response> {
+    use base64::Engine as _;
+    let caller = auth(st, headers).await?;
+    let body = body_of(body, st.config.max_body)?;
+    let req: openai::EmbeddingRequest = openai::parse(&body, openai::EMBEDDING_FIELDS)?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid encoding_format '{other}': use 'float' or 'base64'."
+            ))
+            .param("encoding_format"))
         }
-        let rec = UsageRecord {
-            request_id: run.id.clone(),
-            key_id: run.caller.key.id.clone(),
-            user_id: run.caller.user.id.clone(),
-            model: run.model.clone(),
-            ts: run.created,
-            prompt_tokens: prompt_tokens as i64,
-            cached_tokens: cached_tokens as i64,
-            completion_tokens: completion_tokens as i64,
-        };
-        // The request id makes retries idempotent: a record is never
-        // counted twice, and a database outage does not lose it (this task
-        // keeps retrying until the database is back).
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 0u32;
-        while let Err(e) = st.db.record_usage(&rec).await {
-            attempt += 1;
-            tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+    };
+    let sched = scheduler_for(st, &caller, &req.model).await?;
+    let tok = &sched.model.tokenizer;
+    let inputs: Vec<Vec<u32>> = match req.input {
+        openai::EmbeddingInput::One(s) => vec![encode_input(tok, &s)?],
+        openai::EmbeddingInput::Many(v) => v
+            .iter()
+            .map(|s| encode_input(tok, s))
+            .collect::<AppResult<_>>()?,
+        openai::EmbeddingInput::Tokens(t) => vec![t],
+        openai::EmbeddingInput::ManyTokens(t) => t,
+    };
+    if inputs.is_empty() || inputs.len() > 2048 {
+        return Err(ApiError::bad_request("'input' must hold 1 to 2048 items.").param("input"));
+    }
+    let vocab = sched.model.model.cfg.vocab_size as u32;
+    let limit = sched
+        .config
+        .ctx
+        .min(caller.plan.max_context.max(1) as usize);
+    for (i, t) in inputs.iter().enumerate() {
+        if t.is_empty() {
+            return Err(ApiError::bad_request(format!("input[{i}] is empty.")).param("input"));
+        }
+        if t.len() > limit {
+            return Err(ApiError::bad_request(format!(
+                "This model's maximum context length is {limit} tokens, however input[{i}] has {} tokens.",
+                t.len()
+            ))
+            .param("input")
+            .code("context_length_exceeded"));
+        }
+        if t.iter().any(|&id| id >= vocab) {
+            return Err(ApiError::bad_request(format!(
+                "input[{i}] has a token id outside the vocabulary."
+            ))
+            .param("input"));
         }
     }
+    let total: usize = inputs.iter().map(Vec::len).sum();
+    let reservation = reserve(st, &caller, total).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    for (i, prompt) in inputs.iter().enumerate() {
+        let tx = tx.clone();
+        let job = Job {
+            prompt: prompt.clone(),
+            params: GenerateParams::default(),
+            priority: caller.plan.priority as i32,
+            embed: true,
+            sink: Box::new(move |e| tx.send((i, e)).is_ok()),
+        };
+        if let Err(e) = sched.submit(job) {
+            st.limiter.settle(reservation, 0);
+            return Err(ApiError::rate_limited(
+                format!("The server is busy ({e}). Please retry shortly."),
+                "server_busy",
+                Duration::from_secs(1),
+            ));
+        }
+    }
+    drop(tx);
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+    let mut failed = None;
+    let mut done_tokens = 0;
+    while let Some((i, ev)) = rx.recv().await {
+        match ev {
+            Event::Embedding(v) => vectors[i] = Some(v),
+            Event::Done { prompt_tokens, .. } => done_tokens += prompt_tokens,
+            Event::Failed(m) => failed = Some(m),
+            _ => {}
+        }
+    }
+    st.limiter.settle(reservation, done_tokens as i64);
+    let id = format!("emb-{}", random_id());
+    if done_tokens > 0 {
+        meter(
+            st,
+            &caller,
+            &id,
+            &req.model,
+            hanlin_accounts::now(),
+            [done_tokens, 0, 0],
+        )
+        .await;
+    }
+    if let Some(m) = failed {
+        return Err(ApiError::internal(format!("Embedding failed: {m}")));
+    }
+    let mut data = Vec::with_capacity(vectors.len());
+    for (i, v) in vectors.into_iter().enumerate() {
+        let mut v = v.ok_or_else(|| ApiError::internal("an embedding is missing"))?;
+        if let Some(d) = req.dimensions {
+            // Matryoshka-style truncation, renormalised.
+            v.truncate((d as usize).clamp(1, v.len()));
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= n);
+        }
+        let embedding = if base64 {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            json!(v)
+        };
+        data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
+    }
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }))
+    .into_response())
+}
+
+fn encode_input(tok: &hanlin_tokenizer::Tokenizer, s: &str) -> AppResult<Vec<u32>> {
+    tok.encode(s, true).map_err(|e| {
+        ApiError::bad_request(format!("Tokenizing the input failed: {e}")).param("input")
+    })
 }
 
 fn stream_envelope(run: &Run, choices: Vec<Value>) -> Value {

@@ -95,6 +95,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(api::get_model))
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
+        .route("/v1/embeddings", post(api::embeddings))
         .route(
             "/v1/admin/users",
             get(admin::users).post(admin::create_user),

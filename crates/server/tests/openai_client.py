@@ -125,6 +125,21 @@ call = c.message.tool_calls[0]
 assert call.function.name == "get_weather"
 assert "Paris" in json.loads(call.function.arguments)["city"]
 
+# Embeddings (the client asks for base64 and decodes it)
+e = client.embeddings.create(model=qwen, input=[
+    "今天天气很好，阳光明媚。",
+    "今天天气晴朗，阳光很好。",
+    "The stock market fell sharply on Monday.",
+])
+v = [d.embedding for d in e.data]
+assert len(v) == 3 and len(v[0]) == 896, (len(v), len(v[0]))
+cos = lambda a, b: sum(x * y for x, y in zip(a, b))
+assert abs(cos(v[0], v[0]) - 1) < 1e-3
+assert cos(v[0], v[1]) > cos(v[0], v[2]), (cos(v[0], v[1]), cos(v[0], v[2]))
+assert e.usage.prompt_tokens > 10
+e = client.embeddings.create(model=qwen, input="长城", dimensions=64, encoding_format="float")
+assert len(e.data[0].embedding) == 64
+
 # Errors come back as the client's own exception types
 def raises(exc, fn):
     try:

@@ -88,7 +88,9 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
 async fn fresh_postgres_database(url: &str) -> String {
     use sqlx::Connection;
     let name = format!("hanlin_t_{:016x}", rand::random::<u64>());
-    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect to PostgreSQL");
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .expect("connect to PostgreSQL");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await

@@ -207,6 +207,16 @@ impl Session {
     }
 }
 
+/// A constraint on what may be generated (a grammar, a JSON schema): it
+/// masks the logits before each sample and follows the sampled tokens.
+pub trait TokenConstraint: Send {
+    /// Set the logits of the tokens not allowed next to -inf. Returns false
+    /// when the constraint cannot go on (nothing is allowed).
+    fn mask(&mut self, logits: &mut [f32]) -> bool;
+    /// Follow a sampled (allowed) token.
+    fn accept(&mut self, token: u32);
+}
+
 /// What one sampling step produced.
 pub struct DecodeStep {
     /// Text that became final (never a broken character, never part of a
@@ -232,11 +242,20 @@ pub struct Decoder {
     /// Sampled tokens (end-of-generation tokens excluded).
     pub out: Vec<u32>,
     pub lps: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 impl Decoder {
+    /// Sampling limited by `constraint` (e.g. a JSON schema).
+    pub fn constrained(params: GenerateParams, constraint: Box<dyn TokenConstraint>) -> Self {
+        let mut d = Self::new(params);
+        d.constraint = Some(constraint);
+        d
+    }
+
     pub fn new(params: GenerateParams) -> Self {
         Self {
+            constraint: None,
             sampler: Sampler::new(params.sampler.clone()),
             stream: Utf8Stream::default(),
             max_stop: params.stop.iter().map(String::len).max().unwrap_or(0),
@@ -257,9 +276,19 @@ impl Decoder {
         history: &[u32],
         context_full: bool,
     ) -> DecodeStep {
+        if let Some(c) = &mut self.constraint {
+            if !c.mask(logits) {
+                return self.finish(FinishReason::Stop);
+            }
+        }
         let p = &self.params;
         let raw = (p.logprobs || p.top_logprobs > 0).then(|| logits.to_vec());
         let id = self.sampler.sample(logits, history);
+        if let Some(c) = &mut self.constraint {
+            if !tok.eog.contains(&id) {
+                c.accept(id);
+            }
+        }
         if let Some(raw) = raw {
             let (lp, top) = logprobs(&raw, id, p.top_logprobs);
             self.lps.push((TokenLogprob { id, logprob: lp }, top));

@@ -15,6 +15,7 @@ pub mod sched;
 
 pub use generate::{
     DecodeStep, Decoder, FinishReason, GenerateParams, Generation, LoadedModel, Session,
+    TokenConstraint,
 };
 pub use hanlin_kernels::dot::{simd_level, SimdLevel};
 pub use kv::KvCache;

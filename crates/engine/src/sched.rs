@@ -9,7 +9,7 @@
 //! prefix it shares with the pool or with a running sequence, so a system
 //! prompt or a conversation's earlier turns are not recomputed.
 
-use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel};
+use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
 use crate::kv::KvCache;
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
@@ -85,6 +85,8 @@ pub struct Job {
     pub priority: i32,
     /// Embed the prompt (mean-pooled hidden state) instead of generating.
     pub embed: bool,
+    /// Limit what may be generated (structured output).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
     pub sink: Sink,
 }
 
@@ -269,8 +271,12 @@ impl Worker {
             self.stats
                 .cached_tokens
                 .fetch_add(cached as u64, Ordering::Relaxed);
+            let dec = match job.constraint.take() {
+                Some(c) => Decoder::constrained(job.params.clone(), c),
+                None => Decoder::new(job.params.clone()),
+            };
             let mut seq = Seq {
-                dec: Decoder::new(job.params.clone()),
+                dec,
                 job,
                 cache,
                 tokens,

@@ -31,6 +31,7 @@ fn job(prompt: Vec<u32>, max: usize, priority: i32) -> (Job, mpsc::Receiver<Even
             params: greedy(max),
             priority,
             embed: false,
+            constraint: None,
             sink,
         },
         rx,
@@ -165,6 +166,7 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
             params: greedy(500),
             priority: 0,
             embed: false,
+            constraint: None,
             sink,
         })
         .expect("submit");

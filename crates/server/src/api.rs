@@ -235,15 +235,7 @@ async fn chat_inner(
     let caller = auth(st, headers).await?;
     let body = body_of(body, st.config.max_body)?;
     let req: ChatRequest = openai::parse(&body, openai::CHAT_FIELDS)?;
-    if let Some(rf) = &req.response_format {
-        let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind != "text" {
-            return Err(ApiError::bad_request(format!(
-                "response_format type '{kind}' is not supported by this server yet; only 'text'."
-            ))
-            .param("response_format"));
-        }
-    }
+    let schema = crate::grammar::Grammars::schema_of(req.response_format.as_ref())?;
     let messages = req.template_messages()?;
     let sched = scheduler_for(st, &caller, &req.model).await?;
     let tools = req
@@ -285,6 +277,16 @@ async fn chat_inner(
     }
     let params = req.sampling.to_params(max_new, logprobs, top)?;
     let n = req.sampling.n()?;
+    let constraints = match &schema {
+        Some(schema) => (0..n)
+            .map(|_| {
+                st.grammars
+                    .constraint(&req.model, &sched.model, schema)
+                    .map(Some)
+            })
+            .collect::<AppResult<Vec<_>>>()?,
+        None => (0..n).map(|_| None).collect(),
+    };
     let run = Run {
         id: format!("chatcmpl-{}", random_id()),
         created: hanlin_accounts::now(),
@@ -299,7 +301,7 @@ async fn chat_inner(
         sched,
         started: Instant::now(),
     };
-    start(st, run, prompt, params).await
+    start(st, run, prompt, params, constraints).await
 }
 
 async fn completion_inner(
@@ -374,7 +376,8 @@ async fn completion_inner(
         sched,
         started: Instant::now(),
     };
-    start(st, run, prompt, params).await
+    let constraints = (0..n).map(|_| None).collect();
+    start(st, run, prompt, params, constraints).await
 }
 
 /// Qwen2.5-Coder style fill-in-the-middle prompt, when the vocabulary has
@@ -413,11 +416,12 @@ async fn start(
     run: Run,
     prompt: Vec<u32>,
     params: GenerateParams,
+    constraints: Vec<Option<Box<dyn hanlin_engine::TokenConstraint>>>,
 ) -> AppResult<Response> {
     let needed = (prompt.len() + params.max_tokens) * run.n;
     let reservation = reserve(st, &run.caller, needed).await?;
     let (tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
-    for i in 0..run.n {
+    for (i, constraint) in constraints.into_iter().enumerate() {
         let tx = tx.clone();
         let mut p = params.clone();
         // Choices differ when sampling: each gets its own seed.
@@ -427,6 +431,7 @@ async fn start(
             params: p,
             priority: run.caller.plan.priority as i32,
             embed: false,
+            constraint,
             sink: Box::new(move |e| tx.send((i, e)).is_ok()),
         };
         if let Err(e) = run.sched.submit(job) {
@@ -801,6 +806,7 @@ async fn embeddings_inner(
             params: GenerateParams::default(),
             priority: caller.plan.priority as i32,
             embed: true,
+            constraint: None,
             sink: Box::new(move |e| tx.send((i, e)).is_ok()),
         };
         if let Err(e) = sched.submit(job) {

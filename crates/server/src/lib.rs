@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod api;
 pub mod error;
+pub mod grammar;
 pub mod metrics;
 pub mod models;
 pub mod openai;
@@ -64,6 +65,7 @@ pub struct AppState {
     pub models: models::Models,
     pub limiter: Limiter,
     pub metrics: metrics::Metrics,
+    pub grammars: grammar::Grammars,
     pub config: Config,
 }
 
@@ -81,6 +83,7 @@ impl AppState {
             models,
             limiter: Limiter::default(),
             metrics: metrics::Metrics::new()?,
+            grammars: grammar::Grammars::default(),
             config,
         }))
     }

@@ -143,7 +143,7 @@ async fn bad_input_gets_openai_errors_and_the_server_stays_up() {
     assert_eq!((s, v["error"]["param"].as_str()), (400, Some("messages")));
     let (s, v) = post(base, "/v1/chat/completions", &key, json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000})).await;
     assert_eq!((s, err_code(&v)), (400, "context_length_exceeded"));
-    let (s, v) = post(base, "/v1/chat/completions", &key, json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {}}})).await;
+    let (s, v) = post(base, "/v1/chat/completions", &key, json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})).await;
     assert_eq!(
         (s, v["error"]["param"].as_str()),
         (400, Some("response_format"))

@@ -125,6 +125,45 @@ call = c.message.tool_calls[0]
 assert call.function.name == "get_weather"
 assert "Paris" in json.loads(call.function.arguments)["city"]
 
+# Structured output: a JSON schema enforced by constrained decoding, greedy
+# and sampled.
+person = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+r = client.chat.completions.create(
+    model=qwen,
+    messages=[{"role": "user", "content": "Give me a person named 李雷 who is 30 years old, as JSON."}],
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}},
+    max_tokens=60,
+    temperature=0,
+)
+obj = json.loads(r.choices[0].message.content)
+assert obj == {"name": "李雷", "age": 30}, obj
+r = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Invent a person."}],
+    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person}},
+    max_tokens=80,
+    temperature=1.0,
+    seed=3,
+    n=2,
+)
+for ch in r.choices:
+    obj = json.loads(ch.message.content)
+    assert set(obj) == {"name", "age"} and isinstance(obj["age"], int) and 0 <= obj["age"] <= 150, obj
+e_schema = None
+try:
+    client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "x"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"a": {"type": "frobnitz"}}}}},
+    )
+except openai.BadRequestError as err:
+    e_schema = err
+assert e_schema is not None and e_schema.code == "invalid_json_schema"
+
 # Embeddings (the client asks for base64 and decodes it)
 e = client.embeddings.create(model=qwen, input=[
     "今天天气很好，阳光明媚。",

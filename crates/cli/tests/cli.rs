@@ -98,3 +98,62 @@ fn bad_input_gets_one_clear_error_and_nonzero_exit() {
         text(&o.stderr)
     );
 }
+
+/// `hanlin admin`: the key is printed alone on the last line; settings come
+/// from a TOML file unless the environment or a flag says otherwise.
+#[test]
+fn admin_keys_and_config_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("from-config.db");
+    let cfg = dir.path().join("hanlin.toml");
+    std::fs::write(
+        &cfg,
+        format!("database_url = \"sqlite://{}\"\n", db.display()),
+    )
+    .expect("write config");
+    let cfg_s = cfg.to_str().expect("utf-8 path");
+    let out = hanlin(&[
+        "--config", cfg_s, "admin", "key", "create", "--user", "张三", "--plan", "plus",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let key = stdout.lines().last().expect("a line");
+    assert!(key.starts_with("sk-hl-") && !key.contains(' '), "{stdout}");
+    assert!(
+        db.exists(),
+        "the database named by the config file was created"
+    );
+    let out = hanlin(&["--config", cfg_s, "admin", "key", "list"]);
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains("张三") && listing.contains("active"),
+        "{listing}"
+    );
+    assert!(!listing.contains(key), "secrets are never listed");
+    let out = hanlin(&["--config", cfg_s, "admin", "user", "list"]);
+    assert!(text(&out.stdout).contains("plus"));
+    // A flag beats the file.
+    let other = dir.path().join("flag.db");
+    let url = format!("sqlite://{}", other.display());
+    let out = hanlin(&[
+        "--config",
+        cfg_s,
+        "admin",
+        "--database-url",
+        &url,
+        "plan",
+        "list",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(other.exists());
+    // Unknown plan, missing config file, bad TOML: clear errors.
+    let out = hanlin(&[
+        "--config", cfg_s, "admin", "key", "create", "--user", "x", "--plan", "gold",
+    ]);
+    assert!(!out.status.success() && text(&out.stderr).contains("gold"));
+    let out = hanlin(&["--config", "/nonexistent/hanlin.toml", "list"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("/nonexistent/hanlin.toml"));
+    std::fs::write(&cfg, "port = [1, 2]\n").expect("write");
+    let out = hanlin(&["--config", cfg_s, "list"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("port"));
+}

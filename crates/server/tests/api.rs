@@ -407,3 +407,53 @@ async fn admin_api_metrics_and_vanished_clients() {
         assert!(text.contains(m), "{m} missing from /metrics");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_load_on_demand_and_the_least_recently_used_is_evicted() {
+    // Room for the default model (491 MB) or SmolLM2 (~100 MB) with
+    // Gemma 3 (253 MB), but not for the default model with another.
+    let srv = common::start_with(|c| c.memory_budget = 520 << 20).await;
+    let key = srv.user_key("multi", "plus").await;
+    let loaded = || {
+        let mut v: Vec<String> = srv
+            .state
+            .models
+            .loaded()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        loaded().is_empty(),
+        "nothing is loaded before the first request"
+    );
+    let ask = |model: &'static str| {
+        let (base, key) = (srv.base.clone(), key.clone());
+        async move {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
+            post(&base, "/v1/chat/completions", &key, body).await
+        }
+    };
+    assert_eq!(ask(MODEL).await.0, 200);
+    assert_eq!(ask("gemma3-270m").await.0, 200);
+    assert_eq!(loaded(), ["gemma3-270m", MODEL]);
+    // The default model does not fit beside either: both go.
+    assert_eq!(ask(common::QWEN).await.0, 200);
+    assert_eq!(loaded(), [common::QWEN]);
+    // Every pulled model is listed whether loaded or not.
+    let models: Value = client()
+        .get(format!("{}/v1/models", srv.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        models["data"].as_array().map_or(0, Vec::len) >= 3,
+        "{models}"
+    );
+}

@@ -516,6 +516,36 @@ mod avx2 {
         _mm256_loadu_si256(b.add(2) as *const __m256i)
     }
 
+    /// `_mm256_shuffle_epi8` controls that broadcast i16 lane `k` of a
+    /// 128-bit half: bytes `2k, 2k+1` repeated.
+    const SCALE_PICK: [i16; 8] = [
+        0x0100, 0x0302, 0x0504, 0x0706, 0x0908, 0x0b0a, 0x0d0c, 0x0f0e,
+    ];
+
+    /// The 12 packed 6-bit scales and minimums of a Q4_K/Q5_K block, decoded
+    /// with word operations instead of a per-sub-block loop: the eight
+    /// scales as i16 in both 128-bit halves, and the eight minimums as i16
+    /// pairs (each repeated, to multiply the sixteen 16-wide activation sums).
+    #[inline(always)]
+    unsafe fn k4_scales_mins(p: *const u8) -> (__m256i, __m256i) {
+        let u: [u32; 3] =
+            std::array::from_fn(|k| u32::from_le_bytes(*(p.add(4 * k) as *const [u8; 4])));
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const TOP2: u32 = 0x0303_0303;
+        let scales_lo = u[0] & LOW6;
+        let scales_hi = (u[2] & LOW4) | (((u[0] >> 6) & TOP2) << 4);
+        let mins_lo = u[1] & LOW6;
+        let mins_hi = ((u[2] >> 4) & LOW4) | (((u[1] >> 6) & TOP2) << 4);
+        let scales = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, scales_hi as i32, scales_lo as i32));
+        let mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mins_hi as i32, mins_lo as i32));
+        let m32 = _mm256_cvtepu16_epi32(mins);
+        (
+            _mm256_broadcastsi128_si256(scales),
+            _mm256_or_si256(m32, _mm256_slli_epi32(m32, 16)),
+        )
+    }
+
     /// Q4_K and Q5_K share a layout apart from the high bits.
     #[inline(always)]
     unsafe fn q45k<const NT: usize, const FIVE: bool>(
@@ -533,15 +563,8 @@ mod avx2 {
             _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64) as *const i8);
             let d = load_f16(b);
             let dmin = load_f16(b.add(2));
-            let sc = std::slice::from_raw_parts(b.add(4), 12);
+            let (sc256, m16) = k4_scales_mins(b.add(4));
             let qs = b.add(if FIVE { 48 } else { 16 });
-            let mut scales = [0i16; 8];
-            let mut mvals = [0i32; 8];
-            for j in 0..8 {
-                let (s, m) = quant::scale_min_k4(j, sc);
-                scales[j] = s as i16;
-                mvals[j] = m as i32;
-            }
             let hv = if FIVE {
                 _mm256_loadu_si256(b.add(16) as *const __m256i)
             } else {
@@ -565,8 +588,8 @@ mod avx2 {
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
                 }
-                let sl = _mm256_set1_epi16(scales[2 * j]);
-                let sh = _mm256_set1_epi16(scales[2 * j + 1]);
+                let sl = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j]));
+                let sh = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j + 1]));
                 for k in 0..NT {
                     let xq = xs[k].get_unchecked(i).qs.as_ptr();
                     let xl = _mm256_loadu_si256(xq.add(64 * j) as *const __m256i);
@@ -577,25 +600,7 @@ mod avx2 {
                 }
             }
             // Minimums: sum(m_j * (bsum_2j + bsum_2j+1)) as 8 lanes of
-            // pairwise products, each m repeated for its two 16-wide sums.
-            let m16 = _mm256_setr_epi16(
-                mvals[0] as i16,
-                mvals[0] as i16,
-                mvals[1] as i16,
-                mvals[1] as i16,
-                mvals[2] as i16,
-                mvals[2] as i16,
-                mvals[3] as i16,
-                mvals[3] as i16,
-                mvals[4] as i16,
-                mvals[4] as i16,
-                mvals[5] as i16,
-                mvals[5] as i16,
-                mvals[6] as i16,
-                mvals[6] as i16,
-                mvals[7] as i16,
-                mvals[7] as i16,
-            );
+            // pairwise products (`m16` holds each m twice).
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
@@ -617,13 +622,25 @@ mod avx2 {
         let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
         let m4 = _mm256_set1_epi8(0xF);
         let m2 = _mm256_set1_epi8(3);
+        let pick2: [__m256i; 4] = std::array::from_fn(|kq| {
+            _mm256_set_m128i(
+                _mm_set1_epi16(SCALE_PICK[2 * kq + 1]),
+                _mm_set1_epi16(SCALE_PICK[2 * kq]),
+            )
+        });
         for i in 0..n {
             let b = w.as_ptr().add(i * 210);
             for l in 0..4 {
                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64 * l) as *const i8);
             }
             let d = load_f16(b.add(208));
-            let sc: [i8; 16] = std::array::from_fn(|k| *b.add(192 + k) as i8);
+            // The 16 scales as i16; each half h of the block uses eight of
+            // them, broadcast to both 128-bit lanes for the shuffles below.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192) as *const __m128i));
+            let halves = [
+                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+            ];
 
             let mut sumi = [_mm256_setzero_si256(); NT];
             for h in 0..2 {
@@ -642,9 +659,8 @@ mod avx2 {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
                 ];
                 for (kq, qk) in q.iter().enumerate() {
-                    let s0 = sc[8 * h + 2 * kq] as i16;
-                    let s1 = sc[8 * h + 2 * kq + 1] as i16;
-                    let sv = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                    // Low lane: scale 2kq of this half; high lane: 2kq + 1.
+                    let sv = _mm256_shuffle_epi8(halves[h], pick2[kq]);
                     for k in 0..NT {
                         let xq = xs[k].get_unchecked(i).qs.as_ptr();
                         let xv = _mm256_loadu_si256(xq.add(128 * h + 32 * kq) as *const __m256i);
@@ -655,7 +671,6 @@ mod avx2 {
             }
             // The -32 offset of every quant, removed in integers: subtract
             // 32 * sum(scale_k * bsum_k) (8 lanes of pairwise products).
-            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192) as *const __m128i));
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);

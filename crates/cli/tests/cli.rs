@@ -157,3 +157,23 @@ fn admin_keys_and_config_file() {
     let out = hanlin(&["--config", cfg_s, "list"]);
     assert!(!out.status.success() && text(&out.stderr).contains("port"));
 }
+
+/// A database that cannot be reached at start is one clear error, not a hang.
+#[test]
+fn serve_with_an_unreachable_database_exits_with_a_clear_error() {
+    let out = hanlin(&[
+        "serve",
+        "--model",
+        "smollm2-135m",
+        "--port",
+        "0",
+        "--database-url",
+        "postgres://hanlin@127.0.0.1:9/none",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("database") || err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+}

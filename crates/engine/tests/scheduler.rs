@@ -6,8 +6,7 @@
 mod common;
 
 use hanlin_engine::{
-    Event, FinishReason, GenerateParams, Job, LoadedModel, SamplerConfig, Scheduler,
-    SchedulerConfig,
+    Event, GenerateParams, Job, LoadedModel, SamplerConfig, Scheduler, SchedulerConfig,
 };
 use hanlin_tokenizer::Message;
 use std::sync::mpsc;
@@ -141,6 +140,8 @@ fn second_turn_reuses_the_cached_prefix() {
 
 #[test]
 fn priority_admits_first_and_dropped_clients_are_freed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
     let m = model();
     let sched = Scheduler::start(
         m.clone(),
@@ -152,13 +153,13 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
     let p = m
         .chat_prompt(&[Message::new("user", "Count from 1 to 100.")])
         .expect("prompt");
-    // Occupies the only slot; its client goes away after the first token.
+    // Occupies the only slot until its client goes away (`gone`).
+    let gone = Arc::new(AtomicBool::new(false));
     let (tx, rx_first) = mpsc::channel::<Event>();
-    let mut seen = 0;
+    let g = gone.clone();
     let sink = Box::new(move |e: Event| {
-        seen += 1;
         let _ = tx.send(e);
-        seen < 3
+        !g.load(Ordering::SeqCst)
     });
     sched
         .submit(Job {
@@ -174,26 +175,49 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
         rx_first.recv_timeout(Duration::from_secs(60)),
         Ok(Event::Started { .. })
     ));
-    let (low, rx_low) = job(p.clone(), 4, 0);
-    let (high, rx_high) = job(p.clone(), 4, 10);
-    sched.submit(low).expect("submit");
-    sched.submit(high).expect("submit");
-    // The abandoned sequence is freed, then the high-priority request runs
-    // to completion before the low one starts.
-    let (_, _, done_high) = collect(&rx_high);
-    assert!(matches!(
-        done_high,
-        Event::Done {
-            finish: FinishReason::Length,
-            ..
-        }
-    ));
-    assert!(
-        rx_low.try_recv().is_err(),
-        "the low-priority request started before the high one finished"
+    // Two more wait for the slot; what happens to them goes into one log.
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    for (name, priority) in [("low", 0), ("high", 10)] {
+        let (log, done_tx) = (log.clone(), done_tx.clone());
+        let sink = Box::new(move |e: Event| {
+            let what = match e {
+                Event::Started { .. } => "start",
+                Event::Done { .. } | Event::Failed(_) => "done",
+                _ => return true,
+            };
+            log.lock().expect("log").push(format!("{name} {what}"));
+            if what == "done" {
+                let _ = done_tx.send(());
+            }
+            true
+        });
+        sched
+            .submit(Job {
+                prompt: p.clone(),
+                params: greedy(4),
+                priority,
+                embed: false,
+                constraint: None,
+                sink,
+            })
+            .expect("submit");
+    }
+    // Let both reach the queue, then the first client leaves: its sequence
+    // is freed and the high-priority request runs before the low one.
+    std::thread::sleep(Duration::from_millis(300));
+    gone.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        done_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("both finish");
+    }
+    let log = log.lock().expect("log").clone();
+    assert_eq!(
+        log,
+        ["high start", "high done", "low start", "low done"],
+        "admission order"
     );
-    let (_, _, done_low) = collect(&rx_low);
-    assert!(matches!(done_low, Event::Done { .. }));
 }
 
 #[test]

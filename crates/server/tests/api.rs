@@ -457,3 +457,60 @@ async fn models_load_on_demand_and_the_least_recently_used_is_evicted() {
         "{models}"
     );
 }
+
+/// The same API from `curl`, as a shell user would call it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_streaming_and_plain() {
+    let srv = start().await;
+    let key = srv.user_key("shell", "free").await;
+    let url = format!("{}/v1/chat/completions", srv.base);
+    let auth = format!("Authorization: Bearer {key}");
+    let run = |body: String| {
+        let (url, auth) = (url.clone(), auth.clone());
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sN", "--fail-with-body", &url, "-H", &auth, "-H"])
+                .arg("Content-Type: application/json")
+                .args(["-d", &body])
+                .output()
+                .await
+                .expect("curl is installed (.ci/run installs it)");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    };
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0});
+    let (ok, text) = run(body.to_string()).await;
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["object"], "chat.completion");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (ok, text) = run(streamed.to_string()).await;
+    assert!(ok, "{text}");
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).expect("chunk JSON"))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(
+        content,
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+    );
+    // curl sees the HTTP error and OpenAI's error body.
+    let (ok, text) = run("{not json".into()).await;
+    assert!(!ok && text.contains("invalid_request_error"), "{text}");
+}

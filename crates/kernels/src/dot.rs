@@ -643,7 +643,7 @@ mod avx2 {
             ];
 
             let mut sumi = [_mm256_setzero_si256(); NT];
-            for h in 0..2 {
+            for (h, half) in halves.iter().enumerate() {
                 let ql = b.add(64 * h);
                 let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
                 let qa = _mm256_loadu_si256(ql as *const __m256i);
@@ -660,7 +660,7 @@ mod avx2 {
                 ];
                 for (kq, qk) in q.iter().enumerate() {
                     // Low lane: scale 2kq of this half; high lane: 2kq + 1.
-                    let sv = _mm256_shuffle_epi8(halves[h], pick2[kq]);
+                    let sv = _mm256_shuffle_epi8(*half, pick2[kq]);
                     for k in 0..NT {
                         let xq = xs[k].get_unchecked(i).qs.as_ptr();
                         let xv = _mm256_loadu_si256(xq.add(128 * h + 32 * kq) as *const __m256i);

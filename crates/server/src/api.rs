@@ -78,6 +78,18 @@ fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> AppResult<Bytes
     })
 }
 
+/// The caller, then their request body parsed against OpenAI's `fields`.
+async fn authed_request<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    fields: &[&str],
+) -> AppResult<(Caller, T)> {
+    let caller = auth(st, headers).await?;
+    let body = body_of(body, st.config.max_body)?;
+    Ok((caller, openai::parse(&body, fields)?))
+}
+
 fn visible(caller: &Caller, model: &str) -> bool {
     caller.plan.allows(model) && caller.key.allows(model)
 }
@@ -232,9 +244,8 @@ async fn chat_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Response> {
-    let caller = auth(st, headers).await?;
-    let body = body_of(body, st.config.max_body)?;
-    let req: ChatRequest = openai::parse(&body, openai::CHAT_FIELDS)?;
+    let (caller, req): (_, ChatRequest) =
+        authed_request(st, headers, body, openai::CHAT_FIELDS).await?;
     let schema = crate::grammar::Grammars::schema_of(req.response_format.as_ref())?;
     let messages = req.template_messages()?;
     let sched = scheduler_for(st, &caller, &req.model).await?;
@@ -309,9 +320,8 @@ async fn completion_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Response> {
-    let caller = auth(st, headers).await?;
-    let body = body_of(body, st.config.max_body)?;
-    let req: CompletionRequest = openai::parse(&body, openai::COMPLETION_FIELDS)?;
+    let (caller, req): (_, CompletionRequest) =
+        authed_request(st, headers, body, openai::COMPLETION_FIELDS).await?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request("'echo' is not supported.").param("echo"));
     }
@@ -745,9 +755,8 @@ async fn embeddings_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Response> {
     use base64::Engine as _;
-    let caller = auth(st, headers).await?;
-    let body = body_of(body, st.config.max_body)?;
-    let req: openai::EmbeddingRequest = openai::parse(&body, openai::EMBEDDING_FIELDS)?;
+    let (caller, req): (_, openai::EmbeddingRequest) =
+        authed_request(st, headers, body, openai::EMBEDDING_FIELDS).await?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -100,21 +100,10 @@ impl ChatTemplate {
 
 /// "26 Nov 2026" style date from Unix seconds (UTC).
 fn civil_date(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    // Howard Hinnant's days-from-civil inverse.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    const MON: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!("{d:02} {} {y}", MON[(m - 1) as usize])
+    let t = time::OffsetDateTime::from_unix_timestamp(secs.min(i64::MAX as u64) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let month = t.month().to_string();
+    format!("{:02} {} {}", t.day(), &month[..3], t.year())
 }
 
 #[cfg(test)]

@@ -504,8 +504,11 @@ mod avx2 {
     }
     #[inline(always)]
     unsafe fn q5_0_u(b: *const u8) -> __m256i {
-        let u = _mm256_or_si256(nibbles(b.add(6)), q5_high(b.add(2)));
-        _mm256_sub_epi8(u, _mm256_set1_epi8(16))
+        // value - 16 as a signed byte: the nibble when the high bit is set,
+        // the nibble with the top four bits set (nibble - 16) when it is not.
+        let qh = u32::from_le_bytes(*(b.add(2) as *const [u8; 4]));
+        let neg = _mm256_andnot_si256(bytes_from_bits(qh), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles(b.add(6)), neg)
     }
     #[inline(always)]
     unsafe fn q5_1_u(b: *const u8) -> __m256i {

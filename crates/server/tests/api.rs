@@ -436,11 +436,14 @@ async fn models_load_on_demand_and_the_least_recently_used_is_evicted() {
             post(&base, "/v1/chat/completions", &key, body).await
         }
     };
-    assert_eq!(ask(MODEL).await.0, 200);
-    assert_eq!(ask("gemma3-270m").await.0, 200);
+    for m in [MODEL, "gemma3-270m"] {
+        let (s, v) = ask(m).await;
+        assert_eq!(s, 200, "{m}: {v}");
+    }
     assert_eq!(loaded(), ["gemma3-270m", MODEL]);
     // The default model does not fit beside either: both go.
-    assert_eq!(ask(common::QWEN).await.0, 200);
+    let (s, v) = ask(common::QWEN).await;
+    assert_eq!(s, 200, "{v}");
     assert_eq!(loaded(), [common::QWEN]);
     // Every pulled model is listed whether loaded or not.
     let models: Value = client()

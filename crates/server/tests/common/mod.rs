@@ -33,13 +33,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     }
     let dir = tempfile::tempdir().expect("tmp");
     let database_url = match std::env::var("HANLIN_TEST_POSTGRES_URL") {
-        Ok(url) => {
-            let db = hanlin_accounts::Db::connect(&url)
-                .await
-                .expect("PostgreSQL");
-            db.reset_for_tests().await.expect("reset");
-            url
-        }
+        Ok(url) => fresh_postgres_database(&url).await,
         Err(_) => format!("sqlite://{}", dir.path().join("hanlin.db").display()),
     };
     let mut config = Config {

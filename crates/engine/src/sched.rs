@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -68,6 +69,11 @@ pub enum Event {
         prompt_tokens: usize,
         cached_tokens: usize,
         completion_tokens: usize,
+    },
+    /// Still waiting for a slot, `ahead` requests before it (sent now and
+    /// then, so a client that has gone away is noticed while queued too).
+    Queued {
+        ahead: usize,
     },
     /// The answer to an embedding job (then `Done`).
     Embedding(Vec<f32>),
@@ -138,6 +144,7 @@ impl Scheduler {
             active: Vec::new(),
             pool: VecDeque::new(),
             arrivals: 0,
+            last_probe: Instant::now(),
         };
         std::thread::Builder::new()
             .name("hanlin-sched".into())
@@ -205,7 +212,11 @@ struct Worker {
     /// Caches of finished sequences, oldest first.
     pool: VecDeque<(Vec<u32>, KvCache)>,
     arrivals: u64,
+    last_probe: Instant,
 }
+
+/// How often waiting requests are probed.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -225,8 +236,27 @@ impl Worker {
             }
             self.admit();
             self.step();
+            if self.last_probe.elapsed() >= PROBE_EVERY {
+                self.probe_waiting();
+            }
             self.publish();
         }
+    }
+
+    /// Tell waiting requests where they stand; drop those whose client left.
+    fn probe_waiting(&mut self) {
+        self.last_probe = Instant::now();
+        self.waiting.sort_by_key(|w| (-w.job.priority, w.arrival));
+        let mut ahead = 0;
+        let before = self.waiting.len();
+        self.waiting.retain_mut(|w| {
+            let alive = (w.job.sink)(Event::Queued { ahead });
+            ahead += usize::from(alive);
+            alive
+        });
+        self.stats
+            .queued
+            .fetch_sub(before - self.waiting.len(), Ordering::Relaxed);
     }
 
     fn enqueue(&mut self, job: Job) {

@@ -47,6 +47,7 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (String, usize, Event) {
             Event::Token { text: t, .. } => text.push_str(&t),
             e @ (Event::Done { .. } | Event::Failed(_)) => return (text, cached, e),
             Event::Embedding(_) => panic!("a generation job got an embedding"),
+            Event::Queued { .. } => {}
         }
     }
 }
@@ -217,6 +218,78 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
         log,
         ["high start", "high done", "low start", "low done"],
         "admission order"
+    );
+}
+
+#[test]
+fn a_client_that_leaves_while_queued_is_dropped_from_the_queue() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = model();
+    let sched = Scheduler::start(
+        m.clone(),
+        SchedulerConfig {
+            max_batch: 1,
+            ..Default::default()
+        },
+    );
+    let p = m
+        .chat_prompt(&[Message::new("user", "Count from 1 to 100.")])
+        .expect("prompt");
+    let release = Arc::new(AtomicBool::new(false));
+    let r = release.clone();
+    sched
+        .submit(Job {
+            prompt: p.clone(),
+            params: greedy(500),
+            priority: 0,
+            embed: false,
+            constraint: None,
+            sink: Box::new(move |_| !r.load(Ordering::SeqCst)),
+        })
+        .expect("submit");
+    // This one's client is already gone: it answers every event with false.
+    let (tx, rx) = mpsc::channel::<Event>();
+    sched
+        .submit(Job {
+            prompt: p,
+            params: greedy(4),
+            priority: 0,
+            embed: false,
+            constraint: None,
+            sink: Box::new(move |e| {
+                let _ = tx.send(e);
+                false
+            }),
+        })
+        .expect("submit");
+    let first = rx.recv_timeout(Duration::from_secs(30)).expect("probed");
+    assert!(matches!(first, Event::Queued { ahead: 0 }), "{first:?}");
+    // Dropped while the first request still runs, never started.
+    let mut dropped = false;
+    for _ in 0..100 {
+        if sched
+            .stats
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            dropped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dropped, "the abandoned request is still queued");
+    assert_eq!(
+        sched
+            .stats
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    release.store(true, Ordering::SeqCst);
+    assert!(
+        rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        "it never started"
     );
 }
 

@@ -531,7 +531,19 @@ async fn drive(
     let model_label = [run.model.as_str()];
     // Streams with tools are buffered: tool calls are parsed from the whole text.
     let stream_text = run.stream && !run.tools;
-    while let Some((i, ev)) = rx.recv().await {
+    loop {
+        // A client that goes away is noticed even while nothing is generated
+        // for it (queued, or in a long prefill).
+        let (i, ev) = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+            _ = out.closed() => {
+                gone = true;
+                break;
+            }
+        };
         let mut chunk: Option<Value> = None;
         match ev {
             Event::Started {
@@ -641,7 +653,7 @@ async fn drive(
                 failed = Some(msg);
                 break;
             }
-            Event::Embedding(_) => {}
+            Event::Embedding(_) | Event::Queued { .. } => {}
         }
         if let Some(c) = chunk {
             if out.send(Ok(stream_chunk(&run, c))).await.is_err() {

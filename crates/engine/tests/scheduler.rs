@@ -6,11 +6,11 @@
 mod common;
 
 use hanlin_engine::{
-    Event, GenerateParams, Job, LoadedModel, SamplerConfig, Scheduler, SchedulerConfig,
+    Event, GenerateParams, Job, LoadedModel, SamplerConfig, Scheduler, SchedulerConfig, Sink,
 };
 use hanlin_tokenizer::Message;
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 fn greedy(max: usize) -> GenerateParams {
@@ -24,17 +24,7 @@ fn greedy(max: usize) -> GenerateParams {
 fn job(prompt: Vec<u32>, max: usize, priority: i32) -> (Job, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let sink = Box::new(move |e| tx.send(e).is_ok());
-    (
-        Job {
-            prompt,
-            params: greedy(max),
-            priority,
-            embed: false,
-            constraint: None,
-            sink,
-        },
-        rx,
-    )
+    (with_sink(prompt, max, priority, sink), rx)
 }
 
 /// Collect one request's events: (text, Started's cached tokens, Done).
@@ -139,10 +129,9 @@ fn second_turn_reuses_the_cached_prefix() {
     );
 }
 
-#[test]
-fn priority_admits_first_and_dropped_clients_are_freed() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
+/// A scheduler with one slot, held by a long request until the returned flag
+/// is set (its client then "goes away"); also its prompt, for more requests.
+fn one_busy_slot() -> (Scheduler, Vec<u32>, Arc<AtomicBool>) {
     let m = model();
     let sched = Scheduler::start(
         m.clone(),
@@ -154,28 +143,38 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
     let p = m
         .chat_prompt(&[Message::new("user", "Count from 1 to 100.")])
         .expect("prompt");
-    // Occupies the only slot until its client goes away (`gone`).
     let gone = Arc::new(AtomicBool::new(false));
-    let (tx, rx_first) = mpsc::channel::<Event>();
+    let (tx, started) = mpsc::channel::<()>();
     let g = gone.clone();
     let sink = Box::new(move |e: Event| {
-        let _ = tx.send(e);
+        if matches!(e, Event::Started { .. }) {
+            let _ = tx.send(());
+        }
         !g.load(Ordering::SeqCst)
     });
     sched
-        .submit(Job {
-            prompt: p.clone(),
-            params: greedy(500),
-            priority: 0,
-            embed: false,
-            constraint: None,
-            sink,
-        })
+        .submit(with_sink(p.clone(), 500, 0, sink))
         .expect("submit");
-    assert!(matches!(
-        rx_first.recv_timeout(Duration::from_secs(60)),
-        Ok(Event::Started { .. })
-    ));
+    started
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the long request starts");
+    (sched, p, gone)
+}
+
+fn with_sink(prompt: Vec<u32>, max: usize, priority: i32, sink: Sink) -> Job {
+    Job {
+        prompt,
+        params: greedy(max),
+        priority,
+        embed: false,
+        constraint: None,
+        sink,
+    }
+}
+
+#[test]
+fn priority_admits_first_and_dropped_clients_are_freed() {
+    let (sched, p, gone) = one_busy_slot();
     // Two more wait for the slot; what happens to them goes into one log.
     let log = Arc::new(Mutex::new(Vec::<String>::new()));
     let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -194,14 +193,7 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
             true
         });
         sched
-            .submit(Job {
-                prompt: p.clone(),
-                params: greedy(4),
-                priority,
-                embed: false,
-                constraint: None,
-                sink,
-            })
+            .submit(with_sink(p.clone(), 4, priority, sink))
             .expect("submit");
     }
     // Let both reach the queue, then the first client leaves: its sequence
@@ -223,69 +215,27 @@ fn priority_admits_first_and_dropped_clients_are_freed() {
 
 #[test]
 fn a_client_that_leaves_while_queued_is_dropped_from_the_queue() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let m = model();
-    let sched = Scheduler::start(
-        m.clone(),
-        SchedulerConfig {
-            max_batch: 1,
-            ..Default::default()
-        },
-    );
-    let p = m
-        .chat_prompt(&[Message::new("user", "Count from 1 to 100.")])
-        .expect("prompt");
-    let release = Arc::new(AtomicBool::new(false));
-    let r = release.clone();
-    sched
-        .submit(Job {
-            prompt: p.clone(),
-            params: greedy(500),
-            priority: 0,
-            embed: false,
-            constraint: None,
-            sink: Box::new(move |_| !r.load(Ordering::SeqCst)),
-        })
-        .expect("submit");
+    let (sched, p, release) = one_busy_slot();
     // This one's client is already gone: it answers every event with false.
     let (tx, rx) = mpsc::channel::<Event>();
-    sched
-        .submit(Job {
-            prompt: p,
-            params: greedy(4),
-            priority: 0,
-            embed: false,
-            constraint: None,
-            sink: Box::new(move |e| {
-                let _ = tx.send(e);
-                false
-            }),
-        })
-        .expect("submit");
+    let sink = Box::new(move |e| {
+        let _ = tx.send(e);
+        false
+    });
+    sched.submit(with_sink(p, 4, 0, sink)).expect("submit");
     let first = rx.recv_timeout(Duration::from_secs(30)).expect("probed");
     assert!(matches!(first, Event::Queued { ahead: 0 }), "{first:?}");
     // Dropped while the first request still runs, never started.
     let mut dropped = false;
     for _ in 0..100 {
-        if sched
-            .stats
-            .queued
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
-        {
+        if sched.stats.queued.load(Ordering::Relaxed) == 0 {
             dropped = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(dropped, "the abandoned request is still queued");
-    assert_eq!(
-        sched
-            .stats
-            .active
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(sched.stats.active.load(Ordering::Relaxed), 1);
     release.store(true, Ordering::SeqCst);
     assert!(
         rx.recv_timeout(Duration::from_secs(2)).is_err(),

@@ -337,15 +337,23 @@ async fn admin_api_metrics_and_vanished_clients() {
     assert_eq!(v["plan"], "plus");
     let (s, _) = post(base, "/v1/chat/completions", &dave, chat(3)).await;
     assert_eq!(s, 200);
-    let usage: Value = client()
-        .get(format!("{base}/v1/admin/usage?user=dave"))
-        .bearer_auth(&srv.admin_key)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    // Usage is written just after the answer goes out: allow it a moment.
+    let mut usage = Value::Null;
+    for _ in 0..50 {
+        usage = client()
+            .get(format!("{base}/v1/admin/usage?user=dave"))
+            .bearer_auth(&srv.admin_key)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        if usage["data"][0]["user"] == "dave" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(usage["data"][0]["user"], "dave", "{usage}");
     // Revoking through the API takes effect at once.
     let id = v["id"].as_str().expect("id");

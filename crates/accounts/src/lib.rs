@@ -169,7 +169,8 @@ pub fn day_of(ts: i64) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-fn random_token(len: usize) -> String {
+/// `len` random ASCII letters and digits (ids, key secrets).
+pub fn random_token(len: usize) -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();

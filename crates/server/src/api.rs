@@ -299,7 +299,7 @@ async fn chat_inner(
         None => (0..n).map(|_| None).collect(),
     };
     let run = Run {
-        id: format!("chatcmpl-{}", random_id()),
+        id: format!("chatcmpl-{}", hanlin_accounts::random_token(24)),
         created: hanlin_accounts::now(),
         model: req.model.clone(),
         kind: Kind::Chat,
@@ -373,7 +373,7 @@ async fn completion_inner(
         .to_params(max_new, req.logprobs.is_some(), top)?;
     let n = req.sampling.n()?;
     let run = Run {
-        id: format!("cmpl-{}", random_id()),
+        id: format!("cmpl-{}", hanlin_accounts::random_token(24)),
         created: hanlin_accounts::now(),
         model: req.model.clone(),
         kind: Kind::Text,
@@ -409,15 +409,6 @@ fn fim_prompt(m: &hanlin_engine::LoadedModel, prefix: &str, suffix: &str) -> Opt
     out.extend(tok.encode(suffix, false).ok()?);
     out.push(mid);
     Some(out)
-}
-
-fn random_id() -> String {
-    use rand::Rng;
-    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..24)
-        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-        .collect()
 }
 
 /// Submit the request's jobs and answer it (stream or whole).
@@ -852,7 +843,7 @@ async fn embeddings_inner(
         }
     }
     st.limiter.settle(reservation, done_tokens as i64);
-    let id = format!("emb-{}", random_id());
+    let id = format!("emb-{}", hanlin_accounts::random_token(24));
     if done_tokens > 0 {
         meter(
             st,

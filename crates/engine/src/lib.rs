@@ -18,7 +18,7 @@ pub use generate::{
     TokenConstraint,
 };
 pub use hanlin_kernels::dot::{simd_level, SimdLevel};
-pub use kv::KvCache;
+pub use kv::{KvBlocks, KvCache, KV_BLOCK};
 pub use model::{BatchSeq, Logits, Model};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
 pub use sched::{Event, Job, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError};

@@ -461,86 +461,38 @@ impl Model {
         out: &mut [f32],
     ) {
         let cfg = &self.cfg;
-        let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
-        let group = nh / cfg.n_head_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (keys, vals) = cache.layer(li);
-        let op = SendPtr(out.as_mut_ptr());
+        let a = Attend {
+            hd: cfg.head_dim,
+            nh: cfg.n_head,
+            group: cfg.n_head / cfg.n_head_kv,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            window: layer.window,
+            li,
+            cache,
+            q,
+            p0,
+            t_n,
+            out: SendPtr(out.as_mut_ptr()),
+        };
         // One job per (kv head, block of query tokens): each key/value row is
         // converted from f16 once and used by every query head of the group
         // and every token of the block.
-        const TB: usize = 8;
-        let n_blocks = t_n.div_ceil(TB);
+        let n_blocks = t_n.div_ceil(ATTN_TB);
+        #[cfg(target_arch = "x86_64")]
+        let wide = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && hanlin_kernels::dot::simd_level() != hanlin_kernels::dot::SimdLevel::Scalar;
         pool.for_chunks(cfg.n_head_kv * n_blocks, 1, &|r| {
-            let mut scores: Vec<f32> = Vec::new();
-            let mut qs = vec![0f32; TB * group * hd];
-            let mut row = vec![0f32; hd];
+            let mut sc = AttendScratch::default();
             for job in r {
                 let (kvh, blk) = (job / n_blocks, job % n_blocks);
-                let t0 = blk * TB;
-                let tb = TB.min(t_n - t0);
-                let last = p0 + t0 + tb - 1;
-                let first = |t: usize| {
-                    layer
-                        .window
-                        .map(|w| (p0 + t + 1).saturating_sub(w))
-                        .unwrap_or(0)
-                };
-                let lo = first(t0);
-                let span = last + 1 - lo;
-                // Queries rounded to f16, as llama.cpp does before its f16 K·Q.
-                for t in 0..tb {
-                    for g in 0..group {
-                        let src = &q[(t0 + t) * nh * hd + (kvh * group + g) * hd..][..hd];
-                        for (d, s) in qs[(t * group + g) * hd..][..hd].iter_mut().zip(src) {
-                            *d = half::f16::from_f32(*s).to_f32();
-                        }
-                    }
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: AVX2 and FMA were detected at run time just above.
+                    unsafe { a.job_avx2(kvh, blk, &mut sc) };
+                    continue;
                 }
-                scores.clear();
-                scores.resize(tb * group * span, f32::NEG_INFINITY);
-                for p in lo..=last {
-                    keys[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(&mut row);
-                    for t in 0..tb {
-                        let pos = p0 + t0 + t;
-                        if p > pos || p < first(t0 + t) {
-                            continue;
-                        }
-                        for g in 0..group {
-                            let qv = &qs[(t * group + g) * hd..][..hd];
-                            scores[(t * group + g) * span + p - lo] =
-                                ops::dot_f32(qv, &row) * scale;
-                        }
-                    }
-                }
-                for sc in scores.chunks_exact_mut(span) {
-                    ops::softmax(sc);
-                    // Probabilities rounded to f16 as in llama.cpp's f16 V product.
-                    sc.iter_mut()
-                        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
-                }
-                for t in 0..tb {
-                    for g in 0..group {
-                        // SAFETY: each (token, head) output slice belongs to exactly one job.
-                        unsafe { op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd) }
-                            .fill(0.0);
-                    }
-                }
-                for p in lo..=last {
-                    vals[p * kvd + kvh * hd..][..hd].convert_to_f32_slice(&mut row);
-                    for t in 0..tb {
-                        for g in 0..group {
-                            let s = scores[(t * group + g) * span + p - lo];
-                            if s != 0.0 {
-                                // SAFETY: as above.
-                                let dst = unsafe {
-                                    op.slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
-                                };
-                                ops::axpy(dst, s, &row);
-                            }
-                        }
-                    }
-                }
+                a.job(kvh, blk, &mut sc);
             }
         });
     }
@@ -631,6 +583,118 @@ impl Model {
                 };
                 for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(&sy) {
                     *o += gate * v;
+                }
+            }
+        }
+    }
+}
+
+/// Query tokens per attention job.
+const ATTN_TB: usize = 8;
+
+/// One layer's attention over a batch of query tokens of one sequence.
+struct Attend<'a> {
+    hd: usize,
+    nh: usize,
+    group: usize,
+    scale: f32,
+    window: Option<usize>,
+    li: usize,
+    cache: &'a KvCache,
+    q: &'a [f32],
+    p0: usize,
+    t_n: usize,
+    out: SendPtr,
+}
+
+#[derive(Default)]
+struct AttendScratch {
+    scores: Vec<f32>,
+    qs: Vec<f32>,
+    row: Vec<f32>,
+}
+
+impl Attend<'_> {
+    /// [`Self::job`] compiled for AVX2 and FMA (the same operations, 8 lanes wide).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn job_avx2(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
+        self.job(kvh, blk, sc)
+    }
+
+    /// Keys/values head `kvh` against query tokens `blk*TB..` of every head
+    /// of its group.
+    #[inline(always)]
+    fn job(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
+        let (hd, nh, group) = (self.hd, self.nh, self.group);
+        let (p0, li, cache) = (self.p0, self.li, self.cache);
+        let t0 = blk * ATTN_TB;
+        let tb = ATTN_TB.min(self.t_n - t0);
+        let last = p0 + t0 + tb - 1;
+        let first = |t: usize| {
+            self.window
+                .map(|w| (p0 + t + 1).saturating_sub(w))
+                .unwrap_or(0)
+        };
+        let lo = first(t0);
+        let span = last + 1 - lo;
+        sc.qs.resize(ATTN_TB * group * hd, 0.0);
+        sc.row.resize(hd, 0.0);
+        // Queries rounded to f16, as llama.cpp does before its f16 K·Q.
+        for t in 0..tb {
+            for g in 0..group {
+                let src = &self.q[(t0 + t) * nh * hd + (kvh * group + g) * hd..][..hd];
+                for (d, s) in sc.qs[(t * group + g) * hd..][..hd].iter_mut().zip(src) {
+                    *d = half::f16::from_f32(*s).to_f32();
+                }
+            }
+        }
+        let scores = &mut sc.scores;
+        scores.clear();
+        scores.resize(tb * group * span, f32::NEG_INFINITY);
+        for p in lo..=last {
+            cache.key(li, p)[kvh * hd..][..hd].convert_to_f32_slice(&mut sc.row);
+            for t in 0..tb {
+                let pos = p0 + t0 + t;
+                if p > pos || p < first(t0 + t) {
+                    continue;
+                }
+                for g in 0..group {
+                    let qv = &sc.qs[(t * group + g) * hd..][..hd];
+                    scores[(t * group + g) * span + p - lo] =
+                        ops::dot_f32(qv, &sc.row) * self.scale;
+                }
+            }
+        }
+        for s in scores.chunks_exact_mut(span) {
+            ops::softmax(s);
+            // Probabilities rounded to f16 as in llama.cpp's f16 V product.
+            s.iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        }
+        for t in 0..tb {
+            for g in 0..group {
+                // SAFETY: each (token, head) output slice belongs to exactly one job.
+                unsafe {
+                    self.out
+                        .slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
+                }
+                .fill(0.0);
+            }
+        }
+        for p in lo..=last {
+            cache.val(li, p)[kvh * hd..][..hd].convert_to_f32_slice(&mut sc.row);
+            for t in 0..tb {
+                for g in 0..group {
+                    let s = scores[(t * group + g) * span + p - lo];
+                    if s != 0.0 {
+                        // SAFETY: as above.
+                        let dst = unsafe {
+                            self.out
+                                .slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
+                        };
+                        ops::axpy(dst, s, &sc.row);
+                    }
                 }
             }
         }

@@ -10,7 +10,7 @@
 //! prompt or a conversation's earlier turns are not recomputed.
 
 use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
-use crate::kv::KvCache;
+use crate::kv::{KvBlocks, KvCache};
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
 use std::collections::VecDeque;
@@ -113,6 +113,9 @@ pub struct SchedStats {
     pub kv_tokens: AtomicUsize,
     /// KV positions held by the prefix pool.
     pub pool_tokens: AtomicUsize,
+    /// Bytes of KV blocks alive (running sequences and the prefix pool,
+    /// shared blocks counted once).
+    pub kv_bytes: AtomicUsize,
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -143,6 +146,7 @@ impl Scheduler {
             waiting: Vec::new(),
             active: Vec::new(),
             pool: VecDeque::new(),
+            blocks: KvBlocks::new(),
             arrivals: 0,
             last_probe: Instant::now(),
         };
@@ -209,8 +213,10 @@ struct Worker {
     rx: mpsc::Receiver<Job>,
     waiting: Vec<Waiting>,
     active: Vec<Seq>,
-    /// Caches of finished sequences, oldest first.
+    /// Caches of finished sequences, least recently used first. Their
+    /// blocks are shared with the sequences that reuse them.
     pool: VecDeque<(Vec<u32>, KvCache)>,
+    blocks: Arc<KvBlocks>,
     arrivals: u64,
     last_probe: Instant,
 }
@@ -331,7 +337,7 @@ impl Worker {
     fn embed(&mut self, mut job: Job) {
         let c = &self.m.model.cfg;
         let n = job.prompt.len();
-        let mut cache = KvCache::new(c.n_layer, c.kv_dim(), n);
+        let mut cache = KvCache::counted(c.n_layer, c.kv_dim(), n, self.blocks.clone());
         if !(job.sink)(Event::Started {
             prompt_tokens: n,
             cached_tokens: 0,
@@ -380,8 +386,10 @@ impl Worker {
         let rn = running.map_or(0, |r| r.1);
         match (pooled, running) {
             (Some((i, n)), _) if n > 0 && n >= rn => {
-                if let Some((_, mut cache)) = self.pool.remove(i) {
-                    cache.truncate(n);
+                // Share the pooled blocks and mark the entry recently used.
+                if let Some(entry) = self.pool.remove(i) {
+                    let cache = entry.1.clone_prefix(n);
+                    self.pool.push_back(entry);
                     return (cache, prompt[..n].to_vec());
                 }
             }
@@ -392,7 +400,7 @@ impl Worker {
         }
         let c = &self.m.model.cfg;
         (
-            KvCache::new(c.n_layer, c.kv_dim(), self.cfg.ctx),
+            KvCache::counted(c.n_layer, c.kv_dim(), self.cfg.ctx, self.blocks.clone()),
             Vec::new(),
         )
     }
@@ -495,9 +503,7 @@ impl Worker {
         while i < self.active.len() {
             if self.active[i].done {
                 let s = self.active.swap_remove(i);
-                if !s.tokens.is_empty() {
-                    self.pool.push_back((s.tokens, s.cache));
-                }
+                self.pool_insert(s.tokens, s.cache);
             } else {
                 i += 1;
             }
@@ -511,6 +517,23 @@ impl Worker {
         }
     }
 
+    /// Keep a finished sequence's cache for later prefixes, unless a pooled
+    /// entry already covers it; entries it covers are dropped (their blocks
+    /// live on in it).
+    fn pool_insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
+        if tokens.is_empty()
+            || self
+                .pool
+                .iter()
+                .any(|(t, _)| t.len() >= tokens.len() && t[..tokens.len()] == tokens[..])
+        {
+            return;
+        }
+        self.pool
+            .retain(|(t, _)| !(t.len() < tokens.len() && tokens[..t.len()] == t[..]));
+        self.pool.push_back((tokens, cache));
+    }
+
     fn publish(&self) {
         let st = &self.stats;
         st.active.store(self.active.len(), Ordering::Relaxed);
@@ -520,6 +543,11 @@ impl Worker {
         );
         st.pool_tokens.store(
             self.pool.iter().map(|(t, _)| t.len()).sum(),
+            Ordering::Relaxed,
+        );
+        let c = &self.m.model.cfg;
+        st.kv_bytes.store(
+            self.blocks.live() * KvCache::block_bytes(c.n_layer, c.kv_dim()),
             Ordering::Relaxed,
         );
     }

@@ -17,8 +17,7 @@ pub type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 pub enum SimdLevel {
     Scalar,
     Avx2,
-    /// AVX2 plus VNNI dot-product instructions (AVX-512 VNNI, VL and BW on
-    /// 256-bit vectors).
+    /// AVX2 plus AVX-512 (F, BW, VL) with VNNI dot-product instructions.
     Avx2Vnni,
 }
 
@@ -37,8 +36,10 @@ pub fn simd_level() -> SimdLevel {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
-                let vnni =
-                    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+                let vnni = is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl");
                 if vnni && !std::env::var("HANLIN_SIMD").is_ok_and(|v| v == "avx2") {
                     return SimdLevel::Avx2Vnni;
                 }
@@ -250,6 +251,60 @@ pub fn dot_float(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// 64 bytes, cache-line aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Z64(pub [u8; 64]);
+/// 16 floats, cache-line aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct F16x(pub [f32; 16]);
+
+/// Rows of a 32-element weight format unpacked once for the batch kernels:
+/// per pair of blocks, the 64 quants as the bytes the VNNI kernel multiplies,
+/// both block scales spread over the 16 lanes, and the block minimums.
+#[derive(Default)]
+pub struct Unpacked {
+    pairs: usize,
+    u: Vec<Z64>,
+    d: Vec<F16x>,
+    m: Vec<[f32; 2]>,
+}
+
+impl Unpacked {
+    pub fn clear(&mut self) {
+        self.u.clear();
+        self.d.clear();
+        self.m.clear();
+    }
+}
+
+/// Rows `r..r+4` of an [`Unpacked`] (raw bytes alongside) × four tokens.
+pub type UnpackedDot4x4 = fn(&Unpacked, usize, [&[u8]; 4], [&[BlockQ8]; 4]) -> [[f32; 4]; 4];
+/// Row `r` of an [`Unpacked`] × four tokens.
+pub type UnpackedDot1x4 = fn(&Unpacked, usize, &[u8], [&[BlockQ8]; 4]) -> [f32; 4];
+
+/// The batch kernels of one 32-element format: `unpack` appends a weight
+/// row to an [`Unpacked`]; `dot4x4(up, r, rows, xs)` dots its rows
+/// `r..r+4` (whose raw bytes are `rows`) with four tokens, `dot1x4` one row.
+/// Every (row, token) result is bit-identical to [`dot_q8`]'s.
+#[derive(Clone, Copy)]
+pub struct BatchKernel {
+    pub unpack: fn(&[u8], &mut Unpacked),
+    pub dot4x4: UnpackedDot4x4,
+    pub dot1x4: UnpackedDot1x4,
+}
+
+/// The unpack-once batch kernels (512-bit VNNI only).
+pub fn batch_kernel(ty: GgmlType) -> Option<BatchKernel> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        return avx2::batch_kernel(ty);
+    }
+    let _ = ty;
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! Every kernel exists for one token and for four tokens at once: the
@@ -393,35 +448,34 @@ mod avx2 {
         std::array::from_fn(|k| hsum(acc[k]) + macc[k])
     }
 
-    /// Two weight rows × four tokens with 512-bit VNNI: each zmm holds two
+    /// `R` weight rows × `NT` tokens with 512-bit VNNI: each zmm holds two
     /// consecutive 32-element blocks, so one `vpdpbusd` covers 64 products.
-    /// Unpacked weights are shared by the four tokens and the activations by
-    /// the two rows. Same offset scheme as [`q32v`].
+    /// Unpacked weights are shared by the tokens and the activations by the
+    /// rows. Same offset scheme as [`q32v`]. Every (row, token) result goes
+    /// through exactly the same operations whatever `R` and `NT` are, so a
+    /// token's logits do not depend on how many others share its batch.
     #[inline(always)]
-    unsafe fn q32v_2x4<const OFF: i32>(
-        w0: &[u8],
-        w1: &[u8],
-        xs: [&[BlockQ8]; 4],
+    unsafe fn q32vz<const R: usize, const NT: usize, const OFF: i32>(
+        ws: [&[u8]; R],
+        xs: [&[BlockQ8]; NT],
         size: usize,
         m_at: Option<usize>,
         unpack: impl Fn(*const u8) -> __m256i,
-    ) -> [[f32; 4]; 2] {
-        let n = xs
-            .iter()
-            .fold((w0.len() / size).min(w1.len() / size), |n, x| {
-                n.min(x.len())
-            });
-        let mut acc = [[_mm512_setzero_ps(); 4]; 2];
-        let mut macc = [[0f32; 4]; 2];
+    ) -> [[f32; NT]; R] {
+        let n = xs.iter().fold(
+            ws.iter().fold(usize::MAX, |n, w| n.min(w.len() / size)),
+            |n, x| n.min(x.len()),
+        );
+        let mut acc = [[_mm512_setzero_ps(); NT]; R];
+        let mut macc = [[0f32; NT]; R];
         let hi = 0xFF00u16;
         let pairs = n / 2;
-        let wp = [w0.as_ptr(), w1.as_ptr()];
         for i in 0..pairs {
-            let mut wv = [_mm512_setzero_si512(); 2];
-            let mut dv = [_mm512_setzero_ps(); 2];
-            let mut mins = [[0f32; 2]; 2];
-            for r in 0..2 {
-                let b0 = wp[r].add(2 * i * size);
+            let mut wv = [_mm512_setzero_si512(); R];
+            let mut dv = [_mm512_setzero_ps(); R];
+            let mut mins = [[0f32; 2]; R];
+            for r in 0..R {
+                let b0 = ws[r].as_ptr().add(2 * i * size);
                 let b1 = b0.add(size);
                 if let Some(at) = m_at {
                     mins[r] = [load_f16(b0.add(at)), load_f16(b1.add(at))];
@@ -434,7 +488,7 @@ mod avx2 {
                     _mm512_set1_ps(load_f16(b1)),
                 );
             }
-            for k in 0..4 {
+            for k in 0..NT {
                 let x0 = xs[k].get_unchecked(2 * i);
                 let x1 = xs[k].get_unchecked(2 * i + 1);
                 let xv = _mm512_inserti64x4(
@@ -452,7 +506,7 @@ mod avx2 {
                     _mm512_setzero_si512()
                 };
                 let xd = _mm512_mask_mov_ps(_mm512_set1_ps(x0.d), hi, _mm512_set1_ps(x1.d));
-                for r in 0..2 {
+                for r in 0..R {
                     let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wv[r], xv));
                     acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dv[r], xd), p, acc[r][k]);
                     if m_at.is_some() {
@@ -461,30 +515,192 @@ mod avx2 {
                 }
             }
         }
-        let mut out = [[0f32; 4]; 2];
-        for r in 0..2 {
-            for k in 0..4 {
+        let mut out = [[0f32; NT]; R];
+        for r in 0..R {
+            for k in 0..NT {
                 out[r][k] = _mm512_reduce_add_ps(acc[r][k]) + macc[r][k];
             }
         }
         if n % 2 == 1 {
-            // An odd last block goes through the 256-bit form.
+            // An odd last block goes through the 256-bit form (per token the
+            // same operations for any NT).
             let last = n - 1;
-            for (r, w) in [w0, w1].into_iter().enumerate() {
-                let tail = &w[last * size..(last + 1) * size];
-                let v = q32v::<4, OFF>(
+            for r in 0..R {
+                let tail = &ws[r][last * size..(last + 1) * size];
+                let v = q32v::<NT, OFF>(
                     tail,
                     std::array::from_fn(|k| &xs[k][last..last + 1]),
                     size,
                     m_at,
                     &unpack,
                 );
-                for k in 0..4 {
+                for k in 0..NT {
                     out[r][k] += v[k];
                 }
             }
         }
         out
+    }
+
+    /// Append one weight row to `up`, unpacked exactly as [`q32vz`] unpacks
+    /// it on the fly.
+    #[inline(always)]
+    unsafe fn unpack_row(
+        w: &[u8],
+        up: &mut Unpacked,
+        size: usize,
+        m_at: Option<usize>,
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) {
+        let pairs = w.len() / size / 2;
+        up.pairs = pairs;
+        let hi = 0xFF00u16;
+        for i in 0..pairs {
+            let b0 = w.as_ptr().add(2 * i * size);
+            let b1 = b0.add(size);
+            let wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack(b0)), unpack(b1), 1);
+            let mut z = Z64([0; 64]);
+            _mm512_store_si512(z.0.as_mut_ptr() as *mut __m512i, wv);
+            up.u.push(z);
+            let dv = _mm512_mask_mov_ps(
+                _mm512_set1_ps(load_f16(b0)),
+                hi,
+                _mm512_set1_ps(load_f16(b1)),
+            );
+            let mut f = F16x([0.0; 16]);
+            _mm512_store_ps(f.0.as_mut_ptr(), dv);
+            up.d.push(f);
+            if let Some(at) = m_at {
+                up.m.push([load_f16(b0.add(at)), load_f16(b1.add(at))]);
+            }
+        }
+    }
+
+    /// [`q32vz`] over rows `r0..r0+R` of `up` (raw bytes `ws`, used only for
+    /// an odd last block): the same operations in the same order for every
+    /// (row, token), without unpacking the weights again.
+    #[inline(always)]
+    unsafe fn q32vu<const R: usize, const NT: usize, const OFF: i32>(
+        up: &Unpacked,
+        r0: usize,
+        ws: [&[u8]; R],
+        xs: [&[BlockQ8]; NT],
+        size: usize,
+        m_at: Option<usize>,
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) -> [[f32; NT]; R] {
+        let n = xs.iter().fold(
+            ws.iter().fold(usize::MAX, |n, w| n.min(w.len() / size)),
+            |n, x| n.min(x.len()),
+        );
+        let pairs = n / 2;
+        debug_assert_eq!(pairs, up.pairs);
+        let mut acc = [[_mm512_setzero_ps(); NT]; R];
+        let mut macc = [[0f32; NT]; R];
+        let hi = 0xFF00u16;
+        let base: [usize; R] = std::array::from_fn(|r| (r0 + r) * up.pairs);
+        for i in 0..pairs {
+            let wv: [__m512i; R] = std::array::from_fn(|r| {
+                _mm512_load_si512(up.u.get_unchecked(base[r] + i).0.as_ptr() as *const __m512i)
+            });
+            let dv: [__m512; R] =
+                std::array::from_fn(|r| _mm512_load_ps(up.d.get_unchecked(base[r] + i).0.as_ptr()));
+            for k in 0..NT {
+                let x0 = xs[k].get_unchecked(2 * i);
+                let x1 = xs[k].get_unchecked(2 * i + 1);
+                let xv = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i)),
+                    _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i),
+                    1,
+                );
+                let init = if OFF != 0 {
+                    _mm512_mask_mov_epi32(
+                        _mm512_set1_epi32(-(OFF / 8) * x0.isum),
+                        hi,
+                        _mm512_set1_epi32(-(OFF / 8) * x1.isum),
+                    )
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let xd = _mm512_mask_mov_ps(_mm512_set1_ps(x0.d), hi, _mm512_set1_ps(x1.d));
+                for r in 0..R {
+                    let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wv[r], xv));
+                    acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dv[r], xd), p, acc[r][k]);
+                    if m_at.is_some() {
+                        let mins = up.m.get_unchecked(base[r] + i);
+                        macc[r][k] += mins[0] * x0.s + mins[1] * x1.s;
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; NT]; R];
+        for r in 0..R {
+            for k in 0..NT {
+                out[r][k] = _mm512_reduce_add_ps(acc[r][k]) + macc[r][k];
+            }
+        }
+        if n % 2 == 1 {
+            let last = n - 1;
+            for r in 0..R {
+                let tail = &ws[r][last * size..(last + 1) * size];
+                let v = q32v::<NT, OFF>(
+                    tail,
+                    std::array::from_fn(|k| &xs[k][last..last + 1]),
+                    size,
+                    m_at,
+                    &unpack,
+                );
+                for k in 0..NT {
+                    out[r][k] += v[k];
+                }
+            }
+        }
+        out
+    }
+
+    macro_rules! batch_kernels {
+        ($($ty:ident: $unpack:ident, $d44:ident, $d14:ident => $off:literal, $size:literal, $m_at:expr, $u:expr;)*) => {
+            $(
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+                unsafe fn $unpack(w: &[u8], up: &mut Unpacked) {
+                    unpack_row(w, up, $size, $m_at, $u)
+                }
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+                unsafe fn $d44(
+                    up: &Unpacked, r: usize, ws: [&[u8]; 4], x: [&[BlockQ8]; 4],
+                ) -> [[f32; 4]; 4] {
+                    let a = q32vu::<4, 2, $off>(up, r, ws, [x[0], x[1]], $size, $m_at, $u);
+                    let b = q32vu::<4, 2, $off>(up, r, ws, [x[2], x[3]], $size, $m_at, $u);
+                    std::array::from_fn(|i| [a[i][0], a[i][1], b[i][0], b[i][1]])
+                }
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+                unsafe fn $d14(up: &Unpacked, r: usize, w: &[u8], x: [&[BlockQ8]; 4]) -> [f32; 4] {
+                    q32vu::<1, 4, $off>(up, r, [w], x, $size, $m_at, $u)[0]
+                }
+            )*
+            pub(super) fn batch_kernel(ty: GgmlType) -> Option<BatchKernel> {
+                // SAFETY (all closures below): handed out only when
+                // `simd_level()` found AVX-512 F/BW/VL/VNNI at run time.
+                match ty {
+                    $(GgmlType::$ty => Some(BatchKernel {
+                        unpack: |w, up| unsafe { $unpack(w, up) },
+                        dot4x4: |up, r, ws, x| unsafe { $d44(up, r, ws, x) },
+                        dot1x4: |up, r, w, x| unsafe { $d14(up, r, w, x) },
+                    }),)*
+                    _ => None,
+                }
+            }
+        };
+    }
+    batch_kernels! {
+        Q4_0: q4_0_unpack, q4_0_u44, q4_0_u14 => 8, 18, None, |b| nibbles(b.add(2));
+        Q4_1: q4_1_unpack, q4_1_u44, q4_1_u14 => 0, 20, Some(2), |b| nibbles(b.add(4));
+        Q5_0: q5_0_unpack, q5_0_u44, q5_0_u14 => 16, 22, None,
+            |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)));
+        Q5_1: q5_1_unpack, q5_1_u44, q5_1_u14 => 0, 24, Some(2),
+            |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)));
+        Q8_0: q8_0_unpack, q8_0_u44, q8_0_u14 => 128, 34, None,
+            |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128));
     }
 
     /// Q5 high bits from a mask register (AVX-512BW): 0x10 where the bit is set.
@@ -709,25 +925,25 @@ mod avx2 {
         q5_k_i, q5_k_i4 => |w, x| q45k::<_, true>(w, x), BlockQ8K;
         q6_k_i, q6_k_i4 => |w, x| q6k(w, x), BlockQ8K;
     }
-    kernels! { "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw":
-        q4_0_vi, q4_0_vi4 => |w, x| q32v::<_, 8>(w, x, 18, None, |b| nibbles(b.add(2))), BlockQ8;
-        q4_1_vi, q4_1_vi4 => |w, x| q32v::<_, 0>(w, x, 20, Some(2), |b| nibbles(b.add(4))), BlockQ8;
-        q5_0_vi, q5_0_vi4 => |w, x| q32v::<_, 16>(
-            w, x, 22, None, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)))
-        ), BlockQ8;
-        q5_1_vi, q5_1_vi4 => |w, x| q32v::<_, 0>(
-            w, x, 24, Some(2), |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)))
-        ), BlockQ8;
-        q8_0_vi, q8_0_vi4 => |w, x| q32v::<_, 128>(
-            w, x, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128))
-        ), BlockQ8;
+    kernels! { "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw":
+        q4_0_vi, q4_0_vi4 => |w, x| q32vz::<1, _, 8>([w], x, 18, None, |b| nibbles(b.add(2)))[0], BlockQ8;
+        q4_1_vi, q4_1_vi4 => |w, x| q32vz::<1, _, 0>([w], x, 20, Some(2), |b| nibbles(b.add(4)))[0], BlockQ8;
+        q5_0_vi, q5_0_vi4 => |w, x| q32vz::<1, _, 16>(
+            [w], x, 22, None, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)))
+        )[0], BlockQ8;
+        q5_1_vi, q5_1_vi4 => |w, x| q32vz::<1, _, 0>(
+            [w], x, 24, Some(2), |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)))
+        )[0], BlockQ8;
+        q8_0_vi, q8_0_vi4 => |w, x| q32vz::<1, _, 128>(
+            [w], x, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128))
+        )[0], BlockQ8;
     }
 
     macro_rules! kernels_2x4 {
         ($($name:ident => $off:literal, $size:literal, $m_at:expr, $unpack:expr;)*) => {$(
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
             unsafe fn $name(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
-                q32v_2x4::<$off>(w0, w1, x, $size, $m_at, $unpack)
+                q32vz::<2, 4, $off>([w0, w1], x, $size, $m_at, $unpack)
             }
         )*};
     }
@@ -787,7 +1003,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -845,7 +1061,8 @@ mod tests {
                     if let Some(f4) = dot_q8_x4(ty) {
                         let one = dot_q8(ty).expect("dot")(&w, &xq);
                         for v in f4(&w, [&xq, &xq, &xq, &xq]) {
-                            assert!((v - one).abs() <= 1e-5 * norm + 1e-6, "{ty} x4");
+                            // Bit for bit: batching must not change a token's logits.
+                            assert_eq!(v.to_bits(), one.to_bits(), "{ty} x4");
                         }
                     }
                     if let Some(f24) = dot_q8_2x4(ty) {
@@ -871,6 +1088,12 @@ mod tests {
                             for (r, wr) in [&w[..bytes], &w2[..bytes]].into_iter().enumerate() {
                                 for k in 0..4 {
                                     let want = scalar_q8(ty, wr, xr[k]);
+                                    let one = dot_q8(ty).expect("dot")(wr, xr[k]);
+                                    assert_eq!(
+                                        got[r][k].to_bits(),
+                                        one.to_bits(),
+                                        "{ty} 2x4 r{r} t{k} differs from the one-token kernel"
+                                    );
                                     assert!(
                                         (got[r][k] - want).abs()
                                             <= 1e-4 * norm * (k as f32 + 2.0) + 1e-4,
@@ -887,7 +1110,7 @@ mod tests {
                     if let Some(f4) = dot_q8k_x4(ty) {
                         let one = dot_q8k(ty).expect("dot")(&w, &xq);
                         for v in f4(&w, [&xq, &xq, &xq, &xq]) {
-                            assert!((v - one).abs() <= 1e-5 * norm + 1e-6, "{ty} x4");
+                            assert_eq!(v.to_bits(), one.to_bits(), "{ty} x4");
                         }
                     }
                 }

@@ -152,6 +152,11 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
     let n_tok = a.n_tok;
     match w.ty.block_size() {
+        32 if n_tok >= UNPACK_MIN_TOKENS && dot::batch_kernel(w.ty).is_some() => {
+            if let Some(k) = dot::batch_kernel(w.ty) {
+                unpacked(pool, w, out, a.q8(), n_tok, k);
+            }
+        }
         32 => quantized(
             pool,
             w,
@@ -186,6 +191,73 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             );
         }
     }
+}
+
+/// From this many tokens on, weight rows are unpacked once per matmul and
+/// reused by every token (below it, unpacking on the fly costs no more).
+const UNPACK_MIN_TOKENS: usize = 8;
+
+thread_local! {
+    static UNPACKED: std::cell::RefCell<dot::Unpacked> = std::cell::RefCell::default();
+}
+
+/// The batch path: each thread unpacks a chunk of weight rows into a
+/// thread-local buffer, then dots them with every token, four rows × four
+/// tokens at a time.
+fn unpacked(
+    pool: &ThreadPool,
+    w: &QMat,
+    out: &mut [f32],
+    xq: &[BlockQ8],
+    n_tok: usize,
+    k: dot::BatchKernel,
+) {
+    let rows = w.rows;
+    let bpr = xq.len() / n_tok;
+    let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
+    let x4 = |t: usize| [x(t), x(t + 1), x(t + 2), x(t + 3)];
+    let one = dot::dot_q8(w.ty).expect("32-element type has a dot");
+    let op = OutPtr(out.as_mut_ptr());
+    pool.for_chunks(rows, 16, &|range| {
+        UNPACKED.with_borrow_mut(|up| {
+            up.clear();
+            for r in range.clone() {
+                (k.unpack)(w.row(r), up);
+            }
+            let r0 = range.start;
+            let mut t = 0;
+            while t + 4 <= n_tok {
+                let xs = x4(t);
+                let mut r = range.start;
+                while r + 4 <= range.end {
+                    let ws = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
+                    let v = (k.dot4x4)(up, r - r0, ws, xs);
+                    for (dr, row) in v.into_iter().enumerate() {
+                        for (dt, v) in row.into_iter().enumerate() {
+                            // SAFETY: (t + dt) * rows + r + dr < n_tok * rows <= out.len();
+                            // rows are disjoint per thread.
+                            unsafe { op.set((t + dt) * rows + r + dr, v) };
+                        }
+                    }
+                    r += 4;
+                }
+                for r in r..range.end {
+                    let v = (k.dot1x4)(up, r - r0, w.row(r), xs);
+                    for (dt, v) in v.into_iter().enumerate() {
+                        // SAFETY: as above.
+                        unsafe { op.set((t + dt) * rows + r, v) };
+                    }
+                }
+                t += 4;
+            }
+            for t in t..n_tok {
+                for r in range.clone() {
+                    // SAFETY: as above.
+                    unsafe { op.set(t * rows + r, one(w.row(r), x(t))) };
+                }
+            }
+        })
+    });
 }
 
 /// Four-token kernel over activation blocks `B`.
@@ -225,6 +297,57 @@ fn quantized<B: Sync>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token's results do not depend on the batch around it: every path
+    /// (one token, four tokens, 2×4, unpacked 4×4 and 1×4, leftovers) gives
+    /// the one-token kernel's value bit for bit, for every 32-element format,
+    /// with odd row and block counts.
+    #[test]
+    fn batched_matmul_is_bit_identical_to_one_token_dots() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let pool = ThreadPool::new(2);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ] {
+            for (rows, cols) in [(37, 256), (21, 96)] {
+                let data: Vec<u8> = (0..rows)
+                    .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
+                    .collect();
+                let w = QMat {
+                    ty,
+                    data: &data,
+                    rows,
+                    cols,
+                };
+                for n_tok in [1, 4, 6, 11] {
+                    let x: Vec<f32> = (0..n_tok * cols)
+                        .map(|_| rng.random_range(-2.0..2.0f32))
+                        .collect();
+                    let a = Activations::new(&x, cols);
+                    let mut out = vec![0f32; n_tok * rows];
+                    matmul(&pool, &w, &a, &mut out);
+                    let one = dot::dot_q8(ty).expect("dot");
+                    let xq = a.q8();
+                    let bpr = cols / 32;
+                    for t in 0..n_tok {
+                        for r in 0..rows {
+                            let want = one(w.row(r), &xq[t * bpr..(t + 1) * bpr]);
+                            assert_eq!(
+                                out[t * rows + r].to_bits(),
+                                want.to_bits(),
+                                "{ty} {rows}x{cols} n_tok {n_tok}: t{t} r{r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn matmul_matches_naive() {

@@ -35,6 +35,15 @@ pub struct BlockQ8K {
     pub bsums: [i16; 16],
 }
 
+/// `v.round()` (half away from zero) for |v| < 2^31, without a libm call:
+/// the truncation and the fraction `v - trunc(v)` are exact.
+#[inline(always)]
+fn round_away(v: f32) -> i32 {
+    let t = v as i32;
+    let f = v - t as f32;
+    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
+}
+
 /// Quantize `x` (length a multiple of 32) into 8-bit blocks.
 pub fn quantize_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
     out.clear();
@@ -45,7 +54,7 @@ pub fn quantize_q8(x: &[f32], out: &mut Vec<BlockQ8>) {
         let mut qs = [0i8; QK];
         let mut sum = 0i32;
         for (q, v) in qs.iter_mut().zip(chunk) {
-            *q = (v * id).round() as i8;
+            *q = round_away(v * id) as i8;
             sum += *q as i32;
         }
         // Scales are kept at f16 precision, as in ggml's Q8_0/Q8_1 blocks, so
@@ -69,7 +78,7 @@ pub fn quantize_q8k(x: &[f32], out: &mut Vec<BlockQ8K>) {
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; QK_K];
         for (q, v) in qs.iter_mut().zip(chunk) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = round_away(v * id).clamp(-127, 127) as i8;
         }
         let mut bsums = [0i16; 16];
         for (k, b) in bsums.iter_mut().enumerate() {
@@ -328,4 +337,32 @@ pub fn encode_f16(x: &[f32]) -> Vec<u8> {
 /// Encode `x` as F32 bytes.
 pub fn encode_f32(x: &[f32]) -> Vec<u8> {
     x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_away_matches_f32_round() {
+        let mut v = -130.0f32;
+        while v < 130.0 {
+            for x in [v, v + 0.5, v - 0.5, f32::from_bits(v.to_bits() + 1)] {
+                assert_eq!(round_away(x), x.round() as i32, "{x}");
+            }
+            v += 0.37;
+        }
+        for x in [
+            0.5f32,
+            -0.5,
+            1.5,
+            -2.5,
+            0.499_999_97,
+            -0.499_999_97,
+            126.5,
+            -127.5,
+        ] {
+            assert_eq!(round_away(x), x.round() as i32, "{x}");
+        }
+    }
 }

@@ -36,6 +36,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> String {
         set(&m.active, s.stats.active.load(Relaxed));
         set(&m.kv_tokens, s.stats.kv_tokens.load(Relaxed));
         set(&m.prefix_pool_tokens, s.stats.pool_tokens.load(Relaxed));
+        set(&m.kv_bytes, s.stats.kv_bytes.load(Relaxed));
     }
     st.metrics.render()
 }

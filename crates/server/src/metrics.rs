@@ -14,6 +14,7 @@ pub struct Metrics {
     pub active: IntGaugeVec,
     pub kv_tokens: IntGaugeVec,
     pub prefix_pool_tokens: IntGaugeVec,
+    pub kv_bytes: IntGaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -58,6 +59,10 @@ impl Metrics {
         )?;
         let prefix_pool_tokens =
             gauge("prefix_cache_tokens", "KV positions kept for prefix reuse")?;
+        let kv_bytes = gauge(
+            "kv_cache_bytes",
+            "Bytes of KV cache blocks alive (shared prefix blocks counted once)",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ttft.clone()),
@@ -67,6 +72,7 @@ impl Metrics {
             Box::new(active.clone()),
             Box::new(kv_tokens.clone()),
             Box::new(prefix_pool_tokens.clone()),
+            Box::new(kv_bytes.clone()),
         ] {
             registry.register(c)?;
         }
@@ -80,6 +86,7 @@ impl Metrics {
             active,
             kv_tokens,
             prefix_pool_tokens,
+            kv_bytes,
         })
     }
 

@@ -89,6 +89,11 @@ enum Cmd {
         /// Repetitions (the median is reported)
         #[arg(short = 'r', long, default_value_t = 3)]
         reps: usize,
+        /// Also decode this many sequences in lockstep (one batched forward
+        /// pass per step, as the server's scheduler does) and report the
+        /// aggregate rate
+        #[arg(short = 'b', long, default_value_t = 0)]
+        batch: usize,
         /// Print one JSON line instead of a table
         #[arg(long)]
         json: bool,
@@ -415,14 +420,18 @@ fn run(cli: Cli) -> Result<()> {
             prompt_tokens,
             gen_tokens,
             reps,
+            batch,
             json,
             ..
         } => bench(
             &store,
             &model,
             threads,
-            prompt_tokens,
-            gen_tokens,
+            BenchSizes {
+                n_prompt: prompt_tokens,
+                n_gen: gen_tokens,
+                batch,
+            },
             reps,
             json,
         ),
@@ -931,15 +940,73 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+struct BenchSizes {
+    n_prompt: usize,
+    n_gen: usize,
+    batch: usize,
+}
+
+/// Aggregate decode rate of `batch` sequences stepped together: each gets a
+/// different 64-token prompt, then `n_gen` steps feed every sequence one
+/// token through one `forward_batch`.
+fn batched_decode(m: &LoadedModel, batch: usize, n_gen: usize, vocab: u32) -> Result<f64> {
+    use hanlin_engine::{BatchSeq, KvCache, Logits};
+    let cfg = &m.model.cfg;
+    let mut caches: Vec<KvCache> = (0..batch)
+        .map(|_| KvCache::new(cfg.n_layer, cfg.kv_dim(), 64 + n_gen + 1))
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..batch as u32)
+        .map(|b| (0..64u32).map(|i| (i * 7919 + b * 104_729 + 13) % vocab.min(30000)).collect())
+        .collect();
+    let mut batch_seqs: Vec<BatchSeq> = caches
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(cache, p)| BatchSeq {
+            tokens: p,
+            cache,
+            want: Logits::Last,
+        })
+        .collect();
+    let mut next: Vec<u32> = m
+        .model
+        .forward_batch(&m.pool, &mut batch_seqs)?
+        .iter()
+        .map(|l| hanlin_engine::sampler::argmax(l))
+        .collect();
+    let t = Instant::now();
+    for _ in 0..n_gen {
+        let mut batch_seqs: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, tok)| BatchSeq {
+                tokens: std::slice::from_ref(tok),
+                cache,
+                want: Logits::Last,
+            })
+            .collect();
+        next = m
+            .model
+            .forward_batch(&m.pool, &mut batch_seqs)?
+            .iter()
+            .map(|l| hanlin_engine::sampler::argmax(l))
+            .collect();
+    }
+    Ok((batch * n_gen) as f64 / t.elapsed().as_secs_f64())
+}
+
 fn bench(
     store: &Store,
     model: &str,
     threads: usize,
-    n_prompt: usize,
-    n_gen: usize,
+    sizes: BenchSizes,
     reps: usize,
     json: bool,
 ) -> Result<()> {
+    let BenchSizes {
+        n_prompt,
+        n_gen,
+        batch,
+    } = sizes;
     let m = load(store, model, threads)?;
     let vocab = m.model.cfg.vocab_size as u32;
     // A fixed, ordinary token sequence (like llama-bench, content does not matter for speed).
@@ -949,6 +1016,7 @@ fn bench(
     let reps = reps.max(1);
     let mut pp = Vec::new();
     let mut tg = Vec::new();
+    let mut bg = Vec::new();
     for _ in 0..reps {
         let mut s = m.new_session(n_prompt + n_gen + 1);
         if n_prompt > 0 {
@@ -967,15 +1035,20 @@ fn bench(
             }
             tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
         }
+        if batch > 0 && n_gen > 0 {
+            bg.push(batched_decode(&m, batch, n_gen, vocab)?);
+        }
     }
     let pp = if pp.is_empty() { 0.0 } else { median(pp) };
     let tg = if tg.is_empty() { 0.0 } else { median(tg) };
+    let bg = if bg.is_empty() { 0.0 } else { median(bg) };
     let rss = peak_rss_bytes().unwrap_or(0);
     if json {
         println!(
             "{}",
             serde_json::json!({"model": model, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen,
-                "prefill_tok_s": pp, "decode_tok_s": tg, "peak_rss_bytes": rss,
+                "prefill_tok_s": pp, "decode_tok_s": tg, "batch": batch,
+                "batched_decode_tok_s": bg, "peak_rss_bytes": rss,
                 "simd": format!("{:?}", hanlin_engine::simd_level())})
         );
     } else {
@@ -985,6 +1058,12 @@ fn bench(
         );
         println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
         println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");
+        if batch > 0 {
+            println!(
+                "batched  {bg:8.1} tok/s  ({batch} sequences × {n_gen} tokens, aggregate, {:.2}× one sequence)",
+                bg / tg.max(f64::MIN_POSITIVE)
+            );
+        }
         println!("peak RSS {}", human(rss));
     }
     Ok(())

@@ -75,6 +75,14 @@ pub enum Event {
     Queued {
         ahead: usize,
     },
+    /// A chunk of the prompt went through the model and more remains
+    /// (`done` of `total` prompt tokens are in the KV cache). Sent after every
+    /// chunk, so a client that leaves during a long prefill is noticed and
+    /// its sequence freed before the rest of the prompt is computed.
+    Prefill {
+        done: usize,
+        total: usize,
+    },
     /// The answer to an embedding job (then `Done`).
     Embedding(Vec<f32>),
     Failed(String),
@@ -463,7 +471,14 @@ impl Worker {
             if s.pending.is_some() {
                 s.pending = None;
             }
-            if lg.is_empty() || s.done {
+            if s.done {
+                continue;
+            }
+            if lg.is_empty() {
+                if !fed.is_empty() && s.prefilling() {
+                    let (done, total) = (s.tokens.len(), s.job.prompt.len());
+                    s.send(Event::Prefill { done, total });
+                }
                 continue;
             }
             let full = s.cache.len() >= s.cache.capacity();

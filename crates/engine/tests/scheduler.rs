@@ -37,7 +37,7 @@ fn collect(rx: &mpsc::Receiver<Event>) -> (String, usize, Event) {
             Event::Token { text: t, .. } => text.push_str(&t),
             e @ (Event::Done { .. } | Event::Failed(_)) => return (text, cached, e),
             Event::Embedding(_) => panic!("a generation job got an embedding"),
-            Event::Queued { .. } => {}
+            Event::Queued { .. } | Event::Prefill { .. } => {}
         }
     }
 }
@@ -273,4 +273,49 @@ fn overlong_prompt_fails_cleanly_and_full_queue_refuses() {
         matches!(&e, Event::Failed(msg) if msg.contains("100 tokens")),
         "{e:?}"
     );
+}
+
+#[test]
+fn a_client_that_leaves_during_a_long_prefill_is_freed_before_it_ends() {
+    let m = model();
+    let sched = Scheduler::start(
+        m.clone(),
+        SchedulerConfig {
+            prefill_chunk: 64,
+            ..Default::default()
+        },
+    );
+    // 1,280 prompt tokens: 20 chunks if it ran to the end.
+    let prompt: Vec<u32> = (0..1280u32).map(|i| 1000 + (i * 37) % 20000).collect();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let sink = Box::new(move |e: Event| {
+        // The client leaves as soon as the prompt is being computed.
+        let leaving = matches!(e, Event::Prefill { .. });
+        let _ = tx.send(e);
+        !leaving
+    });
+    sched.submit(with_sink(prompt, 4, 0, sink)).expect("submit");
+    let mut freed = false;
+    for _ in 0..500 {
+        if sched.stats.active.load(Ordering::Relaxed) == 0
+            && sched.stats.steps.load(Ordering::Relaxed) > 0
+        {
+            freed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(freed, "the abandoned sequence is still running");
+    let steps = sched.stats.steps.load(Ordering::Relaxed);
+    assert!(steps <= 2, "{steps} prefill chunks ran for a client that had left");
+    let events: Vec<Event> = rx.try_iter().collect();
+    assert!(
+        matches!(events.first(), Some(Event::Started { prompt_tokens: 1280, .. })),
+        "{events:?}"
+    );
+    assert!(
+        matches!(events.get(1), Some(Event::Prefill { done: 64, total: 1280 })),
+        "{events:?}"
+    );
+    assert_eq!(events.len(), 2, "{events:?}");
 }

@@ -195,7 +195,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
 
 /// From this many tokens on, weight rows are unpacked once per matmul and
 /// reused by every token (below it, unpacking on the fly costs no more).
-const UNPACK_MIN_TOKENS: usize = 8;
+const UNPACK_MIN_TOKENS: usize = 16;
 
 thread_local! {
     static UNPACKED: std::cell::RefCell<dot::Unpacked> = std::cell::RefCell::default();

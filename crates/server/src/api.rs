@@ -645,7 +645,7 @@ async fn drive(
                 failed = Some(msg);
                 break;
             }
-            Event::Embedding(_) | Event::Queued { .. } => {}
+            Event::Embedding(_) | Event::Queued { .. } | Event::Prefill { .. } => {}
         }
         if let Some(c) = chunk {
             if out.send(Ok(stream_chunk(&run, c))).await.is_err() {

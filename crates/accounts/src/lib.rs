@@ -437,9 +437,12 @@ impl Db {
         Ok(Ok(Caller { user, key, plan }))
     }
 
-    /// Store one request's usage; recording the same request twice is a no-op.
+    /// Store one request's usage, keyed by its id: a later record for the
+    /// same request replaces the counts (a running request is recorded when
+    /// it starts, checkpointed while it generates and settled when it ends),
+    /// so retries and checkpoints never count a request twice.
     pub async fn record_usage(&self, u: &UsageRecord) -> Result<(), AccountError> {
-        let sql = "INSERT INTO usage (request_id, key_id, user_id, model, day, ts, prompt_tokens, cached_tokens, completion_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (request_id) DO NOTHING";
+        let sql = "INSERT INTO usage (request_id, key_id, user_id, model, day, ts, prompt_tokens, cached_tokens, completion_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (request_id) DO UPDATE SET prompt_tokens = excluded.prompt_tokens, cached_tokens = excluded.cached_tokens, completion_tokens = excluded.completion_tokens";
         sqlx::query(sql)
             .bind(&u.request_id)
             .bind(&u.key_id)

@@ -956,7 +956,11 @@ fn batched_decode(m: &LoadedModel, batch: usize, n_gen: usize, vocab: u32) -> Re
         .map(|_| KvCache::new(cfg.n_layer, cfg.kv_dim(), 64 + n_gen + 1))
         .collect();
     let prompts: Vec<Vec<u32>> = (0..batch as u32)
-        .map(|b| (0..64u32).map(|i| (i * 7919 + b * 104_729 + 13) % vocab.min(30000)).collect())
+        .map(|b| {
+            (0..64u32)
+                .map(|i| (i * 7919 + b * 104_729 + 13) % vocab.min(30000))
+                .collect()
+        })
         .collect();
     let mut batch_seqs: Vec<BatchSeq> = caches
         .iter_mut()

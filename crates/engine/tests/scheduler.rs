@@ -307,14 +307,29 @@ fn a_client_that_leaves_during_a_long_prefill_is_freed_before_it_ends() {
     }
     assert!(freed, "the abandoned sequence is still running");
     let steps = sched.stats.steps.load(Ordering::Relaxed);
-    assert!(steps <= 2, "{steps} prefill chunks ran for a client that had left");
+    assert!(
+        steps <= 2,
+        "{steps} prefill chunks ran for a client that had left"
+    );
     let events: Vec<Event> = rx.try_iter().collect();
     assert!(
-        matches!(events.first(), Some(Event::Started { prompt_tokens: 1280, .. })),
+        matches!(
+            events.first(),
+            Some(Event::Started {
+                prompt_tokens: 1280,
+                ..
+            })
+        ),
         "{events:?}"
     );
     assert!(
-        matches!(events.get(1), Some(Event::Prefill { done: 64, total: 1280 })),
+        matches!(
+            events.get(1),
+            Some(Event::Prefill {
+                done: 64,
+                total: 1280
+            })
+        ),
         "{events:?}"
     );
     assert_eq!(events.len(), 2, "{events:?}");

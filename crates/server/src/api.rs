@@ -520,6 +520,7 @@ async fn drive(
     let mut last_token = Instant::now();
     let mut failed: Option<String> = None;
     let mut gone = false;
+    let mut usage_writer: Option<UsageWriter> = None;
     let model_label = [run.model.as_str()];
     // Streams with tools are buffered: tool calls are parsed from the whole text.
     let stream_text = run.stream && !run.tools;
@@ -546,6 +547,10 @@ async fn drive(
                     admitted = true;
                     prompt_tokens = p;
                     cached_tokens = c;
+                    let mut w =
+                        UsageWriter::start(&st, &run.caller, &run.id, &run.model, run.created);
+                    w.write([p, c, 0]);
+                    usage_writer = Some(w);
                 }
                 if run.stream && run.kind == Kind::Chat && !choices[i].sent_role {
                     choices[i].sent_role = true;
@@ -575,8 +580,12 @@ async fn drive(
                         .observe((now - last_token).as_secs_f64()),
                 }
                 last_token = now;
+                choices[i].completion_tokens += tokens;
+                if let Some(w) = &mut usage_writer {
+                    let done: usize = choices.iter().map(|c| c.completion_tokens).sum();
+                    w.checkpoint([prompt_tokens, cached_tokens, done]);
+                }
                 let c = &mut choices[i];
-                c.completion_tokens += tokens;
                 c.text.push_str(&text);
                 let lps: Vec<Value> = logprobs
                     .iter()
@@ -689,59 +698,112 @@ async fn drive(
         0
     };
     st.limiter.settle(reservation, used as i64);
-    if admitted {
+    if let Some(w) = usage_writer {
         meter(
             &st,
             &run.caller,
-            &run.id,
             &run.model,
-            run.created,
+            w,
             [prompt_tokens, cached_tokens, completion_tokens],
         )
         .await;
     }
 }
 
-/// Count a finished request: metrics, and a usage row keyed by the request
-/// id, retried until the database accepts it (the key makes retries
-/// idempotent: a record is never counted twice, and a database outage does
-/// not lose it).
+/// How often a running request's usage row is brought up to date, bounding
+/// what a killed process leaves unrecorded.
+const USAGE_CHECKPOINT: Duration = Duration::from_secs(2);
+
+/// One request's usage row, written in order by its own task: the row is
+/// created when the engine admits the request (so even a process killed
+/// mid-answer leaves the prompt and the tokens up to the last checkpoint on
+/// record), updated every [`USAGE_CHECKPOINT`] and settled at the end.
+/// Writes are keyed by the request id (idempotent) and retried until the
+/// database accepts them; queued checkpoints are coalesced to the newest.
+struct UsageWriter {
+    tx: mpsc::UnboundedSender<UsageRecord>,
+    task: tokio::task::JoinHandle<()>,
+    rec: UsageRecord,
+    last: Instant,
+}
+
+impl UsageWriter {
+    fn start(st: &AppState, caller: &Caller, request_id: &str, model: &str, ts: i64) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<UsageRecord>();
+        let db = st.db.clone();
+        let task = tokio::spawn(async move {
+            while let Some(mut rec) = rx.recv().await {
+                while let Ok(newer) = rx.try_recv() {
+                    rec = newer;
+                }
+                let mut delay = Duration::from_millis(100);
+                let mut attempt = 0u32;
+                while let Err(e) = db.record_usage(&rec).await {
+                    attempt += 1;
+                    tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        });
+        Self {
+            tx,
+            task,
+            rec: UsageRecord {
+                request_id: request_id.to_string(),
+                key_id: caller.key.id.clone(),
+                user_id: caller.user.id.clone(),
+                model: model.to_string(),
+                ts,
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                completion_tokens: 0,
+            },
+            last: Instant::now(),
+        }
+    }
+
+    fn write(&mut self, [prompt, cached, completion]: [usize; 3]) {
+        self.rec.prompt_tokens = prompt as i64;
+        self.rec.cached_tokens = cached as i64;
+        self.rec.completion_tokens = completion as i64;
+        self.last = Instant::now();
+        // The task lives until this sender is dropped.
+        let _ = self.tx.send(self.rec.clone());
+    }
+
+    /// Checkpoint if the last write is older than [`USAGE_CHECKPOINT`].
+    fn checkpoint(&mut self, counts: [usize; 3]) {
+        if self.last.elapsed() >= USAGE_CHECKPOINT {
+            self.write(counts);
+        }
+    }
+
+    /// The final counts, then wait until every write is in the database.
+    async fn settle(mut self, counts: [usize; 3]) {
+        self.write(counts);
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            tracing::error!("usage writer for {}: {e}", self.rec.request_id);
+        }
+    }
+}
+
+/// Count a finished request in the metrics and settle its usage row.
 async fn meter(
     st: &AppState,
     caller: &Caller,
-    request_id: &str,
     model: &str,
-    ts: i64,
-    [prompt, cached, completion]: [usize; 3],
+    writer: UsageWriter,
+    counts: [usize; 3],
 ) {
-    for (kind, n) in [
-        ("prompt", prompt),
-        ("cached", cached),
-        ("completion", completion),
-    ] {
+    for (kind, n) in ["prompt", "cached", "completion"].into_iter().zip(counts) {
         st.metrics
             .tokens
             .with_label_values(&[caller.key.id.as_str(), model, kind])
             .inc_by(n as u64);
     }
-    let rec = UsageRecord {
-        request_id: request_id.to_string(),
-        key_id: caller.key.id.clone(),
-        user_id: caller.user.id.clone(),
-        model: model.to_string(),
-        ts,
-        prompt_tokens: prompt as i64,
-        cached_tokens: cached as i64,
-        completion_tokens: completion as i64,
-    };
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0u32;
-    while let Err(e) = st.db.record_usage(&rec).await {
-        attempt += 1;
-        tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
+    writer.settle(counts).await;
 }
 
 pub async fn embeddings(
@@ -846,15 +908,8 @@ async fn embeddings_inner(
     st.limiter.settle(reservation, done_tokens as i64);
     let id = format!("emb-{}", hanlin_accounts::random_token(24));
     if done_tokens > 0 {
-        meter(
-            st,
-            &caller,
-            &id,
-            &req.model,
-            hanlin_accounts::now(),
-            [done_tokens, 0, 0],
-        )
-        .await;
+        let w = UsageWriter::start(st, &caller, &id, &req.model, hanlin_accounts::now());
+        meter(st, &caller, &req.model, w, [done_tokens, 0, 0]).await;
     }
     if let Some(m) = failed {
         return Err(ApiError::internal(format!("Embedding failed: {m}")));

@@ -371,14 +371,41 @@ async fn admin_api_metrics_and_vanished_clients() {
 
     // A streaming client that goes away frees its sequence.
     let mut r = client()
-        .post(format!("{base}/v1/chat/completions"))
+        .post(format!("{base}/v1/completions"))
         .bearer_auth(&user_key)
-        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 2000, "stream": true}))
+        .json(&json!({"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "temperature": 0, "stream": true}))
         .send()
         .await
         .expect("send");
     let first = r.chunk().await.expect("chunk");
     assert!(first.is_some());
+    // Its usage is on record while it runs (recorded at admission, then
+    // checkpointed every 2 s), so a server killed mid-answer loses at most
+    // the tokens since the last checkpoint.
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_millis(2600) {
+        assert!(
+            r.chunk().await.expect("chunk").is_some(),
+            "the count ended early"
+        );
+    }
+    let mut rows = Vec::new();
+    for _ in 0..50 {
+        rows = srv
+            .state
+            .db
+            .usage(Some("carol"), None)
+            .await
+            .expect("usage");
+        if rows.first().is_some_and(|u| u.completion_tokens > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].requests, 1);
+    assert!(rows[0].prompt_tokens > 0, "{rows:?}");
+    assert!(rows[0].completion_tokens > 0, "{rows:?}");
     drop(r);
     let sched = srv.state.models.get(MODEL).await.expect("model");
     let mut freed = false;
@@ -411,6 +438,7 @@ async fn admin_api_metrics_and_vanished_clients() {
         "hanlin_tokens_total",
         "hanlin_queue_depth",
         "hanlin_kv_cache_tokens",
+        "hanlin_kv_cache_bytes",
     ] {
         assert!(text.contains(m), "{m} missing from /metrics");
     }

@@ -211,6 +211,9 @@ impl Db {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if postgres { 16 } else { 4 })
+            // A database that is down fails a request in seconds (a 503)
+            // instead of holding it for the default 30.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if !postgres {

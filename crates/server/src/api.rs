@@ -691,6 +691,8 @@ async fn drive(
         };
         let _ = out.send(reply).await;
     }
+    // The response ends here, whatever the database is doing.
+    drop(out);
     // Meter exactly what the engine counted.
     let used = if admitted {
         prompt_tokens + completion_tokens
@@ -909,7 +911,9 @@ async fn embeddings_inner(
     let id = format!("emb-{}", hanlin_accounts::random_token(24));
     if done_tokens > 0 {
         let w = UsageWriter::start(st, &caller, &id, &req.model, hanlin_accounts::now());
-        meter(st, &caller, &req.model, w, [done_tokens, 0, 0]).await;
+        // Settled in the background: the answer does not wait for the database.
+        let (st, caller, model) = (st.clone(), caller.clone(), req.model.clone());
+        tokio::spawn(async move { meter(&st, &caller, &model, w, [done_tokens, 0, 0]).await });
     }
     if let Some(m) = failed {
         return Err(ApiError::internal(format!("Embedding failed: {m}")));

@@ -22,6 +22,24 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    start_inner(tweak, |url| async move { url }).await
+}
+
+/// A server whose database URL is first passed through `map` (e.g. to
+/// reach the database through a proxy).
+pub async fn start_with_async<F, Fut>(map: F) -> TestServer
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    start_inner(|_| {}, map).await
+}
+
+async fn start_inner<F, Fut>(tweak: impl FnOnce(&mut Config), map: F) -> TestServer
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let home = hanlin_store::Store::default_home();
     let store = hanlin_store::Store::open(&home).expect("open the model store");
     for m in [MODEL, QWEN] {
@@ -36,6 +54,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
         Ok(url) => fresh_postgres_database(&url).await,
         Err(_) => format!("sqlite://{}", dir.path().join("hanlin.db").display()),
     };
+    let database_url = map(database_url).await;
     let mut config = Config {
         host: "127.0.0.1".into(),
         port: 0,

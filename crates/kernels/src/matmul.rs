@@ -111,14 +111,18 @@ fn run_rows(
     };
     pool.for_chunks(rows, chunk, &|range| {
         let mut t = 0;
-        if let Some(dot4) = dot4 {
-            while t + 4 <= n_tok {
+        if let Some(dot4) = dot4.filter(|_| n_tok > 1) {
+            // Groups of four tokens; a last group of 1–3 is padded (the
+            // kernels see the last token repeated, only real tokens are
+            // stored): one pass over the rows instead of one per token.
+            while t < n_tok {
+                let real = (n_tok - t).min(4);
                 let mut r = range.start;
                 if let Some(d24) = dot2x4 {
                     while r + 2 <= range.end {
                         let v = d24(w.row(r), w.row(r + 1), t);
                         for (dr, row) in v.into_iter().enumerate() {
-                            for (k, v) in row.into_iter().enumerate() {
+                            for (k, v) in row.into_iter().take(real).enumerate() {
                                 // SAFETY: (t + k) * rows + r + dr < n_tok * rows <= out.len();
                                 // rows are disjoint per thread.
                                 unsafe { op.set((t + k) * rows + r + dr, v) };
@@ -129,12 +133,12 @@ fn run_rows(
                 }
                 for r in r..range.end {
                     let v = dot4(w.row(r), t);
-                    for (k, v) in v.into_iter().enumerate() {
+                    for (k, v) in v.into_iter().take(real).enumerate() {
                         // SAFETY: as above.
                         unsafe { op.set((t + k) * rows + r, v) };
                     }
                 }
-                t += 4;
+                t += real;
             }
         }
         for t in t..n_tok {
@@ -215,8 +219,8 @@ fn unpacked(
     let rows = w.rows;
     let bpr = xq.len() / n_tok;
     let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-    let x4 = |t: usize| [x(t), x(t + 1), x(t + 2), x(t + 3)];
-    let one = dot::dot_q8(w.ty).expect("32-element type has a dot");
+    // Tokens past the end repeat the last one (a padded last group).
+    let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
     let op = OutPtr(out.as_mut_ptr());
     pool.for_chunks(rows, 16, &|range| {
         UNPACKED.with_borrow_mut(|up| {
@@ -226,14 +230,15 @@ fn unpacked(
             }
             let r0 = range.start;
             let mut t = 0;
-            while t + 4 <= n_tok {
+            while t < n_tok {
+                let real = (n_tok - t).min(4);
                 let xs = x4(t);
                 let mut r = range.start;
                 while r + 4 <= range.end {
                     let ws = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
                     let v = (k.dot4x4)(up, r - r0, ws, xs);
                     for (dr, row) in v.into_iter().enumerate() {
-                        for (dt, v) in row.into_iter().enumerate() {
+                        for (dt, v) in row.into_iter().take(real).enumerate() {
                             // SAFETY: (t + dt) * rows + r + dr < n_tok * rows <= out.len();
                             // rows are disjoint per thread.
                             unsafe { op.set((t + dt) * rows + r + dr, v) };
@@ -243,18 +248,12 @@ fn unpacked(
                 }
                 for r in r..range.end {
                     let v = (k.dot1x4)(up, r - r0, w.row(r), xs);
-                    for (dt, v) in v.into_iter().enumerate() {
+                    for (dt, v) in v.into_iter().take(real).enumerate() {
                         // SAFETY: as above.
                         unsafe { op.set((t + dt) * rows + r, v) };
                     }
                 }
-                t += 4;
-            }
-            for t in t..n_tok {
-                for r in range.clone() {
-                    // SAFETY: as above.
-                    unsafe { op.set(t * rows + r, one(w.row(r), x(t))) };
-                }
+                t += real;
             }
         })
     });
@@ -280,7 +279,8 @@ fn quantized<B: Sync>(
 ) {
     let bpr = xq.len() / n_tok;
     let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-    let x4 = |t: usize| [x(t), x(t + 1), x(t + 2), x(t + 3)];
+    // Tokens past the end repeat the last one (a padded last group).
+    let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
     let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, x4(t)));
     let d24 = f24.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x4(t)));
     run_rows(
@@ -300,8 +300,8 @@ mod tests {
 
     /// A token's results do not depend on the batch around it: every path
     /// (one token, four tokens, 2×4, unpacked 4×4 and 1×4, leftovers) gives
-    /// the one-token kernel's value bit for bit, for every 32-element format,
-    /// with odd row and block counts.
+    /// the one-token kernel's value bit for bit, for every 32-element format
+    /// and the K formats the models use, with odd row and block counts.
     #[test]
     fn batched_matmul_is_bit_identical_to_one_token_dots() {
         use rand::{Rng, SeedableRng};
@@ -313,8 +313,16 @@ mod tests {
             GgmlType::Q5_0,
             GgmlType::Q5_1,
             GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
         ] {
-            for (rows, cols) in [(37, 256), (21, 96)] {
+            let shapes: &[(usize, usize)] = if ty.block_size() == 32 {
+                &[(37, 256), (21, 96)]
+            } else {
+                &[(37, 512), (21, 256)]
+            };
+            for &(rows, cols) in shapes {
                 let data: Vec<u8> = (0..rows)
                     .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
                     .collect();
@@ -324,19 +332,27 @@ mod tests {
                     rows,
                     cols,
                 };
-                for n_tok in [1, 4, 6, 11] {
+                for n_tok in [1, 2, 3, 4, 5, 6, 7, 11, 17, 18] {
                     let x: Vec<f32> = (0..n_tok * cols)
                         .map(|_| rng.random_range(-2.0..2.0f32))
                         .collect();
                     let a = Activations::new(&x, cols);
                     let mut out = vec![0f32; n_tok * rows];
                     matmul(&pool, &w, &a, &mut out);
-                    let one = dot::dot_q8(ty).expect("dot");
-                    let xq = a.q8();
-                    let bpr = cols / 32;
+                    let bpr = cols / ty.block_size();
+                    let one = |r: usize, t: usize| {
+                        if ty.block_size() == 32 {
+                            dot::dot_q8(ty).expect("dot")(w.row(r), &a.q8()[t * bpr..(t + 1) * bpr])
+                        } else {
+                            dot::dot_q8k(ty).expect("dot")(
+                                w.row(r),
+                                &a.q8k()[t * bpr..(t + 1) * bpr],
+                            )
+                        }
+                    };
                     for t in 0..n_tok {
                         for r in 0..rows {
-                            let want = one(w.row(r), &xq[t * bpr..(t + 1) * bpr]);
+                            let want = one(r, t);
                             assert_eq!(
                                 out[t * rows + r].to_bits(),
                                 want.to_bits(),

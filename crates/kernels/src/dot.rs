@@ -448,45 +448,31 @@ mod avx2 {
         std::array::from_fn(|k| hsum(acc[k]) + macc[k])
     }
 
-    /// `R` weight rows × `NT` tokens with 512-bit VNNI: each zmm holds two
-    /// consecutive 32-element blocks, so one `vpdpbusd` covers 64 products.
-    /// Unpacked weights are shared by the tokens and the activations by the
-    /// rows. Same offset scheme as [`q32v`]. Every (row, token) result goes
+    /// The 512-bit VNNI core shared by every batch shape: `R` weight rows ×
+    /// `NT` tokens over `pairs` pairs of 32-element blocks. `weights(r, i)`
+    /// gives row `r`'s pair `i`: the 64 quants (`u = q + OFF`), both block
+    /// scales spread over the 16 lanes, and the two block minimums (Q4_1 and
+    /// Q5_1, with `has_min`). Each zmm holds two consecutive blocks, so one
+    /// `vpdpbusd` covers 64 products; the weights are shared by the tokens
+    /// and the activations by the rows. Every (row, token) result goes
     /// through exactly the same operations whatever `R` and `NT` are, so a
     /// token's logits do not depend on how many others share its batch.
     #[inline(always)]
-    unsafe fn q32vz<const R: usize, const NT: usize, const OFF: i32>(
-        ws: [&[u8]; R],
+    unsafe fn q32v_pairs<const R: usize, const NT: usize, const OFF: i32>(
+        pairs: usize,
         xs: [&[BlockQ8]; NT],
-        size: usize,
-        m_at: Option<usize>,
-        unpack: impl Fn(*const u8) -> __m256i,
+        has_min: bool,
+        weights: impl Fn(usize, usize) -> (__m512i, __m512, [f32; 2]),
     ) -> [[f32; NT]; R] {
-        let n = xs.iter().fold(
-            ws.iter().fold(usize::MAX, |n, w| n.min(w.len() / size)),
-            |n, x| n.min(x.len()),
-        );
         let mut acc = [[_mm512_setzero_ps(); NT]; R];
         let mut macc = [[0f32; NT]; R];
         let hi = 0xFF00u16;
-        let pairs = n / 2;
         for i in 0..pairs {
             let mut wv = [_mm512_setzero_si512(); R];
             let mut dv = [_mm512_setzero_ps(); R];
             let mut mins = [[0f32; 2]; R];
             for r in 0..R {
-                let b0 = ws[r].as_ptr().add(2 * i * size);
-                let b1 = b0.add(size);
-                if let Some(at) = m_at {
-                    mins[r] = [load_f16(b0.add(at)), load_f16(b1.add(at))];
-                }
-                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH) as *const i8);
-                wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(unpack(b0)), unpack(b1), 1);
-                dv[r] = _mm512_mask_mov_ps(
-                    _mm512_set1_ps(load_f16(b0)),
-                    hi,
-                    _mm512_set1_ps(load_f16(b1)),
-                );
+                (wv[r], dv[r], mins[r]) = weights(r, i);
             }
             for k in 0..NT {
                 let x0 = xs[k].get_unchecked(2 * i);
@@ -509,7 +495,7 @@ mod avx2 {
                 for r in 0..R {
                     let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wv[r], xv));
                     acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dv[r], xd), p, acc[r][k]);
-                    if m_at.is_some() {
+                    if has_min {
                         macc[r][k] += mins[r][0] * x0.s + mins[r][1] * x1.s;
                     }
                 }
@@ -521,9 +507,27 @@ mod avx2 {
                 out[r][k] = _mm512_reduce_add_ps(acc[r][k]) + macc[r][k];
             }
         }
+        out
+    }
+
+    /// Blocks `n` of the rows and tokens (the smallest count), and an odd
+    /// last block added through the 256-bit form (per token the same
+    /// operations for any `NT`).
+    #[inline(always)]
+    unsafe fn q32v_blocks_and_tail<const R: usize, const NT: usize, const OFF: i32>(
+        ws: [&[u8]; R],
+        xs: [&[BlockQ8]; NT],
+        size: usize,
+        m_at: Option<usize>,
+        unpack: impl Fn(*const u8) -> __m256i,
+        body: impl FnOnce(usize) -> [[f32; NT]; R],
+    ) -> [[f32; NT]; R] {
+        let n = xs.iter().fold(
+            ws.iter().fold(usize::MAX, |n, w| n.min(w.len() / size)),
+            |n, x| n.min(x.len()),
+        );
+        let mut out = body(n / 2);
         if n % 2 == 1 {
-            // An odd last block goes through the 256-bit form (per token the
-            // same operations for any NT).
             let last = n - 1;
             for r in 0..R {
                 let tail = &ws[r][last * size..(last + 1) * size];
@@ -540,6 +544,46 @@ mod avx2 {
             }
         }
         out
+    }
+
+    /// One pair of blocks at `b0` unpacked for [`q32v_pairs`].
+    #[inline(always)]
+    unsafe fn unpack_pair(
+        b0: *const u8,
+        size: usize,
+        m_at: Option<usize>,
+        unpack: &impl Fn(*const u8) -> __m256i,
+    ) -> (__m512i, __m512, [f32; 2]) {
+        let b1 = b0.add(size);
+        let wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack(b0)), unpack(b1), 1);
+        let dv = _mm512_mask_mov_ps(
+            _mm512_set1_ps(load_f16(b0)),
+            0xFF00,
+            _mm512_set1_ps(load_f16(b1)),
+        );
+        let mins = match m_at {
+            Some(at) => [load_f16(b0.add(at)), load_f16(b1.add(at))],
+            None => [0.0; 2],
+        };
+        (wv, dv, mins)
+    }
+
+    /// `R` rows × `NT` tokens, unpacking the weights on the fly.
+    #[inline(always)]
+    unsafe fn q32vz<const R: usize, const NT: usize, const OFF: i32>(
+        ws: [&[u8]; R],
+        xs: [&[BlockQ8]; NT],
+        size: usize,
+        m_at: Option<usize>,
+        unpack: impl Fn(*const u8) -> __m256i,
+    ) -> [[f32; NT]; R] {
+        q32v_blocks_and_tail::<R, NT, OFF>(ws, xs, size, m_at, &unpack, |pairs| {
+            q32v_pairs::<R, NT, OFF>(pairs, xs, m_at.is_some(), |r, i| {
+                let b0 = ws[r].as_ptr().add(2 * i * size);
+                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH) as *const i8);
+                unpack_pair(b0, size, m_at, &unpack)
+            })
+        })
     }
 
     /// Append one weight row to `up`, unpacked exactly as [`q32vz`] unpacks
@@ -554,31 +598,22 @@ mod avx2 {
     ) {
         let pairs = w.len() / size / 2;
         up.pairs = pairs;
-        let hi = 0xFF00u16;
         for i in 0..pairs {
-            let b0 = w.as_ptr().add(2 * i * size);
-            let b1 = b0.add(size);
-            let wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack(b0)), unpack(b1), 1);
+            let (wv, dv, mins) = unpack_pair(w.as_ptr().add(2 * i * size), size, m_at, &unpack);
             let mut z = Z64([0; 64]);
             _mm512_store_si512(z.0.as_mut_ptr() as *mut __m512i, wv);
             up.u.push(z);
-            let dv = _mm512_mask_mov_ps(
-                _mm512_set1_ps(load_f16(b0)),
-                hi,
-                _mm512_set1_ps(load_f16(b1)),
-            );
             let mut f = F16x([0.0; 16]);
             _mm512_store_ps(f.0.as_mut_ptr(), dv);
             up.d.push(f);
-            if let Some(at) = m_at {
-                up.m.push([load_f16(b0.add(at)), load_f16(b1.add(at))]);
+            if m_at.is_some() {
+                up.m.push(mins);
             }
         }
     }
 
     /// [`q32vz`] over rows `r0..r0+R` of `up` (raw bytes `ws`, used only for
-    /// an odd last block): the same operations in the same order for every
-    /// (row, token), without unpacking the weights again.
+    /// an odd last block), without unpacking the weights again.
     #[inline(always)]
     unsafe fn q32vu<const R: usize, const NT: usize, const OFF: i32>(
         up: &Unpacked,
@@ -589,73 +624,20 @@ mod avx2 {
         m_at: Option<usize>,
         unpack: impl Fn(*const u8) -> __m256i,
     ) -> [[f32; NT]; R] {
-        let n = xs.iter().fold(
-            ws.iter().fold(usize::MAX, |n, w| n.min(w.len() / size)),
-            |n, x| n.min(x.len()),
-        );
-        let pairs = n / 2;
-        debug_assert_eq!(pairs, up.pairs);
-        let mut acc = [[_mm512_setzero_ps(); NT]; R];
-        let mut macc = [[0f32; NT]; R];
-        let hi = 0xFF00u16;
-        let base: [usize; R] = std::array::from_fn(|r| (r0 + r) * up.pairs);
-        for i in 0..pairs {
-            let wv: [__m512i; R] = std::array::from_fn(|r| {
-                _mm512_load_si512(up.u.get_unchecked(base[r] + i).0.as_ptr() as *const __m512i)
-            });
-            let dv: [__m512; R] =
-                std::array::from_fn(|r| _mm512_load_ps(up.d.get_unchecked(base[r] + i).0.as_ptr()));
-            for k in 0..NT {
-                let x0 = xs[k].get_unchecked(2 * i);
-                let x1 = xs[k].get_unchecked(2 * i + 1);
-                let xv = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i)),
-                    _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i),
-                    1,
-                );
-                let init = if OFF != 0 {
-                    _mm512_mask_mov_epi32(
-                        _mm512_set1_epi32(-(OFF / 8) * x0.isum),
-                        hi,
-                        _mm512_set1_epi32(-(OFF / 8) * x1.isum),
-                    )
+        q32v_blocks_and_tail::<R, NT, OFF>(ws, xs, size, m_at, &unpack, |pairs| {
+            debug_assert_eq!(pairs, up.pairs);
+            q32v_pairs::<R, NT, OFF>(pairs, xs, m_at.is_some(), |r, i| {
+                let at = (r0 + r) * up.pairs + i;
+                let wv = _mm512_load_si512(up.u.get_unchecked(at).0.as_ptr() as *const __m512i);
+                let dv = _mm512_load_ps(up.d.get_unchecked(at).0.as_ptr());
+                let mins = if m_at.is_some() {
+                    *up.m.get_unchecked(at)
                 } else {
-                    _mm512_setzero_si512()
+                    [0.0; 2]
                 };
-                let xd = _mm512_mask_mov_ps(_mm512_set1_ps(x0.d), hi, _mm512_set1_ps(x1.d));
-                for r in 0..R {
-                    let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, wv[r], xv));
-                    acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dv[r], xd), p, acc[r][k]);
-                    if m_at.is_some() {
-                        let mins = up.m.get_unchecked(base[r] + i);
-                        macc[r][k] += mins[0] * x0.s + mins[1] * x1.s;
-                    }
-                }
-            }
-        }
-        let mut out = [[0f32; NT]; R];
-        for r in 0..R {
-            for k in 0..NT {
-                out[r][k] = _mm512_reduce_add_ps(acc[r][k]) + macc[r][k];
-            }
-        }
-        if n % 2 == 1 {
-            let last = n - 1;
-            for r in 0..R {
-                let tail = &ws[r][last * size..(last + 1) * size];
-                let v = q32v::<NT, OFF>(
-                    tail,
-                    std::array::from_fn(|k| &xs[k][last..last + 1]),
-                    size,
-                    m_at,
-                    &unpack,
-                );
-                for k in 0..NT {
-                    out[r][k] += v[k];
-                }
-            }
-        }
-        out
+                (wv, dv, mins)
+            })
+        })
     }
 
     macro_rules! batch_kernels {

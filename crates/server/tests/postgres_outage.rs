@@ -120,14 +120,12 @@ async fn postgres_down_mid_run() {
             assert_eq!(r.status(), 200);
             let body = r.text().await.expect("body");
             // The last data chunk before [DONE] carries the usage.
-            let usage = body
-                .lines()
+            body.lines()
                 .filter_map(|l| l.strip_prefix("data: "))
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
-                .last()
-                .expect("usage chunk");
-            usage
+                .next_back()
+                .expect("usage chunk")
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;

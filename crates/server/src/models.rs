@@ -1,6 +1,6 @@
 //! The models a server can serve: every model in the store, loaded on first
 //! use (one scheduler each) and evicted least-recently-used when loading
-//! another would exceed the memory budget.
+//! another would exceed the memory budget (weights and live KV cache).
 
 use crate::error::ApiError;
 use hanlin_engine::{LoadedModel, Scheduler, SchedulerConfig};
@@ -13,6 +13,19 @@ struct Loaded {
     sched: Arc<Scheduler>,
     bytes: u64,
     last_used: Instant,
+}
+
+impl Loaded {
+    /// Weights plus the KV blocks its scheduler holds (running sequences
+    /// and the prefix pool).
+    fn memory(&self) -> u64 {
+        self.bytes
+            + self
+                .sched
+                .stats
+                .kv_bytes
+                .load(std::sync::atomic::Ordering::Relaxed) as u64
+    }
 }
 
 pub struct Models {
@@ -87,7 +100,8 @@ impl Models {
             let mut loaded = self.lock();
             loaded.sort_by_key(|l| l.last_used);
             while !loaded.is_empty()
-                && loaded.iter().map(|l| l.bytes).sum::<u64>() + manifest.size > self.budget_bytes
+                && loaded.iter().map(Loaded::memory).sum::<u64>() + manifest.size
+                    > self.budget_bytes
             {
                 let gone = loaded.remove(0);
                 tracing::info!(model = %gone.name, "evicting model (memory budget)");

@@ -211,6 +211,26 @@ pub fn dot_q8_2x4(ty: GgmlType) -> Option<DotQ8_2x4> {
     None
 }
 
+/// Two weight rows × eight tokens (512-bit VNNI only): the weights are
+/// unpacked once for eight tokens.
+pub type DotQ8_2x8 = fn(&[u8], &[u8], [&[BlockQ8]; 8]) -> [[f32; 8]; 2];
+
+pub fn dot_q8_2x8(ty: GgmlType) -> Option<DotQ8_2x8> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        return match ty {
+            GgmlType::Q4_0 => Some(avx2::q4_0_2x8),
+            GgmlType::Q4_1 => Some(avx2::q4_1_2x8),
+            GgmlType::Q5_0 => Some(avx2::q5_0_2x8),
+            GgmlType::Q5_1 => Some(avx2::q5_1_2x8),
+            GgmlType::Q8_0 => Some(avx2::q8_0_2x8),
+            _ => None,
+        };
+    }
+    let _ = ty;
+    None
+}
+
 pub fn dot_q8k_x4(ty: GgmlType) -> Option<DotQ8Kx4> {
     #[cfg(target_arch = "x86_64")]
     if simd_level() != SimdLevel::Scalar {
@@ -921,37 +941,37 @@ mod avx2 {
         )[0], BlockQ8;
     }
 
-    macro_rules! kernels_2x4 {
-        ($($name:ident => $off:literal, $size:literal, $m_at:expr, $unpack:expr;)*) => {$(
+    macro_rules! kernels_2row {
+        ($($name:ident, $name8:ident, $safe:ident, $safe8:ident => $off:literal, $size:literal, $m_at:expr, $unpack:expr;)*) => {$(
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
             unsafe fn $name(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
                 q32vz::<2, 4, $off>([w0, w1], x, $size, $m_at, $unpack)
             }
-        )*};
-    }
-    kernels_2x4! {
-        q4_0_z => 8, 18, None, |b| nibbles(b.add(2));
-        q4_1_z => 0, 20, Some(2), |b| nibbles(b.add(4));
-        q5_0_z => 16, 22, None, |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)));
-        q5_1_z => 0, 24, Some(2), |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)));
-        q8_0_z => 128, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128));
-    }
-    macro_rules! safe_2x4 {
-        ($($name:ident => $imp:ident),*) => {$(
-            pub(super) fn $name(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
+            unsafe fn $name8(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 8]) -> [[f32; 8]; 2] {
+                q32vz::<2, 8, $off>([w0, w1], x, $size, $m_at, $unpack)
+            }
+            pub(super) fn $safe(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
                 // SAFETY: handed out by `dot_q8_2x4` only after `simd_level()`
-                // found AVX-512 VNNI/VL/BW (which imply AVX-512F) at run time.
-                unsafe { $imp(w0, w1, x) }
+                // found AVX-512 F/BW/VL/VNNI at run time.
+                unsafe { $name(w0, w1, x) }
+            }
+            pub(super) fn $safe8(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 8]) -> [[f32; 8]; 2] {
+                // SAFETY: as above (`dot_q8_2x8`).
+                unsafe { $name8(w0, w1, x) }
             }
         )*};
     }
-    safe_2x4!(
-        q4_0_2x4 => q4_0_z,
-        q4_1_2x4 => q4_1_z,
-        q5_0_2x4 => q5_0_z,
-        q5_1_2x4 => q5_1_z,
-        q8_0_2x4 => q8_0_z
-    );
+    kernels_2row! {
+        q4_0_z, q4_0_z8, q4_0_2x4, q4_0_2x8 => 8, 18, None, |b| nibbles(b.add(2));
+        q4_1_z, q4_1_z8, q4_1_2x4, q4_1_2x8 => 0, 20, Some(2), |b| nibbles(b.add(4));
+        q5_0_z, q5_0_z8, q5_0_2x4, q5_0_2x8 => 16, 22, None,
+            |b| _mm256_or_si256(nibbles(b.add(6)), q5_high_mask(b.add(2)));
+        q5_1_z, q5_1_z8, q5_1_2x4, q5_1_2x8 => 0, 24, Some(2),
+            |b| _mm256_or_si256(nibbles(b.add(8)), q5_high_mask(b.add(4)));
+        q8_0_z, q8_0_z8, q8_0_2x4, q8_0_2x8 => 128, 34, None,
+            |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128));
+    }
 
     macro_rules! safe_wrappers {
         ($($name:ident, $name4:ident => $imp:ident, $imp4:ident : $blk:ty),*) => {$(

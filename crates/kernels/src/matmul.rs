@@ -86,6 +86,16 @@ impl OutPtr {
 type Dot4<'a> = &'a (dyn Fn(&[u8], usize) -> [f32; 4] + Sync);
 /// `dot2x4(row0, row1, t)`: tokens `t..t+4` against two weight rows.
 type Dot2x4<'a> = &'a (dyn Fn(&[u8], &[u8], usize) -> [[f32; 4]; 2] + Sync);
+/// `dot2x8(row0, row1, t)`: tokens `t..t+8` against two weight rows.
+type Dot2x8<'a> = &'a (dyn Fn(&[u8], &[u8], usize) -> [[f32; 8]; 2] + Sync);
+
+/// The multi-token kernels a weight type has.
+#[derive(Clone, Copy, Default)]
+struct Wide<'a> {
+    dot4: Option<Dot4<'a>>,
+    dot2x4: Option<Dot2x4<'a>>,
+    dot2x8: Option<Dot2x8<'a>>,
+}
 
 /// Dot every row with every token: `dot1(row, t)` for one token,
 /// `dot4(row, t)` for tokens `t..t+4` when a four-token kernel exists.
@@ -95,9 +105,13 @@ fn run_rows(
     n_tok: usize,
     out: &mut [f32],
     dot1: &(dyn Fn(&[u8], usize) -> f32 + Sync),
-    dot4: Option<Dot4>,
-    dot2x4: Option<Dot2x4>,
+    wide: Wide,
 ) {
+    let Wide {
+        dot4,
+        dot2x4,
+        dot2x8,
+    } = wide;
     let rows = w.rows;
     let op = OutPtr(out.as_mut_ptr());
     // Decode streams the weights once: a few large contiguous ranges per
@@ -111,6 +125,33 @@ fn run_rows(
     };
     pool.for_chunks(rows, chunk, &|range| {
         let mut t = 0;
+        if let (Some(d28), Some(dot4)) = (dot2x8, dot4) {
+            // Whole groups of eight tokens: each weight pair is unpacked
+            // once for eight tokens.
+            while t + 8 <= n_tok {
+                let mut r = range.start;
+                while r + 2 <= range.end {
+                    let v = d28(w.row(r), w.row(r + 1), t);
+                    for (dr, row) in v.into_iter().enumerate() {
+                        for (k, v) in row.into_iter().enumerate() {
+                            // SAFETY: (t + k) * rows + r + dr < n_tok * rows <= out.len();
+                            // rows are disjoint per thread.
+                            unsafe { op.set((t + k) * rows + r + dr, v) };
+                        }
+                    }
+                    r += 2;
+                }
+                for r in r..range.end {
+                    for h in [t, t + 4] {
+                        for (k, v) in dot4(w.row(r), h).into_iter().enumerate() {
+                            // SAFETY: as above.
+                            unsafe { op.set((h + k) * rows + r, v) };
+                        }
+                    }
+                }
+                t += 8;
+            }
+        }
         if let Some(dot4) = dot4.filter(|_| n_tok > 1) {
             // Groups of four tokens; a last group of 1–3 is padded (the
             // kernels see the last token repeated, only real tokens are
@@ -170,6 +211,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             dot::dot_q8(w.ty).expect("32-element type has a dot"),
             dot::dot_q8_x4(w.ty),
             dot::dot_q8_2x4(w.ty),
+            dot::dot_q8_2x8(w.ty),
         ),
         256 => quantized(
             pool,
@@ -179,6 +221,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             n_tok,
             dot::dot_q8k(w.ty).expect("K type has a dot"),
             dot::dot_q8k_x4(w.ty),
+            None,
             None,
         ),
         _ => {
@@ -190,8 +233,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 n_tok,
                 out,
                 &|wr, t| dot::dot_float(w.ty, wr, &x[t * cols..(t + 1) * cols]),
-                None,
-                None,
+                Wide::default(),
             );
         }
     }
@@ -263,6 +305,8 @@ fn unpacked(
 type Kernel4<B> = fn(&[u8], [&[B]; 4]) -> [f32; 4];
 /// Two-row × four-token kernel over activation blocks `B`.
 type Kernel2x4<B> = fn(&[u8], &[u8], [&[B]; 4]) -> [[f32; 4]; 2];
+/// Two-row × eight-token kernel over activation blocks `B`.
+type Kernel2x8<B> = fn(&[u8], &[u8], [&[B]; 8]) -> [[f32; 8]; 2];
 
 /// A quantized weight against activations quantized to blocks `B`, with the
 /// one-token kernel and, where they exist, the four-token and 2×4 kernels.
@@ -276,6 +320,7 @@ fn quantized<B: Sync>(
     f: fn(&[u8], &[B]) -> f32,
     f4: Option<Kernel4<B>>,
     f24: Option<Kernel2x4<B>>,
+    f28: Option<Kernel2x8<B>>,
 ) {
     let bpr = xq.len() / n_tok;
     let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
@@ -283,14 +328,19 @@ fn quantized<B: Sync>(
     let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
     let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, x4(t)));
     let d24 = f24.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x4(t)));
+    let x8 = |t: usize| std::array::from_fn(|k| x(t + k));
+    let d28 = f28.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x8(t)));
     run_rows(
         pool,
         w,
         n_tok,
         out,
         &|wr, t| f(wr, x(t)),
-        d4.as_ref().map(|d| d as _),
-        d24.as_ref().map(|d| d as _),
+        Wide {
+            dot4: d4.as_ref().map(|d| d as _),
+            dot2x4: d24.as_ref().map(|d| d as _),
+            dot2x8: d28.as_ref().map(|d| d as _),
+        },
     );
 }
 
@@ -332,7 +382,7 @@ mod tests {
                     rows,
                     cols,
                 };
-                for n_tok in [1, 2, 3, 4, 5, 6, 7, 11, 17, 18] {
+                for n_tok in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 15, 17, 18] {
                     let x: Vec<f32> = (0..n_tok * cols)
                         .map(|_| rng.random_range(-2.0..2.0f32))
                         .collect();

@@ -194,36 +194,20 @@ pub fn dot_q8_x4(ty: GgmlType) -> Option<DotQ8x4> {
 
 /// Two weight rows × four tokens (512-bit VNNI only).
 pub type DotQ8_2x4 = fn(&[u8], &[u8], [&[BlockQ8]; 4]) -> [[f32; 4]; 2];
-
-pub fn dot_q8_2x4(ty: GgmlType) -> Option<DotQ8_2x4> {
-    #[cfg(target_arch = "x86_64")]
-    if simd_level() == SimdLevel::Avx2Vnni {
-        return match ty {
-            GgmlType::Q4_0 => Some(avx2::q4_0_2x4),
-            GgmlType::Q4_1 => Some(avx2::q4_1_2x4),
-            GgmlType::Q5_0 => Some(avx2::q5_0_2x4),
-            GgmlType::Q5_1 => Some(avx2::q5_1_2x4),
-            GgmlType::Q8_0 => Some(avx2::q8_0_2x4),
-            _ => None,
-        };
-    }
-    let _ = ty;
-    None
-}
-
 /// Two weight rows × eight tokens (512-bit VNNI only): the weights are
 /// unpacked once for eight tokens.
 pub type DotQ8_2x8 = fn(&[u8], &[u8], [&[BlockQ8]; 8]) -> [[f32; 8]; 2];
 
-pub fn dot_q8_2x8(ty: GgmlType) -> Option<DotQ8_2x8> {
+/// The two-row kernels (× four and × eight tokens) of a 32-element format.
+pub fn dot_q8_2row(ty: GgmlType) -> Option<(DotQ8_2x4, DotQ8_2x8)> {
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2Vnni {
         return match ty {
-            GgmlType::Q4_0 => Some(avx2::q4_0_2x8),
-            GgmlType::Q4_1 => Some(avx2::q4_1_2x8),
-            GgmlType::Q5_0 => Some(avx2::q5_0_2x8),
-            GgmlType::Q5_1 => Some(avx2::q5_1_2x8),
-            GgmlType::Q8_0 => Some(avx2::q8_0_2x8),
+            GgmlType::Q4_0 => Some((avx2::q4_0_2x4, avx2::q4_0_2x8)),
+            GgmlType::Q4_1 => Some((avx2::q4_1_2x4, avx2::q4_1_2x8)),
+            GgmlType::Q5_0 => Some((avx2::q5_0_2x4, avx2::q5_0_2x8)),
+            GgmlType::Q5_1 => Some((avx2::q5_1_2x4, avx2::q5_1_2x8)),
+            GgmlType::Q8_0 => Some((avx2::q8_0_2x4, avx2::q8_0_2x8)),
             _ => None,
         };
     }
@@ -952,12 +936,12 @@ mod avx2 {
                 q32vz::<2, 8, $off>([w0, w1], x, $size, $m_at, $unpack)
             }
             pub(super) fn $safe(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
-                // SAFETY: handed out by `dot_q8_2x4` only after `simd_level()`
+                // SAFETY: handed out by `dot_q8_2row` only after `simd_level()`
                 // found AVX-512 F/BW/VL/VNNI at run time.
                 unsafe { $name(w0, w1, x) }
             }
             pub(super) fn $safe8(w0: &[u8], w1: &[u8], x: [&[BlockQ8]; 8]) -> [[f32; 8]; 2] {
-                // SAFETY: as above (`dot_q8_2x8`).
+                // SAFETY: as above.
                 unsafe { $name8(w0, w1, x) }
             }
         )*};
@@ -1067,7 +1051,7 @@ pub(crate) mod tests {
                             assert_eq!(v.to_bits(), one.to_bits(), "{ty} x4");
                         }
                     }
-                    if let Some(f24) = dot_q8_2x4(ty) {
+                    if let Some((f24, _)) = dot_q8_2row(ty) {
                         // Four different token rows and two weight rows; odd block
                         // counts exercise the tail.
                         let w2 = random_row(ty, n, &mut rng);

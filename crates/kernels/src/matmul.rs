@@ -210,8 +210,8 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             n_tok,
             dot::dot_q8(w.ty).expect("32-element type has a dot"),
             dot::dot_q8_x4(w.ty),
-            dot::dot_q8_2x4(w.ty),
-            dot::dot_q8_2x8(w.ty),
+            dot::dot_q8_2row(w.ty).map(|k| k.0),
+            dot::dot_q8_2row(w.ty).map(|k| k.1),
         ),
         256 => quantized(
             pool,

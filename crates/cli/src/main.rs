@@ -955,44 +955,34 @@ fn batched_decode(m: &LoadedModel, batch: usize, n_gen: usize, vocab: u32) -> Re
     let mut caches: Vec<KvCache> = (0..batch)
         .map(|_| KvCache::new(cfg.n_layer, cfg.kv_dim(), 64 + n_gen + 1))
         .collect();
-    let prompts: Vec<Vec<u32>> = (0..batch as u32)
+    // Step 0 feeds each sequence a different prompt (not timed); each later
+    // step one token each.
+    let mut inputs: Vec<Vec<u32>> = (0..batch as u32)
         .map(|b| {
             (0..64u32)
                 .map(|i| (i * 7919 + b * 104_729 + 13) % vocab.min(30000))
                 .collect()
         })
         .collect();
-    let mut batch_seqs: Vec<BatchSeq> = caches
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(cache, p)| BatchSeq {
-            tokens: p,
-            cache,
-            want: Logits::Last,
-        })
-        .collect();
-    let mut next: Vec<u32> = m
-        .model
-        .forward_batch(&m.pool, &mut batch_seqs)?
-        .iter()
-        .map(|l| hanlin_engine::sampler::argmax(l))
-        .collect();
-    let t = Instant::now();
-    for _ in 0..n_gen {
+    let mut t = Instant::now();
+    for step in 0..=n_gen {
+        if step == 1 {
+            t = Instant::now();
+        }
         let mut batch_seqs: Vec<BatchSeq> = caches
             .iter_mut()
-            .zip(&next)
-            .map(|(cache, tok)| BatchSeq {
-                tokens: std::slice::from_ref(tok),
+            .zip(&inputs)
+            .map(|(cache, tokens)| BatchSeq {
+                tokens,
                 cache,
                 want: Logits::Last,
             })
             .collect();
-        next = m
+        inputs = m
             .model
             .forward_batch(&m.pool, &mut batch_seqs)?
             .iter()
-            .map(|l| hanlin_engine::sampler::argmax(l))
+            .map(|l| vec![hanlin_engine::sampler::argmax(l)])
             .collect();
     }
     Ok((batch * n_gen) as f64 / t.elapsed().as_secs_f64())

@@ -479,9 +479,8 @@ impl Model {
         // and every token of the block.
         let n_blocks = t_n.div_ceil(ATTN_TB);
         #[cfg(target_arch = "x86_64")]
-        let wide = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && hanlin_kernels::dot::simd_level() != hanlin_kernels::dot::SimdLevel::Scalar;
+        // Any SIMD level on x86-64 means AVX2, FMA and F16C were detected.
+        let wide = hanlin_kernels::dot::simd_level() != hanlin_kernels::dot::SimdLevel::Scalar;
         pool.for_chunks(cfg.n_head_kv * n_blocks, 1, &|r| {
             let mut sc = AttendScratch::default();
             for job in r {

@@ -196,24 +196,24 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     assert_eq!(w.cols, a.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
     let n_tok = a.n_tok;
-    match w.ty.block_size() {
-        32 if n_tok >= UNPACK_MIN_TOKENS && dot::batch_kernel(w.ty).is_some() => {
-            if let Some(k) = dot::batch_kernel(w.ty) {
-                unpacked(pool, w, out, a.q8(), n_tok, k);
-            }
+    let batch = dot::batch_kernel(w.ty).filter(|_| n_tok >= UNPACK_MIN_TOKENS);
+    match (w.ty.block_size(), batch) {
+        (32, Some(k)) => unpacked(pool, w, out, a.q8(), n_tok, k),
+        (32, None) => {
+            let two_row = dot::dot_q8_2row(w.ty);
+            quantized(
+                pool,
+                w,
+                out,
+                a.q8(),
+                n_tok,
+                dot::dot_q8(w.ty).expect("32-element type has a dot"),
+                dot::dot_q8_x4(w.ty),
+                two_row.map(|k| k.0),
+                two_row.map(|k| k.1),
+            )
         }
-        32 => quantized(
-            pool,
-            w,
-            out,
-            a.q8(),
-            n_tok,
-            dot::dot_q8(w.ty).expect("32-element type has a dot"),
-            dot::dot_q8_x4(w.ty),
-            dot::dot_q8_2row(w.ty).map(|k| k.0),
-            dot::dot_q8_2row(w.ty).map(|k| k.1),
-        ),
-        256 => quantized(
+        (256, _) => quantized(
             pool,
             w,
             out,

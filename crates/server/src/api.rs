@@ -581,9 +581,9 @@ async fn drive(
                 }
                 last_token = now;
                 choices[i].completion_tokens += tokens;
-                if let Some(w) = &mut usage_writer {
+                if let Some(w) = usage_writer.as_mut().filter(|w| w.due()) {
                     let done: usize = choices.iter().map(|c| c.completion_tokens).sum();
-                    w.checkpoint([prompt_tokens, cached_tokens, done]);
+                    w.write([prompt_tokens, cached_tokens, done]);
                 }
                 let c = &mut choices[i];
                 c.text.push_str(&text);
@@ -774,11 +774,9 @@ impl UsageWriter {
         let _ = self.tx.send(self.rec.clone());
     }
 
-    /// Checkpoint if the last write is older than [`USAGE_CHECKPOINT`].
-    fn checkpoint(&mut self, counts: [usize; 3]) {
-        if self.last.elapsed() >= USAGE_CHECKPOINT {
-            self.write(counts);
-        }
+    /// Whether the last write is older than [`USAGE_CHECKPOINT`].
+    fn due(&self) -> bool {
+        self.last.elapsed() >= USAGE_CHECKPOINT
     }
 
     /// The final counts, then wait until every write is in the database.

@@ -25,6 +25,18 @@ async fn post(base: &str, path: &str, key: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+async fn get_json(base: &str, path: &str, key: &str) -> Value {
+    client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json")
+}
+
 fn chat(max_tokens: u32) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": max_tokens, "temperature": 0})
 }
@@ -202,15 +214,7 @@ async fn bad_input_gets_openai_errors_and_the_server_stays_up() {
         .expect("key");
     let (s, v) = post(base, "/v1/chat/completions", &scoped, chat(4)).await;
     assert_eq!((s, err_code(&v)), (404, "model_not_found"));
-    let models: Value = client()
-        .get(format!("{base}/v1/models"))
-        .bearer_auth(&scoped)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let models = get_json(base, "/v1/models", &scoped).await;
     assert_eq!(models["data"].as_array().map(Vec::len), Some(1));
 
     // After all that, the server still answers.
@@ -340,15 +344,7 @@ async fn admin_api_metrics_and_vanished_clients() {
     // Usage is written just after the answer goes out: allow it a moment.
     let mut usage = Value::Null;
     for _ in 0..50 {
-        usage = client()
-            .get(format!("{base}/v1/admin/usage?user=dave"))
-            .bearer_auth(&srv.admin_key)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        usage = get_json(base, "/v1/admin/usage?user=dave", &srv.admin_key).await;
         if usage["data"][0]["user"] == "dave" {
             break;
         }
@@ -482,15 +478,7 @@ async fn models_load_on_demand_and_the_least_recently_used_is_evicted() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(loaded(), [common::QWEN]);
     // Every pulled model is listed whether loaded or not.
-    let models: Value = client()
-        .get(format!("{}/v1/models", srv.base))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let models = get_json(&srv.base, "/v1/models", &key).await;
     assert!(
         models["data"].as_array().map_or(0, Vec::len) >= 3,
         "{models}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: fetches the real models the tests use (once; they are
 # cached in the model store) and the official `openai` Python client, and
-# runs the whole test suite in release mode. With HANLIN_TEST_POSTGRES_URL
+# runs the whole test suite in release mode, then the web app's end-to-end
+# tests in headless Chromium (scripts/e2e.sh installs what they need). With HANLIN_TEST_POSTGRES_URL
 # set (see scripts/start_postgres.sh), the accounts and server tests run a
 # second time against that PostgreSQL server (each test on a database of
 # its own).
@@ -20,3 +21,5 @@ if [ -n "${HANLIN_TEST_POSTGRES_URL:-}" ]; then
   echo "== accounts and server tests on PostgreSQL"
   cargo test --release -p hanlin-accounts -p hanlin-server "$@"
 fi
+echo "== web app end to end (headless Chromium)"
+scripts/e2e.sh

@@ -4,9 +4,13 @@
 //!
 //! Storage is `sqlx`'s `Any` driver over portable SQL, so the same code and
 //! migrations run on an embedded SQLite file (the default) and on
-//! PostgreSQL (`postgres://…`). Rate limits and quotas live in [`limits`].
+//! PostgreSQL (`postgres://…`). Rate limits and quotas live in [`limits`];
+//! browser sign-in (argon2 passwords, cookie sessions) in [`web`]; the web
+//! app's conversations and personas in [`chats`].
 
+pub mod chats;
 pub mod limits;
+pub mod web;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -238,7 +242,17 @@ impl Db {
     /// fresh schema on the next connect).
     #[doc(hidden)]
     pub async fn reset_for_tests(&self) -> Result<(), AccountError> {
-        for t in ["usage", "api_keys", "users", "plans", "_sqlx_migrations"] {
+        for t in [
+            "messages",
+            "conversations",
+            "personas",
+            "sessions",
+            "usage",
+            "api_keys",
+            "users",
+            "plans",
+            "_sqlx_migrations",
+        ] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
                 .execute(&self.pool)
                 .await?;

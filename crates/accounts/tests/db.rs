@@ -2,7 +2,306 @@
 //! `HANLIN_TEST_POSTGRES_URL` names a server; `.ci/run` starts one and sets
 //! it, and requires it so that this half is never silently skipped there).
 
+use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message};
+use hanlin_accounts::web::SignInError;
 use hanlin_accounts::{AuthError, Db, NewKey, Role, UsageRecord};
+use serde_json::json;
+
+fn msg(id: &str, parent: Option<&str>, role: &str, content: &str) -> Message {
+    Message {
+        id: id.into(),
+        parent_id: parent.map(String::from),
+        role: role.into(),
+        content: content.into(),
+        status: "done".into(),
+        model: None,
+        created_at: 0,
+    }
+}
+
+/// Browser accounts and conversations, on a database with no admin yet.
+async fn exercise_web(db: &Db) {
+    // The first account with a password becomes admin; later ones do not.
+    let li = db
+        .register("李白", "床前明月光疑是地上霜")
+        .await
+        .expect("db")
+        .expect("registered");
+    assert_eq!(li.role, Role::Admin);
+    let du = db
+        .register("杜甫", "国破山河在城春草木深")
+        .await
+        .expect("db")
+        .expect("registered");
+    assert_eq!(du.role, Role::User);
+    assert_eq!(
+        db.register("杜甫", "another password")
+            .await
+            .expect("db")
+            .err(),
+        Some(SignInError::NameTaken("杜甫".into()))
+    );
+    assert!(matches!(
+        db.register("王维", "short").await.expect("db"),
+        Err(SignInError::Invalid(_))
+    ));
+    assert_eq!(
+        db.check_login("李白", "wrong password")
+            .await
+            .expect("db")
+            .err(),
+        Some(SignInError::WrongPassword)
+    );
+    assert_eq!(
+        db.check_login("nobody", "whatever!!")
+            .await
+            .expect("db")
+            .err(),
+        Some(SignInError::WrongPassword)
+    );
+    let me = db
+        .check_login("李白", "床前明月光疑是地上霜")
+        .await
+        .expect("db")
+        .expect("signed in");
+    assert_eq!(me.id, li.id);
+
+    // Sessions: the secret finds the user; expired or ended ones do not.
+    let (secret, csrf) = db.create_session(&li.id).await.expect("session");
+    let s = db.session(&secret).await.expect("db").expect("live");
+    assert_eq!(
+        (s.user.id.as_str(), s.csrf.as_str()),
+        (li.id.as_str(), csrf.as_str())
+    );
+    assert!(db.session("not-a-session").await.expect("db").is_none());
+    db.expire_sessions_for_tests(&li.id).await.expect("expire");
+    assert!(db.session(&secret).await.expect("db").is_none());
+    let (secret, _) = db.create_session(&li.id).await.expect("session");
+    db.end_session(&secret).await.expect("end");
+    assert!(db.session(&secret).await.expect("db").is_none());
+
+    // A conversation tree: two answers to one question (regenerate), two
+    // versions of the question (edit).
+    let c = db
+        .create_conversation(&li.id, "New chat", "", "qwen", &json!({"temperature": 0.2}))
+        .await
+        .expect("conversation");
+    let q1 = db
+        .add_message(&li.id, &c.id, None, "user", "长城有多长？", "done", None)
+        .await
+        .expect("message");
+    let a1 = db
+        .add_message(
+            &li.id,
+            &c.id,
+            Some(&q1.id),
+            "assistant",
+            "两万多公里。",
+            "done",
+            Some("qwen"),
+        )
+        .await
+        .expect("message");
+    let a2 = db
+        .add_message(
+            &li.id,
+            &c.id,
+            Some(&q1.id),
+            "assistant",
+            "",
+            "streaming",
+            Some("qwen"),
+        )
+        .await
+        .expect("message");
+    db.update_message(&c.id, &a2.id, "约两万一千公里", "streaming")
+        .await
+        .expect("update");
+    let q2 = db
+        .add_message(&li.id, &c.id, None, "user", "黄河有多长？", "done", None)
+        .await
+        .expect("message");
+    let all = db.messages(&li.id, &c.id).await.expect("db").expect("mine");
+    assert_eq!(
+        all.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        [&q1.id, &a1.id, &a2.id, &q2.id]
+    );
+    assert_eq!(all[2].content, "约两万一千公里");
+    assert_eq!(
+        db.conversation(&li.id, &c.id)
+            .await
+            .expect("db")
+            .expect("mine")
+            .current_leaf,
+        Some(q2.id.clone())
+    );
+    // A parent from elsewhere, an unknown role, an over-long message: refused.
+    assert!(db
+        .add_message(&li.id, &c.id, Some("msg-nope"), "user", "x", "done", None)
+        .await
+        .is_err());
+    assert!(db
+        .add_message(&li.id, &c.id, None, "wizard", "x", "done", None)
+        .await
+        .is_err());
+    let huge = "长".repeat(hanlin_accounts::chats::MAX_MESSAGE_CHARS + 1);
+    assert!(db
+        .add_message(&li.id, &c.id, None, "user", &huge, "done", None)
+        .await
+        .is_err());
+    // A server that died mid-reply: the reply is kept, marked incomplete.
+    assert!(db.mark_interrupted_replies().await.expect("db") >= 1);
+    let all = db.messages(&li.id, &c.id).await.expect("db").expect("mine");
+    assert_eq!(all[2].status, "incomplete");
+    assert_eq!(all[2].content, "约两万一千公里");
+
+    // Switching branches and renaming.
+    let patched = db
+        .update_conversation(
+            &li.id,
+            &c.id,
+            &ConversationPatch {
+                current_leaf: Some(a1.id.clone()),
+                title: Some("长城".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("db")
+        .expect("mine");
+    assert_eq!(
+        (patched.current_leaf.as_deref(), patched.title.as_str()),
+        (Some(a1.id.as_str()), "长城")
+    );
+
+    // Search by a Chinese word (no spaces) and by English, case-insensitive;
+    // % and _ are literal.
+    let hits = db
+        .search_conversations(&li.id, "两万", 10)
+        .await
+        .expect("search");
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].conversation_id, c.id);
+    assert!(hits[0].snippet.contains("两万"));
+    assert_eq!(
+        db.search_conversations(&li.id, "长城", 10)
+            .await
+            .expect("search")
+            .len(),
+        1
+    );
+    assert!(db
+        .search_conversations(&li.id, "%", 10)
+        .await
+        .expect("search")
+        .is_empty());
+    assert!(db
+        .search_conversations(&li.id, "泰山", 10)
+        .await
+        .expect("search")
+        .is_empty());
+
+    // Isolation: 杜甫 can neither see nor change 李白's conversation.
+    assert!(db.conversation(&du.id, &c.id).await.expect("db").is_none());
+    assert!(db.messages(&du.id, &c.id).await.expect("db").is_none());
+    assert!(db.conversations(&du.id).await.expect("db").is_empty());
+    assert!(db
+        .search_conversations(&du.id, "长城", 10)
+        .await
+        .expect("db")
+        .is_empty());
+    assert!(db
+        .update_conversation(
+            &du.id,
+            &c.id,
+            &ConversationPatch {
+                title: Some("mine now".into()),
+                ..Default::default()
+            }
+        )
+        .await
+        .expect("db")
+        .is_none());
+    assert!(db
+        .add_message(&du.id, &c.id, None, "user", "hi", "done", None)
+        .await
+        .is_err());
+    assert!(!db.delete_conversation(&du.id, &c.id).await.expect("db"));
+    assert_eq!(
+        db.messages(&li.id, &c.id)
+            .await
+            .expect("db")
+            .expect("mine")
+            .len(),
+        4
+    );
+
+    // Import is all or nothing.
+    let good = ImportConversation {
+        title: "imported".into(),
+        created_at: 1,
+        updated_at: 2,
+        messages: vec![
+            msg("x1", None, "user", "hi"),
+            msg("x2", Some("x1"), "assistant", "hello"),
+        ],
+        current_leaf: Some("x2".into()),
+    };
+    let bad = ImportConversation {
+        title: "bad".into(),
+        created_at: 1,
+        updated_at: 2,
+        messages: vec![msg("y2", Some("y1"), "assistant", "orphan")],
+        current_leaf: None,
+    };
+    assert!(db
+        .import_conversations(&du.id, "qwen", &[good.clone(), bad])
+        .await
+        .is_err());
+    assert!(
+        db.conversations(&du.id).await.expect("db").is_empty(),
+        "nothing half-imported"
+    );
+    assert_eq!(
+        db.import_conversations(&du.id, "qwen", &[good])
+            .await
+            .expect("import"),
+        1
+    );
+    let convs = db.conversations(&du.id).await.expect("db");
+    assert_eq!(convs.len(), 1);
+    let msgs = db
+        .messages(&du.id, &convs[0].id)
+        .await
+        .expect("db")
+        .expect("mine");
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[1].parent_id.as_deref(), Some(msgs[0].id.as_str()));
+    assert_eq!(convs[0].current_leaf.as_deref(), Some(msgs[1].id.as_str()));
+
+    // Personas: presets on first use, editable, per user.
+    let ps = db.personas(&li.id).await.expect("personas");
+    assert_eq!(ps.len(), hanlin_accounts::chats::DEFAULT_PERSONAS.len());
+    let edited = db
+        .put_persona(&li.id, Some(&ps[0].id), "写作", "写得好")
+        .await
+        .expect("db")
+        .expect("mine");
+    assert_eq!(edited.name, "写作");
+    assert!(db
+        .put_persona(&du.id, Some(&ps[0].id), "x", "y")
+        .await
+        .expect("db")
+        .is_none());
+    assert!(db.delete_persona(&li.id, &ps[1].id).await.expect("db"));
+    let ps = db.personas(&li.id).await.expect("personas");
+    assert_eq!(ps.len(), hanlin_accounts::chats::DEFAULT_PERSONAS.len() - 1);
+    assert_eq!(ps[0].prompt, "写得好");
+
+    // Deleting takes the messages with it.
+    assert!(db.delete_conversation(&li.id, &c.id).await.expect("db"));
+    assert!(db.messages(&li.id, &c.id).await.expect("db").is_none());
+}
 
 async fn exercise(db: &Db) {
     // Default plans ship with the first migration.
@@ -135,6 +434,7 @@ async fn sqlite_accounts() {
     let dir = tempfile::tempdir().expect("tmp");
     let url = format!("sqlite://{}", dir.path().join("hanlin.db").display());
     let db = Db::connect(&url).await.expect("connect");
+    exercise_web(&db).await;
     exercise(&db).await;
     // Reopening keeps everything and does not re-run migrations.
     drop(db);
@@ -156,5 +456,6 @@ async fn postgres_accounts() {
     let db = Db::connect(&url).await.expect("connect to PostgreSQL");
     db.reset_for_tests().await.expect("reset");
     let db = Db::connect(&url).await.expect("reconnect");
+    exercise_web(&db).await;
     exercise(&db).await;
 }

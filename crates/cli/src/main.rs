@@ -213,6 +213,11 @@ enum UserCmd {
         admin: bool,
     },
     List,
+    /// Set a user's password for the web app (read from standard input;
+    /// creates the user if needed)
+    Passwd {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -556,6 +561,17 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
             let role = if admin { Role::Admin } else { Role::User };
             let u = db.ensure_user(&name, role, plan.as_deref()).await?;
             println!("{} {:?} plan {}", u.name, u.role, u.plan);
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Passwd { name },
+        } => {
+            use std::io::BufRead;
+            let mut password = String::new();
+            std::io::stdin().lock().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            db.ensure_user(&name, Role::User, None).await?;
+            db.set_password(&name, password).await?;
+            println!("password set for {name}");
         }
         AdminCmd::User { cmd: UserCmd::List } => {
             for u in db.users().await? {

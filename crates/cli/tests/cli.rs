@@ -132,6 +132,28 @@ fn admin_keys_and_config_file() {
     assert!(!listing.contains(key), "secrets are never listed");
     let out = hanlin(&["--config", cfg_s, "admin", "user", "list"]);
     assert!(text(&out.stdout).contains("plus"));
+    // A password for the web app, from standard input.
+    let set_password = |pw: &str| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hanlin"))
+            .args(["--config", cfg_s, "admin", "user", "passwd", "张三"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hanlin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(pw.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("wait")
+    };
+    let out = set_password("长城万里长城万里\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = set_password("short\n");
+    assert!(!out.status.success() && text(&out.stderr).contains("8 to 256"));
     // A flag beats the file.
     let other = dir.path().join("flag.db");
     let url = format!("sqlite://{}", other.display());

@@ -18,7 +18,22 @@ use std::sync::Arc;
 
 type AppResult<T> = Result<T, ApiError>;
 
-async fn admin(st: &AppState, headers: &HeaderMap) -> AppResult<()> {
+/// An admin key (`Authorization: Bearer`), or an admin's web-app session
+/// cookie (with its CSRF token when `write`).
+async fn admin(st: &AppState, headers: &HeaderMap, write: bool) -> AppResult<()> {
+    if !headers.contains_key(axum::http::header::AUTHORIZATION) {
+        let method = if write {
+            axum::http::Method::POST
+        } else {
+            axum::http::Method::GET
+        };
+        if crate::web::admin_session(st, headers, &method)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+    }
     let caller = auth(st, headers).await?;
     if caller.user.role != Role::Admin {
         return Err(ApiError::forbidden("This endpoint needs an admin key."));
@@ -31,7 +46,7 @@ fn body(b: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
 }
 
 pub async fn users(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, false).await?;
     Ok(Json(
         json!({"object": "list", "data": st.db.users().await?}),
     ))
@@ -55,7 +70,7 @@ fn role_of(s: Option<&str>) -> AppResult<Role> {
     }
 }
 
-fn account_error(e: hanlin_accounts::AccountError) -> ApiError {
+pub(crate) fn account_error(e: hanlin_accounts::AccountError) -> ApiError {
     use hanlin_accounts::AccountError as E;
     match e {
         E::UnknownPlan(_) | E::UnknownUser(_) | E::Invalid(_) => {
@@ -71,7 +86,7 @@ pub async fn create_user(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, true).await?;
     let req: NewUser = parse(&body(b)?, &["name", "role", "plan"])?;
     let role = role_of(req.role.as_deref())?;
     let u = st
@@ -87,7 +102,7 @@ pub async fn keys(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, false).await?;
     let user_id = match q.get("user") {
         Some(name) => Some(
             st.db
@@ -118,7 +133,7 @@ pub async fn create_key(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, true).await?;
     let req: CreateKey = parse(
         &body(b)?,
         &["user", "plan", "role", "name", "models", "expires_in_days"],
@@ -147,13 +162,13 @@ pub async fn revoke_key(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, true).await?;
     st.db.revoke_key(&id).await.map_err(account_error)?;
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
 pub async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, false).await?;
     Ok(Json(
         json!({"object": "list", "data": st.db.plans().await?}),
     ))
@@ -175,7 +190,7 @@ pub async fn put_plan(
     Path(name): Path<String>,
     b: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, true).await?;
     let p: PlanBody = parse(
         &body(b)?,
         &[
@@ -205,7 +220,7 @@ pub async fn usage(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers).await?;
+    admin(&st, &headers, false).await?;
     let rows = st
         .db
         .usage(

@@ -128,7 +128,11 @@ pub async fn get_model(
         .ok_or_else(|| ApiError::model_not_found(&id))
 }
 
-async fn scheduler_for(st: &AppState, caller: &Caller, model: &str) -> AppResult<Arc<Scheduler>> {
+pub(crate) async fn scheduler_for(
+    st: &AppState,
+    caller: &Caller,
+    model: &str,
+) -> AppResult<Arc<Scheduler>> {
     if !visible(caller, model) {
         return Err(ApiError::model_not_found(model));
     }
@@ -136,7 +140,7 @@ async fn scheduler_for(st: &AppState, caller: &Caller, model: &str) -> AppResult
 }
 
 /// Context left for generation, checked the way OpenAI reports it.
-fn budget(
+pub(crate) fn budget(
     sched: &Scheduler,
     caller: &Caller,
     prompt_len: usize,
@@ -173,7 +177,11 @@ fn budget(
     }
 }
 
-async fn reserve(st: &AppState, caller: &Caller, needed: usize) -> AppResult<Reservation> {
+pub(crate) async fn reserve(
+    st: &AppState,
+    caller: &Caller,
+    needed: usize,
+) -> AppResult<Reservation> {
     let day = hanlin_accounts::day_of(hanlin_accounts::now());
     let spent = if st.limiter.knows(&caller.user.id, &day) {
         0
@@ -722,7 +730,7 @@ const USAGE_CHECKPOINT: Duration = Duration::from_secs(2);
 /// record), updated every [`USAGE_CHECKPOINT`] and settled at the end.
 /// Writes are keyed by the request id (idempotent) and retried until the
 /// database accepts them; queued checkpoints are coalesced to the newest.
-struct UsageWriter {
+pub(crate) struct UsageWriter {
     tx: mpsc::UnboundedSender<UsageRecord>,
     task: tokio::task::JoinHandle<()>,
     rec: UsageRecord,
@@ -730,7 +738,13 @@ struct UsageWriter {
 }
 
 impl UsageWriter {
-    fn start(st: &AppState, caller: &Caller, request_id: &str, model: &str, ts: i64) -> Self {
+    pub(crate) fn start(
+        st: &AppState,
+        caller: &Caller,
+        request_id: &str,
+        model: &str,
+        ts: i64,
+    ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<UsageRecord>();
         let db = st.db.clone();
         let task = tokio::spawn(async move {
@@ -765,7 +779,7 @@ impl UsageWriter {
         }
     }
 
-    fn write(&mut self, [prompt, cached, completion]: [usize; 3]) {
+    pub(crate) fn write(&mut self, [prompt, cached, completion]: [usize; 3]) {
         self.rec.prompt_tokens = prompt as i64;
         self.rec.cached_tokens = cached as i64;
         self.rec.completion_tokens = completion as i64;
@@ -775,7 +789,7 @@ impl UsageWriter {
     }
 
     /// Whether the last write is older than [`USAGE_CHECKPOINT`].
-    fn due(&self) -> bool {
+    pub(crate) fn due(&self) -> bool {
         self.last.elapsed() >= USAGE_CHECKPOINT
     }
 
@@ -790,7 +804,7 @@ impl UsageWriter {
 }
 
 /// Count a finished request in the metrics and settle its usage row.
-async fn meter(
+pub(crate) async fn meter(
     st: &AppState,
     caller: &Caller,
     model: &str,

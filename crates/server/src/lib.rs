@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod openai;
 mod tools;
+pub mod web;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
@@ -72,6 +73,13 @@ pub struct AppState {
 impl AppState {
     pub async fn new(config: Config, store: hanlin_store::Store) -> Result<Arc<Self>, ServerError> {
         let db = Db::connect(&config.database_url).await?;
+        // Replies a previous run was writing when it stopped are kept, as incomplete.
+        let interrupted = db.mark_interrupted_replies().await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                "{interrupted} replies were cut off by the last shutdown; kept as incomplete"
+            );
+        }
         let models = models::Models::new(
             store,
             config.threads,
@@ -108,6 +116,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/plans", get(admin::plans))
         .route("/v1/admin/plans/{name}", put(admin::put_plan))
         .route("/v1/admin/usage", get(admin::usage))
+        // The web app and its API (cookie sessions).
+        .route("/", get(web::index))
+        .route("/c/{id}", get(web::index))
+        .route("/assets/{*path}", get(web::static_file))
+        .route("/api/register", post(web::register))
+        .route("/api/login", post(web::login))
+        .route("/api/logout", post(web::logout))
+        .route("/api/me", get(web::me))
+        .route("/api/models", get(web::models))
+        .route(
+            "/api/conversations",
+            get(web::list_conversations).post(web::create_conversation),
+        )
+        .route(
+            "/api/conversations/{id}",
+            get(web::get_conversation)
+                .patch(web::patch_conversation)
+                .delete(web::delete_conversation),
+        )
+        .route("/api/conversations/{id}/messages", post(web::send_message))
+        .route(
+            "/api/conversations/{id}/export",
+            get(web::export_conversation),
+        )
+        .route(
+            "/api/import",
+            post(web::import).layer(DefaultBodyLimit::max(web::MAX_IMPORT_BYTES)),
+        )
+        .route("/api/search", get(web::search))
+        .route(
+            "/api/personas",
+            get(web::personas).post(web::create_persona),
+        )
+        .route(
+            "/api/personas/{id}",
+            put(web::put_persona).delete(web::delete_persona),
+        )
+        .route("/api/keys", get(web::my_keys).post(web::create_my_key))
+        .route("/api/keys/{id}", delete(web::revoke_my_key))
+        .route("/api/usage", get(web::my_usage))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -128,9 +176,11 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Model(e.message))?;
     let local: SocketAddr = listener.local_addr()?;
-    tracing::info!("serving the OpenAI-compatible API on http://{local}/v1");
+    tracing::info!(
+        "serving the web app on http://{local}/ and the OpenAI-compatible API on http://{local}/v1"
+    );
     println!(
-        "Hanlin is serving on http://{local}/v1 (default model {})",
+        "Hanlin is serving the chat app on http://{local}/ and the API on http://{local}/v1 (default model {})",
         state.config.default_model
     );
     axum::serve(listener, router(state))

@@ -1,0 +1,707 @@
+// The Hanlin chat app. One page; screens: sign-in, chat (sidebar +
+// conversation), and dialogs (settings, keys, usage, admin, import).
+// Everything the user or the model wrote is inserted as text, or as
+// Markdown through renderMarkdown (sanitised).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const el = (tag, props = {}, ...kids) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k != null) e.append(k);
+  return e;
+};
+
+const state = {
+  me: null,          // {user, csrf, plan, default_model, max_message_chars}
+  convs: [],         // conversation summaries, newest first
+  conv: null,        // the open conversation
+  messages: [],      // all its messages (a tree)
+  byId: new Map(),
+  streaming: null,   // {controller, replyId}
+  personas: [],
+  models: [],
+};
+
+// ------------------------------------------------------------------ API
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.error && body.error.message) || "HTTP " + status);
+    this.status = status;
+    this.code = body && body.error && body.error.code;
+  }
+}
+
+async function api(method, path, body, opts = {}) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET" && state.me) headers["X-CSRF-Token"] = state.me.csrf;
+  const r = await fetch(path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: "same-origin", signal: opts.signal,
+  });
+  if (opts.raw) {
+    if (!r.ok) throw new ApiError(r.status, await r.json().catch(() => null));
+    return r;
+  }
+  const data = await r.json().catch(() => null);
+  if (!r.ok) {
+    const err = new ApiError(r.status, data);
+    if (r.status === 401 && state.me) {
+      sessionExpired();
+    }
+    throw err;
+  }
+  return data;
+}
+
+function notice(text, kind = "info") {
+  const n = $("#notice");
+  n.textContent = text;
+  n.className = kind;
+  n.hidden = !text;
+}
+
+// ------------------------------------------------------------------ sign-in
+
+function showLogin(message) {
+  state.me = null;
+  $("#app").hidden = true;
+  $("#login").hidden = false;
+  $("#login-error").textContent = message || "";
+  $("#login-name").focus();
+}
+
+function sessionExpired() {
+  if (state.streaming) state.streaming.controller.abort();
+  saveDraft();
+  showLogin(t("sessionExpired"));
+}
+
+async function signIn(path) {
+  const name = $("#login-name").value.trim();
+  const password = $("#login-password").value;
+  try {
+    state.me = await api("POST", path, { name, password });
+    $("#login-password").value = "";
+    await enterApp();
+  } catch (e) {
+    $("#login-error").textContent = e.message;
+  }
+}
+
+async function enterApp() {
+  state.me = await api("GET", "/api/me");
+  $("#login").hidden = true;
+  $("#app").hidden = false;
+  $("#who").textContent = state.me.user.name + " · " + state.me.user.plan;
+  $("#open-admin").hidden = state.me.user.role !== "admin";
+  const models = await api("GET", "/api/models");
+  state.models = models.data;
+  await Promise.all([loadConversations(), loadPersonas()]);
+  const m = location.pathname.match(/^\/c\/([\w-]+)$/);
+  const want = m ? m[1] : sessionStorage.getItem("hanlin.open");
+  if (want && state.convs.some((c) => c.id === want)) await openConversation(want);
+  else showEmpty();
+}
+
+// ------------------------------------------------------------------ sidebar
+
+async function loadConversations() {
+  state.convs = (await api("GET", "/api/conversations")).data;
+  renderConvList();
+}
+
+function renderConvList() {
+  const list = $("#conv-list");
+  list.replaceChildren();
+  for (const c of state.convs) {
+    const item = el("div", { class: "conv" + (state.conv && state.conv.id === c.id ? " active" : ""), "data-id": c.id },
+      el("button", { class: "conv-title", text: c.title, title: c.title, onclick: () => openConversation(c.id) }),
+      el("button", { class: "icon conv-rename", title: t("rename"), "aria-label": t("rename"), text: "✎", onclick: () => renameConversation(c) }),
+      el("button", { class: "icon conv-delete", title: t("delete"), "aria-label": t("delete"), text: "×", onclick: () => deleteConversation(c) }));
+    list.append(item);
+  }
+}
+
+async function renameConversation(c) {
+  const title = prompt(t("renamePrompt"), c.title);
+  if (!title || !title.trim()) return;
+  await api("PATCH", "/api/conversations/" + c.id, { title: title.trim() });
+  await loadConversations();
+  if (state.conv && state.conv.id === c.id) { state.conv.title = title.trim(); $("#chat-title").textContent = state.conv.title; }
+}
+
+async function deleteConversation(c) {
+  if (!confirm(t("confirmDelete"))) return;
+  await api("DELETE", "/api/conversations/" + c.id);
+  if (state.conv && state.conv.id === c.id) showEmpty();
+  await loadConversations();
+}
+
+let searchTimer = null;
+function onSearchInput() {
+  clearTimeout(searchTimer);
+  const q = $("#search").value.trim();
+  const box = $("#search-results");
+  if (!q) { box.hidden = true; $("#conv-list").hidden = false; return; }
+  searchTimer = setTimeout(async () => {
+    const hits = (await api("GET", "/api/search?q=" + encodeURIComponent(q))).data;
+    box.replaceChildren();
+    if (!hits.length) box.append(el("p", { class: "muted small", text: t("noResults") }));
+    for (const h of hits) {
+      box.append(el("button", { class: "hit", onclick: () => openConversation(h.conversation_id, h.message_id) },
+        el("strong", { text: h.title }), el("span", { class: "small muted", text: h.snippet })));
+    }
+    box.hidden = false;
+    $("#conv-list").hidden = true;
+  }, 200);
+}
+
+// ------------------------------------------------------------------ conversation
+
+function showEmpty() {
+  state.conv = null;
+  state.messages = [];
+  state.byId = new Map();
+  sessionStorage.removeItem("hanlin.open");
+  history.replaceState(null, "", "/");
+  $("#chat-title").textContent = t("newChat");
+  fillModelSelect(state.me.default_model);
+  $("#messages").replaceChildren(el("div", { class: "empty", text: t("emptyChat") }));
+  restoreDraft();
+  renderConvList();
+}
+
+function fillModelSelect(current) {
+  const sel = $("#model-select");
+  sel.replaceChildren(...state.models.map((m) => el("option", { value: m, text: m })));
+  if (current && !state.models.includes(current)) sel.append(el("option", { value: current, text: current }));
+  sel.value = current || state.me.default_model;
+}
+
+async function openConversation(id, focusMessage) {
+  const data = await api("GET", "/api/conversations/" + id);
+  state.conv = data.conversation;
+  setMessages(data.messages);
+  sessionStorage.setItem("hanlin.open", id);
+  history.replaceState(null, "", "/c/" + id);
+  $("#chat-title").textContent = state.conv.title;
+  fillModelSelect(state.conv.model);
+  renderConvList();
+  renderMessages();
+  restoreDraft();
+  document.body.classList.remove("sidebar-open");
+  if (focusMessage) {
+    const m = document.querySelector(`[data-id="${CSS.escape(focusMessage)}"]`);
+    if (m) { m.scrollIntoView({ block: "center" }); m.classList.add("flash"); }
+  }
+}
+
+function setMessages(list) {
+  state.messages = list;
+  state.byId = new Map(list.map((m) => [m.id, m]));
+}
+
+function children(parentId) {
+  return state.messages.filter((m) => (m.parent_id || null) === (parentId || null));
+}
+
+/** The branch shown: root → current leaf. */
+function currentPath() {
+  let leafId = state.conv && state.conv.current_leaf;
+  if (!leafId || !state.byId.has(leafId)) leafId = state.messages.length ? state.messages[state.messages.length - 1].id : null;
+  const path = [];
+  for (let m = state.byId.get(leafId); m; m = m.parent_id ? state.byId.get(m.parent_id) : null) {
+    path.push(m);
+    if (path.length > state.messages.length) break;
+  }
+  return path.reverse();
+}
+
+/** The newest leaf under message `id` (following the latest child at each step). */
+function latestLeaf(id) {
+  let cur = id;
+  for (;;) {
+    const kids = children(cur);
+    if (!kids.length) return cur;
+    cur = kids[kids.length - 1].id;
+  }
+}
+
+function renderMessages() {
+  const box = $("#messages");
+  const frag = document.createDocumentFragment();
+  const path = currentPath();
+  if (!path.length) frag.append(el("div", { class: "empty", text: t("emptyChat") }));
+  for (const m of path) frag.append(messageView(m));
+  box.replaceChildren(frag);
+  box.scrollTop = box.scrollHeight;
+}
+
+function messageView(m) {
+  const body = el("div", { class: "body" });
+  if (m.role === "assistant") renderMarkdown(body, m.content || (m.status === "streaming" ? t("thinking") : ""));
+  else body.textContent = m.content;
+  const view = el("div", { class: "msg " + m.role + (m.status !== "done" ? " " + m.status : ""), "data-id": m.id, "data-status": m.status }, body);
+  const bar = el("div", { class: "msg-bar" });
+  const siblings = children(m.parent_id);
+  if (siblings.length > 1) {
+    const i = siblings.findIndex((s) => s.id === m.id);
+    const prev = el("button", { class: "icon branch-prev", "aria-label": "previous", text: "←", onclick: () => switchBranch(siblings[i - 1]) });
+    const next = el("button", { class: "icon branch-next", "aria-label": "next", text: "→", onclick: () => switchBranch(siblings[i + 1]) });
+    prev.disabled = i === 0;
+    next.disabled = i === siblings.length - 1;
+    bar.append(prev, el("span", { class: "branch-pos", text: `${i + 1}/${siblings.length}` }), next);
+  }
+  if (m.status === "incomplete") bar.append(el("span", { class: "tag", text: t("incomplete") }));
+  if (m.status === "error") bar.append(el("span", { class: "tag error", text: t("errorReply") }));
+  if (m.role === "user") {
+    bar.append(el("button", { class: "link edit", text: t("edit"), onclick: () => startEdit(m, view) }));
+  } else if (m.role === "assistant") {
+    bar.append(
+      el("button", { class: "link copy", text: t("copy"), onclick: (e) => copyText(m.content, e.target) }),
+      el("button", { class: "link regenerate", text: t("regenerate"), onclick: () => regenerate(m) }));
+  }
+  view.append(bar);
+  return view;
+}
+
+async function switchBranch(target) {
+  if (!target || state.streaming) return;
+  const leaf = latestLeaf(target.id);
+  state.conv.current_leaf = leaf;
+  renderMessages();
+  await api("PATCH", "/api/conversations/" + state.conv.id, { current_leaf: leaf });
+}
+
+function startEdit(m, view) {
+  if (state.streaming) return;
+  const body = view.querySelector(".body");
+  const ta = el("textarea", { class: "edit-box", rows: "3" });
+  ta.value = m.content;
+  const save = el("button", { class: "primary save-edit", text: t("saveAndSend"), onclick: async () => {
+    const text = ta.value.trim();
+    if (!text) return;
+    await send(text, m.parent_id || null);
+  } });
+  const cancel = el("button", { text: t("cancel"), onclick: () => renderMessages() });
+  body.replaceChildren(ta, el("div", { class: "row" }, cancel, save));
+  ta.focus();
+}
+
+async function regenerate(m) {
+  if (state.streaming || !m.parent_id) return;
+  await send(null, m.parent_id);
+}
+
+async function copyText(text, btn) {
+  try { await navigator.clipboard.writeText(text); } catch (_) {
+    const ta = el("textarea"); ta.value = text; document.body.append(ta); ta.select(); document.execCommand("copy"); ta.remove();
+  }
+  const old = btn.textContent; btn.textContent = t("copied"); setTimeout(() => (btn.textContent = old), 1200);
+}
+
+// ------------------------------------------------------------------ sending
+
+function draftKey() { return "hanlin.draft." + (state.conv ? state.conv.id : "new"); }
+function saveDraft() { localStorage.setItem(draftKey(), $("#input").value); }
+function restoreDraft() { $("#input").value = localStorage.getItem(draftKey()) || ""; autoGrow(); }
+
+function autoGrow() {
+  const ta = $("#input");
+  ta.style.height = "auto";
+  ta.style.height = Math.min(ta.scrollHeight, 240) + "px";
+  const max = state.me ? state.me.max_message_chars : 100000;
+  const n = [...ta.value].length;
+  $("#composer-hint").textContent = n > max ? t("tooLong", { n: max }) : "";
+  $("#send").disabled = n > max;
+}
+
+async function ensureConversation() {
+  if (state.conv) return state.conv;
+  const c = await api("POST", "/api/conversations", { model: $("#model-select").value, params: defaultParams() });
+  // The draft typed before the conversation existed moves with it.
+  localStorage.removeItem("hanlin.draft.new");
+  state.conv = c;
+  setMessages([]);
+  sessionStorage.setItem("hanlin.open", c.id);
+  history.replaceState(null, "", "/c/" + c.id);
+  return c;
+}
+
+function defaultParams() {
+  return { temperature: 0.7, top_p: 0.9, max_tokens: 1024 };
+}
+
+/** Send `text` as a new user message under `parentId`, or (text null) regenerate the reply to `parentId`. */
+async function send(text, parentId) {
+  if (state.streaming) return;
+  const max = state.me.max_message_chars;
+  if (text != null && [...text].length > max) { notice(t("tooLong", { n: max }), "error"); return; }
+  notice("");
+  let conv;
+  try {
+    conv = await ensureConversation();
+  } catch (e) {
+    if (e.status !== 401) notice(e.message, "error");
+    return;
+  }
+  const controller = new AbortController();
+  state.streaming = { controller, replyId: null };
+  setStreamingUi(true);
+  let reply = null;
+  let body = null;
+  let pending = "";
+  let frame = 0;
+  const paint = () => {
+    frame = 0;
+    if (reply && body) { renderMarkdown(body, reply.content); scrollToEnd(); }
+  };
+  try {
+    const payload = text != null ? { content: text, parent_id: parentId } : { parent_id: parentId };
+    const r = await api("POST", `/api/conversations/${conv.id}/messages`, payload, { raw: true, signal: controller.signal });
+    if (text != null) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
+    const reader = r.body.getReader();
+    const dec = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      pending += dec.decode(value, { stream: true });
+      let cut;
+      while ((cut = pending.indexOf("\n\n")) >= 0) {
+        const chunk = pending.slice(0, cut);
+        pending = pending.slice(cut + 2);
+        const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+        if (!data) continue;
+        const ev = JSON.parse(data);
+        if (ev.type === "user" && ev.message) {
+          addMessage(ev.message);
+        } else if (ev.type === "assistant") {
+          reply = ev.message;
+          state.streaming.replyId = reply.id;
+          addMessage(reply);
+          renderMessages();
+          body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+        } else if (ev.type === "delta" && reply) {
+          reply.content += ev.text;
+          if (!frame) frame = requestAnimationFrame(paint);
+        } else if (ev.type === "done" && reply) {
+          reply.status = ev.status;
+        } else if (ev.type === "error" && reply) {
+          reply.status = "error";
+          notice(ev.message, "error");
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") {
+      if (reply) reply.status = "incomplete";
+    } else if (e instanceof ApiError) {
+      if (e.status === 401) sessionExpired(); else notice(e.message, "error");
+    } else {
+      // The connection broke (server restart, network): recover.
+      if (reply) reply.status = "incomplete";
+      reconnect(conv.id);
+    }
+  } finally {
+    if (frame) cancelAnimationFrame(frame);
+    state.streaming = null;
+    setStreamingUi(false);
+    if (state.conv && state.conv.id === conv.id) renderMessages();
+    loadConversations().catch(() => {});
+  }
+}
+
+function addMessage(m) {
+  if (!state.byId.has(m.id)) state.messages.push(m);
+  state.byId.set(m.id, m);
+  state.conv.current_leaf = m.id;
+}
+
+function scrollToEnd() {
+  const box = $("#messages");
+  if (box.scrollHeight - box.scrollTop - box.clientHeight < 200) box.scrollTop = box.scrollHeight;
+}
+
+function setStreamingUi(on) {
+  $("#send").hidden = on;
+  $("#stop").hidden = !on;
+  for (const b of document.querySelectorAll(".msg-bar button")) b.disabled = on;
+}
+
+async function reconnect(convId) {
+  notice(t("connectionLost"), "error");
+  for (let i = 0; i < 120; i++) {
+    await new Promise((r) => setTimeout(r, 1000));
+    try {
+      const r = await fetch("/health");
+      if (r.ok) break;
+    } catch (_) { /* still down */ }
+  }
+  try {
+    await api("GET", "/api/me");
+    if (state.conv && state.conv.id === convId) await openConversation(convId);
+    notice(t("reconnected"));
+    setTimeout(() => notice(""), 2000);
+  } catch (_) { /* a 401 shows the sign-in screen */ }
+}
+
+// ------------------------------------------------------------------ settings & personas
+
+async function loadPersonas() {
+  state.personas = (await api("GET", "/api/personas")).data;
+}
+
+function fillPersonas(selectedPrompt) {
+  const sel = $("#persona-select");
+  sel.replaceChildren(el("option", { value: "", text: t("noPersona") }), ...state.personas.map((p) => el("option", { value: p.id, text: p.name })));
+  const match = state.personas.find((p) => p.prompt === selectedPrompt);
+  sel.value = match ? match.id : "";
+}
+
+async function openSettings() {
+  const conv = await ensureConversation();
+  const p = conv.params || {};
+  $("#system-prompt").value = conv.system_prompt || "";
+  $("#p-temperature").value = p.temperature ?? 0.7;
+  $("#p-top-p").value = p.top_p ?? 0.9;
+  $("#p-max-tokens").value = p.max_tokens ?? 1024;
+  fillPersonas(conv.system_prompt);
+  $("#settings-dialog").showModal();
+}
+
+async function saveSettings() {
+  const params = {
+    temperature: Number($("#p-temperature").value),
+    top_p: Number($("#p-top-p").value),
+    max_tokens: Math.max(1, Math.round(Number($("#p-max-tokens").value) || 1024)),
+  };
+  const c = await api("PATCH", "/api/conversations/" + state.conv.id, { system_prompt: $("#system-prompt").value, params });
+  state.conv = { ...state.conv, ...c };
+}
+
+// ------------------------------------------------------------------ keys, usage, admin, import
+
+function table(tableEl, headers, rows) {
+  tableEl.replaceChildren(el("tr", {}, ...headers.map((h) => el("th", { text: h }))), ...rows.map((r) => el("tr", {}, ...r.map((c) => el("td", {}, c instanceof Node ? c : document.createTextNode(String(c ?? "")))))));
+}
+
+const day = (ts) => (ts ? new Date(ts * 1000).toISOString().slice(0, 10) : "");
+
+async function openKeys() {
+  $("#key-secret").hidden = true;
+  await renderKeys();
+  $("#keys-dialog").showModal();
+}
+
+async function renderKeys() {
+  $("#keys-dialog .muted").textContent = t("keysHelp", { base: location.origin });
+  const keys = (await api("GET", "/api/keys")).data;
+  table($("#keys-table"), [t("name"), "", t("created"), t("expires"), ""], keys.map((k) => [
+    k.name, k.prefix + "…", day(k.created_at), k.revoked_at ? t("revoked") : day(k.expires_at),
+    k.revoked_at ? "" : el("button", { class: "link", text: t("revoke"), onclick: async () => { await api("DELETE", "/api/keys/" + k.id); await renderKeys(); } }),
+  ]));
+}
+
+async function createKey() {
+  const r = await api("POST", "/api/keys", { name: $("#key-name").value.trim() });
+  $("#key-secret").textContent = r.secret;
+  $("#key-secret").hidden = false;
+  $("#key-name").value = "";
+  await renderKeys();
+}
+
+async function openUsage() {
+  const u = await api("GET", "/api/usage");
+  const p = u.plan;
+  $("#usage-plan").textContent = `${t("plan")}: ${p.name} · ${t("tokensToday")}: ${u.tokens_today} / ${p.tokens_per_day} · ${p.tokens_per_minute} tokens ${t("perMinute")} · ${p.requests_per_minute} ${t("requests")} ${t("perMinute")}`;
+  const perDay = new Map();
+  for (const r of u.data) perDay.set(r.day, (perDay.get(r.day) || 0) + r.prompt_tokens + r.completion_tokens);
+  $("#usage-chart").replaceChildren(barChart([...perDay.entries()].slice(-30), p.tokens_per_day));
+  table($("#usage-table"), [t("day"), t("model"), t("requests"), t("prompt"), t("cached"), t("completion")],
+    u.data.map((r) => [r.day, r.model, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens]));
+  $("#usage-dialog").showModal();
+}
+
+/** Tokens per day as an SVG bar chart, with the plan's daily limit as a line. */
+function barChart(points, limit) {
+  const NS = "http://www.w3.org/2000/svg";
+  const W = 560, H = 180, pad = 24;
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H + 20}`);
+  svg.setAttribute("class", "chart");
+  const max = Math.max(1, ...points.map((p) => p[1]));
+  const bw = points.length ? Math.min(48, (W - pad) / points.length) : 0;
+  points.forEach(([d, v], i) => {
+    const h = (v / max) * (H - pad);
+    const r = document.createElementNS(NS, "rect");
+    r.setAttribute("x", pad + i * bw + 2); r.setAttribute("y", H - h); r.setAttribute("width", Math.max(1, bw - 4)); r.setAttribute("height", h);
+    const tt = document.createElementNS(NS, "title"); tt.textContent = `${d}: ${v}`; r.append(tt);
+    svg.append(r);
+    const lab = document.createElementNS(NS, "text");
+    lab.setAttribute("x", pad + i * bw + bw / 2); lab.setAttribute("y", H + 14); lab.setAttribute("text-anchor", "middle");
+    lab.textContent = d.slice(5);
+    svg.append(lab);
+  });
+  const cap = document.createElementNS(NS, "text");
+  cap.setAttribute("x", 0); cap.setAttribute("y", 12); cap.textContent = `max ${max} / ${t("perDay")} ${limit}`;
+  svg.append(cap);
+  return svg;
+}
+
+async function openAdmin() {
+  await renderAdmin();
+  $("#admin-dialog").showModal();
+}
+
+async function renderAdmin() {
+  const [users, plans, usage] = await Promise.all([api("GET", "/v1/admin/users"), api("GET", "/v1/admin/plans"), api("GET", "/v1/admin/usage")]);
+  const planNames = plans.data.map((p) => p.name);
+  table($("#admin-users"), [t("name"), t("role"), t("plan")], users.data.map((u) => {
+    const sel = el("select", { class: "user-plan", onchange: async () => { await api("POST", "/v1/admin/users", { name: u.name, plan: sel.value }); await renderAdmin(); } },
+      ...planNames.map((n) => el("option", { value: n, text: n })));
+    sel.value = u.plan;
+    return [u.name, u.role, sel];
+  }));
+  table($("#admin-plans"), [t("name"), t("requests") + "/min", "tokens/min", "tokens/" + t("day"), "ctx", t("priority"), ""], plans.data.map((p) => {
+    const inputs = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_context", "priority"].map((k) => el("input", { type: "number", value: p[k], "data-k": k, class: "num" }));
+    const save = el("button", { class: "link", text: t("save"), onclick: async () => {
+      const body = { models: p.models };
+      for (const i of inputs) body[i.dataset.k] = Number(i.value);
+      await api("PUT", "/v1/admin/plans/" + encodeURIComponent(p.name), body);
+      await renderAdmin();
+    } });
+    return [p.name, ...inputs, save];
+  }));
+  table($("#admin-usage"), [t("day"), t("name"), t("model"), t("requests"), t("prompt"), t("cached"), t("completion")],
+    usage.data.map((r) => [r.day, r.user, r.model, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens]));
+}
+
+async function importFile(file) {
+  const out = $("#import-result");
+  out.textContent = "…";
+  out.className = "";
+  try {
+    const text = await file.text();
+    let json;
+    try { json = JSON.parse(text); } catch (e) { throw new Error("JSON: " + e.message); }
+    const r = await api("POST", "/api/import", json);
+    out.textContent = t("imported", { n: r.imported });
+    await loadConversations();
+  } catch (e) {
+    out.textContent = e.message;
+    out.className = "error";
+  }
+}
+
+function exportConv(format) {
+  if (!state.conv) return;
+  const a = el("a", { href: `/api/conversations/${state.conv.id}/export?format=${format}`, download: "" });
+  document.body.append(a); a.click(); a.remove();
+}
+
+// ------------------------------------------------------------------ theme
+
+function applyTheme(theme) {
+  const dark = theme === "dark" || (!theme && matchMedia("(prefers-color-scheme: dark)").matches);
+  document.documentElement.dataset.theme = dark ? "dark" : "light";
+  $("#hljs-dark").disabled = !dark;
+  $("#hljs-light").disabled = dark;
+}
+
+// ------------------------------------------------------------------ wiring
+
+function wire() {
+  $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn("/api/login"); });
+  $("#register-submit").addEventListener("click", () => {
+    if ($("#login-form").reportValidity()) signIn("/api/register");
+  });
+  for (const b of document.querySelectorAll(".lang-toggle")) b.addEventListener("click", () => {
+    setLanguage(LANG === "zh" ? "en" : "zh");
+    if (state.me) { if (state.conv) renderMessages(); else showEmpty(); renderConvList(); }
+  });
+  for (const b of document.querySelectorAll(".theme-toggle")) b.addEventListener("click", () => {
+    const next = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
+    localStorage.setItem("hanlin.theme", next);
+    applyTheme(next);
+  });
+  $("#logout").addEventListener("click", async () => { await api("POST", "/api/logout").catch(() => {}); showLogin(); });
+  $("#new-chat").addEventListener("click", () => { if (!state.streaming) { saveDraft(); showEmpty(); } });
+  $("#search").addEventListener("input", onSearchInput);
+  $("#toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
+  $("#composer").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = $("#input").value.trim();
+    if (!text) return;
+    const path = currentPath();
+    send(text, path.length ? path[path.length - 1].id : null);
+  });
+  $("#input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("#composer").requestSubmit(); }
+  });
+  $("#input").addEventListener("input", () => { autoGrow(); saveDraft(); });
+  $("#stop").addEventListener("click", () => state.streaming && state.streaming.controller.abort());
+  $("#model-select").addEventListener("change", async () => {
+    if (state.conv) state.conv = { ...state.conv, ...(await api("PATCH", "/api/conversations/" + state.conv.id, { model: $("#model-select").value })) };
+  });
+  $("#open-settings").addEventListener("click", openSettings);
+  $("#persona-select").addEventListener("change", () => {
+    const p = state.personas.find((x) => x.id === $("#persona-select").value);
+    if (p) $("#system-prompt").value = p.prompt;
+  });
+  $("#persona-save").addEventListener("click", async () => {
+    const sel = state.personas.find((x) => x.id === $("#persona-select").value);
+    const name = prompt(t("personaName"), sel ? sel.name : "");
+    if (!name) return;
+    const body = { name, prompt: $("#system-prompt").value };
+    if (sel && sel.name === name) await api("PUT", "/api/personas/" + sel.id, body); else await api("POST", "/api/personas", body);
+    await loadPersonas();
+    fillPersonas($("#system-prompt").value);
+  });
+  $("#persona-delete").addEventListener("click", async () => {
+    const id = $("#persona-select").value;
+    if (!id) return;
+    await api("DELETE", "/api/personas/" + id);
+    await loadPersonas();
+    fillPersonas("");
+  });
+  $("#settings-dialog").addEventListener("close", () => { if ($("#settings-dialog").returnValue === "save") saveSettings(); });
+  $("#open-keys").addEventListener("click", openKeys);
+  $("#key-create").addEventListener("click", createKey);
+  $("#open-usage").addEventListener("click", openUsage);
+  $("#open-admin").addEventListener("click", openAdmin);
+  $("#open-import").addEventListener("click", () => { $("#import-result").textContent = ""; $("#import-dialog").showModal(); });
+  $("#import-file").addEventListener("change", async (e) => {
+    const f = e.target.files[0];
+    if (f) await importFile(f);
+    e.target.value = ""; // the same file can be chosen again
+  });
+  for (const b of document.querySelectorAll("dialog .close")) b.addEventListener("click", (e) => e.target.closest("dialog").close());
+  $("#export-md").addEventListener("click", () => exportConv("markdown"));
+  $("#export-json").addEventListener("click", () => exportConv("json"));
+  // Copy buttons on code blocks (rendered Markdown has no handlers of its own).
+  $("#messages").addEventListener("click", (e) => {
+    const b = e.target.closest(".copy-code");
+    if (b) copyText(b.parentElement.nextElementSibling.textContent, b);
+  });
+}
+
+async function main() {
+  applyTheme(localStorage.getItem("hanlin.theme"));
+  applyLanguage();
+  wire();
+  try {
+    await enterApp();
+  } catch (e) {
+    showLogin(e.status === 401 ? "" : e.message);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", main);

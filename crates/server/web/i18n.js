@@ -1,0 +1,88 @@
+// Interface strings, English and Chinese. The language follows the browser
+// until the user picks one (kept in localStorage).
+"use strict";
+
+const STRINGS = {
+  en: {
+    tagline: "Your own private ChatGPT.",
+    username: "User name", password: "Password", signIn: "Sign in", register: "Create account",
+    otherLanguage: "中文", toggleTheme: "Light / dark", signOut: "Sign out",
+    newChat: "New chat", searchChats: "Search chats…", import: "Import ChatGPT export",
+    apiKeys: "API keys", usage: "Usage", admin: "Admin", settings: "Settings",
+    exportMd: "Export .md", exportJson: "Export .json",
+    messagePlaceholder: "Message Hanlin… (Enter to send, Shift+Enter for a new line)",
+    send: "Send", stop: "Stop", persona: "Persona", systemPrompt: "System prompt",
+    saveAsPersona: "Save as persona", deletePersona: "Delete persona", noPersona: "(none)",
+    temperature: "Temperature", maxTokens: "Max tokens", cancel: "Cancel", save: "Save",
+    keysHelp: "Use a key with any OpenAI client: base URL {base}/v1. A new key is shown once.",
+    keyName: "Key name", createKey: "Create key", close: "Close", revoke: "Revoke",
+    revoked: "revoked", expires: "expires", created: "created", users: "Users", plans: "Plans",
+    usageByUser: "Usage by user and model", importHelp: "Choose the conversations.json file from a ChatGPT data export.",
+    imported: "Imported {n} conversations.", rename: "Rename", delete: "Delete",
+    confirmDelete: "Delete this conversation?", copy: "Copy", copied: "Copied",
+    edit: "Edit", regenerate: "Regenerate", saveAndSend: "Save & send",
+    incomplete: "incomplete", errorReply: "The reply failed", emptyChat: "Ask anything — 中文 or English.",
+    tooLong: "The message is too long: at most {n} characters.",
+    sessionExpired: "Your session has expired. Please sign in again — your draft is kept.",
+    connectionLost: "Connection lost. Reconnecting…", reconnected: "Reconnected.",
+    plan: "Plan", tokensToday: "Tokens today", perDay: "per day", perMinute: "per minute",
+    requests: "requests", day: "Day", model: "Model", prompt: "Prompt", cached: "Cached", completion: "Completion",
+    role: "Role", name: "Name", priority: "Priority", noResults: "No matching chats.",
+    renamePrompt: "New title:", personaName: "Persona name:", thinking: "…",
+  },
+  zh: {
+    tagline: "属于你自己的私有 ChatGPT。",
+    username: "用户名", password: "密码", signIn: "登录", register: "注册",
+    otherLanguage: "English", toggleTheme: "浅色 / 深色", signOut: "退出",
+    newChat: "新对话", searchChats: "搜索对话…", import: "导入 ChatGPT 导出",
+    apiKeys: "API 密钥", usage: "用量", admin: "管理", settings: "设置",
+    exportMd: "导出 .md", exportJson: "导出 .json",
+    messagePlaceholder: "给翰林发消息…（回车发送，Shift+回车换行）",
+    send: "发送", stop: "停止", persona: "角色", systemPrompt: "系统提示词",
+    saveAsPersona: "存为角色", deletePersona: "删除角色", noPersona: "（无）",
+    temperature: "温度", maxTokens: "最大生成长度", cancel: "取消", save: "保存",
+    keysHelp: "任何 OpenAI 客户端都能用密钥：base URL 为 {base}/v1。新密钥只显示一次。",
+    keyName: "密钥名称", createKey: "创建密钥", close: "关闭", revoke: "吊销",
+    revoked: "已吊销", expires: "过期", created: "创建", users: "用户", plans: "套餐",
+    usageByUser: "按用户和模型的用量", importHelp: "选择 ChatGPT 数据导出中的 conversations.json 文件。",
+    imported: "已导入 {n} 个对话。", rename: "重命名", delete: "删除",
+    confirmDelete: "删除这个对话？", copy: "复制", copied: "已复制",
+    edit: "编辑", regenerate: "重新生成", saveAndSend: "保存并发送",
+    incomplete: "未完成", errorReply: "回复失败", emptyChat: "问点什么吧——中文或英文都可以。",
+    tooLong: "消息太长：最多 {n} 个字符。",
+    sessionExpired: "登录已过期，请重新登录——草稿已保留。",
+    connectionLost: "连接中断，正在重连…", reconnected: "已重新连接。",
+    plan: "套餐", tokensToday: "今日 token", perDay: "每天", perMinute: "每分钟",
+    requests: "请求", day: "日期", model: "模型", prompt: "提示", cached: "缓存", completion: "生成",
+    role: "角色", name: "名称", priority: "优先级", noResults: "没有匹配的对话。",
+    renamePrompt: "新标题：", personaName: "角色名称：", thinking: "…",
+  },
+};
+
+function pickLanguage() {
+  const saved = localStorage.getItem("hanlin.lang");
+  if (saved === "en" || saved === "zh") return saved;
+  return (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
+}
+
+let LANG = pickLanguage();
+
+/** The string `key` in the current language, with `{name}` filled from `vars`. */
+function t(key, vars) {
+  let s = (STRINGS[LANG] && STRINGS[LANG][key]) || STRINGS.en[key] || key;
+  for (const [k, v] of Object.entries(vars || {})) s = s.replaceAll("{" + k + "}", String(v));
+  return s;
+}
+
+/** Fill every `data-i18n` element's text and `data-i18n-placeholder` placeholder. */
+function applyLanguage() {
+  document.documentElement.lang = LANG === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+}
+
+function setLanguage(lang) {
+  LANG = lang;
+  localStorage.setItem("hanlin.lang", lang);
+  applyLanguage();
+}

@@ -1,0 +1,432 @@
+// End-to-end tests of the chat web app: a real `hanlin serve` on the real
+// default model, driven in headless Chromium (Debian's package) by
+// playwright-core. Screenshots of the main screens go to e2e/artifacts/.
+//
+// Run by scripts/e2e.sh (which scripts/test.sh calls): HANLIN_BIN names the
+// binary, HANLIN_HOME the model store, CHROMIUM the browser.
+import { chromium } from "playwright-core";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const BIN = process.env.HANLIN_BIN || path.join(here, "..", "target", "release", "hanlin");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const ART = path.join(here, "artifacts");
+fs.mkdirSync(ART, { recursive: true });
+const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "hanlin-e2e-"));
+const DB = "sqlite://" + path.join(dataDir, "hanlin.db");
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
+    s.on("error", reject);
+  });
+}
+
+let server = null;
+let serverLog = "";
+async function startServer(port) {
+  server = spawn(BIN, ["serve", "--port", String(port), "--database-url", DB], { stdio: ["ignore", "pipe", "pipe"] });
+  const ready = new Promise((resolve, reject) => {
+    const onData = (d) => { serverLog += d; if (serverLog.includes("Hanlin is serving")) resolve(); };
+    server.stdout.on("data", onData);
+    server.stderr.on("data", (d) => { serverLog += d; });
+    server.on("exit", (code) => reject(new Error("hanlin serve exited with " + code + "\n" + serverLog)));
+  });
+  await Promise.race([ready, new Promise((_, rej) => setTimeout(() => rej(new Error("server did not start in 120 s\n" + serverLog)), 120000))]);
+}
+
+const results = [];
+async function step(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    results.push(`ok   ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+    console.log(results[results.length - 1]);
+  } catch (e) {
+    console.log(`FAIL ${name}: ${e.stack || e}`);
+    throw e;
+  }
+}
+
+const shot = (page, name) => page.screenshot({ path: path.join(ART, name + ".png"), fullPage: false });
+
+// The last assistant message shown, and its stored status.
+const lastReply = (page) => page.locator(".msg.assistant").last();
+async function waitReplyDone(page, timeout = 180000) {
+  await page.waitForFunction(() => {
+    const ms = document.querySelectorAll(".msg.assistant");
+    const m = ms[ms.length - 1];
+    return m && m.dataset.status !== "streaming" && document.querySelector("#stop").hidden;
+  }, null, { timeout });
+}
+
+async function setParams(page, { maxTokens, temperature, system }) {
+  await page.click("#open-settings");
+  await page.waitForSelector("#settings-dialog[open]");
+  if (maxTokens != null) await page.fill("#p-max-tokens", String(maxTokens));
+  if (temperature != null) await page.fill("#p-temperature", String(temperature));
+  if (system != null) await page.fill("#system-prompt", system);
+  await page.click("#settings-save");
+  await page.waitForFunction(() => !document.querySelector("#settings-dialog").open);
+  await page.waitForTimeout(300); // the PATCH
+}
+
+async function sendMessage(page, text) {
+  await page.fill("#input", text);
+  await page.press("#input", "Enter");
+}
+
+const port = await freePort();
+const base = `http://127.0.0.1:${port}`;
+await startServer(port);
+const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+let exitCode = 0;
+try {
+  const ctx = await browser.newContext({ locale: "zh-CN", viewport: { width: 1280, height: 860 }, acceptDownloads: true });
+  const page = await ctx.newPage();
+  const pageErrors = [];
+  page.on("pageerror", (e) => pageErrors.push(String(e)));
+  page.on("dialog", (d) => d.accept(d.type() === "prompt" ? "改过的标题 Renamed" : undefined));
+  let convId = null;
+
+  await step("the sign-in page follows the browser's language (zh)", async () => {
+    await page.goto(base);
+    await page.waitForSelector("#login:not([hidden])");
+    assert.equal(await page.textContent("#login-submit"), "登录");
+    await shot(page, "01-login");
+  });
+
+  await step("register: the first account becomes admin", async () => {
+    await page.fill("#login-name", "李白");
+    await page.fill("#login-password", "床前明月光疑是地上霜");
+    await page.click("#register-submit");
+    await page.waitForSelector("#app:not([hidden])");
+    assert.equal(await page.isVisible("#open-admin"), true);
+    const cookies = await ctx.cookies();
+    const c = cookies.find((c) => c.name === "hanlin_session");
+    assert.ok(c && c.httpOnly && c.sameSite === "Strict", JSON.stringify(c));
+  });
+
+  await step("a Chinese message gets a streamed answer", async () => {
+    await setParams(page, { maxTokens: 48, temperature: 0 });
+    await sendMessage(page, "你好！请用一句话介绍一下长城。");
+    // Text appears while the reply is still streaming…
+    await page.waitForFunction(() => {
+      const m = document.querySelector('.msg.assistant[data-status="streaming"] .body');
+      return m && m.textContent.length > 1 && m.textContent !== "…";
+    }, null, { timeout: 120000 });
+    // …and the reply ends stored as done.
+    await waitReplyDone(page);
+    assert.equal(await lastReply(page).getAttribute("data-status"), "done");
+    const text = await lastReply(page).locator(".body").textContent();
+    assert.ok(/[\u4e00-\u9fff]/.test(text), "the answer has Chinese text: " + text);
+    convId = new URL(page.url()).pathname.split("/").pop();
+    assert.match(convId, /^conv-/);
+    // The sidebar lists it, titled from the first message.
+    await page.waitForSelector(`.conv[data-id="${convId}"] .conv-title:has-text("长城")`);
+    await shot(page, "02-chat-zh");
+  });
+
+  await step("stop keeps the partial reply, marked incomplete", async () => {
+    await setParams(page, { maxTokens: 600, temperature: 0.7 });
+    await sendMessage(page, "请写一篇关于长城历史的长文章，至少八百字。");
+    await page.waitForFunction(() => {
+      const m = document.querySelector('.msg.assistant[data-status="streaming"] .body');
+      return m && m.textContent.length > 12;
+    }, null, { timeout: 120000 });
+    await page.click("#stop");
+    await waitReplyDone(page);
+    assert.equal(await lastReply(page).getAttribute("data-status"), "incomplete");
+    await page.waitForSelector(".msg.assistant.incomplete .tag");
+    // Stored as such: after a reload it is still there, still incomplete.
+    await page.waitForTimeout(500);
+    await page.reload();
+    await page.waitForSelector(".msg.assistant");
+    assert.equal(await lastReply(page).getAttribute("data-status"), "incomplete");
+    assert.ok((await lastReply(page).locator(".body").textContent()).length > 5);
+  });
+
+  await step("regenerate adds a sibling reply (← 2/2 →)", async () => {
+    await setParams(page, { maxTokens: 32 });
+    await lastReply(page).locator("button.regenerate").click();
+    await waitReplyDone(page);
+    assert.equal(await lastReply(page).locator(".branch-pos").textContent(), "2/2");
+    await lastReply(page).locator(".branch-prev").click();
+    assert.equal(await lastReply(page).locator(".branch-pos").textContent(), "1/2");
+    assert.equal(await lastReply(page).getAttribute("data-status"), "incomplete");
+  });
+
+  await step("edit an earlier message and resend: the old branch stays reachable", async () => {
+    const first = page.locator(".msg.user").first();
+    await first.locator("button.edit").click();
+    await first.locator("textarea.edit-box").fill("你好！请用一句话介绍一下黄河。");
+    await first.locator("button.save-edit").click();
+    await waitReplyDone(page);
+    const msgs = page.locator(".msg");
+    assert.equal(await msgs.count(), 2, "the new branch has the edited message and its reply");
+    assert.equal(await page.locator(".msg.user").first().locator(".branch-pos").textContent(), "2/2");
+    assert.match(await page.locator(".msg.user .body").first().textContent(), /黄河/);
+    await page.locator(".msg.user").first().locator(".branch-prev").click();
+    assert.match(await page.locator(".msg.user .body").first().textContent(), /长城/);
+    assert.equal(await page.locator(".msg").count(), 4, "the old branch: two turns");
+    await shot(page, "03-branches");
+  });
+
+  await step("reload: the conversation and the chosen branch are kept", async () => {
+    await page.reload();
+    await page.waitForSelector(".msg.user");
+    assert.match(await page.locator(".msg.user .body").first().textContent(), /长城/);
+    assert.equal(await page.locator(".msg").count(), 4);
+  });
+
+  await step("search finds the conversation by a Chinese word", async () => {
+    await page.click("#new-chat");
+    await page.fill("#search", "黄河");
+    await page.waitForSelector("#search-results .hit");
+    assert.match(await page.textContent("#search-results"), /黄河/);
+    await page.click("#search-results .hit");
+    await page.waitForSelector(".msg.user");
+    assert.equal(new URL(page.url()).pathname, "/c/" + convId);
+    await page.fill("#search", "");
+    await page.waitForSelector("#conv-list:not([hidden])");
+  });
+
+  await step("switch language", async () => {
+    assert.equal(await page.textContent("#new-chat"), "新对话");
+    await page.click(".side-bottom .lang-toggle");
+    assert.equal(await page.textContent("#new-chat"), "New chat");
+    assert.equal(await page.getAttribute("html", "lang"), "en");
+    await page.reload();
+    await page.waitForSelector("#app:not([hidden])");
+    assert.equal(await page.textContent("#new-chat"), "New chat", "the choice is remembered");
+    await shot(page, "04-chat-en");
+  });
+
+  await step("export as Markdown and JSON", async () => {
+    const [md] = await Promise.all([page.waitForEvent("download"), page.click("#export-md")]);
+    const mdText = fs.readFileSync(await md.path(), "utf8");
+    assert.match(mdText, /## User\n\n你好！请用一句话介绍一下长城。/);
+    assert.match(mdText, /## Assistant/);
+    const [js] = await Promise.all([page.waitForEvent("download"), page.click("#export-json")]);
+    const data = JSON.parse(fs.readFileSync(await js.path(), "utf8"));
+    assert.equal(data.conversation.id, convId);
+    assert.ok(data.messages.length >= 6, "every branch is exported: " + data.messages.length);
+  });
+
+  await step("rename and delete from the sidebar", async () => {
+    await page.hover(`.conv[data-id="${convId}"]`);
+    await page.click(`.conv[data-id="${convId}"] .conv-rename`);
+    await page.waitForSelector(`.conv[data-id="${convId}"] .conv-title:has-text("Renamed")`);
+  });
+
+  await step("script injection in a message stays inert text", async () => {
+    await page.click("#new-chat");
+    await setParams(page, { maxTokens: 8 });
+    const evil = `<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>`;
+    await sendMessage(page, evil);
+    await waitReplyDone(page);
+    assert.equal(await page.locator(".msg.user .body").last().textContent(), evil);
+    assert.equal(await page.evaluate(() => window.__xss), undefined);
+    assert.equal(await page.locator(".msg.user img").count(), 0);
+    assert.equal(await page.locator(".msg img[onerror]").count(), 0);
+  });
+
+  await step("import a ChatGPT export: Markdown, code, tables and LaTeX render safely", async () => {
+    const now = Date.now() / 1000;
+    const mapping = {
+      root: { id: "root", message: null, parent: null, children: ["u1"] },
+      u1: { id: "u1", parent: "root", children: ["a1"], message: { author: { role: "user" }, content: { content_type: "text", parts: ["Show me <b>things</b>"] }, create_time: now } },
+      a1: { id: "a1", parent: "u1", children: [], message: { author: { role: "assistant" }, content: { content_type: "text", parts: [
+        "# 标题\n\nEuler: $e^{i\\pi}+1=0$ and\n\n$$\\int_0^1 x^2\\,dx=\\frac13$$\n\n```rust\nfn main() { println!(\"你好\"); }\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<img src=x onerror=\"window.__xss=3\"> [bad](javascript:window.__xss=4) <script>window.__xss=5</script>",
+      ] }, create_time: now + 1 } },
+    };
+    const exportFile = path.join(dataDir, "conversations.json");
+    fs.writeFileSync(exportFile, JSON.stringify([{ title: "导入的对话 Imported", create_time: now, update_time: now, mapping, current_node: "a1" }]));
+    await page.click("#open-import");
+    await page.setInputFiles("#import-file", exportFile);
+    await page.waitForSelector("#import-result:has-text('1')");
+    await page.click("#import-dialog .close");
+    await page.click(".conv-title:has-text('Imported')");
+    const body = page.locator(".msg.assistant .body").last();
+    await body.locator(".katex").first().waitFor();
+    assert.ok(await body.locator(".katex-display").count() >= 1, "display math");
+    assert.ok(await body.locator("code.hljs span").count() > 0, "highlighted code");
+    assert.ok(await body.locator(".code-head .copy-code").count() === 1, "copy button");
+    assert.ok(await body.locator("table td").count() === 2, "table");
+    assert.equal(await body.locator("img[onerror]").count(), 0, "the image's onerror is removed");
+    assert.equal(await body.locator('a[href^="javascript"]').count(), 0, "javascript: links removed");
+    assert.equal(await page.evaluate(() => window.__xss), undefined);
+    assert.equal(await page.locator(".msg.user .body").textContent(), "Show me <b>things</b>");
+    await shot(page, "05-markdown");
+  });
+
+  await step("a malformed import is refused and imports nothing", async () => {
+    const before = await page.locator(".conv").count();
+    const bad = path.join(dataDir, "bad.json");
+    // The second conversation is broken: the first must not be imported either.
+    fs.writeFileSync(bad, JSON.stringify([
+      { title: "ok", mapping: { r: { message: { author: { role: "user" }, content: { parts: ["hi"] } }, parent: null, children: [] } } },
+      { title: "broken", mapping: { r: { message: { content: { parts: ["no author"] } }, parent: null, children: ["missing"] } } },
+    ]));
+    await page.click("#open-import");
+    await page.setInputFiles("#import-file", bad);
+    await page.waitForSelector("#import-result.error");
+    assert.match(await page.textContent("#import-result"), /Nothing was imported/);
+    const bad2 = path.join(dataDir, "bad2.json");
+    fs.writeFileSync(bad2, "{not json");
+    await page.setInputFiles("#import-file", bad2);
+    await page.waitForFunction(() => /JSON/.test(document.querySelector("#import-result").textContent));
+    await page.click("#import-dialog .close");
+    await page.reload();
+    await page.waitForSelector("#app:not([hidden])");
+    assert.equal(await page.locator(".conv").count(), before);
+  });
+
+  await step("a 500-message conversation renders without freezing", async () => {
+    const now = Date.now() / 1000;
+    const mapping = {};
+    for (let i = 0; i < 500; i++) {
+      const id = "m" + i;
+      mapping[id] = { id, parent: i ? "m" + (i - 1) : null, children: i < 499 ? ["m" + (i + 1)] : [], message: { author: { role: i % 2 ? "assistant" : "user" }, content: { parts: [i % 2 ? `回答 **${i}**：\n\n- 一\n- 二\n\n\`\`\`python\nprint(${i})\n\`\`\`` : `问题 ${i}`] }, create_time: now + i } };
+    }
+    const file = path.join(dataDir, "long.json");
+    fs.writeFileSync(file, JSON.stringify([{ title: "五百条 Long", create_time: now, update_time: now + 1000, mapping, current_node: "m499" }]));
+    await page.click("#open-import");
+    await page.setInputFiles("#import-file", file);
+    await page.waitForSelector("#import-result:has-text('1')");
+    await page.click("#import-dialog .close");
+    const t0 = Date.now();
+    await page.click(".conv-title:has-text('Long')");
+    await page.waitForFunction(() => document.querySelectorAll(".msg").length === 500, null, { timeout: 30000 });
+    // The page still answers input at once.
+    const busy = await page.evaluate(() => new Promise((r) => { const s = performance.now(); setTimeout(() => r(performance.now() - s), 0); }));
+    console.log(`     500 messages shown in ${Date.now() - t0} ms; a timer fired ${busy.toFixed(0)} ms later`);
+    assert.ok(busy < 1000, "the main thread is free");
+  });
+
+  await step("API keys and usage with a chart", async () => {
+    await page.click("#open-keys");
+    await page.fill("#key-name", "笔记本");
+    await page.click("#key-create");
+    await page.waitForSelector("#key-secret:not([hidden])");
+    const secret = await page.textContent("#key-secret");
+    assert.match(secret, /^sk-hl-/);
+    // The key works with the OpenAI API.
+    const r = await fetch(base + "/v1/models", { headers: { Authorization: "Bearer " + secret } });
+    assert.equal(r.status, 200);
+    await page.click("#keys-dialog .close");
+    await page.click("#open-usage");
+    await page.waitForSelector("#usage-chart svg rect");
+    assert.match(await page.textContent("#usage-table"), /qwen2.5-coder-0.5b/);
+    await shot(page, "06-usage");
+    await page.click("#usage-dialog .close");
+  });
+
+  await step("admin screen: users, plans, usage per user and model", async () => {
+    await page.click("#open-admin");
+    await page.waitForSelector("#admin-users td");
+    assert.match(await page.textContent("#admin-users"), /李白/);
+    assert.match(await page.textContent("#admin-plans"), /plus/);
+    assert.match(await page.textContent("#admin-usage"), /李白/);
+    await shot(page, "07-admin");
+    await page.click("#admin-dialog .close");
+  });
+
+  await step("another user cannot see or change the first user's conversations", async () => {
+    const ctx2 = await browser.newContext({ locale: "en-US" });
+    const p2 = await ctx2.newPage();
+    await p2.goto(base);
+    await p2.fill("#login-name", "杜甫");
+    await p2.fill("#login-password", "国破山河在城春草木深");
+    await p2.click("#register-submit");
+    await p2.waitForSelector("#app:not([hidden])");
+    assert.equal(await p2.isVisible("#open-admin"), false, "only the first account is admin");
+    assert.equal(await p2.locator(".conv").count(), 0);
+    const status = await p2.evaluate(async (id) => (await fetch("/api/conversations/" + id)).status, convId);
+    assert.equal(status, 404);
+    const adminStatus = await p2.evaluate(async () => (await fetch("/v1/admin/users")).status);
+    assert.equal(adminStatus, 403);
+    await p2.goto(base + "/c/" + convId);
+    await p2.waitForSelector("#app:not([hidden])");
+    assert.equal(await p2.locator(".msg.user").count(), 0);
+    await ctx2.close();
+  });
+
+  await step("phone-sized screen, dark theme", async () => {
+    const phone = await browser.newContext({ locale: "zh-CN", viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, storageState: await ctx.storageState() });
+    const pp = await phone.newPage();
+    await pp.goto(base + "/c/" + convId);
+    await pp.waitForSelector(".msg.user");
+    assert.equal(await pp.isVisible("#toggle-sidebar"), true);
+    const box = await pp.locator("#sidebar").boundingBox();
+    assert.ok(box.x + box.width <= 1, "the sidebar is off-screen until opened");
+    await shot(pp, "08-phone");
+    await pp.click("#toggle-sidebar");
+    await pp.waitForTimeout(400);
+    assert.ok((await pp.locator("#sidebar").boundingBox()).x >= 0);
+    await pp.click(".side-bottom .theme-toggle");
+    assert.equal(await pp.getAttribute("html", "data-theme"), "dark");
+    await shot(pp, "09-phone-dark-sidebar");
+    await phone.close();
+  });
+
+  await step("an expired session goes back to sign-in and keeps the draft", async () => {
+    await page.click("#new-chat");
+    await page.fill("#input", "这是一段没发出去的草稿");
+    await ctx.clearCookies();
+    await page.press("#input", "Enter");
+    await page.waitForSelector("#login:not([hidden])");
+    assert.match(await page.textContent("#login-error"), /sign in|登录/i);
+    await page.fill("#login-name", "李白");
+    await page.fill("#login-password", "床前明月光疑是地上霜");
+    await page.click("#login-submit");
+    await page.waitForSelector("#app:not([hidden])");
+    assert.equal(await page.inputValue("#input"), "这是一段没发出去的草稿");
+  });
+
+  await step("a huge paste gets a clear limit", async () => {
+    await page.fill("#input", "长".repeat(100001));
+    await page.waitForSelector("#composer-hint:has-text('100000')");
+    assert.equal(await page.isDisabled("#send"), true);
+    await page.fill("#input", "");
+  });
+
+  await step("a server restart during a stream: the page recovers, the partial reply is kept", async () => {
+    await setParams(page, { maxTokens: 600, temperature: 0.7 });
+    await sendMessage(page, "请详细介绍唐诗的发展历史，越长越好。");
+    // Wait until the server has saved some of the reply (it saves every second).
+    await page.waitForFunction(() => {
+      const m = document.querySelector('.msg.assistant[data-status="streaming"] .body');
+      return m && m.textContent.length > 20;
+    }, null, { timeout: 120000 });
+    await page.waitForTimeout(1500);
+    server.kill("SIGKILL");
+    await new Promise((r) => server.once("exit", r));
+    await page.waitForSelector("#notice:not([hidden])");
+    serverLog = "";
+    await startServer(port);
+    await page.waitForFunction(() => /Reconnected|已重新连接/.test(document.querySelector("#notice").textContent), null, { timeout: 60000 });
+    await page.waitForSelector('.msg.assistant[data-status="incomplete"]');
+    const kept = await lastReply(page).locator(".body").textContent();
+    assert.ok(kept.length > 5, "the reply generated before the crash is kept: " + kept);
+    await shot(page, "10-recovered");
+  });
+
+  assert.deepEqual(pageErrors, [], "no script errors on the page");
+} catch (e) {
+  exitCode = 1;
+  console.log("server log:\n" + serverLog.slice(-4000));
+} finally {
+  await browser.close();
+  if (server) server.kill("SIGKILL");
+  fs.rmSync(dataDir, { recursive: true, force: true });
+}
+console.log(`\n${results.length} steps passed${exitCode ? ", then one failed" : ""}; screenshots in ${ART}`);
+process.exit(exitCode);

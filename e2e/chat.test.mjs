@@ -335,6 +335,10 @@ try {
     assert.match(await page.textContent("#admin-users"), /李白/);
     assert.match(await page.textContent("#admin-plans"), /plus/);
     assert.match(await page.textContent("#admin-usage"), /李白/);
+    // The key made above is listed with its owner, and can be revoked here.
+    assert.match(await page.textContent("#admin-keys"), /笔记本/);
+    await page.click("#admin-keys .revoke-key");
+    await page.waitForFunction(() => !document.querySelector("#admin-keys .revoke-key"));
     await shot(page, "07-admin");
     await page.click("#admin-dialog .close");
   });
@@ -343,11 +347,13 @@ try {
     const ctx2 = await browser.newContext({ locale: "en-US" });
     const p2 = await ctx2.newPage();
     await p2.goto(base);
-    await p2.fill("#login-name", "杜甫");
+    await p2.fill("#login-name", "<img src=x onerror=window.__xss=6>杜甫");
     await p2.fill("#login-password", "国破山河在城春草木深");
     await p2.click("#register-submit");
     await p2.waitForSelector("#app:not([hidden])");
     assert.equal(await p2.isVisible("#open-admin"), false, "only the first account is admin");
+    assert.match(await p2.textContent("#who"), /^<img src=x onerror=window.__xss=6>杜甫/, "a name is shown as text");
+    assert.equal(await p2.evaluate(() => window.__xss), undefined);
     assert.equal(await p2.locator(".conv").count(), 0);
     const status = await p2.evaluate(async (id) => (await fetch("/api/conversations/" + id)).status, convId);
     assert.equal(status, 404);

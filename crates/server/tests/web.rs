@@ -229,6 +229,11 @@ async fn web_app_sessions_conversations_and_streamed_replies() {
     assert!(rows
         .iter()
         .all(|r| r.completion_tokens > 0 && r.prompt_tokens > 0));
+    // The regenerated reply's prompt was in the KV cache already.
+    assert!(
+        rows.iter().map(|r| r.cached_tokens).sum::<i64>() > 0,
+        "{rows:?}"
+    );
     let (_, usage) = li.json(M::GET, "/api/usage", None).await;
     assert!(usage["tokens_today"].as_i64().expect("tokens") > 0);
 

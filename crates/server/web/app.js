@@ -562,7 +562,12 @@ async function openAdmin() {
 }
 
 async function renderAdmin() {
-  const [users, plans, usage] = await Promise.all([api("GET", "/v1/admin/users"), api("GET", "/v1/admin/plans"), api("GET", "/v1/admin/usage")]);
+  const [users, plans, usage, keys] = await Promise.all([api("GET", "/v1/admin/users"), api("GET", "/v1/admin/plans"), api("GET", "/v1/admin/usage"), api("GET", "/v1/admin/keys")]);
+  const names = new Map(users.data.map((u) => [u.id, u.name]));
+  table($("#admin-keys"), [t("name"), t("users"), "", t("created"), t("expires"), ""], keys.data.map((k) => [
+    k.name, names.get(k.user_id) || k.user_id, k.prefix + "…", day(k.created_at), k.revoked_at ? t("revoked") : day(k.expires_at),
+    k.revoked_at ? "" : el("button", { class: "link revoke-key", text: t("revoke"), onclick: async () => { await api("DELETE", "/v1/admin/keys/" + k.id); await renderAdmin(); } }),
+  ]));
   const planNames = plans.data.map((p) => p.name);
   table($("#admin-users"), [t("name"), t("role"), t("plan")], users.data.map((u) => {
     const sel = el("select", { class: "user-plan", onchange: async () => { await api("POST", "/v1/admin/users", { name: u.name, plan: sel.value }); await renderAdmin(); } },

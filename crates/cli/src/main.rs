@@ -1,6 +1,8 @@
 //! `hanlin`: the command-line front door (chat, run, pull, list, rm, show,
 //! serve, admin, bench).
 
+mod kb;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hanlin_engine::{FinishReason, GenerateParams, LoadedModel, SamplerConfig};
@@ -75,6 +77,24 @@ enum Cmd {
         db: DbArgs,
         #[command(subcommand)]
         cmd: AdminCmd,
+    },
+    /// Knowledge bases for grounded answers (files indexed with Chinese word segmentation)
+    Kb {
+        #[command(subcommand)]
+        cmd: kb::KbCmd,
+    },
+    /// Answer a question from knowledge bases, with checked numbered citations
+    Ask {
+        /// Knowledge base to search (repeatable)
+        #[arg(long = "kb", required = true)]
+        kbs: Vec<String>,
+        question: String,
+        /// Model that writes the answer
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Print one JSON object (answer, citations, sources)
+        #[arg(long)]
+        json: bool,
     },
     /// Measure prefill and decode speed and peak memory
     Bench {
@@ -411,6 +431,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Show { model, path: false } => show(&store, &model),
         Cmd::Serve(args) => serve(&store, threads, args),
+        Cmd::Kb { cmd } => kb::run(&store, cmd),
+        Cmd::Ask {
+            kbs,
+            question,
+            model,
+            json,
+        } => {
+            let m = load(&store, &model, threads)?;
+            kb::ask(&store, &m, &kbs, &question, json)
+        }
         Cmd::Admin { db, cmd } => {
             let url = database_url(&store, &db);
             runtime()?.block_on(admin(&url, cmd))

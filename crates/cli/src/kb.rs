@@ -1,0 +1,269 @@
+//! `hanlin kb …` (knowledge bases under `$HANLIN_HOME/kb/`) and
+//! `hanlin ask` (a grounded answer with checked citations).
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
+use hanlin_search::answer::{self, Checked};
+use hanlin_search::{extract, fuse, kb_dir, KnowledgeBase, Passage, Retriever};
+use hanlin_store::Store;
+use hanlin_tokenizer::Message;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Subcommand)]
+pub enum KbCmd {
+    /// Create an empty knowledge base
+    Create { name: String },
+    /// Add files and directories (.txt .md .html .docx .json .jsonl)
+    Add {
+        name: String,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List knowledge bases
+    List,
+    /// Show the passages a query retrieves
+    Search {
+        name: String,
+        query: String,
+        #[arg(short, long, default_value_t = 5)]
+        k: usize,
+    },
+    /// Rebuild the index from the stored documents (after it was deleted or damaged)
+    Rebuild { name: String },
+    /// Delete a knowledge base
+    Rm { name: String },
+}
+
+/// Where knowledge bases live: `$HANLIN_KB_DIR`, else `kb/` in the store.
+pub fn root(store: &Store) -> PathBuf {
+    std::env::var_os("HANLIN_KB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| store.home().join("kb"))
+}
+
+fn open(store: &Store, name: &str) -> Result<KnowledgeBase> {
+    Ok(KnowledgeBase::open(&kb_dir(&root(store), name)?)?)
+}
+
+fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
+    match cmd {
+        KbCmd::Create { name } => {
+            let dir = kb_dir(&root(store), &name)?;
+            KnowledgeBase::create(&dir)?;
+            println!("created knowledge base {name} ({})", dir.display());
+        }
+        KbCmd::Add { name, paths } => {
+            let mut kb = open(store, &name)?;
+            let (files, mut skipped) = extract::walk(&paths);
+            let pb = bar(files.len() as u64, "reading");
+            let mut docs = Vec::new();
+            for f in &files {
+                match extract::extract(f) {
+                    Ok(d) => docs.extend(d),
+                    Err(e) => skipped.push(e),
+                }
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let pb = bar(docs.len() as u64, "indexing");
+            let r = kb.add(docs, |n| pb.set_position(n as u64))?;
+            pb.finish_and_clear();
+            for e in &skipped {
+                eprintln!("skipped {e}");
+            }
+            println!(
+                "{name}: added {} documents ({} passages); {} duplicates skipped; {} files skipped",
+                r.added,
+                r.passages,
+                r.duplicates,
+                skipped.len()
+            );
+        }
+        KbCmd::List => {
+            for name in hanlin_search::list(&root(store)) {
+                match open(store, &name) {
+                    Ok(kb) => println!(
+                        "{name:<24} {:>6} documents {:>8} passages",
+                        kb.documents()?.len(),
+                        kb.passages()
+                    ),
+                    Err(e) => println!("{name:<24} unusable: {e}"),
+                }
+            }
+        }
+        KbCmd::Search { name, query, k } => {
+            let kb = open(store, &name)?;
+            for (i, p) in kb.search(&query, k)?.iter().enumerate() {
+                println!(
+                    "[{}] {:.2} {} — {}\n    {}",
+                    i + 1,
+                    p.score,
+                    p.title,
+                    p.source,
+                    p.text
+                );
+            }
+        }
+        KbCmd::Rebuild { name } => {
+            let dir = kb_dir(&root(store), &name)?;
+            let pb = bar(0, "rebuilding");
+            let kb = KnowledgeBase::rebuild(&dir, |n, total| {
+                pb.set_length(total as u64);
+                pb.set_position(n as u64);
+            })?;
+            pb.finish_and_clear();
+            println!("{name}: rebuilt, {} passages", kb.passages());
+        }
+        KbCmd::Rm { name } => {
+            let dir = kb_dir(&root(store), &name)?;
+            if !dir.join("docs.jsonl").exists() {
+                bail!("no knowledge base {name}");
+            }
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            println!("removed knowledge base {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Words that ask for the newest information: recent sources rank higher.
+fn wants_latest(q: &str) -> bool {
+    let q = q.to_lowercase();
+    [
+        "最新", "最近", "latest", "recent", "newest", "today", "今天",
+    ]
+    .iter()
+    .any(|w| q.contains(w))
+}
+
+/// The passages for `question` from every knowledge base, fused.
+pub fn retrieve(kbs: &[KnowledgeBase], question: &str, k: usize) -> Result<Vec<Passage>> {
+    let lists = kbs
+        .iter()
+        .map(|kb| kb.search(question, k * 2))
+        .collect::<Result<Vec<_>, _>>()?;
+    let recency = wants_latest(question).then_some(30.0);
+    Ok(fuse(&lists, k, recency, now()))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A grounded answer.
+pub struct Answer {
+    pub checked: Checked,
+    /// The passages given to the model, numbered from 1.
+    pub sources: Vec<Passage>,
+    /// False when the answer is "I don't know".
+    pub answered: bool,
+}
+
+/// Answer `question` from `passages` with `model` (greedy), then check the
+/// citations. Declines without asking the model when no passage covers the
+/// question, and when the model itself says it does not know.
+pub fn answer(model: &Arc<LoadedModel>, question: &str, passages: Vec<Passage>) -> Result<Answer> {
+    let idk = |passages: Vec<Passage>| Answer {
+        checked: Checked {
+            text: answer::dont_know(question).to_string(),
+            citations: Vec::new(),
+        },
+        sources: passages,
+        answered: false,
+    };
+    if !answer::answerable(question, &passages) {
+        return Ok(idk(passages));
+    }
+    let passages = answer::focus(question, passages);
+    let (system, user) = answer::grounded_prompt(question, &passages, now());
+    let prompt =
+        model.chat_prompt(&[Message::new("system", system), Message::new("user", user)])?;
+    let mut session = model.new_session(prompt.len() + 400);
+    let params = GenerateParams {
+        max_tokens: 300,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let g = session.generate(&prompt, &params, |_| true)?;
+    let text = g.text.trim();
+    let lower = text.to_lowercase();
+    if text.is_empty() || lower.starts_with("i don't know") || text.starts_with("我不知道") {
+        return Ok(idk(passages));
+    }
+    Ok(Answer {
+        checked: answer::check_citations(text, &passages),
+        sources: passages,
+        answered: true,
+    })
+}
+
+pub fn ask(
+    store: &Store,
+    model: &Arc<LoadedModel>,
+    kbs: &[String],
+    question: &str,
+    json_out: bool,
+) -> Result<()> {
+    if kbs.is_empty() {
+        bail!("name at least one knowledge base with --kb NAME");
+    }
+    let opened = kbs
+        .iter()
+        .map(|n| open(store, n))
+        .collect::<Result<Vec<_>>>()?;
+    let passages = retrieve(&opened, question, 5)?;
+    let retrieved: Vec<_> = passages
+        .iter()
+        .map(|p| json!({"kb": p.kb, "title": p.title, "doc_id": p.doc_id, "score": p.score}))
+        .collect();
+    let a = answer(model, question, passages)?;
+    let cited = a.checked.cited();
+    if json_out {
+        let sources: Vec<_> = cited
+            .iter()
+            .filter_map(|n| a.sources.get(n - 1).map(|p| (n, p)))
+            .map(|(n, p)| json!({"n": n, "kb": p.kb, "title": p.title, "source": p.source, "published": p.published, "doc_id": p.doc_id, "passage": p.text}))
+            .collect();
+        println!(
+            "{}",
+            json!({"question": question, "answer": a.checked.text, "answered": a.answered, "sources": sources, "citations": a.checked.citations, "retrieved": retrieved})
+        );
+        return Ok(());
+    }
+    println!("{}", a.checked.text);
+    if !cited.is_empty() {
+        println!();
+        for n in cited {
+            if let Some(p) = a.sources.get(n - 1) {
+                let when = p
+                    .published
+                    .map(|t| format!(" ({})", answer::date(t)))
+                    .unwrap_or_default();
+                println!("[{n}] {}{when} — {}", p.title, p.source);
+                let excerpt: String = p.text.chars().take(160).collect();
+                println!("    {excerpt}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Knowledge bases for conversational search: documents are extracted from
+//! files ([`extract`]), cut into passages on sentence boundaries
+//! ([`chunk`]), and indexed with tantivy using jieba's Chinese word
+//! segmentation ([`index`]). Retrieval is behind the [`Retriever`] trait (the
+//! embedded index now; OpenSearch or Qdrant adapters can implement it);
+//! results from several knowledge bases are fused by reciprocal rank
+//! ([`fuse`]). [`answer`] builds grounded prompts and checks the model's
+//! citations against the passages they cite.
+
+pub mod answer;
+pub mod chunk;
+pub mod extract;
+pub mod index;
+
+pub use extract::Document;
+pub use index::KnowledgeBase;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("no knowledge base at {0} (create it with `hanlin kb create NAME`)")]
+    NotFound(PathBuf),
+    #[error("a knowledge base already exists at {0}")]
+    Exists(PathBuf),
+    #[error("the index in {dir} cannot be used ({reason}); run `hanlin kb rebuild` to rebuild it from the stored documents")]
+    Index { dir: PathBuf, reason: String },
+    #[error("invalid knowledge base name {0:?}: use letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// A retrieved passage.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Passage {
+    /// Knowledge base it came from.
+    pub kb: String,
+    pub doc_id: String,
+    /// Passage number within the document.
+    pub chunk: u64,
+    pub title: String,
+    pub source: String,
+    pub text: String,
+    pub published: Option<i64>,
+    /// The retriever's score (higher is better; scales differ by retriever).
+    pub score: f32,
+}
+
+/// Anything that finds passages for a query.
+pub trait Retriever {
+    fn search(&self, query: &str, k: usize) -> Result<Vec<Passage>, SearchError>;
+}
+
+/// Reciprocal-rank fusion of several ranked lists (k = 60), then, when
+/// `recency_days` is given, a boost for recent passages (a passage as old as
+/// `recency_days` counts half as much as one from `now`). Duplicates (same
+/// document and passage) are merged.
+pub fn fuse(lists: &[Vec<Passage>], k: usize, recency_days: Option<f64>, now: i64) -> Vec<Passage> {
+    let mut scored: Vec<(f64, Passage)> = Vec::new();
+    for list in lists {
+        for (rank, p) in list.iter().enumerate() {
+            let rrf = 1.0 / (60.0 + rank as f64 + 1.0);
+            match scored
+                .iter_mut()
+                .find(|(_, q)| q.doc_id == p.doc_id && q.chunk == p.chunk && q.kb == p.kb)
+            {
+                Some((s, _)) => *s += rrf,
+                None => scored.push((rrf, p.clone())),
+            }
+        }
+    }
+    if let Some(days) = recency_days.filter(|d| *d > 0.0) {
+        for (s, p) in &mut scored {
+            if let Some(t) = p.published {
+                let age = ((now - t).max(0) as f64) / 86_400.0;
+                *s *= 1.0 + 1.0 / (1.0 + age / days);
+            }
+        }
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.into_iter().take(k).map(|(_, p)| p).collect()
+}
+
+/// The directory of knowledge base `name` under `root`.
+pub fn kb_dir(root: &Path, name: &str) -> Result<PathBuf, SearchError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(SearchError::BadName(name.into()));
+    }
+    Ok(root.join(name))
+}
+
+/// The knowledge bases under `root`, by name.
+pub fn list(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("docs.jsonl").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(kb: &str, doc: &str, published: Option<i64>) -> Passage {
+        Passage {
+            kb: kb.into(),
+            doc_id: doc.into(),
+            chunk: 0,
+            title: doc.into(),
+            source: String::new(),
+            text: String::new(),
+            published,
+            score: 0.0,
+        }
+    }
+
+    #[test]
+    fn fusion_rewards_agreement_and_recency() {
+        let a = vec![p("a", "x", None), p("a", "y", None)];
+        let b = vec![p("a", "y", None), p("b", "z", None)];
+        let fused = fuse(&[a, b], 10, None, 0);
+        assert_eq!(fused[0].doc_id, "y", "found by both lists");
+        assert_eq!(fused.len(), 3);
+        let now = 100 * 86_400;
+        let old = vec![p("f", "old", Some(0)), p("f", "new", Some(now))];
+        let fused = fuse(&[old], 10, Some(7.0), now);
+        assert_eq!(fused[0].doc_id, "new");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let root = Path::new("/kb");
+        assert!(kb_dir(root, "诗词-2024").is_ok());
+        for bad in ["", "../x", ".hidden", "a/b"] {
+            assert!(kb_dir(root, bad).is_err(), "{bad}");
+        }
+    }
+}

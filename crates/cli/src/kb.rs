@@ -193,6 +193,7 @@ pub fn answer(model: &Arc<LoadedModel>, question: &str, passages: Vec<Passage>) 
     }
     let passages = answer::focus(question, passages);
     let (system, user) = answer::grounded_prompt(question, &passages, now());
+    tracing::debug!("grounded prompt:\n{system}\n---\n{user}");
     let prompt =
         model.chat_prompt(&[Message::new("system", system), Message::new("user", user)])?;
     let mut session = model.new_session(prompt.len() + 400);

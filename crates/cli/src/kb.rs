@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
-use hanlin_search::answer::{self, Checked};
+use hanlin_search::answer;
 use hanlin_search::{extract, fuse, kb_dir, KnowledgeBase, Passage, Retriever};
 use hanlin_store::Store;
 use hanlin_tokenizer::Message;
@@ -167,32 +167,21 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// A grounded answer.
-pub struct Answer {
-    pub checked: Checked,
-    /// The passages given to the model, numbered from 1.
-    pub sources: Vec<Passage>,
-    /// False when the answer is "I don't know".
-    pub answered: bool,
-}
-
-/// Answer `question` from `passages` with `model` (greedy), then check the
-/// citations. Declines without asking the model when no passage covers the
-/// question, and when the model itself says it does not know.
-pub fn answer(model: &Arc<LoadedModel>, question: &str, passages: Vec<Passage>) -> Result<Answer> {
-    let idk = |passages: Vec<Passage>| Answer {
-        checked: Checked {
-            text: answer::dont_know(question).to_string(),
-            citations: Vec::new(),
-        },
-        sources: passages,
-        answered: false,
+/// Answer `question` from `passages` with `model` (greedy); see
+/// [`answer::plan`] and [`answer::finish`].
+pub fn answer(
+    model: &Arc<LoadedModel>,
+    question: &str,
+    passages: Vec<Passage>,
+) -> Result<answer::Grounded> {
+    let (system, user, passages) = match answer::plan(question, passages, now()) {
+        answer::Plan::Decline(g) => return Ok(g),
+        answer::Plan::Generate {
+            system,
+            user,
+            passages,
+        } => (system, user, passages),
     };
-    if !answer::answerable(question, &passages) {
-        return Ok(idk(passages));
-    }
-    let passages = answer::focus(question, passages);
-    let (system, user) = answer::grounded_prompt(question, &passages, now());
     tracing::debug!("grounded prompt:\n{system}\n---\n{user}");
     let prompt =
         model.chat_prompt(&[Message::new("system", system), Message::new("user", user)])?;
@@ -206,16 +195,7 @@ pub fn answer(model: &Arc<LoadedModel>, question: &str, passages: Vec<Passage>) 
         ..Default::default()
     };
     let g = session.generate(&prompt, &params, |_| true)?;
-    let text = g.text.trim();
-    let lower = text.to_lowercase();
-    if text.is_empty() || lower.starts_with("i don't know") || text.starts_with("我不知道") {
-        return Ok(idk(passages));
-    }
-    Ok(Answer {
-        checked: answer::check_citations(text, &passages),
-        sources: passages,
-        answered: true,
-    })
+    Ok(answer::finish(question, &g.text, passages))
 }
 
 pub fn ask(

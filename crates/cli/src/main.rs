@@ -504,6 +504,7 @@ fn serve(store: &Store, threads: usize, a: ServeArgs) -> Result<()> {
             ctx: a.ctx,
             ..Default::default()
         },
+        kb_dir: kb::root(store),
     };
     let store = Store::open(store.home()).context("opening the model store")?;
     runtime()?.block_on(async move {

@@ -349,6 +349,71 @@ pub fn check_citations(answer: &str, passages: &[Passage]) -> Checked {
     Checked { text, citations }
 }
 
+/// A grounded answer: the checked text, the passages shown to the model
+/// (citation `[n]` is `sources[n - 1]`), and whether it answers at all.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Grounded {
+    pub checked: Checked,
+    pub sources: Vec<Passage>,
+    /// False when the answer is "I don't know".
+    pub answered: bool,
+}
+
+impl Grounded {
+    fn decline(question: &str, sources: Vec<Passage>) -> Self {
+        Grounded {
+            checked: Checked {
+                text: dont_know(question).to_string(),
+                citations: Vec::new(),
+            },
+            sources,
+            answered: false,
+        }
+    }
+}
+
+/// What to do with a question and its retrieved passages.
+pub enum Plan {
+    /// Nothing covers the question: say so without asking the model.
+    Decline(Grounded),
+    /// Ask the model with these messages, then [`finish`].
+    Generate {
+        system: String,
+        user: String,
+        passages: Vec<Passage>,
+    },
+}
+
+/// Decide whether the passages can answer `question`, and if so the prompt
+/// over the ones worth showing.
+pub fn plan(question: &str, passages: Vec<Passage>, today: i64) -> Plan {
+    if !answerable(question, &passages) {
+        return Plan::Decline(Grounded::decline(question, passages));
+    }
+    let passages = focus(question, passages);
+    let (system, user) = grounded_prompt(question, &passages, today);
+    Plan::Generate {
+        system,
+        user,
+        passages,
+    }
+}
+
+/// The model's text, checked: its citations verified against the passages,
+/// and a declined or empty answer reported as "I don't know".
+pub fn finish(question: &str, text: &str, passages: Vec<Passage>) -> Grounded {
+    let text = text.trim();
+    let lower = text.to_lowercase();
+    if text.is_empty() || lower.starts_with("i don't know") || text.starts_with("我不知道") {
+        return Grounded::decline(question, passages);
+    }
+    Grounded {
+        checked: check_citations(text, &passages),
+        sources: passages,
+        answered: true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

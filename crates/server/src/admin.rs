@@ -20,7 +20,7 @@ type AppResult<T> = Result<T, ApiError>;
 
 /// An admin key (`Authorization: Bearer`), or an admin's web-app session
 /// cookie (with its CSRF token when `write`).
-async fn admin(st: &AppState, headers: &HeaderMap, write: bool) -> AppResult<()> {
+pub(crate) async fn admin(st: &AppState, headers: &HeaderMap, write: bool) -> AppResult<()> {
     if !headers.contains_key(axum::http::header::AUTHORIZATION) {
         let method = if write {
             axum::http::Method::POST

@@ -16,6 +16,7 @@ pub mod grammar;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod search;
 mod tools;
 pub mod web;
 
@@ -42,6 +43,8 @@ pub struct Config {
     /// Request bodies larger than this are refused with 413.
     pub max_body: usize,
     pub sched: SchedulerConfig,
+    /// Where knowledge bases live (`hanlin kb` uses the same directory).
+    pub kb_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,7 @@ pub struct AppState {
     pub limiter: Limiter,
     pub metrics: metrics::Metrics,
     pub grammars: grammar::Grammars,
+    pub kbs: search::Kbs,
     pub config: Config,
 }
 
@@ -92,6 +96,7 @@ impl AppState {
             limiter: Limiter::default(),
             metrics: metrics::Metrics::new()?,
             grammars: grammar::Grammars::default(),
+            kbs: search::Kbs::new(config.kb_dir.clone()),
             config,
         }))
     }
@@ -107,6 +112,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/embeddings", post(api::embeddings))
+        .route("/v1/search", post(search::search))
+        .route("/v1/ask", post(search::ask))
+        .route("/v1/kb/{name}", put(search::create_kb))
+        .route("/v1/kb/{name}/documents", post(search::add_documents))
         .route(
             "/v1/admin/users",
             get(admin::users).post(admin::create_user),

@@ -67,6 +67,7 @@ where
             ctx: 4096,
             ..Default::default()
         },
+        kb_dir: dir.path().join("kb"),
     };
     tweak(&mut config);
     let state = AppState::new(config, store).await.expect("server state");

@@ -1,0 +1,371 @@
+//! Knowledge bases over the API: `POST /v1/search` (ranked passages),
+//! `POST /v1/ask` (a grounded answer with checked citations), and, for
+//! admins, `PUT /v1/kb/{name}` (create) and `POST /v1/kb/{name}/documents`
+//! (push documents; searchable as soon as the call returns).
+//!
+//! Any key may search and ask every knowledge base; writing needs an admin
+//! key (or an admin's web session).
+
+use crate::api::{auth, budget, reserve, scheduler_for, UsageWriter};
+use crate::error::ApiError;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use hanlin_accounts::Caller;
+use hanlin_engine::{Event, Job};
+use hanlin_search::answer;
+use hanlin_search::{extract, fuse, kb_dir, KnowledgeBase, Passage, Retriever, SearchError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// The knowledge bases under one directory, opened on first use.
+pub struct Kbs {
+    root: PathBuf,
+    open: Mutex<HashMap<String, Arc<Mutex<KnowledgeBase>>>>,
+}
+
+fn search_error(e: SearchError) -> ApiError {
+    match e {
+        SearchError::NotFound(_) => ApiError::not_found(e.to_string()).code("kb_not_found"),
+        SearchError::BadName(_) => ApiError::bad_request(e.to_string()).param("kb"),
+        SearchError::Exists(_) => ApiError::bad_request(e.to_string()).code("kb_exists"),
+        other => {
+            tracing::error!("knowledge base: {other}");
+            ApiError::unavailable(other.to_string()).code("kb_unavailable")
+        }
+    }
+}
+
+fn poisoned() -> ApiError {
+    ApiError::internal("a knowledge base lock was poisoned by an earlier failure")
+}
+
+impl Kbs {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, name: &str) -> AppResult<Arc<Mutex<KnowledgeBase>>> {
+        let mut open = self.open.lock().map_err(|_| poisoned())?;
+        if let Some(kb) = open.get(name) {
+            return Ok(kb.clone());
+        }
+        let dir = kb_dir(&self.root, name).map_err(search_error)?;
+        let kb = Arc::new(Mutex::new(KnowledgeBase::open(&dir).map_err(search_error)?));
+        open.insert(name.to_string(), kb.clone());
+        Ok(kb)
+    }
+
+    fn create(&self, name: &str) -> AppResult<()> {
+        let dir = kb_dir(&self.root, name).map_err(search_error)?;
+        let kb = KnowledgeBase::create(&dir).map_err(search_error)?;
+        self.open
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(name.to_string(), Arc::new(Mutex::new(kb)));
+        Ok(())
+    }
+
+    /// The passages for `query` from each of `names`, fused.
+    fn retrieve(&self, names: &[String], query: &str, k: usize) -> AppResult<Vec<Passage>> {
+        let mut lists = Vec::new();
+        for n in names {
+            let kb = self.get(n)?;
+            let kb = kb.lock().map_err(|_| poisoned())?;
+            lists.push(kb.search(query, k * 2).map_err(search_error)?);
+        }
+        let q = query.to_lowercase();
+        let latest = [
+            "最新", "最近", "latest", "recent", "newest", "today", "今天",
+        ]
+        .iter()
+        .any(|w| q.contains(w));
+        Ok(fuse(
+            &lists,
+            k,
+            latest.then_some(30.0),
+            hanlin_accounts::now(),
+        ))
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> AppResult<T> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("Could not read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
+}
+
+/// One knowledge base name or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Names {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Names {
+    fn list(self) -> AppResult<Vec<String>> {
+        let v = match self {
+            Names::One(s) => vec![s],
+            Names::Many(v) => v,
+        };
+        if v.is_empty() || v.len() > 16 {
+            return Err(ApiError::bad_request("Name 1 to 16 knowledge bases in 'kb'.").param("kb"));
+        }
+        Ok(v)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchBody {
+    kb: Names,
+    query: String,
+    k: Option<usize>,
+}
+
+fn passage_json(i: usize, p: &Passage) -> Value {
+    json!({"index": i, "kb": p.kb, "doc_id": p.doc_id, "title": p.title, "source": p.source, "published": p.published, "text": p.text, "score": p.score})
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> AppResult<T> + Send + 'static,
+) -> AppResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("search task failed: {e}")))?
+}
+
+pub async fn search(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    auth(&st, &headers).await?;
+    let b: SearchBody = parse(body, st.config.max_body)?;
+    let k = b.k.unwrap_or(5);
+    if !(1..=50).contains(&k) {
+        return Err(ApiError::bad_request("'k' is 1 to 50.").param("k"));
+    }
+    let names = b.kb.list()?;
+    let st2 = st.clone();
+    let hits = blocking(move || st2.kbs.retrieve(&names, &b.query, k)).await?;
+    let data: Vec<Value> = hits
+        .iter()
+        .enumerate()
+        .map(|(i, p)| passage_json(i, p))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+pub async fn create_kb(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> AppResult<Json<Value>> {
+    crate::admin::admin(&st, &headers, true).await?;
+    let st2 = st.clone();
+    let n = name.clone();
+    blocking(move || st2.kbs.create(&n)).await?;
+    Ok(Json(json!({"created": name})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentsBody {
+    documents: Vec<Value>,
+}
+
+pub async fn add_documents(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    crate::admin::admin(&st, &headers, true).await?;
+    let b: DocumentsBody = parse(body, st.config.max_body)?;
+    let docs = b
+        .documents
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            extract::json_doc(v, "api", &format!("document {i}")).map_err(|e| {
+                ApiError::bad_request(format!("documents[{i}]: {e}")).param("documents")
+            })
+        })
+        .collect::<AppResult<Vec<_>>>()?;
+    let st2 = st.clone();
+    let r = blocking(move || {
+        let kb = st2.kbs.get(&name)?;
+        let mut kb = kb.lock().map_err(|_| poisoned())?;
+        kb.add(docs, |_| {}).map_err(search_error)
+    })
+    .await?;
+    Ok(Json(
+        json!({"added": r.added, "duplicates": r.duplicates, "passages": r.passages}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskBody {
+    kb: Names,
+    question: String,
+    model: Option<String>,
+}
+
+pub async fn ask(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    let caller = auth(&st, &headers).await?;
+    let b: AskBody = parse(body, st.config.max_body)?;
+    if b.question.trim().is_empty() {
+        return Err(ApiError::bad_request("The question is empty.").param("question"));
+    }
+    let names = b.kb.list()?;
+    let model = b.model.unwrap_or_else(|| st.config.default_model.clone());
+    let st2 = st.clone();
+    let question = b.question.clone();
+    let passages = blocking(move || st2.kbs.retrieve(&names, &question, 5)).await?;
+    let grounded = match answer::plan(&b.question, passages, hanlin_accounts::now()) {
+        answer::Plan::Decline(g) => g,
+        answer::Plan::Generate {
+            system,
+            user,
+            passages,
+        } => {
+            let text = generate(&st, &caller, &model, &system, &user).await?;
+            answer::finish(&b.question, &text, passages)
+        }
+    };
+    let cited = grounded.checked.cited();
+    let sources: Vec<Value> = cited
+        .iter()
+        .filter_map(|n| grounded.sources.get(n - 1).map(|p| passage_json(*n, p)))
+        .collect();
+    Ok(Json(json!({
+        "object": "grounded_answer",
+        "model": model,
+        "answer": grounded.checked.text,
+        "answered": grounded.answered,
+        "sources": sources,
+        "citations": grounded.checked.citations,
+    })))
+}
+
+/// One greedy chat completion through the model's scheduler, under the
+/// caller's plan (limits, priority) and metered like any request.
+async fn generate(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    model: &str,
+    system: &str,
+    user: &str,
+) -> AppResult<String> {
+    let sched = scheduler_for(st, caller, model).await?;
+    let msgs = [
+        hanlin_tokenizer::Message::new("system", system),
+        hanlin_tokenizer::Message::new("user", user),
+    ];
+    let text = sched
+        .model
+        .template
+        .render(&msgs, None, true)
+        .map_err(|e| ApiError::internal(format!("The chat template failed: {e}")))?;
+    let prompt = sched
+        .model
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|e| ApiError::internal(format!("Tokenizing failed: {e}")))?;
+    let max_new = budget(&sched, caller, prompt.len(), Some(300), None, "question")?;
+    let mut params = hanlin_engine::GenerateParams {
+        max_tokens: max_new,
+        ..Default::default()
+    };
+    params.sampler.temperature = 0.0;
+    let reservation = reserve(st, caller, prompt.len() + max_new).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let job = Job {
+        prompt,
+        params,
+        priority: caller.plan.priority as i32,
+        embed: false,
+        constraint: None,
+        sink: Box::new(move |e| tx.send(e).is_ok()),
+    };
+    if let Err(e) = sched.submit(job) {
+        st.limiter.settle(reservation, 0);
+        return Err(ApiError::unavailable(e.to_string()));
+    }
+    let request_id = format!("ask-{}", hanlin_accounts::random_token(24));
+    let mut out = String::new();
+    let mut counts = [0usize; 3];
+    let mut writer: Option<UsageWriter> = None;
+    let mut failed = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                counts = [prompt_tokens, cached_tokens, 0];
+                let mut w =
+                    UsageWriter::start(st, caller, &request_id, model, hanlin_accounts::now());
+                w.write(counts);
+                writer = Some(w);
+            }
+            Event::Token { text, tokens, .. } => {
+                out.push_str(&text);
+                counts[2] += tokens;
+            }
+            Event::Done {
+                completion_tokens, ..
+            } => {
+                counts[2] = completion_tokens;
+                break;
+            }
+            Event::Failed(msg) => {
+                failed = Some(msg);
+                break;
+            }
+            _ => {}
+        }
+    }
+    drop(rx);
+    let used = if writer.is_some() {
+        (counts[0] + counts[2]) as i64
+    } else {
+        0
+    };
+    st.limiter.settle(reservation, used);
+    if let Some(w) = writer {
+        crate::api::meter(st, caller, model, w, counts).await;
+    }
+    match failed {
+        Some(msg) => Err(ApiError::internal(format!("Generation failed: {msg}"))),
+        None => Ok(out),
+    }
+}

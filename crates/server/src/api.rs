@@ -420,6 +420,18 @@ fn fim_prompt(m: &hanlin_engine::LoadedModel, prefix: &str, suffix: &str) -> Opt
     Some(out)
 }
 
+/// A job the scheduler refused: a full queue is a 429 to retry shortly.
+pub(crate) fn submit_error(e: hanlin_engine::SubmitError) -> ApiError {
+    match e {
+        hanlin_engine::SubmitError::QueueFull(_) => ApiError::rate_limited(
+            "The server is busy: too many requests are waiting. Please retry shortly.",
+            "server_busy",
+            Duration::from_secs(1),
+        ),
+        hanlin_engine::SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+    }
+}
+
 /// Submit the request's jobs and answer it (stream or whole).
 async fn start(
     st: &Arc<AppState>,
@@ -446,14 +458,7 @@ async fn start(
         };
         if let Err(e) = run.sched.submit(job) {
             st.limiter.settle(reservation, 0);
-            return Err(match e {
-                hanlin_engine::SubmitError::QueueFull(_) => ApiError::rate_limited(
-                    "The server is busy: too many requests are waiting. Please retry shortly.",
-                    "server_busy",
-                    Duration::from_secs(1),
-                ),
-                hanlin_engine::SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-            });
+            return Err(submit_error(e));
         }
     }
     drop(tx);

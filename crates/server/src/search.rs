@@ -12,7 +12,7 @@ use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::Json;
 use hanlin_accounts::Caller;
 use hanlin_engine::{Event, Job};
@@ -101,21 +101,6 @@ impl Kbs {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> AppResult<T> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request(format!("Could not read the request body: {e}"))
-        }
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
-}
-
 /// One knowledge base name or several.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -163,7 +148,7 @@ pub async fn search(
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
     auth(&st, &headers).await?;
-    let b: SearchBody = parse(body, st.config.max_body)?;
+    let b: SearchBody = crate::web::parse_body(body, st.config.max_body)?;
     let k = b.k.unwrap_or(5);
     if !(1..=50).contains(&k) {
         return Err(ApiError::bad_request("'k' is 1 to 50.").param("k"));
@@ -204,7 +189,7 @@ pub async fn add_documents(
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
     crate::admin::admin(&st, &headers, true).await?;
-    let b: DocumentsBody = parse(body, st.config.max_body)?;
+    let b: DocumentsBody = crate::web::parse_body(body, st.config.max_body)?;
     let docs = b
         .documents
         .iter()
@@ -241,7 +226,7 @@ pub async fn ask(
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
     let caller = auth(&st, &headers).await?;
-    let b: AskBody = parse(body, st.config.max_body)?;
+    let b: AskBody = crate::web::parse_body(body, st.config.max_body)?;
     if b.question.trim().is_empty() {
         return Err(ApiError::bad_request("The question is empty.").param("question"));
     }
@@ -318,7 +303,7 @@ async fn generate(
     };
     if let Err(e) = sched.submit(job) {
         st.limiter.settle(reservation, 0);
-        return Err(ApiError::unavailable(e.to_string()));
+        return Err(crate::api::submit_error(e));
     }
     let request_id = format!("ask-{}", hanlin_accounts::random_token(24));
     let mut out = String::new();

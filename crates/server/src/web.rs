@@ -181,7 +181,7 @@ fn session_cookie(secret: String, secure: bool, max_age: i64) -> Cookie<'static>
         .build()
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> AppResult<T> {
@@ -237,13 +237,11 @@ pub async fn register(
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<(CookieJar, Json<Value>)> {
     let c: Credentials = parse_body(body, st.config.max_body)?;
-    let user = st
-        .db
-        .register(&c.name, &c.password)
-        .await?
-        .map_err(sign_in_error)?;
-    tracing::info!(user = %user.name, role = ?user.role, "registered");
-    sign_in(&st, jar, &headers, user).await
+    let user = st.db.register(&c.name, &c.password).await?;
+    if let Ok(u) = &user {
+        tracing::info!(user = %u.name, role = ?u.role, "registered");
+    }
+    sign_in(&st, jar, &headers, user.map_err(sign_in_error)?).await
 }
 
 pub async fn login(
@@ -253,12 +251,8 @@ pub async fn login(
     body: Result<Bytes, BytesRejection>,
 ) -> AppResult<(CookieJar, Json<Value>)> {
     let c: Credentials = parse_body(body, st.config.max_body)?;
-    let user = st
-        .db
-        .check_login(&c.name, &c.password)
-        .await?
-        .map_err(sign_in_error)?;
-    sign_in(&st, jar, &headers, user).await
+    let user = st.db.check_login(&c.name, &c.password).await?;
+    sign_in(&st, jar, &headers, user.map_err(sign_in_error)?).await
 }
 
 pub async fn logout(
@@ -568,10 +562,7 @@ pub async fn send_message(
         Some(2048),
         "max_tokens",
     )?;
-    let mut params = sampling.to_params(max_new, false, 0)?;
-    if sampling.seed.is_none() {
-        params.sampler.seed = rand::random();
-    }
+    let params = sampling.to_params(max_new, false, 0)?;
     let reservation = reserve(&st, &caller, prompt.len() + max_new).await?;
     // Now store: the user's message (if new) and the reply being written.
     let parent_of_reply = if b.content.is_some() {
@@ -642,14 +633,7 @@ pub async fn send_message(
     if let Err(e) = sched.submit(job) {
         st.limiter.settle(reservation, 0);
         let _ = st.db.update_message(&id, &reply.id, "", "error").await;
-        return Err(match e {
-            hanlin_engine::SubmitError::QueueFull(_) => ApiError::rate_limited(
-                "The server is busy: too many requests are waiting. Please retry shortly.",
-                "server_busy",
-                Duration::from_secs(1),
-            ),
-            hanlin_engine::SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-        });
+        return Err(crate::api::submit_error(e));
     }
     let (out_tx, out_rx) = mpsc::channel::<Value>(64);
     let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));

@@ -8,6 +8,10 @@
 //! model's scheduler ([`models`]). A driver task turns the scheduler's
 //! events into SSE chunks or one JSON body, and when the request ends (or
 //! the client goes away) records usage and settles the reservation.
+//!
+//! The same router serves the chat web app ([`web`]: embedded page, cookie
+//! sessions, stored conversations) and knowledge-base search and grounded
+//! answers ([`search`]).
 
 pub mod admin;
 pub mod api;

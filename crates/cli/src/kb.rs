@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub enum KbCmd {
     /// Create an empty knowledge base
     Create { name: String },
-    /// Add files and directories (.txt .md .html .docx .json .jsonl)
+    /// Add files and directories (.txt .md .html .pdf .docx .json .jsonl)
     Add {
         name: String,
         #[arg(required = true)]

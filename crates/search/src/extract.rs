@@ -60,7 +60,7 @@ pub fn walk(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<ExtractError>) {
                     // Named on the command line but not a kind we read: say so.
                     errors.push(skip(
                         &p,
-                        "not a supported file type (.txt .md .html .docx .json .jsonl)",
+                        "not a supported file type (.txt .md .html .pdf .docx .json .jsonl)",
                     ));
                 }
             }
@@ -114,67 +114,68 @@ pub fn extract(path: &Path) -> Result<Vec<Document>, ExtractError> {
     let bytes = std::fs::read(path).map_err(|e| skip(path, e.to_string()))?;
     let source = path.display().to_string();
     let utf8 = |b: Vec<u8>| String::from_utf8(b).map_err(|_| skip(path, "not UTF-8 text"));
-    let docs =
-        match k {
-            Kind::Text => {
-                let text = utf8(bytes)?;
-                vec![Document {
-                    title: text_title(&text).unwrap_or_else(|| stem(path)),
-                    source,
-                    text,
-                    published: None,
-                }]
-            }
-            Kind::Html => {
-                let (title, text) = html_text(&utf8(bytes)?);
-                vec![Document {
-                    title: title.unwrap_or_else(|| stem(path)),
-                    source,
-                    text,
-                    published: None,
-                }]
-            }
-            Kind::Docx => vec![Document {
-                title: stem(path),
+    let docs = match k {
+        Kind::Text => {
+            let text = utf8(bytes)?;
+            vec![Document {
+                title: text_title(&text).unwrap_or_else(|| stem(path)),
                 source,
-                text: docx_text(&bytes).map_err(|e| skip(path, e))?,
+                text,
                 published: None,
-            }],
-            Kind::Json => {
-                let v: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| skip(path, format!("invalid JSON: {e}")))?;
-                let items = match v {
-                    Value::Array(a) => a,
-                    other => vec![other],
-                };
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| json_doc(v, &source, &format!("{}#{i}", stem(path))))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| skip(path, e))?
-            }
-            Kind::Jsonl => {
-                let text = utf8(bytes)?;
-                let mut out = Vec::new();
-                for (i, line) in text.lines().enumerate() {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    let v: Value = serde_json::from_str(line)
-                        .map_err(|e| skip(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
-                    out.push(
-                        json_doc(&v, &source, &format!("{}#{}", stem(path), i + 1))
-                            .map_err(|e| skip(path, format!("line {}: {e}", i + 1)))?,
-                    );
+            }]
+        }
+        Kind::Html => {
+            let (title, text) = html_text(&utf8(bytes)?);
+            vec![Document {
+                title: title.unwrap_or_else(|| stem(path)),
+                source,
+                text,
+                published: None,
+            }]
+        }
+        Kind::Docx => vec![Document {
+            title: stem(path),
+            source,
+            text: docx_text(&bytes).map_err(|e| skip(path, e))?,
+            published: None,
+        }],
+        Kind::Json => {
+            let v: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| skip(path, format!("invalid JSON: {e}")))?;
+            let items = match v {
+                Value::Array(a) => a,
+                other => vec![other],
+            };
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| json_doc(v, &source, &format!("{}#{i}", stem(path))))
+                .collect::<Result<_, _>>()
+                .map_err(|e| skip(path, e))?
+        }
+        Kind::Jsonl => {
+            let text = utf8(bytes)?;
+            let mut out = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
                 }
-                out
+                let v: Value = serde_json::from_str(line)
+                    .map_err(|e| skip(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
+                out.push(
+                    json_doc(&v, &source, &format!("{}#{}", stem(path), i + 1))
+                        .map_err(|e| skip(path, format!("line {}: {e}", i + 1)))?,
+                );
             }
-            Kind::Pdf => return Err(skip(
-                path,
-                "PDF text extraction is not supported yet; convert it to text (pdftotext) first",
-            )),
-        };
+            out
+        }
+        Kind::Pdf => vec![Document {
+            title: stem(path),
+            source,
+            text: pdf_text(&bytes).map_err(|e| skip(path, e))?,
+            published: None,
+        }],
+    };
     let docs: Vec<Document> = docs
         .into_iter()
         .filter(|d| !d.text.trim().is_empty())
@@ -303,6 +304,18 @@ fn walk_html(node: ego_tree::NodeRef<'_, scraper::Node>, out: &mut String) {
     }
 }
 
+/// The text of a PDF. The parser is given untrusted bytes: a panic inside
+/// it is caught and reported like any other unreadable file.
+pub fn pdf_text(bytes: &[u8]) -> Result<String, String> {
+    let owned = bytes.to_vec();
+    let r = std::panic::catch_unwind(move || pdf_extract::extract_text_from_mem(&owned));
+    match r {
+        Ok(Ok(text)) => Ok(text.trim().to_string()),
+        Ok(Err(e)) => Err(format!("not a readable PDF: {e}")),
+        Err(_) => Err("not a readable PDF (the PDF parser failed on it)".into()),
+    }
+}
+
 /// The paragraphs of a .docx file (word/document.xml's `w:t` runs).
 pub fn docx_text(bytes: &[u8]) -> Result<String, String> {
     use std::io::Read;
@@ -358,6 +371,37 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A one-page PDF showing `text` in Helvetica, with a correct xref table.
+    fn minimal_pdf(text: &str) -> Vec<u8> {
+        let stream = format!("BT /F1 12 Tf 72 720 Td ({text}) Tj ET");
+        let objects = [
+            "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+            format!("<< /Length {} >>\nstream\n{stream}\nendstream", stream.len()),
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
+        ];
+        let mut out = b"%PDF-1.4\n".to_vec();
+        let mut offsets = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            offsets.push(out.len());
+            out.extend(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+        }
+        let xref = out.len();
+        out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+        for off in offsets {
+            out.extend(format!("{off:010} 00000 n \n").as_bytes());
+        }
+        out.extend(
+            format!(
+                "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+                objects.len() + 1
+            )
+            .as_bytes(),
+        );
+        out
+    }
+
     #[test]
     fn html_keeps_visible_text_only() {
         let (title, text) = html_text(
@@ -393,7 +437,8 @@ mod tests {
         std::fs::write(p("bad.json"), "{nope").expect("write");
         std::fs::write(p("latin1.txt"), [0xff, 0xfe, 0x41]).expect("write");
         std::fs::write(p("empty.txt"), "  \n").expect("write");
-        std::fs::write(p("x.pdf"), "%PDF-1.4").expect("write");
+        std::fs::write(p("x.pdf"), "%PDF-1.4 garbage").expect("write");
+        std::fs::write(p("hello.pdf"), minimal_pdf("Hello from a PDF file")).expect("write");
         std::fs::write(p("ignored.bin"), "x").expect("write");
 
         let md = extract(&p("a.md")).expect("md");
@@ -407,6 +452,12 @@ mod tests {
         assert_eq!(jl[1].title, "b#3");
         let js = extract(&p("c.json")).expect("json");
         assert_eq!(js[1].published, Some(1_700_000_000));
+        let pdf = extract(&p("hello.pdf")).expect("pdf");
+        assert!(
+            pdf[0].text.contains("Hello from a PDF file"),
+            "{:?}",
+            pdf[0].text
+        );
         let dx = extract(&p("d.docx")).expect("docx");
         assert_eq!(dx[0].text, "第一段 & more\n第二段");
         for bad in ["bad.json", "latin1.txt", "empty.txt", "x.pdf"] {
@@ -414,7 +465,7 @@ mod tests {
             assert!(e.contains(bad), "{e}");
         }
         let (files, errors) = walk(&[dir.path().to_path_buf()]);
-        assert_eq!(files.len(), 8, "{files:?}");
+        assert_eq!(files.len(), 9, "{files:?}");
         assert!(errors.is_empty());
         let (_, errors) = walk(&[p("ignored.bin"), p("missing.txt")]);
         assert_eq!(errors.len(), 2);

@@ -264,17 +264,7 @@ async fn chat_inner(
         .filter(|t| !t.is_empty())
         .filter(|_| req.tool_choice.as_ref().and_then(Value::as_str) != Some("none"))
         .map(|t| Value::Array(t.clone()));
-    let m = &sched.model;
-    let text = m
-        .template
-        .render(&messages, tools.as_ref(), true)
-        .map_err(|e| {
-            ApiError::bad_request(format!("The chat template failed: {e}")).param("messages")
-        })?;
-    let prompt = m
-        .tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad_request(format!("Tokenizing the messages failed: {e}")))?;
+    let prompt = chat_prompt(&sched, &messages, tools.as_ref())?;
     let (asked, param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(n), _) => (Some(n), "max_completion_tokens"),
         (None, n) => (n, "max_tokens"),
@@ -418,6 +408,22 @@ fn fim_prompt(m: &hanlin_engine::LoadedModel, prefix: &str, suffix: &str) -> Opt
     out.extend(tok.encode(suffix, false).ok()?);
     out.push(mid);
     Some(out)
+}
+
+/// The token ids of `messages` in the model's chat template, ready for the
+/// assistant's turn.
+pub(crate) fn chat_prompt(
+    sched: &Scheduler,
+    messages: &[hanlin_tokenizer::Message],
+    tools: Option<&Value>,
+) -> AppResult<Vec<u32>> {
+    let m = &sched.model;
+    let text = m.template.render(messages, tools, true).map_err(|e| {
+        ApiError::bad_request(format!("The chat template failed: {e}")).param("messages")
+    })?;
+    m.tokenizer
+        .encode(&text, true)
+        .map_err(|e| ApiError::bad_request(format!("Tokenizing the messages failed: {e}")))
 }
 
 /// A job the scheduler refused: a full queue is a 429 to retry shortly.

@@ -275,16 +275,7 @@ async fn generate(
         hanlin_tokenizer::Message::new("system", system),
         hanlin_tokenizer::Message::new("user", user),
     ];
-    let text = sched
-        .model
-        .template
-        .render(&msgs, None, true)
-        .map_err(|e| ApiError::internal(format!("The chat template failed: {e}")))?;
-    let prompt = sched
-        .model
-        .tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::internal(format!("Tokenizing failed: {e}")))?;
+    let prompt = crate::api::chat_prompt(&sched, &msgs, None)?;
     let max_new = budget(&sched, caller, prompt.len(), Some(300), None, "question")?;
     let mut params = hanlin_engine::GenerateParams {
         max_tokens: max_new,

@@ -537,16 +537,7 @@ pub async fn send_message(
             turns.push(hanlin_tokenizer::Message::new(&m.role, &m.content));
         }
     }
-    let text = sched
-        .model
-        .template
-        .render(&turns, None, true)
-        .map_err(|e| ApiError::bad_request(format!("The chat template failed: {e}")))?;
-    let prompt = sched
-        .model
-        .tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad_request(format!("Tokenizing the messages failed: {e}")))?;
+    let prompt = crate::api::chat_prompt(&sched, &turns, None)?;
     let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
         .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
     let asked = conv

@@ -536,55 +536,46 @@ impl Db {
         Ok(convs.len())
     }
 
-    /// The user's personas; a user who has none yet gets the presets.
+    /// The user's personas, oldest first.
+    async fn persona_rows(&self, user_id: &str) -> Result<Vec<Persona>, AccountError> {
+        let rows = sqlx::query(
+            "SELECT id, name, prompt FROM personas WHERE user_id = $1 ORDER BY created_at, id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Persona {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    prompt: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The user's personas; a user who has none gets the presets.
     pub async fn personas(&self, user_id: &str) -> Result<Vec<Persona>, AccountError> {
-        let list = |db: &Db| {
-            let pool = db.pool.clone();
-            let user_id = user_id.to_string();
-            async move {
-                let rows = sqlx::query("SELECT id, name, prompt FROM personas WHERE user_id = $1 ORDER BY created_at, id")
-                    .bind(&user_id)
-                    .fetch_all(&pool)
-                    .await?;
-                rows.iter()
-                    .map(|r| {
-                        Ok(Persona {
-                            id: r.try_get(0)?,
-                            name: r.try_get(1)?,
-                            prompt: r.try_get(2)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, AccountError>>()
-            }
-        };
-        let have = list(self).await?;
+        let have = self.persona_rows(user_id).await?;
         if !have.is_empty() {
             return Ok(have);
         }
-        let seeded: i64 = sqlx::query(
-            "SELECT CAST(COUNT(*) AS BIGINT) FROM personas WHERE user_id = $1 AND id LIKE 'seeded-%'",
-        )
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get(0)?;
-        if seeded == 0 {
-            let t = now();
-            for (i, (name, prompt)) in DEFAULT_PERSONAS.iter().enumerate() {
-                // A fixed id per user and preset: concurrent first visits
-                // cannot seed twice.
-                let id = format!("seeded-{i}-{user_id}");
-                let _ = sqlx::query("INSERT INTO personas (id, user_id, name, prompt, created_at) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(&id)
-                    .bind(user_id)
-                    .bind(name)
-                    .bind(prompt)
-                    .bind(t + i as i64)
-                    .execute(&self.pool)
-                    .await;
-            }
+        let t = now();
+        for (i, (name, prompt)) in DEFAULT_PERSONAS.iter().enumerate() {
+            // A fixed id per user and preset: concurrent first visits
+            // cannot seed twice.
+            let id = format!("seeded-{i}-{user_id}");
+            let _ = sqlx::query("INSERT INTO personas (id, user_id, name, prompt, created_at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(&id)
+                .bind(user_id)
+                .bind(name)
+                .bind(prompt)
+                .bind(t + i as i64)
+                .execute(&self.pool)
+                .await;
         }
-        list(self).await
+        self.persona_rows(user_id).await
     }
 
     /// Create (`id` None) or change one of the user's personas.

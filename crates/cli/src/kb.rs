@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
 use hanlin_search::answer;
-use hanlin_search::{extract, fuse, kb_dir, KnowledgeBase, Passage, Retriever};
+use hanlin_search::{extract, kb_dir, KnowledgeBase, Passage, Retriever};
 use hanlin_store::Store;
 use hanlin_tokenizer::Message;
 use serde_json::json;
@@ -140,33 +140,6 @@ pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
     Ok(())
 }
 
-/// Words that ask for the newest information: recent sources rank higher.
-fn wants_latest(q: &str) -> bool {
-    let q = q.to_lowercase();
-    [
-        "最新", "最近", "latest", "recent", "newest", "today", "今天",
-    ]
-    .iter()
-    .any(|w| q.contains(w))
-}
-
-/// The passages for `question` from every knowledge base, fused.
-pub fn retrieve(kbs: &[KnowledgeBase], question: &str, k: usize) -> Result<Vec<Passage>> {
-    let lists = kbs
-        .iter()
-        .map(|kb| kb.search(question, k * 2))
-        .collect::<Result<Vec<_>, _>>()?;
-    let recency = wants_latest(question).then_some(30.0);
-    Ok(fuse(&lists, k, recency, now()))
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Answer `question` from `passages` with `model` (greedy); see
 /// [`answer::plan`] and [`answer::finish`].
 pub fn answer(
@@ -174,7 +147,7 @@ pub fn answer(
     question: &str,
     passages: Vec<Passage>,
 ) -> Result<answer::Grounded> {
-    let (system, user, passages) = match answer::plan(question, passages, now()) {
+    let (system, user, passages) = match answer::plan(question, passages, hanlin_accounts::now()) {
         answer::Plan::Decline(g) => return Ok(g),
         answer::Plan::Generate {
             system,
@@ -212,7 +185,7 @@ pub fn ask(
         .iter()
         .map(|n| open(store, n))
         .collect::<Result<Vec<_>>>()?;
-    let passages = retrieve(&opened, question, 5)?;
+    let passages = hanlin_search::search_all(&opened, question, 5, hanlin_accounts::now())?;
     let retrieved: Vec<_> = passages
         .iter()
         .map(|p| json!({"kb": p.kb, "title": p.title, "doc_id": p.doc_id, "score": p.score}))

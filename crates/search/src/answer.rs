@@ -297,7 +297,6 @@ pub fn check_citations(answer: &str, passages: &[Passage]) -> Checked {
             s
         };
         let claim = bare.trim();
-        let mut kept_any = false;
         let mut out = sentence.to_string();
         for (r, n) in ms.iter().rev() {
             let sup = passages
@@ -308,7 +307,6 @@ pub fn check_citations(answer: &str, passages: &[Passage]) -> Checked {
             if !kept {
                 out.replace_range(r.clone(), "");
             }
-            kept_any |= kept;
             citations.push(Citation {
                 n: *n,
                 sentence: claim.to_string(),
@@ -340,10 +338,8 @@ pub fn check_citations(answer: &str, passages: &[Passage]) -> Checked {
                     support: sup,
                     kept: true,
                 });
-                kept_any = true;
             }
         }
-        let _ = kept_any;
         text.push_str(&out);
     }
     Checked { text, citations }

@@ -83,6 +83,30 @@ pub fn fuse(lists: &[Vec<Passage>], k: usize, recency_days: Option<f64>, now: i6
     scored.into_iter().take(k).map(|(_, p)| p).collect()
 }
 
+/// Words that ask for the newest information.
+const LATEST: &[&str] = &[
+    "最新", "最近", "latest", "recent", "newest", "today", "今天",
+];
+
+/// Each retriever's ranked list for `question`, fused ([`fuse`]) into the
+/// top `k`: a question that asks for the latest news favours passages from
+/// the last month or so. Every retriever is asked for `2k`, so fusion has
+/// more than the final cut to choose from.
+pub fn search_all<'a, R: Retriever + 'a>(
+    retrievers: impl IntoIterator<Item = &'a R>,
+    question: &str,
+    k: usize,
+    now: i64,
+) -> Result<Vec<Passage>, SearchError> {
+    let lists = retrievers
+        .into_iter()
+        .map(|r| r.search(question, k * 2))
+        .collect::<Result<Vec<_>, _>>()?;
+    let q = question.to_lowercase();
+    let latest = LATEST.iter().any(|w| q.contains(w));
+    Ok(fuse(&lists, k, latest.then_some(30.0), now))
+}
+
 /// The directory of knowledge base `name` under `root`.
 pub fn kb_dir(root: &Path, name: &str) -> Result<PathBuf, SearchError> {
     let ok = !name.is_empty()

@@ -17,7 +17,7 @@ use axum::Json;
 use hanlin_accounts::Caller;
 use hanlin_engine::{Event, Job};
 use hanlin_search::answer;
-use hanlin_search::{extract, fuse, kb_dir, KnowledgeBase, Passage, Retriever, SearchError};
+use hanlin_search::{extract, kb_dir, KnowledgeBase, Passage, SearchError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -78,26 +78,24 @@ impl Kbs {
         Ok(())
     }
 
-    /// The passages for `query` from each of `names`, fused.
+    /// The passages for `query` from each of `names`, fused
+    /// ([`hanlin_search::search_all`]).
     fn retrieve(&self, names: &[String], query: &str, k: usize) -> AppResult<Vec<Passage>> {
-        let mut lists = Vec::new();
-        for n in names {
-            let kb = self.get(n)?;
-            let kb = kb.lock().map_err(|_| poisoned())?;
-            lists.push(kb.search(query, k * 2).map_err(search_error)?);
-        }
-        let q = query.to_lowercase();
-        let latest = [
-            "最新", "最近", "latest", "recent", "newest", "today", "今天",
-        ]
-        .iter()
-        .any(|w| q.contains(w));
-        Ok(fuse(
-            &lists,
+        let kbs = names
+            .iter()
+            .map(|n| self.get(n))
+            .collect::<AppResult<Vec<_>>>()?;
+        let locked = kbs
+            .iter()
+            .map(|kb| kb.lock().map_err(|_| poisoned()))
+            .collect::<AppResult<Vec<_>>>()?;
+        hanlin_search::search_all(
+            locked.iter().map(|g| &**g),
+            query,
             k,
-            latest.then_some(30.0),
             hanlin_accounts::now(),
-        ))
+        )
+        .map_err(search_error)
     }
 }
 

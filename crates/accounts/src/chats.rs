@@ -26,7 +26,7 @@ pub struct Conversation {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub id: String,
     pub parent_id: Option<String>,
@@ -37,6 +37,9 @@ pub struct Message {
     pub status: String,
     pub model: Option<String>,
     pub created_at: i64,
+    /// For an answer from knowledge bases: the sources it cites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Value>,
 }
 
 /// Fields of a conversation a user may change.
@@ -110,6 +113,9 @@ fn message_of(r: &sqlx::any::AnyRow) -> Result<Message, sqlx::Error> {
         status: r.try_get(4)?,
         model: r.try_get(5)?,
         created_at: r.try_get(6)?,
+        sources: r
+            .try_get::<Option<String>, _>(7)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
@@ -211,7 +217,7 @@ impl Db {
             return Ok(None);
         }
         let rows = sqlx::query(&format!(
-            "SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 ORDER BY seq"
+            "SELECT {MSG_COLS}, sources FROM messages WHERE conversation_id = $1 ORDER BY seq"
         ))
         .bind(conversation_id)
         .fetch_all(&self.pool)
@@ -374,6 +380,7 @@ impl Db {
             status: status.into(),
             model: model.map(String::from),
             created_at: t,
+            sources: None,
         })
     }
 
@@ -394,6 +401,22 @@ impl Db {
         .bind(conversation_id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Keep the sources an answer cites with it.
+    pub async fn set_message_sources(
+        &self,
+        conversation_id: &str,
+        id: &str,
+        sources: &Value,
+    ) -> Result<(), AccountError> {
+        sqlx::query("UPDATE messages SET sources = $1 WHERE id = $2 AND conversation_id = $3")
+            .bind(sources.to_string())
+            .bind(id)
+            .bind(conversation_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

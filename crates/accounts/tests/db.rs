@@ -16,6 +16,7 @@ fn msg(id: &str, parent: Option<&str>, role: &str, content: &str) -> Message {
         status: "done".into(),
         model: None,
         created_at: 0,
+        sources: None,
     }
 }
 
@@ -117,6 +118,11 @@ async fn exercise_web(db: &Db) {
     db.update_message(&c.id, &a2.id, "约两万一千公里", "streaming")
         .await
         .expect("update");
+    // An answer from a knowledge base keeps the sources it cites.
+    let cited = json!([{"index": 1, "title": "长城", "text": "长城全长约两万一千公里。"}]);
+    db.set_message_sources(&c.id, &a2.id, &cited)
+        .await
+        .expect("sources");
     let q2 = db
         .add_message(&li.id, &c.id, None, "user", "黄河有多长？", "done", None)
         .await
@@ -127,6 +133,8 @@ async fn exercise_web(db: &Db) {
         [&q1.id, &a1.id, &a2.id, &q2.id]
     );
     assert_eq!(all[2].content, "约两万一千公里");
+    assert_eq!(all[2].sources.as_ref(), Some(&cited));
+    assert_eq!(all[1].sources, None);
     assert_eq!(
         db.conversation(&li.id, &c.id)
             .await

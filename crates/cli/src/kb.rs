@@ -5,12 +5,13 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
 use hanlin_search::answer;
-use hanlin_search::{extract, kb_dir, KnowledgeBase, Passage, Retriever};
+use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Passage, Retriever};
 use hanlin_store::Store;
 use hanlin_tokenizer::Message;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum KbCmd {
@@ -35,6 +36,34 @@ pub enum KbCmd {
     Rebuild { name: String },
     /// Delete a knowledge base
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum FeedCmd {
+    /// Poll an RSS/Atom feed into knowledge base NAME (created if missing);
+    /// polls it once now
+    Add {
+        name: String,
+        url: String,
+        /// Poll interval (30s, 10m, 1h, …)
+        #[arg(long, default_value = "10m")]
+        every: String,
+    },
+    /// List feeds with the state of their polling
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop polling a feed (its documents stay)
+    Rm { name: String, url: String },
+    /// Poll feeds that are due now (all with --now), e.g. from cron when no server runs
+    Poll {
+        /// Only this knowledge base's feeds
+        name: Option<String>,
+        #[arg(long)]
+        now: bool,
+    },
 }
 
 /// Where knowledge bases live: `$HANLIN_KB_DIR`, else `kb/` in the store.
@@ -138,6 +167,97 @@ pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Poll due feeds (of `only`, or all), adding their entries; prints one
+/// line per feed and fails when every polled feed failed.
+fn poll(store: &Store, only: Option<&str>, force: bool) -> Result<()> {
+    let root = root(store);
+    let outcomes = feed::poll_due(
+        &root,
+        only,
+        hanlin_accounts::now(),
+        force,
+        Duration::from_secs(30),
+        |name, docs| KnowledgeBase::open(&kb_dir(&root, name)?)?.add(docs, |_| {}),
+    );
+    for o in &outcomes {
+        match &o.error {
+            None => println!("{}: {} new documents from {}", o.kb, o.added, o.url),
+            Some(e) => eprintln!("{}: {e} (will retry with back-off)", o.kb),
+        }
+    }
+    if !outcomes.is_empty() && outcomes.iter().all(|o| o.error.is_some()) {
+        bail!("every feed polled failed");
+    }
+    Ok(())
+}
+
+fn ago(t: Option<i64>, now: i64) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => format!("{}s ago", (now - t).max(0)),
+    }
+}
+
+pub fn feed(store: &Store, cmd: FeedCmd) -> Result<()> {
+    let root = root(store);
+    match cmd {
+        FeedCmd::Add { name, url, every } => {
+            let dir = kb_dir(&root, &name)?;
+            if !dir.join("docs.jsonl").exists() {
+                KnowledgeBase::create(&dir)?;
+                println!("created knowledge base {name}");
+            }
+            let every = feed::parse_every(&every)?;
+            feed::add(&dir, feed::Feed::new(&url, every, hanlin_accounts::now())?)?;
+            println!("{name}: polling {url} every {}", humantime_secs(every));
+            poll(store, Some(&name), false)?;
+        }
+        FeedCmd::List { json } => {
+            let now = hanlin_accounts::now();
+            let mut all = Vec::new();
+            for name in hanlin_search::list(&root) {
+                for f in feed::load(&root.join(&name))? {
+                    all.push((name.clone(), f));
+                }
+            }
+            if json {
+                let v: Vec<_> = all
+                    .iter()
+                    .map(|(kb, f)| json!({"kb": kb, "feed": f}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+                return Ok(());
+            }
+            for (kb, f) in all {
+                let state = match &f.last_error {
+                    Some(e) => format!("FAILING ×{}: {e}", f.failures),
+                    None => "ok".into(),
+                };
+                println!(
+                    "{kb:<16} {}  every {}  last ok {}  {} documents  next in {}s  {state}",
+                    f.url,
+                    humantime_secs(f.every),
+                    ago(f.last_ok, now),
+                    f.items_added,
+                    (f.next_at - now).max(0),
+                );
+            }
+        }
+        FeedCmd::Rm { name, url } => {
+            if !feed::remove(&kb_dir(&root, &name)?, &url)? {
+                bail!("{name} has no feed {url}");
+            }
+            println!("{name}: no longer polling {url}");
+        }
+        FeedCmd::Poll { name, now } => poll(store, name.as_deref(), now)?,
+    }
+    Ok(())
+}
+
+fn humantime_secs(s: u64) -> String {
+    humantime::format_duration(Duration::from_secs(s)).to_string()
 }
 
 /// Answer `question` from `passages` with `model` (greedy); see

@@ -83,6 +83,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: kb::KbCmd,
     },
+    /// RSS/Atom feeds polled into knowledge bases (`hanlin serve` polls them)
+    Feed {
+        #[command(subcommand)]
+        cmd: kb::FeedCmd,
+    },
     /// Answer a question from knowledge bases, with checked numbered citations
     Ask {
         /// Knowledge base to search (repeatable)
@@ -432,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Show { model, path: false } => show(&store, &model),
         Cmd::Serve(args) => serve(&store, threads, args),
         Cmd::Kb { cmd } => kb::run(&store, cmd),
+        Cmd::Feed { cmd } => kb::feed(&store, cmd),
         Cmd::Ask {
             kbs,
             question,

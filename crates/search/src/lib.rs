@@ -10,6 +10,7 @@
 pub mod answer;
 pub mod chunk;
 pub mod extract;
+pub mod feed;
 pub mod index;
 
 pub use extract::Document;

@@ -118,7 +118,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(api::embeddings))
         .route("/v1/search", post(search::search))
         .route("/v1/ask", post(search::ask))
+        .route("/v1/kb", get(search::list_kbs))
         .route("/v1/kb/{name}", put(search::create_kb))
+        .route("/v1/kb/{name}/feeds", post(search::add_feed))
+        .route(
+            "/v1/kb/{name}/files",
+            post(search::upload_file).layer(DefaultBodyLimit::max(search::MAX_UPLOAD_BYTES)),
+        )
         .route("/v1/kb/{name}/documents", post(search::add_documents))
         .route(
             "/v1/admin/users",
@@ -158,6 +164,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(web::import).layer(DefaultBodyLimit::max(web::MAX_IMPORT_BYTES)),
         )
         .route("/api/search", get(web::search))
+        .route("/api/kb", get(web::knowledge_bases))
         .route(
             "/api/personas",
             get(web::personas).post(web::create_persona),
@@ -189,6 +196,10 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Model(e.message))?;
     let local: SocketAddr = listener.local_addr()?;
+    tokio::spawn(search::poll_feeds(
+        state.clone(),
+        std::time::Duration::from_secs(2),
+    ));
     tracing::info!(
         "serving the web app on http://{local}/ and the OpenAI-compatible API on http://{local}/v1"
     );

@@ -3,6 +3,10 @@
 //! admins, `PUT /v1/kb/{name}` (create) and `POST /v1/kb/{name}/documents`
 //! (push documents; searchable as soon as the call returns).
 //!
+//! `GET /v1/kb` lists the knowledge bases with their feeds' state;
+//! `POST /v1/kb/{name}/feeds` (admin) adds an RSS/Atom feed, which
+//! [`poll_feeds`] (started by `serve`) polls in the background.
+//!
 //! Any key may search and ask every knowledge base; writing needs an admin
 //! key (or an admin's web session).
 
@@ -17,7 +21,7 @@ use axum::Json;
 use hanlin_accounts::Caller;
 use hanlin_engine::{Event, Job};
 use hanlin_search::answer;
-use hanlin_search::{extract, kb_dir, KnowledgeBase, Passage, SearchError};
+use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Passage, SearchError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -29,7 +33,7 @@ type AppResult<T> = Result<T, ApiError>;
 
 /// The knowledge bases under one directory, opened on first use.
 pub struct Kbs {
-    root: PathBuf,
+    pub root: PathBuf,
     open: Mutex<HashMap<String, Arc<Mutex<KnowledgeBase>>>>,
 }
 
@@ -76,6 +80,17 @@ impl Kbs {
             .map_err(|_| poisoned())?
             .insert(name.to_string(), Arc::new(Mutex::new(kb)));
         Ok(())
+    }
+
+    /// Add `docs` to knowledge base `name` (searchable when this returns).
+    fn add(
+        &self,
+        name: &str,
+        docs: Vec<hanlin_search::Document>,
+    ) -> AppResult<hanlin_search::index::AddReport> {
+        let kb = self.get(name)?;
+        let mut kb = kb.lock().map_err(|_| poisoned())?;
+        kb.add(docs, |_| {}).map_err(search_error)
     }
 
     /// The passages for `query` from each of `names`, fused
@@ -199,15 +214,207 @@ pub async fn add_documents(
         })
         .collect::<AppResult<Vec<_>>>()?;
     let st2 = st.clone();
+    let r = blocking(move || st2.kbs.add(&name, docs)).await?;
+    Ok(Json(
+        json!({"added": r.added, "duplicates": r.duplicates, "passages": r.passages}),
+    ))
+}
+
+/// The knowledge bases a web conversation searches (`params.kb`; none:
+/// an ordinary chat).
+pub(crate) fn conversation_kbs(params: &Value) -> AppResult<Vec<String>> {
+    match params.get("kb") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) if a.is_empty() => Ok(Vec::new()),
+        Some(v) => serde_json::from_value::<Names>(v.clone())
+            .map_err(|_| {
+                ApiError::bad_request("'kb' is a list of knowledge base names.").param("kb")
+            })?
+            .list(),
+    }
+}
+
+/// The passages for `query` from knowledge bases `names`, fused.
+pub(crate) async fn retrieve(
+    st: &Arc<AppState>,
+    names: Vec<String>,
+    query: String,
+    k: usize,
+) -> AppResult<Vec<Passage>> {
+    let st2 = st.clone();
+    blocking(move || st2.kbs.retrieve(&names, &query, k)).await
+}
+
+/// The passages a checked answer cites, numbered as cited.
+pub(crate) fn cited_sources(g: &answer::Grounded) -> Vec<Value> {
+    g.checked
+        .cited()
+        .iter()
+        .filter_map(|n| g.sources.get(n - 1).map(|p| passage_json(*n, p)))
+        .collect()
+}
+
+/// Files uploaded in one request are at most this large.
+pub const MAX_UPLOAD_BYTES: usize = 32 << 20;
+
+#[derive(Deserialize)]
+pub struct FileQuery {
+    filename: String,
+}
+
+/// `POST /v1/kb/{name}/files?filename=report.pdf` (admin; the body is the
+/// file): extracted like `hanlin kb add` (txt, md, html, pdf, docx, json,
+/// jsonl) and indexed; a file that cannot be read is refused with the reason.
+pub async fn upload_file(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<FileQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    crate::admin::admin(&st, &headers, true).await?;
+    let bytes = body.map_err(|_| ApiError::too_large(MAX_UPLOAD_BYTES))?;
+    // Only the file name's extension matters; never a path.
+    let ext = std::path::Path::new(&q.filename)
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .filter(|e| e.len() <= 8 && e.chars().all(|c| c.is_ascii_alphanumeric()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "The file name needs an extension (.txt, .md, .html, .pdf, .docx, .json, .jsonl).",
+            )
+            .param("filename")
+        })?;
+    let title = std::path::Path::new(&q.filename)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let st2 = st.clone();
     let r = blocking(move || {
-        let kb = st2.kbs.get(&name)?;
-        let mut kb = kb.lock().map_err(|_| poisoned())?;
-        kb.add(docs, |_| {}).map_err(search_error)
+        let mut tmp = tempfile::Builder::new()
+            .suffix(&format!(".{ext}"))
+            .tempfile()
+            .map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
+        std::io::Write::write_all(&mut tmp, &bytes)
+            .map_err(|e| ApiError::unavailable(format!("storing the upload: {e}")))?;
+        let tmp_path = tmp.path().to_string_lossy().into_owned();
+        let tmp_stem = tmp
+            .path()
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let docs = extract::extract(tmp.path())
+            .map_err(|e| {
+                let reason = e.to_string();
+                let reason = reason
+                    .split_once(": ")
+                    .map(|(_, r)| r.to_string())
+                    .unwrap_or(reason);
+                ApiError::bad_request(format!("{title}.{ext}: {reason}")).param("file")
+            })?
+            .into_iter()
+            .map(|mut d| {
+                // The temporary file's name means nothing to readers.
+                if d.source == tmp_path {
+                    d.source = format!("upload:{title}.{ext}");
+                }
+                d.title = d.title.replacen(&tmp_stem, &title, 1);
+                d
+            })
+            .collect();
+        st2.kbs.add(&name, docs)
     })
     .await?;
     Ok(Json(
         json!({"added": r.added, "duplicates": r.duplicates, "passages": r.passages}),
     ))
+}
+
+/// Every knowledge base with its document count and its feeds' state.
+pub(crate) async fn kb_list(st: &Arc<AppState>) -> AppResult<Vec<Value>> {
+    let st2 = st.clone();
+    blocking(move || {
+        let root = &st2.kbs.root;
+        let mut out = Vec::new();
+        for name in hanlin_search::list(root) {
+            let documents = match st2.kbs.get(&name) {
+                Ok(kb) => kb
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .documents()
+                    .map(|d| d.len())
+                    .ok(),
+                Err(_) => None,
+            };
+            let feeds = feed::load(&root.join(&name)).unwrap_or_default();
+            out.push(json!({"object": "knowledge_base", "name": name, "documents": documents, "usable": documents.is_some(), "feeds": feeds}));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `GET /v1/kb`: every knowledge base with its document count and feeds.
+pub async fn list_kbs(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> AppResult<Json<Value>> {
+    auth(&st, &headers).await?;
+    Ok(Json(json!({"object": "list", "data": kb_list(&st).await?})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedBody {
+    url: String,
+    every: Option<String>,
+}
+
+/// `POST /v1/kb/{name}/feeds` (admin): poll `url` into the knowledge base
+/// every `every` (default 10m); the first poll runs within seconds.
+pub async fn add_feed(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult<Json<Value>> {
+    crate::admin::admin(&st, &headers, true).await?;
+    let b: FeedBody = crate::web::parse_body(body, st.config.max_body)?;
+    let every = feed::parse_every(b.every.as_deref().unwrap_or("10m"))
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("every"))?;
+    let f = feed::Feed::new(&b.url, every, hanlin_accounts::now())
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("url"))?;
+    let dir = kb_dir(&st.kbs.root, &name).map_err(search_error)?;
+    let v = json!({"kb": name, "feed": f});
+    blocking(move || feed::add(&dir, f).map_err(search_error)).await?;
+    Ok(Json(v))
+}
+
+/// Poll the feeds of every knowledge base as they fall due, for as long as
+/// the server runs (checked every `tick`).
+pub async fn poll_feeds(st: Arc<AppState>, tick: std::time::Duration) {
+    loop {
+        let st2 = st.clone();
+        let polled = tokio::task::spawn_blocking(move || {
+            feed::poll_due(
+                &st2.kbs.root,
+                None,
+                hanlin_accounts::now(),
+                false,
+                std::time::Duration::from_secs(30),
+                |name, docs| {
+                    st2.kbs
+                        .add(name, docs)
+                        .map_err(|e| SearchError::Io(std::io::Error::other(e.message.clone())))
+                },
+            )
+        })
+        .await;
+        if let Err(e) = polled {
+            tracing::error!("feed polling failed: {e}");
+        }
+        tokio::time::sleep(tick).await;
+    }
 }
 
 #[derive(Deserialize)]
@@ -230,9 +437,7 @@ pub async fn ask(
     }
     let names = b.kb.list()?;
     let model = b.model.unwrap_or_else(|| st.config.default_model.clone());
-    let st2 = st.clone();
-    let question = b.question.clone();
-    let passages = blocking(move || st2.kbs.retrieve(&names, &question, 5)).await?;
+    let passages = retrieve(&st, names, b.question.clone(), 5).await?;
     let grounded = match answer::plan(&b.question, passages, hanlin_accounts::now()) {
         answer::Plan::Decline(g) => g,
         answer::Plan::Generate {
@@ -244,11 +449,7 @@ pub async fn ask(
             answer::finish(&b.question, &text, passages)
         }
     };
-    let cited = grounded.checked.cited();
-    let sources: Vec<Value> = cited
-        .iter()
-        .filter_map(|n| grounded.sources.get(n - 1).map(|p| passage_json(*n, p)))
-        .collect();
+    let sources = cited_sources(&grounded);
     Ok(Json(json!({
         "object": "grounded_answer",
         "model": model,

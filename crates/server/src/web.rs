@@ -26,6 +26,7 @@ use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message, MAX
 use hanlin_accounts::web::{Session, SignInError, SESSION_TTL_SECS};
 use hanlin_accounts::{ApiKey, Caller, NewKey, Role};
 use hanlin_engine::{Event, Job};
+use hanlin_search::answer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -504,6 +505,7 @@ pub async fn send_message(
                 status: "done".into(),
                 model: None,
                 created_at: 0,
+                sources: None,
             };
             messages.push(m);
             "pending".to_string()
@@ -524,37 +526,76 @@ pub async fn send_message(
             )
         }
     };
-    // The prompt: system prompt + the branch down to the message answered.
+    // Search mode: the conversation answers from knowledge bases, one
+    // question at a time, with checked citations (`crate::search`).
+    let kbs = crate::search::conversation_kbs(&conv.params)?;
+    let mut grounding = None;
+    let mut declined = None;
     let mut turns = Vec::new();
-    if !conv.system_prompt.trim().is_empty() {
-        turns.push(hanlin_tokenizer::Message::new(
-            "system",
-            &conv.system_prompt,
-        ));
-    }
-    for m in path_to(&messages, &answer_to) {
-        if m.role == "user" || (m.role == "assistant" && !m.content.is_empty()) {
-            turns.push(hanlin_tokenizer::Message::new(&m.role, &m.content));
+    if kbs.is_empty() {
+        // The prompt: system prompt + the branch down to the message answered.
+        if !conv.system_prompt.trim().is_empty() {
+            turns.push(hanlin_tokenizer::Message::new(
+                "system",
+                &conv.system_prompt,
+            ));
+        }
+        for m in path_to(&messages, &answer_to) {
+            if m.role == "user" || (m.role == "assistant" && !m.content.is_empty()) {
+                turns.push(hanlin_tokenizer::Message::new(&m.role, &m.content));
+            }
+        }
+    } else {
+        let question = path_to(&messages, &answer_to)
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let passages = crate::search::retrieve(&st, kbs, question.clone(), 5).await?;
+        match answer::plan(&question, passages, hanlin_accounts::now()) {
+            answer::Plan::Decline(g) => declined = Some(g.checked.text),
+            answer::Plan::Generate {
+                system,
+                user,
+                passages,
+            } => {
+                turns.push(hanlin_tokenizer::Message::new("system", system));
+                turns.push(hanlin_tokenizer::Message::new("user", user));
+                grounding = Some((question, passages));
+            }
         }
     }
-    let prompt = crate::api::chat_prompt(&sched, &turns, None)?;
-    let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
-        .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
-    let asked = conv
-        .params
-        .get("max_tokens")
-        .and_then(Value::as_u64)
-        .map(|n| n.min(u32::MAX as u64) as u32);
-    let max_new = budget(
-        &sched,
-        &caller,
-        prompt.len(),
-        asked,
-        Some(2048),
-        "max_tokens",
-    )?;
-    let params = sampling.to_params(max_new, false, 0)?;
-    let reservation = reserve(&st, &caller, prompt.len() + max_new).await?;
+    let mut generation = None;
+    let mut reservation = None;
+    if declined.is_none() {
+        let prompt = crate::api::chat_prompt(&sched, &turns, None)?;
+        let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
+            .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
+        let asked = conv
+            .params
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .map(|n| n.min(u32::MAX as u64) as u32);
+        let max_new = budget(
+            &sched,
+            &caller,
+            prompt.len(),
+            asked,
+            Some(2048),
+            "max_tokens",
+        )?;
+        let mut params = sampling.to_params(max_new, false, 0)?;
+        if grounding.is_some() {
+            // Answers from sources are read off them, not invented.
+            params.sampler.temperature = 0.0;
+        }
+        reservation = Some(reserve(&st, &caller, prompt.len() + max_new).await?);
+        generation = Some((prompt, params));
+    }
+    let release = |r: &mut Option<hanlin_accounts::limits::Reservation>| {
+        if let Some(r) = r.take() {
+            st.limiter.settle(r, 0);
+        }
+    };
     // Now store: the user's message (if new) and the reply being written.
     let parent_of_reply = if b.content.is_some() {
         let m = st
@@ -573,7 +614,7 @@ pub async fn send_message(
         let m = match m {
             Ok(m) => m,
             Err(e) => {
-                st.limiter.settle(reservation, 0);
+                release(&mut reservation);
                 return Err(e);
             }
         };
@@ -591,15 +632,19 @@ pub async fn send_message(
             &id,
             Some(&parent_of_reply),
             "assistant",
-            "",
-            "streaming",
+            declined.as_deref().unwrap_or(""),
+            if declined.is_some() {
+                "done"
+            } else {
+                "streaming"
+            },
             Some(&conv.model),
         )
         .await
     {
         Ok(m) => m,
         Err(e) => {
-            st.limiter.settle(reservation, 0);
+            release(&mut reservation);
             return Err(account_error(e));
         }
     };
@@ -612,34 +657,49 @@ pub async fn send_message(
             let _ = st.db.update_conversation(&s.user.id, &id, &patch).await;
         }
     }
-    let (tx, rx) = mpsc::unbounded_channel::<Event>();
-    let job = Job {
-        prompt,
-        params,
-        priority: caller.plan.priority as i32,
-        embed: false,
-        constraint: None,
-        sink: Box::new(move |e| tx.send(e).is_ok()),
-    };
-    if let Err(e) = sched.submit(job) {
-        st.limiter.settle(reservation, 0);
-        let _ = st.db.update_message(&id, &reply.id, "", "error").await;
-        return Err(crate::api::submit_error(e));
-    }
     let (out_tx, out_rx) = mpsc::channel::<Value>(64);
-    let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
-    let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
-    let reply_id = reply.id.clone();
-    tokio::spawn(drive_reply(
-        st.clone(),
-        caller,
-        conv.model.clone(),
-        id,
-        reply_id,
-        rx,
-        out_tx,
-        reservation,
-    ));
+    match (generation, reservation.take()) {
+        (Some((prompt, params)), Some(reservation)) => {
+            let (tx, rx) = mpsc::unbounded_channel::<Event>();
+            let job = Job {
+                prompt,
+                params,
+                priority: caller.plan.priority as i32,
+                embed: false,
+                constraint: None,
+                sink: Box::new(move |e| tx.send(e).is_ok()),
+            };
+            if let Err(e) = sched.submit(job) {
+                st.limiter.settle(reservation, 0);
+                let _ = st.db.update_message(&id, &reply.id, "", "error").await;
+                return Err(crate::api::submit_error(e));
+            }
+            let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+            let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+            tokio::spawn(drive_reply(
+                st.clone(),
+                Reply {
+                    caller,
+                    model: conv.model.clone(),
+                    conv_id: id,
+                    reply_id: reply.id.clone(),
+                    grounding,
+                },
+                rx,
+                out_tx,
+                reservation,
+            ));
+        }
+        _ => {
+            // Declined (nothing in the knowledge bases covers the question):
+            // the reply is already complete.
+            let sources = json!([]);
+            let _ = st.db.set_message_sources(&id, &reply.id, &sources).await;
+            let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+            let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+            let _ = out_tx.try_send(json!({"type": "done", "status": "done", "id": reply.id, "content": reply.content, "sources": sources}));
+        }
+    }
     let stream = futures::stream::unfold(out_rx, |mut rx| async move {
         let v = rx.recv().await?;
         Some((sse_data(v), rx))
@@ -649,19 +709,33 @@ pub async fn send_message(
         .into_response())
 }
 
-/// Turn the scheduler's events into `delta`s for the page, keep the
-/// database's copy of the reply current, and meter the request.
-#[allow(clippy::too_many_arguments)]
-async fn drive_reply(
-    st: Arc<AppState>,
+/// The reply a [`drive_reply`] writes.
+struct Reply {
     caller: Caller,
     model: String,
     conv_id: String,
     reply_id: String,
+    /// Search mode: the question and the passages the prompt numbered;
+    /// the citations are checked against them when the reply ends.
+    grounding: Option<(String, Vec<hanlin_search::Passage>)>,
+}
+
+/// Turn the scheduler's events into `delta`s for the page, keep the
+/// database's copy of the reply current, and meter the request.
+async fn drive_reply(
+    st: Arc<AppState>,
+    reply: Reply,
     mut rx: mpsc::UnboundedReceiver<Event>,
     out: mpsc::Sender<Value>,
     reservation: hanlin_accounts::limits::Reservation,
 ) {
+    let Reply {
+        caller,
+        model,
+        conv_id,
+        reply_id,
+        grounding,
+    } = reply;
     let mut text = String::new();
     let mut counts = [0usize; 3];
     let mut admitted = false;
@@ -747,6 +821,13 @@ async fn drive_reply(
         }
     }
     drop(rx);
+    // Search mode: unsupported citations go, supported sentences get theirs.
+    let mut sources = None;
+    if let Some((question, passages)) = grounding.filter(|_| status != "error") {
+        let g = answer::finish(&question, &text, passages);
+        sources = Some(Value::Array(crate::search::cited_sources(&g)));
+        text = g.checked.text;
+    }
     // The final text, retried: what the user saw must not be lost.
     let mut delay = Duration::from_millis(100);
     for attempt in 0..8 {
@@ -763,10 +844,18 @@ async fn drive_reply(
             }
         }
     }
+    if let Some(v) = &sources {
+        if let Err(e) = st.db.set_message_sources(&conv_id, &reply_id, v).await {
+            tracing::warn!("saving the sources of {reply_id}: {e}");
+        }
+    }
     let _ = out
-        .send(match &error {
-            Some(msg) => json!({"type": "error", "message": msg}),
-            None => json!({"type": "done", "status": status, "id": reply_id}),
+        .send(match (&error, sources) {
+            (Some(msg), _) => json!({"type": "error", "message": msg}),
+            (None, None) => json!({"type": "done", "status": status, "id": reply_id}),
+            (None, Some(sources)) => {
+                json!({"type": "done", "status": status, "id": reply_id, "content": text, "sources": sources})
+            }
         })
         .await;
     drop(out);
@@ -781,6 +870,18 @@ async fn drive_reply(
     if let Some(w) = writer {
         crate::api::meter(&st, &caller, &model, w, counts).await;
     }
+}
+
+/// `GET /api/kb`: the knowledge bases a conversation can search.
+pub async fn knowledge_bases(
+    State(st): State<Arc<AppState>>,
+    jar: CookieJar,
+    headers: HeaderMap,
+) -> AppResult<Json<Value>> {
+    session(&st, &jar, &headers, false).await?;
+    Ok(Json(
+        json!({"object": "list", "data": crate::search::kb_list(&st).await?}),
+    ))
 }
 
 // ---------------------------------------------------------------- export / import
@@ -949,6 +1050,7 @@ pub fn parse_chatgpt_export(v: &Value) -> Result<Vec<ImportConversation>, String
                             .and_then(Value::as_f64)
                             .map(|t| t as i64)
                             .unwrap_or(created_at),
+                        sources: None,
                     });
                     kept_parent = Some(node_id.clone());
                 }

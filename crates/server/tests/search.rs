@@ -173,3 +173,112 @@ async fn push_search_and_ask() {
     assert_eq!(v["answered"], false, "{v}");
     assert_eq!(v["sources"], json!([]));
 }
+
+/// A feed added through the API is polled by the server in the background:
+/// its entry is searchable within seconds, with its date, and `GET /v1/kb`
+/// reports the feed's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_are_polled_in_the_background() {
+    use reqwest::Method as M;
+    let s = start().await;
+    let base = &s.base;
+    let admin = &s.admin_key;
+    let user = s.user_key("feeder", "free").await;
+
+    let rss = r#"<?xml version="1.0"?><rss version="2.0"><channel><title>快讯</title>
+<item><title>西湖音乐节改期</title><link>https://news.test/1</link>
+<description>原定本周六举行的西湖音乐节改为下周日举行。</description>
+<pubDate>Wed, 25 Nov 2026 08:00:00 +0000</pubDate></item></channel></rss>"#;
+    let feed_app = axum::Router::new().route(
+        "/rss",
+        axum::routing::get(move || async move { ([("content-type", "application/rss+xml")], rss) }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let feed_url = format!("http://{}/rss", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, feed_app).await });
+    tokio::spawn(hanlin_server::search::poll_feeds(
+        s.state.clone(),
+        std::time::Duration::from_millis(200),
+    ));
+
+    let (st, _) = call(M::PUT, format!("{base}/v1/kb/live"), admin, None).await;
+    assert_eq!(st, 200);
+    let body = json!({"url": feed_url, "every": "10m"});
+    let (st, _) = call(
+        M::POST,
+        format!("{base}/v1/kb/live/feeds"),
+        &user,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(st, 403, "only admins add feeds");
+    for bad in [
+        json!({"url": "file:///etc/passwd"}),
+        json!({"url": feed_url, "every": "often"}),
+    ] {
+        let (st, v) = call(
+            M::POST,
+            format!("{base}/v1/kb/live/feeds"),
+            admin,
+            Some(bad),
+        )
+        .await;
+        assert_eq!(st, 400, "{v}");
+    }
+    let (st, _) = call(
+        M::POST,
+        format!("{base}/v1/kb/ghost/feeds"),
+        admin,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (st, v) = call(
+        M::POST,
+        format!("{base}/v1/kb/live/feeds"),
+        admin,
+        Some(body),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+
+    let started = std::time::Instant::now();
+    let hit = loop {
+        let (_, v) = call(
+            M::POST,
+            format!("{base}/v1/search"),
+            &user,
+            Some(json!({"kb": "live", "query": "西湖音乐节什么时候举行"})),
+        )
+        .await;
+        if let Some(p) = v["data"].as_array().and_then(|d| d.first()).cloned() {
+            break p;
+        }
+        assert!(
+            started.elapsed().as_secs() < 15,
+            "the feed was not polled: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        hit["text"].as_str().unwrap_or("").contains("下周日"),
+        "{hit}"
+    );
+    assert_eq!(hit["source"], "https://news.test/1");
+    assert!(hit["published"].is_number(), "{hit}");
+    let (st, v) = call(M::GET, format!("{base}/v1/kb"), &user, None).await;
+    assert_eq!(st, 200, "{v}");
+    let live = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|k| k["name"] == "live")
+        .cloned()
+        .expect("live listed");
+    assert_eq!(live["documents"], 1, "{live}");
+    assert_eq!(live["feeds"][0]["url"], json!(feed_url));
+    assert_eq!(live["feeds"][0]["failures"], 0, "{live}");
+    assert_eq!(live["feeds"][0]["items_added"], 1, "{live}");
+}

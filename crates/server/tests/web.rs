@@ -21,9 +21,18 @@ struct Browser {
 
 impl Browser {
     async fn register(base: &str, name: &str, password: &str) -> (Self, reqwest::Response) {
+        Self::sign_in(base, "/api/register", name, password).await
+    }
+
+    async fn sign_in(
+        base: &str,
+        path: &str,
+        name: &str,
+        password: &str,
+    ) -> (Self, reqwest::Response) {
         let http = reqwest::Client::new();
         let r = http
-            .post(format!("{base}/api/register"))
+            .post(format!("{base}{path}"))
             .json(&json!({"name": name, "password": password}))
             .send()
             .await
@@ -456,4 +465,134 @@ async fn web_app_sessions_conversations_and_streamed_replies() {
         .await
         .expect("login");
     assert_eq!(r.status(), 200);
+}
+
+/// Search mode: an admin creates a knowledge base and uploads a file from
+/// the page; a conversation set to search it answers with checked citations
+/// and keeps the cited sources with the reply; a question the documents do
+/// not cover is declined without the model; users cannot upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_mode_answers_from_uploaded_files_with_sources() {
+    let s = start().await;
+    s.state
+        .db
+        .set_password("root", "correct horse 1")
+        .await
+        .expect("password");
+    let (admin, _) = Browser::sign_in(&s.base, "/api/login", "root", "correct horse 1").await;
+    let (reader, _) = Browser::register(&s.base, "reader", "correct horse 2").await;
+
+    let (st, v) = admin.json(M::PUT, "/v1/kb/handbook", None).await;
+    assert_eq!(st, 200, "{v}");
+    let file = "# 员工手册\n\n年假规定：入职满一年的员工每年享有十五天带薪年假。\n\n报销规定：差旅费用须在出差结束后三十天内提交报销单。\n";
+    let upload = |who: &Browser, name: &str, body: &'static [u8]| {
+        who.req(M::POST, &format!("/v1/kb/handbook/files?filename={name}"))
+            .body(body)
+            .send()
+    };
+    let r = upload(&reader, "x.md", b"text").await.expect("send");
+    assert_eq!(r.status(), 403, "users do not write knowledge bases");
+    let r = upload(&admin, "no-extension", b"text").await.expect("send");
+    assert_eq!(r.status(), 400);
+    let r = upload(&admin, "broken.docx", b"not a zip")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let r = admin
+        .req(M::POST, "/v1/kb/handbook/files?filename=手册.md")
+        .body(file)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["added"], 1, "{v}");
+    let r = admin
+        .req(M::POST, "/v1/kb/handbook/files?filename=copy.md")
+        .body(file)
+        .send()
+        .await
+        .expect("send");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!((&v["added"], &v["duplicates"]), (&json!(0), &json!(1)));
+
+    // Any signed-in user sees the knowledge bases and can search them.
+    let (st, v) = reader.json(M::GET, "/api/kb", None).await;
+    assert_eq!(st, 200);
+    assert_eq!(v["data"][0]["name"], "handbook");
+    assert_eq!(v["data"][0]["documents"], 1);
+    let (_, conv) = reader
+        .json(
+            M::POST,
+            "/api/conversations",
+            Some(
+                json!({"model": common::QWEN, "params": {"temperature": 0.7, "kb": ["handbook"]}}),
+            ),
+        )
+        .await;
+    let cid = conv["id"].as_str().expect("id").to_string();
+    let events = reader
+        .send(&cid, json!({"content": "员工每年有几天带薪年假？"}))
+        .await;
+    let done = events.last().expect("events");
+    assert_eq!(done["type"], "done", "{events:?}");
+    let answer = done["content"].as_str().expect("content");
+    assert!(
+        answer.contains("十五") && answer.contains("[1]"),
+        "{answer}"
+    );
+    let sources = done["sources"].as_array().expect("sources");
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    assert!(sources[0]["text"].as_str().unwrap_or("").contains("十五天"));
+    assert_eq!(sources[0]["title"], "员工手册", "the Markdown heading");
+    assert_eq!(sources[0]["source"], "upload:手册.md");
+    // Stored with the reply: a reload shows the same answer and sources.
+    let (_, full) = reader
+        .json(M::GET, &format!("/api/conversations/{cid}"), None)
+        .await;
+    let reply = full["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["role"] == "assistant")
+        .cloned()
+        .expect("reply");
+    assert_eq!(reply["content"], json!(answer));
+    assert_eq!(reply["sources"], json!(sources));
+
+    // Nothing in the handbook about it: declined, no sources, no model call.
+    let events = reader
+        .send(
+            &cid,
+            json!({"content": "埃菲尔铁塔有多高？", "parent_id": reply["id"]}),
+        )
+        .await;
+    let done = events.last().expect("events");
+    assert_eq!(done["sources"], json!([]), "{events:?}");
+    let text = done["content"].as_str().expect("content");
+    assert!(
+        text.contains("不知道") || text.contains("没有找到"),
+        "{text}"
+    );
+    assert!(!events.iter().any(|e| e["type"] == "delta"), "{events:?}");
+
+    // A knowledge base that is gone: a clear error, nothing stored.
+    let (_, conv) = reader
+        .json(
+            M::POST,
+            "/api/conversations",
+            Some(json!({"model": common::QWEN, "params": {"kb": ["ghost"]}})),
+        )
+        .await;
+    let (st, v) = reader
+        .json(
+            M::POST,
+            &format!(
+                "/api/conversations/{}/messages",
+                conv["id"].as_str().expect("id")
+            ),
+            Some(json!({"content": "hi"})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (404, "kb_not_found"), "{v}");
 }

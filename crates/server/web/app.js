@@ -177,6 +177,7 @@ function showEmpty() {
   $("#messages").replaceChildren(el("div", { class: "empty", text: t("emptyChat") }));
   restoreDraft();
   renderConvList();
+  renderKbToggle();
 }
 
 function fillModelSelect(current) {
@@ -195,6 +196,7 @@ async function openConversation(id, focusMessage) {
   $("#chat-title").textContent = state.conv.title;
   fillModelSelect(state.conv.model);
   renderConvList();
+  renderKbToggle();
   renderMessages();
   restoreDraft();
   document.body.classList.remove("sidebar-open");
@@ -250,6 +252,10 @@ function messageView(m) {
   if (m.role === "assistant") renderMarkdown(body, m.content || (m.status === "streaming" ? t("thinking") : ""));
   else body.textContent = m.content;
   const view = el("div", { class: "msg " + m.role + (m.status !== "done" ? " " + m.status : ""), "data-id": m.id, "data-status": m.status }, body);
+  if (m.role === "assistant" && m.sources) {
+    decorateCitations(body, m);
+    if (m.sources.length) view.append(sourceCards(m));
+  }
   const bar = el("div", { class: "msg-bar" });
   const siblings = children(m.parent_id);
   if (siblings.length > 1) {
@@ -394,6 +400,9 @@ async function send(text, parentId) {
           if (!frame) frame = requestAnimationFrame(paint);
         } else if (ev.type === "done" && reply) {
           reply.status = ev.status;
+          // Search mode: the text with its citations checked, and the sources.
+          if (typeof ev.content === "string") reply.content = ev.content;
+          if (ev.sources) reply.sources = ev.sources;
         } else if (ev.type === "error" && reply) {
           reply.status = "error";
           notice(ev.message, "error");
@@ -479,12 +488,146 @@ async function openSettings() {
 
 async function saveSettings() {
   const params = {
+    ...(state.conv.params || {}),
     temperature: Number($("#p-temperature").value),
     top_p: Number($("#p-top-p").value),
     max_tokens: Math.max(1, Math.round(Number($("#p-max-tokens").value) || 1024)),
   };
   const c = await api("PATCH", "/api/conversations/" + state.conv.id, { system_prompt: $("#system-prompt").value, params });
   state.conv = { ...state.conv, ...c };
+}
+
+// ------------------------------------------------------------------ knowledge bases (search mode)
+
+function convKbs() {
+  const kb = state.conv && state.conv.params && state.conv.params.kb;
+  return Array.isArray(kb) ? kb : [];
+}
+
+function renderKbToggle() {
+  const names = convKbs();
+  const b = $("#open-kb");
+  b.textContent = names.length ? t("searchOn", { names: names.join(", ") }) : t("searchOff");
+  b.classList.toggle("on", names.length > 0);
+}
+
+async function openKb() {
+  await ensureConversation();
+  $("#kb-result").textContent = "";
+  await renderKbDialog();
+  $("#kb-dialog").showModal();
+}
+
+async function renderKbDialog() {
+  const list = (await api("GET", "/api/kb")).data;
+  const used = new Set(convKbs());
+  table($("#kb-table"), [t("useHere"), t("name"), t("documents"), t("feeds")], list.map((k) => {
+    const box = el("input", { type: "checkbox", class: "kb-use", "data-name": k.name, "aria-label": k.name, onchange: setConvKbs });
+    box.checked = used.has(k.name);
+    const feeds = el("div", {}, ...k.feeds.map((f) => el("div", {
+      class: "small feed" + (f.last_error ? " error" : ""),
+      text: f.url + (f.last_error ? ` — ${t("feedFailing")} ×${f.failures}: ${f.last_error}` : ` (${f.items_added})`),
+    })));
+    return [box, k.name, k.documents ?? "—", feeds];
+  }));
+  if (!list.length) $("#kb-table").replaceChildren(el("tr", {}, el("td", { text: t("noKbs") })));
+  $("#kb-admin").hidden = state.me.user.role !== "admin";
+  const target = $("#kb-target");
+  const keep = target.value;
+  target.replaceChildren(...list.map((k) => el("option", { value: k.name, text: k.name })));
+  if (list.some((k) => k.name === keep)) target.value = keep;
+}
+
+async function setConvKbs() {
+  const kb = [...document.querySelectorAll(".kb-use")].filter((b) => b.checked).map((b) => b.dataset.name);
+  const params = { ...(state.conv.params || defaultParams()), kb };
+  state.conv = { ...state.conv, ...(await api("PATCH", "/api/conversations/" + state.conv.id, { params })) };
+  renderKbToggle();
+}
+
+function kbResult(text, error) {
+  $("#kb-result").textContent = text;
+  $("#kb-result").className = error ? "error" : "";
+}
+
+async function kbAction(fn) {
+  try { await fn(); } catch (e) { kbResult(e.message, true); }
+  await renderKbDialog();
+}
+
+async function uploadFiles(files) {
+  const name = $("#kb-target").value;
+  if (!name) return;
+  for (const f of files) {
+    kbResult(f.name + " …");
+    const r = await fetch(`/v1/kb/${encodeURIComponent(name)}/files?filename=${encodeURIComponent(f.name)}`, {
+      method: "POST", body: f, credentials: "same-origin",
+      headers: { "X-CSRF-Token": state.me.csrf, "Content-Type": "application/octet-stream" },
+    });
+    const data = await r.json().catch(() => null);
+    if (!r.ok) throw new ApiError(r.status, data);
+    kbResult(t("uploaded", { file: f.name, added: data.added, duplicates: data.duplicates }));
+  }
+}
+
+/** Turn `[n]` in an answer into links to its source cards (not inside code or math). */
+function decorateCitations(body, m) {
+  const byN = new Map(m.sources.map((s) => [s.index, s]));
+  const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
+  const nodes = [];
+  while (walker.nextNode()) nodes.push(walker.currentNode);
+  for (const node of nodes) {
+    if (node.parentElement.closest("code, pre, .katex, a")) continue;
+    const parts = node.textContent.split(/(\[\d{1,2}\])/);
+    if (parts.length < 2) continue;
+    const frag = document.createDocumentFragment();
+    for (const p of parts) {
+      const n = /^\[(\d{1,2})\]$/.exec(p);
+      const src = n && byN.get(Number(n[1]));
+      if (src) frag.append(el("a", { class: "cite", href: `#src-${m.id}-${src.index}`, "data-n": String(src.index), text: `[${src.index}]` }));
+      else if (p) frag.append(p);
+    }
+    node.replaceWith(frag);
+  }
+}
+
+/** The cards of the sources an answer cites: number, title (a link when it is a URL), date, the passage. */
+function sourceCards(m) {
+  const list = el("ol", { class: "sources", "aria-label": t("sources") });
+  for (const s of m.sources) {
+    const title = /^https?:\/\//.test(s.source || "")
+      ? el("a", { href: s.source, target: "_blank", rel: "noopener noreferrer", text: s.title })
+      : el("span", { class: "src-title", text: s.title });
+    const meta = [s.published ? day(s.published) : "", s.kb].filter(Boolean).join(" · ");
+    list.append(el("li", { id: `src-${m.id}-${s.index}`, class: "source-card" },
+      el("div", { class: "src-head" }, el("span", { class: "src-n", text: `[${s.index}]` }), title, el("span", { class: "muted small", text: meta })),
+      el("p", { class: "src-text", text: s.text })));
+  }
+  return list;
+}
+
+/** Hovering or focusing a citation shows the passage it stands on. */
+function wireCitations() {
+  const pop = el("div", { id: "cite-pop", role: "tooltip" });
+  pop.hidden = true;
+  document.body.append(pop);
+  const show = (a) => {
+    const m = state.byId.get(a.closest(".msg")?.dataset.id);
+    const src = m && m.sources && m.sources.find((s) => s.index === Number(a.dataset.n));
+    if (!src) return;
+    pop.replaceChildren(el("strong", { text: `[${src.index}] ${src.title}` }), el("p", { text: src.text }));
+    pop.hidden = false;
+    const r = a.getBoundingClientRect();
+    pop.style.left = Math.max(8, Math.min(r.left, innerWidth - pop.offsetWidth - 8)) + "px";
+    const below = r.bottom + 6 + pop.offsetHeight <= innerHeight;
+    pop.style.top = (below ? r.bottom + 6 : Math.max(8, r.top - pop.offsetHeight - 6)) + "px";
+  };
+  const hide = () => { pop.hidden = true; };
+  for (const [on, off] of [["mouseover", "mouseout"], ["focusin", "focusout"]]) {
+    $("#messages").addEventListener(on, (e) => { const a = e.target.closest("a.cite"); if (a) show(a); });
+    $("#messages").addEventListener(off, (e) => { if (e.target.closest("a.cite")) hide(); });
+  }
+  $("#messages").addEventListener("scroll", hide);
 }
 
 // ------------------------------------------------------------------ keys, usage, admin, import
@@ -678,6 +821,27 @@ function wire() {
     fillPersonas("");
   });
   $("#settings-dialog").addEventListener("close", () => { if ($("#settings-dialog").returnValue === "save") saveSettings(); });
+  $("#open-kb").addEventListener("click", openKb);
+  $("#kb-create").addEventListener("click", () => kbAction(async () => {
+    const name = $("#kb-new-name").value.trim();
+    if (!name) return;
+    await api("PUT", "/v1/kb/" + encodeURIComponent(name));
+    $("#kb-new-name").value = "";
+    await renderKbDialog();
+    $("#kb-target").value = name;
+    kbResult("✓ " + name);
+  }));
+  $("#kb-files").addEventListener("change", (e) => {
+    const files = [...e.target.files];
+    e.target.value = "";
+    kbAction(() => uploadFiles(files));
+  });
+  $("#kb-feed-add").addEventListener("click", () => kbAction(async () => {
+    await api("POST", `/v1/kb/${encodeURIComponent($("#kb-target").value)}/feeds`, { url: $("#kb-feed-url").value.trim(), every: $("#kb-feed-every").value.trim() || "10m" });
+    $("#kb-feed-url").value = "";
+    kbResult(t("feedAdded"));
+  }));
+  wireCitations();
   $("#open-keys").addEventListener("click", openKeys);
   $("#key-create").addEventListener("click", createKey);
   $("#open-usage").addEventListener("click", openUsage);

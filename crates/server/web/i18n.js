@@ -4,6 +4,10 @@
 
 const STRINGS = {
   en: {
+    knowledgeBases: "Knowledge bases", kbHelp: "Ticked knowledge bases answer this conversation: each question is answered from their documents, with numbered citations you can check, or \"I don't know\".",
+    manageKbs: "Manage (admin)", kbName: "New knowledge base name", createKb: "Create", uploadFiles: "Upload files…", addFeed: "Add RSS/Atom feed",
+    useHere: "Use here", documents: "Documents", feeds: "Feeds", searchOff: "Search: off", searchOn: "Search: {names}", noKbs: "No knowledge bases yet.",
+    uploaded: "{file}: {added} added, {duplicates} duplicates", feedAdded: "Feed added; first poll within seconds.", sources: "Sources", feedFailing: "failing",
     tagline: "Your own private ChatGPT.",
     username: "User name", password: "Password", signIn: "Sign in", register: "Create account",
     otherLanguage: "中文", toggleTheme: "Light / dark", signOut: "Sign out",
@@ -31,6 +35,10 @@ const STRINGS = {
     renamePrompt: "New title:", personaName: "Persona name:", thinking: "…",
   },
   zh: {
+    knowledgeBases: "知识库", kbHelp: "勾选的知识库回答本对话：每个问题都从其中的文档作答，附带可核对的编号引用；找不到依据时回答“不知道”。",
+    manageKbs: "管理（管理员）", kbName: "新知识库名称", createKb: "创建", uploadFiles: "上传文件…", addFeed: "添加 RSS/Atom 订阅",
+    useHere: "用于本对话", documents: "文档", feeds: "订阅", searchOff: "搜索：关", searchOn: "搜索：{names}", noKbs: "还没有知识库。",
+    uploaded: "{file}：新增 {added}，重复 {duplicates}", feedAdded: "已添加订阅，几秒内首次抓取。", sources: "来源", feedFailing: "抓取失败",
     tagline: "属于你自己的私有 ChatGPT。",
     username: "用户名", password: "密码", signIn: "登录", register: "注册",
     otherLanguage: "English", toggleTheme: "浅色 / 深色", signOut: "退出",

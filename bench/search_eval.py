@@ -8,13 +8,20 @@ from the npm package chinese-poetry (fetched with `npm pack`, pinned). The
 questions (bench/search_eval/questions.jsonl): 40 whose answer is a fact in one
 document, 10 that nothing in the collection answers.
 
-Reports, on the given model (default: the default model):
+First, retrieval alone: recall@1 and recall@5 of BM25, dense (vectors) and
+hybrid (both, fused by reciprocal rank) search, for each embedding model
+given with --embedders (default: multilingual-e5-small; add
+qwen2.5-coder-0.5b to compare the chat model's pooled hidden states).
+
+Then grounded answers (`hanlin ask`, hybrid search with the first embedder),
+on the given model (default: the default model):
   recall@5            the document holding the fact is among the 5 passages retrieved
   answer accuracy     the answer contains the fact
   citation precision  cited passages that contain the fact (over answered questions)
   declined            unanswerable questions answered "I don't know"
 
-Usage: python3 bench/search_eval.py [--hanlin target/release/hanlin] [--model NAME] [--json out.json]
+Usage: python3 bench/search_eval.py [--hanlin target/release/hanlin] [--model NAME]
+         [--embedders multilingual-e5-small,qwen2.5-coder-0.5b] [--retrieval-only] [--json out.json]
 """
 
 import argparse
@@ -63,6 +70,8 @@ def main() -> int:
     ap.add_argument("--hanlin", default=str(ROOT / "target" / "release" / "hanlin"))
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--json", help="write per-question results here")
+    ap.add_argument("--embedders", default="multilingual-e5-small", help="comma-separated embedding models to compare")
+    ap.add_argument("--retrieval-only", action="store_true", help="skip the answering pass")
     args = ap.parse_args()
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hanlin" / "search-eval"
@@ -72,13 +81,36 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as kbs:
         env = dict(os.environ, HANLIN_KB_DIR=kbs)
         run = lambda *a: subprocess.run([args.hanlin, *a], env=env, check=True, capture_output=True, text=True)
-        run("kb", "create", "eval")
-        added = run("kb", "add", "eval", str(HERE / "search_eval" / "docs"), str(poem_file))
-        print(added.stdout.strip(), file=sys.stderr)
+        embedders = [e for e in args.embedders.split(",") if e]
+        answerable_qs = [q for q in questions if q["doc"] is not None]
+        table = []
+        for j, emb in enumerate(embedders):
+            kb = f"eval{j}"
+            run("kb", "create", kb, "--embedder", emb)
+            t = time.time()
+            added = run("kb", "add", kb, str(HERE / "search_eval" / "docs"), str(poem_file))
+            print(f"{emb}: {added.stdout.strip()} in {time.time() - t:.0f} s", file=sys.stderr)
+            for mode in (["bm25"] if j == 0 else []) + ["dense", "hybrid"]:
+                r1 = r5 = 0
+                for q in answerable_qs:
+                    hits = json.loads(run("kb", "search", kb, q["question"], "-k", "5", "--mode", mode, "--json").stdout)
+                    ranks = [i for i, p in enumerate(hits) if p["title"].startswith(q["doc"])]
+                    r1 += bool(ranks) and ranks[0] == 0
+                    r5 += bool(ranks)
+                n = len(answerable_qs)
+                label = "bm25" if mode == "bm25" else f"{mode} ({emb})"
+                table.append((label, r1 / n, r5 / n))
+                print(f"  {label:<40} recall@1 {r1 / n:6.1%}  recall@5 {r5 / n:6.1%}", file=sys.stderr)
+        print()
+        print(f"retrieval over {len(answerable_qs)} answerable questions:")
+        for label, a, b in table:
+            print(f"  {label:<40} recall@1 {a:6.1%}  recall@5 {b:6.1%}")
+        if args.retrieval_only:
+            return 0
         results = []
         t0 = time.time()
         for i, q in enumerate(questions):
-            r = run("ask", "--kb", "eval", "--model", args.model, "--json", q["question"])
+            r = run("ask", "--kb", "eval0", "--model", args.model, "--json", q["question"])
             a = json.loads(r.stdout)
             facts = q["answers"]
             has_fact = lambda s: any(f in s for f in facts)

@@ -343,6 +343,46 @@ try {
     await page.click("#admin-dialog .close");
   });
 
+  await step("search mode: an uploaded file answers with citations, source cards and hover passages", async () => {
+    await page.click("#new-chat");
+    assert.match(await page.textContent("#open-kb"), /搜索：关|Search: off/);
+    await page.click("#open-kb");
+    await page.waitForSelector("#kb-dialog[open]");
+    assert.equal(await page.isVisible("#kb-admin"), true, "the admin manages knowledge bases");
+    await page.fill("#kb-new-name", "手册");
+    await page.click("#kb-create");
+    await page.waitForSelector("#kb-table td:has-text('手册')");
+    const handbook = "# 员工手册\n\n年假规定：入职满一年的员工每年享有十五天带薪年假。\n\n报销规定：差旅费用须在出差结束后三十天内提交报销单。\n";
+    await page.setInputFiles("#kb-files", { name: "员工手册.md", mimeType: "text/markdown", buffer: Buffer.from(handbook) });
+    await page.waitForFunction(() => /新增 1|1 added/.test(document.querySelector("#kb-result").textContent), null, { timeout: 30000 });
+    await page.setInputFiles("#kb-files", { name: "坏文件.docx", mimeType: "application/octet-stream", buffer: Buffer.from("not a zip") });
+    await page.waitForSelector("#kb-result.error");
+    assert.match(await page.textContent("#kb-result"), /坏文件\.docx/);
+    await page.check(".kb-use[data-name='手册']");
+    await page.waitForFunction(() => /手册/.test(document.querySelector("#open-kb").textContent));
+    await shot(page, "11-knowledge-bases");
+    await page.click("#kb-dialog .close");
+    await sendMessage(page, "员工每年有几天带薪年假？");
+    await waitReplyDone(page);
+    const reply = lastReply(page);
+    await reply.locator(".body a.cite").first().waitFor();
+    assert.match(await reply.locator(".source-card").first().textContent(), /十五天/);
+    assert.match(await reply.locator(".source-card .src-title").first().textContent(), /员工手册/);
+    await reply.locator(".body a.cite").first().hover();
+    await page.waitForSelector("#cite-pop:not([hidden])");
+    assert.match(await page.textContent("#cite-pop"), /十五天带薪年假/);
+    await shot(page, "12-search-answer");
+    // A question the handbook does not cover: "I don't know", no sources.
+    await sendMessage(page, "埃菲尔铁塔有多高？");
+    await waitReplyDone(page);
+    assert.match(await lastReply(page).locator(".body").textContent(), /不知道/);
+    assert.equal(await lastReply(page).locator(".source-card").count(), 0);
+    // Kept across a reload.
+    await page.reload();
+    await page.waitForSelector(".msg.assistant .source-card");
+    assert.match(await page.textContent("#open-kb"), /(搜索|Search)：?:? ?手册/);
+  });
+
   await step("another user cannot see or change the first user's conversations", async () => {
     const ctx2 = await browser.newContext({ locale: "en-US" });
     const p2 = await ctx2.newPage();

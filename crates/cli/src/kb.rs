@@ -5,7 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
 use hanlin_search::answer;
-use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Passage, Retriever};
+use hanlin_search::dense::Embedder;
+use hanlin_search::index::KbConfig;
+use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Mode, Passage};
+use hanlin_server::embedders::Embedders;
 use hanlin_store::Store;
 use hanlin_tokenizer::Message;
 use serde_json::json;
@@ -15,8 +18,16 @@ use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum KbCmd {
-    /// Create an empty knowledge base
-    Create { name: String },
+    /// Create an empty knowledge base (hybrid search: BM25 + multilingual-e5-small vectors)
+    Create {
+        name: String,
+        /// Embedding model for dense retrieval (an encoder, or a chat model's pooled states)
+        #[arg(long, default_value = hanlin_store::E5_MODEL)]
+        embedder: String,
+        /// Full-text (BM25) search only, no vectors
+        #[arg(long, conflicts_with = "embedder")]
+        no_dense: bool,
+    },
     /// Add files and directories (.txt .md .html .pdf .docx .json .jsonl)
     Add {
         name: String,
@@ -31,6 +42,12 @@ pub enum KbCmd {
         query: String,
         #[arg(short, long, default_value_t = 5)]
         k: usize,
+        /// bm25, dense or hybrid (both, fused)
+        #[arg(long, default_value = "hybrid")]
+        mode: Mode,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild the index from the stored documents (after it was deleted or damaged)
     Rebuild { name: String },
@@ -77,6 +94,69 @@ fn open(store: &Store, name: &str) -> Result<KnowledgeBase> {
     Ok(KnowledgeBase::open(&kb_dir(&root(store), name)?)?)
 }
 
+/// The embedding models of this process (loaded and pulled on first use).
+fn embedders(store: &Store, threads: usize) -> Result<Embedders> {
+    Ok(Embedders::new(Store::open(store.home())?, threads))
+}
+
+/// The embedder of `kb` (None for BM25-only knowledge bases).
+fn embedder_of(kb: &KnowledgeBase, e: &Embedders) -> Result<Option<Arc<dyn Embedder>>> {
+    match &kb.config().embedder {
+        None => Ok(None),
+        Some(m) => Ok(Some(e.get(m).map_err(|err| {
+            anyhow::anyhow!("loading the embedding model {m}: {err}")
+        })?)),
+    }
+}
+
+/// An embedder that advances a progress bar by the texts it embeds.
+struct Counting<'a> {
+    inner: &'a dyn Embedder,
+    pb: &'a indicatif::ProgressBar,
+}
+
+impl Embedder for Counting<'_> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn embed(&self, texts: &[&str], query: bool) -> Result<Vec<Vec<f32>>, String> {
+        let r = self.inner.embed(texts, query);
+        self.pb.inc(texts.len() as u64);
+        r
+    }
+}
+
+fn spinner(msg: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} {pos} passages {elapsed} ({per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Passages for `query` from `kbs`, fused ([`hanlin_search::search_all`]).
+fn retrieve(
+    kbs: &[KnowledgeBase],
+    e: &Embedders,
+    query: &str,
+    k: usize,
+    mode: Mode,
+) -> Result<Vec<Passage>> {
+    Ok(hanlin_search::search_all(
+        kbs,
+        query,
+        k,
+        hanlin_accounts::now(),
+        mode,
+        &mut |model, text| e.query(model, text),
+    )?)
+}
+
 fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
@@ -88,12 +168,32 @@ fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     pb
 }
 
-pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
+pub fn run(store: &Store, threads: usize, cmd: KbCmd) -> Result<()> {
+    let emb = embedders(store, threads)?;
     match cmd {
-        KbCmd::Create { name } => {
+        KbCmd::Create {
+            name,
+            embedder,
+            no_dense,
+        } => {
             let dir = kb_dir(&root(store), &name)?;
-            KnowledgeBase::create(&dir)?;
-            println!("created knowledge base {name} ({})", dir.display());
+            let embedder = (!no_dense).then_some(embedder);
+            if let Some(m) = &embedder {
+                // Fetch (and check) the model now rather than at the first `add`.
+                emb.get(m)
+                    .map_err(|e| anyhow::anyhow!("embedding model {m}: {e}"))?;
+            }
+            KnowledgeBase::create_with(
+                &dir,
+                KbConfig {
+                    embedder: embedder.clone(),
+                },
+            )?;
+            let how = match &embedder {
+                Some(m) => format!("BM25 + {m} vectors"),
+                None => "BM25 only".into(),
+            };
+            println!("created knowledge base {name} ({how}; {})", dir.display());
         }
         KbCmd::Add { name, paths } => {
             let mut kb = open(store, &name)?;
@@ -108,9 +208,18 @@ pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
                 pb.inc(1);
             }
             pb.finish_and_clear();
+            let embedder = embedder_of(&kb, &emb)?;
             let pb = bar(docs.len() as u64, "indexing");
-            let r = kb.add(docs, |n| pb.set_position(n as u64))?;
+            let sp = match embedder {
+                Some(_) => spinner("embedding"),
+                None => indicatif::ProgressBar::hidden(),
+            };
+            let counting = embedder.as_deref().map(|inner| Counting { inner, pb: &sp });
+            let r = kb.add_with(docs, counting.as_ref().map(|c| c as &dyn Embedder), |n| {
+                pb.set_position(n as u64)
+            })?;
             pb.finish_and_clear();
+            sp.finish_and_clear();
             for e in &skipped {
                 eprintln!("skipped {e}");
             }
@@ -126,17 +235,36 @@ pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
             for name in hanlin_search::list(&root(store)) {
                 match open(store, &name) {
                     Ok(kb) => println!(
-                        "{name:<24} {:>6} documents {:>8} passages",
+                        "{name:<24} {:>6} documents {:>8} passages  {}",
                         kb.documents()?.len(),
-                        kb.passages()
+                        kb.passages(),
+                        match &kb.config().embedder {
+                            Some(m) => format!("{} vectors ({m})", kb.vectors()),
+                            None => "BM25 only".into(),
+                        }
                     ),
                     Err(e) => println!("{name:<24} unusable: {e}"),
                 }
             }
         }
-        KbCmd::Search { name, query, k } => {
+        KbCmd::Search {
+            name,
+            query,
+            k,
+            mode,
+            json,
+        } => {
             let kb = open(store, &name)?;
-            for (i, p) in kb.search(&query, k)?.iter().enumerate() {
+            let hits = retrieve(std::slice::from_ref(&kb), &emb, &query, k, mode)?;
+            if json {
+                let v: Vec<_> = hits
+                    .iter()
+                    .map(|p| json!({"kb": p.kb, "doc_id": p.doc_id, "chunk": p.chunk, "title": p.title, "source": p.source, "published": p.published, "text": p.text}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+                return Ok(());
+            }
+            for (i, p) in hits.iter().enumerate() {
                 println!(
                     "[{}] {:.2} {} — {}\n    {}",
                     i + 1,
@@ -149,13 +277,38 @@ pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
         }
         KbCmd::Rebuild { name } => {
             let dir = kb_dir(&root(store), &name)?;
+            let config: KbConfig = std::fs::read(dir.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let embedder = match &config.embedder {
+                Some(m) => Some(
+                    emb.get(m)
+                        .map_err(|e| anyhow::anyhow!("loading the embedding model {m}: {e}"))?,
+                ),
+                None => None,
+            };
             let pb = bar(0, "rebuilding");
-            let kb = KnowledgeBase::rebuild(&dir, |n, total| {
-                pb.set_length(total as u64);
-                pb.set_position(n as u64);
-            })?;
+            let sp = match embedder {
+                Some(_) => spinner("embedding"),
+                None => indicatif::ProgressBar::hidden(),
+            };
+            let counting = embedder.as_deref().map(|inner| Counting { inner, pb: &sp });
+            let kb = KnowledgeBase::rebuild_with(
+                &dir,
+                counting.as_ref().map(|c| c as &dyn Embedder),
+                |n, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(n as u64);
+                },
+            )?;
             pb.finish_and_clear();
-            println!("{name}: rebuilt, {} passages", kb.passages());
+            sp.finish_and_clear();
+            println!(
+                "{name}: rebuilt, {} passages, {} vectors",
+                kb.passages(),
+                kb.vectors()
+            );
         }
         KbCmd::Rm { name } => {
             let dir = kb_dir(&root(store), &name)?;
@@ -171,15 +324,21 @@ pub fn run(store: &Store, cmd: KbCmd) -> Result<()> {
 
 /// Poll due feeds (of `only`, or all), adding their entries; prints one
 /// line per feed and fails when every polled feed failed.
-fn poll(store: &Store, only: Option<&str>, force: bool) -> Result<()> {
+fn poll(store: &Store, threads: usize, only: Option<&str>, force: bool) -> Result<()> {
     let root = root(store);
+    let emb = embedders(store, threads)?;
     let outcomes = feed::poll_due(
         &root,
         only,
         hanlin_accounts::now(),
         force,
         Duration::from_secs(30),
-        |name, docs| KnowledgeBase::open(&kb_dir(&root, name)?)?.add(docs, |_| {}),
+        |name, docs| {
+            let mut kb = KnowledgeBase::open(&kb_dir(&root, name)?)?;
+            let embedder = embedder_of(&kb, &emb)
+                .map_err(|e| hanlin_search::SearchError::Embedder(e.to_string()))?;
+            kb.add_with(docs, embedder.as_deref(), |_| {})
+        },
     );
     for o in &outcomes {
         match &o.error {
@@ -200,19 +359,24 @@ fn ago(t: Option<i64>, now: i64) -> String {
     }
 }
 
-pub fn feed(store: &Store, cmd: FeedCmd) -> Result<()> {
+pub fn feed(store: &Store, threads: usize, cmd: FeedCmd) -> Result<()> {
     let root = root(store);
     match cmd {
         FeedCmd::Add { name, url, every } => {
             let dir = kb_dir(&root, &name)?;
             if !dir.join("docs.jsonl").exists() {
-                KnowledgeBase::create(&dir)?;
+                KnowledgeBase::create_with(
+                    &dir,
+                    KbConfig {
+                        embedder: Some(hanlin_store::E5_MODEL.into()),
+                    },
+                )?;
                 println!("created knowledge base {name}");
             }
             let every = feed::parse_every(&every)?;
             feed::add(&dir, feed::Feed::new(&url, every, hanlin_accounts::now())?)?;
             println!("{name}: polling {url} every {}", humantime_secs(every));
-            poll(store, Some(&name), false)?;
+            poll(store, threads, Some(&name), false)?;
         }
         FeedCmd::List { json } => {
             let now = hanlin_accounts::now();
@@ -251,7 +415,7 @@ pub fn feed(store: &Store, cmd: FeedCmd) -> Result<()> {
             }
             println!("{name}: no longer polling {url}");
         }
-        FeedCmd::Poll { name, now } => poll(store, name.as_deref(), now)?,
+        FeedCmd::Poll { name, now } => poll(store, threads, name.as_deref(), now)?,
     }
     Ok(())
 }
@@ -293,6 +457,7 @@ pub fn answer(
 
 pub fn ask(
     store: &Store,
+    threads: usize,
     model: &Arc<LoadedModel>,
     kbs: &[String],
     question: &str,
@@ -305,7 +470,8 @@ pub fn ask(
         .iter()
         .map(|n| open(store, n))
         .collect::<Result<Vec<_>>>()?;
-    let passages = hanlin_search::search_all(&opened, question, 5, hanlin_accounts::now())?;
+    let emb = embedders(store, threads)?;
+    let passages = retrieve(&opened, &emb, question, 5, Mode::Hybrid)?;
     let retrieved: Vec<_> = passages
         .iter()
         .map(|p| json!({"kb": p.kb, "title": p.title, "doc_id": p.doc_id, "score": p.score}))

@@ -436,8 +436,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Show { model, path: false } => show(&store, &model),
         Cmd::Serve(args) => serve(&store, threads, args),
-        Cmd::Kb { cmd } => kb::run(&store, cmd),
-        Cmd::Feed { cmd } => kb::feed(&store, cmd),
+        Cmd::Kb { cmd } => kb::run(&store, threads, cmd),
+        Cmd::Feed { cmd } => kb::feed(&store, threads, cmd),
         Cmd::Ask {
             kbs,
             question,
@@ -445,7 +445,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let m = load(&store, &model, threads)?;
-            kb::ask(&store, &m, &kbs, &question, json)
+            kb::ask(&store, threads, &m, &kbs, &question, json)
         }
         Cmd::Admin { db, cmd } => {
             let url = database_url(&store, &db);

@@ -130,3 +130,146 @@ fn grounded_answers_with_checked_citations() {
     let o = hanlin(&kbs, &["kb", "list"]);
     assert!(text(&o.stdout).contains("facts") && text(&o.stdout).contains("3 documents"));
 }
+
+/// Serve `bodies` in turn (the last one for every later request) as HTTP
+/// responses `(status, body)` on a free loopback port; returns the URL.
+fn serve_feed(bodies: Vec<(u16, String)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/rss.xml", l.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for (i, s) in l.incoming().enumerate() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let (status, body) = &bodies[i.min(bodies.len() - 1)];
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn feeds_from_the_command_line() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kbs = tmp.path().join("kbs");
+    let rss = "<?xml version=\"1.0\"?><rss version=\"2.0\"><channel><title>t</title><item><title>地铁五号线开通</title><link>https://news.test/5</link><description>地铁五号线于11月25日开通运营，全长32公里。</description><pubDate>Wed, 25 Nov 2026 02:00:00 +0000</pubDate></item></channel></rss>";
+    let url = serve_feed(vec![
+        (200, rss.to_string()),
+        (200, "<html>down for maintenance</html>".into()),
+    ]);
+    let o = hanlin(&kbs, &["feed", "add", "city", &url, "--every", "10m"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("created knowledge base city") && out.contains("1 new documents"),
+        "{out}"
+    );
+    let o = hanlin(&kbs, &["kb", "search", "city", "五号线多长"]);
+    assert!(text(&o.stdout).contains("32公里"), "{}", text(&o.stdout));
+    // The feed now returns garbage: reported, with back-off, exit code 1.
+    let o = hanlin(&kbs, &["feed", "poll", "--now"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("not an RSS, Atom or JSON feed"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = hanlin(&kbs, &["feed", "list", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v[0]["kb"], "city");
+    assert_eq!(v[0]["feed"]["failures"], 1, "{v}");
+    assert_eq!(v[0]["feed"]["items_added"], 1, "{v}");
+    let o = hanlin(&kbs, &["feed", "list"]);
+    assert!(
+        text(&o.stdout).contains("FAILING ×1"),
+        "{}",
+        text(&o.stdout)
+    );
+    // Bad input: an interval or URL that makes no sense.
+    let o = hanlin(&kbs, &["feed", "add", "city", &url, "--every", "sometimes"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("invalid interval"));
+    let o = hanlin(&kbs, &["feed", "add", "city", "file:///etc/passwd"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("invalid feed URL"));
+    let o = hanlin(&kbs, &["feed", "rm", "city", &url]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = hanlin(&kbs, &["feed", "list", "--json"]);
+    assert_eq!(text(&o.stdout).trim(), "[]");
+}
+
+/// A knowledge base embeds its passages with multilingual-e5-small by
+/// default: a question that shares no word with the passage answering it
+/// finds nothing by BM25 and finds it by dense (and hybrid) retrieval.
+#[test]
+fn dense_retrieval_finds_paraphrases() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let kbs = tmp.path().join("kbs");
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir_all(&docs).expect("mkdir");
+    for (f, t) in [
+        ("cat.txt", "猫是常见的家养宠物，擅长抓老鼠。"),
+        ("river.txt", "黄河是中国第二长河，全长约5464千米。"),
+        ("wall.txt", "长城是中国古代的军事防御工程。"),
+    ] {
+        std::fs::write(docs.join(f), t).expect("write");
+    }
+    let o = hanlin(&kbs, &["kb", "create", "pets"]);
+    assert!(
+        text(&o.stdout).contains("multilingual-e5-small"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = hanlin(&kbs, &["kb", "add", "pets", docs.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let search = |mode: &str| -> Value {
+        let o = hanlin(
+            &kbs,
+            &[
+                "kb",
+                "search",
+                "pets",
+                "哪种动物会捉耗子？",
+                "--mode",
+                mode,
+                "--json",
+                "-k",
+                "1",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("json")
+    };
+    assert_eq!(search("bm25"), serde_json::json!([]), "no shared word");
+    assert!(search("dense")[0]["text"]
+        .as_str()
+        .unwrap_or("")
+        .contains("猫"));
+    assert!(search("hybrid")[0]["text"]
+        .as_str()
+        .unwrap_or("")
+        .contains("猫"));
+    let o = hanlin(&kbs, &["kb", "list"]);
+    assert!(
+        text(&o.stdout).contains("3 vectors (multilingual-e5-small)"),
+        "{}",
+        text(&o.stdout)
+    );
+    // The vectors are rebuilt with the index.
+    std::fs::remove_file(kbs.join("pets/dense.bin")).expect("rm");
+    let o = hanlin(&kbs, &["kb", "rebuild", "pets"]);
+    assert!(text(&o.stdout).contains("3 vectors"), "{}", text(&o.stdout));
+    assert!(search("dense")[0]["text"]
+        .as_str()
+        .unwrap_or("")
+        .contains("猫"));
+    // A BM25-only knowledge base has no vectors.
+    let o = hanlin(&kbs, &["kb", "create", "plain", "--no-dense"]);
+    assert!(text(&o.stdout).contains("BM25 only"), "{}", text(&o.stdout));
+}

@@ -52,6 +52,21 @@ impl LoadedModel {
         Ok(self.tokenizer.encode(&text, true)?)
     }
 
+    /// A sentence embedding from the model's own hidden states: the mean of
+    /// the final-normalised states over the text's tokens, L2-normalised
+    /// (what `/v1/embeddings` returns for a chat model).
+    pub fn embed_mean(&self, text: &str) -> Result<Vec<f32>, EngineError> {
+        let mut tokens = self.tokenizer.encode(text, true)?;
+        tokens.truncate(self.model.cfg.context_length.clamp(1, 2048));
+        if tokens.is_empty() {
+            return Ok(vec![0.0; self.model.cfg.d_model]);
+        }
+        let c = &self.model.cfg;
+        let mut cache = KvCache::new(c.n_layer, c.kv_dim(), tokens.len());
+        self.model
+            .forward(&self.pool, &tokens, &mut cache, Logits::Mean)
+    }
+
     pub fn new_session(self: &Arc<Self>, ctx: usize) -> Session {
         let ctx = ctx.min(self.model.cfg.context_length).max(1);
         Session {

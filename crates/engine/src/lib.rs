@@ -7,6 +7,7 @@
 //! For serving, [`Scheduler`] runs many sequences at once with continuous
 //! batching ([`Model::forward_batch`]) and a shared-prefix KV pool.
 
+pub mod encoder;
 mod generate;
 pub mod kv;
 pub mod model;

@@ -701,7 +701,7 @@ impl Attend<'_> {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only for disjoint writes from pool threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -709,7 +709,7 @@ unsafe impl Sync for SendPtr {}
 impl SendPtr {
     /// Safety: `[off, off + len)` is in bounds and written by no other thread.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
+    pub(crate) unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(off), len)
     }
 }

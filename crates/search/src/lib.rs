@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod chunk;
+pub mod dense;
 pub mod extract;
 pub mod feed;
 pub mod index;
@@ -27,6 +28,8 @@ pub enum SearchError {
     Index { dir: PathBuf, reason: String },
     #[error("invalid knowledge base name {0:?}: use letters, digits, '-', '_' or '.'")]
     BadName(String),
+    #[error("embedding: {0}")]
+    Embedder(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -51,7 +54,17 @@ pub struct Passage {
 
 /// Anything that finds passages for a query.
 pub trait Retriever {
+    /// Full-text (BM25) search.
     fn search(&self, query: &str, k: usize) -> Result<Vec<Passage>, SearchError>;
+    /// The model whose vectors [`Retriever::search_dense`] compares (None:
+    /// no dense retrieval).
+    fn embedder(&self) -> Option<&str> {
+        None
+    }
+    /// The passages nearest to a query vector from [`Retriever::embedder`].
+    fn search_dense(&self, _query: &[f32], _k: usize) -> Result<Vec<Passage>, SearchError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Reciprocal-rank fusion of several ranked lists (k = 60), then, when
@@ -89,20 +102,65 @@ const LATEST: &[&str] = &[
     "最新", "最近", "latest", "recent", "newest", "today", "今天",
 ];
 
-/// Each retriever's ranked list for `question`, fused ([`fuse`]) into the
-/// top `k`: a question that asks for the latest news favours passages from
-/// the last month or so. Every retriever is asked for `2k`, so fusion has
-/// more than the final cut to choose from.
+/// `embed(model, text)`: the query vector of `text` under `model`.
+pub type QueryEmbedder<'a> = dyn FnMut(&str, &str) -> Result<Vec<f32>, SearchError> + 'a;
+
+/// Which ranked lists a search fuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Full text only.
+    Bm25,
+    /// Vectors only (knowledge bases without an embedder contribute nothing).
+    Dense,
+    /// Both, fused by reciprocal rank.
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bm25" => Ok(Mode::Bm25),
+            "dense" => Ok(Mode::Dense),
+            "hybrid" => Ok(Mode::Hybrid),
+            _ => Err(format!("unknown search mode {s:?} (bm25, dense, hybrid)")),
+        }
+    }
+}
+
+/// Each retriever's ranked lists for `question` — BM25, and nearest
+/// vectors for those with an embedder (`embed(model, question)` computes
+/// the query vector, once per model) — fused ([`fuse`]) into the top `k`: a
+/// question that asks for the latest news favours passages from the last
+/// month or so. Every list has `2k` entries, so fusion has more than the
+/// final cut to choose from.
 pub fn search_all<'a, R: Retriever + 'a>(
     retrievers: impl IntoIterator<Item = &'a R>,
     question: &str,
     k: usize,
     now: i64,
+    mode: Mode,
+    embed: &mut QueryEmbedder<'_>,
 ) -> Result<Vec<Passage>, SearchError> {
-    let lists = retrievers
-        .into_iter()
-        .map(|r| r.search(question, k * 2))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut lists = Vec::new();
+    let mut query_vectors: Vec<(String, Vec<f32>)> = Vec::new();
+    for r in retrievers {
+        if mode != Mode::Dense {
+            lists.push(r.search(question, k * 2)?);
+        }
+        if mode == Mode::Bm25 {
+            continue;
+        }
+        let Some(model) = r.embedder() else { continue };
+        let i = match query_vectors.iter().position(|(m, _)| m == model) {
+            Some(i) => i,
+            None => {
+                query_vectors.push((model.to_string(), embed(model, question)?));
+                query_vectors.len() - 1
+            }
+        };
+        lists.push(r.search_dense(&query_vectors[i].1, k * 2)?);
+    }
     let q = question.to_lowercase();
     let latest = LATEST.iter().any(|w| q.contains(w));
     Ok(fuse(&lists, k, latest.then_some(30.0), now))

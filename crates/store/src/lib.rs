@@ -16,7 +16,7 @@ mod catalog;
 pub mod hf;
 mod pip;
 
-pub use catalog::{catalog, CatalogEntry, Source, DEFAULT_MODEL};
+pub use catalog::{catalog, CatalogEntry, Source, DEFAULT_MODEL, E5_MODEL};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -54,7 +54,13 @@ fn download_wheel(
             tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )));
     }
-    let norm = package.replace('-', "_").to_lowercase();
+    // The wheel's file name starts with the project name (a `==version`
+    // pin is not part of it).
+    let project = package
+        .split(['=', '<', '>', '~', '!'])
+        .next()
+        .unwrap_or(package);
+    let norm = project.trim().replace('-', "_").to_lowercase();
     for e in std::fs::read_dir(dir).map_err(io_err("reading the wheel directory"))? {
         let p = e.map_err(io_err("reading the wheel directory"))?.path();
         let fname = p

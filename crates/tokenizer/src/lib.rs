@@ -10,6 +10,8 @@
 mod bpe;
 mod spm;
 mod template;
+pub mod unigram;
+pub use unigram::UnigramTokenizer;
 
 pub use template::{ChatTemplate, Message, TemplateError, CHATML, GEMMA};
 

@@ -257,3 +257,80 @@ fn layer_norm(x: &mut [f32], y: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) 
 fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hanlin_formats::e5::{tensor_list, write_f32, EncoderConfig};
+
+    fn tiny() -> Encoder {
+        let config = EncoderConfig {
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            ffn: 128,
+            vocab: 12,
+            max_positions: 24,
+            type_vocab: 2,
+            eps: 1e-12,
+        };
+        let pieces: Vec<(String, f32)> = [
+            "<s>",
+            "<pad>",
+            "</s>",
+            "<unk>",
+            "▁",
+            "▁query",
+            ":",
+            "▁passage",
+            "▁a",
+            "b",
+            "长",
+            "城",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.to_string(), -(i as f32)))
+        .collect();
+        // Deterministic pseudo-random weights.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let tensors = tensor_list(&config, |n, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let r = (state % 2001) as f32 / 1000.0 - 1.0;
+            if n.ends_with("ln.w") {
+                1.0 + 0.1 * r
+            } else {
+                0.2 * r
+            }
+        });
+        let bytes = write_f32(&config, &pieces, [0, 2, 1, 3], &[], &tensors);
+        Encoder::from_bytes(bytes, 2).unwrap()
+    }
+
+    #[test]
+    fn embeddings_are_normalised_batched_and_bounded() {
+        let e = tiny();
+        assert_eq!(e.dim(), 64);
+        let texts = ["a b", "长城", "a 长 b 城", "b"];
+        let batch = e.embed(&texts, Kind::Passage).unwrap();
+        for (t, v) in texts.iter().zip(&batch) {
+            let n: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5, "{t}: norm {n}");
+            let alone = e.embed(&[t], Kind::Passage).unwrap().remove(0);
+            let d: f32 = alone.iter().zip(v).map(|(a, b)| (a - b).abs()).sum();
+            assert!(d < 1e-3, "{t}: batched differs from alone by {d}");
+        }
+        assert_ne!(batch[0], batch[1]);
+        // Query and passage prefixes give different vectors.
+        let q = e.embed(&["a b"], Kind::Query).unwrap().remove(0);
+        assert_ne!(q, batch[0]);
+        // Long input is cut to the model's positions, with <s> and </s>.
+        let long = "a ".repeat(100);
+        let ids = e.tokens(&long, Kind::Passage).unwrap();
+        assert_eq!(ids.len(), 24);
+        assert_eq!((ids[0], ids[23]), (0, 2));
+        assert!(e.embed(&[&long], Kind::Passage).is_ok());
+    }
+}

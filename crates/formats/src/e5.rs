@@ -310,7 +310,15 @@ impl EncoderFile {
             return Err(invalid(0, "more tokenizer pieces than embeddings"));
         }
         for (name, n) in want {
+            // Only the embedding table and the weight matrices may be quantized.
+            let matrix = name == "emb.word" || (name.ends_with(".w") && !name.contains("ln."));
             match self.tensors.get(&name) {
+                Some(t) if !matrix && t.ty != GgmlType::F32 => {
+                    return Err(invalid(
+                        t.offset as u64,
+                        format!("tensor {name} must be f32"),
+                    ))
+                }
                 Some(t) if t.n == n => {}
                 Some(t) => {
                     return Err(invalid(
@@ -322,5 +330,198 @@ impl EncoderFile {
             }
         }
         Ok(())
+    }
+}
+
+/// Write an encoder file with f32 tensors (for tests that generate tiny
+/// encoders; the real models come quantized).
+pub fn write_f32(
+    config: &EncoderConfig,
+    pieces: &[(String, f32)],
+    specials: [u32; 4],
+    normalize: &[(char, String)],
+    tensors: &[(String, Vec<f32>)],
+) -> Vec<u8> {
+    let mut b = MAGIC.to_vec();
+    let u32le = |b: &mut Vec<u8>, v: u32| b.extend_from_slice(&v.to_le_bytes());
+    u32le(&mut b, 1);
+    for v in [
+        config.hidden,
+        config.layers,
+        config.heads,
+        config.ffn,
+        config.vocab,
+        config.max_positions,
+        config.type_vocab,
+    ] {
+        u32le(&mut b, v as u32);
+    }
+    b.extend_from_slice(&config.eps.to_le_bytes());
+    u32le(&mut b, 32);
+    u32le(&mut b, pieces.len() as u32);
+    for s in specials {
+        u32le(&mut b, s);
+    }
+    let blob: Vec<u8> = pieces.iter().flat_map(|(p, _)| p.bytes()).collect();
+    b.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+    let mut off = 0u32;
+    u32le(&mut b, 0);
+    for (p, _) in pieces {
+        off += p.len() as u32;
+        u32le(&mut b, off);
+    }
+    for (_, s) in pieces {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    b.extend_from_slice(&blob);
+    let mut nm = Vec::new();
+    for (c, out) in normalize {
+        u32le(&mut nm, *c as u32);
+        nm.push(out.chars().count() as u8);
+        for o in out.chars() {
+            u32le(&mut nm, o as u32);
+        }
+    }
+    u32le(&mut b, normalize.len() as u32);
+    u32le(&mut b, nm.len() as u32);
+    b.extend_from_slice(&nm);
+    u32le(&mut b, tensors.len() as u32);
+    // Directory entries: name, type, count, offset, bytes; data follows.
+    let dir_len: usize = tensors.iter().map(|(n, _)| 2 + n.len() + 1 + 4 + 16).sum();
+    let mut data_at = b.len() + dir_len;
+    for (name, v) in tensors {
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        u32le(&mut b, v.len() as u32);
+        b.extend_from_slice(&(data_at as u64).to_le_bytes());
+        b.extend_from_slice(&((v.len() * 4) as u64).to_le_bytes());
+        data_at += v.len() * 4;
+    }
+    for (_, v) in tensors {
+        for x in v {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// The tensors a tiny test encoder needs, filled by `value(name, i)`.
+pub fn tensor_list(
+    config: &EncoderConfig,
+    mut value: impl FnMut(&str, usize) -> f32,
+) -> Vec<(String, Vec<f32>)> {
+    let (h, f) = (config.hidden, config.ffn);
+    let mut names: Vec<(String, usize)> = vec![
+        ("emb.word".into(), config.vocab * h),
+        ("emb.pos".into(), config.max_positions * h),
+        ("emb.type".into(), config.type_vocab * h),
+        ("emb.ln.w".into(), h),
+        ("emb.ln.b".into(), h),
+    ];
+    for l in 0..config.layers {
+        for (s, n) in [
+            ("q.w", h * h),
+            ("q.b", h),
+            ("k.w", h * h),
+            ("k.b", h),
+            ("v.w", h * h),
+            ("v.b", h),
+            ("ao.w", h * h),
+            ("ao.b", h),
+            ("aln.w", h),
+            ("aln.b", h),
+            ("fi.w", f * h),
+            ("fi.b", f),
+            ("fo.w", h * f),
+            ("fo.b", h),
+            ("oln.w", h),
+            ("oln.b", h),
+        ] {
+            names.push((format!("l{l}.{s}"), n));
+        }
+    }
+    names
+        .into_iter()
+        .map(|(n, len)| {
+            let v = (0..len).map(|i| value(&n, i)).collect();
+            (n, v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Vec<u8> {
+        let config = EncoderConfig {
+            hidden: 32,
+            layers: 1,
+            heads: 2,
+            ffn: 64,
+            vocab: 8,
+            max_positions: 16,
+            type_vocab: 2,
+            eps: 1e-12,
+        };
+        let pieces: Vec<(String, f32)> = ["<s>", "<pad>", "</s>", "<unk>", "▁", "▁a", "b", "长"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.to_string(), -(i as f32)))
+            .collect();
+        let tensors = tensor_list(&config, |n, i| {
+            if n.ends_with("ln.w") {
+                1.0
+            } else {
+                (i % 7) as f32 * 0.01
+            }
+        });
+        write_f32(
+            &config,
+            &pieces,
+            [0, 2, 1, 3],
+            &[('\u{3000}', " ".into())],
+            &tensors,
+        )
+    }
+
+    #[test]
+    fn parses_what_it_writes_and_refuses_every_truncation() {
+        let b = tiny();
+        let f = EncoderFile::parse(&b).unwrap();
+        assert_eq!(f.config.hidden, 32);
+        assert_eq!(f.pieces[5].0, "▁a");
+        assert_eq!((f.bos, f.eos, f.pad, f.unk), (0, 2, 1, 3));
+        assert_eq!(f.normalize[&'\u{3000}'], " ");
+        assert_eq!(f.tensors.len(), 5 + 16);
+        for cut in (0..b.len()).step_by(13) {
+            assert!(EncoderFile::parse(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn hostile_fields_are_errors() {
+        let b = tiny();
+        // A negative layer count, a special token outside the vocabulary, a
+        // bias stored quantized: each a clear error, no panic.
+        let mut x = b.clone();
+        x[12..16].copy_from_slice(&(-1i32).to_le_bytes());
+        assert!(EncoderFile::parse(&x)
+            .unwrap_err()
+            .to_string()
+            .contains("layers"));
+        let mut x = b.clone();
+        let specials_at = 4 + 4 + 7 * 4 + 4 + 4 + 4;
+        x[specials_at..specials_at + 4].copy_from_slice(&99u32.to_le_bytes());
+        assert!(EncoderFile::parse(&x)
+            .unwrap_err()
+            .to_string()
+            .contains("special token"));
+        let pos = b.windows(6).position(|w| w == b"l0.q.b").unwrap();
+        let mut x = b.clone();
+        x[pos + 6] = 1; // type byte → Q4_0
+        let e = EncoderFile::parse(&x).unwrap_err().to_string();
+        assert!(e.contains("l0.q.b"), "{e}");
     }
 }

@@ -32,7 +32,9 @@ function freePort() {
 let server = null;
 let serverLog = "";
 async function startServer(port) {
-  server = spawn(BIN, ["serve", "--port", String(port), "--database-url", DB], { stdio: ["ignore", "pipe", "pipe"] });
+  // Knowledge bases of this run only (the model store is shared).
+  const env = { ...process.env, HANLIN_KB_DIR: path.join(dataDir, "kb") };
+  server = spawn(BIN, ["serve", "--port", String(port), "--database-url", DB], { stdio: ["ignore", "pipe", "pipe"], env });
   const ready = new Promise((resolve, reject) => {
     const onData = (d) => { serverLog += d; if (serverLog.includes("Hanlin is serving")) resolve(); };
     server.stdout.on("data", onData);

@@ -2,6 +2,7 @@
 //! serve, admin, bench).
 
 mod kb;
+mod train;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -100,6 +101,21 @@ enum Cmd {
         /// Print one JSON object (answer, citations, sources)
         #[arg(long)]
         json: bool,
+    },
+    /// Train your own GPT: tokenizer, pretraining (burn, CPU)
+    Train {
+        #[command(subcommand)]
+        cmd: train::TrainCmd,
+    },
+    /// Export a training run to a GGUF file the engine serves
+    Export {
+        /// Run directory (from `hanlin train pretrain -o`)
+        run: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Weight type: f32, f16 or q8_0
+        #[arg(long, default_value = "q8_0")]
+        quant: hanlin_train::export::Quant,
     },
     /// Measure prefill and decode speed and peak memory
     Bench {
@@ -438,6 +454,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(args) => serve(&store, threads, args),
         Cmd::Kb { cmd } => kb::run(&store, threads, cmd),
         Cmd::Feed { cmd } => kb::feed(&store, threads, cmd),
+        Cmd::Train { cmd } => train::run(cmd),
+        Cmd::Export { run, output, quant } => train::export_run(&run, &output, quant),
         Cmd::Ask {
             kbs,
             question,

@@ -1,0 +1,52 @@
+//! Training small GPTs on one machine with burn (CPU backend here; the
+//! model code is backend-independent): a byte-level BPE tokenizer
+//! ([`tokenizer`]), data packing ([`data`]), the GPT ([`model`]: RoPE,
+//! RMSNorm, SwiGLU, grouped-query attention, tied embeddings), pretraining
+//! with AdamW, warmup + cosine decay, gradient clipping, checkpoints that
+//! resume and loss curves ([`pretrain`], [`curves`]), and export to a GGUF
+//! file the engine serves ([`export`]).
+
+pub mod config;
+pub mod curves;
+pub mod data;
+pub mod export;
+pub mod model;
+pub mod pretrain;
+pub mod tokenizer;
+
+/// The burn version this crate is built with (for callers that pick devices).
+pub use burn;
+pub use config::{GptConfig, TrainConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("corpus: {0}")]
+    Corpus(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    #[error("the loss became {loss} at step {step}; training stopped (last good checkpoint: {checkpoint})")]
+    NotFinite {
+        step: usize,
+        loss: f32,
+        checkpoint: String,
+    },
+    #[error("the model needs about {needed_mb} MB to train but {available_mb} MB are available; use a smaller model, batch or sequence")]
+    TooBig { needed_mb: u64, available_mb: u64 },
+}
+
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}

@@ -1,0 +1,216 @@
+//! The trainer on tiny models: a model overfits one batch; gradients match
+//! finite differences; a pretraining run writes its curves, checkpoints and
+//! resumes exactly where it stopped; an exported GGUF gives the engine the
+//! same logits as the trainer.
+
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use hanlin_train::burn;
+use hanlin_train::config::{GptConfig, RunConfig};
+use hanlin_train::model::Gpt;
+
+fn tiny(vocab: usize) -> GptConfig {
+    GptConfig {
+        n_layer: 2,
+        d_model: 32,
+        n_head: 4,
+        n_head_kv: Some(2),
+        d_ff: 64,
+        context: 32,
+        vocab_size: vocab,
+        rope_base: 10000.0,
+        norm_eps: 1e-5,
+    }
+}
+
+fn windows(n: usize, len: usize, vocab: u32, seed: u32) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            (0..=len as u32)
+                .map(|j| (j * 7 + i as u32 * 13 + seed) % vocab)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_tiny_model_overfits_one_batch() {
+    let device = Device::default().autodiff();
+    device.seed(1);
+    let mut model = Gpt::new(&tiny(50), &device);
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let batch = windows(4, 16, 50, 3);
+    let first: f32 = model.loss(&batch, &device).into_scalar::<f32>();
+    let mut last = first;
+    for _ in 0..200 {
+        let loss = model.loss(&batch, &device);
+        last = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    assert!(first > 3.0, "starts near ln(50): {first}");
+    assert!(last < 0.05, "a single batch is memorised: {first} → {last}");
+}
+
+/// d(loss)/d(w) by autodiff against a central difference, for entries of
+/// the attention (RoPE, grouped heads, mask), feed-forward and embedding.
+#[test]
+fn gradients_match_finite_differences() {
+    let device = Device::default().autodiff();
+    device.seed(7);
+    let model = Gpt::new(&tiny(40), &device);
+    let batch = windows(2, 8, 40, 1);
+    let grads = model.loss(&batch, &device).backward();
+    type Pick = fn(&Gpt) -> &Param<Tensor<2>>;
+    let picks: [(&str, Pick); 5] = [
+        ("wq", |m| &m.blocks[0].wq.weight),
+        ("wk", |m| &m.blocks[1].wk.weight),
+        ("wv", |m| &m.blocks[0].wv.weight),
+        ("gate", |m| &m.blocks[1].gate.weight),
+        ("embed", |m| &m.embed.weight),
+    ];
+    let inner = device.clone().inner();
+    for (name, pick) in picks {
+        let p = pick(&model);
+        let g: Vec<f32> = p
+            .grad(&grads)
+            .expect("gradient")
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let w: Vec<f32> = p.val().into_data().try_to_vec().unwrap();
+        let dims = p.val().dims();
+        // The entry with the largest gradient (well above f32 noise).
+        let (i, gi) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .map(|(i, v)| (i, *v))
+            .unwrap();
+        let eps = 1e-2f32;
+        let at = |delta: f32| {
+            let mut w2 = w.clone();
+            w2[i] += delta;
+            let t = Tensor::<2>::from_data(TensorData::new(w2, dims), &inner);
+            let m = model.clone().valid();
+            let m = match name {
+                "wq" => {
+                    let mut m = m;
+                    m.blocks[0].wq.weight = Param::from_tensor(t);
+                    m
+                }
+                "wk" => {
+                    let mut m = m;
+                    m.blocks[1].wk.weight = Param::from_tensor(t);
+                    m
+                }
+                "wv" => {
+                    let mut m = m;
+                    m.blocks[0].wv.weight = Param::from_tensor(t);
+                    m
+                }
+                "gate" => {
+                    let mut m = m;
+                    m.blocks[1].gate.weight = Param::from_tensor(t);
+                    m
+                }
+                _ => {
+                    let mut m = m;
+                    m.embed.weight = Param::from_tensor(t);
+                    m
+                }
+            };
+            m.loss(&batch, &inner).into_scalar::<f32>()
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        let rel = (fd - gi).abs() / gi.abs().max(1e-6);
+        assert!(
+            rel < 0.05,
+            "{name}[{i}]: autodiff {gi} vs finite difference {fd}"
+        );
+    }
+}
+
+#[test]
+fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n";
+    for i in 0..6 {
+        std::fs::write(corpus.join(format!("{i}.txt")), poem.repeat(20)).unwrap();
+    }
+    std::fs::write(corpus.join("empty.txt"), "").unwrap();
+    std::fs::write(corpus.join("binary.txt"), [0xff, 0xfe, 0x00, 0x81]).unwrap();
+    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
+    let tok_path = dir.path().join("tok.json");
+    hanlin_train::tokenizer::save(&tok, &tok_path).unwrap();
+    let cfg = |steps: usize| {
+        RunConfig::from_toml(&format!(
+            "[model]\nn_layer=2\nd_model=32\nn_head=4\nn_head_kv=2\nd_ff=64\ncontext=32\n\
+             [train]\nsteps={steps}\nbatch_size=4\nlr=5e-3\nwarmup=5\neval_every=10\ncheckpoint_every=10\nval_fraction=0.1\n"
+        ))
+        .unwrap()
+    };
+    let out = dir.path().join("run");
+    let device = Device::default().autodiff();
+    let s =
+        hanlin_train::pretrain::run(cfg(20), &corpus, &tok_path, &out, &device, |_| {}).unwrap();
+    assert_eq!(s.skipped_files.len(), 2, "{:?}", s.skipped_files);
+    // Resume to 30 steps: starts at 20, the log has one row per step.
+    let mut first_step = None;
+    let s = hanlin_train::pretrain::run(cfg(30), &corpus, &tok_path, &out, &device, |p| {
+        first_step.get_or_insert(p.step);
+    })
+    .unwrap();
+    assert_eq!(first_step, Some(21), "resumed after the step-20 checkpoint");
+    let rows = hanlin_train::curves::read(&out.join("loss.csv")).unwrap();
+    assert_eq!(rows.len(), 30);
+    assert!(
+        rows.last().unwrap().1 < rows[0].1,
+        "the loss fell: {:?}",
+        (rows[0], rows.last())
+    );
+    assert!(std::fs::metadata(out.join("loss.png")).unwrap().len() > 1000);
+    eprintln!("{s:?}");
+    assert!(s.val_bpc.is_finite() && s.val_bpc < s.unigram_bpc, "{s:?}");
+
+    // Export and compare logits with the engine.
+    let (gc, model) = hanlin_train::pretrain::load_model(&out, &Device::default()).unwrap();
+    let gguf = dir.path().join("m.gguf");
+    hanlin_train::export::export(&model, &gc, &tok, &gguf, hanlin_train::export::Quant::F32)
+        .unwrap();
+    let engine = hanlin_engine::Model::load(&gguf).unwrap();
+    let ids: Vec<u32> = tok
+        .encode("举头望明月，低头", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let pool = hanlin_kernels::ThreadPool::new(2);
+    let mut cache = hanlin_engine::KvCache::new(gc.n_layer, engine.cfg.kv_dim(), 64);
+    let ours = engine
+        .forward(&pool, &ids, &mut cache, hanlin_engine::Logits::All)
+        .unwrap();
+    let input = Tensor::<2, Int>::from_data(
+        TensorData::new(
+            ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+            [1, ids.len()],
+        ),
+        &Device::default(),
+    );
+    let theirs: Vec<f32> = model.forward(input).into_data().try_to_vec().unwrap();
+    let max = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = theirs.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(
+        max < 0.02 * scale.max(1.0),
+        "engine vs trainer logits differ by {max} (scale {scale})"
+    );
+    // And the engine's tokenizer reads the exported vocabulary the same way.
+    let lm = hanlin_engine::LoadedModel::load(&gguf, 1).unwrap();
+    assert_eq!(lm.tokenizer.encode("举头望明月，低头", false).unwrap(), ids);
+}

@@ -507,7 +507,10 @@ function convKbs() {
 function renderKbToggle() {
   const names = convKbs();
   const b = $("#open-kb");
-  b.textContent = names.length ? t("searchOn", { names: names.join(", ") }) : t("searchOff");
+  const label = names.length ? t("searchOn", { names: names.join(", ") }) : t("searchOff");
+  // Phones show the icon only (the label is for wider screens and readers).
+  b.replaceChildren(el("span", { class: "kb-icon", "aria-hidden": "true", text: "🔎" }), el("span", { class: "kb-label", text: label }));
+  b.title = label;
   b.classList.toggle("on", names.length > 0);
 }
 

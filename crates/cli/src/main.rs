@@ -361,6 +361,17 @@ fn main() {
 /// (`port = 8080`, `database_url = "postgres://…"`, `max_batch = 8`).
 fn load_config_file() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // `hanlin train pretrain --config RUN.toml` names a training run's
+    // settings, not the server's.
+    if args
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        == Some("train")
+    {
+        return Ok(());
+    }
     let from_flag = args
         .iter()
         .position(|a| a == "--config")

@@ -276,36 +276,7 @@ impl EncoderFile {
     /// Every tensor the encoder needs is present with the right size.
     fn check_shapes(&self) -> Result<(), FormatError> {
         let c = &self.config;
-        let (h, f) = (c.hidden, c.ffn);
-        let mut want: Vec<(String, usize)> = vec![
-            ("emb.word".into(), c.vocab * h),
-            ("emb.pos".into(), c.max_positions * h),
-            ("emb.type".into(), c.type_vocab * h),
-            ("emb.ln.w".into(), h),
-            ("emb.ln.b".into(), h),
-        ];
-        for l in 0..c.layers {
-            for (s, n) in [
-                ("q.w", h * h),
-                ("q.b", h),
-                ("k.w", h * h),
-                ("k.b", h),
-                ("v.w", h * h),
-                ("v.b", h),
-                ("ao.w", h * h),
-                ("ao.b", h),
-                ("aln.w", h),
-                ("aln.b", h),
-                ("fi.w", f * h),
-                ("fi.b", f),
-                ("fo.w", h * f),
-                ("fo.b", h),
-                ("oln.w", h),
-                ("oln.b", h),
-            ] {
-                want.push((format!("l{l}.{s}"), n));
-            }
-        }
+        let want = expected_tensors(c);
         if self.pieces.len() > c.vocab {
             return Err(invalid(0, "more tokenizer pieces than embeddings"));
         }
@@ -406,11 +377,8 @@ pub fn write_f32(
     b
 }
 
-/// The tensors a tiny test encoder needs, filled by `value(name, i)`.
-pub fn tensor_list(
-    config: &EncoderConfig,
-    mut value: impl FnMut(&str, usize) -> f32,
-) -> Vec<(String, Vec<f32>)> {
+/// Every tensor an encoder of shape `config` has, with its element count.
+pub fn expected_tensors(config: &EncoderConfig) -> Vec<(String, usize)> {
     let (h, f) = (config.hidden, config.ffn);
     let mut names: Vec<(String, usize)> = vec![
         ("emb.word".into(), config.vocab * h),
@@ -442,6 +410,14 @@ pub fn tensor_list(
         }
     }
     names
+}
+
+/// The tensors a tiny test encoder needs, filled by `value(name, i)`.
+pub fn tensor_list(
+    config: &EncoderConfig,
+    mut value: impl FnMut(&str, usize) -> f32,
+) -> Vec<(String, Vec<f32>)> {
+    expected_tensors(config)
         .into_iter()
         .map(|(n, len)| {
             let v = (0..len).map(|i| value(&n, i)).collect();

@@ -521,8 +521,19 @@ fn database_url(store: &Store, db: &DbArgs) -> String {
         .unwrap_or_else(|| format!("sqlite://{}", store.home().join("hanlin.db").display()))
 }
 
-fn serve(store: &Store, threads: usize, a: ServeArgs) -> Result<()> {
-    // Fetch the default model on first run, like `chat`.
+fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
+    // A model file (e.g. from `hanlin export`) is copied into the store and
+    // served under its file name; a catalog model is fetched on first run.
+    let file = std::path::Path::new(&a.model);
+    if file.is_file() {
+        let name = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let m = store.import_file(&name, file)?;
+        eprintln!("serving {} as model {:?}", file.display(), m.name);
+        a.model = m.name;
+    }
     resolve(store, &a.model)?;
     let config = hanlin_server::Config {
         host: a.host.clone(),

@@ -196,6 +196,39 @@ impl Store {
         }
     }
 
+    /// Copy a local model file into the store as `name` (e.g. a model
+    /// exported by `hanlin export`, so that `hanlin serve` can serve it).
+    pub fn import_file(&self, name: &str, path: &Path) -> Result<Manifest, StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::BadName(name.to_string()));
+        }
+        let mut f =
+            std::fs::File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+        let mut w = blob::BlobWriter::new(self)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf)
+                .map_err(io_err(format!("reading {}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            w.write(&buf[..n])?;
+        }
+        let (sha256, size) = w.finish(self, None, name)?;
+        let m = Manifest {
+            name: name.to_string(),
+            sha256,
+            size,
+            source: format!("file:{}", path.display()),
+            pulled_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        self.put_manifest(&m)?;
+        Ok(m)
+    }
+
     /// Fetch a catalog model (or `hf:owner/repo/path/file.gguf`) into the store.
     pub fn pull(&self, name: &str, progress: bool) -> Result<Manifest, StoreError> {
         let (entry_name, source, sha) = if let Some(spec) = name.strip_prefix("hf:") {
@@ -279,6 +312,23 @@ mod tests {
             }),
             Err(StoreError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn a_local_file_is_imported_under_a_name() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = Store::open(dir.path().join("home")).expect("store");
+        let f = dir.path().join("mine.gguf");
+        std::fs::write(&f, b"GGUF model bytes").expect("write");
+        let m = s.import_file("mine", &f).expect("import");
+        assert_eq!(m.size, 16);
+        assert!(m.source.starts_with("file:"));
+        let p = s.path_of("mine").expect("store").expect("present");
+        assert_eq!(std::fs::read(p).expect("read"), b"GGUF model bytes");
+        assert!(s.import_file("../x", &f).is_err());
+        assert!(s
+            .import_file("y", &dir.path().join("missing.gguf"))
+            .is_err());
     }
 
     #[test]

@@ -366,9 +366,8 @@ fn load_config_file() -> Result<()> {
     if args
         .iter()
         .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(String::as_str)
-        == Some("train")
+        .take_while(|a| *a != "--config" && !a.starts_with("--config="))
+        .any(|a| a == "train")
     {
         return Ok(());
     }

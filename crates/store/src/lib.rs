@@ -215,11 +215,27 @@ impl Store {
             w.write(&buf[..n])?;
         }
         let (sha256, size) = w.finish(self, None, name)?;
-        let m = Manifest {
-            name: name.to_string(),
+        self.record(
+            name.to_string(),
             sha256,
             size,
-            source: format!("file:{}", path.display()),
+            format!("file:{}", path.display()),
+        )
+    }
+
+    /// Name a blob now in the store (a manifest stamped with the time).
+    fn record(
+        &self,
+        name: String,
+        sha256: String,
+        size: u64,
+        source: String,
+    ) -> Result<Manifest, StoreError> {
+        let m = Manifest {
+            name,
+            sha256,
+            size,
+            source,
             pulled_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -261,18 +277,7 @@ impl Store {
             }
             Source::HuggingFace(f) => hf::fetch(self, f, sha.as_deref(), progress)?,
         };
-        let m = Manifest {
-            name: entry_name,
-            sha256,
-            size,
-            source: source.describe(),
-            pulled_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
-        self.put_manifest(&m)?;
-        Ok(m)
+        self.record(entry_name, sha256, size, source.describe())
     }
 }
 

@@ -20,7 +20,8 @@ pub use config::{GptConfig, TrainConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{path}: {source}")]
+    // The cause is shown by the error chain (anyhow prints it after the path).
+    #[error("{path}")]
     Io {
         path: String,
         #[source]

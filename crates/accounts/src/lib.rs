@@ -215,9 +215,16 @@ impl Db {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if postgres { 16 } else { 4 })
-            // A database that is down fails a request in seconds (a 503)
-            // instead of holding it for the default 30.
-            .acquire_timeout(std::time::Duration::from_secs(3))
+            // A PostgreSQL server that is down fails a request in seconds (a
+            // 503) instead of holding it for the default 30. An SQLite file
+            // cannot be down, but a writer waits up to `busy_timeout` for
+            // the lock while holding its connection: the others must be able
+            // to wait as long, or a burst of writes under load turns into 503s.
+            .acquire_timeout(std::time::Duration::from_secs(if postgres {
+                3
+            } else {
+                15
+            }))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if !postgres {

@@ -151,7 +151,11 @@ impl ModelConfig {
                     n_expert_used: need(h, &k("expert_used_count"))?,
                     d_ff_expert: need(h, &k("feed_forward_length"))?,
                     d_ff_shared: None,
-                    norm_topk: true,
+                    // Mixtral renormalises; a Switch-style model says not to.
+                    norm_topk: h
+                        .get(&k("expert_weights_norm"))
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(true),
                 }),
                 _ => None,
             },

@@ -102,7 +102,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Train your own GPT: tokenizer, pretraining (burn, CPU)
+    /// Train your own GPT: tokenizer, pretraining, SFT, DPO, LoRA, evaluation (burn, CPU)
     Train {
         #[command(subcommand)]
         cmd: train::TrainCmd,
@@ -464,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(args) => serve(&store, threads, args),
         Cmd::Kb { cmd } => kb::run(&store, threads, cmd),
         Cmd::Feed { cmd } => kb::feed(&store, threads, cmd),
-        Cmd::Train { cmd } => train::run(cmd),
+        Cmd::Train { cmd } => train::run(&store, cmd),
         Cmd::Export { run, output, quant } => train::export_run(&run, &output, quant),
         Cmd::Ask {
             kbs,
@@ -729,7 +729,7 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
 }
 
 /// A model argument: an existing file, a pulled model, or a catalog name (pulled now).
-fn resolve(store: &Store, model: &str) -> Result<PathBuf> {
+pub(crate) fn resolve(store: &Store, model: &str) -> Result<PathBuf> {
     let p = PathBuf::from(model);
     if p.is_file() || p.join("config.json").is_file() {
         return Ok(p);

@@ -1,9 +1,13 @@
-//! `hanlin train …` (tokenizer, pretrain) and `hanlin export`.
+//! `hanlin train …` (tokenizer, pretrain, sft, dpo, lora, eval) and
+//! `hanlin export`.
 
-use anyhow::{Context, Result};
-use clap::Subcommand;
-use hanlin_train::config::RunConfig;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use hanlin_store::Store;
+use hanlin_train::config::{Optimizer, RunConfig, TrainConfig};
 use hanlin_train::export::Quant;
+use hanlin_train::finetune::{self, LoraOptions, Options};
+use hanlin_train::trainer::Progress;
 use hanlin_train::{export, pretrain, tokenizer};
 use std::path::{Path, PathBuf};
 
@@ -32,13 +36,242 @@ pub enum TrainCmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Supervised fine-tuning on conversations (JSONL "messages"); the loss
+    /// is on the assistant's turns only
+    Sft {
+        /// The run to start from
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        opts: FinetuneArgs,
+    },
+    /// Preference tuning (DPO) on JSONL pairs {"prompt", "chosen",
+    /// "rejected"}, against the starting model frozen as the reference
+    Dpo {
+        #[arg(long)]
+        from: PathBuf,
+        /// Strength of the KL constraint to the reference
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[command(flatten)]
+        opts: FinetuneArgs,
+    },
+    /// Adapt a GGUF foundation model with LoRA on text files or chat JSONL
+    /// (base weights frozen; the adapters are checkpointed on their own and
+    /// merged on export)
+    Lora {
+        /// A model name (pulled if needed) or GGUF file (llama architecture)
+        #[arg(long)]
+        base: String,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Projections to adapt (wq wk wv wo gate up down)
+        #[arg(long, value_delimiter = ',', default_value = "wq,wk,wv,wo")]
+        targets: Vec<String>,
+        #[command(flatten)]
+        opts: FinetuneArgs,
+    },
+    /// Evaluate a run on held-out data: perplexity and bits per byte on text
+    /// files, loss on the assistant's turns for chat JSONL; then samples
+    Eval {
+        run: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Prompts to continue (default: the start of the first documents)
+        #[arg(long)]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 48)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the figures as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Data and settings of a fine-tuning run.
+#[derive(Args)]
+pub struct FinetuneArgs {
+    /// A .jsonl file or a directory of them (LoRA: text files too)
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Stop at the first malformed line instead of skipping it
+    #[arg(long)]
+    strict: bool,
+    /// Training settings (TOML with a [train] table); the flags override it
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// adamw or muon
+    #[arg(long)]
+    optimizer: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl FinetuneArgs {
+    fn train_config(&self, default_steps: usize, default_lr: f64) -> Result<TrainConfig> {
+        let mut t = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                TrainConfig::from_toml(&text).with_context(|| format!("{}", p.display()))?
+            }
+            None => {
+                let mut t = TrainConfig::new(default_steps);
+                t.lr = default_lr;
+                t.warmup = (default_steps / 10).max(1);
+                t.eval_every = (default_steps / 8).max(1);
+                t.checkpoint_every = (default_steps / 4).max(1);
+                t.val_fraction = 0.1;
+                t.weight_decay = 0.0;
+                t
+            }
+        };
+        if let Some(s) = self.steps {
+            t.steps = s;
+            if self.config.is_none() {
+                t.warmup = (s / 10).max(1);
+                t.eval_every = (s / 8).max(1);
+                t.checkpoint_every = (s / 4).max(1);
+            }
+        }
+        if let Some(v) = self.lr {
+            t.lr = v;
+        }
+        if let Some(v) = self.batch_size {
+            t.batch_size = v;
+        }
+        if let Some(v) = self.seq_len {
+            t.seq_len = Some(v);
+        }
+        if let Some(v) = self.grad_accum {
+            t.grad_accum = v;
+        }
+        if let Some(v) = self.seed {
+            t.seed = v;
+        }
+        if let Some(o) = &self.optimizer {
+            t.optimizer = match o.as_str() {
+                "adamw" => Optimizer::AdamW,
+                "muon" => Optimizer::Muon,
+                _ => bail!("unknown optimizer {o:?} (adamw, muon)"),
+            };
+        }
+        if t.steps == 0 || t.batch_size == 0 {
+            bail!("steps and batch size must be positive");
+        }
+        Ok(t)
+    }
+
+    fn options(&self, steps: usize, lr: f64) -> Result<Options<'_>> {
+        Ok(Options {
+            data: &self.data,
+            strict: self.strict,
+            train: self.train_config(steps, lr)?,
+        })
+    }
 }
 
 fn device() -> hanlin_train::burn::tensor::Device {
     hanlin_train::burn::tensor::Device::default().autodiff()
 }
 
-pub fn run(cmd: TrainCmd) -> Result<()> {
+/// A progress bar fed by the training loop.
+fn bar(steps: usize) -> (indicatif::ProgressBar, impl FnMut(&Progress)) {
+    let pb = indicatif::ProgressBar::new(steps as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let p2 = pb.clone();
+    let f = move |p: &Progress| {
+        p2.set_position(p.step as u64);
+        let val = p
+            .val_loss
+            .map(|v| format!(" val {v:.3}"))
+            .unwrap_or_default();
+        let extra: String = p
+            .extra
+            .iter()
+            .map(|(k, v)| format!(" {k} {v:.3}"))
+            .collect();
+        p2.set_message(format!(
+            "loss {:.3}{val}{extra} lr {:.1e} {:.0} tok/s",
+            p.loss, p.lr, p.tokens_per_sec
+        ));
+    };
+    (pb, f)
+}
+
+fn report_rejected(lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    eprintln!("skipped {} malformed line(s):", lines.len());
+    for l in lines.iter().take(10) {
+        eprintln!("  {l}");
+    }
+    if lines.len() > 10 {
+        eprintln!("  … (all in summary.json)");
+    }
+}
+
+fn finish(s: &finetune::Summary, out: &Path) {
+    report_rejected(&s.rejected_lines);
+    println!(
+        "{} {} steps: loss {:.3}, held-out loss {:.3} ({} examples, {} held out); {:.0} tokens/s",
+        s.kind, s.steps, s.final_loss, s.val_loss, s.examples, s.held_out, s.tokens_per_sec
+    );
+    if s.truncated > 0 {
+        println!(
+            "{} example(s) longer than the sequence length were cut or left out",
+            s.truncated
+        );
+    }
+    if let Some(d) = &s.dpo {
+        println!(
+            "held-out preference accuracy {:.1}% → {:.1}%, mean reward margin {:.3} → {:.3} (beta {})",
+            d.accuracy_before * 100.0,
+            d.accuracy_after * 100.0,
+            d.margin_before,
+            d.margin_after,
+            d.beta
+        );
+    }
+    if let Some(l) = &s.lora {
+        println!(
+            "held-out perplexity {:.2} → {:.2} (loss {:.3} → {:.3}); {} trainable parameters",
+            l.perplexity_before,
+            l.perplexity_after,
+            l.val_loss_before,
+            l.val_loss_after,
+            l.trainable_parameters
+        );
+    }
+    println!(
+        "wrote {} (loss.csv, loss.png, summary.json, checkpoint/)",
+        out.display()
+    );
+}
+
+pub fn run(store: &Store, cmd: TrainCmd) -> Result<()> {
     match cmd {
         TrainCmd::Tokenizer {
             corpus,
@@ -62,31 +295,17 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let cfg = RunConfig::from_toml(&text)?;
-            let steps = cfg.train.steps as u64;
-            let pb = indicatif::ProgressBar::new(steps);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            let s = pretrain::run(cfg, &corpus, &tokenizer, &output, &device(), |p| {
-                pb.set_position(p.step as u64);
-                let val = p
-                    .val_loss
-                    .map(|v| format!(" val {v:.3}"))
-                    .unwrap_or_default();
-                pb.set_message(format!(
-                    "loss {:.3}{val} lr {:.1e} {:.0} tok/s",
-                    p.loss, p.lr, p.tokens_per_sec
-                ));
-            })?;
+            let (pb, f) = bar(cfg.train.steps);
+            let s = pretrain::run(cfg, &corpus, &tokenizer, &output, &device(), f)?;
             pb.finish_and_clear();
             println!(
                 "{} steps: loss {:.3}, validation loss {:.3} = {:.3} bits/char (unigram baseline {:.3}); {:.0} tokens/s; {} parameters",
                 s.steps, s.final_loss, s.val_loss, s.val_bpc, s.unigram_bpc, s.tokens_per_sec, s.parameters
             );
+            for (i, l) in s.expert_load.iter().enumerate() {
+                let l: Vec<String> = l.iter().map(|v| format!("{:.0}%", v * 100.0)).collect();
+                println!("layer {i} expert load: {}", l.join(" "));
+            }
             for f in &s.skipped_files {
                 eprintln!("skipped {f}");
             }
@@ -95,16 +314,81 @@ pub fn run(cmd: TrainCmd) -> Result<()> {
                 output.display()
             );
         }
+        TrainCmd::Sft { from, opts } => {
+            let o = opts.options(200, 1e-3)?;
+            let (pb, f) = bar(o.train.steps);
+            let s = finetune::sft(&from, &o, &opts.output, &device(), f)?;
+            pb.finish_and_clear();
+            finish(&s, &opts.output);
+        }
+        TrainCmd::Dpo { from, beta, opts } => {
+            let o = opts.options(100, 2e-4)?;
+            let (pb, f) = bar(o.train.steps);
+            let s = finetune::dpo(&from, &o, beta, &opts.output, &device(), f)?;
+            pb.finish_and_clear();
+            finish(&s, &opts.output);
+        }
+        TrainCmd::Lora {
+            base,
+            rank,
+            alpha,
+            targets,
+            opts,
+        } => {
+            let path = crate::resolve(store, &base)?;
+            let mut o = opts.options(100, 1e-3)?;
+            if opts.seq_len.is_none() && o.train.seq_len.is_none() {
+                o.train.seq_len = Some(256);
+            }
+            if opts.batch_size.is_none() && opts.config.is_none() {
+                o.train.batch_size = 4;
+            }
+            let lo = LoraOptions {
+                rank,
+                alpha,
+                targets,
+            };
+            let name = Path::new(&base)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or(base.clone());
+            let (pb, f) = bar(o.train.steps);
+            let s = finetune::lora(&path, &name, &lo, &o, &opts.output, &device(), f)?;
+            pb.finish_and_clear();
+            finish(&s, &opts.output);
+        }
+        TrainCmd::Eval {
+            run,
+            data,
+            prompt,
+            max_tokens,
+            seed,
+            json,
+        } => {
+            let e = finetune::evaluate(&run, &data, &prompt, max_tokens, seed)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+                return Ok(());
+            }
+            print!(
+                "{} tokens: loss {:.4}, perplexity {:.2}",
+                e.tokens, e.loss, e.perplexity
+            );
+            if let (Some(b), Some(c)) = (e.bits_per_byte, e.bits_per_char) {
+                print!(", {b:.3} bits/byte, {c:.3} bits/char");
+            }
+            println!();
+            for (p, s) in &e.samples {
+                println!("--- {}\n{s}", p.trim_end());
+            }
+        }
     }
     Ok(())
 }
 
 /// `hanlin export RUN -o FILE.gguf --quant TYPE`.
 pub fn export_run(run: &Path, output: &Path, quant: Quant) -> Result<()> {
-    let device = hanlin_train::burn::tensor::Device::default();
-    let (cfg, model) = pretrain::load_model(run, &device)?;
-    let tok = tokenizer::load(&run.join("tokenizer.json"))?;
-    export::export(&model, &cfg, &tok, output, quant)?;
+    export::export_run(run, output, quant)?;
     println!("wrote {} ({quant:?})", output.display());
     Ok(())
 }

@@ -22,6 +22,32 @@ pub struct GptConfig {
     pub rope_base: f32,
     #[serde(default = "default_eps")]
     pub norm_eps: f64,
+    /// Per-head RMSNorm of queries and keys before RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// A routed mixture of experts in place of each dense feed-forward.
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
+}
+
+/// Mixture-of-experts feed-forward: `experts` SwiGLU experts of `d_ff`
+/// each, `top_k` of them per token (1: Switch Transformer; 2: GShard).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    pub experts: usize,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Weight of the load-balancing loss.
+    #[serde(default = "default_aux")]
+    pub aux_weight: f64,
+}
+
+fn default_top_k() -> usize {
+    1
+}
+fn default_aux() -> f64 {
+    0.01
 }
 
 fn default_rope() -> f32 {
@@ -57,6 +83,14 @@ impl GptConfig {
                 self.kv_heads()
             ));
         }
+        if let Some(m) = &self.moe {
+            if m.experts < 2 || m.top_k == 0 || m.top_k > m.experts {
+                return bad(format!(
+                    "a mixture of {} experts cannot route each token to {}",
+                    m.experts, m.top_k
+                ));
+            }
+        }
         if self.context < 2 {
             return bad("context must be at least 2".into());
         }
@@ -65,16 +99,32 @@ impl GptConfig {
 
     /// Trainable parameters (embeddings tied to the output).
     pub fn parameters(&self) -> usize {
+        self.count(false)
+    }
+
+    /// Parameters one token goes through (a mixture of experts runs
+    /// `top_k` of its experts).
+    pub fn active_parameters(&self) -> usize {
+        self.count(true)
+    }
+
+    fn count(&self, active: bool) -> usize {
         let d = self.d_model;
         let kv = self.kv_heads() * self.head_dim();
-        let layer = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * self.d_ff;
+        let mlp = 3 * d * self.d_ff;
+        let ffn = match &self.moe {
+            None => mlp,
+            Some(m) => d * m.experts + mlp * if active { m.top_k } else { m.experts },
+        };
+        let qk = if self.qk_norm { 2 * self.head_dim() } else { 0 };
+        let layer = 2 * d + d * d + 2 * d * kv + d * d + ffn + qk;
         self.vocab_size * d + self.n_layer * layer + d
     }
 
-    /// Multiply-adds per trained token, forward and backward (≈ 6 × params
-    /// plus attention), for tokens/s → FLOP/s.
+    /// Multiply-adds per trained token, forward and backward (≈ 6 × active
+    /// params plus attention), for tokens/s → FLOP/s.
     pub fn flops_per_token(&self, seq: usize) -> f64 {
-        6.0 * self.parameters() as f64 + 12.0 * (self.n_layer * self.d_model * seq) as f64
+        6.0 * self.active_parameters() as f64 + 12.0 * (self.n_layer * self.d_model * seq) as f64
     }
 }
 
@@ -108,6 +158,25 @@ pub struct TrainConfig {
     /// Share of the corpus held out for validation.
     #[serde(default = "d_val")]
     pub val_fraction: f64,
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    /// Micro-batches whose gradients are summed before each update.
+    #[serde(default = "d_accum")]
+    pub grad_accum: usize,
+}
+
+/// AdamW for everything, or Muon (momentum + Newton–Schulz
+/// orthogonalisation) for the blocks' matrices with AdamW for the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    #[default]
+    AdamW,
+    Muon,
+}
+
+fn d_accum() -> usize {
+    1
 }
 
 fn d_batch() -> usize {
@@ -139,6 +208,26 @@ fn d_val() -> f64 {
 }
 
 impl TrainConfig {
+    /// The defaults, for `steps` steps.
+    pub fn new(steps: usize) -> Self {
+        Self {
+            batch_size: d_batch(),
+            seq_len: None,
+            steps,
+            lr: d_lr(),
+            min_lr: None,
+            warmup: d_warmup(),
+            weight_decay: d_wd(),
+            grad_clip: d_clip(),
+            seed: d_seed(),
+            eval_every: d_eval(),
+            checkpoint_every: d_ckpt(),
+            val_fraction: d_val(),
+            optimizer: Optimizer::AdamW,
+            grad_accum: d_accum(),
+        }
+    }
+
     /// The learning rate at `step`: linear warmup, then cosine decay to
     /// `min_lr` (default a tenth of `lr`) at the last step.
     pub fn lr_at(&self, step: usize) -> f64 {
@@ -149,6 +238,25 @@ impl TrainConfig {
         let span = self.steps.saturating_sub(self.warmup).max(1);
         let p = ((step - self.warmup) as f64 / span as f64).min(1.0);
         min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
+impl TrainConfig {
+    /// The `[train]` table of a TOML file (other tables are ignored).
+    pub fn from_toml(text: &str) -> Result<Self, TrainError> {
+        #[derive(Deserialize)]
+        struct Only {
+            train: TrainConfig,
+        }
+        let v: toml::Table = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
+        let t = v
+            .get("train")
+            .cloned()
+            .ok_or_else(|| TrainError::Config("no [train] table".into()))?;
+        let only: Only = toml::Value::Table(toml::Table::from_iter([("train".to_string(), t)]))
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
+        Ok(only.train)
     }
 }
 

@@ -3,11 +3,10 @@
 //! parts, and cut into windows. The windows of step `s` depend only on the
 //! seed and `s`, so a resumed run sees exactly the batches it would have.
 
-use crate::tokenizer::{corpus_files, END_OF_TEXT};
+use crate::tokenizer::{corpus_files, Tok};
 use crate::TrainError;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use tokenizers::Tokenizer;
 
 pub struct Dataset {
     pub train: Vec<u32>,
@@ -20,10 +19,8 @@ pub struct Dataset {
 
 impl Dataset {
     /// Tokenize the corpus; the last `val_fraction` of the stream is held out.
-    pub fn load(corpus: &Path, tok: &Tokenizer, val_fraction: f64) -> Result<Self, TrainError> {
-        let eot = tok
-            .token_to_id(END_OF_TEXT)
-            .ok_or_else(|| TrainError::Tokenizer(format!("no {END_OF_TEXT} token")))?;
+    pub fn load(corpus: &Path, tok: &Tok, val_fraction: f64) -> Result<Self, TrainError> {
+        let eot = tok.end_of_text()?;
         let mut ids = Vec::new();
         let mut chars: Vec<(usize, usize)> = Vec::new(); // (token end, chars so far)
         let mut total_chars = 0usize;
@@ -38,10 +35,7 @@ impl Dataset {
                 skipped.push(format!("{}: empty", f.display()));
                 continue;
             }
-            let enc = tok
-                .encode(text.as_str(), false)
-                .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
-            ids.extend_from_slice(enc.get_ids());
+            ids.extend_from_slice(&tok.encode(&text)?);
             ids.push(eot);
             total_chars += text.chars().count();
             chars.push((ids.len(), total_chars));

@@ -4,7 +4,7 @@
 //! `hanlin run` and `hanlin serve` load it like any downloaded model.
 
 use crate::config::GptConfig;
-use crate::model::Gpt;
+use crate::model::{Gpt, Proj};
 use crate::{io_err, TrainError};
 use burn::tensor::Tensor;
 use hanlin_formats::writer::{write_gguf, WriteTensor};
@@ -72,94 +72,34 @@ fn tensor(name: String, cols: usize, rows: usize, v: &[f32], q: Quant) -> WriteT
     }
 }
 
-/// A linear layer's weight as GGUF rows (burn keeps `[d_in, d_out]`).
-fn linear(name: String, l: &burn::nn::Linear, q: Quant) -> Result<WriteTensor, TrainError> {
-    let w = l.weight.val();
+/// A projection's weight (adapter merged) as GGUF rows (burn keeps
+/// `[d_in, d_out]`).
+fn linear(name: String, p: &Proj, q: Quant) -> Result<WriteTensor, TrainError> {
+    let w = p.merged();
     let [d_in, d_out] = w.dims();
     Ok(tensor(name, d_in, d_out, &values(w.transpose())?, q))
 }
 
-/// Write `model` (shape `c`, tokenizer `tok`) to `path`.
-pub fn export(
-    model: &Gpt,
-    c: &GptConfig,
-    tok: &Tokenizer,
-    path: &Path,
-    q: Quant,
-) -> Result<(), TrainError> {
+/// The experts' matrices of one kind stacked as one GGUF tensor
+/// `[cols, rows, experts]`.
+fn experts(name: String, ps: &[&Proj], q: Quant) -> Result<WriteTensor, TrainError> {
+    let mut all = Vec::new();
+    let (mut cols, mut rows) = (0, 0);
+    for p in ps {
+        let w = p.merged();
+        [cols, rows] = w.dims();
+        all.extend(values(w.transpose())?);
+    }
+    let mut t = tensor(name, cols, rows * ps.len(), &all, q);
+    t.dims = vec![cols as u64, rows as u64, ps.len() as u64];
+    Ok(t)
+}
+
+/// Tokenizer metadata for a byte-level BPE tokenizer trained here.
+pub fn bpe_metadata(tok: &Tokenizer) -> Result<Vec<(String, Value)>, TrainError> {
     let (vocab, merges) = crate::tokenizer::vocab_and_merges(tok)?;
-    if vocab.len() != c.vocab_size {
-        return Err(TrainError::Tokenizer(format!(
-            "the tokenizer has {} tokens, the model {}",
-            vocab.len(),
-            c.vocab_size
-        )));
-    }
-    let blk = |i: usize, t: &str| format!("blk.{i}.{t}");
-    let d = c.d_model;
-    let mut ts = vec![
-        tensor(
-            "token_embd.weight".into(),
-            d,
-            c.vocab_size,
-            &values(model.embed.weight.val())?,
-            q,
-        ),
-        tensor(
-            "output_norm.weight".into(),
-            d,
-            1,
-            &values(model.norm.gamma.val())?,
-            Quant::F32,
-        ),
-    ];
-    for (i, b) in model.blocks.iter().enumerate() {
-        ts.push(tensor(
-            blk(i, "attn_norm.weight"),
-            d,
-            1,
-            &values(b.attn_norm.gamma.val())?,
-            Quant::F32,
-        ));
-        ts.push(linear(blk(i, "attn_q.weight"), &b.wq, q)?);
-        ts.push(linear(blk(i, "attn_k.weight"), &b.wk, q)?);
-        ts.push(linear(blk(i, "attn_v.weight"), &b.wv, q)?);
-        ts.push(linear(blk(i, "attn_output.weight"), &b.wo, q)?);
-        ts.push(tensor(
-            blk(i, "ffn_norm.weight"),
-            d,
-            1,
-            &values(b.ffn_norm.gamma.val())?,
-            Quant::F32,
-        ));
-        ts.push(linear(blk(i, "ffn_gate.weight"), &b.gate, q)?);
-        ts.push(linear(blk(i, "ffn_up.weight"), &b.up, q)?);
-        ts.push(linear(blk(i, "ffn_down.weight"), &b.down, q)?);
-    }
     let id = |s: &str| vocab.iter().position(|v| v == s).map(|i| i as u32);
-    let u = |v: usize| Value::U32(v as u32);
     let mut md = vec![
-        (
-            "general.architecture".to_string(),
-            Value::String("llama".into()),
-        ),
-        (
-            "general.name".to_string(),
-            Value::String("hanlin-trained".into()),
-        ),
-        ("llama.block_count".to_string(), u(c.n_layer)),
-        ("llama.embedding_length".to_string(), u(d)),
-        ("llama.feed_forward_length".to_string(), u(c.d_ff)),
-        ("llama.attention.head_count".to_string(), u(c.n_head)),
-        ("llama.attention.head_count_kv".to_string(), u(c.kv_heads())),
-        ("llama.context_length".to_string(), u(c.context)),
-        ("llama.vocab_size".to_string(), u(c.vocab_size)),
-        ("llama.rope.dimension_count".to_string(), u(c.head_dim())),
-        ("llama.rope.freq_base".to_string(), Value::F32(c.rope_base)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".to_string(),
-            Value::F32(c.norm_eps as f32),
-        ),
         (
             "tokenizer.ggml.model".to_string(),
             Value::String("gpt2".into()),
@@ -167,10 +107,6 @@ pub fn export(
         (
             "tokenizer.ggml.pre".to_string(),
             Value::String("qwen2".into()),
-        ),
-        (
-            "tokenizer.ggml.tokens".to_string(),
-            Value::Array(vocab.iter().map(|t| Value::String(t.clone())).collect()),
         ),
         (
             "tokenizer.ggml.token_type".to_string(),
@@ -188,6 +124,10 @@ pub fn export(
             ),
         ),
         (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(vocab.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
             "tokenizer.ggml.merges".to_string(),
             Value::Array(merges.into_iter().map(Value::String).collect()),
         ),
@@ -202,6 +142,150 @@ pub fn export(
     if let Some(e) = id("<|im_end|>") {
         md.push(("tokenizer.ggml.eot_token_id".to_string(), Value::U32(e)));
     }
+    Ok(md)
+}
+
+/// The tokenizer metadata (and chat template) of a GGUF file, to carry
+/// over to a model fine-tuned from it.
+pub fn gguf_tokenizer_metadata(path: &Path) -> Result<Vec<(String, Value)>, TrainError> {
+    let f = hanlin_formats::GgufFile::open(path).map_err(|e| TrainError::Checkpoint {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(f.header
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
+/// Export the run in `dir` (its last checkpoint; a LoRA run merged into its
+/// base) to `path`.
+pub fn export_run(dir: &Path, path: &Path, q: Quant) -> Result<(), TrainError> {
+    let device = burn::tensor::Device::default();
+    let r = crate::run::load(dir, &device)?;
+    let (md, name) = match (&r.lora, &r.tok) {
+        (Some(info), _) => (
+            gguf_tokenizer_metadata(&info.base)?,
+            format!("{}-lora", info.base_name),
+        ),
+        (None, crate::tokenizer::Tok::Bpe(t)) => (bpe_metadata(t)?, "hanlin-trained".into()),
+        (None, crate::tokenizer::Tok::Gguf(_)) => {
+            return Err(TrainError::Tokenizer(
+                "the run has no tokenizer.json".into(),
+            ))
+        }
+    };
+    export(&r.model, &r.cfg.model, md, &name, path, q)
+}
+
+/// Write `model` (shape `c`, tokenizer metadata `tok_md`) to `path`.
+pub fn export(
+    model: &Gpt,
+    c: &GptConfig,
+    tok_md: Vec<(String, Value)>,
+    name: &str,
+    path: &Path,
+    q: Quant,
+) -> Result<(), TrainError> {
+    let n_tokens = tok_md
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        .and_then(|(_, v)| v.as_array())
+        .map_or(0, |a| a.len());
+    if n_tokens != c.vocab_size {
+        return Err(TrainError::Tokenizer(format!(
+            "the tokenizer has {n_tokens} tokens, the model {}",
+            c.vocab_size
+        )));
+    }
+    let blk = |i: usize, t: &str| format!("blk.{i}.{t}");
+    let d = c.d_model;
+    let f32v = |name: String, n: usize, t: Tensor<1>| -> Result<WriteTensor, TrainError> {
+        Ok(tensor(name, n, 1, &values(t)?, Quant::F32))
+    };
+    let mut ts = vec![
+        tensor(
+            "token_embd.weight".into(),
+            d,
+            c.vocab_size,
+            &values(model.embed.weight.val())?,
+            q,
+        ),
+        f32v("output_norm.weight".into(), d, model.norm.gamma.val())?,
+    ];
+    for (i, b) in model.blocks.iter().enumerate() {
+        ts.push(f32v(
+            blk(i, "attn_norm.weight"),
+            d,
+            b.attn_norm.gamma.val(),
+        )?);
+        ts.push(linear(blk(i, "attn_q.weight"), &b.wq, q)?);
+        ts.push(linear(blk(i, "attn_k.weight"), &b.wk, q)?);
+        ts.push(linear(blk(i, "attn_v.weight"), &b.wv, q)?);
+        ts.push(linear(blk(i, "attn_output.weight"), &b.wo, q)?);
+        if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
+            ts.push(f32v(
+                blk(i, "attn_q_norm.weight"),
+                c.head_dim(),
+                qn.gamma.val(),
+            )?);
+            ts.push(f32v(
+                blk(i, "attn_k_norm.weight"),
+                c.head_dim(),
+                kn.gamma.val(),
+            )?);
+        }
+        ts.push(f32v(blk(i, "ffn_norm.weight"), d, b.ffn_norm.gamma.val())?);
+        if let Some(m) = &b.mlp {
+            ts.push(linear(blk(i, "ffn_gate.weight"), &m.gate, q)?);
+            ts.push(linear(blk(i, "ffn_up.weight"), &m.up, q)?);
+            ts.push(linear(blk(i, "ffn_down.weight"), &m.down, q)?);
+        }
+        if let Some(m) = &b.moe {
+            // The router stays f32: its small differences pick experts.
+            ts.push(linear(
+                blk(i, "ffn_gate_inp.weight"),
+                &m.router,
+                Quant::F32,
+            )?);
+            let g: Vec<&Proj> = m.experts.iter().map(|e| &e.gate).collect();
+            let u: Vec<&Proj> = m.experts.iter().map(|e| &e.up).collect();
+            let dn: Vec<&Proj> = m.experts.iter().map(|e| &e.down).collect();
+            ts.push(experts(blk(i, "ffn_gate_exps.weight"), &g, q)?);
+            ts.push(experts(blk(i, "ffn_up_exps.weight"), &u, q)?);
+            ts.push(experts(blk(i, "ffn_down_exps.weight"), &dn, q)?);
+        }
+    }
+    let u = |v: usize| Value::U32(v as u32);
+    let mut md = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("general.name".to_string(), Value::String(name.into())),
+        ("llama.block_count".to_string(), u(c.n_layer)),
+        ("llama.embedding_length".to_string(), u(d)),
+        ("llama.feed_forward_length".to_string(), u(c.d_ff)),
+        ("llama.attention.head_count".to_string(), u(c.n_head)),
+        ("llama.attention.head_count_kv".to_string(), u(c.kv_heads())),
+        ("llama.context_length".to_string(), u(c.context)),
+        ("llama.vocab_size".to_string(), u(c.vocab_size)),
+        ("llama.rope.dimension_count".to_string(), u(c.head_dim())),
+        ("llama.rope.freq_base".to_string(), Value::F32(c.rope_base)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".to_string(),
+            Value::F32(c.norm_eps as f32),
+        ),
+    ];
+    if let Some(m) = &c.moe {
+        md.push(("llama.expert_count".to_string(), u(m.experts)));
+        md.push(("llama.expert_used_count".to_string(), u(m.top_k)));
+        // Switch-style weights: the router's probabilities, not renormalised.
+        md.push(("llama.expert_weights_norm".to_string(), Value::Bool(false)));
+    }
+    md.extend(tok_md);
     let tmp = path.with_extension("gguf.tmp");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
     write_gguf(&mut f, &md, &ts).map_err(io_err(&tmp))?;

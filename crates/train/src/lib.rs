@@ -1,18 +1,26 @@
 //! Training small GPTs on one machine with burn (CPU backend here; the
 //! model code is backend-independent): a byte-level BPE tokenizer
-//! ([`tokenizer`]), data packing ([`data`]), the GPT ([`model`]: RoPE,
-//! RMSNorm, SwiGLU, grouped-query attention, tied embeddings), pretraining
-//! with AdamW, warmup + cosine decay, gradient clipping, checkpoints that
-//! resume and loss curves ([`pretrain`], [`curves`]), and export to a GGUF
-//! file the engine serves ([`export`]).
+//! ([`tokenizer`]), data packing ([`data`], [`chat`]), the GPT ([`model`]:
+//! RoPE, RMSNorm, SwiGLU, grouped-query attention, tied embeddings,
+//! optional QK-norm, dense or mixture-of-experts feed-forward, LoRA
+//! adapters), one training loop ([`trainer`]: AdamW or Muon, warmup +
+//! cosine decay, clipping, accumulation, checkpoints that resume, loss
+//! curves [`curves`]) driven by pretraining ([`pretrain`]) and fine-tuning
+//! ([`finetune`]: SFT, DPO, LoRA, evaluation), run directories and GGUF
+//! base models ([`run`]), and export to a GGUF file the engine serves
+//! ([`export`]).
 
+pub mod chat;
 pub mod config;
 pub mod curves;
 pub mod data;
 pub mod export;
+pub mod finetune;
 pub mod model;
 pub mod pretrain;
+pub mod run;
 pub mod tokenizer;
+pub mod trainer;
 
 /// The burn version this crate is built with (for callers that pick devices).
 pub use burn;

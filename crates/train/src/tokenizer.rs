@@ -118,6 +118,52 @@ pub fn load(path: &Path) -> Result<Tokenizer, TrainError> {
         .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))
 }
 
+/// The tokenizer a run trains with: one trained here (`tokenizer.json`), or
+/// the one inside a GGUF base model (LoRA).
+pub enum Tok {
+    Bpe(Box<Tokenizer>),
+    Gguf(Box<hanlin_tokenizer::Tokenizer>),
+}
+
+impl Tok {
+    /// Token ids of `text`; special tokens written in it (`<|im_start|>`)
+    /// become their ids. No beginning-of-text token is added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TrainError> {
+        match self {
+            Tok::Bpe(t) => Ok(t.encode(text, false).map_err(err)?.get_ids().to_vec()),
+            Tok::Gguf(t) => t.encode(text, false).map_err(err),
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Tok::Bpe(t) => t.decode(ids, false).unwrap_or_default(),
+            Tok::Gguf(t) => t.decode(ids),
+        }
+    }
+
+    pub fn id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tok::Bpe(t) => t.token_to_id(token),
+            Tok::Gguf(t) => (0..t.vocab_size() as u32).find(|&i| t.token_str(i) == Some(token)),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tok::Bpe(t) => t.get_vocab_size(true),
+            Tok::Gguf(t) => t.vocab_size(),
+        }
+    }
+
+    /// The token that ends a document: `<|endoftext|>`, else `</s>`.
+    pub fn end_of_text(&self) -> Result<u32, TrainError> {
+        self.id(END_OF_TEXT)
+            .or_else(|| self.id("</s>"))
+            .ok_or_else(|| err(format!("no {END_OF_TEXT} token")))
+    }
+}
+
 /// The vocabulary by id and the merges ("a b"), as GGUF stores them.
 pub fn vocab_and_merges(t: &Tokenizer) -> Result<(Vec<String>, Vec<String>), TrainError> {
     let v: serde_json::Value =

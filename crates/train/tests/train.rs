@@ -7,7 +7,7 @@ use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use hanlin_train::burn;
-use hanlin_train::config::{GptConfig, RunConfig};
+use hanlin_train::config::{GptConfig, MoeConfig, RunConfig};
 use hanlin_train::model::Gpt;
 
 fn tiny(vocab: usize) -> GptConfig {
@@ -21,6 +21,8 @@ fn tiny(vocab: usize) -> GptConfig {
         vocab_size: vocab,
         rope_base: 10000.0,
         norm_eps: 1e-5,
+        qk_norm: false,
+        moe: None,
     }
 }
 
@@ -53,26 +55,18 @@ fn a_tiny_model_overfits_one_batch() {
     assert!(last < 0.05, "a single batch is memorised: {first} → {last}");
 }
 
-/// d(loss)/d(w) by autodiff against a central difference, for entries of
-/// the attention (RoPE, grouped heads, mask), feed-forward and embedding.
-#[test]
-fn gradients_match_finite_differences() {
+type Pick = fn(&mut Gpt) -> &mut Param<Tensor<2>>;
+
+/// d(loss)/d(w) by autodiff against a central difference at the entry of
+/// each picked weight with the largest gradient.
+fn check_gradients(model: Gpt, picks: &[(&str, Pick)], aux: f64, eps: f32) {
     let device = Device::default().autodiff();
-    device.seed(7);
-    let model = Gpt::new(&tiny(40), &device);
     let batch = windows(2, 8, 40, 1);
-    let grads = model.loss(&batch, &device).backward();
-    type Pick = fn(&Gpt) -> &Param<Tensor<2>>;
-    let picks: [(&str, Pick); 5] = [
-        ("wq", |m| &m.blocks[0].wq.weight),
-        ("wk", |m| &m.blocks[1].wk.weight),
-        ("wv", |m| &m.blocks[0].wv.weight),
-        ("gate", |m| &m.blocks[1].gate.weight),
-        ("embed", |m| &m.embed.weight),
-    ];
+    let mut model = model;
+    let grads = model.loss_full(&batch, &device, aux).0.backward();
     let inner = device.clone().inner();
     for (name, pick) in picks {
-        let p = pick(&model);
+        let p = pick(&mut model);
         let g: Vec<f32> = p
             .grad(&grads)
             .expect("gradient")
@@ -81,47 +75,20 @@ fn gradients_match_finite_differences() {
             .unwrap();
         let w: Vec<f32> = p.val().into_data().try_to_vec().unwrap();
         let dims = p.val().dims();
-        // The entry with the largest gradient (well above f32 noise).
         let (i, gi) = g
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .map(|(i, v)| (i, *v))
             .unwrap();
-        let eps = 1e-2f32;
+        assert!(gi.abs() > 1e-5, "{name}: no gradient");
         let at = |delta: f32| {
             let mut w2 = w.clone();
             w2[i] += delta;
             let t = Tensor::<2>::from_data(TensorData::new(w2, dims), &inner);
-            let m = model.clone().valid();
-            let m = match name {
-                "wq" => {
-                    let mut m = m;
-                    m.blocks[0].wq.weight = Param::from_tensor(t);
-                    m
-                }
-                "wk" => {
-                    let mut m = m;
-                    m.blocks[1].wk.weight = Param::from_tensor(t);
-                    m
-                }
-                "wv" => {
-                    let mut m = m;
-                    m.blocks[0].wv.weight = Param::from_tensor(t);
-                    m
-                }
-                "gate" => {
-                    let mut m = m;
-                    m.blocks[1].gate.weight = Param::from_tensor(t);
-                    m
-                }
-                _ => {
-                    let mut m = m;
-                    m.embed.weight = Param::from_tensor(t);
-                    m
-                }
-            };
-            m.loss(&batch, &inner).into_scalar::<f32>()
+            let mut m = model.clone().valid();
+            *pick(&mut m) = Param::from_tensor(t);
+            m.loss_full(&batch, &inner, aux).0.into_scalar::<f32>()
         };
         let fd = (at(eps) - at(-eps)) / (2.0 * eps);
         let rel = (fd - gi).abs() / gi.abs().max(1e-6);
@@ -130,6 +97,93 @@ fn gradients_match_finite_differences() {
             "{name}[{i}]: autodiff {gi} vs finite difference {fd}"
         );
     }
+}
+
+/// The attention (RoPE, grouped heads, mask, QK-norm), feed-forward,
+/// embedding and LoRA factors.
+#[test]
+fn gradients_match_finite_differences() {
+    let device = Device::default().autodiff();
+    device.seed(7);
+    let mut c = tiny(40);
+    c.qk_norm = true;
+    let model = Gpt::new(&c, &device);
+    let picks: [(&str, Pick); 5] = [
+        ("wq", |m| &mut m.blocks[0].wq.weight),
+        ("wk", |m| &mut m.blocks[1].wk.weight),
+        ("wv", |m| &mut m.blocks[0].wv.weight),
+        ("gate", |m| {
+            &mut m.blocks[1].mlp.as_mut().unwrap().gate.weight
+        }),
+        ("embed", |m| &mut m.embed.weight),
+    ];
+    check_gradients(model.clone(), &picks, 0.0, 1e-2);
+    // LoRA: B starts at zero (so A has no gradient yet); give it values.
+    let mut lora = model.with_lora(4, 8.0, &["wq".into(), "up".into()]);
+    for b in &mut lora.blocks {
+        if let Some(l) = &mut b.wq.lora {
+            l.b = Param::from_tensor(Tensor::random(
+                [4, 32],
+                burn::tensor::Distribution::Normal(0.0, 0.05),
+                &device,
+            ));
+        }
+    }
+    let picks: [(&str, Pick); 3] = [
+        ("lora a", |m| &mut m.blocks[0].wq.lora.as_mut().unwrap().a),
+        ("lora b", |m| &mut m.blocks[1].wq.lora.as_mut().unwrap().b),
+        ("lora up b", |m| {
+            &mut m.blocks[0]
+                .mlp
+                .as_mut()
+                .unwrap()
+                .up
+                .lora
+                .as_mut()
+                .unwrap()
+                .b
+        }),
+    ];
+    check_gradients(lora.clone(), &picks, 0.0, 1e-2);
+    // The frozen base has no gradient.
+    let batch = windows(2, 8, 40, 1);
+    let grads = lora.loss(&batch, &device).backward();
+    assert!(lora.blocks[0].wq.weight.grad(&grads).is_none());
+    assert!(lora.embed.weight.grad(&grads).is_none());
+}
+
+/// The mixture of experts: the router (through the weights and the
+/// load-balancing loss) and an expert.
+#[test]
+fn moe_gradients_match_finite_differences() {
+    let device = Device::default().autodiff();
+    device.seed(3);
+    let mut c = tiny(40);
+    c.moe = Some(MoeConfig {
+        experts: 4,
+        top_k: 2,
+        aux_weight: 0.1,
+    });
+    let model = Gpt::new(&c, &device);
+    // The router with a small step: a larger one can change which experts
+    // tokens go to, which the derivative does not see.
+    check_gradients(
+        model.clone(),
+        &[("router", |m| {
+            &mut m.blocks[0].moe.as_mut().unwrap().router.weight
+        })],
+        1.0,
+        2.5e-3,
+    );
+    let picks: [(&str, Pick); 2] = [
+        ("expert gate", |m| {
+            &mut m.blocks[1].moe.as_mut().unwrap().experts[1].gate.weight
+        }),
+        ("expert down", |m| {
+            &mut m.blocks[0].moe.as_mut().unwrap().experts[2].down.weight
+        }),
+    ];
+    check_gradients(model, &picks, 1.0, 1e-2);
 }
 
 #[test]
@@ -177,20 +231,24 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
     assert!(s.val_bpc.is_finite() && s.val_bpc < s.unigram_bpc, "{s:?}");
 
     // Export and compare logits with the engine.
-    let (gc, model) = hanlin_train::pretrain::load_model(&out, &Device::default()).unwrap();
     let gguf = dir.path().join("m.gguf");
-    hanlin_train::export::export(&model, &gc, &tok, &gguf, hanlin_train::export::Quant::F32)
-        .unwrap();
-    let engine = hanlin_engine::Model::load(&gguf).unwrap();
-    let ids: Vec<u32> = tok
-        .encode("举头望明月，低头", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    hanlin_train::export::export_run(&out, &gguf, hanlin_train::export::Quant::F32).unwrap();
+    let r = hanlin_train::run::load(&out, &Device::default()).unwrap();
+    let ids = r.tok.encode("举头望明月，低头").unwrap();
+    assert_same_logits(&r.model, &gguf, &ids);
+    // And the engine's tokenizer reads the exported vocabulary the same way.
+    let lm = hanlin_engine::LoadedModel::load(&gguf, 1).unwrap();
+    assert_eq!(lm.tokenizer.encode("举头望明月，低头", false).unwrap(), ids);
+}
+
+/// The engine running `gguf` gives the trainer's logits for `ids`.
+fn assert_same_logits(model: &Gpt, gguf: &std::path::Path, ids: &[u32]) {
+    let engine = hanlin_engine::Model::load(gguf).unwrap();
     let pool = hanlin_kernels::ThreadPool::new(2);
-    let mut cache = hanlin_engine::KvCache::new(gc.n_layer, engine.cfg.kv_dim(), 64);
+    let mut cache =
+        hanlin_engine::KvCache::new(engine.cfg.n_layer, engine.cfg.kv_dim(), ids.len() + 1);
     let ours = engine
-        .forward(&pool, &ids, &mut cache, hanlin_engine::Logits::All)
+        .forward(&pool, ids, &mut cache, hanlin_engine::Logits::All)
         .unwrap();
     let input = Tensor::<2, Int>::from_data(
         TensorData::new(
@@ -199,7 +257,14 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
         ),
         &Device::default(),
     );
-    let theirs: Vec<f32> = model.forward(input).into_data().try_to_vec().unwrap();
+    let theirs: Vec<f32> = model
+        .clone()
+        .valid()
+        .forward(input)
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    assert_eq!(ours.len(), theirs.len());
     let max = ours
         .iter()
         .zip(&theirs)
@@ -210,7 +275,50 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
         max < 0.02 * scale.max(1.0),
         "engine vs trainer logits differ by {max} (scale {scale})"
     );
-    // And the engine's tokenizer reads the exported vocabulary the same way.
-    let lm = hanlin_engine::LoadedModel::load(&gguf, 1).unwrap();
-    assert_eq!(lm.tokenizer.encode("举头望明月，低头", false).unwrap(), ids);
+}
+
+fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n";
+    for i in 0..6 {
+        std::fs::write(corpus.join(format!("{i}.txt")), poem.repeat(20)).unwrap();
+    }
+    corpus
+}
+
+/// A mixture-of-experts model with QK-norm trains (the experts share the
+/// load), exports as a llama GGUF with stacked experts, and the engine
+/// gives the trainer's logits.
+#[test]
+fn a_mixture_of_experts_trains_and_runs_in_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = poem_corpus(dir.path());
+    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
+    let tok_path = dir.path().join("tok.json");
+    hanlin_train::tokenizer::save(&tok, &tok_path).unwrap();
+    let cfg = RunConfig::from_toml(
+        "[model]\nn_layer=2\nd_model=32\nn_head=4\nn_head_kv=2\nd_ff=32\ncontext=32\nqk_norm=true\n\
+         [model.moe]\nexperts=4\ntop_k=1\naux_weight=0.05\n\
+         [train]\nsteps=30\nbatch_size=4\nlr=5e-3\nwarmup=5\neval_every=10\ncheckpoint_every=30\nval_fraction=0.1\noptimizer=\"muon\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("moe");
+    let device = Device::default().autodiff();
+    let s = hanlin_train::pretrain::run(cfg, &corpus, &tok_path, &out, &device, |_| {}).unwrap();
+    assert!(s.val_bpc < s.unigram_bpc, "{s:?}");
+    assert_eq!(s.expert_load.len(), 2);
+    for layer in &s.expert_load {
+        assert!((layer.iter().sum::<f32>() - 1.0).abs() < 1e-3);
+        let used = layer.iter().filter(|&&l| l > 0.05).count();
+        assert!(used >= 2, "the load is spread over experts: {layer:?}");
+    }
+    let gguf = dir.path().join("moe.gguf");
+    hanlin_train::export::export_run(&out, &gguf, hanlin_train::export::Quant::F32).unwrap();
+    let engine = hanlin_engine::Model::load(&gguf).unwrap();
+    let m = engine.cfg.moe.expect("the engine sees experts");
+    assert_eq!((m.n_expert, m.n_expert_used, m.norm_topk), (4, 1, false));
+    let r = hanlin_train::run::load(&out, &Device::default()).unwrap();
+    let ids = r.tok.encode("白日依山尽，黄河").unwrap();
+    assert_same_logits(&r.model, &gguf, &ids);
 }

@@ -1,0 +1,298 @@
+//! The training loop every command shares (pretraining, SFT, DPO, LoRA):
+//! the optimizer (AdamW, or Muon for the blocks' matrices), the learning
+//! rate schedule, gradient clipping and accumulation, a validation loss
+//! every `eval_every` steps, `loss.csv` row by row and `loss.png` at each
+//! checkpoint, checkpoints written to `checkpoint.tmp/` and swapped in (the
+//! previous one stays valid when the disk fills or the process dies), and
+//! resumption from the last checkpoint with the same batches.
+//!
+//! A task ([`Task`]) says what the loss of a step is and how to validate.
+
+use crate::config::{Optimizer, TrainConfig};
+use crate::curves;
+use crate::model::{Gpt, LoraPair};
+use crate::{io_err, TrainError};
+use burn::module::{Module, ParamGroup};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdjustLrFn, MuonConfig};
+use burn::tensor::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Progress of one step, for the caller to show.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f32,
+    pub val_loss: Option<f32>,
+    pub lr: f64,
+    pub tokens_per_sec: f64,
+    /// Task-specific figures of this step (e.g. DPO's reward margin).
+    pub extra: Vec<(&'static str, f32)>,
+}
+
+/// One training objective.
+pub trait Task {
+    /// The loss of micro-batch `micro` of step `step` (differentiable), and
+    /// figures to report; the batch must depend only on the step, so a
+    /// resumed run sees the same data.
+    fn loss(
+        &mut self,
+        model: &Gpt,
+        step: usize,
+        micro: usize,
+        device: &Device,
+    ) -> (Tensor<1>, Vec<(&'static str, f32)>);
+    /// The validation loss (no gradients: `model` is on the inner device).
+    fn validate(&mut self, model: &Gpt, device: &Device) -> f32;
+    /// Tokens one micro-batch trains on (for tokens/s).
+    fn tokens_per_micro(&self) -> f64;
+}
+
+/// What the loop ended with.
+pub struct Outcome {
+    pub model: Gpt,
+    pub final_loss: f32,
+    pub val_loss: f32,
+    pub tokens_per_sec: f64,
+    /// The step the run resumed from (0 for a fresh run).
+    pub resumed_from: usize,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct State {
+    step: usize,
+}
+
+/// The adapters of a LoRA model, checkpointed without the frozen base.
+#[derive(Module, Debug)]
+struct Adapters {
+    pairs: Vec<LoraPair>,
+}
+
+pub fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+fn optimizer(t: &TrainConfig) -> ModuleOptimizer {
+    let clip = Some(GradientClippingConfig::Norm(t.grad_clip));
+    let adamw = AdamWConfig::new()
+        .with_weight_decay(t.weight_decay)
+        .with_grad_clipping(clip.clone())
+        .init();
+    match t.optimizer {
+        Optimizer::AdamW => adamw,
+        // Muon for the blocks' 2-D matrices (the projections); AdamW for
+        // the embeddings and norms. Learning rates are scaled to match
+        // AdamW's update size, so the same `lr` works for both.
+        Optimizer::Muon => adamw.with_group(
+            ParamGroup::from_any_predicates(vec![
+                ".wq.", ".wk.", ".wv.", ".wo.", ".gate.", ".up.", ".down.", ".router.",
+            ]),
+            MuonConfig::new()
+                .with_adjust_lr_fn(AdjustLrFn::MatchRmsAdamW)
+                .with_weight_decay(Some(burn::optim::decay::WeightDecayConfig::new(
+                    t.weight_decay,
+                )))
+                .build(),
+            clip.map(|c| c.init()),
+        ),
+    }
+}
+
+/// Write the model (or only its adapters) and the optimizer state.
+fn save_checkpoint(
+    model: &Gpt,
+    optim: &ModuleOptimizer,
+    out: &Path,
+    step: usize,
+) -> Result<(), TrainError> {
+    let tmp = out.join("checkpoint.tmp");
+    let fail = |e: String| TrainError::Checkpoint {
+        path: tmp.display().to_string(),
+        reason: e,
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    if model.has_lora() {
+        Adapters {
+            pairs: model.lora_pairs(),
+        }
+        .save_file(tmp.join("adapters.bpk"))
+        .map_err(|e| fail(format!("{e:?}")))?;
+    } else {
+        model
+            .clone()
+            .save_file(tmp.join("model.bpk"))
+            .map_err(|e| fail(format!("{e:?}")))?;
+    }
+    optim
+        .save(tmp.join("optim.bpk"))
+        .map_err(|e| fail(format!("{e:?}")))?;
+    let state = serde_json::to_vec(&State { step }).map_err(|e| fail(e.to_string()))?;
+    std::fs::write(tmp.join("state.json"), state).map_err(io_err(&tmp))?;
+    let ck = checkpoint_dir(out);
+    let old = out.join("checkpoint.old");
+    if ck.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        std::fs::rename(&ck, &old).map_err(io_err(&ck))?;
+    }
+    std::fs::rename(&tmp, &ck).map_err(io_err(&ck))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    }
+    Ok(())
+}
+
+/// Load the weights of the checkpoint in `ck` into `model` (whole, or its
+/// adapters for a LoRA model).
+pub fn load_weights(model: Gpt, ck: &Path) -> Result<Gpt, TrainError> {
+    let bad = |e: String| TrainError::Checkpoint {
+        path: ck.display().to_string(),
+        reason: e,
+    };
+    if model.has_lora() {
+        let a = Adapters {
+            pairs: model.lora_pairs(),
+        }
+        .try_load_file(ck.join("adapters.bpk"))
+        .map_err(|e| bad(format!("{e:?}")))?;
+        Ok(model.set_lora_pairs(a.pairs).freeze_non_lora())
+    } else {
+        model
+            .try_load_file(ck.join("model.bpk"))
+            .map_err(|e| bad(format!("{e:?}")))
+    }
+}
+
+/// Whether `out` holds a checkpoint (recovering one left by a kill between
+/// the two renames of a swap).
+pub fn has_checkpoint(out: &Path) -> Result<bool, TrainError> {
+    let ck = checkpoint_dir(out);
+    let old = out.join("checkpoint.old");
+    if !ck.exists() && old.exists() {
+        std::fs::rename(&old, &ck).map_err(io_err(&old))?;
+    }
+    Ok(ck.join("state.json").exists())
+}
+
+/// Train `model` on `task` for `t.steps` steps in `out`, resuming from its
+/// checkpoint when there is one. `progress` is called after every step.
+pub fn run(
+    mut model: Gpt,
+    t: &TrainConfig,
+    out: &Path,
+    device: &Device,
+    task: &mut dyn Task,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Outcome, TrainError> {
+    let mut optim = optimizer(t);
+    let ck = checkpoint_dir(out);
+    let mut start = 0;
+    if has_checkpoint(out)? {
+        let bad = |e: String| TrainError::Checkpoint {
+            path: ck.display().to_string(),
+            reason: e,
+        };
+        let s: State =
+            serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io_err(&ck))?)
+                .map_err(|e| bad(e.to_string()))?;
+        model = load_weights(model, &ck)?;
+        optim = optim
+            .load(ck.join("optim.bpk"))
+            .map_err(|e| bad(format!("{e:?}")))?;
+        start = s.step;
+        tracing::info!("resuming from step {start}");
+    }
+    let mut log = curves::LossLog::open(&out.join("loss.csv"), start)?;
+    let accum = t.grad_accum.max(1);
+    let tokens_per_step = task.tokens_per_micro() * accum as f64;
+    let began = Instant::now();
+    let mut last_loss = f32::NAN;
+    let mut val_loss = f32::NAN;
+    let mut trained = 0usize;
+    let validate = |model: &Gpt, task: &mut dyn Task| {
+        let m = model.clone().valid();
+        task.validate(&m, &device.clone().inner())
+    };
+    for step in start..t.steps {
+        let mut acc = GradientsAccumulator::new();
+        let mut total = 0.0f32;
+        let mut extra: Vec<(&'static str, f32)> = Vec::new();
+        for micro in 0..accum {
+            let (loss, x) = task.loss(&model, step, micro, device);
+            let loss = if accum > 1 {
+                loss.div_scalar(accum as f64)
+            } else {
+                loss
+            };
+            let l: f32 = loss.clone().into_scalar::<f32>();
+            if !l.is_finite() {
+                return Err(TrainError::NotFinite {
+                    step,
+                    loss: l,
+                    checkpoint: ck.display().to_string(),
+                });
+            }
+            total += l;
+            for (k, v) in x {
+                match extra.iter_mut().find(|e| e.0 == k) {
+                    Some(e) => e.1 += v / accum as f32,
+                    None => extra.push((k, v / accum as f32)),
+                }
+            }
+            acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+        }
+        let lr = t.lr_at(step);
+        model = optim.step(lr, model, acc.grads());
+        last_loss = total;
+        trained += 1;
+        let done = step + 1;
+        let eval = done % t.eval_every.max(1) == 0 || done == t.steps;
+        let v = eval.then(|| validate(&model, task));
+        if let Some(v) = v {
+            val_loss = v;
+        }
+        log.record(done, total, v, lr)?;
+        let tps = tokens_per_step * trained as f64 / began.elapsed().as_secs_f64().max(1e-9);
+        progress(&Progress {
+            step: done,
+            steps: t.steps,
+            loss: total,
+            val_loss: v,
+            lr,
+            tokens_per_sec: tps,
+            extra,
+        });
+        if done % t.checkpoint_every.max(1) == 0 || done == t.steps {
+            save_checkpoint(&model, &optim, out, done)?;
+            curves::plot(&out.join("loss.csv"), &out.join("loss.png"))?;
+        }
+    }
+    if val_loss.is_nan() {
+        val_loss = validate(&model, task);
+    }
+    let tps = tokens_per_step * trained as f64 / began.elapsed().as_secs_f64().max(1e-9);
+    Ok(Outcome {
+        model,
+        final_loss: last_loss,
+        val_loss,
+        tokens_per_sec: tps,
+        resumed_from: start,
+    })
+}
+
+/// Write `value` as pretty JSON to `path`.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), TrainError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| TrainError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(path, bytes).map_err(io_err(path))
+}

@@ -8,6 +8,7 @@ use crate::chat::{self, Example, Preference};
 use crate::config::{RunConfig, TrainConfig};
 use crate::data::{self, Dataset};
 use crate::model::{split_windows, Gpt};
+use crate::pretrain::TextTask;
 use crate::run::{self, LoraInfo, Run};
 use crate::trainer::{self, Progress, Task};
 use crate::TrainError;
@@ -492,40 +493,6 @@ pub fn dpo(
     Ok(s)
 }
 
-/// Text next-token prediction over a corpus (for LoRA on plain text).
-struct TextTask {
-    data: Dataset,
-    val: Vec<Vec<u32>>,
-    batch: usize,
-    seq: usize,
-    seed: u64,
-}
-
-impl Task for TextTask {
-    fn loss(
-        &mut self,
-        model: &Gpt,
-        step: usize,
-        micro: usize,
-        device: &Device,
-    ) -> (Tensor<1>, Vec<(&'static str, f32)>) {
-        let w = data::batch(
-            &self.data.train,
-            self.batch,
-            self.seq,
-            self.seed.wrapping_add(micro as u64 * 0x51_7cc1),
-            step,
-        );
-        (model.loss(&w, device), Vec::new())
-    }
-    fn validate(&mut self, model: &Gpt, device: &Device) -> f32 {
-        crate::pretrain::evaluate(model, &self.val, self.batch, device)
-    }
-    fn tokens_per_micro(&self) -> f64 {
-        (self.batch * self.seq) as f64
-    }
-}
-
 /// LoRA settings.
 pub struct LoraOptions {
     pub rank: usize,
@@ -589,7 +556,8 @@ pub fn lora(
                 .unwrap_or(false));
     let inner = device.clone().inner();
     let before_path = out.join("lora_before.json");
-    let (mut task, examples, held_out, rejected): (Box<dyn Task>, usize, usize, Vec<String>) =
+    let text_data;
+    let (mut task, examples, held_out, rejected): (Box<dyn Task + '_>, usize, usize, Vec<String>) =
         if is_chat {
             let chats = chat::read_chats(opts.data, opts.strict)?;
             let ex = chats
@@ -615,16 +583,17 @@ pub fn lora(
                 chats.rejected,
             )
         } else {
-            let data = Dataset::load(opts.data, &tok, cfg.train.val_fraction.max(0.01))?;
-            let val = data::windows(&data.val, seq, 64);
-            let (n, h) = (data.train.len(), data.val.len());
+            text_data = Dataset::load(opts.data, &tok, cfg.train.val_fraction.max(0.01))?;
+            let (n, h) = (text_data.train.len(), text_data.val.len());
             (
                 Box::new(TextTask {
-                    data,
-                    val,
+                    data: &text_data,
+                    val_windows: data::windows(&text_data.val, seq, 64),
                     batch: cfg.train.batch_size,
                     seq,
                     seed: cfg.train.seed,
+                    aux_weight: 0.0,
+                    load: Vec::new(),
                 }),
                 n,
                 h,

@@ -101,17 +101,20 @@ pub fn check_memory(c: &GptConfig, batch: usize, seq: usize) -> Result<(), Train
     Ok(())
 }
 
-struct Pretrain<'a> {
-    data: &'a Dataset,
-    val_windows: Vec<Vec<u32>>,
-    batch: usize,
-    seq: usize,
-    seed: u64,
-    aux_weight: f64,
-    load: Vec<Vec<usize>>,
+/// Next-token prediction on a tokenized corpus (pretraining, and LoRA on
+/// plain text).
+pub(crate) struct TextTask<'a> {
+    pub data: &'a Dataset,
+    pub val_windows: Vec<Vec<u32>>,
+    pub batch: usize,
+    pub seq: usize,
+    pub seed: u64,
+    pub aux_weight: f64,
+    /// Tokens per expert in the last step, per MoE layer.
+    pub load: Vec<Vec<usize>>,
 }
 
-impl Task for Pretrain<'_> {
+impl Task for TextTask<'_> {
     fn loss(
         &mut self,
         model: &Gpt,
@@ -170,7 +173,7 @@ pub fn run(
     }
     device.seed(t.seed);
     let model = Gpt::new(&cfg.model, device);
-    let mut task = Pretrain {
+    let mut task = TextTask {
         data: &data,
         val_windows: data::windows(&data.val, seq, 64),
         batch: t.batch_size,

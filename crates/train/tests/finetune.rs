@@ -4,13 +4,14 @@
 //! into a GGUF the engine runs with the trainer's logits. And the trainer
 //! reads the real SmolLM2 GGUF with the engine's logits.
 
-use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use hanlin_train::burn;
 use hanlin_train::config::{RunConfig, TrainConfig};
 use hanlin_train::finetune::{self, LoraOptions, Options};
-use hanlin_train::model::Gpt;
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::{assert_same_logits, logits, max_diff};
 
 fn pretrained(dir: &Path) -> PathBuf {
     let corpus = dir.join("corpus");
@@ -278,48 +279,6 @@ fn lora_trains_adapters_only_resumes_and_merges_on_export() {
     .expect_err("unknown target")
     .to_string();
     assert!(e.contains("unknown LoRA target \"wz\""), "{e}");
-}
-
-fn logits(model: &Gpt, ids: &[u32]) -> Vec<f32> {
-    let input = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            [1, ids.len()],
-        ),
-        &Device::default(),
-    );
-    model
-        .clone()
-        .valid()
-        .forward(input)
-        .into_data()
-        .try_to_vec()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
-
-fn assert_same_logits(model: &Gpt, gguf: &Path, ids: &[u32], tol: f32) {
-    let engine = hanlin_engine::Model::load(gguf).unwrap();
-    let pool = hanlin_kernels::ThreadPool::new(2);
-    let mut cache =
-        hanlin_engine::KvCache::new(engine.cfg.n_layer, engine.cfg.kv_dim(), ids.len() + 1);
-    let ours = engine
-        .forward(&pool, ids, &mut cache, hanlin_engine::Logits::All)
-        .unwrap();
-    let theirs = logits(model, ids);
-    assert_eq!(ours.len(), theirs.len());
-    let max = max_diff(&ours, &theirs);
-    let scale = theirs.iter().map(|v| v.abs()).fold(0f32, f32::max);
-    assert!(
-        max < tol * scale.max(1.0),
-        "engine vs trainer logits differ by {max} (scale {scale})"
-    );
 }
 
 /// The real SmolLM2 file (Q4_1) read into the trainer gives the engine's

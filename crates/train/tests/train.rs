@@ -5,10 +5,13 @@
 
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use hanlin_train::burn;
 use hanlin_train::config::{GptConfig, MoeConfig, RunConfig};
 use hanlin_train::model::Gpt;
+
+mod common;
+use common::assert_same_logits;
 
 fn tiny(vocab: usize) -> GptConfig {
     GptConfig {
@@ -235,46 +238,10 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
     hanlin_train::export::export_run(&out, &gguf, hanlin_train::export::Quant::F32).unwrap();
     let r = hanlin_train::run::load(&out, &Device::default()).unwrap();
     let ids = r.tok.encode("举头望明月，低头").unwrap();
-    assert_same_logits(&r.model, &gguf, &ids);
+    assert_same_logits(&r.model, &gguf, &ids, 0.02);
     // And the engine's tokenizer reads the exported vocabulary the same way.
     let lm = hanlin_engine::LoadedModel::load(&gguf, 1).unwrap();
     assert_eq!(lm.tokenizer.encode("举头望明月，低头", false).unwrap(), ids);
-}
-
-/// The engine running `gguf` gives the trainer's logits for `ids`.
-fn assert_same_logits(model: &Gpt, gguf: &std::path::Path, ids: &[u32]) {
-    let engine = hanlin_engine::Model::load(gguf).unwrap();
-    let pool = hanlin_kernels::ThreadPool::new(2);
-    let mut cache =
-        hanlin_engine::KvCache::new(engine.cfg.n_layer, engine.cfg.kv_dim(), ids.len() + 1);
-    let ours = engine
-        .forward(&pool, ids, &mut cache, hanlin_engine::Logits::All)
-        .unwrap();
-    let input = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            [1, ids.len()],
-        ),
-        &Device::default(),
-    );
-    let theirs: Vec<f32> = model
-        .clone()
-        .valid()
-        .forward(input)
-        .into_data()
-        .try_to_vec()
-        .unwrap();
-    assert_eq!(ours.len(), theirs.len());
-    let max = ours
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    let scale = theirs.iter().map(|v| v.abs()).fold(0f32, f32::max);
-    assert!(
-        max < 0.02 * scale.max(1.0),
-        "engine vs trainer logits differ by {max} (scale {scale})"
-    );
 }
 
 fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {
@@ -320,5 +287,5 @@ fn a_mixture_of_experts_trains_and_runs_in_the_engine() {
     assert_eq!((m.n_expert, m.n_expert_used, m.norm_topk), (4, 1, false));
     let r = hanlin_train::run::load(&out, &Device::default()).unwrap();
     let ids = r.tok.encode("白日依山尽，黄河").unwrap();
-    assert_same_logits(&r.model, &gguf, &ids);
+    assert_same_logits(&r.model, &gguf, &ids, 0.02);
 }

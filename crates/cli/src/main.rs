@@ -464,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(args) => serve(&store, threads, args),
         Cmd::Kb { cmd } => kb::run(&store, threads, cmd),
         Cmd::Feed { cmd } => kb::feed(&store, threads, cmd),
-        Cmd::Train { cmd } => train::run(&store, cmd),
+        Cmd::Train { cmd } => train::run(&store, threads, cmd),
         Cmd::Export { run, output, quant } => train::export_run(&run, &output, quant),
         Cmd::Ask {
             kbs,
@@ -753,7 +753,7 @@ pub(crate) fn resolve(store: &Store, model: &str) -> Result<PathBuf> {
     Ok(store.blob_path(&m.sha256))
 }
 
-fn load(store: &Store, model: &str, threads: usize) -> Result<Arc<LoadedModel>> {
+pub(crate) fn load(store: &Store, model: &str, threads: usize) -> Result<Arc<LoadedModel>> {
     let path = resolve(store, model)?;
     LoadedModel::load(&path, threads).with_context(|| format!("loading {model}"))
 }

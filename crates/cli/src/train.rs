@@ -3,13 +3,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
 use hanlin_store::Store;
+use hanlin_tokenizer::Message;
 use hanlin_train::config::{Optimizer, RunConfig, TrainConfig};
 use hanlin_train::export::Quant;
 use hanlin_train::finetune::{self, LoraOptions, Options};
 use hanlin_train::trainer::Progress;
 use hanlin_train::{export, pretrain, tokenizer};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Subcommand)]
 pub enum TrainCmd {
@@ -72,6 +75,35 @@ pub enum TrainCmd {
         targets: Vec<String>,
         #[command(flatten)]
         opts: FinetuneArgs,
+    },
+    /// Distil a served teacher: answer prompts through the engine and write
+    /// the conversations as SFT data; with a student, also preference pairs
+    /// (teacher's answer chosen, student's rejected) for DPO
+    Distill {
+        /// The teacher: a model name (pulled if needed) or GGUF file
+        #[arg(long)]
+        teacher: String,
+        /// Prompts: a text file (one per line) or JSONL ({"prompt"} or {"messages"})
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Conversations (JSONL, appended to; prompts already there are skipped)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The student: a model, GGUF file or training run
+        #[arg(long, requires = "prefs")]
+        student: Option<String>,
+        /// Preference pairs written here (JSONL, appended to)
+        #[arg(long, requires = "student")]
+        prefs: Option<PathBuf>,
+        /// A system prompt for the teacher
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Evaluate a run on held-out data: perplexity and bits per byte on text
     /// files, loss on the assistant's turns for chat JSONL; then samples
@@ -271,8 +303,229 @@ fn finish(s: &finetune::Summary, out: &Path) {
     );
 }
 
-pub fn run(store: &Store, cmd: TrainCmd) -> Result<()> {
+/// The prompts of a distillation file: a user message each (with any
+/// earlier turns of a JSONL `messages` line).
+fn read_prompts(path: &Path) -> Result<Vec<Vec<Message>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if !jsonl {
+            out.push(vec![Message::new("user", line)]);
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(at)?;
+        let msgs = match (v.get("prompt"), v.get("messages")) {
+            (Some(serde_json::Value::String(p)), _) => vec![Message::new("user", p.as_str())],
+            (_, Some(m)) => {
+                let turns = hanlin_train::chat::parse_chat(&serde_json::json!({"messages": m}))
+                    .or_else(|_| {
+                        // A conversation that ends with the user's turn.
+                        let mut m = m.clone();
+                        if let Some(a) = m.as_array_mut() {
+                            a.push(serde_json::json!({"role": "assistant", "content": "-"}));
+                        }
+                        hanlin_train::chat::parse_chat(&serde_json::json!({"messages": m}))
+                    })
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+                let mut turns: Vec<Message> = turns
+                    .iter()
+                    .map(|t| Message::new(t.role.as_str(), t.content.as_str()))
+                    .collect();
+                // The prompt is everything up to the last user turn.
+                while turns.last().is_some_and(|t| t.role != "user") {
+                    turns.pop();
+                }
+                turns
+            }
+            _ => bail!("{}: no \"prompt\" or \"messages\"", at()),
+        };
+        if msgs.is_empty() {
+            bail!("{}: no user turn", at());
+        }
+        out.push(msgs);
+    }
+    if out.is_empty() {
+        bail!("no prompts in {}", path.display());
+    }
+    Ok(out)
+}
+
+/// Answer `msgs` with `m` (`None` when the prompt leaves no room in the
+/// model's context).
+fn answer(m: &Arc<LoadedModel>, msgs: &[Message], p: &GenerateParams) -> Result<Option<String>> {
+    let prompt = m.chat_prompt(msgs)?;
+    let ctx = m.model.cfg.context_length;
+    if prompt.len() + 1 >= ctx {
+        return Ok(None);
+    }
+    let mut p = p.clone();
+    p.max_tokens = p.max_tokens.min(ctx - prompt.len() - 1);
+    let mut s = m.new_session(prompt.len() + p.max_tokens + 1);
+    Ok(Some(
+        s.generate(&prompt, &p, |_| true)?.text.trim().to_string(),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn distill(
+    store: &Store,
+    threads: usize,
+    teacher: &str,
+    prompts: &Path,
+    output: &Path,
+    student: Option<(&str, &Path)>,
+    system: Option<&str>,
+    params: GenerateParams,
+) -> Result<()> {
+    use std::io::Write;
+    let prompts = read_prompts(prompts)?;
+    // Prompts already answered (a rerun continues).
+    let done: std::collections::HashSet<String> = std::fs::read_to_string(output)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let m = v.get("messages")?.as_array()?;
+            let last_user = m.iter().rev().find(|t| t["role"] == "user")?;
+            Some(last_user["content"].as_str()?.to_string())
+        })
+        .collect();
+    let t = crate::load(store, teacher, threads)?;
+    let s = match student {
+        None => None,
+        Some((name, prefs)) => {
+            let p = Path::new(name);
+            if p.join("config.toml").is_file() {
+                // A training run: exported next to the pairs, then loaded.
+                let g = prefs.with_extension("student.gguf");
+                export::export_run(p, &g, Quant::F32)?;
+                let m = LoadedModel::load(&g, threads);
+                let _ = std::fs::remove_file(&g);
+                Some(m.with_context(|| format!("loading {name}"))?)
+            } else {
+                Some(crate::load(store, name, threads)?)
+            }
+        }
+    };
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))
+    };
+    let mut out = open(output)?;
+    let mut prefs = match student {
+        Some((_, p)) => Some(open(p)?),
+        None => None,
+    };
+    let todo: Vec<&Vec<Message>> = prompts
+        .iter()
+        .filter(|m| !m.last().is_some_and(|u| done.contains(&u.content)))
+        .collect();
+    let pb = indicatif::ProgressBar::new(todo.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let (mut written, mut too_long) = (0, 0);
+    for msgs in todo {
+        let mut full: Vec<Message> = system
+            .map(|s| Message::new("system", s))
+            .into_iter()
+            .collect();
+        full.extend(msgs.iter().cloned());
+        let Some(a) = answer(&t, &full, &params)?.filter(|a| !a.is_empty()) else {
+            too_long += 1;
+            pb.inc(1);
+            continue;
+        };
+        let turns = |answer: &str| -> Vec<serde_json::Value> {
+            msgs.iter()
+                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                .chain([serde_json::json!({"role": "assistant", "content": answer})])
+                .collect()
+        };
+        writeln!(out, "{}", serde_json::json!({ "messages": turns(&a) }))?;
+        if let (Some(sm), Some(pf)) = (&s, &mut prefs) {
+            let b = answer(sm, msgs, &params)?;
+            if b.is_none() {
+                too_long += 1;
+            }
+            if let Some(b) = b.filter(|b| *b != a) {
+                let prompt: Vec<serde_json::Value> = msgs
+                    .iter()
+                    .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                    .collect();
+                writeln!(
+                    pf,
+                    "{}",
+                    serde_json::json!({"prompt": prompt, "chosen": a, "rejected": b})
+                )?;
+            }
+        }
+        written += 1;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if too_long > 0 {
+        eprintln!("{too_long} prompt(s) did not fit a model's context or got an empty answer");
+    }
+    println!(
+        "{written} answers from {teacher} appended to {}{}",
+        output.display(),
+        student
+            .map(|(n, p)| format!("; preference pairs against {n} in {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+pub fn run(store: &Store, threads: usize, cmd: TrainCmd) -> Result<()> {
     match cmd {
+        TrainCmd::Distill {
+            teacher,
+            prompts,
+            output,
+            student,
+            prefs,
+            system,
+            max_tokens,
+            temperature,
+            seed,
+        } => {
+            let params = GenerateParams {
+                max_tokens,
+                sampler: SamplerConfig {
+                    temperature,
+                    seed,
+                    ..SamplerConfig::default()
+                },
+                ..GenerateParams::default()
+            };
+            let st = match (&student, &prefs) {
+                (Some(s), Some(p)) => Some((s.as_str(), p.as_path())),
+                _ => None,
+            };
+            distill(
+                store,
+                threads,
+                &teacher,
+                &prompts,
+                &output,
+                st,
+                system.as_deref(),
+                params,
+            )?;
+        }
         TrainCmd::Tokenizer {
             corpus,
             vocab,

@@ -327,6 +327,74 @@ pub fn quantize_row_q8_0(x: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Quantize `x` (a multiple of 256 values) into ggml Q4_K bytes: per block
+/// of 256, an f16 scale and min, eight 6-bit sub-block scales and mins, and
+/// 4-bit values (`x ≈ d·sc·q − dmin·m`). Each sub-block of 32 is fitted by
+/// its minimum and maximum, the values then rounded against the
+/// quantized scales.
+pub fn quantize_row_q4_k(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / QK_K * 144);
+    for block in x.chunks_exact(QK_K) {
+        let mut scale = [0f32; 8];
+        let mut min = [0f32; 8];
+        for (j, sub) in block.chunks_exact(32).enumerate() {
+            let lo = sub.iter().fold(f32::INFINITY, |m, &v| m.min(v)).min(0.0);
+            let hi = sub.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            scale[j] = (hi - lo).max(0.0) / 15.0;
+            min[j] = -lo;
+        }
+        let max_scale = scale.iter().fold(0f32, |m, &v| m.max(v));
+        let max_min = min.iter().fold(0f32, |m, &v| m.max(v));
+        let d = f16::from_f32(max_scale / 63.0);
+        let dmin = f16::from_f32(max_min / 63.0);
+        let (df, dminf) = (d.to_f32(), dmin.to_f32());
+        let mut sc = [0u8; 8];
+        let mut mq = [0u8; 8];
+        for j in 0..8 {
+            sc[j] = if df > 0.0 {
+                (scale[j] / df).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            };
+            mq[j] = if dminf > 0.0 {
+                (min[j] / dminf).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            };
+        }
+        let mut packed = [0u8; 12];
+        for j in 0..8 {
+            if j < 4 {
+                packed[j] = sc[j];
+                packed[j + 4] = mq[j];
+            } else {
+                packed[j + 4] = (sc[j] & 0xF) | ((mq[j] & 0xF) << 4);
+                packed[j - 4] |= (sc[j] >> 4) << 6;
+                packed[j] |= (mq[j] >> 4) << 6;
+            }
+        }
+        let mut q = [0u8; QK_K];
+        for (i, (qv, &v)) in q.iter_mut().zip(block).enumerate() {
+            let j = i / 32;
+            let step = df * sc[j] as f32;
+            *qv = if step > 0.0 {
+                ((v + dminf * mq[j] as f32) / step).round().clamp(0.0, 15.0) as u8
+            } else {
+                0
+            };
+        }
+        out.extend_from_slice(&d.to_bits().to_le_bytes());
+        out.extend_from_slice(&dmin.to_bits().to_le_bytes());
+        out.extend_from_slice(&packed);
+        for j in 0..4 {
+            for l in 0..32 {
+                out.push(q[64 * j + l] | (q[64 * j + 32 + l] << 4));
+            }
+        }
+    }
+    out
+}
+
 /// Encode `x` as F16 bytes.
 pub fn encode_f16(x: &[f32]) -> Vec<u8> {
     x.iter()
@@ -342,6 +410,36 @@ pub fn encode_f32(x: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn q4_k_round_trips_within_its_step() {
+        let mut rng = 12345u32;
+        let mut next = || {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (rng >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        // Blocks of different ranges, an all-zero block and a constant one.
+        let mut x: Vec<f32> = (0..QK_K * 3)
+            .map(|i| next() * (1 + i / 100) as f32)
+            .collect();
+        x.extend(std::iter::repeat_n(0.0, QK_K));
+        x.extend(std::iter::repeat_n(0.25, QK_K));
+        let bytes = quantize_row_q4_k(&x);
+        assert_eq!(bytes.len(), x.len() / QK_K * GgmlType::Q4_K.type_size());
+        let mut back = vec![0f32; x.len()];
+        dequantize_row(GgmlType::Q4_K, &bytes, &mut back);
+        for (b, (xs, ys)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+            let range = xs.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+            for (a, c) in xs.iter().zip(ys) {
+                // Half a step of 15 levels, plus the 6-bit scale rounding.
+                assert!(
+                    (a - c).abs() <= range / 15.0 * 0.75 + 1e-3,
+                    "sub-block {b}: {a} vs {c}"
+                );
+            }
+        }
+        assert!(back[QK_K * 3..QK_K * 4].iter().all(|&v| v == 0.0));
+    }
 
     #[test]
     fn round_away_matches_f32_round() {

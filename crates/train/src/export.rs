@@ -9,7 +9,7 @@ use crate::{io_err, TrainError};
 use burn::tensor::Tensor;
 use hanlin_formats::writer::{write_gguf, WriteTensor};
 use hanlin_formats::{GgmlType, Value};
-use hanlin_kernels::quant::{encode_f32, quantize_row_q8_0};
+use hanlin_kernels::quant::{encode_f32, quantize_row_q4_k, quantize_row_q8_0};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -19,6 +19,10 @@ pub enum Quant {
     F32,
     F16,
     Q8_0,
+    /// Q4_K for matrices whose rows are a multiple of 256 values (Q8_0 or
+    /// F16 for the others, and Q8_0 for the embeddings, which are also the
+    /// output).
+    Q4K,
 }
 
 impl std::str::FromStr for Quant {
@@ -28,7 +32,8 @@ impl std::str::FromStr for Quant {
             "f32" => Ok(Quant::F32),
             "f16" => Ok(Quant::F16),
             "q8_0" => Ok(Quant::Q8_0),
-            _ => Err(format!("unknown export type {s:?} (f32, f16, q8_0)")),
+            "q4_k" => Ok(Quant::Q4K),
+            _ => Err(format!("unknown export type {s:?} (f32, f16, q8_0, q4_k)")),
         }
     }
 }
@@ -44,6 +49,10 @@ fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, TrainError> {
 }
 
 fn tensor(name: String, cols: usize, rows: usize, v: &[f32], q: Quant) -> WriteTensor {
+    let q = match q {
+        Quant::Q4K if !cols.is_multiple_of(256) => Quant::Q8_0,
+        q => q,
+    };
     let q = if !cols.is_multiple_of(32) && q == Quant::Q8_0 {
         Quant::F16
     } else {
@@ -58,6 +67,7 @@ fn tensor(name: String, cols: usize, rows: usize, v: &[f32], q: Quant) -> WriteT
                 .collect(),
         ),
         Quant::Q8_0 => (GgmlType::Q8_0, quantize_row_q8_0(v)),
+        Quant::Q4K => (GgmlType::Q4_K, quantize_row_q4_k(v)),
     };
     let dims = if rows == 1 {
         vec![cols as u64]
@@ -211,19 +221,26 @@ pub fn export(
             d,
             c.vocab_size,
             &values(model.embed.weight.val())?,
-            q,
+            if q == Quant::Q4K { Quant::Q8_0 } else { q },
         ),
         f32v("output_norm.weight".into(), d, model.norm.gamma.val())?,
     ];
+    if let Some(h) = &model.head {
+        ts.push(linear("output.weight".into(), h, q)?);
+    }
     for (i, b) in model.blocks.iter().enumerate() {
         ts.push(f32v(
             blk(i, "attn_norm.weight"),
             d,
             b.attn_norm.gamma.val(),
         )?);
-        ts.push(linear(blk(i, "attn_q.weight"), &b.wq, q)?);
-        ts.push(linear(blk(i, "attn_k.weight"), &b.wk, q)?);
-        ts.push(linear(blk(i, "attn_v.weight"), &b.wv, q)?);
+        for (name, p) in [("attn_q", &b.wq), ("attn_k", &b.wk), ("attn_v", &b.wv)] {
+            ts.push(linear(blk(i, &format!("{name}.weight")), p, q)?);
+            if let Some(bias) = &p.bias {
+                let n = bias.val().dims()[0];
+                ts.push(f32v(blk(i, &format!("{name}.bias")), n, bias.val())?);
+            }
+        }
         ts.push(linear(blk(i, "attn_output.weight"), &b.wo, q)?);
         if let (Some(qn), Some(kn)) = (&b.q_norm, &b.k_norm) {
             ts.push(f32v(

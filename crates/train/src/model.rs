@@ -25,6 +25,8 @@ pub struct Proj {
     /// `[d_in, d_out]`.
     pub weight: Param<Tensor<2>>,
     pub lora: Option<LoraPair>,
+    /// `[d_out]` (Qwen2's query, key and value projections have one).
+    pub bias: Option<Param<Tensor<1>>>,
 }
 
 /// A LoRA adapter: `A` `[d_in, r]`, `B` `[r, d_out]` (zero at first), and
@@ -49,11 +51,16 @@ impl Proj {
         Self {
             weight: Param::from_tensor(w),
             lora: None,
+            bias: None,
         }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = burn::tensor::module::linear(x.clone(), self.weight.val(), None);
+        let y = burn::tensor::module::linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(Param::val),
+        );
         match &self.lora {
             None => y,
             Some(l) => {
@@ -78,6 +85,7 @@ impl Proj {
         let device = w.device();
         Self {
             weight: self.weight.set_require_grad(false),
+            bias: self.bias.map(|b| b.set_require_grad(false)),
             lora: Some(LoraPair {
                 a: Param::from_tensor(Tensor::random(
                     [d_in, r],
@@ -90,14 +98,12 @@ impl Proj {
         }
     }
 
-    /// Keep the base weight frozen (after loading a checkpoint).
+    /// Freeze the weight and bias (an adapter, if any, still trains).
     fn freeze_base(self) -> Self {
-        match self.lora {
-            None => self,
-            Some(l) => Self {
-                weight: self.weight.set_require_grad(false),
-                lora: Some(l),
-            },
+        Self {
+            weight: self.weight.set_require_grad(false),
+            bias: self.bias.map(|b| b.set_require_grad(false)),
+            lora: self.lora,
         }
     }
 }
@@ -217,6 +223,9 @@ pub struct Gpt {
     pub embed: Embedding,
     pub blocks: Vec<Block>,
     pub norm: RmsNorm,
+    /// An output matrix of its own `[d_model, vocab]`; without one the
+    /// output is tied to the embeddings.
+    pub head: Option<Proj>,
     rope: RotaryEncoding,
 }
 
@@ -275,6 +284,7 @@ impl Gpt {
                 .init(device),
             blocks,
             norm: norm(d),
+            head: None,
             rope: RotaryEncodingConfig::new(c.context, hd)
                 .with_theta(c.rope_base)
                 .init(device),
@@ -323,13 +333,17 @@ impl Gpt {
             x = x + ff;
         }
         let x = self.norm.forward(x);
-        let [_, _, d] = x.dims();
-        let w = self.embed.weight.val();
-        let vocab = w.dims()[0];
-        let logits = x
-            .reshape([b * t, d])
-            .matmul(w.transpose())
-            .reshape([b, t, vocab]);
+        let logits = match &self.head {
+            Some(h) => h.forward(x),
+            None => {
+                let [_, _, d] = x.dims();
+                let w = self.embed.weight.val();
+                let vocab = w.dims()[0];
+                x.reshape([b * t, d])
+                    .matmul(w.transpose())
+                    .reshape([b, t, vocab])
+            }
+        };
         Output {
             logits,
             aux,
@@ -382,10 +396,7 @@ impl Gpt {
             if want(n) {
                 p.with_lora(r, alpha)
             } else {
-                Proj {
-                    weight: p.weight.set_require_grad(false),
-                    lora: None,
-                }
+                p.freeze_base()
             }
         };
         let mlp = |m: Mlp| Mlp {
@@ -418,19 +429,14 @@ impl Gpt {
             embed: self.embed.no_grad(),
             blocks,
             norm: self.norm.no_grad(),
+            head: self.head.map(Proj::freeze_base),
             rope: self.rope,
         }
     }
 
     /// After loading a LoRA checkpoint: only the adapters train.
     pub fn freeze_non_lora(self) -> Self {
-        let f = |p: Proj| match p.lora {
-            Some(_) => p.freeze_base(),
-            None => Proj {
-                weight: p.weight.set_require_grad(false),
-                lora: None,
-            },
-        };
+        let f = Proj::freeze_base;
         let mlp = |m: Mlp| Mlp {
             gate: f(m.gate),
             up: f(m.up),
@@ -439,6 +445,7 @@ impl Gpt {
         Self {
             embed: self.embed.no_grad(),
             norm: self.norm.no_grad(),
+            head: self.head.map(Proj::freeze_base),
             blocks: self
                 .blocks
                 .into_iter()

@@ -129,25 +129,27 @@ fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
 pub fn from_gguf(path: &Path, device: &Device) -> Result<(GptConfig, Gpt, Tok), TrainError> {
     let file = GgufFile::open(path).map_err(|e| bad(path, e.to_string()))?;
     let h = &file.header;
-    let arch = h.architecture().unwrap_or("");
-    if arch != "llama" {
-        return Err(bad(
-            path,
-            format!("training on a {arch:?} model is not supported yet (llama-architecture models: SmolLM2, models exported by hanlin)"),
-        ));
-    }
-    let k = |s: &str| format!("llama.{s}");
+    let arch = h.architecture().unwrap_or("").to_string();
+    // Qwen2 rotates the two halves of each head (NEOX style); the trainer
+    // rotates interleaved pairs. Reordering the query and key features of
+    // every head (i ↦ 2i, i + hd/2 ↦ 2i + 1) turns one into the other, and
+    // attention scores do not change: the model is exported as llama.
+    let neox = match arch.as_str() {
+        "llama" => false,
+        "qwen2" => true,
+        _ => {
+            return Err(bad(
+                path,
+                format!("training on a {arch:?} model is not supported yet (llama and qwen2 architectures: SmolLM2, Qwen2.5, models exported by hanlin)"),
+            ))
+        }
+    };
+    let k = |s: &str| format!("{arch}.{s}");
     let num = |s: &str| {
         h.get_u64(&k(s))
             .map(|v| v as usize)
             .ok_or_else(|| bad(path, format!("no {}", k(s))))
     };
-    if h.tensor("output.weight").is_some() {
-        return Err(bad(
-            path,
-            "the model has an output matrix of its own; only models whose output is tied to the embeddings can be trained",
-        ));
-    }
     let d = num("embedding_length")?;
     let n_head = num("attention.head_count")?;
     let tok = Tok::Gguf(Box::new(
@@ -184,6 +186,21 @@ pub fn from_gguf(path: &Path, device: &Device) -> Result<(GptConfig, Gpt, Tok), 
         return Err(bad(path, "partial rotary embeddings are not supported"));
     }
     let mut model = Gpt::new(&cfg, device);
+    // The permutation of one head's features, NEOX → interleaved.
+    let hd = cfg.head_dim();
+    let order: Vec<usize> = (0..hd)
+        .map(|j| if j % 2 == 0 { j / 2 } else { j / 2 + hd / 2 })
+        .collect();
+    let permute = |v: Vec<f32>, rows: usize, cols: usize| -> Vec<f32> {
+        // Rows are output features, heads of `hd` one after the other.
+        let mut out = vec![0f32; v.len()];
+        for r in 0..rows {
+            let (head, j) = (r / hd, r % hd);
+            let src = head * hd + order[j];
+            out[r * cols..(r + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+        }
+        out
+    };
     // A tensor as `[rows, cols]` f32 values (GGUF rows are output features).
     let read = |name: &str| -> Result<(Vec<f32>, usize, usize), TrainError> {
         let t = h
@@ -218,17 +235,47 @@ pub fn from_gguf(path: &Path, device: &Device) -> Result<(GptConfig, Gpt, Tok), 
             device,
         )))
     };
-    // burn keeps `[d_in, d_out]`: GGUF's rows transposed.
-    let mat = |name: &str, d_in: usize, d_out: usize| -> Result<Proj, TrainError> {
-        let (v, rows, cols) = read(name)?;
+    // burn keeps `[d_in, d_out]`: GGUF's rows transposed. `rotary`: the
+    // query or key projection (reordered for NEOX models), with its bias.
+    let proj = |name: &str, d_in: usize, d_out: usize, rotary: bool| -> Result<Proj, TrainError> {
+        let w = format!("{name}.weight");
+        let (v, rows, cols) = read(&w)?;
         if (rows, cols) != (d_out, d_in) {
             return Err(bad(
                 path,
-                format!("{name} is {rows}×{cols}, expected {d_out}×{d_in}"),
+                format!("{w} is {rows}×{cols}, expected {d_out}×{d_in}"),
             ));
         }
+        let v = if rotary && neox {
+            permute(v, rows, cols)
+        } else {
+            v
+        };
         let t = Tensor::<2>::from_data(TensorData::new(v, [d_out, d_in]), device);
-        Ok(Proj::from_tensor(t.transpose()))
+        let mut p = Proj::from_tensor(t.transpose());
+        let b = format!("{name}.bias");
+        if h.tensor(&b).is_some() {
+            let (v, rows, cols) = read(&b)?;
+            if rows * cols != d_out {
+                return Err(bad(
+                    path,
+                    format!("{b} has {} values, not {d_out}", rows * cols),
+                ));
+            }
+            let v = if rotary && neox {
+                permute(v, d_out, 1)
+            } else {
+                v
+            };
+            p.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(v, [d_out]),
+                device,
+            )));
+        }
+        Ok(p)
+    };
+    let mat = |name: &str, d_in: usize, d_out: usize| -> Result<Proj, TrainError> {
+        proj(name.trim_end_matches(".weight"), d_in, d_out, false)
     };
     let (e, _, _) = read("token_embd.weight")?;
     if e.len() != cfg.vocab_size * d {
@@ -239,15 +286,25 @@ pub fn from_gguf(path: &Path, device: &Device) -> Result<(GptConfig, Gpt, Tok), 
         device,
     ));
     model.norm.gamma = vec1("output_norm.weight", d)?;
-    let (hd, kv) = (cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+    if h.tensor("output.weight").is_some() {
+        model.head = Some(mat("output.weight", d, cfg.vocab_size)?);
+    }
+    let kv = cfg.kv_heads() * cfg.head_dim();
     for (i, b) in model.blocks.iter_mut().enumerate() {
         let n = |t: &str| format!("blk.{i}.{t}.weight");
         b.attn_norm.gamma = vec1(&n("attn_norm"), d)?;
         b.ffn_norm.gamma = vec1(&n("ffn_norm"), d)?;
-        b.wq = mat(&n("attn_q"), d, n_head * hd)?;
-        b.wk = mat(&n("attn_k"), d, kv)?;
-        b.wv = mat(&n("attn_v"), d, kv)?;
+        let p = |t: &str| format!("blk.{i}.{t}");
+        b.wq = proj(&p("attn_q"), d, n_head * hd, true)?;
+        b.wk = proj(&p("attn_k"), d, kv, true)?;
+        b.wv = proj(&p("attn_v"), d, kv, false)?;
         b.wo = mat(&n("attn_output"), n_head * hd, d)?;
+        if neox && b.q_norm.is_some() {
+            return Err(bad(
+                path,
+                "QK-norm with NEOX rotary embeddings is not supported",
+            ));
+        }
         if let Some(q) = &mut b.q_norm {
             q.gamma = vec1(&n("attn_q_norm"), hd)?;
         }

@@ -123,16 +123,16 @@ fn save_checkpoint(
             pairs: model.lora_pairs(),
         }
         .save_file(tmp.join("adapters.bpk"))
-        .map_err(|e| fail(format!("{e:?}")))?;
+        .map_err(|e| fail(format!("{e}")))?;
     } else {
         model
             .clone()
             .save_file(tmp.join("model.bpk"))
-            .map_err(|e| fail(format!("{e:?}")))?;
+            .map_err(|e| fail(format!("{e}")))?;
     }
     optim
         .save(tmp.join("optim.bpk"))
-        .map_err(|e| fail(format!("{e:?}")))?;
+        .map_err(|e| fail(format!("{e}")))?;
     let state = serde_json::to_vec(&State { step }).map_err(|e| fail(e.to_string()))?;
     std::fs::write(tmp.join("state.json"), state).map_err(io_err(&tmp))?;
     let ck = checkpoint_dir(out);
@@ -162,12 +162,12 @@ pub fn load_weights(model: Gpt, ck: &Path) -> Result<Gpt, TrainError> {
             pairs: model.lora_pairs(),
         }
         .try_load_file(ck.join("adapters.bpk"))
-        .map_err(|e| bad(format!("{e:?}")))?;
+        .map_err(|e| bad(format!("{e}")))?;
         Ok(model.set_lora_pairs(a.pairs).freeze_non_lora())
     } else {
         model
             .try_load_file(ck.join("model.bpk"))
-            .map_err(|e| bad(format!("{e:?}")))
+            .map_err(|e| bad(format!("{e}")))
     }
 }
 
@@ -206,7 +206,7 @@ pub fn run(
         model = load_weights(model, &ck)?;
         optim = optim
             .load(ck.join("optim.bpk"))
-            .map_err(|e| bad(format!("{e:?}")))?;
+            .map_err(|e| bad(format!("{e}")))?;
         start = s.step;
         tracing::info!("resuming from step {start}");
     }
@@ -235,9 +235,13 @@ pub fn run(
             let l: f32 = loss.clone().into_scalar::<f32>();
             if !l.is_finite() {
                 return Err(TrainError::NotFinite {
-                    step,
+                    step: step + 1,
                     loss: l,
-                    checkpoint: ck.display().to_string(),
+                    checkpoint: if ck.join("state.json").exists() {
+                        ck.display().to_string()
+                    } else {
+                        "none yet".into()
+                    },
                 });
             }
             total += l;

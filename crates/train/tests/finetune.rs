@@ -281,18 +281,19 @@ fn lora_trains_adapters_only_resumes_and_merges_on_export() {
     assert!(e.contains("unknown LoRA target \"wz\""), "{e}");
 }
 
-/// The real SmolLM2 file (Q4_1) read into the trainer gives the engine's
-/// logits: LoRA on it starts from the model the engine serves.
-#[test]
-fn the_trainer_reads_smollm2_like_the_engine() {
+/// A real model file read into the trainer gives the engine's logits (the
+/// engine multiplies quantized weights with activations quantized to 8
+/// bits; the trainer works in f32 throughout): LoRA starts from the model
+/// the engine serves. Returns the trainer's next token after `prompt`.
+fn parity_with_the_engine(name: &str, prompt: &str) -> String {
     let store = hanlin_store::Store::open(hanlin_store::Store::default_home()).expect("store");
-    let path = store
-        .path_of("smollm2-135m")
-        .expect("store")
-        .expect("smollm2-135m is not in the store: run `cargo run --release -- pull smollm2-135m` (CI does this)");
+    let path = store.path_of(name).expect("store").unwrap_or_else(|| {
+        panic!(
+            "{name} is not in the store: run `cargo run --release -- pull {name}` (CI does this)"
+        )
+    });
     let (cfg, model, tok) = hanlin_train::run::from_gguf(&path, &Device::default()).unwrap();
-    assert_eq!((cfg.n_layer, cfg.d_model, cfg.vocab_size), (30, 576, 49152));
-    let ids = tok.encode("The capital of France is").unwrap();
+    let ids = tok.encode(prompt).unwrap();
     let engine = hanlin_engine::Model::load(&path).unwrap();
     let pool = hanlin_kernels::ThreadPool::new(2);
     let mut cache =
@@ -301,6 +302,7 @@ fn the_trainer_reads_smollm2_like_the_engine() {
         .forward(&pool, &ids, &mut cache, hanlin_engine::Logits::All)
         .unwrap();
     let theirs = logits(&model, &ids);
+    assert_eq!(ours.len(), theirs.len());
     let v = cfg.vocab_size;
     let argmax = |x: &[f32]| {
         x.iter()
@@ -312,9 +314,6 @@ fn the_trainer_reads_smollm2_like_the_engine() {
     let last = ids.len() - 1;
     let (a, b) = (&ours[last * v..], &theirs[last * v..]);
     assert_eq!(argmax(a), argmax(b));
-    assert_eq!(tok.decode(&[argmax(b) as u32]), " Paris");
-    // The engine multiplies Q4_1 weights with activations quantized to
-    // 8 bits; the trainer works in f32 throughout.
     let max = max_diff(&ours, &theirs);
     let mean = ours
         .iter()
@@ -323,9 +322,29 @@ fn the_trainer_reads_smollm2_like_the_engine() {
         .sum::<f32>()
         / ours.len() as f32;
     let scale = theirs.iter().map(|v| v.abs()).fold(0f32, f32::max);
-    eprintln!("logit difference: max {max}, mean {mean} (scale {scale})");
+    eprintln!("{name}: logit difference max {max}, mean {mean} (scale {scale})");
     assert!(
         max < 0.06 * scale && mean < 0.01 * scale,
-        "engine vs trainer: max {max}, mean {mean} (scale {scale})"
+        "{name}: engine vs trainer: max {max}, mean {mean} (scale {scale})"
+    );
+    tok.decode(&[argmax(b) as u32])
+}
+
+/// SmolLM2 (llama, Q4_1, tied output).
+#[test]
+fn the_trainer_reads_smollm2_like_the_engine() {
+    assert_eq!(
+        parity_with_the_engine("smollm2-135m", "The capital of France is"),
+        " Paris"
+    );
+}
+
+/// Qwen2.5-Coder (qwen2: NEOX rotary embeddings, query/key/value biases,
+/// an output matrix of its own; Q4_K/Q5_0/Q6_K/Q8_0).
+#[test]
+fn the_trainer_reads_qwen2_like_the_engine() {
+    assert_eq!(
+        parity_with_the_engine("qwen2.5-coder-0.5b", "中国的首都是"),
+        "北京"
     );
 }

@@ -289,3 +289,41 @@ fn a_mixture_of_experts_trains_and_runs_in_the_engine() {
     let ids = r.tok.encode("白日依山尽，黄河").unwrap();
     assert_same_logits(&r.model, &gguf, &ids, 0.02);
 }
+
+/// `--quant q4_k`: rows of 256 values become Q4_K (the engine's logits stay
+/// close to the trainer's), the rest Q8_0; the file is much smaller than
+/// F32.
+#[test]
+fn export_to_q4_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = poem_corpus(dir.path());
+    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
+    let mut c = tiny(tok.get_vocab_size(true));
+    (c.d_model, c.n_head, c.n_head_kv, c.d_ff) = (256, 4, Some(2), 512);
+    let device = Device::default();
+    device.seed(5);
+    let model = Gpt::new(&c, &device);
+    let md = || hanlin_train::export::bpe_metadata(&tok).unwrap();
+    let f32_path = dir.path().join("f32.gguf");
+    let q4_path = dir.path().join("q4.gguf");
+    use hanlin_train::export::{export, Quant};
+    export(&model, &c, md(), "t", &f32_path, Quant::F32).unwrap();
+    export(&model, &c, md(), "t", &q4_path, Quant::Q4K).unwrap();
+    let h = hanlin_formats::GgufFile::open(&q4_path).unwrap().header;
+    let ty = |n: &str| h.tensor(n).unwrap().ty;
+    assert_eq!(ty("blk.0.attn_q.weight"), hanlin_formats::GgmlType::Q4_K);
+    assert_eq!(ty("blk.1.ffn_down.weight"), hanlin_formats::GgmlType::Q4_K);
+    assert_eq!(ty("token_embd.weight"), hanlin_formats::GgmlType::Q8_0);
+    let (a, b) = (
+        std::fs::metadata(&f32_path).unwrap().len(),
+        std::fs::metadata(&q4_path).unwrap().len(),
+    );
+    assert!(b * 4 < a, "{b} vs {a}");
+    let ids = tok
+        .encode("举头望明月，低头", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_same_logits(&model, &f32_path, &ids, 0.02);
+    assert_same_logits(&model, &q4_path, &ids, 0.15);
+}

@@ -109,13 +109,17 @@ enum Cmd {
     },
     /// Export a training run to a GGUF file the engine serves
     Export {
-        /// Run directory (from `hanlin train pretrain -o`)
+        /// Run directory (from `hanlin train … -o`)
         run: PathBuf,
+        /// A .gguf file, or a directory for safetensors
         #[arg(short, long)]
         output: PathBuf,
-        /// Weight type: f32, f16 or q8_0
-        #[arg(long, default_value = "q8_0")]
-        quant: hanlin_train::export::Quant,
+        /// Weight type: f32, f16, q8_0 or q4_k (default q8_0; safetensors: f32 or f16, default f16)
+        #[arg(long)]
+        quant: Option<hanlin_train::export::Quant>,
+        /// gguf, or safetensors (a Hugging Face directory)
+        #[arg(long, default_value = "gguf")]
+        format: String,
     },
     /// Measure prefill and decode speed and peak memory
     Bench {
@@ -465,7 +469,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kb { cmd } => kb::run(&store, threads, cmd),
         Cmd::Feed { cmd } => kb::feed(&store, threads, cmd),
         Cmd::Train { cmd } => train::run(&store, threads, cmd),
-        Cmd::Export { run, output, quant } => train::export_run(&run, &output, quant),
+        Cmd::Export {
+            run,
+            output,
+            quant,
+            format,
+        } => train::export_run(&run, &output, quant, &format),
         Cmd::Ask {
             kbs,
             question,

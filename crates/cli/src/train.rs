@@ -639,9 +639,23 @@ pub fn run(store: &Store, threads: usize, cmd: TrainCmd) -> Result<()> {
     Ok(())
 }
 
-/// `hanlin export RUN -o FILE.gguf --quant TYPE`.
-pub fn export_run(run: &Path, output: &Path, quant: Quant) -> Result<()> {
-    export::export_run(run, output, quant)?;
-    println!("wrote {} ({quant:?})", output.display());
+/// `hanlin export RUN -o FILE.gguf --quant TYPE [--format safetensors]`.
+pub fn export_run(run: &Path, output: &Path, quant: Option<Quant>, format: &str) -> Result<()> {
+    match format {
+        "gguf" => {
+            let q = quant.unwrap_or(Quant::Q8_0);
+            export::export_run(run, output, q)?;
+            println!("wrote {} ({q:?})", output.display());
+        }
+        "safetensors" => {
+            let q = quant.unwrap_or(Quant::F16);
+            export::export_safetensors(run, output, q)?;
+            println!(
+                "wrote {} (config.json, model.safetensors {q:?}, tokenizer.json, tokenizer_config.json)",
+                output.display()
+            );
+        }
+        other => bail!("unknown export format {other:?} (gguf, safetensors)"),
+    }
     Ok(())
 }

@@ -70,12 +70,60 @@ pub fn read(path: &Path) -> Result<Vec<(f64, f64, Option<f64>)>, TrainError> {
         .collect())
 }
 
+/// Digits 0–9 in a 3×5 pixel font (rows of 3 bits, top first).
+const DIGITS: [[u8; 5]; 10] = [
+    [7, 5, 5, 5, 7],
+    [2, 6, 2, 2, 7],
+    [7, 1, 7, 4, 7],
+    [7, 1, 7, 1, 7],
+    [5, 5, 7, 1, 1],
+    [7, 4, 7, 1, 7],
+    [7, 4, 7, 5, 7],
+    [7, 1, 1, 1, 1],
+    [7, 5, 7, 5, 7],
+    [7, 5, 7, 1, 7],
+];
+
+/// Width in pixels of `n` written by [`draw_number`] at `scale`.
+fn number_width(n: usize, scale: usize) -> usize {
+    n.to_string().len() * 4 * scale
+}
+
+/// Write `n` with its top-left corner at (x, y).
+fn draw_number(
+    put: &mut impl FnMut(usize, usize, [u8; 3]),
+    n: usize,
+    x: usize,
+    y: usize,
+    scale: usize,
+) {
+    for (i, ch) in n.to_string().bytes().enumerate() {
+        let glyph = DIGITS[(ch - b'0') as usize];
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..3 {
+                if bits >> (2 - col) & 1 == 1 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            put(
+                                x + (i * 4 + col) * scale + dx,
+                                y + row * scale + dy,
+                                [0, 0, 0],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Draw the curves of `csv` into a PNG: training loss in blue, validation
-/// loss in orange, on axes from zero to the largest loss.
+/// loss in orange, on axes from zero to the largest loss, labelled with the
+/// loss (a grid line per whole nat) and the step.
 pub fn plot(csv: &Path, png_path: &Path) -> Result<(), TrainError> {
     let rows = read(csv)?;
     let (w, h) = (640usize, 400usize);
-    let (ml, mr, mt, mb) = (40usize, 10usize, 10usize, 30usize);
+    let (ml, mr, mt, mb) = (44usize, 12usize, 10usize, 30usize);
     let mut px = vec![255u8; w * h * 3];
     let mut put = |x: usize, y: usize, c: [u8; 3]| {
         if x < w && y < h {
@@ -99,12 +147,32 @@ pub fn plot(csv: &Path, png_path: &Path) -> Result<(), TrainError> {
         let y = (h - mb) as f64 - l / max_loss * (h - mb - mt) as f64;
         (x, y)
     };
-    // Horizontal grid line at every whole nat.
-    for k in 1..=(max_loss as usize).min(20) {
+    // Horizontal grid line at every whole nat (every few when there are
+    // many), labelled on the left.
+    let every = (max_loss as usize / 10).max(1);
+    for k in (0..=(max_loss as usize).min(40)).step_by(every) {
         let (_, y) = to_px(0.0, k as f64);
-        for x in (ml..w - mr).step_by(4) {
-            put(x, y as usize, [200, 200, 200]);
+        if k > 0 {
+            for x in (ml..w - mr).step_by(4) {
+                put(x, y as usize, [200, 200, 200]);
+            }
         }
+        let lw = number_width(k, 2);
+        draw_number(
+            &mut put,
+            k,
+            ml.saturating_sub(lw + 4),
+            (y as usize).saturating_sub(5),
+            2,
+        );
+    }
+    // Steps: 0, the middle and the last, under the axis.
+    let last = max_step.round() as usize;
+    for s in [0, last / 2, last] {
+        let (x, _) = to_px(s as f64, 0.0);
+        let lw = number_width(s, 2);
+        let x = (x as usize).saturating_sub(lw / 2).min(w - lw - 1);
+        draw_number(&mut put, s, x, h - mb + 6, 2);
     }
     let mut line = |pts: &[(f64, f64)], c: [u8; 3]| {
         for p in pts.windows(2) {

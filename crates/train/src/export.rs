@@ -311,3 +311,149 @@ pub fn export(
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(())
 }
+
+/// Export the run in `dir` as a Hugging Face directory: `config.json`
+/// (llama), `model.safetensors` (f32 or f16; query and key rows in HF's
+/// rotate-half order), `tokenizer.json` and `tokenizer_config.json` (ChatML
+/// template). `hanlin run DIR` loads it, as do other tools that read HF
+/// llama checkpoints.
+pub fn export_safetensors(dir: &Path, out: &Path, q: Quant) -> Result<(), TrainError> {
+    let device = burn::tensor::Device::default();
+    let r = crate::run::load(dir, &device)?;
+    let c = &r.cfg.model;
+    let crate::tokenizer::Tok::Bpe(tok) = &r.tok else {
+        return Err(TrainError::Config(
+            "a LoRA run has no tokenizer.json of its own: export it to GGUF".into(),
+        ));
+    };
+    if c.moe.is_some() || c.qk_norm {
+        return Err(TrainError::Config(
+            "safetensors export covers dense models without QK-norm; export this one to GGUF"
+                .into(),
+        ));
+    }
+    let (dtype, width) = match q {
+        Quant::F32 => (safetensors::Dtype::F32, 4),
+        Quant::F16 => (safetensors::Dtype::F16, 2),
+        _ => {
+            return Err(TrainError::Config(
+                "safetensors holds f32 or f16 weights".into(),
+            ))
+        }
+    };
+    let encode = |v: &[f32]| -> Vec<u8> {
+        if width == 4 {
+            encode_f32(v)
+        } else {
+            hanlin_kernels::quant::encode_f16(v)
+        }
+    };
+    let hd = c.head_dim();
+    // Interleaved pairs (the trainer's RoPE) → HF's halves, per head.
+    let unpermute = |rows: Vec<f32>, n_rows: usize, cols: usize| -> Vec<f32> {
+        let mut out = vec![0f32; rows.len()];
+        for r in 0..n_rows {
+            let (head, j) = (r / hd, r % hd);
+            let dst = head * hd + if j % 2 == 0 { j / 2 } else { j / 2 + hd / 2 };
+            out[dst * cols..(dst + 1) * cols].copy_from_slice(&rows[r * cols..(r + 1) * cols]);
+        }
+        out
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut push =
+        |name: String, shape: Vec<usize>, v: Vec<f32>| tensors.push((name, shape, encode(&v)));
+    // `[out, in]` rows, as HF stores linear weights.
+    let rows = |p: &Proj| -> Result<(Vec<f32>, usize, usize), TrainError> {
+        let w = p.merged();
+        let [d_in, d_out] = w.dims();
+        Ok((values(w.transpose())?, d_out, d_in))
+    };
+    push(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, c.d_model],
+        values(model_embed(&r.model))?,
+    );
+    push(
+        "model.norm.weight".into(),
+        vec![c.d_model],
+        values(r.model.norm.gamma.val())?,
+    );
+    for (i, b) in r.model.blocks.iter().enumerate() {
+        let n = |t: &str| format!("model.layers.{i}.{t}");
+        push(
+            n("input_layernorm.weight"),
+            vec![c.d_model],
+            values(b.attn_norm.gamma.val())?,
+        );
+        push(
+            n("post_attention_layernorm.weight"),
+            vec![c.d_model],
+            values(b.ffn_norm.gamma.val())?,
+        );
+        for (name, p, rotary) in [
+            ("self_attn.q_proj", &b.wq, true),
+            ("self_attn.k_proj", &b.wk, true),
+            ("self_attn.v_proj", &b.wv, false),
+            ("self_attn.o_proj", &b.wo, false),
+        ] {
+            let (v, o, i2) = rows(p)?;
+            let v = if rotary { unpermute(v, o, i2) } else { v };
+            push(n(&format!("{name}.weight")), vec![o, i2], v);
+        }
+        let Some(m) = &b.mlp else { continue };
+        for (name, p) in [
+            ("mlp.gate_proj", &m.gate),
+            ("mlp.up_proj", &m.up),
+            ("mlp.down_proj", &m.down),
+        ] {
+            let (v, o, i2) = rows(p)?;
+            push(n(&format!("{name}.weight")), vec![o, i2], v);
+        }
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let views = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            safetensors::tensor::TensorView::new(dtype, shape.clone(), data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| TrainError::Config(format!("{n}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let st = out.join("model.safetensors");
+    safetensors::tensor::serialize_to_file(views, None, &st).map_err(|e| TrainError::Io {
+        path: st.display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    let eos = tok.token_to_id("<|im_end|>");
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": c.d_model,
+        "intermediate_size": c.d_ff,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads(),
+        "head_dim": hd,
+        "max_position_embeddings": c.context,
+        "rope_theta": c.rope_base,
+        "rms_norm_eps": c.norm_eps,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": true,
+        "hidden_act": "silu",
+        "eos_token_id": eos,
+        "torch_dtype": if width == 4 { "float32" } else { "float16" },
+    });
+    crate::trainer::write_json(&out.join("config.json"), &config)?;
+    crate::tokenizer::save(tok, &out.join("tokenizer.json"))?;
+    let tc = serde_json::json!({
+        "eos_token": "<|im_end|>",
+        "pad_token": crate::tokenizer::END_OF_TEXT,
+        "add_bos_token": false,
+        "chat_template": hanlin_tokenizer::CHATML,
+    });
+    crate::trainer::write_json(&out.join("tokenizer_config.json"), &tc)
+}
+
+fn model_embed(m: &Gpt) -> Tensor<2> {
+    m.embed.weight.val()
+}

@@ -242,6 +242,30 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
     // And the engine's tokenizer reads the exported vocabulary the same way.
     let lm = hanlin_engine::LoadedModel::load(&gguf, 1).unwrap();
     assert_eq!(lm.tokenizer.encode("举头望明月，低头", false).unwrap(), ids);
+    // The same as a Hugging Face directory (safetensors, HF's rotary order).
+    let hf = dir.path().join("hf");
+    hanlin_train::export::export_safetensors(&out, &hf, hanlin_train::export::Quant::F32).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(hf.join(f).is_file(), "{f}");
+    }
+    assert_same_logits(&r.model, &hf, &ids, 0.02);
+    let lm = hanlin_engine::LoadedModel::load(&hf, 1).unwrap();
+    assert_eq!(lm.tokenizer.encode("举头望明月，低头", false).unwrap(), ids);
+    let hf16 = dir.path().join("hf16");
+    hanlin_train::export::export_safetensors(&out, &hf16, hanlin_train::export::Quant::F16)
+        .unwrap();
+    assert_same_logits(&r.model, &hf16, &ids, 0.02);
+    assert!(hanlin_train::export::export_safetensors(
+        &out,
+        &hf16,
+        hanlin_train::export::Quant::Q8_0
+    )
+    .is_err());
 }
 
 fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {

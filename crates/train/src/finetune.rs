@@ -583,7 +583,19 @@ pub fn lora(
                 chats.rejected,
             )
         } else {
-            text_data = Dataset::load(opts.data, &tok, cfg.train.val_fraction.max(0.01))?;
+            // A domain corpus is small: hold out every k-th block of the
+            // stream rather than its tail (which would be one document).
+            let all = Dataset::load(opts.data, &tok, 0.0)?;
+            let every = (1.0 / cfg.train.val_fraction.max(0.01)).round().max(2.0) as usize;
+            let (mut train, mut val) = (Vec::new(), Vec::new());
+            for (i, block) in all.train.chunks(seq + 1).enumerate() {
+                if i % every == every - 1 {
+                    val.extend_from_slice(block);
+                } else {
+                    train.extend_from_slice(block);
+                }
+            }
+            text_data = Dataset { train, val, ..all };
             let (n, h) = (text_data.train.len(), text_data.val.len());
             (
                 Box::new(TextTask {

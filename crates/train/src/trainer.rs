@@ -282,6 +282,12 @@ pub fn run(
     if val_loss.is_nan() {
         val_loss = validate(&model, task);
     }
+    if trained == 0 {
+        // Already finished: the last logged loss.
+        if let Some(r) = curves::read(&out.join("loss.csv"))?.last() {
+            last_loss = r.1 as f32;
+        }
+    }
     let tps = tokens_per_step * trained as f64 / began.elapsed().as_secs_f64().max(1e-9);
     Ok(Outcome {
         model,

@@ -566,6 +566,11 @@ pub fn lora(
                 .map(|c| chat::encode(&tok, c))
                 .collect::<Result<Vec<_>, _>>()?;
             let (ex, _) = fit(ex, seq + 1);
+            if ex.is_empty() {
+                return Err(TrainError::Corpus(
+                    "no conversation fits the sequence length".into(),
+                ));
+            }
             let n = ex.len();
             let (train, val) = split(ex, cfg.train.val_fraction, cfg.train.seed);
             let h = val.len();

@@ -79,12 +79,16 @@ impl Dataset {
     }
 }
 
+/// The random generator of step `step`: a function of the seed and the step
+/// alone, so a resumed run draws the same batches.
+pub fn step_rng(seed: u64, step: usize) -> rand_chacha::ChaCha8Rng {
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
 /// `batch` random windows of `len + 1` tokens (inputs and shifted targets)
 /// for step `step`.
 pub fn batch(stream: &[u32], batch: usize, len: usize, seed: u64, step: usize) -> Vec<Vec<u32>> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-        seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
+    let mut rng = step_rng(seed, step);
     let max = stream.len().saturating_sub(len + 1);
     (0..batch)
         .map(|_| {

@@ -18,10 +18,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
+/// The generator of micro-batch `micro` of step `step`.
 fn rng(seed: u64, step: usize, micro: usize) -> rand_chacha::ChaCha8Rng {
-    rand_chacha::ChaCha8Rng::seed_from_u64(
-        seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (micro as u64) << 48,
-    )
+    data::step_rng(seed ^ (micro as u64) << 48, step)
 }
 
 /// Inputs, targets and target mask `[b, len]` of examples, padded to the

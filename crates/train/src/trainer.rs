@@ -182,6 +182,31 @@ pub fn has_checkpoint(out: &Path) -> Result<bool, TrainError> {
     Ok(ck.join("state.json").exists())
 }
 
+/// Every step allocates and frees the same activations and gradients
+/// (hundreds of KB to tens of MB each). glibc hands blocks above its mmap
+/// threshold out as fresh mappings and unmaps or trims them on free, so each
+/// step page-faulted its whole working set again: a third of a 2M model's
+/// step was spent in the kernel. Training keeps freed memory for the next
+/// step instead (largest mmap threshold glibc allows, no trimming).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator parameters; glibc
+            // rejects values out of range (returning 0), which leaves the
+            // defaults in place.
+            let ok = unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                    && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+            };
+            if !ok {
+                tracing::debug!("mallopt refused the training allocator settings");
+            }
+        });
+    }
+}
+
 /// Train `model` on `task` for `t.steps` steps in `out`, resuming from its
 /// checkpoint when there is one. `progress` is called after every step.
 pub fn run(
@@ -192,6 +217,7 @@ pub fn run(
     task: &mut dyn Task,
     mut progress: impl FnMut(&Progress),
 ) -> Result<Outcome, TrainError> {
+    keep_freed_memory();
     let mut optim = optimizer(t);
     let ck = checkpoint_dir(out);
     let mut start = 0;

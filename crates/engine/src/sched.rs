@@ -9,14 +9,16 @@
 //! prefix it shares with the pool or with a running sequence, so a system
 //! prompt or a conversation's earlier turns are not recomputed.
 
-use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
+use crate::generate::{
+    DecodeStep, Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint,
+};
 use crate::kv::{KvBlocks, KvCache};
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -466,23 +468,37 @@ impl Worker {
             }
         };
         let tok = &self.m.tokenizer;
-        for ((s, (fed, _)), mut lg) in self.active.iter_mut().zip(plan).zip(logits) {
+        let mut logits = logits;
+        for (s, (fed, _)) in self.active.iter_mut().zip(plan) {
             s.tokens.extend_from_slice(&fed);
-            if s.pending.is_some() {
-                s.pending = None;
+            s.pending = None;
+            if !s.done && s.prefilling() && !fed.is_empty() {
+                let (done, total) = (s.tokens.len(), s.job.prompt.len());
+                s.send(Event::Prefill { done, total });
             }
-            if s.done {
-                continue;
+        }
+        // Sampling (a pass or more over the vocabulary per sequence, and a
+        // JSON-schema mask where one is set) runs on the pool's threads,
+        // which would otherwise wait for the next step.
+        type Sampling<'a> = Mutex<(&'a mut Seq, &'a mut Vec<f32>, Option<DecodeStep>)>;
+        let work: Vec<Sampling> = self
+            .active
+            .iter_mut()
+            .zip(logits.iter_mut())
+            .filter(|(s, lg)| !s.done && !lg.is_empty())
+            .map(|(s, lg)| Mutex::new((s, lg, None)))
+            .collect();
+        self.m.pool.for_chunks(work.len(), 1, &|range| {
+            for w in &work[range] {
+                let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+                let (s, lg, st) = &mut *g;
+                let full = s.cache.len() >= s.cache.capacity();
+                *st = Some(s.dec.next(tok, lg, &s.tokens, full));
             }
-            if lg.is_empty() {
-                if !fed.is_empty() && s.prefilling() {
-                    let (done, total) = (s.tokens.len(), s.job.prompt.len());
-                    s.send(Event::Prefill { done, total });
-                }
-                continue;
-            }
-            let full = s.cache.len() >= s.cache.capacity();
-            let st = s.dec.next(tok, &mut lg, &s.tokens, full);
+        });
+        for w in work {
+            let (s, _, st) = w.into_inner().unwrap_or_else(|e| e.into_inner());
+            let Some(st) = st else { continue };
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             let lps = s.dec.lps[s.lps_sent..].to_vec();
             s.lps_sent = s.dec.lps.len();

@@ -118,10 +118,12 @@ fn run_rows(
     // thread keep the hardware prefetchers on one sequential stream. In
     // prefill a small chunk of rows is reused across all tokens while it sits
     // in L1/L2.
-    let chunk = if n_tok == 1 {
+    // A decode batch of up to eight tokens also passes over each row once
+    // (the 2×8 and 2×4 kernels take all its tokens), so it streams as well.
+    let chunk = if n_tok <= 8 {
         rows.div_ceil(pool.n_threads() * 4).max(16)
     } else {
-        8
+        64
     };
     pool.for_chunks(rows, chunk, &|range| {
         let mut t = 0;

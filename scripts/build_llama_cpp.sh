@@ -11,9 +11,13 @@ BIN="$SRC/vendor/llama.cpp/build/bin"
 if [ ! -x "$BIN/llama-bench" ]; then
   mkdir -p "$DIR"
   if [ ! -d "$SRC" ]; then
-    python3 -m pip download --no-deps --no-binary :all: -d "$DIR" "llama-cpp-python==$VERSION" >&2
+    # Only llama-cpp-python itself as source: its build requirements
+    # (cmake, scikit-build-core) come as wheels, or pip would compile cmake.
+    [ -f "$DIR/llama_cpp_python-$VERSION.tar.gz" ] ||
+      python3 -m pip download --no-deps --no-binary llama-cpp-python -d "$DIR" "llama-cpp-python==$VERSION" >&2
     tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
   fi
+  command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
   command -v cmake >/dev/null || { echo "cmake is required (apt-get install cmake)" >&2; exit 1; }
   (cd "$SRC/vendor/llama.cpp" &&
     cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release \

@@ -2,7 +2,6 @@
 
 use crate::kv::KvCache;
 use crate::EngineError;
-use half::slice::HalfFloatSliceExt;
 use hanlin_arch::{names, Activation, ModelConfig};
 use hanlin_formats::{GgmlType, GgufFile, TensorInfo};
 use hanlin_kernels::ops::{self, Rope, RopeStyle};
@@ -482,17 +481,18 @@ impl Model {
         // Any SIMD level on x86-64 means AVX2, FMA and F16C were detected.
         let wide = hanlin_kernels::dot::simd_level() != hanlin_kernels::dot::SimdLevel::Scalar;
         pool.for_chunks(cfg.n_head_kv * n_blocks, 1, &|r| {
-            let mut sc = AttendScratch::default();
-            for job in r {
-                let (kvh, blk) = (job / n_blocks, job % n_blocks);
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: AVX2 and FMA were detected at run time just above.
-                    unsafe { a.job_avx2(kvh, blk, &mut sc) };
-                    continue;
+            ATTEND_SCRATCH.with_borrow_mut(|sc| {
+                for job in r {
+                    let (kvh, blk) = (job / n_blocks, job % n_blocks);
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: AVX2 and FMA were detected at run time just above.
+                        unsafe { a.job_avx2(kvh, blk, sc) };
+                        continue;
+                    }
+                    a.job::<false>(kvh, blk, sc);
                 }
-                a.job(kvh, blk, &mut sc);
-            }
+            });
         });
     }
 
@@ -613,18 +613,24 @@ struct AttendScratch {
     row: Vec<f32>,
 }
 
+thread_local! {
+    /// Each pool thread's attention buffers, kept between jobs and steps.
+    static ATTEND_SCRATCH: std::cell::RefCell<AttendScratch> = std::cell::RefCell::default();
+}
+
 impl Attend<'_> {
     /// [`Self::job`] compiled for AVX2 and FMA (the same operations, 8 lanes wide).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn job_avx2(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
-        self.job(kvh, blk, sc)
+        self.job::<true>(kvh, blk, sc)
     }
 
     /// Keys/values head `kvh` against query tokens `blk*TB..` of every head
-    /// of its group.
+    /// of its group. `F16C`: compiled inside [`Self::job_avx2`], so the f16
+    /// conversions use the F16C instructions (exact, like the portable ones).
     #[inline(always)]
-    fn job(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
+    fn job<const F16C: bool>(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
         let (hd, nh, group) = (self.hd, self.nh, self.group);
         let (p0, li, cache) = (self.p0, self.li, self.cache);
         let t0 = blk * ATTN_TB;
@@ -637,22 +643,22 @@ impl Attend<'_> {
         };
         let lo = first(t0);
         let span = last + 1 - lo;
-        sc.qs.resize(ATTN_TB * group * hd, 0.0);
+        sc.qs.resize(tb * group * hd, 0.0);
         sc.row.resize(hd, 0.0);
         // Queries rounded to f16, as llama.cpp does before its f16 K·Q.
         for t in 0..tb {
             for g in 0..group {
                 let src = &self.q[(t0 + t) * nh * hd + (kvh * group + g) * hd..][..hd];
-                for (d, s) in sc.qs[(t * group + g) * hd..][..hd].iter_mut().zip(src) {
-                    *d = half::f16::from_f32(*s).to_f32();
-                }
+                let dst = &mut sc.qs[(t * group + g) * hd..][..hd];
+                dst.copy_from_slice(src);
+                f16::round::<F16C>(dst);
             }
         }
         let scores = &mut sc.scores;
         scores.clear();
         scores.resize(tb * group * span, f32::NEG_INFINITY);
         for p in lo..=last {
-            cache.key(li, p)[kvh * hd..][..hd].convert_to_f32_slice(&mut sc.row);
+            f16::to_f32::<F16C>(&cache.key(li, p)[kvh * hd..][..hd], &mut sc.row);
             for t in 0..tb {
                 let pos = p0 + t0 + t;
                 if p > pos || p < first(t0 + t) {
@@ -668,8 +674,7 @@ impl Attend<'_> {
         for s in scores.chunks_exact_mut(span) {
             ops::softmax(s);
             // Probabilities rounded to f16 as in llama.cpp's f16 V product.
-            s.iter_mut()
-                .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+            f16::round::<F16C>(s);
         }
         for t in 0..tb {
             for g in 0..group {
@@ -682,7 +687,7 @@ impl Attend<'_> {
             }
         }
         for p in lo..=last {
-            cache.val(li, p)[kvh * hd..][..hd].convert_to_f32_slice(&mut sc.row);
+            f16::to_f32::<F16C>(&cache.val(li, p)[kvh * hd..][..hd], &mut sc.row);
             for t in 0..tb {
                 for g in 0..group {
                     let s = scores[(t * group + g) * span + p - lo];
@@ -711,5 +716,57 @@ impl SendPtr {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}
+
+/// f16 conversions for attention: portable, or (`F16C`, only inside a
+/// function compiled with that feature) eight lanes at a time. Both are
+/// exact and round to nearest even, so they give the same bits.
+mod f16 {
+    use half::slice::HalfFloatSliceExt;
+
+    /// `dst` = `src` widened to f32.
+    #[inline(always)]
+    pub(super) fn to_f32<const F16C: bool>(src: &[half::f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        #[cfg(target_arch = "x86_64")]
+        if F16C {
+            use std::arch::x86_64::*;
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: `i + 8 <= n` elements are in bounds of both slices;
+                // F16C is only set inside `Attend::job_avx2`, compiled for it.
+                unsafe {
+                    let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+            src[i..n].convert_to_f32_slice(&mut dst[i..n]);
+            return;
+        }
+        src[..n].convert_to_f32_slice(&mut dst[..n]);
+    }
+
+    /// Round every value of `v` to the nearest f16 (kept as f32).
+    #[inline(always)]
+    pub(super) fn round<const F16C: bool>(v: &mut [f32]) {
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if F16C {
+            use std::arch::x86_64::*;
+            while i + 8 <= v.len() {
+                // SAFETY: as in `to_f32`.
+                unsafe {
+                    let p = v.as_mut_ptr().add(i);
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p));
+                    _mm256_storeu_ps(p, _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+        }
+        for x in &mut v[i..] {
+            *x = half::f16::from_f32(*x).to_f32();
+        }
     }
 }

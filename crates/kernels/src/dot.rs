@@ -144,6 +144,15 @@ pub fn dot_q8(ty: GgmlType) -> Option<DotQ8> {
 /// The fastest available dot product for a K weight format.
 pub fn dot_q8k(ty: GgmlType) -> Option<DotQ8K> {
     let simd = simd_level() != SimdLevel::Scalar;
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        match ty {
+            GgmlType::Q4_K => return Some(avx2::q4_k_v),
+            GgmlType::Q5_K => return Some(avx2::q5_k_v),
+            GgmlType::Q6_K => return Some(avx2::q6_k_v),
+            _ => {}
+        }
+    }
     Some(match ty {
         #[cfg(target_arch = "x86_64")]
         GgmlType::Q4_K if simd => avx2::q4_k,
@@ -216,6 +225,15 @@ pub fn dot_q8_2row(ty: GgmlType) -> Option<(DotQ8_2x4, DotQ8_2x8)> {
 }
 
 pub fn dot_q8k_x4(ty: GgmlType) -> Option<DotQ8Kx4> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2Vnni {
+        return Some(match ty {
+            GgmlType::Q4_K => avx2::q4_k_v4,
+            GgmlType::Q5_K => avx2::q5_k_v4,
+            GgmlType::Q6_K => avx2::q6_k_v4,
+            _ => return None,
+        });
+    }
     #[cfg(target_arch = "x86_64")]
     if simd_level() != SimdLevel::Scalar {
         return Some(match ty {
@@ -887,6 +905,155 @@ mod avx2 {
         std::array::from_fn(|k| hsum(acc[k]))
     }
 
+    /// [`q45k`] with AVX-512BW: each 512-bit product covers one 32-byte
+    /// group's low and high nibbles (64 quants against 64 contiguous
+    /// activations), and the two 256-bit halves of the integer sums are
+    /// added before the float part. Integer sums are exact, so the result is
+    /// bit-identical to [`q45k`]'s.
+    #[inline(always)]
+    unsafe fn q45k_512<const NT: usize, const FIVE: bool>(
+        w: &[u8],
+        xs: [&[BlockQ8K]; NT],
+    ) -> [f32; NT] {
+        let size = if FIVE { 176 } else { 144 };
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut mins = [_mm256_setzero_ps(); NT];
+        let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
+        let m4 = _mm256_set1_epi8(0xF);
+        for i in 0..n {
+            let b = w.as_ptr().add(i * size);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64) as *const i8);
+            let d = load_f16(b);
+            let dmin = load_f16(b.add(2));
+            let (sc256, m16) = k4_scales_mins(b.add(4));
+            let qs = b.add(if FIVE { 48 } else { 16 });
+            let hv = if FIVE {
+                _mm256_loadu_si256(b.add(16) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut wq = [_mm512_setzero_si512(); 4];
+            let mut ws = [_mm512_setzero_si512(); 4];
+            for j in 0..4 {
+                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if FIVE {
+                    let one = _mm256_set1_epi8(1);
+                    let hl = _mm256_and_si256(
+                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)),
+                        one,
+                    );
+                    let hh = _mm256_and_si256(
+                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                        one,
+                    );
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
+                }
+                let sl = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j]));
+                let sh = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j + 1]));
+                wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                ws[j] = _mm512_inserti64x4(_mm512_castsi256_si512(sl), sh, 1);
+            }
+            for k in 0..NT {
+                let xb = xs[k].get_unchecked(i);
+                let xq = xb.qs.as_ptr();
+                let mut s512 = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let xv = _mm512_loadu_si512(xq.add(64 * j) as *const __m512i);
+                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(wq[j], xv), ws[j]);
+                    s512 = _mm512_add_epi32(s512, p);
+                }
+                let sumi = _mm256_add_epi32(
+                    _mm512_castsi512_si256(s512),
+                    _mm512_extracti64x4_epi64::<1>(s512),
+                );
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
+                mins[k] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * xb.d), summ, mins[k]);
+                acc[k] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sumi), acc[k]);
+            }
+        }
+        std::array::from_fn(|k| hsum(acc[k]) - hsum(mins[k]))
+    }
+
+    /// [`q6k`] with AVX-512BW: one 512-bit product per two quant groups of a
+    /// half (64 contiguous activations); bit-identical to [`q6k`] as above.
+    #[inline(always)]
+    unsafe fn q6k_512<const NT: usize>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(3);
+        let pick2: [__m256i; 4] = std::array::from_fn(|kq| {
+            _mm256_set_m128i(
+                _mm_set1_epi16(SCALE_PICK[2 * kq + 1]),
+                _mm_set1_epi16(SCALE_PICK[2 * kq]),
+            )
+        });
+        for i in 0..n {
+            let b = w.as_ptr().add(i * 210);
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+            let d = load_f16(b.add(208));
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192) as *const __m128i));
+            let halves = [
+                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+            ];
+            // wq[2h + m]: groups 2m and 2m+1 of half h; ws likewise.
+            let mut wq = [_mm512_setzero_si512(); 4];
+            let mut ws = [_mm512_setzero_si512(); 4];
+            for (h, half) in halves.iter().enumerate() {
+                let ql = b.add(64 * h);
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
+                let qa = _mm256_loadu_si256(ql as *const __m256i);
+                let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let hbits = |shift: i32| {
+                    let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
+                    _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0)),
+                    _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
+                ];
+                let sv: [__m256i; 4] =
+                    std::array::from_fn(|kq| _mm256_shuffle_epi8(*half, pick2[kq]));
+                for m in 0..2 {
+                    wq[2 * h + m] =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * m]), q[2 * m + 1], 1);
+                    ws[2 * h + m] =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(sv[2 * m]), sv[2 * m + 1], 1);
+                }
+            }
+            for k in 0..NT {
+                let xb = xs[k].get_unchecked(i);
+                let xq = xb.qs.as_ptr();
+                let mut s512 = _mm512_setzero_si512();
+                for g in 0..4 {
+                    let xv = _mm512_loadu_si512(xq.add(64 * g) as *const __m512i);
+                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(wq[g], xv), ws[g]);
+                    s512 = _mm512_add_epi32(s512, p);
+                }
+                let sumi = _mm256_add_epi32(
+                    _mm512_castsi512_si256(s512),
+                    _mm512_extracti64x4_epi64::<1>(s512),
+                );
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+                let si = _mm256_sub_epi32(sumi, off);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(si), acc[k]);
+            }
+        }
+        std::array::from_fn(|k| hsum(acc[k]))
+    }
+
     macro_rules! kernels {
         ($feat:literal: $($name:ident, $name4:ident => $body:expr, $blk:ty;)*) => {$(
             #[target_feature(enable = $feat)]
@@ -923,6 +1090,9 @@ mod avx2 {
         q8_0_vi, q8_0_vi4 => |w, x| q32vz::<1, _, 128>(
             [w], x, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128))
         )[0], BlockQ8;
+        q4_k_vi, q4_k_vi4 => |w, x| q45k_512::<_, false>(w, x), BlockQ8K;
+        q5_k_vi, q5_k_vi4 => |w, x| q45k_512::<_, true>(w, x), BlockQ8K;
+        q6_k_vi, q6_k_vi4 => |w, x| q6k_512(w, x), BlockQ8K;
     }
 
     macro_rules! kernels_2row {
@@ -984,7 +1154,10 @@ mod avx2 {
         q4_1_v, q4_1_v4 => q4_1_vi, q4_1_vi4: BlockQ8,
         q5_0_v, q5_0_v4 => q5_0_vi, q5_0_vi4: BlockQ8,
         q5_1_v, q5_1_v4 => q5_1_vi, q5_1_vi4: BlockQ8,
-        q8_0_v, q8_0_v4 => q8_0_vi, q8_0_vi4: BlockQ8
+        q8_0_v, q8_0_v4 => q8_0_vi, q8_0_vi4: BlockQ8,
+        q4_k_v, q4_k_v4 => q4_k_vi, q4_k_vi4: BlockQ8K,
+        q5_k_v, q5_k_v4 => q5_k_vi, q5_k_vi4: BlockQ8K,
+        q6_k_v, q6_k_v4 => q6_k_vi, q6_k_vi4: BlockQ8K
     );
 }
 
@@ -1109,6 +1282,55 @@ pub(crate) mod tests {
                     (fast - scalar).abs() <= 1e-4 * norm + 1e-5,
                     "{ty} simd {fast} vs scalar {scalar}"
                 );
+            }
+        }
+    }
+
+    /// The AVX-512 K-quant kernels add the same integers in wider registers:
+    /// their results are the AVX2 kernels' bit for bit, so a model gives the
+    /// same logits on either kind of CPU.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_k_kernels_equal_the_avx2_ones_bit_for_bit() {
+        if simd_level() != SimdLevel::Avx2Vnni {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+        type K = (DotQ8K, DotQ8K, DotQ8Kx4, DotQ8Kx4);
+        let kernels: [(GgmlType, K); 3] = [
+            (
+                GgmlType::Q4_K,
+                (avx2::q4_k, avx2::q4_k_v, avx2::q4_k_x4, avx2::q4_k_v4),
+            ),
+            (
+                GgmlType::Q5_K,
+                (avx2::q5_k, avx2::q5_k_v, avx2::q5_k_x4, avx2::q5_k_v4),
+            ),
+            (
+                GgmlType::Q6_K,
+                (avx2::q6_k, avx2::q6_k_v, avx2::q6_k_x4, avx2::q6_k_v4),
+            ),
+        ];
+        for (ty, (a1, v1, a4, v4)) in kernels {
+            for n in [256, 768, 4864] {
+                let w = random_row(ty, n, &mut rng);
+                let xs: Vec<Vec<quant::BlockQ8K>> = (0..4)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0f32)).collect();
+                        let mut q = Vec::new();
+                        quant::quantize_q8k(&x, &mut q);
+                        q
+                    })
+                    .collect();
+                let x4: [&[quant::BlockQ8K]; 4] = std::array::from_fn(|k| &xs[k][..]);
+                for (k, x) in x4.iter().enumerate() {
+                    assert_eq!(a1(&w, x).to_bits(), v1(&w, x).to_bits(), "{ty} n{n} t{k}");
+                }
+                let (a, v) = (a4(&w, x4), v4(&w, x4));
+                for k in 0..4 {
+                    assert_eq!(a[k].to_bits(), v[k].to_bits(), "{ty} x4 n{n} t{k}");
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Token sampling: penalties, temperature, top-k, top-p, min-p, seeded RNG.
 
+use hanlin_kernels::ops;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,8 @@ impl SamplerConfig {
 pub struct Sampler {
     pub cfg: SamplerConfig,
     rng: ChaCha8Rng,
+    /// The softmax weights of the last draw (one per vocabulary entry).
+    weights: Vec<f32>,
 }
 
 /// A token with its log-probability.
@@ -67,7 +70,11 @@ pub struct TokenLogprob {
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Self {
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        Self { cfg, rng }
+        Self {
+            cfg,
+            rng,
+            weights: Vec::new(),
+        }
     }
 
     /// Apply repetition, presence and frequency penalties for `history`.
@@ -110,13 +117,13 @@ impl Sampler {
         let t = c.temperature;
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         if c.top_k == 0 && c.top_p >= 1.0 && c.min_p <= 0.0 {
-            // No truncation: draw from the whole softmax in one pass, with
-            // no sort over the vocabulary.
-            let total: f32 = logits.iter().map(|&l| ((l - max) / t).exp()).sum();
+            // No truncation: draw from the whole softmax, weights computed
+            // once, with no sort over the vocabulary.
+            self.weights.resize(logits.len(), 0.0);
+            let total = ops::exp_weights(logits, max, 1.0 / t, &mut self.weights);
             let mut r = self.rng.random::<f32>() * total;
             let mut last = 0;
-            for (i, &l) in logits.iter().enumerate() {
-                let p = ((l - max) / t).exp();
+            for (i, &p) in self.weights.iter().enumerate() {
                 if p > 0.0 {
                     last = i;
                 }
@@ -132,7 +139,8 @@ impl Sampler {
         // over the whole vocabulary. Only as many of the best tokens as
         // top-p / min-p can keep are sorted (k grows until they are covered).
         let z: f32 = if c.top_k == 0 {
-            logits.iter().map(|&l| ((l - max) / t).exp()).sum()
+            self.weights.resize(logits.len(), 0.0);
+            ops::exp_weights(logits, max, 1.0 / t, &mut self.weights)
         } else {
             0.0
         };
@@ -152,7 +160,9 @@ impl Sampler {
                 cand.truncate(k);
             }
             cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let mut probs: Vec<f32> = cand.iter().map(|(_, l)| ((l - max) / t).exp()).collect();
+            let mut probs = vec![0f32; cand.len()];
+            let ls: Vec<f32> = cand.iter().map(|&(_, l)| l).collect();
+            ops::exp_weights(&ls, max, 1.0 / t, &mut probs);
             let norm = if c.top_k > 0 { probs.iter().sum() } else { z };
             probs.iter_mut().for_each(|p| *p /= norm);
             let covered = c.top_k > 0

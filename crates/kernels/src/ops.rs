@@ -144,9 +144,100 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// `out[i] = exp((x[i] - shift) * scale)`, returning their sum: the
+/// weights of a softmax with temperature (sampling), in one pass that the
+/// compiler vectorizes. The exponential is Cephes' single-precision one
+/// (range reduction by ln 2, degree-5 polynomial), within 2 ulp of `f32::exp`
+/// for arguments in `[-87, 0]`; smaller arguments give 0.
+pub fn exp_weights(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> f32 {
+    let mut sum = [0f32; 16];
+    let n = x.len().min(out.len());
+    let (x, out) = (&x[..n], &mut out[..n]);
+    let mut xc = x.chunks_exact(16);
+    let mut oc = out.chunks_exact_mut(16);
+    for (xs, os) in (&mut xc).zip(&mut oc) {
+        for ((o, &v), s) in os.iter_mut().zip(xs).zip(sum.iter_mut()) {
+            *o = exp_nonpositive((v - shift) * scale);
+            *s += *o;
+        }
+    }
+    let mut total: f32 = sum.iter().sum();
+    for (o, &v) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = exp_nonpositive((v - shift) * scale);
+        total += *o;
+    }
+    total
+}
+
+/// `e^x` for `x <= 0` (0 below -87.33, where f32 would go subnormal), in
+/// plain arithmetic so that loops over it vectorize.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 × 2^23: adding it rounds to an integer, held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let under = x < -87.33;
+    let x = if under { -87.33 } else { x };
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let e = y * f32::from_bits(((ni + 127) << 23) as u32);
+    if under {
+        0.0
+    } else {
+        e
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_weights_match_libm_within_two_ulp() {
+        let x: Vec<f32> = (0..200_003)
+            .map(|i| -(i as f32) * 4.4e-4 - 1e-9 * i as f32)
+            .collect();
+        let mut out = vec![0f32; x.len()];
+        let total = exp_weights(&x, 0.0, 1.0, &mut out);
+        let mut want_total = 0f64;
+        for (&v, &got) in x.iter().zip(&out) {
+            let want = v.exp();
+            want_total += want as f64;
+            if v < -87.33 {
+                assert_eq!(got, 0.0, "exp({v})");
+                continue;
+            }
+            let ulp = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulp <= 2, "exp({v}) = {got}, libm {want} ({ulp} ulp)");
+        }
+        assert!(
+            (total as f64 - want_total).abs() < 1e-5 * want_total,
+            "{total} vs {want_total}"
+        );
+        // Shift and scale: softmax weights with temperature 0.5 (max weight 1).
+        let l = [3.0f32, 1.0, -2.0, 3.0, 0.5];
+        let mut w = [0f32; 5];
+        let z = exp_weights(&l, 3.0, 2.0, &mut w);
+        for (&li, &wi) in l.iter().zip(&w) {
+            let e = ((li - 3.0) * 2.0).exp();
+            assert!(
+                (wi - e).abs() <= 2.0 * f32::EPSILON * e.max(f32::MIN_POSITIVE),
+                "{wi} vs {e}"
+            );
+        }
+        assert!((z - w.iter().sum::<f32>()).abs() < 1e-6);
+    }
 
     #[test]
     fn rope_preserves_norm_and_is_identity_at_zero() {

@@ -369,18 +369,9 @@ impl Model {
                 }
                 let rows = span.start * kvd..span.end * kvd;
                 s.cache.append(li, &k[rows.clone()], &v[rows]);
-                let qrows = span.start * qd..span.end * qd;
-                self.attention(
-                    pool,
-                    layer,
-                    li,
-                    s.cache,
-                    &q[qrows.clone()],
-                    p0,
-                    span.len(),
-                    &mut attn[qrows],
-                );
             }
+            let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.cache).collect();
+            self.attention(pool, layer, li, &caches, &spans, &p0s, &q, &mut attn);
             {
                 let a = Activations::new(&attn, qd);
                 self.mm(pool, &layer.wo, &a, &mut o);
@@ -447,43 +438,61 @@ impl Model {
         Ok(out)
     }
 
+    /// Attention of every sequence of a batch (`spans`: its query rows,
+    /// `p0s`: its first position) in one parallel pass, so short decode
+    /// sequences do not each pay for a round of the pool.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         pool: &ThreadPool,
         layer: &Layer,
         li: usize,
-        cache: &KvCache,
+        caches: &[&KvCache],
+        spans: &[std::ops::Range<usize>],
+        p0s: &[usize],
         q: &[f32],
-        p0: usize,
-        t_n: usize,
         out: &mut [f32],
     ) {
         let cfg = &self.cfg;
-        let a = Attend {
-            hd: cfg.head_dim,
-            nh: cfg.n_head,
-            group: cfg.n_head / cfg.n_head_kv,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
-            window: layer.window,
-            li,
-            cache,
-            q,
-            p0,
-            t_n,
-            out: SendPtr(out.as_mut_ptr()),
-        };
-        // One job per (kv head, block of query tokens): each key/value row is
-        // converted from f16 once and used by every query head of the group
-        // and every token of the block.
-        let n_blocks = t_n.div_ceil(ATTN_TB);
+        let qd = cfg.q_dim();
+        let out_ptr = out.as_mut_ptr();
+        let parts: Vec<Attend> = caches
+            .iter()
+            .zip(spans)
+            .zip(p0s)
+            .map(|((&cache, span), &p0)| Attend {
+                hd: cfg.head_dim,
+                nh: cfg.n_head,
+                group: cfg.n_head / cfg.n_head_kv,
+                scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+                window: layer.window,
+                li,
+                cache,
+                q: &q[span.start * qd..span.end * qd],
+                p0,
+                t_n: span.len(),
+                // SAFETY: `span` lies within the batch's rows, so within `out`.
+                out: SendPtr(unsafe { out_ptr.add(span.start * qd) }),
+            })
+            .collect();
+        // One job per (sequence, kv head, block of query tokens): each
+        // key/value row is converted from f16 once and used by every query
+        // head of the group and every token of the block.
+        let mut jobs = Vec::new();
+        for (si, a) in parts.iter().enumerate() {
+            for kvh in 0..cfg.n_head_kv {
+                for blk in 0..a.t_n.div_ceil(ATTN_TB) {
+                    jobs.push((si, kvh, blk));
+                }
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         // Any SIMD level on x86-64 means AVX2, FMA and F16C were detected.
         let wide = hanlin_kernels::dot::simd_level() != hanlin_kernels::dot::SimdLevel::Scalar;
-        pool.for_chunks(cfg.n_head_kv * n_blocks, 1, &|r| {
+        pool.for_chunks(jobs.len(), 1, &|r| {
             ATTEND_SCRATCH.with_borrow_mut(|sc| {
-                for job in r {
-                    let (kvh, blk) = (job / n_blocks, job % n_blocks);
+                for &(si, kvh, blk) in &jobs[r] {
+                    let a = &parts[si];
                     #[cfg(target_arch = "x86_64")]
                     if wide {
                         // SAFETY: AVX2 and FMA were detected at run time just above.

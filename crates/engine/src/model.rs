@@ -524,7 +524,7 @@ impl Model {
         let a = Activations::new(h, self.cfg.d_model);
         self.mm(pool, &f.gate, &a, g);
         self.mm(pool, &f.up, &a, u);
-        ops::glu(g, u, self.act());
+        glu_par(pool, g, u, self.act());
         let a = Activations::new(g, f.gate.rows);
         self.mm(pool, &f.down, &a, out);
     }
@@ -712,6 +712,24 @@ impl Attend<'_> {
             }
         }
     }
+}
+
+/// `ops::glu` split across the pool when there is enough of it (a batch of
+/// tokens); the same operations per element either way.
+fn glu_par(pool: &ThreadPool, g: &mut [f32], u: &[f32], act: fn(f32) -> f32) {
+    const CHUNK: usize = 4096;
+    let n = g.len().min(u.len());
+    if n < 2 * CHUNK {
+        ops::glu(g, u, act);
+        return;
+    }
+    let gp = SendPtr(g.as_mut_ptr());
+    pool.for_chunks(n, CHUNK, &|r| {
+        // SAFETY: `r` lies within `g` (`r.end <= n`), and each range is
+        // handed to exactly one thread.
+        let gs = unsafe { gp.slice(r.start, r.len()) };
+        ops::glu(gs, &u[r], act);
+    });
 }
 
 #[derive(Clone, Copy)]

@@ -52,21 +52,43 @@ impl<'a> Activations<'a> {
             q8k: OnceCell::new(),
         }
     }
-    fn q8(&self) -> &[BlockQ8] {
-        self.q8.get_or_init(|| {
-            let mut v = Vec::new();
-            quant::quantize_q8(self.x, &mut v);
-            v
-        })
+    fn q8(&self, pool: &ThreadPool) -> &[BlockQ8] {
+        self.q8
+            .get_or_init(|| quantize_rows(pool, self.x, self.cols, quant::quantize_q8))
     }
-    fn q8k(&self) -> &[BlockQ8K] {
-        self.q8k.get_or_init(|| {
-            let mut v = Vec::new();
-            quant::quantize_q8k(self.x, &mut v);
-            v
-        })
+    fn q8k(&self, pool: &ThreadPool) -> &[BlockQ8K] {
+        self.q8k
+            .get_or_init(|| quantize_rows(pool, self.x, self.cols, quant::quantize_q8k))
     }
 }
+
+/// Quantize each `cols`-long row of `x` with `f`, rows spread over the pool
+/// when there are several (each row's blocks are independent).
+fn quantize_rows<B: Send>(
+    pool: &ThreadPool,
+    x: &[f32],
+    cols: usize,
+    f: fn(&[f32], &mut Vec<B>),
+) -> Vec<B> {
+    let n_tok = x.len().checked_div(cols).unwrap_or(0);
+    if n_tok < 2 {
+        let mut v = Vec::new();
+        f(x, &mut v);
+        return v;
+    }
+    let rows: Vec<std::sync::Mutex<Vec<B>>> = (0..n_tok).map(|_| Default::default()).collect();
+    pool.for_chunks(n_tok, 1, &|r| {
+        for t in r {
+            let mut out = rows[t].lock().unwrap_or_else(|e| e.into_inner());
+            f(&x[t * cols..(t + 1) * cols], &mut out);
+        }
+    });
+    rows.into_iter()
+        .flat_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
+impl Activations<'_> {}
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -200,14 +222,14 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     let n_tok = a.n_tok;
     let batch = dot::batch_kernel(w.ty).filter(|_| n_tok >= UNPACK_MIN_TOKENS);
     match (w.ty.block_size(), batch) {
-        (32, Some(k)) => unpacked(pool, w, out, a.q8(), n_tok, k),
+        (32, Some(k)) => unpacked(pool, w, out, a.q8(pool), n_tok, k),
         (32, None) => {
             let two_row = dot::dot_q8_2row(w.ty);
             quantized(
                 pool,
                 w,
                 out,
-                a.q8(),
+                a.q8(pool),
                 n_tok,
                 dot::dot_q8(w.ty).expect("32-element type has a dot"),
                 dot::dot_q8_x4(w.ty),
@@ -219,7 +241,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             pool,
             w,
             out,
-            a.q8k(),
+            a.q8k(pool),
             n_tok,
             dot::dot_q8k(w.ty).expect("K type has a dot"),
             dot::dot_q8k_x4(w.ty),
@@ -394,11 +416,14 @@ mod tests {
                     let bpr = cols / ty.block_size();
                     let one = |r: usize, t: usize| {
                         if ty.block_size() == 32 {
-                            dot::dot_q8(ty).expect("dot")(w.row(r), &a.q8()[t * bpr..(t + 1) * bpr])
+                            dot::dot_q8(ty).expect("dot")(
+                                w.row(r),
+                                &a.q8(&pool)[t * bpr..(t + 1) * bpr],
+                            )
                         } else {
                             dot::dot_q8k(ty).expect("dot")(
                                 w.row(r),
-                                &a.q8k()[t * bpr..(t + 1) * bpr],
+                                &a.q8k(&pool)[t * bpr..(t + 1) * bpr],
                             )
                         }
                     };

@@ -154,6 +154,10 @@ pub struct FinetuneArgs {
     optimizer: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
+    /// SFT: pack several conversations into each sequence of --seq-len
+    /// tokens (each sees only itself) instead of one per row
+    #[arg(long)]
+    pack: bool,
 }
 
 impl FinetuneArgs {
@@ -197,6 +201,9 @@ impl FinetuneArgs {
         }
         if let Some(v) = self.seed {
             t.seed = v;
+        }
+        if self.pack {
+            t.pack = true;
         }
         if let Some(o) = &self.optimizer {
             t.optimizer = match o.as_str() {

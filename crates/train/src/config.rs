@@ -163,6 +163,10 @@ pub struct TrainConfig {
     /// Micro-batches whose gradients are summed before each update.
     #[serde(default = "d_accum")]
     pub grad_accum: usize,
+    /// SFT: pack several conversations into each sequence (each attends
+    /// only to itself) instead of one padded conversation per row.
+    #[serde(default)]
+    pub pack: bool,
 }
 
 /// AdamW for everything, or Muon (momentum + Newton–Schulz
@@ -225,6 +229,7 @@ impl TrainConfig {
             val_fraction: d_val(),
             optimizer: Optimizer::AdamW,
             grad_accum: d_accum(),
+            pack: false,
         }
     }
 

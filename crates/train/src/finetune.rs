@@ -64,6 +64,76 @@ fn masked_loss(model: &Gpt, examples: &[&Example], pad_id: u32, device: &Device)
     (lp * mask).sum().neg() / n.clamp_min(1.0)
 }
 
+/// Conversations packed into rows of at most `max` tokens.
+struct Packed {
+    rows: Vec<Example>,
+    /// Per row, the conversation each token belongs to (0, 1, …).
+    docs: Vec<Vec<i64>>,
+}
+
+/// Pack `examples` in order: a conversation that does not fit the current
+/// row starts the next one. A conversation's first token is never a target
+/// (it would be predicted from the previous conversation).
+fn pack(examples: &[Example], max: usize) -> Packed {
+    let mut p = Packed {
+        rows: Vec::new(),
+        docs: Vec::new(),
+    };
+    let mut row = Example {
+        tokens: Vec::new(),
+        mask: Vec::new(),
+    };
+    let mut docs: Vec<i64> = Vec::new();
+    for e in examples {
+        if !row.tokens.is_empty() && row.tokens.len() + e.tokens.len() > max {
+            p.rows.push(std::mem::replace(
+                &mut row,
+                Example {
+                    tokens: Vec::new(),
+                    mask: Vec::new(),
+                },
+            ));
+            p.docs.push(std::mem::take(&mut docs));
+        }
+        let doc = docs.last().map_or(0, |d| d + 1);
+        row.tokens.extend_from_slice(&e.tokens);
+        row.mask.extend(
+            e.mask
+                .iter()
+                .enumerate()
+                .map(|(i, &m)| if i == 0 { 0 } else { m }),
+        );
+        docs.extend(std::iter::repeat_n(doc, e.tokens.len()));
+    }
+    if !row.tokens.is_empty() {
+        p.rows.push(row);
+        p.docs.push(docs);
+    }
+    p
+}
+
+/// [`masked_loss`] over packed rows: `docs[r]` numbers the conversations of
+/// row `r`; the padding after them is a conversation of its own.
+fn packed_loss(
+    model: &Gpt,
+    rows: &[&Example],
+    docs: &[&[i64]],
+    pad_id: u32,
+    device: &Device,
+) -> Tensor<1> {
+    let (inp, tgt, mask) = pad(rows, pad_id, device);
+    let [b, len] = inp.dims();
+    let mut d = Vec::with_capacity(b * len);
+    for row in docs {
+        let fill = row.last().map_or(0, |x| x + 1);
+        d.extend((0..len).map(|i| row.get(i).copied().unwrap_or(fill)));
+    }
+    let docs = Tensor::from_data(TensorData::new(d, [b, len]), device);
+    let lp = model.token_logprobs_docs(inp, tgt, Some(docs));
+    let n = mask.clone().sum();
+    (lp * mask).sum().neg() / n.clamp_min(1.0)
+}
+
 /// Sum of the masked tokens' log-probabilities, per example `[b]`.
 fn sequence_logprobs(
     model: &Gpt,
@@ -170,11 +240,40 @@ pub struct LoraFigures {
 
 struct Sft {
     train: Vec<Example>,
+    /// With packing: each training row's conversation numbers.
+    docs: Option<Vec<Vec<i64>>>,
     val: Vec<Example>,
     batch: usize,
     seed: u64,
     pad: u32,
     tokens: f64,
+}
+
+impl Sft {
+    /// Training on `train` (packed into rows of `max` tokens when `t.pack`),
+    /// validating on `val` one conversation per row.
+    fn new(train: Vec<Example>, val: Vec<Example>, t: &TrainConfig, max: usize, pad: u32) -> Self {
+        let (train, docs) = if t.pack {
+            let p = pack(&train, max);
+            tracing::info!(
+                "{} conversations packed into {} rows",
+                train.len(),
+                p.rows.len()
+            );
+            (p.rows, Some(p.docs))
+        } else {
+            (train, None)
+        };
+        Self {
+            train,
+            docs,
+            val,
+            batch: t.batch_size,
+            seed: t.seed,
+            pad,
+            tokens: 0.0,
+        }
+    }
 }
 
 impl Task for Sft {
@@ -186,11 +285,19 @@ impl Task for Sft {
         device: &Device,
     ) -> (Tensor<1>, Vec<(&'static str, f32)>) {
         let mut r = rng(self.seed, step, micro);
-        let batch: Vec<&Example> = (0..self.batch)
-            .map(|_| &self.train[r.random_range(0..self.train.len())])
+        let picks: Vec<usize> = (0..self.batch)
+            .map(|_| r.random_range(0..self.train.len()))
             .collect();
+        let batch: Vec<&Example> = picks.iter().map(|&i| &self.train[i]).collect();
         self.tokens = batch.iter().map(|e| e.tokens.len() as f64).sum();
-        (masked_loss(model, &batch, self.pad, device), Vec::new())
+        let loss = match &self.docs {
+            Some(docs) => {
+                let d: Vec<&[i64]> = picks.iter().map(|&i| &docs[i][..]).collect();
+                packed_loss(model, &batch, &d, self.pad, device)
+            }
+            None => masked_loss(model, &batch, self.pad, device),
+        };
+        (loss, Vec::new())
     }
     fn validate(&mut self, model: &Gpt, device: &Device) -> f32 {
         mean_masked_loss(model, &self.val, self.batch, self.pad, device)
@@ -275,14 +382,7 @@ pub fn sft(
         ));
     }
     let held_out = val.len();
-    let mut task = Sft {
-        train,
-        val,
-        batch: cfg.train.batch_size,
-        seed: cfg.train.seed,
-        pad: base.tok.end_of_text()?,
-        tokens: 0.0,
-    };
+    let mut task = Sft::new(train, val, &cfg.train, max, base.tok.end_of_text()?);
     let o = trainer::run(base.model, &cfg.train, out, device, &mut task, progress)?;
     let s = Summary {
         kind: "sft".into(),
@@ -574,14 +674,13 @@ pub fn lora(
             let (train, val) = split(ex, cfg.train.val_fraction, cfg.train.seed);
             let h = val.len();
             (
-                Box::new(Sft {
+                Box::new(Sft::new(
                     train,
                     val,
-                    batch: cfg.train.batch_size,
-                    seed: cfg.train.seed,
-                    pad: tok.end_of_text()?,
-                    tokens: 0.0,
-                }),
+                    &cfg.train,
+                    seq + 1,
+                    tok.end_of_text()?,
+                )),
                 n,
                 h,
                 chats.rejected,
@@ -824,4 +923,28 @@ pub fn sample(
         out.push(next);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_fills_rows_in_order_and_numbers_the_conversations() {
+        let ex = |n: usize| Example {
+            tokens: (0..n as u32).collect(),
+            mask: vec![1; n],
+        };
+        let p = pack(&[ex(10), ex(10), ex(10), ex(20), ex(5)], 25);
+        let lens: Vec<usize> = p.rows.iter().map(|r| r.tokens.len()).collect();
+        assert_eq!(lens, [20, 10, 25]);
+        assert_eq!(p.docs[0][9..11], [0, 1]);
+        assert_eq!(p.docs[2][19..21], [0, 1]);
+        // A conversation's first token is never learnt.
+        assert_eq!(
+            (p.rows[0].mask[0], p.rows[0].mask[10], p.rows[0].mask[11]),
+            (0, 0, 1)
+        );
+        assert_eq!(p.rows[2].mask[20], 0);
+    }
 }

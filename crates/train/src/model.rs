@@ -298,12 +298,30 @@ impl Gpt {
 
     /// Logits with the MoE layers' auxiliary loss and routing.
     pub fn forward_full(&self, tokens: Tensor<2, Int>) -> Output {
+        self.forward_docs(tokens, None)
+    }
+
+    /// [`Self::forward_full`] over rows that pack several documents:
+    /// `docs[b, i]` numbers the document token `i` belongs to, and a token
+    /// attends only to earlier tokens of its own document. (RoPE scores
+    /// depend only on the distance between positions, so a document reads
+    /// the same wherever it sits in the row.)
+    pub fn forward_docs(&self, tokens: Tensor<2, Int>, docs: Option<Tensor<2, Int>>) -> Output {
         let [b, t] = tokens.dims();
         let device = tokens.device();
         let mut x = self.embed.forward(tokens);
         // Causal mask: position i attends to positions ≤ i.
         // (`tril_mask` is true outside the lower triangle: the future.)
-        let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]);
+        let causal = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]);
+        let mask = match docs {
+            None => causal,
+            Some(d) => {
+                let rows = d.clone().reshape([b, 1, t, 1]).repeat_dim(3, t);
+                let cols = d.reshape([b, 1, 1, t]).repeat_dim(2, t);
+                let other = rows.not_equal(cols).int();
+                (other + causal.int().repeat_dim(0, b)).greater_elem(0)
+            }
+        };
         let mut aux: Option<Tensor<1>> = None;
         let mut routing = Routing::default();
         let n_moe = self
@@ -380,7 +398,17 @@ impl Gpt {
     /// Log-probabilities `[batch, seq]` of each `targets` token given the
     /// tokens before it (`inputs` are the targets shifted right).
     pub fn token_logprobs(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<2> {
-        let logits = self.forward(inputs);
+        self.token_logprobs_docs(inputs, targets, None)
+    }
+
+    /// [`Self::token_logprobs`] over packed rows (see [`Self::forward_docs`]).
+    pub fn token_logprobs_docs(
+        &self,
+        inputs: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        docs: Option<Tensor<2, Int>>,
+    ) -> Tensor<2> {
+        let logits = self.forward_docs(inputs, docs).logits;
         let [b, t, _] = logits.dims();
         log_softmax(logits, 2)
             .gather(2, targets.reshape([b, t, 1]))

@@ -120,6 +120,24 @@ fn sft_learns_the_assistant_turns_and_reports_bad_lines() {
         before.loss,
         after.loss
     );
+    // Packed: two or three conversations per 48-token row, each seeing only
+    // itself; it learns the answers as well.
+    let mut t = train_cfg(40, 5e-3);
+    t.pack = true;
+    let packed = Options {
+        data: &data,
+        strict: false,
+        train: t,
+    };
+    let out_p = dir.path().join("sft-packed");
+    finetune::sft(&pre, &packed, &out_p, &Device::default().autodiff(), |_| {}).unwrap();
+    let after_p = finetune::evaluate(&out_p, &data, &[], 4, 1).unwrap();
+    assert!(
+        after_p.loss < 0.3 * before.loss,
+        "packed: the answers are learnt: {} → {}",
+        before.loss,
+        after_p.loss
+    );
     // Strict mode stops at the first bad line.
     let strict = Options {
         data: &data,

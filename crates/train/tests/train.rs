@@ -39,6 +39,47 @@ fn windows(n: usize, len: usize, vocab: u32, seed: u32) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Conversations packed into one row, each attending only to itself, get
+/// the log-probabilities they get alone (RoPE depends only on distances).
+#[test]
+fn packed_documents_read_as_if_alone() {
+    use burn::tensor::Int;
+    let device = Device::default();
+    device.seed(3);
+    let model = Gpt::new(&tiny(50), &device);
+    let a: Vec<i64> = vec![3, 17, 5, 9, 22, 41];
+    let b: Vec<i64> = vec![8, 1, 30, 12, 7, 19, 44, 2];
+    let lp = |ids: &[i64], docs: Option<Vec<i64>>| -> Vec<f32> {
+        let n = ids.len() - 1;
+        let inp = Tensor::<2, Int>::from_data(TensorData::new(ids[..n].to_vec(), [1, n]), &device);
+        let tgt = Tensor::<2, Int>::from_data(TensorData::new(ids[1..].to_vec(), [1, n]), &device);
+        let docs = docs.map(|d| {
+            Tensor::<2, Int>::from_data(TensorData::new(d[..n].to_vec(), [1, n]), &device)
+        });
+        model
+            .token_logprobs_docs(inp, tgt, docs)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let (la, lb) = (lp(&a, None), lp(&b, None));
+    let row: Vec<i64> = a.iter().chain(&b).copied().collect();
+    let docs: Vec<i64> = std::iter::repeat_n(0, a.len())
+        .chain(std::iter::repeat_n(1, b.len()))
+        .collect();
+    let packed = lp(&row, Some(docs));
+    // Targets 1..a.len() are a's, then the boundary (b's first token, not
+    // learnt), then b's.
+    let pa = &packed[..a.len() - 1];
+    let pb = &packed[a.len()..];
+    assert!(common::max_diff(pa, &la) < 1e-4, "{pa:?} vs {la:?}");
+    assert!(common::max_diff(pb, &lb) < 1e-4, "{pb:?} vs {lb:?}");
+    // Without the document mask b would read a: its log-probabilities change.
+    let unmasked = lp(&row, None);
+    assert!(common::max_diff(&unmasked[a.len()..], &lb) > 1e-3);
+}
+
 #[test]
 fn a_tiny_model_overfits_one_batch() {
     let device = Device::default().autodiff();

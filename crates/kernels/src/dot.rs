@@ -769,9 +769,55 @@ mod avx2 {
         )
     }
 
+    /// Sum of 8 i32 lanes per token for one K block: `parts[g]` (quants as
+    /// unsigned bytes) × the 32 activations at `32 g` of each token, each
+    /// 16-quant half weighted by its i16 scale in `scales[g]`
+    /// (`maddubs` then `madd`). `WIDE` (AVX-512BW only) multiplies two
+    /// groups per 512-bit instruction and adds the halves at the end; the
+    /// integer sums are exact, so both forms give the same lanes.
+    #[inline(always)]
+    unsafe fn k_block_sums<const NT: usize, const WIDE: bool>(
+        parts: &[__m256i; 8],
+        scales: &[__m256i; 8],
+        xs: &[&[BlockQ8K]; NT],
+        i: usize,
+    ) -> [__m256i; NT] {
+        let mut sumi = [_mm256_setzero_si256(); NT];
+        if WIDE {
+            let wide = |v: &[__m256i; 8], g: usize| {
+                _mm512_inserti64x4(_mm512_castsi256_si512(v[2 * g]), v[2 * g + 1], 1)
+            };
+            let wq: [__m512i; 4] = std::array::from_fn(|g| wide(parts, g));
+            let ws: [__m512i; 4] = std::array::from_fn(|g| wide(scales, g));
+            for k in 0..NT {
+                let xq = xs[k].get_unchecked(i).qs.as_ptr();
+                let mut s512 = _mm512_setzero_si512();
+                for g in 0..4 {
+                    let xv = _mm512_loadu_si512(xq.add(64 * g) as *const __m512i);
+                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(wq[g], xv), ws[g]);
+                    s512 = _mm512_add_epi32(s512, p);
+                }
+                sumi[k] = _mm256_add_epi32(
+                    _mm512_castsi512_si256(s512),
+                    _mm512_extracti64x4_epi64::<1>(s512),
+                );
+            }
+        } else {
+            for g in 0..8 {
+                for k in 0..NT {
+                    let xq = xs[k].get_unchecked(i).qs.as_ptr();
+                    let xv = _mm256_loadu_si256(xq.add(32 * g) as *const __m256i);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(parts[g], xv), scales[g]);
+                    sumi[k] = _mm256_add_epi32(sumi[k], p);
+                }
+            }
+        }
+        sumi
+    }
+
     /// Q4_K and Q5_K share a layout apart from the high bits.
     #[inline(always)]
-    unsafe fn q45k<const NT: usize, const FIVE: bool>(
+    unsafe fn q45k<const NT: usize, const FIVE: bool, const WIDE: bool>(
         w: &[u8],
         xs: [&[BlockQ8K]; NT],
     ) -> [f32; NT] {
@@ -793,7 +839,10 @@ mod avx2 {
             } else {
                 _mm256_setzero_si256()
             };
-            let mut sumi = [_mm256_setzero_si256(); NT];
+            // Group 2j: the low nibbles of bytes 32j.., against activations
+            // 64j..; group 2j+1: the high nibbles, against 64j+32...
+            let mut parts = [_mm256_setzero_si256(); 8];
+            let mut scales = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
                 let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
                 let mut lo = _mm256_and_si256(q, m4);
@@ -811,17 +860,13 @@ mod avx2 {
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
                 }
-                let sl = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j]));
-                let sh = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j + 1]));
-                for k in 0..NT {
-                    let xq = xs[k].get_unchecked(i).qs.as_ptr();
-                    let xl = _mm256_loadu_si256(xq.add(64 * j) as *const __m256i);
-                    let xh = _mm256_loadu_si256(xq.add(64 * j + 32) as *const __m256i);
-                    let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), sl);
-                    let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), sh);
-                    sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(pl, ph));
-                }
+                parts[2 * j] = lo;
+                parts[2 * j + 1] = hi;
+                scales[2 * j] = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j]));
+                scales[2 * j + 1] =
+                    _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j + 1]));
             }
+            let sumi = k_block_sums::<NT, WIDE>(&parts, &scales, &xs, i);
             // Minimums: sum(m_j * (bsum_2j + bsum_2j+1)) as 8 lanes of
             // pairwise products (`m16` holds each m twice).
             for k in 0..NT {
@@ -840,7 +885,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn q6k<const NT: usize>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
+    unsafe fn q6k<const NT: usize, const WIDE: bool>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
         let mut acc = [_mm256_setzero_ps(); NT];
         let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
         let m4 = _mm256_set1_epi8(0xF);
@@ -864,8 +909,10 @@ mod avx2 {
                 _mm256_permute2x128_si256::<0x00>(sc16, sc16),
                 _mm256_permute2x128_si256::<0x11>(sc16, sc16),
             ];
-
-            let mut sumi = [_mm256_setzero_si256(); NT];
+            // Group 4h + kq: quants 128h + 32kq.. (6 bits), against the
+            // activations at the same place.
+            let mut parts = [_mm256_setzero_si256(); 8];
+            let mut scales = [_mm256_setzero_si256(); 8];
             for (h, half) in halves.iter().enumerate() {
                 let ql = b.add(64 * h);
                 let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
@@ -875,23 +922,18 @@ mod avx2 {
                     let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
                     _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
                 };
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0)),
-                    _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
-                ];
-                for (kq, qk) in q.iter().enumerate() {
+                parts[4 * h] = _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0));
+                parts[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2));
+                parts[4 * h + 2] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4));
+                parts[4 * h + 3] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6));
+                for kq in 0..4 {
                     // Low lane: scale 2kq of this half; high lane: 2kq + 1.
-                    let sv = _mm256_shuffle_epi8(*half, pick2[kq]);
-                    for k in 0..NT {
-                        let xq = xs[k].get_unchecked(i).qs.as_ptr();
-                        let xv = _mm256_loadu_si256(xq.add(128 * h + 32 * kq) as *const __m256i);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, xv), sv);
-                        sumi[k] = _mm256_add_epi32(sumi[k], p);
-                    }
+                    scales[4 * h + kq] = _mm256_shuffle_epi8(*half, pick2[kq]);
                 }
             }
+            let sumi = k_block_sums::<NT, WIDE>(&parts, &scales, &xs, i);
             // The -32 offset of every quant, removed in integers: subtract
             // 32 * sum(scale_k * bsum_k) (8 lanes of pairwise products).
             for k in 0..NT {
@@ -899,155 +941,6 @@ mod avx2 {
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
                 let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
                 let si = _mm256_sub_epi32(sumi[k], off);
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(si), acc[k]);
-            }
-        }
-        std::array::from_fn(|k| hsum(acc[k]))
-    }
-
-    /// [`q45k`] with AVX-512BW: each 512-bit product covers one 32-byte
-    /// group's low and high nibbles (64 quants against 64 contiguous
-    /// activations), and the two 256-bit halves of the integer sums are
-    /// added before the float part. Integer sums are exact, so the result is
-    /// bit-identical to [`q45k`]'s.
-    #[inline(always)]
-    unsafe fn q45k_512<const NT: usize, const FIVE: bool>(
-        w: &[u8],
-        xs: [&[BlockQ8K]; NT],
-    ) -> [f32; NT] {
-        let size = if FIVE { 176 } else { 144 };
-        let mut acc = [_mm256_setzero_ps(); NT];
-        let mut mins = [_mm256_setzero_ps(); NT];
-        let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
-        let m4 = _mm256_set1_epi8(0xF);
-        for i in 0..n {
-            let b = w.as_ptr().add(i * size);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64) as *const i8);
-            let d = load_f16(b);
-            let dmin = load_f16(b.add(2));
-            let (sc256, m16) = k4_scales_mins(b.add(4));
-            let qs = b.add(if FIVE { 48 } else { 16 });
-            let hv = if FIVE {
-                _mm256_loadu_si256(b.add(16) as *const __m256i)
-            } else {
-                _mm256_setzero_si256()
-            };
-            let mut wq = [_mm512_setzero_si512(); 4];
-            let mut ws = [_mm512_setzero_si512(); 4];
-            for j in 0..4 {
-                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                let mut lo = _mm256_and_si256(q, m4);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                if FIVE {
-                    let one = _mm256_set1_epi8(1);
-                    let hl = _mm256_and_si256(
-                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)),
-                        one,
-                    );
-                    let hh = _mm256_and_si256(
-                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
-                        one,
-                    );
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
-                }
-                let sl = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j]));
-                let sh = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j + 1]));
-                wq[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                ws[j] = _mm512_inserti64x4(_mm512_castsi256_si512(sl), sh, 1);
-            }
-            for k in 0..NT {
-                let xb = xs[k].get_unchecked(i);
-                let xq = xb.qs.as_ptr();
-                let mut s512 = _mm512_setzero_si512();
-                for j in 0..4 {
-                    let xv = _mm512_loadu_si512(xq.add(64 * j) as *const __m512i);
-                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(wq[j], xv), ws[j]);
-                    s512 = _mm512_add_epi32(s512, p);
-                }
-                let sumi = _mm256_add_epi32(
-                    _mm512_castsi512_si256(s512),
-                    _mm512_extracti64x4_epi64::<1>(s512),
-                );
-                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
-                mins[k] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * xb.d), summ, mins[k]);
-                acc[k] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sumi), acc[k]);
-            }
-        }
-        std::array::from_fn(|k| hsum(acc[k]) - hsum(mins[k]))
-    }
-
-    /// [`q6k`] with AVX-512BW: one 512-bit product per two quant groups of a
-    /// half (64 contiguous activations); bit-identical to [`q6k`] as above.
-    #[inline(always)]
-    unsafe fn q6k_512<const NT: usize>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
-        let mut acc = [_mm256_setzero_ps(); NT];
-        let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
-        let m4 = _mm256_set1_epi8(0xF);
-        let m2 = _mm256_set1_epi8(3);
-        let pick2: [__m256i; 4] = std::array::from_fn(|kq| {
-            _mm256_set_m128i(
-                _mm_set1_epi16(SCALE_PICK[2 * kq + 1]),
-                _mm_set1_epi16(SCALE_PICK[2 * kq]),
-            )
-        });
-        for i in 0..n {
-            let b = w.as_ptr().add(i * 210);
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH + 64 * l) as *const i8);
-            }
-            let d = load_f16(b.add(208));
-            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192) as *const __m128i));
-            let halves = [
-                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
-                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
-            ];
-            // wq[2h + m]: groups 2m and 2m+1 of half h; ws likewise.
-            let mut wq = [_mm512_setzero_si512(); 4];
-            let mut ws = [_mm512_setzero_si512(); 4];
-            for (h, half) in halves.iter().enumerate() {
-                let ql = b.add(64 * h);
-                let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
-                let qa = _mm256_loadu_si256(ql as *const __m256i);
-                let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let hbits = |shift: i32| {
-                    let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
-                    _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
-                };
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0)),
-                    _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
-                ];
-                let sv: [__m256i; 4] =
-                    std::array::from_fn(|kq| _mm256_shuffle_epi8(*half, pick2[kq]));
-                for m in 0..2 {
-                    wq[2 * h + m] =
-                        _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * m]), q[2 * m + 1], 1);
-                    ws[2 * h + m] =
-                        _mm512_inserti64x4(_mm512_castsi256_si512(sv[2 * m]), sv[2 * m + 1], 1);
-                }
-            }
-            for k in 0..NT {
-                let xb = xs[k].get_unchecked(i);
-                let xq = xb.qs.as_ptr();
-                let mut s512 = _mm512_setzero_si512();
-                for g in 0..4 {
-                    let xv = _mm512_loadu_si512(xq.add(64 * g) as *const __m512i);
-                    let p = _mm512_madd_epi16(_mm512_maddubs_epi16(wq[g], xv), ws[g]);
-                    s512 = _mm512_add_epi32(s512, p);
-                }
-                let sumi = _mm256_add_epi32(
-                    _mm512_castsi512_si256(s512),
-                    _mm512_extracti64x4_epi64::<1>(s512),
-                );
-                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
-                let si = _mm256_sub_epi32(sumi, off);
                 acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(si), acc[k]);
             }
         }
@@ -1074,9 +967,9 @@ mod avx2 {
         q5_0_i, q5_0_i4 => |w, x| q32::<_, true>(w, x, 22, 0, |b| q5_0_u(b)), BlockQ8;
         q5_1_i, q5_1_i4 => |w, x| q32::<_, false>(w, x, 24, 2, |b| q5_1_u(b)), BlockQ8;
         q8_0_i, q8_0_i4 => |w, x| q32::<_, true>(w, x, 34, 0, |b| q8_0_u(b)), BlockQ8;
-        q4_k_i, q4_k_i4 => |w, x| q45k::<_, false>(w, x), BlockQ8K;
-        q5_k_i, q5_k_i4 => |w, x| q45k::<_, true>(w, x), BlockQ8K;
-        q6_k_i, q6_k_i4 => |w, x| q6k(w, x), BlockQ8K;
+        q4_k_i, q4_k_i4 => |w, x| q45k::<_, false, false>(w, x), BlockQ8K;
+        q5_k_i, q5_k_i4 => |w, x| q45k::<_, true, false>(w, x), BlockQ8K;
+        q6_k_i, q6_k_i4 => |w, x| q6k::<_, false>(w, x), BlockQ8K;
     }
     kernels! { "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw":
         q4_0_vi, q4_0_vi4 => |w, x| q32vz::<1, _, 8>([w], x, 18, None, |b| nibbles(b.add(2)))[0], BlockQ8;
@@ -1090,9 +983,9 @@ mod avx2 {
         q8_0_vi, q8_0_vi4 => |w, x| q32vz::<1, _, 128>(
             [w], x, 34, None, |b| _mm256_xor_si256(q8_0_u(b), _mm256_set1_epi8(-128))
         )[0], BlockQ8;
-        q4_k_vi, q4_k_vi4 => |w, x| q45k_512::<_, false>(w, x), BlockQ8K;
-        q5_k_vi, q5_k_vi4 => |w, x| q45k_512::<_, true>(w, x), BlockQ8K;
-        q6_k_vi, q6_k_vi4 => |w, x| q6k_512(w, x), BlockQ8K;
+        q4_k_vi, q4_k_vi4 => |w, x| q45k::<_, false, true>(w, x), BlockQ8K;
+        q5_k_vi, q5_k_vi4 => |w, x| q45k::<_, true, true>(w, x), BlockQ8K;
+        q6_k_vi, q6_k_vi4 => |w, x| q6k::<_, true>(w, x), BlockQ8K;
     }
 
     macro_rules! kernels_2row {

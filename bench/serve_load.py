@@ -6,7 +6,7 @@ Prints aggregate decode tokens/s, TTFT p50/p95 and the ratios, plus the
 prefix-cache check (second turn of a conversation with a ~1,500-token
 history: TTFT relative to the first turn).
 
-    python3 bench/serve_load.py                       # default model, 1 and 8 streams
+    python3 bench/serve_load.py                       # default model, 1 and 8 streams, medians of 3
     python3 bench/serve_load.py --streams 4 --tokens 64
     LLAMA_SERVER=/path/to/llama-server python3 bench/serve_load.py
 
@@ -108,12 +108,15 @@ def stream_chat(base, key, messages, max_tokens, model, out):
                elapsed=time.perf_counter() - t0, text="".join(text))
 
 
-def run_load(base, key, model, streams, max_tokens):
+def run_load(base, key, model, streams, max_tokens, variant=0):
     results = [dict() for _ in range(streams)]
     threads = []
     t0 = time.perf_counter()
     for i in range(streams):
-        msgs = [{"role": "user", "content": f"Write a detailed essay about {TOPICS[i % len(TOPICS)]}."}]
+        # A run's prompts differ from the other runs' (only the chat
+        # template's system prompt is shared), so no run finds them cached.
+        essay = "a detailed essay" if variant == 0 else f"detailed essay number {variant}"
+        msgs = [{"role": "user", "content": f"Write {essay} about {TOPICS[i % len(TOPICS)]}."}]
         th = threading.Thread(target=stream_chat, args=(base, key, msgs, max_tokens, model, results[i]))
         th.start()
         threads.append(th)
@@ -125,6 +128,14 @@ def run_load(base, key, model, streams, max_tokens):
     p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
     return {"streams": streams, "tokens": toks, "wall": wall, "tok_s": toks / wall,
             "ttft_p50": statistics.median(ttfts), "ttft_p95": p95}
+
+
+def median_load(base, key, model, streams, max_tokens, reps):
+    """`run_load` `reps` times; the median of each figure, and every run's rate."""
+    runs = [run_load(base, key, model, streams, max_tokens, variant=10 * streams + r + 1) for r in range(max(1, reps))]
+    out = {k: statistics.median(r[k] for r in runs) for k in ("tokens", "wall", "tok_s", "ttft_p50", "ttft_p95")}
+    out["all"] = [round(r["tok_s"], 1) for r in runs]
+    return out
 
 
 def prefix_check(base, key, model):
@@ -167,6 +178,8 @@ def main():
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--reps", type=int, default=3,
+                    help="load runs per server and stream count; medians are printed")
     args = ap.parse_args()
     if not HANLIN.exists():
         subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
@@ -180,8 +193,8 @@ def main():
         try:
             wait_ready(base + "/health", proc)
             run_load(base, key, args.model, 1, 8)  # warm-up (loads the model)
-            rows["hanlin", 1] = run_load(base, key, args.model, 1, args.tokens)
-            rows["hanlin", args.streams] = run_load(base, key, args.model, args.streams, args.tokens)
+            rows["hanlin", 1] = median_load(base, key, args.model, 1, args.tokens, args.reps)
+            rows["hanlin", args.streams] = median_load(base, key, args.model, args.streams, args.tokens, args.reps)
             t1, t2 = prefix_check(base, key, args.model)
         finally:
             proc.terminate()
@@ -198,15 +211,18 @@ def main():
         try:
             wait_ready(base + "/health", proc)
             run_load(base, "none", args.model, 1, 8)
-            rows["llama-server", 1] = run_load(base, "none", args.model, 1, args.tokens)
-            rows["llama-server", args.streams] = run_load(base, "none", args.model, args.streams, args.tokens)
+            rows["llama-server", 1] = median_load(base, "none", args.model, 1, args.tokens, args.reps)
+            rows["llama-server", args.streams] = median_load(base, "none", args.model, args.streams, args.tokens,
+                                                             args.reps)
         finally:
             proc.terminate()
             proc.wait()
     print(f"model {args.model}, {args.threads} threads, {args.tokens} max tokens per stream")
-    print(f"{'server':<14} {'streams':>7} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9}")
+    print(f"medians of {args.reps} runs (every run's aggregate tok/s in brackets)")
+    print(f"{'server':<14} {'streams':>7} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9}  runs")
     for (name, n), r in rows.items():
-        print(f"{name:<14} {n:>7} {r['tokens']:>7} {r['tok_s']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s")
+        print(f"{name:<14} {n:>7} {r['tokens']:>7.0f} {r['tok_s']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s"
+              f"  {r['all']}")
     h1, hn = rows["hanlin", 1], rows["hanlin", args.streams]
     print(f"hanlin {args.streams} streams / hanlin 1 stream: {hn['tok_s'] / h1['tok_s']:.2f}x")
     if ("llama-server", args.streams) in rows:

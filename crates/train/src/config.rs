@@ -160,6 +160,9 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     #[serde(default)]
     pub optimizer: Optimizer,
+    /// How the learning rate falls from `lr` to `min_lr` after warmup.
+    #[serde(default)]
+    pub decay: Decay,
     /// Micro-batches whose gradients are summed before each update.
     #[serde(default = "d_accum")]
     pub grad_accum: usize,
@@ -177,6 +180,15 @@ pub enum Optimizer {
     #[default]
     AdamW,
     Muon,
+}
+
+/// The learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    #[default]
+    Cosine,
+    Linear,
 }
 
 fn d_accum() -> usize {
@@ -228,13 +240,14 @@ impl TrainConfig {
             checkpoint_every: d_ckpt(),
             val_fraction: d_val(),
             optimizer: Optimizer::AdamW,
+            decay: Decay::Cosine,
             grad_accum: d_accum(),
             pack: false,
         }
     }
 
-    /// The learning rate at `step`: linear warmup, then cosine decay to
-    /// `min_lr` (default a tenth of `lr`) at the last step.
+    /// The learning rate at `step`: linear warmup, then cosine (or linear)
+    /// decay to `min_lr` (default a tenth of `lr`) at the last step.
     pub fn lr_at(&self, step: usize) -> f64 {
         let min = self.min_lr.unwrap_or(self.lr / 10.0);
         if step < self.warmup {
@@ -242,7 +255,11 @@ impl TrainConfig {
         }
         let span = self.steps.saturating_sub(self.warmup).max(1);
         let p = ((step - self.warmup) as f64 / span as f64).min(1.0);
-        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * p).cos())
+        let left = match self.decay {
+            Decay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+            Decay::Linear => 1.0 - p,
+        };
+        min + (self.lr - min) * left
     }
 }
 
@@ -305,6 +322,21 @@ mod tests {
         assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
         assert!(c.lr_at(50) < 1e-3 && c.lr_at(50) > 1e-4);
         assert!((c.lr_at(100) - 1e-4).abs() < 1e-9);
+        // Linear decay: halfway through the decay, halfway between lr and min.
+        let mut l = c.clone();
+        l.decay = Decay::Linear;
+        assert!((l.lr_at(55) - 5.5e-4).abs() < 1e-12, "{}", l.lr_at(55));
+        assert!((l.lr_at(100) - 1e-4).abs() < 1e-9);
+        // Early in the decay the cosine is still higher than the line.
+        assert!(
+            c.lr_at(30) > l.lr_at(30) + 5e-5,
+            "{} {}",
+            c.lr_at(30),
+            l.lr_at(30)
+        );
+        let t = TrainConfig::from_toml("[train]\nsteps=10\ndecay=\"linear\"\n").unwrap();
+        assert_eq!(t.decay, Decay::Linear);
+        assert!(TrainConfig::from_toml("[train]\nsteps=10\ndecay=\"step\"\n").is_err());
         assert!(RunConfig::from_toml("[model]\nn_layer=1\n").is_err());
         assert!(RunConfig::from_toml("[model]\nn_layer=2\nd_model=64\nn_head=4\nd_ff=128\ncontext=64\nbogus=1\n[train]\nsteps=1\n").is_err());
     }

@@ -4,7 +4,7 @@
 //! RoPE, RMSNorm, SwiGLU, grouped-query attention, tied embeddings,
 //! optional QK-norm, dense or mixture-of-experts feed-forward, LoRA
 //! adapters), one training loop ([`trainer`]: AdamW or Muon, warmup +
-//! cosine decay, clipping, accumulation, checkpoints that resume, loss
+//! cosine or linear decay, clipping, accumulation, checkpoints that resume, loss
 //! curves [`curves`]) driven by pretraining ([`pretrain`]) and fine-tuning
 //! ([`finetune`]: SFT, DPO, LoRA, evaluation), run directories and GGUF
 //! base models ([`run`]), and export to a GGUF file the engine serves

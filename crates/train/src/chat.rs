@@ -197,7 +197,7 @@ pub fn read_preferences(path: &Path, strict: bool) -> Result<Parsed<Preference>,
 }
 
 /// Tokens and loss mask of a conversation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Example {
     pub tokens: Vec<u32>,
     /// `mask[i]` is 1 when `tokens[i]` is to be learnt.
@@ -206,10 +206,7 @@ pub struct Example {
 
 /// Render `turns` in ChatML; the assistant's tokens are learnt.
 pub fn encode(tok: &Tok, turns: &[Turn]) -> Result<Example, TrainError> {
-    let mut ex = Example {
-        tokens: Vec::new(),
-        mask: Vec::new(),
-    };
+    let mut ex = Example::default();
     let mut push = |ids: Vec<u32>, m: u8| {
         ex.mask.extend(std::iter::repeat_n(m, ids.len()));
         ex.tokens.extend(ids);

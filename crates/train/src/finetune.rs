@@ -56,10 +56,28 @@ fn pad(
     )
 }
 
-/// Mean negative log-likelihood of the masked tokens.
-fn masked_loss(model: &Gpt, examples: &[&Example], pad_id: u32, device: &Device) -> Tensor<1> {
+/// Mean negative log-likelihood of the masked tokens. With `docs` the
+/// examples are packed rows: `docs[r]` numbers the conversations of row `r`
+/// (the padding after them is a conversation of its own), and each token
+/// attends only to its own conversation.
+fn masked_loss(
+    model: &Gpt,
+    examples: &[&Example],
+    docs: Option<&[&[i64]]>,
+    pad_id: u32,
+    device: &Device,
+) -> Tensor<1> {
     let (inp, tgt, mask) = pad(examples, pad_id, device);
-    let lp = model.token_logprobs(inp, tgt);
+    let docs = docs.map(|docs| {
+        let [b, len] = inp.dims();
+        let mut d = Vec::with_capacity(b * len);
+        for row in docs {
+            let fill = row.last().map_or(0, |x| x + 1);
+            d.extend((0..len).map(|i| row.get(i).copied().unwrap_or(fill)));
+        }
+        Tensor::from_data(TensorData::new(d, [b, len]), device)
+    });
+    let lp = model.token_logprobs_docs(inp, tgt, docs);
     let n = mask.clone().sum();
     (lp * mask).sum().neg() / n.clamp_min(1.0)
 }
@@ -79,20 +97,11 @@ fn pack(examples: &[Example], max: usize) -> Packed {
         rows: Vec::new(),
         docs: Vec::new(),
     };
-    let mut row = Example {
-        tokens: Vec::new(),
-        mask: Vec::new(),
-    };
+    let mut row = Example::default();
     let mut docs: Vec<i64> = Vec::new();
     for e in examples {
         if !row.tokens.is_empty() && row.tokens.len() + e.tokens.len() > max {
-            p.rows.push(std::mem::replace(
-                &mut row,
-                Example {
-                    tokens: Vec::new(),
-                    mask: Vec::new(),
-                },
-            ));
+            p.rows.push(std::mem::take(&mut row));
             p.docs.push(std::mem::take(&mut docs));
         }
         let doc = docs.last().map_or(0, |d| d + 1);
@@ -110,28 +119,6 @@ fn pack(examples: &[Example], max: usize) -> Packed {
         p.docs.push(docs);
     }
     p
-}
-
-/// [`masked_loss`] over packed rows: `docs[r]` numbers the conversations of
-/// row `r`; the padding after them is a conversation of its own.
-fn packed_loss(
-    model: &Gpt,
-    rows: &[&Example],
-    docs: &[&[i64]],
-    pad_id: u32,
-    device: &Device,
-) -> Tensor<1> {
-    let (inp, tgt, mask) = pad(rows, pad_id, device);
-    let [b, len] = inp.dims();
-    let mut d = Vec::with_capacity(b * len);
-    for row in docs {
-        let fill = row.last().map_or(0, |x| x + 1);
-        d.extend((0..len).map(|i| row.get(i).copied().unwrap_or(fill)));
-    }
-    let docs = Tensor::from_data(TensorData::new(d, [b, len]), device);
-    let lp = model.token_logprobs_docs(inp, tgt, Some(docs));
-    let n = mask.clone().sum();
-    (lp * mask).sum().neg() / n.clamp_min(1.0)
 }
 
 /// Sum of the masked tokens' log-probabilities, per example `[b]`.
@@ -290,13 +277,11 @@ impl Task for Sft {
             .collect();
         let batch: Vec<&Example> = picks.iter().map(|&i| &self.train[i]).collect();
         self.tokens = batch.iter().map(|e| e.tokens.len() as f64).sum();
-        let loss = match &self.docs {
-            Some(docs) => {
-                let d: Vec<&[i64]> = picks.iter().map(|&i| &docs[i][..]).collect();
-                packed_loss(model, &batch, &d, self.pad, device)
-            }
-            None => masked_loss(model, &batch, self.pad, device),
-        };
+        let docs: Option<Vec<&[i64]>> = self
+            .docs
+            .as_ref()
+            .map(|d| picks.iter().map(|&i| &d[i][..]).collect());
+        let loss = masked_loss(model, &batch, docs.as_deref(), self.pad, device);
         (loss, Vec::new())
     }
     fn validate(&mut self, model: &Gpt, device: &Device) -> f32 {
@@ -325,7 +310,7 @@ fn mean_masked_loss(model: &Gpt, ex: &[Example], batch: usize, pad: u32, device:
             .iter()
             .map(|e| e.mask.iter().skip(1).map(|&m| m as f64).sum::<f64>())
             .sum();
-        let l: f32 = masked_loss(model, &refs, pad, device).into_scalar::<f32>();
+        let l: f32 = masked_loss(model, &refs, None, pad, device).into_scalar::<f32>();
         sum += l as f64 * toks;
         n += toks;
     }

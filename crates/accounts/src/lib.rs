@@ -134,17 +134,55 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
 }
 
-/// One finished request's token counts, from the engine.
+/// What one request used, in every unit Hanlin meters: tokens (counted by
+/// the engine), audio and images. A request with several model steps (an
+/// agent loop) adds its steps up into one `Usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    /// Prompt tokens whose KV entries came from the prefix cache.
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    /// Audio heard or spoken, in milliseconds.
+    pub audio_ms: i64,
+    pub images: i64,
+    /// Diffusion steps over all images.
+    pub image_steps: i64,
+}
+
+impl Usage {
+    /// Tokens counted against token limits (prompt + completion).
+    pub fn tokens(&self) -> i64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    pub fn add(&mut self, o: &Usage) {
+        self.prompt_tokens += o.prompt_tokens;
+        self.cached_tokens += o.cached_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.audio_ms += o.audio_ms;
+        self.images += o.images;
+        self.image_steps += o.image_steps;
+    }
+}
+
+/// Full price, as a [`UsageRecord::weight_milli`].
+pub const FULL_PRICE: i64 = 1000;
+
+/// One request's usage row.
 #[derive(Debug, Clone)]
 pub struct UsageRecord {
     pub request_id: String,
     pub key_id: String,
     pub user_id: String,
     pub model: String,
+    /// The endpoint it came through (`chat`, `completions`, `embeddings`,
+    /// `ask`, `search`, `web`, …).
+    pub endpoint: String,
     pub ts: i64,
-    pub prompt_tokens: i64,
-    pub cached_tokens: i64,
-    pub completion_tokens: i64,
+    pub usage: Usage,
+    /// Price weight in thousandths ([`FULL_PRICE`] = 1000).
+    pub weight_milli: i64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -156,6 +194,8 @@ pub struct UsageRow {
     pub prompt_tokens: i64,
     pub cached_tokens: i64,
     pub completion_tokens: i64,
+    pub audio_ms: i64,
+    pub images: i64,
 }
 
 pub fn now() -> i64 {
@@ -466,7 +506,8 @@ impl Db {
     /// it starts, checkpointed while it generates and settled when it ends),
     /// so retries and checkpoints never count a request twice.
     pub async fn record_usage(&self, u: &UsageRecord) -> Result<(), AccountError> {
-        let sql = "INSERT INTO usage (request_id, key_id, user_id, model, day, ts, prompt_tokens, cached_tokens, completion_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (request_id) DO UPDATE SET prompt_tokens = excluded.prompt_tokens, cached_tokens = excluded.cached_tokens, completion_tokens = excluded.completion_tokens";
+        let sql = "INSERT INTO usage (request_id, key_id, user_id, model, day, ts, prompt_tokens, cached_tokens, completion_tokens, endpoint, audio_ms, images, image_steps, weight_milli) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (request_id) DO UPDATE SET prompt_tokens = excluded.prompt_tokens, cached_tokens = excluded.cached_tokens, completion_tokens = excluded.completion_tokens, audio_ms = excluded.audio_ms, images = excluded.images, image_steps = excluded.image_steps";
+        let n = &u.usage;
         sqlx::query(sql)
             .bind(&u.request_id)
             .bind(&u.key_id)
@@ -474,17 +515,23 @@ impl Db {
             .bind(&u.model)
             .bind(day_of(u.ts))
             .bind(u.ts)
-            .bind(u.prompt_tokens)
-            .bind(u.cached_tokens)
-            .bind(u.completion_tokens)
+            .bind(n.prompt_tokens)
+            .bind(n.cached_tokens)
+            .bind(n.completion_tokens)
+            .bind(&u.endpoint)
+            .bind(n.audio_ms)
+            .bind(n.images)
+            .bind(n.image_steps)
+            .bind(u.weight_milli)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Tokens (prompt + completion) a user spent on day `day`.
+    /// Tokens (prompt + completion, times each request's price weight) a
+    /// user spent on day `day`.
     pub async fn tokens_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
-        let row = sqlx::query("SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2")
+        let row = sqlx::query("SELECT CAST(COALESCE(SUM((prompt_tokens + completion_tokens) * weight_milli / 1000), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2")
             .bind(user_id)
             .bind(day)
             .fetch_one(&self.pool)
@@ -498,7 +545,7 @@ impl Db {
         user: Option<&str>,
         day: Option<&str>,
     ) -> Result<Vec<UsageRow>, AccountError> {
-        let rows = sqlx::query("SELECT s.day, u.name, s.model, CAST(COUNT(*) AS BIGINT), CAST(SUM(s.prompt_tokens) AS BIGINT), CAST(SUM(s.cached_tokens) AS BIGINT), CAST(SUM(s.completion_tokens) AS BIGINT) FROM usage s JOIN users u ON u.id = s.user_id WHERE ($1 = '' OR u.name = $1) AND ($2 = '' OR s.day = $2) GROUP BY s.day, u.name, s.model ORDER BY s.day, u.name, s.model")
+        let rows = sqlx::query("SELECT s.day, u.name, s.model, CAST(COUNT(*) AS BIGINT), CAST(SUM(s.prompt_tokens) AS BIGINT), CAST(SUM(s.cached_tokens) AS BIGINT), CAST(SUM(s.completion_tokens) AS BIGINT), CAST(SUM(s.audio_ms) AS BIGINT), CAST(SUM(s.images) AS BIGINT) FROM usage s JOIN users u ON u.id = s.user_id WHERE ($1 = '' OR u.name = $1) AND ($2 = '' OR s.day = $2) GROUP BY s.day, u.name, s.model ORDER BY s.day, u.name, s.model")
             .bind(user.unwrap_or(""))
             .bind(day.unwrap_or(""))
             .fetch_all(&self.pool)
@@ -513,6 +560,8 @@ impl Db {
                     prompt_tokens: r.try_get(4)?,
                     cached_tokens: r.try_get(5)?,
                     completion_tokens: r.try_get(6)?,
+                    audio_ms: r.try_get(7)?,
+                    images: r.try_get(8)?,
                 })
             })
             .collect()

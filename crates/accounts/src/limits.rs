@@ -90,6 +90,83 @@ fn seconds_to_midnight(unix: i64) -> Duration {
     Duration::from_secs((86_400 - unix.rem_euclid(86_400)) as u64)
 }
 
+/// The user's window, moved to today (reading the day's spending from
+/// `spent_today` on the first request of a day) and expired to `now`.
+fn window<'a>(
+    users: &'a mut HashMap<String, Window>,
+    user_id: &str,
+    now: Instant,
+    spent_today: impl FnOnce() -> i64,
+) -> (&'a mut Window, String) {
+    let today = day_of(crate::now());
+    let w = users.entry(user_id.to_string()).or_default();
+    if w.day != today {
+        w.day = today.clone();
+        w.day_tokens = spent_today();
+    }
+    w.expire(now);
+    (w, today)
+}
+
+fn check_requests(w: &Window, plan: &Plan, now: Instant) -> Result<(), LimitError> {
+    if w.requests.len() as i64 >= plan.requests_per_minute {
+        let oldest = w.requests.front().copied().unwrap_or(now);
+        return Err(LimitError::Requests {
+            limit: plan.requests_per_minute,
+            retry_after: MINUTE.saturating_sub(now.duration_since(oldest)),
+        });
+    }
+    Ok(())
+}
+
+fn reserve_in(
+    user_id: &str,
+    w: &mut Window,
+    plan: &Plan,
+    needed: i64,
+    now: Instant,
+    today: String,
+) -> Result<Reservation, LimitError> {
+    let minute = w.minute_tokens();
+    if minute + needed > plan.tokens_per_minute {
+        let retry_after = if needed > plan.tokens_per_minute {
+            MINUTE
+        } else {
+            // Wait until enough of the window has expired.
+            let mut freed = 0;
+            let mut when = MINUTE;
+            for (t, n) in &w.tokens {
+                freed += n;
+                if minute - freed + needed <= plan.tokens_per_minute {
+                    when = MINUTE.saturating_sub(now.duration_since(*t));
+                    break;
+                }
+            }
+            when
+        };
+        return Err(LimitError::TokensPerMinute {
+            limit: plan.tokens_per_minute,
+            needed,
+            retry_after,
+        });
+    }
+    if w.day_tokens + needed > plan.tokens_per_day {
+        return Err(LimitError::TokensPerDay {
+            limit: plan.tokens_per_day,
+            needed,
+            retry_after: seconds_to_midnight(crate::now()),
+        });
+    }
+    w.tokens.push_back((now, needed));
+    w.day_tokens += needed;
+    Ok(Reservation {
+        user_id: user_id.to_string(),
+        at: now,
+        day: today,
+        reserved: needed,
+    })
+}
+
 impl Limiter {
     /// Whether `user_id`'s spending on `day` is already tracked here (if
     /// not, the caller reads it from the database before [`Limiter::admit`]).
@@ -101,6 +178,7 @@ impl Limiter {
     /// Check the plan's limits for a request that needs up to `needed`
     /// tokens and reserve them. `spent_today` is read from the database the
     /// first time a user is seen each day (so restarts keep daily quotas).
+    /// Nothing is counted when any limit refuses.
     pub fn admit(
         &self,
         user_id: &str,
@@ -109,61 +187,40 @@ impl Limiter {
         spent_today: impl FnOnce() -> i64,
     ) -> Result<Reservation, LimitError> {
         let now = Instant::now();
-        let unix = crate::now();
-        let today = day_of(unix);
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let (w, today) = window(&mut users, user_id, now, spent_today);
+        check_requests(w, plan, now)?;
+        let r = reserve_in(user_id, w, plan, needed, now, today)?;
+        w.requests.push_back(now);
+        Ok(r)
+    }
+
+    /// Count one request against the plan's requests per minute, before
+    /// any work is done for it (the cheap check comes first: a refused
+    /// request costs no tokenizing).
+    pub fn count_request(&self, user_id: &str, plan: &Plan) -> Result<(), LimitError> {
+        let now = Instant::now();
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let w = users.entry(user_id.to_string()).or_default();
-        if w.day != today {
-            w.day = today.clone();
-            w.day_tokens = spent_today();
-        }
         w.expire(now);
-        if w.requests.len() as i64 >= plan.requests_per_minute {
-            let oldest = w.requests.front().copied().unwrap_or(now);
-            return Err(LimitError::Requests {
-                limit: plan.requests_per_minute,
-                retry_after: MINUTE.saturating_sub(now.duration_since(oldest)),
-            });
-        }
-        let minute = w.minute_tokens();
-        if minute + needed > plan.tokens_per_minute {
-            let retry_after = if needed > plan.tokens_per_minute {
-                MINUTE
-            } else {
-                // Wait until enough of the window has expired.
-                let mut freed = 0;
-                let mut when = MINUTE;
-                for (t, n) in &w.tokens {
-                    freed += n;
-                    if minute - freed + needed <= plan.tokens_per_minute {
-                        when = MINUTE.saturating_sub(now.duration_since(*t));
-                        break;
-                    }
-                }
-                when
-            };
-            return Err(LimitError::TokensPerMinute {
-                limit: plan.tokens_per_minute,
-                needed,
-                retry_after,
-            });
-        }
-        if w.day_tokens + needed > plan.tokens_per_day {
-            return Err(LimitError::TokensPerDay {
-                limit: plan.tokens_per_day,
-                needed,
-                retry_after: seconds_to_midnight(unix),
-            });
-        }
+        check_requests(w, plan, now)?;
         w.requests.push_back(now);
-        w.tokens.push_back((now, needed));
-        w.day_tokens += needed;
-        Ok(Reservation {
-            user_id: user_id.to_string(),
-            at: now,
-            day: today,
-            reserved: needed,
-        })
+        Ok(())
+    }
+
+    /// Reserve `needed` tokens against the per-minute and per-day limits of
+    /// a request already counted by [`Limiter::count_request`].
+    pub fn reserve(
+        &self,
+        user_id: &str,
+        plan: &Plan,
+        needed: i64,
+        spent_today: impl FnOnce() -> i64,
+    ) -> Result<Reservation, LimitError> {
+        let now = Instant::now();
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let (w, today) = window(&mut users, user_id, now, spent_today);
+        reserve_in(user_id, w, plan, needed, now, today)
     }
 
     /// Replace a reservation by the tokens actually used.
@@ -250,6 +307,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn requests_are_counted_before_tokens_are_reserved() {
+        let l = Limiter::default();
+        let p = plan(2, 100, 1000);
+        l.count_request("u", &p).expect("first");
+        // Refused tokens do not undo the counted request.
+        assert!(matches!(
+            l.reserve("u", &p, 500, || 0),
+            Err(LimitError::TokensPerMinute { .. })
+        ));
+        let r = l.reserve("u", &p, 50, || 0).expect("fits");
+        l.settle(r, 10);
+        l.count_request("u", &p).expect("second");
+        assert!(matches!(
+            l.count_request("u", &p),
+            Err(LimitError::Requests { .. })
+        ));
+        // 10 tokens used: 90 remain this minute.
+        assert!(l.reserve("u", &p, 90, || 0).is_ok());
+        assert!(l.reserve("u", &p, 1, || 0).is_err());
     }
 
     #[test]

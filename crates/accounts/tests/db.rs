@@ -4,7 +4,7 @@
 
 use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message};
 use hanlin_accounts::web::SignInError;
-use hanlin_accounts::{AuthError, Db, NewKey, Role, UsageRecord};
+use hanlin_accounts::{AuthError, Db, NewKey, Role, Usage, UsageRecord, FULL_PRICE};
 use serde_json::json;
 
 fn msg(id: &str, parent: Option<&str>, role: &str, content: &str) -> Message {
@@ -391,10 +391,14 @@ async fn exercise(db: &Db) {
         key_id: key.id.clone(),
         user_id: alice.id.clone(),
         model: model.into(),
+        endpoint: "chat".into(),
         ts,
-        prompt_tokens: p,
-        cached_tokens: 0,
-        completion_tokens: c,
+        usage: Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            ..Default::default()
+        },
+        weight_milli: FULL_PRICE,
     };
     db.record_usage(&rec("r1", "m1", 10, 5))
         .await
@@ -410,8 +414,18 @@ async fn exercise(db: &Db) {
         .expect("usage");
     let day = hanlin_accounts::day_of(ts);
     assert_eq!(db.tokens_on(&alice.id, &day).await.expect("sum"), 44);
+    // A request at half price (a batch line) counts half its tokens
+    // against the daily quota; its audio is kept with it.
+    let mut half = rec("r4", "m3", 60, 40);
+    half.weight_milli = 500;
+    half.usage.audio_ms = 1500;
+    db.record_usage(&half).await.expect("usage");
+    assert_eq!(db.tokens_on(&alice.id, &day).await.expect("sum"), 94);
+    let m3 = db.usage(Some("alice"), Some(&day)).await.expect("usage");
+    let m3 = m3.iter().find(|r| r.model == "m3").expect("m3 row");
+    assert_eq!((m3.prompt_tokens, m3.audio_ms), (60, 1500));
     let rows = db.usage(Some("alice"), Some(&day)).await.expect("usage");
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
     assert_eq!(
         (
             rows[0].model.as_str(),

@@ -3,10 +3,9 @@
 
 use crate::api::auth;
 use crate::error::ApiError;
+use crate::extract::{AdminCaller, Body};
 use crate::openai::parse;
 use crate::AppState;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
@@ -41,12 +40,7 @@ pub(crate) async fn admin(st: &AppState, headers: &HeaderMap, write: bool) -> Ap
     Ok(())
 }
 
-fn body(b: Result<Bytes, BytesRejection>) -> AppResult<Bytes> {
-    b.map_err(|e| ApiError::bad_request(format!("Could not read the request body: {e}")))
-}
-
-pub async fn users(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
-    admin(&st, &headers, false).await?;
+pub async fn users(State(st): State<Arc<AppState>>, _: AdminCaller) -> AppResult<Json<Value>> {
     Ok(Json(
         json!({"object": "list", "data": st.db.users().await?}),
     ))
@@ -83,11 +77,10 @@ pub(crate) fn account_error(e: hanlin_accounts::AccountError) -> ApiError {
 
 pub async fn create_user(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    Body(b): Body,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers, true).await?;
-    let req: NewUser = parse(&body(b)?, &["name", "role", "plan"])?;
+    let req: NewUser = parse(&b, &["name", "role", "plan"])?;
     let role = role_of(req.role.as_deref())?;
     let u = st
         .db
@@ -99,10 +92,9 @@ pub async fn create_user(
 
 pub async fn keys(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    _: AdminCaller,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers, false).await?;
     let user_id = match q.get("user") {
         Some(name) => Some(
             st.db
@@ -130,12 +122,11 @@ struct CreateKey {
 
 pub async fn create_key(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    Body(b): Body,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers, true).await?;
     let req: CreateKey = parse(
-        &body(b)?,
+        &b,
         &["user", "plan", "role", "name", "models", "expires_in_days"],
     )?;
     let role = role_of(req.role.as_deref())?;
@@ -159,16 +150,14 @@ pub async fn create_key(
 
 pub async fn revoke_key(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _: AdminCaller,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers, true).await?;
     st.db.revoke_key(&id).await.map_err(account_error)?;
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
-pub async fn plans(State(st): State<Arc<AppState>>, headers: HeaderMap) -> AppResult<Json<Value>> {
-    admin(&st, &headers, false).await?;
+pub async fn plans(State(st): State<Arc<AppState>>, _: AdminCaller) -> AppResult<Json<Value>> {
     Ok(Json(
         json!({"object": "list", "data": st.db.plans().await?}),
     ))
@@ -186,13 +175,12 @@ struct PlanBody {
 
 pub async fn put_plan(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    b: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    Body(b): Body,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers, true).await?;
     let p: PlanBody = parse(
-        &body(b)?,
+        &b,
         &[
             "requests_per_minute",
             "tokens_per_minute",
@@ -217,10 +205,9 @@ pub async fn put_plan(
 
 pub async fn usage(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    _: AdminCaller,
 ) -> AppResult<Json<Value>> {
-    admin(&st, &headers, false).await?;
     let rows = st
         .db
         .usage(

@@ -1,22 +1,21 @@
 //! The OpenAI-compatible endpoints.
 
 use crate::error::ApiError;
+use crate::extract::{ApiCaller, Body};
 use crate::openai::{self, ChatRequest, CompletionRequest, Prompt};
 use crate::AppState;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hanlin_accounts::limits::Reservation;
-use hanlin_accounts::{Caller, UsageRecord};
-use hanlin_engine::{Event, FinishReason, GenerateParams, Job, Scheduler, TokenLogprob};
+use hanlin_accounts::Caller;
+use hanlin_engine::{Event, FinishReason, GenerateParams, Scheduler, TokenLogprob};
+use hanlin_gateway::{Endpoint, Request, Work};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 type AppResult<T> = Result<T, ApiError>;
@@ -28,7 +27,7 @@ pub async fn health() -> Json<Value> {
 pub async fn metrics(State(st): State<Arc<AppState>>) -> String {
     for (name, s) in st.models.loaded() {
         use std::sync::atomic::Ordering::Relaxed;
-        let m = &st.metrics;
+        let m = &st.gw.metrics;
         let set = |g: &prometheus::IntGaugeVec, v: usize| {
             g.with_label_values(&[name.as_str()]).set(v as i64)
         };
@@ -38,7 +37,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> String {
         set(&m.prefix_pool_tokens, s.stats.pool_tokens.load(Relaxed));
         set(&m.kv_bytes, s.stats.kv_bytes.load(Relaxed));
     }
-    st.metrics.render()
+    st.gw.metrics.render()
 }
 
 pub async fn not_found() -> ApiError {
@@ -69,26 +68,9 @@ pub async fn auth(st: &AppState, headers: &HeaderMap) -> AppResult<Caller> {
         .map_err(|e| ApiError::unauthorized(e.to_string()))
 }
 
-fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> AppResult<Bytes> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request(format!("Could not read the request body: {e}"))
-        }
-    })
-}
-
-/// The caller, then their request body parsed against OpenAI's `fields`.
-async fn authed_request<T: serde::de::DeserializeOwned>(
-    st: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    fields: &[&str],
-) -> AppResult<(Caller, T)> {
-    let caller = auth(st, headers).await?;
-    let body = body_of(body, st.config.max_body)?;
-    Ok((caller, openai::parse(&body, fields)?))
+/// Parse an OpenAI request body against its `fields`.
+fn parse_request<T: serde::de::DeserializeOwned>(body: &Bytes, fields: &[&str]) -> AppResult<T> {
+    openai::parse(body, fields)
 }
 
 fn visible(caller: &Caller, model: &str) -> bool {
@@ -97,9 +79,8 @@ fn visible(caller: &Caller, model: &str) -> bool {
 
 pub async fn list_models(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    ApiCaller(caller): ApiCaller,
 ) -> AppResult<Json<Value>> {
-    let caller = auth(&st, &headers).await?;
     let data: Vec<Value> = st
         .models
         .available()
@@ -116,10 +97,9 @@ fn model_json(name: &str, created: u64) -> Value {
 
 pub async fn get_model(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    ApiCaller(caller): ApiCaller,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
-    let caller = auth(&st, &headers).await?;
     st.models
         .available()
         .into_iter()
@@ -177,28 +157,6 @@ pub(crate) fn budget(
     }
 }
 
-pub(crate) async fn reserve(
-    st: &AppState,
-    caller: &Caller,
-    needed: usize,
-) -> AppResult<Reservation> {
-    let day = hanlin_accounts::day_of(hanlin_accounts::now());
-    let spent = if st.limiter.knows(&caller.user.id, &day) {
-        0
-    } else {
-        st.db.tokens_on(&caller.user.id, &day).await?
-    };
-    st.limiter
-        .admit(&caller.user.id, &caller.plan, needed as i64, || spent)
-        .map_err(|e| {
-            let code = match e {
-                hanlin_accounts::limits::LimitError::TokensPerDay { .. } => "insufficient_quota",
-                _ => "rate_limit_exceeded",
-            };
-            ApiError::rate_limited(e.to_string(), code, e.retry_after())
-        })
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Chat,
@@ -216,55 +174,51 @@ struct Run {
     include_usage: bool,
     logprobs: bool,
     tools: bool,
-    caller: Caller,
     sched: Arc<Scheduler>,
-    started: Instant,
 }
 
 pub async fn chat_completions(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ApiCaller(caller): ApiCaller,
+    Body(body): Body,
 ) -> Response {
-    let r = chat_inner(&st, &headers, body).await;
+    let r = chat_inner(&st, caller, body).await;
     finish_response(&st, "chat", r)
 }
 
 pub async fn completions(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ApiCaller(caller): ApiCaller,
+    Body(body): Body,
 ) -> Response {
-    let r = completion_inner(&st, &headers, body).await;
+    let r = completion_inner(&st, caller, body).await;
     finish_response(&st, "completions", r)
 }
 
 fn finish_response(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Response {
     let resp = r.unwrap_or_else(IntoResponse::into_response);
-    st.metrics
+    st.gw
+        .metrics
         .requests
         .with_label_values(&[endpoint, resp.status().as_str()])
         .inc();
     resp
 }
 
-async fn chat_inner(
-    st: &Arc<AppState>,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> AppResult<Response> {
-    let (caller, req): (_, ChatRequest) =
-        authed_request(st, headers, body, openai::CHAT_FIELDS).await?;
+async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
+    let req: ChatRequest = parse_request(&body, openai::CHAT_FIELDS)?;
     let schema = crate::grammar::Grammars::schema_of(req.response_format.as_ref())?;
     let messages = req.template_messages()?;
     let sched = scheduler_for(st, &caller, &req.model).await?;
+    // Requests per minute first: a refused request costs no tokenizing.
+    let request = st.gw.admit(&caller, Endpoint::Chat, &req.model)?;
     let tools = req
         .tools
         .as_ref()
         .filter(|t| !t.is_empty())
         .filter(|_| req.tool_choice.as_ref().and_then(Value::as_str) != Some("none"))
         .map(|t| Value::Array(t.clone()));
-    let prompt = chat_prompt(&sched, &messages, tools.as_ref())?;
+    let prompt = chat_prompt(&sched, messages, tools.clone()).await?;
     let (asked, param) = match (req.max_completion_tokens, req.max_tokens) {
         (Some(n), _) => (Some(n), "max_completion_tokens"),
         (None, n) => (n, "max_tokens"),
@@ -298,8 +252,8 @@ async fn chat_inner(
         None => (0..n).map(|_| None).collect(),
     };
     let run = Run {
-        id: format!("chatcmpl-{}", hanlin_accounts::random_token(24)),
-        created: hanlin_accounts::now(),
+        id: request.id().to_string(),
+        created: request.created(),
         model: req.model.clone(),
         kind: Kind::Chat,
         n,
@@ -307,20 +261,13 @@ async fn chat_inner(
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs,
         tools: tools.is_some(),
-        caller,
         sched,
-        started: Instant::now(),
     };
-    start(st, run, prompt, params, constraints).await
+    start(run, request, prompt, params, constraints).await
 }
 
-async fn completion_inner(
-    st: &Arc<AppState>,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> AppResult<Response> {
-    let (caller, req): (_, CompletionRequest) =
-        authed_request(st, headers, body, openai::COMPLETION_FIELDS).await?;
+async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
+    let req: CompletionRequest = parse_request(&body, openai::COMPLETION_FIELDS)?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request("'echo' is not supported.").param("echo"));
     }
@@ -338,20 +285,25 @@ async fn completion_inner(
         }
     };
     let sched = scheduler_for(st, &caller, &req.model).await?;
-    let m = &sched.model;
-    let prompt = match &req.suffix {
-        Some(suffix) => fim_prompt(m, &prompt_text, suffix).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "The model `{}` has no fill-in-the-middle tokens, so 'suffix' cannot be used.",
-                req.model
-            ))
-            .param("suffix")
-        })?,
-        None => m
-            .tokenizer
-            .encode(&prompt_text, true)
-            .map_err(|e| ApiError::bad_request(format!("Tokenizing the prompt failed: {e}")))?,
-    };
+    let request = st.gw.admit(&caller, Endpoint::Completions, &req.model)?;
+    let m = sched.clone();
+    let (suffix, model) = (req.suffix.clone(), req.model.clone());
+    let prompt = blocking(move || {
+        let m = &m.model;
+        match &suffix {
+            Some(suffix) => fim_prompt(m, &prompt_text, suffix).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "The model `{model}` has no fill-in-the-middle tokens, so 'suffix' cannot be used."
+                ))
+                .param("suffix")
+            }),
+            None => m
+                .tokenizer
+                .encode(&prompt_text, true)
+                .map_err(|e| ApiError::bad_request(format!("Tokenizing the prompt failed: {e}"))),
+        }
+    })
+    .await?;
     // OpenAI's default for completions is 16 tokens.
     let max_new = budget(
         &sched,
@@ -372,8 +324,8 @@ async fn completion_inner(
         .to_params(max_new, req.logprobs.is_some(), top)?;
     let n = req.sampling.n()?;
     let run = Run {
-        id: format!("cmpl-{}", hanlin_accounts::random_token(24)),
-        created: hanlin_accounts::now(),
+        id: request.id().to_string(),
+        created: request.created(),
         model: req.model.clone(),
         kind: Kind::Text,
         n,
@@ -381,12 +333,10 @@ async fn completion_inner(
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs: req.logprobs.is_some(),
         tools: false,
-        caller,
         sched,
-        started: Instant::now(),
     };
     let constraints = (0..n).map(|_| None).collect();
-    start(st, run, prompt, params, constraints).await
+    start(run, request, prompt, params, constraints).await
 }
 
 /// Qwen2.5-Coder style fill-in-the-middle prompt, when the vocabulary has
@@ -410,68 +360,68 @@ fn fim_prompt(m: &hanlin_engine::LoadedModel, prefix: &str, suffix: &str) -> Opt
     Some(out)
 }
 
+/// Run CPU work (templating, tokenizing) on the blocking pool, off the
+/// threads that serve every connection.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> AppResult<T> + Send + 'static,
+) -> AppResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
+}
+
 /// The token ids of `messages` in the model's chat template, ready for the
-/// assistant's turn.
-pub(crate) fn chat_prompt(
-    sched: &Scheduler,
-    messages: &[hanlin_tokenizer::Message],
-    tools: Option<&Value>,
+/// assistant's turn (rendered and tokenized on the blocking pool).
+pub(crate) async fn chat_prompt(
+    sched: &Arc<Scheduler>,
+    messages: Vec<hanlin_tokenizer::Message>,
+    tools: Option<Value>,
 ) -> AppResult<Vec<u32>> {
-    let m = &sched.model;
-    let text = m.template.render(messages, tools, true).map_err(|e| {
-        ApiError::bad_request(format!("The chat template failed: {e}")).param("messages")
-    })?;
-    m.tokenizer
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad_request(format!("Tokenizing the messages failed: {e}")))
+    let sched = sched.clone();
+    blocking(move || {
+        let m = &sched.model;
+        let text = m
+            .template
+            .render(&messages, tools.as_ref(), true)
+            .map_err(|e| {
+                ApiError::bad_request(format!("The chat template failed: {e}")).param("messages")
+            })?;
+        m.tokenizer
+            .encode(&text, true)
+            .map_err(|e| ApiError::bad_request(format!("Tokenizing the messages failed: {e}")))
+    })
+    .await
 }
 
-/// A job the scheduler refused: a full queue is a 429 to retry shortly.
-pub(crate) fn submit_error(e: hanlin_engine::SubmitError) -> ApiError {
-    match e {
-        hanlin_engine::SubmitError::QueueFull(_) => ApiError::rate_limited(
-            "The server is busy: too many requests are waiting. Please retry shortly.",
-            "server_busy",
-            Duration::from_secs(1),
-        ),
-        hanlin_engine::SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-    }
-}
-
-/// Submit the request's jobs and answer it (stream or whole).
+/// Reserve the request's worst case, then submit its choices (stream or
+/// whole answer).
 async fn start(
-    st: &Arc<AppState>,
     run: Run,
+    mut request: Request,
     prompt: Vec<u32>,
     params: GenerateParams,
     constraints: Vec<Option<Box<dyn hanlin_engine::TokenConstraint>>>,
 ) -> AppResult<Response> {
-    let needed = (prompt.len() + params.max_tokens) * run.n;
-    let reservation = reserve(st, &run.caller, needed).await?;
-    let (tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
-    for (i, constraint) in constraints.into_iter().enumerate() {
-        let tx = tx.clone();
-        let mut p = params.clone();
-        // Choices differ when sampling: each gets its own seed.
-        p.sampler.seed = p.sampler.seed.wrapping_add(i as u64);
-        let job = Job {
-            prompt: prompt.clone(),
-            params: p,
-            priority: run.caller.plan.priority as i32,
-            embed: false,
-            constraint,
-            sink: Box::new(move |e| tx.send((i, e)).is_ok()),
-        };
-        if let Err(e) = run.sched.submit(job) {
-            st.limiter.settle(reservation, 0);
-            return Err(submit_error(e));
-        }
-    }
-    drop(tx);
+    request
+        .reserve((prompt.len() + params.max_tokens) * run.n)
+        .await?;
+    let work = constraints
+        .into_iter()
+        .enumerate()
+        .map(|(i, constraint)| {
+            let mut p = params.clone();
+            // Choices differ when sampling: each gets its own seed.
+            p.sampler.seed = p.sampler.seed.wrapping_add(i as u64);
+            Work {
+                constraint,
+                ..Work::generate(prompt.clone(), p)
+            }
+        })
+        .collect();
+    request.submit(&*run.sched, work)?;
     let (out_tx, mut out_rx) = mpsc::channel::<Result<String, ApiError>>(64);
     let stream = run.stream;
-    let st2 = st.clone();
-    tokio::spawn(drive(st2, run, rx, out_tx, reservation));
+    tokio::spawn(drive(run, request, out_tx));
     if stream {
         let s = futures::stream::unfold(out_rx, |mut rx| async move {
             let item = rx.recv().await?;
@@ -503,7 +453,6 @@ struct Choice {
     text: String,
     finish: Option<&'static str>,
     logprobs: Vec<Value>,
-    completion_tokens: usize,
     sent_role: bool,
 }
 
@@ -523,31 +472,20 @@ fn lp_json(tok: &hanlin_tokenizer::Tokenizer, lp: &TokenLogprob) -> Value {
     })
 }
 
-/// Consume the scheduler's events for one request and produce its answer;
-/// on the way out (finished, failed or abandoned), meter it.
-async fn drive(
-    st: Arc<AppState>,
-    run: Run,
-    mut rx: mpsc::UnboundedReceiver<(usize, Event)>,
-    out: mpsc::Sender<Result<String, ApiError>>,
-    reservation: Reservation,
-) {
+/// Turn the request's events into its answer; on the way out (finished,
+/// failed or abandoned) the request settles its usage.
+async fn drive(run: Run, mut req: Request, out: mpsc::Sender<Result<String, ApiError>>) {
     let tok = &run.sched.model.tokenizer;
     let mut choices: Vec<Choice> = (0..run.n).map(|_| Choice::default()).collect();
-    let (mut prompt_tokens, mut cached_tokens, mut admitted) = (0usize, 0usize, false);
-    let mut first_token: Option<Instant> = None;
-    let mut last_token = Instant::now();
     let mut failed: Option<String> = None;
     let mut gone = false;
-    let mut usage_writer: Option<UsageWriter> = None;
-    let model_label = [run.model.as_str()];
     // Streams with tools are buffered: tool calls are parsed from the whole text.
     let stream_text = run.stream && !run.tools;
     loop {
         // A client that goes away is noticed even while nothing is generated
         // for it (queued, or in a long prefill).
         let (i, ev) = tokio::select! {
-            ev = rx.recv() => match ev {
+            ev = req.next() => match ev {
                 Some(ev) => ev,
                 None => break,
             },
@@ -558,19 +496,7 @@ async fn drive(
         };
         let mut chunk: Option<Value> = None;
         match ev {
-            Event::Started {
-                prompt_tokens: p,
-                cached_tokens: c,
-            } => {
-                if !admitted {
-                    admitted = true;
-                    prompt_tokens = p;
-                    cached_tokens = c;
-                    let mut w =
-                        UsageWriter::start(&st, &run.caller, &run.id, &run.model, run.created);
-                    w.write([p, c, 0]);
-                    usage_writer = Some(w);
-                }
+            Event::Started { .. } => {
                 if run.stream && run.kind == Kind::Chat && !choices[i].sent_role {
                     choices[i].sent_role = true;
                     chunk = Some(
@@ -578,32 +504,7 @@ async fn drive(
                     );
                 }
             }
-            Event::Token {
-                text,
-                tokens,
-                logprobs,
-            } => {
-                let now = Instant::now();
-                match first_token {
-                    None => {
-                        first_token = Some(now);
-                        st.metrics
-                            .ttft
-                            .with_label_values(&model_label)
-                            .observe((now - run.started).as_secs_f64());
-                    }
-                    Some(_) => st
-                        .metrics
-                        .inter_token
-                        .with_label_values(&model_label)
-                        .observe((now - last_token).as_secs_f64()),
-                }
-                last_token = now;
-                choices[i].completion_tokens += tokens;
-                if let Some(w) = usage_writer.as_mut().filter(|w| w.due()) {
-                    let done: usize = choices.iter().map(|c| c.completion_tokens).sum();
-                    w.write([prompt_tokens, cached_tokens, done]);
-                }
+            Event::Token { text, logprobs, .. } => {
                 let c = &mut choices[i];
                 c.text.push_str(&text);
                 let lps: Vec<Value> = logprobs
@@ -633,14 +534,9 @@ async fn drive(
                     });
                 }
             }
-            Event::Done {
-                finish,
-                completion_tokens,
-                ..
-            } => {
+            Event::Done { finish, .. } => {
                 let c = &mut choices[i];
                 c.finish = Some(finish_str(finish));
-                c.completion_tokens = completion_tokens;
                 if run.stream {
                     let mut delta = json!({});
                     let mut reason = finish_str(finish);
@@ -685,23 +581,14 @@ async fn drive(
             break;
         }
     }
-    // Abandoned or finished: free the sequences now (their sinks start failing).
-    drop(rx);
-    let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    });
+    let usage = crate::openai::Usage::from(&req.usage());
     if !gone {
         let reply = match &failed {
             Some(msg) => Err(ApiError::internal(format!("Generation failed: {msg}"))),
             None if run.stream => {
                 if run.include_usage {
                     let mut c = stream_envelope(&run, Vec::new());
-                    c["usage"] = usage.clone();
+                    c["usage"] = json!(usage);
                     let _ = out.send(Ok(c.to_string())).await;
                 }
                 Ok("[DONE]".to_string())
@@ -710,144 +597,24 @@ async fn drive(
         };
         let _ = out.send(reply).await;
     }
-    // The response ends here, whatever the database is doing.
+    // The response ends here, whatever the database is doing; then the
+    // usage is settled to exactly what the engine counted.
     drop(out);
-    // Meter exactly what the engine counted.
-    let used = if admitted {
-        prompt_tokens + completion_tokens
-    } else {
-        0
-    };
-    st.limiter.settle(reservation, used as i64);
-    if let Some(w) = usage_writer {
-        meter(
-            &st,
-            &run.caller,
-            &run.model,
-            w,
-            [prompt_tokens, cached_tokens, completion_tokens],
-        )
-        .await;
-    }
-}
-
-/// How often a running request's usage row is brought up to date, bounding
-/// what a killed process leaves unrecorded.
-const USAGE_CHECKPOINT: Duration = Duration::from_secs(2);
-
-/// One request's usage row, written in order by its own task: the row is
-/// created when the engine admits the request (so even a process killed
-/// mid-answer leaves the prompt and the tokens up to the last checkpoint on
-/// record), updated every [`USAGE_CHECKPOINT`] and settled at the end.
-/// Writes are keyed by the request id (idempotent) and retried until the
-/// database accepts them; queued checkpoints are coalesced to the newest.
-pub(crate) struct UsageWriter {
-    tx: mpsc::UnboundedSender<UsageRecord>,
-    task: tokio::task::JoinHandle<()>,
-    rec: UsageRecord,
-    last: Instant,
-}
-
-impl UsageWriter {
-    pub(crate) fn start(
-        st: &AppState,
-        caller: &Caller,
-        request_id: &str,
-        model: &str,
-        ts: i64,
-    ) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<UsageRecord>();
-        let db = st.db.clone();
-        let task = tokio::spawn(async move {
-            while let Some(mut rec) = rx.recv().await {
-                while let Ok(newer) = rx.try_recv() {
-                    rec = newer;
-                }
-                let mut delay = Duration::from_millis(100);
-                let mut attempt = 0u32;
-                while let Err(e) = db.record_usage(&rec).await {
-                    attempt += 1;
-                    tracing::warn!(attempt, "recording usage for {}: {e}", rec.request_id);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-            }
-        });
-        Self {
-            tx,
-            task,
-            rec: UsageRecord {
-                request_id: request_id.to_string(),
-                key_id: caller.key.id.clone(),
-                user_id: caller.user.id.clone(),
-                model: model.to_string(),
-                ts,
-                prompt_tokens: 0,
-                cached_tokens: 0,
-                completion_tokens: 0,
-            },
-            last: Instant::now(),
-        }
-    }
-
-    pub(crate) fn write(&mut self, [prompt, cached, completion]: [usize; 3]) {
-        self.rec.prompt_tokens = prompt as i64;
-        self.rec.cached_tokens = cached as i64;
-        self.rec.completion_tokens = completion as i64;
-        self.last = Instant::now();
-        // The task lives until this sender is dropped.
-        let _ = self.tx.send(self.rec.clone());
-    }
-
-    /// Whether the last write is older than [`USAGE_CHECKPOINT`].
-    pub(crate) fn due(&self) -> bool {
-        self.last.elapsed() >= USAGE_CHECKPOINT
-    }
-
-    /// The final counts, then wait until every write is in the database.
-    async fn settle(mut self, counts: [usize; 3]) {
-        self.write(counts);
-        drop(self.tx);
-        if let Err(e) = self.task.await {
-            tracing::error!("usage writer for {}: {e}", self.rec.request_id);
-        }
-    }
-}
-
-/// Count a finished request in the metrics and settle its usage row.
-pub(crate) async fn meter(
-    st: &AppState,
-    caller: &Caller,
-    model: &str,
-    writer: UsageWriter,
-    counts: [usize; 3],
-) {
-    for (kind, n) in ["prompt", "cached", "completion"].into_iter().zip(counts) {
-        st.metrics
-            .tokens
-            .with_label_values(&[caller.key.id.as_str(), model, kind])
-            .inc_by(n as u64);
-    }
-    writer.settle(counts).await;
+    req.finish().await;
 }
 
 pub async fn embeddings(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ApiCaller(caller): ApiCaller,
+    Body(body): Body,
 ) -> Response {
-    let r = embeddings_inner(&st, &headers, body).await;
+    let r = embeddings_inner(&st, caller, body).await;
     finish_response(&st, "embeddings", r)
 }
 
-async fn embeddings_inner(
-    st: &Arc<AppState>,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> AppResult<Response> {
+async fn embeddings_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
     use base64::Engine as _;
-    let (caller, req): (_, openai::EmbeddingRequest) =
-        authed_request(st, headers, body, openai::EMBEDDING_FIELDS).await?;
+    let req: openai::EmbeddingRequest = parse_request(&body, openai::EMBEDDING_FIELDS)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -859,19 +626,31 @@ async fn embeddings_inner(
         }
     };
     let sched = scheduler_for(st, &caller, &req.model).await?;
-    let tok = &sched.model.tokenizer;
-    let inputs: Vec<Vec<u32>> = match req.input {
-        openai::EmbeddingInput::One(s) => vec![encode_input(tok, &s)?],
-        openai::EmbeddingInput::Many(v) => v
-            .iter()
-            .map(|s| encode_input(tok, s))
-            .collect::<AppResult<_>>()?,
-        openai::EmbeddingInput::Tokens(t) => vec![t],
-        openai::EmbeddingInput::ManyTokens(t) => t,
+    let mut request = st.gw.admit(&caller, Endpoint::Embeddings, &req.model)?;
+    let n_inputs = match &req.input {
+        openai::EmbeddingInput::One(_) | openai::EmbeddingInput::Tokens(_) => 1,
+        openai::EmbeddingInput::Many(v) => v.len(),
+        openai::EmbeddingInput::ManyTokens(t) => t.len(),
     };
-    if inputs.is_empty() || inputs.len() > 2048 {
+    if n_inputs == 0 || n_inputs > 2048 {
         return Err(ApiError::bad_request("'input' must hold 1 to 2048 items.").param("input"));
     }
+    let s2 = sched.clone();
+    let input = req.input;
+    let inputs: Vec<Vec<u32>> = blocking(move || {
+        let tok = &s2.model.tokenizer;
+        Ok(match input {
+            openai::EmbeddingInput::One(s) => vec![encode_input(tok, &s)?],
+            openai::EmbeddingInput::Many(v) => v
+                .iter()
+                .map(|s| encode_input(tok, s))
+                .collect::<AppResult<_>>()?,
+            openai::EmbeddingInput::Tokens(t) => vec![t],
+            openai::EmbeddingInput::ManyTokens(t) => t,
+        })
+    })
+    .await?;
+    let request_len = inputs.len();
     let vocab = sched.model.model.cfg.vocab_size as u32;
     let limit = sched
         .config
@@ -897,47 +676,19 @@ async fn embeddings_inner(
         }
     }
     let total: usize = inputs.iter().map(Vec::len).sum();
-    let reservation = reserve(st, &caller, total).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Event)>();
-    for (i, prompt) in inputs.iter().enumerate() {
-        let tx = tx.clone();
-        let job = Job {
-            prompt: prompt.clone(),
-            params: GenerateParams::default(),
-            priority: caller.plan.priority as i32,
-            embed: true,
-            constraint: None,
-            sink: Box::new(move |e| tx.send((i, e)).is_ok()),
-        };
-        if let Err(e) = sched.submit(job) {
-            st.limiter.settle(reservation, 0);
-            return Err(ApiError::rate_limited(
-                format!("The server is busy ({e}). Please retry shortly."),
-                "server_busy",
-                Duration::from_secs(1),
-            ));
-        }
-    }
-    drop(tx);
-    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+    request.reserve(total).await?;
+    request.submit(&*sched, inputs.into_iter().map(Work::embed).collect())?;
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; request_len];
     let mut failed = None;
-    let mut done_tokens = 0;
-    while let Some((i, ev)) = rx.recv().await {
+    while let Some((i, ev)) = request.next().await {
         match ev {
             Event::Embedding(v) => vectors[i] = Some(v),
-            Event::Done { prompt_tokens, .. } => done_tokens += prompt_tokens,
             Event::Failed(m) => failed = Some(m),
             _ => {}
         }
     }
-    st.limiter.settle(reservation, done_tokens as i64);
-    let id = format!("emb-{}", hanlin_accounts::random_token(24));
-    if done_tokens > 0 {
-        let w = UsageWriter::start(st, &caller, &id, &req.model, hanlin_accounts::now());
-        // Settled in the background: the answer does not wait for the database.
-        let (st, caller, model) = (st.clone(), caller.clone(), req.model.clone());
-        tokio::spawn(async move { meter(&st, &caller, &model, w, [done_tokens, 0, 0]).await });
-    }
+    // Settled in the background: the answer does not wait for the database.
+    tokio::spawn(request.finish());
     if let Some(m) = failed {
         return Err(ApiError::internal(format!("Embedding failed: {m}")));
     }
@@ -996,7 +747,7 @@ fn stream_chunk(run: &Run, choice: Value) -> String {
     stream_envelope(run, vec![choice]).to_string()
 }
 
-fn whole_response(run: &Run, choices: &[Choice], usage: &Value) -> Value {
+fn whole_response(run: &Run, choices: &[Choice], usage: &crate::openai::Usage) -> Value {
     let list: Vec<Value> = choices
         .iter()
         .enumerate()

@@ -55,11 +55,11 @@ impl ApiError {
         .param("model")
         .code("model_not_found")
     }
-    pub fn too_large(limit: usize) -> Self {
+    pub fn too_large_body() -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
-            format!("The request body is larger than the limit of {limit} bytes."),
+            "The request body is larger than this endpoint accepts.",
         )
         .code("request_too_large")
     }
@@ -106,5 +106,26 @@ impl IntoResponse for ApiError {
             }
         }
         r
+    }
+}
+
+impl From<hanlin_gateway::GatewayError> for ApiError {
+    fn from(e: hanlin_gateway::GatewayError) -> Self {
+        use hanlin_accounts::limits::LimitError;
+        use hanlin_gateway::GatewayError;
+        match e {
+            GatewayError::Limit(l) => {
+                let code = match l {
+                    LimitError::TokensPerDay { .. } => "insufficient_quota",
+                    _ => "rate_limit_exceeded",
+                };
+                ApiError::rate_limited(l.to_string(), code, l.retry_after())
+            }
+            GatewayError::Busy => {
+                ApiError::rate_limited(e.to_string(), "server_busy", Duration::from_secs(1))
+            }
+            GatewayError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            GatewayError::Db(d) => d.into(),
+        }
     }
 }

@@ -17,8 +17,8 @@ pub mod admin;
 pub mod api;
 pub mod embedders;
 pub mod error;
+pub mod extract;
 pub mod grammar;
-pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod search;
@@ -28,9 +28,9 @@ pub mod web;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use hanlin_accounts::limits::Limiter;
 use hanlin_accounts::Db;
 use hanlin_engine::SchedulerConfig;
+use hanlin_gateway::{Gateway, Metrics};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -71,9 +71,9 @@ pub enum ServerError {
 
 pub struct AppState {
     pub db: Db,
+    /// The one metered generation path (limits, usage, metrics).
+    pub gw: Arc<Gateway>,
     pub models: models::Models,
-    pub limiter: Limiter,
-    pub metrics: metrics::Metrics,
     pub grammars: grammar::Grammars,
     pub kbs: search::Kbs,
     pub embedders: embedders::Embedders,
@@ -102,10 +102,9 @@ impl AppState {
             config.sched.clone(),
         );
         Ok(Arc::new(Self {
+            gw: Gateway::new(db.clone(), Metrics::new()?),
             db,
             models,
-            limiter: Limiter::default(),
-            metrics: metrics::Metrics::new()?,
             grammars: grammar::Grammars::default(),
             kbs: search::Kbs::new(config.kb_dir.clone()),
             embedders,

@@ -357,3 +357,39 @@ pub struct EmbeddingRequest {
     pub dimensions: Option<u32>,
     pub user: Option<String>,
 }
+
+/// `usage` in OpenAI's completion responses.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub prompt_tokens_details: PromptTokensDetails,
+    pub completion_tokens_details: CompletionTokensDetails,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: i64,
+}
+
+impl From<&hanlin_accounts::Usage> for Usage {
+    fn from(u: &hanlin_accounts::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.tokens(),
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
+            completion_tokens_details: CompletionTokensDetails {
+                reasoning_tokens: 0,
+            },
+        }
+    }
+}

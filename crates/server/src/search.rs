@@ -10,17 +10,15 @@
 //! Any key may search and ask every knowledge base; writing needs an admin
 //! key (or an admin's web session).
 
-use crate::api::{auth, budget, reserve, scheduler_for, UsageWriter};
+use crate::api::{budget, scheduler_for};
 use crate::embedders::Embedders;
 use crate::error::ApiError;
+use crate::extract::{AdminCaller, ApiCaller, Body, JsonBody};
 use crate::AppState;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::Json;
-use hanlin_accounts::Caller;
-use hanlin_engine::{Event, Job};
+use hanlin_engine::Event;
+use hanlin_gateway::{Endpoint, Request, Work};
 use hanlin_search::answer;
 use hanlin_search::index::KbConfig;
 use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Mode, Passage, SearchError};
@@ -29,7 +27,6 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
 
 type AppResult<T> = Result<T, ApiError>;
 
@@ -114,6 +111,13 @@ impl Kbs {
         k: usize,
         embedders: &Embedders,
     ) -> AppResult<Vec<Passage>> {
+        // Each knowledge base once, locked in name order: a name given
+        // twice would lock the same mutex twice, and two requests naming
+        // two bases in opposite orders would each hold what the other waits
+        // for.
+        let mut names: Vec<&String> = names.iter().collect();
+        names.sort();
+        names.dedup();
         let kbs = names
             .iter()
             .map(|n| self.get(n))
@@ -157,7 +161,7 @@ impl Names {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SearchBody {
+pub struct SearchBody {
     kb: Names,
     query: String,
     k: Option<usize>,
@@ -175,20 +179,33 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("search task failed: {e}")))?
 }
 
+/// The longest query `/v1/search` takes, in characters: every word of a
+/// query is a BM25 clause, run while the knowledge base is held.
+pub const MAX_QUERY_CHARS: usize = 1000;
+
 pub async fn search(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ApiCaller(caller): ApiCaller,
+    JsonBody(b): JsonBody<SearchBody>,
 ) -> AppResult<Json<Value>> {
-    auth(&st, &headers).await?;
-    let b: SearchBody = crate::web::parse_body(body, st.config.max_body)?;
     let k = b.k.unwrap_or(5);
     if !(1..=50).contains(&k) {
         return Err(ApiError::bad_request("'k' is 1 to 50.").param("k"));
     }
+    if b.query.chars().count() > MAX_QUERY_CHARS {
+        return Err(ApiError::bad_request(format!(
+            "The query is longer than {MAX_QUERY_CHARS} characters."
+        ))
+        .param("query"));
+    }
     let names = b.kb.list()?;
+    // Searches count against the plan's requests per minute and are
+    // recorded (no tokens) like every other request.
+    let mut request = st.gw.admit(&caller, Endpoint::Search, "search")?;
+    request.record(Default::default());
     let st2 = st.clone();
     let hits = blocking(move || st2.kbs.retrieve(&names, &b.query, k, &st2.embedders)).await?;
+    request.finish().await;
     let data: Vec<Value> = hits
         .iter()
         .enumerate()
@@ -213,20 +230,17 @@ fn default_embedder() -> Option<String> {
 /// (default: multilingual-e5-small, hybrid BM25 + dense retrieval).
 pub async fn create_kb(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    Body(body): Body,
 ) -> AppResult<Json<Value>> {
-    crate::admin::admin(&st, &headers, true).await?;
-    let empty = body
-        .as_ref()
-        .is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
-    let b: CreateBody = if empty {
+    let b: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
         CreateBody {
             embedder: default_embedder(),
         }
     } else {
-        crate::web::parse_body(body, st.config.max_body)?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))?
     };
     if let Some(m) = &b.embedder {
         let known = hanlin_store::catalog().iter().any(|e| e.name == m)
@@ -250,18 +264,16 @@ pub async fn create_kb(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DocumentsBody {
+pub struct DocumentsBody {
     documents: Vec<Value>,
 }
 
 pub async fn add_documents(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    JsonBody(b): JsonBody<DocumentsBody>,
 ) -> AppResult<Json<Value>> {
-    crate::admin::admin(&st, &headers, true).await?;
-    let b: DocumentsBody = crate::web::parse_body(body, st.config.max_body)?;
     let docs = b
         .documents
         .iter()
@@ -326,13 +338,11 @@ pub struct FileQuery {
 /// jsonl) and indexed; a file that cannot be read is refused with the reason.
 pub async fn upload_file(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<FileQuery>,
-    body: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    Body(bytes): Body,
 ) -> AppResult<Json<Value>> {
-    crate::admin::admin(&st, &headers, true).await?;
-    let bytes = body.map_err(|_| ApiError::too_large(MAX_UPLOAD_BYTES))?;
     // Only the file name's extension matters; never a path.
     let ext = std::path::Path::new(&q.filename)
         .extension()
@@ -416,17 +426,13 @@ pub(crate) async fn kb_list(st: &Arc<AppState>) -> AppResult<Vec<Value>> {
 }
 
 /// `GET /v1/kb`: every knowledge base with its document count and feeds.
-pub async fn list_kbs(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> AppResult<Json<Value>> {
-    auth(&st, &headers).await?;
+pub async fn list_kbs(State(st): State<Arc<AppState>>, _: ApiCaller) -> AppResult<Json<Value>> {
     Ok(Json(json!({"object": "list", "data": kb_list(&st).await?})))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FeedBody {
+pub struct FeedBody {
     url: String,
     every: Option<String>,
 }
@@ -435,12 +441,10 @@ struct FeedBody {
 /// every `every` (default 10m); the first poll runs within seconds.
 pub async fn add_feed(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    _: AdminCaller,
+    JsonBody(b): JsonBody<FeedBody>,
 ) -> AppResult<Json<Value>> {
-    crate::admin::admin(&st, &headers, true).await?;
-    let b: FeedBody = crate::web::parse_body(body, st.config.max_body)?;
     let every = feed::parse_every(b.every.as_deref().unwrap_or("10m"))
         .map_err(|e| ApiError::bad_request(e.to_string()).param("every"))?;
     let f = feed::Feed::new(&b.url, every, hanlin_accounts::now())
@@ -480,7 +484,7 @@ pub async fn poll_feeds(st: Arc<AppState>, tick: std::time::Duration) {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AskBody {
+pub struct AskBody {
     kb: Names,
     question: String,
     model: Option<String>,
@@ -488,16 +492,21 @@ struct AskBody {
 
 pub async fn ask(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ApiCaller(caller): ApiCaller,
+    JsonBody(b): JsonBody<AskBody>,
 ) -> AppResult<Json<Value>> {
-    let caller = auth(&st, &headers).await?;
-    let b: AskBody = crate::web::parse_body(body, st.config.max_body)?;
     if b.question.trim().is_empty() {
         return Err(ApiError::bad_request("The question is empty.").param("question"));
     }
+    if b.question.chars().count() > MAX_QUERY_CHARS {
+        return Err(ApiError::bad_request(format!(
+            "The question is longer than {MAX_QUERY_CHARS} characters."
+        ))
+        .param("question"));
+    }
     let names = b.kb.list()?;
     let model = b.model.unwrap_or_else(|| st.config.default_model.clone());
+    let request = st.gw.admit(&caller, Endpoint::Ask, &model)?;
     let passages = retrieve(&st, names, b.question.clone(), 5).await?;
     let grounded = match answer::plan(&b.question, passages, hanlin_accounts::now()) {
         answer::Plan::Decline(g) => g,
@@ -506,7 +515,7 @@ pub async fn ask(
             user,
             passages,
         } => {
-            let text = generate(&st, &caller, &model, &system, &user).await?;
+            let text = generate(&st, request, &model, &system, &user).await?;
             answer::finish(&b.question, &text, passages)
         }
     };
@@ -525,81 +534,42 @@ pub async fn ask(
 /// caller's plan (limits, priority) and metered like any request.
 async fn generate(
     st: &Arc<AppState>,
-    caller: &Caller,
+    mut request: Request,
     model: &str,
     system: &str,
     user: &str,
 ) -> AppResult<String> {
-    let sched = scheduler_for(st, caller, model).await?;
-    let msgs = [
+    let sched = scheduler_for(st, request.caller(), model).await?;
+    let msgs = vec![
         hanlin_tokenizer::Message::new("system", system),
         hanlin_tokenizer::Message::new("user", user),
     ];
-    let prompt = crate::api::chat_prompt(&sched, &msgs, None)?;
-    let max_new = budget(&sched, caller, prompt.len(), Some(300), None, "question")?;
+    let prompt = crate::api::chat_prompt(&sched, msgs, None).await?;
+    let max_new = budget(
+        &sched,
+        request.caller(),
+        prompt.len(),
+        Some(300),
+        None,
+        "question",
+    )?;
     let mut params = hanlin_engine::GenerateParams {
         max_tokens: max_new,
         ..Default::default()
     };
     params.sampler.temperature = 0.0;
-    let reservation = reserve(st, caller, prompt.len() + max_new).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let job = Job {
-        prompt,
-        params,
-        priority: caller.plan.priority as i32,
-        embed: false,
-        constraint: None,
-        sink: Box::new(move |e| tx.send(e).is_ok()),
-    };
-    if let Err(e) = sched.submit(job) {
-        st.limiter.settle(reservation, 0);
-        return Err(crate::api::submit_error(e));
-    }
-    let request_id = format!("ask-{}", hanlin_accounts::random_token(24));
+    request.reserve(prompt.len() + max_new).await?;
+    request.submit(&*sched, vec![Work::generate(prompt, params)])?;
     let mut out = String::new();
-    let mut counts = [0usize; 3];
-    let mut writer: Option<UsageWriter> = None;
     let mut failed = None;
-    while let Some(ev) = rx.recv().await {
+    while let Some((_, ev)) = request.next().await {
         match ev {
-            Event::Started {
-                prompt_tokens,
-                cached_tokens,
-            } => {
-                counts = [prompt_tokens, cached_tokens, 0];
-                let mut w =
-                    UsageWriter::start(st, caller, &request_id, model, hanlin_accounts::now());
-                w.write(counts);
-                writer = Some(w);
-            }
-            Event::Token { text, tokens, .. } => {
-                out.push_str(&text);
-                counts[2] += tokens;
-            }
-            Event::Done {
-                completion_tokens, ..
-            } => {
-                counts[2] = completion_tokens;
-                break;
-            }
-            Event::Failed(msg) => {
-                failed = Some(msg);
-                break;
-            }
+            Event::Token { text, .. } => out.push_str(&text),
+            Event::Failed(msg) => failed = Some(msg),
             _ => {}
         }
     }
-    drop(rx);
-    let used = if writer.is_some() {
-        (counts[0] + counts[2]) as i64
-    } else {
-        0
-    };
-    st.limiter.settle(reservation, used);
-    if let Some(w) = writer {
-        crate::api::meter(st, caller, model, w, counts).await;
-    }
+    request.finish().await;
     match failed {
         Some(msg) => Err(ApiError::internal(format!("Generation failed: {msg}"))),
         None => Ok(out),

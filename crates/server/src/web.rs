@@ -11,13 +11,13 @@
 //! marked incomplete.
 
 use crate::admin::account_error;
-use crate::api::{budget, reserve, scheduler_for, UsageWriter};
+use crate::api::{budget, scheduler_for};
 use crate::error::ApiError;
+use crate::extract::{JsonBody, WebRead, WebWrite};
 use crate::AppState;
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,7 +25,8 @@ use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message, MAX_MESSAGE_CHARS};
 use hanlin_accounts::web::{Session, SignInError, SESSION_TTL_SECS};
 use hanlin_accounts::{ApiKey, Caller, NewKey, Role};
-use hanlin_engine::{Event, Job};
+use hanlin_engine::Event;
+use hanlin_gateway::{Endpoint, Request, Work};
 use hanlin_search::answer;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -98,7 +99,7 @@ pub async fn static_file(Path(path): Path<String>) -> Response {
 // ---------------------------------------------------------------- sessions
 
 /// The signed-in user behind the cookie; for writes, the CSRF token too.
-async fn session(
+pub(crate) async fn session(
     st: &AppState,
     jar: &CookieJar,
     headers: &HeaderMap,
@@ -182,24 +183,9 @@ fn session_cookie(secret: String, secure: bool, max_age: i64) -> Cookie<'static>
         .build()
 }
 
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> AppResult<T> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request(format!("Could not read the request body: {e}"))
-        }
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Credentials {
+pub struct Credentials {
     name: String,
     password: String,
 }
@@ -235,9 +221,8 @@ pub async fn register(
     State(st): State<Arc<AppState>>,
     jar: CookieJar,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(c): JsonBody<Credentials>,
 ) -> AppResult<(CookieJar, Json<Value>)> {
-    let c: Credentials = parse_body(body, st.config.max_body)?;
     let user = st.db.register(&c.name, &c.password).await?;
     if let Ok(u) = &user {
         tracing::info!(user = %u.name, role = ?u.role, "registered");
@@ -249,9 +234,8 @@ pub async fn login(
     State(st): State<Arc<AppState>>,
     jar: CookieJar,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(c): JsonBody<Credentials>,
 ) -> AppResult<(CookieJar, Json<Value>)> {
-    let c: Credentials = parse_body(body, st.config.max_body)?;
     let user = st.db.check_login(&c.name, &c.password).await?;
     sign_in(&st, jar, &headers, user.map_err(sign_in_error)?).await
 }
@@ -260,8 +244,8 @@ pub async fn logout(
     State(st): State<Arc<AppState>>,
     jar: CookieJar,
     headers: HeaderMap,
+    _: WebWrite,
 ) -> AppResult<(CookieJar, Json<Value>)> {
-    session(&st, &jar, &headers, true).await?;
     if let Some(c) = jar.get(COOKIE) {
         st.db.end_session(c.value()).await?;
     }
@@ -269,12 +253,7 @@ pub async fn logout(
     Ok((jar, Json(json!({"ok": true}))))
 }
 
-pub async fn me(
-    State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
-) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
+pub async fn me(State(st): State<Arc<AppState>>, WebRead(s): WebRead) -> AppResult<Json<Value>> {
     let plan = st.db.plan(&s.user.plan).await?;
     let mut v = me_json(&s.user, &s.csrf);
     v["plan"] = json!(plan);
@@ -285,10 +264,8 @@ pub async fn me(
 
 pub async fn models(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     let plan = st.db.plan(&s.user.plan).await?;
     let data: Vec<String> = st
         .models
@@ -306,7 +283,7 @@ pub async fn models(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct NewConversation {
+pub struct NewConversation {
     title: Option<String>,
     system_prompt: Option<String>,
     model: Option<String>,
@@ -315,10 +292,8 @@ struct NewConversation {
 
 pub async fn list_conversations(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     Ok(Json(
         json!({"data": st.db.conversations(&s.user.id).await?}),
     ))
@@ -326,12 +301,9 @@ pub async fn list_conversations(
 
 pub async fn create_conversation(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<NewConversation>,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let b: NewConversation = parse_body(body, st.config.max_body)?;
     let params = b.params.unwrap_or_else(|| json!({}));
     if !params.is_object() {
         return Err(ApiError::bad_request("'params' must be an object.").param("params"));
@@ -368,11 +340,9 @@ fn too_long(param: &str) -> ApiError {
 
 pub async fn get_conversation(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     let c = st
         .db
         .conversation(&s.user.id, &id)
@@ -384,13 +354,10 @@ pub async fn get_conversation(
 
 pub async fn patch_conversation(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(p): JsonBody<ConversationPatch>,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let p: ConversationPatch = parse_body(body, st.config.max_body)?;
     let c = st
         .db
         .update_conversation(&s.user.id, &id, &p)
@@ -402,11 +369,9 @@ pub async fn patch_conversation(
 
 pub async fn delete_conversation(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    WebWrite(s): WebWrite,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
     if !st.db.delete_conversation(&s.user.id, &id).await? {
         return Err(not_found());
     }
@@ -420,11 +385,9 @@ pub struct SearchQuery {
 
 pub async fn search(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Query(q): Query<SearchQuery>,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     let hits = st.db.search_conversations(&s.user.id, &q.q, 50).await?;
     Ok(Json(json!({"data": hits})))
 }
@@ -433,7 +396,7 @@ pub async fn search(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Send {
+pub struct Send {
     /// The new user message (absent: regenerate the reply to `parent_id`).
     content: Option<String>,
     /// Where the new message goes: the previous assistant message (None
@@ -466,13 +429,10 @@ fn sse_data(v: Value) -> Result<SseEvent, Infallible> {
 /// message's record), `delta` (text), then `done` or `error`.
 pub async fn send_message(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<Send>,
 ) -> AppResult<Response> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let b: Send = parse_body(body, st.config.max_body)?;
     let conv = st
         .db
         .conversation(&s.user.id, &id)
@@ -480,6 +440,7 @@ pub async fn send_message(
         .ok_or_else(not_found)?;
     let caller = web_caller(&st, &s).await?;
     let sched = scheduler_for(&st, &caller, &conv.model).await?;
+    let mut request = st.gw.admit(&caller, Endpoint::Web, &conv.model)?;
     let mut messages = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
     let mut user_msg: Option<Message> = None;
     let answer_to = match (&b.content, &b.parent_id) {
@@ -565,9 +526,8 @@ pub async fn send_message(
         }
     }
     let mut generation = None;
-    let mut reservation = None;
     if declined.is_none() {
-        let prompt = crate::api::chat_prompt(&sched, &turns, None)?;
+        let prompt = crate::api::chat_prompt(&sched, turns, None).await?;
         let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
             .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
         let asked = conv
@@ -588,16 +548,12 @@ pub async fn send_message(
             // Answers from sources are read off them, not invented.
             params.sampler.temperature = 0.0;
         }
-        reservation = Some(reserve(&st, &caller, prompt.len() + max_new).await?);
+        request.reserve(prompt.len() + max_new).await?;
         generation = Some((prompt, params));
     }
-    let release = |r: &mut Option<hanlin_accounts::limits::Reservation>| {
-        if let Some(r) = r.take() {
-            st.limiter.settle(r, 0);
-        }
-    };
     // Now store: the user's message (if new) and the reply being written.
     let parent_of_reply = if b.content.is_some() {
+        // (A failure here drops `request`, which frees its reservation.)
         let m = st
             .db
             .add_message(
@@ -610,14 +566,7 @@ pub async fn send_message(
                 None,
             )
             .await
-            .map_err(account_error);
-        let m = match m {
-            Ok(m) => m,
-            Err(e) => {
-                release(&mut reservation);
-                return Err(e);
-            }
-        };
+            .map_err(account_error)?;
         let id = m.id.clone();
         user_msg = Some(m);
         id
@@ -625,7 +574,7 @@ pub async fn send_message(
         answer_to.clone()
     };
     let first_turn = b.content.is_some() && b.parent_id.is_none();
-    let reply = match st
+    let reply = st
         .db
         .add_message(
             &s.user.id,
@@ -641,13 +590,7 @@ pub async fn send_message(
             Some(&conv.model),
         )
         .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            release(&mut reservation);
-            return Err(account_error(e));
-        }
-    };
+        .map_err(account_error)?;
     if first_turn && (conv.title == "New chat" || conv.title.is_empty()) {
         if let Some(u) = &user_msg {
             let patch = ConversationPatch {
@@ -658,41 +601,31 @@ pub async fn send_message(
         }
     }
     let (out_tx, out_rx) = mpsc::channel::<Value>(64);
-    match (generation, reservation.take()) {
-        (Some((prompt, params)), Some(reservation)) => {
-            let (tx, rx) = mpsc::unbounded_channel::<Event>();
-            let job = Job {
-                prompt,
-                params,
-                priority: caller.plan.priority as i32,
-                embed: false,
-                constraint: None,
-                sink: Box::new(move |e| tx.send(e).is_ok()),
-            };
-            if let Err(e) = sched.submit(job) {
-                st.limiter.settle(reservation, 0);
+    match generation {
+        Some((prompt, params)) => {
+            let mut request = request.with_id(format!("web-{}", reply.id));
+            if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
                 let _ = st.db.update_message(&id, &reply.id, "", "error").await;
-                return Err(crate::api::submit_error(e));
+                return Err(e.into());
             }
             let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
             let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
             tokio::spawn(drive_reply(
                 st.clone(),
                 Reply {
-                    caller,
-                    model: conv.model.clone(),
                     conv_id: id,
                     reply_id: reply.id.clone(),
                     grounding,
                 },
-                rx,
+                request,
                 out_tx,
-                reservation,
             ));
         }
-        _ => {
+        None => {
             // Declined (nothing in the knowledge bases covers the question):
-            // the reply is already complete.
+            // the reply is already complete. The request is recorded.
+            request.record(Default::default());
+            request.finish().await;
             let sources = json!([]);
             let _ = st.db.set_message_sources(&id, &reply.id, &sources).await;
             let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
@@ -711,8 +644,6 @@ pub async fn send_message(
 
 /// The reply a [`drive_reply`] writes.
 struct Reply {
-    caller: Caller,
-    model: String,
     conv_id: String,
     reply_id: String,
     /// Search mode: the question and the passages the prompt numbered;
@@ -720,70 +651,35 @@ struct Reply {
     grounding: Option<(String, Vec<hanlin_search::Passage>)>,
 }
 
-/// Turn the scheduler's events into `delta`s for the page, keep the
-/// database's copy of the reply current, and meter the request.
+/// Turn the request's events into `delta`s for the page, keep the
+/// database's copy of the reply current; the request meters itself.
 async fn drive_reply(
     st: Arc<AppState>,
     reply: Reply,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut request: Request,
     out: mpsc::Sender<Value>,
-    reservation: hanlin_accounts::limits::Reservation,
 ) {
     let Reply {
-        caller,
-        model,
         conv_id,
         reply_id,
         grounding,
     } = reply;
     let mut text = String::new();
-    let mut counts = [0usize; 3];
-    let mut admitted = false;
-    let mut writer: Option<UsageWriter> = None;
     let mut status = "incomplete";
     let mut error: Option<String> = None;
     let mut saved = Instant::now();
     let mut saved_len = 0usize;
-    let started = Instant::now();
     loop {
-        let ev = tokio::select! {
-            ev = rx.recv() => match ev {
+        let (_, ev) = tokio::select! {
+            ev = request.next() => match ev {
                 Some(ev) => ev,
                 None => break,
             },
             _ = out.closed() => break,
         };
         match ev {
-            Event::Started {
-                prompt_tokens,
-                cached_tokens,
-            } => {
-                if !admitted {
-                    admitted = true;
-                    counts = [prompt_tokens, cached_tokens, 0];
-                    let mut w = UsageWriter::start(
-                        &st,
-                        &caller,
-                        &format!("web-{reply_id}"),
-                        &model,
-                        hanlin_accounts::now(),
-                    );
-                    w.write(counts);
-                    writer = Some(w);
-                    st.metrics
-                        .ttft
-                        .with_label_values(&[model.as_str()])
-                        .observe(started.elapsed().as_secs_f64());
-                }
-            }
-            Event::Token {
-                text: t, tokens, ..
-            } => {
-                counts[2] += tokens;
+            Event::Token { text: t, .. } => {
                 text.push_str(&t);
-                if let Some(w) = writer.as_mut().filter(|w| w.due()) {
-                    w.write(counts);
-                }
                 if !t.is_empty() && out.send(json!({"type": "delta", "text": t})).await.is_err() {
                     break;
                 }
@@ -799,12 +695,7 @@ async fn drive_reply(
                     saved_len = text.len();
                 }
             }
-            Event::Done {
-                completion_tokens,
-                finish,
-                ..
-            } => {
-                counts[2] = completion_tokens;
+            Event::Done { finish, .. } => {
                 status = if finish == hanlin_engine::FinishReason::Cancelled {
                     "incomplete"
                 } else {
@@ -817,10 +708,15 @@ async fn drive_reply(
                 error = Some(msg);
                 break;
             }
-            Event::Embedding(_) | Event::Queued { .. } | Event::Prefill { .. } => {}
+            Event::Started { .. }
+            | Event::Embedding(_)
+            | Event::Queued { .. }
+            | Event::Prefill { .. } => {}
         }
     }
-    drop(rx);
+    // Free the sequence now if it still runs (the client left), and settle
+    // the usage while the reply is saved.
+    let settled = tokio::spawn(request.finish());
     // Search mode: unsupported citations go, supported sentences get theirs.
     let mut sources = None;
     if let Some((question, passages)) = grounding.filter(|_| status != "error") {
@@ -859,26 +755,16 @@ async fn drive_reply(
         })
         .await;
     drop(out);
-    st.limiter.settle(
-        reservation,
-        if admitted {
-            (counts[0] + counts[2]) as i64
-        } else {
-            0
-        },
-    );
-    if let Some(w) = writer {
-        crate::api::meter(&st, &caller, &model, w, counts).await;
+    if let Err(e) = settled.await {
+        tracing::error!("settling reply {reply_id}: {e}");
     }
 }
 
 /// `GET /api/kb`: the knowledge bases a conversation can search.
 pub async fn knowledge_bases(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
+    _: WebRead,
 ) -> AppResult<Json<Value>> {
-    session(&st, &jar, &headers, false).await?;
     Ok(Json(
         json!({"object": "list", "data": crate::search::kb_list(&st).await?}),
     ))
@@ -893,12 +779,10 @@ pub struct ExportQuery {
 
 pub async fn export_conversation(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<ExportQuery>,
+    WebRead(s): WebRead,
 ) -> AppResult<Response> {
-    let s = session(&st, &jar, &headers, false).await?;
     let c = st
         .db
         .conversation(&s.user.id, &id)
@@ -1095,12 +979,9 @@ pub fn parse_chatgpt_export(v: &Value) -> Result<Vec<ImportConversation>, String
 
 pub async fn import(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(v): JsonBody<Value>,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let v: Value = parse_body(body, MAX_IMPORT_BYTES)?;
     let convs = parse_chatgpt_export(&v).map_err(|e| {
         ApiError::bad_request(format!(
             "This is not a ChatGPT export we can read: {e}. Nothing was imported."
@@ -1124,28 +1005,23 @@ pub async fn import(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PersonaBody {
+pub struct PersonaBody {
     name: String,
     prompt: String,
 }
 
 pub async fn personas(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     Ok(Json(json!({"data": st.db.personas(&s.user.id).await?})))
 }
 
 pub async fn create_persona(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<PersonaBody>,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let b: PersonaBody = parse_body(body, st.config.max_body)?;
     let p = st
         .db
         .put_persona(&s.user.id, None, &b.name, &b.prompt)
@@ -1156,13 +1032,10 @@ pub async fn create_persona(
 
 pub async fn put_persona(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<PersonaBody>,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let b: PersonaBody = parse_body(body, st.config.max_body)?;
     let p = st
         .db
         .put_persona(&s.user.id, Some(&id), &b.name, &b.prompt)
@@ -1174,11 +1047,9 @@ pub async fn put_persona(
 
 pub async fn delete_persona(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    WebWrite(s): WebWrite,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
     if !st.db.delete_persona(&s.user.id, &id).await? {
         return Err(ApiError::not_found("No such persona."));
     }
@@ -1187,28 +1058,23 @@ pub async fn delete_persona(
 
 pub async fn my_keys(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     Ok(Json(json!({"data": st.db.keys(Some(&s.user.id)).await?})))
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct KeyBody {
+pub struct KeyBody {
     name: Option<String>,
     expires_in_days: Option<i64>,
 }
 
 pub async fn create_my_key(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<KeyBody>,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
-    let b: KeyBody = parse_body(body, st.config.max_body)?;
     if b.expires_in_days.is_some_and(|d| d <= 0 || d > 36_500) {
         return Err(
             ApiError::bad_request("expires_in_days is 1 to 36500.").param("expires_in_days")
@@ -1227,11 +1093,9 @@ pub async fn create_my_key(
 
 pub async fn revoke_my_key(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    WebWrite(s): WebWrite,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, true).await?;
     match st.db.key(&id).await? {
         Some(k) if k.user_id == s.user.id => {
             st.db.revoke_key(&id).await.map_err(account_error)?;
@@ -1243,10 +1107,8 @@ pub async fn revoke_my_key(
 
 pub async fn my_usage(
     State(st): State<Arc<AppState>>,
-    jar: CookieJar,
-    headers: HeaderMap,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let s = session(&st, &jar, &headers, false).await?;
     let plan = st.db.plan(&s.user.plan).await?;
     let rows = st.db.usage(Some(&s.user.name), None).await?;
     let today = hanlin_accounts::day_of(hanlin_accounts::now());

@@ -1,4 +1,6 @@
-//! Prometheus metrics (`GET /metrics`).
+//! Prometheus metrics (`GET /metrics`). One set of names for every
+//! consumer of the generation path: what a request measures depends on its
+//! kind ([`crate::Endpoint::streams`]), not on which handler served it.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -9,6 +11,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub ttft: HistogramVec,
     pub inter_token: HistogramVec,
+    pub duration: HistogramVec,
     pub tokens: IntCounterVec,
     pub queue_depth: IntGaugeVec,
     pub active: IntGaugeVec,
@@ -43,6 +46,14 @@ impl Metrics {
             .buckets(buckets()),
             &["model"],
         )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from a request's arrival to its end, by endpoint and model",
+            )
+            .buckets(buckets()),
+            &["endpoint", "model"],
+        )?;
         let tokens = IntCounterVec::new(
             Opts::new(
                 "tokens_total",
@@ -67,6 +78,7 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ttft.clone()),
             Box::new(inter_token.clone()),
+            Box::new(duration.clone()),
             Box::new(tokens.clone()),
             Box::new(queue_depth.clone()),
             Box::new(active.clone()),
@@ -81,6 +93,7 @@ impl Metrics {
             requests,
             ttft,
             inter_token,
+            duration,
             tokens,
             queue_depth,
             active,

@@ -83,6 +83,21 @@ pub enum FeedCmd {
     },
 }
 
+/// Which hosts feeds may be fetched from: public addresses, and those in
+/// `$HANLIN_FEED_ALLOW` (comma-separated host names or IP addresses; the
+/// same setting as `hanlin serve --feed-allow`).
+pub fn feed_policy() -> feed::FetchPolicy {
+    feed::FetchPolicy::allowing(
+        std::env::var("HANLIN_FEED_ALLOW")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>(),
+    )
+}
+
 /// Where knowledge bases live: `$HANLIN_KB_DIR`, else `kb/` in the store.
 pub fn root(store: &Store) -> PathBuf {
     std::env::var_os("HANLIN_KB_DIR")
@@ -333,6 +348,7 @@ fn poll(store: &Store, threads: usize, only: Option<&str>, force: bool) -> Resul
         hanlin_accounts::now(),
         force,
         Duration::from_secs(30),
+        &feed_policy(),
         |name, docs| {
             let mut kb = KnowledgeBase::open(&kb_dir(&root, name)?)?;
             let embedder = embedder_of(&kb, &emb)

@@ -185,6 +185,10 @@ struct ServeArgs {
     /// Largest request body in KiB (beyond: 413)
     #[arg(long, env = "HANLIN_MAX_BODY_KB", default_value_t = 2048)]
     max_body_kb: usize,
+    /// Hosts or IP addresses feeds may be fetched from although they are not
+    /// public (loopback, private, link-local), comma-separated
+    #[arg(long, env = "HANLIN_FEED_ALLOW", value_delimiter = ',')]
+    feed_allow: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -559,6 +563,7 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
             ..Default::default()
         },
         kb_dir: kb::root(store),
+        feed_allow: a.feed_allow.clone(),
     };
     let store = Store::open(store.home()).context("opening the model store")?;
     runtime()?.block_on(async move {

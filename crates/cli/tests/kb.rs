@@ -12,6 +12,8 @@ fn hanlin(kb_dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hanlin"))
         .args(args)
         .env("HANLIN_KB_DIR", kb_dir)
+        // The test feeds are served on loopback.
+        .env("HANLIN_FEED_ALLOW", "127.0.0.1")
         .output()
         .expect("run hanlin")
 }

@@ -236,9 +236,18 @@ pub fn parse_date(s: &str) -> Option<i64> {
         .map(|d| d.midnight().assume_utc().unix_timestamp())
 }
 
+/// Deeper than this (as [`nesting_depth`] counts), a page is not parsed as
+/// a tree: the HTML parser's cost grows with the square of the depth (200,000
+/// nested `<div>`s took minutes), and no real page nests this deep.
+pub const MAX_HTML_DEPTH: usize = 1024;
+
 /// The title and visible text of an HTML page (scripts and styles dropped,
-/// block elements on their own lines).
+/// block elements on their own lines). A page nested deeper than
+/// [`MAX_HTML_DEPTH`] gets its text by stripping the tags instead.
 pub fn html_text(html: &str) -> (Option<String>, String) {
+    if nesting_depth(html) > MAX_HTML_DEPTH {
+        return (None, strip_tags(html));
+    }
     let doc = scraper::Html::parse_document(html);
     let title = scraper::Selector::parse("title")
         .ok()
@@ -255,8 +264,96 @@ pub fn html_text(html: &str) -> (Option<String>, String) {
     (title, out.trim().to_string())
 }
 
+/// Elements that have no end tag, or whose end tag pages often leave out
+/// (the parser closes them itself): they do not deepen the count.
+const UNNESTED: &[&str] = &[
+    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track",
+    "wbr", "p", "li", "dt", "dd", "tr", "td", "th", "option", "!doctype",
+];
+
+/// The deepest element nesting of `html`, counted in one pass over its tags
+/// (start tags deepen, end tags return; void and self-closing elements and
+/// those in [`UNNESTED`] do not count).
+pub fn nesting_depth(html: &str) -> usize {
+    let b = html.as_bytes();
+    let (mut depth, mut max, mut i) = (0usize, 0usize, 0usize);
+    while let Some(off) = b[i..].iter().position(|&c| c == b'<') {
+        i += off + 1;
+        let end = b[i..]
+            .iter()
+            .position(|&c| c == b'>')
+            .map_or(b.len(), |e| i + e);
+        let tag = &html[i..end];
+        i = end;
+        if let Some(name) = tag.strip_prefix('/') {
+            if !UNNESTED.iter().any(|u| name.trim().eq_ignore_ascii_case(u)) {
+                depth = depth.saturating_sub(1);
+            }
+            continue;
+        }
+        let name = tag
+            .split(|c: char| c.is_ascii_whitespace() || c == '/')
+            .next()
+            .unwrap_or("");
+        let opens = name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && !tag.ends_with('/')
+            && !UNNESTED.iter().any(|u| name.eq_ignore_ascii_case(u));
+        if opens {
+            depth += 1;
+            max = max.max(depth);
+        }
+    }
+    max
+}
+
+/// Text with every `<…>` removed and whitespace runs collapsed (linear
+/// time, for pages too deep to parse).
+fn strip_tags(html: &str) -> String {
+    let mut out = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                if !out.ends_with(' ') {
+                    out.push(' ');
+                }
+            }
+            c if !in_tag => {
+                if c.is_whitespace() {
+                    if !out.ends_with(' ') {
+                        out.push(' ');
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            _ => {}
+        }
+    }
+    out.trim().to_string()
+}
+
+/// The visible text under `node`, walked with an explicit stack: untrusted
+/// markup can nest as deep as it likes without growing the thread's stack.
 fn walk_html(node: ego_tree::NodeRef<'_, scraper::Node>, out: &mut String) {
-    for child in node.children() {
+    enum Step<'a> {
+        Enter(ego_tree::NodeRef<'a, scraper::Node>),
+        /// An element's children are done: end its line if it is a block.
+        Leave(bool),
+    }
+    let mut stack: Vec<Step<'_>> = node.children().rev().map(Step::Enter).collect();
+    while let Some(step) = stack.pop() {
+        let child = match step {
+            Step::Leave(block) => {
+                if block && !out.ends_with('\n') {
+                    out.push('\n');
+                }
+                continue;
+            }
+            Step::Enter(child) => child,
+        };
         match child.value() {
             scraper::Node::Text(t) => {
                 let t = t.trim();
@@ -294,10 +391,8 @@ fn walk_html(node: ego_tree::NodeRef<'_, scraper::Node>, out: &mut String) {
                         | "pre"
                         | "blockquote"
                 );
-                walk_html(child, out);
-                if block && !out.ends_with('\n') {
-                    out.push('\n');
-                }
+                stack.push(Step::Leave(block));
+                stack.extend(child.children().rev().map(Step::Enter));
             }
             _ => {}
         }
@@ -400,6 +495,37 @@ mod tests {
             .as_bytes(),
         );
         out
+    }
+
+    #[test]
+    fn deeply_nested_html_does_not_overflow_the_stack() {
+        // Nested elements on a 64 KiB stack: the walk used to recurse once
+        // per level and abort the whole process (200,000 levels on the
+        // server's 2 MiB blocking threads). Just under the parsing limit the
+        // tree is walked; far over it, the tags are stripped (in linear
+        // time: parsing 200,000 levels took minutes).
+        for depth in [MAX_HTML_DEPTH - 2, 200_000] {
+            let html = format!(
+                "<html><body><p>top</p>{}深处{}",
+                "<div>".repeat(depth),
+                "</div>".repeat(depth)
+            );
+            let started = std::time::Instant::now();
+            let (_, text) = std::thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || html_text(&html))
+                .expect("thread")
+                .join()
+                .expect("no stack overflow");
+            assert!(text.starts_with("top"), "{}", &text[..20.min(text.len())]);
+            assert!(text.contains("深处"));
+            assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        }
+        assert_eq!(
+            nesting_depth("<p>a<p>b<br><img src=x/><div><b>c</b></div>"),
+            2
+        );
+        assert_eq!(nesting_depth(&"<span>".repeat(5000)), 5000);
     }
 
     #[test]

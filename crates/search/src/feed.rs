@@ -20,7 +20,7 @@ use std::time::Duration;
 /// Feed bodies larger than this are refused.
 pub const MAX_FEED_BYTES: u64 = 16 << 20;
 /// The shortest poll interval accepted.
-pub const MIN_EVERY_SECS: u64 = 1;
+pub const MIN_EVERY_SECS: u64 = 60;
 /// Back-off never waits longer than this between tries.
 pub const MAX_RETRY_SECS: u64 = 6 * 3600;
 
@@ -172,14 +172,113 @@ pub enum Fetched {
     },
 }
 
+/// Which hosts a feed may be fetched from. Addresses that are not public
+/// (loopback, private, link-local — cloud metadata at 169.254.169.254 among
+/// them —, carrier-grade NAT, unique-local, multicast, unspecified) are
+/// refused unless allow-listed, by host name or by address. The check is
+/// made on the addresses the host name resolves to, by the resolver the
+/// connection uses, so it holds for every redirect and cannot be dodged by
+/// a name that resolves differently the second time.
+#[derive(Debug, Clone, Default)]
+pub struct FetchPolicy {
+    /// Host names or IP addresses allowed even when they are not public.
+    pub allow: Vec<String>,
+}
+
+impl FetchPolicy {
+    pub fn allowing<S: Into<String>>(hosts: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            allow: hosts.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    fn allows_host(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.allow.iter().any(|a| a.eq_ignore_ascii_case(host))
+    }
+
+    fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
+        is_public(ip)
+            || self
+                .allow
+                .iter()
+                .any(|a| a.parse::<std::net::IpAddr>().is_ok_and(|x| x == ip))
+    }
+}
+
+/// Whether `ip` is an address on the public internet.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+                // NAT64 and IPv4-compatible forms of private IPv4 addresses.
+                || (seg[0] == 0x64 && seg[1] == 0xff9b)
+                || seg[..6].iter().all(|&s| s == 0))
+        }
+    }
+}
+
+/// Resolves host names for feed fetches, keeping only the addresses the
+/// policy allows.
+struct CheckedResolver(FetchPolicy);
+
+impl ureq::Resolver for CheckedResolver {
+    fn resolve(&self, netloc: &str) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        let host = netloc.rsplit_once(':').map_or(netloc, |(h, _)| h);
+        let addrs: Vec<_> = netloc.to_socket_addrs()?.collect();
+        if self.0.allows_host(host) {
+            return Ok(addrs);
+        }
+        let allowed: Vec<_> = addrs
+            .iter()
+            .copied()
+            .filter(|a| self.0.allows_ip(a.ip()))
+            .collect();
+        if allowed.is_empty() && !addrs.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{host} is not a public address (an admin can allow it in the feed allow-list)"
+                ),
+            ));
+        }
+        Ok(allowed)
+    }
+}
+
 /// GET a feed (conditional on the validators from the last poll), with a
-/// timeout and a size limit.
-pub fn fetch(feed: &Feed, timeout: Duration) -> Result<Fetched, FeedError> {
+/// timeout and a size limit, from hosts `policy` allows.
+pub fn fetch(feed: &Feed, timeout: Duration, policy: &FetchPolicy) -> Result<Fetched, FeedError> {
     let err = |reason: String| FeedError::Fetch {
         url: feed.url.clone(),
         reason,
     };
     let agent = ureq::AgentBuilder::new()
+        .resolver(CheckedResolver(policy.clone()))
+        .redirects(5)
         .timeout(timeout)
         .user_agent(concat!("hanlin/", env!("CARGO_PKG_VERSION")))
         .build();
@@ -282,6 +381,7 @@ pub fn poll_due(
     now: i64,
     force: bool,
     timeout: Duration,
+    policy: &FetchPolicy,
     mut add: impl FnMut(&str, Vec<Document>) -> Result<AddReport, SearchError>,
 ) -> Vec<PollOutcome> {
     let mut out = Vec::new();
@@ -301,13 +401,24 @@ pub fn poll_due(
             }
         };
         for feed in due {
-            let result = fetch(&feed, timeout).and_then(|f| match f {
+            let result = fetch(&feed, timeout, policy).and_then(|f| match f {
                 Fetched::NotModified => Ok((0, None)),
                 Fetched::Body {
                     bytes,
                     etag,
                     last_modified,
                 } => {
+                    // Recorded as failed before the untrusted bytes are
+                    // parsed: should parsing ever take the process down, the
+                    // feed backs off instead of crashing it again at once
+                    // after every restart.
+                    let crashed = Err(FeedError::Parse {
+                        url: feed.url.clone(),
+                        reason: "the server stopped while parsing it".into(),
+                    });
+                    if let Err(e) = record(&dir, &feed.url, now, feed.failures, crashed) {
+                        tracing::warn!("{kb}: saving feeds.json: {e}");
+                    }
                     let docs = parse(&bytes, &feed.url)?;
                     let r = add(&kb, docs).map_err(|e| FeedError::Fetch {
                         url: feed.url.clone(),
@@ -329,7 +440,7 @@ pub fn poll_due(
                 }
                 None => {}
             }
-            if let Err(e) = record(&dir, &feed.url, now, result) {
+            if let Err(e) = record(&dir, &feed.url, now, feed.failures, result) {
                 tracing::warn!("{kb}: saving feeds.json: {e}");
             }
             out.push(outcome);
@@ -340,8 +451,15 @@ pub fn poll_due(
 
 type PollResult = Result<(usize, Option<(Option<String>, Option<String>)>), FeedError>;
 
-/// Store the result of polling `url` in the feeds file.
-fn record(dir: &Path, url: &str, now: i64, result: PollResult) -> Result<(), SearchError> {
+/// Store the result of polling `url` (which had failed `failures` times in
+/// a row before this poll) in the feeds file.
+fn record(
+    dir: &Path,
+    url: &str,
+    now: i64,
+    failures: u32,
+    result: PollResult,
+) -> Result<(), SearchError> {
     let mut feeds = load(dir)?;
     let Some(f) = feeds.iter_mut().find(|f| f.url == url) else {
         return Ok(()); // removed while it was being polled
@@ -360,7 +478,7 @@ fn record(dir: &Path, url: &str, now: i64, result: PollResult) -> Result<(), Sea
             }
         }
         Err(e) => {
-            f.failures += 1;
+            f.failures = failures + 1;
             f.last_error = Some(e.to_string());
             f.next_at = now + retry_delay(f.failures, f.every) as i64;
         }
@@ -415,6 +533,34 @@ mod tests {
             let e = parse(bad.as_bytes(), "http://x.test/f").unwrap_err();
             assert!(matches!(e, FeedError::Parse { .. }), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(a.parse().unwrap()), "{a}");
+        }
+        for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(a.parse().unwrap()), "{a}");
+        }
+        let p = FetchPolicy::allowing(["10.0.0.5", "intranet.test"]);
+        assert!(p.allows_ip("10.0.0.5".parse().unwrap()));
+        assert!(!p.allows_ip("10.0.0.6".parse().unwrap()));
+        assert!(p.allows_host("intranet.test"));
     }
 
     #[test]

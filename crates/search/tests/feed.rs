@@ -3,7 +3,7 @@
 //! nothing, and a feed that is down or returns garbage is reported and
 //! retried with back-off while the documents already stored stay.
 
-use hanlin_search::feed::{self, Feed};
+use hanlin_search::feed::{self, Feed, FetchPolicy};
 use hanlin_search::{KnowledgeBase, Retriever};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -16,6 +16,14 @@ struct Reply {
     status: u16,
     body: String,
     etag: Option<&'static str>,
+    /// Sent as `Location` (with a 302 status, a redirect).
+    location: Option<String>,
+}
+
+/// The test servers are on loopback, which feeds may reach only when
+/// allow-listed.
+fn loopback() -> FetchPolicy {
+    FetchPolicy::allowing(["127.0.0.1"])
 }
 
 fn serve(reply: Arc<Mutex<Reply>>) -> String {
@@ -48,6 +56,9 @@ fn serve(reply: Arc<Mutex<Reply>>) -> String {
             if let Some(e) = &etag {
                 head.push_str(&format!("ETag: {e}\r\n"));
             }
+            if let Some(l) = &rep.location {
+                head.push_str(&format!("Location: {l}\r\n"));
+            }
             let _ = s.write_all(format!("{head}\r\n{body}").as_bytes());
         }
     });
@@ -78,6 +89,7 @@ fn feeds_are_polled_deduplicated_and_retried() {
             "Mon, 23 Nov 2026 09:00:00 +0000",
         )]),
         etag: None,
+        location: None,
     }));
     let url = serve(reply.clone());
     feed::add(&dir, Feed::new(&url, 60, 1000).unwrap()).unwrap();
@@ -89,6 +101,7 @@ fn feeds_are_polled_deduplicated_and_retried() {
             now,
             force,
             Duration::from_secs(5),
+            &loopback(),
             |name, docs| {
                 assert_eq!(name, "news");
                 kb.lock().unwrap().add(docs, |_| {})
@@ -201,8 +214,116 @@ fn an_unreachable_feed_is_an_error_not_a_hang() {
         0,
         false,
         Duration::from_secs(5),
+        &loopback(),
         |_, _| unreachable!("nothing to add"),
     );
     assert!(r[0].error.as_deref().unwrap().contains("fetching"), "{r:?}");
     assert_eq!(feed::load(&dir).unwrap()[0].failures, 1);
+}
+
+fn one_item() -> String {
+    rss(&[(
+        "港珠澳大桥",
+        "港珠澳大桥全长55公里，连接香港、珠海和澳门。",
+        "Mon, 23 Nov 2026 09:00:00 +0000",
+    )])
+}
+
+#[test]
+fn private_addresses_are_refused_unless_allowed_even_after_a_redirect() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("kb");
+    KnowledgeBase::create(&dir).unwrap();
+    let target = serve(Arc::new(Mutex::new(Reply {
+        status: 200,
+        body: one_item(),
+        etag: None,
+        location: None,
+    })));
+    feed::add(&dir, Feed::new(&target, 600, 0).unwrap()).unwrap();
+    let poll = |now: i64, policy: &FetchPolicy| {
+        feed::poll_due(
+            root.path(),
+            None,
+            now,
+            true,
+            Duration::from_secs(5),
+            policy,
+            |_, docs| Ok(KnowledgeBase::open(&dir)?.add(docs, |_| {})?),
+        )
+    };
+    // Loopback is not a public address: refused, and nothing was fetched.
+    let r = poll(0, &FetchPolicy::default());
+    let e = r[0].error.as_deref().unwrap();
+    assert!(e.contains("not a public address"), "{e}");
+    // Allow-listed, it is fetched.
+    let r = poll(1, &loopback());
+    assert_eq!((r[0].added, r[0].error.as_deref()), (1, None), "{r:?}");
+    // A feed on an allowed name that redirects to an address that is not
+    // allowed: the redirect is checked like the first request.
+    assert!(feed::remove(&dir, &target).unwrap());
+    let hop = serve(Arc::new(Mutex::new(Reply {
+        status: 302,
+        body: String::new(),
+        etag: None,
+        location: Some(target.clone()),
+    })));
+    let hop = hop.replace("127.0.0.1", "localhost");
+    feed::add(&dir, Feed::new(&hop, 600, 0).unwrap()).unwrap();
+    let r = poll(2, &FetchPolicy::allowing(["localhost"]));
+    let e = r[0].error.as_deref().unwrap_or("");
+    assert!(e.contains("not a public address"), "{r:?}");
+    // With the target allowed too, the redirect is followed.
+    let r = poll(3, &FetchPolicy::allowing(["localhost", "127.0.0.1"]));
+    assert_eq!(r[0].error, None, "{r:?}");
+}
+
+#[test]
+fn a_feed_is_recorded_as_failed_before_its_bytes_are_processed() {
+    // Whatever happens while a fetched feed is parsed and stored — here a
+    // panic standing in for a crash —, its state on disk already says it
+    // failed and when to retry, so a restarted server does not fall into
+    // the same input at once.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("kb");
+    KnowledgeBase::create(&dir).unwrap();
+    let url = serve(Arc::new(Mutex::new(Reply {
+        status: 200,
+        body: one_item(),
+        etag: None,
+        location: None,
+    })));
+    feed::add(&dir, Feed::new(&url, 600, 0).unwrap()).unwrap();
+    let crashed = std::panic::catch_unwind(|| {
+        feed::poll_due(
+            root.path(),
+            None,
+            100,
+            false,
+            Duration::from_secs(5),
+            &loopback(),
+            |_, _| panic!("the process dies here"),
+        )
+    });
+    assert!(crashed.is_err());
+    let f = &feed::load(&dir).unwrap()[0];
+    assert_eq!(f.failures, 1);
+    assert!(f.next_at > 100, "backs off: {f:?}");
+    assert!(f
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("stopped while parsing"));
+    // The next real poll records its own outcome, counting from there.
+    let r = feed::poll_due(
+        root.path(),
+        None,
+        f.next_at,
+        false,
+        Duration::from_secs(5),
+        &loopback(),
+        |_, docs| Ok(KnowledgeBase::open(&dir)?.add(docs, |_| {})?),
+    );
+    assert_eq!(r[0].error, None);
+    assert_eq!(feed::load(&dir).unwrap()[0].failures, 0);
 }

@@ -50,6 +50,8 @@ pub struct Config {
     pub sched: SchedulerConfig,
     /// Where knowledge bases live (`hanlin kb` uses the same directory).
     pub kb_dir: std::path::PathBuf,
+    /// Hosts feeds may be fetched from although not public.
+    pub feed_allow: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -399,8 +399,10 @@ pub async fn upload_file(
     ))
 }
 
-/// Every knowledge base with its document count and its feeds' state.
-pub(crate) async fn kb_list(st: &Arc<AppState>) -> AppResult<Vec<Value>> {
+/// Every knowledge base with its document count and, for admins, its
+/// feeds' state (feed URLs and their errors — "connection refused" on an
+/// internal address — are not for every user to read).
+pub(crate) async fn kb_list(st: &Arc<AppState>, admin: bool) -> AppResult<Vec<Value>> {
     let st2 = st.clone();
     blocking(move || {
         let root = &st2.kbs.root;
@@ -417,17 +419,27 @@ pub(crate) async fn kb_list(st: &Arc<AppState>) -> AppResult<Vec<Value>> {
                 }
                 Err(_) => (None, None, 0),
             };
-            let feeds = feed::load(&root.join(&name)).unwrap_or_default();
-            out.push(json!({"object": "knowledge_base", "name": name, "documents": documents, "usable": documents.is_some(), "embedder": embedder, "vectors": vectors, "feeds": feeds}));
+            let mut v = json!({"object": "knowledge_base", "name": name, "documents": documents, "usable": documents.is_some(), "embedder": embedder, "vectors": vectors});
+            if admin {
+                v["feeds"] = json!(feed::load(&root.join(&name)).unwrap_or_default());
+            }
+            out.push(v);
         }
         Ok(out)
     })
     .await
 }
 
-/// `GET /v1/kb`: every knowledge base with its document count and feeds.
-pub async fn list_kbs(State(st): State<Arc<AppState>>, _: ApiCaller) -> AppResult<Json<Value>> {
-    Ok(Json(json!({"object": "list", "data": kb_list(&st).await?})))
+/// `GET /v1/kb`: every knowledge base with its document count (and, for
+/// admins, its feeds).
+pub async fn list_kbs(
+    State(st): State<Arc<AppState>>,
+    ApiCaller(caller): ApiCaller,
+) -> AppResult<Json<Value>> {
+    let admin = caller.user.role == hanlin_accounts::Role::Admin;
+    Ok(Json(
+        json!({"object": "list", "data": kb_list(&st, admin).await?}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -467,6 +479,7 @@ pub async fn poll_feeds(st: Arc<AppState>, tick: std::time::Duration) {
                 hanlin_accounts::now(),
                 false,
                 std::time::Duration::from_secs(30),
+                &feed::FetchPolicy::allowing(st2.config.feed_allow.clone()),
                 |name, docs| {
                     st2.kbs
                         .add(name, docs, &st2.embedders)

@@ -763,10 +763,11 @@ async fn drive_reply(
 /// `GET /api/kb`: the knowledge bases a conversation can search.
 pub async fn knowledge_bases(
     State(st): State<Arc<AppState>>,
-    _: WebRead,
+    WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
+    let admin = s.user.role == Role::Admin;
     Ok(Json(
-        json!({"object": "list", "data": crate::search::kb_list(&st).await?}),
+        json!({"object": "list", "data": crate::search::kb_list(&st, admin).await?}),
     ))
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{start, QWEN};
+use common::{start, start_with, QWEN};
 use serde_json::{json, Value};
 
 async fn call(
@@ -197,7 +197,7 @@ async fn push_search_and_ask() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feeds_are_polled_in_the_background() {
     use reqwest::Method as M;
-    let s = start().await;
+    let s = start_with(|c| c.feed_allow = vec!["127.0.0.1".into()]).await;
     let base = &s.base;
     let admin = &s.admin_key;
     let user = s.user_key("feeder", "free").await;

@@ -527,7 +527,7 @@ async function renderKbDialog() {
   table($("#kb-table"), [t("useHere"), t("name"), t("documents"), t("feeds")], list.map((k) => {
     const box = el("input", { type: "checkbox", class: "kb-use", "data-name": k.name, "aria-label": k.name, onchange: setConvKbs });
     box.checked = used.has(k.name);
-    const feeds = el("div", {}, ...k.feeds.map((f) => el("div", {
+    const feeds = el("div", {}, ...(k.feeds || []).map((f) => el("div", {
       class: "small feed" + (f.last_error ? " error" : ""),
       text: f.url + (f.last_error ? ` — ${t("feedFailing")} ×${f.failures}: ${f.last_error}` : ` (${f.items_added})`),
     })));

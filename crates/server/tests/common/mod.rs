@@ -68,6 +68,7 @@ where
             ..Default::default()
         },
         kb_dir: dir.path().join("kb"),
+        feed_allow: Vec::new(),
     };
     tweak(&mut config);
     let state = AppState::new(config, store).await.expect("server state");

@@ -43,6 +43,8 @@ pub enum AuthError {
     Expired,
     #[error("This API key has been revoked.")]
     Revoked,
+    #[error("This account is disabled.")]
+    Disabled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,7 +55,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
             Role::User => "user",
@@ -87,6 +89,39 @@ impl Plan {
     }
 }
 
+/// Whether an account may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    Active,
+    /// Registered, waiting for an admin's approval.
+    Pending,
+    Disabled,
+    /// Deleted: kept only so usage rows keep their user.
+    Deleted,
+}
+
+impl UserStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserStatus::Active => "active",
+            UserStatus::Pending => "pending",
+            UserStatus::Disabled => "disabled",
+            UserStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => UserStatus::Active,
+            "pending" => UserStatus::Pending,
+            "disabled" => UserStatus::Disabled,
+            "deleted" => UserStatus::Deleted,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct User {
     pub id: String,
@@ -94,6 +129,7 @@ pub struct User {
     pub role: Role,
     pub plan: String,
     pub created_at: i64,
+    pub status: UserStatus,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -344,15 +380,17 @@ impl Db {
     }
 
     pub async fn user_by_name(&self, name: &str) -> Result<Option<User>, AccountError> {
-        let row = sqlx::query("SELECT id, name, role, plan, created_at FROM users WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT id, name, role, plan, created_at, status FROM users WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(user_of).transpose()?)
     }
 
     pub async fn users(&self) -> Result<Vec<User>, AccountError> {
-        let rows = sqlx::query("SELECT id, name, role, plan, created_at FROM users ORDER BY name")
+        let rows = sqlx::query("SELECT id, name, role, plan, created_at, status FROM users WHERE status <> 'deleted' ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(user_of).collect::<Result<_, _>>()?)
@@ -366,11 +404,7 @@ impl Db {
         role: Role,
         plan: Option<&str>,
     ) -> Result<User, AccountError> {
-        if name.is_empty() || name.len() > 128 {
-            return Err(AccountError::Invalid(
-                "a user name is 1 to 128 characters".into(),
-            ));
-        }
+        let name = &web::normalize_name(name).map_err(|e| AccountError::Invalid(e.to_string()))?;
         if let Some(p) = plan {
             self.plan(p).await?;
         }
@@ -476,7 +510,7 @@ impl Db {
         &self,
         secret: &str,
     ) -> Result<Result<Caller, AuthError>, AccountError> {
-        let row = sqlx::query("SELECT k.id, k.user_id, k.prefix, k.name, k.models, k.expires_at, k.revoked_at, k.created_at, u.id, u.name, u.role, u.plan, u.created_at FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.hash = $1")
+        let row = sqlx::query("SELECT k.id, k.user_id, k.prefix, k.name, k.models, k.expires_at, k.revoked_at, k.created_at, u.id, u.name, u.role, u.plan, u.created_at, u.status FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.hash = $1")
             .bind(hash_key(secret))
             .fetch_optional(&self.pool)
             .await?;
@@ -496,7 +530,11 @@ impl Db {
             role: Role::parse(&row.try_get::<String, _>(10)?),
             plan: row.try_get(11)?,
             created_at: row.try_get(12)?,
+            status: status_of(&row.try_get::<String, _>(13)?),
         };
+        if user.status != UserStatus::Active {
+            return Ok(Err(AuthError::Disabled));
+        }
         let plan = self.plan(&user.plan).await?;
         Ok(Ok(Caller { user, key, plan }))
     }
@@ -580,13 +618,20 @@ fn plan_of(row: &sqlx::any::AnyRow) -> Result<Plan, AccountError> {
     })
 }
 
-fn user_of(row: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
+/// A status column; anything unknown counts as disabled.
+pub(crate) fn status_of(s: &str) -> UserStatus {
+    UserStatus::parse(s).unwrap_or(UserStatus::Disabled)
+}
+
+/// A user from the columns `id, name, role, plan, created_at, status`.
+pub(crate) fn user_of(row: &sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
     Ok(User {
         id: row.try_get(0)?,
         name: row.try_get(1)?,
         role: Role::parse(&row.try_get::<String, _>(2)?),
         plan: row.try_get(3)?,
         created_at: row.try_get(4)?,
+        status: status_of(&row.try_get::<String, _>(5)?),
     })
 }
 

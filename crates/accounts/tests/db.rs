@@ -4,7 +4,7 @@
 
 use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message};
 use hanlin_accounts::web::SignInError;
-use hanlin_accounts::{AuthError, Db, NewKey, Role, Usage, UsageRecord, FULL_PRICE};
+use hanlin_accounts::{AuthError, Db, NewKey, Role, Usage, UsageRecord, UserStatus, FULL_PRICE};
 use serde_json::json;
 
 fn msg(id: &str, parent: Option<&str>, role: &str, content: &str) -> Message {
@@ -22,30 +22,102 @@ fn msg(id: &str, parent: Option<&str>, role: &str, content: &str) -> Message {
 
 /// Browser accounts and conversations, on a database with no admin yet.
 async fn exercise_web(db: &Db) {
-    // The first account with a password becomes admin; later ones do not.
+    // The first admin is made once: a second "first admin" is refused.
+    assert!(!db.has_admin().await.expect("db"));
     let li = db
-        .register("李白", "床前明月光疑是地上霜")
+        .register_first_admin("李白", "床前明月光疑是地上霜")
         .await
         .expect("db")
         .expect("registered");
     assert_eq!(li.role, Role::Admin);
+    assert!(db.has_admin().await.expect("db"));
+    assert_eq!(
+        db.register_first_admin("王勃", "落霞与孤鹜齐飞秋水共长天一色")
+            .await
+            .expect("db")
+            .err(),
+        Some(SignInError::AdminExists)
+    );
     let du = db
-        .register("杜甫", "国破山河在城春草木深")
+        .register(
+            "杜甫",
+            "国破山河在城春草木深",
+            Role::User,
+            UserStatus::Active,
+        )
         .await
         .expect("db")
         .expect("registered");
     assert_eq!(du.role, Role::User);
     assert_eq!(
-        db.register("杜甫", "another password")
+        db.register("杜甫", "another password", Role::User, UserStatus::Active)
             .await
             .expect("db")
             .err(),
         Some(SignInError::NameTaken("杜甫".into()))
     );
     assert!(matches!(
-        db.register("王维", "short").await.expect("db"),
+        db.register("王维", "short", Role::User, UserStatus::Active)
+            .await
+            .expect("db"),
         Err(SignInError::Invalid(_))
     ));
+    // A pending account has the right password but may not sign in until
+    // approved; a disabled one no longer; a deleted one is gone, its name
+    // free again.
+    db.register(
+        "孟浩然",
+        "春眠不觉晓处处闻啼鸟",
+        Role::User,
+        UserStatus::Pending,
+    )
+    .await
+    .expect("db")
+    .expect("registered");
+    assert_eq!(
+        db.check_login("孟浩然", "春眠不觉晓处处闻啼鸟")
+            .await
+            .expect("db")
+            .err(),
+        Some(SignInError::Pending)
+    );
+    db.set_user_status("孟浩然", UserStatus::Active)
+        .await
+        .expect("approve");
+    let meng = db
+        .check_login("孟浩然", "春眠不觉晓处处闻啼鸟")
+        .await
+        .expect("db")
+        .expect("approved");
+    let (meng_secret, _) = db.create_session(&meng.id).await.expect("session");
+    let (_, meng_key) = db
+        .create_key(&meng.id, &NewKey::default())
+        .await
+        .expect("key");
+    db.set_user_status("孟浩然", UserStatus::Disabled)
+        .await
+        .expect("disable");
+    assert!(db.session(&meng_secret).await.expect("db").is_none());
+    assert_eq!(
+        db.authenticate(&meng_key).await.expect("db").err(),
+        Some(AuthError::Revoked)
+    );
+    assert_eq!(
+        db.check_login("孟浩然", "春眠不觉晓处处闻啼鸟")
+            .await
+            .expect("db")
+            .err(),
+        Some(SignInError::Disabled)
+    );
+    let gone = db.delete_user("孟浩然").await.expect("delete");
+    assert_eq!(gone.status, UserStatus::Deleted);
+    assert!(db.user_by_name("孟浩然").await.expect("db").is_none());
+    assert!(db
+        .users()
+        .await
+        .expect("db")
+        .iter()
+        .all(|u| u.id != gone.id));
     assert_eq!(
         db.check_login("李白", "wrong password")
             .await

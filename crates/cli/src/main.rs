@@ -189,6 +189,25 @@ struct ServeArgs {
     /// public (loopback, private, link-local), comma-separated
     #[arg(long, env = "HANLIN_FEED_ALLOW", value_delimiter = ',')]
     feed_allow: Vec<String>,
+    /// Who may register on the web app: open, approval (accounts wait for an
+    /// admin) or closed (default: what an admin last chose, else approval)
+    #[arg(long, env = "HANLIN_SIGNUP", value_parser = parse_signup)]
+    signup: Option<hanlin_accounts::web::SignupPolicy>,
+    /// Host names the web app answers for besides IP addresses and
+    /// localhost, comma-separated (protects against DNS rebinding)
+    #[arg(long, env = "HANLIN_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Reverse proxies whose X-Forwarded-For names the client, comma-separated
+    #[arg(long, env = "HANLIN_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<std::net::IpAddr>,
+    /// Bearer token /metrics requires (default: none; /metrics is open)
+    #[arg(long, env = "HANLIN_METRICS_TOKEN")]
+    metrics_token: Option<String>,
+}
+
+fn parse_signup(s: &str) -> Result<hanlin_accounts::web::SignupPolicy, String> {
+    hanlin_accounts::web::SignupPolicy::parse(s)
+        .ok_or_else(|| format!("{s:?}: use open, approval or closed"))
 }
 
 #[derive(Subcommand)]
@@ -262,9 +281,31 @@ enum UserCmd {
         admin: bool,
     },
     List,
+    /// Create a web-app account with a password read from standard input
+    /// (`--admin`: the server's administrator)
+    Create {
+        name: String,
+        #[arg(long)]
+        plan: Option<String>,
+        #[arg(long)]
+        admin: bool,
+    },
     /// Set a user's password for the web app (read from standard input;
-    /// creates the user if needed)
+    /// creates the user if needed); their other sessions end
     Passwd {
+        name: String,
+    },
+    /// Approve a pending account, or re-enable a disabled one
+    Approve {
+        name: String,
+    },
+    /// Disable an account (its sessions end, its keys are revoked)
+    Disable {
+        name: String,
+    },
+    /// Delete an account: keys, sessions, conversations and personas go;
+    /// its usage stays on record
+    Delete {
         name: String,
     },
 }
@@ -564,6 +605,10 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
         },
         kb_dir: kb::root(store),
         feed_allow: a.feed_allow.clone(),
+        signup: a.signup,
+        allowed_hosts: a.allowed_hosts.clone(),
+        trusted_proxies: a.trusted_proxies.clone(),
+        metrics_token: a.metrics_token.clone(),
     };
     let store = Store::open(store.home()).context("opening the model store")?;
     runtime()?.block_on(async move {
@@ -663,13 +708,59 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
             db.set_password(&name, password).await?;
             println!("password set for {name}");
         }
+        AdminCmd::User {
+            cmd: UserCmd::Create { name, plan, admin },
+        } => {
+            use std::io::BufRead;
+            let mut password = String::new();
+            std::io::stdin().lock().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            let role = if admin { Role::Admin } else { Role::User };
+            if db.user_by_name(&name).await?.is_some() {
+                anyhow::bail!("a user {name:?} exists already (use `hanlin admin user passwd`)");
+            }
+            let u = db
+                .register(&name, password, role, hanlin_accounts::UserStatus::Active)
+                .await?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(p) = plan {
+                db.ensure_user(&u.name, role, Some(&p)).await?;
+            }
+            println!("created {} ({})", u.name, role.as_str());
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Approve { name },
+        } => {
+            let u = db
+                .set_user_status(&name, hanlin_accounts::UserStatus::Active)
+                .await?;
+            println!("{} is active", u.name);
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Disable { name },
+        } => {
+            let u = db
+                .set_user_status(&name, hanlin_accounts::UserStatus::Disabled)
+                .await?;
+            println!(
+                "{} is disabled; their sessions ended and keys were revoked",
+                u.name
+            );
+        }
+        AdminCmd::User {
+            cmd: UserCmd::Delete { name },
+        } => {
+            db.delete_user(&name).await?;
+            println!("{name} deleted; their usage stays on record");
+        }
         AdminCmd::User { cmd: UserCmd::List } => {
             for u in db.users().await? {
                 println!(
-                    "{:<24} {:<6} {}",
+                    "{:<24} {:<6} {:<10} {}",
                     u.name,
-                    format!("{:?}", u.role).to_lowercase(),
-                    u.plan
+                    u.role.as_str(),
+                    u.plan,
+                    u.status.as_str()
                 );
             }
         }

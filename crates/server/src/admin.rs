@@ -3,13 +3,14 @@
 
 use crate::api::auth;
 use crate::error::ApiError;
-use crate::extract::{AdminCaller, Body};
+use crate::extract::{AdminCaller, Body, JsonBody};
 use crate::openai::parse;
 use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use hanlin_accounts::{NewKey, Plan, Role};
+use hanlin_accounts::web::SignupPolicy;
+use hanlin_accounts::{NewKey, Plan, Role, UserStatus};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -216,4 +217,89 @@ pub async fn usage(
         )
         .await?;
     Ok(Json(json!({"object": "list", "data": rows})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserPatch {
+    /// `active` (approve, re-enable) or `disabled`.
+    status: Option<UserStatus>,
+    plan: Option<String>,
+}
+
+/// `PATCH /v1/admin/users/{name}`: approve a pending account, disable or
+/// re-enable one (disabling ends its sessions and revokes its keys), or
+/// change its plan.
+pub async fn patch_user(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    _: AdminCaller,
+    JsonBody(p): JsonBody<UserPatch>,
+) -> AppResult<Json<Value>> {
+    let Some(user) = st
+        .db
+        .user_by_name(&name)
+        .await?
+        .filter(|u| u.status != UserStatus::Deleted)
+    else {
+        return Err(ApiError::not_found(format!("unknown user {name:?}")));
+    };
+    if let Some(plan) = &p.plan {
+        st.db
+            .ensure_user(&user.name, user.role, Some(plan))
+            .await
+            .map_err(account_error)?;
+    }
+    let user = match p.status {
+        Some(UserStatus::Active | UserStatus::Disabled) => st
+            .db
+            .set_user_status(&name, p.status.unwrap_or(UserStatus::Active))
+            .await
+            .map_err(account_error)?,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "'status' is active or disabled, not {}; DELETE the user to delete it.",
+                other.as_str()
+            ))
+            .param("status"))
+        }
+        None => st.db.user_by_name(&name).await?.unwrap_or(user),
+    };
+    tracing::info!(user = %user.name, status = ?user.status, "user changed by an admin");
+    Ok(Json(json!(user)))
+}
+
+/// `DELETE /v1/admin/users/{name}`: sessions end, keys are revoked,
+/// conversations and personas are deleted; usage rows stay for accounting.
+pub async fn delete_user(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    _: AdminCaller,
+) -> AppResult<Json<Value>> {
+    let u = st.db.delete_user(&name).await.map_err(account_error)?;
+    tracing::info!(user = %name, "user deleted by an admin");
+    Ok(Json(json!({"deleted": name, "id": u.id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    signup: SignupPolicy,
+}
+
+/// `GET /v1/admin/settings`: server-wide settings an admin can change.
+pub async fn settings(State(st): State<Arc<AppState>>, _: AdminCaller) -> AppResult<Json<Value>> {
+    Ok(Json(
+        json!({"signup": crate::web::signup_policy(&st).await?}),
+    ))
+}
+
+/// `PUT /v1/admin/settings` `{"signup": "open" | "approval" | "closed"}`.
+pub async fn put_settings(
+    State(st): State<Arc<AppState>>,
+    _: AdminCaller,
+    JsonBody(s): JsonBody<Settings>,
+) -> AppResult<Json<Value>> {
+    st.db.set_signup_policy(s.signup).await?;
+    Ok(Json(json!({"signup": s.signup})))
 }

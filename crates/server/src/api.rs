@@ -24,7 +24,28 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-pub async fn metrics(State(st): State<Arc<AppState>>) -> String {
+/// `GET /metrics` (Prometheus). With `--metrics-token`, only for
+/// `Authorization: Bearer TOKEN` (the counters are per key and model).
+pub async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &st.config.metrics_token {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return ApiError::unauthorized(
+                "The metrics need the metrics token (Authorization: Bearer TOKEN).",
+            )
+            .into_response();
+        }
+    }
     for (name, s) in st.models.loaded() {
         use std::sync::atomic::Ordering::Relaxed;
         let m = &st.gw.metrics;
@@ -37,7 +58,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> String {
         set(&m.prefix_pool_tokens, s.stats.pool_tokens.load(Relaxed));
         set(&m.kv_bytes, s.stats.kv_bytes.load(Relaxed));
     }
-    st.gw.metrics.render()
+    st.gw.metrics.render().into_response()
 }
 
 pub async fn not_found() -> ApiError {

@@ -27,6 +27,10 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// An error with any status, typed as an invalid request.
+    pub fn new_status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, "invalid_request_error", message)
+    }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }

@@ -19,6 +19,7 @@ pub mod embedders;
 pub mod error;
 pub mod extract;
 pub mod grammar;
+pub mod guard;
 pub mod models;
 pub mod openai;
 pub mod search;
@@ -52,6 +53,39 @@ pub struct Config {
     pub kb_dir: std::path::PathBuf,
     /// Hosts feeds may be fetched from although not public.
     pub feed_allow: Vec<String>,
+    /// Who may register on the web app (`None`: whatever an admin last
+    /// chose, else approval).
+    pub signup: Option<hanlin_accounts::web::SignupPolicy>,
+    /// Host names the web app answers for besides IP literals and
+    /// `localhost` (DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` gives the client's address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// When set, `GET /metrics` needs `Authorization: Bearer TOKEN`.
+    pub metrics_token: Option<String>,
+}
+
+impl Config {
+    /// Settings for a server on `database_url` with the default model,
+    /// listening on loopback: the defaults `hanlin serve` starts from.
+    pub fn new(database_url: String, default_model: String, kb_dir: std::path::PathBuf) -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            database_url,
+            default_model,
+            threads: hanlin_engine::default_threads(),
+            memory_budget: 4 << 30,
+            max_body: 2 << 20,
+            sched: SchedulerConfig::default(),
+            kb_dir,
+            feed_allow: Vec::new(),
+            signup: None,
+            allowed_hosts: Vec::new(),
+            trusted_proxies: Vec::new(),
+            metrics_token: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,11 +114,24 @@ pub struct AppState {
     pub kbs: search::Kbs,
     pub embedders: embedders::Embedders,
     pub config: Config,
+    /// While the server has no admin: the one-time token the first web
+    /// registration needs (printed on the console). Held locked while that
+    /// registration runs, so two cannot both become admin.
+    pub setup_token: tokio::sync::Mutex<Option<String>>,
+    pub throttle: guard::Throttle,
 }
 
 impl AppState {
     pub async fn new(config: Config, store: hanlin_store::Store) -> Result<Arc<Self>, ServerError> {
         let db = Db::connect(&config.database_url).await?;
+        if let Some(p) = config.signup {
+            db.set_signup_policy(p).await?;
+        }
+        let setup_token = if db.has_admin().await? {
+            None
+        } else {
+            Some(hanlin_accounts::random_token(32))
+        };
         // Replies a previous run was writing when it stopped are kept, as incomplete.
         let interrupted = db.mark_interrupted_replies().await?;
         if interrupted > 0 {
@@ -111,45 +158,22 @@ impl AppState {
             kbs: search::Kbs::new(config.kb_dir.clone()),
             embedders,
             config,
+            setup_token: tokio::sync::Mutex::new(setup_token),
+            throttle: guard::Throttle::default(),
         }))
     }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let max_body = state.config.max_body;
-    Router::new()
-        .route("/health", get(api::health))
-        .route("/metrics", get(api::metrics))
-        .route("/v1/models", get(api::list_models))
-        .route("/v1/models/{id}", get(api::get_model))
-        .route("/v1/chat/completions", post(api::chat_completions))
-        .route("/v1/completions", post(api::completions))
-        .route("/v1/embeddings", post(api::embeddings))
-        .route("/v1/search", post(search::search))
-        .route("/v1/ask", post(search::ask))
-        .route("/v1/kb", get(search::list_kbs))
-        .route("/v1/kb/{name}", put(search::create_kb))
-        .route("/v1/kb/{name}/feeds", post(search::add_feed))
-        .route(
-            "/v1/kb/{name}/files",
-            post(search::upload_file).layer(DefaultBodyLimit::max(search::MAX_UPLOAD_BYTES)),
-        )
-        .route("/v1/kb/{name}/documents", post(search::add_documents))
-        .route(
-            "/v1/admin/users",
-            get(admin::users).post(admin::create_user),
-        )
-        .route("/v1/admin/keys", get(admin::keys).post(admin::create_key))
-        .route("/v1/admin/keys/{id}", delete(admin::revoke_key))
-        .route("/v1/admin/plans", get(admin::plans))
-        .route("/v1/admin/plans/{name}", put(admin::put_plan))
-        .route("/v1/admin/usage", get(admin::usage))
-        // The web app and its API (cookie sessions).
+    // The web app and its API (cookie sessions), for allowed host names only.
+    let web_app = Router::new()
         .route("/", get(web::index))
         .route("/c/{id}", get(web::index))
         .route("/assets/{*path}", get(web::static_file))
         .route("/api/register", post(web::register))
         .route("/api/login", post(web::login))
+        .route("/api/setup", get(web::setup))
         .route("/api/logout", post(web::logout))
         .route("/api/me", get(web::me))
         .route("/api/models", get(web::models))
@@ -185,6 +209,46 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/keys", get(web::my_keys).post(web::create_my_key))
         .route("/api/keys/{id}", delete(web::revoke_my_key))
         .route("/api/usage", get(web::my_usage))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check_host,
+        ));
+    Router::new()
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .route("/v1/models", get(api::list_models))
+        .route("/v1/models/{id}", get(api::get_model))
+        .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/embeddings", post(api::embeddings))
+        .route("/v1/search", post(search::search))
+        .route("/v1/ask", post(search::ask))
+        .route("/v1/kb", get(search::list_kbs))
+        .route("/v1/kb/{name}", put(search::create_kb))
+        .route("/v1/kb/{name}/feeds", post(search::add_feed))
+        .route(
+            "/v1/kb/{name}/files",
+            post(search::upload_file).layer(DefaultBodyLimit::max(search::MAX_UPLOAD_BYTES)),
+        )
+        .route("/v1/kb/{name}/documents", post(search::add_documents))
+        .route(
+            "/v1/admin/users",
+            get(admin::users).post(admin::create_user),
+        )
+        .route("/v1/admin/keys", get(admin::keys).post(admin::create_key))
+        .route("/v1/admin/keys/{id}", delete(admin::revoke_key))
+        .route("/v1/admin/plans", get(admin::plans))
+        .route("/v1/admin/plans/{name}", put(admin::put_plan))
+        .route("/v1/admin/usage", get(admin::usage))
+        .route(
+            "/v1/admin/users/{name}",
+            axum::routing::patch(admin::patch_user).delete(admin::delete_user),
+        )
+        .route(
+            "/v1/admin/settings",
+            get(admin::settings).put(admin::put_settings),
+        )
+        .merge(web_app)
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -209,6 +273,7 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         state.clone(),
         std::time::Duration::from_secs(2),
     ));
+    tokio::spawn(prune_sessions(state.clone()));
     tracing::info!(
         "serving the web app on http://{local}/ and the OpenAI-compatible API on http://{local}/v1"
     );
@@ -216,10 +281,29 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         "Hanlin is serving the chat app on http://{local}/ and the API on http://{local}/v1 (default model {})",
         state.config.default_model
     );
-    axum::serve(listener, router(state))
+    if let Some(token) = state.setup_token.lock().await.as_deref() {
+        println!(
+            "This server has no administrator yet. Open http://{local}/ and register with the setup token\n\n    {token}\n\n(or create one with `hanlin admin user create NAME --admin`)."
+        );
+    }
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
     Ok(())
+}
+
+/// Delete expired browser sessions every hour.
+async fn prune_sessions(st: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        match st.db.prune_sessions().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("{n} expired sessions deleted"),
+            Err(e) => tracing::warn!("pruning sessions: {e}"),
+        }
+    }
 }

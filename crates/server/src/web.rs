@@ -14,17 +14,18 @@ use crate::admin::account_error;
 use crate::api::{budget, scheduler_for};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, WebRead, WebWrite};
+use crate::guard::ClientAddr;
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message, MAX_MESSAGE_CHARS};
-use hanlin_accounts::web::{Session, SignInError, SESSION_TTL_SECS};
-use hanlin_accounts::{ApiKey, Caller, NewKey, Role};
+use hanlin_accounts::web::{Session, SignInError, SignupPolicy, SESSION_TTL_SECS};
+use hanlin_accounts::{ApiKey, Caller, NewKey, Role, UserStatus};
 use hanlin_engine::Event;
 use hanlin_gateway::{Endpoint, Request, Work};
 use hanlin_search::answer;
@@ -214,30 +215,146 @@ fn sign_in_error(e: SignInError) -> ApiError {
         SignInError::WrongPassword => ApiError::unauthorized(e.to_string()).code("wrong_password"),
         SignInError::NameTaken(_) => ApiError::bad_request(e.to_string()).code("name_taken"),
         SignInError::Invalid(_) => ApiError::bad_request(e.to_string()).code("invalid_value"),
+        SignInError::Pending => ApiError::forbidden(e.to_string()).code("pending_approval"),
+        SignInError::Disabled => ApiError::forbidden(e.to_string()).code("account_disabled"),
+        SignInError::AdminExists => ApiError::forbidden(e.to_string()).code("setup_done"),
     }
 }
 
+/// Sign-in endpoints take JSON only: a form posted from another site
+/// (`text/plain`, which needs no CORS preflight) cannot sign a browser in
+/// to an account of the attacker's (login CSRF).
+fn require_json(headers: &HeaderMap) -> AppResult<()> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::new_status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Send JSON (Content-Type: application/json).",
+        )
+        .code("unsupported_media_type"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    name: String,
+    password: String,
+    /// The one-time token `hanlin serve` prints while it has no admin.
+    setup_token: Option<String>,
+}
+
+/// The effective sign-up policy: the one an admin chose, else approval.
+pub(crate) async fn signup_policy(st: &AppState) -> AppResult<SignupPolicy> {
+    Ok(st
+        .db
+        .signup_policy()
+        .await?
+        .unwrap_or(SignupPolicy::Approval))
+}
+
+/// `GET /api/setup`: what the sign-in page should offer.
+pub async fn setup(State(st): State<Arc<AppState>>) -> AppResult<Json<Value>> {
+    let needs_setup = !st.db.has_admin().await?;
+    Ok(Json(json!({
+        "needs_setup": needs_setup,
+        "signup": signup_policy(&st).await?,
+    })))
+}
+
+/// `POST /api/register`. While the server has no admin, only with the
+/// setup token, and that account becomes the admin. Afterwards by the
+/// sign-up policy: `open` (signed in at once), `approval` (the account
+/// waits for an admin: 202 and no session) or `closed` (403).
 pub async fn register(
     State(st): State<Arc<AppState>>,
     jar: CookieJar,
     headers: HeaderMap,
-    JsonBody(c): JsonBody<Credentials>,
-) -> AppResult<(CookieJar, Json<Value>)> {
-    let user = st.db.register(&c.name, &c.password).await?;
-    if let Ok(u) = &user {
-        tracing::info!(user = %u.name, role = ?u.role, "registered");
+    JsonBody(c): JsonBody<Registration>,
+) -> AppResult<Response> {
+    require_json(&headers)?;
+    {
+        let mut token = st.setup_token.lock().await;
+        if let Some(expected) = token.as_deref() {
+            let given = c.setup_token.as_deref().unwrap_or("");
+            if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+                return Err(ApiError::forbidden(
+                    "This server has no administrator yet. Register with the setup token printed on the server's console when it started.",
+                )
+                .code("setup_token_required"));
+            }
+            let user = st
+                .db
+                .register_first_admin(&c.name, &c.password)
+                .await?
+                .map_err(sign_in_error)?;
+            *token = None;
+            tracing::info!(user = %user.name, "the first admin registered with the setup token");
+            return Ok(sign_in(&st, jar, &headers, user).await?.into_response());
+        }
     }
-    sign_in(&st, jar, &headers, user.map_err(sign_in_error)?).await
+    let status = match signup_policy(&st).await? {
+        SignupPolicy::Closed => {
+            return Err(ApiError::forbidden(
+                "Sign-up is closed on this server; ask an administrator for an account.",
+            )
+            .code("signup_closed"))
+        }
+        SignupPolicy::Open => UserStatus::Active,
+        SignupPolicy::Approval => UserStatus::Pending,
+    };
+    let user = st
+        .db
+        .register(&c.name, &c.password, Role::User, status)
+        .await?
+        .map_err(sign_in_error)?;
+    tracing::info!(user = %user.name, status = ?user.status, "registered");
+    if user.status == UserStatus::Pending {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"user": user, "pending": true})),
+        )
+            .into_response());
+    }
+    Ok(sign_in(&st, jar, &headers, user).await?.into_response())
 }
 
 pub async fn login(
     State(st): State<Arc<AppState>>,
+    ClientAddr(addr): ClientAddr,
     jar: CookieJar,
     headers: HeaderMap,
     JsonBody(c): JsonBody<Credentials>,
 ) -> AppResult<(CookieJar, Json<Value>)> {
-    let user = st.db.check_login(&c.name, &c.password).await?;
-    sign_in(&st, jar, &headers, user.map_err(sign_in_error)?).await
+    require_json(&headers)?;
+    if let Some(wait) = st.throttle.wait(&c.name, addr) {
+        return Err(ApiError::rate_limited(
+            format!(
+                "Too many failed sign-ins; try again in {} s.",
+                wait.as_secs().max(1)
+            ),
+            "too_many_sign_ins",
+            wait,
+        ));
+    }
+    match st.db.check_login(&c.name, &c.password).await? {
+        Ok(user) => {
+            st.throttle.succeeded(&c.name, addr);
+            sign_in(&st, jar, &headers, user).await
+        }
+        Err(e) => {
+            if e == SignInError::WrongPassword {
+                st.throttle.failed(&c.name, addr);
+            }
+            Err(sign_in_error(e))
+        }
+    }
 }
 
 pub async fn logout(

@@ -55,20 +55,12 @@ where
         Err(_) => format!("sqlite://{}", dir.path().join("hanlin.db").display()),
     };
     let database_url = map(database_url).await;
-    let mut config = Config {
-        host: "127.0.0.1".into(),
-        port: 0,
-        database_url,
-        default_model: MODEL.into(),
-        threads: hanlin_engine::default_threads(),
-        memory_budget: 4 << 30,
-        max_body: 256 * 1024,
-        sched: hanlin_engine::SchedulerConfig {
-            ctx: 4096,
-            ..Default::default()
-        },
-        kb_dir: dir.path().join("kb"),
-        feed_allow: Vec::new(),
+    let mut config = Config::new(database_url, MODEL.into(), dir.path().join("kb"));
+    config.port = 0;
+    config.max_body = 256 * 1024;
+    config.sched = hanlin_engine::SchedulerConfig {
+        ctx: 4096,
+        ..Default::default()
     };
     tweak(&mut config);
     let state = AppState::new(config, store).await.expect("server state");
@@ -78,6 +70,7 @@ where
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let app = hanlin_server::router(state.clone());
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(listener, app).await.expect("serve");
     });
     let admin = state

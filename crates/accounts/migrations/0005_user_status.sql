@@ -1,0 +1,10 @@
+-- Accounts can wait for an admin's approval, be disabled, or be deleted
+-- (a tombstone: the row stays so usage rows keep their user for accounting;
+-- name, password, keys, sessions and conversations go).
+ALTER TABLE users ADD COLUMN status TEXT NOT NULL DEFAULT 'active';
+
+-- Server-wide settings an admin changes at run time (the sign-up policy).
+CREATE TABLE settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);

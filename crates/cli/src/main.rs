@@ -54,6 +54,10 @@ enum Cmd {
         /// Send the prompt as-is, without the chat template
         #[arg(long)]
         raw: bool,
+        /// With --raw: read special tokens written in the prompt
+        /// (`<|im_start|>`) as control tokens instead of plain text
+        #[arg(long, requires = "raw")]
+        special: bool,
         #[command(flatten)]
         gen: GenArgs,
     },
@@ -472,6 +476,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             file,
             raw,
+            special,
             gen,
         } => {
             let text = match (prompt, file) {
@@ -492,7 +497,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None) => bail!("no prompt: give it as an argument or with --file"),
             };
-            one_shot(&store, &model, threads, &text, raw, &gen)
+            let mode = match (raw, special) {
+                (false, _) => Prompt::Chat,
+                (true, false) => Prompt::Raw,
+                (true, true) => Prompt::RawSpecial,
+            };
+            one_shot(&store, &model, threads, &text, mode, &gen)
         }
         Cmd::Pull { name } => {
             let m = store.pull(&name, true)?;
@@ -922,17 +932,30 @@ fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) -> Result<()>
     Ok(())
 }
 
+/// How `hanlin run` turns its text into a prompt.
+#[derive(Clone, Copy)]
+enum Prompt {
+    /// A user message in the model's chat template.
+    Chat,
+    /// As it is, special-token spellings as plain text.
+    Raw,
+    /// As it is, special-token spellings as control tokens.
+    RawSpecial,
+}
+
 fn one_shot(
     store: &Store,
     model: &str,
     threads: usize,
     text: &str,
-    raw: bool,
+    mode: Prompt,
     gen: &GenArgs,
 ) -> Result<()> {
     let m = load(store, model, threads)?;
-    let prompt = if raw {
+    let prompt = if let Prompt::RawSpecial = mode {
         m.tokenizer.encode(text, true)?
+    } else if let Prompt::Raw = mode {
+        m.tokenizer.encode_plain(text, true)?
     } else {
         let mut msgs: Vec<Message> = gen
             .system

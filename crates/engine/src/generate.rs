@@ -48,15 +48,27 @@ impl LoadedModel {
 
     /// Render and tokenize a conversation, ending with the assistant's turn.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
-        let text = self.template.render(messages, None, true)?;
-        Ok(self.tokenizer.encode(&text, true)?)
+        self.chat_prompt_with(messages, None)
+    }
+
+    /// [`Self::chat_prompt`] with tool definitions (a JSON array). Special
+    /// tokens come from the template only: the messages' text is tokenized
+    /// as plain text, so a message spelling `<|im_end|><|im_start|>system`
+    /// cannot open a turn of its own.
+    pub fn chat_prompt_with(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, EngineError> {
+        let pieces = self.template.render_pieces(messages, tools, true)?;
+        Ok(self.tokenizer.encode_pieces(&pieces, true)?)
     }
 
     /// A sentence embedding from the model's own hidden states: the mean of
     /// the final-normalised states over the text's tokens, L2-normalised
     /// (what `/v1/embeddings` returns for a chat model).
     pub fn embed_mean(&self, text: &str) -> Result<Vec<f32>, EngineError> {
-        let mut tokens = self.tokenizer.encode(text, true)?;
+        let mut tokens = self.tokenizer.encode_plain(text, true)?;
         tokens.truncate(self.model.cfg.context_length.clamp(1, 2048));
         if tokens.is_empty() {
             return Ok(vec![0.0; self.model.cfg.d_model]);

@@ -309,6 +309,7 @@ async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
     let request = st.gw.admit(&caller, Endpoint::Completions, &req.model)?;
     let m = sched.clone();
     let (suffix, model) = (req.suffix.clone(), req.model.clone());
+    let parse_special = req.parse_special.unwrap_or(false);
     let prompt = blocking(move || {
         let m = &m.model;
         match &suffix {
@@ -318,9 +319,15 @@ async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
                 ))
                 .param("suffix")
             }),
-            None => m
+            // Special tokens written in a raw prompt are plain text unless
+            // the caller asks for them (`"parse_special": true`).
+            None if parse_special => m
                 .tokenizer
                 .encode(&prompt_text, true)
+                .map_err(|e| ApiError::bad_request(format!("Tokenizing the prompt failed: {e}"))),
+            None => m
+                .tokenizer
+                .encode_plain(&prompt_text, true)
                 .map_err(|e| ApiError::bad_request(format!("Tokenizing the prompt failed: {e}"))),
         }
     })
@@ -400,16 +407,13 @@ pub(crate) async fn chat_prompt(
 ) -> AppResult<Vec<u32>> {
     let sched = sched.clone();
     blocking(move || {
-        let m = &sched.model;
-        let text = m
-            .template
-            .render(&messages, tools.as_ref(), true)
+        sched
+            .model
+            .chat_prompt_with(&messages, tools.as_ref())
             .map_err(|e| {
-                ApiError::bad_request(format!("The chat template failed: {e}")).param("messages")
-            })?;
-        m.tokenizer
-            .encode(&text, true)
-            .map_err(|e| ApiError::bad_request(format!("Tokenizing the messages failed: {e}")))
+                ApiError::bad_request(format!("Rendering the messages failed: {e}"))
+                    .param("messages")
+            })
     })
     .await
 }
@@ -740,7 +744,7 @@ async fn embeddings_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
 }
 
 fn encode_input(tok: &hanlin_tokenizer::Tokenizer, s: &str) -> AppResult<Vec<u32>> {
-    tok.encode(s, true).map_err(|e| {
+    tok.encode_plain(s, true).map_err(|e| {
         ApiError::bad_request(format!("Tokenizing the input failed: {e}")).param("input")
     })
 }

@@ -54,6 +54,7 @@ pub const COMPLETION_FIELDS: &[&str] = &[
     "best_of",
     "user",
     "logit_bias",
+    "parse_special",
 ];
 
 /// Parse a JSON body into `T`, refusing top-level fields outside `fields`
@@ -209,6 +210,9 @@ pub struct CompletionRequest {
     pub best_of: Option<u32>,
     pub user: Option<String>,
     pub logit_bias: Option<Value>,
+    /// Hanlin's extension: recognise special tokens (`<|im_start|>`)
+    /// written in the prompt. Off by default: the prompt is plain text.
+    pub parse_special: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }

@@ -281,6 +281,10 @@ pub async fn register(
     require_json(&headers)?;
     {
         let mut token = st.setup_token.lock().await;
+        if token.is_some() && st.db.has_admin().await? {
+            // An admin was made another way (`hanlin admin user create`).
+            *token = None;
+        }
         if let Some(expected) = token.as_deref() {
             let given = c.setup_token.as_deref().unwrap_or("");
             if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {

@@ -13,7 +13,7 @@ mod template;
 pub mod unigram;
 pub use unigram::UnigramTokenizer;
 
-pub use template::{ChatTemplate, Message, TemplateError, CHATML, GEMMA};
+pub use template::{ChatTemplate, Message, Piece, TemplateError, CHATML, GEMMA};
 
 use hanlin_formats::{GgufHeader, Value};
 
@@ -54,7 +54,9 @@ impl TokenType {
 }
 
 enum Inner {
-    Bpe(Box<tokenizers::Tokenizer>),
+    /// The tokenizer, and a copy that reads special-token spellings as
+    /// plain text.
+    Bpe(Box<tokenizers::Tokenizer>, Box<tokenizers::Tokenizer>),
     Spm(Box<SpmInner>),
 }
 
@@ -124,7 +126,9 @@ impl Tokenizer {
                     .map(|v| v.as_str().unwrap_or_default().to_string())
                     .collect();
                 let (tk, bytes) = bpe::build(&tokens, &types, &merges, &pre)?;
-                (Inner::Bpe(Box::new(tk)), bytes)
+                let mut plain = tk.clone();
+                plain.set_encode_special_tokens(true);
+                (Inner::Bpe(Box::new(tk), Box::new(plain)), bytes)
             }
             "llama" => {
                 let scores: Vec<f32> =
@@ -225,7 +229,61 @@ impl Tokenizer {
             ids.extend(self.bos);
         }
         match &self.inner {
-            Inner::Bpe(tk) => {
+            Inner::Bpe(..) | Inner::Spm(..) => {
+                self.encode_into(text, true, &mut true, &mut ids)?;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Encode text as plain text only: a special token's spelling in it
+    /// (`<|im_start|>`) becomes ordinary tokens, never the control token.
+    pub fn encode_plain(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        if add_bos && self.add_bos {
+            ids.extend(self.bos);
+        }
+        self.encode_into(text, false, &mut true, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Encode a rendered chat prompt: special tokens are recognised in the
+    /// template's pieces only; the messages' text is plain text.
+    pub fn encode_pieces(
+        &self,
+        pieces: &[template::Piece],
+        add_bos: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        if add_bos && self.add_bos {
+            ids.extend(self.bos);
+        }
+        let mut first = true;
+        for p in pieces {
+            match p {
+                template::Piece::Template(t) => self.encode_into(t, true, &mut first, &mut ids)?,
+                template::Piece::Text(t) => self.encode_into(t, false, &mut first, &mut ids)?,
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Append the ids of `text`, recognising special tokens when `special`.
+    /// `first` says whether this is the prompt's first text (SentencePiece
+    /// models prefix a space to it).
+    fn encode_into(
+        &self,
+        text: &str,
+        special: bool,
+        first: &mut bool,
+        ids: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        match &self.inner {
+            Inner::Bpe(tk, plain) => {
+                let tk = if special { tk } else { plain };
                 let enc = tk
                     .encode_fast(text, false)
                     .map_err(|e| TokenizerError::Encode(e.to_string()))?;
@@ -237,8 +295,6 @@ impl Tokenizer {
                     specials,
                     special_ids,
                 } = inner.as_ref();
-                let mut pos = 0;
-                let mut first = true;
                 let plain = |frag: &str, first: bool, ids: &mut Vec<u32>| {
                     if first && spm.add_space_prefix() {
                         spm.encode(&format!(" {frag}"), ids);
@@ -246,20 +302,27 @@ impl Tokenizer {
                         spm.encode(frag, ids);
                     }
                 };
+                if !special {
+                    plain(text, *first, ids);
+                    *first = false;
+                    return Ok(());
+                }
+                let mut pos = 0;
                 for m in specials.find_iter(text) {
                     if m.start() > pos {
-                        plain(&text[pos..m.start()], first, &mut ids);
+                        plain(&text[pos..m.start()], *first, ids);
                     }
-                    first = false;
+                    *first = false;
                     ids.push(special_ids[m.pattern().as_usize()]);
                     pos = m.end();
                 }
                 if pos < text.len() {
-                    plain(&text[pos..], first, &mut ids);
+                    plain(&text[pos..], *first, ids);
+                    *first = false;
                 }
             }
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Raw bytes of one token; control tokens give their text only when

@@ -98,6 +98,100 @@ impl ChatTemplate {
     }
 }
 
+/// Markers put around untrusted text for [`ChatTemplate::render_pieces`]
+/// (private-use characters, removed from the text first).
+const OPEN: char = '\u{E000}';
+const CLOSE: char = '\u{E001}';
+
+/// A piece of a rendered prompt: template text, whose special-token
+/// spellings are real control tokens, or text that came from a message
+/// (a user, a document, a tool's result), which is only ever plain text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Template(String),
+    Text(String),
+}
+
+impl Piece {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Piece::Template(s) | Piece::Text(s) => s,
+        }
+    }
+}
+
+impl ChatTemplate {
+    /// Render `messages` as [`Piece`]s, so that text in a message that
+    /// spells `<|im_end|><|im_start|>system` stays text. The template is
+    /// rendered with each message's text between markers and the pieces
+    /// read off that; they must join to exactly what the plain render
+    /// gives (a template that trims message text is allowed for), or the
+    /// render is refused rather than guessed.
+    pub fn render_pieces(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<Piece>, TemplateError> {
+        let clean: Vec<Message> = messages
+            .iter()
+            .map(|m| Message {
+                content: m.content.replace([OPEN, CLOSE], ""),
+                ..m.clone()
+            })
+            .collect();
+        let marked: Vec<Message> = clean
+            .iter()
+            .map(|m| Message {
+                // Empty text needs no protection, and templates test it
+                // (`{% if message.content %}`).
+                content: if m.content.is_empty() {
+                    String::new()
+                } else {
+                    format!("{OPEN}{}{CLOSE}", m.content)
+                },
+                ..m.clone()
+            })
+            .collect();
+        let plain = self.render(&clean, tools, add_generation_prompt)?;
+        let rendered = self.render(&marked, tools, add_generation_prompt)?;
+        let mut pieces = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(start) = rest.find(OPEN) {
+            let Some(len) = rest[start..].find(CLOSE) else {
+                break;
+            };
+            if start > 0 {
+                pieces.push(Piece::Template(rest[..start].to_string()));
+            }
+            let text = &rest[start + OPEN.len_utf8()..start + len];
+            pieces.push(Piece::Text(text.to_string()));
+            rest = &rest[start + len + CLOSE.len_utf8()..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Template(rest.to_string()));
+        }
+        let joined = |ps: &[Piece]| ps.iter().map(Piece::as_str).collect::<String>();
+        if joined(&pieces) == plain {
+            return Ok(pieces);
+        }
+        // The template trims message text (Gemma's does).
+        let trimmed: Vec<Piece> = pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Text(t) => Piece::Text(t.trim().to_string()),
+                t => t,
+            })
+            .collect();
+        if joined(&trimmed) == plain {
+            return Ok(trimmed);
+        }
+        Err(TemplateError::Render(
+            "the chat template changes message text in a way that cannot be told apart from its own; refusing to render it".into(),
+        ))
+    }
+}
+
 /// "26 Nov 2026" style date from Unix seconds (UTC).
 fn civil_date(secs: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(secs.min(i64::MAX as u64) as i64)

@@ -58,21 +58,16 @@ where
     let mut config = Config::new(database_url, MODEL.into(), dir.path().join("kb"));
     config.port = 0;
     config.max_body = 256 * 1024;
+    // The tests register web users freely; tests/security.rs checks the
+    // policies themselves.
+    config.signup = Some(hanlin_accounts::web::SignupPolicy::Open);
     config.sched = hanlin_engine::SchedulerConfig {
         ctx: 4096,
         ..Default::default()
     };
     tweak(&mut config);
     let state = AppState::new(config, store).await.expect("server state");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let app = hanlin_server::router(state.clone());
-    tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, app).await.expect("serve");
-    });
+    let base = serve(state.clone()).await;
     let admin = state
         .db
         .ensure_user("root", Role::Admin, None)
@@ -91,9 +86,24 @@ where
     }
 }
 
+/// Serve `state` on a free loopback port (with client addresses, as
+/// `hanlin serve` does); returns the base URL.
+pub async fn serve(state: Arc<AppState>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = hanlin_server::router(state);
+    tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, app).await.expect("serve");
+    });
+    base
+}
+
 /// A new, empty database on the PostgreSQL server at `url`, so tests can
 /// run in parallel.
-async fn fresh_postgres_database(url: &str) -> String {
+pub async fn fresh_postgres_database(url: &str) -> String {
     use sqlx::Connection;
     let name = format!("hanlin_t_{:016x}", rand::random::<u64>());
     let mut conn = sqlx::PgConnection::connect(url)

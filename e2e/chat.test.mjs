@@ -105,9 +105,20 @@ try {
     await shot(page, "01-login");
   });
 
-  await step("register: the first account becomes admin", async () => {
+  await step("a fresh server refuses registration without the setup token", async () => {
+    await page.waitForSelector("#setup-token-row:not([hidden])");
     await page.fill("#login-name", "李白");
     await page.fill("#login-password", "床前明月光疑是地上霜");
+    await page.click("#register-submit");
+    await page.waitForFunction(() => document.querySelector("#login-error").textContent.length > 0);
+    assert.match(await page.textContent("#login-error"), /setup token|初始化|console/i);
+    assert.equal(await page.isVisible("#app"), false);
+  });
+
+  await step("register with the setup token: that account becomes admin", async () => {
+    const m = serverLog.match(/register with the setup token\s+(\S+)/);
+    assert.ok(m, "hanlin serve prints the setup token:\n" + serverLog);
+    await page.fill("#login-setup-token", m[1]);
     await page.click("#register-submit");
     await page.waitForSelector("#app:not([hidden])");
     assert.equal(await page.isVisible("#open-admin"), true);
@@ -392,6 +403,20 @@ try {
     await p2.fill("#login-name", "<img src=x onerror=window.__xss=6>杜甫");
     await p2.fill("#login-password", "国破山河在城春草木深");
     await p2.click("#register-submit");
+    // Sign-up needs approval by default: the account waits for the admin.
+    await p2.waitForFunction(() => document.querySelector("#login-info").textContent.length > 0);
+    assert.equal(await p2.isVisible("#app"), false);
+    await p2.click("#login-submit");
+    await p2.waitForFunction(() => document.querySelector("#login-error").textContent.length > 0);
+    assert.match(await p2.textContent("#login-error"), /approv/i);
+    // The admin approves it on the admin screen.
+    await page.click("#open-admin");
+    await page.waitForSelector("#admin-users .approve-user");
+    await shot(page, "07b-approve");
+    await page.click("#admin-users .approve-user");
+    await page.waitForFunction(() => !document.querySelector("#admin-users .approve-user"));
+    await page.click("#admin-dialog .close");
+    await p2.click("#login-submit");
     await p2.waitForSelector("#app:not([hidden])");
     assert.equal(await p2.isVisible("#open-admin"), false, "only the first account is admin");
     assert.match(await p2.textContent("#who"), /^<img src=x onerror=window.__xss=6>杜甫/, "a name is shown as text");

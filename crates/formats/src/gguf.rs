@@ -6,6 +6,9 @@ use crate::{FormatError, GgmlType};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// At most this many elements are reserved ahead from a count a file gives.
+const PREALLOC_MAX: usize = 4096;
+
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Arrays nested deeper than this are rejected (real files use depth 1).
 const MAX_ARRAY_DEPTH: usize = 4;
@@ -249,7 +252,10 @@ impl<'a> Cursor<'a> {
                     _ => 1,
                 };
                 let n = self.count(min, key)?;
-                let mut items = Vec::with_capacity(n);
+                // The count is checked against the bytes left, but a Value
+                // is larger than its smallest encoding: reserve a bounded
+                // amount and let the vector grow with what is really read.
+                let mut items = Vec::with_capacity(n.min(PREALLOC_MAX));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, depth + 1, key)?);
                 }
@@ -301,7 +307,7 @@ pub fn parse(buf: &[u8]) -> Result<GgufHeader, FormatError> {
             }
         },
     };
-    let mut raw = Vec::with_capacity(n_tensors);
+    let mut raw = Vec::with_capacity(n_tensors.min(PREALLOC_MAX));
     for _ in 0..n_tensors {
         let at = c.pos as u64;
         let name = c.string("tensor name")?;

@@ -453,7 +453,7 @@ async fn start(
             let ev = match item {
                 Ok(data) => SseEvent::default().data(data),
                 Err(e) => SseEvent::default().data(
-                    json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+                    json!({"error": {"message": crate::error::scrub_paths(&e.message), "type": e.kind, "param": e.param, "code": e.code}})
                         .to_string(),
                 ),
             };

@@ -92,11 +92,43 @@ impl From<hanlin_accounts::AccountError> for ApiError {
     }
 }
 
+/// `message` with absolute filesystem paths replaced by `…`: a server
+/// error's body tells the client what failed, not where the server keeps
+/// its files (the log has the full message).
+pub fn scrub_paths(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find('/') {
+        let before = &rest[..i];
+        let starts_path = before.is_empty()
+            || before.ends_with(|c: char| c.is_whitespace() || "\"'(`=:".contains(c));
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || "\"'`),".contains(c))
+            .map_or(rest.len(), |e| i + e);
+        let token = &rest[i..end];
+        out.push_str(before);
+        if starts_path && token[1..].contains('/') {
+            out.push('…');
+        } else {
+            out.push_str(token);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let message = if self.status.is_server_error() {
+            tracing::error!(status = %self.status, "{}", self.message);
+            scrub_paths(&self.message)
+        } else {
+            self.message
+        };
         let body = json!({
             "error": {
-                "message": self.message,
+                "message": message,
                 "type": self.kind,
                 "param": self.param,
                 "code": self.code,
@@ -131,5 +163,22 @@ impl From<hanlin_gateway::GatewayError> for ApiError {
             GatewayError::Unavailable(_) => ApiError::unavailable(e.to_string()),
             GatewayError::Db(d) => d.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_errors_do_not_show_paths() {
+        assert_eq!(
+            super::scrub_paths("loading qwen: No such file (os error 2): /root/.local/share/hanlin/blobs/sha256-1f2e"),
+            "loading qwen: No such file (os error 2): …"
+        );
+        assert_eq!(
+            super::scrub_paths("opening '/srv/kb/docs/index' failed; see /v1/kb"),
+            "opening '…' failed; see …"
+        );
+        // Not a path.
+        assert_eq!(super::scrub_paths("3/4 done"), "3/4 done");
     }
 }

@@ -176,9 +176,17 @@ async fn push_search_and_ask() {
             .all(|p| p["text"].as_str().unwrap_or("").contains("苏州")),
         "{v}"
     );
-    // Metered like any request.
+    // Metered like any request: the answer with its tokens, and the
+    // searches (no tokens) as requests of their own.
     let rows = s.state.db.usage(Some("reader"), None).await.expect("usage");
-    assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 1, "{rows:?}");
+    let count = |search: bool| -> i64 {
+        rows.iter()
+            .filter(|r| (r.model == "search") == search)
+            .map(|r| r.requests)
+            .sum()
+    };
+    assert_eq!(count(false), 1, "{rows:?}");
+    assert!(count(true) >= 1, "{rows:?}");
     // Nothing relevant: declined without asking the model.
     let (_, v) = call(
         M::POST,
@@ -285,7 +293,11 @@ async fn feeds_are_polled_in_the_background() {
     );
     assert_eq!(hit["source"], "https://news.test/1");
     assert!(hit["published"].is_number(), "{hit}");
+    // Feeds (their URLs and errors) are listed for admins only.
     let (st, v) = call(M::GET, format!("{base}/v1/kb"), &user, None).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["data"][0].get("feeds").is_none(), "{v}");
+    let (st, v) = call(M::GET, format!("{base}/v1/kb"), admin, None).await;
     assert_eq!(st, 200, "{v}");
     let live = v["data"]
         .as_array()

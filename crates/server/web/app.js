@@ -76,6 +76,13 @@ function showLogin(message) {
   $("#login").hidden = false;
   $("#login-error").textContent = message || "";
   $("#login-name").focus();
+  // A fresh server: the first account needs the setup token; a closed
+  // server offers no sign-up at all.
+  api("GET", "/api/setup").then((s) => {
+    $("#setup-token-row").hidden = !s.needs_setup;
+    $("#setup-hint").hidden = !s.needs_setup;
+    $("#register-submit").hidden = !s.needs_setup && s.signup === "closed";
+  }).catch(() => {});
 }
 
 function sessionExpired() {
@@ -87,9 +94,19 @@ function sessionExpired() {
 async function signIn(path) {
   const name = $("#login-name").value.trim();
   const password = $("#login-password").value;
+  const body = { name, password };
+  const token = $("#login-setup-token").value.trim();
+  if (path === "/api/register" && token) body.setup_token = token;
+  $("#login-info").textContent = "";
+  $("#login-error").textContent = "";
   try {
-    state.me = await api("POST", path, { name, password });
+    const r = await api("POST", path, body);
     $("#login-password").value = "";
+    if (r.pending) {
+      $("#login-info").textContent = t("pendingApproval");
+      return;
+    }
+    state.me = r;
     await enterApp();
   } catch (e) {
     $("#login-error").textContent = e.message;
@@ -708,18 +725,29 @@ async function openAdmin() {
 }
 
 async function renderAdmin() {
-  const [users, plans, usage, keys] = await Promise.all([api("GET", "/v1/admin/users"), api("GET", "/v1/admin/plans"), api("GET", "/v1/admin/usage"), api("GET", "/v1/admin/keys")]);
+  const [users, plans, usage, keys, settings] = await Promise.all([api("GET", "/v1/admin/users"), api("GET", "/v1/admin/plans"), api("GET", "/v1/admin/usage"), api("GET", "/v1/admin/keys"), api("GET", "/v1/admin/settings")]);
+  $("#admin-signup").value = settings.signup;
   const names = new Map(users.data.map((u) => [u.id, u.name]));
   table($("#admin-keys"), [t("name"), t("users"), "", t("created"), t("expires"), ""], keys.data.map((k) => [
     k.name, names.get(k.user_id) || k.user_id, k.prefix + "…", day(k.created_at), k.revoked_at ? t("revoked") : day(k.expires_at),
     k.revoked_at ? "" : el("button", { class: "link revoke-key", text: t("revoke"), onclick: async () => { await api("DELETE", "/v1/admin/keys/" + k.id); await renderAdmin(); } }),
   ]));
   const planNames = plans.data.map((p) => p.name);
-  table($("#admin-users"), [t("name"), t("role"), t("plan")], users.data.map((u) => {
+  const setStatus = (u, status) => async () => { await api("PATCH", "/v1/admin/users/" + encodeURIComponent(u.name), { status }); await renderAdmin(); };
+  table($("#admin-users"), [t("name"), t("role"), t("plan"), t("status"), ""], users.data.map((u) => {
     const sel = el("select", { class: "user-plan", onchange: async () => { await api("POST", "/v1/admin/users", { name: u.name, plan: sel.value }); await renderAdmin(); } },
       ...planNames.map((n) => el("option", { value: n, text: n })));
     sel.value = u.plan;
-    return [u.name, u.role, sel];
+    const self = state.me && state.me.user.id === u.id;
+    const actions = el("div", { class: "row small" },
+      ...(u.status === "pending" ? [el("button", { class: "link approve-user", text: t("approve"), onclick: setStatus(u, "active") })] : []),
+      ...(u.status === "active" && !self ? [el("button", { class: "link disable-user", text: t("disable"), onclick: setStatus(u, "disabled") })] : []),
+      ...(u.status === "disabled" ? [el("button", { class: "link enable-user", text: t("enable"), onclick: setStatus(u, "active") })] : []),
+      ...(!self ? [el("button", { class: "link delete-user", text: t("deleteUser"), onclick: async () => {
+        if (!confirm(t("deleteUser") + " " + u.name + "?")) return;
+        await api("DELETE", "/v1/admin/users/" + encodeURIComponent(u.name)); await renderAdmin();
+      } })] : []));
+    return [u.name, u.role, sel, el("span", { class: "user-status " + u.status, text: t("status_" + u.status) }), actions];
   }));
   table($("#admin-plans"), [t("name"), t("requests") + "/min", "tokens/min", "tokens/" + t("day"), "ctx", t("priority"), ""], plans.data.map((p) => {
     const inputs = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_context", "priority"].map((k) => el("input", { type: "number", value: p[k], "data-k": k, class: "num" }));
@@ -771,6 +799,9 @@ function applyTheme(theme) {
 
 function wire() {
   $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn("/api/login"); });
+  $("#admin-signup").addEventListener("change", async () => {
+    await api("PUT", "/v1/admin/settings", { signup: $("#admin-signup").value });
+  });
   $("#register-submit").addEventListener("click", () => {
     if ($("#login-form").reportValidity()) signIn("/api/register");
   });

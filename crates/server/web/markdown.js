@@ -4,7 +4,38 @@
 // sanitised DOM afterwards (KaTeX escapes its input; `trust` stays off).
 "use strict";
 
-const MATH_RE = /\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|\$([^\s$](?:[^$\n]*?[^\s$\\])?)\$(?!\d)/g;
+// Display math ($$…$$, \[…\]) and \(…\) are found by a left-to-right scan
+// (a regular expression with a lazy [\s\S]+? rescans to the end of the text
+// for every unclosed opener: quadratic on a reply full of "\["); inline
+// $…$ stays a regular expression, which cannot cross a "$" or a line.
+const MATH_PAIRS = [["$$", "$$", true], ["\\[", "\\]", true], ["\\(", "\\)", false]];
+const INLINE_MATH_RE = /\$([^\s$](?:[^$\n]*?[^\s$\\])?)\$(?!\d)/g;
+
+/** `text` with its math replaced by placeholders, each pushed onto `maths`. */
+function cutMath(text, maths) {
+  const hold = (tex, display) => {
+    maths.push({ tex, display });
+    return "\u0000MATH" + (maths.length - 1) + "\u0000";
+  };
+  const inline = (s) => s.replace(INLINE_MATH_RE, (m, tex) => hold(tex, false));
+  const next = new Map(); // opener → its next position at or after i (-1: none left)
+  let out = "";
+  let i = 0;
+  for (;;) {
+    let best = null;
+    for (const [open, close, display] of MATH_PAIRS) {
+      let at = next.get(open);
+      if (at === undefined || (at >= 0 && at < i)) { at = text.indexOf(open, i); next.set(open, at); }
+      if (at >= 0 && (!best || at < best.at)) best = { at, open, close, display };
+    }
+    if (!best) break;
+    const end = text.indexOf(best.close, best.at + best.open.length + 1);
+    if (end < 0) { next.set(best.open, -1); continue; } // never closed: no later one can be either
+    out += inline(text.slice(i, best.at)) + hold(text.slice(best.at + best.open.length, end), best.display);
+    i = end + best.close.length;
+  }
+  return out + inline(text.slice(i));
+}
 const FENCE_RE = /(```[\s\S]*?(?:```|$)|`[^`\n]+`)/g;
 
 function markdownSetup() {
@@ -26,15 +57,11 @@ function renderMarkdown(el, text) {
   // Protect code first: math inside code is code.
   const parts = text.split(FENCE_RE);
   const src = parts
-    .map((p, i) => (i % 2 === 1 ? p : p.replace(MATH_RE, (m, d1, d2, i3, i4) => {
-      const display = d1 !== undefined || d2 !== undefined;
-      maths.push({ tex: d1 ?? d2 ?? i3 ?? i4, display });
-      return "\u0000MATH" + (maths.length - 1) + "\u0000";
-    })))
+    .map((p, i) => (i % 2 === 1 ? p : cutMath(p, maths)))
     .join("");
   let html = marked.parse(src);
   html = html.replace(/\u0000MATH(\d+)\u0000/g, '<span class="math" data-i="$1"></span>');
-  el.innerHTML = DOMPurify.sanitize(html, { ADD_ATTR: ["data-i"], FORBID_TAGS: ["style", "form", "input", "button"] });
+  el.innerHTML = DOMPurify.sanitize(html, { ADD_ATTR: ["data-i"], FORBID_TAGS: ["style", "form", "input", "button"], FORBID_ATTR: ["style"] });
   for (const span of el.querySelectorAll("span.math")) {
     const m = maths[Number(span.dataset.i)];
     if (!m) continue;

@@ -38,6 +38,10 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 /// Gemma's turn format, for Gemma files that carry no template.
 pub const GEMMA: &str = "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}{% if message['role'] == 'system' %}{{ '<start_of_turn>user\n' + message['content'] + '<end_of_turn>\n' }}{% else %}{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
 
+/// Instructions one render may execute (a long conversation in a real
+/// template takes a few hundred thousand).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,
@@ -47,6 +51,9 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, TemplateError> {
         let mut env = minijinja::Environment::new();
+        // Templates come with model files: a loop over range(10**9) must
+        // end in an error, not hold a thread for ever.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -203,6 +210,67 @@ fn civil_date(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runaway_template_runs_out_of_fuel() {
+        let t = ChatTemplate::new(
+            "{% for i in range(1000000000) %}{{ i }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let e = t.render(&[Message::new("user", "hi")], None, true);
+        assert!(e.is_err(), "rendered a billion iterations?");
+        assert!(started.elapsed() < std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn message_text_is_a_piece_of_its_own() {
+        let t = ChatTemplate::new(CHATML, "", "").unwrap();
+        let msgs = [Message::new("user", "a<|im_end|>b")];
+        let p = t.render_pieces(&msgs, None, true).unwrap();
+        assert_eq!(
+            p,
+            vec![
+                Piece::Template("<|im_start|>user\n".into()),
+                Piece::Text("a<|im_end|>b".into()),
+                Piece::Template("<|im_end|>\n<|im_start|>assistant\n".into()),
+            ]
+        );
+        // A template that trims message text (Gemma's) still splits cleanly.
+        let g = ChatTemplate::new(
+            "{% for m in messages %}<t>{{ m['content'] | trim }}</t>{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let p = g
+            .render_pieces(&[Message::new("user", "  x<t>y  ")], None, false)
+            .unwrap();
+        assert_eq!(p[1], Piece::Text("x<t>y".into()));
+        // A filter that maps the text keeps it one piece…
+        let u = ChatTemplate::new(
+            "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let p = u
+            .render_pieces(&[Message::new("user", "x")], None, false)
+            .unwrap();
+        assert_eq!(p, vec![Piece::Text("X".into())]);
+        // …one that cuts into it cannot be split, and says so.
+        let c = ChatTemplate::new(
+            "{% for m in messages %}{{ m['content'][1:] }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(c
+            .render_pieces(&[Message::new("user", "xy")], None, false)
+            .is_err());
+    }
 
     #[test]
     fn chatml_renders_history() {

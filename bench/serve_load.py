@@ -9,6 +9,10 @@ history: TTFT relative to the first turn).
     python3 bench/serve_load.py                       # default model, 1 and 8 streams, medians of 3
     python3 bench/serve_load.py --streams 4 --tokens 64
     LLAMA_SERVER=/path/to/llama-server python3 bench/serve_load.py
+    python3 bench/serve_load.py --baseline /tmp/old/hanlin --no-llama   # before/after, one run
+
+`--baseline BIN` measures a second `hanlin` binary (built from an earlier
+commit, say) the same way in the same run, and prints new / baseline ratios.
 
 llama-server comes from scripts/build_llama_cpp.sh ($LLAMA_CPP_BIN, or found
 under ~/.cache/hanlin/llama.cpp); without it only Hanlin is measured.
@@ -152,13 +156,30 @@ def prefix_check(base, key, model):
     return first["ttft"], second["ttft"]
 
 
-def start_hanlin(model, threads, port, tmp):
+def start_hanlin(binary, model, threads, port, tmp):
     env = dict(os.environ, HANLIN_DATABASE_URL=f"sqlite://{tmp}/bench.db", HANLIN_LOG="warn")
-    key = subprocess.run([str(HANLIN), "admin", "key", "create", "--user", "bench", "--plan", "plus"],
+    key = subprocess.run([str(binary), "admin", "key", "create", "--user", "bench", "--plan", "plus"],
                          env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen([str(HANLIN), "-t", str(threads), "serve", "--port", str(port), "--model", model,
+    proc = subprocess.Popen([str(binary), "-t", str(threads), "serve", "--port", str(port), "--model", model,
                              "--ctx", "4096"], env=env, stdout=subprocess.DEVNULL)
     return proc, key
+
+
+def measure_hanlin(binary, name, args, rows):
+    """Load runs against one `hanlin serve` binary; returns the prefix-cache TTFTs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        proc, key = start_hanlin(binary, args.model, args.threads, port, tmp)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(base + "/health", proc)
+            run_load(base, key, args.model, 1, 8)  # warm-up (loads the model)
+            rows[name, 1] = median_load(base, key, args.model, 1, args.tokens, args.reps)
+            rows[name, args.streams] = median_load(base, key, args.model, args.streams, args.tokens, args.reps)
+            return prefix_check(base, key, args.model)
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 def find_llama_server():
@@ -180,26 +201,19 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--reps", type=int, default=3,
                     help="load runs per server and stream count; medians are printed")
+    ap.add_argument("--baseline", type=Path,
+                    help="another hanlin binary (an earlier build) to measure in the same run")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
     args = ap.parse_args()
     if not HANLIN.exists():
         subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
     gguf = subprocess.run([str(HANLIN), "show", args.model, "--path"], check=True,
                           capture_output=True, text=True).stdout.strip()
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        proc, key = start_hanlin(args.model, args.threads, port, tmp)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(base + "/health", proc)
-            run_load(base, key, args.model, 1, 8)  # warm-up (loads the model)
-            rows["hanlin", 1] = median_load(base, key, args.model, 1, args.tokens, args.reps)
-            rows["hanlin", args.streams] = median_load(base, key, args.model, args.streams, args.tokens, args.reps)
-            t1, t2 = prefix_check(base, key, args.model)
-        finally:
-            proc.terminate()
-            proc.wait()
-    llama = find_llama_server()
+    t1, t2 = measure_hanlin(HANLIN, "hanlin", args, rows)
+    if args.baseline:
+        b1, b2 = measure_hanlin(args.baseline, "baseline", args, rows)
+    llama = None if args.no_llama else find_llama_server()
     if llama:
         port = free_port()
         lib = str(llama.parent)
@@ -229,6 +243,12 @@ def main():
         ln = rows["llama-server", args.streams]
         print(f"hanlin / llama-server at {args.streams} streams: {hn['tok_s'] / ln['tok_s']:.2f}x")
         print(f"hanlin / llama-server at 1 stream: {h1['tok_s'] / rows['llama-server', 1]['tok_s']:.2f}x")
+    if args.baseline:
+        for n in (1, args.streams):
+            h, b = rows["hanlin", n], rows["baseline", n]
+            print(f"hanlin / baseline at {n} stream(s): {h['tok_s'] / b['tok_s']:.2f}x tok/s, "
+                  f"TTFT p50 {h['ttft_p50']:.2f}s vs {b['ttft_p50']:.2f}s")
+        print(f"baseline prefix cache: second-turn TTFT {b2:.3f}s vs first turn {b1:.3f}s = {b2 / b1:.0%}")
     print(f"prefix cache: second-turn TTFT {t2:.3f}s vs first turn {t1:.3f}s = {t2 / t1:.0%}")
 
 

@@ -8,3 +8,7 @@ CREATE TABLE settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- How many choices (`n`) one request of the plan may ask for: each is a
+-- sequence in the batch, so a plan must not fill it alone.
+ALTER TABLE plans ADD COLUMN max_n BIGINT NOT NULL DEFAULT 4;

@@ -81,6 +81,8 @@ pub struct Plan {
     pub models: Vec<String>,
     /// Scheduler priority: higher is admitted first under load.
     pub priority: i64,
+    /// The most choices (`n`) one request may ask for.
+    pub max_n: i64,
 }
 
 impl Plan {
@@ -344,7 +346,7 @@ impl Db {
     }
 
     pub async fn plan(&self, name: &str) -> Result<Plan, AccountError> {
-        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority FROM plans WHERE name = $1")
+        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n FROM plans WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -353,7 +355,7 @@ impl Db {
     }
 
     pub async fn plans(&self) -> Result<Vec<Plan>, AccountError> {
-        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority FROM plans ORDER BY priority, name")
+        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n FROM plans ORDER BY priority, name")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(plan_of).collect()
@@ -366,7 +368,7 @@ impl Db {
                 "a plan needs a name and at least one model (or *)".into(),
             ));
         }
-        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority")
+        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n")
             .bind(&p.name)
             .bind(p.requests_per_minute)
             .bind(p.tokens_per_minute)
@@ -374,6 +376,7 @@ impl Db {
             .bind(p.max_context)
             .bind(p.models.join(","))
             .bind(p.priority)
+            .bind(p.max_n.max(1))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -615,6 +618,7 @@ fn plan_of(row: &sqlx::any::AnyRow) -> Result<Plan, AccountError> {
         max_context: row.try_get(4)?,
         models: split_list(&row.try_get::<String, _>(5)?),
         priority: row.try_get(6)?,
+        max_n: row.try_get(7)?,
     })
 }
 

@@ -255,6 +255,7 @@ mod tests {
             max_context: 4096,
             models: vec!["*".into()],
             priority: 0,
+            max_n: 4,
         }
     }
 

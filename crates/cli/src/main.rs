@@ -333,6 +333,9 @@ enum PlanCmd {
         models: String,
         #[arg(long, default_value_t = 0)]
         priority: i64,
+        /// Most choices (`n`) one request may ask for
+        #[arg(long, default_value_t = 4)]
+        max_n: i64,
     },
 }
 
@@ -802,6 +805,7 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                     max_context,
                     models,
                     priority,
+                    max_n,
                 },
         } => {
             let plan = Plan {
@@ -812,6 +816,7 @@ async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 max_context,
                 models: models.split(',').map(|m| m.trim().to_string()).collect(),
                 priority,
+                max_n,
             };
             db.put_plan(&plan).await?;
             println!("plan {} saved", plan.name);

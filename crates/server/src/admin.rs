@@ -172,6 +172,12 @@ struct PlanBody {
     max_context: i64,
     models: Vec<String>,
     priority: i64,
+    #[serde(default = "default_max_n")]
+    max_n: i64,
+}
+
+fn default_max_n() -> i64 {
+    4
 }
 
 pub async fn put_plan(
@@ -189,6 +195,7 @@ pub async fn put_plan(
             "max_context",
             "models",
             "priority",
+            "max_n",
         ],
     )?;
     let plan = Plan {
@@ -199,6 +206,7 @@ pub async fn put_plan(
         max_context: p.max_context,
         models: p.models,
         priority: p.priority,
+        max_n: p.max_n,
     };
     st.db.put_plan(&plan).await.map_err(account_error)?;
     Ok(Json(json!(plan)))

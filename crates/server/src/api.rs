@@ -261,7 +261,7 @@ async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResul
         );
     }
     let params = req.sampling.to_params(max_new, logprobs, top)?;
-    let n = req.sampling.n()?;
+    let n = req.sampling.n(caller.plan.max_n)?;
     let constraints = match &schema {
         Some(schema) => (0..n)
             .map(|_| {
@@ -350,7 +350,7 @@ async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
     let params = req
         .sampling
         .to_params(max_new, req.logprobs.is_some(), top)?;
-    let n = req.sampling.n()?;
+    let n = req.sampling.n(caller.plan.max_n)?;
     let run = Run {
         id: request.id().to_string(),
         created: request.created(),

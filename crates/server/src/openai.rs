@@ -279,11 +279,13 @@ impl Sampling {
         })
     }
 
-    pub fn n(&self) -> Result<usize, ApiError> {
+    /// The number of choices, at most `max` (the caller's plan's `max_n`).
+    pub fn n(&self, max: i64) -> Result<usize, ApiError> {
+        let max = max.clamp(1, 16) as u32;
         match self.n.unwrap_or(1) {
-            n @ 1..=16 => Ok(n as usize),
+            n if (1..=max).contains(&n) => Ok(n as usize),
             n => Err(ApiError::bad_request(format!(
-                "{n} is not a valid value for 'n': it must be between 1 and 16."
+                "{n} is not a valid value for 'n': your plan allows 1 to {max}."
             ))
             .param("n")
             .code("invalid_value")),

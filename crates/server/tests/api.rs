@@ -234,6 +234,7 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         max_context: 2048,
         models: vec!["*".into()],
         priority: 0,
+        max_n: 4,
     })
     .await;
     let key = srv.user_key("burst", "tiny").await;
@@ -275,6 +276,7 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         max_context: 2048,
         models: vec!["*".into()],
         priority: 0,
+        max_n: 4,
     })
     .await;
     let key = srv.user_key("saver", "daily").await;

@@ -343,7 +343,7 @@ impl Db {
         }
         let id = format!("msg-{}", random_token(20));
         let t = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let seq: i64 = sqlx::query(
             "SELECT CAST(COALESCE(MAX(seq), 0) + 1 AS BIGINT) FROM messages WHERE conversation_id = $1",
         )

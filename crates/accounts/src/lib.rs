@@ -282,6 +282,20 @@ pub struct Db {
 impl Db {
     /// Open (creating if needed) and migrate the database at `url`:
     /// `sqlite://path` or `postgres://…`.
+    /// A transaction that will write. On SQLite it takes the write lock at
+    /// once (`BEGIN IMMEDIATE`): a transaction that reads first and writes
+    /// later fails with "database is locked" when another writer got in
+    /// between, whatever the busy timeout.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, AccountError> {
+        Ok(if self.postgres {
+            self.pool.begin().await?
+        } else {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        })
+    }
+
     pub async fn connect(url: &str) -> Result<Self, AccountError> {
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres");

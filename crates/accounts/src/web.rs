@@ -310,7 +310,7 @@ impl Db {
             .ok_or_else(|| AccountError::UnknownUser(name.into()))?;
         self.end_sessions_of(&user.id).await?;
         self.revoke_keys_of(&user.id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM messages WHERE conversation_id IN (SELECT id FROM conversations WHERE user_id = $1)")
             .bind(&user.id)
             .execute(&mut *tx)

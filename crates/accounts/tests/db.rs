@@ -536,6 +536,37 @@ async fn sqlite_accounts() {
     assert!(db.user_by_name("alice").await.expect("db").is_some());
 }
 
+/// Messages added concurrently to one conversation: on SQLite each was a
+/// transaction that read first and wrote later, and one whose read came
+/// before another's commit failed ("database is locked").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_messages_are_all_stored() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = format!("sqlite://{}", dir.path().join("hanlin.db").display());
+    let db = Db::connect(&url).await.expect("connect");
+    let u = db
+        .ensure_user("busy", Role::User, None)
+        .await
+        .expect("user");
+    let c = db
+        .create_conversation(&u.id, "t", "", "m", &json!({}))
+        .await
+        .expect("conversation");
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (db, uid, cid) = (db.clone(), u.id.clone(), c.id.clone());
+        tasks.push(tokio::spawn(async move {
+            db.add_message(&uid, &cid, None, "user", &format!("第{i}条"), "done", None)
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("every message is stored");
+    }
+    let msgs = db.messages(&u.id, &c.id).await.expect("db").expect("conv");
+    assert_eq!(msgs.len(), 32);
+}
+
 #[tokio::test]
 async fn postgres_accounts() {
     let Ok(url) = std::env::var("HANLIN_TEST_POSTGRES_URL") else {

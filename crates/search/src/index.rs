@@ -361,9 +361,13 @@ impl KnowledgeBase {
             .append(true)
             .open(self.dir.join("docs.jsonl"))?;
         let mut report = AddReport::default();
+        // Ids join `self.ids` only once the documents are committed: a
+        // failed add (a full disk) must not make a retry skip them as
+        // duplicates.
+        let mut fresh: HashSet<String> = HashSet::new();
         for (i, doc) in docs.into_iter().enumerate() {
             let id = doc_id(&doc.text);
-            if !self.ids.insert(id.clone()) {
+            if self.ids.contains(&id) || !fresh.insert(id.clone()) {
                 report.duplicates += 1;
                 progress(i + 1);
                 continue;
@@ -391,6 +395,7 @@ impl KnowledgeBase {
         }
         log.sync_data()?;
         writer.commit().map_err(|e| corrupt(&self.dir, e))?;
+        self.ids.extend(fresh);
         self.reader.reload().map_err(|e| corrupt(&self.dir, e))?;
         if let Some(e) = embedder {
             self.embed_passages(e, to_embed)?;

@@ -107,18 +107,6 @@ impl Models {
             .map_err(|e| ApiError::internal(e.to_string()))?
             .ok_or_else(|| ApiError::model_not_found(name))?;
         let path = self.store.blob_path(&manifest.sha256);
-        // Make room first: least recently used models go.
-        {
-            let mut loaded = self.lock();
-            loaded.sort_by_key(|l| l.last_used);
-            while !loaded.is_empty()
-                && loaded.iter().map(Loaded::memory).sum::<u64>() + manifest.size
-                    > self.budget_bytes
-            {
-                let gone = loaded.remove(0);
-                tracing::info!(model = %gone.name, "evicting model (memory budget)");
-            }
-        }
         let threads = self.threads;
         let cfg = self.sched.clone();
         let model_name = name.to_string();
@@ -134,6 +122,20 @@ impl Models {
             secs = started.elapsed().as_secs_f32(),
             "model loaded"
         );
+        // Only now that the new model is known to load (header, shapes,
+        // tokenizer, template) do the least recently used ones make room:
+        // a broken file costs nobody their loaded model.
+        {
+            let mut loaded = self.lock();
+            loaded.sort_by_key(|l| l.last_used);
+            while !loaded.is_empty()
+                && loaded.iter().map(Loaded::memory).sum::<u64>() + manifest.size
+                    > self.budget_bytes
+            {
+                let gone = loaded.remove(0);
+                tracing::info!(model = %gone.name, "evicting model (memory budget)");
+            }
+        }
         self.lock().push(Loaded {
             name: name.to_string(),
             sched: sched.clone(),

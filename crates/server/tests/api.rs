@@ -485,6 +485,27 @@ async fn models_load_on_demand_and_the_least_recently_used_is_evicted() {
         models["data"].as_array().map_or(0, Vec::len) >= 3,
         "{models}"
     );
+    // A model whose file does not load evicts nobody: the loaded model
+    // stays (it used to be evicted before the load was tried).
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = dir.path().join("broken.gguf");
+    let mut junk = b"GGUF".to_vec();
+    // 40 MB: with the 491 MB default model that is over the 520 MB budget.
+    junk.extend(std::iter::repeat_n(0xA5u8, 40 << 20));
+    std::fs::write(&bad, &junk).expect("write");
+    let name = format!("broken-{}", std::process::id());
+    let store = hanlin_store::Store::open(hanlin_store::Store::default_home()).expect("store");
+    store.import_file(&name, &bad).expect("import");
+    let (s, v) = ask_named(&srv.base, &key, &name).await;
+    store.remove(&name).expect("remove");
+    assert!(s >= 500, "{v}");
+    assert_eq!(loaded(), [common::QWEN], "the loaded model stayed");
+}
+
+async fn ask_named(base: &str, key: &str, model: &str) -> (u16, Value) {
+    let body =
+        json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    post(base, "/v1/chat/completions", key, body).await
 }
 
 /// The same API from `curl`, as a shell user would call it.

@@ -27,8 +27,8 @@ impl FromRequestParts<Arc<AppState>> for ClientAddr {
     ) -> Result<Self, Self::Rejection> {
         let peer = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
+            .get::<ConnectInfo<PeerAddr>>()
+            .map(|c| c.0 .0.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         Ok(ClientAddr(client_addr(
             peer,
@@ -216,5 +216,209 @@ mod tests {
         t.succeeded("root", a);
         assert!(t.wait("root", a).is_none());
         assert_eq!(Throttle::wait_after(FREE_FAILURES + 40), MAX_WAIT);
+    }
+}
+
+/// Limits on connections, enforced where they are accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Open connections in all.
+    pub max: usize,
+    /// Open connections from one client address.
+    pub per_addr: usize,
+    /// A connection that neither sends nor is sent anything for this long
+    /// while the server waits on it is closed (a client that opens
+    /// connections and sends nothing cannot hold them for ever). Longer than
+    /// a whole non-streamed answer, during which neither side writes.
+    pub idle: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max: 1024,
+            per_addr: 64,
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A TCP listener that holds a connection slot (overall and per address)
+/// for each connection it hands out, and closes idle ones.
+pub struct CappedListener {
+    inner: tokio::net::TcpListener,
+    limits: ConnLimits,
+    slots: Arc<tokio::sync::Semaphore>,
+    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl CappedListener {
+    pub fn new(inner: tokio::net::TcpListener, limits: ConnLimits) -> Self {
+        Self {
+            inner,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max.max(1))),
+            per_addr: Arc::default(),
+            limits,
+        }
+    }
+}
+
+/// One accepted connection: its slots are given back when it closes.
+pub struct Conn {
+    io: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    addr: IpAddr,
+    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let mut m = self.per_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.addr);
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn touch(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(at);
+    }
+
+    /// Whether the connection has been idle too long (polled while the
+    /// server waits on it).
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        std::future::Future::poll(self.deadline.as_mut(), cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection closed")
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.touch();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.touch();
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // Wait for a free slot before accepting: beyond the cap, new
+            // connections queue in the kernel's backlog.
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                continue;
+            };
+            let (io, addr) = match self.inner.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            {
+                let mut m = self.per_addr.lock().unwrap_or_else(|e| e.into_inner());
+                let n = m.entry(addr.ip()).or_insert(0);
+                if *n >= self.limits.per_addr {
+                    tracing::warn!(client = %addr.ip(), "too many connections from one address");
+                    continue; // dropping `io` closes it
+                }
+                *n += 1;
+            }
+            let _ = io.set_nodelay(true);
+            let idle = self.limits.idle;
+            let conn = Conn {
+                io,
+                _slot: slot,
+                addr: addr.ip(),
+                per_addr: self.per_addr.clone(),
+                idle,
+                deadline: Box::pin(tokio::time::sleep(idle)),
+            };
+            return (conn, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The connection's peer, as axum's `ConnectInfo` (from either listener).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
     }
 }

@@ -251,6 +251,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(web_app)
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        // A body must arrive within this time once the handler reads it.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_secs(60),
+        ))
         .with_state(state)
 }
 
@@ -286,7 +290,8 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
             "This server has no administrator yet. Open http://{local}/ and register with the setup token\n\n    {token}\n\n(or create one with `hanlin admin user create NAME --admin`)."
         );
     }
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state).into_make_service_with_connect_info::<guard::PeerAddr>();
+    let listener = guard::CappedListener::new(listener, guard::ConnLimits::default());
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -502,3 +502,48 @@ async fn metrics_feeds_and_disabled_users_are_for_admins() {
     .await;
     assert!(!v.to_string().contains("reader"), "{v}");
 }
+
+/// There was no limit on connections and none on how long one could sit
+/// idle: one client could hold every socket the server had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_per_address_and_idle_ones_closed() {
+    use hanlin_server::guard::{CappedListener, ConnLimits, PeerAddr};
+    let s = start().await;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = tcp.local_addr().expect("addr");
+    let limits = ConnLimits {
+        max: 16,
+        per_addr: 2,
+        idle: Duration::from_millis(300),
+    };
+    let app =
+        hanlin_server::router(s.state.clone()).into_make_service_with_connect_info::<PeerAddr>();
+    tokio::spawn(async move { axum::serve(CappedListener::new(tcp, limits), app).await });
+    let closed = |mut c: std::net::TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut b = [0u8; 16];
+        matches!(c.read(&mut b), Ok(0) | Err(_))
+    };
+    tokio::task::spawn_blocking(move || {
+        let a = std::net::TcpStream::connect(addr).expect("a");
+        let b = std::net::TcpStream::connect(addr).expect("b");
+        // A third from the same address is closed at once…
+        let c = std::net::TcpStream::connect(addr).expect("c");
+        assert!(closed(c), "a third connection from one address is refused");
+        // …and the two that sent nothing are closed when idle.
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(closed(a) && closed(b), "idle connections are closed");
+        // Their slots are free again: a request gets its answer.
+        let mut d = std::net::TcpStream::connect(addr).expect("d");
+        d.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut reply = String::new();
+        d.read_to_string(&mut reply).expect("read");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    })
+    .await
+    .expect("task");
+}

@@ -95,7 +95,7 @@ pub async fn serve(state: Arc<AppState>) -> String {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let app = hanlin_server::router(state);
     tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let app = app.into_make_service_with_connect_info::<hanlin_server::guard::PeerAddr>();
         axum::serve(listener, app).await.expect("serve");
     });
     base

@@ -406,6 +406,7 @@ try {
     // Sign-up needs approval by default: the account waits for the admin.
     await p2.waitForFunction(() => document.querySelector("#login-info").textContent.length > 0);
     assert.equal(await p2.isVisible("#app"), false);
+    await p2.fill("#login-password", "国破山河在城春草木深");
     await p2.click("#login-submit");
     await p2.waitForFunction(() => document.querySelector("#login-error").textContent.length > 0);
     assert.match(await p2.textContent("#login-error"), /approv/i);
@@ -416,6 +417,7 @@ try {
     await page.click("#admin-users .approve-user");
     await page.waitForFunction(() => !document.querySelector("#admin-users .approve-user"));
     await page.click("#admin-dialog .close");
+    await p2.fill("#login-password", "国破山河在城春草木深");
     await p2.click("#login-submit");
     await p2.waitForSelector("#app:not([hidden])");
     assert.equal(await p2.isVisible("#open-admin"), false, "only the first account is admin");

@@ -175,26 +175,6 @@ impl Limiter {
         users.get(user_id).is_some_and(|w| w.day == day)
     }
 
-    /// Check the plan's limits for a request that needs up to `needed`
-    /// tokens and reserve them. `spent_today` is read from the database the
-    /// first time a user is seen each day (so restarts keep daily quotas).
-    /// Nothing is counted when any limit refuses.
-    pub fn admit(
-        &self,
-        user_id: &str,
-        plan: &Plan,
-        needed: i64,
-        spent_today: impl FnOnce() -> i64,
-    ) -> Result<Reservation, LimitError> {
-        let now = Instant::now();
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let (w, today) = window(&mut users, user_id, now, spent_today);
-        check_requests(w, plan, now)?;
-        let r = reserve_in(user_id, w, plan, needed, now, today)?;
-        w.requests.push_back(now);
-        Ok(r)
-    }
-
     /// Count one request against the plan's requests per minute, before
     /// any work is done for it (the cheap check comes first: a refused
     /// request costs no tokenizing).
@@ -246,6 +226,18 @@ impl Limiter {
 mod tests {
     use super::*;
 
+    /// A whole admission: the request counted, then its tokens reserved.
+    fn admit(
+        l: &Limiter,
+        user: &str,
+        p: &Plan,
+        needed: i64,
+        spent: impl FnOnce() -> i64,
+    ) -> Result<Reservation, LimitError> {
+        l.count_request(user, p)?;
+        l.reserve(user, p, needed, spent)
+    }
+
     fn plan(rpm: i64, tpm: i64, tpd: i64) -> Plan {
         Plan {
             name: "t".into(),
@@ -267,42 +259,42 @@ mod tests {
         std::thread::scope(|s| {
             for _ in 0..64 {
                 s.spawn(|| {
-                    if l.admit("u", &p, 1, || 0).is_ok() {
+                    if admit(&l, "u", &p, 1, || 0).is_ok() {
                         admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                 });
             }
         });
         assert_eq!(admitted.into_inner(), 10);
-        match l.admit("u", &p, 1, || 0) {
+        match admit(&l, "u", &p, 1, || 0) {
             Err(LimitError::Requests { retry_after, .. }) => {
                 assert!(retry_after <= MINUTE && retry_after > Duration::from_secs(50))
             }
             other => panic!("{other:?}"),
         }
         // Other users are not affected.
-        assert!(l.admit("v", &p, 1, || 0).is_ok());
+        assert!(admit(&l, "v", &p, 1, || 0).is_ok());
     }
 
     #[test]
     fn token_limits_count_reservations_then_actual_use() {
         let l = Limiter::default();
         let p = plan(100, 1000, 1500);
-        let r = l.admit("u", &p, 800, || 0).expect("fits");
+        let r = admit(&l, "u", &p, 800, || 0).expect("fits");
         assert!(matches!(
-            l.admit("u", &p, 300, || 0),
+            admit(&l, "u", &p, 300, || 0),
             Err(LimitError::TokensPerMinute { .. })
         ));
         // It used only 100 of the 800 it reserved.
         l.settle(r, 100);
-        let r2 = l.admit("u", &p, 800, || 0).expect("fits after settling");
+        let r2 = admit(&l, "u", &p, 800, || 0).expect("fits after settling");
         l.settle(r2, 800);
         // 900 spent today; the daily quota (1500) refuses 700 more, with the
         // time to midnight.
         let l2 = l.clone();
         let mut p2 = p.clone();
         p2.tokens_per_minute = 1_000_000;
-        match l2.admit("u", &p2, 700, || 0) {
+        match admit(&l2, "u", &p2, 700, || 0) {
             Err(e @ LimitError::TokensPerDay { .. }) => {
                 assert!(e.retry_after() <= Duration::from_secs(86_400))
             }
@@ -337,11 +329,9 @@ mod tests {
         let l = Limiter::default();
         let p = plan(100, 1_000_000, 1000);
         assert!(matches!(
-            l.admit("u", &p, 10, || 995),
+            admit(&l, "u", &p, 10, || 995),
             Err(LimitError::TokensPerDay { .. })
         ));
-        assert!(l
-            .admit("u", &p, 5, || unreachable!("read once per day"))
-            .is_ok());
+        assert!(admit(&l, "u", &p, 5, || unreachable!("read once per day")).is_ok());
     }
 }

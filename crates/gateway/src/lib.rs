@@ -211,6 +211,19 @@ struct JobCounts {
     completion: i64,
 }
 
+impl JobCounts {
+    /// The backend started the job (first report wins); whether this is it.
+    fn start(&mut self, prompt: usize, cached: usize) -> bool {
+        if self.started {
+            return false;
+        }
+        self.started = true;
+        self.prompt = prompt as i64;
+        self.cached = cached as i64;
+        true
+    }
+}
+
 /// One admitted request: reserve, submit, read events, finish.
 pub struct Request {
     gw: Arc<Gateway>,
@@ -361,10 +374,7 @@ impl Request {
                 prompt_tokens,
                 cached_tokens,
             } => {
-                if !j.started {
-                    j.started = true;
-                    j.prompt = *prompt_tokens as i64;
-                    j.cached = *cached_tokens as i64;
+                if j.start(*prompt_tokens, *cached_tokens) {
                     self.checkpoint(true);
                 }
             }
@@ -395,11 +405,7 @@ impl Request {
                 completion_tokens,
                 ..
             } => {
-                if !j.started {
-                    j.started = true;
-                    j.prompt = *prompt_tokens as i64;
-                    j.cached = *cached_tokens as i64;
-                }
+                j.start(*prompt_tokens, *cached_tokens);
                 j.completion = *completion_tokens as i64;
             }
             Event::Failed(_)

@@ -12,3 +12,10 @@ CREATE TABLE settings (
 -- How many choices (`n`) one request of the plan may ask for: each is a
 -- sequence in the batch, so a plan must not fill it alone.
 ALTER TABLE plans ADD COLUMN max_n BIGINT NOT NULL DEFAULT 4;
+
+-- Who may read (search, ask) each knowledge base: '*' everyone, '' admins
+-- only, else comma-separated user ids. No row: everyone.
+CREATE TABLE kb_readers (
+    kb TEXT PRIMARY KEY,
+    readers TEXT NOT NULL
+);

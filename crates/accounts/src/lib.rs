@@ -9,6 +9,7 @@
 //! app's conversations and personas in [`chats`].
 
 pub mod chats;
+pub mod kb;
 pub mod limits;
 pub mod web;
 
@@ -350,6 +351,8 @@ impl Db {
             "api_keys",
             "users",
             "plans",
+            "settings",
+            "kb_readers",
             "_sqlx_migrations",
         ] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))

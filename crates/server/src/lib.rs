@@ -226,6 +226,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/kb", get(search::list_kbs))
         .route("/v1/kb/{name}", put(search::create_kb))
         .route("/v1/kb/{name}/feeds", post(search::add_feed))
+        .route("/v1/kb/{name}/readers", put(search::put_readers))
         .route(
             "/v1/kb/{name}/files",
             post(search::upload_file).layer(DefaultBodyLimit::max(search::MAX_UPLOAD_BYTES)),

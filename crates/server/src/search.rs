@@ -17,6 +17,7 @@ use crate::extract::{AdminCaller, ApiCaller, Body, JsonBody};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
+use hanlin_accounts::kb::Readers;
 use hanlin_engine::Event;
 use hanlin_gateway::{Endpoint, Request, Work};
 use hanlin_search::answer;
@@ -199,6 +200,7 @@ pub async fn search(
         .param("query"));
     }
     let names = b.kb.list()?;
+    check_readable(&st, &caller.user, &names).await?;
     // Searches count against the plan's requests per minute and are
     // recorded (no tokens) like every other request.
     let mut request = st.gw.admit(&caller, Endpoint::Search, "search")?;
@@ -220,6 +222,70 @@ struct CreateBody {
     /// The embedding model for dense retrieval; `null` for BM25 only.
     #[serde(default = "default_embedder")]
     embedder: Option<String>,
+    /// Who may search it (default: everyone).
+    readers: Option<ReadersBody>,
+}
+
+/// `"everyone"`, `"admins"`, or a list of user names.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum ReadersBody {
+    Word(String),
+    Names(Vec<String>),
+}
+
+impl ReadersBody {
+    async fn resolve(&self, st: &AppState) -> AppResult<Readers> {
+        match self {
+            ReadersBody::Word(w) if w == "everyone" => Ok(Readers::Everyone),
+            ReadersBody::Word(w) if w == "admins" => Ok(Readers::Admins),
+            ReadersBody::Word(w) => Err(ApiError::bad_request(format!(
+                "'readers' is \"everyone\", \"admins\" or a list of user names, not {w:?}."
+            ))
+            .param("readers")),
+            ReadersBody::Names(n) => st
+                .db
+                .readers_named(n)
+                .await
+                .map_err(crate::admin::account_error),
+        }
+    }
+}
+
+/// Refuse the knowledge bases `user` may not read, as if they did not
+/// exist (404: a name is not confirmed to a stranger).
+pub(crate) async fn check_readable(
+    st: &AppState,
+    user: &hanlin_accounts::User,
+    names: &[String],
+) -> AppResult<()> {
+    for n in names {
+        if !st.db.kb_readers(n).await?.allows(user) {
+            return Err(
+                ApiError::not_found(format!("No knowledge base {n:?}.")).code("kb_not_found")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `PUT /v1/kb/{name}/readers` (admin): `{"readers": "everyone" | "admins" | ["alice", …]}`.
+pub async fn put_readers(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    _: AdminCaller,
+    JsonBody(b): JsonBody<ReadersPut>,
+) -> AppResult<Json<Value>> {
+    kb_dir(&st.kbs.root, &name).map_err(search_error)?;
+    let readers = b.readers.resolve(&st).await?;
+    st.db.set_kb_readers(&name, &readers).await?;
+    Ok(Json(json!({"kb": name, "readers": readers})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadersPut {
+    readers: ReadersBody,
 }
 
 fn default_embedder() -> Option<String> {
@@ -237,6 +303,7 @@ pub async fn create_kb(
     let b: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
         CreateBody {
             embedder: default_embedder(),
+            readers: None,
         }
     } else {
         serde_json::from_slice(&body)
@@ -253,13 +320,20 @@ pub async fn create_kb(
             .param("embedder"));
         }
     }
+    let readers = match &b.readers {
+        Some(r) => r.resolve(&st).await?,
+        None => Readers::Everyone,
+    };
     let st2 = st.clone();
     let n = name.clone();
     let config = KbConfig {
         embedder: b.embedder.clone(),
     };
     blocking(move || st2.kbs.create(&n, config)).await?;
-    Ok(Json(json!({"created": name, "embedder": b.embedder})))
+    st.db.set_kb_readers(&name, &readers).await?;
+    Ok(Json(
+        json!({"created": name, "embedder": b.embedder, "readers": readers}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -399,15 +473,26 @@ pub async fn upload_file(
     ))
 }
 
-/// Every knowledge base with its document count and, for admins, its
-/// feeds' state (feed URLs and their errors — "connection refused" on an
-/// internal address — are not for every user to read).
-pub(crate) async fn kb_list(st: &Arc<AppState>, admin: bool) -> AppResult<Vec<Value>> {
+/// The knowledge bases `user` may read, with their document counts and,
+/// for admins, their readers and feeds' state (feed URLs and their errors —
+/// "connection refused" on an internal address — are not for every user).
+pub(crate) async fn kb_list(
+    st: &Arc<AppState>,
+    user: &hanlin_accounts::User,
+) -> AppResult<Vec<Value>> {
+    let admin = user.role == hanlin_accounts::Role::Admin;
+    let mut readable = Vec::new();
+    for name in hanlin_search::list(&st.kbs.root) {
+        let readers = st.db.kb_readers(&name).await?;
+        if readers.allows(user) {
+            readable.push((name, readers));
+        }
+    }
     let st2 = st.clone();
     blocking(move || {
         let root = &st2.kbs.root;
         let mut out = Vec::new();
-        for name in hanlin_search::list(root) {
+        for (name, readers) in readable {
             let (documents, embedder, vectors) = match st2.kbs.get(&name) {
                 Ok(kb) => {
                     let kb = kb.lock().map_err(|_| poisoned())?;
@@ -422,6 +507,7 @@ pub(crate) async fn kb_list(st: &Arc<AppState>, admin: bool) -> AppResult<Vec<Va
             let mut v = json!({"object": "knowledge_base", "name": name, "documents": documents, "usable": documents.is_some(), "embedder": embedder, "vectors": vectors});
             if admin {
                 v["feeds"] = json!(feed::load(&root.join(&name)).unwrap_or_default());
+                v["readers"] = json!(readers);
             }
             out.push(v);
         }
@@ -436,9 +522,8 @@ pub async fn list_kbs(
     State(st): State<Arc<AppState>>,
     ApiCaller(caller): ApiCaller,
 ) -> AppResult<Json<Value>> {
-    let admin = caller.user.role == hanlin_accounts::Role::Admin;
     Ok(Json(
-        json!({"object": "list", "data": kb_list(&st, admin).await?}),
+        json!({"object": "list", "data": kb_list(&st, &caller.user).await?}),
     ))
 }
 
@@ -518,6 +603,7 @@ pub async fn ask(
         .param("question"));
     }
     let names = b.kb.list()?;
+    check_readable(&st, &caller.user, &names).await?;
     let model = b.model.unwrap_or_else(|| st.config.default_model.clone());
     let request = st.gw.admit(&caller, Endpoint::Ask, &model)?;
     let passages = retrieve(&st, names, b.question.clone(), 5).await?;

@@ -632,6 +632,7 @@ pub async fn send_message(
             .last()
             .map(|m| m.content.clone())
             .unwrap_or_default();
+        crate::search::check_readable(&st, &s.user, &kbs).await?;
         let passages = crate::search::retrieve(&st, kbs, question.clone(), 5).await?;
         match answer::plan(&question, passages, hanlin_accounts::now()) {
             answer::Plan::Decline(g) => declined = Some(g.checked.text),
@@ -886,9 +887,8 @@ pub async fn knowledge_bases(
     State(st): State<Arc<AppState>>,
     WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
-    let admin = s.user.role == Role::Admin;
     Ok(Json(
-        json!({"object": "list", "data": crate::search::kb_list(&st, admin).await?}),
+        json!({"object": "list", "data": crate::search::kb_list(&st, &s.user).await?}),
     ))
 }
 

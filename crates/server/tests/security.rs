@@ -547,3 +547,67 @@ async fn connections_are_capped_per_address_and_idle_ones_closed() {
     .await
     .expect("task");
 }
+
+/// Every user could search and ask every knowledge base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knowledge_bases_have_readers() {
+    let s = start().await;
+    let base = &s.base;
+    let alice = s.user_key("alice", "free").await;
+    let bob = s.user_key("bob", "free").await;
+    let (st, v, _) = call(
+        M::PUT,
+        format!("{base}/v1/kb/hr"),
+        Some(&s.admin_key),
+        Some(json!({"embedder": null, "readers": ["alice"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let docs = json!({"documents": [{"title": "薪资", "text": "张三的月薪是两万元。"}]});
+    let (st, _, _) = call(
+        M::POST,
+        format!("{base}/v1/kb/hr/documents"),
+        Some(&s.admin_key),
+        Some(docs),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let search = |key: String| {
+        let base = base.clone();
+        async move {
+            call(
+                M::POST,
+                format!("{base}/v1/search"),
+                Some(&key),
+                Some(json!({"kb": "hr", "query": "张三月薪"})),
+            )
+            .await
+        }
+    };
+    let (st, v, _) = search(alice.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["data"][0]["text"].as_str().unwrap_or("").contains("两万"));
+    let (st, v, _) = search(bob.clone()).await;
+    assert_eq!((st, code(&v)), (404, "kb_not_found"), "{v}");
+    let (st, v, _) = call(
+        M::POST,
+        format!("{base}/v1/ask"),
+        Some(&bob),
+        Some(json!({"kb": "hr", "question": "张三的月薪是多少？"})),
+    )
+    .await;
+    assert_eq!(st, 404, "{v}");
+    let (_, v, _) = call(M::GET, format!("{base}/v1/kb"), Some(&bob), None).await;
+    assert_eq!(v["data"], json!([]), "{v}");
+    // Opened to everyone, bob reads it too.
+    let (st, v, _) = call(
+        M::PUT,
+        format!("{base}/v1/kb/hr/readers"),
+        Some(&s.admin_key),
+        Some(json!({"readers": "everyone"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _, _) = search(bob).await;
+    assert_eq!(st, 200);
+}

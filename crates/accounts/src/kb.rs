@@ -21,7 +21,7 @@ impl Readers {
             || match self {
                 Readers::Everyone => true,
                 Readers::Admins => false,
-                Readers::Users(ids) => ids.iter().any(|i| *i == user.id),
+                Readers::Users(ids) => ids.contains(&user.id),
             }
     }
 

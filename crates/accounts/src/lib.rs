@@ -8,6 +8,7 @@
 //! browser sign-in (argon2 passwords, cookie sessions) in [`web`]; the web
 //! app's conversations and personas in [`chats`].
 
+pub mod chatgpt;
 pub mod chats;
 pub mod kb;
 pub mod limits;

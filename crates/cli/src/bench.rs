@@ -1,0 +1,181 @@
+//! `hanlin bench`: prefill and decode speed, batched decode, memory bandwidth.
+
+use super::*;
+
+/// Multi-threaded read bandwidth over a 1 GiB buffer (median of 5 passes).
+pub(crate) fn read_bandwidth(threads: usize, json: bool) -> Result<()> {
+    let pool = hanlin_kernels::ThreadPool::new(threads);
+    let n = (1usize << 30) / 4;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let chunk = 1 << 16;
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let total = std::sync::Mutex::new(0f32);
+        let t = Instant::now();
+        pool.for_chunks(n / chunk, 4, &|r| {
+            let mut acc = [0f32; 16];
+            for c in r {
+                for b in buf[c * chunk..(c + 1) * chunk].chunks_exact(16) {
+                    for (a, v) in acc.iter_mut().zip(b) {
+                        *a += v;
+                    }
+                }
+            }
+            if let Ok(mut t) = total.lock() {
+                *t += acc.iter().sum::<f32>();
+            }
+        });
+        rates.push((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        std::hint::black_box(total);
+    }
+    let bw = median(rates);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"read_gb_s": bw, "threads": threads})
+        );
+    } else {
+        println!("read bandwidth {bw:.1} GB/s ({threads} threads)");
+    }
+    Ok(())
+}
+
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub(crate) struct BenchSizes {
+    pub(crate) n_prompt: usize,
+    pub(crate) n_gen: usize,
+    pub(crate) batch: usize,
+}
+
+/// Aggregate decode rate of `batch` sequences stepped together: each gets a
+/// different 64-token prompt, then `n_gen` steps feed every sequence one
+/// token through one `forward_batch`.
+pub(crate) fn batched_decode(
+    m: &LoadedModel,
+    batch: usize,
+    n_gen: usize,
+    vocab: u32,
+) -> Result<f64> {
+    use hanlin_engine::{BatchSeq, KvCache, Logits};
+    let cfg = &m.model.cfg;
+    let mut caches: Vec<KvCache> = (0..batch)
+        .map(|_| KvCache::new(cfg.n_layer, cfg.kv_dim(), 64 + n_gen + 1))
+        .collect();
+    // Step 0 feeds each sequence a different prompt (not timed); each later
+    // step one token each.
+    let mut inputs: Vec<Vec<u32>> = (0..batch as u32)
+        .map(|b| {
+            (0..64u32)
+                .map(|i| (i * 7919 + b * 104_729 + 13) % vocab.min(30000))
+                .collect()
+        })
+        .collect();
+    let mut t = Instant::now();
+    for step in 0..=n_gen {
+        if step == 1 {
+            t = Instant::now();
+        }
+        let mut batch_seqs: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&inputs)
+            .map(|(cache, tokens)| BatchSeq {
+                tokens,
+                cache,
+                want: Logits::Last,
+            })
+            .collect();
+        inputs = m
+            .model
+            .forward_batch(&m.pool, &mut batch_seqs)?
+            .iter()
+            .map(|l| vec![hanlin_engine::sampler::argmax(l)])
+            .collect();
+    }
+    Ok((batch * n_gen) as f64 / t.elapsed().as_secs_f64())
+}
+
+pub(crate) fn bench(
+    store: &Store,
+    model: &str,
+    threads: usize,
+    sizes: BenchSizes,
+    reps: usize,
+    json: bool,
+) -> Result<()> {
+    let BenchSizes {
+        n_prompt,
+        n_gen,
+        batch,
+    } = sizes;
+    let m = load(store, model, threads)?;
+    let vocab = m.model.cfg.vocab_size as u32;
+    // A fixed, ordinary token sequence (like llama-bench, content does not matter for speed).
+    let prompt: Vec<u32> = (0..n_prompt as u32)
+        .map(|i| (i * 7919 + 13) % vocab.min(30000))
+        .collect();
+    let reps = reps.max(1);
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    let mut bg = Vec::new();
+    for _ in 0..reps {
+        let mut s = m.new_session(n_prompt + n_gen + 1);
+        if n_prompt > 0 {
+            let t = Instant::now();
+            s.prefill(&prompt)?;
+            pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        if n_gen > 0 {
+            let mut s = m.new_session(n_gen + 2);
+            s.prefill(&[prompt.first().copied().unwrap_or(1)])?;
+            let t = Instant::now();
+            let mut tok = 1u32;
+            for _ in 0..n_gen {
+                let logits = s.step(tok)?;
+                tok = hanlin_engine::sampler::argmax(&logits);
+            }
+            tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+        }
+        if batch > 0 && n_gen > 0 {
+            bg.push(batched_decode(&m, batch, n_gen, vocab)?);
+        }
+    }
+    let pp = if pp.is_empty() { 0.0 } else { median(pp) };
+    let tg = if tg.is_empty() { 0.0 } else { median(tg) };
+    let bg = if bg.is_empty() { 0.0 } else { median(bg) };
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"model": model, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen,
+                "prefill_tok_s": pp, "decode_tok_s": tg, "batch": batch,
+                "batched_decode_tok_s": bg, "peak_rss_bytes": rss,
+                "simd": format!("{:?}", hanlin_engine::simd_level())})
+        );
+    } else {
+        println!(
+            "model    {model} ({threads} threads, {:?})",
+            hanlin_engine::simd_level()
+        );
+        println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
+        println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");
+        if batch > 0 {
+            println!(
+                "batched  {bg:8.1} tok/s  ({batch} sequences × {n_gen} tokens, aggregate, {:.2}× one sequence)",
+                bg / tg.max(f64::MIN_POSITIVE)
+            );
+        }
+        println!("peak RSS {}", human(rss));
+    }
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! Conversations and their replies: stored trees of messages, and a reply
+//! generated through the metered generation path and saved as it streams.
+
+use super::*;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NewConversation {
+    title: Option<String>,
+    system_prompt: Option<String>,
+    model: Option<String>,
+    params: Option<Value>,
+}
+
+pub async fn list_conversations(
+    State(st): State<Arc<AppState>>,
+    WebRead(s): WebRead,
+) -> AppResult<Json<Value>> {
+    Ok(Json(
+        json!({"data": st.db.conversations(&s.user.id).await?}),
+    ))
+}
+
+pub async fn create_conversation(
+    State(st): State<Arc<AppState>>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<NewConversation>,
+) -> AppResult<Json<Value>> {
+    let params = b.params.unwrap_or_else(|| json!({}));
+    if !params.is_object() {
+        return Err(ApiError::bad_request("'params' must be an object.").param("params"));
+    }
+    let system = b.system_prompt.unwrap_or_default();
+    if system.chars().count() > MAX_MESSAGE_CHARS {
+        return Err(too_long("system_prompt"));
+    }
+    let c = st
+        .db
+        .create_conversation(
+            &s.user.id,
+            b.title.as_deref().unwrap_or("New chat"),
+            &system,
+            b.model.as_deref().unwrap_or(&st.config.default_model),
+            &params,
+        )
+        .await
+        .map_err(account_error)?;
+    Ok(Json(json!(c)))
+}
+
+pub(super) fn not_found() -> ApiError {
+    ApiError::not_found("No such conversation.").code("not_found")
+}
+
+fn too_long(param: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "The text is too long: at most {MAX_MESSAGE_CHARS} characters."
+    ))
+    .param(param)
+    .code("string_above_max_length")
+}
+
+pub async fn get_conversation(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    WebRead(s): WebRead,
+) -> AppResult<Json<Value>> {
+    let c = st
+        .db
+        .conversation(&s.user.id, &id)
+        .await?
+        .ok_or_else(not_found)?;
+    let messages = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
+    Ok(Json(json!({"conversation": c, "messages": messages})))
+}
+
+pub async fn patch_conversation(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    WebWrite(s): WebWrite,
+    JsonBody(p): JsonBody<ConversationPatch>,
+) -> AppResult<Json<Value>> {
+    let c = st
+        .db
+        .update_conversation(&s.user.id, &id, &p)
+        .await
+        .map_err(account_error)?
+        .ok_or_else(not_found)?;
+    Ok(Json(json!(c)))
+}
+
+pub async fn delete_conversation(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    WebWrite(s): WebWrite,
+) -> AppResult<Json<Value>> {
+    if !st.db.delete_conversation(&s.user.id, &id).await? {
+        return Err(not_found());
+    }
+    Ok(Json(json!({"deleted": true, "id": id})))
+}
+
+#[derive(Deserialize)]
+pub struct SearchQuery {
+    q: String,
+}
+
+pub async fn search(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<SearchQuery>,
+    WebRead(s): WebRead,
+) -> AppResult<Json<Value>> {
+    let hits = st.db.search_conversations(&s.user.id, &q.q, 50).await?;
+    Ok(Json(json!({"data": hits})))
+}
+
+// ---------------------------------------------------------------- replies
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Send {
+    /// The new user message (absent: regenerate the reply to `parent_id`).
+    content: Option<String>,
+    /// Where the new message goes: the previous assistant message (None
+    /// for the first), or, when regenerating, the user message to answer.
+    parent_id: Option<String>,
+}
+
+/// The messages from the root down to `leaf`.
+pub(super) fn path_to<'a>(messages: &'a [Message], leaf: &str) -> Vec<&'a Message> {
+    let by_id: HashMap<&str, &Message> = messages.iter().map(|m| (m.id.as_str(), m)).collect();
+    let mut path = Vec::new();
+    let mut cur = by_id.get(leaf).copied();
+    while let Some(m) = cur {
+        if path.len() > messages.len() {
+            break; // a cycle cannot come from add_message; be safe anyway
+        }
+        path.push(m);
+        cur = m.parent_id.as_deref().and_then(|p| by_id.get(p).copied());
+    }
+    path.reverse();
+    path
+}
+
+fn sse_data(v: Value) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(v.to_string()))
+}
+
+/// Add a user message (or take the one to answer again) and stream the
+/// assistant's reply as server-sent events: `user`, `assistant` (the new
+/// message's record), `delta` (text), then `done` or `error`.
+pub async fn send_message(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    WebWrite(s): WebWrite,
+    JsonBody(b): JsonBody<Send>,
+) -> AppResult<Response> {
+    let conv = st
+        .db
+        .conversation(&s.user.id, &id)
+        .await?
+        .ok_or_else(not_found)?;
+    let caller = web_caller(&st, &s).await?;
+    let sched = scheduler_for(&st, &caller, &conv.model).await?;
+    let mut request = st.gw.admit(&caller, Endpoint::Web, &conv.model)?;
+    let mut messages = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
+    let mut user_msg: Option<Message> = None;
+    let answer_to = match (&b.content, &b.parent_id) {
+        (Some(text), parent) => {
+            if text.trim().is_empty() {
+                return Err(ApiError::bad_request("The message is empty.").param("content"));
+            }
+            if text.chars().count() > MAX_MESSAGE_CHARS {
+                return Err(too_long("content"));
+            }
+            if let Some(p) = parent {
+                if !messages.iter().any(|m| &m.id == p) {
+                    return Err(ApiError::bad_request("Unknown parent message.").param("parent_id"));
+                }
+            }
+            // Render before storing, so a prompt that cannot fit is refused
+            // without leaving an unanswered message behind.
+            let m = Message {
+                id: "pending".into(),
+                parent_id: parent.clone(),
+                role: "user".into(),
+                content: text.clone(),
+                status: "done".into(),
+                model: None,
+                created_at: 0,
+                sources: None,
+            };
+            messages.push(m);
+            "pending".to_string()
+        }
+        (None, Some(p)) => match messages.iter().find(|m| &m.id == p) {
+            Some(m) if m.role == "user" => p.clone(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "To regenerate, give the user message to answer as parent_id.",
+                )
+                .param("parent_id"))
+            }
+        },
+        (None, None) => {
+            return Err(
+                ApiError::bad_request("Give 'content', or 'parent_id' to regenerate.")
+                    .param("content"),
+            )
+        }
+    };
+    // Search mode: the conversation answers from knowledge bases, one
+    // question at a time, with checked citations (`crate::search`).
+    let kbs = crate::search::conversation_kbs(&conv.params)?;
+    let mut grounding = None;
+    let mut declined = None;
+    let mut turns = Vec::new();
+    if kbs.is_empty() {
+        // The prompt: system prompt + the branch down to the message answered.
+        if !conv.system_prompt.trim().is_empty() {
+            turns.push(hanlin_tokenizer::Message::new(
+                "system",
+                &conv.system_prompt,
+            ));
+        }
+        for m in path_to(&messages, &answer_to) {
+            if m.role == "user" || (m.role == "assistant" && !m.content.is_empty()) {
+                turns.push(hanlin_tokenizer::Message::new(&m.role, &m.content));
+            }
+        }
+    } else {
+        let question = path_to(&messages, &answer_to)
+            .last()
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        crate::search::check_readable(&st, &s.user, &kbs).await?;
+        let passages = crate::search::retrieve(&st, kbs, question.clone(), 5).await?;
+        match answer::plan(&question, passages, hanlin_accounts::now()) {
+            answer::Plan::Decline(g) => declined = Some(g.checked.text),
+            answer::Plan::Generate {
+                system,
+                user,
+                passages,
+            } => {
+                turns.push(hanlin_tokenizer::Message::new("system", system));
+                turns.push(hanlin_tokenizer::Message::new("user", user));
+                grounding = Some((question, passages));
+            }
+        }
+    }
+    let mut generation = None;
+    if declined.is_none() {
+        let prompt = crate::api::chat_prompt(&sched, turns, None).await?;
+        let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
+            .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
+        let asked = conv
+            .params
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .map(|n| n.min(u32::MAX as u64) as u32);
+        let max_new = budget(
+            &sched,
+            &caller,
+            prompt.len(),
+            asked,
+            Some(2048),
+            "max_tokens",
+        )?;
+        let mut params = sampling.to_params(max_new, false, 0)?;
+        if grounding.is_some() {
+            // Answers from sources are read off them, not invented.
+            params.sampler.temperature = 0.0;
+        }
+        request.reserve(prompt.len() + max_new).await?;
+        generation = Some((prompt, params));
+    }
+    // Now store: the user's message (if new) and the reply being written.
+    let parent_of_reply = if b.content.is_some() {
+        // (A failure here drops `request`, which frees its reservation.)
+        let m = st
+            .db
+            .add_message(
+                &s.user.id,
+                &id,
+                b.parent_id.as_deref(),
+                "user",
+                b.content.as_deref().unwrap_or(""),
+                "done",
+                None,
+            )
+            .await
+            .map_err(account_error)?;
+        let id = m.id.clone();
+        user_msg = Some(m);
+        id
+    } else {
+        answer_to.clone()
+    };
+    let first_turn = b.content.is_some() && b.parent_id.is_none();
+    let reply = st
+        .db
+        .add_message(
+            &s.user.id,
+            &id,
+            Some(&parent_of_reply),
+            "assistant",
+            declined.as_deref().unwrap_or(""),
+            if declined.is_some() {
+                "done"
+            } else {
+                "streaming"
+            },
+            Some(&conv.model),
+        )
+        .await
+        .map_err(account_error)?;
+    if first_turn && (conv.title == "New chat" || conv.title.is_empty()) {
+        if let Some(u) = &user_msg {
+            let patch = ConversationPatch {
+                title: Some(hanlin_accounts::chats::title_from(&u.content)),
+                ..Default::default()
+            };
+            let _ = st.db.update_conversation(&s.user.id, &id, &patch).await;
+        }
+    }
+    let (out_tx, out_rx) = mpsc::channel::<Value>(64);
+    match generation {
+        Some((prompt, params)) => {
+            let mut request = request.with_id(format!("web-{}", reply.id));
+            if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
+                let _ = st.db.update_message(&id, &reply.id, "", "error").await;
+                return Err(e.into());
+            }
+            let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+            let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+            tokio::spawn(drive_reply(
+                st.clone(),
+                Reply {
+                    conv_id: id,
+                    reply_id: reply.id.clone(),
+                    grounding,
+                },
+                request,
+                out_tx,
+            ));
+        }
+        None => {
+            // Declined (nothing in the knowledge bases covers the question):
+            // the reply is already complete. The request is recorded.
+            request.record(Default::default());
+            request.finish().await;
+            let sources = json!([]);
+            let _ = st.db.set_message_sources(&id, &reply.id, &sources).await;
+            let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+            let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+            let _ = out_tx.try_send(json!({"type": "done", "status": "done", "id": reply.id, "content": reply.content, "sources": sources}));
+        }
+    }
+    let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+        let v = rx.recv().await?;
+        Some((sse_data(v), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}
+
+/// The reply a [`drive_reply`] writes.
+struct Reply {
+    conv_id: String,
+    reply_id: String,
+    /// Search mode: the question and the passages the prompt numbered;
+    /// the citations are checked against them when the reply ends.
+    grounding: Option<(String, Vec<hanlin_search::Passage>)>,
+}
+
+/// Turn the request's events into `delta`s for the page, keep the
+/// database's copy of the reply current; the request meters itself.
+async fn drive_reply(
+    st: Arc<AppState>,
+    reply: Reply,
+    mut request: Request,
+    out: mpsc::Sender<Value>,
+) {
+    let Reply {
+        conv_id,
+        reply_id,
+        grounding,
+    } = reply;
+    let mut text = String::new();
+    let mut status = "incomplete";
+    let mut error: Option<String> = None;
+    let mut saved = Instant::now();
+    let mut saved_len = 0usize;
+    loop {
+        let (_, ev) = tokio::select! {
+            ev = request.next() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+            _ = out.closed() => break,
+        };
+        match ev {
+            Event::Token { text: t, .. } => {
+                text.push_str(&t);
+                if !t.is_empty() && out.send(json!({"type": "delta", "text": t})).await.is_err() {
+                    break;
+                }
+                if saved.elapsed() >= SAVE_EVERY && text.len() != saved_len {
+                    if let Err(e) = st
+                        .db
+                        .update_message(&conv_id, &reply_id, &text, "streaming")
+                        .await
+                    {
+                        tracing::warn!("saving reply {reply_id}: {e}");
+                    }
+                    saved = Instant::now();
+                    saved_len = text.len();
+                }
+            }
+            Event::Done { finish, .. } => {
+                status = if finish == hanlin_engine::FinishReason::Cancelled {
+                    "incomplete"
+                } else {
+                    "done"
+                };
+                break;
+            }
+            Event::Failed(msg) => {
+                status = "error";
+                error = Some(msg);
+                break;
+            }
+            Event::Started { .. }
+            | Event::Embedding(_)
+            | Event::Queued { .. }
+            | Event::Prefill { .. } => {}
+        }
+    }
+    // Free the sequence now if it still runs (the client left), and settle
+    // the usage while the reply is saved.
+    let settled = tokio::spawn(request.finish());
+    // Search mode: unsupported citations go, supported sentences get theirs.
+    let mut sources = None;
+    if let Some((question, passages)) = grounding.filter(|_| status != "error") {
+        let g = answer::finish(&question, &text, passages);
+        sources = Some(Value::Array(crate::search::cited_sources(&g)));
+        text = g.checked.text;
+    }
+    // The final text, retried: what the user saw must not be lost.
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0..8 {
+        match st
+            .db
+            .update_message(&conv_id, &reply_id, &text, status)
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(attempt, "saving reply {reply_id}: {e}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    if let Some(v) = &sources {
+        if let Err(e) = st.db.set_message_sources(&conv_id, &reply_id, v).await {
+            tracing::warn!("saving the sources of {reply_id}: {e}");
+        }
+    }
+    let _ = out
+        .send(match (&error, sources) {
+            (Some(msg), _) => json!({"type": "error", "message": msg}),
+            (None, None) => json!({"type": "done", "status": status, "id": reply_id}),
+            (None, Some(sources)) => {
+                json!({"type": "done", "status": status, "id": reply_id, "content": text, "sources": sources})
+            }
+        })
+        .await;
+    drop(out);
+    if let Err(e) = settled.await {
+        tracing::error!("settling reply {reply_id}: {e}");
+    }
+}
+
+/// `GET /api/kb`: the knowledge bases a conversation can search.
+pub async fn knowledge_bases(
+    State(st): State<Arc<AppState>>,
+    WebRead(s): WebRead,
+) -> AppResult<Json<Value>> {
+    Ok(Json(
+        json!({"object": "list", "data": crate::search::kb_list(&st, &s.user).await?}),
+    ))
+}

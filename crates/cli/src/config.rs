@@ -1,61 +1,128 @@
-//! The settings file (`config.toml`) read into the environment.
+//! The settings file (`config.toml`), read into typed settings.
+//!
+//! `--config FILE`, `$HANLIN_CONFIG`, or `config.toml` in the store
+//! directory. Keys are the long flag names of `hanlin serve` (and
+//! `database_url`, `kb_dir`); lists are TOML arrays. A flag beats the
+//! environment, which beats the file. Values stay in this process's memory:
+//! nothing from the file is put into the environment, so secrets in it
+//! (`database_url`, `metrics_token`) do not reach child processes. An
+//! unknown key is an error, not a silently ignored typo.
 
 use super::*;
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+use serde::Deserialize;
 
-/// Settings from a TOML file (`--config FILE`, `$HANLIN_CONFIG`, or
-/// `config.toml` in the store directory) become `HANLIN_*` environment
-/// variables unless those are already set, so precedence is: flags, then
-/// environment, then the file. Keys are the long flag names with `_` or `-`
-/// (`port = 8080`, `database_url = "postgres://…"`, `max_batch = 8`).
-pub(crate) fn load_config_file() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+/// Every key the settings file may hold (README: "Configuration file").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileSettings {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub model: Option<String>,
+    pub database_url: Option<String>,
+    pub max_batch: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub ctx: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+    pub memory_budget_mb: Option<u64>,
+    pub max_body_kb: Option<usize>,
+    pub feed_allow: Option<Vec<String>>,
+    pub signup: Option<String>,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
+    pub metrics_token: Option<String>,
+    /// Where knowledge bases live (default: `kb/` in the store).
+    pub kb_dir: Option<PathBuf>,
+}
+
+/// The settings file named on the command line or in `$HANLIN_CONFIG`, or
+/// the store's `config.toml` when it exists.
+pub(crate) fn load_settings(m: &ArgMatches) -> Result<FileSettings> {
     // `hanlin train pretrain --config RUN.toml` names a training run's
     // settings, not the server's.
-    if args
-        .iter()
-        .skip(1)
-        .take_while(|a| *a != "--config" && !a.starts_with("--config="))
-        .any(|a| a == "train")
-    {
-        return Ok(());
+    if m.subcommand_name() == Some("train") {
+        return Ok(FileSettings::default());
     }
-    let from_flag = args
-        .iter()
-        .position(|a| a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .or_else(|| {
-            args.iter()
-                .find_map(|a| a.strip_prefix("--config=").map(PathBuf::from))
-        });
-    let explicit = from_flag.or_else(|| std::env::var_os("HANLIN_CONFIG").map(PathBuf::from));
+    let explicit = m.get_one::<PathBuf>("config").cloned();
     let path = match &explicit {
         Some(p) => p.clone(),
-        None => Store::default_home().join("config.toml"),
+        None => m
+            .get_one::<PathBuf>("home")
+            .cloned()
+            .unwrap_or_else(Store::default_home)
+            .join("config.toml"),
     };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+            return Ok(FileSettings::default())
+        }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    for (key, value) in table {
-        let var = format!("HANLIN_{}", key.to_uppercase().replace('-', "_"));
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => bail!(
-                "{}: {key} must be a string, number or boolean, not {other}",
-                path.display()
-            ),
-        };
-        if std::env::var_os(&var).is_none() {
-            // SAFETY: called at start-up, before any other thread exists.
-            unsafe { std::env::set_var(&var, value) };
-        }
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Whether `id` was given on the command line or in the environment.
+fn given(m: &ArgMatches, id: &str) -> bool {
+    matches!(
+        m.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// Fill `slot` from the file when neither a flag nor the environment set it.
+fn fill<T>(m: &ArgMatches, id: &str, slot: &mut T, from_file: Option<T>) {
+    if let Some(v) = from_file.filter(|_| !given(m, id)) {
+        *slot = v;
     }
-    Ok(())
+}
+
+impl FileSettings {
+    /// `hanlin serve`'s settings: the file where flags and environment say
+    /// nothing.
+    pub(crate) fn apply_serve(self, m: &ArgMatches, a: &mut ServeArgs) -> Result<()> {
+        fill(m, "host", &mut a.host, self.host);
+        fill(m, "port", &mut a.port, self.port);
+        fill(m, "model", &mut a.model, self.model);
+        fill(
+            m,
+            "database_url",
+            &mut a.db.database_url,
+            self.database_url.map(Some),
+        );
+        fill(m, "max_batch", &mut a.max_batch, self.max_batch);
+        fill(m, "max_queue", &mut a.max_queue, self.max_queue);
+        fill(m, "ctx", &mut a.ctx, self.ctx);
+        fill(m, "prefill_chunk", &mut a.prefill_chunk, self.prefill_chunk);
+        fill(
+            m,
+            "memory_budget_mb",
+            &mut a.memory_budget_mb,
+            self.memory_budget_mb,
+        );
+        fill(m, "max_body_kb", &mut a.max_body_kb, self.max_body_kb);
+        fill(m, "feed_allow", &mut a.feed_allow, self.feed_allow);
+        fill(m, "allowed_hosts", &mut a.allowed_hosts, self.allowed_hosts);
+        fill(
+            m,
+            "trusted_proxies",
+            &mut a.trusted_proxies,
+            self.trusted_proxies,
+        );
+        fill(
+            m,
+            "metrics_token",
+            &mut a.metrics_token,
+            self.metrics_token.map(Some),
+        );
+        let signup = match self.signup {
+            Some(s) => Some(Some(
+                parse_signup(&s).map_err(|e| anyhow::anyhow!("signup: {e}"))?,
+            )),
+            None => None,
+        };
+        fill(m, "signup", &mut a.signup, signup);
+        Ok(())
+    }
 }

@@ -87,21 +87,35 @@ pub enum FeedCmd {
 /// `$HANLIN_FEED_ALLOW` (comma-separated host names or IP addresses; the
 /// same setting as `hanlin serve --feed-allow`).
 pub fn feed_policy() -> feed::FetchPolicy {
-    feed::FetchPolicy::allowing(
-        std::env::var("HANLIN_FEED_ALLOW")
-            .unwrap_or_default()
-            .split(',')
+    let from_env: Option<Vec<String>> = std::env::var("HANLIN_FEED_ALLOW").ok().map(|v| {
+        v.split(',')
             .map(str::trim)
             .filter(|h| !h.is_empty())
             .map(String::from)
-            .collect::<Vec<_>>(),
+            .collect()
+    });
+    feed::FetchPolicy::allowing(
+        from_env
+            .or_else(|| FILE_SETTINGS.get().and_then(|s| s.1.clone()))
+            .unwrap_or_default(),
     )
 }
 
-/// Where knowledge bases live: `$HANLIN_KB_DIR`, else `kb/` in the store.
+/// `kb_dir` and `feed_allow` from the settings file, for the commands that
+/// are not `serve`.
+static FILE_SETTINGS: std::sync::OnceLock<(Option<PathBuf>, Option<Vec<String>>)> =
+    std::sync::OnceLock::new();
+
+pub fn set_file_settings(kb_dir: Option<PathBuf>, feed_allow: Option<Vec<String>>) {
+    let _ = FILE_SETTINGS.set((kb_dir, feed_allow));
+}
+
+/// Where knowledge bases live: `$HANLIN_KB_DIR`, else `kb_dir` in the
+/// settings file, else `kb/` in the store.
 pub fn root(store: &Store) -> PathBuf {
     std::env::var_os("HANLIN_KB_DIR")
         .map(PathBuf::from)
+        .or_else(|| FILE_SETTINGS.get().and_then(|s| s.0.clone()))
         .unwrap_or_else(|| store.home().join("kb"))
 }
 

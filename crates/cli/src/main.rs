@@ -290,13 +290,27 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = load_config_file().and_then(|()| run(Cli::parse())) {
+    if let Err(e) = parse().and_then(|(cli, settings)| run(cli, settings)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The command line, and the settings file it names, with the file's values
+/// already filled in where `hanlin serve` takes them.
+fn parse() -> Result<(Cli, FileSettings)> {
+    use clap::{CommandFactory, FromArgMatches};
+    let m = Cli::command().get_matches();
+    let mut settings = load_settings(&m)?;
+    let mut cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit());
+    if let (Cmd::Serve(a), Some(sm)) = (&mut cli.cmd, m.subcommand_matches("serve")) {
+        std::mem::take(&mut settings).apply_serve(sm, a)?;
+    }
+    Ok((cli, settings))
+}
+
+fn run(cli: Cli, settings: FileSettings) -> Result<()> {
+    kb::set_file_settings(settings.kb_dir.clone(), settings.feed_allow.clone());
     let store = Store::open(cli.home.clone().unwrap_or_else(Store::default_home))
         .context("opening the model store")?;
     let threads = cli.threads.unwrap_or_else(hanlin_engine::default_threads);
@@ -370,7 +384,10 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&store, &model, threads)?;
             kb::ask(&store, threads, &m, &kbs, &question, json)
         }
-        Cmd::Admin { db, cmd } => {
+        Cmd::Admin { mut db, cmd } => {
+            if db.database_url.is_none() {
+                db.database_url = settings.database_url.clone();
+            }
             let url = database_url(&store, &db);
             runtime()?.block_on(admin(&url, cmd))
         }

@@ -178,6 +178,25 @@ fn admin_keys_and_config_file() {
     std::fs::write(&cfg, "port = [1, 2]\n").expect("write");
     let out = hanlin(&["--config", cfg_s, "list"]);
     assert!(!out.status.success() && text(&out.stderr).contains("port"));
+    // Lists are TOML arrays; a key that is not a setting is an error (a
+    // typo used to pass silently).
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"sqlite://{}\"\nallowed_hosts = [\"chat.example.com\"]\nfeed_allow = [\"10.0.0.5\"]\n",
+            db.display()
+        ),
+    )
+    .expect("write");
+    let out = hanlin(&["--config", cfg_s, "admin", "user", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&cfg, "prot = 8080\n").expect("write");
+    let out = hanlin(&["--config", cfg_s, "list"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("prot"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A database that cannot be reached at start is one clear error, not a hang.

@@ -270,6 +270,10 @@ pub struct Conn {
     addr: IpAddr,
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     idle: Duration,
+    /// The last read or write. The timer is not moved on every byte (that
+    /// costs a trip to the timer wheel per streamed token): when it fires,
+    /// it is re-armed from here if the connection was used meanwhile.
+    last: std::time::Instant,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -287,14 +291,25 @@ impl Drop for Conn {
 
 impl Conn {
     fn touch(&mut self) {
-        let at = tokio::time::Instant::now() + self.idle;
-        self.deadline.as_mut().reset(at);
+        self.last = std::time::Instant::now();
     }
 
     /// Whether the connection has been idle too long (polled while the
     /// server waits on it).
     fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        std::future::Future::poll(self.deadline.as_mut(), cx).is_ready()
+        loop {
+            if std::future::Future::poll(self.deadline.as_mut(), cx).is_pending() {
+                return false;
+            }
+            let due = self.last + self.idle;
+            if due <= std::time::Instant::now() {
+                return true;
+            }
+            // Used since the timer was set: wait out the rest from then.
+            self.deadline
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(due));
+        }
     }
 }
 
@@ -391,6 +406,7 @@ impl axum::serve::Listener for CappedListener {
                 addr: addr.ip(),
                 per_addr: self.per_addr.clone(),
                 idle,
+                last: std::time::Instant::now(),
                 deadline: Box::pin(tokio::time::sleep(idle)),
             };
             return (conn, addr);

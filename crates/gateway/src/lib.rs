@@ -418,6 +418,10 @@ impl Request {
     /// Write the usage row: at once when `now` (the backend admitted the
     /// request: the row exists from then on), else when a checkpoint is due.
     fn checkpoint(&mut self, now: bool) {
+        // Called for every token: only a write that is due adds up usage.
+        if !now && self.writer.as_ref().is_some_and(|w| !w.due()) {
+            return;
+        }
         let usage = self.usage();
         match &mut self.writer {
             None => {
@@ -437,8 +441,7 @@ impl Request {
                 w.write(usage);
                 self.writer = Some(w);
             }
-            Some(w) if now || w.due() => w.write(usage),
-            Some(_) => {}
+            Some(w) => w.write(usage),
         }
     }
 

@@ -28,18 +28,8 @@ pub async fn health() -> Json<Value> {
 /// `Authorization: Bearer TOKEN` (the counters are per key and model).
 pub async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Some(token) = &st.config.metrics_token {
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let same = given.len() == token.len()
-            && given
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        let given = crate::guard::bearer(&headers);
+        if !crate::guard::constant_time_eq(given.as_bytes(), token.as_bytes()) {
             return ApiError::unauthorized(
                 "The metrics need the metrics token (Authorization: Bearer TOKEN).",
             )
@@ -67,17 +57,12 @@ pub async fn not_found() -> ApiError {
 
 /// The caller behind the request's `Authorization: Bearer` key.
 pub async fn auth(st: &AppState, headers: &HeaderMap) -> AppResult<Caller> {
-    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+    if !headers.contains_key(axum::http::header::AUTHORIZATION) {
         return Err(ApiError::unauthorized(
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). An admin creates keys with `hanlin admin key create --user NAME`.",
         ));
-    };
-    let secret = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
+    }
+    let secret = crate::guard::bearer(headers);
     if secret.is_empty() {
         return Err(ApiError::unauthorized(
             "The Authorization header must be `Bearer YOUR_KEY`.",
@@ -87,11 +72,6 @@ pub async fn auth(st: &AppState, headers: &HeaderMap) -> AppResult<Caller> {
         .authenticate(secret)
         .await?
         .map_err(|e| ApiError::unauthorized(e.to_string()))
-}
-
-/// Parse an OpenAI request body against its `fields`.
-fn parse_request<T: serde::de::DeserializeOwned>(body: &Bytes, fields: &[&str]) -> AppResult<T> {
-    openai::parse(body, fields)
 }
 
 fn visible(caller: &Caller, model: &str) -> bool {
@@ -227,7 +207,7 @@ fn finish_response(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Res
 }
 
 async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
-    let req: ChatRequest = parse_request(&body, openai::CHAT_FIELDS)?;
+    let req: ChatRequest = openai::parse(&body, openai::CHAT_FIELDS)?;
     let schema = crate::grammar::Grammars::schema_of(req.response_format.as_ref())?;
     let messages = req.template_messages()?;
     let sched = scheduler_for(st, &caller, &req.model).await?;
@@ -288,7 +268,7 @@ async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResul
 }
 
 async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
-    let req: CompletionRequest = parse_request(&body, openai::COMPLETION_FIELDS)?;
+    let req: CompletionRequest = openai::parse(&body, openai::COMPLETION_FIELDS)?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request("'echo' is not supported.").param("echo"));
     }
@@ -639,7 +619,7 @@ pub async fn embeddings(
 
 async fn embeddings_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
     use base64::Engine as _;
-    let req: openai::EmbeddingRequest = parse_request(&body, openai::EMBEDDING_FIELDS)?;
+    let req: openai::EmbeddingRequest = openai::parse(&body, openai::EMBEDDING_FIELDS)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

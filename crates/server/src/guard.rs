@@ -14,6 +14,23 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Whether `a` and `b` are equal, in time that does not depend on where
+/// they differ (secrets: CSRF tokens, the setup token, the metrics token).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header (`""` when there
+/// is none or it is not of that form).
+pub fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
 /// The client's address: the connection's peer, or — when the peer is a
 /// trusted proxy — the nearest address in `X-Forwarded-For` that is not one.
 pub struct ClientAddr(pub IpAddr);

@@ -10,7 +10,7 @@
 //! Any key may search and ask every knowledge base; writing needs an admin
 //! key (or an admin's web session).
 
-use crate::api::{budget, scheduler_for};
+use crate::api::{blocking, budget, scheduler_for};
 use crate::embedders::Embedders;
 use crate::error::ApiError;
 use crate::extract::{AdminCaller, ApiCaller, Body, JsonBody};
@@ -170,14 +170,6 @@ pub struct SearchBody {
 
 fn passage_json(i: usize, p: &Passage) -> Value {
     json!({"index": i, "kb": p.kb, "doc_id": p.doc_id, "title": p.title, "source": p.source, "published": p.published, "text": p.text, "score": p.score})
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> AppResult<T> + Send + 'static,
-) -> AppResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("search task failed: {e}")))?
 }
 
 /// The longest query `/v1/search` takes, in characters: every word of a

@@ -65,13 +65,24 @@ pub async fn get_conversation(
     Path(id): Path<String>,
     WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
+    let (c, messages) = owned_conversation(&st, &s.user.id, &id).await?;
+    Ok(Json(json!({"conversation": c, "messages": messages})))
+}
+
+/// Conversation `id` of `user_id` with its messages (404 when it is not
+/// theirs).
+pub(super) async fn owned_conversation(
+    st: &AppState,
+    user_id: &str,
+    id: &str,
+) -> AppResult<(hanlin_accounts::chats::Conversation, Vec<Message>)> {
     let c = st
         .db
-        .conversation(&s.user.id, &id)
+        .conversation(user_id, id)
         .await?
         .ok_or_else(not_found)?;
-    let messages = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
-    Ok(Json(json!({"conversation": c, "messages": messages})))
+    let messages = st.db.messages(user_id, id).await?.unwrap_or_default();
+    Ok((c, messages))
 }
 
 pub async fn patch_conversation(

@@ -14,7 +14,7 @@ use crate::admin::account_error;
 use crate::api::{budget, scheduler_for};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, WebRead, WebWrite};
-use crate::guard::ClientAddr;
+use crate::guard::{constant_time_eq, ClientAddr};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};

@@ -35,10 +35,6 @@ pub(crate) async fn session(
     Ok(s)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The caller the web app acts as: the user, their plan, and a pseudo-key
 /// `web` (usage from the web app is metered under it).
 pub(super) async fn web_caller(st: &AppState, s: &Session) -> AppResult<Caller> {

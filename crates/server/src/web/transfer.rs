@@ -13,12 +13,7 @@ pub async fn export_conversation(
     Query(q): Query<ExportQuery>,
     WebRead(s): WebRead,
 ) -> AppResult<Response> {
-    let c = st
-        .db
-        .conversation(&s.user.id, &id)
-        .await?
-        .ok_or_else(not_found)?;
-    let messages = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
+    let (c, messages) = owned_conversation(&st, &s.user.id, &id).await?;
     let safe_name: String = c
         .title
         .chars()

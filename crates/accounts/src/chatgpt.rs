@@ -1,7 +1,7 @@
 //! The ChatGPT data export (`conversations.json`) read into conversations
 //! to import ([`crate::chats::ImportConversation`]).
 
-use crate::chats::{ImportConversation, Message, MAX_MESSAGE_CHARS};
+use crate::chats::{ImportConversation, Message, MessageRole, MessageStatus, MAX_MESSAGE_CHARS};
 use serde_json::Value;
 
 /// Conversations from a ChatGPT data export (`conversations.json`): an
@@ -69,22 +69,19 @@ pub fn parse_chatgpt_export(v: &Value) -> Result<Vec<ImportConversation>, String
                         .unwrap_or("")
                         .to_string(),
                 };
-                let role = match role {
-                    "user" | "assistant" | "system" => role,
-                    _ => "",
-                };
                 // Tool output and empty system stubs are not conversation turns.
-                let stub = role == "system" && text.trim().is_empty();
-                if !role.is_empty() && !stub {
+                let role = MessageRole::parse(role)
+                    .filter(|r| !(*r == MessageRole::System && text.trim().is_empty()));
+                if let Some(role) = role {
                     if text.chars().count() > MAX_MESSAGE_CHARS {
                         return Err(at("a message is longer than the limit"));
                     }
                     messages.push(Message {
                         id: node_id.clone(),
                         parent_id: parent,
-                        role: role.to_string(),
+                        role,
                         content: text,
-                        status: "done".into(),
+                        status: MessageStatus::Done,
                         model: m
                             .pointer("/metadata/model_slug")
                             .and_then(Value::as_str)

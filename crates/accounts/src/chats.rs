@@ -26,15 +26,73 @@ pub struct Conversation {
     pub updated_at: i64,
 }
 
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageRole {
+    System,
+    User,
+    Assistant,
+}
+
+impl MessageRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "system" => Self::System,
+            "user" => Self::User,
+            "assistant" => Self::Assistant,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a message's text stands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Done,
+    /// Being generated.
+    Streaming,
+    /// Stopped: by the user, because the client left, or because the
+    /// server died mid-reply.
+    Incomplete,
+    Error,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Streaming => "streaming",
+            Self::Incomplete => "incomplete",
+            Self::Error => "error",
+        }
+    }
+    /// A stored status; anything unknown reads as incomplete.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "done" => Self::Done,
+            "streaming" => Self::Streaming,
+            "error" => Self::Error,
+            _ => Self::Incomplete,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub id: String,
     pub parent_id: Option<String>,
-    pub role: String,
+    pub role: MessageRole,
     pub content: String,
-    /// `done`, `streaming` (being generated), `incomplete` (stopped, the
-    /// client left or the server died mid-reply) or `error`.
-    pub status: String,
+    pub status: MessageStatus,
     pub model: Option<String>,
     pub created_at: i64,
     /// For an answer from knowledge bases: the sources it cites.
@@ -105,12 +163,16 @@ fn conversation_of(r: &sqlx::any::AnyRow) -> Result<Conversation, AccountError> 
 }
 
 fn message_of(r: &sqlx::any::AnyRow) -> Result<Message, sqlx::Error> {
+    let role: String = r.try_get(2)?;
     Ok(Message {
         id: r.try_get(0)?,
         parent_id: r.try_get(1)?,
-        role: r.try_get(2)?,
+        role: MessageRole::parse(&role).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "role".into(),
+            source: format!("unknown message role {role:?}").into(),
+        })?,
         content: r.try_get(3)?,
-        status: r.try_get(4)?,
+        status: MessageStatus::parse(&r.try_get::<String, _>(4)?),
         model: r.try_get(5)?,
         created_at: r.try_get(6)?,
         sources: r
@@ -122,15 +184,6 @@ fn message_of(r: &sqlx::any::AnyRow) -> Result<Message, sqlx::Error> {
 const CONV_COLS: &str =
     "id, title, system_prompt, model, params, current_leaf, created_at, updated_at";
 const MSG_COLS: &str = "id, parent_id, role, content, status, model, created_at";
-
-fn check_role(role: &str) -> Result<(), AccountError> {
-    match role {
-        "user" | "assistant" | "system" => Ok(()),
-        _ => Err(AccountError::Invalid(format!(
-            "unknown message role {role:?}"
-        ))),
-    }
-}
 
 /// `s` cut to at most `n` characters.
 fn cut(s: &str, n: usize) -> String {
@@ -320,12 +373,11 @@ impl Db {
         user_id: &str,
         conversation_id: &str,
         parent_id: Option<&str>,
-        role: &str,
+        role: MessageRole,
         content: &str,
-        status: &str,
+        status: MessageStatus,
         model: Option<&str>,
     ) -> Result<Message, AccountError> {
-        check_role(role)?;
         if content.chars().count() > MAX_MESSAGE_CHARS {
             return Err(AccountError::Invalid(format!(
                 "a message is at most {MAX_MESSAGE_CHARS} characters"
@@ -356,9 +408,9 @@ impl Db {
         ))
         .bind(&id)
         .bind(parent_id)
-        .bind(role)
+        .bind(role.as_str())
         .bind(content)
-        .bind(status)
+        .bind(status.as_str())
         .bind(model)
         .bind(t)
         .bind(conversation_id)
@@ -375,9 +427,9 @@ impl Db {
         Ok(Message {
             id,
             parent_id: parent_id.map(String::from),
-            role: role.into(),
+            role,
             content: content.into(),
-            status: status.into(),
+            status,
             model: model.map(String::from),
             created_at: t,
             sources: None,
@@ -390,13 +442,13 @@ impl Db {
         conversation_id: &str,
         id: &str,
         content: &str,
-        status: &str,
+        status: MessageStatus,
     ) -> Result<(), AccountError> {
         sqlx::query(
             "UPDATE messages SET content = $1, status = $2 WHERE id = $3 AND conversation_id = $4",
         )
         .bind(content)
-        .bind(status)
+        .bind(status.as_str())
         .bind(id)
         .bind(conversation_id)
         .execute(&self.pool)
@@ -511,7 +563,6 @@ impl Db {
                 .await?;
             let mut ids = std::collections::HashMap::new();
             for (seq, m) in c.messages.iter().enumerate() {
-                check_role(&m.role)?;
                 if m.content.chars().count() > MAX_MESSAGE_CHARS {
                     return Err(AccountError::Invalid(format!(
                         "a message in {:?} is longer than {MAX_MESSAGE_CHARS} characters",
@@ -534,9 +585,9 @@ impl Db {
                 ))
                 .bind(&id)
                 .bind(parent)
-                .bind(&m.role)
+                .bind(m.role.as_str())
                 .bind(&m.content)
-                .bind("done")
+                .bind(MessageStatus::Done.as_str())
                 .bind(m.model.as_deref())
                 .bind(m.created_at)
                 .bind(&cid)

@@ -85,6 +85,9 @@ pub struct Plan {
     pub priority: i64,
     /// The most choices (`n`) one request may ask for.
     pub max_n: i64,
+    /// What the plan's tokens cost against its limits, in thousandths of
+    /// full price ([`FULL_PRICE`]: each token counts once).
+    pub price_milli: i64,
 }
 
 impl Plan {
@@ -364,7 +367,7 @@ impl Db {
     }
 
     pub async fn plan(&self, name: &str) -> Result<Plan, AccountError> {
-        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n FROM plans WHERE name = $1")
+        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli FROM plans WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -373,7 +376,7 @@ impl Db {
     }
 
     pub async fn plans(&self) -> Result<Vec<Plan>, AccountError> {
-        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n FROM plans ORDER BY priority, name")
+        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli FROM plans ORDER BY priority, name")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(plan_of).collect()
@@ -386,7 +389,7 @@ impl Db {
                 "a plan needs a name and at least one model (or *)".into(),
             ));
         }
-        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n")
+        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n, price_milli = excluded.price_milli")
             .bind(&p.name)
             .bind(p.requests_per_minute)
             .bind(p.tokens_per_minute)
@@ -395,6 +398,7 @@ impl Db {
             .bind(p.models.join(","))
             .bind(p.priority)
             .bind(p.max_n.max(1))
+            .bind(p.price_milli.max(0))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -637,6 +641,7 @@ fn plan_of(row: &sqlx::any::AnyRow) -> Result<Plan, AccountError> {
         models: split_list(&row.try_get::<String, _>(5)?),
         priority: row.try_get(6)?,
         max_n: row.try_get(7)?,
+        price_milli: row.try_get(8)?,
     })
 }
 

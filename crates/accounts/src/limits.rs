@@ -248,6 +248,7 @@ mod tests {
             models: vec!["*".into()],
             priority: 0,
             max_n: 4,
+            price_milli: 1000,
         }
     }
 

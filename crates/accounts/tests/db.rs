@@ -2,18 +2,20 @@
 //! `HANLIN_TEST_POSTGRES_URL` names a server; `.ci/run` starts one and sets
 //! it, and requires it so that this half is never silently skipped there).
 
-use hanlin_accounts::chats::{ConversationPatch, ImportConversation, Message};
+use hanlin_accounts::chats::{
+    ConversationPatch, ImportConversation, Message, MessageRole as R, MessageStatus as S,
+};
 use hanlin_accounts::web::SignInError;
 use hanlin_accounts::{AuthError, Db, NewKey, Role, Usage, UsageRecord, UserStatus, FULL_PRICE};
 use serde_json::json;
 
-fn msg(id: &str, parent: Option<&str>, role: &str, content: &str) -> Message {
+fn msg(id: &str, parent: Option<&str>, role: R, content: &str) -> Message {
     Message {
         id: id.into(),
         parent_id: parent.map(String::from),
-        role: role.into(),
+        role,
         content: content.into(),
-        status: "done".into(),
+        status: S::Done,
         model: None,
         created_at: 0,
         sources: None,
@@ -160,7 +162,7 @@ async fn exercise_web(db: &Db) {
         .await
         .expect("conversation");
     let q1 = db
-        .add_message(&li.id, &c.id, None, "user", "长城有多长？", "done", None)
+        .add_message(&li.id, &c.id, None, R::User, "长城有多长？", S::Done, None)
         .await
         .expect("message");
     let a1 = db
@@ -168,9 +170,9 @@ async fn exercise_web(db: &Db) {
             &li.id,
             &c.id,
             Some(&q1.id),
-            "assistant",
+            R::Assistant,
             "两万多公里。",
-            "done",
+            S::Done,
             Some("qwen"),
         )
         .await
@@ -180,14 +182,14 @@ async fn exercise_web(db: &Db) {
             &li.id,
             &c.id,
             Some(&q1.id),
-            "assistant",
+            R::Assistant,
             "",
-            "streaming",
+            S::Streaming,
             Some("qwen"),
         )
         .await
         .expect("message");
-    db.update_message(&c.id, &a2.id, "约两万一千公里", "streaming")
+    db.update_message(&c.id, &a2.id, "约两万一千公里", S::Streaming)
         .await
         .expect("update");
     // An answer from a knowledge base keeps the sources it cites.
@@ -196,7 +198,7 @@ async fn exercise_web(db: &Db) {
         .await
         .expect("sources");
     let q2 = db
-        .add_message(&li.id, &c.id, None, "user", "黄河有多长？", "done", None)
+        .add_message(&li.id, &c.id, None, R::User, "黄河有多长？", S::Done, None)
         .await
         .expect("message");
     let all = db.messages(&li.id, &c.id).await.expect("db").expect("mine");
@@ -217,22 +219,23 @@ async fn exercise_web(db: &Db) {
     );
     // A parent from elsewhere, an unknown role, an over-long message: refused.
     assert!(db
-        .add_message(&li.id, &c.id, Some("msg-nope"), "user", "x", "done", None)
+        .add_message(&li.id, &c.id, Some("msg-nope"), R::User, "x", S::Done, None)
         .await
         .is_err());
-    assert!(db
-        .add_message(&li.id, &c.id, None, "wizard", "x", "done", None)
-        .await
-        .is_err());
+    assert!(serde_json::from_value::<Message>(json!({
+        "id": "w", "parent_id": null, "role": "wizard", "content": "x",
+        "status": "done", "model": null, "created_at": 0
+    }))
+    .is_err());
     let huge = "长".repeat(hanlin_accounts::chats::MAX_MESSAGE_CHARS + 1);
     assert!(db
-        .add_message(&li.id, &c.id, None, "user", &huge, "done", None)
+        .add_message(&li.id, &c.id, None, R::User, &huge, S::Done, None)
         .await
         .is_err());
     // A server that died mid-reply: the reply is kept, marked incomplete.
     assert!(db.mark_interrupted_replies().await.expect("db") >= 1);
     let all = db.messages(&li.id, &c.id).await.expect("db").expect("mine");
-    assert_eq!(all[2].status, "incomplete");
+    assert_eq!(all[2].status, S::Incomplete);
     assert_eq!(all[2].content, "约两万一千公里");
 
     // Switching branches and renaming.
@@ -303,7 +306,7 @@ async fn exercise_web(db: &Db) {
         .expect("db")
         .is_none());
     assert!(db
-        .add_message(&du.id, &c.id, None, "user", "hi", "done", None)
+        .add_message(&du.id, &c.id, None, R::User, "hi", S::Done, None)
         .await
         .is_err());
     assert!(!db.delete_conversation(&du.id, &c.id).await.expect("db"));
@@ -322,8 +325,8 @@ async fn exercise_web(db: &Db) {
         created_at: 1,
         updated_at: 2,
         messages: vec![
-            msg("x1", None, "user", "hi"),
-            msg("x2", Some("x1"), "assistant", "hello"),
+            msg("x1", None, R::User, "hi"),
+            msg("x2", Some("x1"), R::Assistant, "hello"),
         ],
         current_leaf: Some("x2".into()),
     };
@@ -331,7 +334,7 @@ async fn exercise_web(db: &Db) {
         title: "bad".into(),
         created_at: 1,
         updated_at: 2,
-        messages: vec![msg("y2", Some("y1"), "assistant", "orphan")],
+        messages: vec![msg("y2", Some("y1"), R::Assistant, "orphan")],
         current_leaf: None,
     };
     assert!(db
@@ -556,8 +559,16 @@ async fn concurrent_messages_are_all_stored() {
     for i in 0..32 {
         let (db, uid, cid) = (db.clone(), u.id.clone(), c.id.clone());
         tasks.push(tokio::spawn(async move {
-            db.add_message(&uid, &cid, None, "user", &format!("第{i}条"), "done", None)
-                .await
+            db.add_message(
+                &uid,
+                &cid,
+                None,
+                R::User,
+                &format!("第{i}条"),
+                S::Done,
+                None,
+            )
+            .await
         }));
     }
     for t in tasks {

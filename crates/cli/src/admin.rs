@@ -124,6 +124,10 @@ pub(crate) enum PlanCmd {
         /// Most choices (`n`) one request may ask for
         #[arg(long, default_value_t = 4)]
         max_n: i64,
+        /// What the plan's tokens count for against its limits, in
+        /// thousandths (1000: each token once; 500: half)
+        #[arg(long, default_value_t = 1000)]
+        price_milli: i64,
     },
 }
 
@@ -302,6 +306,7 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                     models,
                     priority,
                     max_n,
+                    price_milli,
                 },
         } => {
             let plan = Plan {
@@ -313,6 +318,7 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 models: models.split(',').map(|m| m.trim().to_string()).collect(),
                 priority,
                 max_n,
+                price_milli,
             };
             db.put_plan(&plan).await?;
             println!("plan {} saved", plan.name);

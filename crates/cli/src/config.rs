@@ -14,7 +14,7 @@ use clap::ArgMatches;
 use serde::Deserialize;
 
 /// Every key the settings file may hold (README: "Configuration file").
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileSettings {
     pub host: Option<String>,
@@ -32,8 +32,34 @@ pub(crate) struct FileSettings {
     pub allowed_hosts: Option<Vec<String>>,
     pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     pub metrics_token: Option<String>,
+    pub unauthenticated_per_minute: Option<u32>,
     /// Where knowledge bases live (default: `kb/` in the store).
     pub kb_dir: Option<PathBuf>,
+    /// `[models.NAME]`: settings for one model that differ from the
+    /// server-wide ones.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, ModelTable>,
+}
+
+/// `[models.NAME]` (README: "Configuration file").
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModelTable {
+    pub ctx: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+}
+
+impl ModelTable {
+    pub(crate) fn settings(&self) -> hanlin_server::models::ModelSettings {
+        hanlin_server::models::ModelSettings {
+            ctx: self.ctx,
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+            prefill_chunk: self.prefill_chunk,
+        }
+    }
 }
 
 /// The settings file named on the command line or in `$HANLIN_CONFIG`, or
@@ -41,7 +67,7 @@ pub(crate) struct FileSettings {
 pub(crate) fn load_settings(m: &ArgMatches) -> Result<FileSettings> {
     // `hanlin train pretrain --config RUN.toml` names a training run's
     // settings, not the server's.
-    if m.subcommand_name() == Some("train") {
+    if matches!(m.subcommand_name(), Some("train" | "extract-file")) {
         return Ok(FileSettings::default());
     }
     let explicit = m.get_one::<PathBuf>("config").cloned();
@@ -116,6 +142,12 @@ impl FileSettings {
             &mut a.metrics_token,
             self.metrics_token.map(Some),
         );
+        fill(
+            m,
+            "unauthenticated_per_minute",
+            &mut a.unauthenticated_per_minute,
+            self.unauthenticated_per_minute,
+        );
         let signup = match self.signup {
             Some(s) => Some(Some(
                 parse_signup(&s).map_err(|e| anyhow::anyhow!("signup: {e}"))?,
@@ -123,6 +155,11 @@ impl FileSettings {
             None => None,
         };
         fill(m, "signup", &mut a.signup, signup);
+        a.per_model = self
+            .models
+            .iter()
+            .map(|(name, t)| (name.clone(), t.settings()))
+            .collect();
         Ok(())
     }
 }

@@ -3,12 +3,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use hanlin_embed::Embedders;
 use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
 use hanlin_search::answer;
 use hanlin_search::dense::Embedder;
 use hanlin_search::index::KbConfig;
+use hanlin_search::isolate::{extract_isolated, ChildLimits, Isolation};
 use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Mode, Passage};
-use hanlin_server::embedders::Embedders;
 use hanlin_store::Store;
 use hanlin_tokenizer::Message;
 use serde_json::json;
@@ -229,8 +230,13 @@ pub fn run(store: &Store, threads: usize, cmd: KbCmd) -> Result<()> {
             let (files, mut skipped) = extract::walk(&paths);
             let pb = bar(files.len() as u64, "reading");
             let mut docs = Vec::new();
+            // Each file is read in a child process: a hostile PDF that
+            // crashes its parser costs that file, not the whole run.
+            let how = Isolation::Child(
+                ChildLimits::this_executable().context("finding this executable")?,
+            );
             for f in &files {
-                match extract::extract(f) {
+                match extract_isolated(f, &how) {
                     Ok(d) => docs.extend(d),
                     Err(e) => skipped.push(e),
                 }

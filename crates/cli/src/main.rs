@@ -87,6 +87,10 @@ enum Cmd {
     },
     /// Serve the OpenAI-compatible API (continuous batching, keys, quotas)
     Serve(ServeArgs),
+    /// (internal) Extract one untrusted file and print its documents as
+    /// JSON: the child process `kb add` and the server read files in
+    #[command(hide = true)]
+    ExtractFile { path: PathBuf },
     /// Manage users, API keys, plans and usage (directly in the database)
     Admin {
         #[command(flatten)]
@@ -218,6 +222,13 @@ struct ServeArgs {
     /// Bearer token /metrics requires (default: none; /metrics is open)
     #[arg(long, env = "HANLIN_METRICS_TOKEN")]
     metrics_token: Option<String>,
+    /// Requests a minute one client address may make without working
+    /// credentials before it is answered 429 (0: no limit)
+    #[arg(long, env = "HANLIN_UNAUTHENTICATED_PER_MINUTE", default_value_t = 300)]
+    unauthenticated_per_minute: u32,
+    /// `[models.NAME]` tables of the settings file.
+    #[arg(skip)]
+    per_model: std::collections::HashMap<String, hanlin_server::models::ModelSettings>,
 }
 
 fn parse_signup(s: &str) -> Result<hanlin_accounts::web::SignupPolicy, String> {
@@ -301,20 +312,31 @@ fn main() {
 fn parse() -> Result<(Cli, FileSettings)> {
     use clap::{CommandFactory, FromArgMatches};
     let m = Cli::command().get_matches();
-    let mut settings = load_settings(&m)?;
+    let settings = load_settings(&m)?;
     let mut cli = Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit());
     if let (Cmd::Serve(a), Some(sm)) = (&mut cli.cmd, m.subcommand_matches("serve")) {
-        std::mem::take(&mut settings).apply_serve(sm, a)?;
+        // `kb_dir` and `feed_allow` are read again by `run` (kb and feeds).
+        settings.clone().apply_serve(sm, a)?;
     }
     Ok((cli, settings))
 }
 
 fn run(cli: Cli, settings: FileSettings) -> Result<()> {
+    // The extraction child needs neither the store nor the settings.
+    let cmd = match cli.cmd {
+        Cmd::ExtractFile { path } => {
+            println!("{}", hanlin_search::isolate::child_main(&path));
+            return Ok(());
+        }
+        cmd => cmd,
+    };
     kb::set_file_settings(settings.kb_dir.clone(), settings.feed_allow.clone());
     let store = Store::open(cli.home.clone().unwrap_or_else(Store::default_home))
         .context("opening the model store")?;
     let threads = cli.threads.unwrap_or_else(hanlin_engine::default_threads);
-    match cli.cmd {
+    match cmd {
+        // Answered above, before the store was opened.
+        Cmd::ExtractFile { .. } => Ok(()),
         Cmd::Chat { model, gen } => chat(&store, &model, threads, &gen),
         Cmd::Run {
             model,
@@ -467,6 +489,12 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
         allowed_hosts: a.allowed_hosts.clone(),
         trusted_proxies: a.trusted_proxies.clone(),
         metrics_token: a.metrics_token.clone(),
+        unauthenticated_per_minute: a.unauthenticated_per_minute,
+        per_model: a.per_model.clone(),
+        extract: hanlin_search::isolate::Isolation::Child(
+            hanlin_search::isolate::ChildLimits::this_executable()
+                .context("finding this executable (to read uploads in a child process)")?,
+        ),
     };
     let store = Store::open(store.home()).context("opening the model store")?;
     runtime()?.block_on(async move {

@@ -197,6 +197,24 @@ fn admin_keys_and_config_file() {
         "{}",
         text(&out.stderr)
     );
+    // Per-model tables: known keys pass, a typo inside one is an error too.
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"sqlite://{}\"\n[models.\"qwen2.5-coder-0.5b\"]\nctx = 2048\nmax_batch = 4\n",
+            db.display()
+        ),
+    )
+    .expect("write");
+    let out = hanlin(&["--config", cfg_s, "admin", "user", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&cfg, "[models.x]\nctxx = 1\n").expect("write");
+    let out = hanlin(&["--config", cfg_s, "list"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("ctxx"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A database that cannot be reached at start is one clear error, not a hang.

@@ -18,6 +18,38 @@ fn hanlin(kb_dir: &Path, args: &[&str]) -> Output {
         .expect("run hanlin")
 }
 
+/// A 700-byte PDF whose page draws a form that draws itself: pdf-extract
+/// recurses until the stack overflows, which aborts the process.
+fn self_drawing_pdf() -> Vec<u8> {
+    let content = "/F1 Do";
+    let objs = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /XObject << /F1 4 0 R >> >> /Contents 5 0 R >>".to_string(),
+        format!("<< /Type /XObject /Subtype /Form /BBox [0 0 10 10] /Resources << /XObject << /F1 4 0 R >> >> /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+    ];
+    let mut out = String::from("%PDF-1.4\n");
+    let mut offsets = Vec::new();
+    for (i, o) in objs.iter().enumerate() {
+        offsets.push(out.len());
+        out.push_str(&format!("{} 0 obj\n{o}\nendobj\n", i + 1));
+    }
+    let xref = out.len();
+    out.push_str(&format!(
+        "xref\n0 {}\n0000000000 65535 f \n",
+        objs.len() + 1
+    ));
+    for o in offsets {
+        out.push_str(&format!("{o:010} 00000 n \n"));
+    }
+    out.push_str(&format!(
+        "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+        objs.len() + 1
+    ));
+    out.into_bytes()
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -51,6 +83,8 @@ fn grounded_answers_with_checked_citations() {
     .expect("write");
     std::fs::write(docs.join("copy.txt"), "Rust release notes\n\nRust 1.0 was released on May 15, 2015. The Rust compiler is called rustc, and its package manager is called Cargo.\n").expect("write");
     std::fs::write(docs.join("broken.json"), "{not json").expect("write");
+    // Aborted the whole `kb add` (stack overflow in the PDF parser).
+    std::fs::write(docs.join("selfdraw.pdf"), self_drawing_pdf()).expect("write");
 
     let o = hanlin(&kbs, &["kb", "create", "facts"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -60,10 +94,18 @@ fn grounded_answers_with_checked_citations() {
     assert!(
         out.contains("added 3 documents")
             && out.contains("1 duplicates")
-            && out.contains("1 files skipped"),
+            && out.contains("2 files skipped"),
         "{out}"
     );
-    assert!(text(&o.stderr).contains("broken.json") && text(&o.stderr).contains("invalid JSON"));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("broken.json") && err.contains("invalid JSON"),
+        "{err}"
+    );
+    assert!(
+        err.contains("selfdraw.pdf: the file crashed the extractor"),
+        "{err}"
+    );
 
     // Answerable, in Chinese and English: the fact is in the answer and the
     // answer cites the document that holds it.
@@ -274,4 +316,118 @@ fn dense_retrieval_finds_paraphrases() {
     // A BM25-only knowledge base has no vectors.
     let o = hanlin(&kbs, &["kb", "create", "plain", "--no-dense"]);
     assert!(text(&o.stdout).contains("BM25 only"), "{}", text(&o.stdout));
+}
+
+/// One HTTP/1.1 request on loopback; the status and the body.
+fn http(addr: &str, method: &str, path: &str, key: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).expect("write");
+    c.write_all(body).expect("write");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// An uploaded PDF that overflows the PDF parser's stack aborted the
+/// server; `hanlin serve` now reads uploads in a child process with limits:
+/// the upload is refused with the reason and the server keeps serving.
+#[test]
+fn an_upload_that_crashes_the_pdf_parser_does_not_take_the_server_down() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", tmp.path().join("h.db").display());
+    let kbs = tmp.path().join("kbs");
+    let o = hanlin(
+        &kbs,
+        &[
+            "admin",
+            "key",
+            "create",
+            "--user",
+            "root",
+            "--admin",
+            "--database-url",
+            &db,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let key = text(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_hanlin"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--model",
+            "smollm2-135m",
+            "--database-url",
+            &db,
+        ])
+        .env("HANLIN_KB_DIR", &kbs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = server.stdout.take().expect("stdout");
+    let server = Kill(server);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let addr = lines
+        .find_map(|l| {
+            let l = l.ok()?;
+            let rest = l.split_once("http://")?.1;
+            Some(rest.split('/').next()?.to_string())
+        })
+        .expect("the server's address on its console");
+
+    let (st, b) = http(&addr, "PUT", "/v1/kb/docs", &key, br#"{"embedder": null}"#);
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = http(
+        &addr,
+        "POST",
+        "/v1/kb/docs/files?filename=report.pdf",
+        &key,
+        &self_drawing_pdf(),
+    );
+    assert_eq!(st, 400, "{b}");
+    assert!(
+        b.contains("report.pdf: the file crashed the extractor"),
+        "{b}"
+    );
+    // Still serving, and a good file is read the same way.
+    let (st, b) = http(
+        &addr,
+        "POST",
+        "/v1/kb/docs/files?filename=notes.md",
+        &key,
+        "# 笔记\n\n长江全长约六千三百公里。".as_bytes(),
+    );
+    assert_eq!(st, 200, "{b}");
+    assert!(b.contains("\"added\":1"), "{b}");
+    drop(server);
 }

@@ -177,7 +177,7 @@ impl EncoderFile {
                 offs_raw[i * 4 + 3],
             ]) as usize
         };
-        let mut pieces = Vec::with_capacity(n_pieces);
+        let mut pieces = Vec::with_capacity(n_pieces.min(1 << 16));
         for i in 0..n_pieces {
             let (a, z) = (off(i), off(i + 1));
             if a > z || z > blob.len() {

@@ -184,7 +184,7 @@ impl Gateway {
             caller: caller.clone(),
             model: model.to_string(),
             endpoint,
-            weight_milli: FULL_PRICE,
+            weight_milli: caller.plan.price_milli.max(0),
             created: hanlin_accounts::now(),
             started: Instant::now(),
             reservations: Vec::new(),
@@ -258,9 +258,11 @@ impl Request {
         self
     }
 
-    /// Charge the request at `weight_milli` thousandths of full price.
+    /// Charge the request at `weight_milli` thousandths of what its plan
+    /// charges (which is itself a fraction of full price).
     pub fn with_weight(mut self, weight_milli: i64) -> Self {
-        self.weight_milli = weight_milli.max(0);
+        self.weight_milli =
+            (self.caller.plan.price_milli.max(0)).saturating_mul(weight_milli.max(0)) / FULL_PRICE;
         self
     }
 

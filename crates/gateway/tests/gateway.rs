@@ -230,3 +230,38 @@ async fn refusals_release_what_they_reserved() {
         Err(GatewayError::Limit(_))
     ));
 }
+
+/// A plan's price and a request's weight multiply: on a half-price plan a
+/// request at 40 % of the plan's price counts 20 % of its tokens against
+/// the daily limit (the usage row keeps the real token counts).
+#[tokio::test]
+async fn plan_price_and_request_weight_scale_what_counts_against_limits() {
+    let (gw, mut caller, _dir) = setup().await;
+    let mut plan = gw.db.plan(&caller.plan.name).await.expect("plan");
+    plan.price_milli = 500;
+    gw.db.put_plan(&plan).await.expect("put plan");
+    caller.plan = gw.db.plan(&plan.name).await.expect("plan again");
+    assert_eq!(caller.plan.price_milli, 500);
+    let mut req = gw
+        .admit(&caller, Endpoint::Chat, "m")
+        .expect("admit")
+        .with_weight(400);
+    req.reserve(100 + 50).await.expect("reserve");
+    req.submit(
+        &backend(50, 0),
+        vec![Work::generate(vec![1; 100], Default::default())],
+    )
+    .expect("submit");
+    while req.next().await.is_some() {}
+    req.finish().await;
+    let rows = row(&gw).await;
+    assert_eq!(
+        (rows[0].prompt_tokens, rows[0].completion_tokens),
+        (100, 50)
+    );
+    let day = hanlin_accounts::day_of(hanlin_accounts::now());
+    assert_eq!(
+        gw.db.tokens_on(&caller.user.id, &day).await.expect("sum"),
+        30
+    );
+}

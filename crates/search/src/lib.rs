@@ -13,6 +13,7 @@ pub mod dense;
 pub mod extract;
 pub mod feed;
 pub mod index;
+pub mod isolate;
 
 pub use extract::Document;
 pub use index::KnowledgeBase;

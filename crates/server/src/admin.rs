@@ -174,6 +174,12 @@ struct PlanBody {
     priority: i64,
     #[serde(default = "default_max_n")]
     max_n: i64,
+    #[serde(default = "full_price")]
+    price_milli: i64,
+}
+
+fn full_price() -> i64 {
+    hanlin_accounts::FULL_PRICE
 }
 
 fn default_max_n() -> i64 {
@@ -196,6 +202,7 @@ pub async fn put_plan(
             "models",
             "priority",
             "max_n",
+            "price_milli",
         ],
     )?;
     let plan = Plan {
@@ -207,6 +214,7 @@ pub async fn put_plan(
         models: p.models,
         priority: p.priority,
         max_n: p.max_n,
+        price_milli: p.price_milli,
     };
     st.db.put_plan(&plan).await.map_err(account_error)?;
     Ok(Json(json!(plan)))

@@ -2,6 +2,11 @@
 
 use crate::error::ApiError;
 use crate::extract::{ApiCaller, Body};
+use crate::openai::response::{
+    ChatChoice, ChatChunkChoice, ChatLogprobs, ChatMessage, Completion, Delta, EmbeddingData,
+    EmbeddingList, EmbeddingUsage, EmbeddingVector, ModelCard, ModelList, TextChoice, TextLogprobs,
+    TopLogprob,
+};
 use crate::openai::{self, ChatRequest, CompletionRequest, Prompt};
 use crate::AppState;
 use axum::body::Bytes;
@@ -81,31 +86,30 @@ fn visible(caller: &Caller, model: &str) -> bool {
 pub async fn list_models(
     State(st): State<Arc<AppState>>,
     ApiCaller(caller): ApiCaller,
-) -> AppResult<Json<Value>> {
-    let data: Vec<Value> = st
+) -> AppResult<Json<ModelList>> {
+    let data = st
         .models
         .available()
         .into_iter()
         .filter(|(name, _)| visible(&caller, name))
-        .map(|(name, created)| model_json(&name, created))
+        .map(|(name, created)| ModelCard::new(&name, created))
         .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
-}
-
-fn model_json(name: &str, created: u64) -> Value {
-    json!({"id": name, "object": "model", "created": created, "owned_by": "hanlin"})
+    Ok(Json(ModelList {
+        object: "list".into(),
+        data,
+    }))
 }
 
 pub async fn get_model(
     State(st): State<Arc<AppState>>,
     ApiCaller(caller): ApiCaller,
     Path(id): Path<String>,
-) -> AppResult<Json<Value>> {
+) -> AppResult<Json<ModelCard>> {
     st.models
         .available()
         .into_iter()
         .find(|(name, _)| *name == id && visible(&caller, name))
-        .map(|(name, created)| Json(model_json(&name, created)))
+        .map(|(name, created)| Json(ModelCard::new(&name, created)))
         .ok_or_else(|| ApiError::model_not_found(&id))
 }
 
@@ -432,10 +436,7 @@ async fn start(
             let item = rx.recv().await?;
             let ev = match item {
                 Ok(data) => SseEvent::default().data(data),
-                Err(e) => SseEvent::default().data(
-                    json!({"error": {"message": crate::error::scrub_paths(&e.message), "type": e.kind, "param": e.param, "code": e.code}})
-                        .to_string(),
-                ),
+                Err(e) => SseEvent::default().json_data(e.body()).unwrap_or_default(),
             };
             Some((Ok::<_, Infallible>(ev), rx))
         });
@@ -457,7 +458,7 @@ async fn start(
 struct Choice {
     text: String,
     finish: Option<&'static str>,
-    logprobs: Vec<Value>,
+    logprobs: Vec<openai::response::TokenLogprob>,
     sent_role: bool,
 }
 
@@ -468,13 +469,35 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
-fn lp_json(tok: &hanlin_tokenizer::Tokenizer, lp: &TokenLogprob) -> Value {
+fn top_logprob(tok: &hanlin_tokenizer::Tokenizer, lp: &TokenLogprob) -> TopLogprob {
     let bytes = tok.token_bytes(lp.id, false);
-    json!({
-        "token": String::from_utf8_lossy(bytes),
-        "logprob": lp.logprob,
-        "bytes": bytes,
-    })
+    TopLogprob {
+        token: String::from_utf8_lossy(bytes).into_owned(),
+        logprob: lp.logprob,
+        bytes: bytes.to_vec(),
+    }
+}
+
+/// One streamed choice.
+enum Chunk {
+    Chat(ChatChunkChoice),
+    Text(TextChoice),
+}
+
+/// The choice's text and tool calls, with the finish reason they imply.
+fn tool_split(
+    run: &Run,
+    text: &str,
+    reason: &'static str,
+) -> (String, Vec<openai::response::ToolCall>, &'static str) {
+    let (content, calls) = match run.tools {
+        true => crate::tools::split_tool_calls(text),
+        false => (String::new(), Vec::new()),
+    };
+    if calls.is_empty() {
+        return (text.to_string(), calls, reason);
+    }
+    (content, calls, "tool_calls")
 }
 
 /// Turn the request's events into its answer; on the way out (finished,
@@ -499,43 +522,63 @@ async fn drive(run: Run, mut req: Request, out: mpsc::Sender<Result<String, ApiE
                 break;
             }
         };
-        let mut chunk: Option<Value> = None;
+        let mut chunk: Option<Chunk> = None;
         match ev {
             Event::Started { .. } => {
                 if run.stream && run.kind == Kind::Chat && !choices[i].sent_role {
                     choices[i].sent_role = true;
-                    chunk = Some(
-                        json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-                    );
+                    chunk = Some(Chunk::Chat(ChatChunkChoice {
+                        index: i,
+                        delta: Delta {
+                            role: Some("assistant".into()),
+                            content: Some(String::new()),
+                            tool_calls: Vec::new(),
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                    }));
                 }
             }
             Event::Token { text, logprobs, .. } => {
                 let c = &mut choices[i];
                 c.text.push_str(&text);
-                let lps: Vec<Value> = logprobs
-                    .iter()
-                    .map(|(chosen, top)| {
-                        let mut v = lp_json(tok, chosen);
-                        v["top_logprobs"] = top.iter().map(|t| lp_json(tok, t)).collect();
-                        v
-                    })
-                    .collect();
-                if run.logprobs {
-                    c.logprobs.extend(lps.iter().cloned());
-                }
+                let lps: Vec<openai::response::TokenLogprob> = if run.logprobs {
+                    logprobs
+                        .iter()
+                        .map(|(chosen, top)| {
+                            let t = top_logprob(tok, chosen);
+                            openai::response::TokenLogprob {
+                                token: t.token,
+                                logprob: t.logprob,
+                                bytes: t.bytes,
+                                top_logprobs: top.iter().map(|x| top_logprob(tok, x)).collect(),
+                            }
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                c.logprobs.extend(lps.iter().cloned());
                 if stream_text && (!text.is_empty() || !lps.is_empty()) {
-                    let lp = if run.logprobs {
-                        json!({"content": lps})
-                    } else {
-                        Value::Null
-                    };
                     chunk = Some(match run.kind {
-                        Kind::Chat => {
-                            json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
-                        }
-                        Kind::Text => {
-                            json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null})
-                        }
+                        Kind::Chat => Chunk::Chat(ChatChunkChoice {
+                            index: i,
+                            delta: Delta {
+                                content: Some(text),
+                                ..Default::default()
+                            },
+                            logprobs: run.logprobs.then_some(ChatLogprobs {
+                                content: lps,
+                                refusal: None,
+                            }),
+                            finish_reason: None,
+                        }),
+                        Kind::Text => Chunk::Text(TextChoice {
+                            index: i,
+                            text,
+                            logprobs: run.logprobs.then(|| TextLogprobs::of(&lps)),
+                            finish_reason: None,
+                        }),
                     });
                 }
             }
@@ -543,30 +586,32 @@ async fn drive(run: Run, mut req: Request, out: mpsc::Sender<Result<String, ApiE
                 let c = &mut choices[i];
                 c.finish = Some(finish_str(finish));
                 if run.stream {
-                    let mut delta = json!({});
-                    let mut reason = finish_str(finish);
-                    if run.tools {
-                        let (content, calls) = crate::tools::split_tool_calls(&c.text);
-                        delta = json!({"content": content});
-                        if !calls.is_empty() {
-                            delta["tool_calls"] = calls
-                                .into_iter()
-                                .enumerate()
-                                .map(|(k, mut call)| {
-                                    call["index"] = json!(k);
-                                    call
-                                })
-                                .collect();
-                            reason = "tool_calls";
-                        }
-                    }
                     chunk = Some(match run.kind {
                         Kind::Chat => {
-                            json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason})
+                            let mut delta = Delta::default();
+                            let mut reason = finish_str(finish);
+                            if run.tools {
+                                let (content, mut calls, r) = tool_split(&run, &c.text, reason);
+                                for (k, call) in calls.iter_mut().enumerate() {
+                                    call.index = Some(k);
+                                }
+                                delta.content = Some(content);
+                                delta.tool_calls = calls;
+                                reason = r;
+                            }
+                            Chunk::Chat(ChatChunkChoice {
+                                index: i,
+                                delta,
+                                logprobs: None,
+                                finish_reason: Some(reason.into()),
+                            })
                         }
-                        Kind::Text => {
-                            json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason})
-                        }
+                        Kind::Text => Chunk::Text(TextChoice {
+                            index: i,
+                            text: String::new(),
+                            logprobs: None,
+                            finish_reason: Some(finish_str(finish).into()),
+                        }),
                     });
                 }
             }
@@ -577,7 +622,11 @@ async fn drive(run: Run, mut req: Request, out: mpsc::Sender<Result<String, ApiE
             Event::Embedding(_) | Event::Queued { .. } | Event::Prefill { .. } => {}
         }
         if let Some(c) = chunk {
-            if out.send(Ok(stream_chunk(&run, c))).await.is_err() {
+            let data = match c {
+                Chunk::Chat(c) => envelope(&run, vec![c], run.include_usage.then_some(None)),
+                Chunk::Text(c) => envelope(&run, vec![c], run.include_usage.then_some(None)),
+            };
+            if out.send(Ok(data)).await.is_err() {
                 gone = true;
                 break;
             }
@@ -592,13 +641,12 @@ async fn drive(run: Run, mut req: Request, out: mpsc::Sender<Result<String, ApiE
             Some(msg) => Err(ApiError::internal(format!("Generation failed: {msg}"))),
             None if run.stream => {
                 if run.include_usage {
-                    let mut c = stream_envelope(&run, Vec::new());
-                    c["usage"] = json!(usage);
-                    let _ = out.send(Ok(c.to_string())).await;
+                    let last = envelope::<ChatChunkChoice>(&run, Vec::new(), Some(Some(usage)));
+                    let _ = out.send(Ok(last)).await;
                 }
                 Ok("[DONE]".to_string())
             }
-            None => Ok(whole_response(&run, &choices, &usage).to_string()),
+            None => Ok(whole_response(&run, &choices, usage)),
         };
         let _ = out.send(reply).await;
     }
@@ -708,18 +756,25 @@ async fn embeddings_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
         }
         let embedding = if base64 {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
         } else {
-            json!(v)
+            EmbeddingVector::Float(v)
         };
-        data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
+        data.push(EmbeddingData {
+            object: "embedding".into(),
+            index: i,
+            embedding,
+        });
     }
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "model": req.model,
-        "usage": {"prompt_tokens": total, "total_tokens": total},
-    }))
+    Ok(Json(EmbeddingList {
+        object: "list".into(),
+        data,
+        model: req.model,
+        usage: EmbeddingUsage {
+            prompt_tokens: total as i64,
+            total_tokens: total as i64,
+        },
+    })
     .into_response())
 }
 
@@ -729,92 +784,71 @@ fn encode_input(tok: &hanlin_tokenizer::Tokenizer, s: &str) -> AppResult<Vec<u32
     })
 }
 
-fn stream_envelope(run: &Run, choices: Vec<Value>) -> Value {
-    let object = match run.kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Text => "text_completion",
+/// A completion (or a chunk of one) with `choices`, as JSON text.
+fn envelope<C: serde::Serialize>(
+    run: &Run,
+    choices: Vec<C>,
+    usage: Option<Option<openai::Usage>>,
+) -> String {
+    let object = match (run.kind, run.stream) {
+        (Kind::Chat, true) => "chat.completion.chunk",
+        (Kind::Chat, false) => "chat.completion",
+        (Kind::Text, _) => "text_completion",
     };
-    let mut v = json!({
-        "id": run.id,
-        "object": object,
-        "created": run.created,
-        "model": run.model,
-        "system_fingerprint": null,
-        "choices": choices,
-    });
-    if run.include_usage {
-        v["usage"] = Value::Null;
-    }
-    v
+    let c = Completion {
+        id: run.id.clone(),
+        object: object.into(),
+        created: run.created,
+        model: run.model.clone(),
+        system_fingerprint: None,
+        choices,
+        usage,
+    };
+    serde_json::to_string(&c).unwrap_or_default()
 }
 
-fn stream_chunk(run: &Run, choice: Value) -> String {
-    stream_envelope(run, vec![choice]).to_string()
-}
-
-fn whole_response(run: &Run, choices: &[Choice], usage: &crate::openai::Usage) -> Value {
-    let list: Vec<Value> = choices
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let reason = c.finish.unwrap_or("length");
-            match run.kind {
-                Kind::Chat => {
-                    let lp = if run.logprobs {
-                        json!({"content": c.logprobs, "refusal": null})
-                    } else {
-                        Value::Null
-                    };
-                    let mut message = json!({"role": "assistant", "content": c.text, "refusal": null});
-                    let mut reason = reason;
-                    if run.tools {
-                        let (content, calls) = crate::tools::split_tool_calls(&c.text);
-                        if !calls.is_empty() {
-                            message["content"] = if content.is_empty() {
-                                Value::Null
-                            } else {
-                                json!(content)
-                            };
-                            message["tool_calls"] = json!(calls);
-                            reason = "tool_calls";
-                        }
+fn whole_response(run: &Run, choices: &[Choice], usage: openai::Usage) -> String {
+    let usage = Some(Some(usage));
+    match run.kind {
+        Kind::Chat => {
+            let list = choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let (content, tool_calls, reason) =
+                        tool_split(run, &c.text, c.finish.unwrap_or("length"));
+                    ChatChoice {
+                        index: i,
+                        message: ChatMessage {
+                            role: "assistant".into(),
+                            // With tool calls and no text, `null` (as OpenAI).
+                            content: (!content.is_empty() || tool_calls.is_empty())
+                                .then_some(content),
+                            refusal: None,
+                            tool_calls,
+                        },
+                        logprobs: run.logprobs.then(|| ChatLogprobs {
+                            content: c.logprobs.clone(),
+                            refusal: None,
+                        }),
+                        finish_reason: reason.into(),
                     }
-                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
-                }
-                Kind::Text => {
-                    let lp = if run.logprobs {
-                        json!({
-                            "tokens": c.logprobs.iter().map(|l| l["token"].clone()).collect::<Vec<_>>(),
-                            "token_logprobs": c.logprobs.iter().map(|l| l["logprob"].clone()).collect::<Vec<_>>(),
-                            "top_logprobs": c.logprobs.iter().map(|l| {
-                                let mut m = serde_json::Map::new();
-                                for t in l["top_logprobs"].as_array().into_iter().flatten() {
-                                    if let Some(s) = t["token"].as_str() {
-                                        m.insert(s.to_string(), t["logprob"].clone());
-                                    }
-                                }
-                                Value::Object(m)
-                            }).collect::<Vec<_>>(),
-                        })
-                    } else {
-                        Value::Null
-                    };
-                    json!({"index": i, "text": c.text, "logprobs": lp, "finish_reason": reason})
-                }
-            }
-        })
-        .collect();
-    let object = match run.kind {
-        Kind::Chat => "chat.completion",
-        Kind::Text => "text_completion",
-    };
-    json!({
-        "id": run.id,
-        "object": object,
-        "created": run.created,
-        "model": run.model,
-        "system_fingerprint": null,
-        "choices": list,
-        "usage": usage,
-    })
+                })
+                .collect();
+            envelope(run, list, usage)
+        }
+        Kind::Text => {
+            let list = choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| TextChoice {
+                    index: i,
+                    text: c.text.clone(),
+                    logprobs: run.logprobs.then(|| TextLogprobs::of(&c.logprobs)),
+                    finish_reason: Some(c.finish.unwrap_or("length").into()),
+                })
+                .collect();
+            envelope(run, list, usage)
+        }
+    }
 }

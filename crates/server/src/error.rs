@@ -1,9 +1,9 @@
 //! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`
 //! with the status codes the official clients map to their exception types.
 
+use crate::openai::response::{ErrorBody, ErrorDetail};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -118,23 +118,30 @@ pub fn scrub_paths(message: &str) -> String {
     out
 }
 
+impl ApiError {
+    /// The body a client sees (no filesystem paths in server errors).
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: if self.status.is_server_error() {
+                    scrub_paths(&self.message)
+                } else {
+                    self.message.clone()
+                },
+                kind: self.kind.to_string(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_string),
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let message = if self.status.is_server_error() {
+        if self.status.is_server_error() {
             tracing::error!(status = %self.status, "{}", self.message);
-            scrub_paths(&self.message)
-        } else {
-            self.message
-        };
-        let body = json!({
-            "error": {
-                "message": message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        });
-        let mut r = (self.status, axum::Json(body)).into_response();
+        }
+        let mut r = (self.status, axum::Json(self.body())).into_response();
         if let Some(d) = self.retry_after {
             let secs = d.as_secs().max(1).to_string();
             if let Ok(v) = HeaderValue::from_str(&secs) {

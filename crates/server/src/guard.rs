@@ -129,6 +129,95 @@ impl Throttle {
     }
 }
 
+/// Requests that carry no credentials, and requests whose credentials are
+/// refused (401), spend their client address's allowance: a token bucket
+/// of `per_minute` requests, refilled continuously. When it is spent, every
+/// request from that address is answered 429 before any work (key lookups
+/// included) until it refills. Signed-in users and API keys that work never
+/// spend it. `/health` (probes) is not counted.
+pub struct AnonLimit {
+    per_minute: u32,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl AnonLimit {
+    /// `per_minute == 0` turns the limit off.
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn level(&self, (tokens, at): (f64, Instant), now: Instant) -> f64 {
+        let cap = self.per_minute as f64;
+        (tokens + now.duration_since(at).as_secs_f64() * cap / 60.0).min(cap)
+    }
+
+    /// How long `addr` must wait when its allowance is spent.
+    pub fn spent(&self, addr: IpAddr) -> Option<Duration> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let level = self.level(*map.get(&addr)?, Instant::now());
+        (level < 1.0)
+            .then(|| Duration::from_secs_f64((1.0 - level) * 60.0 / self.per_minute as f64))
+    }
+
+    /// Spend one request of `addr`'s allowance.
+    pub fn spend(&self, addr: IpAddr) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_ENTRIES {
+            // Full buckets carry no information.
+            let cap = self.per_minute as f64;
+            map.retain(|_, b| self.level(*b, now) < cap);
+        }
+        let b = map
+            .get(&addr)
+            .copied()
+            .unwrap_or((self.per_minute as f64, now));
+        map.insert(addr, ((self.level(b, now) - 1.0).max(0.0), now));
+    }
+}
+
+/// Middleware on every route: see [`AnonLimit`].
+pub async fn limit_anonymous(
+    State(st): State<Arc<AppState>>,
+    ClientAddr(addr): ClientAddr,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    if let Some(wait) = st.anon.spent(addr) {
+        let secs = wait.as_secs().max(1);
+        return ApiError::rate_limited(
+            format!("Too many requests without valid credentials from this address; try again in {secs} s."),
+            "unauthenticated_rate_limit",
+            wait,
+        )
+        .into_response();
+    }
+    let credentials = !bearer(req.headers()).is_empty()
+        || axum_extra::extract::cookie::CookieJar::from_headers(req.headers())
+            .get(crate::web::COOKIE)
+            .is_some();
+    if !credentials {
+        st.anon.spend(addr);
+    }
+    let r = next.run(req).await;
+    if credentials && r.status() == axum::http::StatusCode::UNAUTHORIZED {
+        st.anon.spend(addr);
+    }
+    r
+}
+
 /// The host name of a `Host` header value (without the port; IPv6
 /// literals keep their brackets).
 fn host_name(host: &str) -> &str {
@@ -233,6 +322,26 @@ mod tests {
         t.succeeded("root", a);
         assert!(t.wait("root", a).is_none());
         assert_eq!(Throttle::wait_after(FREE_FAILURES + 40), MAX_WAIT);
+    }
+
+    #[test]
+    fn anonymous_allowance_is_per_address_and_refills() {
+        let l = AnonLimit::new(3);
+        let (a, b): (IpAddr, IpAddr) = ("1.2.3.4".parse().unwrap(), "5.6.7.8".parse().unwrap());
+        for _ in 0..3 {
+            assert!(l.spent(a).is_none());
+            l.spend(a);
+        }
+        let wait = l.spent(a).expect("spent after three");
+        assert!(wait <= Duration::from_secs(20), "{wait:?}");
+        assert!(l.spent(b).is_none());
+        // Refilled at 3 a minute: one back after 20 s.
+        let mut map = l.buckets.lock().unwrap();
+        let e = map.get_mut(&a).unwrap();
+        e.1 -= Duration::from_secs(21);
+        drop(map);
+        assert!(l.spent(a).is_none());
+        assert!(AnonLimit::new(0).spent(a).is_none());
     }
 }
 

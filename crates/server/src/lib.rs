@@ -15,7 +15,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod embedders;
 pub mod error;
 pub mod extract;
 pub mod grammar;
@@ -63,6 +62,15 @@ pub struct Config {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// When set, `GET /metrics` needs `Authorization: Bearer TOKEN`.
     pub metrics_token: Option<String>,
+    /// Requests a minute one client address may make without credentials
+    /// that work (0: no limit); see [`guard::AnonLimit`].
+    pub unauthenticated_per_minute: u32,
+    /// Per-model scheduler settings (`[models.NAME]`), by model name.
+    pub per_model: std::collections::HashMap<String, models::ModelSettings>,
+    /// How uploaded files are read. `hanlin serve` uses a child process
+    /// with limits (a hostile PDF can crash its parser); the default, in
+    /// this process, is for tests and embedders that trust their files.
+    pub extract: hanlin_search::isolate::Isolation,
 }
 
 impl Config {
@@ -84,6 +92,9 @@ impl Config {
             allowed_hosts: Vec::new(),
             trusted_proxies: Vec::new(),
             metrics_token: None,
+            unauthenticated_per_minute: 300,
+            per_model: Default::default(),
+            extract: Default::default(),
         }
     }
 }
@@ -112,13 +123,14 @@ pub struct AppState {
     pub models: models::Models,
     pub grammars: grammar::Grammars,
     pub kbs: search::Kbs,
-    pub embedders: embedders::Embedders,
+    pub embedders: hanlin_embed::Embedders,
     pub config: Config,
     /// While the server has no admin: the one-time token the first web
     /// registration needs (printed on the console). Held locked while that
     /// registration runs, so two cannot both become admin.
     pub setup_token: tokio::sync::Mutex<Option<String>>,
     pub throttle: guard::Throttle,
+    pub anon: guard::AnonLimit,
 }
 
 impl AppState {
@@ -139,7 +151,7 @@ impl AppState {
                 "{interrupted} replies were cut off by the last shutdown; kept as incomplete"
             );
         }
-        let embedders = embedders::Embedders::new(
+        let embedders = hanlin_embed::Embedders::new(
             hanlin_store::Store::open(store.home())
                 .map_err(|e| ServerError::Model(e.to_string()))?,
             config.threads,
@@ -149,6 +161,7 @@ impl AppState {
             config.threads,
             config.memory_budget,
             config.sched.clone(),
+            config.per_model.clone(),
         );
         Ok(Arc::new(Self {
             gw: Gateway::new(db.clone(), Metrics::new()?),
@@ -157,9 +170,10 @@ impl AppState {
             grammars: grammar::Grammars::default(),
             kbs: search::Kbs::new(config.kb_dir.clone()),
             embedders,
-            config,
             setup_token: tokio::sync::Mutex::new(setup_token),
             throttle: guard::Throttle::default(),
+            anon: guard::AnonLimit::new(config.unauthenticated_per_minute),
+            config,
         }))
     }
 }
@@ -255,6 +269,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         // A body must arrive within this time once the handler reads it.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             std::time::Duration::from_secs(60),
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::limit_anonymous,
         ))
         .with_state(state)
 }

@@ -5,8 +5,39 @@
 use crate::error::ApiError;
 use hanlin_engine::{LoadedModel, Scheduler, SchedulerConfig};
 use hanlin_store::Store;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// Settings for one model that differ from the server's (`[models.NAME]`
+/// in the settings file). Unset fields keep the server-wide value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelSettings {
+    pub ctx: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+}
+
+impl ModelSettings {
+    /// `base` with this model's overrides.
+    pub fn apply(&self, base: &SchedulerConfig) -> SchedulerConfig {
+        let mut c = base.clone();
+        if let Some(v) = self.ctx {
+            c.ctx = v;
+        }
+        if let Some(v) = self.max_batch {
+            c.max_batch = v;
+        }
+        if let Some(v) = self.max_queue {
+            c.max_queue = v;
+        }
+        if let Some(v) = self.prefill_chunk {
+            c.prefill_chunk = v;
+        }
+        c
+    }
+}
 
 struct Loaded {
     name: String,
@@ -33,18 +64,26 @@ pub struct Models {
     threads: usize,
     budget_bytes: u64,
     sched: SchedulerConfig,
+    per_model: HashMap<String, ModelSettings>,
     loaded: Mutex<Vec<Loaded>>,
     /// Serialises loading so two requests for a cold model load it once.
     loading: tokio::sync::Mutex<()>,
 }
 
 impl Models {
-    pub fn new(store: Store, threads: usize, budget_bytes: u64, sched: SchedulerConfig) -> Self {
+    pub fn new(
+        store: Store,
+        threads: usize,
+        budget_bytes: u64,
+        sched: SchedulerConfig,
+        per_model: HashMap<String, ModelSettings>,
+    ) -> Self {
         Self {
             store,
             threads,
             budget_bytes,
             sched,
+            per_model,
             loaded: Mutex::new(Vec::new()),
             loading: tokio::sync::Mutex::new(()),
         }
@@ -108,7 +147,10 @@ impl Models {
             .ok_or_else(|| ApiError::model_not_found(name))?;
         let path = self.store.blob_path(&manifest.sha256);
         let threads = self.threads;
-        let cfg = self.sched.clone();
+        let cfg = match self.per_model.get(name) {
+            Some(m) => m.apply(&self.sched),
+            None => self.sched.clone(),
+        };
         let model_name = name.to_string();
         let started = Instant::now();
         let sched = tokio::task::spawn_blocking(move || {

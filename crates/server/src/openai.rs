@@ -2,6 +2,8 @@
 //! (unknown fields, wrong types and out-of-range values are 400s naming the
 //! parameter), and their conversion into engine parameters.
 
+pub mod response;
+
 use crate::error::ApiError;
 use hanlin_engine::{GenerateParams, SamplerConfig};
 use hanlin_tokenizer::Message;
@@ -365,7 +367,7 @@ pub struct EmbeddingRequest {
 }
 
 /// `usage` in OpenAI's completion responses.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
@@ -374,12 +376,12 @@ pub struct Usage {
     pub completion_tokens_details: CompletionTokensDetails,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PromptTokensDetails {
     pub cached_tokens: i64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CompletionTokensDetails {
     pub reasoning_tokens: i64,
 }

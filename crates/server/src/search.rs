@@ -11,13 +11,13 @@
 //! key (or an admin's web session).
 
 use crate::api::{blocking, budget, scheduler_for};
-use crate::embedders::Embedders;
 use crate::error::ApiError;
 use crate::extract::{AdminCaller, ApiCaller, Body, JsonBody};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::Json;
 use hanlin_accounts::kb::Readers;
+use hanlin_embed::Embedders;
 use hanlin_engine::Event;
 use hanlin_gateway::{Endpoint, Request, Work};
 use hanlin_search::answer;
@@ -438,7 +438,7 @@ pub async fn upload_file(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let docs = extract::extract(tmp.path())
+        let docs = hanlin_search::isolate::extract_isolated(tmp.path(), &st2.config.extract)
             .map_err(|e| {
                 let reason = e.to_string();
                 let reason = reason

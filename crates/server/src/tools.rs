@@ -2,20 +2,17 @@
 //! to answer with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
 //! blocks; they become OpenAI `tool_calls`.
 
-use serde_json::{json, Value};
+use crate::openai::response::ToolCall;
+use serde_json::Value;
 
-fn call_json(index: usize, v: &Value) -> Option<Value> {
+fn call_json(index: usize, v: &Value) -> Option<ToolCall> {
     let name = v.get("name").and_then(Value::as_str)?;
     let args = match v.get("arguments").or_else(|| v.get("parameters")) {
         Some(Value::String(s)) => s.clone(),
         Some(a) => a.to_string(),
         None => "{}".to_string(),
     };
-    Some(json!({
-        "id": format!("call_{}", index + 1),
-        "type": "function",
-        "function": {"name": name, "arguments": args},
-    }))
+    Some(ToolCall::function(index + 1, name, args))
 }
 
 /// Split generated text into the plain content and the parsed tool calls.
@@ -23,9 +20,9 @@ fn call_json(index: usize, v: &Value) -> Option<Value> {
 /// tags are special tokens in Qwen's vocabulary, which the detokenizer does
 /// not print: an answer that is nothing but call objects (one per line) is
 /// read as calls too.
-pub fn split_tool_calls(text: &str) -> (String, Vec<Value>) {
+pub fn split_tool_calls(text: &str) -> (String, Vec<ToolCall>) {
     if !text.contains("<tool_call>") {
-        let bare: Option<Vec<Value>> = text
+        let bare: Option<Vec<ToolCall>> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
             .enumerate()
@@ -74,10 +71,8 @@ mod tests {
         let (content, calls) = split_tool_calls(text);
         assert_eq!(content, "Let me check.");
         assert_eq!(calls.len(), 1);
-        assert_eq!(calls[0]["function"]["name"], "get_weather");
-        let args: Value =
-            serde_json::from_str(calls[0]["function"]["arguments"].as_str().expect("string"))
-                .expect("json");
+        assert_eq!(calls[0].function.name, "get_weather");
+        let args: Value = serde_json::from_str(&calls[0].function.arguments).expect("json");
         assert_eq!(args["city"], "北京");
         let (content, calls) = split_tool_calls("no tools <tool_call>not json</tool_call>");
         assert!(calls.is_empty());
@@ -87,7 +82,7 @@ mod tests {
             "{\"name\": \"a\", \"arguments\": {}}\n{\"name\": \"b\", \"arguments\": {\"x\": 1}}",
         );
         assert_eq!((content.as_str(), calls.len()), ("", 2));
-        assert_eq!(calls[1]["function"]["arguments"], "{\"x\":1}");
+        assert_eq!(calls[1].function.arguments, "{\"x\":1}");
         // A JSON answer that is not a call stays content.
         let (content, calls) = split_tool_calls("{\"name\": \"Ann\", \"age\": 3}");
         assert!(calls.is_empty() && content.contains("Ann"));

@@ -235,6 +235,7 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         models: vec!["*".into()],
         priority: 0,
         max_n: 4,
+        price_milli: 1000,
     })
     .await;
     let key = srv.user_key("burst", "tiny").await;
@@ -277,6 +278,7 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         models: vec!["*".into()],
         priority: 0,
         max_n: 4,
+        price_milli: 1000,
     })
     .await;
     let key = srv.user_key("saver", "daily").await;
@@ -563,4 +565,38 @@ async fn curl_streaming_and_plain() {
     // curl sees the HTTP error and OpenAI's error body.
     let (ok, text) = run("{not json".into()).await;
     assert!(!ok && text.contains("invalid_request_error"), "{text}");
+}
+
+/// `[models.NAME]` settings reach that model's scheduler only: a context
+/// of 64 tokens there refuses what the server-wide context allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_model_settings_apply_to_their_model() {
+    let s = common::start_with(|c| {
+        c.per_model.insert(
+            MODEL.to_string(),
+            hanlin_server::models::ModelSettings {
+                ctx: Some(64),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let key = s.admin_key.clone();
+    let ask = |max_tokens: usize, model: &'static str| {
+        let (base, key) = (s.base.clone(), key.clone());
+        async move {
+            post(&base, "/v1/chat/completions", &key, json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})).await
+        }
+    };
+    let (st, v) = ask(100, MODEL).await;
+    assert_eq!((st, err_code(&v)), (400, "context_length_exceeded"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap_or("").contains("64"),
+        "{v}"
+    );
+    let (st, v) = ask(4, MODEL).await;
+    assert_eq!(st, 200, "{v}");
+    // Another model keeps the server-wide context.
+    let (st, v) = ask(100, common::QWEN).await;
+    assert_eq!(st, 200, "{v}");
 }

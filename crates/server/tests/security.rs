@@ -617,3 +617,47 @@ async fn knowledge_bases_have_readers() {
     let (st, _, _) = search(bob).await;
     assert_eq!(st, 200);
 }
+
+/// Requests without working credentials were unlimited: a client could
+/// make the server look up invented keys as fast as it could send them.
+/// Now each client address has an allowance (here 5 a minute); keys that
+/// work never spend it, and `/health` is not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_working_credentials_are_limited_per_address() {
+    let s = start_with(|c| {
+        c.unauthenticated_per_minute = 5;
+        c.trusted_proxies = vec!["127.0.0.1".parse().expect("ip")];
+    })
+    .await;
+    let get = |client: &'static str, key: Option<String>, path: &'static str| {
+        let base = s.base.clone();
+        async move {
+            let mut r = reqwest::Client::new()
+                .get(format!("{base}{path}"))
+                .header("x-forwarded-for", client);
+            if let Some(k) = key {
+                r = r.bearer_auth(k);
+            }
+            let r = r.send().await.expect("send");
+            (r.status().as_u16(), r.headers().get("retry-after").cloned())
+        }
+    };
+    let (a, b) = ("203.0.113.1", "203.0.113.2");
+    // A valid key is never counted.
+    for _ in 0..8 {
+        assert_eq!(get(b, Some(s.admin_key.clone()), "/v1/models").await.0, 200);
+    }
+    for i in 0..5 {
+        let (st, _) = get(a, Some(format!("sk-invented-{i}")), "/v1/models").await;
+        assert_eq!(st, 401, "attempt {i}");
+    }
+    let (st, retry) = get(a, Some("sk-invented-5".into()), "/v1/models").await;
+    assert_eq!(st, 429);
+    assert!(retry.is_some(), "429 without Retry-After");
+    // Spent for that address, whatever it sends, except probes.
+    assert_eq!(get(a, None, "/").await.0, 429);
+    assert_eq!(get(a, None, "/health").await.0, 200);
+    // Other addresses are not held back.
+    assert_eq!(get(b, None, "/").await.0, 200);
+    assert_eq!(get(b, Some(s.admin_key.clone()), "/v1/models").await.0, 200);
+}

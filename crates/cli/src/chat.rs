@@ -1,9 +1,35 @@
 //! `hanlin chat` (the interactive REPL) and `hanlin run` (one prompt).
 
 use super::*;
+use hanlin_engine::speculative::{DraftModel, PromptLookup, Proposer};
+
+/// The proposer `--draft` / `--lookup` ask for (speculative decoding).
+fn proposer(
+    store: &Store,
+    target: &LoadedModel,
+    target_name: &str,
+    threads: usize,
+    gen: &GenArgs,
+) -> Result<Option<Box<dyn Proposer>>> {
+    if gen.lookup {
+        return Ok(Some(Box::new(PromptLookup::default())));
+    }
+    let Some(name) = &gen.draft else {
+        return Ok(None);
+    };
+    let draft = load(store, name, threads)?;
+    Ok(Some(Box::new(DraftModel::new(
+        &draft,
+        name,
+        target,
+        target_name,
+        gen.ctx,
+    )?)))
+}
 
 pub(crate) fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) -> Result<()> {
     let m = load(store, model, threads)?;
+    let mut proposer = proposer(store, &m, model, threads, gen)?;
     let mut session = m.new_session(gen.ctx);
     let mut history: Vec<Message> = gen
         .system
@@ -37,7 +63,7 @@ pub(crate) fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) ->
         }
         history.push(Message::new("user", line));
         let prompt = m.chat_prompt(&history)?;
-        let g = match session.generate(&prompt, &params, |t| {
+        let g = match session.generate_with(&prompt, &params, proposer.as_deref_mut(), |t| {
             let _ = out.write_all(t.as_bytes());
             let _ = out.flush();
             true
@@ -94,9 +120,10 @@ pub(crate) fn one_shot(
         msgs.push(Message::new("user", text));
         m.chat_prompt(&msgs)?
     };
+    let mut proposer = proposer(store, &m, model, threads, gen)?;
     let mut session = m.new_session(gen.ctx);
     let mut out = std::io::stdout();
-    let g = session.generate(&prompt, &gen.params(), |t| {
+    let g = session.generate_with(&prompt, &gen.params(), proposer.as_deref_mut(), |t| {
         let _ = out.write_all(t.as_bytes());
         let _ = out.flush();
         true
@@ -121,4 +148,12 @@ pub(crate) fn stats(g: &hanlin_engine::Generation) {
         g.tokens.len() as f64 / g.decode_time.as_secs_f64().max(1e-9),
         g.finish
     );
+    if g.proposed > 0 {
+        eprintln!(
+            "[speculative: {} of {} proposed tokens accepted ({:.0}%)]",
+            g.accepted,
+            g.proposed,
+            100.0 * g.accepted as f64 / g.proposed as f64
+        );
+    }
 }

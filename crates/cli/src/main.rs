@@ -270,6 +270,14 @@ struct GenArgs {
     /// Print timing statistics to stderr after each answer
     #[arg(long)]
     verbose: bool,
+    /// Speculative decoding with this smaller model (same tokenizer) as the
+    /// draft: same text, fewer passes over the big model's weights
+    #[arg(long)]
+    draft: Option<String>,
+    /// Speculative decoding with drafts copied from the prompt (prompt
+    /// lookup; no draft model): for answers that quote their input
+    #[arg(long, conflicts_with = "draft")]
+    lookup: bool,
 }
 
 impl GenArgs {

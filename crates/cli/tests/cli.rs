@@ -236,3 +236,38 @@ fn serve_with_an_unreachable_database_exits_with_a_clear_error() {
         "{err}"
     );
 }
+
+/// `--lookup` and `--draft` change the speed, never the text; a draft with
+/// another vocabulary is refused, naming both models.
+#[test]
+fn speculative_decoding_from_the_command_line() {
+    let prompt =
+        "Repeat this list exactly: apples, pears, plums, cherries, apples, pears, plums, cherries.";
+    let args = [
+        "run",
+        "qwen2.5-coder-0.5b",
+        prompt,
+        "--temperature",
+        "0",
+        "-n",
+        "40",
+    ];
+    let plain = hanlin(&args);
+    assert!(plain.status.success(), "{}", text(&plain.stderr));
+    let mut with_lookup = args.to_vec();
+    with_lookup.extend(["--lookup", "--verbose"]);
+    let o = hanlin(&with_lookup);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), text(&plain.stdout));
+    let mut bad = args.to_vec();
+    bad.extend(["--draft", "smollm2-135m"]);
+    let o = hanlin(&bad);
+    let err = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("smollm2-135m")
+            && err.contains("qwen2.5-coder-0.5b")
+            && err.contains("vocabulary"),
+        "{err}"
+    );
+}

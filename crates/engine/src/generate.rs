@@ -3,6 +3,7 @@
 use crate::kv::KvCache;
 use crate::model::{Logits, Model};
 use crate::sampler::{logprobs, Sampler, SamplerConfig, TokenLogprob};
+use crate::speculative::{AdaptiveK, Payoff, Proposer};
 use crate::EngineError;
 use hanlin_kernels::ThreadPool;
 use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, Utf8Stream, CHATML, GEMMA};
@@ -134,6 +135,10 @@ pub struct Generation {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub logprobs: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
+    /// Tokens a proposer guessed (speculative decoding), and how many of
+    /// them the model kept.
+    pub proposed: usize,
+    pub accepted: usize,
 }
 
 /// One sequence: its KV cache and the tokens it holds.
@@ -198,24 +203,118 @@ impl Session {
         &mut self,
         prompt: &[u32],
         params: &GenerateParams,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, EngineError> {
+        self.generate_with(prompt, params, None, on_text)
+    }
+
+    /// [`Self::generate`], with a proposer guessing the next tokens for the
+    /// model to verify several at a time (speculative decoding; see
+    /// [`crate::speculative`]). The tokens are the same as without one.
+    pub fn generate_with<'p>(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut proposer: Option<&mut (dyn Proposer + 'p)>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, EngineError> {
         let m = self.m.clone();
         let t0 = Instant::now();
-        let (mut logits, cached) = self.prefill(prompt)?;
+        let (first, cached) = self.prefill(prompt)?;
         let prefill_time = t0.elapsed();
         let t1 = Instant::now();
         let mut dec = Decoder::new(params.clone());
-        let finish = loop {
-            let full = self.cache.len() >= self.cache.capacity();
-            let step = dec.next(&m.tokenizer, &mut logits, &self.tokens, full);
-            if !step.text.is_empty() && !on_text(&step.text) {
-                break FinishReason::Cancelled;
+        let mut k = AdaptiveK::default();
+        let mut payoff = Payoff::default();
+        // When the last round's work began (to time it once it is judged).
+        let mut round_started = Instant::now();
+        let (mut proposed, mut accepted) = (0usize, 0usize);
+        // Logits rows to sample from, in order; each (but the last) checks
+        // the proposal at the same index.
+        let mut rows = vec![first];
+        let mut drafts: Vec<u32> = Vec::new();
+        let finish = 'gen: loop {
+            // Tokens in the cache before this round's rows were computed.
+            let base = self.cache.len() - drafts.len();
+            let n_rows = rows.len();
+            let mut next = None;
+            let mut kept = 0;
+            for (j, mut logits) in rows.drain(..).enumerate() {
+                let held = base + j;
+                let full = held >= self.cache.capacity();
+                let step = dec.next(&m.tokenizer, &mut logits, &self.tokens[..held], full);
+                // A finish mid-round: the proposals after this row were
+                // never checked, so they count neither way.
+                let unchecked = drafts.len().saturating_sub(kept);
+                if !step.text.is_empty() && !on_text(&step.text) {
+                    self.unfeed(held);
+                    (accepted, proposed) = (accepted + kept, proposed - unchecked);
+                    break 'gen FinishReason::Cancelled;
+                }
+                match (step.finish, step.feed) {
+                    (Some(f), _) => {
+                        self.unfeed(held);
+                        (accepted, proposed) = (accepted + kept, proposed - unchecked);
+                        break 'gen f;
+                    }
+                    (None, Some(id)) => {
+                        if j + 1 < n_rows && drafts[j] == id {
+                            kept += 1;
+                            continue;
+                        }
+                        // The first difference (or past the last proposal):
+                        // the cache keeps what was verified, `id` goes next.
+                        self.unfeed(held);
+                        next = Some(id);
+                        break;
+                    }
+                    (None, None) => unreachable!("a step either finishes or feeds a token"),
+                }
             }
-            match (step.finish, step.feed) {
-                (Some(f), _) => break f,
-                (None, Some(id)) => logits = self.step(id)?,
-                (None, None) => unreachable!("a step either finishes or feeds a token"),
+            accepted += kept;
+            k.update(drafts.len(), kept);
+            if !drafts.is_empty() {
+                payoff.round(
+                    round_started.elapsed().as_secs_f64(),
+                    kept + 1,
+                    dec.out.len(),
+                );
+            }
+            let Some(id) = next else {
+                unreachable!("a round ends with a token to feed or a finish")
+            };
+            // Propose what follows `id`, within the token and context limits.
+            let room = self
+                .cache
+                .capacity()
+                .saturating_sub(self.cache.len() + 1)
+                .min(params.max_tokens.saturating_sub(dec.out.len() + 1));
+            round_started = Instant::now();
+            drafts = match proposer.as_deref_mut() {
+                Some(p) if room > 0 && payoff.propose(dec.out.len()) => {
+                    let mut ctx = self.tokens.clone();
+                    ctx.push(id);
+                    let mut d = p.propose(&ctx, k.snapped().min(room))?;
+                    d.truncate(room);
+                    d
+                }
+                _ => Vec::new(),
+            };
+            proposed += drafts.len();
+            let mut feed = Vec::with_capacity(1 + drafts.len());
+            feed.push(id);
+            feed.extend_from_slice(&drafts);
+            if drafts.is_empty() {
+                let t = Instant::now();
+                rows = vec![self.step(id)?];
+                payoff.plain_step(t.elapsed().as_secs_f64());
+            } else {
+                let all = m
+                    .model
+                    .forward(&m.pool, &feed, &mut self.cache, Logits::All)?;
+                self.tokens.extend_from_slice(&feed);
+                let vocab = all.len() / feed.len();
+                rows = all.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
             }
         };
         // The last sampled token is in `tokens` but was never fed back, so the
@@ -230,7 +329,18 @@ impl Session {
             prefill_time,
             decode_time: t1.elapsed(),
             logprobs: dec.lps,
+            proposed,
+            accepted,
         })
+    }
+
+    /// Forget the cached positions from `n` on (proposals that were not
+    /// kept).
+    fn unfeed(&mut self, n: usize) {
+        if n < self.cache.len() {
+            self.cache.truncate(n);
+            self.tokens.truncate(n);
+        }
     }
 }
 

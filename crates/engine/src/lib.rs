@@ -13,6 +13,7 @@ pub mod kv;
 pub mod model;
 pub mod sampler;
 pub mod sched;
+pub mod speculative;
 
 pub use generate::{
     DecodeStep, Decoder, FinishReason, GenerateParams, Generation, LoadedModel, Session,

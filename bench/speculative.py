@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Speculative decoding: decode speed with a draft model or prompt lookup
+against the same model alone, same prompts, same threads, one run.
+
+    bench/speculative.py [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
+                         [--threads 2] [--gen 128] [--reps 3]
+
+For each prompt (code that quotes its input, new code, Chinese prose) it runs
+`hanlin run --temperature 0 --verbose` alone, with `--draft`, and with
+`--lookup`, and prints median decode tok/s, the acceptance rate α, the
+speed-up, and the bound α allows for k = 4 with free verification,
+(1 − α^(k+1)) / ((1 − α)(c·k + 1)), c being the draft's share of the
+target's bytes (0 for prompt lookup). The answers must be identical to the
+plain run's (speculative decoding never changes the tokens); a difference
+stops the benchmark.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANLIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "hanlin")
+
+PROMPTS = {
+    "code, quoting": "Add type hints to this Python code and return the whole file:\n\n"
+    "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n\n"
+    "def variance(xs):\n    m = mean(xs)\n    total = 0\n    for x in xs:\n        total += (x - m) ** 2\n    return total / len(xs)\n",
+    "code, new": "Write a Python function that parses an ISO 8601 date string and returns the weekday name.",
+    "中文散文": "用三段话介绍长江的地理、历史和今天的经济作用。",
+}
+
+
+def cpu():
+    name, flags = "?", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "?":
+                    name = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    fl = line.split(":", 1)[1].split()
+                    flags = [x for x in fl if x.startswith("avx512") or x in ("avx2", "fma", "f16c")]
+    except OSError:
+        pass
+    return name, flags
+
+
+def size_of(model):
+    out = subprocess.run([HANLIN, "show", model], capture_output=True, text=True).stdout
+    m = re.search(r"GGUF v\d, \d+ tensors, ([\d.]+) (MB|GB)", out)
+    if not m:
+        return 0
+    return float(m.group(1)) * (1e9 if m.group(2) == "GB" else 1e6)
+
+
+def run(model, prompt, threads, gen, extra):
+    cmd = [HANLIN, "-t", str(threads), "run", model, "--temperature", "0", "-n", str(gen), "--verbose", *extra, prompt]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:8])} … failed:\n{p.stderr[-2000:]}")
+    m = re.search(r"(\d+) tokens in ([\d.]+)s = ([\d.]+) tok/s; finish", p.stderr)
+    s = re.search(r"speculative: (\d+) of (\d+)", p.stderr)
+    acc, prop = (int(s.group(1)), int(s.group(2))) if s else (0, 0)
+    return p.stdout, float(m.group(3)), acc, prop
+
+
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    for m in (a.target, a.draft):
+        subprocess.run([HANLIN, "pull", m], check=True, capture_output=True)
+    name, flags = cpu()
+    simd = os.environ.get("HANLIN_SIMD", "best available")
+    print(f"CPU: {name}; {' '.join(flags)}; {a.threads} threads; HANLIN_SIMD={simd}")
+    c = size_of(a.draft) / max(size_of(a.target), 1)
+    print(f"target {a.target}, draft {a.draft} ({c:.2f} of its bytes), {a.gen} tokens, greedy, medians of {a.reps}\n")
+    print(f"{'prompt':<16}{'mode':<8}{'tok/s':>8}{'α':>7}{'speed-up':>10}{'bound k=4':>11}")
+    k = 4
+    for label, prompt in PROMPTS.items():
+        base_text, base = None, []
+        rows = {}
+        for mode, extra, cost in (("alone", [], 0), ("draft", ["--draft", a.draft], c), ("lookup", ["--lookup"], 0.0)):
+            speeds, acc, prop = [], 0, 0
+            for _ in range(a.reps):
+                text, tps, ac, pr = run(a.target, prompt, a.threads, a.gen, extra)
+                if base_text is None:
+                    base_text = text
+                elif text != base_text:
+                    sys.exit(f"{label} / {mode}: the answer differs from the plain run's")
+                speeds.append(tps)
+                acc, prop = acc + ac, prop + pr
+            rows[mode] = (median(speeds), acc / prop if prop else 0.0, cost)
+        alone = rows["alone"][0]
+        for mode, (tps, alpha, cost) in rows.items():
+            if mode == "alone":
+                print(f"{label:<16}{mode:<8}{tps:>8.1f}{'':>7}{'':>10}{'':>11}")
+                continue
+            bound = (1 - alpha ** (k + 1)) / ((1 - alpha) * (cost * k + 1)) if alpha < 1 else (k + 1) / (cost * k + 1)
+            print(f"{'':<16}{mode:<8}{tps:>8.1f}{alpha:>7.2f}{tps / alone:>9.2f}×{bound:>10.2f}×")
+
+
+if __name__ == "__main__":
+    main()

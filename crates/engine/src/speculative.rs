@@ -1,0 +1,300 @@
+//! Speculative decoding: a cheap proposer guesses the tokens that follow,
+//! and the target model checks all of them in one forward pass.
+//!
+//! Proposals are deterministic (a draft model's greedy choices, or tokens
+//! copied from an earlier occurrence of the last n-gram: prompt lookup).
+//! The target samples each verified position exactly as plain decoding
+//! would — same sampler, same random draws — and keeps the proposals only
+//! while its own choice equals them; the first position where it differs
+//! gives the corrected token and ends the round. With a proposal that is a
+//! point mass this *is* the standard accept/reject rule (accept `x` with
+//! probability `p(x)`, otherwise draw from `p` without `x`), so the output
+//! has the target's distribution; and since the draws are the same, a
+//! given seed gives the same tokens as decoding without a proposer, greedy
+//! or sampled — as long as the verify pass computes the same logits as
+//! one-token steps, bit for bit (`tests/speculative.rs` checks it).
+
+use crate::generate::LoadedModel;
+use crate::{EngineError, Session};
+use std::sync::Arc;
+
+/// Guesses the tokens that follow a context.
+pub trait Proposer: Send {
+    /// Up to `k` tokens likely to follow `context` (every token of the
+    /// sequence so far).
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError>;
+    /// A name for logs and metrics.
+    fn name(&self) -> String;
+}
+
+/// A smaller model with the same vocabulary, decoding greedily. Its cache
+/// follows the accepted tokens: each round re-feeds only what differs.
+pub struct DraftModel {
+    session: Session,
+    name: String,
+}
+
+impl DraftModel {
+    /// `draft` proposing for `target`; refused when their vocabularies
+    /// differ (a draft's token ids must mean the same text).
+    pub fn new(
+        draft: &Arc<LoadedModel>,
+        draft_name: &str,
+        target: &LoadedModel,
+        target_name: &str,
+        ctx: usize,
+    ) -> Result<Self, EngineError> {
+        let (dt, tt) = (&draft.tokenizer, &target.tokenizer);
+        let same = dt.vocab_size() == tt.vocab_size()
+            && (0..dt.vocab_size() as u32)
+                .step_by(97)
+                .all(|id| dt.token_bytes(id, true) == tt.token_bytes(id, true));
+        if !same {
+            return Err(EngineError::BadModel(format!(
+                "the draft model {draft_name} ({} tokens) does not share the vocabulary of {target_name} ({} tokens); a draft must use the same tokenizer",
+                dt.vocab_size(),
+                tt.vocab_size()
+            )));
+        }
+        Ok(Self {
+            session: draft.new_session(ctx),
+            name: draft_name.to_string(),
+        })
+    }
+}
+
+impl Proposer for DraftModel {
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError> {
+        let room = self.session.cache.capacity();
+        if k == 0 || context.is_empty() || context.len() + k > room {
+            return Ok(Vec::new());
+        }
+        let (logits, _) = self.session.prefill(context)?;
+        let mut out = vec![crate::sampler::argmax(&logits)];
+        while out.len() < k {
+            let logits = self.session.step(out[out.len() - 1])?;
+            out.push(crate::sampler::argmax(&logits));
+        }
+        Ok(out)
+    }
+
+    fn name(&self) -> String {
+        format!("draft:{}", self.name)
+    }
+}
+
+/// Prompt lookup: the tokens that followed the most recent earlier
+/// occurrence of the context's last n-gram (longest n first). Free to run,
+/// and strong where the answer quotes its prompt (grounded answers, edits
+/// of given code).
+pub struct PromptLookup {
+    pub max_ngram: usize,
+    pub min_ngram: usize,
+}
+
+impl Default for PromptLookup {
+    fn default() -> Self {
+        Self {
+            max_ngram: 4,
+            min_ngram: 2,
+        }
+    }
+}
+
+impl Proposer for PromptLookup {
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError> {
+        let n_ctx = context.len();
+        for n in (self.min_ngram..=self.max_ngram).rev() {
+            if n_ctx <= n {
+                continue;
+            }
+            let tail = &context[n_ctx - n..];
+            // The latest earlier occurrence that has something after it.
+            if let Some(start) = (0..n_ctx - n).rev().find(|&s| &context[s..s + n] == tail) {
+                let from = start + n;
+                let end = (from + k).min(n_ctx);
+                if end > from {
+                    return Ok(context[from..end].to_vec());
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn name(&self) -> String {
+        "prompt-lookup".into()
+    }
+}
+
+/// How many tokens to propose next: one more after a round that accepted
+/// everything, fewer after one that accepted nothing.
+#[derive(Debug, Clone)]
+pub struct AdaptiveK {
+    pub k: usize,
+    pub min: usize,
+    pub max: usize,
+}
+
+impl Default for AdaptiveK {
+    fn default() -> Self {
+        Self {
+            k: 3,
+            min: 1,
+            max: 7,
+        }
+    }
+}
+
+impl AdaptiveK {
+    pub fn update(&mut self, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            return;
+        }
+        if accepted == proposed {
+            self.k = (self.k + 1).min(self.max);
+        } else if accepted == 0 {
+            self.k = self.k.saturating_sub(1).max(self.min);
+        }
+    }
+
+    /// The number to propose: the verify pass feeds `k + 1` tokens, and the
+    /// multi-token kernels work in groups of four (a pass of 5 tokens costs
+    /// what one of 8 does), so `k + 1` is rounded down to a multiple of four
+    /// when it is not below four.
+    pub fn snapped(&self) -> usize {
+        let rows = self.k + 1;
+        if rows < 4 {
+            self.k
+        } else {
+            rows / 4 * 4 - 1
+        }
+    }
+}
+
+/// Whether proposing pays, measured as it goes: seconds per generated
+/// token with proposals and without. When verifying costs more than it
+/// saves — a machine whose multi-token passes are compute-bound, a draft
+/// that is seldom right — proposals stop, and are tried again later.
+#[derive(Debug, Clone)]
+pub struct Payoff {
+    plain: Option<f64>,
+    spec: Option<f64>,
+    rounds: usize,
+    /// Generated-token count before which no proposal is made.
+    off_until: usize,
+    /// Times proposals were switched off.
+    pub switched_off: usize,
+}
+
+/// Plain steps measured before the first proposal.
+const WARM: usize = 4;
+/// Rounds measured before proposals may be switched off.
+const JUDGE_AFTER: usize = 4;
+/// Tokens decoded plainly after switching off, before trying again.
+const OFF_FOR: usize = 64;
+
+impl Default for Payoff {
+    fn default() -> Self {
+        Self {
+            plain: None,
+            spec: None,
+            rounds: 0,
+            off_until: WARM,
+            switched_off: 0,
+        }
+    }
+}
+
+fn ema(old: Option<f64>, x: f64) -> Option<f64> {
+    Some(match old {
+        None => x,
+        Some(o) => 0.7 * o + 0.3 * x,
+    })
+}
+
+impl Payoff {
+    /// Whether to propose when `generated` tokens have been generated.
+    pub fn propose(&self, generated: usize) -> bool {
+        generated >= self.off_until && self.plain.is_some()
+    }
+
+    /// One plain step took `secs`.
+    pub fn plain_step(&mut self, secs: f64) {
+        self.plain = ema(self.plain, secs);
+    }
+
+    /// A round (proposing and verifying) took `secs` and produced `tokens`
+    /// tokens; `generated`: the count after it.
+    pub fn round(&mut self, secs: f64, tokens: usize, generated: usize) {
+        self.spec = ema(self.spec, secs / tokens.max(1) as f64);
+        self.rounds += 1;
+        if let (Some(p), Some(s)) = (self.plain, self.spec) {
+            if self.rounds >= JUDGE_AFTER && s > p {
+                self.off_until = generated + OFF_FOR;
+                self.spec = None;
+                self.rounds = 0;
+                self.switched_off += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lookup_copies_what_followed_the_last_ngram() {
+        let mut p = PromptLookup::default();
+        // "... 5 6 7 8 9 ... 5 6 7" → propose "8 9 …".
+        let ctx = [1, 5, 6, 7, 8, 9, 10, 2, 3, 5, 6, 7];
+        assert_eq!(p.propose(&ctx, 3).expect("ok"), vec![8, 9, 10]);
+        // Nothing repeats: no proposal.
+        assert!(p.propose(&[1, 2, 3, 4], 3).expect("ok").is_empty());
+        // Bounded by what the context holds after the match.
+        assert_eq!(p.propose(&[4, 5, 9, 4, 5], 8).expect("ok"), vec![9, 4, 5]);
+    }
+
+    #[test]
+    fn k_adapts_in_groups_of_four_rows() {
+        let mut k = AdaptiveK::default();
+        assert_eq!(k.snapped(), 3);
+        k.update(3, 3);
+        assert_eq!((k.k, k.snapped()), (4, 3));
+        for _ in 0..5 {
+            k.update(4, 4);
+        }
+        assert_eq!((k.k, k.snapped()), (7, 7));
+        k.update(7, 0);
+        k.update(6, 0);
+        k.update(5, 0);
+        k.update(4, 0);
+        assert_eq!((k.k, k.snapped()), (3, 3));
+        k.update(3, 0);
+        assert_eq!((k.k, k.snapped()), (2, 2));
+    }
+
+    #[test]
+    fn proposals_stop_when_they_cost_more_than_they_save() {
+        let mut p = Payoff::default();
+        assert!(!p.propose(0), "plain steps are measured first");
+        for _ in 0..WARM {
+            p.plain_step(0.040);
+        }
+        assert!(p.propose(WARM));
+        // Rounds of 0.1 s for 2 tokens: 50 ms a token, worse than 40.
+        for i in 0..JUDGE_AFTER {
+            assert!(p.propose(WARM + 2 * i));
+            p.round(0.1, 2, WARM + 2 * (i + 1));
+        }
+        assert_eq!(p.switched_off, 1);
+        let now = WARM + 2 * JUDGE_AFTER;
+        assert!(!p.propose(now));
+        assert!(p.propose(now + OFF_FOR));
+        // Rounds that pay keep going.
+        for i in 0..10 {
+            p.round(0.1, 4, now + OFF_FOR + 4 * i);
+        }
+        assert_eq!(p.switched_off, 1);
+    }
+}

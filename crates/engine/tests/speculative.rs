@@ -1,0 +1,129 @@
+//! Speculative decoding on the real models: the verify pass computes the
+//! same logits as one-token steps, bit for bit, so a proposer never changes
+//! the tokens — greedy or sampled with a seed.
+
+mod common;
+
+use hanlin_engine::speculative::{DraftModel, PromptLookup, Proposer};
+use hanlin_engine::{GenerateParams, LoadedModel, Logits, SamplerConfig};
+use hanlin_tokenizer::Message;
+use std::sync::Arc;
+
+fn load(name: &str) -> Arc<LoadedModel> {
+    LoadedModel::load(&common::model_path(name), hanlin_engine::default_threads()).expect("load")
+}
+
+/// Rows of `k` tokens verified at once equal the logits of feeding them
+/// one at a time, for every k a round may use, on every model.
+#[test]
+fn verify_pass_equals_single_steps_bit_for_bit() {
+    for name in common::MODELS {
+        let m = load(name);
+        let prompt = m
+            .chat_prompt(&[Message::new("user", "写一个Python函数计算斐波那契数列")])
+            .expect("prompt");
+        let next: Vec<u32> = m
+            .tokenizer
+            .encode_plain("def fib(n):\n    if n < 2:\n        return n", false)
+            .expect("encode");
+        for k in [1, 2, 4, 5, 8, 9] {
+            let feed = &next[..k.min(next.len())];
+            let mut one = m.new_session(512);
+            one.prefill(&prompt).expect("prefill");
+            let singles: Vec<Vec<f32>> = feed.iter().map(|&t| one.step(t).expect("step")).collect();
+            let mut many = m.new_session(512);
+            many.prefill(&prompt).expect("prefill");
+            let all = m
+                .model
+                .forward(&m.pool, feed, &mut many.cache, Logits::All)
+                .expect("verify pass");
+            let vocab = all.len() / feed.len();
+            for (j, (row, single)) in all.chunks_exact(vocab).zip(&singles).enumerate() {
+                let differ = row
+                    .iter()
+                    .zip(single)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{name}: k = {k}, row {j}: {differ} logits differ"
+                );
+            }
+        }
+    }
+}
+
+fn params(max: usize, sampler: SamplerConfig) -> GenerateParams {
+    GenerateParams {
+        max_tokens: max,
+        sampler,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn proposers_never_change_the_tokens() {
+    let m = load("qwen2.5-coder-0.5b");
+    let source = "fn add(a: i32, b: i32) -> i32 {\n    a + b\n}\n\nfn sub(a: i32, b: i32) -> i32 {\n    a - b\n}";
+    let prompt = m
+        .chat_prompt(&[Message::new(
+            "user",
+            &format!("Rename `add` to `plus` in this code and repeat the whole code:\n\n{source}"),
+        )])
+        .expect("prompt");
+    let sampled = SamplerConfig {
+        temperature: 0.8,
+        seed: 7,
+        ..Default::default()
+    };
+    for sampler in [SamplerConfig::greedy(), sampled] {
+        let p = params(60, sampler);
+        let plain = m
+            .new_session(1024)
+            .generate(&prompt, &p, |_| true)
+            .expect("plain");
+        let mut lookup = PromptLookup::default();
+        let with_lookup = m
+            .new_session(1024)
+            .generate_with(&prompt, &p, Some(&mut lookup as &mut dyn Proposer), |_| {
+                true
+            })
+            .expect("lookup");
+        assert_eq!(
+            with_lookup.tokens, plain.tokens,
+            "prompt lookup changed the tokens"
+        );
+        assert!(with_lookup.proposed > 0, "nothing was proposed");
+        // The model drafting for itself: greedy proposals of its own.
+        let mut draft = DraftModel::new(&m, "self", &m, "self", 1024).expect("draft");
+        let with_draft = m
+            .new_session(1024)
+            .generate_with(&prompt, &p, Some(&mut draft as &mut dyn Proposer), |_| true)
+            .expect("draft");
+        assert_eq!(
+            with_draft.tokens, plain.tokens,
+            "the draft changed the tokens"
+        );
+        assert_eq!(with_draft.text, plain.text);
+        if p.sampler.temperature == 0.0 {
+            assert_eq!(
+                with_draft.accepted, with_draft.proposed,
+                "a greedy model agrees with itself"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_draft_with_another_vocabulary_is_refused_with_both_names() {
+    let target = load("qwen2.5-coder-0.5b");
+    let draft = load("smollm2-135m");
+    let err = DraftModel::new(&draft, "smollm2-135m", &target, "qwen2.5-coder-0.5b", 256)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("smollm2-135m") && err.contains("qwen2.5-coder-0.5b"),
+        "{err}"
+    );
+}

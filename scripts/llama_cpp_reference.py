@@ -6,7 +6,7 @@ llama.cpp under vendor/llama.cpp); `scripts/build_llama_cpp.sh` builds it and
 prints the two paths this script needs:
 
     eval "$(scripts/build_llama_cpp.sh)"     # sets LLAMA_CPP_PY and LLAMA_CPP_LIB_PATH
-    python3 scripts/llama_cpp_reference.py MODEL.gguf NAME [--plain]
+    python3 scripts/llama_cpp_reference.py MODEL.gguf NAME [--plain] [--steps N]
 
 Writes crates/engine/tests/fixtures/NAME.tokens.json (token ids for a corpus of Chinese,
 English, mixed, emoji, code and whitespace-heavy strings) and
@@ -65,6 +65,10 @@ TOPK = 8
 def main():
     model, name = sys.argv[1], sys.argv[2]
     prompts = PLAIN_PROMPTS if "--plain" in sys.argv[3:] else PROMPTS
+    # Fewer steps keep the replay of a large model short in CI.
+    steps_max = STEPS
+    if "--steps" in sys.argv[3:]:
+        steps_max = int(sys.argv[sys.argv.index("--steps") + 1])
     llm = llama_cpp.Llama(model_path=model, n_ctx=1024, n_threads=2, logits_all=True, verbose=False, seed=0)
     toks = []
     for text in CORPUS:
@@ -82,7 +86,7 @@ def main():
         llm.reset()
         llm.eval(prompt_ids)
         generated, steps = [], []
-        for _ in range(STEPS):
+        for _ in range(steps_max):
             logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
             top = np.argsort(-logits)[:TOPK]
             steps.append({"ids": [int(i) for i in top], "logits": [round(float(logits[i]), 4) for i in top]})

@@ -9,7 +9,7 @@ use hanlin_tokenizer::Tokenizer;
 
 #[test]
 fn token_ids_match_llama_cpp() {
-    for name in common::MODELS {
+    for name in common::PARITY_MODELS {
         let f = GgufFile::open(&common::model_path(name)).expect("open model");
         let tok = Tokenizer::from_gguf(&f.header).expect("tokenizer");
         let cases = common::fixture(&format!("{name}.tokens.json"));

@@ -26,3 +26,12 @@ pub fn fixture(name: &str) -> serde_json::Value {
 }
 
 pub const MODELS: [&str; 3] = ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"];
+
+/// The models with llama.cpp fixtures: the small ones and the 1.5B model
+/// (its fixture is shorter, 128 steps a prompt, to keep CI's replay short).
+pub const PARITY_MODELS: [&str; 4] = [
+    "smollm2-135m",
+    "qwen2.5-coder-0.5b",
+    "gemma3-270m",
+    "qwen2.5-coder-1.5b",
+];

@@ -68,7 +68,7 @@ fn proposers_never_change_the_tokens() {
     let prompt = m
         .chat_prompt(&[Message::new(
             "user",
-            &format!("Rename `add` to `plus` in this code and repeat the whole code:\n\n{source}"),
+            format!("Rename `add` to `plus` in this code and repeat the whole code:\n\n{source}"),
         )])
         .expect("prompt");
     let sampled = SamplerConfig {

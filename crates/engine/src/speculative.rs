@@ -23,15 +23,12 @@ pub trait Proposer: Send {
     /// Up to `k` tokens likely to follow `context` (every token of the
     /// sequence so far).
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError>;
-    /// A name for logs and metrics.
-    fn name(&self) -> String;
 }
 
 /// A smaller model with the same vocabulary, decoding greedily. Its cache
 /// follows the accepted tokens: each round re-feeds only what differs.
 pub struct DraftModel {
     session: Session,
-    name: String,
 }
 
 impl DraftModel {
@@ -58,7 +55,6 @@ impl DraftModel {
         }
         Ok(Self {
             session: draft.new_session(ctx),
-            name: draft_name.to_string(),
         })
     }
 }
@@ -76,10 +72,6 @@ impl Proposer for DraftModel {
             out.push(crate::sampler::argmax(&logits));
         }
         Ok(out)
-    }
-
-    fn name(&self) -> String {
-        format!("draft:{}", self.name)
     }
 }
 
@@ -119,10 +111,6 @@ impl Proposer for PromptLookup {
             }
         }
         Ok(Vec::new())
-    }
-
-    fn name(&self) -> String {
-        "prompt-lookup".into()
     }
 }
 

@@ -217,6 +217,9 @@ async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResul
     let sched = scheduler_for(st, &caller, &req.model).await?;
     // Requests per minute first: a refused request costs no tokenizing.
     let request = st.gw.admit(&caller, Endpoint::Chat, &req.model)?;
+    if let Some(names) = req.hanlin_tools.clone() {
+        return server_tools(st, caller, req, names, messages, sched, request).await;
+    }
     let tools = req
         .tools
         .as_ref()
@@ -269,6 +272,68 @@ async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResul
         sched,
     };
     start(run, request, prompt, params, constraints).await
+}
+
+/// A chat completion whose tools the server runs (`hanlin_tools`).
+async fn server_tools(
+    st: &Arc<AppState>,
+    caller: Caller,
+    req: ChatRequest,
+    names: Vec<String>,
+    messages: Vec<hanlin_tokenizer::Message>,
+    sched: Arc<Scheduler>,
+    request: Request,
+) -> AppResult<Response> {
+    let refuse = |field: &str, why: &str| {
+        Err(ApiError::bad_request(format!(
+            "'hanlin_tools' cannot be combined with '{field}': {why}"
+        ))
+        .param(field))
+    };
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return refuse("tools", "the server would run some calls and hand others to you; send one kind of tools per request");
+    }
+    if req.response_format.is_some() {
+        return refuse(
+            "response_format",
+            "the steps between tool calls are not in the format",
+        );
+    }
+    if req.logprobs.unwrap_or(false) {
+        return refuse("logprobs", "they would cover only the last step");
+    }
+    if req.sampling.n(caller.plan.max_n)? != 1 {
+        return refuse("n", "a tool loop makes one answer");
+    }
+    let opts = req.hanlin_tool_options.unwrap_or_default();
+    let lp = crate::tools::prepare(st, &caller, &names, &opts).await?;
+    let asked = req.max_completion_tokens.or(req.max_tokens);
+    if asked == Some(0) {
+        return Err(ApiError::bad_request("'max_tokens' must be at least 1.").param("max_tokens"));
+    }
+    let params = req.sampling.to_params(1, false, 0)?;
+    let head = crate::tools::Header {
+        id: request.id().to_string(),
+        created: request.created(),
+        model: req.model.clone(),
+    };
+    let model = crate::tools::Metered {
+        req: request,
+        sched,
+        caller,
+        asked,
+        params,
+        gone: None,
+    };
+    crate::tools::respond(
+        head,
+        model,
+        lp,
+        messages,
+        req.stream.unwrap_or(false),
+        req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    )
+    .await
 }
 
 async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
@@ -803,6 +868,7 @@ fn envelope<C: serde::Serialize>(
         system_fingerprint: None,
         choices,
         usage,
+        hanlin_tools: None,
     };
     serde_json::to_string(&c).unwrap_or_default()
 }

@@ -131,6 +131,8 @@ pub struct AppState {
     pub setup_token: tokio::sync::Mutex<Option<String>>,
     pub throttle: guard::Throttle,
     pub anon: guard::AnonLimit,
+    /// The tools the server runs for `hanlin_tools` and web conversations.
+    pub toolbox: hanlin_tools::Toolbox,
 }
 
 impl AppState {
@@ -173,6 +175,7 @@ impl AppState {
             setup_token: tokio::sync::Mutex::new(setup_token),
             throttle: guard::Throttle::default(),
             anon: guard::AnonLimit::new(config.unauthenticated_per_minute),
+            toolbox: hanlin_tools::Toolbox::builtin(),
             config,
         }))
     }

@@ -42,6 +42,8 @@ pub const CHAT_FIELDS: &[&str] = &[
     "metadata",
     "store",
     "service_tier",
+    "hanlin_tools",
+    "hanlin_tool_options",
 ];
 
 pub const COMPLETION_FIELDS: &[&str] = &[
@@ -186,8 +188,28 @@ pub struct ChatRequest {
     pub metadata: Option<Value>,
     pub store: Option<bool>,
     pub service_tier: Option<String>,
+    /// Tools the server runs itself (an extension): `["calculator",
+    /// "datetime", "search_knowledge"]`.
+    pub hanlin_tools: Option<Vec<String>>,
+    pub hanlin_tool_options: Option<ToolOptions>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+/// How the server runs `hanlin_tools`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ToolOptions {
+    /// Model steps, the final answer's included (1 to 10; default 5).
+    pub max_steps: Option<usize>,
+    /// Run the calculator first when the question is plain arithmetic
+    /// (default true).
+    pub router: Option<bool>,
+    /// IANA time zone for `datetime` (default: the server's).
+    pub timezone: Option<String>,
+    /// The knowledge bases `search_knowledge` reads (default: every one
+    /// the caller may read).
+    pub kb: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

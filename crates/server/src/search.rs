@@ -465,6 +465,20 @@ pub async fn upload_file(
     ))
 }
 
+/// The names of the knowledge bases `user` may read.
+pub(crate) async fn readable(
+    st: &Arc<AppState>,
+    user: &hanlin_accounts::User,
+) -> AppResult<Vec<String>> {
+    let mut out = Vec::new();
+    for name in hanlin_search::list(&st.kbs.root) {
+        if st.db.kb_readers(&name).await?.allows(user) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
 /// The knowledge bases `user` may read, with their document counts and,
 /// for admins, their readers and feeds' state (feed URLs and their errors —
 /// "connection refused" on an internal address — are not for every user).

@@ -1,90 +1,398 @@
-//! Tool calls in model output. Qwen2.5 / Hermes-style templates ask the model
-//! to answer with `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-//! blocks; they become OpenAI `tool_calls`.
+//! Tools in chat completions.
+//!
+//! - Client tools (`tools`): the calls the model writes are parsed
+//!   (`hanlin_tools::split_calls`) and handed back as OpenAI `tool_calls`
+//!   for the client to run.
+//! - Server tools (`hanlin_tools`, an extension; also web conversations):
+//!   `hanlin_tools::agent::run` runs the loop, each model step on the same
+//!   gateway [`Request`] ([`Metered`]): one request id, one usage row,
+//!   every step reserved against the caller's limits. The steps travel in
+//!   the `hanlin_tools` field of the chunks and of the answer.
 
-use crate::openai::response::ToolCall;
-use serde_json::Value;
+use crate::api::{budget, chat_prompt};
+use crate::error::ApiError;
+use crate::openai::response::{
+    ChatChoice, ChatChunkChoice, ChatMessage, Completion, Delta, ToolCall,
+};
+use crate::openai::{ToolOptions, Usage};
+use crate::AppState;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+use hanlin_accounts::Caller;
+use hanlin_engine::{Event, FinishReason, GenerateParams, Scheduler};
+use hanlin_gateway::{Request, Work};
+use hanlin_tokenizer::Message;
+use hanlin_tools::agent::{self, AgentError, Answer, Finish, StepEnd};
+use hanlin_tools::{Context, Hit, Knowledge, Limits, Toolset};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
-fn call_json(index: usize, v: &Value) -> Option<ToolCall> {
-    let name = v.get("name").and_then(Value::as_str)?;
-    let args = match v.get("arguments").or_else(|| v.get("parameters")) {
-        Some(Value::String(s)) => s.clone(),
-        Some(a) => a.to_string(),
-        None => "{}".to_string(),
-    };
-    Some(ToolCall::function(index + 1, name, args))
-}
+type AppResult<T> = Result<T, ApiError>;
 
-/// Split generated text into the plain content and the parsed tool calls.
-/// Blocks that are not valid JSON with a `name` stay in the content. The
-/// tags are special tokens in Qwen's vocabulary, which the detokenizer does
-/// not print: an answer that is nothing but call objects (one per line) is
-/// read as calls too.
+/// Split generated text into the content and OpenAI tool calls.
 pub fn split_tool_calls(text: &str) -> (String, Vec<ToolCall>) {
-    if !text.contains("<tool_call>") {
-        let bare: Option<Vec<ToolCall>> = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .enumerate()
-            .map(|(i, l)| {
-                let v: Value = serde_json::from_str(l.trim()).ok()?;
-                v.get("arguments").or_else(|| v.get("parameters"))?;
-                call_json(i, &v)
-            })
-            .collect();
-        if let Some(calls) = bare.filter(|c| !c.is_empty()) {
-            return (String::new(), calls);
-        }
-    }
-    const OPEN: &str = "<tool_call>";
-    const CLOSE: &str = "</tool_call>";
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(OPEN) {
-        content.push_str(&rest[..start]);
-        let after = &rest[start + OPEN.len()..];
-        let (body, next) = match after.find(CLOSE) {
-            Some(end) => (&after[..end], &after[end + CLOSE.len()..]),
-            None => (after, ""),
-        };
-        match serde_json::from_str::<Value>(body.trim())
-            .ok()
-            .and_then(|v| call_json(calls.len(), &v))
-        {
-            Some(call) => calls.push(call),
-            None => content.push_str(&rest[start..start + OPEN.len() + body.len()]),
-        }
-        rest = next;
-    }
-    content.push_str(rest);
-    (content.trim().to_string(), calls)
+    let (content, calls) = hanlin_tools::split_calls(text);
+    let calls = calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCall::function(i + 1, &c.name, c.arguments))
+        .collect();
+    (content, calls)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// New tokens per model step when the client sets no `max_tokens`: each
+/// step reserves its prompt plus this against the caller's limits.
+pub const STEP_TOKENS: usize = 1024;
 
-    #[test]
-    fn parses_qwen_tool_calls_and_keeps_plain_text() {
-        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"北京\"}}\n</tool_call>";
-        let (content, calls) = split_tool_calls(text);
-        assert_eq!(content, "Let me check.");
-        assert_eq!(calls.len(), 1);
-        assert_eq!(calls[0].function.name, "get_weather");
-        let args: Value = serde_json::from_str(&calls[0].function.arguments).expect("json");
-        assert_eq!(args["city"], "北京");
-        let (content, calls) = split_tool_calls("no tools <tool_call>not json</tool_call>");
-        assert!(calls.is_empty());
-        assert!(content.contains("not json"));
-        // Tags decoded away (special tokens): bare call objects, one per line.
-        let (content, calls) = split_tool_calls(
-            "{\"name\": \"a\", \"arguments\": {}}\n{\"name\": \"b\", \"arguments\": {\"x\": 1}}",
-        );
-        assert_eq!((content.as_str(), calls.len()), ("", 2));
-        assert_eq!(calls[1].function.arguments, "{\"x\":1}");
-        // A JSON answer that is not a call stays content.
-        let (content, calls) = split_tool_calls("{\"name\": \"Ann\", \"age\": 3}");
-        assert!(calls.is_empty() && content.contains("Ann"));
+/// Model steps on one metered request.
+pub(crate) struct Metered {
+    pub req: Request,
+    pub sched: Arc<Scheduler>,
+    pub caller: Caller,
+    /// The client's `max_tokens` for each step (none: what the context leaves).
+    pub asked: Option<u32>,
+    pub params: GenerateParams,
+    /// Closed when the client has gone (a stream's receiver dropped).
+    pub gone: Option<mpsc::UnboundedSender<String>>,
+}
+
+impl agent::Model for Metered {
+    type Error = ApiError;
+
+    async fn step(
+        &mut self,
+        messages: &[Message],
+        tools: Option<&Value>,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> AppResult<StepEnd> {
+        let prompt = chat_prompt(&self.sched, messages.to_vec(), tools.cloned()).await?;
+        let max_new = budget(
+            &self.sched,
+            &self.caller,
+            prompt.len(),
+            self.asked,
+            Some(STEP_TOKENS),
+            "max_tokens",
+        )?;
+        self.req.reserve(prompt.len() + max_new).await?;
+        let mut params = self.params.clone();
+        params.max_tokens = max_new;
+        self.req
+            .submit(&*self.sched, vec![Work::generate(prompt, params)])?;
+        let mut text = String::new();
+        loop {
+            let ev = match &self.gone {
+                Some(tx) => tokio::select! {
+                    ev = self.req.next() => ev,
+                    _ = tx.closed() => return Err(ApiError::internal("the client left")),
+                },
+                None => self.req.next().await,
+            };
+            match ev {
+                Some((_, Event::Token { text: t, .. })) => {
+                    text.push_str(&t);
+                    // Enough of this step (or nobody reads it): the next
+                    // submit, or the end of the request, frees the job.
+                    if !on_text(&t) {
+                        return Ok(StepEnd {
+                            text,
+                            finish: Finish::Stop,
+                        });
+                    }
+                }
+                Some((_, Event::Done { finish, .. })) => {
+                    let finish = match finish {
+                        FinishReason::Stop => Finish::Stop,
+                        _ => Finish::Length,
+                    };
+                    return Ok(StepEnd { text, finish });
+                }
+                Some((_, Event::Failed(m))) => {
+                    return Err(ApiError::internal(format!("Generation failed: {m}")))
+                }
+                Some(_) => {}
+                None => return Err(ApiError::internal("the generation ended without an answer")),
+            }
+        }
     }
+}
+
+/// The knowledge bases one caller may read.
+struct CallerKnowledge {
+    st: Arc<AppState>,
+    names: Vec<String>,
+}
+
+impl Knowledge for CallerKnowledge {
+    fn search<'a>(&'a self, query: &'a str, k: usize) -> BoxFuture<'a, Result<Vec<Hit>, String>> {
+        Box::pin(async move {
+            let hits = crate::search::retrieve(&self.st, self.names.clone(), query.to_string(), k)
+                .await
+                .map_err(|e| e.message)?;
+            Ok(hits
+                .into_iter()
+                .map(|p| Hit {
+                    title: p.title,
+                    source: p.source,
+                    text: p.text,
+                    published: p.published,
+                })
+                .collect())
+        })
+    }
+}
+
+/// One request's tools, what they may see, and how the loop runs.
+pub(crate) struct Loop {
+    pub tools: Toolset,
+    pub cx: Context,
+    pub options: agent::Options,
+}
+
+/// The tools and the context for one request of `caller`.
+pub(crate) async fn prepare(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    names: &[String],
+    opts: &ToolOptions,
+) -> AppResult<Loop> {
+    if names.is_empty() || names.len() > 16 {
+        return Err(
+            ApiError::bad_request("'hanlin_tools' names 1 to 16 tools.").param("hanlin_tools")
+        );
+    }
+    let set = st.toolbox.select(names).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{e}; the server's tools are: {}",
+            st.toolbox.names().collect::<Vec<_>>().join(", ")
+        ))
+        .param("hanlin_tools")
+    })?;
+    let max_steps = opts.max_steps.unwrap_or(5);
+    if !(1..=10).contains(&max_steps) {
+        return Err(ApiError::bad_request("'max_steps' is 1 to 10.").param("hanlin_tool_options"));
+    }
+    let timezone = match &opts.timezone {
+        Some(tz) => tz.parse::<chrono_tz::Tz>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "Unknown time zone {tz:?} (use an IANA name such as Asia/Shanghai)."
+            ))
+            .param("hanlin_tool_options")
+        })?,
+        None => Context::local_timezone(),
+    };
+    let limits = Limits {
+        max_steps,
+        ..Limits::default()
+    };
+    let mut cx = Context::new(timezone, limits);
+    if set.has("search_knowledge") {
+        let kbs = match &opts.kb {
+            Some(names) => {
+                crate::search::check_readable(st, &caller.user, names).await?;
+                names.clone()
+            }
+            None => crate::search::readable(st, &caller.user).await?,
+        };
+        if !kbs.is_empty() {
+            cx = cx.with_knowledge(Arc::new(CallerKnowledge {
+                st: st.clone(),
+                names: kbs,
+            }));
+        }
+    }
+    let options = agent::Options {
+        route_arithmetic: opts.router.unwrap_or(true),
+    };
+    Ok(Loop {
+        tools: set,
+        cx,
+        options,
+    })
+}
+
+/// The `hanlin_tools` record of a finished loop.
+pub(crate) fn record(a: &Answer) -> Value {
+    json!({"steps": a.steps, "sources": a.sources, "model_steps": a.model_steps})
+}
+
+fn finish_str(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+/// What one answer is called and when it was made.
+pub(crate) struct Header {
+    pub id: String,
+    pub created: i64,
+    pub model: String,
+}
+
+impl Header {
+    fn json<C: serde::Serialize>(
+        &self,
+        object: &str,
+        choices: Vec<C>,
+        usage: Option<Option<Usage>>,
+        hanlin_tools: Option<Value>,
+    ) -> String {
+        serde_json::to_string(&Completion {
+            id: self.id.clone(),
+            object: object.into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage,
+            hanlin_tools,
+        })
+        .unwrap_or_default()
+    }
+
+    fn chunk(&self, delta: Delta, finish: Option<&str>, include_usage: bool) -> String {
+        let c = ChatChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish.map(str::to_string),
+        };
+        self.json(
+            "chat.completion.chunk",
+            vec![c],
+            include_usage.then_some(None),
+            None,
+        )
+    }
+
+    fn event(&self, ev: Value, include_usage: bool) -> String {
+        self.json::<ChatChunkChoice>(
+            "chat.completion.chunk",
+            Vec::new(),
+            include_usage.then_some(None),
+            Some(ev),
+        )
+    }
+}
+
+/// Answer a chat completion with server-run tools: the loop on `model`,
+/// streamed (`stream`) or as one body.
+pub(crate) async fn respond(
+    head: Header,
+    mut model: Metered,
+    lp: Loop,
+    messages: Vec<Message>,
+    stream: bool,
+    include_usage: bool,
+) -> AppResult<Response> {
+    let Loop {
+        tools,
+        cx,
+        options: opts,
+    } = lp;
+    if !stream {
+        let r = agent::run(&mut model, &tools, &cx, messages, opts, &mut |_| true).await;
+        let usage = Usage::from(&model.req.usage());
+        // The answer does not wait for the usage row.
+        tokio::spawn(model.req.finish());
+        let a = match r {
+            Ok(a) => a,
+            Err(AgentError::Model(e)) => return Err(e),
+            Err(AgentError::Cancelled) => return Err(ApiError::internal("cancelled")),
+        };
+        let choice = ChatChoice {
+            index: 0,
+            message: ChatMessage {
+                role: "assistant".into(),
+                content: Some(a.content.clone()),
+                refusal: None,
+                tool_calls: Vec::new(),
+            },
+            logprobs: None,
+            finish_reason: finish_str(a.finish).into(),
+        };
+        let body = head.json(
+            "chat.completion",
+            vec![choice],
+            Some(Some(usage)),
+            Some(record(&a)),
+        );
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response());
+    }
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    model.gone = Some(tx.clone());
+    tokio::spawn(async move {
+        let send = |s: String| tx.send(s).is_ok();
+        send(head.chunk(
+            Delta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+                tool_calls: Vec::new(),
+            },
+            None,
+            include_usage,
+        ));
+        let r = agent::run(&mut model, &tools, &cx, messages, opts, &mut |e| match e {
+            agent::Event::Text(t) => send(head.chunk(
+                Delta {
+                    content: Some(t),
+                    ..Default::default()
+                },
+                None,
+                include_usage,
+            )),
+            agent::Event::Call { step, call } => send(head.event(
+                json!({"call": {"step": step, "id": call.id, "name": call.name, "arguments": call.arguments}}),
+                include_usage,
+            )),
+            agent::Event::Result(o) => send(head.event(json!({ "result": o }), include_usage)),
+        })
+        .await;
+        let usage = Usage::from(&model.req.usage());
+        match r {
+            Ok(a) => {
+                let last = ChatChunkChoice {
+                    index: 0,
+                    delta: Delta::default(),
+                    logprobs: None,
+                    finish_reason: Some(finish_str(a.finish).into()),
+                };
+                send(head.json(
+                    "chat.completion.chunk",
+                    vec![last],
+                    include_usage.then_some(None),
+                    Some(record(&a)),
+                ));
+                if include_usage {
+                    send(head.json::<ChatChunkChoice>(
+                        "chat.completion.chunk",
+                        Vec::new(),
+                        Some(Some(usage)),
+                        None,
+                    ));
+                }
+                send("[DONE]".into());
+            }
+            Err(AgentError::Model(e)) => {
+                send(serde_json::to_string(&e.body()).unwrap_or_default());
+            }
+            Err(AgentError::Cancelled) => {}
+        }
+        drop(tx);
+        model.gone = None;
+        model.req.finish().await;
+    });
+    let s = futures::stream::unfold(rx, |mut rx| async move {
+        let data = rx.recv().await?;
+        Some((Ok::<_, Infallible>(SseEvent::default().data(data)), rx))
+    });
+    Ok(Sse::new(s).into_response())
 }

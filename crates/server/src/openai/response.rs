@@ -22,6 +22,13 @@ pub struct Completion<C> {
     /// last chunk carries it; otherwise the field is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// The steps the server ran for `hanlin_tools` (an extension clients
+    /// that do not know it ignore): in a whole answer `{"steps": [...],
+    /// "sources": [...]}`, in a stream chunk `{"call": {...}}` or
+    /// `{"result": {...}}` as each happens. Never standard `tool_calls`,
+    /// which would ask the client to run them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hanlin_tools: Option<serde_json::Value>,
 }
 
 /// One candidate token and its log-probability.

@@ -170,9 +170,7 @@ enum Kind {
 
 /// Everything the driver needs to answer one request.
 struct Run {
-    id: String,
-    created: i64,
-    model: String,
+    head: Header,
     kind: Kind,
     n: usize,
     stream: bool,
@@ -260,9 +258,7 @@ async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResul
         None => (0..n).map(|_| None).collect(),
     };
     let run = Run {
-        id: request.id().to_string(),
-        created: request.created(),
-        model: req.model.clone(),
+        head: Header::of(&request, &req.model),
         kind: Kind::Chat,
         n,
         stream: req.stream.unwrap_or(false),
@@ -312,11 +308,7 @@ async fn server_tools(
         return Err(ApiError::bad_request("'max_tokens' must be at least 1.").param("max_tokens"));
     }
     let params = req.sampling.to_params(1, false, 0)?;
-    let head = crate::tools::Header {
-        id: request.id().to_string(),
-        created: request.created(),
-        model: req.model.clone(),
-    };
+    let head = Header::of(&request, &req.model);
     let model = crate::tools::Metered {
         req: request,
         sched,
@@ -401,9 +393,7 @@ async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
         .to_params(max_new, req.logprobs.is_some(), top)?;
     let n = req.sampling.n(caller.plan.max_n)?;
     let run = Run {
-        id: request.id().to_string(),
-        created: request.created(),
-        model: req.model.clone(),
+        head: Header::of(&request, &req.model),
         kind: Kind::Text,
         n,
         stream: req.stream.unwrap_or(false),
@@ -849,6 +839,46 @@ fn encode_input(tok: &hanlin_tokenizer::Tokenizer, s: &str) -> AppResult<Vec<u32
     })
 }
 
+/// What one answer is called and when it was made: the envelope every
+/// completion and chunk of it carries.
+pub(crate) struct Header {
+    pub id: String,
+    pub created: i64,
+    pub model: String,
+}
+
+impl Header {
+    pub fn of(request: &Request, model: &str) -> Self {
+        Self {
+            id: request.id().to_string(),
+            created: request.created(),
+            model: model.to_string(),
+        }
+    }
+
+    /// A completion (or a chunk of one) of kind `object` with `choices`,
+    /// as JSON text.
+    pub fn json<C: serde::Serialize>(
+        &self,
+        object: &str,
+        choices: Vec<C>,
+        usage: Option<Option<openai::Usage>>,
+        hanlin_tools: Option<Value>,
+    ) -> String {
+        serde_json::to_string(&Completion {
+            id: self.id.clone(),
+            object: object.into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: None,
+            choices,
+            usage,
+            hanlin_tools,
+        })
+        .unwrap_or_default()
+    }
+}
+
 /// A completion (or a chunk of one) with `choices`, as JSON text.
 fn envelope<C: serde::Serialize>(
     run: &Run,
@@ -860,17 +890,7 @@ fn envelope<C: serde::Serialize>(
         (Kind::Chat, false) => "chat.completion",
         (Kind::Text, _) => "text_completion",
     };
-    let c = Completion {
-        id: run.id.clone(),
-        object: object.into(),
-        created: run.created,
-        model: run.model.clone(),
-        system_fingerprint: None,
-        choices,
-        usage,
-        hanlin_tools: None,
-    };
-    serde_json::to_string(&c).unwrap_or_default()
+    run.head.json(object, choices, usage, None)
 }
 
 fn whole_response(run: &Run, choices: &[Choice], usage: openai::Usage) -> String {

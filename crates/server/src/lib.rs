@@ -133,6 +133,9 @@ pub struct AppState {
     pub anon: guard::AnonLimit,
     /// The tools the server runs for `hanlin_tools` and web conversations.
     pub toolbox: hanlin_tools::Toolbox,
+    /// The server's time zone (`$TZ` or `/etc/timezone`, read at start):
+    /// `datetime`'s default.
+    pub timezone: chrono_tz::Tz,
 }
 
 impl AppState {
@@ -176,6 +179,7 @@ impl AppState {
             throttle: guard::Throttle::default(),
             anon: guard::AnonLimit::new(config.unauthenticated_per_minute),
             toolbox: hanlin_tools::Toolbox::builtin(),
+            timezone: hanlin_tools::Context::local_timezone(),
             config,
         }))
     }

@@ -465,15 +465,16 @@ pub async fn upload_file(
     ))
 }
 
-/// The names of the knowledge bases `user` may read.
+/// The knowledge bases `user` may read, with who may read each.
 pub(crate) async fn readable(
     st: &Arc<AppState>,
     user: &hanlin_accounts::User,
-) -> AppResult<Vec<String>> {
+) -> AppResult<Vec<(String, Readers)>> {
     let mut out = Vec::new();
     for name in hanlin_search::list(&st.kbs.root) {
-        if st.db.kb_readers(&name).await?.allows(user) {
-            out.push(name);
+        let readers = st.db.kb_readers(&name).await?;
+        if readers.allows(user) {
+            out.push((name, readers));
         }
     }
     Ok(out)
@@ -487,13 +488,7 @@ pub(crate) async fn kb_list(
     user: &hanlin_accounts::User,
 ) -> AppResult<Vec<Value>> {
     let admin = user.role == hanlin_accounts::Role::Admin;
-    let mut readable = Vec::new();
-    for name in hanlin_search::list(&st.kbs.root) {
-        let readers = st.db.kb_readers(&name).await?;
-        if readers.allows(user) {
-            readable.push((name, readers));
-        }
-    }
+    let readable = readable(st, user).await?;
     let st2 = st.clone();
     blocking(move || {
         let root = &st2.kbs.root;

@@ -9,11 +9,9 @@
 //!   every step reserved against the caller's limits. The steps travel in
 //!   the `hanlin_tools` field of the chunks and of the answer.
 
-use crate::api::{budget, chat_prompt};
+use crate::api::{budget, chat_prompt, Header};
 use crate::error::ApiError;
-use crate::openai::response::{
-    ChatChoice, ChatChunkChoice, ChatMessage, Completion, Delta, ToolCall,
-};
+use crate::openai::response::{ChatChoice, ChatChunkChoice, ChatMessage, Delta, ToolCall};
 use crate::openai::{ToolOptions, Usage};
 use crate::AppState;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -182,7 +180,7 @@ pub(crate) async fn prepare(
             ))
             .param("hanlin_tool_options")
         })?,
-        None => Context::local_timezone(),
+        None => st.timezone,
     };
     let limits = Limits {
         max_steps,
@@ -195,7 +193,11 @@ pub(crate) async fn prepare(
                 crate::search::check_readable(st, &caller.user, names).await?;
                 names.clone()
             }
-            None => crate::search::readable(st, &caller.user).await?,
+            None => crate::search::readable(st, &caller.user)
+                .await?
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
         };
         if !kbs.is_empty() {
             cx = cx.with_knowledge(Arc::new(CallerKnowledge {
@@ -226,34 +228,7 @@ fn finish_str(f: Finish) -> &'static str {
     }
 }
 
-/// What one answer is called and when it was made.
-pub(crate) struct Header {
-    pub id: String,
-    pub created: i64,
-    pub model: String,
-}
-
 impl Header {
-    fn json<C: serde::Serialize>(
-        &self,
-        object: &str,
-        choices: Vec<C>,
-        usage: Option<Option<Usage>>,
-        hanlin_tools: Option<Value>,
-    ) -> String {
-        serde_json::to_string(&Completion {
-            id: self.id.clone(),
-            object: object.into(),
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: None,
-            choices,
-            usage,
-            hanlin_tools,
-        })
-        .unwrap_or_default()
-    }
-
     fn chunk(&self, delta: Delta, finish: Option<&str>, include_usage: bool) -> String {
         let c = ChatChunkChoice {
             index: 0,

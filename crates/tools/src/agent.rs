@@ -124,6 +124,18 @@ fn guide(messages: &mut Vec<Message>) {
     }
 }
 
+/// Keep the first of calls that ask the same thing; how many are left.
+fn distinct(calls: &mut Vec<Call>) -> usize {
+    let mut keys = Vec::new();
+    calls.retain(|c| {
+        let k = c.key();
+        let new = !keys.contains(&k);
+        keys.push(k);
+        new
+    });
+    calls.len()
+}
+
 /// The answer when the model never gave one: the results the tools did
 /// give (exact, if not in the model's words), or a plain apology.
 fn composed(steps: &[Outcome], step: usize) -> String {
@@ -214,12 +226,9 @@ pub async fn run<M: Model>(
                 // Small models repeat a call until the step's token limit:
                 // a step ends at its first repeated call or at the cap.
                 if t.contains('}') {
-                    let (_, calls) = split_calls(&held);
-                    let mut keys: Vec<_> = calls.iter().map(Call::key).collect();
-                    let n = keys.len();
-                    keys.sort();
-                    keys.dedup();
-                    if keys.len() < n || n >= cx.limits.max_calls {
+                    let (_, mut calls) = split_calls(&held);
+                    let n = calls.len();
+                    if distinct(&mut calls) < n || n >= cx.limits.max_calls {
                         return false;
                     }
                 }
@@ -258,13 +267,7 @@ pub async fn run<M: Model>(
             });
         }
         // A call repeated within the step is one call.
-        let mut keys = Vec::new();
-        calls.retain(|c| {
-            let k = c.key();
-            let new = !keys.contains(&k);
-            keys.push(k);
-            new
-        });
+        distinct(&mut calls);
         if calls.is_empty() {
             if !held.is_empty() && !emit(Event::Text(held)) {
                 return Err(AgentError::Cancelled);

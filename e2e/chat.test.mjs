@@ -29,12 +29,21 @@ function freePort() {
   });
 }
 
+// The MCP server of the tools step: the official Python SDK over
+// streamable HTTP (e2e/mcp_server.py), named in the settings file.
+const mcpPort = await freePort();
+const mcp = spawn("python3", [path.join(here, "mcp_server.py"), String(mcpPort)], { stdio: ["ignore", "ignore", "pipe"] });
+let mcpLog = "";
+mcp.stderr.on("data", (d) => { mcpLog += d; });
+const CONFIG = path.join(dataDir, "config.toml");
+fs.writeFileSync(CONFIG, `[mcp.parcels]\nurl = "http://127.0.0.1:${mcpPort}/mcp"\ntimeout_s = 20\n`);
+
 let server = null;
 let serverLog = "";
 async function startServer(port) {
   // Knowledge bases of this run only (the model store is shared).
   const env = { ...process.env, HANLIN_KB_DIR: path.join(dataDir, "kb") };
-  server = spawn(BIN, ["serve", "--port", String(port), "--database-url", DB], { stdio: ["ignore", "pipe", "pipe"], env });
+  server = spawn(BIN, ["serve", "--port", String(port), "--database-url", DB, "--config", CONFIG], { stdio: ["ignore", "pipe", "pipe"], env });
   const ready = new Promise((resolve, reject) => {
     const onData = (d) => { serverLog += d; if (serverLog.includes("Hanlin is serving")) resolve(); };
     server.stdout.on("data", onData);
@@ -97,6 +106,7 @@ try {
   page.on("pageerror", (e) => pageErrors.push(String(e)));
   page.on("dialog", (d) => d.accept(d.type() === "prompt" ? "改过的标题 Renamed" : undefined));
   let convId = null;
+  let apiKey = null;
 
   await step("the sign-in page follows the browser's language (zh)", async () => {
     await page.goto(base);
@@ -334,12 +344,48 @@ try {
     // The key works with the OpenAI API.
     const r = await fetch(base + "/v1/models", { headers: { Authorization: "Bearer " + secret } });
     assert.equal(r.status, 200);
+    apiKey = secret;
     await page.click("#keys-dialog .close");
     await page.click("#open-usage");
     await page.waitForSelector("#usage-chart svg rect");
     assert.match(await page.textContent("#usage-table"), /qwen2.5-coder-0.5b/);
     await shot(page, "06-usage");
     await page.click("#usage-dialog .close");
+  });
+
+  await step("tools: an MCP server's tool (official Python SDK) through the API and the page; each step collapsible", async () => {
+    // Over the API: the model calls the MCP server's tool, the steps are
+    // in the extension field.
+    const r = await fetch(base + "/v1/chat/completions", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + apiKey, "content-type": "application/json" },
+      body: JSON.stringify({ model: "qwen2.5-coder-0.5b", temperature: 0, max_tokens: 128, hanlin_tools: ["parcels"],
+        messages: [{ role: "user", content: "Where is my parcel SF1234567890? Track it." }] }),
+    });
+    const v = await r.json();
+    assert.equal(r.status, 200, JSON.stringify(v));
+    const call = v.hanlin_tools.steps.find((s) => s.name === "parcels__track_parcel");
+    assert.ok(call && call.ok && /王小明/.test(call.content), JSON.stringify(v.hanlin_tools) + "\nMCP server log:\n" + mcpLog.slice(-2000));
+    assert.equal(v.choices[0].message.tool_calls, undefined, "server-run calls are not the client's");
+    // In the page: the conversation's tools switch, the steps as they run.
+    await page.click("#new-chat");
+    await page.click("#toggle-tools");
+    await page.waitForSelector("#toggle-tools.on");
+    await setParams(page, { maxTokens: 128, temperature: 0 });
+    await sendMessage(page, "Where is my parcel SF1234567890? Track it.");
+    await waitReplyDone(page);
+    let steps = lastReply(page).locator("details.tool-steps");
+    assert.match(await steps.textContent(), /parcels: track_parcel/);
+    await sendMessage(page, "123456 乘以 654321 等于多少？");
+    await waitReplyDone(page);
+    steps = lastReply(page).locator("details.tool-steps");
+    await steps.locator("summary").first().click();
+    assert.match(await steps.textContent(), /(计算器|Calculator): .*80779853376/);
+    await steps.locator("li details summary").first().click();
+    await shot(page, "06b-tools");
+    // Reloaded, the steps are still there.
+    await page.reload();
+    await page.waitForSelector(".msg.assistant details.tool-steps");
   });
 
   await step("admin screen: users, plans, usage per user and model", async () => {
@@ -352,6 +398,11 @@ try {
     assert.match(await page.textContent("#admin-keys"), /笔记本/);
     await page.click("#admin-keys .revoke-key");
     await page.waitForFunction(() => !document.querySelector("#admin-keys .revoke-key"));
+    // The settings file's MCP server, tried from here; a program cannot be
+    // registered from this screen (the API refuses `command`).
+    assert.match(await page.textContent("#admin-mcp"), /parcels/);
+    await page.click("#admin-mcp .mcp-test");
+    await page.waitForFunction(() => /track_parcel/.test(document.querySelector("#mcp-result").textContent));
     await shot(page, "07-admin");
     await page.click("#admin-dialog .close");
   });
@@ -501,6 +552,7 @@ try {
 } finally {
   await browser.close();
   if (server) server.kill("SIGKILL");
+  mcp.kill("SIGKILL");
   fs.rmSync(dataDir, { recursive: true, force: true });
 }
 console.log(`\n${results.length} steps passed${exitCode ? ", then one failed" : ""}; screenshots in ${ART}`);

@@ -2,7 +2,8 @@
 # The web app's end-to-end tests: a real `hanlin serve` on the default model,
 # driven in headless Chromium by playwright-core (e2e/chat.test.mjs).
 # Installs what they need when it is missing: Debian's chromium and a CJK
-# font (so screenshots show Chinese), and the pinned playwright-core.
+# font (so screenshots show Chinese), the pinned playwright-core, and the
+# official Python MCP SDK (the tools step's MCP server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -14,6 +15,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The tools step's MCP server runs on the official Python SDK.
+python3 -c "import mcp.server.mcpserver" 2>/dev/null || python3 -m pip install -q "mcp==2.3.0"
 [ -d e2e/node_modules/playwright-core ] || (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
 hanlin="$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/hanlin"
 [ -x "$hanlin" ] || cargo build --release --bin hanlin

@@ -92,6 +92,7 @@ pub fn parse_chatgpt_export(v: &Value) -> Result<Vec<ImportConversation>, String
                             .map(|t| t as i64)
                             .unwrap_or(created_at),
                         sources: None,
+                        tools: None,
                     });
                     kept_parent = Some(node_id.clone());
                 }

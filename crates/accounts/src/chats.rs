@@ -98,6 +98,9 @@ pub struct Message {
     /// For an answer from knowledge bases: the sources it cites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sources: Option<Value>,
+    /// For an answer with tools: the steps the server ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Value>,
 }
 
 /// Fields of a conversation a user may change.
@@ -177,6 +180,9 @@ fn message_of(r: &sqlx::any::AnyRow) -> Result<Message, sqlx::Error> {
         created_at: r.try_get(6)?,
         sources: r
             .try_get::<Option<String>, _>(7)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        tools: r
+            .try_get::<Option<String>, _>(8)?
             .and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
@@ -270,7 +276,7 @@ impl Db {
             return Ok(None);
         }
         let rows = sqlx::query(&format!(
-            "SELECT {MSG_COLS}, sources FROM messages WHERE conversation_id = $1 ORDER BY seq"
+            "SELECT {MSG_COLS}, sources, tools FROM messages WHERE conversation_id = $1 ORDER BY seq"
         ))
         .bind(conversation_id)
         .fetch_all(&self.pool)
@@ -433,6 +439,7 @@ impl Db {
             model: model.map(String::from),
             created_at: t,
             sources: None,
+            tools: None,
         })
     }
 
@@ -463,12 +470,37 @@ impl Db {
         id: &str,
         sources: &Value,
     ) -> Result<(), AccountError> {
-        sqlx::query("UPDATE messages SET sources = $1 WHERE id = $2 AND conversation_id = $3")
-            .bind(sources.to_string())
-            .bind(id)
-            .bind(conversation_id)
-            .execute(&self.pool)
-            .await?;
+        self.set_message_json("sources", conversation_id, id, sources)
+            .await
+    }
+
+    /// Keep the steps of the tools an answer used with it.
+    pub async fn set_message_tools(
+        &self,
+        conversation_id: &str,
+        id: &str,
+        tools: &Value,
+    ) -> Result<(), AccountError> {
+        self.set_message_json("tools", conversation_id, id, tools)
+            .await
+    }
+
+    /// Set one of a message's JSON columns (`sources`, `tools`).
+    async fn set_message_json(
+        &self,
+        column: &'static str,
+        conversation_id: &str,
+        id: &str,
+        value: &Value,
+    ) -> Result<(), AccountError> {
+        sqlx::query(&format!(
+            "UPDATE messages SET {column} = $1 WHERE id = $2 AND conversation_id = $3"
+        ))
+        .bind(value.to_string())
+        .bind(id)
+        .bind(conversation_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

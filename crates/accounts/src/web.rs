@@ -365,18 +365,32 @@ impl Db {
 
     /// The sign-up policy an admin set (`None`: never set).
     pub async fn signup_policy(&self) -> Result<Option<SignupPolicy>, AccountError> {
-        let row = sqlx::query("SELECT value FROM settings WHERE name = 'signup'")
+        Ok(self
+            .setting("signup")
+            .await?
+            .and_then(|v| SignupPolicy::parse(&v)))
+    }
+
+    pub async fn set_signup_policy(&self, p: SignupPolicy) -> Result<(), AccountError> {
+        self.set_setting("signup", p.as_str()).await
+    }
+
+    /// A server-wide setting an admin stored (`None`: never set).
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, AccountError> {
+        let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
             .fetch_optional(&self.pool)
             .await?;
         Ok(match row {
-            Some(r) => SignupPolicy::parse(&r.try_get::<String, _>(0)?),
+            Some(r) => Some(r.try_get::<String, _>(0)?),
             None => None,
         })
     }
 
-    pub async fn set_signup_policy(&self, p: SignupPolicy) -> Result<(), AccountError> {
-        sqlx::query("INSERT INTO settings (name, value) VALUES ('signup', $1) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
-            .bind(p.as_str())
+    pub async fn set_setting(&self, name: &str, value: &str) -> Result<(), AccountError> {
+        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+            .bind(name)
+            .bind(value)
             .execute(&self.pool)
             .await?;
         Ok(())

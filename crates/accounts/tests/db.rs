@@ -19,6 +19,7 @@ fn msg(id: &str, parent: Option<&str>, role: R, content: &str) -> Message {
         model: None,
         created_at: 0,
         sources: None,
+        tools: None,
     }
 }
 

@@ -31,17 +31,59 @@ pub(crate) fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) ->
     let m = load(store, model, threads)?;
     let mut proposer = proposer(store, &m, model, threads, gen)?;
     let mut session = m.new_session(gen.ctx);
-    let mut history: Vec<Message> = gen
-        .system
-        .iter()
-        .map(|s| Message::new("system", s.as_str()))
-        .collect();
+    let mut history = system(gen);
     let params = gen.params();
     eprintln!(
         "Hanlin chat with {model}. Type a message; /clear starts over, /exit (or Ctrl-D) quits."
     );
-    let stdin = std::io::stdin();
     let mut out = std::io::stdout();
+    repl(&mut history, |history| {
+        let prompt = match m.chat_prompt(history) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return None;
+            }
+        };
+        let g = match session.generate_with(&prompt, &params, proposer.as_deref_mut(), |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+            true
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("\nerror: {e}");
+                return None;
+            }
+        };
+        println!();
+        if g.finish == FinishReason::ContextFull {
+            eprintln!("(the context is full; /clear to start a new conversation)");
+        }
+        if gen.verbose {
+            stats(&g);
+        }
+        Some(g.text)
+    })
+}
+
+/// The conversation's start: the `--system` prompt, if any.
+fn system(gen: &GenArgs) -> Vec<Message> {
+    gen.system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect()
+}
+
+/// The REPL both chats share: a line at a time until `/exit` or end of
+/// input; `/clear` keeps only the system prompt; any other line is a user
+/// message, answered by `turn` (which prints the answer and returns its
+/// text, or `None` after an error, when the message is taken back).
+fn repl(
+    history: &mut Vec<Message>,
+    mut turn: impl FnMut(&[Message]) -> Option<String>,
+) -> Result<()> {
+    let stdin = std::io::stdin();
     loop {
         eprint!(">>> ");
         let _ = std::io::stderr().flush();
@@ -62,29 +104,120 @@ pub(crate) fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) ->
             _ => {}
         }
         history.push(Message::new("user", line));
-        let prompt = m.chat_prompt(&history)?;
-        let g = match session.generate_with(&prompt, &params, proposer.as_deref_mut(), |t| {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
-            true
-        }) {
-            Ok(g) => g,
-            Err(e) => {
+        match turn(history) {
+            Some(answer) => history.push(Message::new("assistant", answer)),
+            None => {
                 history.pop();
-                eprintln!("\nerror: {e}");
-                continue;
             }
-        };
-        println!();
-        if g.finish == FinishReason::ContextFull {
-            eprintln!("(the context is full; /clear to start a new conversation)");
         }
-        if gen.verbose {
-            stats(&g);
-        }
-        history.push(Message::new("assistant", g.text));
     }
     Ok(())
+}
+
+/// Model steps for the agent loop on this process's session.
+struct Local<'a> {
+    m: &'a LoadedModel,
+    session: &'a mut hanlin_engine::Session,
+    params: GenerateParams,
+}
+
+impl hanlin_tools::agent::Model for Local<'_> {
+    type Error = hanlin_engine::EngineError;
+
+    async fn step(
+        &mut self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        on_text: &mut (dyn FnMut(&str) -> bool + Send),
+    ) -> Result<hanlin_tools::agent::StepEnd, Self::Error> {
+        let prompt = self.m.chat_prompt_with(messages, tools)?;
+        let g = self
+            .session
+            .generate_with(&prompt, &self.params, None, |t| on_text(t))?;
+        Ok(hanlin_tools::agent::StepEnd {
+            text: g.text,
+            finish: match g.finish {
+                FinishReason::Stop => hanlin_tools::agent::Finish::Stop,
+                _ => hanlin_tools::agent::Finish::Length,
+            },
+        })
+    }
+}
+
+/// `hanlin chat --tools calculator,datetime`: the server's agent loop,
+/// run here; each call and its result on stderr, the answer on stdout.
+pub(crate) fn chat_with_tools(
+    store: &Store,
+    model: &str,
+    threads: usize,
+    gen: &GenArgs,
+    names: &[String],
+) -> Result<()> {
+    use hanlin_tools::agent::{self, Event};
+    let toolbox = hanlin_tools::Toolbox::builtin();
+    let tools = toolbox.select(names).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; the tools here are: {}",
+            toolbox
+                .names()
+                .filter(|n| *n != "search_knowledge")
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    if tools.has("search_knowledge") {
+        bail!("search_knowledge needs the server's knowledge bases: use `hanlin ask --kb NAME` or the web app");
+    }
+    let m = load(store, model, threads)?;
+    let mut session = m.new_session(gen.ctx);
+    let mut history = system(gen);
+    let rt = runtime()?;
+    eprintln!(
+        "Hanlin chat with {model}, tools: {}. Type a message; /clear starts over, /exit (or Ctrl-D) quits.",
+        tools.names().join(", ")
+    );
+    repl(&mut history, |history| {
+        let cx = hanlin_tools::Context::new(
+            hanlin_tools::Context::local_timezone(),
+            hanlin_tools::Limits::default(),
+        );
+        let mut local = Local {
+            m: &m,
+            session: &mut session,
+            params: gen.params(),
+        };
+        let mut out = std::io::stdout();
+        let r = rt.block_on(agent::run(
+            &mut local,
+            &tools,
+            &cx,
+            history.to_vec(),
+            agent::Options {
+                route_arithmetic: true,
+            },
+            &mut |e| {
+                match e {
+                    Event::Text(t) => {
+                        let _ = out.write_all(t.as_bytes());
+                        let _ = out.flush();
+                    }
+                    Event::Call { call, .. } => {
+                        eprintln!("  [{}] {}", call.name, call.arguments)
+                    }
+                    Event::Result(o) => eprintln!("  [{}] → {}", o.name, o.content),
+                }
+                true
+            },
+        ));
+        println!();
+        match r {
+            Ok(a) => Some(a.content),
+            Err(e) => {
+                eprintln!("error: {e}");
+                None
+            }
+        }
+    })
 }
 
 /// How `hanlin run` turns its text into a prompt.
@@ -112,11 +245,7 @@ pub(crate) fn one_shot(
     } else if let Prompt::Raw = mode {
         m.tokenizer.encode_plain(text, true)?
     } else {
-        let mut msgs: Vec<Message> = gen
-            .system
-            .iter()
-            .map(|s| Message::new("system", s.as_str()))
-            .collect();
+        let mut msgs = system(gen);
         msgs.push(Message::new("user", text));
         m.chat_prompt(&msgs)?
     };

@@ -39,6 +39,13 @@ pub(crate) struct FileSettings {
     /// server-wide ones.
     #[serde(default)]
     pub models: std::collections::BTreeMap<String, ModelTable>,
+    /// Hosts MCP servers registered from the admin screen may be at
+    /// although not public.
+    pub mcp_allow: Option<Vec<String>>,
+    /// `[mcp.NAME]`: an MCP server whose tools the server runs (`url`, or
+    /// `command` with `env`; the file is the only place for commands).
+    #[serde(default)]
+    pub mcp: std::collections::BTreeMap<String, hanlin_tools::mcp::ServerConfig>,
 }
 
 /// `[models.NAME]` (README: "Configuration file").
@@ -155,6 +162,8 @@ impl FileSettings {
             None => None,
         };
         fill(m, "signup", &mut a.signup, signup);
+        fill(m, "mcp_allow", &mut a.mcp_allow, self.mcp_allow);
+        a.mcp = self.mcp;
         a.per_model = self
             .models
             .iter()

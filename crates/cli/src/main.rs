@@ -52,6 +52,10 @@ enum Cmd {
         /// Model name or path to a .gguf file
         #[arg(default_value = DEFAULT_MODEL)]
         model: String,
+        /// Tools the model may call, run here: calculator, datetime
+        /// (comma-separated; the steps are shown on stderr)
+        #[arg(long, value_delimiter = ',')]
+        tools: Vec<String>,
         #[command(flatten)]
         gen: GenArgs,
     },
@@ -208,6 +212,13 @@ struct ServeArgs {
     /// public (loopback, private, link-local), comma-separated
     #[arg(long, env = "HANLIN_FEED_ALLOW", value_delimiter = ',')]
     feed_allow: Vec<String>,
+    /// Hosts or IP addresses MCP servers registered from the admin screen
+    /// may be at although they are not public, comma-separated
+    #[arg(long, env = "HANLIN_MCP_ALLOW", value_delimiter = ',')]
+    mcp_allow: Vec<String>,
+    /// `[mcp.NAME]` tables of the settings file
+    #[arg(skip)]
+    mcp: std::collections::BTreeMap<String, hanlin_tools::mcp::ServerConfig>,
     /// Who may register on the web app: open, approval (accounts wait for an
     /// admin) or closed (default: what an admin last chose, else approval)
     #[arg(long, env = "HANLIN_SIGNUP", value_parser = parse_signup)]
@@ -345,7 +356,10 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
     match cmd {
         // Answered above, before the store was opened.
         Cmd::ExtractFile { .. } => Ok(()),
-        Cmd::Chat { model, gen } => chat(&store, &model, threads, &gen),
+        Cmd::Chat { model, tools, gen } if !tools.is_empty() => {
+            chat_with_tools(&store, &model, threads, &gen, &tools)
+        }
+        Cmd::Chat { model, gen, .. } => chat(&store, &model, threads, &gen),
         Cmd::Run {
             model,
             prompt,
@@ -499,6 +513,8 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
         metrics_token: a.metrics_token.clone(),
         unauthenticated_per_minute: a.unauthenticated_per_minute,
         per_model: a.per_model.clone(),
+        mcp: a.mcp.clone(),
+        mcp_allow: a.mcp_allow.clone(),
         extract: hanlin_search::isolate::Isolation::Child(
             hanlin_search::isolate::ChildLimits::this_executable()
                 .context("finding this executable (to read uploads in a child process)")?,

@@ -215,6 +215,24 @@ fn admin_keys_and_config_file() {
         "{}",
         text(&out.stderr)
     );
+    // MCP servers: the tables are read, a typo in one is an error too.
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"sqlite://{}\"\nmcp_allow = [\"10.0.0.7\"]\n[mcp.parcels]\nurl = \"http://127.0.0.1:9/mcp\"\nplans = [\"plus\"]\n[mcp.files]\ncommand = [\"/bin/true\"]\nenv = {{ PATH = \"/bin\" }}\n",
+            db.display()
+        ),
+    )
+    .expect("write");
+    let out = hanlin(&["--config", cfg_s, "admin", "user", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&cfg, "[mcp.parcels]\nurl = \"http://x/\"\ntimeout = 5\n").expect("write");
+    let out = hanlin(&["--config", cfg_s, "list"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("timeout"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A database that cannot be reached at start is one clear error, not a hang.

@@ -188,6 +188,7 @@ impl Gateway {
             created: hanlin_accounts::now(),
             started: Instant::now(),
             reservations: Vec::new(),
+            charged: 0,
             usage: Usage::default(),
             step: Vec::new(),
             rx: None,
@@ -235,6 +236,8 @@ pub struct Request {
     created: i64,
     started: Instant,
     reservations: Vec<Reservation>,
+    /// Tokens already charged to the limiter by settled reservations.
+    charged: i64,
     /// Usage of the steps before the current one.
     usage: Usage,
     step: Vec<JobCounts>,
@@ -283,6 +286,14 @@ impl Request {
     /// choices) against the plan's token limits. An agent loop reserves
     /// again for each further step.
     pub async fn reserve(&mut self, tokens: usize) -> Result<(), GatewayError> {
+        // A further step: what the steps before reserved and did not use is
+        // freed first, so an agent loop holds one step's worst case at a
+        // time (plus what it really used), not the sum of all of them.
+        if !self.reservations.is_empty() {
+            self.end_step();
+            let used = self.used_weighted();
+            self.settle_reservations(used);
+        }
         let gw = &self.gw;
         let user = &self.caller.user.id;
         let day = hanlin_accounts::day_of(hanlin_accounts::now());
@@ -323,6 +334,28 @@ impl Request {
     }
 
     /// Fold the current step's counts into the request's usage.
+    /// The tokens used so far as they count against the plan's limits.
+    fn used_weighted(&self) -> i64 {
+        if self.writer.is_some() {
+            self.usage.tokens().saturating_mul(self.weight_milli) / FULL_PRICE
+        } else {
+            0
+        }
+    }
+
+    /// Replace the reservations held by the use not yet charged (`used`
+    /// in all, less what earlier settlements charged).
+    fn settle_reservations(&mut self, used: i64) {
+        let mut rs = std::mem::take(&mut self.reservations).into_iter();
+        if let Some(first) = rs.next() {
+            self.gw.limiter.settle(first, used - self.charged);
+            self.charged = used;
+        }
+        for r in rs {
+            self.gw.limiter.settle(r, 0);
+        }
+    }
+
     fn end_step(&mut self) {
         let s = self.step_usage();
         self.usage.add(&s);
@@ -476,19 +509,8 @@ impl Request {
         self.rx = None;
         self.end_step();
         let usage = self.usage;
-        let used = if self.writer.is_some() {
-            usage.tokens().saturating_mul(self.weight_milli) / FULL_PRICE
-        } else {
-            0
-        };
-        // The whole use is charged to the first reservation, the rest freed.
-        let mut rs = std::mem::take(&mut self.reservations).into_iter();
-        if let Some(first) = rs.next() {
-            self.gw.limiter.settle(first, used);
-        }
-        for r in rs {
-            self.gw.limiter.settle(r, 0);
-        }
+        let used = self.used_weighted();
+        self.settle_reservations(used);
         let m = &self.gw.metrics;
         m.duration
             .with_label_values(&[self.endpoint.as_str(), self.model.as_str()])

@@ -265,3 +265,34 @@ async fn plan_price_and_request_weight_scale_what_counts_against_limits() {
         30
     );
 }
+
+#[tokio::test]
+async fn an_agent_loop_holds_one_steps_reservation_at_a_time() {
+    let (gw, mut caller, _dir) = setup().await;
+    // Each step reserves 1000 and uses 15: five steps fit a 1100-token
+    // minute only if each step's unused reservation is freed before the next.
+    caller.plan.tokens_per_minute = 1100;
+    let b = backend(5, 0);
+    let mut req = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    for step in 0..5 {
+        req.reserve(1000)
+            .await
+            .unwrap_or_else(|e| panic!("step {step}: {e}"));
+        req.submit(&b, vec![Work::generate(vec![1; 10], Default::default())])
+            .expect("submit");
+        while req.next().await.is_some() {}
+    }
+    req.finish().await;
+    // Charged exactly once: 5 × 15 tokens, today and in the minute.
+    let day = hanlin_accounts::day_of(hanlin_accounts::now());
+    assert_eq!(
+        gw.db.tokens_on(&caller.user.id, &day).await.expect("sum"),
+        75
+    );
+    let mut r2 = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    r2.reserve(1100 - 75)
+        .await
+        .expect("the minute holds 75 tokens");
+    let mut r3 = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    assert!(r3.reserve(1).await.is_err(), "and no more");
+}

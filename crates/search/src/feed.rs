@@ -192,12 +192,12 @@ impl FetchPolicy {
         }
     }
 
-    fn allows_host(&self, host: &str) -> bool {
+    pub fn allows_host(&self, host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.allow.iter().any(|a| a.eq_ignore_ascii_case(host))
     }
 
-    fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
+    pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
         is_public(ip)
             || self
                 .allow

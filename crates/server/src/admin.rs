@@ -319,3 +319,89 @@ pub async fn put_settings(
     st.db.set_signup_policy(s.signup).await?;
     Ok(Json(json!({"signup": s.signup})))
 }
+
+/// One MCP server as the admin API shows it (the bearer token is never
+/// shown back).
+fn mcp_json(s: &hanlin_tools::mcp::Server) -> Value {
+    let c = &s.config;
+    json!({
+        "name": s.name,
+        "origin": s.origin,
+        "url": c.url,
+        "command": (!c.command.is_empty()).then(|| c.command.join(" ")),
+        "has_token": c.bearer_token.is_some(),
+        "timeout_s": c.timeout_s,
+        "max_output_kb": c.max_output_kb,
+        "plans": c.plans,
+        "users": c.users,
+    })
+}
+
+/// `GET /v1/admin/mcp`: the MCP servers, the config file's and the admin's.
+pub async fn mcp_servers(
+    State(st): State<Arc<AppState>>,
+    _: AdminCaller,
+) -> AppResult<Json<Value>> {
+    let data: Vec<Value> = st.mcp.list().iter().map(|s| mcp_json(s)).collect();
+    Ok(Json(json!({ "data": data })))
+}
+
+/// `PUT /v1/admin/mcp/{name}` `{"url": "https://…/mcp", "timeout_s",
+/// "max_output_kb", "plans", "users", "bearer_token"}`: register (or
+/// replace) a streamable-HTTP server. Programs (`command`) are set in the
+/// config file only.
+pub async fn put_mcp_server(
+    State(st): State<Arc<AppState>>,
+    _: AdminCaller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> AppResult<Json<Value>> {
+    if body.get("command").is_some() || body.get("env").is_some() {
+        return Err(ApiError::forbidden(
+            "MCP servers that run a program ('command') are set in the config file only.",
+        ));
+    }
+    let config: hanlin_tools::mcp::ServerConfig =
+        serde_json::from_value(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    st.mcp
+        .set(&name, config, hanlin_tools::mcp::Origin::Admin)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    crate::tools::save_mcp(&st).await?;
+    tracing::info!(server = %name, "MCP server registered by an admin");
+    let s = st
+        .mcp
+        .get(&name)
+        .ok_or_else(|| ApiError::internal("the server was just registered"))?;
+    Ok(Json(mcp_json(&s)))
+}
+
+/// `DELETE /v1/admin/mcp/{name}`.
+pub async fn delete_mcp_server(
+    State(st): State<Arc<AppState>>,
+    _: AdminCaller,
+    Path(name): Path<String>,
+) -> AppResult<Json<Value>> {
+    st.mcp.remove(&name).map_err(|e| match e {
+        hanlin_tools::mcp::McpError::Unknown(_) => ApiError::not_found(e.to_string()),
+        _ => ApiError::bad_request(e.to_string()),
+    })?;
+    crate::tools::save_mcp(&st).await?;
+    Ok(Json(json!({ "deleted": name })))
+}
+
+/// `GET /v1/admin/mcp/{name}/tools`: connect and list the server's tools
+/// (or say why not).
+pub async fn mcp_server_tools(
+    State(st): State<Arc<AppState>>,
+    _: AdminCaller,
+    Path(name): Path<String>,
+) -> AppResult<Json<Value>> {
+    let s = st
+        .mcp
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("There is no MCP server named {name:?}.")))?;
+    Ok(Json(match s.tools().await {
+        Ok(tools) => json!({"ok": true, "tools": tools}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }))
+}

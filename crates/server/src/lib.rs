@@ -71,6 +71,12 @@ pub struct Config {
     /// with limits (a hostile PDF can crash its parser); the default, in
     /// this process, is for tests and embedders that trust their files.
     pub extract: hanlin_search::isolate::Isolation,
+    /// MCP servers from the config file (`[mcp.NAME]`), trusted: they may
+    /// be stdio commands and private addresses.
+    pub mcp: std::collections::BTreeMap<String, hanlin_tools::mcp::ServerConfig>,
+    /// Hosts MCP servers registered from the admin screen may be at
+    /// although not public.
+    pub mcp_allow: Vec<String>,
 }
 
 impl Config {
@@ -95,6 +101,8 @@ impl Config {
             unauthenticated_per_minute: 300,
             per_model: Default::default(),
             extract: Default::default(),
+            mcp: Default::default(),
+            mcp_allow: Vec::new(),
         }
     }
 }
@@ -114,6 +122,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("loading the default model: {0}")]
     Model(String),
+    #[error("MCP server settings: {0}")]
+    Mcp(#[from] hanlin_tools::mcp::McpError),
 }
 
 pub struct AppState {
@@ -133,6 +143,8 @@ pub struct AppState {
     pub anon: guard::AnonLimit,
     /// The tools the server runs for `hanlin_tools` and web conversations.
     pub toolbox: hanlin_tools::Toolbox,
+    /// The MCP servers whose tools join the toolbox's.
+    pub mcp: Arc<hanlin_tools::mcp::Hub>,
     /// The server's time zone (`$TZ` or `/etc/timezone`, read at start):
     /// `datetime`'s default.
     pub timezone: chrono_tz::Tz,
@@ -140,6 +152,7 @@ pub struct AppState {
 
 impl AppState {
     pub async fn new(config: Config, store: hanlin_store::Store) -> Result<Arc<Self>, ServerError> {
+        hanlin_tools::mcp::install_tls();
         let db = Db::connect(&config.database_url).await?;
         if let Some(p) = config.signup {
             db.set_signup_policy(p).await?;
@@ -168,6 +181,7 @@ impl AppState {
             config.sched.clone(),
             config.per_model.clone(),
         );
+        let mcp = Arc::new(tools::mcp_hub(&db, &config).await?);
         Ok(Arc::new(Self {
             gw: Gateway::new(db.clone(), Metrics::new()?),
             db,
@@ -179,6 +193,7 @@ impl AppState {
             throttle: guard::Throttle::default(),
             anon: guard::AnonLimit::new(config.unauthenticated_per_minute),
             toolbox: hanlin_tools::Toolbox::builtin(),
+            mcp,
             timezone: hanlin_tools::Context::local_timezone(),
             config,
         }))
@@ -198,6 +213,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/logout", post(web::logout))
         .route("/api/me", get(web::me))
         .route("/api/models", get(web::models))
+        .route("/api/tools", get(web::tools))
         .route(
             "/api/conversations",
             get(web::list_conversations).post(web::create_conversation),
@@ -270,6 +286,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/admin/settings",
             get(admin::settings).put(admin::put_settings),
         )
+        .route("/v1/admin/mcp", get(admin::mcp_servers))
+        .route(
+            "/v1/admin/mcp/{name}",
+            put(admin::put_mcp_server).delete(admin::delete_mcp_server),
+        )
+        .route("/v1/admin/mcp/{name}/tools", get(admin::mcp_server_tools))
+        .route("/v1/tools", get(tools::list))
         .merge(web_app)
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))

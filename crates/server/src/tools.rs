@@ -22,7 +22,8 @@ use hanlin_engine::{Event, FinishReason, GenerateParams, Scheduler};
 use hanlin_gateway::{Request, Work};
 use hanlin_tokenizer::Message;
 use hanlin_tools::agent::{self, AgentError, Answer, Finish, StepEnd};
-use hanlin_tools::{Context, Hit, Knowledge, Limits, Toolset};
+use hanlin_tools::mcp::{Hub, McpError, McpTool, Origin, ServerConfig};
+use hanlin_tools::{Context, Hit, Knowledge, Limits, Outcome, Toolset};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -148,6 +149,8 @@ pub(crate) struct Loop {
     pub tools: Toolset,
     pub cx: Context,
     pub options: agent::Options,
+    /// MCP servers named but unreachable: reported as the first steps.
+    pub unavailable: Vec<Outcome>,
 }
 
 /// The tools and the context for one request of `caller`.
@@ -162,13 +165,46 @@ pub(crate) async fn prepare(
             ApiError::bad_request("'hanlin_tools' names 1 to 16 tools.").param("hanlin_tools")
         );
     }
-    let set = st.toolbox.select(names).map_err(|e| {
-        ApiError::bad_request(format!(
-            "{e}; the server's tools are: {}",
-            st.toolbox.names().collect::<Vec<_>>().join(", ")
+    let (builtin, remote): (Vec<String>, Vec<String>) =
+        names.iter().cloned().partition(|n| st.toolbox.has(n));
+    let mut set = st.toolbox.select(&builtin).map_err(|e| unknown(st, e))?;
+    // MCP servers' tools: `SERVER` (all of them) or `SERVER__TOOL`.
+    let mut unavailable = Vec::new();
+    for n in &remote {
+        let (server, one) = st
+            .mcp
+            .resolve(n)
+            .ok_or_else(|| unknown(st, hanlin_tools::ToolError::Unknown(n.clone())))?;
+        if !server.config.allows(&caller.user.name, &caller.plan.name) {
+            return Err(ApiError::forbidden(format!(
+                "Your plan may not use the MCP server {:?}.",
+                server.name
+            ))
+            .param("hanlin_tools"));
+        }
+        match McpTool::of(&server, one.as_deref()).await {
+            Ok(tools) => tools.into_iter().for_each(|t| set.add(Arc::new(t))),
+            // Down or garbled: the request goes on without its tools, and
+            // the answer says why.
+            Err(e @ McpError::Unreachable { .. }) => {
+                tracing::warn!("{e}");
+                unavailable.push(Outcome {
+                    id: format!("mcp_{}", server.name),
+                    name: n.clone(),
+                    content: format!("error: {e}"),
+                    ..Default::default()
+                });
+            }
+            Err(e) => return Err(ApiError::bad_request(e.to_string()).param("hanlin_tools")),
+        }
+    }
+    if set.names().len() > MAX_TOOLS {
+        return Err(ApiError::bad_request(format!(
+            "The tools named come to {} (at most {MAX_TOOLS}); name an MCP server's tools one by one as SERVER__TOOL.",
+            set.names().len()
         ))
-        .param("hanlin_tools")
-    })?;
+        .param("hanlin_tools"));
+    }
     let max_steps = opts.max_steps.unwrap_or(5);
     if !(1..=10).contains(&max_steps) {
         return Err(ApiError::bad_request("'max_steps' is 1 to 10.").param("hanlin_tool_options"));
@@ -213,7 +249,58 @@ pub(crate) async fn prepare(
         tools: set,
         cx,
         options,
+        unavailable,
     })
+}
+
+/// Tools one request may have (each one's description and schema is in
+/// every step's prompt).
+const MAX_TOOLS: usize = 32;
+
+fn unknown(st: &AppState, e: hanlin_tools::ToolError) -> ApiError {
+    let mut known: Vec<String> = st.toolbox.names().map(str::to_string).collect();
+    known.extend(st.mcp.list().iter().map(|s| s.name.clone()));
+    ApiError::bad_request(format!("{e}; the server's tools are: {}", known.join(", ")))
+        .param("hanlin_tools")
+}
+
+/// The MCP servers: the config file's, then those an admin registered
+/// (kept in the `mcp_servers` setting). Admin-registered HTTP servers
+/// must be at public addresses unless `mcp_allow` names them.
+pub(crate) async fn mcp_hub(
+    db: &hanlin_accounts::Db,
+    config: &crate::Config,
+) -> Result<Hub, crate::ServerError> {
+    let policy = hanlin_search::feed::FetchPolicy::allowing(config.mcp_allow.clone());
+    let hub = Hub::new(Some(Arc::new(move |host: &str, ip: std::net::IpAddr| {
+        policy.allows_host(host) || policy.allows_ip(ip)
+    })));
+    for (name, c) in &config.mcp {
+        hub.set(name, c.clone(), Origin::Config)?;
+    }
+    if let Some(saved) = db.setting(MCP_SETTING).await? {
+        let saved: std::collections::BTreeMap<String, ServerConfig> =
+            serde_json::from_str(&saved).unwrap_or_default();
+        for (name, c) in saved {
+            if let Err(e) = hub.set(&name, c, Origin::Admin) {
+                tracing::warn!(
+                    "MCP server {name:?} registered from the admin screen is skipped: {e}"
+                );
+            }
+        }
+    }
+    Ok(hub)
+}
+
+/// The setting that keeps the admin-registered MCP servers.
+pub(crate) const MCP_SETTING: &str = "mcp_servers";
+
+/// Store the admin-registered MCP servers.
+pub(crate) async fn save_mcp(st: &AppState) -> AppResult<()> {
+    let entries = serde_json::to_string(&st.mcp.admin_entries())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    st.db.set_setting(MCP_SETTING, &entries).await?;
+    Ok(())
 }
 
 /// The `hanlin_tools` record of a finished loop.
@@ -254,6 +341,33 @@ impl Header {
     }
 }
 
+/// Run `lp`'s loop on `model` (the unreachable MCP servers first in the
+/// steps); a failure as the message a person reads.
+pub(crate) async fn run_loop(
+    model: &mut Metered,
+    lp: Loop,
+    messages: Vec<Message>,
+    emit: &mut (dyn FnMut(agent::Event) -> bool + Send),
+) -> Result<Answer, String> {
+    for o in &lp.unavailable {
+        emit(agent::Event::Result(o.clone()));
+    }
+    let r = agent::run(model, &lp.tools, &lp.cx, messages, lp.options, emit).await;
+    match with_notes(r, &lp.unavailable) {
+        Ok(a) => Ok(a),
+        Err(AgentError::Model(e)) => Err(e.message),
+        Err(AgentError::Cancelled) => Err("cancelled".into()),
+    }
+}
+
+/// Unreachable MCP servers come first in the steps.
+fn with_notes<E>(r: Result<Answer, E>, notes: &[Outcome]) -> Result<Answer, E> {
+    r.map(|mut a| {
+        a.steps.splice(0..0, notes.iter().cloned());
+        a
+    })
+}
+
 /// Answer a chat completion with server-run tools: the loop on `model`,
 /// streamed (`stream`) or as one body.
 pub(crate) async fn respond(
@@ -268,9 +382,11 @@ pub(crate) async fn respond(
         tools,
         cx,
         options: opts,
+        unavailable,
     } = lp;
     if !stream {
         let r = agent::run(&mut model, &tools, &cx, messages, opts, &mut |_| true).await;
+        let r = with_notes(r, &unavailable);
         let usage = Usage::from(&model.req.usage());
         // The answer does not wait for the usage row.
         tokio::spawn(model.req.finish());
@@ -315,6 +431,9 @@ pub(crate) async fn respond(
             None,
             include_usage,
         ));
+        for o in &unavailable {
+            send(head.event(json!({ "result": o }), include_usage));
+        }
         let r = agent::run(&mut model, &tools, &cx, messages, opts, &mut |e| match e {
             agent::Event::Text(t) => send(head.chunk(
                 Delta {
@@ -331,6 +450,7 @@ pub(crate) async fn respond(
             agent::Event::Result(o) => send(head.event(json!({ "result": o }), include_usage)),
         })
         .await;
+        let r = with_notes(r, &unavailable);
         let usage = Usage::from(&model.req.usage());
         match r {
             Ok(a) => {
@@ -370,4 +490,31 @@ pub(crate) async fn respond(
         Some((Ok::<_, Infallible>(SseEvent::default().data(data)), rx))
     });
     Ok(Sse::new(s).into_response())
+}
+
+/// The tools `user` on `plan` may name in `hanlin_tools`: the built-ins
+/// and the MCP servers their allow-lists let in (not connected to here).
+pub(crate) fn available(st: &AppState, user: &str, plan: &str) -> Value {
+    let mut data: Vec<Value> = st
+        .toolbox
+        .specs()
+        .into_iter()
+        .map(|s| json!({"name": s.name, "kind": "builtin", "description": s.description}))
+        .collect();
+    data.extend(
+        st.mcp
+            .list()
+            .iter()
+            .filter(|s| s.config.allows(user, plan))
+            .map(|s| json!({"name": s.name, "kind": "mcp", "description": format!("Tools of the MCP server {}", s.name)})),
+    );
+    json!({"object": "list", "data": data})
+}
+
+/// `GET /v1/tools`: what the caller may name in `hanlin_tools`.
+pub async fn list(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    crate::extract::ApiCaller(caller): crate::extract::ApiCaller,
+) -> axum::Json<Value> {
+    axum::Json(available(&st, &caller.user.name, &caller.plan.name))
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::QWEN;
+use common::{call, QWEN};
 use serde_json::{json, Value};
 
 async fn post(base: &str, key: &str, body: Value) -> (u16, String) {
@@ -127,4 +127,122 @@ async fn the_server_runs_the_calculator_on_one_metered_request() {
     }
     let rows = srv.state.db.usage(Some("tina"), None).await.expect("usage");
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_servers_tools_run_for_the_callers_their_allow_lists_name() {
+    use reqwest::Method as M;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/tests/mcp_stdio.py");
+    let srv = common::start_with(|c| {
+        let mut shop =
+            hanlin_tools::mcp::ServerConfig::stdio(vec!["python3".into(), script.into()]);
+        shop.env
+            .insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+        shop.plans = vec!["plus".into()];
+        c.mcp.insert("shop".into(), shop);
+    })
+    .await;
+    let key = srv.user_key("mia", "plus").await;
+    let free = srv.user_key("fred", "free").await;
+    let admin = srv.admin_key.clone();
+
+    // The admin screen registers URLs, never programs.
+    let (status, v) = call(
+        M::PUT,
+        format!("{}/v1/admin/mcp/evil", srv.base),
+        &admin,
+        Some(json!({"command": ["/bin/sh", "-c", "id"]})),
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+    // A URL on this machine registers, but is not reachable from the
+    // admin screen's registrations without --mcp-allow.
+    let (status, v) = call(
+        M::PUT,
+        format!("{}/v1/admin/mcp/local", srv.base),
+        &admin,
+        Some(json!({"url": "http://127.0.0.1:9/mcp", "timeout_s": 3})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (_, v) = call(M::GET, format!("{}/v1/admin/mcp", srv.base), &admin, None).await;
+    let origins: Vec<(&str, &str)> = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or(""),
+                s["origin"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(origins, [("local", "admin"), ("shop", "config")]);
+    // Kept in the database.
+    let saved = srv.state.db.setting("mcp_servers").await.expect("setting");
+    assert!(saved.is_some_and(|s| s.contains("127.0.0.1:9")));
+    let (_, v) = call(
+        M::GET,
+        format!("{}/v1/admin/mcp/shop/tools", srv.base),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v.to_string().contains("shop__order_status"), "{v}");
+    let (status, _) = call(
+        M::DELETE,
+        format!("{}/v1/admin/mcp/shop", srv.base),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "the config file's servers stay");
+
+    // Who may use what.
+    let (_, v) = call(M::GET, format!("{}/v1/tools", srv.base), &free, None).await;
+    assert!(!v.to_string().contains("\"shop\""), "{v}");
+    let (_, v) = call(M::GET, format!("{}/v1/tools", srv.base), &key, None).await;
+    assert!(v.to_string().contains("\"shop\""), "{v}");
+    let order = |tools: Value| {
+        json!({
+            "model": QWEN,
+            "temperature": 0,
+            "max_tokens": 96,
+            "messages": [{"role": "user", "content": "Where is my order 8812? Look it up."}],
+            "hanlin_tools": tools,
+        })
+    };
+    let (status, body) = post(&srv.base, &free, order(json!(["shop"]))).await;
+    assert_eq!(status, 403, "{body}");
+
+    // The model calls the stdio server's tool; its result is in the steps.
+    let (status, body) = post(&srv.base, &key, order(json!(["shop", "local"]))).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let steps = v["hanlin_tools"]["steps"].as_array().expect("steps");
+    // The unreachable server is the first step, a short error.
+    assert_eq!(steps[0]["name"], "local");
+    assert_eq!(steps[0]["ok"], false);
+    assert!(
+        steps[0]["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not a public address"),
+        "{steps:?}"
+    );
+    let call = steps
+        .iter()
+        .find(|s| s["name"] == "shop__order_status")
+        .unwrap_or_else(|| panic!("the model called the MCP tool: {body}"));
+    assert_eq!(call["ok"], true, "{call}");
+    assert!(call["content"]
+        .as_str()
+        .unwrap_or("")
+        .contains("SF Express"));
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(
+        answer.contains("SF") || answer.contains("2026-11-20"),
+        "{answer}"
+    );
 }

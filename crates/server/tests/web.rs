@@ -596,3 +596,81 @@ async fn search_mode_answers_from_uploaded_files_with_sources() {
         .await;
     assert_eq!((st, code(&v)), (404, "kb_not_found"), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_with_tools_on_shows_and_keeps_its_steps() {
+    let s = start().await;
+    let (u, _) = Browser::register(&s.base, "祖冲之", "圆周率三点一四一五九二六").await;
+    let (_, tools) = u.json(M::GET, "/api/tools", None).await;
+    let names: Vec<&str> = tools["data"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"calculator") && names.contains(&"datetime"),
+        "{tools}"
+    );
+    let (st, conv) = u
+        .json(
+            M::POST,
+            "/api/conversations",
+            Some(json!({"params": {"max_tokens": 64, "temperature": 0, "tools": ["calculator", "datetime"]}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{conv}");
+    let cid = conv["id"].as_str().expect("id").to_string();
+    let events = u
+        .send(&cid, json!({"content": "123456 乘以 654321 等于多少？"}))
+        .await;
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    // The step is shown as it runs: its call, then its result, then the answer.
+    let call = kinds
+        .iter()
+        .position(|k| *k == "tool_call")
+        .expect("a call");
+    let result = kinds
+        .iter()
+        .position(|k| *k == "tool_result")
+        .expect("a result");
+    assert!(call < result, "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+    let done = events.last().expect("done");
+    let step = &done["tools"][0];
+    assert_eq!(step["name"], "calculator");
+    assert!(
+        step["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("80779853376"),
+        "{done}"
+    );
+    // Kept with the reply.
+    let (_, full) = u
+        .json(M::GET, &format!("/api/conversations/{cid}"), None)
+        .await;
+    let reply = &full["messages"][1];
+    assert_eq!(reply["status"], "done");
+    assert_eq!(reply["tools"], done["tools"]);
+    assert_eq!(reply["content"], done["content"]);
+    // A tool the server does not have is refused, and nothing is stored.
+    let (_, _) = u
+        .json(
+            M::PATCH,
+            &format!("/api/conversations/{cid}"),
+            Some(json!({"params": {"tools": ["rm_rf"]}})),
+        )
+        .await;
+    let r = u
+        .req(M::POST, &format!("/api/conversations/{cid}/messages"))
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let (_, full) = u
+        .json(M::GET, &format!("/api/conversations/{cid}"), None)
+        .await;
+    assert_eq!(full["messages"].as_array().map(Vec::len), Some(2));
+}

@@ -195,6 +195,7 @@ function showEmpty() {
   restoreDraft();
   renderConvList();
   renderKbToggle();
+  renderToolsToggle();
 }
 
 function fillModelSelect(current) {
@@ -214,6 +215,7 @@ async function openConversation(id, focusMessage) {
   fillModelSelect(state.conv.model);
   renderConvList();
   renderKbToggle();
+  renderToolsToggle();
   renderMessages();
   restoreDraft();
   document.body.classList.remove("sidebar-open");
@@ -266,9 +268,10 @@ function renderMessages() {
 
 function messageView(m) {
   const body = el("div", { class: "body" });
+  const steps = m.role === "assistant" && Array.isArray(m.tools) && m.tools.length ? toolSteps(m.tools) : null;
   if (m.role === "assistant") renderMarkdown(body, m.content || (m.status === "streaming" ? t("thinking") : ""));
   else body.textContent = m.content;
-  const view = el("div", { class: "msg " + m.role + (m.status !== "done" ? " " + m.status : ""), "data-id": m.id, "data-status": m.status }, body);
+  const view = el("div", { class: "msg " + m.role + (m.status !== "done" ? " " + m.status : ""), "data-id": m.id, "data-status": m.status }, ...(steps ? [steps, body] : [body]));
   if (m.role === "assistant" && m.sources) {
     decorateCitations(body, m);
     if (m.sources.length) view.append(sourceCards(m));
@@ -412,6 +415,14 @@ async function send(text, parentId) {
           addMessage(reply);
           renderMessages();
           body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+        } else if ((ev.type === "tool_call" || ev.type === "tool_result") && reply) {
+          // A step the server runs: shown at once, its result when it comes.
+          reply.tools = reply.tools || [];
+          const step = ev.type === "tool_call" ? { ...ev.call, running: true } : ev.result;
+          const i = reply.tools.findIndex((s) => s.id === step.id && s.step === step.step);
+          if (i >= 0) reply.tools[i] = step; else reply.tools.push(step);
+          renderMessages();
+          body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
         } else if (ev.type === "delta" && reply) {
           reply.content += ev.text;
           if (!frame) frame = requestAnimationFrame(paint);
@@ -420,6 +431,7 @@ async function send(text, parentId) {
           // Search mode: the text with its citations checked, and the sources.
           if (typeof ev.content === "string") reply.content = ev.content;
           if (ev.sources) reply.sources = ev.sources;
+          if (ev.tools) reply.tools = ev.tools;
         } else if (ev.type === "error" && reply) {
           reply.status = "error";
           notice(ev.message, "error");
@@ -512,6 +524,64 @@ async function saveSettings() {
   };
   const c = await api("PATCH", "/api/conversations/" + state.conv.id, { system_prompt: $("#system-prompt").value, params });
   state.conv = { ...state.conv, ...c };
+}
+
+// ------------------------------------------------------------------ tools
+
+/** A tool's name for people: the built-ins translated, an MCP server's tool as "server: tool". */
+function toolLabel(name) {
+  const key = "tool_" + name;
+  const s = t(key);
+  if (s !== key) return s;
+  return name.includes("__") ? name.replace("__", ": ") : name;
+}
+
+/** One line per step, "计算器: 123456 * 654321 = 80779853376", each opening to its arguments and result. */
+function toolSteps(steps) {
+  const list = el("ol", { class: "tool-list" });
+  for (const s of steps) {
+    const result = s.running ? t("toolRunning") : String(s.content || "").replace(/^error: /, "⚠ ");
+    const line = toolLabel(s.name) + ": " + (result.length > 120 ? result.slice(0, 120) + "…" : result);
+    const detail = el("details", {},
+      el("summary", { text: line + (s.ms != null && !s.running ? ` (${s.ms} ms)` : "") }),
+      el("div", { text: t("toolArgs") }), el("pre", { text: s.arguments || "{}" }),
+      el("div", { text: t("toolResult") }), el("pre", { text: s.running ? t("toolRunning") : String(s.content || "") }));
+    list.append(el("li", { class: s.ok === false ? "failed" : "" }, detail));
+  }
+  const box = el("details", { class: "tool-steps" }, el("summary", { text: t("toolSteps", { n: steps.length }) }), list);
+  // Open while it runs; closed once answered (a click opens it).
+  if (steps.some((s) => s.running)) box.open = true;
+  return box;
+}
+
+function convTools() {
+  const tools = state.conv && state.conv.params && state.conv.params.tools;
+  return Array.isArray(tools) ? tools : [];
+}
+
+async function availableTools() {
+  if (!state.tools) state.tools = (await api("GET", "/api/tools")).data;
+  return state.tools;
+}
+
+function renderToolsToggle() {
+  const on = convTools().length > 0;
+  const b = $("#toggle-tools");
+  b.replaceChildren(el("span", { class: "kb-icon", "aria-hidden": "true", text: "🧮" }), el("span", { class: "kb-label", text: on ? t("toolsOn") : t("toolsOff") }));
+  b.title = t("toolsHelp", { names: (state.tools || []).map((x) => toolLabel(x.name)).join(", ") || "…" });
+  b.setAttribute("aria-pressed", on ? "true" : "false");
+  b.classList.toggle("on", on);
+}
+
+/** The per-conversation switch: on = every tool this user may use, off = none. */
+async function toggleTools() {
+  await ensureConversation();
+  const list = await availableTools();
+  if (!list.length) { notice(t("noTools"), "error"); return; }
+  const tools = convTools().length ? [] : list.map((x) => x.name);
+  const params = { ...(state.conv.params || defaultParams()), tools };
+  state.conv = { ...state.conv, ...(await api("PATCH", "/api/conversations/" + state.conv.id, { params })) };
+  renderToolsToggle();
 }
 
 // ------------------------------------------------------------------ knowledge bases (search mode)
@@ -719,8 +789,38 @@ function barChart(points, limit) {
   return svg;
 }
 
+/** The admin's MCP servers: the settings file's (read-only) and the screen's, each testable. */
+async function renderMcp() {
+  const list = (await api("GET", "/v1/admin/mcp")).data;
+  const result = (text, error) => { $("#mcp-result").textContent = text; $("#mcp-result").className = "small" + (error ? " error" : ""); };
+  table($("#admin-mcp"), [t("name"), t("origin"), "URL / command", t("plans"), ""], list.map((m) => [
+    m.name, m.origin, m.url || m.command, [...m.plans, ...m.users].join(", ") || t("everyone"),
+    el("span", {},
+      el("button", { class: "link mcp-test", text: t("test"), onclick: async () => {
+        const r = await api("GET", "/v1/admin/mcp/" + encodeURIComponent(m.name) + "/tools");
+        result(r.ok ? m.name + ": " + r.tools.map((x) => x.name).join(", ") : r.error, !r.ok);
+      } }),
+      m.origin === "admin" ? el("button", { class: "link mcp-remove", text: t("remove"), onclick: async () => {
+        await api("DELETE", "/v1/admin/mcp/" + encodeURIComponent(m.name)); await renderMcp();
+      } }) : ""),
+  ]));
+}
+
+async function addMcp() {
+  const plans = $("#mcp-plans").value.split(",").map((x) => x.trim()).filter(Boolean);
+  try {
+    await api("PUT", "/v1/admin/mcp/" + encodeURIComponent($("#mcp-name").value.trim()), { url: $("#mcp-url").value.trim(), plans });
+    $("#mcp-name").value = ""; $("#mcp-url").value = ""; $("#mcp-plans").value = "";
+    $("#mcp-result").textContent = "";
+    await renderMcp();
+  } catch (e) {
+    $("#mcp-result").textContent = e.message; $("#mcp-result").className = "small error";
+  }
+}
+
 async function openAdmin() {
   await renderAdmin();
+  await renderMcp();
   $("#admin-dialog").showModal();
 }
 
@@ -856,6 +956,8 @@ function wire() {
   });
   $("#settings-dialog").addEventListener("close", () => { if ($("#settings-dialog").returnValue === "save") saveSettings(); });
   $("#open-kb").addEventListener("click", openKb);
+  $("#mcp-add").addEventListener("click", addMcp);
+  $("#toggle-tools").addEventListener("click", () => toggleTools().catch((e) => notice(e.message, "error")));
   $("#kb-create").addEventListener("click", () => kbAction(async () => {
     const name = $("#kb-new-name").value.trim();
     if (!name) return;

@@ -17,6 +17,7 @@ pub mod calls;
 pub mod chinese;
 pub mod datetime;
 pub mod knowledge;
+pub mod mcp;
 pub mod router;
 mod schema;
 
@@ -68,6 +69,14 @@ pub trait Tool: Send + Sync {
     fn spec(&self) -> Spec;
     fn call<'a>(&'a self, args: Value, cx: &'a Context)
         -> BoxFuture<'a, Result<String, ToolError>>;
+    /// This tool's call limit, when not the request's ([`Limits::timeout`]).
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+    /// This tool's output cap, when not the request's.
+    fn max_output(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Bounds on one request's tool use.
@@ -186,6 +195,10 @@ impl Toolbox {
         self.tools.keys().map(String::as_str)
     }
 
+    pub fn has(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
     pub fn specs(&self) -> Vec<Spec> {
         self.tools.values().map(|t| t.spec()).collect()
     }
@@ -232,6 +245,15 @@ impl Toolset {
         self.tools.is_empty()
     }
 
+    /// Add a tool (one the toolbox does not hold: an MCP server's); a
+    /// name already there is kept.
+    pub fn add(&mut self, tool: Arc<dyn Tool>) {
+        let name = tool.spec().name;
+        if !self.has(&name) {
+            self.tools.push((name, tool));
+        }
+    }
+
     pub fn names(&self) -> Vec<&str> {
         self.tools.iter().map(|(n, _)| n.as_str()).collect()
     }
@@ -250,10 +272,13 @@ impl Toolset {
     /// fails: an error is an `ok: false` outcome the model reads.
     pub async fn run(&self, call: &Call, cx: &Context) -> Outcome {
         let start = Instant::now();
-        let result = self.run_inner(call, cx).await;
-        let (ok, content) = match result {
-            Ok(s) => (true, cap(s, cx.limits.max_output)),
-            Err(e) => (false, cap(format!("error: {e}"), cx.limits.max_output)),
+        let tool = self.tools.iter().find(|(n, _)| *n == call.name);
+        let max = tool
+            .and_then(|(_, t)| t.max_output())
+            .unwrap_or(cx.limits.max_output);
+        let (ok, content) = match self.run_inner(call, cx).await {
+            Ok(s) => (true, cap(s, max)),
+            Err(e) => (false, cap(format!("error: {e}"), max)),
         };
         Outcome {
             step: 0,
@@ -286,7 +311,7 @@ impl Toolset {
                 .map_err(|e| ToolError::Arguments(format!("not JSON ({e})")))?
         };
         schema::check(&tool.spec().parameters, &args).map_err(ToolError::Arguments)?;
-        let limit = cx.limits.timeout;
+        let limit = tool.timeout().unwrap_or(cx.limits.timeout);
         match tokio::time::timeout(limit, tool.call(args, cx)).await {
             Ok(r) => r,
             Err(_) => Err(ToolError::Timeout(limit)),

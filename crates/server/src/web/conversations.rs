@@ -201,6 +201,7 @@ pub async fn send_message(
                 model: None,
                 created_at: 0,
                 sources: None,
+                tools: None,
             };
             messages.push(m);
             "pending".to_string()
@@ -227,7 +228,8 @@ pub async fn send_message(
     let mut grounding = None;
     let mut declined = None;
     let mut turns = Vec::new();
-    if kbs.is_empty() {
+    let search_mode = !kbs.is_empty();
+    if !search_mode {
         // The prompt: system prompt + the branch down to the message answered.
         if !conv.system_prompt.trim().is_empty() {
             turns.push(hanlin_tokenizer::Message::new(
@@ -262,9 +264,33 @@ pub async fn send_message(
             }
         }
     }
+    // Tools on (and not search mode): the agent loop writes the reply.
+    let tool_names = conversation_tools(&conv.params)?;
+    let mut tool_loop = None;
+    if !search_mode && !tool_names.is_empty() {
+        let lp = crate::tools::prepare(
+            &st,
+            &caller,
+            &tool_names,
+            &crate::openai::ToolOptions::default(),
+        )
+        .await?;
+        // Refused now, before anything is stored, if the first step cannot fit.
+        let prompt =
+            crate::api::chat_prompt(&sched, turns.clone(), Some(lp.tools.openai())).await?;
+        budget(
+            &sched,
+            &caller,
+            prompt.len(),
+            None,
+            Some(crate::tools::STEP_TOKENS),
+            "max_tokens",
+        )?;
+        tool_loop = Some(lp);
+    }
     let mut generation = None;
-    if declined.is_none() {
-        let prompt = crate::api::chat_prompt(&sched, turns, None).await?;
+    if declined.is_none() && tool_loop.is_none() {
+        let prompt = crate::api::chat_prompt(&sched, turns.clone(), None).await?;
         let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
             .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
         let asked = conv
@@ -338,6 +364,42 @@ pub async fn send_message(
         }
     }
     let (out_tx, out_rx) = mpsc::channel::<Value>(64);
+    if let Some(lp) = tool_loop {
+        let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
+            .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
+        let params = sampling.to_params(crate::tools::STEP_TOKENS, false, 0)?;
+        let asked = conv
+            .params
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .map(|n| n.min(u32::MAX as u64) as u32);
+        let model = crate::tools::Metered {
+            req: request.with_id(format!("web-{}", reply.id)),
+            sched,
+            caller,
+            asked,
+            params,
+            gone: None,
+        };
+        let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+        let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+        tokio::spawn(drive_tools_reply(
+            st.clone(),
+            id.clone(),
+            reply.id.clone(),
+            model,
+            lp,
+            turns,
+            out_tx,
+        ));
+        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
+            let v = rx.recv().await?;
+            Some((sse_data(v), rx))
+        });
+        return Ok(Sse::new(stream)
+            .keep_alive(axum::response::sse::KeepAlive::default())
+            .into_response());
+    }
     match generation {
         Some((prompt, params)) => {
             let mut request = request.with_id(format!("web-{}", reply.id));
@@ -380,6 +442,70 @@ pub async fn send_message(
     Ok(Sse::new(stream)
         .keep_alive(axum::response::sse::KeepAlive::default())
         .into_response())
+}
+
+/// The tools a conversation has switched on (`params.tools`: names as
+/// `hanlin_tools` takes them).
+fn conversation_tools(params: &Value) -> AppResult<Vec<String>> {
+    match params.get("tools") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(v) => serde_json::from_value::<Vec<String>>(v.clone())
+            .map_err(|_| ApiError::bad_request("'tools' is a list of tool names.").param("tools")),
+    }
+}
+
+/// Write a reply with the agent loop: each step's calls and results go to
+/// the page as they happen, the answer as deltas; the reply is saved with
+/// its steps. The page leaving does not stop it (the reply is kept).
+async fn drive_tools_reply(
+    st: Arc<AppState>,
+    conv_id: String,
+    reply_id: String,
+    mut model: crate::tools::Metered,
+    lp: crate::tools::Loop,
+    turns: Vec<hanlin_tokenizer::Message>,
+    out: mpsc::Sender<Value>,
+) {
+    let mut text = String::new();
+    let answer = crate::tools::run_loop(&mut model, lp, turns, &mut |ev| {
+        let v = match ev {
+            hanlin_tools::agent::Event::Text(t) => {
+                text.push_str(&t);
+                json!({"type": "delta", "text": t})
+            }
+            hanlin_tools::agent::Event::Call { step, call } => {
+                json!({"type": "tool_call", "call": {
+                "step": step, "id": call.id, "name": call.name, "arguments": call.arguments}})
+            }
+            hanlin_tools::agent::Event::Result(o) => json!({"type": "tool_result", "result": o}),
+        };
+        // A page that left misses the events; the reply goes on.
+        let _ = out.try_send(v);
+        true
+    })
+    .await;
+    let settled = tokio::spawn(model.req.finish());
+    let (status, content, steps, error) = match answer {
+        Ok(a) => (MessageStatus::Done, a.content.clone(), json!(a.steps), None),
+        Err(e) => (MessageStatus::Error, text, json!([]), Some(e)),
+    };
+    if let Err(e) = st.db.set_message_tools(&conv_id, &reply_id, &steps).await {
+        tracing::warn!("saving the tool steps of {reply_id}: {e}");
+    }
+    if let Err(e) = st
+        .db
+        .update_message(&conv_id, &reply_id, &content, status)
+        .await
+    {
+        tracing::warn!("saving reply {reply_id}: {e}");
+    }
+    let _ = out
+        .send(match error {
+            Some(message) => json!({"type": "error", "message": message, "id": reply_id}),
+            None => json!({"type": "done", "status": status, "id": reply_id, "content": content, "tools": steps}),
+        })
+        .await;
+    let _ = settled.await;
 }
 
 /// The reply a [`drive_reply`] writes.

@@ -317,3 +317,8 @@ pub async fn admin_session(
     }
     Ok(Some(()))
 }
+
+/// `GET /api/tools`: the tools the user may switch on in a conversation.
+pub async fn tools(State(st): State<Arc<AppState>>, WebRead(s): WebRead) -> Json<Value> {
+    Json(crate::tools::available(&st, &s.user.name, &s.user.plan))
+}

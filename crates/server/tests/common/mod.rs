@@ -15,6 +15,22 @@ pub struct TestServer {
 }
 
 pub const MODEL: &str = "smollm2-135m";
+
+/// One API call with a key: the status and the JSON body (null if none).
+pub async fn call(
+    method: reqwest::Method,
+    url: String,
+    key: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut r = reqwest::Client::new().request(method, url).bearer_auth(key);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
 pub const QWEN: &str = "qwen2.5-coder-0.5b";
 
 pub async fn start() -> TestServer {

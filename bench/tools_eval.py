@@ -19,7 +19,7 @@ in a temporary directory), so run it on an idle machine.
 
 Usage: python3 bench/tools_eval.py [--hanlin target/release/hanlin]
          [--models qwen2.5-coder-0.5b,qwen2.5-coder-1.5b] [--split all|heldout|dev]
-         [--json out.json]
+         [--json out.json] [--parallel 4]
 """
 
 import argparse
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--models", default="qwen2.5-coder-0.5b")
     ap.add_argument("--split", default="all", choices=["all", "heldout", "dev"])
     ap.add_argument("--json")
+    ap.add_argument("--parallel", type=int, default=4, help="questions asked at once")
     args = ap.parse_args()
     models = args.models.split(",")
     qs = [json.loads(l) for l in open(HERE / "tools_eval/questions.jsonl", encoding="utf-8")]
@@ -118,8 +120,8 @@ def main():
         try:
             for model in models:
                 cols = {"none": None, "tools": False, "router": True}
-                rows = []
-                for q in qs:
+
+                def ask(q):
                     row = {"id": q["id"], "kind": q["kind"], "split": q["split"]}
                     for col, router in cols.items():
                         body = {"model": model, "temperature": 0, "max_tokens": 512,
@@ -138,9 +140,13 @@ def main():
                         row[col + "_s"] = round(time.time() - t, 2)
                         row[col + "_steps"] = [(s["name"], s["arguments"], s["ok"]) for s in
                                                (r.get("hanlin_tools") or {}).get("steps", [])]
-                    rows.append(row)
                     print(f"  {model} #{q['id']:>2} {q['kind']:<9} " +
                           " ".join(f"{c}={'✓' if row[c] else '✗'}" for c in cols), flush=True)
+                    return row
+
+                # Several questions at once: the server batches them.
+                with ThreadPoolExecutor(args.parallel) as ex:
+                    rows = list(ex.map(ask, qs))
                 results[model] = rows
         finally:
             srv.terminate()

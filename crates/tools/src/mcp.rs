@@ -304,7 +304,7 @@ impl Server {
             if name.len() > 64 || tools.iter().any(|s: &Spec| s.name == name) {
                 continue;
             }
-            let description = t
+            let description: String = t
                 .description
                 .as_deref()
                 .or(t.title.as_deref())
@@ -312,10 +312,12 @@ impl Server {
                 .chars()
                 .take(1000)
                 .collect();
+            // The server's text goes into the chat template as template
+            // text, so nothing in it may spell a control token.
             tools.push(Spec {
                 name,
-                description,
-                parameters: Value::Object((*t.input_schema).clone()),
+                description: defang(&description),
+                parameters: defang_json(Value::Object((*t.input_schema).clone())),
             });
             remote.push(t.name.to_string());
         }
@@ -328,22 +330,33 @@ impl Server {
         Ok(tools)
     }
 
+    /// The connection's peer and `tool`'s name on the server, connecting
+    /// again when the connection broke.
+    async fn peer_for(&self, tool: &str) -> Result<(rmcp::Peer<RoleClient>, String), ToolError> {
+        for _ in 0..2 {
+            {
+                let conn = self.conn.lock().await;
+                if let Some(c) = conn.as_ref().filter(|c| !c.client.is_closed()) {
+                    let i = c
+                        .tools
+                        .iter()
+                        .position(|s| s.name == tool)
+                        .ok_or_else(|| ToolError::Unknown(tool.to_string()))?;
+                    return Ok((c.client.peer().clone(), c.remote[i].clone()));
+                }
+            }
+            self.tools()
+                .await
+                .map_err(|e| ToolError::Failed(e.to_string()))?;
+        }
+        Err(ToolError::Failed(format!(
+            "MCP server {} is not connected",
+            self.name
+        )))
+    }
+
     async fn call(&self, tool: &str, args: Value) -> Result<String, ToolError> {
-        let (peer, remote) = {
-            let conn = self.conn.lock().await;
-            let c = conn
-                .as_ref()
-                .filter(|c| !c.client.is_closed())
-                .ok_or_else(|| {
-                    ToolError::Failed(format!("MCP server {} is not connected", self.name))
-                })?;
-            let i = c
-                .tools
-                .iter()
-                .position(|s| s.name == tool)
-                .ok_or_else(|| ToolError::Unknown(tool.to_string()))?;
-            (c.client.peer().clone(), c.remote[i].clone())
-        };
+        let (peer, remote) = self.peer_for(tool).await?;
         let mut params = CallToolRequestParams::new(remote);
         if let Value::Object(m) = args {
             params = params.with_arguments(m);
@@ -401,6 +414,26 @@ impl Server {
 /// Idempotent; a process that makes HTTPS clients calls it first.
 pub fn install_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// `s` with `<` and `>` as `‹` and `›`: a chat template may print a tool's
+/// description as it is, where `<|im_start|>` would be a control token.
+fn defang(s: &str) -> String {
+    s.replace('<', "‹").replace('>', "›")
+}
+
+/// Every string in `v` (keys too) through [`defang`].
+fn defang_json(v: Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(defang(&s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(defang_json).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (defang(&k), defang_json(v)))
+                .collect(),
+        ),
+        v => v,
+    }
 }
 
 /// A remote tool's name as the model sees it (after `SERVER__`).

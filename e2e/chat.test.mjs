@@ -381,6 +381,7 @@ try {
     steps = lastReply(page).locator("details.tool-steps");
     await steps.locator("summary").first().click();
     assert.match(await steps.textContent(), /(计算器|Calculator): .*80779853376/);
+    assert.match(await lastReply(page).locator(".body").textContent(), /80779853376/);
     await steps.locator("li details summary").first().click();
     await shot(page, "06b-tools");
     // Reloaded, the steps are still there.

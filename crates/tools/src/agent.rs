@@ -139,16 +139,27 @@ fn distinct(calls: &mut Vec<Call>) -> usize {
 /// The answer when the model never gave one: the results the tools did
 /// give (exact, if not in the model's words), or a plain apology.
 fn composed(steps: &[Outcome], step: usize) -> String {
-    let ok: Vec<String> = steps
-        .iter()
-        .filter(|o| o.ok)
-        .map(|o| format!("{}: {}", o.name, o.content))
-        .collect();
-    if ok.is_empty() {
+    results(steps).unwrap_or_else(|| {
         format!("(No answer: the model was still calling tools after {step} steps.)")
-    } else {
-        ok.join("\n")
+    })
+}
+
+/// The distinct results the tools gave, one per line (`None`: none did);
+/// a result that only restates its input (`80779853376 = 80779853376`,
+/// a model calling the calculator on an answer) is left out.
+fn results(steps: &[Outcome]) -> Option<String> {
+    let mut ok: Vec<String> = Vec::new();
+    for o in steps.iter().filter(|o| o.ok) {
+        let restated = o
+            .content
+            .split_once(" = ")
+            .is_some_and(|(a, b)| a.trim() == b.trim());
+        let line = format!("{}: {}", o.name, o.content);
+        if !restated && !ok.contains(&line) {
+            ok.push(line);
+        }
     }
+    (!ok.is_empty()).then(|| ok.join("\n"))
 }
 
 /// Run the loop on `messages` with `tools`.
@@ -269,11 +280,20 @@ pub async fn run<M: Model>(
         // A call repeated within the step is one call.
         distinct(&mut calls);
         if calls.is_empty() {
+            let mut content = end.text.trim().to_string();
+            if content.is_empty() {
+                // Nothing said after the calls: the tools' results are the
+                // answer.
+                if let Some(r) = results(&steps) {
+                    content = r;
+                    held = content.clone();
+                }
+            }
             if !held.is_empty() && !emit(Event::Text(held)) {
                 return Err(AgentError::Cancelled);
             }
             return Ok(Answer {
-                content: end.text.trim().to_string(),
+                content,
                 finish: end.finish,
                 steps,
                 sources: cx.sources(),
@@ -423,6 +443,19 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn nothing_said_after_the_calls_answers_with_their_results() {
+        let mut m = script(&[
+            r#"{"name": "calculator", "arguments": {"expression": "123456 * 654321"}}"#,
+            r#"{"name": "calculator", "arguments": {"expression": "80779853376"}}"#,
+            "",
+        ]);
+        let (r, events) = go(&mut m, "What is 123456 times 654321?", Options::default()).await;
+        let a = r.expect("answer");
+        assert_eq!(a.content, "calculator: 123456 * 654321 = 80779853376");
+        assert_eq!(text(&events), a.content);
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ Usage: python3 bench/tools_eval.py [--hanlin target/release/hanlin]
 """
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -62,6 +63,9 @@ def post(base, key, body, timeout=600):
             return json.load(r)
     except urllib.error.HTTPError as e:
         return json.loads(e.read() or b"{}")
+    except (OSError, http.client.HTTPException) as e:
+        # A dropped connection is this question's failure, not the run's.
+        return {"error": {"message": f"{type(e).__name__}: {e}"}}
 
 
 def norm(s):

@@ -341,31 +341,23 @@ impl Header {
     }
 }
 
-/// Run `lp`'s loop on `model` (the unreachable MCP servers first in the
-/// steps); a failure as the message a person reads.
+/// Run `lp`'s loop on `model`, the one way an API answer and a web reply
+/// run it: the unreachable MCP servers are emitted first and come first
+/// in the steps.
 pub(crate) async fn run_loop(
     model: &mut Metered,
     lp: Loop,
     messages: Vec<Message>,
     emit: &mut (dyn FnMut(agent::Event) -> bool + Send),
-) -> Result<Answer, String> {
+) -> Result<Answer, AgentError<ApiError>> {
     for o in &lp.unavailable {
-        emit(agent::Event::Result(o.clone()));
+        if !emit(agent::Event::Result(o.clone())) {
+            return Err(AgentError::Cancelled);
+        }
     }
-    let r = agent::run(model, &lp.tools, &lp.cx, messages, lp.options, emit).await;
-    match with_notes(r, &lp.unavailable) {
-        Ok(a) => Ok(a),
-        Err(AgentError::Model(e)) => Err(e.message),
-        Err(AgentError::Cancelled) => Err("cancelled".into()),
-    }
-}
-
-/// Unreachable MCP servers come first in the steps.
-fn with_notes<E>(r: Result<Answer, E>, notes: &[Outcome]) -> Result<Answer, E> {
-    r.map(|mut a| {
-        a.steps.splice(0..0, notes.iter().cloned());
-        a
-    })
+    let mut a = agent::run(model, &lp.tools, &lp.cx, messages, lp.options, emit).await?;
+    a.steps.splice(0..0, lp.unavailable);
+    Ok(a)
 }
 
 /// Answer a chat completion with server-run tools: the loop on `model`,
@@ -378,15 +370,8 @@ pub(crate) async fn respond(
     stream: bool,
     include_usage: bool,
 ) -> AppResult<Response> {
-    let Loop {
-        tools,
-        cx,
-        options: opts,
-        unavailable,
-    } = lp;
     if !stream {
-        let r = agent::run(&mut model, &tools, &cx, messages, opts, &mut |_| true).await;
-        let r = with_notes(r, &unavailable);
+        let r = run_loop(&mut model, lp, messages, &mut |_| true).await;
         let usage = Usage::from(&model.req.usage());
         // The answer does not wait for the usage row.
         tokio::spawn(model.req.finish());
@@ -431,10 +416,7 @@ pub(crate) async fn respond(
             None,
             include_usage,
         ));
-        for o in &unavailable {
-            send(head.event(json!({ "result": o }), include_usage));
-        }
-        let r = agent::run(&mut model, &tools, &cx, messages, opts, &mut |e| match e {
+        let r = run_loop(&mut model, lp, messages, &mut |e| match e {
             agent::Event::Text(t) => send(head.chunk(
                 Delta {
                     content: Some(t),
@@ -450,7 +432,6 @@ pub(crate) async fn respond(
             agent::Event::Result(o) => send(head.event(json!({ "result": o }), include_usage)),
         })
         .await;
-        let r = with_notes(r, &unavailable);
         let usage = Usage::from(&model.req.usage());
         match r {
             Ok(a) => {

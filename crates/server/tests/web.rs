@@ -673,4 +673,23 @@ async fn a_conversation_with_tools_on_shows_and_keeps_its_steps() {
         .json(M::GET, &format!("/api/conversations/{cid}"), None)
         .await;
     assert_eq!(full["messages"].as_array().map(Vec::len), Some(2));
+    // Nor are bad sampling settings with tools on.
+    let (_, _) = u
+        .json(
+            M::PATCH,
+            &format!("/api/conversations/{cid}"),
+            Some(json!({"params": {"tools": ["calculator"], "temperature": "hot"}})),
+        )
+        .await;
+    let r = u
+        .req(M::POST, &format!("/api/conversations/{cid}/messages"))
+        .json(&json!({"content": "1+1?"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let (_, full) = u
+        .json(M::GET, &format!("/api/conversations/{cid}"), None)
+        .await;
+    assert_eq!(full["messages"].as_array().map(Vec::len), Some(2));
 }

@@ -272,11 +272,15 @@ impl Toolset {
     /// fails: an error is an `ok: false` outcome the model reads.
     pub async fn run(&self, call: &Call, cx: &Context) -> Outcome {
         let start = Instant::now();
-        let tool = self.tools.iter().find(|(n, _)| *n == call.name);
+        let tool = self
+            .tools
+            .iter()
+            .find(|(n, _)| *n == call.name)
+            .map(|(_, t)| t);
         let max = tool
-            .and_then(|(_, t)| t.max_output())
+            .and_then(|t| t.max_output())
             .unwrap_or(cx.limits.max_output);
-        let (ok, content) = match self.run_inner(call, cx).await {
+        let (ok, content) = match self.run_inner(tool, call, cx).await {
             Ok(s) => (true, cap(s, max)),
             Err(e) => (false, cap(format!("error: {e}"), max)),
         };
@@ -291,19 +295,19 @@ impl Toolset {
         }
     }
 
-    async fn run_inner(&self, call: &Call, cx: &Context) -> Result<String, ToolError> {
-        let tool = self
-            .tools
-            .iter()
-            .find(|(n, _)| *n == call.name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| {
-                ToolError::Unknown(format!(
-                    "{}; the tools are: {}",
-                    call.name,
-                    self.names().join(", ")
-                ))
-            })?;
+    async fn run_inner(
+        &self,
+        tool: Option<&Arc<dyn Tool>>,
+        call: &Call,
+        cx: &Context,
+    ) -> Result<String, ToolError> {
+        let tool = tool.ok_or_else(|| {
+            ToolError::Unknown(format!(
+                "{}; the tools are: {}",
+                call.name,
+                self.names().join(", ")
+            ))
+        })?;
         let args: Value = if call.arguments.trim().is_empty() {
             json!({})
         } else {

@@ -264,6 +264,15 @@ pub async fn send_message(
             }
         }
     }
+    // Everything that can refuse the message is checked before anything is
+    // stored: the sampling settings, the tools, whether the prompt fits.
+    let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
+        .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
+    let asked = conv
+        .params
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .map(|n| n.min(u32::MAX as u64) as u32);
     // Tools on (and not search mode): the agent loop writes the reply.
     let tool_names = conversation_tools(&conv.params)?;
     let mut tool_loop = None;
@@ -275,29 +284,22 @@ pub async fn send_message(
             &crate::openai::ToolOptions::default(),
         )
         .await?;
-        // Refused now, before anything is stored, if the first step cannot fit.
         let prompt =
             crate::api::chat_prompt(&sched, turns.clone(), Some(lp.tools.openai())).await?;
         budget(
             &sched,
             &caller,
             prompt.len(),
-            None,
+            asked,
             Some(crate::tools::STEP_TOKENS),
             "max_tokens",
         )?;
-        tool_loop = Some(lp);
+        let params = sampling.to_params(crate::tools::STEP_TOKENS, false, 0)?;
+        tool_loop = Some((lp, params));
     }
     let mut generation = None;
     if declined.is_none() && tool_loop.is_none() {
         let prompt = crate::api::chat_prompt(&sched, turns.clone(), None).await?;
-        let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
-            .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
-        let asked = conv
-            .params
-            .get("max_tokens")
-            .and_then(Value::as_u64)
-            .map(|n| n.min(u32::MAX as u64) as u32);
         let max_new = budget(
             &sched,
             &caller,
@@ -364,15 +366,7 @@ pub async fn send_message(
         }
     }
     let (out_tx, out_rx) = mpsc::channel::<Value>(64);
-    if let Some(lp) = tool_loop {
-        let sampling: crate::openai::Sampling = serde_json::from_value(conv.params.clone())
-            .map_err(|e| ApiError::bad_request(format!("Invalid sampling settings: {e}")))?;
-        let params = sampling.to_params(crate::tools::STEP_TOKENS, false, 0)?;
-        let asked = conv
-            .params
-            .get("max_tokens")
-            .and_then(Value::as_u64)
-            .map(|n| n.min(u32::MAX as u64) as u32);
+    if let Some((lp, params)) = tool_loop {
         let model = crate::tools::Metered {
             req: request.with_id(format!("web-{}", reply.id)),
             sched,
@@ -392,47 +386,41 @@ pub async fn send_message(
             turns,
             out_tx,
         ));
-        let stream = futures::stream::unfold(out_rx, |mut rx| async move {
-            let v = rx.recv().await?;
-            Some((sse_data(v), rx))
-        });
-        return Ok(Sse::new(stream)
-            .keep_alive(axum::response::sse::KeepAlive::default())
-            .into_response());
-    }
-    match generation {
-        Some((prompt, params)) => {
-            let mut request = request.with_id(format!("web-{}", reply.id));
-            if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
-                let _ = st
-                    .db
-                    .update_message(&id, &reply.id, "", MessageStatus::Error)
-                    .await;
-                return Err(e.into());
+    } else {
+        match generation {
+            Some((prompt, params)) => {
+                let mut request = request.with_id(format!("web-{}", reply.id));
+                if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
+                    let _ = st
+                        .db
+                        .update_message(&id, &reply.id, "", MessageStatus::Error)
+                        .await;
+                    return Err(e.into());
+                }
+                let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+                let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+                tokio::spawn(drive_reply(
+                    st.clone(),
+                    Reply {
+                        conv_id: id,
+                        reply_id: reply.id.clone(),
+                        grounding,
+                    },
+                    request,
+                    out_tx,
+                ));
             }
-            let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
-            let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
-            tokio::spawn(drive_reply(
-                st.clone(),
-                Reply {
-                    conv_id: id,
-                    reply_id: reply.id.clone(),
-                    grounding,
-                },
-                request,
-                out_tx,
-            ));
-        }
-        None => {
-            // Declined (nothing in the knowledge bases covers the question):
-            // the reply is already complete. The request is recorded.
-            request.record(Default::default());
-            request.finish().await;
-            let sources = json!([]);
-            let _ = st.db.set_message_sources(&id, &reply.id, &sources).await;
-            let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
-            let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
-            let _ = out_tx.try_send(json!({"type": "done", "status": "done", "id": reply.id, "content": reply.content, "sources": sources}));
+            None => {
+                // Declined (nothing in the knowledge bases covers the question):
+                // the reply is already complete. The request is recorded.
+                request.record(Default::default());
+                request.finish().await;
+                let sources = json!([]);
+                let _ = st.db.set_message_sources(&id, &reply.id, &sources).await;
+                let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
+                let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
+                let _ = out_tx.try_send(json!({"type": "done", "status": "done", "id": reply.id, "content": reply.content, "sources": sources}));
+            }
         }
     }
     let stream = futures::stream::unfold(out_rx, |mut rx| async move {
@@ -487,7 +475,13 @@ async fn drive_tools_reply(
     let settled = tokio::spawn(model.req.finish());
     let (status, content, steps, error) = match answer {
         Ok(a) => (MessageStatus::Done, a.content.clone(), json!(a.steps), None),
-        Err(e) => (MessageStatus::Error, text, json!([]), Some(e)),
+        Err(e) => {
+            let message = match e {
+                hanlin_tools::agent::AgentError::Model(e) => e.message,
+                hanlin_tools::agent::AgentError::Cancelled => "cancelled".into(),
+            };
+            (MessageStatus::Error, text, json!([]), Some(message))
+        }
     };
     if let Err(e) = st.db.set_message_tools(&conv_id, &reply_id, &steps).await {
         tracing::warn!("saving the tool steps of {reply_id}: {e}");

@@ -8,6 +8,7 @@
 //! browser sign-in (argon2 passwords, cookie sessions) in [`web`]; the web
 //! app's conversations and personas in [`chats`].
 
+pub mod batches;
 pub mod chatgpt;
 pub mod chats;
 pub mod kb;
@@ -88,7 +89,16 @@ pub struct Plan {
     /// What the plan's tokens cost against its limits, in thousandths of
     /// full price ([`FULL_PRICE`]: each token counts once).
     pub price_milli: i64,
+    /// Bytes of files (`/v1/files`) one user may keep.
+    pub file_bytes: i64,
+    /// What batch lines cost, in thousandths of the plan's price.
+    pub batch_price_milli: i64,
 }
+
+/// The plan defaults for the fields added after the first plans: 1 GiB of
+/// files, batch lines at half price.
+pub const DEFAULT_FILE_BYTES: i64 = 1 << 30;
+pub const DEFAULT_BATCH_PRICE: i64 = 500;
 
 impl Plan {
     pub fn allows(&self, model: &str) -> bool {
@@ -357,6 +367,9 @@ impl Db {
             "plans",
             "settings",
             "kb_readers",
+            "batch_lines",
+            "batches",
+            "files",
             "_sqlx_migrations",
         ] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
@@ -367,7 +380,7 @@ impl Db {
     }
 
     pub async fn plan(&self, name: &str) -> Result<Plan, AccountError> {
-        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli FROM plans WHERE name = $1")
+        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli FROM plans WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -376,7 +389,7 @@ impl Db {
     }
 
     pub async fn plans(&self) -> Result<Vec<Plan>, AccountError> {
-        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli FROM plans ORDER BY priority, name")
+        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli FROM plans ORDER BY priority, name")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(plan_of).collect()
@@ -389,7 +402,7 @@ impl Db {
                 "a plan needs a name and at least one model (or *)".into(),
             ));
         }
-        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n, price_milli = excluded.price_milli")
+        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n, price_milli = excluded.price_milli, file_bytes = excluded.file_bytes, batch_price_milli = excluded.batch_price_milli")
             .bind(&p.name)
             .bind(p.requests_per_minute)
             .bind(p.tokens_per_minute)
@@ -399,6 +412,8 @@ impl Db {
             .bind(p.priority)
             .bind(p.max_n.max(1))
             .bind(p.price_milli.max(0))
+            .bind(p.file_bytes.max(0))
+            .bind(p.batch_price_milli.max(0))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -535,8 +550,25 @@ impl Db {
         &self,
         secret: &str,
     ) -> Result<Result<Caller, AuthError>, AccountError> {
-        let row = sqlx::query("SELECT k.id, k.user_id, k.prefix, k.name, k.models, k.expires_at, k.revoked_at, k.created_at, u.id, u.name, u.role, u.plan, u.created_at, u.status FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.hash = $1")
-            .bind(hash_key(secret))
+        self.caller_where("k.hash", &hash_key(secret)).await
+    }
+
+    /// The caller behind key `key_id` as it stands now (work done later
+    /// for a key, such as batch lines, checks it again each time).
+    pub async fn caller_of_key(
+        &self,
+        key_id: &str,
+    ) -> Result<Result<Caller, AuthError>, AccountError> {
+        self.caller_where("k.id", key_id).await
+    }
+
+    async fn caller_where(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> Result<Result<Caller, AuthError>, AccountError> {
+        let row = sqlx::query(&format!("SELECT k.id, k.user_id, k.prefix, k.name, k.models, k.expires_at, k.revoked_at, k.created_at, u.id, u.name, u.role, u.plan, u.created_at, u.status FROM api_keys k JOIN users u ON u.id = k.user_id WHERE {column} = $1"))
+            .bind(value)
             .fetch_optional(&self.pool)
             .await?;
         let Some(row) = row else {
@@ -642,6 +674,8 @@ fn plan_of(row: &sqlx::any::AnyRow) -> Result<Plan, AccountError> {
         priority: row.try_get(6)?,
         max_n: row.try_get(7)?,
         price_milli: row.try_get(8)?,
+        file_bytes: row.try_get(9)?,
+        batch_price_milli: row.try_get(10)?,
     })
 }
 

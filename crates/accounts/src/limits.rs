@@ -249,6 +249,8 @@ mod tests {
             priority: 0,
             max_n: 4,
             price_milli: 1000,
+            file_bytes: crate::DEFAULT_FILE_BYTES,
+            batch_price_milli: crate::DEFAULT_BATCH_PRICE,
         }
     }
 

@@ -128,6 +128,12 @@ pub(crate) enum PlanCmd {
         /// thousandths (1000: each token once; 500: half)
         #[arg(long, default_value_t = 1000)]
         price_milli: i64,
+        /// Bytes of files (Files API) one user may keep
+        #[arg(long, default_value_t = hanlin_accounts::DEFAULT_FILE_BYTES)]
+        file_bytes: i64,
+        /// What batch lines cost, in thousandths of the plan's price
+        #[arg(long, default_value_t = hanlin_accounts::DEFAULT_BATCH_PRICE)]
+        batch_price_milli: i64,
     },
 }
 
@@ -307,6 +313,8 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                     priority,
                     max_n,
                     price_milli,
+                    file_bytes,
+                    batch_price_milli,
                 },
         } => {
             let plan = Plan {
@@ -319,6 +327,8 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 priority,
                 max_n,
                 price_milli,
+                file_bytes,
+                batch_price_milli,
             };
             db.put_plan(&plan).await?;
             println!("plan {} saved", plan.name);

@@ -192,9 +192,7 @@ pub(crate) fn chat_with_tools(
             &tools,
             &cx,
             history.to_vec(),
-            agent::Options {
-                route_arithmetic: true,
-            },
+            agent::Options { route: true },
             &mut |e| {
                 match e {
                     Event::Text(t) => {

@@ -2,6 +2,7 @@
 //! serve, admin, bench).
 
 mod admin;
+mod batch;
 mod bench;
 mod chat;
 mod config;
@@ -95,6 +96,8 @@ enum Cmd {
     /// JSON: the child process `kb add` and the server read files in
     #[command(hide = true)]
     ExtractFile { path: PathBuf },
+    /// Batches on a running server: submit a JSONL file, follow, cancel, fetch results
+    Batch(batch::BatchArgs),
     /// Manage users, API keys, plans and usage (directly in the database)
     Admin {
         #[command(flatten)]
@@ -208,6 +211,17 @@ struct ServeArgs {
     /// Largest request body in KiB (beyond: 413)
     #[arg(long, env = "HANLIN_MAX_BODY_KB", default_value_t = 2048)]
     max_body_kb: usize,
+    /// Where uploaded files and batch results are kept (default: beside
+    /// the knowledge bases, `files/`)
+    #[arg(long, env = "HANLIN_FILES_DIR")]
+    files_dir: Option<PathBuf>,
+    /// Batch lines run at once (they take the engine's spare slots: its
+    /// `max_batch` less the 4 kept for interactive requests)
+    #[arg(long, default_value_t = 12)]
+    batch_parallel: usize,
+    /// Days a finished batch's output and error files are kept
+    #[arg(long, default_value_t = 7)]
+    batch_keep_days: u64,
     /// Hosts or IP addresses feeds may be fetched from although they are not
     /// public (loopback, private, link-local), comma-separated
     #[arg(long, env = "HANLIN_FEED_ALLOW", value_delimiter = ',')]
@@ -428,6 +442,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             let m = load(&store, &model, threads)?;
             kb::ask(&store, threads, &m, &kbs, &question, json)
         }
+        Cmd::Batch(a) => batch::run(a),
         Cmd::Admin { mut db, cmd } => {
             if db.database_url.is_none() {
                 db.database_url = settings.database_url.clone();
@@ -506,6 +521,12 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
             ..Default::default()
         },
         kb_dir: kb::root(store),
+        files_dir: a
+            .files_dir
+            .clone()
+            .unwrap_or_else(|| kb::root(store).with_file_name("files")),
+        batch_parallel: a.batch_parallel,
+        batch_keep: std::time::Duration::from_secs(a.batch_keep_days.saturating_mul(86_400)),
         feed_allow: a.feed_allow.clone(),
         signup: a.signup,
         allowed_hosts: a.allowed_hosts.clone(),

@@ -23,7 +23,9 @@ pub use hanlin_kernels::dot::{simd_level, SimdLevel};
 pub use kv::{KvBlocks, KvCache, KV_BLOCK};
 pub use model::{BatchSeq, Logits, Model};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
-pub use sched::{Event, Job, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError};
+pub use sched::{
+    Event, Job, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError, BACKGROUND,
+};
 
 /// Compute threads to use by default: every core the OS gives us.
 pub fn default_threads() -> usize {

@@ -33,7 +33,13 @@ pub struct SchedulerConfig {
     pub ctx: usize,
     /// Tokens kept in the prefix pool after their sequences finish.
     pub prefix_pool_tokens: usize,
+    /// Slots background jobs (priority below zero: batch lines) may never
+    /// take, so an interactive request finds one free at once.
+    pub reserved_slots: usize,
 }
+
+/// Jobs below this priority are background work ([`SchedulerConfig::reserved_slots`]).
+pub const BACKGROUND: i32 = 0;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -43,6 +49,7 @@ impl Default for SchedulerConfig {
             max_queue: 256,
             ctx: 8192,
             prefix_pool_tokens: 32 * 1024,
+            reserved_slots: 4,
         }
     }
 }
@@ -289,6 +296,17 @@ impl Worker {
             let best = (0..self.waiting.len())
                 .min_by_key(|&i| (-self.waiting[i].job.priority, self.waiting[i].arrival))
                 .unwrap_or(0);
+            let background = self.waiting[best].job.priority < BACKGROUND;
+            let room = self
+                .cfg
+                .max_batch
+                .saturating_sub(self.cfg.reserved_slots)
+                .max(1);
+            if background && self.active.len() >= room {
+                // The best waiting job is background work, and the slots
+                // left are kept for interactive requests.
+                break;
+            }
             let w = self.waiting.swap_remove(best);
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             let mut job = w.job;
@@ -417,28 +435,30 @@ impl Worker {
 
     fn step(&mut self) {
         // What each active sequence feeds this step.
+        // The prompt budget goes out by priority (then admission order): a
+        // background prompt never delays an interactive one's first token.
         let mut budget = self.cfg.prefill_chunk;
-        let plan: Vec<(Vec<u32>, Logits)> = self
-            .active
-            .iter()
-            .map(|s| {
-                if let Some(id) = s.pending {
-                    (vec![id], Logits::Last)
-                } else if s.prefilling() && budget > 0 {
-                    let rest = &s.job.prompt[s.tokens.len()..];
-                    let n = rest.len().min(budget);
-                    budget -= n;
-                    let want = if n == rest.len() {
-                        Logits::Last
-                    } else {
-                        Logits::None
-                    };
-                    (rest[..n].to_vec(), want)
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| -self.active[i].job.priority);
+        let mut plan: Vec<(Vec<u32>, Logits)> = vec![(Vec::new(), Logits::None); self.active.len()];
+        for i in order {
+            let s = &self.active[i];
+            plan[i] = if let Some(id) = s.pending {
+                (vec![id], Logits::Last)
+            } else if s.prefilling() && budget > 0 {
+                let rest = &s.job.prompt[s.tokens.len()..];
+                let n = rest.len().min(budget);
+                budget -= n;
+                let want = if n == rest.len() {
+                    Logits::Last
                 } else {
-                    (Vec::new(), Logits::None)
-                }
-            })
-            .collect();
+                    Logits::None
+                };
+                (rest[..n].to_vec(), want)
+            } else {
+                (Vec::new(), Logits::None)
+            };
+        }
         if plan.iter().all(|(t, _)| t.is_empty()) {
             return;
         }

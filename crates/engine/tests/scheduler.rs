@@ -334,3 +334,59 @@ fn a_client_that_leaves_during_a_long_prefill_is_freed_before_it_ends() {
     );
     assert_eq!(events.len(), 2, "{events:?}");
 }
+
+/// Background jobs (batch lines) filled every slot, so an interactive
+/// request waited for one of them to finish.
+#[test]
+fn background_jobs_leave_the_reserved_slots_to_interactive_ones() {
+    let m = model();
+    let sched = Scheduler::start(
+        m.clone(),
+        SchedulerConfig {
+            max_batch: 3,
+            reserved_slots: 1,
+            ..Default::default()
+        },
+    );
+    let p = m
+        .chat_prompt(&[Message::new("user", "Count from 1 to 100.")])
+        .expect("prompt");
+    // Three long background jobs: two run, the third waits.
+    let started = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    for i in 0..3 {
+        let (started, stop) = (started.clone(), stop.clone());
+        let sink = Box::new(move |e: Event| {
+            if matches!(e, Event::Started { .. }) {
+                started.lock().expect("log").push(format!("batch {i}"));
+            }
+            !stop.load(Ordering::SeqCst)
+        });
+        sched
+            .submit(with_sink(p.clone(), 400, -1, sink))
+            .expect("submit");
+    }
+    for _ in 0..600 {
+        if started.lock().expect("log").len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        started.lock().expect("log").len(),
+        2,
+        "two background jobs run"
+    );
+    // An interactive request starts at once, in the slot kept free.
+    let (j, rx) = job(p.clone(), 4, 0);
+    sched.submit(j).expect("submit");
+    let (text, _, done) = collect(&rx);
+    assert!(matches!(done, Event::Done { .. }) && !text.is_empty());
+    assert_eq!(
+        started.lock().expect("log").len(),
+        2,
+        "the third background job still waits"
+    );
+    stop.store(true, Ordering::SeqCst);
+}

@@ -57,6 +57,8 @@ pub enum Endpoint {
     Ask,
     Search,
     Web,
+    /// A line of a batch (`/v1/batches`), whichever endpoint it names.
+    Batch,
 }
 
 impl Endpoint {
@@ -68,6 +70,7 @@ impl Endpoint {
             Endpoint::Ask => "ask",
             Endpoint::Search => "search",
             Endpoint::Web => "web",
+            Endpoint::Batch => "batch",
         }
     }
 
@@ -89,6 +92,7 @@ impl Endpoint {
             Endpoint::Ask => "ask",
             Endpoint::Search => "search",
             Endpoint::Web => "web",
+            Endpoint::Batch => "batch_req",
         }
     }
 }
@@ -174,13 +178,25 @@ impl Gateway {
         model: &str,
     ) -> Result<Request, GatewayError> {
         self.limiter.count_request(&caller.user.id, &caller.plan)?;
-        Ok(Request {
+        let id = format!(
+            "{}-{}",
+            endpoint.id_prefix(),
+            hanlin_accounts::random_token(24)
+        );
+        Ok(self.request(caller, endpoint, model, id))
+    }
+
+    /// A new request at the plan's price.
+    fn request(
+        self: &Arc<Self>,
+        caller: &Caller,
+        endpoint: Endpoint,
+        model: &str,
+        id: String,
+    ) -> Request {
+        Request {
             gw: self.clone(),
-            id: format!(
-                "{}-{}",
-                endpoint.id_prefix(),
-                hanlin_accounts::random_token(24)
-            ),
+            id,
             caller: caller.clone(),
             model: model.to_string(),
             endpoint,
@@ -196,7 +212,24 @@ impl Gateway {
             first_token: None,
             last_token: Instant::now(),
             settled: false,
-        })
+        }
+    }
+}
+
+impl Gateway {
+    /// Admit one line of a batch: it does not count against the plan's
+    /// requests per minute (a running batch must not lock its owner out of
+    /// interactive use), its tokens do count against the token limits at
+    /// the plan's batch price, and its request id is the line's own, so a
+    /// line run again after a restart keeps one usage row.
+    pub fn admit_batch_line(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        request_id: &str,
+    ) -> Request {
+        self.request(caller, Endpoint::Batch, model, request_id.to_string())
+            .with_weight(caller.plan.batch_price_milli)
     }
 }
 

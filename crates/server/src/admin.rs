@@ -176,6 +176,18 @@ struct PlanBody {
     max_n: i64,
     #[serde(default = "full_price")]
     price_milli: i64,
+    #[serde(default = "default_file_bytes")]
+    file_bytes: i64,
+    #[serde(default = "default_batch_price")]
+    batch_price_milli: i64,
+}
+
+fn default_file_bytes() -> i64 {
+    hanlin_accounts::DEFAULT_FILE_BYTES
+}
+
+fn default_batch_price() -> i64 {
+    hanlin_accounts::DEFAULT_BATCH_PRICE
 }
 
 fn full_price() -> i64 {
@@ -203,6 +215,8 @@ pub async fn put_plan(
             "priority",
             "max_n",
             "price_milli",
+            "file_bytes",
+            "batch_price_milli",
         ],
     )?;
     let plan = Plan {
@@ -215,6 +229,8 @@ pub async fn put_plan(
         priority: p.priority,
         max_n: p.max_n,
         price_milli: p.price_milli,
+        file_bytes: p.file_bytes,
+        batch_price_milli: p.batch_price_milli,
     };
     st.db.put_plan(&plan).await.map_err(account_error)?;
     Ok(Json(json!(plan)))

@@ -185,7 +185,7 @@ pub async fn chat_completions(
     ApiCaller(caller): ApiCaller,
     Body(body): Body,
 ) -> Response {
-    let r = chat_inner(&st, caller, body).await;
+    let r = chat_inner(&st, caller, body, &Via::Api).await;
     finish_response(&st, "chat", r)
 }
 
@@ -194,8 +194,31 @@ pub async fn completions(
     ApiCaller(caller): ApiCaller,
     Body(body): Body,
 ) -> Response {
-    let r = completion_inner(&st, caller, body).await;
+    let r = completion_inner(&st, caller, body, &Via::Api).await;
     finish_response(&st, "completions", r)
+}
+
+/// How a request came: over the API, or as a line of a batch (with the
+/// line's request id).
+#[derive(Debug, Clone)]
+pub(crate) enum Via {
+    Api,
+    Batch(String),
+}
+
+/// Admit a request the way it came ([`hanlin_gateway::Gateway::admit`],
+/// or `admit_batch_line`).
+fn admit(
+    st: &AppState,
+    caller: &Caller,
+    endpoint: Endpoint,
+    model: &str,
+    via: &Via,
+) -> AppResult<hanlin_gateway::Request> {
+    Ok(match via {
+        Via::Api => st.gw.admit(caller, endpoint, model)?,
+        Via::Batch(id) => st.gw.admit_batch_line(caller, model, id),
+    })
 }
 
 fn finish_response(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Response {
@@ -208,13 +231,18 @@ fn finish_response(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Res
     resp
 }
 
-async fn chat_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
+pub(crate) async fn chat_inner(
+    st: &Arc<AppState>,
+    caller: Caller,
+    body: Bytes,
+    via: &Via,
+) -> AppResult<Response> {
     let req: ChatRequest = openai::parse(&body, openai::CHAT_FIELDS)?;
     let schema = crate::grammar::Grammars::schema_of(req.response_format.as_ref())?;
     let messages = req.template_messages()?;
     let sched = scheduler_for(st, &caller, &req.model).await?;
     // Requests per minute first: a refused request costs no tokenizing.
-    let request = st.gw.admit(&caller, Endpoint::Chat, &req.model)?;
+    let request = admit(st, &caller, Endpoint::Chat, &req.model, via)?;
     if let Some(names) = req.hanlin_tools.clone() {
         return server_tools(st, caller, req, names, messages, sched, request).await;
     }
@@ -328,7 +356,12 @@ async fn server_tools(
     .await
 }
 
-async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
+pub(crate) async fn completion_inner(
+    st: &Arc<AppState>,
+    caller: Caller,
+    body: Bytes,
+    via: &Via,
+) -> AppResult<Response> {
     let req: CompletionRequest = openai::parse(&body, openai::COMPLETION_FIELDS)?;
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request("'echo' is not supported.").param("echo"));
@@ -347,7 +380,7 @@ async fn completion_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
         }
     };
     let sched = scheduler_for(st, &caller, &req.model).await?;
-    let request = st.gw.admit(&caller, Endpoint::Completions, &req.model)?;
+    let request = admit(st, &caller, Endpoint::Completions, &req.model, via)?;
     let m = sched.clone();
     let (suffix, model) = (req.suffix.clone(), req.model.clone());
     let parse_special = req.parse_special.unwrap_or(false);
@@ -716,11 +749,16 @@ pub async fn embeddings(
     ApiCaller(caller): ApiCaller,
     Body(body): Body,
 ) -> Response {
-    let r = embeddings_inner(&st, caller, body).await;
+    let r = embeddings_inner(&st, caller, body, &Via::Api).await;
     finish_response(&st, "embeddings", r)
 }
 
-async fn embeddings_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> AppResult<Response> {
+pub(crate) async fn embeddings_inner(
+    st: &Arc<AppState>,
+    caller: Caller,
+    body: Bytes,
+    via: &Via,
+) -> AppResult<Response> {
     use base64::Engine as _;
     let req: openai::EmbeddingRequest = openai::parse(&body, openai::EMBEDDING_FIELDS)?;
     let base64 = match req.encoding_format.as_deref() {
@@ -734,7 +772,7 @@ async fn embeddings_inner(st: &Arc<AppState>, caller: Caller, body: Bytes) -> Ap
         }
     };
     let sched = scheduler_for(st, &caller, &req.model).await?;
-    let mut request = st.gw.admit(&caller, Endpoint::Embeddings, &req.model)?;
+    let mut request = admit(st, &caller, Endpoint::Embeddings, &req.model, via)?;
     let n_inputs = match &req.input {
         openai::EmbeddingInput::One(_) | openai::EmbeddingInput::Tokens(_) => 1,
         openai::EmbeddingInput::Many(v) => v.len(),

@@ -354,8 +354,11 @@ pub struct ConnLimits {
     pub per_addr: usize,
     /// A connection that neither sends nor is sent anything for this long
     /// while the server waits on it is closed (a client that opens
-    /// connections and sends nothing cannot hold them for ever). Longer than
-    /// a whole non-streamed answer, during which neither side writes.
+    /// connections and sends nothing cannot hold them for ever). Not while
+    /// one of its requests is being answered ([`hold_busy`]): a
+    /// non-streamed answer (an agent loop of several model steps) may take
+    /// longer, and nobody writes meanwhile. A request body that stalls is
+    /// the body timeout's business.
     pub idle: Duration,
 }
 
@@ -396,6 +399,8 @@ pub struct Conn {
     addr: IpAddr,
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     idle: Duration,
+    /// Requests on this connection being answered now.
+    busy: Busy,
     /// The last read or write. The timer is not moved on every byte (that
     /// costs a trip to the timer wheel per streamed token): when it fires,
     /// it is re-armed from here if the connection was used meanwhile.
@@ -426,6 +431,9 @@ impl Conn {
         loop {
             if std::future::Future::poll(self.deadline.as_mut(), cx).is_pending() {
                 return false;
+            }
+            if self.busy.0.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                self.touch();
             }
             let due = self.last + self.idle;
             if due <= std::time::Instant::now() {
@@ -532,6 +540,7 @@ impl axum::serve::Listener for CappedListener {
                 addr: addr.ip(),
                 per_addr: self.per_addr.clone(),
                 idle,
+                busy: Busy::default(),
                 last: std::time::Instant::now(),
                 deadline: Box::pin(tokio::time::sleep(idle)),
             };
@@ -544,16 +553,43 @@ impl axum::serve::Listener for CappedListener {
     }
 }
 
-/// The connection's peer, as axum's `ConnectInfo` (from either listener).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
+/// How many requests of one connection are being answered.
+#[derive(Debug, Clone, Default)]
+pub struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+/// The connection's peer, as axum's `ConnectInfo` (from either listener),
+/// and its [`Busy`] count (a [`CappedListener`]'s connections only).
+#[derive(Debug, Clone)]
+pub struct PeerAddr(pub SocketAddr, pub Option<Busy>);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CappedListener>>
     for PeerAddr
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, CappedListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+        PeerAddr(*stream.remote_addr(), Some(stream.io().busy.clone()))
     }
+}
+
+/// Counts the request as its connection's work until its handler has
+/// answered (or was dropped), so the idle timer leaves the connection be.
+pub async fn hold_busy(req: Request, next: Next) -> Response {
+    struct Held(Busy);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let held = req
+        .extensions()
+        .get::<ConnectInfo<PeerAddr>>()
+        .and_then(|c| c.0 .1.clone())
+        .map(|b| {
+            b.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Held(b)
+        });
+    let r = next.run(req).await;
+    drop(held);
+    r
 }
 
 impl
@@ -561,6 +597,6 @@ impl
     for PeerAddr
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+        PeerAddr(*stream.remote_addr(), None)
     }
 }

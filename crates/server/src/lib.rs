@@ -15,8 +15,10 @@
 
 pub mod admin;
 pub mod api;
+pub mod batch;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod grammar;
 pub mod guard;
 pub mod models;
@@ -77,12 +79,19 @@ pub struct Config {
     /// Hosts MCP servers registered from the admin screen may be at
     /// although not public.
     pub mcp_allow: Vec<String>,
+    /// Where the Files API keeps file bytes (shared by replicas, if several).
+    pub files_dir: std::path::PathBuf,
+    /// Batch lines run at once.
+    pub batch_parallel: usize,
+    /// How long a finished batch's output and error files are kept.
+    pub batch_keep: std::time::Duration,
 }
 
 impl Config {
     /// Settings for a server on `database_url` with the default model,
     /// listening on loopback: the defaults `hanlin serve` starts from.
     pub fn new(database_url: String, default_model: String, kb_dir: std::path::PathBuf) -> Self {
+        let files_dir = kb_dir.with_file_name("files");
         Self {
             host: "127.0.0.1".into(),
             port: 8080,
@@ -103,6 +112,9 @@ impl Config {
             extract: Default::default(),
             mcp: Default::default(),
             mcp_allow: Vec::new(),
+            files_dir,
+            batch_parallel: 12,
+            batch_keep: std::time::Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -148,6 +160,8 @@ pub struct AppState {
     /// The server's time zone (`$TZ` or `/etc/timezone`, read at start):
     /// `datetime`'s default.
     pub timezone: chrono_tz::Tz,
+    /// Wakes the batch runner when a batch is created or cancelled.
+    pub batch_wake: tokio::sync::Notify,
 }
 
 impl AppState {
@@ -195,6 +209,7 @@ impl AppState {
             toolbox: hanlin_tools::Toolbox::builtin(),
             mcp,
             timezone: hanlin_tools::Context::local_timezone(),
+            batch_wake: tokio::sync::Notify::new(),
             config,
         }))
     }
@@ -293,6 +308,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/admin/mcp/{name}/tools", get(admin::mcp_server_tools))
         .route("/v1/tools", get(tools::list))
+        .route(
+            "/v1/files",
+            get(files::list)
+                .post(files::upload)
+                .layer(DefaultBodyLimit::max(files::MAX_FILE_BYTES + (1 << 20))),
+        )
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", get(batch::list).post(batch::create))
+        .route("/v1/batches/{id}", get(batch::get))
+        .route("/v1/batches/{id}/cancel", post(batch::cancel))
         .merge(web_app)
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))
@@ -304,6 +330,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             guard::limit_anonymous,
         ))
+        .layer(axum::middleware::from_fn(guard::hold_busy))
         .with_state(state)
 }
 
@@ -327,6 +354,7 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         std::time::Duration::from_secs(2),
     ));
     tokio::spawn(prune_sessions(state.clone()));
+    batch::spawn_runner(state.clone());
     tracing::info!(
         "serving the web app on http://{local}/ and the OpenAI-compatible API on http://{local}/v1"
     );

@@ -243,7 +243,7 @@ pub(crate) async fn prepare(
         }
     }
     let options = agent::Options {
-        route_arithmetic: opts.router.unwrap_or(true),
+        route: opts.router.unwrap_or(true),
     };
     Ok(Loop {
         tools: set,

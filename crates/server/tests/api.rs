@@ -236,6 +236,8 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         priority: 0,
         max_n: 4,
         price_milli: 1000,
+        file_bytes: hanlin_accounts::DEFAULT_FILE_BYTES,
+        batch_price_milli: hanlin_accounts::DEFAULT_BATCH_PRICE,
     })
     .await;
     let key = srv.user_key("burst", "tiny").await;
@@ -279,6 +281,8 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         priority: 0,
         max_n: 4,
         price_milli: 1000,
+        file_bytes: hanlin_accounts::DEFAULT_FILE_BYTES,
+        batch_price_milli: hanlin_accounts::DEFAULT_BATCH_PRICE,
     })
     .await;
     let key = srv.user_key("saver", "daily").await;

@@ -509,24 +509,31 @@ async fn metrics_feeds_and_disabled_users_are_for_admins() {
     assert!(!v.to_string().contains("reader"), "{v}");
 }
 
-/// There was no limit on connections and none on how long one could sit
-/// idle: one client could hold every socket the server had.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_are_capped_per_address_and_idle_ones_closed() {
+/// Serve `s` on a capped listener (16 connections, `per_addr` from one
+/// address, idle ones closed after 300 ms); its address.
+async fn serve_capped(s: &common::TestServer, per_addr: usize) -> std::net::SocketAddr {
     use hanlin_server::guard::{CappedListener, ConnLimits, PeerAddr};
-    let s = start().await;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = tcp.local_addr().expect("addr");
     let limits = ConnLimits {
         max: 16,
-        per_addr: 2,
+        per_addr,
         idle: Duration::from_millis(300),
     };
     let app =
         hanlin_server::router(s.state.clone()).into_make_service_with_connect_info::<PeerAddr>();
     tokio::spawn(async move { axum::serve(CappedListener::new(tcp, limits), app).await });
+    addr
+}
+
+/// There was no limit on connections and none on how long one could sit
+/// idle: one client could hold every socket the server had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_per_address_and_idle_ones_closed() {
+    let s = start().await;
+    let addr = serve_capped(&s, 2).await;
     let closed = |mut c: std::net::TcpStream| {
         c.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
@@ -549,6 +556,42 @@ async fn connections_are_capped_per_address_and_idle_ones_closed() {
         let mut reply = String::new();
         d.read_to_string(&mut reply).expect("read");
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    })
+    .await
+    .expect("task");
+}
+
+/// The idle timer closed a connection whose non-streamed answer took
+/// longer than the idle limit (an agent loop of several model steps):
+/// nobody writes while the handler works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_is_not_an_idle_connection() {
+    // A configured MCP server that never answers: trying it takes its
+    // 1 s timeout, three times the idle limit.
+    let s = common::start_with(|c| {
+        let mut mute =
+            hanlin_tools::mcp::ServerConfig::stdio(vec!["/bin/sleep".into(), "30".into()]);
+        mute.timeout_s = 1;
+        c.mcp.insert("mute".into(), mute);
+    })
+    .await;
+    let addr = serve_capped(&s, 4).await;
+    let admin = s.admin_key.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let started = std::time::Instant::now();
+        write!(
+            c,
+            "GET /v1/admin/mcp/mute/tools HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {admin}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut reply = String::new();
+        let _ = c.read_to_string(&mut reply);
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        assert!(reply.starts_with("HTTP/1.1 "), "the answer came: {reply:?}");
+        assert!(reply.contains("no answer within 1 s"), "{reply}");
     })
     .await
     .expect("task");

@@ -82,9 +82,9 @@ pub struct Answer {
 /// What the loop may do besides the model's own calls.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// Run the calculator first when the question is plain arithmetic
-    /// ([`router`]).
-    pub route_arithmetic: bool,
+    /// Run a tool first when the question plainly asks for it: arithmetic,
+    /// a unit conversion, a price change, a date task ([`router`]).
+    pub route: bool,
 }
 
 /// The assistant message that made `calls` (arguments as objects, which
@@ -178,18 +178,18 @@ pub async fn run<M: Model>(
     let mut steps: Vec<Outcome> = Vec::new();
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     let mut next_id = 1usize;
-    if opts.route_arithmetic && tools.has("calculator") {
+    if opts.route {
         let question = messages
             .iter()
             .rev()
             .find(|m| m.role == "user")
             .map(|m| m.content.clone())
             .unwrap_or_default();
-        if let Some(expr) = router::arithmetic(&question) {
+        if let Some(r) = router::route(&question).filter(|r| tools.has(r.tool)) {
             let call = Call {
                 id: format!("call_{next_id}"),
-                name: "calculator".into(),
-                arguments: serde_json::json!({ "expression": expr }).to_string(),
+                name: r.tool.into(),
+                arguments: r.arguments.to_string(),
             };
             next_id += 1;
             if !emit(Event::Call {
@@ -281,7 +281,13 @@ pub async fn run<M: Model>(
         distinct(&mut calls);
         if calls.is_empty() {
             let mut content = end.text.trim().to_string();
-            if content.is_empty() {
+            // A call too broken to read is not an answer either (it was
+            // held back, never streamed).
+            let broken_call = !streaming
+                && content.starts_with('{')
+                && content.contains("\"name\"")
+                && content.contains("\"arguments\"");
+            if content.is_empty() || broken_call {
                 // Nothing said after the calls: the tools' results are the
                 // answer.
                 if let Some(r) = results(&steps) {
@@ -519,6 +525,24 @@ mod tests {
         assert_eq!(m.offered, [true, true, true, true, false]);
         assert_eq!((a.model_steps, a.steps.len()), (5, 4));
         // No call syntax reached the stream.
+        assert!(!text(&events).contains("\"name\""), "{}", text(&events));
+    }
+
+    /// Qwen2.5-Coder-0.5B, given the router's result, wrote a call with a
+    /// quote missing; it went out as the answer, call syntax and all.
+    #[tokio::test]
+    async fn a_broken_call_is_not_the_answer() {
+        let mut m =
+            script(&[r#"{"name": "calculator", "arguments": {"expression":"250 * (1 - 0.30)}}"#]);
+        let (r, events) = go(
+            &mut m,
+            "A 250 dollar jacket is 30% off. What does it cost?",
+            Options { route: true },
+        )
+        .await;
+        let a = r.expect("ends");
+        assert_eq!(a.steps[0].content, "250 * (1 - (30/100)) = 175");
+        assert_eq!(a.content, format!("calculator: {}", a.steps[0].content));
         assert!(!text(&events).contains("\"name\""), "{}", text(&events));
     }
 

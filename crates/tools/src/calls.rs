@@ -85,6 +85,24 @@ fn bare_calls(text: &str, first: usize) -> Vec<(usize, usize, Call)> {
                 }
                 i = end;
             }
+            // The text ends inside an object: small models stop a call
+            // one or two braces short. Closed, it may be a call.
+            Some(Err(e)) if e.is_eof() => {
+                let tail = text[start..].trim_end();
+                let closed = ["}", "}}"].iter().find_map(|close| {
+                    serde_json::from_str::<Value>(&format!("{tail}{close}")).ok()
+                });
+                let call = closed
+                    .filter(|v| v.get("arguments").or_else(|| v.get("parameters")).is_some())
+                    .and_then(|v| call_json(first + out.len(), &v));
+                match call {
+                    Some(c) => {
+                        out.push((start, text.len(), c));
+                        break;
+                    }
+                    None => i = start + 1,
+                }
+            }
             _ => i = start + 1,
         }
     }
@@ -228,6 +246,15 @@ mod tests {
         // Code that is not a call keeps its fence.
         let (content, calls) = split_calls("```python\nprint({'a': 1})\n```");
         assert!(calls.is_empty() && content.starts_with("```python"));
+        // A call one brace short, at the end of the text (Qwen2.5-Coder-0.5B).
+        let (content, calls) = split_calls(
+            "{\"name\": \"calculator\", \"arguments\": {\"expression\": \"0.12 * 45000\"}",
+        );
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
+        assert_eq!(calls[0].arguments, "{\"expression\":\"0.12 * 45000\"}");
+        let (_, calls) =
+            split_calls("{\"name\": \"calculator\", \"arguments\": {\"expression\": \"1 +");
+        assert!(calls.is_empty());
         // A JSON answer that is not a call stays content.
         let (content, calls) = split_calls("{\"name\": \"Ann\", \"age\": 3}");
         assert!(calls.is_empty() && content.contains("Ann"));

@@ -37,6 +37,16 @@ const PASSAGE_CHARS: usize = 600;
 
 pub struct SearchKnowledge;
 
+/// A source as the model sees it: a web address whole, a file by its
+/// name (the server's directories are nobody's business in an answer).
+fn shown(source: &str) -> &str {
+    if source.contains("://") {
+        source
+    } else {
+        source.rsplit(['/', '\\']).next().unwrap_or(source)
+    }
+}
+
 impl Tool for SearchKnowledge {
     fn spec(&self) -> Spec {
         Spec {
@@ -79,7 +89,12 @@ impl Tool for SearchKnowledge {
             let mut out = String::new();
             for (n, h) in cx.cite(hits) {
                 let text: String = h.text.chars().take(PASSAGE_CHARS).collect();
-                out.push_str(&format!("[{n}] {} ({})\n{}\n\n", h.title, h.source, text));
+                out.push_str(&format!(
+                    "[{n}] {} ({})\n{}\n\n",
+                    h.title,
+                    shown(&h.source),
+                    text
+                ));
             }
             Ok(out.trim_end().to_string())
         })
@@ -101,7 +116,7 @@ mod tests {
                 }
                 Ok(vec![Hit {
                     title: "翰林院".into(),
-                    source: "hanlin.md".into(),
+                    source: "/srv/kb/hanlin.md".into(),
                     text: "翰林院始设于唐朝。".into(),
                     published: None,
                 }])

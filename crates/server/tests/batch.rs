@@ -347,7 +347,8 @@ async fn a_batch_runs_its_lines_and_bad_input_gets_openai_errors() {
 /// A runner killed mid-batch: a new one finishes it, every line once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_resumes_after_its_runner_dies() {
-    let s = common::start().await;
+    // Two lines at a time, so the runner dies with lines left.
+    let s = common::start_with(|c| c.batch_parallel = 2).await;
     let base = &s.base;
     let key = s.user_key("rex", "free").await;
     let n = 12;

@@ -352,8 +352,17 @@ async fn a_batch_resumes_after_its_runner_dies() {
     let base = &s.base;
     let key = s.user_key("rex", "free").await;
     let n = 12;
+    // Long answers (about a second each), so the kill lands mid-batch.
     let lines: Vec<String> = (0..n)
-        .map(|i| chat_line(&format!("r{i}"), &format!("Say {i}.")))
+        .map(|i| {
+            let mut l: Value = serde_json::from_str(&chat_line(
+                &format!("r{i}"),
+                &format!("Count from {i} to 200, one number per line."),
+            ))
+            .expect("json");
+            l["body"]["max_tokens"] = json!(128);
+            l.to_string()
+        })
         .collect();
     let (_, f) = upload(base, &key, "r.jsonl", "batch", &jsonl(&lines)).await;
     let (_, b) = create(base, &key, f["id"].as_str().expect("id"), "24h").await;

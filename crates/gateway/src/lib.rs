@@ -186,6 +186,21 @@ impl Gateway {
         Ok(self.request(caller, endpoint, model, id))
     }
 
+    /// Admit one line of a batch: it does not count against the plan's
+    /// requests per minute (a running batch must not lock its owner out of
+    /// interactive use), its tokens do count against the token limits at
+    /// the plan's batch price, and its request id is the line's own, so a
+    /// line run again after a restart keeps one usage row.
+    pub fn admit_batch_line(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        request_id: &str,
+    ) -> Request {
+        self.request(caller, Endpoint::Batch, model, request_id.to_string())
+            .with_weight(caller.plan.batch_price_milli)
+    }
+
     /// A new request at the plan's price.
     fn request(
         self: &Arc<Self>,
@@ -213,23 +228,6 @@ impl Gateway {
             last_token: Instant::now(),
             settled: false,
         }
-    }
-}
-
-impl Gateway {
-    /// Admit one line of a batch: it does not count against the plan's
-    /// requests per minute (a running batch must not lock its owner out of
-    /// interactive use), its tokens do count against the token limits at
-    /// the plan's batch price, and its request id is the line's own, so a
-    /// line run again after a restart keeps one usage row.
-    pub fn admit_batch_line(
-        self: &Arc<Self>,
-        caller: &Caller,
-        model: &str,
-        request_id: &str,
-    ) -> Request {
-        self.request(caller, Endpoint::Batch, model, request_id.to_string())
-            .with_weight(caller.plan.batch_price_milli)
     }
 }
 

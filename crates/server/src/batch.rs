@@ -401,19 +401,11 @@ pub async fn list(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::bad_request("'limit' must be between 1 and 100.").param("limit"));
     }
-    let mut rows = st
+    let rows = st
         .db
         .batches(&caller.user.id, q.after.as_deref(), limit + 1)
         .await?;
-    let has_more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    Ok(Json(json!({
-        "object": "list",
-        "data": rows.iter().map(batch_json).collect::<Vec<_>>(),
-        "first_id": rows.first().map(|b| b.id.clone()),
-        "last_id": rows.last().map(|b| b.id.clone()),
-        "has_more": has_more,
-    })))
+    Ok(Json(crate::files::page(rows, limit, |b| &b.id, batch_json)))
 }
 
 /// `POST /v1/batches/{id}/cancel`: lines running finish, the rest do not

@@ -87,6 +87,33 @@ fn clean_name(name: &str) -> String {
     }
 }
 
+/// A new part file in the files directory (its bytes are written there
+/// before they become a file).
+async fn part_path(st: &AppState) -> AppResult<PathBuf> {
+    tokio::fs::create_dir_all(&st.config.files_dir)
+        .await
+        .map_err(store_error)?;
+    Ok(st
+        .config
+        .files_dir
+        .join(format!(".part-{}", random_token(12))))
+}
+
+/// Make the part file at `part` the file `row` describes (a new id is
+/// given): its bytes move under the id, then its row is written; if the
+/// row cannot be, the bytes go.
+async fn keep(st: &AppState, part: &std::path::Path, mut row: FileRow) -> AppResult<FileRow> {
+    row.id = format!("file-{}", random_token(24));
+    tokio::fs::rename(part, path_of(st, &row.id))
+        .await
+        .map_err(store_error)?;
+    if let Err(e) = st.db.insert_file(&row).await {
+        let _ = tokio::fs::remove_file(path_of(st, &row.id)).await;
+        return Err(e.into());
+    }
+    Ok(row)
+}
+
 /// Store `bytes` as a new file of `user_id` (the server's own files: batch
 /// output and errors).
 pub(crate) async fn store(
@@ -97,20 +124,13 @@ pub(crate) async fn store(
     bytes: &[u8],
     expires_at: Option<i64>,
 ) -> AppResult<FileRow> {
-    tokio::fs::create_dir_all(&st.config.files_dir)
-        .await
-        .map_err(store_error)?;
-    let id = format!("file-{}", random_token(24));
-    let tmp = st
-        .config
-        .files_dir
-        .join(format!(".part-{}", random_token(12)));
-    tokio::fs::write(&tmp, bytes).await.map_err(store_error)?;
-    tokio::fs::rename(&tmp, path_of(st, &id))
-        .await
-        .map_err(store_error)?;
+    let part = part_path(st).await?;
+    if let Err(e) = tokio::fs::write(&part, bytes).await {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(store_error(e));
+    }
     let row = FileRow {
-        id,
+        id: String::new(),
         user_id: user_id.to_string(),
         purpose: purpose.to_string(),
         filename: filename.to_string(),
@@ -118,8 +138,26 @@ pub(crate) async fn store(
         created_at: now(),
         expires_at,
     };
-    st.db.insert_file(&row).await?;
-    Ok(row)
+    keep(st, &part, row).await
+}
+
+/// One page of a list (OpenAI's shape): `rows` holds up to `limit` + 1,
+/// the one past the page saying there are more.
+pub(crate) fn page<T>(
+    mut rows: Vec<T>,
+    limit: i64,
+    id: impl Fn(&T) -> &str,
+    json: impl Fn(&T) -> Value,
+) -> Value {
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    json!({
+        "object": "list",
+        "data": rows.iter().map(json).collect::<Vec<_>>(),
+        "first_id": rows.first().map(&id),
+        "last_id": rows.last().map(id),
+        "has_more": has_more,
+    })
 }
 
 /// `POST /v1/files` (multipart: `file`, `purpose`, optional
@@ -132,9 +170,6 @@ pub async fn upload(
     let used = st.db.file_bytes_of(&caller.user.id).await?;
     let room = (caller.plan.file_bytes - used).max(0) as usize;
     let limit = room.min(MAX_FILE_BYTES);
-    tokio::fs::create_dir_all(&st.config.files_dir)
-        .await
-        .map_err(store_error)?;
     // The bytes go to a part file first; it is removed unless kept.
     struct Part(Option<PathBuf>);
     impl Drop for Part {
@@ -161,10 +196,7 @@ pub async fn upload(
                     return Err(ApiError::bad_request("Send one 'file' per upload.").param("file"));
                 }
                 filename = Some(clean_name(field.file_name().unwrap_or("upload")));
-                let path = st
-                    .config
-                    .files_dir
-                    .join(format!(".part-{}", random_token(12)));
+                let path = part_path(&st).await?;
                 let mut out = tokio::fs::File::create(&path).await.map_err(store_error)?;
                 part.0 = Some(path);
                 while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
@@ -244,13 +276,8 @@ pub async fn upload(
             .param("expires_after"))
         }
     };
-    let id = format!("file-{}", random_token(24));
-    tokio::fs::rename(&path, path_of(&st, &id))
-        .await
-        .map_err(store_error)?;
-    part.0 = None;
     let row = FileRow {
-        id,
+        id: String::new(),
         user_id: caller.user.id.clone(),
         purpose,
         filename,
@@ -258,10 +285,8 @@ pub async fn upload(
         created_at: created,
         expires_at,
     };
-    if let Err(e) = st.db.insert_file(&row).await {
-        let _ = tokio::fs::remove_file(path_of(&st, &row.id)).await;
-        return Err(e.into());
-    }
+    let row = keep(&st, &path, row).await?;
+    part.0 = None;
     Ok(Json(file_json(&row)))
 }
 
@@ -290,7 +315,7 @@ pub async fn list(
             return Err(ApiError::bad_request("'order' must be 'asc' or 'desc'.").param("order"))
         }
     };
-    let mut rows = st
+    let rows = st
         .db
         .files(
             &caller.user.id,
@@ -300,15 +325,7 @@ pub async fn list(
             limit + 1,
         )
         .await?;
-    let has_more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    Ok(Json(json!({
-        "object": "list",
-        "data": rows.iter().map(file_json).collect::<Vec<_>>(),
-        "first_id": rows.first().map(|f| f.id.clone()),
-        "last_id": rows.last().map(|f| f.id.clone()),
-        "has_more": has_more,
-    })))
+    Ok(Json(page(rows, limit, |f| &f.id, file_json)))
 }
 
 /// `GET /v1/files/{id}`.

@@ -102,16 +102,11 @@ fn balance(s: &str) -> String {
 /// The arithmetic expression `question` asks about, if it holds one the
 /// calculator can evaluate.
 pub fn arithmetic(question: &str) -> Option<String> {
-    let s: String = question.nfkc().collect::<String>().to_lowercase();
-    let s = chinese::to_arabic(&s);
+    let s = plain(question);
     // "A plus B, then times C" / "A 加 B 再乘以 C": what came before applies first.
     let s = s.replace("再", " then ").replace("然后", " then ");
     // Dates and times are not subtractions.
-    let s = dates().replace_all(&s, " date ");
-    let mut s = s.into_owned();
-    while thousands().is_match(&s) {
-        s = thousands().replace_all(&s, "$1$2").into_owned();
-    }
+    let mut s = dates().replace_all(&s, " date ").into_owned();
     s = calculator::power().replace_all(&s, "^$1").into_owned();
     for (from, to) in WORDS {
         s = s.replace(from, to);

@@ -104,6 +104,7 @@ fn validate(
     text: &[u8],
     endpoint: &str,
     caller: &hanlin_accounts::Caller,
+    max_body: usize,
 ) -> Result<Vec<LineRow>, Vec<Value>> {
     let mut errors = Vec::new();
     let mut lines = Vec::new();
@@ -237,10 +238,24 @@ fn validate(
             ));
             continue;
         }
+        // A line's body is a request body: no larger than the API takes.
+        let body = body.to_string();
+        if body.len() > max_body {
+            errors.push(line_error(
+                "request_too_large",
+                format!(
+                    "The line's body is {} bytes; a request body may be at most {max_body}.",
+                    body.len()
+                ),
+                Some(n),
+                Some("body"),
+            ));
+            continue;
+        }
         lines.push(LineRow {
             line_no: n as i64,
             custom_id,
-            body: body.to_string(),
+            body,
         });
     }
     if errors.is_empty() && lines.is_empty() {
@@ -320,7 +335,7 @@ pub async fn create(
         .await
         .map_err(|e| ApiError::unavailable(format!("reading the input file: {e}")))?;
     let created = now();
-    let checked = validate(&text, &req.endpoint, &caller);
+    let checked = validate(&text, &req.endpoint, &caller, st.config.max_body);
     let (status, lines, errors) = match checked {
         Ok(lines) => (BatchStatus::Validating, lines, None),
         Err(errors) => (

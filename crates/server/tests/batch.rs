@@ -229,12 +229,16 @@ async fn a_batch_runs_its_lines_and_bad_input_gets_openai_errors() {
     wrong_url["url"] = json!("/v1/embeddings");
     let mut wrong_model: Value = serde_json::from_str(&chat_line("m", "x")).expect("json");
     wrong_model["body"]["model"] = json!(common::QWEN);
+    // A line larger than a request body may be (the test server takes
+    // 256 KiB) would have bypassed the API's body limit.
+    let huge = chat_line("h", &"字".repeat(100_000));
     let bad_file = jsonl(&[
         chat_line("a", "x"),
         "{not json".into(),
         chat_line("a", "y"),
         wrong_url.to_string(),
         wrong_model.to_string(),
+        huge,
     ]);
     let (_, f) = upload(base, &key, "bad.jsonl", "batch", &bad_file).await;
     let (st, b) = create(base, &key, f["id"].as_str().expect("id"), "24h").await;
@@ -258,6 +262,7 @@ async fn a_batch_runs_its_lines_and_bad_input_gets_openai_errors() {
             (3, "duplicate_custom_id".to_string()),
             (4, "mismatched_endpoint".to_string()),
             (5, "mismatched_model".to_string()),
+            (6, "request_too_large".to_string()),
         ]
     );
     // A file uploaded for something else, an unknown endpoint or window.

@@ -353,6 +353,36 @@ try {
     await page.click("#usage-dialog .close");
   });
 
+  await step("batches: upload a JSONL file, a progress bar, results to download; a bad file is refused with its line", async () => {
+    const lines = ["一加一等于几？", "Say hi.", "天空是什么颜色？"].map((q, i) => JSON.stringify({
+      custom_id: "网页-" + i, method: "POST", url: "/v1/chat/completions",
+      body: { model: "qwen2.5-coder-0.5b", messages: [{ role: "user", content: q }], max_tokens: 8 },
+    }));
+    const good = path.join(dataDir, "requests.jsonl");
+    fs.writeFileSync(good, lines.join("\n") + "\n");
+    await page.click("#open-batches");
+    await page.waitForSelector("#batches-dialog[open]");
+    await page.setInputFiles("#batch-file", good);
+    await page.click("#batch-submit");
+    await page.waitForFunction(() => /batch_/.test(document.querySelector("#batch-result").textContent));
+    await page.waitForSelector("#batches-table .batch-status.completed", { timeout: 180000 });
+    assert.match(await page.textContent("#batches-table"), /3\/3/);
+    assert.equal(await page.getAttribute("#batches-table progress", "value"), "3");
+    await shot(page, "06b-batches");
+    const [download] = await Promise.all([page.waitForEvent("download"), page.click("#batches-table a.batch-download")]);
+    const got = fs.readFileSync(await download.path(), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    assert.deepEqual(got.map((l) => l.custom_id).sort(), ["网页-0", "网页-1", "网页-2"]);
+    assert.ok(got.every((l) => l.response.status_code === 200 && l.response.body.choices[0].message.content.length > 0));
+    // A malformed line: the whole file is refused, and the message names the line.
+    const bad = path.join(dataDir, "bad.jsonl");
+    fs.writeFileSync(bad, lines[0] + "\n{oops\n");
+    await page.setInputFiles("#batch-file", bad);
+    await page.click("#batch-submit");
+    await page.waitForSelector("#batch-result.error");
+    assert.match(await page.textContent("#batch-result"), /#2/);
+    await page.click("#batches-dialog .close");
+  });
+
   await step("tools: an MCP server's tool (official Python SDK) through the API and the page; each step collapsible", async () => {
     // Over the API: the model calls the MCP server's tool, the steps are
     // in the extension field.

@@ -179,6 +179,30 @@ pub struct Caller {
     pub plan: Plan,
 }
 
+/// The key id the web app's work is metered under (no row in `api_keys`).
+pub const WEB_KEY: &str = "web";
+
+impl Caller {
+    /// The caller the web app acts as for `user`: their plan and the
+    /// pseudo-key [`WEB_KEY`].
+    pub fn web(user: User, plan: Plan) -> Self {
+        Caller {
+            key: ApiKey {
+                id: WEB_KEY.into(),
+                user_id: user.id.clone(),
+                prefix: String::new(),
+                name: "web app".into(),
+                models: None,
+                expires_at: None,
+                revoked_at: None,
+                created_at: 0,
+            },
+            user,
+            plan,
+        }
+    }
+}
+
 /// Options for a new key.
 #[derive(Debug, Clone, Default)]
 pub struct NewKey {
@@ -560,6 +584,32 @@ impl Db {
         key_id: &str,
     ) -> Result<Result<Caller, AuthError>, AccountError> {
         self.caller_where("k.id", key_id).await
+    }
+
+    /// The caller behind work stored under `key_id` for `user_id` (a
+    /// batch): the key's, or the web app's for [`WEB_KEY`] — checked as
+    /// it stands now.
+    pub async fn caller_for(
+        &self,
+        key_id: &str,
+        user_id: &str,
+    ) -> Result<Result<Caller, AuthError>, AccountError> {
+        if key_id != WEB_KEY {
+            return self.caller_of_key(key_id).await;
+        }
+        let row =
+            sqlx::query("SELECT id, name, role, plan, created_at, status FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(user) = row.as_ref().map(user_of).transpose()? else {
+            return Ok(Err(AuthError::Invalid));
+        };
+        if user.status != UserStatus::Active {
+            return Ok(Err(AuthError::Disabled));
+        }
+        let plan = self.plan(&user.plan).await?;
+        Ok(Ok(Caller::web(user, plan)))
     }
 
     async fn caller_where(

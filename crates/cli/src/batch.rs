@@ -62,13 +62,23 @@ enum BatchCmd {
     },
 }
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     key: String,
     agent: ureq::Agent,
 }
 
 impl Api {
+    pub(crate) fn new(base: String, key: String) -> Self {
+        Self {
+            base,
+            key,
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(10))
+                .build(),
+        }
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base.trim_end_matches('/'))
     }
@@ -103,7 +113,7 @@ impl Api {
         Self::json(r)
     }
 
-    fn post(&self, path: &str, body: Value) -> Result<Value> {
+    pub(crate) fn post(&self, path: &str, body: Value) -> Result<Value> {
         let r = self
             .agent
             .post(&self.url(path))
@@ -210,13 +220,7 @@ fn ended(b: &Value) {
 }
 
 pub(crate) fn run(a: BatchArgs) -> Result<()> {
-    let api = Api {
-        base: a.url,
-        key: a.key,
-        agent: ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(10))
-            .build(),
-    };
+    let api = Api::new(a.url, a.key);
     match a.cmd {
         BatchCmd::Submit {
             file,

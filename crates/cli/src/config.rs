@@ -35,6 +35,10 @@ pub(crate) struct FileSettings {
     pub unauthenticated_per_minute: Option<u32>,
     /// Where knowledge bases live (default: `kb/` in the store).
     pub kb_dir: Option<PathBuf>,
+    /// Where the Files API keeps its bytes.
+    pub files_dir: Option<PathBuf>,
+    pub batch_parallel: Option<usize>,
+    pub batch_keep_days: Option<u64>,
     /// `[models.NAME]`: settings for one model that differ from the
     /// server-wide ones.
     #[serde(default)]
@@ -163,6 +167,19 @@ impl FileSettings {
         };
         fill(m, "signup", &mut a.signup, signup);
         fill(m, "mcp_allow", &mut a.mcp_allow, self.mcp_allow);
+        fill(m, "files_dir", &mut a.files_dir, self.files_dir.map(Some));
+        fill(
+            m,
+            "batch_parallel",
+            &mut a.batch_parallel,
+            self.batch_parallel,
+        );
+        fill(
+            m,
+            "batch_keep_days",
+            &mut a.batch_keep_days,
+            self.batch_keep_days,
+        );
         a.mcp = self.mcp;
         a.per_model = self
             .models

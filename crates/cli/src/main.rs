@@ -9,6 +9,7 @@ mod config;
 mod kb;
 mod models;
 mod train;
+mod write;
 
 use admin::*;
 use bench::*;
@@ -98,6 +99,9 @@ enum Cmd {
     ExtractFile { path: PathBuf },
     /// Batches on a running server: submit a JSONL file, follow, cancel, fetch results
     Batch(batch::BatchArgs),
+    /// Articles from rows of data (CSV, JSONL, JSON) and a template, in
+    /// one or more languages, every number, date and name checked
+    Write(write::WriteArgs),
     /// Manage users, API keys, plans and usage (directly in the database)
     Admin {
         #[command(flatten)]
@@ -443,6 +447,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             kb::ask(&store, threads, &m, &kbs, &question, json)
         }
         Cmd::Batch(a) => batch::run(a),
+        Cmd::Write(a) => write::run(&store, threads, a),
         Cmd::Admin { mut db, cmd } => {
             if db.database_url.is_none() {
                 db.database_url = settings.database_url.clone();

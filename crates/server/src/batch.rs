@@ -22,7 +22,7 @@
 
 use crate::api::{chat_inner, completion_inner, embeddings_inner, Via};
 use crate::error::ApiError;
-use crate::extract::{ApiCaller, Body};
+use crate::extract::{Body, KeyOrSession};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
@@ -99,8 +99,9 @@ fn line_error(code: &str, message: String, line: Option<usize>, param: Option<&s
 }
 
 /// Check an input file's lines for a batch on `endpoint` by `caller`:
-/// the lines to run, or the errors that fail the batch.
-fn validate(
+/// the lines to run, or the errors that fail the batch. Public for the
+/// fuzz target (`fuzz/fuzz_targets/batch_jsonl.rs`).
+pub fn validate(
     text: &[u8],
     endpoint: &str,
     caller: &hanlin_accounts::Caller,
@@ -285,7 +286,7 @@ struct CreateBody {
 /// `POST /v1/batches`.
 pub async fn create(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Body(b): Body,
 ) -> AppResult<Json<Value>> {
     let req: CreateBody = crate::openai::parse(
@@ -393,7 +394,7 @@ async fn own_batch(
 /// `GET /v1/batches/{id}`.
 pub async fn get(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
     let b = own_batch(&st, &caller, &id).await?;
@@ -409,7 +410,7 @@ pub struct ListQuery {
 /// `GET /v1/batches`: the caller's batches, newest first.
 pub async fn list(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Query(q): Query<ListQuery>,
 ) -> AppResult<Json<Value>> {
     let limit = q.limit.unwrap_or(20);
@@ -427,7 +428,7 @@ pub async fn list(
 /// start; the batch ends `cancelled` with what was done.
 pub async fn cancel(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
     let b = own_batch(&st, &caller, &id).await?;
@@ -548,7 +549,7 @@ async fn run_line(st: &Arc<AppState>, b: &BatchRow, line: &LineRow) -> (LineStat
         line.line_no
     );
     loop {
-        let caller = match st.db.caller_of_key(&b.key_id).await {
+        let caller = match st.db.caller_for(&b.key_id, &b.user_id).await {
             Ok(Ok(mut c)) => {
                 c.plan.priority = BATCH_PRIORITY;
                 c

@@ -6,6 +6,8 @@
 //! authenticate is refused before a byte of its body is read.
 //!
 //! - [`ApiCaller`]: a bearer API key;
+//! - [`KeyOrSession`]: a bearer API key, or a web session acting as the
+//!   web app;
 //! - [`AdminCaller`]: an admin's key, or an admin's web session (with its
 //!   CSRF token for anything but `GET`);
 //! - [`WebRead`] / [`WebWrite`]: a web session cookie (writes also carry the
@@ -35,6 +37,31 @@ impl FromRequestParts<Arc<AppState>> for ApiCaller {
         st: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         crate::api::auth(st, &parts.headers).await.map(ApiCaller)
+    }
+}
+
+/// A user by API key, or — with no `Authorization` header — by web
+/// session (CSRF-checked unless the method is `GET`), acting as the web
+/// app (`Caller::web`): the Files and Batch APIs, which the web app's
+/// Batches screen calls too.
+pub struct KeyOrSession(pub Caller);
+
+impl FromRequestParts<Arc<AppState>> for KeyOrSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        st: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        if parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            return crate::api::auth(st, &parts.headers).await.map(KeyOrSession);
+        }
+        let write = parts.method != Method::GET && parts.method != Method::HEAD;
+        let s = web_session(parts, st, write).await?;
+        crate::web::web_caller(st, &s).await.map(KeyOrSession)
     }
 }
 

@@ -6,7 +6,7 @@
 //! gone from listings at once and from disk at the next sweep.
 
 use crate::error::ApiError;
-use crate::extract::ApiCaller;
+use crate::extract::KeyOrSession;
 use crate::AppState;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::header;
@@ -164,7 +164,7 @@ pub(crate) fn page<T>(
 /// `expires_after[anchor]` = `created_at` and `expires_after[seconds]`).
 pub async fn upload(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     mut form: Multipart,
 ) -> AppResult<Json<Value>> {
     let used = st.db.file_bytes_of(&caller.user.id).await?;
@@ -301,7 +301,7 @@ pub struct ListQuery {
 /// `GET /v1/files`: the caller's files, newest first (`order=asc`: oldest).
 pub async fn list(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Query(q): Query<ListQuery>,
 ) -> AppResult<Json<Value>> {
     let limit = q.limit.unwrap_or(10_000);
@@ -331,7 +331,7 @@ pub async fn list(
 /// `GET /v1/files/{id}`.
 pub async fn get(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
     let f = own_file(&st, &caller, &id).await?;
@@ -341,7 +341,7 @@ pub async fn get(
 /// `GET /v1/files/{id}/content`: the bytes, streamed from disk.
 pub async fn content(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Path(id): Path<String>,
 ) -> AppResult<Response> {
     let f = own_file(&st, &caller, &id).await?;
@@ -378,7 +378,7 @@ pub async fn content(
 /// `DELETE /v1/files/{id}`.
 pub async fn delete(
     State(st): State<Arc<AppState>>,
-    ApiCaller(caller): ApiCaller,
+    KeyOrSession(caller): KeyOrSession,
     Path(id): Path<String>,
 ) -> AppResult<Json<Value>> {
     let f = own_file(&st, &caller, &id).await?;

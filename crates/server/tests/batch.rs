@@ -14,6 +14,19 @@ use std::time::Duration;
 
 /// `POST /v1/files` with a multipart form, as the `openai` client sends it.
 async fn upload(base: &str, key: &str, name: &str, purpose: &str, bytes: &[u8]) -> (u16, Value) {
+    let req = reqwest::Client::new()
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(key);
+    upload_as(req, name, purpose, bytes).await
+}
+
+/// The same upload, authenticated as `req` is.
+async fn upload_as(
+    req: reqwest::RequestBuilder,
+    name: &str,
+    purpose: &str,
+    bytes: &[u8],
+) -> (u16, Value) {
     let boundary = "hanlin-test-boundary-7d1f";
     let mut body = Vec::new();
     body.extend_from_slice(
@@ -28,9 +41,7 @@ async fn upload(base: &str, key: &str, name: &str, purpose: &str, bytes: &[u8]) 
     );
     body.extend_from_slice(bytes);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let r = reqwest::Client::new()
-        .post(format!("{base}/v1/files"))
-        .bearer_auth(key)
+    let r = req
         .header(
             "content-type",
             format!("multipart/form-data; boundary={boundary}"),
@@ -404,4 +415,123 @@ async fn a_batch_resumes_after_its_runner_dies() {
     // One usage row per line, however often a line was started.
     let rows = s.state.db.usage(Some("rex"), None).await.expect("usage");
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_app_runs_batches_with_its_session() {
+    let s = common::start().await;
+    let runner = hanlin_server::batch::spawn_runner(s.state.clone());
+    let base = &s.base;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/api/register"))
+        .json(&json!({"name": "wen", "password": "a long enough password 7"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("cookie")
+        .to_string();
+    let me: Value = http
+        .get(format!("{base}/api/me"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("me")
+        .json()
+        .await
+        .expect("json");
+    let csrf = me["csrf"].as_str().expect("csrf").to_string();
+    let lines = jsonl(&[chat_line("w1", "你好"), chat_line("w2", "Hello")]);
+    let post = || http.post(format!("{base}/v1/files"));
+
+    // A session without its CSRF token uploads nothing; nor does no
+    // session at all.
+    let (st, _) = upload_as(post().header("cookie", &cookie), "w.jsonl", "batch", &lines).await;
+    assert_eq!(st, 403);
+    let (st, _) = upload_as(post(), "w.jsonl", "batch", &lines).await;
+    assert_eq!(st, 401);
+    let (st, f) = upload_as(
+        post()
+            .header("cookie", &cookie)
+            .header("x-csrf-token", &csrf),
+        "w.jsonl",
+        "batch",
+        &lines,
+    )
+    .await;
+    assert_eq!(st, 200, "{f}");
+    let b: Value = http
+        .post(format!("{base}/v1/batches"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(b["status"], "validating", "{b}");
+    let id = b["id"].as_str().expect("id").to_string();
+    let done = loop {
+        let b: Value = http
+            .get(format!("{base}/v1/batches/{id}"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        if !["validating", "in_progress", "finalizing"]
+            .contains(&b["status"].as_str().unwrap_or(""))
+        {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The runner acted as the web app for this user: both lines answered.
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request_counts"]["completed"], 2, "{done}");
+    let out = http
+        .get(format!(
+            "{base}/v1/files/{}/content",
+            done["output_file_id"].as_str().expect("output")
+        ))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("line")["custom_id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    // Metered to the user, under the web app's pseudo-key.
+    let usage: Value = http
+        .get(format!("{base}/api/usage"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let requests: i64 = usage["data"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["requests"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(requests, 2, "{usage}");
+    runner.abort();
 }

@@ -763,6 +763,72 @@ async function openUsage() {
   $("#usage-dialog").showModal();
 }
 
+// ------------------------------------------------------------------ batches
+
+const ACTIVE = ["validating", "in_progress", "finalizing", "cancelling"];
+let batchTimer = null;
+
+async function openBatches() {
+  $("#batch-result").textContent = "";
+  await renderBatches();
+  $("#batches-dialog").showModal();
+}
+
+/** The user's batches, newest first: status, a progress bar, downloads; refreshed while any runs. */
+async function renderBatches() {
+  clearTimeout(batchTimer);
+  const list = (await api("GET", "/v1/batches?limit=50")).data;
+  const fileLink = (id, label, b) => id
+    ? el("a", { href: "/v1/files/" + encodeURIComponent(id) + "/content", download: `${b.id}-${label}.jsonl`, class: "batch-download", text: t(label) })
+    : "";
+  table($("#batches-table"), [t("created"), "", t("status"), t("progress"), t("download"), ""], list.map((b) => {
+    const c = b.request_counts;
+    const done = c.completed + c.failed;
+    const bar = el("span", { class: "batch-progress" },
+      el("progress", { max: String(Math.max(1, c.total)), value: String(done) }),
+      ` ${done}/${c.total}` + (c.failed ? ` (${c.failed} ✗)` : ""));
+    return [
+      day(b.created_at), b.id.slice(0, 14) + "…",
+      el("span", { class: "batch-status " + b.status, text: t("batch_" + b.status) }),
+      bar,
+      el("span", {}, fileLink(b.output_file_id, "results", b), " ", fileLink(b.error_file_id, "errors", b)),
+      ACTIVE.includes(b.status) && b.status !== "cancelling"
+        ? el("button", { class: "link", text: t("cancel"), onclick: async () => { await api("POST", `/v1/batches/${b.id}/cancel`); await renderBatches(); } })
+        : "",
+    ];
+  }));
+  if ($("#batches-dialog").open && list.some((b) => ACTIVE.includes(b.status))) {
+    batchTimer = setTimeout(() => renderBatches().catch(() => {}), 1500);
+  }
+}
+
+async function submitBatch() {
+  const f = $("#batch-file").files[0];
+  if (!f) return;
+  const out = $("#batch-result");
+  out.className = "small";
+  out.textContent = f.name + " …";
+  try {
+    const form = new FormData();
+    form.append("purpose", "batch");
+    form.append("file", f, f.name);
+    const r = await fetch("/v1/files", { method: "POST", body: form, credentials: "same-origin", headers: { "X-CSRF-Token": state.me.csrf } });
+    const file = await r.json().catch(() => null);
+    if (!r.ok) throw new ApiError(r.status, file);
+    const b = await api("POST", "/v1/batches", { input_file_id: file.id, endpoint: $("#batch-endpoint").value, completion_window: "24h" });
+    if (b.status === "failed") {
+      const why = (b.errors && b.errors.data || []).slice(0, 3).map((e) => (e.line ? `#${e.line} ` : "") + e.message).join("; ");
+      throw new Error(t("batchFailed", { why }));
+    }
+    out.textContent = t("batchStarted", { id: b.id, n: b.request_counts.total });
+    $("#batch-file").value = "";
+  } catch (e) {
+    out.className = "small error";
+    out.textContent = e.message;
+  }
+  await renderBatches();
+}
+
 /** Tokens per day as an SVG bar chart, with the plan's daily limit as a line. */
 function barChart(points, limit) {
   const NS = "http://www.w3.org/2000/svg";
@@ -981,6 +1047,9 @@ function wire() {
   $("#open-keys").addEventListener("click", openKeys);
   $("#key-create").addEventListener("click", createKey);
   $("#open-usage").addEventListener("click", openUsage);
+  $("#open-batches").addEventListener("click", openBatches);
+  $("#batch-submit").addEventListener("click", submitBatch);
+  $("#batches-dialog").addEventListener("close", () => clearTimeout(batchTimer));
   $("#open-admin").addEventListener("click", openAdmin);
   $("#open-import").addEventListener("click", () => { $("#import-result").textContent = ""; $("#import-dialog").showModal(); });
   $("#import-file").addEventListener("change", async (e) => {

@@ -25,7 +25,7 @@ use axum::Json;
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use hanlin_accounts::chats::{ConversationPatch, Message, MAX_MESSAGE_CHARS};
 use hanlin_accounts::web::{Session, SignInError, SignupPolicy, SESSION_TTL_SECS};
-use hanlin_accounts::{ApiKey, Caller, NewKey, Role, UserStatus};
+use hanlin_accounts::{Caller, NewKey, Role, UserStatus};
 use hanlin_engine::Event;
 use hanlin_gateway::{Endpoint, Request, Work};
 use hanlin_search::answer;

@@ -37,22 +37,9 @@ pub(crate) async fn session(
 
 /// The caller the web app acts as: the user, their plan, and a pseudo-key
 /// `web` (usage from the web app is metered under it).
-pub(super) async fn web_caller(st: &AppState, s: &Session) -> AppResult<Caller> {
+pub(crate) async fn web_caller(st: &AppState, s: &Session) -> AppResult<Caller> {
     let plan = st.db.plan(&s.user.plan).await?;
-    Ok(Caller {
-        key: ApiKey {
-            id: "web".into(),
-            user_id: s.user.id.clone(),
-            prefix: String::new(),
-            name: "web app".into(),
-            models: None,
-            expires_at: None,
-            revoked_at: None,
-            created_at: 0,
-        },
-        user: s.user.clone(),
-        plan,
-    })
+    Ok(Caller::web(s.user.clone(), plan))
 }
 
 /// Whether the cookie may be marked `Secure`: the page came over HTTPS

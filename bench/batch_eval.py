@@ -19,7 +19,7 @@ Prints: sequential seconds, batch seconds, speed-up (target >= 3x), idle and
 during-batch TTFT p50 and their ratio (target <= 2x).
 
 Usage: python3 bench/batch_eval.py [--hanlin target/release/hanlin]
-         [--model smollm2-135m] [--lines 200] [--probes 8] [--parallel 8]
+         [--model smollm2-135m] [--lines 200] [--probes 8] [--parallel 8] [--max-batch 16]
 """
 
 import argparse
@@ -65,7 +65,7 @@ def free_port():
     return p
 
 
-def start(hanlin, home, model, parallel):
+def start(hanlin, home, model, parallel, max_batch):
     env = dict(os.environ)
     env["HANLIN_DATABASE_URL"] = f"sqlite://{home}/h.db"
     env["HANLIN_KB_DIR"] = f"{home}/kb"
@@ -77,7 +77,7 @@ def start(hanlin, home, model, parallel):
     port = free_port()
     log = open(f"{home}/serve.log", "w")
     p = subprocess.Popen([hanlin, "serve", "--port", str(port), "--model", model,
-                          "--batch-parallel", str(parallel)],
+                          "--batch-parallel", str(parallel), "--max-batch", str(max_batch)],
                          env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -115,10 +115,12 @@ def main():
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--parallel", type=int, default=8, help="batch lines run at once")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16,
+                    help="the engine's slots (4 of them stay free for interactive requests)")
     args = ap.parse_args()
     print(machine.describe(os.cpu_count()))
     with tempfile.TemporaryDirectory() as home:
-        p, base, key, run = start(args.hanlin, home, args.model, args.parallel)
+        p, base, key, run = start(args.hanlin, home, args.model, args.parallel, args.max_batch)
         try:
             client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=600)
             body = lambda i: {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0,

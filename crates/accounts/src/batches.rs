@@ -183,19 +183,33 @@ fn file_of(r: &sqlx::any::AnyRow) -> Result<FileRow, AccountError> {
 
 impl Db {
     pub async fn insert_file(&self, f: &FileRow) -> Result<(), AccountError> {
-        sqlx::query(&format!(
-            "INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-        ))
-        .bind(&f.id)
-        .bind(&f.user_id)
-        .bind(&f.purpose)
-        .bind(&f.filename)
-        .bind(f.bytes)
-        .bind(f.created_at)
-        .bind(f.expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_file(&self.pool, f).await
+    }
+
+    /// Insert `f` if the user's files, with it, stay within `quota` bytes;
+    /// false (nothing inserted) if not. One transaction that holds the
+    /// user's lock (SQLite: the write lock; PostgreSQL: the user's row), so
+    /// two uploads at once cannot both fit in room for one.
+    pub async fn insert_file_within(&self, f: &FileRow, quota: i64) -> Result<bool, AccountError> {
+        let mut tx = self.begin_write().await?;
+        if self.postgres {
+            sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+                .bind(&f.user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let used: i64 = sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > $2)")
+            .bind(&f.user_id)
+            .bind(now())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if used.saturating_add(f.bytes) > quota {
+            return Ok(false);
+        }
+        insert_file(&mut *tx, f).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// A file, if it exists, has not expired, and (with `user_id`) is theirs.
@@ -516,4 +530,24 @@ impl Db {
             .await?;
         Ok(())
     }
+}
+
+/// The one INSERT of a file row, on the pool or in a transaction.
+async fn insert_file<'e>(
+    on: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    f: &FileRow,
+) -> Result<(), AccountError> {
+    sqlx::query(&format!(
+        "INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    ))
+    .bind(&f.id)
+    .bind(&f.user_id)
+    .bind(&f.purpose)
+    .bind(&f.filename)
+    .bind(f.bytes)
+    .bind(f.created_at)
+    .bind(f.expires_at)
+    .execute(on)
+    .await?;
+    Ok(())
 }

@@ -100,18 +100,40 @@ async fn part_path(st: &AppState) -> AppResult<PathBuf> {
 }
 
 /// Make the part file at `part` the file `row` describes (a new id is
-/// given): its bytes move under the id, then its row is written; if the
-/// row cannot be, the bytes go.
-async fn keep(st: &AppState, part: &std::path::Path, mut row: FileRow) -> AppResult<FileRow> {
+/// given): its bytes move under the id, then its row is written — within
+/// `quota` bytes of the user's files when one is given (an upload; the
+/// check before the body was read is repeated atomically here); if the
+/// row is not written, the bytes go.
+async fn keep(
+    st: &AppState,
+    part: &std::path::Path,
+    mut row: FileRow,
+    quota: Option<i64>,
+) -> AppResult<FileRow> {
     row.id = format!("file-{}", random_token(24));
     tokio::fs::rename(part, path_of(st, &row.id))
         .await
         .map_err(store_error)?;
-    if let Err(e) = st.db.insert_file(&row).await {
-        let _ = tokio::fs::remove_file(path_of(st, &row.id)).await;
-        return Err(e.into());
+    let written = match quota {
+        Some(q) => st.db.insert_file_within(&row, q).await,
+        None => st.db.insert_file(&row).await.map(|()| true),
+    };
+    match written {
+        Ok(true) => Ok(row),
+        Ok(false) => {
+            let _ = tokio::fs::remove_file(path_of(st, &row.id)).await;
+            Err(ApiError::bad_request(format!(
+                "The file does not fit in your plan's file storage ({} bytes).",
+                quota.unwrap_or(0)
+            ))
+            .param("file")
+            .code("storage_quota_exceeded"))
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(path_of(st, &row.id)).await;
+            Err(e.into())
+        }
     }
-    Ok(row)
 }
 
 /// Store `bytes` as a new file of `user_id` (the server's own files: batch
@@ -138,7 +160,7 @@ pub(crate) async fn store(
         created_at: now(),
         expires_at,
     };
-    keep(st, &part, row).await
+    keep(st, &part, row, None).await
 }
 
 /// One page of a list (OpenAI's shape): `rows` holds up to `limit` + 1,
@@ -285,7 +307,7 @@ pub async fn upload(
         created_at: created,
         expires_at,
     };
-    let row = keep(&st, &path, row).await?;
+    let row = keep(&st, &path, row, Some(caller.plan.file_bytes)).await?;
     part.0 = None;
     Ok(Json(file_json(&row)))
 }

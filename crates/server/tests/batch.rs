@@ -7,6 +7,7 @@
 mod common;
 
 use common::{call, MODEL};
+use futures::StreamExt;
 use hanlin_accounts::Plan;
 use reqwest::Method as M;
 use serde_json::{json, Value};
@@ -357,7 +358,57 @@ async fn a_batch_runs_its_lines_and_bad_input_gets_openai_errors() {
         (st, e["error"]["code"].clone()),
         (400, json!("storage_quota_exceeded"))
     );
+
+    // Two uploads at once, each fitting the empty quota alone: both pass
+    // the check made before their bodies are read (their bodies arrive
+    // slowly), and only one may be kept.
+    let tam = s.user_key("tam", "tiny").await;
+    let (a, b) = tokio::join!(
+        slow_upload(base, &tam, &[b'x'; 600]),
+        slow_upload(base, &tam, &[b'y'; 600])
+    );
+    let mut codes = vec![a, b];
+    codes.sort_by_key(|c| c.0);
+    assert_eq!(
+        codes,
+        vec![(200, Value::Null), (400, json!("storage_quota_exceeded"))]
+    );
+    let (_, list) = call(M::GET, format!("{base}/v1/files"), &tam, None).await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1), "{list}");
     runner.abort();
+}
+
+/// An upload whose body arrives in two parts 400 ms apart; the status and
+/// the error code.
+async fn slow_upload(base: &str, key: &str, bytes: &[u8]) -> (u16, Value) {
+    let boundary = "hanlin-slow-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.txt\"\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let tail = body.split_off(body.len() / 2);
+    let parts = futures::stream::iter([body, tail]).then(|part| async move {
+        if part.ends_with(b"--\r\n") {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        Ok::<_, std::io::Error>(part)
+    });
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(reqwest::Body::wrap_stream(parts))
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, v["error"]["code"].clone())
 }
 
 /// A runner killed mid-batch: a new one finishes it, every line once.
@@ -422,73 +473,35 @@ async fn the_web_app_runs_batches_with_its_session() {
     let s = common::start().await;
     let runner = hanlin_server::batch::spawn_runner(s.state.clone());
     let base = &s.base;
-    let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/api/register"))
-        .json(&json!({"name": "wen", "password": "a long enough password 7"}))
-        .send()
-        .await
-        .expect("register");
-    assert_eq!(r.status(), 200);
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .expect("cookie")
-        .split(';')
-        .next()
-        .expect("cookie")
-        .to_string();
-    let me: Value = http
-        .get(format!("{base}/api/me"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .expect("me")
-        .json()
-        .await
-        .expect("json");
-    let csrf = me["csrf"].as_str().expect("csrf").to_string();
+    let (web, _) = common::Browser::register(base, "wen", "a long enough password 7").await;
     let lines = jsonl(&[chat_line("w1", "你好"), chat_line("w2", "Hello")]);
-    let post = || http.post(format!("{base}/v1/files"));
+    let post = || web.http.post(format!("{base}/v1/files"));
 
     // A session without its CSRF token uploads nothing; nor does no
     // session at all.
-    let (st, _) = upload_as(post().header("cookie", &cookie), "w.jsonl", "batch", &lines).await;
-    assert_eq!(st, 403);
-    let (st, _) = upload_as(post(), "w.jsonl", "batch", &lines).await;
-    assert_eq!(st, 401);
-    let (st, f) = upload_as(
-        post()
-            .header("cookie", &cookie)
-            .header("x-csrf-token", &csrf),
+    let (st, _) = upload_as(
+        post().header("cookie", &web.cookie),
         "w.jsonl",
         "batch",
         &lines,
     )
     .await;
+    assert_eq!(st, 403);
+    let (st, _) = upload_as(post(), "w.jsonl", "batch", &lines).await;
+    assert_eq!(st, 401);
+    let (st, f) = upload_as(web.req(M::POST, "/v1/files"), "w.jsonl", "batch", &lines).await;
     assert_eq!(st, 200, "{f}");
-    let b: Value = http
-        .post(format!("{base}/v1/batches"))
-        .header("cookie", &cookie)
-        .header("x-csrf-token", &csrf)
-        .json(&json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(b["status"], "validating", "{b}");
+    let (st, b) = web
+        .json(
+            M::POST,
+            "/v1/batches",
+            Some(json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})),
+        )
+        .await;
+    assert_eq!((st, b["status"].clone()), (200, json!("validating")), "{b}");
     let id = b["id"].as_str().expect("id").to_string();
     let done = loop {
-        let b: Value = http
-            .get(format!("{base}/v1/batches/{id}"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let (_, b) = web.json(M::GET, &format!("/v1/batches/{id}"), None).await;
         if !["validating", "in_progress", "finalizing"]
             .contains(&b["status"].as_str().unwrap_or(""))
         {
@@ -499,33 +512,23 @@ async fn the_web_app_runs_batches_with_its_session() {
     // The runner acted as the web app for this user: both lines answered.
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["request_counts"]["completed"], 2, "{done}");
-    let out = http
-        .get(format!(
-            "{base}/v1/files/{}/content",
-            done["output_file_id"].as_str().expect("output")
-        ))
-        .header("cookie", &cookie)
+    let out = web
+        .req(
+            M::GET,
+            &format!(
+                "/v1/files/{}/content",
+                done["output_file_id"].as_str().expect("output")
+            ),
+        )
         .send()
         .await
         .expect("send")
         .text()
         .await
         .expect("text");
-    let ids: Vec<String> = out
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("line")["custom_id"].to_string())
-        .collect();
-    assert_eq!(ids.len(), 2, "{out}");
+    assert_eq!(out.lines().count(), 2, "{out}");
     // Metered to the user, under the web app's pseudo-key.
-    let usage: Value = http
-        .get(format!("{base}/api/usage"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let (_, usage) = web.json(M::GET, "/api/usage", None).await;
     let requests: i64 = usage["data"]
         .as_array()
         .expect("rows")

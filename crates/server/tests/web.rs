@@ -6,99 +6,10 @@
 
 mod common;
 
-use common::{start, MODEL};
+use common::{start, Browser, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-/// A browser's view of the server: its session cookie and CSRF token.
-struct Browser {
-    base: String,
-    http: reqwest::Client,
-    cookie: String,
-    csrf: String,
-}
-
-impl Browser {
-    async fn register(base: &str, name: &str, password: &str) -> (Self, reqwest::Response) {
-        Self::sign_in(base, "/api/register", name, password).await
-    }
-
-    async fn sign_in(
-        base: &str,
-        path: &str,
-        name: &str,
-        password: &str,
-    ) -> (Self, reqwest::Response) {
-        let http = reqwest::Client::new();
-        let r = http
-            .post(format!("{base}{path}"))
-            .json(&json!({"name": name, "password": password}))
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), 200);
-        let set = r
-            .headers()
-            .get("set-cookie")
-            .and_then(|v| v.to_str().ok())
-            .expect("a session cookie")
-            .to_string();
-        let cookie = set.split(';').next().expect("cookie").to_string();
-        let me: Value = http
-            .get(format!("{base}/api/me"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .expect("me")
-            .json()
-            .await
-            .expect("json");
-        let b = Browser {
-            base: base.into(),
-            http,
-            cookie,
-            csrf: me["csrf"].as_str().expect("csrf").into(),
-        };
-        (b, r)
-    }
-
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .header("cookie", &self.cookie)
-            .header("x-csrf-token", &self.csrf)
-    }
-
-    async fn json(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.req(method, path);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.expect("send");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Send a message (or regenerate) and read the whole event stream.
-    async fn send(&self, conv: &str, body: Value) -> Vec<Value> {
-        let r = self
-            .req(
-                reqwest::Method::POST,
-                &format!("/api/conversations/{conv}/messages"),
-            )
-            .json(&body)
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.status(), 200, "{:?}", r.text().await);
-        let text = r.text().await.expect("body");
-        text.split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .map(|d| serde_json::from_str(d).expect("event json"))
-            .collect()
-    }
-}
 
 fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")

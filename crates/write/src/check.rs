@@ -37,7 +37,7 @@
 
 use crate::article::Article;
 use crate::rows::{leaves, Row};
-use chrono::{Datelike, NaiveDate, Weekday};
+use chrono::{Datelike, NaiveDate};
 use hanlin_tools::chinese::{numerals, to_arabic};
 use jieba_rs::Jieba;
 use regex::Regex;
@@ -454,29 +454,25 @@ fn check_dates(
             taken.push(r);
         }
     }
-    let weekdays: Vec<Weekday> = facts.dates.iter().map(|d| d.weekday()).collect();
-    for c in EN_WEEKDAY.captures_iter(text) {
-        let i = WEEKDAYS
-            .iter()
-            .position(|w| c[1].eq_ignore_ascii_case(w))
-            .unwrap_or(0);
-        if !weekdays
-            .iter()
-            .any(|w| w.num_days_from_monday() as usize == i)
-        {
-            problems.push(Problem::Weekday(c[0].to_string()));
-        }
-        taken.extend(c.get(0).map(|m| m.range()));
-    }
-    for c in ZH_WEEKDAY.captures_iter(text) {
+    // A weekday (0 = Monday) must be one of the row's dates'.
+    let weekdays: Vec<usize> = facts
+        .dates
+        .iter()
+        .map(|d| d.weekday().num_days_from_monday() as usize)
+        .collect();
+    let named = EN_WEEKDAY.captures_iter(text).map(|c| {
+        let i = WEEKDAYS.iter().position(|w| c[1].eq_ignore_ascii_case(w));
+        (c, i)
+    });
+    let zh = ZH_WEEKDAY.captures_iter(text).map(|c| {
         let i = "一二三四五六日"
             .chars()
             .position(|d| c[1].starts_with(d))
-            .unwrap_or(6);
-        if !weekdays
-            .iter()
-            .any(|w| w.num_days_from_monday() as usize == i)
-        {
+            .or(Some(6));
+        (c, i)
+    });
+    for (c, i) in named.chain(zh) {
+        if !i.is_some_and(|i| weekdays.contains(&i)) {
             problems.push(Problem::Weekday(c[0].to_string()));
         }
         taken.extend(c.get(0).map(|m| m.range()));

@@ -198,12 +198,7 @@ impl Db {
                 .fetch_optional(&mut *tx)
                 .await?;
         }
-        let used: i64 = sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > $2)")
-            .bind(&f.user_id)
-            .bind(now())
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+        let used = file_bytes_of(&mut *tx, &f.user_id).await?;
         if used.saturating_add(f.bytes) > quota {
             return Ok(false);
         }
@@ -268,12 +263,7 @@ impl Db {
 
     /// Bytes of unexpired files a user keeps.
     pub async fn file_bytes_of(&self, user_id: &str) -> Result<i64, AccountError> {
-        let r = sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > $2)")
-            .bind(user_id)
-            .bind(now())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(r.try_get(0)?)
+        file_bytes_of(&self.pool, user_id).await
     }
 
     /// Delete a file's row; whether there was one.
@@ -550,4 +540,18 @@ async fn insert_file<'e>(
     .execute(on)
     .await?;
     Ok(())
+}
+
+/// Bytes of the user's files that have not expired: what the storage quota
+/// counts, before an upload and again as it is kept.
+async fn file_bytes_of<'e>(
+    on: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    user_id: &str,
+) -> Result<i64, AccountError> {
+    let r = sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM files WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > $2)")
+        .bind(user_id)
+        .bind(now())
+        .fetch_one(on)
+        .await?;
+    Ok(r.try_get(0)?)
 }

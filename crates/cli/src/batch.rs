@@ -175,16 +175,21 @@ fn running(b: &Value) -> bool {
     )
 }
 
-/// Follow a batch with a progress bar until it ends.
-fn follow(api: &Api, id: &str) -> Result<Value> {
+/// A bar of work items with its ETA, drawn with `template` (the bar style
+/// `hanlin batch` and `hanlin write` share).
+pub(crate) fn progress_bar(template: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {pos}/{len} lines, {elapsed} (ETA {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
+    bar
+}
+
+/// Follow a batch with a progress bar until it ends.
+fn follow(api: &Api, id: &str) -> Result<Value> {
+    let bar = progress_bar("{spinner} {msg} [{bar:30}] {pos}/{len} lines, {elapsed} (ETA {eta})");
     loop {
         let b = api.get(&format!("/v1/batches/{id}"))?;
         let c = &b["request_counts"];

@@ -232,15 +232,9 @@ pub(crate) fn run(store: &Store, threads: usize, a: WriteArgs) -> Result<()> {
         parallel,
         seed: a.seed,
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "[{bar:30}] {pos}/{len} articles, {elapsed} (ETA {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let progress = Bar(bar);
+    let progress = Bar(batch::progress_bar(
+        "[{bar:30}] {pos}/{len} articles, {elapsed} (ETA {eta})",
+    ));
     let r = hanlin_write::write(&plan, generator.as_ref(), &checker, &progress)?;
     progress.0.finish_and_clear();
     println!(

@@ -196,9 +196,10 @@ struct Facts {
 
 impl Facts {
     fn new(row: &Row, prompt: &str) -> Self {
+        let p = normalize(prompt);
         let mut numbers = Vec::new();
         let mut fields = Vec::new();
-        let mut text = normalize(prompt);
+        let mut text = p.clone();
         let mut dates = Vec::new();
         for v in leaves(&row.fields) {
             match v {
@@ -220,7 +221,6 @@ impl Facts {
                 Value::Bool(_) | Value::Null | Value::Array(_) | Value::Object(_) => {}
             }
         }
-        let p = normalize(prompt);
         numbers.extend(numerals(&p).iter().filter_map(|n| n.value()));
         dates.extend(all_dates(&p));
         let pairs = SCORE

@@ -505,10 +505,10 @@ impl Model {
         });
     }
 
-    fn act(&self) -> fn(f32) -> f32 {
+    fn act(&self) -> ops::Act {
         match self.cfg.activation {
-            Activation::Silu => ops::silu,
-            Activation::GeluTanh => ops::gelu,
+            Activation::Silu => ops::Act::Silu,
+            Activation::GeluTanh => ops::Act::GeluTanh,
         }
     }
 
@@ -716,7 +716,7 @@ impl Attend<'_> {
 
 /// `ops::glu` split across the pool when there is enough of it (a batch of
 /// tokens); the same operations per element either way.
-fn glu_par(pool: &ThreadPool, g: &mut [f32], u: &[f32], act: fn(f32) -> f32) {
+fn glu_par(pool: &ThreadPool, g: &mut [f32], u: &[f32], act: ops::Act) {
     const CHUNK: usize = 4096;
     let n = g.len().min(u.len());
     if n < 2 * CHUNK {

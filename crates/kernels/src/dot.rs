@@ -91,7 +91,33 @@ pub fn scalar_q8(ty: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
 }
 
 /// Portable reference for the K formats.
+///
+/// Q4_K, Q5_K and Q6_K follow the order every kernel of theirs keeps, so
+/// that all of them (scalar, AVX2, AVX-512, one token or a repacked batch)
+/// give the same bits: per block, the exact integer sums
+/// `S = Σ sc·Σ u·x − offset·Σ sc·bsum` and `M = Σ m·bsum`, then
+/// `acc = fma(d·xd, S, acc)` and `macc = fma(dmin·xd, M, macc)` block by
+/// block, and the result `acc − macc`. How a kernel reaches `S` and `M` is
+/// its own affair: integers are exact.
 pub fn scalar_q8k(ty: GgmlType, w: &[u8], x: &[BlockQ8K]) -> f32 {
+    if quant::is_k456(ty) {
+        let (mut acc, mut macc) = (0f32, 0f32);
+        for (b, xb) in w.chunks_exact(ty.type_size()).zip(x) {
+            let quant::KInts { u, s: k } = quant::k_ints(ty, b);
+            let (mut s, mut m) = (0i32, 0i32);
+            for j in 0..16 {
+                let dot: i32 = (16 * j..16 * j + 16)
+                    .map(|i| u[i] as i32 * xb.qs[i] as i32)
+                    .sum();
+                let bs = xb.bsums[j] as i32;
+                s += k.sc[j] as i32 * (dot - k.offset * bs);
+                m += k.m[j] as i32 * bs;
+            }
+            acc = (k.d * xb.d).mul_add(s as f32, acc);
+            macc = (k.dmin * xb.d).mul_add(m as f32, macc);
+        }
+        return acc - macc;
+    }
     let mut acc = 0f32;
     for (b, xb) in w.chunks_exact(ty.type_size()).zip(x) {
         let u = quant::unpack_k(ty, b);
@@ -328,7 +354,7 @@ pub fn batch_kernel(ty: GgmlType) -> Option<BatchKernel> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     //! Every kernel exists for one token and for four tokens at once: the
     //! four-token form unpacks each weight block once and reuses it, which is
     //! what makes batched prefill compute-efficient.
@@ -346,6 +372,15 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
+    }
+
+    /// The sum of 8 i32 lanes.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
     }
 
     /// u8 x i8 pairwise products summed to 8 i32 lanes.
@@ -815,6 +850,67 @@ mod avx2 {
         sumi
     }
 
+    /// The 256 quants of a Q4_K/Q5_K block at `b` as unsigned bytes in
+    /// element order, 32 to a register. Group 2j: the low nibbles of bytes
+    /// 32j..; group 2j+1: their high nibbles (plus the fifth bits of Q5_K).
+    #[inline(always)]
+    pub(crate) unsafe fn q45k_parts<const FIVE: bool>(b: *const u8) -> [__m256i; 8] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let qs = b.add(if FIVE { 48 } else { 16 });
+        let hv = if FIVE {
+            _mm256_loadu_si256(b.add(16) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let mut parts = [_mm256_setzero_si256(); 8];
+        for j in 0..4 {
+            let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+            let mut lo = _mm256_and_si256(q, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if FIVE {
+                let one = _mm256_set1_epi8(1);
+                let hl =
+                    _mm256_and_si256(_mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)), one);
+                let hh = _mm256_and_si256(
+                    _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                    one,
+                );
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
+            }
+            parts[2 * j] = lo;
+            parts[2 * j + 1] = hi;
+        }
+        parts
+    }
+
+    /// The 256 quants of a Q6_K block at `b` (6 bits, before the offset of
+    /// 32) in element order, 32 to a register: group 4h + kq holds quants
+    /// 128h + 32kq...
+    #[inline(always)]
+    pub(crate) unsafe fn q6k_parts(b: *const u8) -> [__m256i; 8] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(3);
+        let mut parts = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            let ql = b.add(64 * h);
+            let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
+            let qa = _mm256_loadu_si256(ql as *const __m256i);
+            let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+            let hbits = |shift: i32| {
+                let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
+                _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+            };
+            parts[4 * h] = _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0));
+            parts[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2));
+            parts[4 * h + 2] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4));
+            parts[4 * h + 3] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6));
+        }
+        parts
+    }
+
     /// Q4_K and Q5_K share a layout apart from the high bits.
     #[inline(always)]
     unsafe fn q45k<const NT: usize, const FIVE: bool, const WIDE: bool>(
@@ -822,10 +918,9 @@ mod avx2 {
         xs: [&[BlockQ8K]; NT],
     ) -> [f32; NT] {
         let size = if FIVE { 176 } else { 144 };
-        let mut acc = [_mm256_setzero_ps(); NT];
-        let mut mins = [_mm256_setzero_ps(); NT];
+        let mut acc = [0f32; NT];
+        let mut mins = [0f32; NT];
         let n = xs.iter().fold(w.len() / size, |n, x| n.min(x.len()));
-        let m4 = _mm256_set1_epi8(0xF);
         for i in 0..n {
             let b = w.as_ptr().add(i * size);
             _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
@@ -833,63 +928,29 @@ mod avx2 {
             let d = load_f16(b);
             let dmin = load_f16(b.add(2));
             let (sc256, m16) = k4_scales_mins(b.add(4));
-            let qs = b.add(if FIVE { 48 } else { 16 });
-            let hv = if FIVE {
-                _mm256_loadu_si256(b.add(16) as *const __m256i)
-            } else {
-                _mm256_setzero_si256()
-            };
-            // Group 2j: the low nibbles of bytes 32j.., against activations
-            // 64j..; group 2j+1: the high nibbles, against 64j+32...
-            let mut parts = [_mm256_setzero_si256(); 8];
-            let mut scales = [_mm256_setzero_si256(); 8];
-            for j in 0..4 {
-                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                let mut lo = _mm256_and_si256(q, m4);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                if FIVE {
-                    let one = _mm256_set1_epi8(1);
-                    let hl = _mm256_and_si256(
-                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32)),
-                        one,
-                    );
-                    let hh = _mm256_and_si256(
-                        _mm256_srl_epi16(hv, _mm_cvtsi32_si128(2 * j as i32 + 1)),
-                        one,
-                    );
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
-                }
-                parts[2 * j] = lo;
-                parts[2 * j + 1] = hi;
-                scales[2 * j] = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j]));
-                scales[2 * j + 1] =
-                    _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[2 * j + 1]));
-            }
+            let parts = q45k_parts::<FIVE>(b);
+            let scales: [__m256i; 8] = std::array::from_fn(|g| {
+                _mm256_shuffle_epi8(sc256, _mm256_set1_epi16(SCALE_PICK[g]))
+            });
             let sumi = k_block_sums::<NT, WIDE>(&parts, &scales, &xs, i);
             // Minimums: sum(m_j * (bsum_2j + bsum_2j+1)) as 8 lanes of
-            // pairwise products (`m16` holds each m twice).
+            // pairwise products (`m16` holds each m twice). Then the block's
+            // exact sums into the accumulators, as `scalar_q8k` orders it.
             for k in 0..NT {
                 let xb = xs[k].get_unchecked(i);
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
-                mins[k] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * xb.d), summ, mins[k]);
-                acc[k] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(d * xb.d),
-                    _mm256_cvtepi32_ps(sumi[k]),
-                    acc[k],
-                );
+                let m = hsum_i32(_mm256_madd_epi16(bs, m16));
+                acc[k] = (d * xb.d).mul_add(hsum_i32(sumi[k]) as f32, acc[k]);
+                mins[k] = (dmin * xb.d).mul_add(m as f32, mins[k]);
             }
         }
-        std::array::from_fn(|k| hsum(acc[k]) - hsum(mins[k]))
+        std::array::from_fn(|k| acc[k] - mins[k])
     }
 
     #[inline(always)]
     unsafe fn q6k<const NT: usize, const WIDE: bool>(w: &[u8], xs: [&[BlockQ8K]; NT]) -> [f32; NT] {
-        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut acc = [0f32; NT];
         let n = xs.iter().fold(w.len() / 210, |n, x| n.min(x.len()));
-        let m4 = _mm256_set1_epi8(0xF);
-        let m2 = _mm256_set1_epi8(3);
         let pick2: [__m256i; 4] = std::array::from_fn(|kq| {
             _mm256_set_m128i(
                 _mm_set1_epi16(SCALE_PICK[2 * kq + 1]),
@@ -909,30 +970,11 @@ mod avx2 {
                 _mm256_permute2x128_si256::<0x00>(sc16, sc16),
                 _mm256_permute2x128_si256::<0x11>(sc16, sc16),
             ];
-            // Group 4h + kq: quants 128h + 32kq.. (6 bits), against the
-            // activations at the same place.
-            let mut parts = [_mm256_setzero_si256(); 8];
-            let mut scales = [_mm256_setzero_si256(); 8];
-            for (h, half) in halves.iter().enumerate() {
-                let ql = b.add(64 * h);
-                let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
-                let qa = _mm256_loadu_si256(ql as *const __m256i);
-                let qb = _mm256_loadu_si256(ql.add(32) as *const __m256i);
-                let hbits = |shift: i32| {
-                    let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift));
-                    _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
-                };
-                parts[4 * h] = _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0));
-                parts[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2));
-                parts[4 * h + 2] =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4));
-                parts[4 * h + 3] =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6));
-                for kq in 0..4 {
-                    // Low lane: scale 2kq of this half; high lane: 2kq + 1.
-                    scales[4 * h + kq] = _mm256_shuffle_epi8(*half, pick2[kq]);
-                }
-            }
+            // Group 4h + kq against the activations at the same place; its
+            // low lane takes scale 2kq of half h, its high lane 2kq + 1.
+            let parts = q6k_parts(b);
+            let scales: [__m256i; 8] =
+                std::array::from_fn(|g| _mm256_shuffle_epi8(halves[g / 4], pick2[g % 4]));
             let sumi = k_block_sums::<NT, WIDE>(&parts, &scales, &xs, i);
             // The -32 offset of every quant, removed in integers: subtract
             // 32 * sum(scale_k * bsum_k) (8 lanes of pairwise products).
@@ -940,11 +982,12 @@ mod avx2 {
                 let xb = xs[k].get_unchecked(i);
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
                 let off = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
-                let si = _mm256_sub_epi32(sumi[k], off);
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(si), acc[k]);
+                let si = hsum_i32(_mm256_sub_epi32(sumi[k], off));
+                acc[k] = (d * xb.d).mul_add(si as f32, acc[k]);
             }
         }
-        std::array::from_fn(|k| hsum(acc[k]))
+        // `- 0.0`: no minimums, as in `scalar_q8k`.
+        acc
     }
 
     macro_rules! kernels {
@@ -1165,6 +1208,10 @@ pub(crate) mod tests {
                             assert_eq!(v.to_bits(), one.to_bits(), "{ty} x4");
                         }
                     }
+                }
+                if quant::is_k456(ty) {
+                    // One order of operations for every K kernel.
+                    assert_eq!(fast.to_bits(), scalar.to_bits(), "{ty}: simd vs scalar");
                 }
                 // 8-bit activations: error bounded by ~1% of the absolute sum.
                 assert!(

@@ -5,6 +5,7 @@
 //! cache. Rows are split across the pool's threads.
 
 use crate::dot;
+use crate::kbatch;
 use crate::pool::ThreadPool;
 use crate::quant::{self, BlockQ8, BlockQ8K};
 use hanlin_formats::GgmlType;
@@ -238,17 +239,20 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 two_row.map(|k| k.1),
             )
         }
-        (256, _) => quantized(
-            pool,
-            w,
-            out,
-            a.q8k(pool),
-            n_tok,
-            dot::dot_q8k(w.ty).expect("K type has a dot"),
-            dot::dot_q8k_x4(w.ty),
-            None,
-            None,
-        ),
+        (256, _) => match kbatch::kernel(w.ty).filter(|_| n_tok >= REPACK_MIN_TOKENS) {
+            Some(k) => repacked(pool, w, out, a.q8k(pool), n_tok, k),
+            None => quantized(
+                pool,
+                w,
+                out,
+                a.q8k(pool),
+                n_tok,
+                dot::dot_q8k(w.ty).expect("K type has a dot"),
+                dot::dot_q8k_x4(w.ty),
+                None,
+                None,
+            ),
+        },
         _ => {
             let cols = w.cols;
             let x = a.x;
@@ -326,6 +330,80 @@ fn unpacked(
     });
 }
 
+/// From this many tokens on, K-format rows are repacked once per matmul
+/// ([`kbatch`]) and reused by every token.
+const REPACK_MIN_TOKENS: usize = 16;
+
+thread_local! {
+    static REPACKED: std::cell::RefCell<Vec<kbatch::Block8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The K-format batch path: each thread repacks a chunk of sixteen weight
+/// rows (two groups of eight) into a thread-local buffer, then multiplies
+/// them with every token, four tokens at a time. Rows left over from whole
+/// groups of eight take the one-token kernel (the same bits).
+fn repacked(
+    pool: &ThreadPool,
+    w: &QMat,
+    out: &mut [f32],
+    xq: &[BlockQ8K],
+    n_tok: usize,
+    k: kbatch::Kernel,
+) {
+    let rows = w.rows;
+    let bpr = xq.len() / n_tok;
+    let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
+    // Tokens past the end repeat the last one (a padded last group).
+    let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
+    let one = dot::dot_q8k(w.ty).expect("K type has a dot");
+    let op = OutPtr(out.as_mut_ptr());
+    pool.for_chunks(rows, 16, &|range| {
+        REPACKED.with_borrow_mut(|buf| {
+            let groups = range.len() / 8;
+            let blocks = w.cols / 256;
+            // Grown once per thread; afterwards only overwritten.
+            if buf.len() < groups * blocks {
+                buf.resize(groups * blocks, kbatch::Block8::ZERO);
+            }
+            for g in 0..groups {
+                let r = range.start + 8 * g;
+                let rows = std::array::from_fn(|i| w.row(r + i));
+                kbatch::repack(w.ty, rows, &mut buf[g * blocks..(g + 1) * blocks]);
+            }
+            let group = |g: usize| &buf[g * blocks..(g + 1) * blocks];
+            let mut t = 0;
+            while t < n_tok {
+                let real = (n_tok - t).min(4);
+                let xs = x4(t);
+                let out = |g: usize| kbatch::Out {
+                    // In bounds: (t + dt) * rows + row < n_tok * rows <= out.len().
+                    ptr: op.0.wrapping_add(t * rows + range.start + 8 * g),
+                    stride: rows,
+                    tokens: real,
+                };
+                let mut g = 0;
+                while g + 2 <= groups {
+                    // SAFETY: the places `out(g)` names are in bounds (above),
+                    // and this thread's rows are its own.
+                    unsafe { (k.gemm16)(group(g), group(g + 1), xs, out(g)) };
+                    g += 2;
+                }
+                if g < groups {
+                    // SAFETY: as above.
+                    unsafe { (k.gemm8)(group(g), xs, out(g)) };
+                }
+                t += real;
+            }
+            for r in range.start + 8 * groups..range.end {
+                for t in 0..n_tok {
+                    // SAFETY: as above.
+                    unsafe { op.set(t * rows + r, one(w.row(r), x(t))) };
+                }
+            }
+        })
+    });
+}
+
 /// Four-token kernel over activation blocks `B`.
 type Kernel4<B> = fn(&[u8], [&[B]; 4]) -> [f32; 4];
 /// Two-row × four-token kernel over activation blocks `B`.
@@ -395,7 +473,7 @@ mod tests {
             let shapes: &[(usize, usize)] = if ty.block_size() == 32 {
                 &[(37, 256), (21, 96)]
             } else {
-                &[(37, 512), (21, 256)]
+                &[(37, 512), (21, 256), (45, 768)]
             };
             for &(rows, cols) in shapes {
                 let data: Vec<u8> = (0..rows)
@@ -407,7 +485,7 @@ mod tests {
                     rows,
                     cols,
                 };
-                for n_tok in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 15, 17, 18] {
+                for n_tok in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 15, 16, 17, 18, 33] {
                     let x: Vec<f32> = (0..n_tok * cols)
                         .map(|_| rng.random_range(-2.0..2.0f32))
                         .collect();

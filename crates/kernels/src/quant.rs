@@ -283,6 +283,108 @@ pub(crate) fn unpack_k(ty: GgmlType, b: &[u8]) -> UnpackedK {
     UnpackedK { q, scale, min }
 }
 
+/// The scales of a Q4_K, Q5_K or Q6_K block as integers: one signed scale
+/// and one minimum per 16 elements, and the block's float factors. Element
+/// `i`'s value is `d * sc[i/16] * (u[i] - offset) - dmin * m[i/16]`, `u`
+/// its quant ([`KInts`]).
+pub(crate) struct KScales {
+    pub sc: [i16; 16],
+    pub m: [i16; 16],
+    pub d: f32,
+    pub dmin: f32,
+    /// 32 for Q6_K (its quants are stored offset by 32), 0 otherwise.
+    pub offset: i32,
+}
+
+/// A K block's quants as unsigned bytes in element order, and its scales.
+pub(crate) struct KInts {
+    pub u: [u8; QK_K],
+    pub s: KScales,
+}
+
+/// Whether `ty` is one of the K formats [`k_ints`] reads.
+pub(crate) fn is_k456(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+}
+
+/// The scales of one Q4_K/Q5_K/Q6_K block `b`.
+pub(crate) fn k_scales(ty: GgmlType, b: &[u8]) -> KScales {
+    let mut sc = [0i16; 16];
+    let mut m = [0i16; 16];
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            for j in 0..8 {
+                let (s, mn) = scale_min_k4(j, &b[4..16]);
+                sc[2 * j..2 * j + 2].fill(s as i16);
+                m[2 * j..2 * j + 2].fill(mn as i16);
+            }
+            KScales {
+                sc,
+                m,
+                d: f16_at(b, 0),
+                dmin: f16_at(b, 2),
+                offset: 0,
+            }
+        }
+        GgmlType::Q6_K => {
+            for (k, s) in sc.iter_mut().enumerate() {
+                *s = b[192 + k] as i8 as i16;
+            }
+            KScales {
+                sc,
+                m,
+                d: f16_at(b, 208),
+                dmin: 0.0,
+                offset: 32,
+            }
+        }
+        _ => unreachable!("k_scales called for {ty:?}"),
+    }
+}
+
+/// The integers of one Q4_K/Q5_K/Q6_K block `b`.
+pub(crate) fn k_ints(ty: GgmlType, b: &[u8]) -> KInts {
+    let mut u = [0u8; QK_K];
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let (qh, qs) = if ty == GgmlType::Q5_K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for j in 0..4 {
+                for l in 0..32 {
+                    let (mut lo, mut hi) = (qs[32 * j + l] & 0xF, qs[32 * j + l] >> 4);
+                    if let Some(qh) = qh {
+                        lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                        hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                    }
+                    u[64 * j + l] = lo;
+                    u[64 * j + 32 + l] = hi;
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            let (ql, qh) = (&b[0..128], &b[128..192]);
+            for n in 0..2 {
+                let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+                for l in 0..32 {
+                    let y = 128 * n + l;
+                    u[y] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    u[y + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    u[y + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    u[y + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+        _ => unreachable!("k_ints called for {ty:?}"),
+    }
+    KInts {
+        u,
+        s: k_scales(ty, b),
+    }
+}
+
 /// Dequantize one row (`out.len()` elements) of type `ty` from `bytes`.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     match ty {

@@ -234,48 +234,14 @@ pub(crate) fn unpack_k(ty: GgmlType, b: &[u8]) -> UnpackedK {
                 }
             }
         }
-        GgmlType::Q4_K | GgmlType::Q5_K => {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let sc = &b[4..16];
-            let (qh, qs) = if ty == GgmlType::Q5_K {
-                (Some(&b[16..48]), &b[48..176])
-            } else {
-                (None, &b[16..144])
-            };
-            for j in 0..8 {
-                let (s, m) = scale_min_k4(j, sc);
-                for k in [2 * j, 2 * j + 1] {
-                    scale[k] = d * s as f32;
-                    min[k] = dmin * m as f32;
-                }
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            let KInts { u, s: k } = k_ints(ty, b);
+            for (q, u) in q.iter_mut().zip(u) {
+                *q = (u as i32 - k.offset) as i8;
             }
-            for j in 0..4 {
-                for l in 0..32 {
-                    let (mut lo, mut hi) = (qs[32 * j + l] & 0xF, qs[32 * j + l] >> 4);
-                    if let Some(qh) = qh {
-                        lo |= ((qh[l] >> (2 * j)) & 1) << 4;
-                        hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-                    }
-                    q[64 * j + l] = lo as i8;
-                    q[64 * j + 32 + l] = hi as i8;
-                }
-            }
-        }
-        GgmlType::Q6_K => {
-            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-            let d = f16_at(b, 208);
-            for k in 0..16 {
-                scale[k] = d * (sc[k] as i8) as f32;
-            }
-            for n in 0..2 {
-                let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
-                for l in 0..32 {
-                    let y = 128 * n + l;
-                    q[y] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
-                    q[y + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                    q[y + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                    q[y + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-                }
+            for j in 0..16 {
+                scale[j] = k.d * k.sc[j] as f32;
+                min[j] = k.dmin * k.m[j] as f32;
             }
         }
         _ => unreachable!("unpack_k called for {ty:?}"),

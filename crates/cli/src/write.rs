@@ -75,11 +75,6 @@ impl Generator for Local {
             max_tokens: self.max_tokens,
             sampler: SamplerConfig {
                 temperature: self.temperature,
-                top_p: 0.9,
-                top_k: 40,
-                min_p: 0.05,
-                repeat_penalty: 1.1,
-                penalty_last_n: 64,
                 seed,
                 ..Default::default()
             },

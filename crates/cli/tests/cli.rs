@@ -1,18 +1,10 @@
 //! The `hanlin` binary as a user runs it (models from the store that
 //! scripts/test.sh fills; a missing model fails, never skips).
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn hanlin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hanlin"))
-        .args(args)
-        .output()
-        .expect("run hanlin")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{hanlin, text};
 
 #[test]
 fn run_answers_in_english_and_chinese() {

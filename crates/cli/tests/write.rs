@@ -4,18 +4,9 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn hanlin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hanlin"))
-        .args(args)
-        .output()
-        .expect("run hanlin")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{hanlin, text};
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -120,33 +120,29 @@ pub fn kernel(ty: GgmlType) -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::dot::{simd_level, SimdLevel};
-        let min = match ty {
-            GgmlType::Q4_K | GgmlType::Q5_K => true,
-            GgmlType::Q6_K => false,
-            _ => return None,
-        };
+        use GgmlType::{Q4_K, Q5_K, Q6_K};
         return match (simd_level(), ty) {
-            (SimdLevel::Avx2Vnni, _) if min => Some(Kernel {
+            (SimdLevel::Avx2Vnni, Q4_K | Q5_K) => Some(Kernel {
                 gemm16: avx2::vnni16::<true>,
                 gemm8: avx2::vnni8::<true>,
             }),
-            (SimdLevel::Avx2Vnni, _) => Some(Kernel {
+            (SimdLevel::Avx2Vnni, Q6_K) => Some(Kernel {
                 gemm16: avx2::vnni16::<false>,
                 gemm8: avx2::vnni8::<false>,
             }),
-            (SimdLevel::Avx2, GgmlType::Q4_K) => Some(Kernel {
+            (SimdLevel::Avx2, Q4_K) => Some(Kernel {
                 gemm16: avx2::avx16::<true, 8>,
                 gemm8: avx2::avx8::<true, 8>,
             }),
-            (SimdLevel::Avx2, GgmlType::Q5_K) => Some(Kernel {
+            (SimdLevel::Avx2, Q5_K) => Some(Kernel {
                 gemm16: avx2::avx16::<true, 4>,
                 gemm8: avx2::avx8::<true, 4>,
             }),
-            (SimdLevel::Avx2, _) => Some(Kernel {
+            (SimdLevel::Avx2, Q6_K) => Some(Kernel {
                 gemm16: avx2::avx16::<false, 2>,
                 gemm8: avx2::avx8::<false, 2>,
             }),
-            (SimdLevel::Scalar, _) => None,
+            _ => None,
         };
     }
     #[allow(unreachable_code)]
@@ -207,13 +203,13 @@ mod avx2 {
         for (b, blk) in out.iter_mut().enumerate() {
             let mut parts = [[_mm256_setzero_si256(); 8]; 8];
             for (r, row) in rows.iter().enumerate() {
-                let p = row[b * size..(b + 1) * size].as_ptr();
+                let block = &row[b * size..(b + 1) * size];
                 parts[r] = match ty {
-                    GgmlType::Q4_K => q45k_parts::<false>(p),
-                    GgmlType::Q5_K => q45k_parts::<true>(p),
-                    _ => q6k_parts(p),
+                    GgmlType::Q4_K => q45k_parts::<false>(block.as_ptr()),
+                    GgmlType::Q5_K => q45k_parts::<true>(block.as_ptr()),
+                    _ => q6k_parts(block.as_ptr()),
                 };
-                scales_into(blk, r, &quant::k_scales(ty, &row[b * size..(b + 1) * size]));
+                scales_into(blk, r, &quant::k_scales(ty, block));
             }
             for g in 0..8 {
                 let cols = transpose8(std::array::from_fn(|r| parts[r][g]));

@@ -89,6 +89,39 @@ fn quantize_rows<B: Send>(
         .collect()
 }
 
+/// A batch's activation blocks, token by token.
+struct Tokens<'a, B> {
+    xq: &'a [B],
+    per_token: usize,
+    n_tok: usize,
+}
+
+impl<B> Clone for Tokens<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Tokens<'_, B> {}
+
+impl<'a, B> Tokens<'a, B> {
+    fn new(xq: &'a [B], n_tok: usize) -> Self {
+        Self {
+            xq,
+            per_token: xq.len() / n_tok,
+            n_tok,
+        }
+    }
+    /// Token `t`'s blocks.
+    fn one(self, t: usize) -> &'a [B] {
+        &self.xq[t * self.per_token..(t + 1) * self.per_token]
+    }
+    /// Tokens `t..t+N`; past the end, the last token again (a padded last
+    /// group: only real tokens are stored).
+    fn group<const N: usize>(self, t: usize) -> [&'a [B]; N] {
+        std::array::from_fn(|k| self.one((t + k).min(self.n_tok - 1)))
+    }
+}
+
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: threads write disjoint elements (distinct rows) of the output.
@@ -288,10 +321,7 @@ fn unpacked(
     k: dot::BatchKernel,
 ) {
     let rows = w.rows;
-    let bpr = xq.len() / n_tok;
-    let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-    // Tokens past the end repeat the last one (a padded last group).
-    let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
+    let x = Tokens::new(xq, n_tok);
     let op = OutPtr(out.as_mut_ptr());
     pool.for_chunks(rows, 16, &|range| {
         UNPACKED.with_borrow_mut(|up| {
@@ -303,7 +333,7 @@ fn unpacked(
             let mut t = 0;
             while t < n_tok {
                 let real = (n_tok - t).min(4);
-                let xs = x4(t);
+                let xs = x.group::<4>(t);
                 let mut r = range.start;
                 while r + 4 <= range.end {
                     let ws = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
@@ -351,10 +381,7 @@ fn repacked(
     k: kbatch::Kernel,
 ) {
     let rows = w.rows;
-    let bpr = xq.len() / n_tok;
-    let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-    // Tokens past the end repeat the last one (a padded last group).
-    let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
+    let x = Tokens::new(xq, n_tok);
     let one = dot::dot_q8k(w.ty).expect("K type has a dot");
     let op = OutPtr(out.as_mut_ptr());
     pool.for_chunks(rows, 16, &|range| {
@@ -374,7 +401,7 @@ fn repacked(
             let mut t = 0;
             while t < n_tok {
                 let real = (n_tok - t).min(4);
-                let xs = x4(t);
+                let xs = x.group::<4>(t);
                 let out = |g: usize| kbatch::Out {
                     // In bounds: (t + dt) * rows + row < n_tok * rows <= out.len().
                     ptr: op.0.wrapping_add(t * rows + range.start + 8 * g),
@@ -397,7 +424,7 @@ fn repacked(
             for r in range.start + 8 * groups..range.end {
                 for t in 0..n_tok {
                     // SAFETY: as above.
-                    unsafe { op.set(t * rows + r, one(w.row(r), x(t))) };
+                    unsafe { op.set(t * rows + r, one(w.row(r), x.one(t))) };
                 }
             }
         })
@@ -425,20 +452,16 @@ fn quantized<B: Sync>(
     f24: Option<Kernel2x4<B>>,
     f28: Option<Kernel2x8<B>>,
 ) {
-    let bpr = xq.len() / n_tok;
-    let x = |t: usize| &xq[t * bpr..(t + 1) * bpr];
-    // Tokens past the end repeat the last one (a padded last group).
-    let x4 = |t: usize| std::array::from_fn(|k| x((t + k).min(n_tok - 1)));
-    let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, x4(t)));
-    let d24 = f24.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x4(t)));
-    let x8 = |t: usize| std::array::from_fn(|k| x(t + k));
-    let d28 = f28.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x8(t)));
+    let x = Tokens::new(xq, n_tok);
+    let d4 = f4.map(|f4| move |wr: &[u8], t: usize| f4(wr, x.group(t)));
+    let d24 = f24.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x.group(t)));
+    let d28 = f28.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x.group(t)));
     run_rows(
         pool,
         w,
         n_tok,
         out,
-        &|wr, t| f(wr, x(t)),
+        &|wr, t| f(wr, x.one(t)),
         Wide {
             dot4: d4.as_ref().map(|d| d as _),
             dot2x4: d24.as_ref().map(|d| d as _),

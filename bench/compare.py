@@ -67,12 +67,17 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ik", action="store_true",
-                    help="also ik_llama.cpp (scripts/build_ik_llama_cpp.sh; HANLIN_IK_AVX2_ONLY=1 for its AVX2 build)")
+                    help="also ik_llama.cpp (scripts/build_ik_llama_cpp.sh)")
+    ap.add_argument("--avx2", action="store_true",
+                    help="the AVX2 paths only: HANLIN_SIMD=avx2 against peers built with AVX2 and without AVX-512")
     ap.add_argument("models", nargs="*", default=["qwen2.5-coder-0.5b", "smollm2-135m"])
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
     env = dict(os.environ)
+    if a.avx2:
+        env.update(HANLIN_SIMD="avx2", HANLIN_LLAMA_AVX2_ONLY="1", HANLIN_IK_AVX2_ONLY="1")
+        os.environ["HANLIN_SIMD"] = "avx2"
     source("build_llama_cpp.sh", env)
     if a.ik:
         source("build_ik_llama_cpp.sh", env)
@@ -106,7 +111,8 @@ def main():
         print(f"{m:<22} {hp:9.1f} {lp:9.1f} {hp/lp:6.2f} | {ht:7.1f} {lt:9.1f} {ht/lt:6.2f} {c:8.1f} | {hr/1e6:7.0f} {lr/1e6:7.0f} {hr/lr:6.2f}")
     for m, hp, ip, ht, it in ik_rows:
         print(f"{m:<22} {hp:9.1f} {ip:9.1f} {hp/ip:6.2f} | {ht:7.1f} {it:9.1f} {ht/it:6.2f}   (against ik_llama.cpp)")
-    print(f"\nHanlin's kernels: {simd}")
+    peers = "AVX2-only builds (-DGGML_AVX512=OFF)" if a.avx2 else "native builds"
+    print(f"\nHanlin's kernels: {simd}; peers: {peers}")
     print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")
 
 

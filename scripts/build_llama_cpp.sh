@@ -3,11 +3,19 @@
 # implementation for parity fixtures and for bench/). Prints shell assignments:
 #   eval "$(scripts/build_llama_cpp.sh)"
 # Cached under ${HANLIN_LLAMA_CPP_DIR:-$HOME/.cache/hanlin/llama.cpp}.
+# HANLIN_LLAMA_AVX2_ONLY=1 builds the AVX2 path only (no AVX-512), to compare
+# with HANLIN_SIMD=avx2 on an AVX-512 machine.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 DIR="${HANLIN_LLAMA_CPP_DIR:-$HOME/.cache/hanlin/llama.cpp}"
 SRC="$DIR/llama_cpp_python-$VERSION"
-BIN="$SRC/vendor/llama.cpp/build/bin"
+BUILD=build
+CMAKE_SIMD=(-DGGML_NATIVE=ON)
+if [ "${HANLIN_LLAMA_AVX2_ONLY:-0}" = 1 ]; then
+  BUILD=build-avx2
+  CMAKE_SIMD=(-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
+fi
+BIN="$SRC/vendor/llama.cpp/$BUILD/bin"
 if [ ! -x "$BIN/llama-bench" ]; then
   mkdir -p "$DIR"
   if [ ! -d "$SRC" ]; then
@@ -20,9 +28,9 @@ if [ ! -x "$BIN/llama-bench" ]; then
   command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
   command -v cmake >/dev/null || { echo "cmake is required (apt-get install cmake)" >&2; exit 1; }
   (cd "$SRC/vendor/llama.cpp" &&
-    cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release \
+    cmake -B "$BUILD" "${CMAKE_SIMD[@]}" -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2 &&
-    cmake --build build -j"$(nproc)" --target llama-bench llama-cli llama-server llama >&2)
+    cmake --build "$BUILD" -j"$(nproc)" --target llama-bench llama-cli llama-server llama >&2)
 fi
 echo "export LLAMA_CPP_PY='$SRC'"
 echo "export LLAMA_CPP_LIB_PATH='$BIN'"

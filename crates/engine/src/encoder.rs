@@ -131,6 +131,7 @@ impl Encoder {
             data: &self.bytes[t.offset..t.offset + t.len],
             rows: t.n / cols,
             cols,
+            packed: false,
         }
     }
 

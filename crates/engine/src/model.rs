@@ -16,6 +16,8 @@ pub struct WRef {
     pub size: usize,
     pub rows: usize,
     pub cols: usize,
+    /// Interleaved at load for the kernels ([`hanlin_kernels::kpack`]).
+    pub packed: bool,
 }
 
 struct Ffn {
@@ -115,6 +117,7 @@ impl Loader<'_> {
             size: t.size,
             rows,
             cols,
+            packed: false,
         })
     }
     fn vec(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
@@ -224,14 +227,48 @@ impl Model {
                 },
             });
         }
-        Ok(Self {
+        let mut model = Self {
             cfg,
             file,
             embd,
             output,
             output_norm,
             layers,
-        })
+        };
+        model.pack();
+        Ok(model)
+    }
+
+    /// Interleave the weights the matmul reads, eight rows at a time, where
+    /// this CPU has kernels for their format (in place: memory does not
+    /// grow). A token embedding of its own keeps the file's layout; one that
+    /// is also the output matrix is packed, and its rows are looked up
+    /// through the packing.
+    fn pack(&mut self) {
+        let start = std::time::Instant::now();
+        let tied = self.output.offset == self.embd.offset;
+        let mut ws: Vec<&mut WRef> = vec![&mut self.output];
+        for l in &mut self.layers {
+            ws.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo]);
+            if let FeedForward::Dense(f) = &mut l.ffn {
+                ws.extend([&mut f.gate, &mut f.up, &mut f.down]);
+            }
+        }
+        let bytes = self.file.bytes_mut();
+        let mut n = 0;
+        for w in ws {
+            let fits = w.rows.is_multiple_of(8) && w.size == w.rows * w.ty.row_bytes(w.cols);
+            if fits && hanlin_kernels::kpack::packs(w.ty) {
+                let data = &mut bytes[w.offset..w.offset + w.size];
+                hanlin_kernels::kpack::pack(w.ty, data, w.rows, w.cols);
+                w.packed = true;
+                n += 1;
+            }
+        }
+        if tied {
+            self.embd.packed = self.output.packed;
+        }
+        tracing::debug!(matrices = n, elapsed = ?start.elapsed(), "weights interleaved");
     }
 
     pub fn header(&self) -> &hanlin_formats::GgufHeader {
@@ -244,6 +281,7 @@ impl Model {
             data: &self.file.bytes()[w.offset..w.offset + w.size],
             rows: w.rows,
             cols: w.cols,
+            packed: w.packed,
         }
     }
 
@@ -256,6 +294,7 @@ impl Model {
             data: &self.file.bytes()[off..off + n * rb],
             rows: n,
             cols: w.cols,
+            packed: false,
         }
     }
 
@@ -599,6 +638,9 @@ impl Model {
 
 /// Query tokens per attention job.
 const ATTN_TB: usize = 8;
+/// Key/value positions per block of an attention job (blocks start at
+/// multiples of it).
+const ATTN_KB: usize = 64;
 
 /// One layer's attention over a batch of query tokens of one sequence.
 struct Attend<'a> {
@@ -620,6 +662,10 @@ struct AttendScratch {
     scores: Vec<f32>,
     qs: Vec<f32>,
     row: Vec<f32>,
+    /// A block of keys, transposed (dimension-major).
+    kt: Vec<f32>,
+    /// A block of values, row by row.
+    vb: Vec<f32>,
 }
 
 thread_local! {
@@ -637,7 +683,17 @@ impl Attend<'_> {
 
     /// Keys/values head `kvh` against query tokens `blk*TB..` of every head
     /// of its group. `F16C`: compiled inside [`Self::job_avx2`], so the f16
-    /// conversions use the F16C instructions (exact, like the portable ones).
+    /// conversions use the F16C instructions (exact, like the portable ones)
+    /// and products are fused multiply-adds.
+    ///
+    /// Keys and values come in blocks of [`ATTN_KB`] positions, aligned to
+    /// multiples of it, converted from f16 once per block; register tiles
+    /// of four query rows then meet eight keys (scores) or sixteen value
+    /// dimensions (outputs) at a time. A (query, key) score is the sum over
+    /// the dimensions in order, and an output is the sum over aligned key
+    /// blocks of each block's sum in key order, masked keys adding exact
+    /// zeros: the same operations whichever block of query tokens the query
+    /// sits in, so a token's result does not depend on its batch.
     #[inline(always)]
     fn job<const F16C: bool>(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
         let (hd, nh, group) = (self.hd, self.nh, self.group);
@@ -652,8 +708,11 @@ impl Attend<'_> {
         };
         let lo = first(t0);
         let span = last + 1 - lo;
-        sc.qs.resize(tb * group * hd, 0.0);
+        let nq = tb * group;
+        sc.qs.resize(nq * hd, 0.0);
         sc.row.resize(hd, 0.0);
+        sc.kt.resize(hd * ATTN_KB, 0.0);
+        sc.vb.resize(ATTN_KB * hd, 0.0);
         // Queries rounded to f16, as llama.cpp does before its f16 K·Q.
         for t in 0..tb {
             for g in 0..group {
@@ -665,18 +724,31 @@ impl Attend<'_> {
         }
         let scores = &mut sc.scores;
         scores.clear();
-        scores.resize(tb * group * span, f32::NEG_INFINITY);
-        for p in lo..=last {
-            f16::to_f32::<F16C>(&cache.key(li, p)[kvh * hd..][..hd], &mut sc.row);
-            for t in 0..tb {
-                let pos = p0 + t0 + t;
-                if p > pos || p < first(t0 + t) {
-                    continue;
+        scores.resize(nq * span, f32::NEG_INFINITY);
+        let blocks = (lo / ATTN_KB * ATTN_KB..=last).step_by(ATTN_KB);
+        for pb in blocks.clone() {
+            let n = ATTN_KB.min(last + 1 - pb);
+            // Keys transposed: kt[d * KB + j] is key pb + j's dimension d.
+            for j in 0..n {
+                f16::to_f32::<F16C>(&cache.key(li, pb + j)[kvh * hd..][..hd], &mut sc.row);
+                for (d, &v) in sc.row.iter().enumerate() {
+                    sc.kt[d * ATTN_KB + j] = v;
                 }
-                for g in 0..group {
-                    let qv = &sc.qs[(t * group + g) * hd..][..hd];
-                    scores[(t * group + g) * span + p - lo] =
-                        ops::dot_f32(qv, &sc.row) * self.scale;
+            }
+            for qi in (0..nq).step_by(4) {
+                let rows: [usize; 4] = std::array::from_fn(|i| (qi + i).min(nq - 1));
+                for jg in (0..n).step_by(8) {
+                    let acc = tiles::qk::<F16C>(&sc.qs, rows, hd, &sc.kt[jg..]);
+                    for (i, a) in acc.iter().enumerate().take(nq - qi) {
+                        let t = (qi + i) / group;
+                        let pos = p0 + t0 + t;
+                        for (l, &v) in a.iter().enumerate().take(n - jg) {
+                            let p = pb + jg + l;
+                            if p <= pos && p >= first(t0 + t) {
+                                scores[(qi + i) * span + p - lo] = v * self.scale;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -685,32 +757,148 @@ impl Attend<'_> {
             // Probabilities rounded to f16 as in llama.cpp's f16 V product.
             f16::round::<F16C>(s);
         }
-        for t in 0..tb {
-            for g in 0..group {
-                // SAFETY: each (token, head) output slice belongs to exactly one job.
-                unsafe {
-                    self.out
-                        .slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
-                }
-                .fill(0.0);
-            }
+        // SAFETY: each (token, head) output slice belongs to exactly one job.
+        let out = |q: usize| unsafe {
+            let (t, g) = (q / group, q % group);
+            self.out
+                .slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
+        };
+        for q in 0..nq {
+            out(q).fill(0.0);
         }
-        for p in lo..=last {
-            f16::to_f32::<F16C>(&cache.val(li, p)[kvh * hd..][..hd], &mut sc.row);
-            for t in 0..tb {
-                for g in 0..group {
-                    let s = scores[(t * group + g) * span + p - lo];
-                    if s != 0.0 {
-                        // SAFETY: as above.
-                        let dst = unsafe {
-                            self.out
-                                .slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
-                        };
-                        ops::axpy(dst, s, &sc.row);
+        for pb in blocks {
+            let n = ATTN_KB.min(last + 1 - pb);
+            for j in 0..n {
+                f16::to_f32::<F16C>(
+                    &cache.val(li, pb + j)[kvh * hd..][..hd],
+                    &mut sc.vb[j * hd..(j + 1) * hd],
+                );
+            }
+            // Keys before the span (the block's alignment) weigh nothing.
+            let j0 = lo.saturating_sub(pb);
+            for qi in (0..nq).step_by(4) {
+                let qn = 4.min(nq - qi);
+                // Each row's weights of this block's keys (from j0) start here.
+                let w: [usize; 4] =
+                    std::array::from_fn(|i| (qi + i).min(nq - 1) * span + pb + j0 - lo);
+                for d0 in (0..hd).step_by(16) {
+                    let dn = 16.min(hd - d0);
+                    let vb = &sc.vb[j0 * hd + d0..];
+                    let acc = tiles::pv::<F16C>(scores, w, vb, hd, dn, 0..n - j0);
+                    for (i, a) in acc.iter().enumerate().take(qn) {
+                        for (o, &a) in out(qi + i)[d0..d0 + dn].iter_mut().zip(a) {
+                            *o += a;
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// The register tiles of [`Attend::job`]: four query rows against eight
+/// keys, or sixteen value dimensions. `FMA`: inside a function compiled for
+/// AVX2 and FMA, with fused multiply-adds; otherwise portable (the same
+/// order of operations per element, each rounded twice).
+mod tiles {
+    use super::ATTN_KB;
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// `acc[i][l] = Σ_d q[rows[i]][d] · kt[d·KB + l]`, `d` in order.
+    #[inline(always)]
+    pub(super) fn qk<const FMA: bool>(
+        qs: &[f32],
+        rows: [usize; 4],
+        hd: usize,
+        kt: &[f32],
+    ) -> [[f32; 8]; 4] {
+        assert!(
+            rows.iter().all(|&r| (r + 1) * hd <= qs.len()) && (hd - 1) * ATTN_KB + 8 <= kt.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: in bounds (asserted above); FMA and AVX2 are enabled
+            // in the function this is inlined into (`FMA`).
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for d in 0..hd {
+                    let k = _mm256_loadu_ps(kt.as_ptr().add(d * ATTN_KB));
+                    for (a, &r) in acc.iter_mut().zip(&rows) {
+                        let q = _mm256_set1_ps(*qs.get_unchecked(r * hd + d));
+                        *a = _mm256_fmadd_ps(q, k, *a);
+                    }
+                }
+                let mut out = [[0f32; 8]; 4];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    _mm256_storeu_ps(o.as_mut_ptr(), a);
+                }
+                return out;
+            }
+        }
+        let mut acc = [[0f32; 8]; 4];
+        for d in 0..hd {
+            let k = &kt[d * ATTN_KB..d * ATTN_KB + 8];
+            for (a, &r) in acc.iter_mut().zip(&rows) {
+                let q = qs[r * hd + d];
+                for (a, &k) in a.iter_mut().zip(k) {
+                    *a += q * k;
+                }
+            }
+        }
+        acc
+    }
+
+    /// `acc[i][e] = Σ_j w[rows_at[i] + j] · vb[j·hd + e]` for `j` in `js`,
+    /// in order, `e < dn ≤ 16`.
+    #[inline(always)]
+    pub(super) fn pv<const FMA: bool>(
+        w: &[f32],
+        rows_at: [usize; 4],
+        vb: &[f32],
+        hd: usize,
+        dn: usize,
+        js: std::ops::Range<usize>,
+    ) -> [[f32; 16]; 4] {
+        if js.is_empty() {
+            return [[0.0; 16]; 4];
+        }
+        assert!(
+            rows_at.iter().all(|&r| r + js.end <= w.len()) && (js.end - 1) * hd + dn <= vb.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if FMA && dn == 16 {
+            // SAFETY: in bounds (asserted above); FMA and AVX2 as in `qk`.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for j in js {
+                    let v0 = _mm256_loadu_ps(vb.as_ptr().add(j * hd));
+                    let v1 = _mm256_loadu_ps(vb.as_ptr().add(j * hd + 8));
+                    for (a, &r) in acc.iter_mut().zip(&rows_at) {
+                        let s = _mm256_set1_ps(*w.get_unchecked(r + j));
+                        a[0] = _mm256_fmadd_ps(s, v0, a[0]);
+                        a[1] = _mm256_fmadd_ps(s, v1, a[1]);
+                    }
+                }
+                let mut out = [[0f32; 16]; 4];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
+                }
+                return out;
+            }
+        }
+        let mut acc = [[0f32; 16]; 4];
+        for j in js {
+            let v = &vb[j * hd..j * hd + dn];
+            for (a, &r) in acc.iter_mut().zip(&rows_at) {
+                let s = w[r + j];
+                for (a, &v) in a.iter_mut().zip(v) {
+                    *a = if FMA { s.mul_add(v, *a) } else { *a + s * v };
+                }
+            }
+        }
+        acc
     }
 }
 

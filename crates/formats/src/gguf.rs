@@ -397,7 +397,7 @@ pub fn parse(buf: &[u8]) -> Result<GgufHeader, FormatError> {
 /// A GGUF file mapped into memory with its parsed header.
 pub struct GgufFile {
     pub header: GgufHeader,
-    map: memmap2::Mmap,
+    map: memmap2::MmapMut,
 }
 
 impl GgufFile {
@@ -424,9 +424,8 @@ impl GgufFile {
         #[cfg(target_os = "linux")]
         let _ = anon.advise(memmap2::Advice::HugePage);
         std::io::Read::read_exact(&mut file, &mut anon[..]).map_err(io)?;
-        let map = anon.make_read_only().map_err(io)?;
-        let header = parse(&map)?;
-        Ok(Self { header, map })
+        let header = parse(&anon)?;
+        Ok(Self { header, map: anon })
     }
 
     /// A Hugging Face directory (config.json, tokenizer.json, *.safetensors),
@@ -447,9 +446,8 @@ impl GgufFile {
         }
         let mut anon = memmap2::MmapMut::map_anon(bytes.len()).map_err(io)?;
         anon.copy_from_slice(bytes);
-        let map = anon.make_read_only().map_err(io)?;
-        let header = parse(&map)?;
-        Ok(Self { header, map })
+        let header = parse(&anon)?;
+        Ok(Self { header, map: anon })
     }
 
     /// Raw bytes of a tensor (already bounds-checked by [`parse`]).
@@ -459,5 +457,12 @@ impl GgufFile {
 
     pub fn bytes(&self) -> &[u8] {
         &self.map
+    }
+
+    /// The bytes, to rearrange tensors in place (the engine interleaves
+    /// weight rows for its kernels once, at load). The header is parsed
+    /// already and stays as it was.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
     }
 }

@@ -2,13 +2,14 @@
 //!
 //! - [`quant`]: ggml block formats, dequantization, activation quantization.
 //! - [`dot`]: integer dot products, scalar reference + AVX2, chosen at run time.
-//! - [`kbatch`]: K-format weights repacked eight rows at a time for prefill.
+//! - [`kpack`]: weights interleaved eight rows at a time (at load, or per
+//!   matmul for a prefill) and the kernels that multiply them.
 //! - [`matmul`]: batched quantized matrix multiply over the thread pool.
 //! - [`ops`]: RMSNorm, RoPE, softmax, activations.
 //! - [`pool`]: the persistent thread pool.
 
 pub mod dot;
-pub mod kbatch;
+pub mod kpack;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

@@ -5,7 +5,7 @@
 //! cache. Rows are split across the pool's threads.
 
 use crate::dot;
-use crate::kbatch;
+use crate::kpack;
 use crate::pool::ThreadPool;
 use crate::quant::{self, BlockQ8, BlockQ8K};
 use hanlin_formats::GgmlType;
@@ -18,19 +18,32 @@ pub struct QMat<'a> {
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
+    /// Rows interleaved eight at a time ([`kpack::pack`]), not in the
+    /// file's layout: only [`matmul`] reads such a matrix.
+    pub packed: bool,
 }
 
 impl<'a> QMat<'a> {
     pub fn row_bytes(&self) -> usize {
         self.ty.row_bytes(self.cols)
     }
+    /// Row `r` in the file's layout (not of a packed matrix).
     pub fn row(&self, r: usize) -> &'a [u8] {
+        debug_assert!(!self.packed, "a packed matrix has no rows");
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
     }
     /// Dequantize row `r` into `out` (`cols` long), e.g. an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        quant::dequantize_row(self.ty, self.row(r), out);
+        if !self.packed {
+            return quant::dequantize_row(self.ty, self.row(r), out);
+        }
+        let rb = self.row_bytes();
+        let g = r / 8;
+        let mut row = vec![0u8; rb];
+        let group = &self.data[8 * g * rb..8 * (g + 1) * rb];
+        kpack::unpack_row(self.ty, group, r % 8, self.cols, &mut row);
+        quant::dequantize_row(self.ty, &row, out);
     }
 }
 
@@ -129,6 +142,10 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The place `i` (a pointer; in bounds is the user's to ensure).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
     /// Store `v` at `i`. Safety: `i` is in bounds and no other thread writes it.
     #[inline(always)]
     unsafe fn set(self, i: usize, v: f32) {
@@ -255,6 +272,29 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     assert_eq!(w.cols, a.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
     let n_tok = a.n_tok;
+    if w.packed {
+        const WHY: &str = "a matrix is packed only where a kernel exists";
+        return match w.ty.block_size() {
+            256 => packed(
+                pool,
+                w,
+                out,
+                a.q8k(pool),
+                n_tok,
+                kpack::kernel_k(w.ty).expect(WHY),
+                None,
+            ),
+            _ => packed(
+                pool,
+                w,
+                out,
+                a.q8(pool),
+                n_tok,
+                kpack::kernel_32(w.ty).expect(WHY),
+                None,
+            ),
+        };
+    }
     let batch = dot::batch_kernel(w.ty).filter(|_| n_tok >= UNPACK_MIN_TOKENS);
     match (w.ty.block_size(), batch) {
         (32, Some(k)) => unpacked(pool, w, out, a.q8(pool), n_tok, k),
@@ -272,20 +312,25 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
                 two_row.map(|k| k.1),
             )
         }
-        (256, _) => match kbatch::kernel(w.ty).filter(|_| n_tok >= REPACK_MIN_TOKENS) {
-            Some(k) => repacked(pool, w, out, a.q8k(pool), n_tok, k),
-            None => quantized(
-                pool,
-                w,
-                out,
-                a.q8k(pool),
-                n_tok,
-                dot::dot_q8k(w.ty).expect("K type has a dot"),
-                dot::dot_q8k_x4(w.ty),
-                None,
-                None,
-            ),
-        },
+        (256, _) => {
+            match kpack::kernel_k(w.ty).filter(|_| n_tok >= REPACK_MIN_TOKENS && w.rows >= 8) {
+                Some(k) => {
+                    let one = dot::dot_q8k(w.ty).expect("K type has a dot");
+                    packed(pool, w, out, a.q8k(pool), n_tok, k, Some(one))
+                }
+                None => quantized(
+                    pool,
+                    w,
+                    out,
+                    a.q8k(pool),
+                    n_tok,
+                    dot::dot_q8k(w.ty).expect("K type has a dot"),
+                    dot::dot_q8k_x4(w.ty),
+                    None,
+                    None,
+                ),
+            }
+        }
         _ => {
             let cols = w.cols;
             let x = a.x;
@@ -360,77 +405,105 @@ fn unpacked(
     });
 }
 
-/// From this many tokens on, K-format rows are repacked once per matmul
-/// ([`kbatch`]) and reused by every token.
+/// From this many tokens on, K-format rows not packed at load are packed
+/// per matmul, a chunk at a time, and reused by every token.
 const REPACK_MIN_TOKENS: usize = 16;
 
 thread_local! {
-    static REPACKED: std::cell::RefCell<Vec<kbatch::Block8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The K-format batch path: each thread repacks a chunk of sixteen weight
-/// rows (two groups of eight) into a thread-local buffer, then multiplies
-/// them with every token, four tokens at a time. Rows left over from whole
-/// groups of eight take the one-token kernel (the same bits).
-fn repacked(
+/// Rows interleaved eight at a time ([`kpack`]), each group meeting the
+/// tokens four at a time: a matrix packed at load (the same kernel for one
+/// token or hundreds), or — with `one`, a matrix in the file's layout — each
+/// thread packs its chunk of groups into a buffer first, and the rows left
+/// over from whole groups take the one-token kernel `one` (the same bits:
+/// the K formats' kernels share their steps).
+#[allow(clippy::too_many_arguments)]
+fn packed<B: Sync>(
     pool: &ThreadPool,
     w: &QMat,
     out: &mut [f32],
-    xq: &[BlockQ8K],
+    xq: &[B],
     n_tok: usize,
-    k: kbatch::Kernel,
+    k: kpack::Kernel<B>,
+    one: Option<Kernel1<B>>,
 ) {
     let rows = w.rows;
+    let group_bytes = 8 * w.row_bytes();
+    let blocks = w.cols / w.ty.block_size();
+    assert!(
+        (one.is_some() || rows.is_multiple_of(8))
+            && w.data.len() == rows * w.row_bytes()
+            && xq.len() == n_tok * blocks,
+        "matmul: packed matrix or activations of the wrong size"
+    );
     let x = Tokens::new(xq, n_tok);
-    let one = dot::dot_q8k(w.ty).expect("K type has a dot");
     let op = OutPtr(out.as_mut_ptr());
-    pool.for_chunks(rows, 16, &|range| {
-        REPACKED.with_borrow_mut(|buf| {
-            let groups = range.len() / 8;
-            let blocks = w.cols / 256;
-            // Grown once per thread; afterwards only overwritten.
-            if buf.len() < groups * blocks {
-                buf.resize(groups * blocks, kbatch::Block8::ZERO);
-            }
-            for g in 0..groups {
-                let r = range.start + 8 * g;
-                let rows = std::array::from_fn(|i| w.row(r + i));
-                kbatch::repack(w.ty, rows, &mut buf[g * blocks..(g + 1) * blocks]);
-            }
-            let group = |g: usize| &buf[g * blocks..(g + 1) * blocks];
-            let mut t = 0;
-            while t < n_tok {
-                let real = (n_tok - t).min(4);
-                let xs = x.group::<4>(t);
-                let out = |g: usize| kbatch::Out {
-                    // In bounds: (t + dt) * rows + row < n_tok * rows <= out.len().
-                    ptr: op.0.wrapping_add(t * rows + range.start + 8 * g),
-                    stride: rows,
-                    tokens: real,
-                };
-                let mut g = 0;
-                while g + 2 <= groups {
-                    // SAFETY: the places `out(g)` names are in bounds (above),
-                    // and this thread's rows are its own.
-                    unsafe { (k.gemm16)(group(g), group(g + 1), xs, out(g)) };
-                    g += 2;
+    let groups = rows / 8;
+    // Decode batches stream each thread's share of the weights once (see
+    // `run_rows`); larger ones take four groups at a time, and tiles of
+    // tokens so that the rows and the tile's activations stay in L2.
+    let (chunk, tile) = if n_tok <= 8 {
+        (groups.div_ceil(pool.n_threads() * 4).max(2), 8)
+    } else {
+        (4, 32)
+    };
+    let run = |range: std::ops::Range<usize>, data: &[u8]| {
+        for t0 in (0..n_tok).step_by(tile) {
+            let t1 = (t0 + tile).min(n_tok);
+            for g in range.clone() {
+                let at = (g - range.start) * group_bytes;
+                let gp = data[at..at + group_bytes].as_ptr();
+                let mut t = t0;
+                while t < t1 {
+                    let n = (t1 - t).min(4);
+                    let o = kpack::Out {
+                        // In bounds: (t + n - 1) * rows + 8 * g + 7 < n_tok * rows.
+                        ptr: op.at(t * rows + 8 * g),
+                        stride: rows,
+                    };
+                    // SAFETY: the group holds `blocks` packed blocks, every
+                    // token as many (asserted above); the outputs are in
+                    // bounds (above), and this thread's groups are its own.
+                    unsafe {
+                        match n {
+                            4 => (k.g4)(gp, blocks, x.group(t), o),
+                            3 => (k.g3)(gp, blocks, x.group(t), o),
+                            2 => (k.g2)(gp, blocks, x.group(t), o),
+                            _ => (k.g1)(gp, blocks, x.group(t), o),
+                        }
+                    }
+                    t += n;
                 }
-                if g < groups {
-                    // SAFETY: as above.
-                    unsafe { (k.gemm8)(group(g), xs, out(g)) };
-                }
-                t += real;
             }
-            for r in range.start + 8 * groups..range.end {
+        }
+    };
+    pool.for_chunks(groups, chunk, &|range| {
+        let span = range.start * group_bytes..range.end * group_bytes;
+        let Some(one) = one else {
+            return run(range, &w.data[span]);
+        };
+        PACKED.with_borrow_mut(|buf| {
+            buf.clear();
+            buf.extend_from_slice(&w.data[span]);
+            kpack::pack(w.ty, buf, 8 * range.len(), w.cols);
+            run(range.clone(), buf);
+        });
+        if range.end == groups {
+            for r in 8 * groups..rows {
                 for t in 0..n_tok {
-                    // SAFETY: as above.
+                    // SAFETY: t * rows + r < n_tok * rows <= out.len(); the
+                    // leftover rows are this thread's alone.
                     unsafe { op.set(t * rows + r, one(w.row(r), x.one(t))) };
                 }
             }
-        })
+        }
     });
 }
 
+/// One-token kernel over activation blocks `B`.
+type Kernel1<B> = fn(&[u8], &[B]) -> f32;
 /// Four-token kernel over activation blocks `B`.
 type Kernel4<B> = fn(&[u8], [&[B]; 4]) -> [f32; 4];
 /// Two-row × four-token kernel over activation blocks `B`.
@@ -494,9 +567,9 @@ mod tests {
             GgmlType::Q6_K,
         ] {
             let shapes: &[(usize, usize)] = if ty.block_size() == 32 {
-                &[(37, 256), (21, 96)]
+                &[(37, 256), (21, 96), (40, 256)]
             } else {
-                &[(37, 512), (21, 256), (45, 768)]
+                &[(37, 512), (21, 256), (45, 768), (40, 768)]
             };
             for &(rows, cols) in shapes {
                 let data: Vec<u8> = (0..rows)
@@ -507,7 +580,14 @@ mod tests {
                     data: &data,
                     rows,
                     cols,
+                    packed: false,
                 };
+                // The same matrix packed at load, where this CPU does.
+                let packed = (kpack::packs(ty) && rows.is_multiple_of(8)).then(|| {
+                    let mut p = data.clone();
+                    kpack::pack(ty, &mut p, rows, cols);
+                    p
+                });
                 for n_tok in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 15, 16, 17, 18, 33] {
                     let x: Vec<f32> = (0..n_tok * cols)
                         .map(|_| rng.random_range(-2.0..2.0f32))
@@ -515,6 +595,25 @@ mod tests {
                     let a = Activations::new(&x, cols);
                     let mut out = vec![0f32; n_tok * rows];
                     matmul(&pool, &w, &a, &mut out);
+                    // Packed: each token alone, and all of them together.
+                    let packed = packed.as_ref().map(|p| {
+                        let wp = QMat {
+                            data: p,
+                            packed: true,
+                            ..w
+                        };
+                        let mut all = vec![f32::NAN; n_tok * rows];
+                        matmul(&pool, &wp, &a, &mut all);
+                        let alone: Vec<f32> = (0..n_tok)
+                            .flat_map(|t| {
+                                let a1 = Activations::new(&x[t * cols..(t + 1) * cols], cols);
+                                let mut o = vec![f32::NAN; rows];
+                                matmul(&pool, &wp, &a1, &mut o);
+                                o
+                            })
+                            .collect();
+                        (all, alone)
+                    });
                     let bpr = cols / ty.block_size();
                     let one = |r: usize, t: usize| {
                         if ty.block_size() == 32 {
@@ -537,6 +636,20 @@ mod tests {
                                 want.to_bits(),
                                 "{ty} {rows}x{cols} n_tok {n_tok}: t{t} r{r}"
                             );
+                            let Some((all, alone)) = &packed else {
+                                continue;
+                            };
+                            let (v, v1) = (all[t * rows + r], alone[t * rows + r]);
+                            let at = format!("{ty} packed {rows}x{cols} n_tok {n_tok}: t{t} r{r}");
+                            assert_eq!(v.to_bits(), v1.to_bits(), "{at}: batch vs alone");
+                            if ty.block_size() == 256 {
+                                // The K formats keep the one-token kernel's steps.
+                                assert_eq!(v.to_bits(), want.to_bits(), "{at}");
+                            } else {
+                                // Sums in another order: close, not equal.
+                                let tol = 1e-5 * (1.0 + want.abs());
+                                assert!((v - want).abs() <= tol, "{at}: {v} vs {want}");
+                            }
                         }
                     }
                 }
@@ -564,6 +677,7 @@ mod tests {
                 data: &data,
                 rows,
                 cols,
+                packed: false,
             };
             let a = Activations::new(&x, cols);
             let mut out = vec![0f32; n_tok * rows];

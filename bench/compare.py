@@ -74,10 +74,9 @@ def main():
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
-    env = dict(os.environ)
     if a.avx2:
-        env.update(HANLIN_SIMD="avx2", HANLIN_LLAMA_AVX2_ONLY="1", HANLIN_IK_AVX2_ONLY="1")
-        os.environ["HANLIN_SIMD"] = "avx2"
+        os.environ.update(HANLIN_SIMD="avx2", HANLIN_LLAMA_AVX2_ONLY="1", HANLIN_IK_AVX2_ONLY="1")
+    env = dict(os.environ)
     source("build_llama_cpp.sh", env)
     if a.ik:
         source("build_ik_llama_cpp.sh", env)

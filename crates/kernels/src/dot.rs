@@ -93,7 +93,7 @@ pub fn scalar_q8(ty: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
 /// Portable reference for the K formats.
 ///
 /// Q4_K, Q5_K and Q6_K follow the order every kernel of theirs keeps, so
-/// that all of them (scalar, AVX2, AVX-512, one token or a repacked batch)
+/// that all of them (scalar, AVX2, AVX-512, one token or packed rows)
 /// give the same bits: per block, the exact integer sums
 /// `S = Σ sc·Σ u·x − offset·Σ sc·bsum` and `M = Σ m·bsum`, then
 /// `acc = fma(d·xd, S, acc)` and `macc = fma(dmin·xd, M, macc)` block by
@@ -354,7 +354,7 @@ pub fn batch_kernel(ty: GgmlType) -> Option<BatchKernel> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
+mod avx2 {
     //! Every kernel exists for one token and for four tokens at once: the
     //! four-token form unpacks each weight block once and reuses it, which is
     //! what makes batched prefill compute-efficient.
@@ -376,7 +376,7 @@ pub(crate) mod avx2 {
 
     /// The sum of 8 i32 lanes.
     #[inline(always)]
-    pub(crate) unsafe fn hsum_i32(v: __m256i) -> i32 {
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
@@ -854,7 +854,7 @@ pub(crate) mod avx2 {
     /// element order, 32 to a register. Group 2j: the low nibbles of bytes
     /// 32j..; group 2j+1: their high nibbles (plus the fifth bits of Q5_K).
     #[inline(always)]
-    pub(crate) unsafe fn q45k_parts<const FIVE: bool>(b: *const u8) -> [__m256i; 8] {
+    unsafe fn q45k_parts<const FIVE: bool>(b: *const u8) -> [__m256i; 8] {
         let m4 = _mm256_set1_epi8(0xF);
         let qs = b.add(if FIVE { 48 } else { 16 });
         let hv = if FIVE {
@@ -888,7 +888,7 @@ pub(crate) mod avx2 {
     /// 32) in element order, 32 to a register: group 4h + kq holds quants
     /// 128h + 32kq...
     #[inline(always)]
-    pub(crate) unsafe fn q6k_parts(b: *const u8) -> [__m256i; 8] {
+    unsafe fn q6k_parts(b: *const u8) -> [__m256i; 8] {
         let m4 = _mm256_set1_epi8(0xF);
         let m2 = _mm256_set1_epi8(3);
         let mut parts = [_mm256_setzero_si256(); 8];

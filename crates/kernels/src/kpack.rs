@@ -92,15 +92,6 @@ pub fn packs(ty: GgmlType) -> bool {
 /// Rearrange a matrix of `ty` (`rows` rows, a multiple of eight, of
 /// `cols` columns) from the file's layout into the packed one, in place.
 pub fn pack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
-    shuffle(ty, data, rows, cols, true)
-}
-
-/// The inverse of [`pack`].
-pub fn unpack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
-    shuffle(ty, data, rows, cols, false)
-}
-
-fn shuffle(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize, to_packed: bool) {
     let (size, bs) = (ty.type_size(), ty.block_size());
     let row_bytes = ty.row_bytes(cols);
     assert!(
@@ -117,15 +108,10 @@ fn shuffle(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize, to_packed: b
             for &(src, wb) in &words {
                 for r in 0..8 {
                     let file = r * row_bytes + b * size + src;
-                    let (from, to) = if to_packed {
-                        (file, packed)
-                    } else {
-                        (packed, file)
-                    };
                     // Fixed sizes: moves, not a call to memcpy per word.
                     match wb {
-                        2 => copy::<2>(group, to, &tmp, from),
-                        _ => copy::<4>(group, to, &tmp, from),
+                        2 => copy::<2>(group, packed, &tmp, file),
+                        _ => copy::<4>(group, packed, &tmp, file),
                     }
                     packed += wb;
                 }
@@ -147,6 +133,19 @@ pub fn unpack_row(ty: GgmlType, group: &[u8], lane: usize, cols: usize, row: &mu
             let at = packed + lane * wb;
             row[b * size + src..b * size + src + wb].copy_from_slice(&group[at..at + wb]);
             packed += 8 * wb;
+        }
+    }
+}
+
+/// The inverse of [`pack`], row by row through [`unpack_row`].
+pub fn unpack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
+    let row_bytes = ty.row_bytes(cols);
+    assert!(rows.is_multiple_of(8) && data.len() == rows * row_bytes);
+    let mut group = vec![0u8; 8 * row_bytes];
+    for g in data.chunks_exact_mut(8 * row_bytes) {
+        group.copy_from_slice(g);
+        for (lane, row) in g.chunks_exact_mut(row_bytes).enumerate() {
+            unpack_row(ty, &group, lane, cols, row);
         }
     }
 }

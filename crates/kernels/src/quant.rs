@@ -274,7 +274,7 @@ pub(crate) fn is_k456(ty: GgmlType) -> bool {
 }
 
 /// The scales of one Q4_K/Q5_K/Q6_K block `b`.
-pub(crate) fn k_scales(ty: GgmlType, b: &[u8]) -> KScales {
+fn k_scales(ty: GgmlType, b: &[u8]) -> KScales {
     let mut sc = [0i16; 16];
     let mut m = [0i16; 16];
     match ty {

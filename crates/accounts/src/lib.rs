@@ -6,9 +6,12 @@
 //! migrations run on an embedded SQLite file (the default) and on
 //! PostgreSQL (`postgres://…`). Rate limits and quotas live in [`limits`];
 //! browser sign-in (argon2 passwords, cookie sessions) in [`web`]; the web
-//! app's conversations and personas in [`chats`].
+//! app's conversations and personas in [`chats`]; the users of messaging
+//! channels (WeChat), their de-duplicated messages and the channels' API
+//! tokens in [`channels`].
 
 pub mod batches;
+pub mod channels;
 pub mod chatgpt;
 pub mod chats;
 pub mod kb;
@@ -55,6 +58,10 @@ pub enum AuthError {
 pub enum Role {
     Admin,
     User,
+    /// Someone who reaches the server through a messaging channel
+    /// (WeChat): no password, no web sign-in, found through
+    /// [`channels`]; listed only by the admin channel path.
+    Channel,
 }
 
 impl Role {
@@ -62,13 +69,14 @@ impl Role {
         match self {
             Role::Admin => "admin",
             Role::User => "user",
+            Role::Channel => "channel",
         }
     }
     fn parse(s: &str) -> Self {
-        if s == "admin" {
-            Role::Admin
-        } else {
-            Role::User
+        match s {
+            "admin" => Role::Admin,
+            "channel" => Role::Channel,
+            _ => Role::User,
         }
     }
 }
@@ -200,6 +208,16 @@ impl Caller {
             user,
             plan,
         }
+    }
+
+    /// The caller a messaging channel acts as for one of its users: the
+    /// channel account's key as the pseudo-key (`wechat/NAME`), so usage
+    /// shows where the tokens went.
+    pub fn channel(user: User, plan: Plan, account: &str) -> Self {
+        let mut c = Caller::web(user, plan);
+        c.key.id = account.to_string();
+        c.key.name = account.to_string();
+        c
     }
 }
 
@@ -381,6 +399,9 @@ impl Db {
     #[doc(hidden)]
     pub async fn reset_for_tests(&self) -> Result<(), AccountError> {
         for t in [
+            "channel_users",
+            "channel_messages",
+            "channel_tokens",
             "messages",
             "conversations",
             "personas",
@@ -454,7 +475,7 @@ impl Db {
     }
 
     pub async fn users(&self) -> Result<Vec<User>, AccountError> {
-        let rows = sqlx::query("SELECT id, name, role, plan, created_at, status FROM users WHERE status <> 'deleted' ORDER BY name")
+        let rows = sqlx::query("SELECT id, name, role, plan, created_at, status FROM users WHERE status <> 'deleted' AND role <> 'channel' ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(user_of).collect::<Result<_, _>>()?)

@@ -50,6 +50,10 @@ pub(crate) struct FileSettings {
     /// `command` with `env`; the file is the only place for commands).
     #[serde(default)]
     pub mcp: std::collections::BTreeMap<String, hanlin_tools::mcp::ServerConfig>,
+    /// `[wechat.NAME]`: a WeChat Official Account or WeCom app answered at
+    /// `/wechat/NAME` (README: "WeChat").
+    #[serde(default)]
+    pub wechat: std::collections::BTreeMap<String, hanlin_channels::wechat::AccountConfig>,
 }
 
 /// `[models.NAME]` (README: "Configuration file").
@@ -181,6 +185,7 @@ impl FileSettings {
             self.batch_keep_days,
         );
         a.mcp = self.mcp;
+        a.wechat = self.wechat;
         a.per_model = self
             .models
             .iter()

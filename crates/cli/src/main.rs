@@ -237,6 +237,9 @@ struct ServeArgs {
     /// `[mcp.NAME]` tables of the settings file
     #[arg(skip)]
     mcp: std::collections::BTreeMap<String, hanlin_tools::mcp::ServerConfig>,
+    /// `[wechat.NAME]` tables of the settings file
+    #[arg(skip)]
+    wechat: std::collections::BTreeMap<String, hanlin_channels::wechat::AccountConfig>,
     /// Who may register on the web app: open, approval (accounts wait for an
     /// admin) or closed (default: what an admin last chose, else approval)
     #[arg(long, env = "HANLIN_SIGNUP", value_parser = parse_signup)]
@@ -541,6 +544,7 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
         per_model: a.per_model.clone(),
         mcp: a.mcp.clone(),
         mcp_allow: a.mcp_allow.clone(),
+        wechat: a.wechat.clone(),
         extract: hanlin_search::isolate::Isolation::Child(
             hanlin_search::isolate::ChildLimits::this_executable()
                 .context("finding this executable (to read uploads in a child process)")?,

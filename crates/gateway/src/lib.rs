@@ -59,6 +59,8 @@ pub enum Endpoint {
     Web,
     /// A line of a batch (`/v1/batches`), whichever endpoint it names.
     Batch,
+    /// A reply to a messaging channel's user (WeChat).
+    Channel,
 }
 
 impl Endpoint {
@@ -71,6 +73,7 @@ impl Endpoint {
             Endpoint::Search => "search",
             Endpoint::Web => "web",
             Endpoint::Batch => "batch",
+            Endpoint::Channel => "channel",
         }
     }
 
@@ -80,7 +83,11 @@ impl Endpoint {
     pub fn streams(self) -> bool {
         matches!(
             self,
-            Endpoint::Chat | Endpoint::Completions | Endpoint::Ask | Endpoint::Web
+            Endpoint::Chat
+                | Endpoint::Completions
+                | Endpoint::Ask
+                | Endpoint::Web
+                | Endpoint::Channel
         )
     }
 
@@ -93,6 +100,7 @@ impl Endpoint {
             Endpoint::Search => "search",
             Endpoint::Web => "web",
             Endpoint::Batch => "batch_req",
+            Endpoint::Channel => "chan",
         }
     }
 }

@@ -20,25 +20,26 @@ type AppResult<T> = Result<T, ApiError>;
 
 /// An admin key (`Authorization: Bearer`), or an admin's web-app session
 /// cookie (with its CSRF token when `write`).
-pub(crate) async fn admin(st: &AppState, headers: &HeaderMap, write: bool) -> AppResult<()> {
+pub(crate) async fn admin(
+    st: &AppState,
+    headers: &HeaderMap,
+    write: bool,
+) -> AppResult<hanlin_accounts::User> {
     if !headers.contains_key(axum::http::header::AUTHORIZATION) {
         let method = if write {
             axum::http::Method::POST
         } else {
             axum::http::Method::GET
         };
-        if crate::web::admin_session(st, headers, &method)
-            .await?
-            .is_some()
-        {
-            return Ok(());
+        if let Some(user) = crate::web::admin_session(st, headers, &method).await? {
+            return Ok(user);
         }
     }
     let caller = auth(st, headers).await?;
     if caller.user.role != Role::Admin {
         return Err(ApiError::forbidden("This endpoint needs an admin key."));
     }
-    Ok(())
+    Ok(caller.user)
 }
 
 pub async fn users(State(st): State<Arc<AppState>>, _: AdminCaller) -> AppResult<Json<Value>> {

@@ -67,7 +67,7 @@ impl FromRequestParts<Arc<AppState>> for KeyOrSession {
 
 /// An admin: by key, or by web session (CSRF-checked unless the method is
 /// `GET`).
-pub struct AdminCaller;
+pub struct AdminCaller(pub hanlin_accounts::User);
 
 impl FromRequestParts<Arc<AppState>> for AdminCaller {
     type Rejection = ApiError;
@@ -77,8 +77,9 @@ impl FromRequestParts<Arc<AppState>> for AdminCaller {
         st: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let write = parts.method != Method::GET && parts.method != Method::HEAD;
-        crate::admin::admin(st, &parts.headers, write).await?;
-        Ok(AdminCaller)
+        crate::admin::admin(st, &parts.headers, write)
+            .await
+            .map(AdminCaller)
     }
 }
 

@@ -134,7 +134,8 @@ impl Throttle {
 /// of `per_minute` requests, refilled continuously. When it is spent, every
 /// request from that address is answered 429 before any work (key lookups
 /// included) until it refills. Signed-in users and API keys that work never
-/// spend it. `/health` (probes) is not counted.
+/// spend it, nor do channel callbacks (`/wechat/…`, signed by the platform)
+/// unless refused (403, 404). `/health` (probes) is not counted.
 pub struct AnonLimit {
     per_minute: u32,
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
@@ -208,11 +209,21 @@ pub async fn limit_anonymous(
         || axum_extra::extract::cookie::CookieJar::from_headers(req.headers())
             .get(crate::web::COOKIE)
             .is_some();
-    if !credentials {
+    // A channel's callbacks are signed by the platform (which sends many
+    // from few addresses): only a refused one counts.
+    let signed = req.uri().path().starts_with("/wechat/");
+    if !credentials && !signed {
         st.anon.spend(addr);
     }
     let r = next.run(req).await;
-    if credentials && r.status() == axum::http::StatusCode::UNAUTHORIZED {
+    let refused = (credentials && r.status() == axum::http::StatusCode::UNAUTHORIZED)
+        || (signed
+            && !credentials
+            && matches!(
+                r.status(),
+                axum::http::StatusCode::FORBIDDEN | axum::http::StatusCode::NOT_FOUND
+            ));
+    if refused {
         st.anon.spend(addr);
     }
     r

@@ -10,12 +10,13 @@
 //! the client goes away) records usage and settles the reservation.
 //!
 //! The same router serves the chat web app ([`web`]: embedded page, cookie
-//! sessions, stored conversations) and knowledge-base search and grounded
-//! answers ([`search`]).
+//! sessions, stored conversations), knowledge-base search and grounded
+//! answers ([`search`]) and messaging channels ([`channel`]: WeChat).
 
 pub mod admin;
 pub mod api;
 pub mod batch;
+pub mod channel;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -85,6 +86,8 @@ pub struct Config {
     pub batch_parallel: usize,
     /// How long a finished batch's output and error files are kept.
     pub batch_keep: std::time::Duration,
+    /// WeChat accounts (`[wechat.NAME]`), served at `/wechat/NAME`.
+    pub wechat: std::collections::BTreeMap<String, hanlin_channels::wechat::AccountConfig>,
 }
 
 impl Config {
@@ -115,6 +118,7 @@ impl Config {
             files_dir,
             batch_parallel: 12,
             batch_keep: std::time::Duration::from_secs(7 * 24 * 3600),
+            wechat: Default::default(),
         }
     }
 }
@@ -136,6 +140,8 @@ pub enum ServerError {
     Model(String),
     #[error("MCP server settings: {0}")]
     Mcp(#[from] hanlin_tools::mcp::McpError),
+    #[error("channel settings: {0}")]
+    Channel(String),
 }
 
 pub struct AppState {
@@ -162,6 +168,8 @@ pub struct AppState {
     pub timezone: chrono_tz::Tz,
     /// Wakes the batch runner when a batch is created or cancelled.
     pub batch_wake: tokio::sync::Notify,
+    /// Messaging channel accounts (WeChat).
+    pub channels: channel::Channels,
 }
 
 impl AppState {
@@ -196,6 +204,7 @@ impl AppState {
             config.per_model.clone(),
         );
         let mcp = Arc::new(tools::mcp_hub(&db, &config).await?);
+        let channels = channel::Channels::new(&db, &config.wechat).map_err(ServerError::Channel)?;
         Ok(Arc::new(Self {
             gw: Gateway::new(db.clone(), Metrics::new()?),
             db,
@@ -210,6 +219,7 @@ impl AppState {
             mcp,
             timezone: hanlin_tools::Context::local_timezone(),
             batch_wake: tokio::sync::Notify::new(),
+            channels,
             config,
         }))
     }
@@ -319,6 +329,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/batches", get(batch::list).post(batch::create))
         .route("/v1/batches/{id}", get(batch::get))
         .route("/v1/batches/{id}/cancel", post(batch::cancel))
+        .route(
+            "/wechat/{account}",
+            get(channel::wechat)
+                .post(channel::wechat)
+                .layer(DefaultBodyLimit::max(
+                    hanlin_channels::wechat::xml::MAX_BODY,
+                )),
+        )
+        .route("/v1/admin/channels", get(channel::admin_accounts))
+        .route(
+            "/v1/admin/channels/{account}/users",
+            get(channel::admin_users),
+        )
+        .route(
+            "/v1/admin/channels/{account}/users/{external_id}/conversations",
+            get(channel::admin_conversations),
+        )
         .merge(web_app)
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body))
@@ -362,6 +389,9 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
         "Hanlin is serving the chat app on http://{local}/ and the API on http://{local}/v1 (default model {})",
         state.config.default_model
     );
+    for name in state.channels.names() {
+        println!("WeChat account {name} takes callbacks at http://{local}/wechat/{name} (put it behind your HTTPS proxy)");
+    }
     if let Some(token) = state.setup_token.lock().await.as_deref() {
         println!(
             "This server has no administrator yet. Open http://{local}/ and register with the setup token\n\n    {token}\n\n(or create one with `hanlin admin user create NAME --admin`)."
@@ -377,11 +407,13 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Delete expired browser sessions every hour.
+/// Delete expired browser sessions (and channel messages past their
+/// retry window) every hour.
 async fn prune_sessions(st: Arc<AppState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
     loop {
         tick.tick().await;
+        channel::prune(&st.db).await;
         match st.db.prune_sessions().await {
             Ok(0) => {}
             Ok(n) => tracing::info!("{n} expired sessions deleted"),

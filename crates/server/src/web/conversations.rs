@@ -132,10 +132,10 @@ pub async fn search(
 #[serde(deny_unknown_fields)]
 pub struct Send {
     /// The new user message (absent: regenerate the reply to `parent_id`).
-    content: Option<String>,
+    pub content: Option<String>,
     /// Where the new message goes: the previous assistant message (None
     /// for the first), or, when regenerating, the user message to answer.
-    parent_id: Option<String>,
+    pub parent_id: Option<String>,
 }
 
 /// The messages from the root down to `leaf`.
@@ -173,9 +173,59 @@ pub async fn send_message(
         .await?
         .ok_or_else(not_found)?;
     let caller = web_caller(&st, &s).await?;
-    let sched = scheduler_for(&st, &caller, &conv.model).await?;
-    let mut request = st.gw.admit(&caller, Endpoint::Web, &conv.model)?;
-    let mut messages = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
+    let events = start_reply(
+        &st,
+        Ask {
+            caller,
+            conv,
+            send: b,
+            endpoint: Endpoint::Web,
+            history: None,
+        },
+    )
+    .await?;
+    let stream = futures::stream::unfold(events, |mut rx| async move {
+        let v = rx.recv().await?;
+        Some((sse_data(v), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}
+
+/// A reply to write: who asks, in which conversation, what.
+pub(crate) struct Ask {
+    pub caller: Caller,
+    pub conv: hanlin_accounts::chats::Conversation,
+    pub send: Send,
+    /// Usage rows and metrics name it (the web app, a channel).
+    pub endpoint: Endpoint,
+    /// Keep at most this many earlier messages of the branch, and drop the
+    /// oldest while the prompt leaves too little room for the answer
+    /// (`None`: a prompt that does not fit is refused, as the web app
+    /// shows the whole branch).
+    pub history: Option<usize>,
+}
+
+/// Store the user's message and start the reply through the metered
+/// path; the one lifecycle of a conversation reply, for the web app and
+/// messaging channels alike. Everything that can refuse the message is
+/// checked before anything is stored. The reply's events: `user`,
+/// `assistant` (the stored records), `delta`…, then `done` or `error`;
+/// dropping the receiver stops the reply (kept as incomplete).
+pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc::Receiver<Value>> {
+    let Ask {
+        caller,
+        conv,
+        send: b,
+        endpoint,
+        history,
+    } = ask;
+    let id = conv.id.clone();
+    let user_id = caller.user.id.clone();
+    let sched = scheduler_for(st, &caller, &conv.model).await?;
+    let mut request = st.gw.admit(&caller, endpoint, &conv.model)?;
+    let mut messages = st.db.messages(&user_id, &id).await?.unwrap_or_default();
     let mut user_msg: Option<Message> = None;
     let answer_to = match (&b.content, &b.parent_id) {
         (Some(text), parent) => {
@@ -244,13 +294,16 @@ pub async fn send_message(
                 turns.push(hanlin_tokenizer::Message::new(m.role.as_str(), &m.content));
             }
         }
+        if let Some(keep) = history {
+            fit_history(&sched, &caller, &mut turns, keep, &conv.params).await?;
+        }
     } else {
         let question = path_to(&messages, &answer_to)
             .last()
             .map(|m| m.content.clone())
             .unwrap_or_default();
-        crate::search::check_readable(&st, &s.user, &kbs).await?;
-        let passages = crate::search::retrieve(&st, kbs, question.clone(), 5).await?;
+        crate::search::check_readable(st, &caller.user, &kbs).await?;
+        let passages = crate::search::retrieve(st, kbs, question.clone(), 5).await?;
         match answer::plan(&question, passages, hanlin_accounts::now()) {
             answer::Plan::Decline(g) => declined = Some(g.checked.text),
             answer::Plan::Generate {
@@ -278,7 +331,7 @@ pub async fn send_message(
     let mut tool_loop = None;
     if !search_mode && !tool_names.is_empty() {
         let lp = crate::tools::prepare(
-            &st,
+            st,
             &caller,
             &tool_names,
             &crate::openai::ToolOptions::default(),
@@ -322,7 +375,7 @@ pub async fn send_message(
         let m = st
             .db
             .add_message(
-                &s.user.id,
+                &user_id,
                 &id,
                 b.parent_id.as_deref(),
                 MessageRole::User,
@@ -342,7 +395,7 @@ pub async fn send_message(
     let reply = st
         .db
         .add_message(
-            &s.user.id,
+            &user_id,
             &id,
             Some(&parent_of_reply),
             MessageRole::Assistant,
@@ -362,13 +415,13 @@ pub async fn send_message(
                 title: Some(hanlin_accounts::chats::title_from(&u.content)),
                 ..Default::default()
             };
-            let _ = st.db.update_conversation(&s.user.id, &id, &patch).await;
+            let _ = st.db.update_conversation(&user_id, &id, &patch).await;
         }
     }
     let (out_tx, out_rx) = mpsc::channel::<Value>(64);
     if let Some((lp, params)) = tool_loop {
         let model = crate::tools::Metered {
-            req: request.with_id(format!("web-{}", reply.id)),
+            req: request.with_id(format!("{}-{}", endpoint.as_str(), reply.id)),
             sched,
             caller,
             asked,
@@ -389,7 +442,7 @@ pub async fn send_message(
     } else {
         match generation {
             Some((prompt, params)) => {
-                let mut request = request.with_id(format!("web-{}", reply.id));
+                let mut request = request.with_id(format!("{}-{}", endpoint.as_str(), reply.id));
                 if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
                     let _ = st
                         .db
@@ -423,13 +476,41 @@ pub async fn send_message(
             }
         }
     }
-    let stream = futures::stream::unfold(out_rx, |mut rx| async move {
-        let v = rx.recv().await?;
-        Some((sse_data(v), rx))
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(axum::response::sse::KeepAlive::default())
-        .into_response())
+    Ok(out_rx)
+}
+
+/// Keep the system prompt and at most `keep` of the latest turns, and drop
+/// the oldest while the prompt leaves less room than the answer may need
+/// (the last turn, the question, always stays).
+async fn fit_history(
+    sched: &Arc<hanlin_engine::Scheduler>,
+    caller: &Caller,
+    turns: &mut Vec<hanlin_tokenizer::Message>,
+    keep: usize,
+    params: &Value,
+) -> AppResult<()> {
+    let first = usize::from(turns.first().is_some_and(|t| t.role == "system"));
+    let keep = keep.max(1);
+    if turns.len() - first > keep {
+        turns.drain(first..turns.len() - keep);
+    }
+    let limit = sched
+        .config
+        .ctx
+        .min(caller.plan.max_context.max(1) as usize);
+    let room = params
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .map_or(512, |n| n as usize)
+        .min(limit / 2);
+    while turns.len() - first > 1 {
+        let prompt = crate::api::chat_prompt(sched, turns.clone(), None).await?;
+        if prompt.len() + room <= limit {
+            break;
+        }
+        turns.remove(first);
+    }
+    Ok(())
 }
 
 /// The tools a conversation has switched on (`params.tools`: names as

@@ -293,7 +293,7 @@ pub async fn admin_session(
     st: &AppState,
     headers: &HeaderMap,
     method: &Method,
-) -> AppResult<Option<()>> {
+) -> AppResult<Option<hanlin_accounts::User>> {
     let jar = CookieJar::from_headers(headers);
     if jar.get(COOKIE).is_none() {
         return Ok(None);
@@ -302,7 +302,7 @@ pub async fn admin_session(
     if s.user.role != Role::Admin {
         return Err(ApiError::forbidden("This needs an admin account."));
     }
-    Ok(Some(()))
+    Ok(Some(s.user))
 }
 
 /// `GET /api/tools`: the tools the user may switch on in a conversation.

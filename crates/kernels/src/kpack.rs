@@ -259,7 +259,7 @@ mod avx2 {
     }
     /// Add the products of `u` and `x` to `p`: with VNNI one `vpdpbusd`
     /// into 32-bit lanes, else a `vpmaddubsw` pair sum added as i16 (exact
-    /// while a caller adds at most 8 steps of u ≤ 15, or 2 of u ≤ 63, with
+    /// while a caller adds at most 8 steps of u ≤ 15, 4 of u ≤ 31 or 2 of u ≤ 63, with
     /// |x| ≤ 128, before [`scaled`]).
     #[inline(always)]
     unsafe fn step<const VNNI: bool>(p: __m256i, u: __m256i, x: __m256i) -> __m256i {
@@ -447,54 +447,92 @@ mod avx2 {
             // Scales of sub-blocks 2p and 2p+1 as an i16 pair per lane.
             let pair = |p: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(16 + 16 * p) as _));
             let mut s = [_mm256_setzero_si256(); N];
-            for h in 0..2 {
-                for q in 0..2 {
-                    // Sub-blocks 8h + 2i + q for i in 0..4.
-                    let sc: [__m256i; 4] = std::array::from_fn(|i| {
-                        let j = 8 * h + 2 * i + q;
-                        let pr = pair(j / 2);
-                        if j % 2 == 0 {
-                            _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pr))
-                        } else {
-                            _mm256_srai_epi32::<16>(pr)
-                        }
-                    });
-                    let mut p = [[_mm256_setzero_si256(); N]; 4];
-                    for mm in 0..4 {
-                        let l0 = 16 * q + 4 * mm;
-                        let unit = blk.add(144 + 96 * (8 * h + 4 * q + mm));
-                        let (qh, qa, qb) = (ld(unit), ld(unit.add(32)), ld(unit.add(64)));
-                        let v = [
-                            _mm256_or_si256(
-                                _mm256_and_si256(qa, lo4),
-                                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(qb, lo4),
-                                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(qa), lo4),
-                                _mm256_and_si256(qh, top),
-                            ),
-                            _mm256_or_si256(
-                                _mm256_and_si256(_mm256_srli_epi16::<4>(qb), lo4),
-                                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top),
-                            ),
-                        ];
-                        for i in 0..4 {
-                            for t in 0..N {
-                                let x = bcast(xq[t], 128 * h + 32 * i + l0);
-                                p[i][t] = step::<VNNI>(p[i][t], v[i], x);
+            // The four quants of lane word `i` of a unit (16 bytes apart in
+            // the row: sub-blocks 2i + q of half h).
+            let unpack = |qh: __m256i, qa: __m256i, qb: __m256i, i: usize| match i {
+                0 => _mm256_or_si256(
+                    _mm256_and_si256(qa, lo4),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top),
+                ),
+                1 => _mm256_or_si256(
+                    _mm256_and_si256(qb, lo4),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top),
+                ),
+                2 => _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(qa), lo4),
+                    _mm256_and_si256(qh, top),
+                ),
+                _ => _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(qb), lo4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top),
+                ),
+            };
+            if !VNNI && N > 1 {
+                // Without VNNI, for several tokens, each step's i16 pair
+                // sums are scaled at once (`vpmaddwd` into 32-bit sums): the
+                // same integers as summing two steps first, with N
+                // accumulators live instead of 4·N (AVX2 has sixteen
+                // registers). One token keeps the two-step form (faster).
+                for h in 0..2 {
+                    for q in 0..2 {
+                        let scp: [__m256i; 4] = std::array::from_fn(|i| {
+                            let j = 8 * h + 2 * i + q;
+                            let pr = pair(j / 2);
+                            let sc = if j % 2 == 0 {
+                                _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pr))
+                            } else {
+                                _mm256_srai_epi32::<16>(pr)
+                            };
+                            _mm256_blend_epi16::<0b1010_1010>(sc, _mm256_slli_epi32::<16>(sc))
+                        });
+                        for mm in 0..4 {
+                            let l0 = 16 * q + 4 * mm;
+                            let unit = blk.add(144 + 96 * (8 * h + 4 * q + mm));
+                            let (qh, qa, qb) = (ld(unit), ld(unit.add(32)), ld(unit.add(64)));
+                            for (i, scp) in scp.iter().enumerate() {
+                                let v = unpack(qh, qa, qb, i);
+                                for t in 0..N {
+                                    let x = bcast(xq[t], 128 * h + 32 * i + l0);
+                                    let m = _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), *scp);
+                                    s[t] = _mm256_add_epi32(s[t], m);
+                                }
                             }
                         }
-                        // i16 sums hold two steps of 6-bit quants.
-                        if mm == 3 || (!VNNI && mm == 1) {
+                    }
+                }
+            } else {
+                for h in 0..2 {
+                    for q in 0..2 {
+                        // Sub-blocks 8h + 2i + q for i in 0..4.
+                        let sc: [__m256i; 4] = std::array::from_fn(|i| {
+                            let j = 8 * h + 2 * i + q;
+                            let pr = pair(j / 2);
+                            if j % 2 == 0 {
+                                _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pr))
+                            } else {
+                                _mm256_srai_epi32::<16>(pr)
+                            }
+                        });
+                        let mut p = [[_mm256_setzero_si256(); N]; 4];
+                        for mm in 0..4 {
+                            let l0 = 16 * q + 4 * mm;
+                            let unit = blk.add(144 + 96 * (8 * h + 4 * q + mm));
+                            let (qh, qa, qb) = (ld(unit), ld(unit.add(32)), ld(unit.add(64)));
                             for i in 0..4 {
+                                let v = unpack(qh, qa, qb, i);
                                 for t in 0..N {
-                                    let v = scaled::<VNNI>(p[i][t], sc[i]);
-                                    s[t] = _mm256_add_epi32(s[t], v);
-                                    p[i][t] = _mm256_setzero_si256();
+                                    let x = bcast(xq[t], 128 * h + 32 * i + l0);
+                                    p[i][t] = step::<VNNI>(p[i][t], v, x);
+                                }
+                            }
+                            // i16 sums hold two steps of 6-bit quants.
+                            if mm == 3 || (!VNNI && mm == 1) {
+                                for i in 0..4 {
+                                    for t in 0..N {
+                                        let v = scaled::<VNNI>(p[i][t], sc[i]);
+                                        s[t] = _mm256_add_epi32(s[t], v);
+                                        p[i][t] = _mm256_setzero_si256();
+                                    }
                                 }
                             }
                         }

@@ -67,6 +67,10 @@ impl Api {
         flavor: Flavor,
         store: Arc<dyn TokenStore>,
     ) -> Self {
+        // reqwest is built without a TLS crypto provider (the tree has one,
+        // ring): make it the process's before building a client, which
+        // would otherwise panic. Idempotent.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))

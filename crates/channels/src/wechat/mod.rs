@@ -478,6 +478,20 @@ mod tests {
         );
     }
 
+    /// An account that pushes builds its API client at start: that must not
+    /// depend on the embedding program having installed a TLS provider
+    /// (reqwest panics without one; the fuzz target found it).
+    #[test]
+    fn an_account_with_an_api_builds_without_a_provider_installed_first() {
+        let mut cfg: AccountConfig = serde_json::from_str(
+            r#"{"app_id": "wxapp", "token": "tok", "app_secret": "s", "customer_service": true}"#,
+        )
+        .unwrap();
+        cfg.api_base = Some("https://api.example.com".into());
+        let ch = WeChat::new("t", cfg, Arc::new(NoTokens)).unwrap();
+        assert!(ch.can_push());
+    }
+
     /// Callbacks with random bytes changed, in the body or inside the
     /// ciphertext (signed again, so decryption and the inner XML are
     /// reached): an answer or an error, never a panic.

@@ -5,7 +5,7 @@
 # tests in headless Chromium (scripts/e2e.sh installs what they need). With HANLIN_TEST_POSTGRES_URL
 # set (see scripts/start_postgres.sh), the accounts and server tests run a
 # second time against that PostgreSQL server (each test on a database of
-# its own).
+# its own), with two `hanlin serve` replicas sharing one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin hanlin
@@ -21,6 +21,8 @@ HANLIN_SIMD=scalar cargo test --release -p hanlin-kernels --lib
 if [ -n "${HANLIN_TEST_POSTGRES_URL:-}" ]; then
   echo "== accounts and server tests on PostgreSQL"
   cargo test --release -p hanlin-accounts -p hanlin-server "$@"
+  echo "== two hanlin serve replicas on one PostgreSQL"
+  cargo test --release -p hanlin --test replicas "$@"
 fi
 echo "== web app end to end (headless Chromium)"
 scripts/e2e.sh

@@ -409,8 +409,10 @@ impl Db {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
+        // A streaming reply belongs to this replica: only its restart, or
+        // its death, marks the reply interrupted.
         sqlx::query(&format!(
-            "INSERT INTO messages ({MSG_COLS}, conversation_id, seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            "INSERT INTO messages ({MSG_COLS}, conversation_id, seq, replica_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
         ))
         .bind(&id)
         .bind(parent_id)
@@ -421,6 +423,7 @@ impl Db {
         .bind(t)
         .bind(conversation_id)
         .bind(seq)
+        .bind((status == MessageStatus::Streaming).then(|| self.replica().to_string()))
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE conversations SET current_leaf = $1, updated_at = $2 WHERE id = $3")
@@ -504,15 +507,19 @@ impl Db {
         Ok(())
     }
 
-    /// Replies a previous run of the server was generating when it died:
-    /// kept, marked incomplete. Returns how many.
+    /// Replies this replica's previous run was generating when it died
+    /// (and replies of no replica, written before replicas had ids): kept,
+    /// marked incomplete. Other replicas' replies are theirs; a dead
+    /// replica's are swept after its lease
+    /// ([`Db::sweep_dead_replicas`]). Returns how many.
     pub async fn mark_interrupted_replies(&self) -> Result<u64, AccountError> {
-        Ok(
-            sqlx::query("UPDATE messages SET status = 'incomplete' WHERE status = 'streaming'")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
+        Ok(sqlx::query(
+            "UPDATE messages SET status = 'incomplete' WHERE status = 'streaming' AND (replica_id = $1 OR replica_id IS NULL)",
         )
+        .bind(self.replica())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// Conversations of the user whose title or any message contains

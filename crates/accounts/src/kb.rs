@@ -78,3 +78,66 @@ impl Db {
         Ok(Readers::Users(ids))
     }
 }
+
+/// One change to a knowledge base, as replicas replay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KbChange {
+    pub seq: i64,
+    pub kb: String,
+    pub op: String,
+    pub body: String,
+}
+
+impl Db {
+    /// Append a change to the knowledge-base log (PostgreSQL: replicas
+    /// replay it). Rows are numbered under a table lock, so they become
+    /// visible in the order of their numbers and a reader never skips one.
+    pub async fn log_kb_change(&self, kb: &str, op: &str, body: &str) -> Result<i64, AccountError> {
+        let mut tx = self.begin_write().await?;
+        if self.postgres {
+            sqlx::query("LOCK TABLE kb_log IN EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let seq: i64 = sqlx::query("SELECT CAST(COALESCE(MAX(seq), 0) + 1 AS BIGINT) FROM kb_log")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        sqlx::query("INSERT INTO kb_log (seq, kb, op, body, replica_id, at_ms) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(seq)
+            .bind(kb)
+            .bind(op)
+            .bind(body)
+            .bind(self.replica())
+            .bind(crate::now() * 1000)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Changes after `seq`, oldest first, at most `limit`.
+    pub async fn kb_changes_after(
+        &self,
+        seq: i64,
+        limit: i64,
+    ) -> Result<Vec<KbChange>, AccountError> {
+        let rows = sqlx::query(
+            "SELECT seq, kb, op, body FROM kb_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KbChange {
+                    seq: r.try_get(0)?,
+                    kb: r.try_get(1)?,
+                    op: r.try_get(2)?,
+                    body: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+}

@@ -16,12 +16,14 @@ pub mod chatgpt;
 pub mod chats;
 pub mod kb;
 pub mod limits;
+pub mod replicas;
 pub mod web;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,29 @@ pub const DEFAULT_FILE_BYTES: i64 = 1 << 30;
 pub const DEFAULT_BATCH_PRICE: i64 = 500;
 
 impl Plan {
+    /// A plan with these limits and the defaults for the rest: every model,
+    /// 4,096 tokens of context, priority 0, one choice, full price.
+    pub fn limited(
+        name: &str,
+        requests_per_minute: i64,
+        tokens_per_minute: i64,
+        tokens_per_day: i64,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            requests_per_minute,
+            tokens_per_minute,
+            tokens_per_day,
+            max_context: 4096,
+            models: vec!["*".into()],
+            priority: 0,
+            max_n: 1,
+            price_milli: FULL_PRICE,
+            file_bytes: DEFAULT_FILE_BYTES,
+            batch_price_milli: DEFAULT_BATCH_PRICE,
+        }
+    }
+
     pub fn allows(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
     }
@@ -334,11 +359,12 @@ fn split_list(s: &str) -> Vec<String> {
 pub struct Db {
     pool: AnyPool,
     pub postgres: bool,
+    /// The replica this handle writes for (streaming replies, token holds,
+    /// leases); see [`replicas`].
+    replica: Arc<str>,
 }
 
 impl Db {
-    /// Open (creating if needed) and migrate the database at `url`:
-    /// `sqlite://path` or `postgres://…`.
     /// A transaction that will write. On SQLite it takes the write lock at
     /// once (`BEGIN IMMEDIATE`): a transaction that reads first and writes
     /// later fails with "database is locked" when another writer got in
@@ -353,6 +379,8 @@ impl Db {
         })
     }
 
+    /// Open (creating if needed) and migrate the database at `url`:
+    /// `sqlite://path` or `postgres://…`.
     pub async fn connect(url: &str) -> Result<Self, AccountError> {
         sqlx::any::install_default_drivers();
         let postgres = url.starts_with("postgres");
@@ -391,7 +419,27 @@ impl Db {
             .connect(&url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, postgres })
+        Ok(Self {
+            pool,
+            postgres,
+            replica: Arc::from("local"),
+        })
+    }
+
+    /// A new, empty database on the PostgreSQL server of `url` (tests
+    /// only: each test on a database of its own); its URL.
+    #[doc(hidden)]
+    pub async fn create_test_database(url: &str) -> Result<String, AccountError> {
+        use sqlx::Connection;
+        let name = format!("hanlin_t_{}", random_token(16).to_lowercase());
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+        let (server, _) = url
+            .rsplit_once('/')
+            .ok_or_else(|| AccountError::Invalid(format!("{url} names no database")))?;
+        Ok(format!("{server}/{name}"))
     }
 
     /// Drop every table (tests only: gives a PostgreSQL test database a
@@ -402,6 +450,11 @@ impl Db {
             "channel_users",
             "channel_messages",
             "channel_tokens",
+            "replicas",
+            "limit_requests",
+            "limit_holds",
+            "leases",
+            "kb_log",
             "messages",
             "conversations",
             "personas",

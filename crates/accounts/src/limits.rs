@@ -222,6 +222,158 @@ impl Limiter {
     }
 }
 
+/// Limits kept in the database (PostgreSQL), exact across every replica on
+/// it. Each check takes a per-user transaction lock, so two replicas
+/// admitting the same user's requests are serialized as if they were one.
+///
+/// A running request *holds* its worst case (`limit_holds`, one row per
+/// request, with the replica that runs it); what a user spent is the sum of
+/// the live holds plus the usage rows of requests that hold nothing (ended
+/// ones, and those of dead replicas, whose usage rows were checkpointed
+/// while they ran). A hold is released only after the request's final
+/// usage row is written, so a request is never counted by neither.
+#[derive(Clone)]
+pub struct SharedLimiter {
+    db: crate::Db,
+    lease_ms: i64,
+}
+
+/// Per-user lock for the rest of the transaction.
+const LOCK_USER: &str =
+    "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS l";
+
+/// Spending of one user on a day and in the last minute, other than the
+/// request `$4`'s own: live holds, plus usage rows of requests without one.
+const SPENT: &str = "WITH live AS (SELECT h.request_id, h.day, h.at_ms, h.tokens FROM limit_holds h JOIN replicas r ON r.id = h.replica_id WHERE h.user_id = $1 AND r.heartbeat_ms > $2 AND h.request_id <> $4), \
+    settled AS (SELECT u.day, u.ts, (u.prompt_tokens + u.completion_tokens) * u.weight_milli / 1000 AS tokens FROM usage u WHERE u.user_id = $1 AND (u.day = $3 OR u.ts >= $6) AND u.request_id <> $4 AND u.request_id NOT IN (SELECT request_id FROM live)) \
+    SELECT CAST(COALESCE((SELECT SUM(tokens) FROM live WHERE day = $3), 0) + COALESCE((SELECT SUM(tokens) FROM settled WHERE day = $3), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT SUM(tokens) FROM live WHERE at_ms > $5), 0) + COALESCE((SELECT SUM(tokens) FROM settled WHERE ts >= $6), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT MIN(at_ms) FROM live WHERE at_ms > $5), 0) AS BIGINT)";
+
+impl SharedLimiter {
+    /// Limits on `db` (PostgreSQL), whose holds count while their replica's
+    /// heartbeat is younger than `lease`.
+    pub fn new(db: crate::Db, lease: Duration) -> Self {
+        Self {
+            db,
+            lease_ms: lease.as_millis() as i64,
+        }
+    }
+
+    async fn locked(
+        &self,
+        user_id: &str,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Any>, i64), crate::AccountError> {
+        use sqlx::Row;
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query(LOCK_USER)
+            .bind(format!("limits:{user_id}"))
+            .fetch_one(&mut *tx)
+            .await?;
+        let now: i64 = sqlx::query(crate::replicas::PG_NOW_MS)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        Ok((tx, now))
+    }
+
+    /// [`Limiter::count_request`] across replicas. The outer error is the
+    /// database's, the inner the limit's.
+    pub async fn count_request(
+        &self,
+        user_id: &str,
+        plan: &Plan,
+    ) -> Result<Result<(), LimitError>, crate::AccountError> {
+        use sqlx::Row;
+        let (mut tx, now) = self.locked(user_id).await?;
+        let row = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(MIN(at_ms), 0) AS BIGINT) FROM limit_requests WHERE user_id = $1 AND at_ms > $2")
+            .bind(user_id)
+            .bind(now - 60_000)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (count, oldest): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if count >= plan.requests_per_minute {
+            return Ok(Err(LimitError::Requests {
+                limit: plan.requests_per_minute,
+                retry_after: Duration::from_millis((oldest + 60_000 - now).clamp(0, 60_000) as u64),
+            }));
+        }
+        sqlx::query("INSERT INTO limit_requests (user_id, at_ms) VALUES ($1, $2)")
+            .bind(user_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Hold `total` tokens for request `request_id` (all it may use in
+    /// all: what it already used plus the worst case of the step about to
+    /// run), replacing its earlier hold, if the plan's token limits allow.
+    pub async fn reserve(
+        &self,
+        request_id: &str,
+        user_id: &str,
+        plan: &Plan,
+        total: i64,
+    ) -> Result<Result<(), LimitError>, crate::AccountError> {
+        use sqlx::Row;
+        let (mut tx, now) = self.locked(user_id).await?;
+        let day = crate::day_of(now / 1000);
+        let row = sqlx::query(SPENT)
+            .bind(user_id)
+            .bind(now - self.lease_ms)
+            .bind(&day)
+            .bind(request_id)
+            .bind(now - 60_000)
+            .bind(now / 1000 - 60)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (day_spent, minute_spent, oldest): (i64, i64, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        if minute_spent + total > plan.tokens_per_minute {
+            let retry_after = if total > plan.tokens_per_minute || oldest == 0 {
+                MINUTE
+            } else {
+                Duration::from_millis((oldest + 60_000 - now).clamp(1000, 60_000) as u64)
+            };
+            return Ok(Err(LimitError::TokensPerMinute {
+                limit: plan.tokens_per_minute,
+                needed: total,
+                retry_after,
+            }));
+        }
+        if day_spent + total > plan.tokens_per_day {
+            return Ok(Err(LimitError::TokensPerDay {
+                limit: plan.tokens_per_day,
+                needed: total,
+                retry_after: seconds_to_midnight(now / 1000),
+            }));
+        }
+        sqlx::query("INSERT INTO limit_holds (request_id, user_id, replica_id, day, at_ms, tokens) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (request_id) DO UPDATE SET tokens = excluded.tokens")
+            .bind(request_id)
+            .bind(user_id)
+            .bind(self.db.replica())
+            .bind(&day)
+            .bind(now)
+            .bind(total)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// End request `request_id`'s hold (its usage row, now final, counts
+    /// from here on).
+    pub async fn release(&self, request_id: &str) -> Result<(), crate::AccountError> {
+        sqlx::query("DELETE FROM limit_holds WHERE request_id = $1")
+            .bind(request_id)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,9 @@ pub(crate) struct FileSettings {
     pub files_dir: Option<PathBuf>,
     pub batch_parallel: Option<usize>,
     pub batch_keep_days: Option<u64>,
+    pub replica_id: Option<String>,
+    pub replica_lease_secs: Option<u64>,
+    pub drain_secs: Option<u64>,
     /// `[models.NAME]`: settings for one model that differ from the
     /// server-wide ones.
     #[serde(default)]
@@ -64,9 +67,50 @@ pub(crate) struct ModelTable {
     pub max_batch: Option<usize>,
     pub max_queue: Option<usize>,
     pub prefill_chunk: Option<usize>,
+    /// OpenAI-compatible servers that serve this model instead of this
+    /// process (README: "Running at scale").
+    pub upstream: Option<Vec<String>>,
+    /// Bearer token for the upstream servers.
+    pub api_key: Option<String>,
+    /// The model's name on the upstream servers.
+    pub upstream_model: Option<String>,
+    /// Default and largest `max_tokens` of an upstream model.
+    pub max_tokens: Option<u32>,
+    pub first_byte_secs: Option<u64>,
+    pub idle_secs: Option<u64>,
+    pub cooldown_secs: Option<u64>,
+    pub template_tokens: Option<u32>,
+    /// A model in the store whose tokenizer counts an upstream model's
+    /// tokens when its servers report none.
+    pub tokenizer: Option<String>,
 }
 
 impl ModelTable {
+    /// The upstream pool's settings, when the table names servers.
+    pub(crate) fn upstream(&self) -> Option<hanlin_upstream::UpstreamConfig> {
+        let urls = self.upstream.clone()?;
+        let mut c = hanlin_upstream::UpstreamConfig::new(urls);
+        c.api_key = self.api_key.clone();
+        c.model = self.upstream_model.clone();
+        if let Some(v) = self.max_tokens {
+            c.max_tokens = v;
+        }
+        if let Some(v) = self.first_byte_secs {
+            c.first_byte_secs = v;
+        }
+        if let Some(v) = self.idle_secs {
+            c.idle_secs = v;
+        }
+        if let Some(v) = self.cooldown_secs {
+            c.cooldown_secs = v;
+        }
+        if let Some(v) = self.template_tokens {
+            c.template_tokens = v;
+        }
+        c.tokenizer = self.tokenizer.clone();
+        Some(c)
+    }
+
     pub(crate) fn settings(&self) -> hanlin_server::models::ModelSettings {
         hanlin_server::models::ModelSettings {
             ctx: self.ctx,
@@ -184,8 +228,26 @@ impl FileSettings {
             &mut a.batch_keep_days,
             self.batch_keep_days,
         );
+        fill(
+            m,
+            "replica_id",
+            &mut a.replica_id,
+            self.replica_id.map(Some),
+        );
+        fill(
+            m,
+            "replica_lease_secs",
+            &mut a.replica_lease_secs,
+            self.replica_lease_secs,
+        );
+        fill(m, "drain_secs", &mut a.drain_secs, self.drain_secs);
         a.mcp = self.mcp;
         a.wechat = self.wechat;
+        a.upstreams = self
+            .models
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.upstream()?)))
+            .collect();
         a.per_model = self
             .models
             .iter()

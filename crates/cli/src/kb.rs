@@ -34,6 +34,10 @@ pub enum KbCmd {
         name: String,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// The servers' PostgreSQL database: the documents also go to its
+        /// knowledge-base log, and every replica indexes them
+        #[arg(long, env = "HANLIN_DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// List knowledge bases
     List,
@@ -118,6 +122,11 @@ pub fn root(store: &Store) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| FILE_SETTINGS.get().and_then(|s| s.0.clone()))
         .unwrap_or_else(|| store.home().join("kb"))
+}
+
+/// A knowledge base's settings as the log carries them.
+fn kb_config(kb: &KnowledgeBase) -> Option<String> {
+    serde_json::to_string(kb.config()).ok()
 }
 
 fn open(store: &Store, name: &str) -> Result<KnowledgeBase> {
@@ -225,7 +234,11 @@ pub fn run(store: &Store, threads: usize, cmd: KbCmd) -> Result<()> {
             };
             println!("created knowledge base {name} ({how}; {})", dir.display());
         }
-        KbCmd::Add { name, paths } => {
+        KbCmd::Add {
+            name,
+            paths,
+            database_url,
+        } => {
             let mut kb = open(store, &name)?;
             let (files, mut skipped) = extract::walk(&paths);
             let pb = bar(files.len() as u64, "reading");
@@ -250,11 +263,29 @@ pub fn run(store: &Store, threads: usize, cmd: KbCmd) -> Result<()> {
                 None => indicatif::ProgressBar::hidden(),
             };
             let counting = embedder.as_deref().map(|inner| Counting { inner, pb: &sp });
+            let logged = database_url
+                .as_deref()
+                .filter(|u| u.starts_with("postgres"))
+                .map(|u| (u.to_string(), docs.clone()));
             let r = kb.add_with(docs, counting.as_ref().map(|c| c as &dyn Embedder), |n| {
                 pb.set_position(n as u64)
             })?;
             pb.finish_and_clear();
             sp.finish_and_clear();
+            if let Some((url, docs)) = logged.filter(|_| r.added > 0) {
+                let body = serde_json::to_string(&docs)?;
+                crate::runtime()?.block_on(async {
+                    let db = hanlin_accounts::Db::connect(&url).await?;
+                    if let Some(config) = kb_config(&kb) {
+                        // Replicas that do not have the knowledge base yet
+                        // create it first (a no-op where it exists).
+                        db.log_kb_change(&name, "create", &config).await?;
+                    }
+                    db.log_kb_change(&name, "add", &body).await?;
+                    anyhow::Ok(())
+                })?;
+                println!("{name}: sent to the replicas on the database");
+            }
             for e in &skipped {
                 eprintln!("skipped {e}");
             }

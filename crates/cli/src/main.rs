@@ -226,6 +226,18 @@ struct ServeArgs {
     /// Days a finished batch's output and error files are kept
     #[arg(long, default_value_t = 7)]
     batch_keep_days: u64,
+    /// This replica's id among servers sharing one database (default: the
+    /// host name and port)
+    #[arg(long, env = "HANLIN_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Seconds without a heartbeat after which a replica counts as dead
+    /// (its token holds and streaming replies are released)
+    #[arg(long, default_value_t = 30)]
+    replica_lease_secs: u64,
+    /// On SIGTERM or Ctrl-C, seconds the requests in progress may take to
+    /// finish before the server stops anyway
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
     /// Hosts or IP addresses feeds may be fetched from although they are not
     /// public (loopback, private, link-local), comma-separated
     #[arg(long, env = "HANLIN_FEED_ALLOW", value_delimiter = ',')]
@@ -261,6 +273,9 @@ struct ServeArgs {
     /// `[models.NAME]` tables of the settings file.
     #[arg(skip)]
     per_model: std::collections::HashMap<String, hanlin_server::models::ModelSettings>,
+    /// `[models.NAME]` tables with `upstream = [...]`.
+    #[arg(skip)]
+    upstreams: std::collections::BTreeMap<String, hanlin_upstream::UpstreamConfig>,
 }
 
 fn parse_signup(s: &str) -> Result<hanlin_accounts::web::SignupPolicy, String> {
@@ -486,7 +501,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -512,7 +527,9 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
         eprintln!("serving {} as model {:?}", file.display(), m.name);
         a.model = m.name;
     }
-    resolve(store, &a.model)?;
+    if !a.upstreams.contains_key(&a.model) {
+        resolve(store, &a.model)?;
+    }
     let config = hanlin_server::Config {
         host: a.host.clone(),
         port: a.port,
@@ -545,6 +562,10 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
         mcp: a.mcp.clone(),
         mcp_allow: a.mcp_allow.clone(),
         wechat: a.wechat.clone(),
+        replica_id: a.replica_id.clone(),
+        replica_lease: std::time::Duration::from_secs(a.replica_lease_secs.max(1)),
+        drain_deadline: std::time::Duration::from_secs(a.drain_secs),
+        upstreams: a.upstreams.clone(),
         extract: hanlin_search::isolate::Isolation::Child(
             hanlin_search::isolate::ChildLimits::this_executable()
                 .context("finding this executable (to read uploads in a child process)")?,

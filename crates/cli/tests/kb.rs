@@ -4,6 +4,8 @@
 //! treated as data, bad files skipped with a reason, duplicates skipped, a
 //! deleted index reported and rebuilt.
 
+mod common;
+
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -396,14 +398,7 @@ fn an_upload_that_crashes_the_pdf_parser_does_not_take_the_server_down() {
     }
     let stdout = server.stdout.take().expect("stdout");
     let server = Kill(server);
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let addr = lines
-        .find_map(|l| {
-            let l = l.ok()?;
-            let rest = l.split_once("http://")?.1;
-            Some(rest.split('/').next()?.to_string())
-        })
-        .expect("the server's address on its console");
+    let addr = common::serving_address(stdout);
 
     let (st, b) = http(&addr, "PUT", "/v1/kb/docs", &key, br#"{"embedder": null}"#);
     assert_eq!(st, 200, "{b}");

@@ -24,7 +24,7 @@ pub mod metrics;
 
 pub use metrics::Metrics;
 
-use hanlin_accounts::limits::{LimitError, Limiter, Reservation};
+use hanlin_accounts::limits::{LimitError, Limiter, Reservation, SharedLimiter};
 use hanlin_accounts::{AccountError, Caller, Db, Usage, UsageRecord, FULL_PRICE};
 use hanlin_engine::{Event, GenerateParams, Job, Scheduler, Sink, SubmitError, TokenConstraint};
 use std::sync::Arc;
@@ -161,31 +161,48 @@ impl Backend for Scheduler {
     }
 }
 
-/// The database, the limiter and the metrics every request is accounted in.
+/// Where the plans' limits are kept.
+#[derive(Clone)]
+pub enum Limits {
+    /// In this process: exact for one server (SQLite, or one replica).
+    Local(Limiter),
+    /// In the database: exact across every replica on it (PostgreSQL).
+    Shared(SharedLimiter),
+}
+
+/// The database, the limits and the metrics every request is accounted in.
 pub struct Gateway {
     pub db: Db,
-    pub limiter: Limiter,
+    pub limits: Limits,
     pub metrics: Metrics,
 }
 
 impl Gateway {
+    /// A gateway whose limits live in this process.
     pub fn new(db: Db, metrics: Metrics) -> Arc<Self> {
+        Self::with_limits(db, metrics, Limits::Local(Limiter::default()))
+    }
+
+    pub fn with_limits(db: Db, metrics: Metrics, limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             db,
-            limiter: Limiter::default(),
+            limits,
             metrics,
         })
     }
 
     /// Count a request against the caller's requests per minute, before any
     /// work is done for it.
-    pub fn admit(
+    pub async fn admit(
         self: &Arc<Self>,
         caller: &Caller,
         endpoint: Endpoint,
         model: &str,
     ) -> Result<Request, GatewayError> {
-        self.limiter.count_request(&caller.user.id, &caller.plan)?;
+        match &self.limits {
+            Limits::Local(l) => l.count_request(&caller.user.id, &caller.plan)?,
+            Limits::Shared(l) => l.count_request(&caller.user.id, &caller.plan).await??,
+        }
         let id = format!(
             "{}-{}",
             endpoint.id_prefix(),
@@ -227,6 +244,7 @@ impl Gateway {
             created: hanlin_accounts::now(),
             started: Instant::now(),
             reservations: Vec::new(),
+            held: false,
             charged: 0,
             usage: Usage::default(),
             step: Vec::new(),
@@ -275,6 +293,9 @@ pub struct Request {
     created: i64,
     started: Instant,
     reservations: Vec<Reservation>,
+    /// A hold in the shared limits is to be released once the usage row is
+    /// final.
+    held: bool,
     /// Tokens already charged to the limiter by settled reservations.
     charged: i64,
     /// Usage of the steps before the current one.
@@ -333,19 +354,32 @@ impl Request {
             let used = self.used_weighted();
             self.settle_reservations(used);
         }
-        let gw = &self.gw;
-        let user = &self.caller.user.id;
-        let day = hanlin_accounts::day_of(hanlin_accounts::now());
-        let spent = if gw.limiter.knows(user, &day) {
-            0
-        } else {
-            gw.db.tokens_on(user, &day).await?
-        };
+        let gw = self.gw.clone();
+        let user = self.caller.user.id.clone();
+        let user = &user;
         let needed = (tokens as i64).saturating_mul(self.weight_milli) / FULL_PRICE;
-        let r = gw
-            .limiter
-            .reserve(user, &self.caller.plan, needed, || spent)?;
-        self.reservations.push(r);
+        match &gw.limits {
+            Limits::Local(limiter) => {
+                let day = hanlin_accounts::day_of(hanlin_accounts::now());
+                let spent = if limiter.knows(user, &day) {
+                    0
+                } else {
+                    gw.db.tokens_on(user, &day).await?
+                };
+                let r = limiter.reserve(user, &self.caller.plan, needed, || spent)?;
+                self.reservations.push(r);
+            }
+            Limits::Shared(limiter) => {
+                // One hold per request: what it used in earlier steps plus
+                // this step's worst case.
+                self.end_step();
+                let total = self.used_weighted().saturating_add(needed);
+                limiter
+                    .reserve(&self.id, user, &self.caller.plan, total)
+                    .await??;
+                self.held = true;
+            }
+        }
         Ok(())
     }
 
@@ -385,13 +419,16 @@ impl Request {
     /// Replace the reservations held by the use not yet charged (`used`
     /// in all, less what earlier settlements charged).
     fn settle_reservations(&mut self, used: i64) {
+        let Limits::Local(limiter) = &self.gw.limits else {
+            return;
+        };
         let mut rs = std::mem::take(&mut self.reservations).into_iter();
         if let Some(first) = rs.next() {
-            self.gw.limiter.settle(first, used - self.charged);
+            limiter.settle(first, used - self.charged);
             self.charged = used;
         }
         for r in rs {
-            self.gw.limiter.settle(r, 0);
+            limiter.settle(r, 0);
         }
     }
 
@@ -454,23 +491,7 @@ impl Request {
             }
             Event::Token { tokens, .. } => {
                 j.completion += *tokens as i64;
-                let now = Instant::now();
-                if self.endpoint.streams() {
-                    let model = [self.model.as_str()];
-                    let m = &self.gw.metrics;
-                    match self.first_token {
-                        None => m
-                            .ttft
-                            .with_label_values(&model)
-                            .observe((now - self.started).as_secs_f64()),
-                        Some(_) => m
-                            .inter_token
-                            .with_label_values(&model)
-                            .observe((now - self.last_token).as_secs_f64()),
-                    }
-                }
-                self.first_token.get_or_insert(now);
-                self.last_token = now;
+                self.token_latency(Instant::now());
                 self.checkpoint(false);
             }
             Event::Done {
@@ -487,6 +508,26 @@ impl Request {
             | Event::Queued { .. }
             | Event::Prefill { .. } => {}
         }
+    }
+
+    /// Tokens arrived at `now`: time to first token, or between tokens.
+    fn token_latency(&mut self, now: Instant) {
+        if self.endpoint.streams() {
+            let model = [self.model.as_str()];
+            let m = &self.gw.metrics;
+            match self.first_token {
+                None => m
+                    .ttft
+                    .with_label_values(&model)
+                    .observe((now - self.started).as_secs_f64()),
+                Some(_) => m
+                    .inter_token
+                    .with_label_values(&model)
+                    .observe((now - self.last_token).as_secs_f64()),
+            }
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = now;
     }
 
     /// Write the usage row: at once when `now` (the backend admitted the
@@ -517,6 +558,20 @@ impl Request {
             }
             Some(w) => w.write(usage),
         }
+    }
+
+    /// Work done outside a [`Backend`] (an upstream server): `usage` is
+    /// everything counted so far, `new_tokens` the tokens that arrived just
+    /// now (for the latency metrics). The usage row is written at the
+    /// first call and then at checkpoints, as for a backend's events.
+    pub fn external(&mut self, usage: Usage, new_tokens: usize) {
+        self.step.clear();
+        self.usage = usage;
+        if new_tokens > 0 {
+            self.token_latency(Instant::now());
+        }
+        let first = self.writer.is_none();
+        self.checkpoint(first);
     }
 
     /// Record a request that runs no backend work (a search): its usage
@@ -554,7 +609,13 @@ impl Request {
         m.duration
             .with_label_values(&[self.endpoint.as_str(), self.model.as_str()])
             .observe(self.started.elapsed().as_secs_f64());
-        let writer = self.writer.take()?;
+        let hold = match (&self.gw.limits, self.held) {
+            (Limits::Shared(l), true) => Some((l.clone(), self.id.clone())),
+            _ => None,
+        };
+        let Some(writer) = self.writer.take() else {
+            return hold.and_then(|h| release_after(None, h));
+        };
         for (kind, n) in [
             ("prompt", usage.prompt_tokens),
             ("cached", usage.cached_tokens),
@@ -564,8 +625,42 @@ impl Request {
                 .with_label_values(&[self.caller.key.id.as_str(), self.model.as_str(), kind])
                 .inc_by(n.max(0) as u64);
         }
-        Some(writer.settle(usage))
+        let task = writer.settle(usage);
+        match hold {
+            Some(h) => release_after(Some(task), h),
+            None => Some(task),
+        }
     }
+}
+
+/// Release a request's hold in the shared limits once `task` (its usage
+/// row's last write) is done, retrying while the database is away: the
+/// usage row must count before the hold stops counting. Outside a runtime
+/// nothing can run; the hold then lapses with [`MAX_HOLD_MS`] (or with its
+/// replica's lease).
+///
+/// [`MAX_HOLD_MS`]: hanlin_accounts::replicas::MAX_HOLD_MS
+fn release_after(
+    task: Option<tokio::task::JoinHandle<()>>,
+    (limiter, id): (SharedLimiter, String),
+) -> Option<tokio::task::JoinHandle<()>> {
+    let rt = tokio::runtime::Handle::try_current().ok()?;
+    Some(rt.spawn(async move {
+        if let Some(t) = task {
+            if let Err(e) = t.await {
+                tracing::error!("usage writer for {id}: {e}");
+            }
+        }
+        // Retried until the database takes it, as the usage row was.
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        while let Err(e) = limiter.release(&id).await {
+            attempt += 1;
+            tracing::warn!(attempt, "releasing the token hold of {id}: {e}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }))
 }
 
 impl Drop for Request {

@@ -18,6 +18,12 @@ pub struct Metrics {
     pub kv_tokens: IntGaugeVec,
     pub prefix_pool_tokens: IntGaugeVec,
     pub kv_bytes: IntGaugeVec,
+    /// Upstream servers (models served elsewhere), by model and node.
+    pub upstream_requests: IntCounterVec,
+    pub upstream_ttft: HistogramVec,
+    pub upstream_tokens: IntCounterVec,
+    pub upstream_outstanding: IntGaugeVec,
+    pub upstream_healthy: IntGaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -74,8 +80,45 @@ impl Metrics {
             "kv_cache_bytes",
             "Bytes of KV cache blocks alive (shared prefix blocks counted once)",
         )?;
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "upstream_requests_total",
+                "Requests to upstream servers by model, node and outcome (ok, refused, failed, broken)",
+            ),
+            &["model", "node", "outcome"],
+        )?;
+        let upstream_ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_first_event_seconds",
+                "Time from sending a request upstream to its first event or its answer",
+            )
+            .buckets(buckets()),
+            &["model", "node"],
+        )?;
+        let upstream_tokens = IntCounterVec::new(
+            Opts::new(
+                "upstream_tokens_total",
+                "Tokens metered from upstream servers by model, node and kind",
+            ),
+            &["model", "node", "kind"],
+        )?;
+        let node_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model", "node"]);
+        let upstream_outstanding = node_gauge(
+            "upstream_outstanding",
+            "Requests in flight on an upstream node",
+        )?;
+        let upstream_healthy = node_gauge(
+            "upstream_healthy",
+            "1 while an upstream node takes requests, 0 while it is taken out",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_ttft.clone()),
+            Box::new(upstream_tokens.clone()),
+            Box::new(upstream_outstanding.clone()),
+            Box::new(upstream_healthy.clone()),
             Box::new(ttft.clone()),
             Box::new(inter_token.clone()),
             Box::new(duration.clone()),
@@ -100,6 +143,11 @@ impl Metrics {
             kv_tokens,
             prefix_pool_tokens,
             kv_bytes,
+            upstream_requests,
+            upstream_ttft,
+            upstream_tokens,
+            upstream_outstanding,
+            upstream_healthy,
         })
     }
 

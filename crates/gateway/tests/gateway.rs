@@ -90,7 +90,7 @@ async fn row(gw: &Gateway) -> Vec<hanlin_accounts::UsageRow> {
 #[tokio::test]
 async fn choices_share_their_prompt_and_steps_add_up_in_one_row() {
     let (gw, caller, _dir) = setup().await;
-    let mut req = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    let mut req = gw.admit(&caller, Endpoint::Chat, "m").await.expect("admit");
     req.reserve(3 * (10 + 5)).await.expect("reserve");
     let b = backend(5, 4);
     // n = 3: one prompt, counted once; 3 × 5 completion tokens.
@@ -138,7 +138,10 @@ async fn choices_share_their_prompt_and_steps_add_up_in_one_row() {
 #[tokio::test]
 async fn embeddings_count_every_distinct_prompt() {
     let (gw, caller, _dir) = setup().await;
-    let mut req = gw.admit(&caller, Endpoint::Embeddings, "e").expect("admit");
+    let mut req = gw
+        .admit(&caller, Endpoint::Embeddings, "e")
+        .await
+        .expect("admit");
     req.reserve(7).await.expect("reserve");
     let b = backend(0, 0);
     req.submit(
@@ -155,7 +158,7 @@ async fn embeddings_count_every_distinct_prompt() {
 #[tokio::test]
 async fn a_client_that_leaves_is_settled_once_with_what_was_generated() {
     let (gw, caller, _dir) = setup().await;
-    let mut req = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    let mut req = gw.admit(&caller, Endpoint::Chat, "m").await.expect("admit");
     req.reserve(1000).await.expect("reserve");
     let b = backend(500, 0);
     let left = b.left.clone();
@@ -196,7 +199,7 @@ async fn a_client_that_leaves_is_settled_once_with_what_was_generated() {
     plan.tokens_per_minute = 1028;
     let mut c2 = caller.clone();
     c2.plan = plan;
-    let mut r2 = gw.admit(&c2, Endpoint::Chat, "m").expect("admit");
+    let mut r2 = gw.admit(&c2, Endpoint::Chat, "m").await.expect("admit");
     r2.reserve(1000)
         .await
         .expect("the first reservation was settled");
@@ -211,7 +214,7 @@ async fn refusals_release_what_they_reserved() {
         full: true,
         ..backend(1, 0)
     };
-    let mut req = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    let mut req = gw.admit(&caller, Endpoint::Chat, "m").await.expect("admit");
     req.reserve(100).await.expect("reserve");
     assert!(matches!(
         req.submit(&full, vec![Work::generate(vec![1], Default::default())]),
@@ -222,11 +225,12 @@ async fn refusals_release_what_they_reserved() {
     assert!(row(&gw).await.is_empty());
     let mut req = gw
         .admit(&caller, Endpoint::Chat, "m")
+        .await
         .expect("second request");
     req.reserve(100).await.expect("tokens released");
     // Requests per minute count before any work: the third is refused.
     assert!(matches!(
-        gw.admit(&caller, Endpoint::Chat, "m"),
+        gw.admit(&caller, Endpoint::Chat, "m").await,
         Err(GatewayError::Limit(_))
     ));
 }
@@ -244,6 +248,7 @@ async fn plan_price_and_request_weight_scale_what_counts_against_limits() {
     assert_eq!(caller.plan.price_milli, 500);
     let mut req = gw
         .admit(&caller, Endpoint::Chat, "m")
+        .await
         .expect("admit")
         .with_weight(400);
     req.reserve(100 + 50).await.expect("reserve");
@@ -273,7 +278,7 @@ async fn an_agent_loop_holds_one_steps_reservation_at_a_time() {
     // minute only if each step's unused reservation is freed before the next.
     caller.plan.tokens_per_minute = 1100;
     let b = backend(5, 0);
-    let mut req = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    let mut req = gw.admit(&caller, Endpoint::Chat, "m").await.expect("admit");
     for step in 0..5 {
         req.reserve(1000)
             .await
@@ -289,10 +294,10 @@ async fn an_agent_loop_holds_one_steps_reservation_at_a_time() {
         gw.db.tokens_on(&caller.user.id, &day).await.expect("sum"),
         75
     );
-    let mut r2 = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    let mut r2 = gw.admit(&caller, Endpoint::Chat, "m").await.expect("admit");
     r2.reserve(1100 - 75)
         .await
         .expect("the minute holds 75 tokens");
-    let mut r3 = gw.admit(&caller, Endpoint::Chat, "m").expect("admit");
+    let mut r3 = gw.admit(&caller, Endpoint::Chat, "m").await.expect("admit");
     assert!(r3.reserve(1).await.is_err(), "and no more");
 }

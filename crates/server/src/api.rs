@@ -25,8 +25,17 @@ use tokio::sync::mpsc;
 
 type AppResult<T> = Result<T, ApiError>;
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /health`: 200 while the replica takes work, 503 once it drains
+/// (so a load balancer stops sending it requests).
+pub async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining", "replica": st.db.replica()})),
+        )
+            .into_response();
+    }
+    Json(json!({"status": "ok", "replica": st.db.replica()})).into_response()
 }
 
 /// `GET /metrics` (Prometheus). With `--metrics-token`, only for
@@ -53,6 +62,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
         set(&m.prefix_pool_tokens, s.stats.pool_tokens.load(Relaxed));
         set(&m.kv_bytes, s.stats.kv_bytes.load(Relaxed));
     }
+    st.upstreams.gauges(&st.gw.metrics);
     st.gw.metrics.render().into_response()
 }
 
@@ -79,6 +89,13 @@ pub async fn auth(st: &AppState, headers: &HeaderMap) -> AppResult<Caller> {
         .map_err(|e| ApiError::unauthorized(e.to_string()))
 }
 
+/// Local models and upstream ones, with their creation times.
+fn all_models(st: &AppState) -> Vec<(String, u64)> {
+    let mut all = st.models.available();
+    all.extend(st.upstreams.names().map(|n| (n.clone(), 0)));
+    all
+}
+
 fn visible(caller: &Caller, model: &str) -> bool {
     caller.plan.allows(model) && caller.key.allows(model)
 }
@@ -87,9 +104,7 @@ pub async fn list_models(
     State(st): State<Arc<AppState>>,
     ApiCaller(caller): ApiCaller,
 ) -> AppResult<Json<ModelList>> {
-    let data = st
-        .models
-        .available()
+    let data = all_models(&st)
         .into_iter()
         .filter(|(name, _)| visible(&caller, name))
         .map(|(name, created)| ModelCard::new(&name, created))
@@ -105,8 +120,7 @@ pub async fn get_model(
     ApiCaller(caller): ApiCaller,
     Path(id): Path<String>,
 ) -> AppResult<Json<ModelCard>> {
-    st.models
-        .available()
+    all_models(&st)
         .into_iter()
         .find(|(name, _)| *name == id && visible(&caller, name))
         .map(|(name, created)| Json(ModelCard::new(&name, created)))
@@ -208,7 +222,7 @@ pub(crate) enum Via {
 
 /// Admit a request the way it came ([`hanlin_gateway::Gateway::admit`],
 /// or `admit_batch_line`).
-fn admit(
+pub(crate) async fn admit(
     st: &AppState,
     caller: &Caller,
     endpoint: Endpoint,
@@ -216,7 +230,7 @@ fn admit(
     via: &Via,
 ) -> AppResult<hanlin_gateway::Request> {
     Ok(match via {
-        Via::Api => st.gw.admit(caller, endpoint, model)?,
+        Via::Api => st.gw.admit(caller, endpoint, model).await?,
         Via::Batch(id) => st.gw.admit_batch_line(caller, model, id),
     })
 }
@@ -238,11 +252,15 @@ pub(crate) async fn chat_inner(
     via: &Via,
 ) -> AppResult<Response> {
     let req: ChatRequest = openai::parse(&body, openai::CHAT_FIELDS)?;
+    if let Some(pool) = st.upstreams.get(&req.model) {
+        let n = req.sampling.n(caller.plan.max_n)?;
+        return crate::upstream::forward(st, caller, &body, Endpoint::Chat, pool, n, via).await;
+    }
     let schema = crate::grammar::Grammars::schema_of(req.response_format.as_ref())?;
     let messages = req.template_messages()?;
     let sched = scheduler_for(st, &caller, &req.model).await?;
     // Requests per minute first: a refused request costs no tokenizing.
-    let request = admit(st, &caller, Endpoint::Chat, &req.model, via)?;
+    let request = admit(st, &caller, Endpoint::Chat, &req.model, via).await?;
     if let Some(names) = req.hanlin_tools.clone() {
         return server_tools(st, caller, req, names, messages, sched, request).await;
     }
@@ -363,6 +381,11 @@ pub(crate) async fn completion_inner(
     via: &Via,
 ) -> AppResult<Response> {
     let req: CompletionRequest = openai::parse(&body, openai::COMPLETION_FIELDS)?;
+    if let Some(pool) = st.upstreams.get(&req.model) {
+        let n = req.sampling.n(caller.plan.max_n)?;
+        return crate::upstream::forward(st, caller, &body, Endpoint::Completions, pool, n, via)
+            .await;
+    }
     if req.echo.unwrap_or(false) {
         return Err(ApiError::bad_request("'echo' is not supported.").param("echo"));
     }
@@ -380,7 +403,7 @@ pub(crate) async fn completion_inner(
         }
     };
     let sched = scheduler_for(st, &caller, &req.model).await?;
-    let request = admit(st, &caller, Endpoint::Completions, &req.model, via)?;
+    let request = admit(st, &caller, Endpoint::Completions, &req.model, via).await?;
     let m = sched.clone();
     let (suffix, model) = (req.suffix.clone(), req.model.clone());
     let parse_special = req.parse_special.unwrap_or(false);
@@ -772,7 +795,7 @@ pub(crate) async fn embeddings_inner(
         }
     };
     let sched = scheduler_for(st, &caller, &req.model).await?;
-    let mut request = admit(st, &caller, Endpoint::Embeddings, &req.model, via)?;
+    let mut request = admit(st, &caller, Endpoint::Embeddings, &req.model, via).await?;
     let n_inputs = match &req.input {
         openai::EmbeddingInput::One(_) | openai::EmbeddingInput::Tokens(_) => 1,
         openai::EmbeddingInput::Many(v) => v.len(),

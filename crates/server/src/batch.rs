@@ -455,11 +455,24 @@ pub async fn cancel(
     Ok(Json(batch_json(&b)))
 }
 
-/// Start the runner (one per server).
+/// The lease of the one batch runner among the replicas on a database.
+const RUNNER_LEASE: &str = "batch-runner";
+
+/// Start the runner. Every replica starts one; the one holding the
+/// database lease runs batches (so no line runs on two replicas at once),
+/// and another takes over when that replica stops or dies.
 pub fn spawn_runner(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
+        // The lease is renewed while the runner runs, and no longer.
+        let mut lease = tokio::task::JoinSet::new();
+        lease.spawn(hold_runner_lease(st.clone(), held.clone()));
         let mut swept = std::time::Instant::now() - Duration::from_secs(3600);
         loop {
+            if !held.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             if swept.elapsed() > Duration::from_secs(60) {
                 swept = std::time::Instant::now();
                 if let Err(e) = crate::files::sweep(&st).await {
@@ -469,7 +482,7 @@ pub fn spawn_runner(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             match st.db.next_active_batch().await {
                 Ok(Some(b)) => {
                     let id = b.id.clone();
-                    if let Err(e) = run(&st, b).await {
+                    if let Err(e) = run(&st, b, &held).await {
                         tracing::warn!(batch = %id, "batch runner: {}", e.message);
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
@@ -487,15 +500,53 @@ pub fn spawn_runner(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Work one batch until it ends.
-async fn run(st: &Arc<AppState>, b: BatchRow) -> AppResult<()> {
+/// Take and renew the runner's lease a few times per lease period;
+/// `held` says whether this replica holds it. A draining replica gives it
+/// up.
+async fn hold_runner_lease(st: Arc<AppState>, held: Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering;
+    let lease = st.config.replica_lease;
+    let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        if st.draining.load(Ordering::SeqCst) {
+            held.store(false, Ordering::SeqCst);
+            let _ = st.db.release_lease(RUNNER_LEASE).await;
+            return;
+        }
+        let now_held = match st
+            .db
+            .try_lease(RUNNER_LEASE, lease.as_millis() as i64)
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("renewing the batch runner's lease: {e}");
+                false
+            }
+        };
+        if now_held && !held.load(Ordering::SeqCst) {
+            tracing::info!("this replica runs the batches");
+            st.batch_wake.notify_one();
+        }
+        held.store(now_held, Ordering::SeqCst);
+    }
+}
+
+/// Work one batch until it ends (or this replica loses the runner's
+/// lease: lines already started finish, nothing new starts).
+async fn run(
+    st: &Arc<AppState>,
+    b: BatchRow,
+    held: &std::sync::atomic::AtomicBool,
+) -> AppResult<()> {
     if b.status == BatchStatus::Validating {
         st.db
             .set_batch_status(&b.id, &[BatchStatus::Validating], BatchStatus::InProgress)
             .await?;
     }
     let parallel = st.config.batch_parallel.max(1);
-    let mut running = tokio::task::JoinSet::new();
+    let mut running: tokio::task::JoinSet<(i64, LineStatus, String)> = tokio::task::JoinSet::new();
     let mut after = 0i64;
     let mut stop = b.status == BatchStatus::Finalizing;
     loop {
@@ -503,6 +554,15 @@ async fn run(st: &Arc<AppState>, b: BatchRow) -> AppResult<()> {
         let now_status = st.db.batch(&b.id, None).await?.map(|x| x.status);
         if now_status == Some(BatchStatus::Cancelling) || now() >= b.expires_at {
             stop = true;
+        }
+        if !held.load(std::sync::atomic::Ordering::SeqCst) && !stop {
+            // Another replica takes over from the lines still pending.
+            while let Some(done) = running.join_next().await {
+                if let Ok((line_no, status, result)) = done {
+                    st.db.finish_line(&b.id, line_no, status, &result).await?;
+                }
+            }
+            return Ok(());
         }
         if !stop && running.len() < parallel {
             let want = (parallel - running.len()) as i64;

@@ -26,14 +26,16 @@ pub mod models;
 pub mod openai;
 pub mod search;
 mod tools;
+pub mod upstream;
 pub mod web;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use hanlin_accounts::limits::SharedLimiter;
 use hanlin_accounts::Db;
 use hanlin_engine::SchedulerConfig;
-use hanlin_gateway::{Gateway, Metrics};
+use hanlin_gateway::{Gateway, Limits, Metrics};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -88,6 +90,17 @@ pub struct Config {
     pub batch_keep: std::time::Duration,
     /// WeChat accounts (`[wechat.NAME]`), served at `/wechat/NAME`.
     pub wechat: std::collections::BTreeMap<String, hanlin_channels::wechat::AccountConfig>,
+    /// This replica's id among the servers on one database (`None`: the
+    /// host name and port, which stay the same across restarts).
+    pub replica_id: Option<String>,
+    /// A replica silent for this long is dead: its token holds stop
+    /// counting and its streaming replies are marked incomplete.
+    pub replica_lease: std::time::Duration,
+    /// On shutdown, how long streams in progress may run before the
+    /// replica stops anyway.
+    pub drain_deadline: std::time::Duration,
+    /// Models served by upstream servers (`[models.NAME] upstream = …`).
+    pub upstreams: std::collections::BTreeMap<String, hanlin_upstream::UpstreamConfig>,
 }
 
 impl Config {
@@ -119,6 +132,10 @@ impl Config {
             batch_parallel: 12,
             batch_keep: std::time::Duration::from_secs(7 * 24 * 3600),
             wechat: Default::default(),
+            replica_id: None,
+            replica_lease: std::time::Duration::from_secs(30),
+            drain_deadline: std::time::Duration::from_secs(30),
+            upstreams: Default::default(),
         }
     }
 }
@@ -142,6 +159,8 @@ pub enum ServerError {
     Mcp(#[from] hanlin_tools::mcp::McpError),
     #[error("channel settings: {0}")]
     Channel(String),
+    #[error(transparent)]
+    Upstream(#[from] hanlin_upstream::UpstreamError),
 }
 
 pub struct AppState {
@@ -170,12 +189,39 @@ pub struct AppState {
     pub batch_wake: tokio::sync::Notify,
     /// Messaging channel accounts (WeChat).
     pub channels: channel::Channels,
+    /// Set when the replica was told to stop: `/health` says so (load
+    /// balancers take it out) and background work starts nothing new.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Models served by upstream servers, by name.
+    pub upstreams: upstream::Upstreams,
 }
 
 impl AppState {
     pub async fn new(config: Config, store: hanlin_store::Store) -> Result<Arc<Self>, ServerError> {
         hanlin_tools::mcp::install_tls();
-        let db = Db::connect(&config.database_url).await?;
+        let mut db = Db::connect(&config.database_url).await?;
+        let replica = config.replica_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "hanlin".into());
+            if config.port == 0 {
+                format!("{host}-{}", hanlin_accounts::random_token(8))
+            } else {
+                format!("{host}:{}", config.port)
+            }
+        });
+        db.set_replica(&replica);
+        db.register_replica().await?;
+        match db.clock_skew_ms().await {
+            Ok(skew) if skew.abs() > 2000 => tracing::warn!(
+                "this machine's clock is {skew} ms off the database's; limits and leases use the database's"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("reading the database's clock: {e}"),
+        }
+        tokio::spawn(heartbeat(db.clone(), config.replica_lease));
         if let Some(p) = config.signup {
             db.set_signup_policy(p).await?;
         }
@@ -191,6 +237,8 @@ impl AppState {
                 "{interrupted} replies were cut off by the last shutdown; kept as incomplete"
             );
         }
+        let mut upstreams = upstream::Upstreams::new(&config.upstreams)?;
+        upstreams.load_tokenizers(&store).await?;
         let embedders = hanlin_embed::Embedders::new(
             hanlin_store::Store::open(store.home())
                 .map_err(|e| ServerError::Model(e.to_string()))?,
@@ -205,12 +253,26 @@ impl AppState {
         );
         let mcp = Arc::new(tools::mcp_hub(&db, &config).await?);
         let channels = channel::Channels::new(&db, &config.wechat).map_err(ServerError::Channel)?;
-        Ok(Arc::new(Self {
-            gw: Gateway::new(db.clone(), Metrics::new()?),
+        let kbs = if db.postgres {
+            search::Kbs::replicated(config.kb_dir.clone(), db.clone())
+        } else {
+            search::Kbs::new(config.kb_dir.clone())
+        };
+        let state = Arc::new(Self {
+            gw: Gateway::with_limits(
+                db.clone(),
+                Metrics::new()?,
+                if db.postgres {
+                    // Replicas may share this database: limits live in it.
+                    Limits::Shared(SharedLimiter::new(db.clone(), config.replica_lease))
+                } else {
+                    Limits::Local(Default::default())
+                },
+            ),
             db,
             models,
             grammars: grammar::Grammars::default(),
-            kbs: search::Kbs::new(config.kb_dir.clone()),
+            kbs,
             embedders,
             setup_token: tokio::sync::Mutex::new(setup_token),
             throttle: guard::Throttle::default(),
@@ -221,7 +283,11 @@ impl AppState {
             batch_wake: tokio::sync::Notify::new(),
             channels,
             config,
-        }))
+            draining: Default::default(),
+            upstreams,
+        });
+        upstream::Upstreams::spawn_health_checks(&state, std::time::Duration::from_secs(5));
+        Ok(state)
     }
 }
 
@@ -370,16 +436,25 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
             addr: addr.clone(),
             source,
         })?;
-    state
-        .models
-        .get(&state.config.default_model)
-        .await
-        .map_err(|e| ServerError::Model(e.message))?;
+    // A gateway in front of upstream servers may load no model itself.
+    if state.upstreams.get(&state.config.default_model).is_none() {
+        state
+            .models
+            .get(&state.config.default_model)
+            .await
+            .map_err(|e| ServerError::Model(e.message))?;
+    }
     let local: SocketAddr = listener.local_addr()?;
     tokio::spawn(search::poll_feeds(
         state.clone(),
         std::time::Duration::from_secs(2),
     ));
+    if state.db.postgres {
+        tokio::spawn(search::follow_log(
+            state.clone(),
+            std::time::Duration::from_secs(1),
+        ));
+    }
     tokio::spawn(prune_sessions(state.clone()));
     batch::spawn_runner(state.clone());
     tracing::info!(
@@ -397,14 +472,95 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
             "This server has no administrator yet. Open http://{local}/ and register with the setup token\n\n    {token}\n\n(or create one with `hanlin admin user create NAME --admin`)."
         );
     }
+    let st = state.clone();
     let app = router(state).into_make_service_with_connect_info::<guard::PeerAddr>();
     let listener = guard::CappedListener::new(listener, guard::ConnLimits::default());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tokio::select! {
+        r = &mut server => {
+            r.map_err(std::io::Error::other)??;
+            st.db.retire_replica().await?;
+            return Ok(());
+        }
+        _ = stop_signal() => {}
+    }
+    // Drain: `/health` turns 503 (a load balancer stops sending), no new
+    // connection is taken, streams in progress finish within the deadline;
+    // then this replica's holds, leases and row go at once.
+    st.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Err(e) = st.db.set_draining().await {
+        tracing::warn!("marking this replica as draining: {e}");
+    }
+    let deadline = st.config.drain_deadline;
+    println!(
+        "Stopping: finishing the requests in progress (at most {} s)",
+        deadline.as_secs()
+    );
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(deadline, &mut server).await {
+        Ok(r) => {
+            r.map_err(std::io::Error::other)??;
+        }
+        Err(_) => {
+            tracing::warn!("requests still running after the drain deadline are cut off");
+            server.abort();
+        }
+    }
+    st.db.retire_replica().await?;
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what `systemctl stop`, Docker and Kubernetes send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Renew this replica's heartbeat, and release what dead replicas held,
+/// until the process ends (a few times per lease).
+async fn heartbeat(db: Db, lease: std::time::Duration) {
+    let mut tick = tokio::time::interval((lease / 6).max(std::time::Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = db.heartbeat().await {
+            tracing::warn!("replica heartbeat: {e}");
+            continue;
+        }
+        match db.sweep_dead_replicas(lease.as_millis() as i64).await {
+            Ok(s) if s.replies > 0 || s.holds > 0 => tracing::warn!(
+                "released what stopped replicas held: {} streaming replies marked incomplete, {} token holds",
+                s.replies,
+                s.holds
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("sweeping stopped replicas: {e}"),
+        }
+    }
 }
 
 /// Delete expired browser sessions (and channel messages past their

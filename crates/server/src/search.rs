@@ -35,6 +35,9 @@ type AppResult<T> = Result<T, ApiError>;
 pub struct Kbs {
     pub root: PathBuf,
     open: Mutex<HashMap<String, Arc<Mutex<KnowledgeBase>>>>,
+    /// On a database replicas share: every change is also appended to its
+    /// knowledge-base log, which every replica replays ([`follow_log`]).
+    log: Option<hanlin_accounts::Db>,
 }
 
 fn search_error(e: SearchError) -> ApiError {
@@ -58,6 +61,35 @@ impl Kbs {
         Self {
             root,
             open: Mutex::new(HashMap::new()),
+            log: None,
+        }
+    }
+
+    /// Knowledge bases whose changes go to `db`'s log too (PostgreSQL:
+    /// replicas share them).
+    pub fn replicated(root: PathBuf, db: hanlin_accounts::Db) -> Self {
+        Self {
+            log: Some(db),
+            ..Self::new(root)
+        }
+    }
+
+    /// Append a change to the log (from a blocking thread). A change this
+    /// replica made but could not log is kept here and said in the log.
+    fn log(&self, kb: &str, op: &str, body: &impl serde::Serialize) {
+        let Some(db) = &self.log else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let body = match serde_json::to_string(body) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("{kb}: encoding a change for the other replicas: {e}");
+                return;
+            }
+        };
+        if let Err(e) = rt.block_on(db.log_kb_change(kb, op, &body)) {
+            tracing::error!("{kb}: the other replicas will not see this {op}: {e}");
         }
     }
 
@@ -73,6 +105,12 @@ impl Kbs {
     }
 
     fn create(&self, name: &str, config: KbConfig) -> AppResult<()> {
+        self.create_here(name, config.clone())?;
+        self.log(name, "create", &config);
+        Ok(())
+    }
+
+    fn create_here(&self, name: &str, config: KbConfig) -> AppResult<()> {
         let dir = kb_dir(&self.root, name).map_err(search_error)?;
         let kb = KnowledgeBase::create_with(&dir, config).map_err(search_error)?;
         self.open
@@ -85,6 +123,20 @@ impl Kbs {
     /// Add `docs` to knowledge base `name` (searchable when this returns),
     /// embedding their passages when it does dense retrieval.
     fn add(
+        &self,
+        name: &str,
+        docs: Vec<hanlin_search::Document>,
+        embedders: &Embedders,
+    ) -> AppResult<hanlin_search::index::AddReport> {
+        let logged = self.log.is_some().then(|| docs.clone());
+        let r = self.add_here(name, docs, embedders)?;
+        if let Some(docs) = logged.filter(|_| r.added > 0) {
+            self.log(name, "add", &docs);
+        }
+        Ok(r)
+    }
+
+    fn add_here(
         &self,
         name: &str,
         docs: Vec<hanlin_search::Document>,
@@ -195,7 +247,7 @@ pub async fn search(
     check_readable(&st, &caller.user, &names).await?;
     // Searches count against the plan's requests per minute and are
     // recorded (no tokens) like every other request.
-    let mut request = st.gw.admit(&caller, Endpoint::Search, "search")?;
+    let mut request = st.gw.admit(&caller, Endpoint::Search, "search").await?;
     request.record(Default::default());
     let st2 = st.clone();
     let hits = blocking(move || st2.kbs.retrieve(&names, &b.query, k, &st2.embedders)).await?;
@@ -549,14 +601,116 @@ pub async fn add_feed(
         .map_err(|e| ApiError::bad_request(e.to_string()).param("url"))?;
     let dir = kb_dir(&st.kbs.root, &name).map_err(search_error)?;
     let v = json!({"kb": name, "feed": f});
-    blocking(move || feed::add(&dir, f).map_err(search_error)).await?;
+    let st2 = st.clone();
+    let kb = name.clone();
+    blocking(move || {
+        feed::add(&dir, f.clone()).map_err(search_error)?;
+        st2.kbs.log(&kb, "feed", &f);
+        Ok(())
+    })
+    .await?;
     Ok(Json(v))
 }
 
+/// Replay the knowledge-base log (changes made on any replica) into this
+/// replica's knowledge bases, from where it stopped (`.log_cursor` under
+/// the root), every `tick`. Replaying a change this replica made is a
+/// no-op: documents are stored once by their text's hash.
+pub async fn follow_log(st: Arc<AppState>, tick: std::time::Duration) {
+    let cursor_file = st.kbs.root.join(".log_cursor");
+    let mut cursor: i64 = std::fs::read_to_string(&cursor_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    loop {
+        tokio::time::sleep(tick).await;
+        let changes = match st.db.kb_changes_after(cursor, 200).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("reading the knowledge-base log: {e}");
+                continue;
+            }
+        };
+        if changes.is_empty() {
+            continue;
+        }
+        let st2 = st.clone();
+        let last = changes.last().map(|c| c.seq).unwrap_or(cursor);
+        let applied = tokio::task::spawn_blocking(move || {
+            for c in &changes {
+                if let Err(e) = apply_change(&st2, c) {
+                    tracing::warn!(seq = c.seq, kb = %c.kb, "replaying a knowledge-base {}: {}", c.op, e.message);
+                }
+            }
+        })
+        .await;
+        if let Err(e) = applied {
+            tracing::error!("replaying the knowledge-base log: {e}");
+            continue;
+        }
+        cursor = last;
+        if let Err(e) = std::fs::create_dir_all(&st.kbs.root)
+            .and_then(|_| std::fs::write(&cursor_file, cursor.to_string()))
+        {
+            tracing::warn!("saving the knowledge-base log cursor: {e}");
+        }
+    }
+}
+
+fn apply_change(st: &AppState, c: &hanlin_accounts::kb::KbChange) -> AppResult<()> {
+    let bad = |e: serde_json::Error| ApiError::internal(format!("a malformed change: {e}"));
+    match c.op.as_str() {
+        "create" => {
+            let config: KbConfig = serde_json::from_str(&c.body).map_err(bad)?;
+            match st.kbs.create_here(&c.kb, config) {
+                Err(e) if e.code == Some("kb_exists") => Ok(()),
+                r => r,
+            }
+        }
+        "add" => {
+            let docs: Vec<hanlin_search::Document> = serde_json::from_str(&c.body).map_err(bad)?;
+            st.kbs.add_here(&c.kb, docs, &st.embedders).map(|_| ())
+        }
+        "feed" => {
+            let f: feed::Feed = serde_json::from_str(&c.body).map_err(bad)?;
+            let dir = kb_dir(&st.kbs.root, &c.kb).map_err(search_error)?;
+            if feed::load(&dir)
+                .unwrap_or_default()
+                .iter()
+                .any(|x| x.url == f.url)
+            {
+                return Ok(());
+            }
+            feed::add(&dir, f).map_err(search_error)
+        }
+        other => Err(ApiError::internal(format!("an unknown change {other:?}"))),
+    }
+}
+
+/// The lease of the replica that polls the feeds.
+const FEED_LEASE: &str = "feeds";
+
 /// Poll the feeds of every knowledge base as they fall due, for as long as
-/// the server runs (checked every `tick`).
+/// the server runs (checked every `tick`). With replicas, the one holding
+/// the feeds' lease polls; what it adds reaches the others through the
+/// knowledge-base log.
 pub async fn poll_feeds(st: Arc<AppState>, tick: std::time::Duration) {
     loop {
+        if st.kbs.log.is_some() {
+            let ttl = st.config.replica_lease.max(tick * 3).as_millis() as i64;
+            match st.db.try_lease(FEED_LEASE, ttl).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tokio::time::sleep(tick).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("the feeds' lease: {e}");
+                    tokio::time::sleep(tick).await;
+                    continue;
+                }
+            }
+        }
         let st2 = st.clone();
         let polled = tokio::task::spawn_blocking(move || {
             feed::poll_due(
@@ -606,7 +760,7 @@ pub async fn ask(
     let names = b.kb.list()?;
     check_readable(&st, &caller.user, &names).await?;
     let model = b.model.unwrap_or_else(|| st.config.default_model.clone());
-    let request = st.gw.admit(&caller, Endpoint::Ask, &model)?;
+    let request = st.gw.admit(&caller, Endpoint::Ask, &model).await?;
     let passages = retrieve(&st, names, b.question.clone(), 5).await?;
     let grounded = match answer::plan(&b.question, passages, hanlin_accounts::now()) {
         answer::Plan::Decline(g) => g,

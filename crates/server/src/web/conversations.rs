@@ -224,7 +224,7 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
     let id = conv.id.clone();
     let user_id = caller.user.id.clone();
     let sched = scheduler_for(st, &caller, &conv.model).await?;
-    let mut request = st.gw.admit(&caller, endpoint, &conv.model)?;
+    let mut request = st.gw.admit(&caller, endpoint, &conv.model).await?;
     let mut messages = st.db.messages(&user_id, &id).await?.unwrap_or_default();
     let mut user_msg: Option<Message> = None;
     let answer_to = match (&b.content, &b.parent_id) {

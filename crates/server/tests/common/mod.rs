@@ -120,17 +120,9 @@ pub async fn serve(state: Arc<AppState>) -> String {
 /// A new, empty database on the PostgreSQL server at `url`, so tests can
 /// run in parallel.
 pub async fn fresh_postgres_database(url: &str) -> String {
-    use sqlx::Connection;
-    let name = format!("hanlin_t_{:016x}", rand::random::<u64>());
-    let mut conn = sqlx::PgConnection::connect(url)
+    hanlin_accounts::Db::create_test_database(url)
         .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .expect("create a test database");
-    let (server, _) = url.rsplit_once('/').expect("a database URL");
-    format!("{server}/{name}")
+        .expect("create a test database")
 }
 
 impl TestServer {

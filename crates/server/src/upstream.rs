@@ -1,0 +1,558 @@
+//! Models served by upstream servers (`[models.NAME] upstream = [...]`):
+//! the request is authenticated, limited and metered here like any other
+//! (`hanlin_gateway`), then forwarded to a node of the model's
+//! [`Pool`](hanlin_upstream::Pool), and the answer relayed. Usage comes from
+//! the node's `usage` (streams ask for `stream_options.include_usage`),
+//! checked against what can be seen: the prompt cannot have more tokens
+//! than bytes (byte-level BPE) plus what a chat template adds
+//! (`template_tokens`), the answer no more than the `max_tokens`
+//! the node was given and no fewer than the chunks that carried text.
+
+use crate::api::Via;
+use crate::error::ApiError;
+use crate::AppState;
+use axum::body::Bytes;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use hanlin_accounts::{Caller, Usage};
+use hanlin_gateway::{Endpoint, Request};
+use hanlin_tokenizer::Tokenizer;
+use hanlin_upstream::{Pool, Reply, UpstreamError};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// Every upstream model's pool, by the name it is served as here.
+#[derive(Default)]
+pub struct Upstreams {
+    pools: std::collections::BTreeMap<String, Arc<Pool>>,
+    /// Tokenizers that count a model's tokens when its nodes report none
+    /// (`tokenizer = "…"`: a model in the local store).
+    counters: std::collections::BTreeMap<String, Arc<Tokenizer>>,
+}
+
+impl Upstreams {
+    pub fn new(
+        config: &std::collections::BTreeMap<String, hanlin_upstream::UpstreamConfig>,
+    ) -> Result<Self, UpstreamError> {
+        let mut pools = std::collections::BTreeMap::new();
+        for (name, c) in config {
+            pools.insert(name.clone(), Arc::new(Pool::new(name, c.clone())?));
+        }
+        Ok(Self {
+            pools,
+            counters: Default::default(),
+        })
+    }
+
+    /// Load the tokenizers the pools name from `store` (each file read
+    /// once, its tokenizer kept, its weights dropped).
+    pub async fn load_tokenizers(
+        &mut self,
+        store: &hanlin_store::Store,
+    ) -> Result<(), UpstreamError> {
+        for (name, pool) in &self.pools {
+            let Some(tok) = pool.config.tokenizer.clone() else {
+                continue;
+            };
+            let bad = |why: String| UpstreamError::Config(name.clone(), why);
+            let path = store
+                .path_of(&tok)
+                .map_err(|e| bad(e.to_string()))?
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tokenizer {tok:?} is not in the model store (hanlin pull {tok})"
+                    ))
+                })?;
+            let t = tokio::task::spawn_blocking(move || {
+                let f = hanlin_formats::gguf::GgufFile::open(&path).map_err(|e| e.to_string())?;
+                Tokenizer::from_gguf(&f.header).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .map_err(|e| bad(format!("tokenizer {tok:?}: {e}")))?;
+            self.counters.insert(name.clone(), Arc::new(t));
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, model: &str) -> Option<Arc<Pool>> {
+        self.pools.get(model).cloned()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.pools.keys()
+    }
+
+    /// Check every node of every pool every `every` (a node taken out is
+    /// put back when it answers again).
+    pub fn spawn_health_checks(st: &Arc<AppState>, every: std::time::Duration) {
+        if st.upstreams.pools.is_empty() {
+            return;
+        }
+        let st = Arc::downgrade(st);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(st) = st.upgrade() else { return };
+                for pool in st.upstreams.pools.values() {
+                    pool.check_health().await;
+                }
+            }
+        });
+    }
+
+    /// Bring the per-node gauges up to date (before `/metrics` renders).
+    pub fn gauges(&self, m: &hanlin_gateway::Metrics) {
+        for pool in self.pools.values() {
+            for node in pool.nodes() {
+                let l = [pool.model.as_str(), node.url.as_str()];
+                m.upstream_outstanding
+                    .with_label_values(&l)
+                    .set(node.outstanding() as i64);
+                m.upstream_healthy
+                    .with_label_values(&l)
+                    .set(i64::from(node.healthy()));
+            }
+        }
+    }
+}
+
+/// Hanlin's own request fields, which mean nothing to an upstream.
+const OWN_FIELDS: &[&str] = &["hanlin_tools", "parse_special"];
+
+/// A chat or text completion for an upstream model. `n` is the number of
+/// choices (already checked against the plan).
+pub(crate) async fn forward(
+    st: &Arc<AppState>,
+    caller: Caller,
+    body: &Bytes,
+    endpoint: Endpoint,
+    pool: Arc<Pool>,
+    n: usize,
+    via: &Via,
+) -> AppResult<Response> {
+    if !(caller.plan.allows(&pool.model) && caller.key.allows(&pool.model)) {
+        return Err(ApiError::model_not_found(&pool.model));
+    }
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}")))?;
+    if v.get("hanlin_tools").is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::bad_request(format!(
+            "Server tools are not available for the upstream model `{}`.",
+            pool.model
+        ))
+        .param("hanlin_tools"));
+    }
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ApiError::bad_request("The body must be a JSON object."));
+    };
+    for f in OWN_FIELDS {
+        obj.remove(*f);
+    }
+    let chat = endpoint != Endpoint::Completions;
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let wants_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    // The node gets an explicit max_tokens: what is reserved here bounds
+    // what it may generate.
+    let cap = pool.config.max_tokens as u64;
+    let field = if chat && obj.contains_key("max_completion_tokens") {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let max_new = match obj.get(field).and_then(Value::as_u64) {
+        Some(m) if m > cap => {
+            return Err(ApiError::bad_request(format!(
+                "'{field}' is too large: the model `{}` allows at most {cap}.",
+                pool.model
+            ))
+            .param(field))
+        }
+        Some(m) => m,
+        None => cap,
+    };
+    obj.insert(field.into(), json!(max_new));
+    obj.insert("model".into(), json!(pool.upstream_model()));
+    if stream {
+        obj.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let counter = st.upstreams.counters.get(&pool.model).cloned();
+    let count = |text: &str| {
+        counter
+            .as_ref()
+            .and_then(|t| t.encode_plain(text, false).ok())
+            .map(|ids| ids.len() as i64)
+    };
+    let (prompt_bound, key, prompt_count) = if chat {
+        let messages = obj
+            .get("messages")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let counted = messages
+            .iter()
+            .map(|m| count(&text_of(&m["content"])).map(|n| n + 4))
+            .sum::<Option<i64>>();
+        (
+            messages
+                .iter()
+                .map(|m| text_bytes(&m["content"]) + 8)
+                .sum::<usize>()
+                + pool.config.template_tokens as usize,
+            hanlin_upstream::affinity_key(&messages),
+            counted,
+        )
+    } else {
+        let prompt = obj.get("prompt").unwrap_or(&Value::Null);
+        (text_bytes(prompt) + 8, None, count(&text_of(prompt)))
+    };
+    let max_completion = (max_new as usize).saturating_mul(n);
+    let mut request = crate::api::admit(st, &caller, endpoint, &pool.model, via).await?;
+    request
+        .reserve(prompt_bound.saturating_add(max_completion))
+        .await?;
+    let path = if chat {
+        "chat/completions"
+    } else {
+        "completions"
+    };
+    let m = &st.gw.metrics;
+    let sent = Instant::now();
+    let reply = match pool.send(path, &v, stream, key).await {
+        Ok(r) => r,
+        Err(e) => {
+            let outcome = if matches!(e, UpstreamError::Refused { .. }) {
+                "refused"
+            } else {
+                "failed"
+            };
+            m.upstream_requests
+                .with_label_values(&[pool.model.as_str(), "-", outcome])
+                .inc();
+            return Err(upstream_error(e));
+        }
+    };
+    let meter = Meter {
+        prompt_bound: prompt_bound as i64,
+        max_completion: max_completion as i64,
+        reported: None,
+        seen: 0,
+        prompt_count,
+        text: String::new(),
+        counter,
+    };
+    match reply {
+        Reply::Json { mut body, node } => {
+            let l = [pool.model.as_str(), node.node().url.as_str()];
+            m.upstream_ttft
+                .with_label_values(&l)
+                .observe(sent.elapsed().as_secs_f64());
+            m.upstream_requests
+                .with_label_values(&[l[0], l[1], "ok"])
+                .inc();
+            let mut meter = meter;
+            meter.read(&body);
+            meter.seen = body["choices"]
+                .as_array()
+                .map(|c| c.iter().filter(|c| has_text(c)).count() as i64)
+                .unwrap_or(0);
+            let usage = meter.finish();
+            count_tokens(m, &l, &usage);
+            request.external(usage, usage.completion_tokens.max(0) as usize);
+            request.finish().await;
+            body["model"] = json!(pool.model);
+            // What was metered is what the client is told.
+            body["usage"] = usage_json(&usage);
+            Ok(axum::Json(body).into_response())
+        }
+        Reply::Stream(s) => {
+            let l = [pool.model.clone(), s.node().url.clone()];
+            m.upstream_ttft
+                .with_label_values(&[l[0].as_str(), l[1].as_str()])
+                .observe(sent.elapsed().as_secs_f64());
+            let (tx, rx) = mpsc::channel::<SseEvent>(64);
+            tokio::spawn(relay(
+                st.clone(),
+                s,
+                request,
+                meter,
+                tx,
+                pool.model.clone(),
+                wants_usage,
+            ));
+            let out = futures::stream::unfold(rx, |mut rx| async move {
+                let ev = rx.recv().await?;
+                Some((Ok::<_, Infallible>(ev), rx))
+            });
+            Ok(Sse::new(out).into_response())
+        }
+    }
+}
+
+/// Pass a stream's events on, metering as they come; the request ends
+/// when the node's stream does, or when the client goes away.
+async fn relay(
+    st: Arc<AppState>,
+    mut s: hanlin_upstream::Stream,
+    mut request: Request,
+    mut meter: Meter,
+    tx: mpsc::Sender<SseEvent>,
+    model: String,
+    wants_usage: bool,
+) {
+    let node = s.node().url.clone();
+    let m = &st.gw.metrics;
+    let mut outcome = "ok";
+    request.external(meter.usage(), 0);
+    while let Some(ev) = s.next().await {
+        let mut chunk = match ev {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(model = %model, "{e}");
+                outcome = "broken";
+                let err = ApiError::new_status(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    format!("The answer was cut off: {e}."),
+                );
+                let _ = tx
+                    .send(
+                        SseEvent::default()
+                            .json_data(err.body())
+                            .unwrap_or_default(),
+                    )
+                    .await;
+                break;
+            }
+        };
+        meter.read(&chunk);
+        let texts = chunk["choices"]
+            .as_array()
+            .map(|c| c.iter().filter(|c| has_text(c)).count())
+            .unwrap_or(0);
+        meter.seen += texts as i64;
+        request.external(meter.usage(), texts);
+        let usage_only = chunk["choices"].as_array().is_some_and(|c| c.is_empty())
+            && chunk.get("usage").is_some_and(|u| !u.is_null());
+        if usage_only && !wants_usage {
+            continue;
+        }
+        chunk["model"] = json!(model);
+        if let Some(u) = chunk.get_mut("usage").filter(|u| !u.is_null()) {
+            *u = usage_json(&meter.usage());
+        }
+        if tx
+            .send(SseEvent::default().data(chunk.to_string()))
+            .await
+            .is_err()
+        {
+            outcome = "client_left";
+            break;
+        }
+    }
+    if outcome == "ok" {
+        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+    }
+    let usage = meter.finish();
+    let l = [model.as_str(), node.as_str()];
+    count_tokens(m, &l, &usage);
+    m.upstream_requests
+        .with_label_values(&[l[0], l[1], outcome])
+        .inc();
+    request.external(usage, 0);
+    request.finish().await;
+}
+
+/// What a request used, from what the node reported and what was seen.
+struct Meter {
+    prompt_bound: i64,
+    max_completion: i64,
+    /// The node's `usage` (prompt, completion), the last it sent.
+    reported: Option<(i64, i64)>,
+    /// Choices' chunks (or choices) that carried text: each is at least a
+    /// token.
+    seen: i64,
+    /// The prompt as the configured tokenizer counts it.
+    prompt_count: Option<i64>,
+    /// The answer's text, kept for the tokenizer (bounded).
+    text: String,
+    counter: Option<Arc<Tokenizer>>,
+}
+
+impl Meter {
+    fn read(&mut self, v: &Value) {
+        let u = &v["usage"];
+        if let (Some(p), Some(c)) = (u["prompt_tokens"].as_i64(), u["completion_tokens"].as_i64()) {
+            self.reported = Some((p, c));
+        }
+        if self.counter.is_some() {
+            // A token is rarely more than 16 bytes: more text than that
+            // cannot count for more than max_completion anyway.
+            let room = (self.max_completion.max(0) as usize).saturating_mul(16);
+            for c in v["choices"].as_array().into_iter().flatten() {
+                for t in [&c["text"], &c["delta"]["content"], &c["message"]["content"]] {
+                    if let Some(t) = t.as_str() {
+                        if self.text.len() + t.len() <= room {
+                            self.text.push_str(t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The usage to record at the end: [`Meter::usage`], except that when
+    /// the node reported nothing and a tokenizer is configured, the answer
+    /// is counted with it (at least the chunks seen, at most max_tokens).
+    fn finish(&self) -> Usage {
+        let mut u = self.usage();
+        if self.reported.is_none() {
+            if let Some(ids) = self
+                .counter
+                .as_ref()
+                .and_then(|t| t.encode_plain(&self.text, false).ok())
+            {
+                u.completion_tokens = (ids.len() as i64)
+                    .max(self.seen)
+                    .min(self.max_completion)
+                    .max(0);
+            }
+        }
+        u
+    }
+
+    /// Prompt tokens: as reported, at most one per byte; when nothing was
+    /// reported, the configured tokenizer's count, else a quarter of the
+    /// bytes (a typical BPE rate). Completion
+    /// tokens: as reported but at least the chunks seen and at most the
+    /// `max_tokens` the node was given.
+    fn usage(&self) -> Usage {
+        let (prompt, completion) = match self.reported {
+            Some((p, c)) => (p.clamp(0, self.prompt_bound), c.max(self.seen)),
+            None => (
+                self.prompt_count
+                    .unwrap_or((self.prompt_bound + 3) / 4)
+                    .min(self.prompt_bound),
+                self.seen,
+            ),
+        };
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion.clamp(0, self.max_completion),
+            ..Default::default()
+        }
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+fn count_tokens(m: &hanlin_gateway::Metrics, l: &[&str; 2], u: &Usage) {
+    for (kind, n) in [
+        ("prompt", u.prompt_tokens),
+        ("completion", u.completion_tokens),
+    ] {
+        m.upstream_tokens
+            .with_label_values(&[l[0], l[1], kind])
+            .inc_by(n.max(0) as u64);
+    }
+}
+
+/// Whether a choice (or a streamed choice's delta) carries text.
+fn has_text(c: &Value) -> bool {
+    let nonempty = |v: &Value| v.as_str().is_some_and(|s| !s.is_empty());
+    nonempty(&c["text"])
+        || nonempty(&c["delta"]["content"])
+        || nonempty(&c["message"]["content"])
+        || c["delta"]["tool_calls"].is_array()
+}
+
+/// The text of a message's content (a string, or parts with text).
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().map(text_of).collect::<Vec<_>>().join("\n"),
+        Value::Object(o) => o.get("text").map(text_of).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Bytes of text in a message's content (a string, or parts with text).
+fn text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts.iter().map(text_bytes).sum(),
+        Value::Object(o) => o.get("text").map(text_bytes).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn upstream_error(e: UpstreamError) -> ApiError {
+    use axum::http::StatusCode;
+    match e {
+        UpstreamError::Refused {
+            status, message, ..
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            ApiError::new_status(status, message)
+        }
+        UpstreamError::Unavailable { .. } | UpstreamError::Broken { .. } => {
+            ApiError::new_status(StatusCode::BAD_GATEWAY, e.to_string())
+        }
+        UpstreamError::Config(..) => ApiError::unavailable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_checked_against_what_was_seen() {
+        let mut m = Meter {
+            prompt_bound: 100,
+            max_completion: 16,
+            reported: None,
+            seen: 5,
+            prompt_count: None,
+            text: String::new(),
+            counter: None,
+        };
+        // Nothing reported: a quarter of the prompt's bytes, the chunks seen.
+        assert_eq!(
+            (m.usage().prompt_tokens, m.usage().completion_tokens),
+            (25, 5)
+        );
+        // A node that claims more than could be: capped.
+        m.read(&json!({"usage": {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000}}));
+        assert_eq!(
+            (m.usage().prompt_tokens, m.usage().completion_tokens),
+            (100, 16)
+        );
+        // One that claims less than it sent: what was seen.
+        m.read(&json!({"usage": {"prompt_tokens": -3, "completion_tokens": 1}}));
+        assert_eq!(
+            (m.usage().prompt_tokens, m.usage().completion_tokens),
+            (0, 5)
+        );
+        m.read(&json!({"usage": {"prompt_tokens": 40, "completion_tokens": 9}}));
+        assert_eq!(
+            (m.usage().prompt_tokens, m.usage().completion_tokens),
+            (40, 9)
+        );
+    }
+}

@@ -356,6 +356,10 @@ impl Pool {
                 health: Mutex::new(Health::default()),
             }));
         }
+        // reqwest is built with rustls and no crypto provider of its own
+        // (the server's choice); without one installed, building a client
+        // panics.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(config.first_byte_secs.clamp(1, 10)))
             .redirect(reqwest::redirect::Policy::none())

@@ -238,9 +238,9 @@ pub struct SharedLimiter {
     lease_ms: i64,
 }
 
-/// Per-user lock for the rest of the transaction.
-const LOCK_USER: &str =
-    "SELECT CAST(COUNT(*) AS BIGINT) FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS l";
+/// Per-user lock for the rest of the transaction, then the database's
+/// clock in milliseconds, read once the lock is held (one round trip).
+const LOCK_USER: &str = "SELECT CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT) FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 0))) AS l";
 
 /// Spending of one user on a day and in the last minute, other than the
 /// request `$4`'s own: live holds, plus usage rows of requests without one.
@@ -266,11 +266,8 @@ impl SharedLimiter {
     ) -> Result<(sqlx::Transaction<'static, sqlx::Any>, i64), crate::AccountError> {
         use sqlx::Row;
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query(LOCK_USER)
+        let now: i64 = sqlx::query(LOCK_USER)
             .bind(format!("limits:{user_id}"))
-            .fetch_one(&mut *tx)
-            .await?;
-        let now: i64 = sqlx::query(crate::replicas::PG_NOW_MS)
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;

@@ -125,7 +125,8 @@ impl Db {
     /// than `lease_ms`), and forget counted requests older than the rate
     /// window. Any replica may run it; it is idempotent.
     pub async fn sweep_dead_replicas(&self, lease_ms: i64) -> Result<Swept, AccountError> {
-        let cutoff = self.now_ms().await? - lease_ms;
+        let now = self.now_ms().await?;
+        let cutoff = now - lease_ms;
         let replies = sqlx::query("UPDATE messages SET status = 'incomplete' WHERE status = 'streaming' AND (replica_id IS NULL OR replica_id NOT IN (SELECT id FROM replicas WHERE heartbeat_ms > $1))")
             .bind(cutoff)
             .execute(&self.pool)
@@ -140,7 +141,7 @@ impl Db {
             .await?
             .rows_affected();
         sqlx::query("DELETE FROM limit_requests WHERE at_ms < $1")
-            .bind(cutoff.min(self.now_ms().await? - 120_000))
+            .bind(cutoff.min(now - 120_000))
             .execute(&self.pool)
             .await?;
         // A replica silent for a day is gone for good.

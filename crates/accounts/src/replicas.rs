@@ -152,6 +152,20 @@ impl Db {
         Ok(Swept { replies, holds })
     }
 
+    /// How many token holds `user_id`'s running requests have (any
+    /// replica's): none once every request has ended and its usage row
+    /// is final.
+    pub async fn holds_of(&self, user_id: &str) -> Result<i64, AccountError> {
+        use sqlx::Row;
+        Ok(
+            sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) FROM limit_holds WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?,
+        )
+    }
+
     /// Replicas with a heartbeat within `lease_ms`.
     pub async fn live_replicas(&self, lease_ms: i64) -> Result<Vec<ReplicaRow>, AccountError> {
         let cutoff = self.now_ms().await? - lease_ms;

@@ -500,7 +500,11 @@ impl Request {
                 completion_tokens,
                 ..
             } => {
-                j.start(*prompt_tokens, *cached_tokens);
+                // The final counts: an upstream's `Started` is an estimate,
+                // its `Done` the node's checked usage.
+                j.started = true;
+                j.prompt = *prompt_tokens as i64;
+                j.cached = *cached_tokens as i64;
                 j.completion = *completion_tokens as i64;
             }
             Event::Failed(_)

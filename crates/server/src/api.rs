@@ -1,5 +1,6 @@
 //! The OpenAI-compatible endpoints.
 
+use crate::chat_model::ChatModel;
 use crate::error::ApiError;
 use crate::extract::{ApiCaller, Body};
 use crate::openai::response::{
@@ -90,7 +91,7 @@ pub async fn auth(st: &AppState, headers: &HeaderMap) -> AppResult<Caller> {
 }
 
 /// Local models and upstream ones, with their creation times.
-fn all_models(st: &AppState) -> Vec<(String, u64)> {
+pub(crate) fn all_models(st: &AppState) -> Vec<(String, u64)> {
     let mut all = st.models.available();
     all.extend(st.upstreams.names().map(|n| (n.clone(), 0)));
     all
@@ -252,6 +253,13 @@ pub(crate) async fn chat_inner(
     via: &Via,
 ) -> AppResult<Response> {
     let req: ChatRequest = openai::parse(&body, openai::CHAT_FIELDS)?;
+    if let Some(names) = req.hanlin_tools.clone() {
+        // Server tools run on any chat model, local or upstream.
+        let messages = req.template_messages()?;
+        let model = ChatModel::of(st, &caller, &req.model).await?;
+        let request = admit(st, &caller, Endpoint::Chat, &req.model, via).await?;
+        return server_tools(st, caller, req, names, messages, model, request).await;
+    }
     if let Some(pool) = st.upstreams.get(&req.model) {
         let n = req.sampling.n(caller.plan.max_n)?;
         return crate::upstream::forward(st, caller, &body, Endpoint::Chat, pool, n, via).await;
@@ -261,9 +269,6 @@ pub(crate) async fn chat_inner(
     let sched = scheduler_for(st, &caller, &req.model).await?;
     // Requests per minute first: a refused request costs no tokenizing.
     let request = admit(st, &caller, Endpoint::Chat, &req.model, via).await?;
-    if let Some(names) = req.hanlin_tools.clone() {
-        return server_tools(st, caller, req, names, messages, sched, request).await;
-    }
     let tools = req
         .tools
         .as_ref()
@@ -323,7 +328,7 @@ async fn server_tools(
     req: ChatRequest,
     names: Vec<String>,
     messages: Vec<hanlin_tokenizer::Message>,
-    sched: Arc<Scheduler>,
+    model: ChatModel,
     request: Request,
 ) -> AppResult<Response> {
     let refuse = |field: &str, why: &str| {
@@ -357,7 +362,7 @@ async fn server_tools(
     let head = Header::of(&request, &req.model);
     let model = crate::tools::Metered {
         req: request,
-        sched,
+        model,
         caller,
         asked,
         params,
@@ -794,6 +799,9 @@ pub(crate) async fn embeddings_inner(
             .param("encoding_format"))
         }
     };
+    if let Some(pool) = st.upstreams.get(&req.model) {
+        return crate::upstream::forward_embeddings(st, caller, &body, pool, via).await;
+    }
     let sched = scheduler_for(st, &caller, &req.model).await?;
     let mut request = admit(st, &caller, Endpoint::Embeddings, &req.model, via).await?;
     let n_inputs = match &req.input {

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod api;
 pub mod batch;
 pub mod channel;
+mod chat_model;
 pub mod error;
 pub mod extract;
 pub mod files;

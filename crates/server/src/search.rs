@@ -10,7 +10,8 @@
 //! Any key may search and ask every knowledge base; writing needs an admin
 //! key (or an admin's web session).
 
-use crate::api::{blocking, budget, scheduler_for};
+use crate::api::blocking;
+use crate::chat_model::ChatModel;
 use crate::error::ApiError;
 use crate::extract::{AdminCaller, ApiCaller, Body, JsonBody};
 use crate::AppState;
@@ -19,7 +20,7 @@ use axum::Json;
 use hanlin_accounts::kb::Readers;
 use hanlin_embed::Embedders;
 use hanlin_engine::Event;
-use hanlin_gateway::{Endpoint, Request, Work};
+use hanlin_gateway::{Endpoint, Request};
 use hanlin_search::answer;
 use hanlin_search::index::KbConfig;
 use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Mode, Passage, SearchError};
@@ -793,27 +794,20 @@ async fn generate(
     system: &str,
     user: &str,
 ) -> AppResult<String> {
-    let sched = scheduler_for(st, request.caller(), model).await?;
+    let chat = ChatModel::of(st, request.caller(), model).await?;
     let msgs = vec![
         hanlin_tokenizer::Message::new("system", system),
         hanlin_tokenizer::Message::new("user", user),
     ];
-    let prompt = crate::api::chat_prompt(&sched, msgs, None).await?;
-    let max_new = budget(
-        &sched,
-        request.caller(),
-        prompt.len(),
-        Some(300),
-        None,
-        "question",
-    )?;
+    let prompt = chat.prompt(msgs, None).await?;
+    let max_new = chat.budget(request.caller(), &prompt, Some(300), None, "question")?;
     let mut params = hanlin_engine::GenerateParams {
         max_tokens: max_new,
         ..Default::default()
     };
     params.sampler.temperature = 0.0;
-    request.reserve(prompt.len() + max_new).await?;
-    request.submit(&*sched, vec![Work::generate(prompt, params)])?;
+    request.reserve(prompt.reserve_len() + max_new).await?;
+    chat.submit(&mut request, prompt, params)?;
     let mut out = String::new();
     let mut failed = None;
     while let Some((_, ev)) = request.next().await {

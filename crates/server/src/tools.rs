@@ -9,7 +9,8 @@
 //!   every step reserved against the caller's limits. The steps travel in
 //!   the `hanlin_tools` field of the chunks and of the answer.
 
-use crate::api::{budget, chat_prompt, Header};
+use crate::api::Header;
+use crate::chat_model::ChatModel;
 use crate::error::ApiError;
 use crate::openai::response::{ChatChoice, ChatChunkChoice, ChatMessage, Delta, ToolCall};
 use crate::openai::{ToolOptions, Usage};
@@ -18,8 +19,8 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use hanlin_accounts::Caller;
-use hanlin_engine::{Event, FinishReason, GenerateParams, Scheduler};
-use hanlin_gateway::{Request, Work};
+use hanlin_engine::{Event, FinishReason, GenerateParams};
+use hanlin_gateway::Request;
 use hanlin_tokenizer::Message;
 use hanlin_tools::agent::{self, AgentError, Answer, Finish, StepEnd};
 use hanlin_tools::mcp::{Hub, McpError, McpTool, Origin, ServerConfig};
@@ -49,7 +50,7 @@ pub const STEP_TOKENS: usize = 1024;
 /// Model steps on one metered request.
 pub(crate) struct Metered {
     pub req: Request,
-    pub sched: Arc<Scheduler>,
+    pub model: ChatModel,
     pub caller: Caller,
     /// The client's `max_tokens` for each step (none: what the context leaves).
     pub asked: Option<u32>,
@@ -67,20 +68,18 @@ impl agent::Model for Metered {
         tools: Option<&Value>,
         on_text: &mut (dyn FnMut(&str) -> bool + Send),
     ) -> AppResult<StepEnd> {
-        let prompt = chat_prompt(&self.sched, messages.to_vec(), tools.cloned()).await?;
-        let max_new = budget(
-            &self.sched,
+        let prompt = self.model.prompt(messages.to_vec(), tools.cloned()).await?;
+        let max_new = self.model.budget(
             &self.caller,
-            prompt.len(),
+            &prompt,
             self.asked,
             Some(STEP_TOKENS),
             "max_tokens",
         )?;
-        self.req.reserve(prompt.len() + max_new).await?;
+        self.req.reserve(prompt.reserve_len() + max_new).await?;
         let mut params = self.params.clone();
         params.max_tokens = max_new;
-        self.req
-            .submit(&*self.sched, vec![Work::generate(prompt, params)])?;
+        self.model.submit(&mut self.req, prompt, params)?;
         let mut text = String::new();
         loop {
             let ev = match &self.gone {

@@ -15,6 +15,7 @@ use axum::body::Bytes;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use hanlin_accounts::{Caller, Usage};
+use hanlin_engine::GenerateParams;
 use hanlin_gateway::{Endpoint, Request};
 use hanlin_tokenizer::Tokenizer;
 use hanlin_upstream::{Pool, Reply, UpstreamError};
@@ -82,6 +83,11 @@ impl Upstreams {
 
     pub fn get(&self, model: &str) -> Option<Arc<Pool>> {
         self.pools.get(model).cloned()
+    }
+
+    /// The tokenizer that counts `model`'s tokens, when one is configured.
+    pub fn counter(&self, model: &str) -> Option<Arc<Tokenizer>> {
+        self.counters.get(model).cloned()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -204,11 +210,7 @@ pub(crate) async fn forward(
             .map(|m| count(&text_of(&m["content"])).map(|n| n + 4))
             .sum::<Option<i64>>();
         (
-            messages
-                .iter()
-                .map(|m| text_bytes(&m["content"]) + 8)
-                .sum::<usize>()
-                + pool.config.template_tokens as usize,
+            prompt_bound(&pool, &messages),
             hanlin_upstream::affinity_key(&messages),
             counted,
         )
@@ -228,20 +230,9 @@ pub(crate) async fn forward(
     };
     let m = &st.gw.metrics;
     let sent = Instant::now();
-    let reply = match pool.send(path, &v, stream, key).await {
-        Ok(r) => r,
-        Err(e) => {
-            let outcome = if matches!(e, UpstreamError::Refused { .. }) {
-                "refused"
-            } else {
-                "failed"
-            };
-            m.upstream_requests
-                .with_label_values(&[pool.model.as_str(), "-", outcome])
-                .inc();
-            return Err(upstream_error(e));
-        }
-    };
+    let reply = send(m, &pool, path, &v, stream, key)
+        .await
+        .map_err(upstream_error)?;
     let meter = Meter {
         prompt_bound: prompt_bound as i64,
         max_completion: max_completion as i64,
@@ -372,6 +363,372 @@ async fn relay(
     request.finish().await;
 }
 
+/// Embeddings from an upstream model: forwarded whole; the usage is the
+/// node's, at most a token per byte of each input (or its token ids) and
+/// a few more per input.
+pub(crate) async fn forward_embeddings(
+    st: &Arc<AppState>,
+    caller: Caller,
+    body: &Bytes,
+    pool: Arc<Pool>,
+    via: &Via,
+) -> AppResult<Response> {
+    if !(caller.plan.allows(&pool.model) && caller.key.allows(&pool.model)) {
+        return Err(ApiError::model_not_found(&pool.model));
+    }
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}")))?;
+    let bound_of = |x: &Value| match x {
+        Value::String(s) => Some(s.len() + 8),
+        Value::Array(ids) if ids.iter().all(Value::is_u64) => Some(ids.len() + 8),
+        _ => None,
+    };
+    let input = &v["input"];
+    // A string, token ids, or a list of either.
+    let bounds: Vec<usize> = match input {
+        Value::Array(items) if items.is_empty() || !items.iter().all(Value::is_u64) => {
+            items.iter().map(bound_of).collect::<Option<_>>()
+        }
+        one => bound_of(one).map(|b| vec![b]),
+    }
+    .ok_or_else(|| {
+        ApiError::bad_request("'input' is a string, a list of strings, or token ids.")
+            .param("input")
+    })?;
+    if bounds.is_empty() || bounds.len() > 2048 {
+        return Err(ApiError::bad_request("'input' must hold 1 to 2048 items.").param("input"));
+    }
+    let bound: usize = bounds.iter().sum();
+    let counter = st.upstreams.counters.get(&pool.model).cloned();
+    let counted = counter.as_ref().and_then(|t| {
+        let texts: Vec<&str> = match input {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        (texts.len() == bounds.len()).then(|| {
+            texts
+                .iter()
+                .map(|s| t.encode_plain(s, false).map_or(0, |ids| ids.len() as i64))
+                .sum::<i64>()
+        })
+    });
+    v["model"] = json!(pool.upstream_model());
+    let mut request =
+        crate::api::admit(st, &caller, Endpoint::Embeddings, &pool.model, via).await?;
+    request.reserve(bound).await?;
+    let m = &st.gw.metrics;
+    let sent = Instant::now();
+    let reply = send(m, &pool, "embeddings", &v, false, None)
+        .await
+        .map_err(upstream_error)?;
+    let Reply::Json { mut body, node } = reply else {
+        return Err(ApiError::new_status(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "The upstream answered embeddings with a stream.",
+        ));
+    };
+    let l = [pool.model.as_str(), node.node().url.as_str()];
+    m.upstream_ttft
+        .with_label_values(&l)
+        .observe(sent.elapsed().as_secs_f64());
+    m.upstream_requests
+        .with_label_values(&[l[0], l[1], "ok"])
+        .inc();
+    let mut meter = Meter {
+        prompt_bound: bound as i64,
+        max_completion: 0,
+        reported: None,
+        seen: 0,
+        prompt_count: counted,
+        text: String::new(),
+        counter: None,
+    };
+    let u = &body["usage"];
+    if let Some(p) = u["prompt_tokens"].as_i64() {
+        meter.reported = Some((p, 0));
+    }
+    let usage = meter.usage();
+    count_tokens(m, &l, &usage);
+    request.external(usage, 0);
+    request.finish().await;
+    body["model"] = json!(pool.model);
+    body["usage"] =
+        json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens});
+    Ok(axum::Json(body).into_response())
+}
+
+/// Send `body` to a node of `pool`; a refusal or a failure is counted.
+async fn send(
+    m: &hanlin_gateway::Metrics,
+    pool: &Pool,
+    path: &str,
+    body: &Value,
+    stream: bool,
+    key: Option<u64>,
+) -> Result<Reply, UpstreamError> {
+    pool.send(path, body, stream, key).await.inspect_err(|e| {
+        let outcome = if matches!(e, UpstreamError::Refused { .. }) {
+            "refused"
+        } else {
+            "failed"
+        };
+        m.upstream_requests
+            .with_label_values(&[pool.model.as_str(), "-", outcome])
+            .inc();
+    })
+}
+
+/// The most tokens chat `messages` can be on `pool`'s nodes: a token per
+/// byte of text, a few per message, and what the template adds.
+pub(crate) fn prompt_bound(pool: &Pool, messages: &[Value]) -> usize {
+    messages
+        .iter()
+        .map(|m| text_bytes(&m["content"]) + 8)
+        .sum::<usize>()
+        + pool.config.template_tokens as usize
+}
+
+/// One generation for Hanlin's own features (the web app, channels,
+/// answers from knowledge bases, server-side tools) on an upstream model:
+/// a streamed chat completion whose chunks come back as engine events
+/// through the gateway [`Backend`](hanlin_gateway::Backend), so the
+/// request is metered as a local model's is. `Started` carries the
+/// prompt's estimate at once (the usage row exists from the first chunk);
+/// `Done` the node's usage, checked ([`Meter`]). Tool calls the node
+/// streams as `tool_calls` come out as `<tool_call>` text, as a local
+/// model writes them. The client leaving closes the node's stream.
+pub(crate) struct ChatJob {
+    gw: Arc<hanlin_gateway::Gateway>,
+    pool: Arc<Pool>,
+    counter: Option<Arc<Tokenizer>>,
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    bound: usize,
+    counted: Option<usize>,
+}
+
+impl ChatJob {
+    pub fn new(
+        gw: Arc<hanlin_gateway::Gateway>,
+        pool: Arc<Pool>,
+        counter: Option<Arc<Tokenizer>>,
+        messages: Vec<Value>,
+        tools: Option<Value>,
+        bound: usize,
+        counted: Option<usize>,
+    ) -> Self {
+        Self {
+            gw,
+            pool,
+            counter,
+            messages,
+            tools,
+            bound,
+            counted,
+        }
+    }
+
+    /// The request body for `params`.
+    fn body(&self, params: &GenerateParams) -> Value {
+        let s = &params.sampler;
+        let mut body = json!({
+            "model": self.pool.upstream_model(),
+            "messages": self.messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": params.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+        });
+        if s.presence_penalty != 0.0 {
+            body["presence_penalty"] = json!(s.presence_penalty);
+        }
+        if s.frequency_penalty != 0.0 {
+            body["frequency_penalty"] = json!(s.frequency_penalty);
+        }
+        if !params.stop.is_empty() {
+            body["stop"] = json!(params.stop);
+        }
+        if let Some(t) = self.tools.as_ref().filter(|t| !t.is_null()) {
+            body["tools"] = t.clone();
+        }
+        body
+    }
+}
+
+impl hanlin_gateway::Backend for ChatJob {
+    fn submit(
+        &self,
+        work: hanlin_gateway::Work,
+        _priority: i32,
+        sink: hanlin_engine::Sink,
+    ) -> Result<(), hanlin_gateway::GatewayError> {
+        let body = self.body(&work.params);
+        let meter = Meter {
+            prompt_bound: self.bound as i64,
+            max_completion: work.params.max_tokens as i64,
+            reported: None,
+            seen: 0,
+            prompt_count: self.counted.map(|n| n as i64),
+            text: String::new(),
+            counter: self.counter.clone(),
+        };
+        let key = hanlin_upstream::affinity_key(&self.messages);
+        tokio::spawn(run_chat(
+            self.gw.clone(),
+            self.pool.clone(),
+            body,
+            key,
+            meter,
+            sink,
+        ));
+        Ok(())
+    }
+}
+
+/// A tool call streamed in pieces (`delta.tool_calls[i]`).
+#[derive(Default)]
+struct CallParts {
+    name: String,
+    arguments: String,
+}
+
+async fn run_chat(
+    gw: Arc<hanlin_gateway::Gateway>,
+    pool: Arc<Pool>,
+    body: Value,
+    key: Option<u64>,
+    mut meter: Meter,
+    mut sink: hanlin_engine::Sink,
+) {
+    use hanlin_engine::{Event, FinishReason};
+    let m = &gw.metrics;
+    let sent = Instant::now();
+    let started = |meter: &Meter| Event::Started {
+        prompt_tokens: meter.usage().prompt_tokens.max(0) as usize,
+        cached_tokens: 0,
+    };
+    let mut s = match send(m, &pool, "chat/completions", &body, true, key).await {
+        Ok(Reply::Stream(s)) => s,
+        Ok(Reply::Json { node, .. }) => {
+            // Asked for a stream; a node that answers otherwise is broken.
+            drop(node);
+            sink(started(&meter));
+            sink(Event::Failed(
+                "The upstream answered without streaming.".into(),
+            ));
+            return;
+        }
+        Err(e) => {
+            sink(Event::Failed(upstream_error(e).message));
+            return;
+        }
+    };
+    let node = s.node().url.clone();
+    let l = [pool.model.as_str(), node.as_str()];
+    m.upstream_ttft
+        .with_label_values(&l)
+        .observe(sent.elapsed().as_secs_f64());
+    let mut outcome = "ok";
+    let mut failed = None;
+    let mut finish = FinishReason::Stop;
+    let mut calls: Vec<CallParts> = Vec::new();
+    let mut alive = sink(started(&meter));
+    while alive {
+        let Some(ev) = s.next().await else { break };
+        let chunk = match ev {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(model = %pool.model, "{e}");
+                outcome = "broken";
+                failed = Some(format!("The answer was cut off: {e}."));
+                break;
+            }
+        };
+        meter.read(&chunk);
+        let mut text = String::new();
+        let mut texts = 0;
+        for c in chunk["choices"].as_array().into_iter().flatten() {
+            if has_text(c) {
+                texts += 1;
+            }
+            if let Some(t) = c["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+            for tc in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                let i = tc["index"].as_u64().unwrap_or(0).min(63) as usize;
+                if calls.len() <= i {
+                    calls.resize_with(i + 1, CallParts::default);
+                }
+                let f = &tc["function"];
+                if let Some(n) = f["name"].as_str() {
+                    calls[i].name.push_str(n);
+                }
+                if let Some(a) = f["arguments"].as_str() {
+                    calls[i].arguments.push_str(a);
+                }
+            }
+            match c["finish_reason"].as_str() {
+                Some("length") => finish = FinishReason::Length,
+                Some(_) => finish = FinishReason::Stop,
+                None => {}
+            }
+        }
+        meter.seen += texts;
+        if texts > 0 {
+            alive = sink(Event::Token {
+                text,
+                tokens: texts as usize,
+                logprobs: Vec::new(),
+            });
+        }
+    }
+    if !alive {
+        outcome = "client_left";
+    }
+    drop(s);
+    let written: String = calls
+        .iter()
+        .filter(|c| !c.name.is_empty())
+        .map(|c| {
+            let args = serde_json::from_str::<Value>(&c.arguments)
+                .unwrap_or_else(|_| Value::String(c.arguments.clone()));
+            format!(
+                "<tool_call>\n{}\n</tool_call>\n",
+                json!({"name": c.name, "arguments": args})
+            )
+        })
+        .collect();
+    if alive && failed.is_none() && !written.is_empty() {
+        alive = sink(Event::Token {
+            text: written,
+            tokens: 0,
+            logprobs: Vec::new(),
+        });
+    }
+    let usage = meter.finish();
+    count_tokens(m, &l, &usage);
+    m.upstream_requests
+        .with_label_values(&[l[0], l[1], outcome])
+        .inc();
+    match failed {
+        Some(msg) => {
+            sink(Event::Failed(msg));
+        }
+        None if alive => {
+            sink(Event::Done {
+                finish,
+                prompt_tokens: usage.prompt_tokens.max(0) as usize,
+                cached_tokens: 0,
+                completion_tokens: usage.completion_tokens.max(0) as usize,
+            });
+        }
+        None => {}
+    }
+}
+
 /// What a request used, from what the node reported and what was seen.
 struct Meter {
     prompt_bound: i64,
@@ -482,7 +839,7 @@ fn has_text(c: &Value) -> bool {
 }
 
 /// The text of a message's content (a string, or parts with text).
-fn text_of(v: &Value) -> String {
+pub(crate) fn text_of(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts.iter().map(text_of).collect::<Vec<_>>().join("\n"),

@@ -1,7 +1,8 @@
 //! PostgreSQL going down while the server runs: requests that need the
 //! database get OpenAI-shaped 503s, answers already running finish, the
 //! server stays up, and when the database returns the usage of every answer
-//! is on record exactly once. The database is reached through a TCP proxy
+//! is on record exactly once, with no token hold left behind (the shared
+//! limits of replicas live in the database too). The database is reached through a TCP proxy
 //! the test cuts and restores. (PostgreSQL only; `.ci/run` provides it.)
 
 mod common;
@@ -189,4 +190,23 @@ async fn postgres_down_mid_run() {
         want,
         "{rows:?} vs answers {answered:?}"
     );
+    // No token hold is left behind: each request's hold was released once
+    // its usage row was final (retried through the outage), long before
+    // any lease would have lapsed.
+    let erin = srv
+        .state
+        .db
+        .user_by_name("erin")
+        .await
+        .expect("db")
+        .expect("erin");
+    let mut holds = -1;
+    for _ in 0..50 {
+        holds = srv.state.db.holds_of(&erin.id).await.expect("holds");
+        if holds == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(holds, 0, "holds left after the outage");
 }

@@ -67,6 +67,9 @@ async fn fake_chat(State(f): State<Arc<Fake>>, Json(body): Json<Value>) -> Respo
         }
         _ => {}
     }
+    if let Some(r) = tool_turn(&body) {
+        return r;
+    }
     let n = chunks_for(&body, f.pace);
     let (prompt, completion) = if mode == Mode::Lie {
         (1_000_000, 1_000_000)
@@ -123,6 +126,63 @@ async fn fake_chat(State(f): State<Arc<Fake>>, Json(body): Json<Value>) -> Respo
     Sse::new(events).into_response()
 }
 
+/// A request that offers tools: the first step calls the calculator (the
+/// call streamed in two pieces, as OpenAI's servers do); once a result
+/// is there, the answer quotes it. `None`: no tools offered.
+fn tool_turn(body: &Value) -> Option<Response> {
+    let messages = body["messages"].as_array()?;
+    let result = messages.iter().rev().find(|m| m["role"] == "tool");
+    if !body["tools"].is_array() && result.is_none() {
+        return None;
+    }
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let chunks = match result {
+        None => vec![
+            chunk(
+                json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_f1", "type": "function",
+                    "function": {"name": "calculator", "arguments": "{\"expression\": "}}]}),
+                Value::Null,
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"12345 * 6789\"}"}}]}),
+                json!("tool_calls"),
+            ),
+        ],
+        // As OpenAI does, a result that names no call made before it is
+        // refused.
+        Some(m)
+            if !messages.iter().any(|a| {
+                a["tool_calls"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["id"] == m["tool_call_id"]))
+            }) =>
+        {
+            return Some(
+                (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    Json(json!({"error": {"message": "tool_call_id is missing"}})),
+                )
+                    .into_response(),
+            )
+        }
+        Some(m) => vec![
+            chunk(json!({"content": "The product is "}), Value::Null),
+            chunk(json!({"content": m["content"]}), json!("stop")),
+        ],
+    };
+    let usage = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}});
+    let events = chunks
+        .into_iter()
+        .chain([usage])
+        .map(|c| Ok::<_, std::convert::Infallible>(Event::default().data(c.to_string())))
+        .chain([Ok(Event::default().data("[DONE]"))]);
+    Some(Sse::new(futures::stream::iter(events)).into_response())
+}
+
 async fn fake(pace: Duration) -> (String, Arc<Fake>) {
     let f = Arc::new(Fake {
         mode: Mutex::new(Mode::Normal),
@@ -144,6 +204,19 @@ async fn fake(pace: Duration) -> (String, Arc<Fake>) {
         )
         .route("/v1/chat/completions", post(fake_chat))
         .route("/v1/completions", post(fake_chat))
+        .route(
+            "/v1/embeddings",
+            post(|Json(body): Json<Value>| async move {
+                let n = body["input"].as_array().map_or(1, Vec::len);
+                let data: Vec<Value> = (0..n)
+                    .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.6, 0.8]}))
+                    .collect();
+                Json(
+                    json!({"object": "list", "data": data, "model": body["model"],
+                    "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n}}),
+                )
+            }),
+        )
         .with_state(f.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -592,4 +665,127 @@ async fn a_configured_tokenizer_counts_what_a_silent_upstream_does_not_report() 
             "stream: {stream}"
         );
     }
+}
+
+/// The web app and server-side tools run on an upstream model as on a
+/// local one: the reply streams and is saved, the tool loop calls the
+/// node's tool calls, and the usage rows are the node's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_web_app_and_server_tools_run_on_an_upstream_model() {
+    let (url, f) = fake(Duration::from_millis(5)).await;
+    let s = common::start_with(|c| {
+        c.upstreams.insert("remote".into(), pool(vec![url.clone()]));
+    })
+    .await;
+    // The web app: the model is offered, a conversation on it answers.
+    let (b, _) = common::Browser::register(&s.base, "webber", "correct horse battery").await;
+    let (st, models) = b.json(M::GET, "/api/models", None).await;
+    assert_eq!(st, 200);
+    assert!(
+        models["data"]
+            .as_array()
+            .expect("models")
+            .contains(&json!("remote")),
+        "{models}"
+    );
+    let (st, conv) = b
+        .json(
+            M::POST,
+            "/api/conversations",
+            Some(json!({"model": "remote"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{conv}");
+    let id = conv["id"].as_str().expect("id");
+    let events = b
+        .send(id, json!({"content": "你好，请介绍一下你自己。"}))
+        .await;
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "delta")
+        .map(|e| e["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(text, "tok ".repeat(5));
+    assert_eq!(events.last().expect("events")["type"], "done", "{events:?}");
+    let (_, conv) = b
+        .json(M::GET, &format!("/api/conversations/{id}"), None)
+        .await;
+    let reply = conv["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["role"] == "assistant")
+        .expect("a reply")
+        .clone();
+    assert_eq!(reply["content"], "tok ".repeat(5));
+    assert_eq!(reply["status"], "done");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(user_tokens(&s, "webber").await, (7, 5), "the node's usage");
+
+    // Server tools through the API: the node's streamed call runs here,
+    // its result goes back to the node with the call's id.
+    s.plan(small_plan(1_000_000)).await;
+    let key = s.user_key("tooler", "up").await;
+    let before = f.hits.load(Ordering::SeqCst);
+    let (st, v) = call(
+        M::POST,
+        format!("{}/v1/chat/completions", s.base),
+        &key,
+        Some(json!({"model": "remote", "messages": [{"role": "user", "content": "What is 12345 times 6789?"}],
+            "hanlin_tools": ["calculator"], "hanlin_tool_options": {"router": false}})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(f.hits.load(Ordering::SeqCst) - before, 2, "two model steps");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(content.contains("83810205"), "{v}");
+    let steps = v["hanlin_tools"]["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 1, "{v}");
+    assert_eq!(steps[0]["name"], "calculator");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One request, one usage row: both steps' usage as the node reported it.
+    let rows = s.state.db.usage(Some("tooler"), None).await.expect("usage");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (
+            rows[0].requests,
+            rows[0].prompt_tokens,
+            rows[0].completion_tokens
+        ),
+        (1, 60, 18)
+    );
+    assert_eq!(v["usage"]["total_tokens"], 78, "{v}");
+
+    // Embeddings are forwarded and metered from the node's usage.
+    let (st, v) = call(
+        M::POST,
+        format!("{}/v1/embeddings", s.base),
+        &key,
+        Some(json!({"model": "remote", "input": ["杭州", "West Lake"]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], "remote");
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = s.state.db.usage(Some("tooler"), None).await.expect("usage");
+    assert_eq!(
+        (
+            rows[0].requests,
+            rows[0].prompt_tokens,
+            rows[0].completion_tokens
+        ),
+        (2, 66, 18)
+    );
+    let (st, v) = call(
+        M::POST,
+        format!("{}/v1/embeddings", s.base),
+        &key,
+        Some(json!({"model": "remote", "input": {"not": "text"}})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
 }

@@ -2,6 +2,7 @@
 //! generated through the metered generation path and saved as it streams.
 
 use super::*;
+use crate::chat_model::ChatModel;
 use hanlin_accounts::chats::{MessageRole, MessageStatus};
 
 #[derive(Deserialize, Default)]
@@ -223,7 +224,7 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
     } = ask;
     let id = conv.id.clone();
     let user_id = caller.user.id.clone();
-    let sched = scheduler_for(st, &caller, &conv.model).await?;
+    let model = ChatModel::of(st, &caller, &conv.model).await?;
     let mut request = st.gw.admit(&caller, endpoint, &conv.model).await?;
     let mut messages = st.db.messages(&user_id, &id).await?.unwrap_or_default();
     let mut user_msg: Option<Message> = None;
@@ -295,7 +296,7 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
             }
         }
         if let Some(keep) = history {
-            fit_history(&sched, &caller, &mut turns, keep, &conv.params).await?;
+            fit_history(&model, &caller, &mut turns, keep, &conv.params).await?;
         }
     } else {
         let question = path_to(&messages, &answer_to)
@@ -337,12 +338,10 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
             &crate::openai::ToolOptions::default(),
         )
         .await?;
-        let prompt =
-            crate::api::chat_prompt(&sched, turns.clone(), Some(lp.tools.openai())).await?;
-        budget(
-            &sched,
+        let prompt = model.prompt(turns.clone(), Some(lp.tools.openai())).await?;
+        model.budget(
             &caller,
-            prompt.len(),
+            &prompt,
             asked,
             Some(crate::tools::STEP_TOKENS),
             "max_tokens",
@@ -352,21 +351,14 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
     }
     let mut generation = None;
     if declined.is_none() && tool_loop.is_none() {
-        let prompt = crate::api::chat_prompt(&sched, turns.clone(), None).await?;
-        let max_new = budget(
-            &sched,
-            &caller,
-            prompt.len(),
-            asked,
-            Some(2048),
-            "max_tokens",
-        )?;
+        let prompt = model.prompt(turns.clone(), None).await?;
+        let max_new = model.budget(&caller, &prompt, asked, Some(2048), "max_tokens")?;
         let mut params = sampling.to_params(max_new, false, 0)?;
         if grounding.is_some() {
             // Answers from sources are read off them, not invented.
             params.sampler.temperature = 0.0;
         }
-        request.reserve(prompt.len() + max_new).await?;
+        request.reserve(prompt.reserve_len() + max_new).await?;
         generation = Some((prompt, params));
     }
     // Now store: the user's message (if new) and the reply being written.
@@ -422,7 +414,7 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
     if let Some((lp, params)) = tool_loop {
         let model = crate::tools::Metered {
             req: request.with_id(format!("{}-{}", endpoint.as_str(), reply.id)),
-            sched,
+            model,
             caller,
             asked,
             params,
@@ -443,12 +435,12 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
         match generation {
             Some((prompt, params)) => {
                 let mut request = request.with_id(format!("{}-{}", endpoint.as_str(), reply.id));
-                if let Err(e) = request.submit(&*sched, vec![Work::generate(prompt, params)]) {
+                if let Err(e) = model.submit(&mut request, prompt, params) {
                     let _ = st
                         .db
                         .update_message(&id, &reply.id, "", MessageStatus::Error)
                         .await;
-                    return Err(e.into());
+                    return Err(e);
                 }
                 let _ = out_tx.try_send(json!({"type": "user", "message": user_msg}));
                 let _ = out_tx.try_send(json!({"type": "assistant", "message": reply}));
@@ -483,7 +475,7 @@ pub(crate) async fn start_reply(st: &Arc<AppState>, ask: Ask) -> AppResult<mpsc:
 /// the oldest while the prompt leaves less room than the answer may need
 /// (the last turn, the question, always stays).
 async fn fit_history(
-    sched: &Arc<hanlin_engine::Scheduler>,
+    model: &ChatModel,
     caller: &Caller,
     turns: &mut Vec<hanlin_tokenizer::Message>,
     keep: usize,
@@ -494,18 +486,15 @@ async fn fit_history(
     if turns.len() - first > keep {
         turns.drain(first..turns.len() - keep);
     }
-    let limit = sched
-        .config
-        .ctx
-        .min(caller.plan.max_context.max(1) as usize);
+    let limit = model.context(caller);
     let room = params
         .get("max_tokens")
         .and_then(Value::as_u64)
         .map_or(512, |n| n as usize)
         .min(limit / 2);
     while turns.len() - first > 1 {
-        let prompt = crate::api::chat_prompt(sched, turns.clone(), None).await?;
-        if prompt.len() + room <= limit {
+        let prompt = model.prompt(turns.clone(), None).await?;
+        if prompt.fit_len() + room <= limit {
             break;
         }
         turns.remove(first);

@@ -4,14 +4,14 @@
 //! Sign-in sets an HttpOnly, SameSite=Strict cookie holding a random secret
 //! (only its hash is stored); every cookie-authenticated write must also
 //! carry the session's CSRF token in `X-CSRF-Token`. Conversations are
-//! stored by the server; a reply is generated through the same scheduler,
-//! limiter and usage metering as `/v1/chat/completions`, and its text is
+//! stored by the server; a reply is generated on the conversation's model
+//! (local or upstream: `crate::chat_model`) through the same limiter and
+//! usage metering as `/v1/chat/completions`, and its text is
 //! written to the database as it streams (every second, and when it ends),
 //! so a stopped reply, a closed tab or a crash keeps what was generated,
 //! marked incomplete.
 
 use crate::admin::account_error;
-use crate::api::{budget, scheduler_for};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, WebRead, WebWrite};
 use crate::guard::{constant_time_eq, ClientAddr};
@@ -27,7 +27,7 @@ use hanlin_accounts::chats::{ConversationPatch, Message, MAX_MESSAGE_CHARS};
 use hanlin_accounts::web::{Session, SignInError, SignupPolicy, SESSION_TTL_SECS};
 use hanlin_accounts::{Caller, NewKey, Role, UserStatus};
 use hanlin_engine::Event;
-use hanlin_gateway::{Endpoint, Request, Work};
+use hanlin_gateway::{Endpoint, Request};
 use hanlin_search::answer;
 use serde::Deserialize;
 use serde_json::{json, Value};

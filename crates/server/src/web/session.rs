@@ -275,9 +275,7 @@ pub async fn models(
     WebRead(s): WebRead,
 ) -> AppResult<Json<Value>> {
     let plan = st.db.plan(&s.user.plan).await?;
-    let data: Vec<String> = st
-        .models
-        .available()
+    let data: Vec<String> = crate::api::all_models(&st)
         .into_iter()
         .map(|(name, _)| name)
         .filter(|n| plan.allows(n))

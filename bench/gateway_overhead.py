@@ -13,7 +13,16 @@ Printed:
   chunks each (target: <= 50 us), from /proc/PID/stat;
 - with --real URL --real-model NAME (e.g. llama-server from
   scripts/build_llama_cpp.sh): a real upstream's streamed tokens per second,
-  straight and through Hanlin (target: the same within noise).
+  straight and through Hanlin (target: the same within noise);
+- with --llama-server [PATH] (default: found under ~/.cache/hanlin/llama.cpp):
+  two llama-server nodes of --gguf-model as one pool. Their streamed
+  tokens per second straight and through Hanlin; then --failover-streams
+  concurrent streams (one user each) while one node is killed: how the
+  requests were spread over the nodes, that every stream either finished or
+  ended with an error event (no 5xx, no hang), that requests sent after the
+  kill were answered by the other node, and that each user's usage row
+  equals the usage the stream reported (finished streams) or lies between
+  the chunks received and max_tokens (cut ones).
 
     bench/gateway_overhead.py [--database-url postgres://...] [--requests 200]
 
@@ -115,6 +124,128 @@ def stream(host, port, path, key, body):
     return first, end, lines
 
 
+def stream_detail(host, port, key, body):
+    """One streamed chat completion: (HTTP status, finished, error event,
+    content chunks, the usage chunk's usage)."""
+    c = http.client.HTTPConnection(host, port, timeout=300)
+    c.request("POST", "/v1/chat/completions", json.dumps(body),
+              {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    r = c.getresponse()
+    if r.status != 200:
+        return r.status, False, r.read()[:200].decode(errors="replace"), 0, None
+    done, error, chunks, usage = False, None, 0, None
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            done = True
+            break
+        v = json.loads(data)
+        if "error" in v:
+            error = v["error"].get("message")
+            continue
+        if v.get("usage"):
+            usage = v["usage"]
+        for ch in v.get("choices") or []:
+            if (ch.get("delta") or {}).get("content"):
+                chunks += 1
+    c.close()
+    return 200, done, error, chunks, usage
+
+
+def find_llama_server():
+    b = os.environ.get("LLAMA_CPP_BIN")
+    if b and (Path(b) / "llama-server").exists():
+        return Path(b) / "llama-server"
+    found = sorted((Path.home() / ".cache" / "hanlin" / "llama.cpp").glob("*/vendor/llama.cpp/build*/bin/llama-server"))
+    return found[-1] if found else None
+
+
+def start_llama(binary, gguf, port):
+    env = dict(os.environ, LD_LIBRARY_PATH=str(Path(binary).parent))
+    proc = subprocess.Popen([str(binary), "-m", gguf, "--port", str(port), "-t", "1", "-np", "8", "-c", "8192",
+                             "--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            raise SystemExit(f"llama-server on {port} did not start")
+        time.sleep(0.5)
+
+
+def metric_lines(port, name):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    return [line for line in text.splitlines() if line.startswith(name)]
+
+
+def failover(args, port, db, tmp, nodes, procs):
+    """Concurrent streams over two llama-server nodes; one is killed."""
+    n = args.failover_streams
+    keys = {}
+    for i in range(n + 8):
+        user = f"fo{port}_{i}"
+        keys[user] = hanlin(args.hanlin, ["admin", "key", "create", "--user", user, "--plan", "bench"], tmp, db).strip().splitlines()[-1].strip()
+    users = list(keys)
+    results = {}
+    max_tokens = 96
+
+    def one(user, i):
+        body = {"model": "llama", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+                "temperature": 0, "messages": [{"role": "user", "content": f"Conversation {i}: count from 1 to 100, one number per line."}]}
+        results[user] = stream_detail("127.0.0.1", port, keys[user], body)
+
+    threads = [threading.Thread(target=one, args=(u, i)) for i, u in enumerate(users[:n])]
+    for t in threads:
+        t.start()
+    time.sleep(args.kill_after)
+    procs[1].kill()
+    procs[1].wait()
+    killed_at = time.time()
+    # Sent after the kill: the dead node is tried (refused) and skipped.
+    late = [threading.Thread(target=one, args=(u, n + i)) for i, u in enumerate(users[n:])]
+    for t in late:
+        t.start()
+    for t in threads + late:
+        t.join(timeout=300)
+    hung = sum(t.is_alive() for t in threads + late)
+    print(f"failover: {n} streams over 2 nodes, node {nodes[1]} killed after {args.kill_after:.1f} s, then 8 more requests")
+    for name in ["hanlin_upstream_requests_total", "hanlin_upstream_failed_attempts"]:
+        for line in metric_lines(port, name):
+            if 'model="llama"' in line:
+                print("  " + line)
+    statuses = [r[0] for r in results.values()]
+    finished = [u for u, r in results.items() if r[1]]
+    cut = [u for u, r in results.items() if r[0] == 200 and not r[1]]
+    clean_cut = [u for u in cut if results[u][2]]
+    late_ok = sum(results.get(u, (0, False))[1] for u in users[n:])
+    print(f"  finished {len(finished)}, cut with an error event {len(clean_cut)}, cut without one {len(cut) - len(clean_cut)}, "
+          f"non-200 {sum(s != 200 for s in statuses)}, hung {hung}; requests after the kill answered {late_ok}/8")
+    time.sleep(2)  # the last usage rows' writes
+    rows = subprocess.run(["psql", db, "-At", "-F", " ", "-c",
+                           "SELECT u.name, SUM(g.prompt_tokens), SUM(g.completion_tokens), COUNT(*) FROM usage g "
+                           f"JOIN users u ON u.id = g.user_id WHERE u.name LIKE 'fo{port}_%' GROUP BY u.name"],
+                          capture_output=True, text=True, check=True).stdout.split("\n")
+    db_usage = {r.split()[0]: tuple(int(x) for x in r.split()[1:]) for r in rows if r.strip()}
+    exact = sum(1 for u in finished if results[u][4] and db_usage.get(u, (0, 0, 0))[:2] ==
+                (results[u][4]["prompt_tokens"], results[u][4]["completion_tokens"]) and db_usage[u][2] == 1)
+    bounded = sum(1 for u in cut if u in db_usage and results[u][3] <= db_usage[u][1] <= max_tokens)
+    print(f"  usage rows equal to the streamed usage: {exact}/{len(finished)} finished streams; "
+          f"within [chunks received, max_tokens]: {bounded}/{len(cut)} cut streams "
+          f"({time.time() - killed_at:.1f} s after the kill)")
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -139,7 +270,21 @@ def main():
     ap.add_argument("--chunks", type=int, default=1000)
     ap.add_argument("--real", help="a real upstream's base URL (…/v1)")
     ap.add_argument("--real-model", default="model")
+    ap.add_argument("--llama-server", nargs="?", const="", help="two llama-server nodes as one pool (PATH, or found)")
+    ap.add_argument("--gguf-model", default="qwen2.5-coder-0.5b", help="the model the llama-server nodes serve")
+    ap.add_argument("--failover-streams", type=int, default=16)
+    ap.add_argument("--kill-after", type=float, default=3.0, help="seconds into the failover streams")
     args = ap.parse_args()
+    llama_procs, llama_ports = [], []
+    if args.llama_server is not None:
+        binary = Path(args.llama_server) if args.llama_server else find_llama_server()
+        if not binary or not binary.exists():
+            raise SystemExit("llama-server not found: run scripts/build_llama_cpp.sh (HANLIN_LLAMA_AVX2_ONLY=1 on a machine it was not built on)")
+        gguf = subprocess.run([args.hanlin, "show", args.gguf_model, "--path"], check=True, capture_output=True,
+                              text=True).stdout.strip()
+        llama_ports = [free_port(), free_port()]
+        llama_procs = [start_llama(binary, gguf, p) for p in llama_ports]
+        args.real = f"http://127.0.0.1:{llama_ports[0]}/v1"
 
     db = args.database_url
     if not db:
@@ -165,6 +310,10 @@ def main():
     ]
     if args.real:
         lines += ['[models.real]', f'upstream = ["{args.real}"]', f'upstream_model = "{args.real_model}"', "max_tokens = 512"]
+    if llama_ports:
+        urls = ", ".join(f'"http://127.0.0.1:{p}/v1"' for p in llama_ports)
+        lines += ['[models.llama]', f'upstream = [{urls}]', f'upstream_model = "{args.real_model}"', "max_tokens = 512",
+                  "first_byte_secs = 120", "idle_secs = 30"]
     config.write_text("\n".join(lines) + "\n")
     user = f"bench{port}"
     hanlin(args.hanlin, ["admin", "plan", "set", "bench", "--rpm", "1000000", "--tpm", "1000000000", "--tpd", "100000000000", "--max-context", "32768"], tmp, db)
@@ -210,10 +359,14 @@ def main():
                 through.append((n - 1) / (e - f))
             s, t = statistics.median(straight), statistics.median(through)
             print(f"real upstream, streamed chunks/s, median of 3: straight {s:.1f}, through Hanlin {t:.1f} ({t / s:.3f}x)")
+        if llama_procs:
+            failover(args, port, db, tmp, [f"127.0.0.1:{p}" for p in llama_ports], llama_procs)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         server.shutdown()
+        for p in llama_procs:
+            p.kill()
 
 
 if __name__ == "__main__":

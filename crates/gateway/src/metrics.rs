@@ -24,6 +24,7 @@ pub struct Metrics {
     pub upstream_tokens: IntCounterVec,
     pub upstream_outstanding: IntGaugeVec,
     pub upstream_healthy: IntGaugeVec,
+    pub upstream_failed_attempts: IntGaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -112,8 +113,13 @@ impl Metrics {
             "upstream_healthy",
             "1 while an upstream node takes requests, 0 while it is taken out",
         )?;
+        let upstream_failed_attempts = node_gauge(
+            "upstream_failed_attempts",
+            "Attempts that failed on an upstream node since start (retried on another node, or the request failed)",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_failed_attempts.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_ttft.clone()),
             Box::new(upstream_tokens.clone()),
@@ -148,6 +154,7 @@ impl Metrics {
             upstream_tokens,
             upstream_outstanding,
             upstream_healthy,
+            upstream_failed_attempts,
         })
     }
 

@@ -124,6 +124,9 @@ impl Upstreams {
                 m.upstream_healthy
                     .with_label_values(&l)
                     .set(i64::from(node.healthy()));
+                m.upstream_failed_attempts
+                    .with_label_values(&l)
+                    .set(node.failed_attempts().min(i64::MAX as u64) as i64);
             }
         }
     }

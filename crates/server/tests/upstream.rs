@@ -461,6 +461,18 @@ async fn requests_are_balanced_metered_and_retried_when_a_node_dies() {
         "{metrics}"
     );
     assert!(metrics.contains("hanlin_upstream_requests_total{model=\"remote\""));
+    // Its failed attempts are counted (with the failed health checks they
+    // took it out).
+    let failed = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "hanlin_upstream_failed_attempts{{model=\"remote\",node=\"{url_d}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(failed.is_some_and(|n| n >= 1), "{metrics}");
 }
 
 /// The most prompt tokens a node may claim for one message of ten bytes:

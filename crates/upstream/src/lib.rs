@@ -128,6 +128,9 @@ pub enum UpstreamError {
 pub struct Node {
     pub url: String,
     outstanding: AtomicUsize,
+    /// Attempts that failed here (each was retried on another node, or
+    /// the request failed), since start.
+    failed_attempts: std::sync::atomic::AtomicU64,
     health: Mutex<Health>,
 }
 
@@ -142,6 +145,11 @@ impl Node {
     /// Requests in flight on this node.
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Attempts that failed on this node since start.
+    pub fn failed_attempts(&self) -> u64 {
+        self.failed_attempts.load(Ordering::Relaxed)
     }
 
     /// Whether the circuit is closed (requests go to it freely).
@@ -353,6 +361,7 @@ impl Pool {
             nodes.push(Arc::new(Node {
                 url: u.trim_end_matches('/').to_string(),
                 outstanding: AtomicUsize::new(0),
+                failed_attempts: Default::default(),
                 health: Mutex::new(Health::default()),
             }));
         }
@@ -467,6 +476,7 @@ impl Pool {
                 }
                 Err(AttemptError::Failed(f)) => {
                     tracing::warn!(node = %node.0.url, model = %self.model, "upstream attempt failed: {}", f.message);
+                    node.0.failed_attempts.fetch_add(1, Ordering::Relaxed);
                     if f.node_fault {
                         node.0.failure(self.cooldown(), &f.message);
                     } else {

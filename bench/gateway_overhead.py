@@ -270,6 +270,7 @@ def main():
     ap.add_argument("--chunks", type=int, default=1000)
     ap.add_argument("--real", help="a real upstream's base URL (…/v1)")
     ap.add_argument("--real-model", default="model")
+    ap.add_argument("--real-reps", type=int, default=5, help="pairs of streams (straight, through) on the real upstream")
     ap.add_argument("--llama-server", nargs="?", const="", help="two llama-server nodes as one pool (PATH, or found)")
     ap.add_argument("--gguf-model", default="qwen2.5-coder-0.5b", help="the model the llama-server nodes serve")
     ap.add_argument("--failover-streams", type=int, default=16)
@@ -352,13 +353,15 @@ def main():
             rb = {"model": "real", "messages": [{"role": "user", "content": "Count from 1 to 300, one number per line."}], "max_tokens": 256, "temperature": 0, "stream": True}
             host, rport = args.real.split("//", 1)[1].split("/", 1)[0].split(":")
             straight, through = [], []
-            for _ in range(3):
+            for _ in range(args.real_reps):
                 f, e, n = stream(host, int(rport), "/v1/chat/completions", None, dict(rb, model=args.real_model))
                 straight.append((n - 1) / (e - f))
                 f, e, n = stream("127.0.0.1", port, "/v1/chat/completions", key, rb)
                 through.append((n - 1) / (e - f))
             s, t = statistics.median(straight), statistics.median(through)
-            print(f"real upstream, streamed chunks/s, median of 3: straight {s:.1f}, through Hanlin {t:.1f} ({t / s:.3f}x)")
+            ratios = sorted(b / a for a, b in zip(straight, through))
+            print(f"real upstream, streamed chunks/s, median of {args.real_reps}: straight {s:.1f}, through Hanlin {t:.1f} "
+                  f"({t / s:.3f}x; per-pair ratios {', '.join(f'{r:.3f}' for r in ratios)})")
         if llama_procs:
             failover(args, port, db, tmp, [f"127.0.0.1:{p}" for p in llama_ports], llama_procs)
     finally:

@@ -152,6 +152,17 @@ pub(crate) fn budget(
         .config
         .ctx
         .min(caller.plan.max_context.max(1) as usize);
+    budget_within(limit, prompt_len, asked, default, param)
+}
+
+/// [`budget`] in a context of `limit` tokens.
+pub(crate) fn budget_within(
+    limit: usize,
+    prompt_len: usize,
+    asked: Option<u32>,
+    default: Option<usize>,
+    param: &str,
+) -> AppResult<usize> {
     let fits = |need: usize| need <= limit;
     if !fits(prompt_len + 1) {
         return Err(ApiError::bad_request(format!(

@@ -153,24 +153,11 @@ impl ChatModel {
                     ))
                     .param(param));
                 }
+                // The context is the plan's: the node's own is not known
+                // here (an answer that does not fit ends early there).
                 let limit = caller.plan.max_context.max(1) as usize;
-                let fit = prompt.fit_len();
-                if fit + 1 > limit {
-                    return Err(ApiError::bad_request(format!(
-                        "Your plan's maximum context length is {limit} tokens. However, your messages resulted in about {fit} tokens. Please reduce the length of the messages."
-                    ))
-                    .param("messages")
-                    .code("context_length_exceeded"));
-                }
-                match asked {
-                    Some(0) => Err(ApiError::bad_request(format!(
-                        "Invalid '{param}': integer below minimum value. Expected a value >= 1, but got 0 instead."
-                    ))
-                    .param(param)
-                    .code("integer_below_min_value")),
-                    Some(n) => Ok(n as usize),
-                    None => Ok(default.unwrap_or(cap).min(cap).min(limit - fit)),
-                }
+                let default = default.unwrap_or(cap).min(cap);
+                crate::api::budget_within(limit, prompt.fit_len(), asked, Some(default), param)
             }
         }
     }

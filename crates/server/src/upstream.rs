@@ -146,11 +146,7 @@ pub(crate) async fn forward(
     n: usize,
     via: &Via,
 ) -> AppResult<Response> {
-    if !(caller.plan.allows(&pool.model) && caller.key.allows(&pool.model)) {
-        return Err(ApiError::model_not_found(&pool.model));
-    }
-    let mut v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}")))?;
+    let mut v = visible_body(&caller, &pool, body)?;
     if v.get("hanlin_tools").is_some_and(|t| !t.is_null()) {
         return Err(ApiError::bad_request(format!(
             "Server tools are not available for the upstream model `{}`.",
@@ -376,11 +372,7 @@ pub(crate) async fn forward_embeddings(
     pool: Arc<Pool>,
     via: &Via,
 ) -> AppResult<Response> {
-    if !(caller.plan.allows(&pool.model) && caller.key.allows(&pool.model)) {
-        return Err(ApiError::model_not_found(&pool.model));
-    }
-    let mut v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}")))?;
+    let mut v = visible_body(&caller, &pool, body)?;
     let bound_of = |x: &Value| match x {
         Value::String(s) => Some(s.len() + 8),
         Value::Array(ids) if ids.iter().all(Value::is_u64) => Some(ids.len() + 8),
@@ -459,6 +451,15 @@ pub(crate) async fn forward_embeddings(
     body["usage"] =
         json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens});
     Ok(axum::Json(body).into_response())
+}
+
+/// The request's JSON, if `caller` may use `pool`'s model.
+fn visible_body(caller: &Caller, pool: &Pool, body: &Bytes) -> AppResult<Value> {
+    if !(caller.plan.allows(&pool.model) && caller.key.allows(&pool.model)) {
+        return Err(ApiError::model_not_found(&pool.model));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The body is not valid JSON: {e}")))
 }
 
 /// Send `body` to a node of `pool`; a refusal or a failure is counted.

@@ -192,15 +192,15 @@ impl ChatModel {
                     counted,
                 },
             ) => {
-                let job = crate::upstream::ChatJob::new(
-                    gw.clone(),
-                    pool.clone(),
-                    counter.clone(),
+                let job = crate::upstream::ChatJob {
+                    gw: gw.clone(),
+                    pool: pool.clone(),
+                    counter: counter.clone(),
                     messages,
                     tools,
                     bound,
                     counted,
-                );
+                };
                 request.submit(&job, vec![Work::generate(Vec::new(), params)])?;
             }
             _ => return Err(ApiError::internal("a prompt rendered for another model")),

@@ -244,12 +244,7 @@ pub(crate) async fn forward(
     match reply {
         Reply::Json { mut body, node } => {
             let l = [pool.model.as_str(), node.node().url.as_str()];
-            m.upstream_ttft
-                .with_label_values(&l)
-                .observe(sent.elapsed().as_secs_f64());
-            m.upstream_requests
-                .with_label_values(&[l[0], l[1], "ok"])
-                .inc();
+            answered_whole(m, &l, sent);
             let mut meter = meter;
             meter.read(&body);
             meter.seen = body["choices"]
@@ -424,12 +419,7 @@ pub(crate) async fn forward_embeddings(
         ));
     };
     let l = [pool.model.as_str(), node.node().url.as_str()];
-    m.upstream_ttft
-        .with_label_values(&l)
-        .observe(sent.elapsed().as_secs_f64());
-    m.upstream_requests
-        .with_label_values(&[l[0], l[1], "ok"])
-        .inc();
+    answered_whole(m, &l, sent);
     let mut meter = Meter {
         prompt_bound: bound as i64,
         max_completion: 0,
@@ -451,6 +441,16 @@ pub(crate) async fn forward_embeddings(
     body["usage"] =
         json!({"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens});
     Ok(axum::Json(body).into_response())
+}
+
+/// A node answered a request sent at `sent` in one piece.
+fn answered_whole(m: &hanlin_gateway::Metrics, l: &[&str; 2], sent: Instant) {
+    m.upstream_ttft
+        .with_label_values(l)
+        .observe(sent.elapsed().as_secs_f64());
+    m.upstream_requests
+        .with_label_values(&[l[0], l[1], "ok"])
+        .inc();
 }
 
 /// The request's JSON, if `caller` may use `pool`'s model.
@@ -503,36 +503,18 @@ pub(crate) fn prompt_bound(pool: &Pool, messages: &[Value]) -> usize {
 /// streams as `tool_calls` come out as `<tool_call>` text, as a local
 /// model writes them. The client leaving closes the node's stream.
 pub(crate) struct ChatJob {
-    gw: Arc<hanlin_gateway::Gateway>,
-    pool: Arc<Pool>,
-    counter: Option<Arc<Tokenizer>>,
-    messages: Vec<Value>,
-    tools: Option<Value>,
-    bound: usize,
-    counted: Option<usize>,
+    pub gw: Arc<hanlin_gateway::Gateway>,
+    pub pool: Arc<Pool>,
+    pub counter: Option<Arc<Tokenizer>>,
+    /// The messages (and tools) in OpenAI's shape.
+    pub messages: Vec<Value>,
+    pub tools: Option<Value>,
+    /// The prompt's most tokens, and its tokenizer count ([`Meter`]).
+    pub bound: usize,
+    pub counted: Option<usize>,
 }
 
 impl ChatJob {
-    pub fn new(
-        gw: Arc<hanlin_gateway::Gateway>,
-        pool: Arc<Pool>,
-        counter: Option<Arc<Tokenizer>>,
-        messages: Vec<Value>,
-        tools: Option<Value>,
-        bound: usize,
-        counted: Option<usize>,
-    ) -> Self {
-        Self {
-            gw,
-            pool,
-            counter,
-            messages,
-            tools,
-            bound,
-            counted,
-        }
-    }
-
     /// The request body for `params`.
     fn body(&self, params: &GenerateParams) -> Value {
         let s = &params.sampler;

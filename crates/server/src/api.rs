@@ -97,7 +97,7 @@ pub(crate) fn all_models(st: &AppState) -> Vec<(String, u64)> {
     all
 }
 
-fn visible(caller: &Caller, model: &str) -> bool {
+pub(crate) fn visible(caller: &Caller, model: &str) -> bool {
     caller.plan.allows(model) && caller.key.allows(model)
 }
 

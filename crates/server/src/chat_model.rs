@@ -73,7 +73,7 @@ impl ChatModel {
     pub async fn of(st: &AppState, caller: &Caller, model: &str) -> AppResult<Self> {
         match st.upstreams.get(model) {
             Some(pool) => {
-                if !(caller.plan.allows(model) && caller.key.allows(model)) {
+                if !crate::api::visible(caller, model) {
                     return Err(ApiError::model_not_found(model));
                 }
                 Ok(Self::Upstream {
@@ -100,24 +100,14 @@ impl ChatModel {
                 let counted = match counter {
                     Some(t) => {
                         let t = t.clone();
-                        let texts: Vec<String> = messages
+                        let mut texts: Vec<String> = messages
                             .iter()
                             .map(|m| crate::upstream::text_of(&m["content"]))
                             .collect();
-                        let tools_text = tools.as_ref().map(Value::to_string);
-                        blocking(move || {
-                            let count = |s: &str| t.encode_plain(s, false).map(|ids| ids.len());
-                            let mut n = 0;
-                            for s in texts.iter().chain(tools_text.iter()) {
-                                n += count(s).map_err(|e| {
-                                    ApiError::bad_request(format!(
-                                        "Counting the prompt's tokens failed: {e}"
-                                    ))
-                                })? + 4;
-                            }
-                            Ok(Some(n))
-                        })
-                        .await?
+                        texts.extend(tools.as_ref().map(Value::to_string));
+                        blocking(move || Ok(crate::upstream::count_texts(&t, &texts, 4)))
+                            .await?
+                            .map(|n| n as usize)
                     }
                     None => None,
                 };

@@ -147,13 +147,6 @@ pub(crate) async fn forward(
     via: &Via,
 ) -> AppResult<Response> {
     let mut v = visible_body(&caller, &pool, body)?;
-    if v.get("hanlin_tools").is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::bad_request(format!(
-            "Server tools are not available for the upstream model `{}`.",
-            pool.model
-        ))
-        .param("hanlin_tools"));
-    }
     let Some(obj) = v.as_object_mut() else {
         return Err(ApiError::bad_request("The body must be a JSON object."));
     };
@@ -191,31 +184,25 @@ pub(crate) async fn forward(
     if stream {
         obj.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    let counter = st.upstreams.counters.get(&pool.model).cloned();
-    let count = |text: &str| {
-        counter
-            .as_ref()
-            .and_then(|t| t.encode_plain(text, false).ok())
-            .map(|ids| ids.len() as i64)
-    };
+    let counter = st.upstreams.counter(&pool.model);
     let (prompt_bound, key, prompt_count) = if chat {
         let messages = obj
             .get("messages")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let counted = messages
-            .iter()
-            .map(|m| count(&text_of(&m["content"])).map(|n| n + 4))
-            .sum::<Option<i64>>();
+        let texts: Vec<String> = messages.iter().map(|m| text_of(&m["content"])).collect();
         (
             prompt_bound(&pool, &messages),
             hanlin_upstream::affinity_key(&messages),
-            counted,
+            counter.as_ref().and_then(|t| count_texts(t, &texts, 4)),
         )
     } else {
         let prompt = obj.get("prompt").unwrap_or(&Value::Null);
-        (text_bytes(prompt) + 8, None, count(&text_of(prompt)))
+        let count = counter
+            .as_ref()
+            .and_then(|t| count_texts(t, &[text_of(prompt)], 0));
+        (text_bytes(prompt) + 8, None, count)
     };
     let max_completion = (max_new as usize).saturating_mul(n);
     let mut request = crate::api::admit(st, &caller, endpoint, &pool.model, via).await?;
@@ -232,27 +219,14 @@ pub(crate) async fn forward(
     let reply = send(m, &pool, path, &v, stream, key)
         .await
         .map_err(upstream_error)?;
-    let meter = Meter {
-        prompt_bound: prompt_bound as i64,
-        max_completion: max_completion as i64,
-        reported: None,
-        seen: 0,
-        prompt_count,
-        text: String::new(),
-        counter,
-    };
+    let mut meter = Meter::new(prompt_bound, max_completion, prompt_count, counter);
     match reply {
         Reply::Json { mut body, node } => {
             let l = [pool.model.as_str(), node.node().url.as_str()];
-            answered_whole(m, &l, sent);
-            let mut meter = meter;
-            meter.read(&body);
-            meter.seen = body["choices"]
-                .as_array()
-                .map(|c| c.iter().filter(|c| has_text(c)).count() as i64)
-                .unwrap_or(0);
+            first_event(m, &l, sent);
+            meter.chunk(&body);
             let usage = meter.finish();
-            count_tokens(m, &l, &usage);
+            ended(m, &l, &usage, "ok");
             request.external(usage, usage.completion_tokens.max(0) as usize);
             request.finish().await;
             body["model"] = json!(pool.model);
@@ -261,10 +235,7 @@ pub(crate) async fn forward(
             Ok(axum::Json(body).into_response())
         }
         Reply::Stream(s) => {
-            let l = [pool.model.clone(), s.node().url.clone()];
-            m.upstream_ttft
-                .with_label_values(&[l[0].as_str(), l[1].as_str()])
-                .observe(sent.elapsed().as_secs_f64());
+            first_event(m, &[pool.model.as_str(), s.node().url.as_str()], sent);
             let (tx, rx) = mpsc::channel::<SseEvent>(64);
             tokio::spawn(relay(
                 st.clone(),
@@ -319,12 +290,7 @@ async fn relay(
                 break;
             }
         };
-        meter.read(&chunk);
-        let texts = chunk["choices"]
-            .as_array()
-            .map(|c| c.iter().filter(|c| has_text(c)).count())
-            .unwrap_or(0);
-        meter.seen += texts as i64;
+        let texts = meter.chunk(&chunk);
         request.external(meter.usage(), texts);
         let usage_only = chunk["choices"].as_array().is_some_and(|c| c.is_empty())
             && chunk.get("usage").is_some_and(|u| !u.is_null());
@@ -348,11 +314,7 @@ async fn relay(
         let _ = tx.send(SseEvent::default().data("[DONE]")).await;
     }
     let usage = meter.finish();
-    let l = [model.as_str(), node.as_str()];
-    count_tokens(m, &l, &usage);
-    m.upstream_requests
-        .with_label_values(&[l[0], l[1], outcome])
-        .inc();
+    ended(m, &[model.as_str(), node.as_str()], &usage, outcome);
     request.external(usage, 0);
     request.finish().await;
 }
@@ -389,19 +351,16 @@ pub(crate) async fn forward_embeddings(
         return Err(ApiError::bad_request("'input' must hold 1 to 2048 items.").param("input"));
     }
     let bound: usize = bounds.iter().sum();
-    let counter = st.upstreams.counters.get(&pool.model).cloned();
-    let counted = counter.as_ref().and_then(|t| {
+    let counted = st.upstreams.counter(&pool.model).and_then(|t| {
         let texts: Vec<&str> = match input {
             Value::String(s) => vec![s.as_str()],
             Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
-        (texts.len() == bounds.len()).then(|| {
-            texts
-                .iter()
-                .map(|s| t.encode_plain(s, false).map_or(0, |ids| ids.len() as i64))
-                .sum::<i64>()
-        })
+        // Token ids count as they are (the bound); text is counted.
+        (texts.len() == bounds.len())
+            .then(|| count_texts(&t, &texts, 0))
+            .flatten()
     });
     v["model"] = json!(pool.upstream_model());
     let mut request =
@@ -419,22 +378,13 @@ pub(crate) async fn forward_embeddings(
         ));
     };
     let l = [pool.model.as_str(), node.node().url.as_str()];
-    answered_whole(m, &l, sent);
-    let mut meter = Meter {
-        prompt_bound: bound as i64,
-        max_completion: 0,
-        reported: None,
-        seen: 0,
-        prompt_count: counted,
-        text: String::new(),
-        counter: None,
-    };
-    let u = &body["usage"];
-    if let Some(p) = u["prompt_tokens"].as_i64() {
+    first_event(m, &l, sent);
+    let mut meter = Meter::new(bound, 0, counted, None);
+    if let Some(p) = body["usage"]["prompt_tokens"].as_i64() {
         meter.reported = Some((p, 0));
     }
     let usage = meter.usage();
-    count_tokens(m, &l, &usage);
+    ended(m, &l, &usage, "ok");
     request.external(usage, 0);
     request.finish().await;
     body["model"] = json!(pool.model);
@@ -443,19 +393,45 @@ pub(crate) async fn forward_embeddings(
     Ok(axum::Json(body).into_response())
 }
 
-/// A node answered a request sent at `sent` in one piece.
-fn answered_whole(m: &hanlin_gateway::Metrics, l: &[&str; 2], sent: Instant) {
+/// Node `l` (model, node) answered, or began to stream, a request sent
+/// at `sent`.
+fn first_event(m: &hanlin_gateway::Metrics, l: &[&str; 2], sent: Instant) {
     m.upstream_ttft
         .with_label_values(l)
         .observe(sent.elapsed().as_secs_f64());
+}
+
+/// A request on node `l` ended with `outcome`, having used `u`.
+fn ended(m: &hanlin_gateway::Metrics, l: &[&str; 2], u: &Usage, outcome: &str) {
+    for (kind, n) in [
+        ("prompt", u.prompt_tokens),
+        ("completion", u.completion_tokens),
+    ] {
+        m.upstream_tokens
+            .with_label_values(&[l[0], l[1], kind])
+            .inc_by(n.max(0) as u64);
+    }
     m.upstream_requests
-        .with_label_values(&[l[0], l[1], "ok"])
+        .with_label_values(&[l[0], l[1], outcome])
         .inc();
+}
+
+/// Tokens of `texts` as `t` counts them, plus `per_text` each (a chat
+/// template's markers); `None` if one cannot be encoded.
+pub(crate) fn count_texts<S: AsRef<str>>(t: &Tokenizer, texts: &[S], per_text: i64) -> Option<i64> {
+    texts
+        .iter()
+        .map(|s| {
+            t.encode_plain(s.as_ref(), false)
+                .ok()
+                .map(|ids| ids.len() as i64 + per_text)
+        })
+        .sum()
 }
 
 /// The request's JSON, if `caller` may use `pool`'s model.
 fn visible_body(caller: &Caller, pool: &Pool, body: &Bytes) -> AppResult<Value> {
-    if !(caller.plan.allows(&pool.model) && caller.key.allows(&pool.model)) {
+    if !crate::api::visible(caller, &pool.model) {
         return Err(ApiError::model_not_found(&pool.model));
     }
     serde_json::from_slice(body)
@@ -552,15 +528,12 @@ impl hanlin_gateway::Backend for ChatJob {
         sink: hanlin_engine::Sink,
     ) -> Result<(), hanlin_gateway::GatewayError> {
         let body = self.body(&work.params);
-        let meter = Meter {
-            prompt_bound: self.bound as i64,
-            max_completion: work.params.max_tokens as i64,
-            reported: None,
-            seen: 0,
-            prompt_count: self.counted.map(|n| n as i64),
-            text: String::new(),
-            counter: self.counter.clone(),
-        };
+        let meter = Meter::new(
+            self.bound,
+            work.params.max_tokens,
+            self.counted.map(|n| n as i64),
+            self.counter.clone(),
+        );
         let key = hanlin_upstream::affinity_key(&self.messages);
         tokio::spawn(run_chat(
             self.gw.clone(),
@@ -614,9 +587,7 @@ async fn run_chat(
     };
     let node = s.node().url.clone();
     let l = [pool.model.as_str(), node.as_str()];
-    m.upstream_ttft
-        .with_label_values(&l)
-        .observe(sent.elapsed().as_secs_f64());
+    first_event(m, &l, sent);
     let mut outcome = "ok";
     let mut failed = None;
     let mut finish = FinishReason::Stop;
@@ -633,13 +604,9 @@ async fn run_chat(
                 break;
             }
         };
-        meter.read(&chunk);
+        let texts = meter.chunk(&chunk);
         let mut text = String::new();
-        let mut texts = 0;
         for c in chunk["choices"].as_array().into_iter().flatten() {
-            if has_text(c) {
-                texts += 1;
-            }
             if let Some(t) = c["delta"]["content"].as_str() {
                 text.push_str(t);
             }
@@ -662,11 +629,10 @@ async fn run_chat(
                 None => {}
             }
         }
-        meter.seen += texts;
         if texts > 0 {
             alive = sink(Event::Token {
                 text,
-                tokens: texts as usize,
+                tokens: texts,
                 logprobs: Vec::new(),
             });
         }
@@ -695,10 +661,7 @@ async fn run_chat(
         });
     }
     let usage = meter.finish();
-    count_tokens(m, &l, &usage);
-    m.upstream_requests
-        .with_label_values(&[l[0], l[1], outcome])
-        .inc();
+    ended(m, &l, &usage, outcome);
     match failed {
         Some(msg) => {
             sink(Event::Failed(msg));
@@ -732,6 +695,37 @@ struct Meter {
 }
 
 impl Meter {
+    /// A meter for a prompt of at most `prompt_bound` tokens (`prompt_count`
+    /// as the tokenizer counts it) and an answer of at most
+    /// `max_completion`; `counter` counts the answer if the node does not.
+    fn new(
+        prompt_bound: usize,
+        max_completion: usize,
+        prompt_count: Option<i64>,
+        counter: Option<Arc<Tokenizer>>,
+    ) -> Self {
+        Self {
+            prompt_bound: prompt_bound as i64,
+            max_completion: max_completion as i64,
+            reported: None,
+            seen: 0,
+            prompt_count,
+            text: String::new(),
+            counter,
+        }
+    }
+
+    /// Meter one chunk (or a whole answer): its usage, its text; returns
+    /// how many of its choices carried text (each at least a token).
+    fn chunk(&mut self, v: &Value) -> usize {
+        self.read(v);
+        let texts = v["choices"]
+            .as_array()
+            .map_or(0, |c| c.iter().filter(|c| has_text(c)).count());
+        self.seen += texts as i64;
+        texts
+    }
+
     fn read(&mut self, v: &Value) {
         let u = &v["usage"];
         if let (Some(p), Some(c)) = (u["prompt_tokens"].as_i64(), u["completion_tokens"].as_i64()) {
@@ -802,17 +796,6 @@ fn usage_json(u: &Usage) -> Value {
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     })
-}
-
-fn count_tokens(m: &hanlin_gateway::Metrics, l: &[&str; 2], u: &Usage) {
-    for (kind, n) in [
-        ("prompt", u.prompt_tokens),
-        ("completion", u.completion_tokens),
-    ] {
-        m.upstream_tokens
-            .with_label_values(&[l[0], l[1], kind])
-            .inc_by(n.max(0) as u64);
-    }
 }
 
 /// Whether a choice (or a streamed choice's delta) carries text.

@@ -8,6 +8,7 @@ mod chat;
 mod config;
 mod kb;
 mod models;
+mod speech;
 mod train;
 mod write;
 
@@ -97,6 +98,8 @@ enum Cmd {
     /// JSON: the child process `kb add` and the server read files in
     #[command(hide = true)]
     ExtractFile { path: PathBuf },
+    /// Speech to text (or to English) with Whisper: text, JSON or subtitles
+    Transcribe(speech::TranscribeArgs),
     /// Batches on a running server: submit a JSONL file, follow, cancel, fetch results
     Batch(batch::BatchArgs),
     /// Articles from rows of data (CSV, JSONL, JSON) and a template, in
@@ -465,6 +468,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             kb::ask(&store, threads, &m, &kbs, &question, json)
         }
         Cmd::Batch(a) => batch::run(a),
+        Cmd::Transcribe(a) => speech::transcribe(&store, threads, a),
         Cmd::Write(a) => write::run(&store, threads, a),
         Cmd::Admin { mut db, cmd } => {
             if db.database_url.is_none() {

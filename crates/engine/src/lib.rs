@@ -14,6 +14,7 @@ pub mod model;
 pub mod sampler;
 pub mod sched;
 pub mod speculative;
+pub mod whisper;
 
 pub use generate::{
     DecodeStep, Decoder, FinishReason, GenerateParams, Generation, LoadedModel, Session,

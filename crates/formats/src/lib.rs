@@ -2,6 +2,7 @@
 //! input), [`writer`] writes GGUF (used by tests that generate tiny models and by
 //! the trainer's export).
 
+pub mod ct2;
 pub mod e5;
 pub mod gguf;
 pub mod hf;

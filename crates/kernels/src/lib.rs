@@ -8,6 +8,7 @@
 //! - [`ops`]: RMSNorm, RoPE, softmax, activations.
 //! - [`pool`]: the persistent thread pool.
 
+pub mod attn;
 pub mod dot;
 pub mod kpack;
 pub mod matmul;

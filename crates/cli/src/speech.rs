@@ -1,0 +1,111 @@
+//! `hanlin transcribe`: speech to text (or English) with Whisper, as
+//! text, JSON or subtitles.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hanlin_speech::{audio, recognize, subtitle, Options, Task};
+use hanlin_store::Store;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct TranscribeArgs {
+    /// Audio file: WAV, MP3, Ogg Vorbis, FLAC or M4A/AAC
+    file: PathBuf,
+    /// Speech model (catalog name or a faster-whisper model directory)
+    #[arg(long, default_value = hanlin_store::WHISPER_MODEL)]
+    model: String,
+    /// Language spoken (a code like zh or en; default: detected)
+    #[arg(long, short = 'l')]
+    language: Option<String>,
+    /// Translate to English instead of transcribing
+    #[arg(long)]
+    translate: bool,
+    /// text, json, verbose_json, srt or vtt
+    #[arg(long, short = 'f', default_value = "text")]
+    format: String,
+    /// Words and spelling to expect (names, terms)
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Sampling temperature of the first try (0: greedy)
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Decode silence too (no voice-activity detection)
+    #[arg(long)]
+    no_vad: bool,
+    /// Write here instead of stdout
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+}
+
+/// Audio longer than this is refused (memory stays bounded).
+const MAX_SECONDS: f64 = 4.0 * 3600.0;
+
+pub fn transcribe(store: &Store, threads: usize, a: TranscribeArgs) -> Result<()> {
+    if !["text", "json", "verbose_json", "srt", "vtt"].contains(&a.format.as_str()) {
+        bail!("unknown format {:?} (text, json, verbose_json, srt or vtt)", a.format);
+    }
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let ext = a.file.extension().and_then(|e| e.to_str());
+    let pcm = audio::decode(bytes, ext, MAX_SECONDS)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let samples = audio::to_16k(pcm)?;
+    let rec = hanlin_speech::load_recognizer(store, &a.model, threads, true)?;
+    let opts = Options {
+        task: if a.translate {
+            Task::Translate
+        } else {
+            Task::Transcribe
+        },
+        language: a.language.clone(),
+        prompt: a.prompt.clone(),
+        temperature: a.temperature,
+        fallback: true,
+        vad: !a.no_vad,
+        seed: 0,
+    };
+    let pb = indicatif::ProgressBar::new(1000);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("transcribing [{bar:30}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let t = rec.transcribe(&samples, &opts, &mut |done, total| {
+        pb.set_position((done / total.max(1e-9) * 1000.0) as u64);
+        pb.set_message(format!("{done:.0}/{total:.0} s"));
+    })?;
+    pb.finish_and_clear();
+    tracing::info!(
+        "{:.1} s of audio in {:.1} s ({:.1}x real time), language {}",
+        t.duration,
+        started.elapsed().as_secs_f64(),
+        t.duration / started.elapsed().as_secs_f64().max(1e-9),
+        t.language
+    );
+    let out = render(&t, &a.format, opts.task);
+    match &a.output {
+        Some(p) => std::fs::write(p, out).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{out}"),
+    }
+    Ok(())
+}
+
+/// A transcript in one of the endpoint's formats.
+pub fn render(t: &recognize::Transcript, format: &str, task: Task) -> String {
+    match format {
+        "srt" => subtitle::srt(&t.segments),
+        "vtt" => subtitle::vtt(&t.segments),
+        "json" => format!("{}\n", serde_json::json!({ "text": t.text() })),
+        "verbose_json" => format!(
+            "{}\n",
+            serde_json::json!({
+                "task": match task { Task::Transcribe => "transcribe", Task::Translate => "translate" },
+                "language": hanlin_speech::lang::name(&t.language).unwrap_or(&t.language),
+                "duration": t.duration,
+                "text": t.text(),
+                "segments": t.segments,
+            })
+        ),
+        _ => format!("{}\n", t.text()),
+    }
+}

@@ -1,0 +1,243 @@
+//! Audio in: any container and codec `symphonia` reads (WAV, MP3, Ogg
+//! Vorbis, FLAC, AAC in MP4/M4A), mixed down to mono and resampled to
+//! 16 kHz (`rubato`, FFT-based). Decoding is bounded: audio longer than
+//! the caller's limit stops with an error instead of filling memory.
+
+use crate::SpeechError;
+use rubato::{FftFixedIn, Resampler};
+use symphonia::core::audio::SampleBuffer;
+use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
+use symphonia::core::errors::Error as SymErr;
+use symphonia::core::formats::FormatOptions;
+use symphonia::core::io::MediaSourceStream;
+use symphonia::core::meta::MetadataOptions;
+use symphonia::core::probe::Hint;
+
+/// The rate Whisper hears at.
+pub const SAMPLE_RATE: u32 = 16_000;
+
+/// Mono samples at `rate`.
+#[derive(Debug, Clone)]
+pub struct Pcm {
+    pub samples: Vec<f32>,
+    pub rate: u32,
+}
+
+impl Pcm {
+    pub fn seconds(&self) -> f64 {
+        self.samples.len() as f64 / self.rate.max(1) as f64
+    }
+}
+
+/// Decode an audio file's bytes (`ext`: the file name's extension, a hint
+/// only) into mono samples; more than `max_seconds` of audio is an error.
+pub fn decode(bytes: Vec<u8>, ext: Option<&str>, max_seconds: f64) -> Result<Pcm, SpeechError> {
+    if bytes.is_empty() {
+        return Err(SpeechError::BadAudio("the file is empty".into()));
+    }
+    let mut hint = Hint::new();
+    if let Some(e) = ext {
+        hint.with_extension(e);
+    }
+    let mss = MediaSourceStream::new(Box::new(std::io::Cursor::new(bytes)), Default::default());
+    let probed = symphonia::default::get_probe()
+        .format(
+            &hint,
+            mss,
+            &FormatOptions::default(),
+            &MetadataOptions::default(),
+        )
+        .map_err(|e| match e {
+            SymErr::Unsupported(_) => SpeechError::Unsupported(
+                "not a supported audio file (WAV, MP3, Ogg Vorbis, FLAC or M4A/AAC)".into(),
+            ),
+            e => SpeechError::BadAudio(format!("cannot read the audio: {e}")),
+        })?;
+    let mut format = probed.format;
+    let track = format
+        .tracks()
+        .iter()
+        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+        .ok_or_else(|| SpeechError::BadAudio("the file holds no audio track".into()))?;
+    let track_id = track.id;
+    let mut decoder = symphonia::default::get_codecs()
+        .make(&track.codec_params, &DecoderOptions::default())
+        .map_err(|e| match e {
+            SymErr::Unsupported(what) => SpeechError::Unsupported(format!(
+                "the audio codec is not supported ({what}); send WAV, MP3, Ogg Vorbis, FLAC or AAC"
+            )),
+            e => SpeechError::BadAudio(format!("cannot decode the audio: {e}")),
+        })?;
+    let mut rate = track.codec_params.sample_rate.unwrap_or(0);
+    let mut samples: Vec<f32> = Vec::new();
+    let mut buf: Option<SampleBuffer<f32>> = None;
+    let mut bad_packets = 0usize;
+    loop {
+        let packet = match format.next_packet() {
+            Ok(p) => p,
+            Err(SymErr::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(SymErr::ResetRequired) => break,
+            Err(e) => {
+                if samples.is_empty() {
+                    return Err(SpeechError::BadAudio(format!("cannot read the audio: {e}")));
+                }
+                // A damaged tail: keep what was decoded.
+                tracing::debug!("audio read stopped early: {e}");
+                break;
+            }
+        };
+        if packet.track_id() != track_id {
+            continue;
+        }
+        let decoded = match decoder.decode(&packet) {
+            Ok(d) => d,
+            Err(SymErr::DecodeError(e)) => {
+                bad_packets += 1;
+                tracing::debug!("skipped a damaged audio packet: {e}");
+                continue;
+            }
+            Err(SymErr::IoError(_)) => break,
+            Err(e) => return Err(SpeechError::BadAudio(format!("cannot decode the audio: {e}"))),
+        };
+        let spec = *decoded.spec();
+        rate = spec.rate;
+        let channels = spec.channels.count().max(1);
+        let b = match &mut buf {
+            Some(b) if b.capacity() >= decoded.capacity() * channels => b,
+            _ => buf.insert(SampleBuffer::new(decoded.capacity() as u64, spec)),
+        };
+        b.copy_interleaved_ref(decoded);
+        for frame in b.samples().chunks_exact(channels) {
+            samples.push(frame.iter().sum::<f32>() / channels as f32);
+        }
+        if rate > 0 && samples.len() as f64 / rate as f64 > max_seconds {
+            return Err(SpeechError::TooLong { max_seconds });
+        }
+    }
+    if rate == 0 {
+        return Err(SpeechError::BadAudio("the audio has no sample rate".into()));
+    }
+    if samples.is_empty() {
+        return Err(SpeechError::BadAudio(if bad_packets > 0 {
+            "no packet of the audio could be decoded".into()
+        } else {
+            "the file holds no audio".into()
+        }));
+    }
+    Ok(Pcm { samples, rate })
+}
+
+/// `pcm` at 16 kHz.
+pub fn to_16k(pcm: Pcm) -> Result<Vec<f32>, SpeechError> {
+    resample(pcm, SAMPLE_RATE)
+}
+
+/// `pcm` at `rate`.
+pub fn resample(pcm: Pcm, rate: u32) -> Result<Vec<f32>, SpeechError> {
+    if pcm.rate == rate {
+        return Ok(pcm.samples);
+    }
+    let (from, to) = (pcm.rate as usize, rate as usize);
+    let chunk = 1024;
+    let mut r = FftFixedIn::<f32>::new(from, to, chunk, 2, 1)
+        .map_err(|e| SpeechError::BadAudio(format!("cannot resample from {from} Hz: {e}")))?;
+    let want = (pcm.samples.len() as u64 * to as u64).div_ceil(from as u64) as usize;
+    let delay = r.output_delay();
+    let mut out = Vec::with_capacity(want + delay + chunk);
+    let mut at = 0;
+    let err = |e: rubato::ResampleError| SpeechError::BadAudio(format!("resampling failed: {e}"));
+    while pcm.samples.len() - at >= r.input_frames_next() {
+        let n = r.input_frames_next();
+        let o = r.process(&[&pcm.samples[at..at + n]], None).map_err(err)?;
+        out.extend_from_slice(&o[0]);
+        at += n;
+    }
+    if at < pcm.samples.len() {
+        let o = r
+            .process_partial(Some(&[&pcm.samples[at..]]), None)
+            .map_err(err)?;
+        out.extend_from_slice(&o[0]);
+    }
+    while out.len() < want + delay {
+        let o = r.process_partial::<&[f32]>(None, None).map_err(err)?;
+        if o[0].is_empty() {
+            break;
+        }
+        out.extend_from_slice(&o[0]);
+    }
+    let end = (delay + want).min(out.len());
+    Ok(out[delay.min(end)..end].to_vec())
+}
+
+/// 16-bit mono WAV bytes of `samples` at `rate` (what the tests and the
+/// speech endpoint write).
+pub fn wav_bytes(samples: &[f32], rate: u32) -> Vec<u8> {
+    let data_len = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + samples.len() * 2);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        let v = (s.clamp(-1.0, 1.0) * 32767.0).round() as i16;
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tone(rate: u32, secs: f32, hz: f32) -> Vec<f32> {
+        (0..(rate as f32 * secs) as usize)
+            .map(|i| 0.5 * (2.0 * std::f32::consts::PI * hz * i as f32 / rate as f32).sin())
+            .collect()
+    }
+
+    #[test]
+    fn a_wav_round_trips_and_is_resampled_to_16k() {
+        let x = tone(44_100, 1.0, 440.0);
+        let pcm = decode(wav_bytes(&x, 44_100), Some("wav"), 60.0).expect("decode");
+        assert_eq!((pcm.rate, pcm.samples.len()), (44_100, x.len()));
+        let y = to_16k(pcm).expect("resample");
+        assert_eq!(y.len(), 16_000);
+        // Still a 440 Hz tone of the same loudness, in phase.
+        let z = tone(16_000, 1.0, 440.0);
+        let err: f32 = y[100..15_900]
+            .iter()
+            .zip(&z[100..15_900])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 0.02, "max error {err}");
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        assert!(matches!(
+            decode(Vec::new(), None, 60.0),
+            Err(SpeechError::BadAudio(_))
+        ));
+        assert!(matches!(
+            decode(b"this is plain text, not audio at all".repeat(10), Some("txt"), 60.0),
+            Err(SpeechError::Unsupported(_))
+        ));
+        let wav = wav_bytes(&tone(16_000, 3.0, 200.0), 16_000);
+        assert!(matches!(
+            decode(wav.clone(), Some("wav"), 1.0),
+            Err(SpeechError::TooLong { .. })
+        ));
+        // A truncated file keeps what arrived; a header alone holds nothing.
+        let cut = decode(wav[..20_044].to_vec(), Some("wav"), 60.0).expect("truncated");
+        assert!(cut.samples.len() <= 10_000 && cut.samples.len() > 9_000);
+        assert!(decode(wav[..44].to_vec(), Some("wav"), 60.0).is_err());
+    }
+}

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin hanlin
 hanlin="${CARGO_TARGET_DIR:-target}/release/hanlin"
-for m in smollm2-135m qwen2.5-coder-0.5b gemma3-270m multilingual-e5-small qwen2.5-coder-1.5b; do
+for m in smollm2-135m qwen2.5-coder-0.5b gemma3-270m multilingual-e5-small qwen2.5-coder-1.5b whisper-base; do
   "$hanlin" pull "$m"
 done
 python3 -c "import openai" 2>/dev/null || python3 -m pip install -q "openai==3.54.0"

@@ -42,7 +42,10 @@ const MAX_SECONDS: f64 = 4.0 * 3600.0;
 
 pub fn transcribe(store: &Store, threads: usize, a: TranscribeArgs) -> Result<()> {
     if !["text", "json", "verbose_json", "srt", "vtt"].contains(&a.format.as_str()) {
-        bail!("unknown format {:?} (text, json, verbose_json, srt or vtt)", a.format);
+        bail!(
+            "unknown format {:?} (text, json, verbose_json, srt or vtt)",
+            a.format
+        );
     }
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let ext = a.file.extension().and_then(|e| e.to_str());
@@ -73,6 +76,7 @@ pub fn transcribe(store: &Store, threads: usize, a: TranscribeArgs) -> Result<()
     let t = rec.transcribe(&samples, &opts, &mut |done, total| {
         pb.set_position((done / total.max(1e-9) * 1000.0) as u64);
         pb.set_message(format!("{done:.0}/{total:.0} s"));
+        true
     })?;
     pb.finish_and_clear();
     tracing::info!(

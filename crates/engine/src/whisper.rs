@@ -208,10 +208,7 @@ impl Whisper {
     pub fn from_ct2(bytes: &[u8], threads: usize) -> Result<Self, EngineError> {
         let f = Ct2File::parse(bytes)?;
         if f.spec != "WhisperSpec" {
-            return Err(bad(format!(
-                "a CTranslate2 {} model, not Whisper",
-                f.spec
-            )));
+            return Err(bad(format!("a CTranslate2 {} model, not Whisper", f.spec)));
         }
         let shape = |n: &str| -> Result<Vec<usize>, EngineError> { Ok(f.var(n)?.shape.clone()) };
         let get = |n: &str| -> Result<Vec<f32>, EngineError> { Ok(f.floats(bytes, n)?) };
@@ -269,12 +266,18 @@ impl Whisper {
         let lin = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Lin, EngineError> {
             let w = get(&format!("{name}/weight"))?;
             if w.len() != rows * cols {
-                return Err(bad(format!("{name}/weight: {} values, expected {rows}×{cols}", w.len())));
+                return Err(bad(format!(
+                    "{name}/weight: {} values, expected {rows}×{cols}",
+                    w.len()
+                )));
             }
             let b = if bias {
                 let b = get(&format!("{name}/bias"))?;
                 if b.len() != rows {
-                    return Err(bad(format!("{name}/bias: {} values, expected {rows}", b.len())));
+                    return Err(bad(format!(
+                        "{name}/bias: {} values, expected {rows}",
+                        b.len()
+                    )));
                 }
                 b
             } else {
@@ -401,8 +404,13 @@ impl Whisper {
                 *v = gelu(*v) + p;
             }
         }
-        let (mut a, mut qkv, mut ctx, mut o, mut mid) =
-            (Vec::new(), Vec::new(), vec![0f32; n * d], Vec::new(), Vec::new());
+        let (mut a, mut qkv, mut ctx, mut o, mut mid) = (
+            Vec::new(),
+            Vec::new(),
+            vec![0f32; n * d],
+            Vec::new(),
+            Vec::new(),
+        );
         for l in &self.enc {
             l.ln1.apply(&x, &mut a);
             l.qkv.apply(pool, &a, &mut qkv);
@@ -472,8 +480,13 @@ impl Whisper {
             n: c.dec_heads,
             hd: d / c.dec_heads,
         };
-        let (mut a, mut qkv, mut ctx, mut o, mut mid) =
-            (Vec::new(), Vec::new(), vec![0f32; n * d], Vec::new(), Vec::new());
+        let (mut a, mut qkv, mut ctx, mut o, mut mid) = (
+            Vec::new(),
+            Vec::new(),
+            vec![0f32; n * d],
+            Vec::new(),
+            Vec::new(),
+        );
         let past = st.len;
         let mut xq = Vec::new();
         for ((l, kv), xkv) in self.dec.iter().zip(&mut st.kv).zip(&audio.kv) {
@@ -620,15 +633,21 @@ fn attend(
             let seen = causal.map_or(n_kv, |past| (past + i + 1).min(n_kv));
             probs.clear();
             probs.extend((0..seen).map(|s| {
-                ops::dot_f32(qh, &k[s * kv_stride + hh * h.hd..s * kv_stride + (hh + 1) * h.hd])
-                    * scale
+                ops::dot_f32(
+                    qh,
+                    &k[s * kv_stride + hh * h.hd..s * kv_stride + (hh + 1) * h.hd],
+                ) * scale
             }));
             ops::softmax(&mut probs);
             // SAFETY: each (query, head) slice is written by this job only.
             let o = unsafe { dst.slice(i * d + hh * h.hd, h.hd) };
             o.fill(0.0);
             for (p, s) in probs.iter().zip(0..seen) {
-                ops::axpy(o, *p, &v[s * kv_stride + hh * h.hd..s * kv_stride + (hh + 1) * h.hd]);
+                ops::axpy(
+                    o,
+                    *p,
+                    &v[s * kv_stride + hh * h.hd..s * kv_stride + (hh + 1) * h.hd],
+                );
             }
         }
     });

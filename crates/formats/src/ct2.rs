@@ -130,9 +130,7 @@ impl Ct2File {
         if !(5..=6).contains(&version) {
             return Err(FormatError::Invalid {
                 offset: 0,
-                msg: format!(
-                    "CTranslate2 binary version {version} is not supported (5 and 6 are)"
-                ),
+                msg: format!("CTranslate2 binary version {version} is not supported (5 and 6 are)"),
             });
         }
         let spec = c.string("spec name")?;
@@ -311,7 +309,12 @@ mod tests {
             3,
             &[
                 ("a/weight".into(), vec![2, 2], Ct2Type::F16, w),
-                ("a/heads".into(), vec![], Ct2Type::I16, 8i16.to_le_bytes().to_vec()),
+                (
+                    "a/heads".into(),
+                    vec![],
+                    Ct2Type::I16,
+                    8i16.to_le_bytes().to_vec(),
+                ),
             ],
             &[("b/weight", "a/weight")],
         )
@@ -321,8 +324,14 @@ mod tests {
     fn variables_and_aliases_are_read() {
         let b = sample();
         let f = Ct2File::parse(&b).expect("parse");
-        assert_eq!((f.version, f.spec.as_str(), f.revision), (6, "WhisperSpec", 3));
-        assert_eq!(f.floats(&b, "b/weight").expect("alias"), [1.0, -2.0, 0.5, 4.0]);
+        assert_eq!(
+            (f.version, f.spec.as_str(), f.revision),
+            (6, "WhisperSpec", 3)
+        );
+        assert_eq!(
+            f.floats(&b, "b/weight").expect("alias"),
+            [1.0, -2.0, 0.5, 4.0]
+        );
         assert_eq!(f.floats(&b, "a/heads").expect("scalar"), [8.0]);
         assert_eq!(f.var("a/weight").expect("var").shape, [2, 2]);
         assert!(f.var("missing").is_err());

@@ -61,6 +61,10 @@ pub enum Endpoint {
     Batch,
     /// A reply to a messaging channel's user (WeChat).
     Channel,
+    /// Speech to text (`/v1/audio/transcriptions`).
+    Transcriptions,
+    /// Speech to English text (`/v1/audio/translations`).
+    Translations,
 }
 
 impl Endpoint {
@@ -74,6 +78,8 @@ impl Endpoint {
             Endpoint::Web => "web",
             Endpoint::Batch => "batch",
             Endpoint::Channel => "channel",
+            Endpoint::Transcriptions => "transcriptions",
+            Endpoint::Translations => "translations",
         }
     }
 
@@ -101,6 +107,8 @@ impl Endpoint {
             Endpoint::Web => "web",
             Endpoint::Batch => "batch_req",
             Endpoint::Channel => "chan",
+            Endpoint::Transcriptions => "trsc",
+            Endpoint::Translations => "trsl",
         }
     }
 }

@@ -303,7 +303,16 @@ mod tests {
         for h in 0..heads {
             let kv = HeadKv::new(&k, &v, stride, h * hd, n, hd);
             let mut out = vec![0f32; 5 * stride];
-            attend_block(&kv, &q[h * hd..], stride, 5, scale, &mut out[h * hd..], stride, &mut scratch);
+            attend_block(
+                &kv,
+                &q[h * hd..],
+                stride,
+                5,
+                scale,
+                &mut out[h * hd..],
+                stride,
+                &mut scratch,
+            );
             for i in 0..5 {
                 let s: Vec<f32> = (0..n)
                     .map(|j| {
@@ -319,7 +328,10 @@ mod tests {
                 for d in 0..hd {
                     let want: f32 = (0..n).map(|j| e[j] / z * v[j * stride + h * hd + d]).sum();
                     let got = out[i * stride + h * hd + d];
-                    assert!((want - got).abs() < 1e-5, "head {h} query {i} dim {d}: {got} vs {want}");
+                    assert!(
+                        (want - got).abs() < 1e-5,
+                        "head {h} query {i} dim {d}: {got} vs {want}"
+                    );
                 }
             }
         }

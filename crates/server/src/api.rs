@@ -94,6 +94,7 @@ pub async fn auth(st: &AppState, headers: &HeaderMap) -> AppResult<Caller> {
 pub(crate) fn all_models(st: &AppState) -> Vec<(String, u64)> {
     let mut all = st.models.available();
     all.extend(st.upstreams.names().map(|n| (n.clone(), 0)));
+    all.extend(st.speech.model_names().into_iter().map(|n| (n, 0)));
     all
 }
 

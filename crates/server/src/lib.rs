@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod audio;
 pub mod batch;
 pub mod channel;
 mod chat_model;
@@ -172,6 +173,8 @@ pub struct AppState {
     pub grammars: grammar::Grammars,
     pub kbs: search::Kbs,
     pub embedders: hanlin_embed::Embedders,
+    /// Speech recognition (Whisper), loaded on first use.
+    pub speech: audio::Speech,
     pub config: Config,
     /// While the server has no admin: the one-time token the first web
     /// registration needs (printed on the console). Held locked while that
@@ -245,6 +248,11 @@ impl AppState {
                 .map_err(|e| ServerError::Model(e.to_string()))?,
             config.threads,
         );
+        let speech = audio::Speech::new(
+            hanlin_store::Store::open(store.home())
+                .map_err(|e| ServerError::Model(e.to_string()))?,
+            config.threads,
+        );
         let models = models::Models::new(
             store,
             config.threads,
@@ -275,6 +283,7 @@ impl AppState {
             grammars: grammar::Grammars::default(),
             kbs,
             embedders,
+            speech,
             setup_token: tokio::sync::Mutex::new(setup_token),
             throttle: guard::Throttle::default(),
             anon: guard::AnonLimit::new(config.unauthenticated_per_minute),
@@ -350,6 +359,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/embeddings", post(api::embeddings))
+        .route(
+            "/v1/audio/transcriptions",
+            post(audio::transcriptions)
+                .layer(DefaultBodyLimit::max(audio::MAX_AUDIO_BYTES + (1 << 20))),
+        )
+        .route(
+            "/v1/audio/translations",
+            post(audio::translations)
+                .layer(DefaultBodyLimit::max(audio::MAX_AUDIO_BYTES + (1 << 20))),
+        )
         .route("/v1/search", post(search::search))
         .route("/v1/ask", post(search::ask))
         .route("/v1/kb", get(search::list_kbs))

@@ -179,6 +179,22 @@ assert e.usage.prompt_tokens > 10
 e = client.embeddings.create(model=qwen, input="长城", dimensions=64, encoding_format="float")
 assert len(e.data[0].embedding) == 64
 
+# Speech to text: whisper-1 is the installed Whisper
+assert "whisper-1" in ids, ids
+jfk = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "speech", "tests", "data", "jfk.wav")
+with open(jfk, "rb") as f:
+    t = client.audio.transcriptions.create(model="whisper-1", file=f)
+assert "ask not what your country can do for you" in t.text, t.text
+with open(jfk, "rb") as f:
+    t = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json")
+assert t.language == "english" and t.segments[0].start == 0.0 and t.duration == 11.0, t
+with open(jfk, "rb") as f:
+    srt = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="srt")
+assert srt.startswith("1\n00:00:00,000 --> "), srt
+with open(jfk, "rb") as f:
+    t = client.audio.translations.create(model="whisper-1", file=f)
+assert "country" in t.text, t.text
+
 # Errors come back as the client's own exception types
 def raises(exc, fn):
     try:

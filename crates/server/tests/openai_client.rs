@@ -25,17 +25,18 @@ async fn official_openai_python_client() {
         "openai client checks failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("all checks passed"));
-    // Each of the 12 successful requests is metered once (usage is written
+    // Each of the 16 successful requests (12 of text, 4 of speech) is
+    // metered once (usage is written
     // just after the answer goes out, so allow it a moment); the refused
     // ones are not metered.
     let mut requests = 0;
     for _ in 0..50 {
         let rows = srv.state.db.usage(Some("py"), None).await.expect("usage");
         requests = rows.iter().map(|r| r.requests).sum::<i64>();
-        if requests >= 12 {
+        if requests >= 16 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(requests, 12);
+    assert_eq!(requests, 16);
 }

@@ -97,7 +97,11 @@ pub fn decode(bytes: Vec<u8>, ext: Option<&str>, max_seconds: f64) -> Result<Pcm
                 continue;
             }
             Err(SymErr::IoError(_)) => break,
-            Err(e) => return Err(SpeechError::BadAudio(format!("cannot decode the audio: {e}"))),
+            Err(e) => {
+                return Err(SpeechError::BadAudio(format!(
+                    "cannot decode the audio: {e}"
+                )))
+            }
         };
         let spec = *decoded.spec();
         rate = spec.rate;
@@ -227,7 +231,11 @@ mod tests {
             Err(SpeechError::BadAudio(_))
         ));
         assert!(matches!(
-            decode(b"this is plain text, not audio at all".repeat(10), Some("txt"), 60.0),
+            decode(
+                b"this is plain text, not audio at all".repeat(10),
+                Some("txt"),
+                60.0
+            ),
             Err(SpeechError::Unsupported(_))
         ));
         let wav = wav_bytes(&tone(16_000, 3.0, 200.0), 16_000);

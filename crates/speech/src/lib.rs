@@ -25,6 +25,8 @@ pub enum SpeechError {
     TooLong { max_seconds: f64 },
     #[error("{0}")]
     BadRequest(String),
+    #[error("cancelled")]
+    Cancelled,
     #[error("speech model: {0}")]
     Model(String),
     #[error(transparent)]

@@ -126,7 +126,10 @@ mod tests {
             .max_by(|a, b| fb[loudest * 201 + a].total_cmp(&fb[loudest * 201 + b]))
             .unwrap_or(0);
         let hz = peak_bin as f32 * 40.0;
-        assert!((hz - 1000.0).abs() <= 80.0, "band {loudest} peaks at {hz} Hz");
+        assert!(
+            (hz - 1000.0).abs() <= 80.0,
+            "band {loudest} peaks at {hz} Hz"
+        );
         // Values lie in the floored, scaled range.
         let max = mel.iter().copied().fold(f32::MIN, f32::max);
         let min = mel.iter().copied().fold(f32::MAX, f32::min);

@@ -194,7 +194,9 @@ impl Recognizer {
                 .collect()
         };
         if sp.timestamp_begin as usize >= model.config.vocab {
-            return Err(SpeechError::Model("the model has no timestamp tokens".into()));
+            return Err(SpeechError::Model(
+                "the model has no timestamp tokens".into(),
+            ));
         }
         Ok(Self {
             suppress: ids(&cfg.suppress_ids),
@@ -211,7 +213,11 @@ impl Recognizer {
 
     /// Text of tokens (timestamps and other special tokens left out).
     pub fn decode_text(&self, tokens: &[u32]) -> String {
-        let text: Vec<u32> = tokens.iter().copied().filter(|t| *t < self.sp.eot).collect();
+        let text: Vec<u32> = tokens
+            .iter()
+            .copied()
+            .filter(|t| *t < self.sp.eot)
+            .collect();
         self.tok.decode(&text, true).unwrap_or_default()
     }
 
@@ -252,12 +258,13 @@ impl Recognizer {
     }
 
     /// Transcribe 16 kHz mono `samples`. `progress(seconds done, total)`
-    /// is called after each window.
+    /// is called before each window; when it returns false the work stops
+    /// with [`SpeechError::Cancelled`].
     pub fn transcribe(
         &self,
         samples: &[f32],
         opts: &Options,
-        progress: &mut dyn FnMut(f64, f64),
+        progress: &mut dyn FnMut(f64, f64) -> bool,
     ) -> Result<Transcript, SpeechError> {
         let n_mels = self.model.config.n_mels;
         let (features, frames) = mel::log_mel(samples, n_mels);
@@ -267,7 +274,12 @@ impl Recognizer {
         let clips: Vec<(usize, usize)> = if opts.vad {
             vad::speech(samples, crate::audio::SAMPLE_RATE)
                 .into_iter()
-                .map(|(a, b)| (a * FRAMES_PER_SECOND / 16_000, b * FRAMES_PER_SECOND / 16_000))
+                .map(|(a, b)| {
+                    (
+                        a * FRAMES_PER_SECOND / 16_000,
+                        b * FRAMES_PER_SECOND / 16_000,
+                    )
+                })
                 .collect()
         } else {
             vec![(0, content_frames)]
@@ -285,7 +297,9 @@ impl Recognizer {
         let mut language_probability = 1.0;
         if let Some(l) = &language {
             let code = lang::code(l).ok_or_else(|| {
-                SpeechError::BadRequest(format!("unknown language {l:?} (use a code like zh or en)"))
+                SpeechError::BadRequest(format!(
+                    "unknown language {l:?} (use a code like zh or en)"
+                ))
             })?;
             if !self.sp.langs.iter().any(|(c, _)| c == code) && self.multilingual() {
                 return Err(SpeechError::BadRequest(format!(
@@ -305,8 +319,13 @@ impl Recognizer {
             let clip_end = clip_end.min(content_frames);
             let mut seek = clip_start;
             while seek < clip_end {
+                if !progress((seek as f64 / 100.0).min(duration), duration) {
+                    return Err(SpeechError::Cancelled);
+                }
                 let time_offset = seek as f64 / FRAMES_PER_SECOND as f64;
-                let size = WINDOW_FRAMES.min(content_frames - seek).min(clip_end - seek);
+                let size = WINDOW_FRAMES
+                    .min(content_frames - seek)
+                    .min(clip_end - seek);
                 let segment_duration = size as f64 / FRAMES_PER_SECOND as f64;
                 let started = std::time::Instant::now();
                 let audio = self.model.encode(&window(seek, size), WINDOW_FRAMES)?;
@@ -359,7 +378,6 @@ impl Recognizer {
                 );
                 if r.no_speech_prob > NO_SPEECH_THRESHOLD && r.avg_logprob <= LOG_PROB_THRESHOLD {
                     seek += size;
-                    progress((seek as f64 / 100.0).min(duration), duration);
                     continue;
                 }
                 let previous_seek = seek;
@@ -387,9 +405,9 @@ impl Recognizer {
                 if r.temperature > PROMPT_RESET_ON_TEMPERATURE {
                     prompt_reset_since = all_tokens.len();
                 }
-                progress((seek as f64 / 100.0).min(duration), duration);
             }
         }
+        progress(duration, duration);
         Ok(Transcript {
             language: language.unwrap_or_else(|| "en".into()),
             language_probability,
@@ -428,7 +446,10 @@ impl Recognizer {
             }
             tried.push(r);
         }
-        let best_of = |v: Vec<Decoded>| v.into_iter().max_by(|a, b| a.avg_logprob.total_cmp(&b.avg_logprob));
+        let best_of = |v: Vec<Decoded>| {
+            v.into_iter()
+                .max_by(|a, b| a.avg_logprob.total_cmp(&b.avg_logprob))
+        };
         let (ok, all): (Vec<Decoded>, Vec<Decoded>) = tried
             .into_iter()
             .partition(|r| r.compression_ratio <= COMPRESSION_RATIO_THRESHOLD);
@@ -451,10 +472,15 @@ impl Recognizer {
         let mut st = self.model.new_state();
         let h = self.model.decode(&mut st, audio, prompt)?;
         let no_speech_prob = {
-            let l = self.model.logits(&h[sot_index * d..(sot_index + 1) * d], sp.timestamp_begin as usize);
+            let l = self.model.logits(
+                &h[sot_index * d..(sot_index + 1) * d],
+                sp.timestamp_begin as usize,
+            );
             softmax_at(&l, sp.no_speech as usize)
         };
-        let mut logits = self.model.logits(&h[(prompt.len() - 1) * d..], sp.timestamp_begin as usize);
+        let mut logits = self
+            .model
+            .logits(&h[(prompt.len() - 1) * d..], sp.timestamp_begin as usize);
         let mut tokens: Vec<u32> = Vec::new();
         let mut sum_logprob = 0f64;
         let ts = sp.timestamp_begin as usize;
@@ -661,6 +687,10 @@ mod tests {
     #[test]
     fn repetition_compresses_and_prose_does_not() {
         assert!(compression_ratio(&"thank you. ".repeat(30)) > 2.4);
-        assert!(compression_ratio("And so my fellow Americans, ask not what your country can do for you.") < 2.4);
+        assert!(
+            compression_ratio(
+                "And so my fellow Americans, ask not what your country can do for you."
+            ) < 2.4
+        );
     }
 }

@@ -72,14 +72,18 @@ mod tests {
             *v = ((s >> 16) as f32 / 65_536.0 - 0.5) * 0.002;
         }
         for (a, b) in [(5.0, 7.0), (15.0, 16.0)] {
-            for i in (a * 16_000.0) as usize..(b * 16_000.0) as usize {
-                x[i] += 0.3 * (i as f32 * 0.05).sin();
+            let (a, b) = ((a * 16_000.0) as usize, (b * 16_000.0) as usize);
+            for (i, v) in x.iter_mut().enumerate().take(b).skip(a) {
+                *v += 0.3 * (i as f32 * 0.05).sin();
             }
         }
         let r = speech(&x, rate);
         assert_eq!(r.len(), 2, "{r:?}");
         let secs = |v: usize| v as f32 / 16_000.0;
-        assert!((secs(r[0].0) - 4.6).abs() < 0.1 && (secs(r[0].1) - 7.4).abs() < 0.1, "{r:?}");
+        assert!(
+            (secs(r[0].0) - 4.6).abs() < 0.1 && (secs(r[0].1) - 7.4).abs() < 0.1,
+            "{r:?}"
+        );
         assert!((secs(r[1].0) - 14.6).abs() < 0.1, "{r:?}");
         // Pure silence and faint noise hold no speech.
         assert!(speech(&vec![0.0; 32_000], rate).is_empty());

@@ -293,11 +293,9 @@ impl Store {
                 Source::Pip { extras, .. } => extras.iter().map(|e| e.name).collect(),
                 Source::HuggingFace(_) => Vec::new(),
             };
-            let extras_present = wanted.iter().all(|n| {
-                m.files
-                    .get(*n)
-                    .is_some_and(|f| self.blob_path(f).exists())
-            });
+            let extras_present = wanted
+                .iter()
+                .all(|n| m.files.get(*n).is_some_and(|f| self.blob_path(f).exists()));
             if &m.sha256 == sha && self.blob_path(sha).exists() && extras_present {
                 return Ok(m);
             }

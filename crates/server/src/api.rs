@@ -248,7 +248,7 @@ pub(crate) async fn admit(
     })
 }
 
-fn finish_response(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Response {
+pub(crate) fn finish_response(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Response {
     let resp = r.unwrap_or_else(IntoResponse::into_response);
     st.gw
         .metrics

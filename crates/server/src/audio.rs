@@ -263,7 +263,7 @@ pub async fn transcriptions(
     form: Multipart,
 ) -> Response {
     let r = run(&st, caller, form, Task::Transcribe).await;
-    finish(&st, "audio.transcriptions", r)
+    crate::api::finish_response(&st, "audio.transcriptions", r)
 }
 
 pub async fn translations(
@@ -272,17 +272,7 @@ pub async fn translations(
     form: Multipart,
 ) -> Response {
     let r = run(&st, caller, form, Task::Translate).await;
-    finish(&st, "audio.translations", r)
-}
-
-fn finish(st: &AppState, endpoint: &str, r: AppResult<Response>) -> Response {
-    let resp = r.unwrap_or_else(IntoResponse::into_response);
-    st.gw
-        .metrics
-        .requests
-        .with_label_values(&[endpoint, resp.status().as_str()])
-        .inc();
-    resp
+    crate::api::finish_response(&st, "audio.translations", r)
 }
 
 async fn run(

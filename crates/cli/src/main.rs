@@ -100,6 +100,8 @@ enum Cmd {
     ExtractFile { path: PathBuf },
     /// Speech to text (or to English) with Whisper: text, JSON or subtitles
     Transcribe(speech::TranscribeArgs),
+    /// Text to speech (espeak-ng; Chinese read from pinyin), as a WAV file
+    Say(speech::SayArgs),
     /// Batches on a running server: submit a JSONL file, follow, cancel, fetch results
     Batch(batch::BatchArgs),
     /// Articles from rows of data (CSV, JSONL, JSON) and a template, in
@@ -469,6 +471,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
         }
         Cmd::Batch(a) => batch::run(a),
         Cmd::Transcribe(a) => speech::transcribe(&store, threads, a),
+        Cmd::Say(a) => speech::say(a),
         Cmd::Write(a) => write::run(&store, threads, a),
         Cmd::Admin { mut db, cmd } => {
             if db.database_url.is_none() {

@@ -113,3 +113,57 @@ pub fn render(t: &recognize::Transcript, format: &str, task: Task) -> String {
         _ => format!("{}\n", t.text()),
     }
 }
+
+#[derive(Args)]
+pub struct SayArgs {
+    /// Text to speak (Chinese, English or both); `-` reads stdin
+    text: String,
+    /// Write the WAV here
+    #[arg(long, short = 'o', default_value = "speech.wav")]
+    output: PathBuf,
+    /// Voice: alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, shimmer, verse
+    #[arg(long, default_value = "alloy")]
+    voice: String,
+    /// Speaking rate, 0.25 to 4.0
+    #[arg(long, default_value_t = 1.0)]
+    speed: f32,
+}
+
+/// `hanlin say`: text to a WAV file with espeak-ng, sentence by sentence.
+pub fn say(a: SayArgs) -> Result<()> {
+    use hanlin_speech::tts;
+    let text = if a.text == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        s
+    } else {
+        a.text.clone()
+    };
+    if text.trim().is_empty() {
+        bail!("nothing to say");
+    }
+    let voice = tts::voice(&a.voice).with_context(|| {
+        let names: Vec<&str> = tts::VOICES.iter().map(|v| v.name).collect();
+        format!(
+            "unknown voice {:?} (use one of {})",
+            a.voice,
+            names.join(", ")
+        )
+    })?;
+    if !(0.25..=4.0).contains(&a.speed) {
+        bail!("--speed must be from 0.25 to 4.0");
+    }
+    let synth = tts::Synth::find()?;
+    let mut samples = Vec::new();
+    for s in hanlin_speech::text::sentences(&text) {
+        samples.extend(synth.speak(&s, voice, a.speed)?);
+    }
+    std::fs::write(&a.output, audio::wav_bytes(&samples, tts::OUTPUT_RATE))
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!(
+        "wrote {} ({:.1} s)",
+        a.output.display(),
+        samples.len() as f64 / tts::OUTPUT_RATE as f64
+    );
+    Ok(())
+}

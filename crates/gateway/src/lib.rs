@@ -65,6 +65,8 @@ pub enum Endpoint {
     Transcriptions,
     /// Speech to English text (`/v1/audio/translations`).
     Translations,
+    /// Text to speech (`/v1/audio/speech`).
+    Speech,
 }
 
 impl Endpoint {
@@ -80,6 +82,7 @@ impl Endpoint {
             Endpoint::Channel => "channel",
             Endpoint::Transcriptions => "transcriptions",
             Endpoint::Translations => "translations",
+            Endpoint::Speech => "speech",
         }
     }
 
@@ -109,6 +112,7 @@ impl Endpoint {
             Endpoint::Channel => "chan",
             Endpoint::Transcriptions => "trsc",
             Endpoint::Translations => "trsl",
+            Endpoint::Speech => "tts",
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `POST /v1/audio/transcriptions` and `/v1/audio/translations`: speech
+//! `POST /v1/audio/speech` (below: espeak-ng, streamed sentence by
+//! sentence) and `POST /v1/audio/transcriptions` / `/v1/audio/translations`: speech
 //! to text (or to English) with Whisper, as OpenAI serves them — a
 //! multipart upload (`file`, `model`, `language`, `prompt`,
 //! `response_format` json / text / srt / vtt / verbose_json,
@@ -40,6 +41,7 @@ pub struct Speech {
     store: hanlin_store::Store,
     threads: usize,
     recognizer: tokio::sync::OnceCell<Arc<tokio::sync::Mutex<Recognizer>>>,
+    synth: tokio::sync::OnceCell<Arc<hanlin_speech::tts::Synth>>,
 }
 
 impl Speech {
@@ -48,19 +50,42 @@ impl Speech {
             store,
             threads,
             recognizer: tokio::sync::OnceCell::new(),
+            synth: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// espeak-ng, found on first use.
+    async fn synth(&self) -> AppResult<Arc<hanlin_speech::tts::Synth>> {
+        self.synth
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(hanlin_speech::tts::Synth::find)
+                    .await
+                    .map_err(|e| ApiError::internal(format!("finding espeak-ng: {e}")))?
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        ApiError::unavailable(format!("Speech synthesis is not available: {e}"))
+                    })
+            })
+            .await
+            .cloned()
     }
 
     /// Names `/v1/models` lists.
     pub fn model_names(&self) -> Vec<String> {
         std::iter::once(hanlin_store::WHISPER_MODEL)
             .chain(RECOGNITION_ALIASES)
+            .chain(SPEECH_MODELS)
             .map(String::from)
             .collect()
     }
 
     pub fn recognizes(name: &str) -> bool {
         name == hanlin_store::WHISPER_MODEL || RECOGNITION_ALIASES.contains(&name)
+    }
+
+    /// A speech model (recognition or synthesis), not a chat model.
+    pub fn is_audio_model(name: &str) -> bool {
+        Self::recognizes(name) || SPEECH_MODELS.contains(&name)
     }
 
     async fn recognizer(&self) -> AppResult<Arc<tokio::sync::Mutex<Recognizer>>> {
@@ -360,4 +385,153 @@ fn render(t: &Transcript, format: &str, task: Task) -> Response {
         }))
         .into_response(),
     }
+}
+
+/// OpenAI's speech model names, spoken by espeak-ng.
+pub const SPEECH_MODELS: [&str; 4] = ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "espeak-ng"];
+/// OpenAI's limit on `input`, in characters.
+pub const MAX_SPEECH_CHARS: usize = 4096;
+
+#[derive(serde::Deserialize)]
+struct SpeechRequest {
+    model: String,
+    input: String,
+    voice: serde_json::Value,
+    response_format: Option<String>,
+    speed: Option<f32>,
+    #[allow(dead_code)]
+    instructions: Option<String>,
+    stream_format: Option<String>,
+}
+
+const SPEECH_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "voice",
+    "response_format",
+    "speed",
+    "instructions",
+    "stream_format",
+];
+
+/// `POST /v1/audio/speech`: the input spoken sentence by sentence, each
+/// sentence's audio sent as soon as it is made (`wav` with the streaming
+/// header, or raw `pcm`: 16-bit mono at 24 kHz). Metered once, in audio
+/// milliseconds, for what was sent — also when the client leaves early.
+pub async fn speech(
+    State(st): State<Arc<AppState>>,
+    ApiCaller(caller): ApiCaller,
+    crate::extract::Body(body): crate::extract::Body,
+) -> Response {
+    let r = speech_inner(&st, caller, &body).await;
+    crate::api::finish_response(&st, "audio.speech", r)
+}
+
+async fn speech_inner(
+    st: &Arc<AppState>,
+    caller: hanlin_accounts::Caller,
+    body: &[u8],
+) -> AppResult<Response> {
+    use hanlin_speech::tts;
+    let req: SpeechRequest = crate::openai::parse(body, SPEECH_FIELDS)?;
+    if !SPEECH_MODELS.contains(&req.model.as_str()) || !crate::api::visible(&caller, &req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    let chars = req.input.chars().count();
+    if req.input.trim().is_empty() {
+        return Err(ApiError::bad_request("'input' is empty.").param("input"));
+    }
+    if chars > MAX_SPEECH_CHARS {
+        return Err(ApiError::bad_request(format!(
+            "'input' is {chars} characters long; the limit is {MAX_SPEECH_CHARS}."
+        ))
+        .param("input")
+        .code("string_above_max_length"));
+    }
+    let name = match &req.voice {
+        serde_json::Value::String(s) => s.clone(),
+        v => v["id"].as_str().unwrap_or_default().to_string(),
+    };
+    let voice = tts::voice(&name).ok_or_else(|| {
+        let known: Vec<&str> = tts::VOICES.iter().map(|v| v.name).collect();
+        ApiError::bad_request(format!(
+            "Unknown voice '{name}': use one of {}.",
+            known.join(", ")
+        ))
+        .param("voice")
+    })?;
+    let speed = req.speed.unwrap_or(1.0);
+    if !(0.25..=4.0).contains(&speed) {
+        return Err(ApiError::bad_request("'speed' must be from 0.25 to 4.0.").param("speed"));
+    }
+    if req.stream_format.as_deref().is_some_and(|f| f != "audio") {
+        return Err(
+            ApiError::bad_request("Only stream_format 'audio' is supported.")
+                .param("stream_format"),
+        );
+    }
+    let format = req.response_format.unwrap_or_else(|| "mp3".into());
+    let (wav, content_type) = match format.as_str() {
+        "wav" => (true, "audio/wav"),
+        "pcm" => (false, "audio/pcm"),
+        "mp3" | "opus" | "aac" | "flac" => {
+            return Err(ApiError::bad_request(format!(
+                "response_format '{format}' needs an encoder this server does not have: use 'wav' or 'pcm'."
+            ))
+            .param("response_format")
+            .code("unsupported_format"))
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid response_format '{other}': use wav or pcm."
+            ))
+            .param("response_format"))
+        }
+    };
+    let synth = st.speech.synth().await?;
+    let mut request = admit(st, &caller, Endpoint::Speech, &req.model, &Via::Api).await?;
+    let sentences = hanlin_speech::text::sentences(&req.input);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut sent_samples = 0usize;
+        if wav
+            && tx
+                .send(Ok(tts::wav_stream_header(tts::OUTPUT_RATE).into()))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        for s in sentences {
+            let synth = synth.clone();
+            let made = tokio::task::spawn_blocking(move || synth.speak(&s, voice, speed)).await;
+            let samples = match made {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    tracing::warn!("speech synthesis failed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("speech synthesis task failed: {e}");
+                    break;
+                }
+            };
+            let n = samples.len();
+            if tx.send(Ok(tts::pcm16(&samples).into())).await.is_err() {
+                break;
+            }
+            sent_samples += n;
+        }
+        request.record(Usage {
+            audio_ms: sent_samples as i64 * 1000 / tts::OUTPUT_RATE as i64,
+            ..Usage::default()
+        });
+        request.finish().await;
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }

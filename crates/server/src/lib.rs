@@ -364,6 +364,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(audio::transcriptions)
                 .layer(DefaultBodyLimit::max(audio::MAX_AUDIO_BYTES + (1 << 20))),
         )
+        .route("/v1/audio/speech", post(audio::speech))
         .route(
             "/v1/audio/translations",
             post(audio::translations)

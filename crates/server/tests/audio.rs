@@ -240,3 +240,200 @@ async fn speech_is_transcribed_metered_once_and_bad_uploads_are_refused() {
     }
     assert_eq!(audio_ms, 3 * 11_000 + 3_000);
 }
+
+async fn speak(base: &str, key: &str, body: serde_json::Value) -> (u16, String, Vec<u8>) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/audio/speech"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    let ty = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (
+        status,
+        ty,
+        r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+    )
+}
+
+async fn audio_ms_of(srv: &common::TestServer, user: &str, at_least: i64) -> i64 {
+    let mut ms = 0;
+    for _ in 0..100 {
+        let (_, u) = common::call(
+            reqwest::Method::GET,
+            format!("{}/v1/admin/usage?user={user}", srv.base),
+            &srv.admin_key,
+            None,
+        )
+        .await;
+        ms = u["data"]
+            .as_array()
+            .map(|rows| rows.iter().filter_map(|r| r["audio_ms"].as_i64()).sum())
+            .unwrap_or(0);
+        if ms >= at_least {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    ms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_is_spoken_streamed_heard_back_and_metered_once() {
+    let srv = start().await;
+    let base = &srv.base;
+    let key = srv.user_key("sam", "free").await;
+
+    // WAV, streamed: a header whose sizes say "unknown", then the samples.
+    let sentence = "The meeting starts at nine thirty tomorrow morning.";
+    let (s, ty, wav) = speak(
+        base,
+        &key,
+        serde_json::json!({"model": "tts-1", "voice": "alloy", "input": sentence, "response_format": "wav"}),
+    )
+    .await;
+    assert_eq!(
+        (s, ty.as_str()),
+        (200, "audio/wav"),
+        "{}",
+        String::from_utf8_lossy(&wav)
+    );
+    assert_eq!(&wav[..4], b"RIFF");
+    let pcm = hanlin_speech::audio::decode(wav.clone(), Some("wav"), 60.0).expect("our own WAV");
+    assert_eq!(pcm.rate, 24_000);
+    let wav_ms = (wav.len() - 44) as i64 / 48;
+    assert!(wav_ms > 1500, "{wav_ms} ms");
+
+    // Heard back by the recogniser (synthesised English: Whisper knows it),
+    // by another user, whose transcript is metered apart.
+    let listener = srv.user_key("tom", "free").await;
+    let (s, body) = post(
+        base,
+        "/v1/audio/transcriptions",
+        Some(&listener),
+        &[
+            ("file", Some("speech.wav"), &wav),
+            ("model", None, b"whisper-1"),
+            ("language", None, b"en"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let text = body.to_lowercase();
+    assert!(
+        text.contains("meeting") && text.contains("tomorrow"),
+        "{body}"
+    );
+
+    // Mixed Chinese and English as raw PCM, with another voice.
+    let (s, ty, pcm) = speak(
+        base,
+        &key,
+        serde_json::json!({"model": "gpt-4o-mini-tts", "voice": "onyx", "input": "今天是2026年11月29日。We meet at 9:30.", "response_format": "pcm", "speed": 1.2}),
+    )
+    .await;
+    assert_eq!((s, ty.as_str()), (200, "audio/pcm"));
+    assert!(
+        pcm.len() % 2 == 0 && pcm.len() > 48_000 * 2,
+        "{} bytes",
+        pcm.len()
+    );
+    let pcm_ms = pcm.len() as i64 / 48;
+
+    // Bad requests: clear errors, nothing spoken, nothing metered.
+    let long = "长".repeat(5_000);
+    let cases = [
+        (
+            serde_json::json!({"model": "tts-1", "voice": "nobody", "input": "hi"}),
+            400,
+            "voice",
+        ),
+        (
+            serde_json::json!({"model": "tts-1", "voice": "alloy", "input": "hi"}),
+            400,
+            "response_format",
+        ),
+        (
+            serde_json::json!({"model": "tts-1", "voice": "alloy", "input": "hi", "response_format": "flac"}),
+            400,
+            "response_format",
+        ),
+        (
+            serde_json::json!({"model": "tts-1", "voice": "alloy", "input": long, "response_format": "wav"}),
+            400,
+            "input",
+        ),
+        (
+            serde_json::json!({"model": "tts-1", "voice": "alloy", "input": "  ", "response_format": "wav"}),
+            400,
+            "input",
+        ),
+        (
+            serde_json::json!({"model": "tts-1", "voice": "alloy", "input": "hi", "response_format": "wav", "speed": 9}),
+            400,
+            "speed",
+        ),
+        (
+            serde_json::json!({"model": "no-such-tts", "voice": "alloy", "input": "hi"}),
+            404,
+            "model",
+        ),
+    ];
+    for (body, status, what) in cases {
+        let (s, _, b) = speak(base, &key, body).await;
+        assert_eq!(s, status, "{what}: {}", String::from_utf8_lossy(&b));
+        let v: serde_json::Value = serde_json::from_slice(&b).expect("an OpenAI error body");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+    }
+    // 100,000 characters: past the server's body limit before any work.
+    let huge = "长".repeat(100_000);
+    let (s, _, b) = speak(
+        base,
+        &key,
+        serde_json::json!({"model": "tts-1", "voice": "alloy", "input": huge, "response_format": "wav"}),
+    )
+    .await;
+    assert!(s == 413 || s == 400, "{s}: {}", String::from_utf8_lossy(&b));
+    // Exactly what was sent is metered, once per request.
+    assert_eq!(
+        audio_ms_of(&srv, "sam", wav_ms + pcm_ms).await,
+        wav_ms + pcm_ms
+    );
+
+    // A client that leaves after the first sentence: the rest is not
+    // spoken, what was sent is metered, the server keeps answering.
+    let many = "This is one sentence of a long text. ".repeat(40);
+    let mut r = reqwest::Client::new()
+        .post(format!("{base}/v1/audio/speech"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "tts-1", "voice": "nova", "input": many, "response_format": "pcm"}))
+        .send()
+        .await
+        .expect("send");
+    let first = r.chunk().await.expect("chunk").expect("a first sentence");
+    assert!(!first.is_empty());
+    drop(r);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let after = audio_ms_of(&srv, "sam", wav_ms + pcm_ms + 1).await - wav_ms - pcm_ms;
+    assert!(after > 0, "the sent part is metered");
+    assert!(after < 40 * 1500, "{after} ms: the rest was not spoken");
+    let (s, _, _) = speak(
+        base,
+        &key,
+        serde_json::json!({"model": "tts-1", "voice": "alloy", "input": "Still here.", "response_format": "pcm"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+}

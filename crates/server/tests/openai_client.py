@@ -195,6 +195,10 @@ with open(jfk, "rb") as f:
     t = client.audio.translations.create(model="whisper-1", file=f)
 assert "country" in t.text, t.text
 
+# Text to speech: tts-1 and OpenAI's voice names
+speech = client.audio.speech.create(model="tts-1", voice="alloy", input="你好，Hanlin。", response_format="wav")
+assert speech.content[:4] == b"RIFF" and len(speech.content) > 24000, len(speech.content)
+
 # Errors come back as the client's own exception types
 def raises(exc, fn):
     try:

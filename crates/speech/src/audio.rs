@@ -31,7 +31,25 @@ impl Pcm {
 
 /// Decode an audio file's bytes (`ext`: the file name's extension, a hint
 /// only) into mono samples; more than `max_seconds` of audio is an error.
+/// The decoders see untrusted bytes, and some of symphonia's panic on
+/// crafted input (found by fuzzing: its ADTS reader divides a range by a
+/// zero step): a panic is a damaged file, not a crash.
 pub fn decode(bytes: Vec<u8>, ext: Option<&str>, max_seconds: f64) -> Result<Pcm, SpeechError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_unguarded(bytes, ext, max_seconds)
+    }))
+    .unwrap_or_else(|_| {
+        Err(SpeechError::BadAudio(
+            "the file is damaged: the decoder could not read it".into(),
+        ))
+    })
+}
+
+fn decode_unguarded(
+    bytes: Vec<u8>,
+    ext: Option<&str>,
+    max_seconds: f64,
+) -> Result<Pcm, SpeechError> {
     if bytes.is_empty() {
         return Err(SpeechError::BadAudio("the file is empty".into()));
     }
@@ -247,5 +265,15 @@ mod tests {
         let cut = decode(wav[..20_044].to_vec(), Some("wav"), 60.0).expect("truncated");
         assert!(cut.samples.len() <= 10_000 && cut.samples.len() > 9_000);
         assert!(decode(wav[..44].to_vec(), Some("wav"), 60.0).is_err());
+        // Found by fuzzing (fuzz/fuzz_targets/ct2_parse.rs): symphonia's
+        // ADTS probe panicked on these bytes.
+        let crash = [
+            0xd6, 0xd6, 0xd6, 0x0e, 0, 0, 0, 0, 0, 0, 0x80, 0xd6, 0x00, 0xff, 0xf1, 0x00, 0xff, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0x11, 0x00, 0x06,
+        ];
+        assert!(matches!(
+            decode(crash.to_vec(), Some("wav"), 5.0),
+            Err(SpeechError::BadAudio(_))
+        ));
     }
 }

@@ -2,13 +2,16 @@
 //! log-mel features ([`mel`]), voice-activity detection ([`vad`]),
 //! recognition and translation with timestamps on the engine's Whisper
 //! ([`recognize`]), subtitles ([`subtitle`]) and Whisper's languages
-//! ([`lang`]).
+//! ([`lang`]); speech out with espeak-ng ([`tts`]) from text read the way a
+//! Chinese speaker reads it ([`text`]: numbers, pinyin, tone sandhi).
 
 pub mod audio;
 pub mod lang;
 pub mod mel;
 pub mod recognize;
 pub mod subtitle;
+pub mod text;
+pub mod tts;
 pub mod vad;
 
 pub use recognize::{Options, Recognizer, Segment, Task, Transcript};

@@ -278,7 +278,8 @@ pub async fn models(
     let data: Vec<String> = crate::api::all_models(&st)
         .into_iter()
         .map(|(name, _)| name)
-        .filter(|n| plan.allows(n))
+        // Chat models only: the speech recognizer is not one.
+        .filter(|n| plan.allows(n) && !crate::audio::Speech::is_audio_model(n))
         .collect();
     Ok(Json(
         json!({"data": data, "default": st.config.default_model}),

@@ -41,7 +41,7 @@ pub struct TranscribeArgs {
 const MAX_SECONDS: f64 = 4.0 * 3600.0;
 
 pub fn transcribe(store: &Store, threads: usize, a: TranscribeArgs) -> Result<()> {
-    if !["text", "json", "verbose_json", "srt", "vtt"].contains(&a.format.as_str()) {
+    if !subtitle::RESPONSE_FORMATS.contains(&a.format.as_str()) {
         bail!(
             "unknown format {:?} (text, json, verbose_json, srt or vtt)",
             a.format
@@ -100,16 +100,7 @@ pub fn render(t: &recognize::Transcript, format: &str, task: Task) -> String {
         "srt" => subtitle::srt(&t.segments),
         "vtt" => subtitle::vtt(&t.segments),
         "json" => format!("{}\n", serde_json::json!({ "text": t.text() })),
-        "verbose_json" => format!(
-            "{}\n",
-            serde_json::json!({
-                "task": match task { Task::Transcribe => "transcribe", Task::Translate => "translate" },
-                "language": hanlin_speech::lang::name(&t.language).unwrap_or(&t.language),
-                "duration": t.duration,
-                "text": t.text(),
-                "segments": t.segments,
-            })
-        ),
+        "verbose_json" => format!("{}\n", t.verbose_json(task)),
         _ => format!("{}\n", t.text()),
     }
 }

@@ -239,7 +239,7 @@ impl Encoder {
 }
 
 /// `x = LayerNorm(x + y)` row by row (`y` absent: `LayerNorm(x)`).
-fn layer_norm(x: &mut [f32], y: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
+pub(crate) fn layer_norm(x: &mut [f32], y: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
     let h = w.len();
     for (i, row) in x.chunks_exact_mut(h).enumerate() {
         if let Some(y) = y {
@@ -254,8 +254,8 @@ fn layer_norm(x: &mut [f32], y: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) 
     }
 }
 
-/// GELU with the exact error function, as BERT models use it.
-fn gelu_erf(x: f32) -> f32 {
+/// GELU with the exact error function, as BERT models and Whisper use it.
+pub(crate) fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 

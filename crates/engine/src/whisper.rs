@@ -15,6 +15,7 @@
 //! quantized matrix product as the chat models; norms, biases and
 //! positions stay f32.
 
+use crate::encoder::{gelu_erf, layer_norm};
 use crate::model::SendPtr;
 use crate::EngineError;
 use hanlin_formats::ct2::Ct2File;
@@ -112,15 +113,7 @@ impl Norm {
     fn apply(&self, x: &[f32], out: &mut Vec<f32>) {
         out.clear();
         out.extend_from_slice(x);
-        let h = self.g.len();
-        for row in out.chunks_exact_mut(h) {
-            let mean = row.iter().sum::<f32>() / h as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-            let inv = 1.0 / (var + EPS).sqrt();
-            for ((r, g), b) in row.iter_mut().zip(&self.g).zip(&self.b) {
-                *r = (*r - mean) * inv * g + b;
-            }
-        }
+        layer_norm(out, None, &self.g, &self.b, EPS);
     }
 }
 
@@ -170,12 +163,6 @@ pub struct Audio {
     kv: Vec<Vec<f32>>,
 }
 
-impl Audio {
-    pub fn frames(&self) -> usize {
-        self.frames
-    }
-}
-
 /// A decoder's running state over one window: the tokens' keys and values.
 pub struct DecoderState {
     len: usize,
@@ -189,13 +176,6 @@ impl DecoderState {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-    /// Forget everything after the first `n` tokens.
-    pub fn truncate(&mut self, n: usize, d: usize) {
-        self.len = self.len.min(n);
-        for kv in &mut self.kv {
-            kv.truncate(self.len * 2 * d);
-        }
     }
 }
 
@@ -262,8 +242,8 @@ impl Whisper {
         if !ok {
             return Err(bad(format!("inconsistent Whisper shapes: {c:?}")));
         }
-        // A matrix `rows × cols` and its bias (`None`: no bias).
-        let lin = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Lin, EngineError> {
+        // A matrix `rows × cols` and its bias.
+        let lin = |name: &str, rows: usize, cols: usize| -> Result<Lin, EngineError> {
             let w = get(&format!("{name}/weight"))?;
             if w.len() != rows * cols {
                 return Err(bad(format!(
@@ -271,18 +251,13 @@ impl Whisper {
                     w.len()
                 )));
             }
-            let b = if bias {
-                let b = get(&format!("{name}/bias"))?;
-                if b.len() != rows {
-                    return Err(bad(format!(
-                        "{name}/bias: {} values, expected {rows}",
-                        b.len()
-                    )));
-                }
-                b
-            } else {
-                Vec::new()
-            };
+            let b = get(&format!("{name}/bias"))?;
+            if b.len() != rows {
+                return Err(bad(format!(
+                    "{name}/bias: {} values, expected {rows}",
+                    b.len()
+                )));
+            }
             Ok(Lin::new(&w, rows, cols, b))
         };
         let norm = |name: &str| -> Result<Norm, EngineError> {
@@ -301,11 +276,11 @@ impl Whisper {
             let p = format!("encoder/layer_{l}");
             enc.push(EncLayer {
                 ln1: norm(&format!("{p}/self_attention/layer_norm"))?,
-                qkv: lin(&format!("{p}/self_attention/linear_0"), 3 * d, d, true)?,
-                out: lin(&format!("{p}/self_attention/linear_1"), d, d, true)?,
+                qkv: lin(&format!("{p}/self_attention/linear_0"), 3 * d, d)?,
+                out: lin(&format!("{p}/self_attention/linear_1"), d, d)?,
                 ln2: norm(&format!("{p}/ffn/layer_norm"))?,
-                fc1: lin(&format!("{p}/ffn/linear_0"), ffn, d, true)?,
-                fc2: lin(&format!("{p}/ffn/linear_1"), d, ffn, true)?,
+                fc1: lin(&format!("{p}/ffn/linear_0"), ffn, d)?,
+                fc2: lin(&format!("{p}/ffn/linear_1"), d, ffn)?,
             });
         }
         let mut dec = Vec::with_capacity(c.dec_layers);
@@ -313,15 +288,15 @@ impl Whisper {
             let p = format!("decoder/layer_{l}");
             dec.push(DecLayer {
                 ln1: norm(&format!("{p}/self_attention/layer_norm"))?,
-                qkv: lin(&format!("{p}/self_attention/linear_0"), 3 * d, d, true)?,
-                out: lin(&format!("{p}/self_attention/linear_1"), d, d, true)?,
+                qkv: lin(&format!("{p}/self_attention/linear_0"), 3 * d, d)?,
+                out: lin(&format!("{p}/self_attention/linear_1"), d, d)?,
                 lnx: norm(&format!("{p}/attention/layer_norm"))?,
-                xq: lin(&format!("{p}/attention/linear_0"), d, d, true)?,
-                xkv: lin(&format!("{p}/attention/linear_1"), 2 * d, d, true)?,
-                xout: lin(&format!("{p}/attention/linear_2"), d, d, true)?,
+                xq: lin(&format!("{p}/attention/linear_0"), d, d)?,
+                xkv: lin(&format!("{p}/attention/linear_1"), 2 * d, d)?,
+                xout: lin(&format!("{p}/attention/linear_2"), d, d)?,
                 ln2: norm(&format!("{p}/ffn/layer_norm"))?,
-                fc1: lin(&format!("{p}/ffn/linear_0"), ffn, d, true)?,
-                fc2: lin(&format!("{p}/ffn/linear_1"), d, ffn, true)?,
+                fc1: lin(&format!("{p}/ffn/linear_0"), ffn, d)?,
+                fc2: lin(&format!("{p}/ffn/linear_1"), d, ffn)?,
             });
         }
         let emb = get("decoder/embeddings/weight")?;
@@ -332,8 +307,8 @@ impl Whisper {
             return Err(bad(format!("encoder/conv2/weight has shape {conv2:?}")));
         }
         Ok(Self {
-            conv1: lin("encoder/conv1", d, n_mels * 3, true)?,
-            conv2: lin("encoder/conv2", d, d * 3, true)?,
+            conv1: lin("encoder/conv1", d, n_mels * 3)?,
+            conv2: lin("encoder/conv2", d, d * 3)?,
             enc_pos: get("encoder/position_encodings/encodings")?,
             enc_ln: norm("encoder/layer_norm")?,
             logits: Lin::new(&emb, c.vocab, d, Vec::new()),
@@ -382,7 +357,7 @@ impl Whisper {
         }
         let mut h1 = Vec::new();
         self.conv1.apply(pool, &cols, &mut h1);
-        h1.iter_mut().for_each(|v| *v = gelu(*v));
+        h1.iter_mut().for_each(|v| *v = gelu_erf(*v));
         // conv2: stride 2, padding 1.
         let n = frames / 2;
         let mut cols = vec![0f32; n * 3 * d];
@@ -401,7 +376,7 @@ impl Whisper {
         self.conv2.apply(pool, &cols, &mut x);
         for (t, row) in x.chunks_exact_mut(d).enumerate() {
             for (v, p) in row.iter_mut().zip(&self.enc_pos[t * d..(t + 1) * d]) {
-                *v = gelu(*v) + p;
+                *v = gelu_erf(*v) + p;
             }
         }
         let (mut a, mut qkv, mut ctx, mut o, mut mid) = (
@@ -419,7 +394,7 @@ impl Whisper {
             ops::add_inplace(&mut x, &o);
             l.ln2.apply(&x, &mut a);
             l.fc1.apply(pool, &a, &mut mid);
-            mid.iter_mut().for_each(|v| *v = gelu(*v));
+            mid.iter_mut().for_each(|v| *v = gelu_erf(*v));
             l.fc2.apply(pool, &mid, &mut o);
             ops::add_inplace(&mut x, &o);
         }
@@ -523,7 +498,7 @@ impl Whisper {
             ops::add_inplace(&mut x, &o);
             l.ln2.apply(&x, &mut a);
             l.fc1.apply(pool, &a, &mut mid);
-            mid.iter_mut().for_each(|v| *v = gelu(*v));
+            mid.iter_mut().for_each(|v| *v = gelu_erf(*v));
             l.fc2.apply(pool, &mid, &mut o);
             ops::add_inplace(&mut x, &o);
         }
@@ -558,19 +533,9 @@ fn encoder_attention(
     ctx: &mut [f32],
 ) {
     let hd = d / heads;
-    let kvs: Vec<std::sync::Mutex<Option<HeadKv>>> =
-        (0..heads).map(|_| std::sync::Mutex::new(None)).collect();
-    pool.for_chunks(heads, 1, &|r| {
-        for h in r {
-            let kv = HeadKv::new(&qkv[d..], &qkv[2 * d..], 3 * d, h * hd, n, hd);
-            if let Ok(mut slot) = kvs[h].lock() {
-                *slot = Some(kv);
-            }
-        }
-    });
-    let kvs: Vec<HeadKv> = kvs
-        .into_iter()
-        .filter_map(|m| m.into_inner().ok().flatten())
+    // Laying out the keys and values is a copy, small beside the products.
+    let kvs: Vec<HeadKv> = (0..heads)
+        .map(|h| HeadKv::new(&qkv[d..], &qkv[2 * d..], 3 * d, h * hd, n, hd))
         .collect();
     let blocks = n.div_ceil(8);
     let dst = SendPtr(ctx.as_mut_ptr());
@@ -651,9 +616,4 @@ fn attend(
             }
         }
     });
-}
-
-/// GELU with the exact error function, as Whisper uses it.
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }

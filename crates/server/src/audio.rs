@@ -194,7 +194,7 @@ async fn read_form(mut form: Multipart, translate: bool) -> AppResult<Form> {
     let format = fields
         .remove("response_format")
         .unwrap_or_else(|| "json".into());
-    if !["json", "text", "srt", "vtt", "verbose_json"].contains(&format.as_str()) {
+    if !hanlin_speech::subtitle::RESPONSE_FORMATS.contains(&format.as_str()) {
         return Err(ApiError::bad_request(format!(
             "Invalid response_format '{format}': use json, text, srt, verbose_json or vtt."
         ))
@@ -370,15 +370,11 @@ fn render(t: &Transcript, format: &str, task: Task) -> Response {
             hanlin_speech::subtitle::vtt(&t.segments),
             "text/vtt; charset=utf-8",
         ),
-        "verbose_json" => axum::Json(serde_json::json!({
-            "task": match task { Task::Transcribe => "transcribe", Task::Translate => "translate" },
-            "language": hanlin_speech::lang::name(&t.language).unwrap_or(&t.language),
-            "duration": t.duration,
-            "text": t.text(),
-            "segments": t.segments,
-            "usage": { "type": "duration", "seconds": seconds },
-        }))
-        .into_response(),
+        "verbose_json" => {
+            let mut v = t.verbose_json(task);
+            v["usage"] = serde_json::json!({ "type": "duration", "seconds": seconds });
+            axum::Json(v).into_response()
+        }
         _ => axum::Json(serde_json::json!({
             "text": t.text(),
             "usage": { "type": "duration", "seconds": seconds },
@@ -517,7 +513,7 @@ async fn speech_inner(
                 }
             };
             let n = samples.len();
-            if tx.send(Ok(tts::pcm16(&samples).into())).await.is_err() {
+            if tx.send(Ok(audio::pcm16(&samples).into())).await.is_err() {
                 break;
             }
             sent_samples += n;

@@ -27,6 +27,15 @@ pub enum Task {
     Translate,
 }
 
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Transcribe => "transcribe",
+            Task::Translate => "translate",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub task: Task,
@@ -83,6 +92,18 @@ pub struct Transcript {
 }
 
 impl Transcript {
+    /// OpenAI's `verbose_json` body: task, language name, duration, text,
+    /// segments.
+    pub fn verbose_json(&self, task: Task) -> serde_json::Value {
+        serde_json::json!({
+            "task": task.as_str(),
+            "language": lang::name(&self.language).unwrap_or(&self.language),
+            "duration": self.duration,
+            "text": self.text(),
+            "segments": self.segments,
+        })
+    }
+
     pub fn text(&self) -> String {
         self.segments
             .iter()

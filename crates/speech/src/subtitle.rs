@@ -3,6 +3,9 @@
 
 use crate::recognize::Segment;
 
+/// The `response_format`s of OpenAI's transcription endpoints.
+pub const RESPONSE_FORMATS: [&str; 5] = ["json", "text", "srt", "verbose_json", "vtt"];
+
 fn stamp(t: f64, sep: char) -> String {
     let ms = (t.max(0.0) * 1000.0).round() as u64;
     let (h, m, s, ms) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);

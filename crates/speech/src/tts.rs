@@ -73,10 +73,8 @@ pub const VOICES: &[Voice] = &[
 ];
 
 pub fn voice(name: &str) -> Option<Voice> {
-    VOICES
-        .iter()
-        .copied()
-        .find(|v| v.name == name.trim().to_lowercase())
+    let name = name.trim().to_lowercase();
+    VOICES.iter().copied().find(|v| v.name == name)
 }
 
 /// Longest wait for one espeak-ng call.
@@ -182,20 +180,10 @@ impl Synth {
                 "the text is too long to speak at once".into(),
             ));
         }
-        // espeak-ng writes a WAV whose sizes say "unknown" when streaming;
-        // the samples follow a 44-byte header.
-        let rate = wav
-            .get(24..28)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .filter(|r| (8_000..=48_000).contains(r))
-            .ok_or_else(|| SpeechError::Model("espeak-ng wrote no WAV header".into()))?;
-        let samples = wav
-            .get(44..)
-            .unwrap_or(&[])
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0)
-            .collect();
-        Ok(crate::audio::Pcm { samples, rate })
+        // A WAV whose sizes say "unknown" (it streams): the decoder reads
+        // to the end.
+        crate::audio::decode(wav, Some("wav"), f64::INFINITY)
+            .map_err(|e| SpeechError::Model(format!("espeak-ng's output: {e}")))
     }
 }
 
@@ -207,12 +195,4 @@ pub fn wav_stream_header(rate: u32) -> Vec<u8> {
     h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
     h[40..44].copy_from_slice(&(u32::MAX - 36).to_le_bytes());
     h
-}
-
-/// Samples as 16-bit little-endian PCM.
-pub fn pcm16(samples: &[f32]) -> Vec<u8> {
-    samples
-        .iter()
-        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
-        .collect()
 }

@@ -6,23 +6,58 @@
 # set (see scripts/start_postgres.sh), the accounts and server tests run a
 # second time against that PostgreSQL server (each test on a database of
 # its own), with two `hanlin serve` replicas sharing one.
+#
+# Everything is compiled once, with the whole workspace's features: the
+# later passes run the same test binaries (`cargo test -p X` would resolve
+# features for X alone and rebuild most of the dependency tree). Arguments
+# go to the first `cargo test` and, as a test filter, to the later passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin hanlin
-hanlin="${CARGO_TARGET_DIR:-target}/release/hanlin"
+target="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
+t0=$SECONDS
+stage() { echo "== $* (at $((SECONDS - t0)) s)"; }
+stage "build (the hanlin binary and every test binary)"
+mkdir -p "$target"
+binaries="$target/test-binaries.tsv"
+cargo test --release --workspace --no-run --message-format=json-render-diagnostics \
+  | scripts/test_binaries.py >"$binaries"
+hanlin="$target/release/hanlin"
+stage "models"
 for m in smollm2-135m qwen2.5-coder-0.5b gemma3-270m multilingual-e5-small qwen2.5-coder-1.5b whisper-base; do
   "$hanlin" pull "$m"
 done
 python3 -c "import openai" 2>/dev/null || python3 -m pip install -q "openai==3.54.0"
+
+# run_tests PACKAGE [TARGET...]: the built test binaries of PACKAGE (all of
+# them, or the named targets; `lib` is the library's unit tests), each run
+# from its package directory as `cargo test` does.
+run_tests() {
+  local package="$1" found=0
+  shift
+  while IFS=$'\t' read -r pkg name exe dir; do
+    [ "$pkg" = "$package" ] || continue
+    if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+    found=1
+    echo "     Running $pkg $name"
+    (cd "$dir" && "$exe" ${filter[@]+"${filter[@]}"})
+  done <"$binaries"
+  [ "$found" = 1 ] || { echo "no test binary for $package $*" >&2; return 1; }
+}
+filter=()
+for a in "$@"; do [[ "$a" == -* ]] || filter+=("$a"); done
+
+stage "tests"
 env -u HANLIN_TEST_POSTGRES_URL -u HANLIN_REQUIRE_POSTGRES cargo test --release --workspace "$@"
-# The kernels again on the narrower SIMD paths this CPU also supports.
-HANLIN_SIMD=avx2 cargo test --release -p hanlin-kernels --lib
-HANLIN_SIMD=scalar cargo test --release -p hanlin-kernels --lib
+stage "the kernels again on the narrower SIMD paths this CPU also supports"
+HANLIN_SIMD=avx2 run_tests hanlin-kernels lib
+HANLIN_SIMD=scalar run_tests hanlin-kernels lib
 if [ -n "${HANLIN_TEST_POSTGRES_URL:-}" ]; then
-  echo "== accounts and server tests on PostgreSQL"
-  cargo test --release -p hanlin-accounts -p hanlin-server "$@"
-  echo "== two hanlin serve replicas on one PostgreSQL"
-  cargo test --release -p hanlin --test replicas "$@"
+  stage "accounts and server tests on PostgreSQL"
+  run_tests hanlin-accounts
+  run_tests hanlin-server
+  stage "two hanlin serve replicas on one PostgreSQL"
+  run_tests hanlin replicas
 fi
-echo "== web app end to end (headless Chromium)"
+stage "web app end to end (headless Chromium)"
 scripts/e2e.sh
+stage "done"

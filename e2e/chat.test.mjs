@@ -94,10 +94,40 @@ async function sendMessage(page, text) {
   await page.press("#input", "Enter");
 }
 
+// The voice step's microphone: Chromium's fake capture device plays a
+// recording of human speech (crates/speech/tests/data/jfk.wav) between
+// stretches of silence, once.
+function fakeMicFile() {
+  const wav = fs.readFileSync(path.join(here, "..", "crates", "speech", "tests", "data", "jfk.wav"));
+  let o = 12;
+  let pcm = null;
+  while (o + 8 <= wav.length) {
+    const id = wav.toString("ascii", o, o + 4);
+    const n = wav.readUInt32LE(o + 4);
+    if (id === "data") { pcm = wav.subarray(o + 8, o + 8 + n); break; }
+    o += 8 + n + (n & 1);
+  }
+  assert.ok(pcm, "jfk.wav has a data chunk");
+  const rate = 16000;
+  const body = Buffer.concat([Buffer.alloc(rate * 2 * 2), pcm, Buffer.alloc(rate * 2 * 4)]);
+  const h = Buffer.alloc(44);
+  h.write("RIFF", 0); h.writeUInt32LE(36 + body.length, 4); h.write("WAVE", 8);
+  h.write("fmt ", 12); h.writeUInt32LE(16, 16); h.writeUInt16LE(1, 20); h.writeUInt16LE(1, 22);
+  h.writeUInt32LE(rate, 24); h.writeUInt32LE(rate * 2, 28); h.writeUInt16LE(2, 32); h.writeUInt16LE(16, 34);
+  h.write("data", 36); h.writeUInt32LE(body.length, 40);
+  const file = path.join(dataDir, "question.wav");
+  fs.writeFileSync(file, Buffer.concat([h, body]));
+  return file;
+}
+
 const port = await freePort();
 const base = `http://127.0.0.1:${port}`;
 await startServer(port);
-const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+const browser = await chromium.launch({
+  executablePath: CHROMIUM, headless: true,
+  args: ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    `--use-file-for-fake-audio-capture=${fakeMicFile()}%noloop`, "--autoplay-policy=no-user-gesture-required"],
+});
 let exitCode = 0;
 try {
   const ctx = await browser.newContext({ locale: "zh-CN", viewport: { width: 1280, height: 860 }, acceptDownloads: true });
@@ -514,6 +544,59 @@ try {
     await p2.waitForSelector("#app:not([hidden])");
     assert.equal(await p2.locator(".msg.user").count(), 0);
     await ctx2.close();
+  });
+
+  await step("voice mode on a phone-sized screen: heard, answered aloud with lip-sync, the persona's avatar; barge-in stops it", async () => {
+    await page.click("#new-chat");
+    // The programmer persona: the robot avatar, and a short reply.
+    await page.click("#open-settings");
+    await page.waitForSelector("#settings-dialog[open]");
+    const programmer = await page.$eval("#persona-select", (s) => [...s.options].find((o) => /Programmer/.test(o.text)).value);
+    await page.selectOption("#persona-select", programmer);
+    assert.equal(await page.inputValue("#persona-look"), "robot");
+    await page.fill("#p-max-tokens", "60");
+    await page.click("#settings-save");
+    await page.waitForFunction(() => !document.querySelector("#settings-dialog").open);
+    await page.waitForTimeout(300);
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.evaluate(() => {
+      window.__mouths = new Set();
+      window.__states = [];
+      new MutationObserver(() => {
+        const a = document.querySelector("#avatar");
+        window.__mouths.add(a.dataset.mouth);
+        if (window.__states[window.__states.length - 1] !== a.dataset.state) window.__states.push(a.dataset.state);
+      }).observe(document.querySelector("#avatar"), { attributes: true });
+    });
+    await page.click("#open-voice");
+    await page.waitForSelector("#voice:not([hidden])");
+    assert.ok(await page.$eval("#avatar", (a) => a.classList.contains("look-robot")), "the persona's look");
+    // Hands-free: the recording starts when the speech does…
+    await page.waitForSelector('#avatar[data-state="recording"]', { timeout: 30000 });
+    // …and what was heard is shown, then sent.
+    await page.waitForFunction(() => document.querySelector("#voice-heard").textContent.length > 0, null, { timeout: 120000 });
+    const heard = await page.textContent("#voice-heard");
+    assert.match(heard, /fellow|Americans|country/i, heard);
+    await page.waitForSelector('#avatar[data-state="speaking"]', { timeout: 180000 });
+    await shot(page, "11-voice-phone");
+    await page.waitForFunction(() => window.__mouths.size >= 4, null, { timeout: 60000 });
+    const said = await page.textContent("#voice-said");
+    assert.ok(said.length > 0, "the sentence being spoken is shown");
+    // Barge-in: talking while it speaks stops it at once.
+    await page.dispatchEvent("#voice-talk", "pointerdown");
+    await page.waitForSelector('#avatar[data-state="recording"][data-mouth="rest"]', { timeout: 5000 });
+    await page.waitForFunction(() => document.querySelector("#stop").hidden, null, { timeout: 10000 });
+    await page.waitForTimeout(600);
+    await page.dispatchEvent("#voice-talk", "pointerup");
+    const states = await page.evaluate(() => window.__states);
+    for (const s of ["recording", "thinking", "speaking"]) assert.ok(states.includes(s), `${s} in ${states}`);
+    assert.ok([...(await page.evaluate(() => [...window.__mouths]))].some((m) => ["open", "mid", "spread", "round", "pursed"].includes(m)));
+    await page.click("#voice-close");
+    await page.waitForSelector("#voice", { state: "hidden" });
+    // The spoken question and the answer are in the conversation.
+    assert.match(await page.locator(".msg.user").first().textContent(), /fellow|Americans|country/i);
+    await page.waitForSelector(".msg.assistant");
+    await page.setViewportSize({ width: 1280, height: 860 });
   });
 
   await step("phone-sized screen, dark theme", async () => {

@@ -129,6 +129,20 @@ pub struct Persona {
     pub id: String,
     pub name: String,
     pub prompt: String,
+    /// The voice it speaks with in voice mode (`""`: the default).
+    #[serde(default)]
+    pub voice: String,
+    /// Its avatar's look in voice mode (`""`: the default).
+    #[serde(default)]
+    pub look: String,
+}
+
+/// What a persona sounds and looks like (each `""` for the default, else
+/// a short name the server checks against its voices and looks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PersonaStyle<'a> {
+    pub voice: &'a str,
+    pub look: &'a str,
 }
 
 /// One conversation to import (parsed from a ChatGPT export by the server).
@@ -144,11 +158,11 @@ pub struct ImportConversation {
 }
 
 /// The presets a user starts with (editable, deletable).
-pub const DEFAULT_PERSONAS: &[(&str, &str)] = &[
-    ("写作助手 Writer", "You are a skilled writer and editor. Write clear, vivid prose in the user's language, keep their voice, and explain important edits briefly. 你是一位优秀的写作助手：用用户的语言写出清晰、生动的文字。"),
-    ("翻译 Translator", "You are a professional translator between Chinese and English. Translate the user's text faithfully and idiomatically into the other language; output only the translation. 你是中英互译的专业译者：只输出译文。"),
-    ("程序员 Programmer", "You are an expert programmer. Answer with correct, idiomatic code in fenced code blocks, explain briefly, and point out edge cases. 你是一名资深程序员。"),
-    ("诗人 Poet", "You are a poet versed in classical Chinese poetry (唐诗宋词) and English verse. Write poems with care for rhythm, imagery and form. 你是一位精通唐诗宋词的诗人。"),
+pub const DEFAULT_PERSONAS: &[(&str, &str, &str, &str)] = &[
+    ("写作助手 Writer", "You are a skilled writer and editor. Write clear, vivid prose in the user's language, keep their voice, and explain important edits briefly. 你是一位优秀的写作助手：用用户的语言写出清晰、生动的文字。", "nova", "scholar"),
+    ("翻译 Translator", "You are a professional translator between Chinese and English. Translate the user's text faithfully and idiomatically into the other language; output only the translation. 你是中英互译的专业译者：只输出译文。", "echo", "friend"),
+    ("程序员 Programmer", "You are an expert programmer. Answer with correct, idiomatic code in fenced code blocks, explain briefly, and point out edge cases. 你是一名资深程序员。", "onyx", "robot"),
+    ("诗人 Poet", "You are a poet versed in classical Chinese poetry (唐诗宋词) and English verse. Write poems with care for rhythm, imagery and form. 你是一位精通唐诗宋词的诗人。", "fable", "teacher"),
 ];
 
 fn conversation_of(r: &sqlx::any::AnyRow) -> Result<Conversation, AccountError> {
@@ -652,7 +666,7 @@ impl Db {
     /// The user's personas, oldest first.
     async fn persona_rows(&self, user_id: &str) -> Result<Vec<Persona>, AccountError> {
         let rows = sqlx::query(
-            "SELECT id, name, prompt FROM personas WHERE user_id = $1 ORDER BY created_at, id",
+            "SELECT id, name, prompt, voice, look FROM personas WHERE user_id = $1 ORDER BY created_at, id",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
@@ -663,6 +677,8 @@ impl Db {
                     id: r.try_get(0)?,
                     name: r.try_get(1)?,
                     prompt: r.try_get(2)?,
+                    voice: r.try_get(3)?,
+                    look: r.try_get(4)?,
                 })
             })
             .collect()
@@ -675,16 +691,18 @@ impl Db {
             return Ok(have);
         }
         let t = now();
-        for (i, (name, prompt)) in DEFAULT_PERSONAS.iter().enumerate() {
+        for (i, (name, prompt, voice, look)) in DEFAULT_PERSONAS.iter().enumerate() {
             // A fixed id per user and preset: concurrent first visits
             // cannot seed twice.
             let id = format!("seeded-{i}-{user_id}");
-            let _ = sqlx::query("INSERT INTO personas (id, user_id, name, prompt, created_at) VALUES ($1, $2, $3, $4, $5)")
+            let _ = sqlx::query("INSERT INTO personas (id, user_id, name, prompt, created_at, voice, look) VALUES ($1, $2, $3, $4, $5, $6, $7)")
                 .bind(&id)
                 .bind(user_id)
                 .bind(name)
                 .bind(prompt)
                 .bind(t + i as i64)
+                .bind(voice)
+                .bind(look)
                 .execute(&self.pool)
                 .await;
         }
@@ -698,8 +716,20 @@ impl Db {
         id: Option<&str>,
         name: &str,
         prompt: &str,
+        style: PersonaStyle<'_>,
     ) -> Result<Option<Persona>, AccountError> {
         let name = name.trim();
+        for (what, v) in [("voice", style.voice), ("look", style.look)] {
+            if v.len() > 32
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(AccountError::Invalid(format!(
+                    "a persona's {what} is a short name of letters, digits, '-' and '_'"
+                )));
+            }
+        }
         if name.is_empty() || name.chars().count() > 100 {
             return Err(AccountError::Invalid(
                 "a persona's name is 1 to 100 characters".into(),
@@ -715,10 +745,12 @@ impl Db {
         let id = match id {
             Some(id) => {
                 let r = sqlx::query(
-                    "UPDATE personas SET name = $1, prompt = $2 WHERE id = $3 AND user_id = $4",
+                    "UPDATE personas SET name = $1, prompt = $2, voice = $3, look = $4 WHERE id = $5 AND user_id = $6",
                 )
                 .bind(name)
                 .bind(prompt)
+                .bind(style.voice)
+                .bind(style.look)
                 .bind(id)
                 .bind(user_id)
                 .execute(&self.pool)
@@ -730,12 +762,14 @@ impl Db {
             }
             None => {
                 let id = format!("persona-{}", random_token(16));
-                sqlx::query("INSERT INTO personas (id, user_id, name, prompt, created_at) VALUES ($1, $2, $3, $4, $5)")
+                sqlx::query("INSERT INTO personas (id, user_id, name, prompt, created_at, voice, look) VALUES ($1, $2, $3, $4, $5, $6, $7)")
                     .bind(&id)
                     .bind(user_id)
                     .bind(name)
                     .bind(prompt)
                     .bind(now())
+                    .bind(style.voice)
+                    .bind(style.look)
                     .execute(&self.pool)
                     .await?;
                 id
@@ -745,6 +779,8 @@ impl Db {
             id,
             name: name.into(),
             prompt: prompt.into(),
+            voice: style.voice.into(),
+            look: style.look.into(),
         }))
     }
 

@@ -4,6 +4,7 @@
 
 use hanlin_accounts::chats::{
     ConversationPatch, ImportConversation, Message, MessageRole as R, MessageStatus as S,
+    PersonaStyle,
 };
 use hanlin_accounts::web::SignInError;
 use hanlin_accounts::{AuthError, Db, NewKey, Role, Usage, UsageRecord, UserStatus, FULL_PRICE};
@@ -367,13 +368,35 @@ async fn exercise_web(db: &Db) {
     let ps = db.personas(&li.id).await.expect("personas");
     assert_eq!(ps.len(), hanlin_accounts::chats::DEFAULT_PERSONAS.len());
     let edited = db
-        .put_persona(&li.id, Some(&ps[0].id), "写作", "写得好")
+        .put_persona(
+            &li.id,
+            Some(&ps[0].id),
+            "写作",
+            "写得好",
+            PersonaStyle {
+                voice: "shimmer",
+                look: "robot",
+            },
+        )
         .await
         .expect("db")
         .expect("mine");
     assert_eq!(edited.name, "写作");
     assert!(db
-        .put_persona(&du.id, Some(&ps[0].id), "x", "y")
+        .put_persona(
+            &li.id,
+            None,
+            "x",
+            "y",
+            PersonaStyle {
+                voice: "<script>",
+                look: "",
+            },
+        )
+        .await
+        .is_err());
+    assert!(db
+        .put_persona(&du.id, Some(&ps[0].id), "x", "y", PersonaStyle::default())
         .await
         .expect("db")
         .is_none());
@@ -381,6 +404,12 @@ async fn exercise_web(db: &Db) {
     let ps = db.personas(&li.id).await.expect("personas");
     assert_eq!(ps.len(), hanlin_accounts::chats::DEFAULT_PERSONAS.len() - 1);
     assert_eq!(ps[0].prompt, "写得好");
+    assert_eq!(
+        (ps[0].voice.as_str(), ps[0].look.as_str()),
+        ("shimmer", "robot")
+    );
+    // The presets come with a voice and a look.
+    assert!(!ps[1].voice.is_empty() && !ps[1].look.is_empty());
 
     // Deleting takes the messages with it.
     assert!(db.delete_conversation(&li.id, &c.id).await.expect("db"));

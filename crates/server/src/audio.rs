@@ -250,7 +250,7 @@ async fn read_form(mut form: Multipart, translate: bool) -> AppResult<Form> {
     })
 }
 
-fn speech_error(e: SpeechError) -> ApiError {
+pub(crate) fn speech_error(e: SpeechError) -> ApiError {
     match e {
         SpeechError::BadAudio(m) => {
             ApiError::bad_request(format!("Could not decode the audio file: {m}"))
@@ -310,16 +310,40 @@ async fn run(
     if !Speech::recognizes(&f.model) || !crate::api::visible(&caller, &f.model) {
         return Err(ApiError::model_not_found(&f.model));
     }
-    let endpoint = match task {
-        Task::Transcribe => Endpoint::Transcriptions,
-        Task::Translate => Endpoint::Translations,
-    };
-    let mut request = admit(st, &caller, endpoint, &f.model, &Via::Api).await?;
     let ext = std::path::Path::new(&f.filename)
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_lowercase);
-    let file = f.file;
+    let opts = Options {
+        task,
+        language: f.language,
+        prompt: f.prompt,
+        temperature: f.temperature,
+        ..Options::default()
+    };
+    let t = recognize(st, &caller, &f.model, f.file, ext, opts).await?;
+    Ok(render(&t, &f.format, task))
+}
+
+/// Recognise `file` (audio in any format [`audio::decode`] reads; `ext`
+/// its file name's extension, a hint) for `caller`: admitted by the
+/// gateway, decoded, recognised one request at a time and stopped if this
+/// future is dropped, and metered in audio milliseconds once the
+/// transcript is made. The one recognition path of the API and the web
+/// app's voice mode.
+pub(crate) async fn recognize(
+    st: &Arc<AppState>,
+    caller: &hanlin_accounts::Caller,
+    model: &str,
+    file: Vec<u8>,
+    ext: Option<String>,
+    opts: Options,
+) -> AppResult<Transcript> {
+    let endpoint = match opts.task {
+        Task::Transcribe => Endpoint::Transcriptions,
+        Task::Translate => Endpoint::Translations,
+    };
+    let mut request = admit(st, caller, endpoint, model, &Via::Api).await?;
     let samples = tokio::task::spawn_blocking(move || {
         let pcm = audio::decode(file, ext.as_deref(), MAX_AUDIO_SECONDS)?;
         audio::to_16k(pcm)
@@ -328,13 +352,6 @@ async fn run(
     .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
     .map_err(speech_error)?;
     let rec = st.speech.recognizer().await?;
-    let opts = Options {
-        task,
-        language: f.language,
-        prompt: f.prompt,
-        temperature: f.temperature,
-        ..Options::default()
-    };
     let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
     let flag = cancel.0.clone();
     let duration_ms = (samples.len() as f64 / audio::SAMPLE_RATE as f64 * 1000.0).round() as i64;
@@ -352,7 +369,7 @@ async fn run(
         ..Usage::default()
     });
     request.finish().await;
-    Ok(render(&t, &f.format, task))
+    Ok(t)
 }
 
 /// A transcript in the requested format.
@@ -381,6 +398,32 @@ fn render(t: &Transcript, format: &str, task: Task) -> Response {
         }))
         .into_response(),
     }
+}
+
+/// Speak `text` (one sentence or a few) for `caller` with the mouth shapes
+/// a face shows ([`hanlin_speech::viseme`]): admitted by the gateway as a
+/// speech request and metered for the audio made. The web app's voice
+/// mode asks for its replies sentence by sentence through this.
+pub(crate) async fn speak_with_visemes(
+    st: &Arc<AppState>,
+    caller: &hanlin_accounts::Caller,
+    text: String,
+    voice: hanlin_speech::tts::Voice,
+    speed: f32,
+) -> AppResult<(Vec<f32>, Vec<hanlin_speech::viseme::Cue>)> {
+    let synth = st.speech.synth().await?;
+    let mut request = admit(st, caller, Endpoint::Speech, "espeak-ng", &Via::Api).await?;
+    let (samples, cues) =
+        tokio::task::spawn_blocking(move || synth.speak_with_visemes(&text, voice, speed))
+            .await
+            .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("speech synthesis failed: {e}")))?;
+    request.record(Usage {
+        audio_ms: samples.len() as i64 * 1000 / hanlin_speech::tts::OUTPUT_RATE as i64,
+        ..Usage::default()
+    });
+    request.finish().await;
+    Ok((samples, cues))
 }
 
 /// OpenAI's speech model names, spoken by espeak-ng.

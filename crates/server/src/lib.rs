@@ -334,6 +334,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/import",
             post(web::import).layer(DefaultBodyLimit::max(web::MAX_IMPORT_BYTES)),
         )
+        .route(
+            "/api/voice/transcribe",
+            post(web::transcribe).layer(DefaultBodyLimit::max(web::voice::MAX_UTTERANCE_BYTES)),
+        )
+        .route("/api/voice/speak", post(web::speak))
         .route("/api/search", get(web::search))
         .route("/api/kb", get(web::knowledge_bases))
         .route(

@@ -437,3 +437,120 @@ async fn text_is_spoken_streamed_heard_back_and_metered_once() {
     .await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_voice_mode_hears_speaks_with_mouth_shapes_and_meters_the_user() {
+    use base64::Engine as _;
+    use reqwest::Method as M;
+    let srv = start().await;
+    let base = &srv.base;
+    let (wang, _) = common::Browser::register(base, "王维", "空山不见人但闻人语响").await;
+
+    // Cookie and CSRF token first, as for every web write.
+    let no_csrf = wang
+        .http
+        .post(format!("{base}/api/voice/transcribe"))
+        .header("cookie", &wang.cookie)
+        .body(JFK)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(no_csrf.status(), 403);
+    let anonymous = reqwest::Client::new()
+        .post(format!("{base}/api/voice/speak"))
+        .json(&serde_json::json!({"text": "你好"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(anonymous.status(), 401);
+
+    // What the page recorded, recognised.
+    let r = wang
+        .req(M::POST, "/api/voice/transcribe")
+        .body(JFK)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let heard: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        heard["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("ask not what your country can do for you")),
+        "{heard}"
+    );
+    assert_eq!(heard["language"], "en");
+    let r = wang
+        .req(M::POST, "/api/voice/transcribe")
+        .body(&b"RIFF not really audio"[..])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+
+    // A sentence spoken: PCM at 24 kHz, mouth shapes timed within it (妈
+    // closes the lips, a opens them), a smile for a greeting.
+    let (s, said) = wang
+        .json(
+            M::POST,
+            "/api/voice/speak",
+            Some(serde_json::json!({"text": "你好，妈妈！", "voice": "nova"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{said}");
+    assert_eq!(said["rate"], 24_000);
+    let pcm = base64::engine::general_purpose::STANDARD
+        .decode(said["audio"].as_str().expect("audio"))
+        .expect("base64");
+    let duration_ms = said["duration_ms"].as_u64().expect("duration");
+    assert!(duration_ms > 300, "{duration_ms}");
+    assert_eq!(pcm.len() as u64 / 48, duration_ms);
+    let cues = said["visemes"].as_array().expect("visemes");
+    assert_eq!(cues[0][0], 0);
+    let shapes: Vec<&str> = cues.iter().filter_map(|c| c[1].as_str()).collect();
+    assert!(
+        shapes.contains(&"closed") && shapes.contains(&"open"),
+        "{shapes:?}"
+    );
+    assert_eq!(shapes.last(), Some(&"rest"));
+    assert!(cues
+        .iter()
+        .all(|c| c[0].as_u64().is_some_and(|t| t <= duration_ms + 10)));
+    assert_eq!(said["expression"], "smiling");
+    for (bad, param) in [
+        (serde_json::json!({"text": "  "}), "text"),
+        (serde_json::json!({"text": "好".repeat(1001)}), "text"),
+        (serde_json::json!({"text": "hi", "voice": "darth"}), "voice"),
+        (serde_json::json!({"text": "hi", "speed": 9.0}), "speed"),
+    ] {
+        let (s, e) = wang.json(M::POST, "/api/voice/speak", Some(bad)).await;
+        assert_eq!((s, e["error"]["param"].as_str()), (400, Some(param)), "{e}");
+    }
+
+    // A persona's voice and look are kept; unknown ones are refused.
+    let (s, p) = wang
+        .json(
+            M::POST,
+            "/api/personas",
+            Some(serde_json::json!({"name": "老师", "prompt": "你是一位耐心的老师。", "voice": "sage", "look": "teacher"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let (_, all) = wang.json(M::GET, "/api/personas", None).await;
+    assert!(all["data"]
+        .as_array()
+        .expect("personas")
+        .iter()
+        .any(|x| x["name"] == "老师" && x["voice"] == "sage" && x["look"] == "teacher"));
+    for bad in [
+        serde_json::json!({"name": "x", "prompt": "", "voice": "darth"}),
+        serde_json::json!({"name": "x", "prompt": "", "look": "<svg onload=x>"}),
+    ] {
+        let (s, _) = wang.json(M::POST, "/api/personas", Some(bad)).await;
+        assert_eq!(s, 400);
+    }
+
+    // Metered as the web user: 11 s heard, and what was said.
+    let expected = 11_000 + duration_ms as i64;
+    assert_eq!(audio_ms_of(&srv, "王维", expected).await, expected);
+}

@@ -366,8 +366,11 @@ function defaultParams() {
   return { temperature: 0.7, top_p: 0.9, max_tokens: 1024 };
 }
 
-/** Send `text` as a new user message under `parentId`, or (text null) regenerate the reply to `parentId`. */
-async function send(text, parentId) {
+/**
+ * Send `text` as a new user message under `parentId`, or (text null) regenerate the reply to `parentId`.
+ * `hooks` (voice mode): `delta(text)` as the reply streams, `done(status)` when it ends.
+ */
+async function send(text, parentId, hooks = {}) {
   if (state.streaming) return;
   const max = state.me.max_message_chars;
   if (text != null && [...text].length > max) { notice(t("tooLong", { n: max }), "error"); return; }
@@ -425,6 +428,7 @@ async function send(text, parentId) {
           body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
         } else if (ev.type === "delta" && reply) {
           reply.content += ev.text;
+          if (hooks.delta) hooks.delta(ev.text);
           if (!frame) frame = requestAnimationFrame(paint);
         } else if (ev.type === "done" && reply) {
           reply.status = ev.status;
@@ -450,6 +454,7 @@ async function send(text, parentId) {
     }
   } finally {
     if (frame) cancelAnimationFrame(frame);
+    if (hooks.done) hooks.done(reply ? reply.status : "error");
     state.streaming = null;
     setStreamingUi(false);
     if (state.conv && state.conv.id === conv.id) renderMessages();
@@ -502,6 +507,22 @@ function fillPersonas(selectedPrompt) {
   sel.replaceChildren(el("option", { value: "", text: t("noPersona") }), ...state.personas.map((p) => el("option", { value: p.id, text: p.name })));
   const match = state.personas.find((p) => p.prompt === selectedPrompt);
   sel.value = match ? match.id : "";
+  fillPersonaStyle(match);
+}
+
+/** The voice and look selects of the settings dialog, set to `persona`'s. */
+function fillPersonaStyle(persona) {
+  const voices = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"];
+  $("#persona-voice").replaceChildren(el("option", { value: "", text: t("defaultChoice") }), ...voices.map((v) => el("option", { value: v, text: v })));
+  $("#persona-look").replaceChildren(el("option", { value: "", text: t("defaultChoice") }), ...AVATAR_LOOKS.map((l) => el("option", { value: l, text: t("look_" + l) })));
+  $("#persona-voice").value = (persona && persona.voice) || "";
+  $("#persona-look").value = (persona && persona.look) || "";
+}
+
+/** The persona whose prompt the open conversation uses, if any. */
+function currentPersona() {
+  const prompt = state.conv && state.conv.system_prompt;
+  return prompt ? state.personas.find((p) => p.prompt === prompt) : undefined;
 }
 
 async function openSettings() {
@@ -1000,15 +1021,17 @@ function wire() {
     if (state.conv) state.conv = { ...state.conv, ...(await api("PATCH", "/api/conversations/" + state.conv.id, { model: $("#model-select").value })) };
   });
   $("#open-settings").addEventListener("click", openSettings);
+  $("#open-voice").addEventListener("click", () => openVoice().catch((e) => notice(e.message, "error")));
   $("#persona-select").addEventListener("change", () => {
     const p = state.personas.find((x) => x.id === $("#persona-select").value);
     if (p) $("#system-prompt").value = p.prompt;
+    fillPersonaStyle(p);
   });
   $("#persona-save").addEventListener("click", async () => {
     const sel = state.personas.find((x) => x.id === $("#persona-select").value);
     const name = prompt(t("personaName"), sel ? sel.name : "");
     if (!name) return;
-    const body = { name, prompt: $("#system-prompt").value };
+    const body = { name, prompt: $("#system-prompt").value, voice: $("#persona-voice").value, look: $("#persona-look").value };
     if (sel && sel.name === name) await api("PUT", "/api/personas/" + sel.id, body); else await api("POST", "/api/personas", body);
     await loadPersonas();
     fillPersonas($("#system-prompt").value);

@@ -3,7 +3,8 @@
 //! recognition and translation with timestamps on the engine's Whisper
 //! ([`recognize`]), subtitles ([`subtitle`]) and Whisper's languages
 //! ([`lang`]); speech out with espeak-ng ([`tts`]) from text read the way a
-//! Chinese speaker reads it ([`text`]: numbers, pinyin, tone sandhi).
+//! Chinese speaker reads it ([`text`]: numbers, pinyin, tone sandhi), with
+//! the mouth shapes and expression a talking face shows ([`viseme`]).
 
 pub mod audio;
 pub mod lang;
@@ -13,6 +14,7 @@ pub mod subtitle;
 pub mod text;
 pub mod tts;
 pub mod vad;
+pub mod viseme;
 
 pub use recognize::{Options, Recognizer, Segment, Task, Transcript};
 

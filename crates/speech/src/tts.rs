@@ -9,6 +9,7 @@
 //! voice variants, so unchanged clients work.
 
 use crate::text::{self, Run};
+use crate::viseme::{self, Cue};
 use crate::SpeechError;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -110,28 +111,74 @@ impl Synth {
     /// One sentence (or any short text) as mono samples at
     /// [`OUTPUT_RATE`]; `speed` 0.25–4.0 as OpenAI's.
     pub fn speak(&self, sentence: &str, v: Voice, speed: f32) -> Result<Vec<f32>, SpeechError> {
+        Ok(self.say(sentence, v, speed, false)?.0)
+    }
+
+    /// [`Synth::speak`], with the mouth shapes to show as it plays
+    /// ([`crate::viseme`]: espeak-ng's phonemes of each run, laid over
+    /// that run's audio).
+    pub fn speak_with_visemes(
+        &self,
+        sentence: &str,
+        v: Voice,
+        speed: f32,
+    ) -> Result<(Vec<f32>, Vec<Cue>), SpeechError> {
+        self.say(sentence, v, speed, true)
+    }
+
+    fn say(
+        &self,
+        sentence: &str,
+        v: Voice,
+        speed: f32,
+        visemes: bool,
+    ) -> Result<(Vec<f32>, Vec<Cue>), SpeechError> {
         let mut out = Vec::new();
+        let mut cues: Vec<Cue> = Vec::new();
         for run in text::runs(sentence) {
             let (lang, words) = match run {
                 Run::Chinese(p) => ("cmn-latn-pinyin", p),
                 Run::English(t) => ("en-us", t),
             };
-            let pcm = self.espeak(&words, &format!("{lang}+{}", v.variant), speed)?;
-            out.extend(crate::audio::resample(pcm, OUTPUT_RATE)?);
+            let voice = format!("{lang}+{}", v.variant);
+            let wav = self.call(&words, &voice, speed, &["--stdout"])?;
+            // A WAV whose sizes say "unknown" (it streams): the decoder
+            // reads to the end.
+            let pcm = crate::audio::decode(wav, Some("wav"), f64::INFINITY)
+                .map_err(|e| SpeechError::Model(format!("espeak-ng's output: {e}")))?;
+            let samples = crate::audio::resample(pcm, OUTPUT_RATE)?;
+            if visemes {
+                let ipa = self.call(&words, &voice, speed, &["-q", "--ipa"])?;
+                let start = (out.len() as u64 * 1000 / OUTPUT_RATE as u64) as u32;
+                let sounds = viseme::mouths(&String::from_utf8_lossy(&ipa));
+                for c in viseme::align(&sounds, &samples, OUTPUT_RATE) {
+                    let at_ms = start + c.at_ms;
+                    match cues.last_mut() {
+                        Some(last) if last.at_ms >= at_ms => last.mouth = c.mouth,
+                        Some(last) if last.mouth == c.mouth => {}
+                        _ => cues.push(Cue { at_ms, ..c }),
+                    }
+                }
+            }
+            out.extend(samples);
         }
-        Ok(out)
+        Ok((out, cues))
     }
 
-    fn espeak(
+    /// One espeak-ng call on `words` (its stdout, bounded in time and
+    /// size); `mode` is `--stdout` (WAV) or `-q --ipa` (phonemes).
+    fn call(
         &self,
         words: &str,
         voice: &str,
         speed: f32,
-    ) -> Result<crate::audio::Pcm, SpeechError> {
-        let words = words.replace("[[", " ").replace("]]", " ");
+        mode: &[&str],
+    ) -> Result<Vec<u8>, SpeechError> {
+        let words = strip_phoneme_input(words);
         let wpm = (175.0 * speed.clamp(0.25, 4.0)).clamp(80.0, 450.0) as u32;
         let mut child = Command::new(&self.espeak)
-            .args(["-v", voice, "-s", &wpm.to_string(), "-b", "1", "--stdout"])
+            .args(["-v", voice, "-s", &wpm.to_string(), "-b", "1"])
+            .args(mode)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -180,11 +227,18 @@ impl Synth {
                 "the text is too long to speak at once".into(),
             ));
         }
-        // A WAV whose sizes say "unknown" (it streams): the decoder reads
-        // to the end.
-        crate::audio::decode(wav, Some("wav"), f64::INFINITY)
-            .map_err(|e| SpeechError::Model(format!("espeak-ng's output: {e}")))
+        Ok(wav)
     }
+}
+
+/// `[[`…`]]` is espeak-ng's inline phoneme syntax: user text must not
+/// reach it, so the brackets go (whatever they held is read as words).
+fn strip_phoneme_input(words: &str) -> String {
+    let mut s = words.to_string();
+    while s.contains("[[") || s.contains("]]") {
+        s = s.replace("[[", " ").replace("]]", " ");
+    }
+    s
 }
 
 /// The header of a WAV stream of 16-bit mono samples at `rate` whose length
@@ -195,4 +249,44 @@ pub fn wav_stream_header(rate: u32) -> Vec<u8> {
     h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
     h[40..44].copy_from_slice(&(u32::MAX - 36).to_le_bytes());
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::viseme::Mouth;
+
+    #[test]
+    fn phoneme_brackets_never_reach_espeak() {
+        assert_eq!(strip_phoneme_input("a [[h@'loU]] b"), "a  h@'loU  b");
+        assert!(!strip_phoneme_input("[[[[x]]]]").contains("[["));
+        assert!(!strip_phoneme_input("[[[x]]]").contains("]]"));
+    }
+
+    /// espeak-ng is a test dependency (CI installs it).
+    #[test]
+    fn visemes_follow_the_spoken_sentence() {
+        let synth = Synth::find().expect("espeak-ng is installed");
+        let alloy = voice("alloy").expect("a voice");
+        let (audio, cues) = synth
+            .speak_with_visemes("妈妈好。Hello, mama.", alloy, 1.0)
+            .expect("spoken");
+        let end_ms = (audio.len() as u64 * 1000 / OUTPUT_RATE as u64) as u32;
+        assert!(cues.windows(2).all(|w| w[0].at_ms < w[1].at_ms), "{cues:?}");
+        assert!(cues
+            .last()
+            .is_some_and(|c| c.mouth == Mouth::Rest && c.at_ms <= end_ms + 10));
+        let shapes: Vec<Mouth> = cues.iter().map(|c| c.mouth).collect();
+        // m closes the lips, a opens them, o rounds them ("hello").
+        for m in [Mouth::Closed, Mouth::Open, Mouth::Round] {
+            assert!(shapes.contains(&m), "{m:?} missing in {cues:?}");
+        }
+        // The same audio as speak().
+        assert_eq!(
+            audio,
+            synth
+                .speak("妈妈好。Hello, mama.", alloy, 1.0)
+                .expect("spoken")
+        );
+    }
 }

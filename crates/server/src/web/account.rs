@@ -7,6 +7,30 @@ use super::*;
 pub struct PersonaBody {
     name: String,
     prompt: String,
+    #[serde(default)]
+    voice: String,
+    #[serde(default)]
+    look: String,
+}
+
+impl PersonaBody {
+    /// Its voice and look, each empty or one the voice mode has.
+    fn style(&self) -> AppResult<hanlin_accounts::chats::PersonaStyle<'_>> {
+        if !self.voice.is_empty() && hanlin_speech::tts::voice(&self.voice).is_none() {
+            return Err(
+                ApiError::bad_request(format!("Unknown voice {:?}.", self.voice)).param("voice"),
+            );
+        }
+        if !self.look.is_empty() && !super::voice::LOOKS.contains(&self.look.as_str()) {
+            return Err(
+                ApiError::bad_request(format!("Unknown look {:?}.", self.look)).param("look"),
+            );
+        }
+        Ok(hanlin_accounts::chats::PersonaStyle {
+            voice: &self.voice,
+            look: &self.look,
+        })
+    }
 }
 
 pub async fn personas(
@@ -23,7 +47,7 @@ pub async fn create_persona(
 ) -> AppResult<Json<Value>> {
     let p = st
         .db
-        .put_persona(&s.user.id, None, &b.name, &b.prompt)
+        .put_persona(&s.user.id, None, &b.name, &b.prompt, b.style()?)
         .await
         .map_err(account_error)?;
     Ok(Json(json!(p)))
@@ -37,7 +61,7 @@ pub async fn put_persona(
 ) -> AppResult<Json<Value>> {
     let p = st
         .db
-        .put_persona(&s.user.id, Some(&id), &b.name, &b.prompt)
+        .put_persona(&s.user.id, Some(&id), &b.name, &b.prompt, b.style()?)
         .await
         .map_err(account_error)?
         .ok_or_else(|| ApiError::not_found("No such persona."))?;

@@ -50,9 +50,11 @@ mod assets;
 mod conversations;
 mod session;
 mod transfer;
+pub mod voice;
 
 pub use account::*;
 pub use assets::*;
 pub use conversations::*;
 pub use session::*;
 pub use transfer::*;
+pub use voice::{speak, transcribe};

@@ -8,6 +8,7 @@ mod common;
 use common::start;
 
 const JFK: &[u8] = include_bytes!("../../speech/tests/data/jfk.wav");
+const JFK_WEBM: &[u8] = include_bytes!("../../speech/tests/data/jfk.webm");
 
 /// Form parts: `(name, filename, bytes)`.
 type Parts<'a> = Vec<(&'a str, Option<&'a str>, &'a [u8])>;
@@ -94,6 +95,28 @@ async fn speech_is_transcribed_metered_once_and_bad_uploads_are_refused() {
     assert!(segs.len() >= 2, "{v}");
     assert_eq!(segs[0]["start"], 0.0);
     assert!(segs[1]["end"].as_f64().unwrap_or(0.0) > 10.0, "{v}");
+
+    // What browsers record: WebM with Opus (Chromium's MediaRecorder).
+    let (s, body) = post(
+        base,
+        T,
+        Some(&key),
+        &[
+            ("file", Some("speech.webm"), JFK_WEBM),
+            ("model", None, b"whisper-1"),
+            ("response_format", None, b"verbose_json"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        v["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("ask not what your country can do for you")),
+        "{v}"
+    );
+    let webm_ms = (v["duration"].as_f64().expect("duration") * 1000.0).round() as i64;
 
     // Subtitles and plain text (the installed model's own name works too).
     let (s, srt) = post(
@@ -218,8 +241,8 @@ async fn speech_is_transcribed_metered_once_and_bad_uploads_are_refused() {
     .await;
     assert!(s == 400 || s == 413, "{s}: {body}");
 
-    // Metered once per delivered transcript: three of jfk (11 s each) and
-    // one of silence (3 s); the refused uploads cost nothing.
+    // Metered once per delivered transcript: three of jfk (11 s each), the
+    // WebM one and one of silence (3 s); the refused uploads cost nothing.
     let mut audio_ms = 0;
     for _ in 0..50 {
         let (_, u) = common::call(
@@ -233,12 +256,12 @@ async fn speech_is_transcribed_metered_once_and_bad_uploads_are_refused() {
             .as_array()
             .map(|rows| rows.iter().filter_map(|r| r["audio_ms"].as_i64()).sum())
             .unwrap_or(0);
-        if audio_ms >= 36_000 {
+        if audio_ms >= 36_000 + webm_ms {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(audio_ms, 3 * 11_000 + 3_000);
+    assert_eq!(audio_ms, 3 * 11_000 + 3_000 + webm_ms);
 }
 
 async fn speak(base: &str, key: &str, body: serde_json::Value) -> (u16, String, Vec<u8>) {

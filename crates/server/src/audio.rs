@@ -400,6 +400,36 @@ fn render(t: &Transcript, format: &str, task: Task) -> Response {
     }
 }
 
+/// Text to speak: not blank, at most `max` characters (`param` names the
+/// field in the error).
+pub(crate) fn check_speech_text(text: &str, param: &str, max: usize) -> AppResult<()> {
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request(format!("'{param}' is empty.")).param(param));
+    }
+    let chars = text.chars().count();
+    if chars > max {
+        return Err(ApiError::bad_request(format!(
+            "'{param}' is {chars} characters long; the limit is {max}."
+        ))
+        .param(param)
+        .code("string_above_max_length"));
+    }
+    Ok(())
+}
+
+/// The voice called `name` (OpenAI's names).
+pub(crate) fn speech_voice(name: &str) -> AppResult<hanlin_speech::tts::Voice> {
+    use hanlin_speech::tts;
+    tts::voice(name).ok_or_else(|| {
+        let known: Vec<&str> = tts::VOICES.iter().map(|v| v.name).collect();
+        ApiError::bad_request(format!(
+            "Unknown voice '{name}': use one of {}.",
+            known.join(", ")
+        ))
+        .param("voice")
+    })
+}
+
 /// Speak `text` (one sentence or a few) for `caller` with the mouth shapes
 /// a face shows ([`hanlin_speech::viseme`]): admitted by the gateway as a
 /// speech request and metered for the audio made. The web app's voice
@@ -476,29 +506,12 @@ async fn speech_inner(
     if !SPEECH_MODELS.contains(&req.model.as_str()) || !crate::api::visible(&caller, &req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
-    let chars = req.input.chars().count();
-    if req.input.trim().is_empty() {
-        return Err(ApiError::bad_request("'input' is empty.").param("input"));
-    }
-    if chars > MAX_SPEECH_CHARS {
-        return Err(ApiError::bad_request(format!(
-            "'input' is {chars} characters long; the limit is {MAX_SPEECH_CHARS}."
-        ))
-        .param("input")
-        .code("string_above_max_length"));
-    }
+    check_speech_text(&req.input, "input", MAX_SPEECH_CHARS)?;
     let name = match &req.voice {
         serde_json::Value::String(s) => s.clone(),
         v => v["id"].as_str().unwrap_or_default().to_string(),
     };
-    let voice = tts::voice(&name).ok_or_else(|| {
-        let known: Vec<&str> = tts::VOICES.iter().map(|v| v.name).collect();
-        ApiError::bad_request(format!(
-            "Unknown voice '{name}': use one of {}.",
-            known.join(", ")
-        ))
-        .param("voice")
-    })?;
+    let voice = speech_voice(&name)?;
     let speed = req.speed.unwrap_or(1.0);
     if !(0.25..=4.0).contains(&speed) {
         return Err(ApiError::bad_request("'speed' must be from 0.25 to 4.0.").param("speed"));

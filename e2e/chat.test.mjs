@@ -568,9 +568,17 @@ try {
         if (window.__states[window.__states.length - 1] !== a.dataset.state) window.__states.push(a.dataset.state);
       }).observe(document.querySelector("#avatar"), { attributes: true });
     });
+    // The natural voice (Kokoro; the test command pulls it), remembered by the page.
+    await page.evaluate(() => localStorage.setItem("hanlin.naturalVoice", "1"));
+    const spokenWith = [];
+    const onRequest = (r) => {
+      if (r.url().endsWith("/api/voice/speak")) spokenWith.push(JSON.parse(r.postData() || "{}").model);
+    };
+    page.on("request", onRequest);
     await page.click("#open-voice");
     await page.waitForSelector("#voice:not([hidden])");
     assert.ok(await page.$eval("#avatar", (a) => a.classList.contains("look-robot")), "the persona's look");
+    assert.ok(await page.isChecked("#voice-natural"), "the natural voice is offered and remembered");
     // Hands-free: the recording starts when the speech does…
     await page.waitForSelector('#avatar[data-state="recording"]', { timeout: 30000 });
     // …and what was heard is shown, then sent.
@@ -582,6 +590,8 @@ try {
     await page.waitForFunction(() => window.__mouths.size >= 4, null, { timeout: 60000 });
     const said = await page.textContent("#voice-said");
     assert.ok(said.length > 0, "the sentence being spoken is shown");
+    page.off("request", onRequest);
+    assert.ok(spokenWith.length > 0 && spokenWith.every((m) => m === "tts-1-hd"), `spoken with ${spokenWith}`);
     // Barge-in: talking while it speaks stops it at once.
     await page.dispatchEvent("#voice-talk", "pointerdown");
     await page.waitForSelector('#avatar[data-state="recording"][data-mouth="rest"]', { timeout: 5000 });

@@ -471,7 +471,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
         }
         Cmd::Batch(a) => batch::run(a),
         Cmd::Transcribe(a) => speech::transcribe(&store, threads, a),
-        Cmd::Say(a) => speech::say(a),
+        Cmd::Say(a) => speech::say(&store, threads, a),
         Cmd::Write(a) => write::run(&store, threads, a),
         Cmd::Admin { mut db, cmd } => {
             if db.database_url.is_none() {

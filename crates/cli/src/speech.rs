@@ -118,10 +118,14 @@ pub struct SayArgs {
     /// Speaking rate, 0.25 to 4.0
     #[arg(long, default_value_t = 1.0)]
     speed: f32,
+    /// Synthesiser: espeak-ng (tts-1), or kokoro-82m (tts-1-hd): the
+    /// natural voice, pulled on first use
+    #[arg(long, short = 'm', default_value = "espeak-ng")]
+    model: String,
 }
 
-/// `hanlin say`: text to a WAV file with espeak-ng, sentence by sentence.
-pub fn say(a: SayArgs) -> Result<()> {
+/// `hanlin say`: text to a WAV file, sentence by sentence.
+pub fn say(store: &hanlin_store::Store, threads: usize, a: SayArgs) -> Result<()> {
     use hanlin_speech::tts;
     let text = if a.text == "-" {
         let mut s = String::new();
@@ -144,10 +148,21 @@ pub fn say(a: SayArgs) -> Result<()> {
     if !(0.25..=4.0).contains(&a.speed) {
         bail!("--speed must be from 0.25 to 4.0");
     }
-    let synth = tts::Synth::find()?;
+    let (model, _) = tts::model(&a.model).with_context(|| {
+        let names: Vec<&str> = tts::MODEL_NAMES.iter().map(|(n, _)| *n).collect();
+        format!(
+            "unknown speech model {:?} (use one of {})",
+            a.model,
+            names.join(", ")
+        )
+    })?;
+    let mut synth = tts::Synth::find()?;
+    if model == tts::Model::Kokoro {
+        synth = synth.with_kokoro(hanlin_speech::load_kokoro(store, threads, true)?);
+    }
     let mut samples = Vec::new();
     for s in hanlin_speech::text::sentences(&text) {
-        samples.extend(synth.speak(&s, voice, a.speed)?);
+        samples.extend(synth.speak(&s, voice, model, a.speed)?);
     }
     std::fs::write(&a.output, audio::wav_bytes(&samples, tts::OUTPUT_RATE))
         .with_context(|| format!("writing {}", a.output.display()))?;

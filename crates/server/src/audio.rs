@@ -1,5 +1,5 @@
-//! `POST /v1/audio/speech` (below: espeak-ng, streamed sentence by
-//! sentence) and `POST /v1/audio/transcriptions` / `/v1/audio/translations`: speech
+//! `POST /v1/audio/speech` (below: espeak-ng or Kokoro, streamed sentence
+//! by sentence) and `POST /v1/audio/transcriptions` / `/v1/audio/translations`: speech
 //! to text (or to English) with Whisper, as OpenAI serves them — a
 //! multipart upload (`file`, `model`, `language`, `prompt`,
 //! `response_format` json / text / srt / vtt / verbose_json,
@@ -54,27 +54,82 @@ impl Speech {
         }
     }
 
-    /// espeak-ng, found on first use.
+    /// The synthesiser, made on first use: espeak-ng, with Kokoro when it
+    /// is pulled (a Kokoro that fails to load is logged and left out).
     async fn synth(&self) -> AppResult<Arc<hanlin_speech::tts::Synth>> {
+        let home = self.store.home().to_path_buf();
+        let threads = self.threads;
+        let kokoro = self.has_kokoro();
         self.synth
-            .get_or_try_init(|| async {
-                tokio::task::spawn_blocking(hanlin_speech::tts::Synth::find)
-                    .await
-                    .map_err(|e| ApiError::internal(format!("finding espeak-ng: {e}")))?
-                    .map(Arc::new)
-                    .map_err(|e| {
-                        ApiError::unavailable(format!("Speech synthesis is not available: {e}"))
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    let synth = hanlin_speech::tts::Synth::find()?;
+                    if !kokoro {
+                        return Ok(synth);
+                    }
+                    let loaded = hanlin_store::Store::open(home)
+                        .map_err(|e| hanlin_speech::SpeechError::Model(e.to_string()))
+                        .and_then(|store| hanlin_speech::load_kokoro(&store, threads, false));
+                    Ok(match loaded {
+                        Ok(k) => synth.with_kokoro(k),
+                        Err(e) => {
+                            tracing::error!("the Kokoro voice could not be loaded: {e}");
+                            synth
+                        }
                     })
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("loading speech synthesis: {e}")))?
+                .map(Arc::new)
+                .map_err(|e: hanlin_speech::SpeechError| {
+                    ApiError::unavailable(format!("Speech synthesis is not available: {e}"))
+                })
             })
             .await
             .cloned()
     }
 
+    /// Kokoro and its runtime are in the store.
+    fn has_kokoro(&self) -> bool {
+        self.store
+            .path_of(hanlin_store::KOKORO_MODEL)
+            .is_ok_and(|p| p.is_some())
+            && self
+                .store
+                .runtime_path(&hanlin_store::ONNXRUNTIME)
+                .is_some()
+    }
+
+    /// The synthesiser and the model that speaks for model name `name`
+    /// (OpenAI's or ours).
+    pub(crate) async fn synth_for(
+        &self,
+        name: &str,
+    ) -> AppResult<(Arc<hanlin_speech::tts::Synth>, hanlin_speech::tts::Model)> {
+        use hanlin_speech::tts::{self, Model};
+        let (model, fallback) = tts::model(name).ok_or_else(|| ApiError::model_not_found(name))?;
+        let synth = self.synth().await?;
+        match model {
+            Model::Kokoro if !synth.has(Model::Kokoro) && fallback => Ok((synth, Model::Espeak)),
+            Model::Kokoro if !synth.has(Model::Kokoro) => Err(ApiError::unavailable(format!(
+                "The model '{name}' is not available on this server (an administrator can run: hanlin pull {})",
+                hanlin_store::KOKORO_MODEL
+            ))),
+            m => Ok((synth, m)),
+        }
+    }
+
     /// Names `/v1/models` lists.
     pub fn model_names(&self) -> Vec<String> {
+        let kokoro = self.has_kokoro();
         std::iter::once(hanlin_store::WHISPER_MODEL)
             .chain(RECOGNITION_ALIASES)
-            .chain(SPEECH_MODELS)
+            .chain(
+                hanlin_speech::tts::MODEL_NAMES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .filter(|n| kokoro || *n != hanlin_store::KOKORO_MODEL),
+            )
             .map(String::from)
             .collect()
     }
@@ -85,7 +140,7 @@ impl Speech {
 
     /// A speech model (recognition or synthesis), not a chat model.
     pub fn is_audio_model(name: &str) -> bool {
-        Self::recognizes(name) || SPEECH_MODELS.contains(&name)
+        Self::recognizes(name) || hanlin_speech::tts::model(name).is_some()
     }
 
     async fn recognizer(&self) -> AppResult<Arc<tokio::sync::Mutex<Recognizer>>> {
@@ -439,12 +494,13 @@ pub(crate) async fn speak_with_visemes(
     caller: &hanlin_accounts::Caller,
     text: String,
     voice: hanlin_speech::tts::Voice,
+    model: &str,
     speed: f32,
 ) -> AppResult<(Vec<f32>, Vec<hanlin_speech::viseme::Cue>)> {
-    let synth = st.speech.synth().await?;
-    let mut request = admit(st, caller, Endpoint::Speech, "espeak-ng", &Via::Api).await?;
+    let (synth, speaker) = st.speech.synth_for(model).await?;
+    let mut request = admit(st, caller, Endpoint::Speech, model, &Via::Api).await?;
     let (samples, cues) =
-        tokio::task::spawn_blocking(move || synth.speak_with_visemes(&text, voice, speed))
+        tokio::task::spawn_blocking(move || synth.speak_with_visemes(&text, voice, speaker, speed))
             .await
             .map_err(|e| ApiError::internal(format!("a worker task failed: {e}")))?
             .map_err(|e| ApiError::internal(format!("speech synthesis failed: {e}")))?;
@@ -456,8 +512,6 @@ pub(crate) async fn speak_with_visemes(
     Ok((samples, cues))
 }
 
-/// OpenAI's speech model names, spoken by espeak-ng.
-pub const SPEECH_MODELS: [&str; 4] = ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "espeak-ng"];
 /// OpenAI's limit on `input`, in characters.
 pub const MAX_SPEECH_CHARS: usize = 4096;
 
@@ -503,7 +557,7 @@ async fn speech_inner(
 ) -> AppResult<Response> {
     use hanlin_speech::tts;
     let req: SpeechRequest = crate::openai::parse(body, SPEECH_FIELDS)?;
-    if !SPEECH_MODELS.contains(&req.model.as_str()) || !crate::api::visible(&caller, &req.model) {
+    if tts::model(&req.model).is_none() || !crate::api::visible(&caller, &req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
     check_speech_text(&req.input, "input", MAX_SPEECH_CHARS)?;
@@ -540,7 +594,7 @@ async fn speech_inner(
             .param("response_format"))
         }
     };
-    let synth = st.speech.synth().await?;
+    let (synth, speaker) = st.speech.synth_for(&req.model).await?;
     let mut request = admit(st, &caller, Endpoint::Speech, &req.model, &Via::Api).await?;
     let sentences = hanlin_speech::text::sentences(&req.input);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
@@ -556,7 +610,8 @@ async fn speech_inner(
         }
         for s in sentences {
             let synth = synth.clone();
-            let made = tokio::task::spawn_blocking(move || synth.speak(&s, voice, speed)).await;
+            let made =
+                tokio::task::spawn_blocking(move || synth.speak(&s, voice, speaker, speed)).await;
             let samples = match made {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {

@@ -444,6 +444,103 @@ async fn text_is_spoken_streamed_heard_back_and_metered_once() {
     assert_eq!(s, 200);
 }
 
+/// Kokoro (pulled by the test command) speaks for OpenAI's better speech
+/// models and under its own name; Whisper understands its Chinese.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_natural_voice_speaks_for_tts_1_hd() {
+    use reqwest::Method as M;
+    let srv = start().await;
+    let base = &srv.base;
+    let key = srv.user_key("kiki", "free").await;
+    let models: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"kokoro-82m") && ids.contains(&"tts-1-hd"),
+        "{ids:?}"
+    );
+
+    let zh = "今天天气很好，我们去公园散步吧。";
+    let mut heard = Vec::new();
+    for model in ["tts-1-hd", "kokoro-82m"] {
+        let (s, ty, wav) = speak(
+            base,
+            &key,
+            serde_json::json!({"model": model, "voice": "nova", "input": zh, "response_format": "wav"}),
+        )
+        .await;
+        assert_eq!((s, ty.as_str()), (200, "audio/wav"), "{model}");
+        let (s, body) = post(
+            base,
+            "/v1/audio/transcriptions",
+            Some(&key),
+            &[
+                ("file", Some("speech.wav"), &wav),
+                ("model", None, b"whisper-1"),
+                ("language", None, b"zh"),
+                ("prompt", None, "以下是普通话的句子。".as_bytes()),
+                ("response_format", None, b"text"),
+            ],
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        assert!(
+            body.contains("天气") && body.contains("公园"),
+            "{model}: {body}"
+        );
+        heard.push(wav);
+    }
+    // The same synthesiser, voice and text: the same audio.
+    assert_eq!(heard[0], heard[1]);
+
+    // The voice mode's natural voice, with mouth shapes from its phonemes.
+    let (wang, _) = common::Browser::register(base, "琪琪", "魔女宅急便的黑猫吉吉").await;
+    let (_, me) = wang.json(M::GET, "/api/me", None).await;
+    assert_eq!(me["natural_voice"], true, "{me}");
+    let (s, said) = wang
+        .json(
+            M::POST,
+            "/api/voice/speak",
+            Some(serde_json::json!({"text": "妈妈，你好！", "voice": "nova", "model": "tts-1-hd"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{said}");
+    let shapes: Vec<&str> = said["visemes"]
+        .as_array()
+        .expect("visemes")
+        .iter()
+        .filter_map(|c| c[1].as_str())
+        .collect();
+    assert!(
+        shapes.contains(&"closed") && shapes.contains(&"open") && shapes.last() == Some(&"rest"),
+        "{shapes:?}"
+    );
+    let (s, e) = wang
+        .json(
+            M::POST,
+            "/api/voice/speak",
+            Some(serde_json::json!({"text": "hi", "model": "tts-2"})),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("model")),
+        "{e}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_voice_mode_hears_speaks_with_mouth_shapes_and_meters_the_user() {
     use base64::Engine as _;

@@ -95,6 +95,9 @@ async function openVoice() {
   voice.persona = typeof currentPersona === "function" ? currentPersona() : undefined;
   const look = voice.persona && state.me.looks.includes(voice.persona.look) ? voice.persona.look : "scholar";
   $("#avatar").setAttribute("class", "look-" + look);
+  // Kokoro where the server has it: natural, but slower to first audio.
+  $("#voice-natural-label").hidden = !state.me.natural_voice;
+  $("#voice-natural").checked = localStorage.getItem("hanlin.naturalVoice") === "1";
   $("#voice").hidden = false;
   $("#voice-heard").textContent = "";
   $("#voice-said").textContent = "";
@@ -280,7 +283,11 @@ function speakSentence(text, gen) {
   const job = fetch("/api/voice/speak", {
     method: "POST", credentials: "same-origin",
     headers: { "Content-Type": "application/json", "X-CSRF-Token": state.me.csrf },
-    body: JSON.stringify({ text, voice: (persona && persona.voice) || "" }),
+    body: JSON.stringify({
+      text,
+      voice: (persona && persona.voice) || "",
+      model: state.me.natural_voice && $("#voice-natural").checked ? "tts-1-hd" : "tts-1",
+    }),
   }).then(async (r) => {
     const data = await r.json().catch(() => null);
     if (!r.ok) throw new Error((data && data.error && data.error.message) || "HTTP " + r.status);
@@ -425,5 +432,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#voice-close").addEventListener("click", closeVoice);
   $("#voice-handsfree").addEventListener("change", () => {
     if (voice.phase === "listening" || voice.phase === "idle") setPhase(listeningPhase());
+  });
+  $("#voice-natural").addEventListener("change", (e) => {
+    localStorage.setItem("hanlin.naturalVoice", e.target.checked ? "1" : "0");
   });
 });

@@ -4,11 +4,14 @@
 //! ([`recognize`]), subtitles ([`subtitle`]) and Whisper's languages
 //! ([`lang`]); speech out with espeak-ng ([`tts`]) from text read the way a
 //! Chinese speaker reads it ([`text`]: numbers, pinyin, tone sandhi), with
-//! the mouth shapes and expression a talking face shows ([`viseme`]).
+//! the mouth shapes and expression a talking face shows ([`viseme`]), and
+//! the natural Kokoro voice ([`kokoro`]) reading [`phonemes`].
 
 pub mod audio;
+pub mod kokoro;
 pub mod lang;
 pub mod mel;
+pub mod phonemes;
 pub mod recognize;
 pub mod subtitle;
 pub mod text;
@@ -81,4 +84,39 @@ pub fn load_recognizer(
         ))
     })?;
     Recognizer::load(&m, &t, &c, threads)
+}
+
+/// Kokoro ([`kokoro`]) from the store — the model, its voice packs and
+/// vocabulary, and ONNX Runtime — pulled first when it is not there.
+pub fn load_kokoro(
+    store: &hanlin_store::Store,
+    threads: usize,
+    progress: bool,
+) -> Result<kokoro::Kokoro, SpeechError> {
+    let name = hanlin_store::KOKORO_MODEL;
+    let store_err = |e: hanlin_store::StoreError| SpeechError::Model(format!("{name}: {e}"));
+    let find = || -> Result<_, SpeechError> {
+        Ok(
+            match (
+                store.path_of(name).map_err(store_err)?,
+                store.file_of(name, "voices.npz").map_err(store_err)?,
+                store.file_of(name, "vocab.json").map_err(store_err)?,
+                store.runtime_path(&hanlin_store::ONNXRUNTIME),
+            ) {
+                (Some(m), Some(v), Some(t), Some(r)) => Some((m, v, t, r)),
+                _ => None,
+            },
+        )
+    };
+    let found = match find()? {
+        Some(f) => Some(f),
+        None => {
+            store.pull(name, progress).map_err(store_err)?;
+            find()?
+        }
+    };
+    let (model, voices, vocab, runtime) =
+        found.ok_or_else(|| SpeechError::Model(format!("{name} is incomplete in the store")))?;
+    let voices = kokoro::Voices::load(&voices, &vocab)?;
+    kokoro::Kokoro::load(&runtime, &model, voices, threads)
 }

@@ -268,17 +268,35 @@ fn sandhi(syl: &mut [String], chars: &[char]) {
     }
 }
 
-/// Chinese text (already normalized) as pinyin for espeak-ng, with
-/// punctuation kept as pauses.
-pub fn to_pinyin(text: &str) -> String {
+/// Chinese text as it is spoken: words of tone-numbered pinyin syllables,
+/// and pauses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spoken {
+    Word(Vec<String>),
+    /// A pause, as its ASCII punctuation mark: `.` `!` `?` `;` end a
+    /// clause, `,` `:` `…` pause within one.
+    Pause(char),
+}
+
+/// Chinese text (already normalized) as words of pinyin, with tone sandhi
+/// across the words of each phrase, and its punctuation as pauses.
+pub fn pinyin_words(text: &str) -> Vec<Spoken> {
     static JIEBA: LazyLock<jieba_rs::Jieba> = LazyLock::new(jieba_rs::Jieba::new);
-    let mut out: Vec<String> = Vec::new();
-    // Phrases between punctuation get sandhi across their words.
+    let mut out: Vec<Spoken> = Vec::new();
+    // Phrases between punctuation get sandhi across their words: the
+    // phrase's syllables, their characters, and each word's length.
     let mut phrase: Vec<String> = Vec::new();
     let mut chars: Vec<char> = Vec::new();
-    let flush = |phrase: &mut Vec<String>, chars: &mut Vec<char>, out: &mut Vec<String>| {
+    let mut lens: Vec<usize> = Vec::new();
+    let flush = |phrase: &mut Vec<String>,
+                 chars: &mut Vec<char>,
+                 lens: &mut Vec<usize>,
+                 out: &mut Vec<Spoken>| {
         sandhi(phrase, chars);
-        out.append(phrase);
+        let mut syl = phrase.drain(..);
+        for n in lens.drain(..) {
+            out.push(Spoken::Word(syl.by_ref().take(n).collect()));
+        }
         chars.clear();
     };
     for w in JIEBA.cut(text, false) {
@@ -291,23 +309,50 @@ pub fn to_pinyin(text: &str) -> String {
             } else {
                 chars.extend(std::iter::repeat_n(' ', syl.len()));
             }
+            lens.push(syl.len());
             phrase.extend(syl);
             continue;
         }
-        flush(&mut phrase, &mut chars, &mut out);
+        flush(&mut phrase, &mut chars, &mut lens, &mut out);
         let pause = w.chars().find_map(|c| match c {
-            '。' | '！' | '？' | '.' | '!' | '?' | '；' | ';' => Some("."),
-            '，' | '、' | ',' | '：' | ':' | '…' => Some(","),
+            '。' | '.' | '．' => Some('.'),
+            '！' | '!' => Some('!'),
+            '？' | '?' => Some('?'),
+            '；' | ';' => Some(';'),
+            '，' | '、' | ',' => Some(','),
+            '：' | ':' => Some(':'),
+            '…' => Some('…'),
             _ => None,
         });
         if let Some(p) = pause {
-            match out.last_mut() {
-                Some(l) if !l.ends_with(['.', ',']) => l.push_str(p),
-                _ => {}
+            if let Some(Spoken::Word(_)) = out.last() {
+                out.push(Spoken::Pause(p));
             }
         }
     }
-    flush(&mut phrase, &mut chars, &mut out);
+    flush(&mut phrase, &mut chars, &mut lens, &mut out);
+    out.retain(|s| !matches!(s, Spoken::Word(w) if w.is_empty()));
+    out
+}
+
+/// Chinese text (already normalized) as pinyin for espeak-ng, with
+/// punctuation kept as pauses (`.` at a clause's end, `,` within one).
+pub fn to_pinyin(text: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for s in pinyin_words(text) {
+        match s {
+            Spoken::Word(w) => out.extend(w),
+            Spoken::Pause(p) => {
+                if let Some(l) = out.last_mut() {
+                    l.push(if matches!(p, '.' | '!' | '?' | ';') {
+                        '.'
+                    } else {
+                        ','
+                    });
+                }
+            }
+        }
+    }
     out.join(" ")
 }
 
@@ -315,6 +360,23 @@ pub fn to_pinyin(text: &str) -> String {
 /// words (and digits left in them) go to English; Chinese characters,
 /// with the punctuation around them, to Chinese.
 pub fn runs(text: &str) -> Vec<Run> {
+    segments(text)
+        .into_iter()
+        .filter_map(|(zh, s)| {
+            if zh {
+                let p = to_pinyin(&s);
+                (!p.is_empty()).then_some(Run::Chinese(p))
+            } else {
+                Some(Run::English(s))
+            }
+        })
+        .collect()
+}
+
+/// Text (normalized for a Chinese reader) split into Chinese (`true`) and
+/// English stretches, each with the punctuation that follows it; blank
+/// stretches are left out.
+pub fn segments(text: &str) -> Vec<(bool, String)> {
     let text = normalize_zh(text);
     let mut out: Vec<(bool, String)> = Vec::new();
     for c in text.chars() {
@@ -333,15 +395,8 @@ pub fn runs(text: &str) -> Vec<Run> {
         }
     }
     out.into_iter()
-        .filter_map(|(zh, s)| {
-            if zh {
-                let p = to_pinyin(&s);
-                (!p.is_empty()).then_some(Run::Chinese(p))
-            } else {
-                let t = s.trim().to_string();
-                (!t.is_empty()).then_some(Run::English(t))
-            }
-        })
+        .map(|(zh, s)| (zh, s.trim().to_string()))
+        .filter(|(_, s)| !s.is_empty())
         .collect()
 }
 

@@ -1,16 +1,24 @@
-//! Speech out with espeak-ng (Debian's `espeak-ng`, run as a child
-//! process): Mandarin spoken from the pinyin [`crate::text`] makes (fed
-//! Hanzi, espeak-ng spells them out as English letters), English as is.
-//! Text goes in on stdin — never on the command line, never as SSML — and
-//! `[[`/`]]` (espeak's inline phoneme syntax) are removed, so input text
-//! cannot steer the synthesiser. Each call is bounded in time and output.
+//! Speech out. Two synthesisers:
+//!
+//! - espeak-ng (Debian's `espeak-ng`, run as a child process), always
+//!   there and fast: Mandarin spoken from the pinyin [`crate::text`] makes
+//!   (fed Hanzi, espeak-ng spells them out as English letters), English as
+//!   is. Text goes in on stdin — never on the command line, never as SSML —
+//!   and `[[`/`]]` (espeak's inline phoneme syntax) are removed, so input
+//!   text cannot steer the synthesiser. Each call is bounded in time and
+//!   output.
+//! - Kokoro-82M ([`crate::kokoro`]), when it is pulled: a natural voice,
+//!   about ten times slower. It reads phonemes ([`crate::phonemes`]):
+//!   Mandarin from the same pinyin, English from espeak-ng's IPA.
 //!
 //! Voices: OpenAI's names (`alloy`, `nova`, …) each pick one of espeak-ng's
-//! voice variants, so unchanged clients work.
+//! voice variants and one of Kokoro's voice packs, so unchanged clients
+//! work.
 
+use crate::kokoro::{Kokoro, MAX_TOKENS};
 use crate::text::{self, Run};
 use crate::viseme::{self, Cue};
-use crate::SpeechError;
+use crate::{phonemes, SpeechError};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -19,58 +27,63 @@ use std::time::{Duration, Instant};
 /// The rate `/v1/audio/speech` delivers (as OpenAI's does).
 pub const OUTPUT_RATE: u32 = 24_000;
 
-/// A voice: OpenAI's name and the espeak-ng variant it speaks with.
+/// Which synthesiser speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    Espeak,
+    Kokoro,
+}
+
+/// Speech model names and the synthesiser each asks for: OpenAI's fast
+/// `tts-1` is espeak-ng; its better `tts-1-hd` and `gpt-4o-mini-tts` are
+/// Kokoro when it is pulled (espeak-ng otherwise, so unchanged clients
+/// always get speech); the synthesisers' own names ask for exactly them.
+pub const MODEL_NAMES: &[(&str, Model)] = &[
+    ("tts-1", Model::Espeak),
+    ("espeak-ng", Model::Espeak),
+    ("tts-1-hd", Model::Kokoro),
+    ("gpt-4o-mini-tts", Model::Kokoro),
+    (hanlin_store::KOKORO_MODEL, Model::Kokoro),
+];
+
+/// The synthesiser model `name` asks for, and whether it may fall back
+/// to espeak-ng when Kokoro is not there.
+pub fn model(name: &str) -> Option<(Model, bool)> {
+    let (_, m) = MODEL_NAMES.iter().find(|(n, _)| *n == name)?;
+    Some((*m, name != hanlin_store::KOKORO_MODEL))
+}
+
+/// A voice: OpenAI's name, the espeak-ng variant and the Kokoro voice
+/// pack it speaks with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Voice {
     pub name: &'static str,
     variant: &'static str,
+    pack: &'static str,
 }
 
+const fn v(name: &'static str, variant: &'static str, pack: &'static str) -> Voice {
+    Voice {
+        name,
+        variant,
+        pack,
+    }
+}
+
+/// Kokoro's only published packs are Japanese voices (four women, one
+/// man); they speak Mandarin and English with an accent.
 pub const VOICES: &[Voice] = &[
-    Voice {
-        name: "alloy",
-        variant: "f2",
-    },
-    Voice {
-        name: "ash",
-        variant: "m1",
-    },
-    Voice {
-        name: "ballad",
-        variant: "m5",
-    },
-    Voice {
-        name: "coral",
-        variant: "f1",
-    },
-    Voice {
-        name: "echo",
-        variant: "m3",
-    },
-    Voice {
-        name: "fable",
-        variant: "m2",
-    },
-    Voice {
-        name: "nova",
-        variant: "f3",
-    },
-    Voice {
-        name: "onyx",
-        variant: "m4",
-    },
-    Voice {
-        name: "sage",
-        variant: "f5",
-    },
-    Voice {
-        name: "shimmer",
-        variant: "f4",
-    },
-    Voice {
-        name: "verse",
-        variant: "m6",
-    },
+    v("alloy", "f2", "jf_alpha"),
+    v("ash", "m1", "jm_kumo"),
+    v("ballad", "m5", "jm_kumo"),
+    v("coral", "f1", "jf_gongitsune"),
+    v("echo", "m3", "jm_kumo"),
+    v("fable", "m2", "jm_kumo"),
+    v("nova", "f3", "jf_nezumi"),
+    v("onyx", "m4", "jm_kumo"),
+    v("sage", "f5", "jf_tebukuro"),
+    v("shimmer", "f4", "jf_alpha"),
+    v("verse", "m6", "jm_kumo"),
 ];
 
 pub fn voice(name: &str) -> Option<Voice> {
@@ -85,6 +98,7 @@ const MAX_OUTPUT: usize = 22_050 * 2 * 600;
 
 pub struct Synth {
     espeak: PathBuf,
+    kokoro: Option<Kokoro>,
 }
 
 impl Synth {
@@ -105,36 +119,76 @@ impl Synth {
                     .into(),
             ));
         }
-        Ok(Self { espeak })
+        Ok(Self {
+            espeak,
+            kokoro: None,
+        })
+    }
+
+    /// This synthesiser, with Kokoro too.
+    pub fn with_kokoro(self, kokoro: Kokoro) -> Self {
+        Self {
+            kokoro: Some(kokoro),
+            ..self
+        }
+    }
+
+    pub fn has(&self, model: Model) -> bool {
+        model == Model::Espeak || self.kokoro.is_some()
     }
 
     /// One sentence (or any short text) as mono samples at
     /// [`OUTPUT_RATE`]; `speed` 0.25–4.0 as OpenAI's.
-    pub fn speak(&self, sentence: &str, v: Voice, speed: f32) -> Result<Vec<f32>, SpeechError> {
-        Ok(self.say(sentence, v, speed, false)?.0)
+    pub fn speak(
+        &self,
+        sentence: &str,
+        v: Voice,
+        model: Model,
+        speed: f32,
+    ) -> Result<Vec<f32>, SpeechError> {
+        Ok(self.say(sentence, v, model, speed, false)?.0)
     }
 
     /// [`Synth::speak`], with the mouth shapes to show as it plays
-    /// ([`crate::viseme`]: espeak-ng's phonemes of each run, laid over
-    /// that run's audio).
+    /// ([`crate::viseme`]: the phonemes of each run, laid over that run's
+    /// audio).
     pub fn speak_with_visemes(
         &self,
         sentence: &str,
         v: Voice,
+        model: Model,
         speed: f32,
     ) -> Result<(Vec<f32>, Vec<Cue>), SpeechError> {
-        self.say(sentence, v, speed, true)
+        self.say(sentence, v, model, speed, true)
     }
 
     fn say(
         &self,
         sentence: &str,
         v: Voice,
+        model: Model,
         speed: f32,
         visemes: bool,
     ) -> Result<(Vec<f32>, Vec<Cue>), SpeechError> {
         let mut out = Vec::new();
         let mut cues: Vec<Cue> = Vec::new();
+        if model == Model::Kokoro {
+            let k = self
+                .kokoro
+                .as_ref()
+                .ok_or_else(|| SpeechError::Model("the Kokoro voice is not loaded".into()))?;
+            let ps = self.kokoro_phonemes(sentence)?;
+            for piece in pieces(&ps, |p| k.voices.tokens(p).len(), MAX_TOKENS) {
+                let samples =
+                    k.synthesize(&k.voices.tokens(&piece), v.pack, speed.clamp(0.5, 2.0))?;
+                if visemes {
+                    let sounds = viseme::mouths(&phonemes::as_ipa(&piece));
+                    add_cues(&mut cues, &out, &sounds, &samples);
+                }
+                out.extend(samples);
+            }
+            return Ok((out, cues));
+        }
         for run in text::runs(sentence) {
             let (lang, words) = match run {
                 Run::Chinese(p) => ("cmn-latn-pinyin", p),
@@ -149,20 +203,31 @@ impl Synth {
             let samples = crate::audio::resample(pcm, OUTPUT_RATE)?;
             if visemes {
                 let ipa = self.call(&words, &voice, speed, &["-q", "--ipa"])?;
-                let start = (out.len() as u64 * 1000 / OUTPUT_RATE as u64) as u32;
                 let sounds = viseme::mouths(&String::from_utf8_lossy(&ipa));
-                for c in viseme::align(&sounds, &samples, OUTPUT_RATE) {
-                    let at_ms = start + c.at_ms;
-                    match cues.last_mut() {
-                        Some(last) if last.at_ms >= at_ms => last.mouth = c.mouth,
-                        Some(last) if last.mouth == c.mouth => {}
-                        _ => cues.push(Cue { at_ms, ..c }),
-                    }
-                }
+                add_cues(&mut cues, &out, &sounds, &samples);
             }
             out.extend(samples);
         }
         Ok((out, cues))
+    }
+
+    /// A sentence as Kokoro's phonemes: Chinese from its pinyin, English
+    /// clause by clause from espeak-ng's IPA, the punctuation kept.
+    pub fn kokoro_phonemes(&self, sentence: &str) -> Result<String, SpeechError> {
+        let mut parts = Vec::new();
+        for (zh, s) in text::segments(sentence) {
+            if zh {
+                parts.push(phonemes::chinese(&text::pinyin_words(&s)));
+                continue;
+            }
+            for (clause, marks) in phonemes::english_clauses(&s) {
+                let ipa = self.call(&clause, "en-us", 1.0, &["-q", "--ipa", "--tie=^"])?;
+                let ipa = String::from_utf8_lossy(&ipa);
+                parts.push(format!("{}{marks}", phonemes::english(&ipa)));
+            }
+        }
+        parts.retain(|p| !p.is_empty());
+        Ok(parts.join(" "))
     }
 
     /// One espeak-ng call on `words` (its stdout, bounded in time and
@@ -231,6 +296,49 @@ impl Synth {
     }
 }
 
+/// Cues for `sounds` laid over `samples`, which follow `before` in the
+/// output: appended to `cues`, one per change of mouth.
+fn add_cues(cues: &mut Vec<Cue>, before: &[f32], sounds: &[viseme::Mouth], samples: &[f32]) {
+    let start = (before.len() as u64 * 1000 / OUTPUT_RATE as u64) as u32;
+    for c in viseme::align(sounds, samples, OUTPUT_RATE) {
+        let at_ms = start + c.at_ms;
+        match cues.last_mut() {
+            Some(last) if last.at_ms >= at_ms => last.mouth = c.mouth,
+            Some(last) if last.mouth == c.mouth => {}
+            _ => cues.push(Cue { at_ms, ..c }),
+        }
+    }
+}
+
+/// `text` cut into pieces of at most `max` units (as `len` counts them):
+/// after punctuation where it can, else between words, else anywhere.
+fn pieces(text: &str, len: impl Fn(&str) -> usize, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text.trim();
+    while len(rest) > max {
+        // The longest prefix that fits, by characters.
+        let ends: Vec<usize> = rest
+            .char_indices()
+            .map(|(i, c)| i + c.len_utf8())
+            .take_while(|&e| len(&rest[..e]) <= max)
+            .collect();
+        let Some(&fit) = ends.last() else { break };
+        let head = &rest[..fit];
+        let cut = head
+            .rfind(['.', '!', '?', ';', ',', ':'])
+            .map(|i| i + 1)
+            .filter(|&i| i > fit / 2)
+            .or_else(|| head.rfind(' ').filter(|&i| i > 0))
+            .unwrap_or(fit);
+        out.push(rest[..cut].trim().to_string());
+        rest = rest[cut..].trim_start();
+    }
+    if !rest.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
 /// `[[`…`]]` is espeak-ng's inline phoneme syntax: user text must not
 /// reach it, so the brackets go (whatever they held is read as words).
 fn strip_phoneme_input(words: &str) -> String {
@@ -257,6 +365,34 @@ mod tests {
     use crate::viseme::Mouth;
 
     #[test]
+    fn openai_model_names_pick_a_synthesiser() {
+        assert_eq!(model("tts-1"), Some((Model::Espeak, true)));
+        assert_eq!(model("tts-1-hd"), Some((Model::Kokoro, true)));
+        assert_eq!(model("gpt-4o-mini-tts"), Some((Model::Kokoro, true)));
+        // Asked for by name, Kokoro is not replaced by espeak-ng.
+        assert_eq!(model("kokoro-82m"), Some((Model::Kokoro, false)));
+        assert_eq!(model("tts-2"), None);
+        assert!(VOICES
+            .iter()
+            .all(|v| v.pack.starts_with("jf_") || v.pack == "jm_kumo"));
+    }
+
+    #[test]
+    fn long_phoneme_strings_are_cut_at_pauses_then_words() {
+        let count = |s: &str| s.chars().filter(|c| *c != ' ').count();
+        let text = "aaaa bbbb, cccc dddd eeee. ffff";
+        let p = pieces(text, count, 12);
+        assert_eq!(p, ["aaaa bbbb,", "cccc dddd", "eeee. ffff"]);
+        assert!(p.iter().all(|x| count(x) <= 12));
+        let long = "x".repeat(30);
+        let p = pieces(&long, count, 12);
+        assert_eq!(p.concat(), long);
+        assert!(p.iter().all(|x| count(x) <= 12), "{p:?}");
+        assert_eq!(pieces("short", count, 12), ["short"]);
+        assert!(pieces("   ", count, 12).is_empty());
+    }
+
+    #[test]
     fn phoneme_brackets_never_reach_espeak() {
         assert_eq!(strip_phoneme_input("a [[h@'loU]] b"), "a  h@'loU  b");
         assert!(!strip_phoneme_input("[[[[x]]]]").contains("[["));
@@ -269,7 +405,7 @@ mod tests {
         let synth = Synth::find().expect("espeak-ng is installed");
         let alloy = voice("alloy").expect("a voice");
         let (audio, cues) = synth
-            .speak_with_visemes("妈妈好。Hello, mama.", alloy, 1.0)
+            .speak_with_visemes("妈妈好。Hello, mama.", alloy, Model::Espeak, 1.0)
             .expect("spoken");
         let end_ms = (audio.len() as u64 * 1000 / OUTPUT_RATE as u64) as u32;
         assert!(cues.windows(2).all(|w| w[0].at_ms < w[1].at_ms), "{cues:?}");
@@ -285,7 +421,7 @@ mod tests {
         assert_eq!(
             audio,
             synth
-                .speak("妈妈好。Hello, mama.", alloy, 1.0)
+                .speak("妈妈好。Hello, mama.", alloy, Model::Espeak, 1.0)
                 .expect("spoken")
         );
     }

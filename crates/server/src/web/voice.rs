@@ -56,6 +56,9 @@ pub struct SpeakBody {
     text: String,
     #[serde(default)]
     voice: String,
+    /// `tts-1` (espeak-ng, the default: fastest to first audio) or
+    /// `tts-1-hd` (Kokoro's natural voice where it is pulled).
+    model: Option<String>,
     speed: Option<f32>,
 }
 
@@ -77,12 +80,17 @@ pub async fn speak(
     if !(0.5..=2.0).contains(&speed) {
         return Err(ApiError::bad_request("'speed' must be from 0.5 to 2.").param("speed"));
     }
+    let model = b.model.as_deref().unwrap_or("tts-1");
+    if !matches!(model, "tts-1" | "tts-1-hd") {
+        return Err(ApiError::bad_request("'model' is tts-1 or tts-1-hd.").param("model"));
+    }
     let caller = web_caller(&st, &s).await?;
-    if !crate::api::visible(&caller, "espeak-ng") {
-        return Err(ApiError::model_not_found("espeak-ng"));
+    if !crate::api::visible(&caller, model) {
+        return Err(ApiError::model_not_found(model));
     }
     let expression = viseme::expression(&b.text);
-    let (samples, cues) = audio::speak_with_visemes(&st, &caller, b.text, voice, speed).await?;
+    let (samples, cues) =
+        audio::speak_with_visemes(&st, &caller, b.text, voice, model, speed).await?;
     let pcm = hanlin_speech::audio::pcm16(&samples);
     Ok(Json(json!({
         "rate": tts::OUTPUT_RATE,

@@ -495,6 +495,47 @@ impl Model {
         let cfg = &self.cfg;
         let qd = cfg.q_dim();
         let out_ptr = out.as_mut_ptr();
+        let (hd, n_kv) = (cfg.head_dim, cfg.n_head_kv);
+        // A sequence with several blocks of query tokens (a prompt) gets
+        // its keys and values converted to f32 once for all of them.
+        let first_of = |p0: usize| {
+            layer
+                .window
+                .map(|w| (p0 + 1).saturating_sub(w))
+                .unwrap_or(0)
+                / ATTN_KB
+                * ATTN_KB
+        };
+        // The buffers are kept between layers and steps (fresh pages for
+        // megabytes per layer would cost more than the conversion).
+        let mut bufs = SHARED_KV.take();
+        let mut bases = Vec::new();
+        for ((&cache, span), &p0) in caches.iter().zip(spans).zip(p0s) {
+            if span.len() <= ATTN_TB {
+                continue;
+            }
+            let base = first_of(p0);
+            let positions = p0 + span.len() - base;
+            let (nk, nv) = SharedKv::sizes(n_kv, hd, positions);
+            if bufs.len() <= bases.len() {
+                bufs.push(Default::default());
+            }
+            let (kt, v) = &mut bufs[bases.len()];
+            kt.resize(nk, 0.0);
+            v.resize(nv, 0.0);
+            SharedKv::fill(cache, li, n_kv, hd, base, &mut kt[..nk], &mut v[..nv]);
+            bases.push((base, nk, nv));
+        }
+        let mut shared = bufs
+            .iter()
+            .zip(&bases)
+            .map(|((kt, v), &(base, nk, nv))| SharedKv {
+                kt: &kt[..nk],
+                v: &v[..nv],
+                base,
+                blocks: (nv / (n_kv * hd)).div_ceil(ATTN_KB),
+                positions: nv / (n_kv * hd),
+            });
         let parts: Vec<Attend> = caches
             .iter()
             .zip(spans)
@@ -512,6 +553,11 @@ impl Model {
                 t_n: span.len(),
                 // SAFETY: `span` lies within the batch's rows, so within `out`.
                 out: SendPtr(unsafe { out_ptr.add(span.start * qd) }),
+                shared: if span.len() > ATTN_TB {
+                    shared.next()
+                } else {
+                    None
+                },
             })
             .collect();
         // One job per (sequence, kv head, block of query tokens): each
@@ -525,23 +571,44 @@ impl Model {
                 }
             }
         }
+        // Any SIMD level on x86-64 means AVX2, FMA and F16C were detected;
+        // `Avx2Vnni` means AVX-512 F too.
         #[cfg(target_arch = "x86_64")]
-        // Any SIMD level on x86-64 means AVX2, FMA and F16C were detected.
-        let wide = hanlin_kernels::dot::simd_level() != hanlin_kernels::dot::SimdLevel::Scalar;
+        let level = hanlin_kernels::dot::simd_level();
         pool.for_chunks(jobs.len(), 1, &|r| {
             ATTEND_SCRATCH.with_borrow_mut(|sc| {
                 for &(si, kvh, blk) in &jobs[r] {
                     let a = &parts[si];
                     #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        // SAFETY: AVX2 and FMA were detected at run time just above.
-                        unsafe { a.job_avx2(kvh, blk, sc) };
+                    {
+                        use hanlin_kernels::dot::SimdLevel;
+                        match level {
+                            // SAFETY: AVX-512 F, AVX2, FMA and F16C were detected at run time.
+                            SimdLevel::Avx2Vnni => unsafe { a.job_avx512(kvh, blk, sc) },
+                            // SAFETY: AVX2, FMA and F16C were detected at run time.
+                            SimdLevel::Avx2 => unsafe { a.job_avx2(kvh, blk, sc) },
+                            SimdLevel::Scalar => a.job::<false, false>(kvh, blk, sc),
+                        }
                         continue;
                     }
-                    a.job::<false>(kvh, blk, sc);
+                    #[allow(unreachable_code)]
+                    a.job::<false, false>(kvh, blk, sc);
                 }
             });
         });
+        drop(parts);
+        // Kept for the next layer, unless a very long prompt made them
+        // large: then memory matters more than the page faults.
+        const KEEP_FLOATS: usize = 16 << 20;
+        if bufs
+            .iter()
+            .map(|(k, v)| k.capacity() + v.capacity())
+            .sum::<usize>()
+            > KEEP_FLOATS
+        {
+            bufs.clear();
+        }
+        SHARED_KV.set(bufs);
     }
 
     fn act(&self) -> ops::Act {
@@ -655,6 +722,61 @@ struct Attend<'a> {
     p0: usize,
     t_n: usize,
     out: SendPtr,
+    /// This sequence's keys and values already in f32, for a batch of
+    /// several query blocks (a prompt): converted once per layer instead
+    /// of once per block.
+    shared: Option<SharedKv<'a>>,
+}
+
+/// Keys (transposed, in blocks of [`ATTN_KB`] positions: block `b` of kv
+/// head `h` holds `kt[d·KB + j]` for position `base + b·KB + j`) and values
+/// (rows of `hd`) of positions `base..`, converted from the cache's f16.
+#[derive(Clone, Copy)]
+struct SharedKv<'a> {
+    kt: &'a [f32],
+    v: &'a [f32],
+    base: usize,
+    blocks: usize,
+    positions: usize,
+}
+
+impl SharedKv<'_> {
+    /// The size of the buffers for `positions` positions from a multiple
+    /// of [`ATTN_KB`]: (keys, values).
+    fn sizes(n_kv: usize, hd: usize, positions: usize) -> (usize, usize) {
+        let blocks = positions.div_ceil(ATTN_KB);
+        (n_kv * blocks * hd * ATTN_KB, n_kv * positions * hd)
+    }
+
+    /// Convert positions `base..base + positions` of layer `li` (all kv
+    /// heads) into `kt` and `v`, sized by [`Self::sizes`].
+    fn fill(
+        cache: &KvCache,
+        li: usize,
+        n_kv: usize,
+        hd: usize,
+        base: usize,
+        kt: &mut [f32],
+        v: &mut [f32],
+    ) {
+        let positions = v.len() / (n_kv * hd);
+        let blocks = positions.div_ceil(ATTN_KB);
+        let mut row = vec![0f32; n_kv * hd];
+        for j in 0..positions {
+            f16::to_f32::<false>(cache.key(li, base + j), &mut row);
+            let (b, jj) = (j / ATTN_KB, j % ATTN_KB);
+            for h in 0..n_kv {
+                let blk = &mut kt[(h * blocks + b) * hd * ATTN_KB..][..hd * ATTN_KB];
+                for (d, &x) in row[h * hd..(h + 1) * hd].iter().enumerate() {
+                    blk[d * ATTN_KB + jj] = x;
+                }
+            }
+            f16::to_f32::<false>(cache.val(li, base + j), &mut row);
+            for h in 0..n_kv {
+                v[(h * positions + j) * hd..][..hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -671,6 +793,9 @@ struct AttendScratch {
 thread_local! {
     /// Each pool thread's attention buffers, kept between jobs and steps.
     static ATTEND_SCRATCH: std::cell::RefCell<AttendScratch> = std::cell::RefCell::default();
+    /// The calling thread's [`SharedKv`] buffers (keys, values), one pair
+    /// per prompt in the batch, kept between layers and steps.
+    static SHARED_KV: std::cell::Cell<Vec<(Vec<f32>, Vec<f32>)>> = std::cell::Cell::default();
 }
 
 impl Attend<'_> {
@@ -678,24 +803,35 @@ impl Attend<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn job_avx2(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
-        self.job::<true>(kvh, blk, sc)
+        self.job::<true, false>(kvh, blk, sc)
+    }
+
+    /// [`Self::job`] with AVX-512 tiles (16 lanes): the same operations
+    /// per element, so the same bits as [`Self::job_avx2`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn job_avx512(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
+        self.job::<true, true>(kvh, blk, sc)
     }
 
     /// Keys/values head `kvh` against query tokens `blk*TB..` of every head
-    /// of its group. `F16C`: compiled inside [`Self::job_avx2`], so the f16
-    /// conversions use the F16C instructions (exact, like the portable ones)
-    /// and products are fused multiply-adds.
+    /// of its group. `F16C`: compiled inside [`Self::job_avx2`] or
+    /// [`Self::job_avx512`], so the f16 conversions use the F16C
+    /// instructions (exact, like the portable ones) and products are fused
+    /// multiply-adds; `Z`: inside [`Self::job_avx512`], with 16-lane tiles.
     ///
     /// Keys and values come in blocks of [`ATTN_KB`] positions, aligned to
     /// multiples of it, converted from f16 once per block; register tiles
-    /// of four query rows then meet eight keys (scores) or sixteen value
-    /// dimensions (outputs) at a time. A (query, key) score is the sum over
-    /// the dimensions in order, and an output is the sum over aligned key
-    /// blocks of each block's sum in key order, masked keys adding exact
-    /// zeros: the same operations whichever block of query tokens the query
-    /// sits in, so a token's result does not depend on its batch.
+    /// of four query rows then meet sixteen keys (scores) or sixteen value
+    /// dimensions (outputs) at a time — thirty-two of each with `Z`. A
+    /// (query, key) score is the sum over the dimensions in order, and an
+    /// output is the sum over aligned key blocks of each block's sum in key
+    /// order, masked keys adding exact zeros: the same operations whichever
+    /// block of query tokens the query sits in, and whichever tile width,
+    /// so a token's result depends neither on its batch nor on the SIMD level.
     #[inline(always)]
-    fn job<const F16C: bool>(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
+    fn job<const F16C: bool, const Z: bool>(&self, kvh: usize, blk: usize, sc: &mut AttendScratch) {
+        let tile = if Z { 32 } else { 16 };
         let (hd, nh, group) = (self.hd, self.nh, self.group);
         let (p0, li, cache) = (self.p0, self.li, self.cache);
         let t0 = blk * ATTN_TB;
@@ -729,23 +865,42 @@ impl Attend<'_> {
         for pb in blocks.clone() {
             let n = ATTN_KB.min(last + 1 - pb);
             // Keys transposed: kt[d * KB + j] is key pb + j's dimension d.
-            for j in 0..n {
-                f16::to_f32::<F16C>(&cache.key(li, pb + j)[kvh * hd..][..hd], &mut sc.row);
-                for (d, &v) in sc.row.iter().enumerate() {
-                    sc.kt[d * ATTN_KB + j] = v;
+            let kt: &[f32] = match self.shared {
+                Some(sh) => {
+                    let b = (pb - sh.base) / ATTN_KB;
+                    &sh.kt[(kvh * sh.blocks + b) * hd * ATTN_KB..][..hd * ATTN_KB]
                 }
-            }
+                None => {
+                    for j in 0..n {
+                        f16::to_f32::<F16C>(&cache.key(li, pb + j)[kvh * hd..][..hd], &mut sc.row);
+                        for (d, &v) in sc.row.iter().enumerate() {
+                            sc.kt[d * ATTN_KB + j] = v;
+                        }
+                    }
+                    &sc.kt
+                }
+            };
             for qi in (0..nq).step_by(4) {
                 let rows: [usize; 4] = std::array::from_fn(|i| (qi + i).min(nq - 1));
-                for jg in (0..n).step_by(8) {
-                    let acc = tiles::qk::<F16C>(&sc.qs, rows, hd, &sc.kt[jg..]);
+                for jg in (0..n).step_by(tile) {
+                    let acc = tiles::qk::<F16C, Z>(&sc.qs, rows, hd, &kt[jg..]);
+                    let (p1, m) = (pb + jg, tile.min(n - jg));
                     for (i, a) in acc.iter().enumerate().take(nq - qi) {
                         let t = (qi + i) / group;
-                        let pos = p0 + t0 + t;
-                        for (l, &v) in a.iter().enumerate().take(n - jg) {
-                            let p = pb + jg + l;
-                            if p <= pos && p >= first(t0 + t) {
-                                scores[(qi + i) * span + p - lo] = v * self.scale;
+                        let (pos, from) = (p0 + t0 + t, first(t0 + t));
+                        let row = &mut scores[(qi + i) * span..][..span];
+                        if p1 >= from && p1 + m <= pos + 1 {
+                            // All sixteen keys are seen (the usual case,
+                            // before the diagonal): no per-key test.
+                            for (o, &v) in row[p1 - lo..p1 - lo + m].iter_mut().zip(a) {
+                                *o = v * self.scale;
+                            }
+                            continue;
+                        }
+                        for (l, &v) in a.iter().enumerate().take(m) {
+                            let p = p1 + l;
+                            if p <= pos && p >= from {
+                                row[p - lo] = v * self.scale;
                             }
                         }
                     }
@@ -768,12 +923,19 @@ impl Attend<'_> {
         }
         for pb in blocks {
             let n = ATTN_KB.min(last + 1 - pb);
-            for j in 0..n {
-                f16::to_f32::<F16C>(
-                    &cache.val(li, pb + j)[kvh * hd..][..hd],
-                    &mut sc.vb[j * hd..(j + 1) * hd],
-                );
-            }
+            // Values: row j is position pb + j.
+            let vrows: &[f32] = match self.shared {
+                Some(sh) => &sh.v[(kvh * sh.positions + pb - sh.base) * hd..][..n * hd],
+                None => {
+                    for j in 0..n {
+                        f16::to_f32::<F16C>(
+                            &cache.val(li, pb + j)[kvh * hd..][..hd],
+                            &mut sc.vb[j * hd..(j + 1) * hd],
+                        );
+                    }
+                    &sc.vb[..n * hd]
+                }
+            };
             // Keys before the span (the block's alignment) weigh nothing.
             let j0 = lo.saturating_sub(pb);
             for qi in (0..nq).step_by(4) {
@@ -781,10 +943,10 @@ impl Attend<'_> {
                 // Each row's weights of this block's keys (from j0) start here.
                 let w: [usize; 4] =
                     std::array::from_fn(|i| (qi + i).min(nq - 1) * span + pb + j0 - lo);
-                for d0 in (0..hd).step_by(16) {
-                    let dn = 16.min(hd - d0);
-                    let vb = &sc.vb[j0 * hd + d0..];
-                    let acc = tiles::pv::<F16C>(scores, w, vb, hd, dn, 0..n - j0);
+                for d0 in (0..hd).step_by(tile) {
+                    let dn = tile.min(hd - d0);
+                    let vb = &vrows[j0 * hd + d0..];
+                    let acc = tiles::pv::<F16C, Z>(scores, w, vb, hd, dn, 0..n - j0);
                     for (i, a) in acc.iter().enumerate().take(qn) {
                         for (o, &a) in out(qi + i)[d0..d0 + dn].iter_mut().zip(a) {
                             *o += a;
@@ -796,8 +958,9 @@ impl Attend<'_> {
     }
 }
 
-/// The register tiles of [`Attend::job`]: four query rows against eight
-/// keys, or sixteen value dimensions. `FMA`: inside a function compiled for
+/// The register tiles of [`Attend::job`]: four query rows against sixteen
+/// keys, or sixteen value dimensions (eight accumulators, enough to hide
+/// the latency of fused multiply-adds on two ports). `FMA`: inside a function compiled for
 /// AVX2 and FMA, with fused multiply-adds; otherwise portable (the same
 /// order of operations per element, each rounded twice).
 mod tiles {
@@ -805,40 +968,69 @@ mod tiles {
     #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
-    /// `acc[i][l] = Σ_d q[rows[i]][d] · kt[d·KB + l]`, `d` in order.
+    /// `acc[i][l] = Σ_d q[rows[i]][d] · kt[d·KB + l]`, `d` in order, for
+    /// sixteen keys (thirty-two with `Z`).
     #[inline(always)]
-    pub(super) fn qk<const FMA: bool>(
+    pub(super) fn qk<const FMA: bool, const Z: bool>(
         qs: &[f32],
         rows: [usize; 4],
         hd: usize,
         kt: &[f32],
-    ) -> [[f32; 8]; 4] {
+    ) -> [[f32; 32]; 4] {
+        let width = if Z { 32 } else { 16 };
         assert!(
-            rows.iter().all(|&r| (r + 1) * hd <= qs.len()) && (hd - 1) * ATTN_KB + 8 <= kt.len()
+            rows.iter().all(|&r| (r + 1) * hd <= qs.len())
+                && (hd - 1) * ATTN_KB + width <= kt.len()
         );
+        #[cfg(target_arch = "x86_64")]
+        if FMA && Z {
+            // SAFETY: in bounds (asserted above); AVX-512 F is enabled in
+            // the function this is inlined into (`Z`).
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                for d in 0..hd {
+                    let k0 = _mm512_loadu_ps(kt.as_ptr().add(d * ATTN_KB));
+                    let k1 = _mm512_loadu_ps(kt.as_ptr().add(d * ATTN_KB + 16));
+                    for (a, &r) in acc.iter_mut().zip(&rows) {
+                        let q = _mm512_set1_ps(*qs.get_unchecked(r * hd + d));
+                        a[0] = _mm512_fmadd_ps(q, k0, a[0]);
+                        a[1] = _mm512_fmadd_ps(q, k1, a[1]);
+                    }
+                }
+                let mut out = [[0f32; 32]; 4];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+                }
+                return out;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if FMA {
             // SAFETY: in bounds (asserted above); FMA and AVX2 are enabled
             // in the function this is inlined into (`FMA`).
             unsafe {
-                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
                 for d in 0..hd {
-                    let k = _mm256_loadu_ps(kt.as_ptr().add(d * ATTN_KB));
+                    let k0 = _mm256_loadu_ps(kt.as_ptr().add(d * ATTN_KB));
+                    let k1 = _mm256_loadu_ps(kt.as_ptr().add(d * ATTN_KB + 8));
                     for (a, &r) in acc.iter_mut().zip(&rows) {
                         let q = _mm256_set1_ps(*qs.get_unchecked(r * hd + d));
-                        *a = _mm256_fmadd_ps(q, k, *a);
+                        a[0] = _mm256_fmadd_ps(q, k0, a[0]);
+                        a[1] = _mm256_fmadd_ps(q, k1, a[1]);
                     }
                 }
-                let mut out = [[0f32; 8]; 4];
+                let mut out = [[0f32; 32]; 4];
                 for (o, a) in out.iter_mut().zip(acc) {
-                    _mm256_storeu_ps(o.as_mut_ptr(), a);
+                    _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
                 }
                 return out;
             }
         }
-        let mut acc = [[0f32; 8]; 4];
+        let mut acc = [[0f32; 32]; 4];
         for d in 0..hd {
-            let k = &kt[d * ATTN_KB..d * ATTN_KB + 8];
+            let k = &kt[d * ATTN_KB..d * ATTN_KB + width];
             for (a, &r) in acc.iter_mut().zip(&rows) {
                 let q = qs[r * hd + d];
                 for (a, &k) in a.iter_mut().zip(k) {
@@ -850,22 +1042,46 @@ mod tiles {
     }
 
     /// `acc[i][e] = Σ_j w[rows_at[i] + j] · vb[j·hd + e]` for `j` in `js`,
-    /// in order, `e < dn ≤ 16`.
+    /// in order, `e < dn ≤ 32` (sixteen, or thirty-two with `Z`, at once).
     #[inline(always)]
-    pub(super) fn pv<const FMA: bool>(
+    pub(super) fn pv<const FMA: bool, const Z: bool>(
         w: &[f32],
         rows_at: [usize; 4],
         vb: &[f32],
         hd: usize,
         dn: usize,
         js: std::ops::Range<usize>,
-    ) -> [[f32; 16]; 4] {
+    ) -> [[f32; 32]; 4] {
         if js.is_empty() {
-            return [[0.0; 16]; 4];
+            return [[0.0; 32]; 4];
         }
         assert!(
-            rows_at.iter().all(|&r| r + js.end <= w.len()) && (js.end - 1) * hd + dn <= vb.len()
+            dn <= 32
+                && rows_at.iter().all(|&r| r + js.end <= w.len())
+                && (js.end - 1) * hd + dn <= vb.len()
         );
+        #[cfg(target_arch = "x86_64")]
+        if FMA && Z && dn == 32 {
+            // SAFETY: in bounds (asserted above); AVX-512 F as in `qk`.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                for j in js {
+                    let v0 = _mm512_loadu_ps(vb.as_ptr().add(j * hd));
+                    let v1 = _mm512_loadu_ps(vb.as_ptr().add(j * hd + 16));
+                    for (a, &r) in acc.iter_mut().zip(&rows_at) {
+                        let s = _mm512_set1_ps(*w.get_unchecked(r + j));
+                        a[0] = _mm512_fmadd_ps(s, v0, a[0]);
+                        a[1] = _mm512_fmadd_ps(s, v1, a[1]);
+                    }
+                }
+                let mut out = [[0f32; 32]; 4];
+                for (o, a) in out.iter_mut().zip(acc) {
+                    _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+                }
+                return out;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if FMA && dn == 16 {
             // SAFETY: in bounds (asserted above); FMA and AVX2 as in `qk`.
@@ -880,7 +1096,7 @@ mod tiles {
                         a[1] = _mm256_fmadd_ps(s, v1, a[1]);
                     }
                 }
-                let mut out = [[0f32; 16]; 4];
+                let mut out = [[0f32; 32]; 4];
                 for (o, a) in out.iter_mut().zip(acc) {
                     _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
                     _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
@@ -888,7 +1104,7 @@ mod tiles {
                 return out;
             }
         }
-        let mut acc = [[0f32; 16]; 4];
+        let mut acc = [[0f32; 32]; 4];
         for j in js {
             let v = &vb[j * hd..j * hd + dn];
             for (a, &r) in acc.iter_mut().zip(&rows_at) {

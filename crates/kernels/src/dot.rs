@@ -22,32 +22,49 @@ pub enum SimdLevel {
 }
 
 /// Detected once; `HANLIN_SIMD=scalar` forces the portable path and
-/// `HANLIN_SIMD=avx2` disables VNNI.
+/// `HANLIN_SIMD=avx2` disables VNNI. A CPU without AVX2, FMA and F16C gets
+/// the portable kernels, and one line in the log says so.
 pub fn simd_level() -> SimdLevel {
     use std::sync::OnceLock;
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
-        if std::env::var("HANLIN_SIMD").is_ok_and(|v| v == "scalar") {
-            return SimdLevel::Scalar;
-        }
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2")
+        let (avx2, vnni) = (
+            is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                let vnni = is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("avx512vl");
-                if vnni && !std::env::var("HANLIN_SIMD").is_ok_and(|v| v == "avx2") {
-                    return SimdLevel::Avx2Vnni;
-                }
-                return SimdLevel::Avx2;
-            }
+                && is_x86_feature_detected!("f16c"),
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl"),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (avx2, vnni) = (false, false);
+        let (level, notice) = choose(avx2, vnni, std::env::var("HANLIN_SIMD").ok().as_deref());
+        if let Some(n) = notice {
+            tracing::warn!("{n}");
         }
-        SimdLevel::Scalar
+        level
     })
+}
+
+/// The level for a CPU that has (or lacks) AVX2+FMA+F16C and AVX-512 VNNI,
+/// under `HANLIN_SIMD`, and the notice to log when the portable kernels
+/// are used because the CPU has nothing faster.
+fn choose(avx2: bool, vnni: bool, forced: Option<&str>) -> (SimdLevel, Option<String>) {
+    match forced {
+        Some("scalar") => (SimdLevel::Scalar, None),
+        _ if !avx2 => (
+            SimdLevel::Scalar,
+            Some(format!(
+                "this CPU ({}) has no AVX2/FMA/F16C: Hanlin runs its portable kernels, several times slower",
+                std::env::consts::ARCH
+            )),
+        ),
+        Some("avx2") => (SimdLevel::Avx2, None),
+        _ if vnni => (SimdLevel::Avx2Vnni, None),
+        _ => (SimdLevel::Avx2, None),
+    }
 }
 
 macro_rules! scalar32 {
@@ -1099,6 +1116,24 @@ mod avx2 {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn a_cpu_without_avx2_gets_the_portable_kernels_and_a_notice() {
+        use super::{choose, SimdLevel};
+        let (level, notice) = choose(false, false, None);
+        assert_eq!(level, SimdLevel::Scalar);
+        assert!(notice.is_some_and(|n| n.contains("portable")));
+        // Asked for, the portable path is not news.
+        assert_eq!(
+            choose(true, true, Some("scalar")),
+            (SimdLevel::Scalar, None)
+        );
+        assert_eq!(choose(true, true, None), (SimdLevel::Avx2Vnni, None));
+        assert_eq!(choose(true, true, Some("avx2")), (SimdLevel::Avx2, None));
+        assert_eq!(choose(true, false, None), (SimdLevel::Avx2, None));
+        // HANLIN_SIMD=avx2 cannot conjure AVX2.
+        assert_eq!(choose(false, false, Some("avx2")).0, SimdLevel::Scalar);
+    }
+
     use super::*;
     use rand::{Rng, SeedableRng};
 

@@ -10,6 +10,7 @@ history: TTFT relative to the first turn).
     python3 bench/serve_load.py --streams 4 --tokens 64
     LLAMA_SERVER=/path/to/llama-server python3 bench/serve_load.py
     python3 bench/serve_load.py --baseline /tmp/old/hanlin --no-llama   # before/after, one run
+    python3 bench/serve_load.py --no-llama --prefill  # + a long prompt's prefill rate: server vs `hanlin bench`
 
 `--baseline BIN` measures a second `hanlin` binary (built from an earlier
 commit, say) the same way in the same run, and prints new / baseline ratios.
@@ -156,6 +157,24 @@ def prefix_check(base, key, model):
     return first["ttft"], second["ttft"]
 
 
+def prefill_rate(base, key, model, reps=3):
+    """A ~2,700-token prompt through the server (the scheduler's chunked
+    prefill, `max_tokens` 1): its length and the median prompt tok/s."""
+    rates, n = [], 0
+    for rep in range(reps):
+        notes = "\n".join(f"{i}. {TOPICS[i % len(TOPICS)]} is a topic ({rep}) we discussed at length, covering "
+                          "many details." for i in range(110))
+        body = json.dumps({"model": model, "max_tokens": 1, "messages": [
+            {"role": "user", "content": "Here are my notes:\n" + notes + "\nSummarise them in one sentence."}]}).encode()
+        req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={
+            "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        t = time.perf_counter()
+        r = json.loads(urllib.request.urlopen(req, timeout=600).read())
+        n = r["usage"]["prompt_tokens"]
+        rates.append(n / (time.perf_counter() - t))
+    return n, statistics.median(rates)
+
+
 def start_hanlin(binary, model, threads, port, tmp):
     env = dict(os.environ, HANLIN_DATABASE_URL=f"sqlite://{tmp}/bench.db", HANLIN_LOG="warn")
     key = subprocess.run([str(binary), "admin", "key", "create", "--user", "bench", "--plan", "plus"],
@@ -176,6 +195,8 @@ def measure_hanlin(binary, name, args, rows):
             run_load(base, key, args.model, 1, 8)  # warm-up (loads the model)
             rows[name, 1] = median_load(base, key, args.model, 1, args.tokens, args.reps)
             rows[name, args.streams] = median_load(base, key, args.model, args.streams, args.tokens, args.reps)
+            if args.prefill and name == "hanlin":
+                rows["prefill"] = prefill_rate(base, key, args.model)
             return prefix_check(base, key, args.model)
         finally:
             proc.terminate()
@@ -204,6 +225,9 @@ def main():
     ap.add_argument("--baseline", type=Path,
                     help="another hanlin binary (an earlier build) to measure in the same run")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
+    ap.add_argument("--prefill", action="store_true",
+                    help="also: a long prompt's prefill rate through the server against `hanlin bench` on "
+                         "the same number of tokens")
     args = ap.parse_args()
     if not HANLIN.exists():
         subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
@@ -250,6 +274,13 @@ def main():
                   f"TTFT p50 {h['ttft_p50']:.2f}s vs {b['ttft_p50']:.2f}s")
         print(f"baseline prefix cache: second-turn TTFT {b2:.3f}s vs first turn {b1:.3f}s = {b2 / b1:.0%}")
     print(f"prefix cache: second-turn TTFT {t2:.3f}s vs first turn {t1:.3f}s = {t2 / t1:.0%}")
+    if args.prefill:
+        n, served = rows["prefill"]
+        out = subprocess.run([str(HANLIN), "bench", args.model, "-p", str(n), "-n", "1", "-r", "2", "-t",
+                              str(args.threads), "--json"], check=True, capture_output=True, text=True).stdout
+        bench = json.loads(out.strip().splitlines()[-1])["prefill_tok_s"]
+        print(f"prefill of {n} tokens: {served:.1f} tok/s through the server, {bench:.1f} tok/s in hanlin bench "
+              f"= {served / bench:.2f}x")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ async function startServer(port) {
 }
 
 const results = [];
+// The main page, for the picture and state a failed step leaves behind.
+let failPage = null;
+
 async function step(name, fn) {
   const t0 = Date.now();
   try {
@@ -62,6 +65,20 @@ async function step(name, fn) {
     console.log(results[results.length - 1]);
   } catch (e) {
     console.log(`FAIL ${name}: ${e.stack || e}`);
+    // What the page showed when the step failed, for whoever reads the log.
+    const page = failPage;
+    if (page) {
+      await shot(page, "failed").catch(() => {});
+      const seen = await page
+        .evaluate(() => ({
+          notice: document.querySelector("#notice")?.textContent,
+          stopShown: !document.querySelector("#stop")?.hidden,
+          input: document.querySelector("#input")?.value.slice(0, 80),
+          last: [...document.querySelectorAll(".msg")].slice(-2).map((m) => `${m.className} ${m.dataset.status || ""}: ${m.textContent.slice(0, 120)}`),
+        }))
+        .catch((err) => String(err));
+      console.log("page at failure:", JSON.stringify(seen));
+    }
     throw e;
   }
 }
@@ -132,6 +149,7 @@ let exitCode = 0;
 try {
   const ctx = await browser.newContext({ locale: "zh-CN", viewport: { width: 1280, height: 860 }, acceptDownloads: true });
   const page = await ctx.newPage();
+  failPage = page;
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(String(e)));
   page.on("dialog", (d) => d.accept(d.type() === "prompt" ? "改过的标题 Renamed" : undefined));
@@ -650,6 +668,8 @@ try {
 
   await step("a server restart during a stream: the page recovers, the partial reply is kept", async () => {
     await setParams(page, { maxTokens: 600, temperature: 0.7 });
+    // No reply still streaming from an earlier step.
+    await page.waitForFunction(() => document.querySelector("#stop").hidden, null, { timeout: 60000 });
     await sendMessage(page, "请详细介绍唐诗的发展历史，越长越好。");
     // Wait until the server has saved some of the reply (it saves every second).
     await page.waitForFunction(() => {

@@ -188,6 +188,10 @@ impl Kokoro {
             .map_err(|e| ort_err(e.to_string()))?
             .with_inter_threads(1)
             .map_err(|e| ort_err(e.to_string()))?
+            // Its threads sleep between runs: the chat engine's pool needs
+            // the cores.
+            .with_intra_op_spinning(false)
+            .map_err(|e| ort_err(e.to_string()))?
             .commit_from_file(model)
             .map_err(|e| SpeechError::Model(format!("Kokoro {}: {e}", model.display())))?;
         Ok(Self {

@@ -57,11 +57,11 @@ impl Speech {
     /// The synthesiser, made on first use: espeak-ng, with Kokoro when it
     /// is pulled (a Kokoro that fails to load is logged and left out).
     async fn synth(&self) -> AppResult<Arc<hanlin_speech::tts::Synth>> {
-        let home = self.store.home().to_path_buf();
-        let threads = self.threads;
-        let kokoro = self.has_kokoro();
         self.synth
-            .get_or_try_init(|| async move {
+            .get_or_try_init(|| async {
+                let home = self.store.home().to_path_buf();
+                let threads = self.threads;
+                let kokoro = self.has_kokoro();
                 tokio::task::spawn_blocking(move || {
                     let synth = hanlin_speech::tts::Synth::find()?;
                     if !kokoro {
@@ -90,7 +90,7 @@ impl Speech {
     }
 
     /// Kokoro and its runtime are in the store.
-    fn has_kokoro(&self) -> bool {
+    pub(crate) fn has_kokoro(&self) -> bool {
         self.store
             .path_of(hanlin_store::KOKORO_MODEL)
             .is_ok_and(|p| p.is_some())

@@ -74,9 +74,9 @@ impl Voices {
         Ok(Self { packs, vocab })
     }
 
-    /// The voice packs' names, sorted.
-    pub fn names(&self) -> Vec<&str> {
-        self.packs.iter().map(|(n, _)| n.as_str()).collect()
+    /// `c` is a symbol of the model's vocabulary (one token).
+    pub fn knows(&self, c: char) -> bool {
+        self.vocab.contains_key(&c)
     }
 
     /// Phonemes as the model's token ids (symbols outside its vocabulary

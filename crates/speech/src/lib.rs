@@ -87,7 +87,8 @@ pub fn load_recognizer(
 }
 
 /// Kokoro ([`kokoro`]) from the store — the model, its voice packs and
-/// vocabulary, and ONNX Runtime — pulled first when it is not there.
+/// vocabulary, and ONNX Runtime — pulled first when any of them is not
+/// there (a pull of what is complete fetches nothing).
 pub fn load_kokoro(
     store: &hanlin_store::Store,
     threads: usize,
@@ -95,28 +96,21 @@ pub fn load_kokoro(
 ) -> Result<kokoro::Kokoro, SpeechError> {
     let name = hanlin_store::KOKORO_MODEL;
     let store_err = |e: hanlin_store::StoreError| SpeechError::Model(format!("{name}: {e}"));
-    let find = || -> Result<_, SpeechError> {
-        Ok(
-            match (
-                store.path_of(name).map_err(store_err)?,
-                store.file_of(name, "voices.npz").map_err(store_err)?,
-                store.file_of(name, "vocab.json").map_err(store_err)?,
-                store.runtime_path(&hanlin_store::ONNXRUNTIME),
-            ) {
-                (Some(m), Some(v), Some(t), Some(r)) => Some((m, v, t, r)),
-                _ => None,
-            },
-        )
+    store.pull(name, progress).map_err(store_err)?;
+    let incomplete = || SpeechError::Model(format!("{name} is incomplete in the store"));
+    let file = |f: &str| {
+        store
+            .file_of(name, f)
+            .map_err(store_err)?
+            .ok_or_else(incomplete)
     };
-    let found = match find()? {
-        Some(f) => Some(f),
-        None => {
-            store.pull(name, progress).map_err(store_err)?;
-            find()?
-        }
-    };
-    let (model, voices, vocab, runtime) =
-        found.ok_or_else(|| SpeechError::Model(format!("{name} is incomplete in the store")))?;
-    let voices = kokoro::Voices::load(&voices, &vocab)?;
+    let model = store
+        .path_of(name)
+        .map_err(store_err)?
+        .ok_or_else(incomplete)?;
+    let runtime = store
+        .runtime(&hanlin_store::ONNXRUNTIME, progress)
+        .map_err(store_err)?;
+    let voices = kokoro::Voices::load(&file("voices.npz")?, &file("vocab.json")?)?;
     kokoro::Kokoro::load(&runtime, &model, voices, threads)
 }

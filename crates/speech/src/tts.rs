@@ -178,7 +178,7 @@ impl Synth {
                 .as_ref()
                 .ok_or_else(|| SpeechError::Model("the Kokoro voice is not loaded".into()))?;
             let ps = self.kokoro_phonemes(sentence)?;
-            for piece in pieces(&ps, |p| k.voices.tokens(p).len(), MAX_TOKENS) {
+            for piece in pieces(&ps, |c| k.voices.knows(c), MAX_TOKENS) {
                 let samples =
                     k.synthesize(&k.voices.tokens(&piece), v.pack, speed.clamp(0.5, 2.0))?;
                 if visemes {
@@ -310,19 +310,23 @@ fn add_cues(cues: &mut Vec<Cue>, before: &[f32], sounds: &[viseme::Mouth], sampl
     }
 }
 
-/// `text` cut into pieces of at most `max` units (as `len` counts them):
-/// after punctuation where it can, else between words, else anywhere.
-fn pieces(text: &str, len: impl Fn(&str) -> usize, max: usize) -> Vec<String> {
+/// `text` cut into pieces of at most `max` characters that `counts`
+/// (the rest ride along free): after punctuation where it can, else
+/// between words, else anywhere.
+fn pieces(text: &str, counts: impl Fn(char) -> bool, max: usize) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = text.trim();
-    while len(rest) > max {
-        // The longest prefix that fits, by characters.
-        let ends: Vec<usize> = rest
+    loop {
+        // Where the longest prefix that fits ends: at the counted
+        // character past `max`, if there is one.
+        let over = rest
             .char_indices()
-            .map(|(i, c)| i + c.len_utf8())
-            .take_while(|&e| len(&rest[..e]) <= max)
-            .collect();
-        let Some(&fit) = ends.last() else { break };
+            .filter(|&(_, c)| counts(c))
+            .nth(max)
+            .map(|(i, _)| i);
+        let Some(fit) = over.filter(|&i| i > 0) else {
+            break;
+        };
         let head = &rest[..fit];
         let cut = head
             .rfind(['.', '!', '?', ';', ',', ':'])
@@ -379,17 +383,18 @@ mod tests {
 
     #[test]
     fn long_phoneme_strings_are_cut_at_pauses_then_words() {
-        let count = |s: &str| s.chars().filter(|c| *c != ' ').count();
+        let counts = |c: char| c != ' ';
+        let count = |s: &str| s.chars().filter(|&c| counts(c)).count();
         let text = "aaaa bbbb, cccc dddd eeee. ffff";
-        let p = pieces(text, count, 12);
+        let p = pieces(text, counts, 12);
         assert_eq!(p, ["aaaa bbbb,", "cccc dddd", "eeee. ffff"]);
         assert!(p.iter().all(|x| count(x) <= 12));
         let long = "x".repeat(30);
-        let p = pieces(&long, count, 12);
+        let p = pieces(&long, counts, 12);
         assert_eq!(p.concat(), long);
         assert!(p.iter().all(|x| count(x) <= 12), "{p:?}");
-        assert_eq!(pieces("short", count, 12), ["short"]);
-        assert!(pieces("   ", count, 12).is_empty());
+        assert_eq!(pieces("short", counts, 12), ["short"]);
+        assert!(pieces("   ", counts, 12).is_empty());
     }
 
     #[test]

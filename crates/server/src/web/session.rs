@@ -274,11 +274,7 @@ pub async fn me(State(st): State<Arc<AppState>>, WebRead(s): WebRead) -> AppResu
         .collect::<Vec<_>>());
     v["looks"] = json!(super::voice::LOOKS);
     // Kokoro is pulled: the voice mode offers its natural voice.
-    v["natural_voice"] = json!(st
-        .speech
-        .model_names()
-        .iter()
-        .any(|m| m == hanlin_store::KOKORO_MODEL));
+    v["natural_voice"] = json!(st.speech.has_kokoro());
     Ok(Json(v))
 }
 

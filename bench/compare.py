@@ -31,14 +31,15 @@ def run(cmd, env=None):
     return out.decode()
 
 
-def run_rss(cmd, env=None):
-    """Run cmd, return (stdout, peak RSS bytes)."""
+def run_rss(cmd, env=None, stderr=False):
+    """Run cmd, return (stdout, peak RSS bytes); with stderr, stdout and
+    stderr together."""
     pid = os.fork()
     if pid == 0:
         fd = os.open(os.devnull, os.O_WRONLY)
         out = os.open("/tmp/.hanlin-bench.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, 1)
-        os.dup2(fd, 2)
+        os.dup2(out if stderr else fd, 2)
         os.execvpe(cmd[0], cmd, env or os.environ)
     _, status, ru = os.wait4(pid, 0)
     if status != 0:

@@ -39,6 +39,8 @@ pub(crate) struct FileSettings {
     pub files_dir: Option<PathBuf>,
     pub batch_parallel: Option<usize>,
     pub batch_keep_days: Option<u64>,
+    pub image_model: Option<String>,
+    pub image_keep_days: Option<u64>,
     pub replica_id: Option<String>,
     pub replica_lease_secs: Option<u64>,
     pub drain_secs: Option<u64>,
@@ -227,6 +229,18 @@ impl FileSettings {
             "batch_keep_days",
             &mut a.batch_keep_days,
             self.batch_keep_days,
+        );
+        fill(
+            m,
+            "image_model",
+            &mut a.image_model,
+            self.image_model.map(Some),
+        );
+        fill(
+            m,
+            "image_keep_days",
+            &mut a.image_keep_days,
+            self.image_keep_days,
         );
         fill(
             m,

@@ -6,6 +6,7 @@ mod batch;
 mod bench;
 mod chat;
 mod config;
+mod image;
 mod kb;
 mod models;
 mod speech;
@@ -93,7 +94,7 @@ enum Cmd {
         path: bool,
     },
     /// Serve the OpenAI-compatible API (continuous batching, keys, quotas)
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// (internal) Extract one untrusted file and print its documents as
     /// JSON: the child process `kb add` and the server read files in
     #[command(hide = true)]
@@ -102,6 +103,8 @@ enum Cmd {
     Transcribe(speech::TranscribeArgs),
     /// Text to speech (espeak-ng; Chinese read from pinyin), as a WAV file
     Say(speech::SayArgs),
+    /// Text to image with a Stable Diffusion pipeline, as a PNG file
+    Image(image::ImageArgs),
     /// Batches on a running server: submit a JSONL file, follow, cancel, fetch results
     Batch(batch::BatchArgs),
     /// Articles from rows of data (CSV, JSONL, JSON) and a template, in
@@ -231,6 +234,13 @@ struct ServeArgs {
     /// Days a finished batch's output and error files are kept
     #[arg(long, default_value_t = 7)]
     batch_keep_days: u64,
+    /// The image model for /v1/images (and OpenAI's dall-e-*/gpt-image-*
+    /// names): a pulled diffusers pipeline (default: the first one pulled)
+    #[arg(long)]
+    image_model: Option<String>,
+    /// Days images answered by URL are kept
+    #[arg(long, default_value_t = 7)]
+    image_keep_days: u64,
     /// This replica's id among servers sharing one database (default: the
     /// host name and port)
     #[arg(long, env = "HANLIN_REPLICA_ID")]
@@ -450,7 +460,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             Ok(())
         }
         Cmd::Show { model, path: false } => show(&store, &model),
-        Cmd::Serve(args) => serve(&store, threads, args),
+        Cmd::Serve(args) => serve(&store, threads, *args),
         Cmd::Kb { cmd } => kb::run(&store, threads, cmd),
         Cmd::Feed { cmd } => kb::feed(&store, threads, cmd),
         Cmd::Train { cmd } => train::run(&store, threads, cmd),
@@ -472,6 +482,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
         Cmd::Batch(a) => batch::run(a),
         Cmd::Transcribe(a) => speech::transcribe(&store, threads, a),
         Cmd::Say(a) => speech::say(&store, threads, a),
+        Cmd::Image(a) => image::run(&store, threads, a),
         Cmd::Write(a) => write::run(&store, threads, a),
         Cmd::Admin { mut db, cmd } => {
             if db.database_url.is_none() {
@@ -559,6 +570,8 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
             .unwrap_or_else(|| kb::root(store).with_file_name("files")),
         batch_parallel: a.batch_parallel,
         batch_keep: std::time::Duration::from_secs(a.batch_keep_days.saturating_mul(86_400)),
+        image_model: a.image_model.clone(),
+        image_keep: std::time::Duration::from_secs(a.image_keep_days.saturating_mul(86_400)),
         feed_allow: a.feed_allow.clone(),
         signup: a.signup,
         allowed_hosts: a.allowed_hosts.clone(),

@@ -281,3 +281,65 @@ fn speculative_decoding_from_the_command_line() {
         "{err}"
     );
 }
+
+#[test]
+fn image_writes_a_png_that_its_seed_reproduces() {
+    let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/tests/data/tiny-sd");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let tiny = tiny.display().to_string();
+    let args = |o: &str, seed: &str| {
+        vec![
+            "image".to_string(),
+            "画一只在西湖边的猫".into(),
+            "-m".into(),
+            tiny.clone(),
+            "--size".into(),
+            "32x48".into(),
+            "--steps".into(),
+            "3".into(),
+            "--seed".into(),
+            seed.into(),
+            "-o".into(),
+            o.into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        hanlin(&a)
+    };
+    let o = run(args(&out("a.png"), "5"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("seed 5"), "{}", text(&o.stderr));
+    let a = std::fs::read(out("a.png")).expect("a PNG");
+    assert_eq!(&a[1..4], b"PNG");
+    let o = run(args(&out("b.png"), "5"));
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read(out("b.png")).expect("PNG"),
+        a,
+        "same seed, same image"
+    );
+    // Bad input: a clear error, nothing written.
+    let mut bad = args(&out("c.png"), "5");
+    bad[5] = "30x30".into();
+    let o = run(bad);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("multiple of 4"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!dir.path().join("c.png").exists());
+    let o = run(vec![
+        "image".into(),
+        "a cat".into(),
+        "-m".into(),
+        dir.path().display().to_string(),
+    ]);
+    assert!(
+        text(&o.stderr).contains("not a diffusion model"),
+        "{}",
+        text(&o.stderr)
+    );
+}

@@ -238,26 +238,7 @@ impl Encoder {
     }
 }
 
-/// `x = LayerNorm(x + y)` row by row (`y` absent: `LayerNorm(x)`).
-pub(crate) fn layer_norm(x: &mut [f32], y: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32) {
-    let h = w.len();
-    for (i, row) in x.chunks_exact_mut(h).enumerate() {
-        if let Some(y) = y {
-            ops::add_inplace(row, &y[i * h..(i + 1) * h]);
-        }
-        let mean = row.iter().sum::<f32>() / h as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for ((r, w), b) in row.iter_mut().zip(w).zip(b) {
-            *r = (*r - mean) * inv * w + b;
-        }
-    }
-}
-
-/// GELU with the exact error function, as BERT models and Whisper use it.
-pub(crate) fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
+pub(crate) use hanlin_kernels::linear::{gelu_erf, layer_norm};
 
 #[cfg(test)]
 mod tests {

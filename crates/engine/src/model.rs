@@ -1136,19 +1136,7 @@ fn glu_par(pool: &ThreadPool, g: &mut [f32], u: &[f32], act: ops::Act) {
     });
 }
 
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: used only for disjoint writes from pool threads.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// Safety: `[off, off + len)` is in bounds and written by no other thread.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(off), len)
-    }
-}
+pub(crate) use hanlin_kernels::pool::SendPtr;
 
 /// f16 conversions for attention: portable, or (`F16C`, only inside a
 /// function compiled with that feature) eight lanes at a time. Both are

@@ -15,17 +15,13 @@
 //! quantized matrix product as the chat models; norms, biases and
 //! positions stay f32.
 
-use crate::encoder::{gelu_erf, layer_norm};
-use crate::model::SendPtr;
 use crate::EngineError;
 use hanlin_formats::ct2::Ct2File;
-use hanlin_formats::GgmlType;
-use hanlin_kernels::attn::{self, HeadKv};
-use hanlin_kernels::kpack;
-use hanlin_kernels::matmul::{matmul, Activations, QMat};
+use hanlin_kernels::attn;
+use hanlin_kernels::linear::{gelu_erf, layer_norm};
 use hanlin_kernels::ops;
+use hanlin_kernels::pool::SendPtr;
 use hanlin_kernels::pool::ThreadPool;
-use hanlin_kernels::quant::quantize_row_q8_0;
 
 /// Hyper-parameters, read from the variables' shapes.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,63 +41,7 @@ pub struct WhisperConfig {
 
 const EPS: f32 = 1e-5;
 
-/// A linear layer: Q8_0 weights (`rows × cols`, `cols` a multiple of 32)
-/// and an f32 bias.
-struct Lin {
-    w: Vec<u8>,
-    rows: usize,
-    cols: usize,
-    packed: bool,
-    b: Vec<f32>,
-}
-
-impl Lin {
-    /// From f32 weights `rows × cols0`; columns are padded with zeros to a
-    /// multiple of 32.
-    fn new(w: &[f32], rows: usize, cols0: usize, b: Vec<f32>) -> Self {
-        let cols = cols0.div_ceil(32) * 32;
-        let mut data = Vec::with_capacity(GgmlType::Q8_0.row_bytes(cols) * rows);
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            row[..cols0].copy_from_slice(&w[r * cols0..(r + 1) * cols0]);
-            data.extend(quantize_row_q8_0(&row));
-        }
-        let packed = rows.is_multiple_of(8) && kpack::packs(GgmlType::Q8_0);
-        if packed {
-            kpack::pack(GgmlType::Q8_0, &mut data, rows, cols);
-        }
-        Self {
-            w: data,
-            rows,
-            cols,
-            packed,
-            b,
-        }
-    }
-
-    fn mat(&self) -> QMat<'_> {
-        QMat {
-            ty: GgmlType::Q8_0,
-            data: &self.w,
-            rows: self.rows,
-            cols: self.cols,
-            packed: self.packed,
-        }
-    }
-
-    /// `out = x·Wᵀ + b` for the rows of `x` (`cols` each).
-    fn apply(&self, pool: &ThreadPool, x: &[f32], out: &mut Vec<f32>) {
-        let n = x.len() / self.cols;
-        out.clear();
-        out.resize(n * self.rows, 0.0);
-        matmul(pool, &self.mat(), &Activations::new(x, self.cols), out);
-        if !self.b.is_empty() {
-            for row in out.chunks_exact_mut(self.rows) {
-                ops::add_inplace(row, &self.b);
-            }
-        }
-    }
-}
+use hanlin_kernels::linear::Linear as Lin;
 
 struct Norm {
     g: Vec<f32>,
@@ -533,34 +473,19 @@ fn encoder_attention(
     ctx: &mut [f32],
 ) {
     let hd = d / heads;
-    // Laying out the keys and values is a copy, small beside the products.
-    let kvs: Vec<HeadKv> = (0..heads)
-        .map(|h| HeadKv::new(&qkv[d..], &qkv[2 * d..], 3 * d, h * hd, n, hd))
-        .collect();
-    let blocks = n.div_ceil(8);
-    let dst = SendPtr(ctx.as_mut_ptr());
     let scale = 1.0 / (hd as f32).sqrt();
-    pool.for_chunks(heads * blocks, 1, &|r| {
-        let mut scratch = Vec::new();
-        for job in r {
-            let (h, b) = (job / blocks, job % blocks);
-            let i0 = b * 8;
-            let nq = (n - i0).min(8);
-            // SAFETY: this job alone writes rows i0..i0+nq of head h's
-            // columns; the slice spans from its first to its last value.
-            let out = unsafe { dst.slice(i0 * d + h * hd, (nq - 1) * d + hd) };
-            attn::attend_block(
-                &kvs[h],
-                &qkv[i0 * 3 * d + h * hd..],
-                3 * d,
-                nq,
-                scale,
-                out,
-                d,
-                &mut scratch,
-            );
-        }
-    });
+    attn::dense(
+        pool,
+        heads,
+        hd,
+        qkv,
+        3 * d,
+        (&qkv[d..], &qkv[2 * d..], 3 * d),
+        n,
+        n,
+        scale,
+        ctx,
+    );
 }
 
 #[derive(Clone, Copy)]

@@ -67,6 +67,8 @@ pub enum Endpoint {
     Translations,
     /// Text to speech (`/v1/audio/speech`).
     Speech,
+    /// Text to image (`/v1/images/generations`).
+    Images,
 }
 
 impl Endpoint {
@@ -83,6 +85,7 @@ impl Endpoint {
             Endpoint::Transcriptions => "transcriptions",
             Endpoint::Translations => "translations",
             Endpoint::Speech => "speech",
+            Endpoint::Images => "images",
         }
     }
 
@@ -113,6 +116,7 @@ impl Endpoint {
             Endpoint::Transcriptions => "trsc",
             Endpoint::Translations => "trsl",
             Endpoint::Speech => "tts",
+            Endpoint::Images => "img",
         }
     }
 }

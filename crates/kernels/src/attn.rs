@@ -7,6 +7,7 @@
 //! baseline, and chosen at run time.
 
 use crate::dot::{simd_level, SimdLevel};
+use crate::pool::{SendPtr, ThreadPool};
 
 /// One head's keys and values, laid out for [`attend_block`].
 pub struct HeadKv {
@@ -60,6 +61,59 @@ pub fn attend_block(
 ) {
     assert!(n_q <= 8, "attend_block: at most eight queries");
     block(kv, q, q_stride, n_q, scale, out, out_stride, scratch)
+}
+
+/// Multi-head attention without a mask: for each of `n_q` query rows of
+/// `q` (`q_stride` apart, head `h`'s `hd` values at `h * hd`) and each
+/// head, `softmax(scale · q·Kᵀ) · V` over the `n_kv` rows of `k` and `v`
+/// (`kv_stride` apart, heads laid out alike), written to `out` (`n_q` rows
+/// of `heads * hd`). Heads and blocks of eight queries are spread over the
+/// pool.
+#[allow(clippy::too_many_arguments)]
+pub fn dense(
+    pool: &ThreadPool,
+    heads: usize,
+    hd: usize,
+    q: &[f32],
+    q_stride: usize,
+    (k, v, kv_stride): (&[f32], &[f32], usize),
+    n_q: usize,
+    n_kv: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = heads * hd;
+    assert!(out.len() >= n_q * d, "attn::dense: output too small");
+    if n_q == 0 {
+        return;
+    }
+    // Laying out the keys and values is a copy, small beside the products.
+    let kvs: Vec<HeadKv> = (0..heads)
+        .map(|h| HeadKv::new(k, v, kv_stride, h * hd, n_kv, hd))
+        .collect();
+    let blocks = n_q.div_ceil(8);
+    let dst = SendPtr(out.as_mut_ptr());
+    pool.for_chunks(heads * blocks, 1, &|r| {
+        let mut scratch = Vec::new();
+        for job in r {
+            let (h, b) = (job / blocks, job % blocks);
+            let i0 = b * 8;
+            let nq = (n_q - i0).min(8);
+            // SAFETY: this job alone writes rows i0..i0+nq of head h's
+            // columns; the slice spans from its first to its last value.
+            let o = unsafe { dst.slice(i0 * d + h * hd, (nq - 1) * d + hd) };
+            attend_block(
+                &kvs[h],
+                &q[i0 * q_stride + h * hd..],
+                q_stride,
+                nq,
+                scale,
+                o,
+                d,
+                &mut scratch,
+            );
+        }
+    });
 }
 
 /// Scores of eight queries (`qs[d][i]`, already scaled) against sixteen
@@ -158,6 +212,66 @@ unsafe fn values64_avx2(pw: &[f32], v: &[f32], out: &mut [f32], out_stride: usiz
     }
 }
 
+/// `NC` chunks of eight dimensions from `d0` of the weighted values of four
+/// queries (any head size that is a multiple of eight).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values8_avx2<const NC: usize>(
+    pw: &[f32],
+    v: &[f32],
+    hd: usize,
+    d0: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    qn: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); NC]; 4];
+    for (s, ps) in pw.chunks_exact(4).enumerate() {
+        let vp = v.as_ptr().add(s * hd + d0);
+        let mut vr = [_mm256_setzero_ps(); NC];
+        for (c, x) in vr.iter_mut().enumerate() {
+            *x = _mm256_loadu_ps(vp.add(c * 8));
+        }
+        for (a, p) in acc.iter_mut().zip(ps) {
+            let pb = _mm256_set1_ps(*p);
+            for (x, vv) in a.iter_mut().zip(&vr) {
+                *x = _mm256_fmadd_ps(pb, *vv, *x);
+            }
+        }
+    }
+    for (j, a) in acc.iter().enumerate().take(qn) {
+        for (c, x) in a.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(j * out_stride + d0 + c * 8), *x);
+        }
+    }
+}
+
+/// The weighted values for head sizes that are a multiple of eight,
+/// 32 dimensions at a time.
+#[cfg(target_arch = "x86_64")]
+fn values_any(pw: &[f32], v: &[f32], hd: usize, out: &mut [f32], out_stride: usize, qn: usize) {
+    let mut d0 = 0;
+    while d0 < hd {
+        let left = (hd - d0) / 8;
+        // SAFETY: called only when the CPU has AVX2 and FMA; `v` holds rows
+        // of `hd` values and `out` `qn` rows `out_stride` apart.
+        unsafe {
+            match left {
+                4.. => values8_avx2::<4>(pw, v, hd, d0, out, out_stride, qn),
+                2 | 3 => values8_avx2::<2>(pw, v, hd, d0, out, out_stride, qn),
+                _ => values8_avx2::<1>(pw, v, hd, d0, out, out_stride, qn),
+            }
+        }
+        d0 += match left {
+            4.. => 32,
+            2 | 3 => 16,
+            _ => 8,
+        };
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn block(
     kv: &HeadKv,
@@ -248,6 +362,11 @@ fn block(
                 SimdLevel::Scalar => {}
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if hd.is_multiple_of(8) && level != SimdLevel::Scalar {
+            values_any(pw, &kv.v, hd, &mut out[i0 * out_stride..], out_stride, qn);
+            continue;
+        }
         for d0 in (0..hd).step_by(16) {
             let dn = (hd - d0).min(16);
             let mut acc = [[0f32; 16]; 4];
@@ -286,7 +405,15 @@ mod tests {
 
     #[test]
     fn matches_the_plain_formula() {
-        for (n, hd) in [(37, 24), (50, 64), (3, 64)] {
+        for (n, hd) in [
+            (37, 24),
+            (50, 64),
+            (3, 64),
+            (41, 40),
+            (20, 80),
+            (9, 160),
+            (5, 20),
+        ] {
             check(n, hd);
         }
     }

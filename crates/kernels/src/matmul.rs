@@ -66,6 +66,21 @@ impl<'a> Activations<'a> {
             q8k: OnceCell::new(),
         }
     }
+    /// Rows already quantized to 32-value blocks (`cols / 32` per row),
+    /// e.g. im2col rows built from a feature map quantized once. Only for
+    /// weights of a 32-element type.
+    pub fn from_q8(q8: Vec<BlockQ8>, cols: usize) -> Self {
+        let n_tok = (q8.len() * quant::QK).checked_div(cols).unwrap_or(0);
+        let cell = OnceCell::new();
+        let _ = cell.set(q8);
+        Self {
+            x: &[],
+            n_tok,
+            cols,
+            q8: cell,
+            q8k: OnceCell::new(),
+        }
+    }
     fn q8(&self, pool: &ThreadPool) -> &[BlockQ8] {
         self.q8
             .get_or_init(|| quantize_rows(pool, self.x, self.cols, quant::quantize_q8))
@@ -271,6 +286,10 @@ fn run_rows(
 pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     assert_eq!(w.cols, a.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
+    assert!(
+        !a.x.is_empty() || a.n_tok == 0 || (a.q8.get().is_some() && w.ty.block_size() == 32),
+        "matmul: pre-quantized activations need a 32-element weight type"
+    );
     let n_tok = a.n_tok;
     if w.packed {
         const WHY: &str = "a matrix is packed only where a kernel exists";

@@ -205,3 +205,20 @@ mod tests {
         assert_eq!(sum.load(Ordering::SeqCst), 999 * 1000 / 2);
     }
 }
+
+/// A raw pointer to an output buffer that pool threads fill in disjoint
+/// ranges.
+#[derive(Clone, Copy)]
+pub struct SendPtr(pub *mut f32);
+// SAFETY: used only for disjoint writes from pool threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// # Safety
+    /// `[off, off + len)` is in bounds and written by no other thread.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}

@@ -95,6 +95,7 @@ pub(crate) fn all_models(st: &AppState) -> Vec<(String, u64)> {
     let mut all = st.models.available();
     all.extend(st.upstreams.names().map(|n| (n.clone(), 0)));
     all.extend(st.speech.model_names().into_iter().map(|n| (n, 0)));
+    all.extend(st.images.model_names().into_iter().map(|n| (n, 0)));
     all
 }
 

@@ -384,6 +384,8 @@ pub async fn content(
     });
     let kind = if f.filename.ends_with(".jsonl") {
         "application/jsonl"
+    } else if f.filename.ends_with(".png") {
+        "image/png"
     } else {
         "application/octet-stream"
     };
@@ -409,7 +411,7 @@ pub async fn delete(
 }
 
 /// Remove a file's row, then its bytes.
-async fn remove(st: &AppState, id: &str) -> AppResult<()> {
+pub(crate) async fn remove(st: &AppState, id: &str) -> AppResult<()> {
     st.db.delete_file(id).await?;
     match tokio::fs::remove_file(path_of(st, id)).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(store_error(e)),

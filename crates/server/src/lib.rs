@@ -24,6 +24,7 @@ pub mod extract;
 pub mod files;
 pub mod grammar;
 pub mod guard;
+pub mod images;
 pub mod models;
 pub mod openai;
 pub mod search;
@@ -90,6 +91,11 @@ pub struct Config {
     pub batch_parallel: usize,
     /// How long a finished batch's output and error files are kept.
     pub batch_keep: std::time::Duration,
+    /// The image model OpenAI's image model names mean (default: the first
+    /// pulled one).
+    pub image_model: Option<String>,
+    /// How long images answered by URL are kept.
+    pub image_keep: std::time::Duration,
     /// WeChat accounts (`[wechat.NAME]`), served at `/wechat/NAME`.
     pub wechat: std::collections::BTreeMap<String, hanlin_channels::wechat::AccountConfig>,
     /// This replica's id among the servers on one database (`None`: the
@@ -133,6 +139,8 @@ impl Config {
             files_dir,
             batch_parallel: 12,
             batch_keep: std::time::Duration::from_secs(7 * 24 * 3600),
+            image_model: None,
+            image_keep: std::time::Duration::from_secs(7 * 24 * 3600),
             wechat: Default::default(),
             replica_id: None,
             replica_lease: std::time::Duration::from_secs(30),
@@ -175,6 +183,8 @@ pub struct AppState {
     pub embedders: hanlin_embed::Embedders,
     /// Speech recognition (Whisper), loaded on first use.
     pub speech: audio::Speech,
+    /// Image models; the pipeline loads on first use.
+    pub images: images::Images,
     pub config: Config,
     /// While the server has no admin: the one-time token the first web
     /// registration needs (printed on the console). Held locked while that
@@ -253,6 +263,12 @@ impl AppState {
                 .map_err(|e| ServerError::Model(e.to_string()))?,
             config.threads,
         );
+        let images = images::Images::new(
+            hanlin_store::Store::open(store.home())
+                .map_err(|e| ServerError::Model(e.to_string()))?,
+            config.threads,
+            config.image_model.clone(),
+        );
         let models = models::Models::new(
             store,
             config.threads,
@@ -284,6 +300,7 @@ impl AppState {
             kbs,
             embedders,
             speech,
+            images,
             setup_token: tokio::sync::Mutex::new(setup_token),
             throttle: guard::Throttle::default(),
             anon: guard::AnonLimit::new(config.unauthenticated_per_minute),
@@ -326,6 +343,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(web::delete_conversation),
         )
         .route("/api/conversations/{id}/messages", post(web::send_message))
+        .route(
+            "/api/conversations/{id}/images",
+            post(web::conversation_image),
+        )
         .route(
             "/api/conversations/{id}/export",
             get(web::export_conversation),
@@ -370,6 +391,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::max(audio::MAX_AUDIO_BYTES + (1 << 20))),
         )
         .route("/v1/audio/speech", post(audio::speech))
+        .route("/v1/images/generations", post(images::generations))
         .route(
             "/v1/audio/translations",
             post(audio::translations)

@@ -196,6 +196,7 @@ function showEmpty() {
   renderConvList();
   renderKbToggle();
   renderToolsToggle();
+  renderImageToggle();
 }
 
 function fillModelSelect(current) {
@@ -216,6 +217,7 @@ async function openConversation(id, focusMessage) {
   renderConvList();
   renderKbToggle();
   renderToolsToggle();
+  renderImageToggle();
   renderMessages();
   restoreDraft();
   document.body.classList.remove("sidebar-open");
@@ -290,6 +292,12 @@ function messageView(m) {
   if (m.status === "error") bar.append(el("span", { class: "tag error", text: t("errorReply") }));
   if (m.role === "user") {
     bar.append(el("button", { class: "link edit", text: t("edit"), onclick: () => startEdit(m, view) }));
+  } else if (m.role === "assistant" && imageUrl(m.content)) {
+    // A picture from image mode: download it, or draw the prompt again.
+    const prompt = state.byId.get(m.parent_id);
+    bar.append(
+      el("a", { class: "link download", text: t("download"), href: imageUrl(m.content), download: "hanlin-image.png" }),
+      el("button", { class: "link again", text: t("anotherSeed"), onclick: () => prompt && draw(prompt.content, prompt.parent_id || null) }));
   } else if (m.role === "assistant") {
     bar.append(
       el("button", { class: "link copy", text: t("copy"), onclick: (e) => copyText(m.content, e.target) }),
@@ -460,6 +468,97 @@ async function send(text, parentId, hooks = {}) {
     if (state.conv && state.conv.id === conv.id) renderMessages();
     loadConversations().catch(() => {});
   }
+}
+
+/** The image an image-mode reply shows (a stored file of this user), or null. */
+function imageUrl(content) {
+  const m = /!\[[^\]]*\]\((\/v1\/files\/[A-Za-z0-9_-]+\/content)\)/.exec(content || "");
+  return m ? m[1] : null;
+}
+
+/** Image mode: draw `prompt` into the conversation under `parentId`, showing the denoising as it goes. */
+async function draw(prompt, parentId) {
+  if (state.streaming) return;
+  notice("");
+  let conv;
+  try {
+    conv = await ensureConversation();
+  } catch (e) {
+    if (e.status !== 401) notice(e.message, "error");
+    return;
+  }
+  const controller = new AbortController();
+  state.streaming = { controller, replyId: null };
+  setStreamingUi(true);
+  let reply = null;
+  let pending = "";
+  try {
+    const r = await api("POST", `/api/conversations/${conv.id}/images`, { prompt, parent_id: parentId }, { raw: true, signal: controller.signal });
+    if ($("#input").value.trim() === prompt) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
+    const reader = r.body.getReader();
+    const dec = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      pending += dec.decode(value, { stream: true });
+      let cut;
+      while ((cut = pending.indexOf("\n\n")) >= 0) {
+        const chunk = pending.slice(0, cut);
+        pending = pending.slice(cut + 2);
+        const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+        if (!data) continue;
+        const ev = JSON.parse(data);
+        if (ev.type === "user" && ev.message) {
+          addMessage(ev.message);
+        } else if (ev.type === "assistant") {
+          reply = ev.message;
+          state.streaming.replyId = reply.id;
+          addMessage(reply);
+          renderMessages();
+        } else if (ev.type === "progress" && reply) {
+          const body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+          if (body) {
+            const bar = el("progress", { max: ev.steps, value: ev.step });
+            body.replaceChildren(el("img", { class: "preview", src: ev.preview, alt: "" }), el("div", { class: "muted small", text: t("drawing", { i: ev.step, n: ev.steps }) }), bar);
+            scrollToEnd();
+          }
+        } else if (ev.type === "done" && reply) {
+          reply.status = ev.status;
+          if (typeof ev.content === "string") reply.content = ev.content;
+        } else if (ev.type === "error" && reply) {
+          reply.status = "error";
+          notice(ev.message, "error");
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") {
+      if (reply) reply.status = "incomplete";
+    } else if (e instanceof ApiError) {
+      if (e.status === 401) sessionExpired(); else notice(e.message, "error");
+    } else {
+      if (reply) reply.status = "incomplete";
+      reconnect(conv.id);
+    }
+  } finally {
+    state.streaming = null;
+    setStreamingUi(false);
+    if (state.conv && state.conv.id === conv.id) renderMessages();
+    loadConversations().catch(() => {});
+  }
+}
+
+function renderImageToggle() {
+  const b = $("#toggle-image");
+  const model = state.me && state.me.image_model;
+  b.hidden = !model;
+  if (!model) state.imageMode = false;
+  const on = !!state.imageMode;
+  b.replaceChildren(el("span", { class: "kb-icon", "aria-hidden": "true", text: "🎨" }), el("span", { class: "kb-label", text: on ? t("imageOn") : t("imageOff") }));
+  b.title = t("imageHelp", { model: model || "" });
+  b.setAttribute("aria-pressed", on ? "true" : "false");
+  b.classList.toggle("on", on);
+  $("#input").placeholder = on ? t("imagePlaceholder") : t("messagePlaceholder");
 }
 
 function addMessage(m) {
@@ -1009,7 +1108,8 @@ function wire() {
     const text = $("#input").value.trim();
     if (!text) return;
     const path = currentPath();
-    send(text, path.length ? path[path.length - 1].id : null);
+    const parent = path.length ? path[path.length - 1].id : null;
+    if (state.imageMode) draw(text, parent); else send(text, parent);
   });
   $("#input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("#composer").requestSubmit(); }
@@ -1046,6 +1146,7 @@ function wire() {
   $("#open-kb").addEventListener("click", openKb);
   $("#mcp-add").addEventListener("click", addMcp);
   $("#toggle-tools").addEventListener("click", () => toggleTools().catch((e) => notice(e.message, "error")));
+  $("#toggle-image").addEventListener("click", () => { state.imageMode = !state.imageMode; renderImageToggle(); $("#input").focus(); });
   $("#kb-create").addEventListener("click", () => kbAction(async () => {
     const name = $("#kb-new-name").value.trim();
     if (!name) return;

@@ -19,6 +19,8 @@ pub enum Source {
     },
     /// A file in a Hugging Face repository.
     HuggingFace(HfFile),
+    /// A diffusers pipeline: the files it needs from a repository.
+    HuggingFaceRepo(crate::hf::HfRepo),
 }
 
 impl Source {
@@ -26,6 +28,7 @@ impl Source {
         match self {
             Source::Pip { packages, .. } => format!("pip:{}", packages.join("+")),
             Source::HuggingFace(f) => format!("hf:{}/{}@{}", f.repo, f.path, f.revision),
+            Source::HuggingFaceRepo(r) => format!("hf:{}@{}", r.repo, r.revision),
         }
     }
 }

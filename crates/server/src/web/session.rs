@@ -275,6 +275,8 @@ pub async fn me(State(st): State<Arc<AppState>>, WebRead(s): WebRead) -> AppResu
     v["looks"] = json!(super::voice::LOOKS);
     // Kokoro is pulled: the voice mode offers its natural voice.
     v["natural_voice"] = json!(st.speech.has_kokoro());
+    // An image model is there: the composer offers image mode.
+    v["image_model"] = json!(st.images.default_name());
     Ok(Json(v))
 }
 

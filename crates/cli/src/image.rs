@@ -1,0 +1,132 @@
+//! `hanlin image`: text to PNG with a Stable Diffusion pipeline.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hanlin_image::{Pipeline, Request, Sampler};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ImageArgs {
+    /// What to draw
+    prompt: String,
+    /// Write the PNG here (several images: NAME-2.png, NAME-3.png, …)
+    #[arg(long, short = 'o', default_value = "image.png")]
+    output: PathBuf,
+    /// Image model: a diffusers directory, a pulled model, or
+    /// hf:owner/repo (default: the first pulled image model)
+    #[arg(long, short = 'm')]
+    model: Option<String>,
+    /// What the image should not show
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// WIDTHxHEIGHT in pixels (multiples of 64 for Stable Diffusion)
+    #[arg(long, default_value = "512x512")]
+    size: String,
+    /// Denoising steps (1–4 for Turbo models)
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale (0 or 1: off, as Turbo models want)
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// Sampler: euler, euler_a, ddim
+    #[arg(long, default_value = "euler")]
+    sampler: String,
+    /// Seed (the same seed, prompt and settings give the same image;
+    /// default: a new one, printed)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How many images (seeds SEED, SEED+1, …)
+    #[arg(long, short = 'n', default_value_t = 1)]
+    count: usize,
+}
+
+fn parse_size(s: &str) -> Option<(usize, usize)> {
+    let (w, h) = s.split_once(['x', 'X', '×'])?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
+pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<()> {
+    let Some((width, height)) = parse_size(&a.size) else {
+        bail!("--size must be WIDTHxHEIGHT, e.g. 512x512");
+    };
+    let sampler = Sampler::parse(&a.sampler).with_context(|| {
+        format!(
+            "unknown sampler {:?} (use one of {})",
+            a.sampler,
+            Sampler::NAMES.join(", ")
+        )
+    })?;
+    if !(1..=16).contains(&a.count) {
+        bail!("--count must be from 1 to 16");
+    }
+    let dir = hanlin_image::locate(store, a.model.as_deref(), true)?;
+    let t0 = std::time::Instant::now();
+    let pipe =
+        Pipeline::load(&dir, threads).with_context(|| format!("loading {}", dir.display()))?;
+    eprintln!(
+        "loaded {} in {:.1} s",
+        dir.display(),
+        t0.elapsed().as_secs_f32()
+    );
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000_000)
+            .unwrap_or(0)
+    });
+    for i in 0..a.count {
+        let mut r = Request::new(&a.prompt);
+        r.negative = a.negative.clone();
+        (r.width, r.height) = (width, height);
+        r.steps = a.steps;
+        r.guidance = a.guidance;
+        r.sampler = sampler;
+        r.seed = seed + i as u64;
+        let dropped = pipe
+            .tokenizer()
+            .token_count(&r.prompt)?
+            .saturating_sub(pipe.tokenizer().max_len - 2);
+        if dropped > 0 {
+            eprintln!("note: the text encoder reads 75 tokens; the last {dropped} tokens of the prompt are ignored");
+        }
+        let pb = indicatif::ProgressBar::new(a.steps as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] step {pos}/{len} {elapsed_precise} (~{eta} left)",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb.set_message(format!("seed {}", r.seed));
+        let t = std::time::Instant::now();
+        let img = pipe.generate(&r, &mut |p| {
+            pb.set_position(p.step as u64);
+            if p.step == p.steps {
+                pb.set_message("decoding".to_string());
+            }
+            true
+        })?;
+        pb.finish_and_clear();
+        let out = if i == 0 {
+            a.output.clone()
+        } else {
+            let stem = a
+                .output
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("image");
+            a.output.with_file_name(format!("{stem}-{}.png", i + 1))
+        };
+        std::fs::write(&out, img.png()).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!(
+            "{} ({}×{}, seed {}, {} steps, {:.1} s)",
+            out.display(),
+            img.width,
+            img.height,
+            r.seed,
+            r.steps,
+            t.elapsed().as_secs_f32()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! CLIP's text side: the BPE tokenizer (lower-cased, byte-level, words
+//! ending in `</w>`, built with the `tokenizers` crate from a diffusers
+//! directory's `vocab.json` and `merges.txt`) and `CLIPTextModel`, whose
+//! last hidden state (after the final layer norm) conditions the UNet.
+
+use crate::nn::{self, apply_rows};
+use crate::weights::{read_config, Weights};
+use crate::{bad, ImageError};
+use hanlin_kernels::linear::{gelu_erf, layer_norm, Linear};
+use hanlin_kernels::ops;
+use hanlin_kernels::pool::ThreadPool;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// CLIP's pre-tokenizer pattern (special tokens, contractions, letter
+/// runs, single digits, other symbol runs).
+const PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+pub struct ClipTokenizer {
+    tok: tokenizers::Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    /// Ids per prompt, with the start and end tokens (77).
+    pub max_len: usize,
+}
+
+fn read_text(path: &Path) -> Result<String, ImageError> {
+    std::fs::read_to_string(path).map_err(|source| ImageError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl ClipTokenizer {
+    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+        let vocab_path = dir.join("vocab.json");
+        if !vocab_path.exists() && dir.join("tokenizer.json").exists() {
+            return Self::from_tokenizer_json(dir);
+        }
+        let vocab: serde_json::Map<String, Value> = serde_json::from_str(&read_text(&vocab_path)?)
+            .map_err(|e| bad(&vocab_path, format!("not a JSON object: {e}")))?;
+        let merges: Vec<String> = read_text(&dir.join("merges.txt"))?
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+        let config: Value = read_text(&dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let special = |key: &str, default: &str| -> String {
+            match config.get(key) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(o)) => o
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or(default)
+                    .to_owned(),
+                _ => default.to_owned(),
+            }
+        };
+        let id = |t: &str| -> Result<u32, ImageError> {
+            vocab
+                .get(t)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+                .ok_or_else(|| bad(&vocab_path, format!("no id for {t:?}")))
+        };
+        let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+        let pad = id(&special("pad_token", "<|endoftext|>"))?;
+        let max_len = config
+            .get("model_max_length")
+            .and_then(Value::as_u64)
+            .filter(|&n| (3..=512).contains(&n))
+            .unwrap_or(77) as usize;
+        let spec = json!({
+            "version": "1.0",
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "NFC"},
+                {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
+                {"type": "Lowercase"}]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Removed", "invert": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+                "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
+                "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": merges},
+        });
+        let tok = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
+            .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", dir.display())))?;
+        Ok(Self {
+            tok,
+            bos,
+            eos,
+            pad,
+            max_len,
+        })
+    }
+
+    /// A `tokenizer.json` (as newer transformers versions save a CLIP
+    /// tokenizer); its own post-processor is not used.
+    fn from_tokenizer_json(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join("tokenizer.json");
+        let mut tok = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?;
+        tok.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+        let id = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| bad(&path, format!("no id for {t:?}")))
+        };
+        let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+        Ok(Self {
+            tok,
+            bos,
+            eos,
+            pad: eos,
+            max_len: 77,
+        })
+    }
+
+    /// `max_len` ids: start, the prompt's tokens (cut to fit), end, padding.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ImageError> {
+        let enc = self
+            .tok
+            .encode(text, false)
+            .map_err(|e| ImageError::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(self.max_len);
+        ids.push(self.bos);
+        ids.extend(enc.get_ids().iter().take(self.max_len - 2));
+        ids.push(self.eos);
+        ids.resize(self.max_len, self.pad);
+        Ok(ids)
+    }
+
+    /// How many of the prompt's tokens fit (the rest is dropped).
+    pub fn token_count(&self, text: &str) -> Result<usize, ImageError> {
+        Ok(self
+            .tok
+            .encode(text, false)
+            .map_err(|e| ImageError::Tokenizer(e.to_string()))?
+            .len())
+    }
+}
+
+struct Layer {
+    ln1: (Vec<f32>, Vec<f32>),
+    qkv: [Linear; 3],
+    out: Linear,
+    ln2: (Vec<f32>, Vec<f32>),
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct TextEncoder {
+    tok_emb: Vec<f32>,
+    pos_emb: Vec<f32>,
+    layers: Vec<Layer>,
+    final_ln: (Vec<f32>, Vec<f32>),
+    vocab: usize,
+    pub dim: usize,
+    heads: usize,
+    max_pos: usize,
+    quick_gelu: bool,
+    eps: f32,
+}
+
+impl TextEncoder {
+    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+        let cfg = read_config(dir)?;
+        let w = Weights::open_dir(dir)?;
+        let num = |k: &str| cfg.get(k).and_then(Value::as_u64).map(|v| v as usize);
+        // transformers writes `text_model.` before every name; some tools
+        // leave it out.
+        let p = if w.has("text_model.embeddings.token_embedding.weight") {
+            "text_model."
+        } else {
+            ""
+        };
+        let emb_shape = w
+            .shape(&format!("{p}embeddings.token_embedding.weight"))?
+            .to_vec();
+        let pos_shape = w
+            .shape(&format!("{p}embeddings.position_embedding.weight"))?
+            .to_vec();
+        let (&[vocab, dim], &[max_pos, dim2]) = (&emb_shape[..], &pos_shape[..]) else {
+            return Err(bad(dir, "embedding shapes"));
+        };
+        let heads = num("num_attention_heads").unwrap_or(12);
+        if dim != dim2 || heads == 0 || !dim.is_multiple_of(heads) {
+            return Err(bad(dir, format!("width {dim}/{dim2} with {heads} heads")));
+        }
+        let eps = cfg
+            .get("layer_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5) as f32;
+        let act = cfg
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("quick_gelu");
+        let ln = |n: &str| -> Result<(Vec<f32>, Vec<f32>), ImageError> {
+            Ok((
+                w.vec(&format!("{n}.weight"), dim)?,
+                w.vec(&format!("{n}.bias"), dim)?,
+            ))
+        };
+        let n_layers = nn::count(&w, &format!("{p}encoder.layers"), "self_attn.q_proj.weight");
+        let mut layers = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let l = format!("{p}encoder.layers.{i}");
+            let lin = |n: &str| nn::linear(&w, &format!("{l}.{n}"));
+            layers.push(Layer {
+                ln1: ln(&format!("{l}.layer_norm1"))?,
+                qkv: [
+                    lin("self_attn.q_proj")?,
+                    lin("self_attn.k_proj")?,
+                    lin("self_attn.v_proj")?,
+                ],
+                out: lin("self_attn.out_proj")?,
+                ln2: ln(&format!("{l}.layer_norm2"))?,
+                fc1: lin("mlp.fc1")?,
+                fc2: lin("mlp.fc2")?,
+            });
+        }
+        if layers.is_empty() {
+            return Err(bad(dir, "no encoder layers"));
+        }
+        Ok(Self {
+            tok_emb: w.vec(
+                &format!("{p}embeddings.token_embedding.weight"),
+                vocab * dim,
+            )?,
+            pos_emb: w.vec(
+                &format!("{p}embeddings.position_embedding.weight"),
+                max_pos * dim,
+            )?,
+            final_ln: ln(&format!("{p}final_layer_norm"))?,
+            layers,
+            vocab,
+            dim,
+            heads,
+            max_pos,
+            quick_gelu: act == "quick_gelu",
+            eps,
+        })
+    }
+
+    /// The last hidden state for `ids` (`ids.len() × dim`).
+    pub fn forward(&self, pool: &ThreadPool, ids: &[u32]) -> Result<Vec<f32>, ImageError> {
+        let (n, d) = (ids.len(), self.dim);
+        if n > self.max_pos {
+            return Err(ImageError::Request(format!(
+                "{n} tokens for a text encoder of {} positions",
+                self.max_pos
+            )));
+        }
+        let mut x = Vec::with_capacity(n * d);
+        for (p, &t) in ids.iter().enumerate() {
+            let t = t as usize;
+            if t >= self.vocab {
+                return Err(ImageError::Tokenizer(format!(
+                    "token {t} outside the vocabulary"
+                )));
+            }
+            x.extend(
+                self.tok_emb[t * d..(t + 1) * d]
+                    .iter()
+                    .zip(&self.pos_emb[p * d..(p + 1) * d])
+                    .map(|(a, b)| a + b),
+            );
+        }
+        let hd = d / self.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for l in &self.layers {
+            let mut a = x.clone();
+            layer_norm(&mut a, None, &l.ln1.0, &l.ln1.1, self.eps);
+            let [q, k, v] = [0, 1, 2].map(|i| apply_rows(pool, &l.qkv[i], &a, d));
+            // Causal attention over at most 77 tokens: small enough to do
+            // directly.
+            let mut ctx = vec![0f32; n * d];
+            let mut p = Vec::with_capacity(n);
+            for h in 0..self.heads {
+                for i in 0..n {
+                    let qi = &q[i * d + h * hd..i * d + (h + 1) * hd];
+                    p.clear();
+                    p.extend((0..=i).map(|j| {
+                        ops::dot_f32(qi, &k[j * d + h * hd..j * d + (h + 1) * hd]) * scale
+                    }));
+                    ops::softmax(&mut p);
+                    let o = &mut ctx[i * d + h * hd..i * d + (h + 1) * hd];
+                    for (j, pj) in p.iter().enumerate() {
+                        ops::axpy(o, *pj, &v[j * d + h * hd..j * d + (h + 1) * hd]);
+                    }
+                }
+            }
+            ops::add_inplace(&mut x, &apply_rows(pool, &l.out, &ctx, d));
+            let mut a = x.clone();
+            layer_norm(&mut a, None, &l.ln2.0, &l.ln2.1, self.eps);
+            let mut m = apply_rows(pool, &l.fc1, &a, d);
+            for v in m.iter_mut() {
+                *v = if self.quick_gelu {
+                    *v / (1.0 + (-1.702 * *v).exp())
+                } else {
+                    gelu_erf(*v)
+                };
+            }
+            ops::add_inplace(&mut x, &apply_rows(pool, &l.fc2, &m, l.fc1.rows));
+        }
+        layer_norm(&mut x, None, &self.final_ln.0, &self.final_ln.1, self.eps);
+        Ok(x)
+    }
+}

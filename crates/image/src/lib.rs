@@ -1,0 +1,105 @@
+//! Text-to-image with Stable Diffusion pipelines, on the engine's kernels.
+//!
+//! A pipeline is a diffusers directory (`model_index.json`, and
+//! `text_encoder/`, `tokenizer/`, `unet/`, `vae/`, `scheduler/`, each with
+//! its `config.json` and safetensors weights). Every weight matrix and
+//! convolution is converted at load to Q8_0 and multiplied by the same
+//! quantized matrix product as the chat models ([`hanlin_kernels::linear`]);
+//! feature maps are f32 and channels-last, so a convolution is one matrix
+//! product over im2col rows. Stages load one after another.
+//!
+//! - [`weights`] — safetensors files (f32, f16, bf16) by tensor name.
+//! - [`nn`] — convolutions, group norm, attention, the blocks UNet and VAE share.
+//! - [`clip`] — the CLIP tokenizer and text encoder.
+//! - [`unet`] — `UNet2DConditionModel`.
+//! - [`vae`] — the `AutoencoderKL` decoder.
+//! - [`sched`] — noise schedules and samplers (Euler, Euler ancestral, DDIM).
+//! - [`pipeline`] — prompt → image, classifier-free guidance, seeds.
+//! - [`queue`] — one worker per loaded pipeline, jobs by priority, cancellation.
+
+pub mod clip;
+pub mod nn;
+pub mod pipeline;
+pub mod queue;
+pub mod sched;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use pipeline::{Image, Pipeline, Progress, Request};
+pub use sched::Sampler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Bad { path: String, msg: String },
+    #[error("{0} is not a diffusion model directory (no model_index.json, unet/ or vae/)")]
+    NotDiffusion(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("no image model is installed; pull a diffusers pipeline with `hanlin pull hf:owner/repo` or pass a directory")]
+    NoModel,
+    #[error("{0} is not an image model (pulled image models: {1})")]
+    UnknownModel(String, String),
+    #[error(transparent)]
+    Store(#[from] hanlin_store::StoreError),
+}
+
+/// Pulled image models (diffusers pipelines), by name.
+pub fn installed(store: &hanlin_store::Store) -> Result<Vec<String>, ImageError> {
+    Ok(store
+        .list()?
+        .into_iter()
+        .filter(|m| m.files.contains_key("unet/config.json"))
+        .map(|m| m.name)
+        .collect())
+}
+
+/// The directory of image model `name`: a diffusers directory given by
+/// path, a pulled model, or `hf:owner/repo` (pulled first). `None` picks
+/// the first pulled image model.
+pub fn locate(
+    store: &hanlin_store::Store,
+    name: Option<&str>,
+    progress: bool,
+) -> Result<std::path::PathBuf, ImageError> {
+    let name = match name {
+        Some(n) => n.to_owned(),
+        None => installed(store)?
+            .into_iter()
+            .next()
+            .ok_or(ImageError::NoModel)?,
+    };
+    let path = std::path::Path::new(&name);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let local = if name.starts_with("hf:") {
+        store.pull(&name, progress)?.name
+    } else {
+        name.clone()
+    };
+    store.dir_of(&local)?.ok_or_else(|| {
+        ImageError::UnknownModel(
+            name,
+            installed(store).map(|v| v.join(", ")).unwrap_or_default(),
+        )
+    })
+}
+
+pub(crate) fn bad(path: &std::path::Path, msg: impl Into<String>) -> ImageError {
+    ImageError::Bad {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
+}

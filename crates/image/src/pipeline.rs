@@ -1,0 +1,353 @@
+//! Prompt → image: tokenize and encode the prompt and the negative prompt,
+//! start from seeded Gaussian latents, run the sampler's steps with
+//! classifier-free guidance, decode with the VAE.
+
+use crate::clip::{ClipTokenizer, TextEncoder};
+use crate::nn::Feat;
+use crate::sched::{gauss, Sampler, Schedule};
+use crate::unet::Unet;
+use crate::vae::VaeDecoder;
+use crate::ImageError;
+use hanlin_kernels::pool::ThreadPool;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+
+/// The longest prompt accepted, in characters (CLIP reads 75 tokens; the
+/// rest is dropped with a warning).
+pub const MAX_PROMPT_CHARS: usize = 4000;
+/// The largest image, in pixels.
+pub const MAX_PIXELS: usize = 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: String,
+    pub negative: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (one
+    /// UNet pass per step).
+    pub guidance: f32,
+    pub seed: u64,
+    pub sampler: Sampler,
+    /// Starting latents (channels-first, unscaled standard normal) instead
+    /// of the seed's.
+    pub latents: Option<Vec<f32>>,
+}
+
+impl Request {
+    pub fn new(prompt: &str) -> Self {
+        Self {
+            prompt: prompt.to_owned(),
+            negative: String::new(),
+            width: 512,
+            height: 512,
+            steps: 20,
+            guidance: 7.5,
+            seed: 0,
+            sampler: Sampler::Euler,
+            latents: None,
+        }
+    }
+}
+
+/// An 8-bit RGB image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Image {
+    /// From channels-last values in [0, 1].
+    pub fn from_unit(f: &Feat) -> Self {
+        Self {
+            width: f.w,
+            height: f.h,
+            rgb: f.data[..f.hw() * 3]
+                .iter()
+                .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .collect(),
+        }
+    }
+
+    /// The image as a PNG file.
+    pub fn png(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            // Writing to memory fails only on a size mismatch, which the
+            // constructor rules out.
+            if let Ok(mut w) = enc.write_header() {
+                let _ = w.write_image_data(&self.rgb);
+            }
+        }
+        out
+    }
+}
+
+/// A quick look at latents without the VAE: each latent position becomes
+/// one pixel through a fixed linear map from Stable Diffusion's four latent
+/// channels to RGB (the approximation image UIs use for previews; other
+/// latent spaces get a rough picture).
+pub fn preview(latents: &Feat) -> Image {
+    const M: [[f32; 3]; 4] = [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ];
+    let mut rgb = Vec::with_capacity(latents.hw() * 3);
+    for px in latents.sample(0).chunks_exact(latents.c) {
+        for ch in 0..3 {
+            let v: f32 = px.iter().zip(&M).map(|(x, m)| x * m[ch]).sum();
+            rgb.push(((v + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0) as u8);
+        }
+    }
+    Image {
+        width: latents.w,
+        height: latents.h,
+        rgb,
+    }
+}
+
+/// What a step reports to its caller.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub steps: usize,
+    /// The current latents (channels-last), for previews.
+    pub latents: &'a Feat,
+}
+
+pub struct Pipeline {
+    pub dir: PathBuf,
+    tokenizer: ClipTokenizer,
+    text: TextEncoder,
+    unet: Unet,
+    vae: VaeDecoder,
+    schedule: Schedule,
+    pool: ThreadPool,
+}
+
+impl Pipeline {
+    /// A diffusers directory: `text_encoder/`, `tokenizer/`, `unet/`,
+    /// `vae/` and (optionally) `scheduler/`.
+    pub fn load(dir: &Path, threads: usize) -> Result<Self, ImageError> {
+        for part in ["unet", "vae", "text_encoder", "tokenizer"] {
+            if !dir.join(part).is_dir() {
+                return Err(ImageError::NotDiffusion(dir.display().to_string()));
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
+        let text = TextEncoder::load(&dir.join("text_encoder"))?;
+        let unet = Unet::load(&dir.join("unet"))?;
+        unet.check(&dir.join("unet"))?;
+        let vae = VaeDecoder::load(&dir.join("vae"))?;
+        let schedule = if dir.join("scheduler").is_dir() {
+            Schedule::load(&dir.join("scheduler"))?
+        } else {
+            Schedule::default()
+        };
+        if unet.context_dim != text.dim {
+            return Err(crate::bad(
+                dir,
+                format!(
+                    "the UNet attends to {}-wide text but the text encoder gives {}",
+                    unet.context_dim, text.dim
+                ),
+            ));
+        }
+        if unet.in_channels != vae.latent_channels {
+            return Err(crate::bad(
+                dir,
+                format!(
+                    "the UNet takes {} latent channels but the VAE decodes {}",
+                    unet.in_channels, vae.latent_channels
+                ),
+            ));
+        }
+        tracing::info!(dir = %dir.display(), ms = t0.elapsed().as_millis() as u64, "image pipeline loaded");
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text,
+            unet,
+            vae,
+            schedule,
+            pool: ThreadPool::new(threads.max(1)),
+        })
+    }
+
+    /// The side the model was trained at, in pixels (512 for SD 1.x).
+    pub fn native_size(&self) -> usize {
+        self.unet.sample_size * self.vae.scale
+    }
+
+    /// Image sides must be multiples of this many pixels.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.scale * self.unet.downsampling()
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// The text encoder's output for `text` (`max_len` rows).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<f32>, ImageError> {
+        let ids = self.tokenizer.encode(text)?;
+        self.text.forward(&self.pool, &ids)
+    }
+
+    /// One UNet call: the model's output for latents `x` at timestep `t`.
+    pub fn unet(&self, x: &Feat, t: f32, ctx: &[f32]) -> Feat {
+        let ctx_len = ctx.len() / (x.n * self.text.dim);
+        self.unet.forward(&self.pool, x, t, ctx, ctx_len)
+    }
+
+    /// Decode latents (as the sampler leaves them) to RGB in [0, 1].
+    pub fn decode(&self, latents: &Feat) -> Feat {
+        let mut z = latents.clone();
+        z.data
+            .iter_mut()
+            .for_each(|v| *v /= self.vae.scaling_factor);
+        let mut img = self.vae.decode(&self.pool, &z);
+        img.data
+            .iter_mut()
+            .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
+        img
+    }
+
+    /// The VAE decoder's raw output (RGB in about [-1, 1]) for latents
+    /// already divided by the scaling factor.
+    pub fn decode_raw(&self, z: &Feat) -> Feat {
+        self.vae.decode(&self.pool, z)
+    }
+
+    fn check(&self, r: &Request) -> Result<(), ImageError> {
+        let m = self.size_multiple();
+        if r.prompt.trim().is_empty() {
+            return Err(ImageError::Request("the prompt is empty".into()));
+        }
+        for (what, s) in [("prompt", &r.prompt), ("negative prompt", &r.negative)] {
+            if s.chars().count() > MAX_PROMPT_CHARS {
+                return Err(ImageError::Request(format!(
+                    "the {what} is longer than {MAX_PROMPT_CHARS} characters"
+                )));
+            }
+        }
+        if r.width == 0 || r.height == 0 || !r.width.is_multiple_of(m) || !r.height.is_multiple_of(m) {
+            return Err(ImageError::Request(format!(
+                "{}×{} is not a multiple of {m} pixels on each side",
+                r.width, r.height
+            )));
+        }
+        if r.width * r.height > MAX_PIXELS {
+            return Err(ImageError::Request(format!(
+                "{}×{} is larger than {MAX_PIXELS} pixels",
+                r.width, r.height
+            )));
+        }
+        if !(1..=200).contains(&r.steps) {
+            return Err(ImageError::Request(format!("{} steps (1 to 200)", r.steps)));
+        }
+        if !(0.0..=30.0).contains(&r.guidance) {
+            return Err(ImageError::Request(format!(
+                "guidance {} (0 to 30)",
+                r.guidance
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run the sampler; returns RGB in [0, 1], channels-last. `progress`
+    /// is called after every step and stops the run by returning false.
+    pub fn run(
+        &self,
+        r: &Request,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Feat, ImageError> {
+        self.check(r)?;
+        let c = self.unet.in_channels;
+        let (lh, lw) = (r.height / self.vae.scale, r.width / self.vae.scale);
+        let guided = r.guidance > 1.0;
+        let t0 = std::time::Instant::now();
+        let cond = self.encode_text(&r.prompt)?;
+        let ctx = if guided {
+            let mut u = self.encode_text(&r.negative)?;
+            u.extend_from_slice(&cond);
+            u
+        } else {
+            cond
+        };
+        let plan = self.schedule.plan(r.sampler, r.steps);
+        let mut rng = ChaCha8Rng::seed_from_u64(r.seed);
+        let noise: Vec<f32> = match &r.latents {
+            Some(l) if l.len() == c * lh * lw => l.clone(),
+            Some(l) => {
+                return Err(ImageError::Request(format!(
+                    "{} starting latents for {c}×{lh}×{lw}",
+                    l.len()
+                )))
+            }
+            None => (0..c * lh * lw).map(|_| gauss(&mut rng)).collect(),
+        };
+        let mut x = Feat::from_nchw(1, c, lh, lw, &noise);
+        let s0 = plan.init_noise_sigma();
+        x.data.iter_mut().for_each(|v| *v *= s0);
+        let steps = plan.timesteps.len();
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, "prompt encoded");
+        for i in 0..steps {
+            let t1 = std::time::Instant::now();
+            let t = plan.timesteps[i];
+            let scale = plan.input_scale(i);
+            let mut inp = x.clone();
+            inp.data.iter_mut().for_each(|v| *v *= scale);
+            if guided {
+                inp.n = 2;
+                inp.data.extend_from_within(..);
+            }
+            let out = self.unet(&inp, t, &ctx);
+            let m = x.data.len();
+            let eps: Vec<f32> = if guided {
+                let (u, c) = out.data.split_at(m);
+                u.iter()
+                    .zip(c)
+                    .map(|(u, c)| u + r.guidance * (c - u))
+                    .collect()
+            } else {
+                out.data
+            };
+            plan.step(i, &mut x.data, &eps, &mut rng);
+            tracing::info!(
+                step = i + 1,
+                ms = t1.elapsed().as_millis() as u64,
+                "denoising step"
+            );
+            if !progress(Progress {
+                step: i + 1,
+                steps,
+                latents: &x,
+            }) {
+                return Err(ImageError::Cancelled);
+            }
+        }
+        let t2 = std::time::Instant::now();
+        let img = self.decode(&x);
+        tracing::info!(ms = t2.elapsed().as_millis() as u64, "decoded");
+        Ok(img)
+    }
+
+    /// [`Pipeline::run`] to an 8-bit image.
+    pub fn generate(
+        &self,
+        r: &Request,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Image, ImageError> {
+        Ok(Image::from_unit(&self.run(r, progress)?))
+    }
+}

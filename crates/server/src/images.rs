@@ -1,0 +1,511 @@
+//! Text to image: `POST /v1/images/generations` on a diffusers pipeline
+//! (`hanlin_image`). OpenAI's image model names (`dall-e-2`, `dall-e-3`,
+//! `gpt-image-1`) mean the server's default image model, so unchanged
+//! clients work. The pipeline loads on first use; its queue
+//! (`hanlin_image::queue`) runs one image at a time, by the plan's
+//! priority, and drops a job whose client has gone. Each finished image is
+//! metered (`images`, `image_steps`); `url` answers point at the image
+//! stored as the caller's file (`/v1/files/{id}/content`, owner only),
+//! kept for `image_keep`.
+
+use crate::api::{admit, Via};
+use crate::error::ApiError;
+use crate::extract::{ApiCaller, Body};
+use crate::AppState;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use hanlin_accounts::{Caller, Usage};
+use hanlin_gateway::Endpoint;
+use hanlin_image::queue::{Job, Queue};
+use hanlin_image::{ImageError, Pipeline, Request, Sampler};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// OpenAI's image model names, served by the default image model.
+pub const ALIASES: [&str; 4] = ["dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini"];
+/// The most images one request may ask for (the plan's `max_n` may be less).
+pub const MAX_IMAGES: i64 = 10;
+
+/// The image models and the one loaded.
+pub struct Images {
+    store: hanlin_store::Store,
+    threads: usize,
+    default: Option<String>,
+    loaded: tokio::sync::Mutex<Option<(String, Arc<Queue>)>>,
+}
+
+impl Images {
+    pub fn new(store: hanlin_store::Store, threads: usize, default: Option<String>) -> Self {
+        Self {
+            store,
+            threads,
+            default,
+            loaded: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The image models `/v1/models` lists: the pulled ones, and the
+    /// aliases when there is a default.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names = hanlin_image::installed(&self.store).unwrap_or_default();
+        if let Some(d) = &self.default {
+            let d = public_name(d);
+            if !names.contains(&d) {
+                names.push(d);
+            }
+        }
+        if !names.is_empty() {
+            names.extend(ALIASES.iter().map(|s| s.to_string()));
+        }
+        names
+    }
+
+    /// The default image model's name, if there is one.
+    pub fn default_name(&self) -> Option<String> {
+        self.default.as_deref().map(public_name).or_else(|| {
+            hanlin_image::installed(&self.store)
+                .ok()
+                .and_then(|v| v.into_iter().next())
+        })
+    }
+
+    /// The model a request's `model` means (`None`: the default).
+    fn resolve(&self, requested: Option<&str>) -> AppResult<String> {
+        let default = || -> AppResult<String> {
+            match &self.default {
+                Some(d) => Ok(d.clone()),
+                None => hanlin_image::installed(&self.store)
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+                    .ok_or_else(|| {
+                        ApiError::unavailable(
+                            "No image model is installed on this server; an administrator can add one with `hanlin pull hf:owner/repo`.",
+                        )
+                        .code("model_not_available")
+                    }),
+            }
+        };
+        match requested {
+            None => default(),
+            Some(m) if ALIASES.contains(&m) => default(),
+            Some(m) if self.default.as_deref().is_some_and(|d| public_name(d) == m) => default(),
+            Some(m) if self.model_names().iter().any(|n| n == m) => Ok(m.to_string()),
+            Some(m) => Err(ApiError::model_not_found(m)),
+        }
+    }
+
+    /// The queue of model `name`, loading it (and letting go of another
+    /// model) when needed.
+    async fn queue(&self, name: &str) -> AppResult<Arc<Queue>> {
+        let mut loaded = self.loaded.lock().await;
+        if let Some((n, q)) = loaded.as_ref() {
+            if n == name {
+                return Ok(q.clone());
+            }
+        }
+        let home = self.store.home().to_path_buf();
+        let (threads, model) = (self.threads, name.to_string());
+        let pipe = tokio::task::spawn_blocking(move || -> Result<Pipeline, ImageError> {
+            let store = hanlin_store::Store::open(home)?;
+            let dir = hanlin_image::locate(&store, Some(&model), false)?;
+            Pipeline::load(&dir, threads)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("loading the image model failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!("image model {name}: {e}");
+            ApiError::unavailable(format!("The image model `{name}` could not be loaded."))
+        })?;
+        let q = Arc::new(Queue::new(Arc::new(pipe)));
+        *loaded = Some((name.to_string(), q.clone()));
+        Ok(q)
+    }
+}
+
+#[derive(Deserialize)]
+struct GenerationRequest {
+    prompt: String,
+    model: Option<String>,
+    n: Option<i64>,
+    size: Option<String>,
+    response_format: Option<String>,
+    quality: Option<String>,
+    /// Hanlin's extensions: the same seed gives the same image.
+    seed: Option<u64>,
+    negative_prompt: Option<String>,
+    steps: Option<usize>,
+    guidance_scale: Option<f32>,
+    sampler: Option<String>,
+    #[allow(dead_code)]
+    style: Option<String>,
+    #[allow(dead_code)]
+    user: Option<String>,
+    output_format: Option<String>,
+}
+
+const GENERATION_FIELDS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "quality",
+    "seed",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "sampler",
+    "style",
+    "user",
+    "output_format",
+];
+
+/// The longest prompt taken, in characters (DALL·E 3's limit).
+const MAX_PROMPT_CHARS: usize = hanlin_image::pipeline::MAX_PROMPT_CHARS;
+
+/// Set when the handler is dropped (the client left): queued and running
+/// jobs see it.
+pub(crate) struct Gone(pub(crate) Arc<AtomicBool>);
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn image_error(e: ImageError) -> ApiError {
+    match e {
+        ImageError::Request(m) => ApiError::bad_request(m),
+        ImageError::Cancelled => ApiError::unavailable("The image was cancelled."),
+        other => {
+            tracing::error!("image generation: {other}");
+            ApiError::internal("Generating the image failed.")
+        }
+    }
+}
+
+/// The name users see for an image model: a directory given by path
+/// (`--image-model /models/sd15`) is known by its last part, never by
+/// where the server keeps it.
+pub(crate) fn public_name(model: &str) -> String {
+    match std::path::Path::new(model).file_name() {
+        Some(n) if model.contains(['/', '\\']) => n.to_string_lossy().into_owned(),
+        _ => model.to_string(),
+    }
+}
+
+/// What a caller asks for, from the API's body or the web app's.
+pub(crate) struct Ask {
+    pub prompt: String,
+    pub negative: Option<String>,
+    pub n: i64,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f32>,
+    pub sampler: Option<String>,
+    pub seed: Option<u64>,
+}
+
+/// A checked request: the model's queue and one pipeline request per image.
+pub(crate) struct Prepared {
+    pub queue: Arc<Queue>,
+    pub model: String,
+    pub requests: Vec<Request>,
+    pub steps: usize,
+}
+
+/// Check everything a request can be refused for (before it is admitted
+/// or anything is stored), load the model, and make the image requests.
+pub(crate) async fn prepare(
+    st: &AppState,
+    caller: &Caller,
+    requested: Option<&str>,
+    ask: &Ask,
+) -> AppResult<Prepared> {
+    let prompt = ask.prompt.trim();
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("'prompt' must not be empty.").param("prompt"));
+    }
+    for (name, text) in [
+        ("prompt", prompt),
+        ("negative_prompt", ask.negative.as_deref().unwrap_or("")),
+    ] {
+        if text.chars().count() > MAX_PROMPT_CHARS {
+            return Err(ApiError::bad_request(format!(
+                "'{name}' is longer than {MAX_PROMPT_CHARS} characters."
+            ))
+            .param(name));
+        }
+    }
+    let cap = MAX_IMAGES.min(caller.plan.max_n.max(1));
+    if !(1..=cap).contains(&ask.n) {
+        return Err(
+            ApiError::bad_request(format!("'n' must be from 1 to {cap} on your plan.")).param("n"),
+        );
+    }
+    if requested.is_some_and(|m| !crate::api::visible(caller, m)) {
+        return Err(ApiError::model_not_found(requested.unwrap_or_default()));
+    }
+    let internal = st.images.resolve(requested)?;
+    let model = public_name(&internal);
+    if !crate::api::visible(caller, &model) && requested.is_none_or(|m| !ALIASES.contains(&m)) {
+        return Err(ApiError::model_not_found(&model));
+    }
+    let steps = match (ask.steps, ask.quality.as_deref()) {
+        (Some(s), _) if (1..=100).contains(&s) => s,
+        (Some(_), _) => {
+            return Err(ApiError::bad_request("'steps' must be from 1 to 100.").param("steps"))
+        }
+        (None, None | Some("standard" | "medium" | "auto")) => 20,
+        (None, Some("low")) => 10,
+        (None, Some("hd" | "high")) => 30,
+        (None, Some(q)) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid quality '{q}': use standard, hd, low, medium, high or auto."
+            ))
+            .param("quality"))
+        }
+    };
+    let sampler = match ask.sampler.as_deref() {
+        None => Sampler::Euler,
+        Some(s) => Sampler::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Invalid sampler '{s}': use one of {}.",
+                Sampler::NAMES.join(", ")
+            ))
+            .param("sampler")
+        })?,
+    };
+    let guidance = ask.guidance.unwrap_or(7.5);
+    if !(0.0..=30.0).contains(&guidance) {
+        return Err(
+            ApiError::bad_request("'guidance_scale' must be from 0 to 30.").param("guidance_scale"),
+        );
+    }
+    let size = ask.size.as_deref().filter(|s| *s != "auto");
+    let parsed = match size {
+        None => None,
+        Some(s) => Some(parse_size(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Invalid size '{s}': use WIDTHxHEIGHT, e.g. 512x512."
+            ))
+            .param("size")
+        })?),
+    };
+    let queue = st.images.queue(&internal).await?;
+    let native = queue.pipeline.native_size();
+    let (width, height) = parsed.unwrap_or((native, native));
+    let m = queue.pipeline.size_multiple();
+    if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
+        return Err(ApiError::bad_request(format!(
+            "Invalid size '{width}x{height}': both sides must be multiples of {m}."
+        ))
+        .param("size"));
+    }
+    if width * height > hanlin_image::pipeline::MAX_PIXELS {
+        return Err(ApiError::bad_request(format!(
+            "The size {width}x{height} is larger than this server makes (at most {} pixels).",
+            hanlin_image::pipeline::MAX_PIXELS
+        ))
+        .param("size"));
+    }
+    let seed = ask.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let requests = (0..ask.n)
+        .map(|i| {
+            let mut r = Request::new(prompt);
+            r.negative = ask.negative.clone().unwrap_or_default();
+            (r.width, r.height, r.steps, r.guidance, r.sampler) =
+                (width, height, steps, guidance, sampler);
+            r.seed = seed.wrapping_add(i as u64);
+            r
+        })
+        .collect();
+    Ok(Prepared {
+        queue,
+        model,
+        requests,
+        steps,
+    })
+}
+
+/// Run one image through the model's queue at `priority`. `gone` stops it
+/// (the caller left); `progress` gets each step (with a small preview of
+/// the latents).
+pub(crate) async fn generate(
+    queue: &Queue,
+    priority: i64,
+    r: Request,
+    gone: &Arc<AtomicBool>,
+    progress: Option<tokio::sync::mpsc::Sender<Value>>,
+) -> AppResult<hanlin_image::Image> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (g1, g2) = (gone.clone(), gone.clone());
+    let job = Job {
+        request: r,
+        on_step: Box::new(move |p| {
+            if let Some(out) = &progress {
+                let png = hanlin_image::pipeline::preview(p.latents).png();
+                let url = format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(png)
+                );
+                let _ = out.try_send(
+                    json!({"type": "progress", "step": p.step, "steps": p.steps, "preview": url}),
+                );
+            }
+            !g1.load(Ordering::Relaxed)
+        }),
+        alive: Box::new(move || !g2.load(Ordering::Relaxed)),
+        done: Box::new(move |res| {
+            let _ = tx.send(res);
+        }),
+    };
+    if queue
+        .submit(job, priority.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
+        .is_err()
+    {
+        return Err(ApiError::new_status(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "The image queue is full; please retry shortly.",
+        )
+        .code("server_busy"));
+    }
+    match rx.await {
+        Ok(Ok(img)) => Ok(img),
+        Ok(Err(e)) => Err(image_error(e)),
+        Err(_) => Err(ApiError::internal("The image worker stopped.")),
+    }
+}
+
+/// `POST /v1/images/generations`.
+pub async fn generations(
+    State(st): State<Arc<AppState>>,
+    ApiCaller(caller): ApiCaller,
+    Body(body): Body,
+) -> Response {
+    let r = generations_inner(&st, caller, &body).await;
+    crate::api::finish_response(&st, "images.generations", r)
+}
+
+async fn generations_inner(st: &Arc<AppState>, caller: Caller, body: &[u8]) -> AppResult<Response> {
+    let req: GenerationRequest = crate::openai::parse(body, GENERATION_FIELDS)?;
+    let requested = req.model.as_deref();
+    let b64 = match req.response_format.as_deref() {
+        Some("b64_json") => true,
+        Some("url") => false,
+        None => requested.is_some_and(|m| m.starts_with("gpt-image")),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid response_format '{other}': use url or b64_json."
+            ))
+            .param("response_format"))
+        }
+    };
+    if req.output_format.as_deref().is_some_and(|f| f != "png") {
+        return Err(
+            ApiError::bad_request("Only output_format 'png' is supported.").param("output_format"),
+        );
+    }
+    let ask = Ask {
+        prompt: req.prompt,
+        negative: req.negative_prompt,
+        n: req.n.unwrap_or(1),
+        size: req.size,
+        quality: req.quality,
+        steps: req.steps,
+        guidance: req.guidance_scale,
+        sampler: req.sampler,
+        seed: req.seed,
+    };
+    let p = prepare(st, &caller, requested, &ask).await?;
+    let prompt = ask.prompt.trim().to_string();
+    let mut request = admit(st, &caller, Endpoint::Images, &p.model, &Via::Api).await?;
+    let gone = Gone(Arc::new(AtomicBool::new(false)));
+    let mut data = Vec::new();
+    let mut stored: Vec<String> = Vec::new();
+    let mut failure = None;
+    let n = p.requests.len();
+    for (i, r) in p.requests.into_iter().enumerate() {
+        let img = match generate(&p.queue, caller.plan.priority, r, &gone.0, None).await {
+            Ok(img) => img,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        request.record(Usage {
+            images: 1,
+            image_steps: p.steps as i64,
+            ..Usage::default()
+        });
+        let png = tokio::task::spawn_blocking(move || img.png())
+            .await
+            .map_err(|e| ApiError::internal(format!("encoding the image failed: {e}")))?;
+        if b64 {
+            data.push(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(&png), "revised_prompt": prompt}));
+            continue;
+        }
+        let name = format!("image-{}-{}.png", request.id(), i + 1);
+        match keep_image(st, &caller.user.id, &name, &png).await {
+            Ok(id) => {
+                data.push(
+                    json!({"url": format!("/v1/files/{id}/content"), "revised_prompt": prompt}),
+                );
+                stored.push(id);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    request.finish().await;
+    if let Some(e) = failure {
+        // Nothing half-done is kept: images already stored go.
+        for id in &stored {
+            let _ = crate::files::remove(st, id).await;
+        }
+        return Err(e);
+    }
+    drop(gone);
+    Ok(Json(json!({
+        "created": hanlin_accounts::now(),
+        "data": data,
+        "usage": {"images": n, "steps": p.steps * n},
+    }))
+    .into_response())
+}
+
+/// Store a finished image as the user's file, kept `image_keep`; its id.
+pub(crate) async fn keep_image(
+    st: &AppState,
+    user_id: &str,
+    name: &str,
+    png: &[u8],
+) -> AppResult<String> {
+    let keep = st.config.image_keep.as_secs() as i64;
+    let f = crate::files::store(
+        st,
+        user_id,
+        IMAGE_PURPOSE,
+        name,
+        png,
+        Some(hanlin_accounts::now() + keep),
+    )
+    .await?;
+    Ok(f.id)
+}
+
+/// The purpose images are stored under (`/v1/files` lists them).
+pub(crate) const IMAGE_PURPOSE: &str = "image_generation";
+
+fn parse_size(s: &str) -> Option<(usize, usize)> {
+    let (w, h) = s.split_once(['x', 'X'])?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}

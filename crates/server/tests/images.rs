@@ -1,0 +1,290 @@
+//! `/v1/images/generations` on the tiny diffusers pipeline the image
+//! crate's parity tests use: answers in both forms, seeds that reproduce,
+//! owner-only stored images, metering per image, and OpenAI-shaped errors
+//! for bad requests.
+
+mod common;
+
+use base64::Engine;
+use common::{call, start_with};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn tiny() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../image/tests/data/tiny-sd")
+        .canonicalize()
+        .expect("the tiny pipeline")
+        .display()
+        .to_string()
+}
+
+/// Width and height from a PNG's header.
+fn png_size(b: &[u8]) -> (u32, u32) {
+    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (be(16), be(20))
+}
+
+async fn images_of(srv: &common::TestServer, user: &str, at_least: i64) -> i64 {
+    let mut n = 0;
+    for _ in 0..100 {
+        let (_, u) = call(
+            Method::GET,
+            format!("{}/v1/admin/usage?user={user}", srv.base),
+            &srv.admin_key,
+            None,
+        )
+        .await;
+        n = u["data"]
+            .as_array()
+            .map(|rows| rows.iter().filter_map(|r| r["images"].as_i64()).sum())
+            .unwrap_or(0);
+        if n >= at_least {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_generated_stored_for_their_owner_and_metered() {
+    let srv = start_with(|c| c.image_model = Some(tiny())).await;
+    let base = &srv.base;
+    let mut studio = hanlin_accounts::Plan::limited("studio", 1000, 1_000_000, 10_000_000);
+    studio.max_n = 4;
+    srv.plan(studio).await;
+    let key = srv.user_key("ada", "studio").await;
+    let gen = |body: Value| {
+        call(
+            Method::POST,
+            format!("{base}/v1/images/generations"),
+            &key,
+            Some(body),
+        )
+    };
+
+    // b64_json, through an OpenAI model name; the same seed gives the same image.
+    let body = json!({"model": "dall-e-2", "prompt": "a red circle on a blue background",
+        "size": "32x32", "response_format": "b64_json", "seed": 7, "steps": 3});
+    let (s, a) = gen(body.clone()).await;
+    assert_eq!(s, 200, "{a}");
+    let png = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["b64_json"].as_str().expect("b64_json"))
+            .expect("base64")
+    };
+    let first = png(&a);
+    assert_eq!(png_size(&first), (32, 32));
+    let (_, b) = gen(body.clone()).await;
+    assert_eq!(png(&b), first, "the same seed, the same image");
+    let mut other = body.clone();
+    other["seed"] = json!(8);
+    let (_, c) = gen(other).await;
+    assert_ne!(png(&c), first, "another seed, another image");
+
+    // URLs: stored as the caller's files, served to them only.
+    let (s, r) =
+        gen(json!({"prompt": "画一只在西湖边的猫", "n": 2, "size": "48x32", "steps": 2})).await;
+    assert_eq!(s, 200, "{r}");
+    let urls: Vec<String> = r["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|d| d["url"].as_str().expect("url").to_string())
+        .collect();
+    assert_eq!(urls.len(), 2);
+    let http = reqwest::Client::new();
+    let got = http
+        .get(format!("{base}{}", urls[1]))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["content-type"], "image/png");
+    assert_eq!(png_size(&got.bytes().await.expect("bytes")), (48, 32));
+    let stranger = srv.user_key("eve", "studio").await;
+    let got = http
+        .get(format!("{base}{}", urls[0]))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(got.status(), 404, "another user's image");
+
+    // Five images so far, each metered once.
+    assert_eq!(images_of(&srv, "ada", 5).await, 5);
+
+    // The image models are listed, with OpenAI's names.
+    let (_, models) = call(Method::GET, format!("{base}/v1/models"), &key, None).await;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"dall-e-3") && ids.contains(&"gpt-image-1"),
+        "{ids:?}"
+    );
+    // A model given by path is known by its directory's name, never by the path.
+    assert!(
+        ids.contains(&"tiny-sd") && !ids.iter().any(|i| i.contains('/')),
+        "{ids:?}"
+    );
+    let (s, r) = gen(json!({"model": "tiny-sd", "prompt": "a cat", "size": "32x32", "steps": 1, "response_format": "b64_json"})).await;
+    assert_eq!(s, 200, "{r}");
+
+    // Bad requests: OpenAI-shaped errors, nothing generated or metered.
+    let long = "猫".repeat(10_000);
+    for (body, param) in [
+        (json!({"prompt": "   "}), "prompt"),
+        (json!({"prompt": long}), "prompt"),
+        (json!({"prompt": "a cat", "size": "30x30"}), "size"),
+        (json!({"prompt": "a cat", "size": "100000x100000"}), "size"),
+        (json!({"prompt": "a cat", "size": "big"}), "size"),
+        (json!({"prompt": "a cat", "n": 5}), "n"),
+        (json!({"prompt": "a cat", "n": 0}), "n"),
+        (
+            json!({"prompt": "a cat", "response_format": "gif"}),
+            "response_format",
+        ),
+        (json!({"prompt": "a cat", "quality": "ultra"}), "quality"),
+        (json!({"prompt": "a cat", "steps": 1000}), "steps"),
+        (json!({"prompt": "a cat", "sampler": "plms"}), "sampler"),
+        (
+            json!({"prompt": "a cat", "output_format": "webp"}),
+            "output_format",
+        ),
+        (
+            json!({"prompt": "a cat", "model": "no-such-model"}),
+            "model",
+        ),
+        (json!({"prompt": "a cat", "colour": "red"}), "colour"),
+    ] {
+        let (s, e) = gen(body.clone()).await;
+        assert!(s == 400 || s == 404, "{body}: {s} {e}");
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
+    assert_eq!(
+        images_of(&srv, "ada", 6).await,
+        6,
+        "bad requests are not metered"
+    );
+
+    // The server is still healthy.
+    let (s, _) = gen(body).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
+    let srv = start_with(|c| c.image_model = Some(tiny())).await;
+    let base = &srv.base;
+    let (b, _) = common::Browser::register(base, "画家", "correct horse battery").await;
+    let (s, conv) = b
+        .json(
+            Method::POST,
+            "/api/conversations",
+            Some(json!({"model": common::MODEL})),
+        )
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    let conv = conv["id"].as_str().expect("id").to_string();
+    let r = b
+        .req(Method::POST, &format!("/api/conversations/{conv}/images"))
+        .json(&json!({"prompt": "画一只在西湖边的猫", "size": "32x32", "steps": 3, "seed": 11}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let events: Vec<Value> = r
+        .text()
+        .await
+        .expect("body")
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("event json"))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "user",
+            "assistant",
+            "progress",
+            "progress",
+            "progress",
+            "done"
+        ],
+        "{events:?}"
+    );
+    let preview = events[2]["preview"].as_str().expect("a preview");
+    assert!(preview.starts_with("data:image/png;base64,"));
+    let content = events[5]["content"].as_str().expect("content");
+    assert!(
+        content.contains("seed 11") && content.contains("tiny-sd"),
+        "{content}"
+    );
+    assert!(
+        !content.contains("/tests/data"),
+        "no server path in the message: {content}"
+    );
+    let url = content
+        .split("](")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("an image link")
+        .to_string();
+    assert!(url.starts_with("/v1/files/"), "{url}");
+    // The picture is the user's, readable with the session.
+    let got = b.req(Method::GET, &url).send().await.expect("get");
+    assert_eq!(got.status(), 200);
+    assert_eq!(png_size(&got.bytes().await.expect("bytes")), (32, 32));
+    // It stays in the conversation…
+    let (_, c) = b
+        .json(Method::GET, &format!("/api/conversations/{conv}"), None)
+        .await;
+    let stored: Vec<&str> = c["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert!(stored.contains(&content), "{stored:?}");
+    assert_eq!(images_of(&srv, "画家", 1).await, 1);
+    // …and goes with it.
+    let (s, _) = b
+        .json(Method::DELETE, &format!("/api/conversations/{conv}"), None)
+        .await;
+    assert_eq!(s, 200);
+    let got = b.req(Method::GET, &url).send().await.expect("get");
+    assert_eq!(got.status(), 404);
+    // A bad request is refused before anything is stored.
+    let (_, conv2) = b
+        .json(
+            Method::POST,
+            "/api/conversations",
+            Some(json!({"model": common::MODEL})),
+        )
+        .await;
+    let conv2 = conv2["id"].as_str().expect("id").to_string();
+    let (s, e) = b
+        .json(
+            Method::POST,
+            &format!("/api/conversations/{conv2}/images"),
+            Some(json!({"prompt": "a cat", "size": "31x31"})),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("size")),
+        "{e}"
+    );
+    let (_, c) = b
+        .json(Method::GET, &format!("/api/conversations/{conv2}"), None)
+        .await;
+    assert_eq!(c["messages"].as_array().map(Vec::len), Some(0), "{c}");
+}

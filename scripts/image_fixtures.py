@@ -18,6 +18,7 @@ import collections
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import torch
@@ -84,6 +85,125 @@ def learn_bpe(corpus, size):
     return {t: i for i, t in enumerate(vocab)}, merges
 
 
+def resnet_ldm(rest):
+    for new, old in (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+                     ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")):
+        if rest.startswith(new):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_to_ldm(name, layers, attn_levels):
+    """A diffusers UNet tensor name in the original (LDM) layout."""
+    per = layers + 1
+    p = name.split(".")
+    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for k, v in fixed.items():
+        if name.startswith(k + "."):
+            return v + name[len(k):]
+    if p[0] == "down_blocks":
+        b = int(p[1])
+        if p[2] == "downsamplers":
+            return f"input_blocks.{1 + b * per + layers}.0.op." + ".".join(p[5:])
+        i = 1 + b * per + int(p[3])
+        rest = ".".join(p[4:])
+        return f"input_blocks.{i}.0." + resnet_ldm(rest) if p[2] == "resnets" else f"input_blocks.{i}.1.{rest}"
+    if p[0] == "mid_block":
+        rest = ".".join(p[3:])
+        if p[1] == "attentions":
+            return "middle_block.1." + rest
+        return f"middle_block.{0 if p[2] == '0' else 2}." + resnet_ldm(rest)
+    if p[0] == "up_blocks":
+        b = int(p[1])
+        if p[2] == "upsamplers":
+            return f"output_blocks.{b * per + layers}.{2 if b in attn_levels else 1}.conv." + ".".join(p[5:])
+        i = b * per + int(p[3])
+        rest = ".".join(p[4:])
+        return f"output_blocks.{i}.0." + resnet_ldm(rest) if p[2] == "resnets" else f"output_blocks.{i}.1.{rest}"
+    raise ValueError(name)
+
+
+def vae_to_ldm(name, levels):
+    """A diffusers VAE tensor name in the original layout."""
+    if name.startswith(("quant_conv.", "post_quant_conv.")):
+        return name
+    side, rest = name.split(".", 1)
+    for k, v in (("conv_norm_out.", "norm_out."), ("conv_in.", "conv_in."), ("conv_out.", "conv_out.")):
+        if rest.startswith(k):
+            return f"{side}.{v}{rest[len(k):]}"
+    p = rest.split(".")
+    sc = lambda s: s.replace("conv_shortcut.", "nin_shortcut.")
+    if p[0] == "mid_block":
+        if p[1] == "resnets":
+            return f"{side}.mid.block_{int(p[2]) + 1}." + sc(".".join(p[3:]))
+        a = ".".join(p[3:])
+        for k, v in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+            if a.startswith(k):
+                return f"{side}.mid.attn_1.{v}{a[len(k):]}"
+    if p[0] in ("up_blocks", "down_blocks"):
+        i = int(p[1]) if side == "encoder" else levels - 1 - int(p[1])
+        kind = "down" if side == "encoder" else "up"
+        if p[2] in ("upsamplers", "downsamplers"):
+            return f"{side}.{kind}.{i}.{'upsample' if kind == 'up' else 'downsample'}.conv." + ".".join(p[5:])
+        return f"{side}.{kind}.{i}.block.{p[3]}." + sc(".".join(p[4:]))
+    raise ValueError(name)
+
+
+def write_single_file(pipe, path):
+    """The pipeline as one checkpoint in the original layout, checked by
+    converting it back with diffusers' own single-file converters."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import save_file
+    unet, vae, text = pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
+    layers = pipe.unet.config.layers_per_block
+    attn = {i for i, t in enumerate(pipe.unet.config.up_block_types) if "CrossAttn" in t}
+    levels = len(pipe.vae.config.block_out_channels)
+    out = {}
+    for k, v in unet.items():
+        out["model.diffusion_model." + unet_to_ldm(k, layers, attn)] = v
+    for k, v in vae.items():
+        ldm = vae_to_ldm(k, levels)
+        if ".mid.attn_1." in ldm and v.dim() == 2:
+            v = v[:, :, None, None]
+        out["first_stage_model." + ldm] = v
+    for k, v in text.items():
+        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    back = convert_ldm_unet_checkpoint(out, dict(pipe.unet.config))
+    assert set(back) == set(unet), set(back) ^ set(unet)
+    assert all(torch.equal(back[k], unet[k]) for k in unet)
+    back = convert_ldm_vae_checkpoint(out, dict(pipe.vae.config))
+    assert set(back) == set(vae), set(back) ^ set(vae)
+    assert all(torch.equal(back[k].reshape(vae[k].shape), vae[k]) for k in vae)
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+
+
+def clip_tokens(prompts):
+    """Token ids from CLIP's real merges (the open_clip_torch wheel's
+    bpe_simple_vocab_16e6.txt.gz, fetched with pip) with transformers'
+    CLIPTokenizer, its vocabulary built as CLIP builds it."""
+    import glob
+    import gzip
+    import tempfile
+    import zipfile
+    tmp = tempfile.mkdtemp()
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                    "open_clip_torch==3.3.0"], check=True)
+    z = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+    merges = gzip.decompress(z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode().split("\n")
+    merges = merges[1:49152 - 256 - 2 + 1]
+    b2u = list(bytes_to_unicode().values())
+    vocab = b2u + [v + "</w>" for v in b2u] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(tmp, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(tmp, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=77)
+    return [{"text": p, "ids": tok(p, padding="max_length", max_length=77, truncation=True).input_ids}
+            for p in prompts]
+
+
 def r(t):
     return [round(float(v), 6) for v in t.detach().flatten().tolist()]
 
@@ -101,9 +221,6 @@ def main():
     tok = CLIPTokenizer(os.path.join(OUT, "tokenizer", "vocab.json"),
                         os.path.join(OUT, "tokenizer", "merges.txt"), model_max_length=77)
     tok.save_pretrained(os.path.join(OUT, "tokenizer"))
-    # Released Stable Diffusion directories carry vocab.json and merges.txt
-    # only; keep it so.
-    os.remove(os.path.join(OUT, "tokenizer", "tokenizer.json"))
 
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -136,6 +253,8 @@ def main():
                "画一只在西湖边的猫", "", "blurry, low quality " * 30]
     fx["tokens"] = [{"text": p, "ids": tok(p, padding="max_length", max_length=77,
                                               truncation=True).input_ids} for p in prompts]
+    fx["clip_tokens"] = clip_tokens(prompts + ["An astronaut riding a horse, 4k, trending on artstation",
+                                               "水墨画：雨中的西湖断桥", "it's a dog's life; don't panic!"])
     with torch.no_grad():
         ids = torch.tensor([fx["tokens"][0]["ids"]])
         emb = text(ids)[0]
@@ -160,6 +279,11 @@ def main():
         fx["pipeline"] = runs
     pipe.scheduler = sched
     pipe.to(torch.float16).save_pretrained(OUT, safe_serialization=True)
+    # Released Stable Diffusion directories carry vocab.json and merges.txt
+    # only; keep it so.
+    os.remove(os.path.join(OUT, "tokenizer", "tokenizer.json"))
+    # The same weights as one file in the original layout (most downloads).
+    write_single_file(pipe, os.path.join(DATA, "tiny-sd.safetensors"))
     with open(os.path.join(DATA, "tiny_sd.json"), "w") as f:
         json.dump(fx, f, ensure_ascii=False)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)

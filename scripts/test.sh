@@ -23,7 +23,7 @@ cargo test --release --workspace --no-run --message-format=json-render-diagnosti
   | scripts/test_binaries.py >"$binaries"
 hanlin="$target/release/hanlin"
 stage "models"
-for m in smollm2-135m qwen2.5-coder-0.5b gemma3-270m multilingual-e5-small qwen2.5-coder-1.5b whisper-base kokoro-82m; do
+for m in smollm2-135m qwen2.5-coder-0.5b gemma3-270m multilingual-e5-small qwen2.5-coder-1.5b whisper-base kokoro-82m clip-bpe; do
   "$hanlin" pull "$m"
 done
 python3 -c "import openai" 2>/dev/null || python3 -m pip install -q "openai==3.54.0"

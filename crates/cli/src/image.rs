@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hanlin_image::{Pipeline, Request, Sampler};
+use hanlin_image::{Request, Sampler};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -59,13 +59,16 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
     if !(1..=16).contains(&a.count) {
         bail!("--count must be from 1 to 16");
     }
-    let dir = hanlin_image::locate(store, a.model.as_deref(), true)?;
     let t0 = std::time::Instant::now();
-    let pipe =
-        Pipeline::load(&dir, threads).with_context(|| format!("loading {}", dir.display()))?;
+    let pipe = hanlin_image::open(store, a.model.as_deref(), threads, true).with_context(|| {
+        format!(
+            "loading the image model {}",
+            a.model.as_deref().unwrap_or("(default)")
+        )
+    })?;
     eprintln!(
         "loaded {} in {:.1} s",
-        dir.display(),
+        pipe.dir.display(),
         t0.elapsed().as_secs_f32()
     );
     let seed = a.seed.unwrap_or_else(|| {

@@ -12,6 +12,25 @@ use hanlin_kernels::pool::ThreadPool;
 use serde_json::{json, Value};
 use std::path::Path;
 
+/// GPT-2's printable stand-in for every byte, in CLIP's order: the
+/// printable bytes, then the others mapped from 256 up.
+fn byte_symbols() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut out: Vec<char> = (0..256u32)
+        .filter(|&b| printable(b))
+        .filter_map(char::from_u32)
+        .collect();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable(b) {
+            out.push(char::from_u32(256 + n).unwrap_or('?'));
+            n += 1;
+        }
+    }
+    out
+}
+
 /// CLIP's pre-tokenizer pattern (special tokens, contractions, letter
 /// runs, single digits, other symbol runs).
 const PATTERN: &str =
@@ -61,20 +80,32 @@ impl ClipTokenizer {
                 _ => default.to_owned(),
             }
         };
-        let id = |t: &str| -> Result<u32, ImageError> {
-            vocab
-                .get(t)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-                .ok_or_else(|| bad(&vocab_path, format!("no id for {t:?}")))
-        };
-        let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
-        let pad = id(&special("pad_token", "<|endoftext|>"))?;
+        let pad = special("pad_token", "<|endoftext|>");
         let max_len = config
             .get("model_max_length")
             .and_then(Value::as_u64)
             .filter(|&n| (3..=512).contains(&n))
             .unwrap_or(77) as usize;
+        Self::from_parts(dir, vocab, merges, &pad, max_len)
+    }
+
+    /// From a vocabulary and merges; `pad` names the padding token.
+    fn from_parts(
+        path: &Path,
+        vocab: serde_json::Map<String, Value>,
+        merges: Vec<String>,
+        pad: &str,
+        max_len: usize,
+    ) -> Result<Self, ImageError> {
+        let id = |t: &str| -> Result<u32, ImageError> {
+            vocab
+                .get(t)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+                .ok_or_else(|| bad(path, format!("no id for {t:?}")))
+        };
+        let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+        let pad = id(pad)?;
         let spec = json!({
             "version": "1.0",
             "normalizer": {"type": "Sequence", "normalizers": [
@@ -89,7 +120,7 @@ impl ClipTokenizer {
                 "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": merges},
         });
         let tok = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-            .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", dir.display())))?;
+            .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
             tok,
             bos,
@@ -97,6 +128,43 @@ impl ClipTokenizer {
             pad,
             max_len,
         })
+    }
+
+    /// From CLIP's original `bpe_simple_vocab_16e6.txt.gz` (the merges;
+    /// the vocabulary follows from them as CLIP builds it: the 256 byte
+    /// symbols, the same ending a word, each merge, then the two special
+    /// tokens — 49,408 ids).
+    pub fn from_bpe_gz(path: &Path) -> Result<Self, ImageError> {
+        let gz = std::fs::read(path).map_err(|source| ImageError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(flate2::read::GzDecoder::new(&gz[..]), 8 << 20),
+            &mut text,
+        )
+        .map_err(|e| bad(path, format!("not gzip-compressed UTF-8 text: {e}")))?;
+        let merges: Vec<String> = text
+            .split('\n')
+            .skip(1)
+            .take(49152 - 256 - 2)
+            .map(str::to_owned)
+            .collect();
+        if merges.len() != 49152 - 256 - 2 || merges.iter().any(|m| m.split(' ').count() != 2) {
+            return Err(bad(path, "not CLIP's merges file"));
+        }
+        let bytes = byte_symbols();
+        let mut list: Vec<String> = bytes.iter().map(|c| c.to_string()).collect();
+        list.extend(bytes.iter().map(|c| format!("{c}</w>")));
+        list.extend(merges.iter().map(|m| m.replace(' ', "")));
+        list.push("<|startoftext|>".into());
+        list.push("<|endoftext|>".into());
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in list.into_iter().enumerate() {
+            vocab.insert(t, Value::from(i as u64));
+        }
+        Self::from_parts(path, vocab, merges, "<|endoftext|>", 77)
     }
 
     /// A `tokenizer.json` (as newer transformers versions save a CLIP
@@ -168,8 +236,12 @@ pub struct TextEncoder {
 
 impl TextEncoder {
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
-        let cfg = read_config(dir)?;
-        let w = Weights::open_dir(dir)?;
+        Self::from_parts(&read_config(dir)?, &Weights::open_dir(dir)?)
+    }
+
+    /// From a config and weights named as transformers names them.
+    pub fn from_parts(cfg: &Value, w: &Weights) -> Result<Self, ImageError> {
+        let dir = w.path();
         let num = |k: &str| cfg.get(k).and_then(Value::as_u64).map(|v| v as usize);
         // transformers writes `text_model.` before every name; some tools
         // leave it out.
@@ -205,11 +277,11 @@ impl TextEncoder {
                 w.vec(&format!("{n}.bias"), dim)?,
             ))
         };
-        let n_layers = nn::count(&w, &format!("{p}encoder.layers"), "self_attn.q_proj.weight");
+        let n_layers = nn::count(w, &format!("{p}encoder.layers"), "self_attn.q_proj.weight");
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let l = format!("{p}encoder.layers.{i}");
-            let lin = |n: &str| nn::linear(&w, &format!("{l}.{n}"));
+            let lin = |n: &str| nn::linear(w, &format!("{l}.{n}"));
             layers.push(Layer {
                 ln1: ln(&format!("{l}.layer_norm1"))?,
                 qkv: [

@@ -10,6 +10,7 @@
 //!
 //! - [`weights`] — safetensors files (f32, f16, bf16) by tensor name.
 //! - [`nn`] — convolutions, group norm, attention, the blocks UNet and VAE share.
+//! - [`ldm`] — single-file checkpoints in the original layout, renamed.
 //! - [`clip`] — the CLIP tokenizer and text encoder.
 //! - [`unet`] — `UNet2DConditionModel`.
 //! - [`vae`] — the `AutoencoderKL` decoder.
@@ -18,6 +19,7 @@
 //! - [`queue`] — one worker per loaded pipeline, jobs by priority, cancellation.
 
 pub mod clip;
+pub mod ldm;
 pub mod nn;
 pub mod pipeline;
 pub mod queue;
@@ -55,18 +57,43 @@ pub enum ImageError {
     Store(#[from] hanlin_store::StoreError),
 }
 
-/// Pulled image models (diffusers pipelines), by name.
+/// Pulled image models (diffusers pipelines, and single-file
+/// `.safetensors` checkpoints), by name.
 pub fn installed(store: &hanlin_store::Store) -> Result<Vec<String>, ImageError> {
     Ok(store
         .list()?
         .into_iter()
-        .filter(|m| m.files.contains_key("unet/config.json"))
+        .filter(|m| m.files.contains_key("unet/config.json") || m.source.contains(".safetensors"))
         .map(|m| m.name)
         .collect())
 }
 
-/// The directory of image model `name`: a diffusers directory given by
-/// path, a pulled model, or `hf:owner/repo` (pulled first). `None` picks
+/// Load image model `name` (see [`locate`]). A single-file checkpoint
+/// takes the tokenizer beside it (`tokenizer/` in its directory) or CLIP's
+/// merges from the catalog (`clip-bpe`, pulled when missing).
+pub fn open(
+    store: &hanlin_store::Store,
+    name: Option<&str>,
+    threads: usize,
+    progress: bool,
+) -> Result<Pipeline, ImageError> {
+    let path = locate(store, name, progress)?;
+    if path.is_dir() {
+        return Pipeline::load(&path, threads);
+    }
+    let beside = path.with_file_name("tokenizer");
+    let tokenizer = if beside.join("vocab.json").exists() {
+        clip::ClipTokenizer::load(&beside)?
+    } else {
+        let m = store.pull(hanlin_store::CLIP_BPE, progress)?;
+        clip::ClipTokenizer::from_bpe_gz(&store.blob_path(&m.sha256))?
+    };
+    Pipeline::load_single(&path, tokenizer, &ldm::Configs::default(), threads)
+}
+
+/// Where image model `name` is: a diffusers directory or `.safetensors`
+/// checkpoint given by path, a pulled model, or `hf:owner/repo` (a
+/// diffusers repository) / `hf:owner/repo/file.safetensors` (pulled first). `None` picks
 /// the first pulled image model.
 pub fn locate(
     store: &hanlin_store::Store,
@@ -81,7 +108,7 @@ pub fn locate(
             .ok_or(ImageError::NoModel)?,
     };
     let path = std::path::Path::new(&name);
-    if path.is_dir() {
+    if path.is_dir() || (path.is_file() && name.ends_with(".safetensors")) {
         return Ok(path.to_path_buf());
     }
     let local = if name.starts_with("hf:") {
@@ -89,7 +116,14 @@ pub fn locate(
     } else {
         name.clone()
     };
-    store.dir_of(&local)?.ok_or_else(|| {
+    if let Some(dir) = store.dir_of(&local)? {
+        return Ok(dir);
+    }
+    let single = store
+        .get(&local)?
+        .filter(|m| m.source.contains(".safetensors"))
+        .and_then(|_| store.path_of(&local).ok().flatten());
+    single.ok_or_else(|| {
         ImageError::UnknownModel(
             name,
             installed(store).map(|v| v.join(", ")).unwrap_or_default(),

@@ -7,6 +7,7 @@ use crate::nn::Feat;
 use crate::sched::{gauss, Sampler, Schedule};
 use crate::unet::Unet;
 use crate::vae::VaeDecoder;
+use crate::weights::Weights;
 use crate::ImageError;
 use hanlin_kernels::pool::ThreadPool;
 use rand::SeedableRng;
@@ -153,6 +154,54 @@ impl Pipeline {
         } else {
             Schedule::default()
         };
+        tracing::info!(dir = %dir.display(), ms = t0.elapsed().as_millis() as u64, "image pipeline loaded");
+        Self::assemble(dir, tokenizer, text, unet, vae, schedule, threads)
+    }
+
+    /// A single-file Stable Diffusion 1.x checkpoint in the original layout
+    /// ([`crate::ldm`]), with `tokenizer` (such files carry none).
+    pub fn load_single(
+        file: &Path,
+        tokenizer: ClipTokenizer,
+        config: &crate::ldm::Configs,
+        threads: usize,
+    ) -> Result<Self, ImageError> {
+        let t0 = std::time::Instant::now();
+        let files = [file.to_path_buf()];
+        let all = Weights::open(file, &files)?;
+        let layout = crate::ldm::Layout::of(all.names())
+            .ok_or_else(|| ImageError::NotDiffusion(file.display().to_string()))?;
+        drop(all);
+        let part = |want: crate::ldm::Part| {
+            Weights::open_with(file, &files, &move |n| {
+                crate::ldm::rename(n, layout).and_then(|(p, name)| (p == want).then_some(name))
+            })
+        };
+        let text = TextEncoder::from_parts(&config.text, &part(crate::ldm::Part::TextEncoder)?)?;
+        let unet = Unet::from_parts(&config.unet, &part(crate::ldm::Part::Unet)?)?;
+        unet.check(file)?;
+        let vae = VaeDecoder::from_parts(&config.vae, &part(crate::ldm::Part::Vae)?)?;
+        tracing::info!(file = %file.display(), ms = t0.elapsed().as_millis() as u64, "image checkpoint loaded");
+        Self::assemble(
+            file,
+            tokenizer,
+            text,
+            unet,
+            vae,
+            Schedule::default(),
+            threads,
+        )
+    }
+
+    fn assemble(
+        dir: &Path,
+        tokenizer: ClipTokenizer,
+        text: TextEncoder,
+        unet: Unet,
+        vae: VaeDecoder,
+        schedule: Schedule,
+        threads: usize,
+    ) -> Result<Self, ImageError> {
         if unet.context_dim != text.dim {
             return Err(crate::bad(
                 dir,
@@ -171,7 +220,6 @@ impl Pipeline {
                 ),
             ));
         }
-        tracing::info!(dir = %dir.display(), ms = t0.elapsed().as_millis() as u64, "image pipeline loaded");
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -240,7 +288,11 @@ impl Pipeline {
                 )));
             }
         }
-        if r.width == 0 || r.height == 0 || !r.width.is_multiple_of(m) || !r.height.is_multiple_of(m) {
+        if r.width == 0
+            || r.height == 0
+            || !r.width.is_multiple_of(m)
+            || !r.height.is_multiple_of(m)
+        {
             return Err(ImageError::Request(format!(
                 "{}×{} is not a multiple of {m} pixels on each side",
                 r.width, r.height

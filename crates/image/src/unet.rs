@@ -220,22 +220,26 @@ fn heads_of(cfg: &Value, blocks: usize) -> Vec<usize> {
 
 impl Unet {
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
-        let cfg = read_config(dir)?;
-        let w = Weights::open_dir(dir)?;
+        Self::from_parts(&read_config(dir)?, &Weights::open_dir(dir)?)
+    }
+
+    /// From a config and weights named as diffusers names them.
+    pub fn from_parts(cfg: &Value, w: &Weights) -> Result<Self, ImageError> {
+        let dir = w.path();
         let groups = cfg
             .get("norm_num_groups")
             .and_then(Value::as_u64)
             .unwrap_or(32) as usize;
         let eps = cfg.get("norm_eps").and_then(Value::as_f64).unwrap_or(1e-5) as f32;
-        let n_down = count(&w, "down_blocks", "resnets.0.conv1.weight");
-        let n_up = count(&w, "up_blocks", "resnets.0.conv1.weight");
+        let n_down = count(w, "down_blocks", "resnets.0.conv1.weight");
+        let n_up = count(w, "up_blocks", "resnets.0.conv1.weight");
         if n_down == 0 || n_up != n_down {
             return Err(bad(
                 dir,
                 format!("{n_down} down blocks and {n_up} up blocks"),
             ));
         }
-        let heads = heads_of(&cfg, n_down);
+        let heads = heads_of(cfg, n_down);
         if heads.len() != n_down || heads.contains(&0) {
             return Err(bad(
                 dir,
@@ -243,13 +247,13 @@ impl Unet {
             ));
         }
         let stage = |p: String, heads: usize, up: bool| -> Result<Stage, ImageError> {
-            let nr = count(&w, &format!("{p}.resnets"), "conv1.weight");
-            let na = count(&w, &format!("{p}.attentions"), "proj_in.weight");
+            let nr = count(w, &format!("{p}.resnets"), "conv1.weight");
+            let na = count(w, &format!("{p}.attentions"), "proj_in.weight");
             let resnets = (0..nr)
-                .map(|i| Resnet::load(&w, &format!("{p}.resnets.{i}"), groups, eps))
+                .map(|i| Resnet::load(w, &format!("{p}.resnets.{i}"), groups, eps))
                 .collect::<Result<_, _>>()?;
             let attns = (0..na)
-                .map(|i| Transformer::load(&w, &format!("{p}.attentions.{i}"), heads, groups))
+                .map(|i| Transformer::load(w, &format!("{p}.attentions.{i}"), heads, groups))
                 .collect::<Result<_, _>>()?;
             let (name, stride) = if up {
                 (format!("{p}.upsamplers.0.conv"), 1)
@@ -257,7 +261,7 @@ impl Unet {
                 (format!("{p}.downsamplers.0.conv"), 2)
             };
             let resample = if w.has(&format!("{name}.weight")) {
-                Some(Conv2d::load(&w, &name, stride)?)
+                Some(Conv2d::load(w, &name, stride)?)
             } else {
                 None
             };
@@ -281,12 +285,12 @@ impl Unet {
             .collect::<Result<Vec<_>, _>>()?;
         let last = heads[n_down - 1];
         let mid = (
-            Resnet::load(&w, "mid_block.resnets.0", groups, eps)?,
-            Transformer::load(&w, "mid_block.attentions.0", last, groups)?,
-            Resnet::load(&w, "mid_block.resnets.1", groups, eps)?,
+            Resnet::load(w, "mid_block.resnets.0", groups, eps)?,
+            Transformer::load(w, "mid_block.attentions.0", last, groups)?,
+            Resnet::load(w, "mid_block.resnets.1", groups, eps)?,
         );
-        let conv_in = Conv2d::load(&w, "conv_in", 1)?;
-        let time1 = nn::linear(&w, "time_embedding.linear_1")?;
+        let conv_in = Conv2d::load(w, "conv_in", 1)?;
+        let time1 = nn::linear(w, "time_embedding.linear_1")?;
         let context_dim = w
             .shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
             .or_else(|_| w.shape("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"))?
@@ -301,14 +305,14 @@ impl Unet {
                 .unwrap_or(true),
             freq_shift: cfg.get("freq_shift").and_then(Value::as_f64).unwrap_or(0.0) as f32,
             time1,
-            time2: nn::linear(&w, "time_embedding.linear_2")?,
+            time2: nn::linear(w, "time_embedding.linear_2")?,
             in_channels: conv_in.c_in,
             conv_in,
             down,
             mid,
             up,
-            norm_out: GroupNorm::load(&w, "conv_norm_out", groups, eps)?,
-            conv_out: Conv2d::load(&w, "conv_out", 1)?,
+            norm_out: GroupNorm::load(w, "conv_norm_out", groups, eps)?,
+            conv_out: Conv2d::load(w, "conv_out", 1)?,
             context_dim,
             sample_size: cfg
                 .get("sample_size")

@@ -82,50 +82,54 @@ pub struct VaeDecoder {
 
 impl VaeDecoder {
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
-        let cfg = read_config(dir)?;
-        let w = Weights::open_dir(dir)?;
+        Self::from_parts(&read_config(dir)?, &Weights::open_dir(dir)?)
+    }
+
+    /// From a config and weights named as diffusers names them.
+    pub fn from_parts(cfg: &Value, w: &Weights) -> Result<Self, ImageError> {
+        let dir = w.path();
         let groups = cfg
             .get("norm_num_groups")
             .and_then(Value::as_u64)
             .unwrap_or(32) as usize;
         let eps = 1e-6;
-        let n_up = count(&w, "decoder.up_blocks", "resnets.0.conv1.weight");
+        let n_up = count(w, "decoder.up_blocks", "resnets.0.conv1.weight");
         if n_up == 0 {
             return Err(bad(dir, "no decoder up blocks"));
         }
         let mut up = Vec::with_capacity(n_up);
         for i in 0..n_up {
             let p = format!("decoder.up_blocks.{i}");
-            let nr = count(&w, &format!("{p}.resnets"), "conv1.weight");
+            let nr = count(w, &format!("{p}.resnets"), "conv1.weight");
             let resnets = (0..nr)
-                .map(|j| Resnet::load(&w, &format!("{p}.resnets.{j}"), groups, eps))
+                .map(|j| Resnet::load(w, &format!("{p}.resnets.{j}"), groups, eps))
                 .collect::<Result<_, _>>()?;
             let name = format!("{p}.upsamplers.0.conv");
             let upsample = if w.has(&format!("{name}.weight")) {
-                Some(Conv2d::load(&w, &name, 1)?)
+                Some(Conv2d::load(w, &name, 1)?)
             } else {
                 None
             };
             up.push((resnets, upsample));
         }
         let ups = up.iter().filter(|u| u.1.is_some()).count();
-        let conv_in = Conv2d::load(&w, "decoder.conv_in", 1)?;
+        let conv_in = Conv2d::load(w, "decoder.conv_in", 1)?;
         Ok(Self {
             post_quant: if w.has("post_quant_conv.weight") {
-                Some(Conv2d::load(&w, "post_quant_conv", 1)?)
+                Some(Conv2d::load(w, "post_quant_conv", 1)?)
             } else {
                 None
             },
             latent_channels: conv_in.c_in,
             conv_in,
             mid: (
-                Resnet::load(&w, "decoder.mid_block.resnets.0", groups, eps)?,
-                Attn::load(&w, "decoder.mid_block.attentions.0", groups)?,
-                Resnet::load(&w, "decoder.mid_block.resnets.1", groups, eps)?,
+                Resnet::load(w, "decoder.mid_block.resnets.0", groups, eps)?,
+                Attn::load(w, "decoder.mid_block.attentions.0", groups)?,
+                Resnet::load(w, "decoder.mid_block.resnets.1", groups, eps)?,
             ),
             up,
-            norm_out: GroupNorm::load(&w, "decoder.conv_norm_out", groups, eps)?,
-            conv_out: Conv2d::load(&w, "decoder.conv_out", 1)?,
+            norm_out: GroupNorm::load(w, "decoder.conv_norm_out", groups, eps)?,
+            conv_out: Conv2d::load(w, "decoder.conv_out", 1)?,
             scaling_factor: cfg
                 .get("scaling_factor")
                 .and_then(Value::as_f64)

@@ -52,6 +52,16 @@ impl Weights {
 
     /// One or more safetensors files read as one set of tensors.
     pub fn open(path: &Path, files: &[PathBuf]) -> Result<Self, ImageError> {
+        Self::open_with(path, files, &|n| Some(n.to_string()))
+    }
+
+    /// As [`Weights::open`], keeping only the tensors `rename` maps, under
+    /// the names it gives (a single-file checkpoint seen as one component).
+    pub fn open_with(
+        path: &Path,
+        files: &[PathBuf],
+        rename: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ImageError> {
         let mut maps = Vec::new();
         let mut entries = HashMap::new();
         for (i, f) in files.iter().enumerate() {
@@ -69,9 +79,10 @@ impl Weights {
                 .map_err(|e| bad(f, format!("not a safetensors file: {e}")))?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
+                let Some(name) = rename(&name) else { continue };
                 let (a, b) = info.data_offsets;
                 entries.insert(
-                    name.clone(),
+                    name,
                     Entry {
                         file: i,
                         dtype: info.dtype,
@@ -87,6 +98,11 @@ impl Weights {
             maps,
             entries,
         })
+    }
+
+    /// Every tensor's name.
+    pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
+        self.entries.keys().map(String::as_str)
     }
 
     pub fn path(&self) -> &Path {

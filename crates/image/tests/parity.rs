@@ -145,3 +145,65 @@ fn whole_pipelines_match_diffusers() {
         );
     }
 }
+
+#[test]
+fn a_single_file_checkpoint_in_the_original_layout_gives_the_same_images() {
+    // The same f32-exact weights written by the fixture script in the
+    // original (CompVis) layout and checked there against diffusers' own
+    // single-file converters; this pipeline's component configs differ
+    // from SD 1.x's, so they are given.
+    use hanlin_image::clip::ClipTokenizer;
+    use hanlin_image::ldm::Configs;
+    let dir = data().join("tiny-sd");
+    let read = |p: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(p)).expect("config")).expect("json")
+    };
+    let configs = Configs {
+        unet: read("unet/config.json"),
+        vae: read("vae/config.json"),
+        text: read("text_encoder/config.json"),
+    };
+    let tok = ClipTokenizer::load(&dir.join("tokenizer")).expect("tokenizer");
+    let single = Pipeline::load_single(&data().join("tiny-sd.safetensors"), tok, &configs, 2)
+        .expect("single file loads");
+    let p = pipeline();
+    let mut r = Request::new("a red circle on a blue background");
+    (r.width, r.height, r.steps, r.seed) = (32, 32, 3, 9);
+    let a = p.generate(&r, &mut |_| true).expect("directory");
+    let b = single.generate(&r, &mut |_| true).expect("single file");
+    assert_eq!(a, b, "the same weights give the same image");
+    // A file that is not a checkpoint is refused with a clear error.
+    let tok = ClipTokenizer::load(&dir.join("tokenizer")).expect("tokenizer");
+    let err = Pipeline::load_single(
+        &dir.join("text_encoder/model.safetensors"),
+        tok,
+        &configs,
+        2,
+    )
+    .err()
+    .expect("not a checkpoint");
+    assert!(err.to_string().contains("not a diffusion model"), "{err}");
+}
+
+#[test]
+fn clip_merges_from_the_catalog_tokenize_as_transformers_does() {
+    // `clip-bpe` (CLIP's own merges file, from the open_clip_torch wheel)
+    // against transformers' CLIPTokenizer built from the same merges; the
+    // ids are recorded in the fixture.
+    let store = hanlin_store::Store::open(hanlin_store::Store::default_home()).expect("store");
+    let path = store
+        .path_of(hanlin_store::CLIP_BPE)
+        .expect("store")
+        .expect("clip-bpe is not pulled; scripts/test.sh pulls it (hanlin pull clip-bpe)");
+    let tok = hanlin_image::clip::ClipTokenizer::from_bpe_gz(&path).expect("CLIP's merges");
+    for t in fixture()["clip_tokens"].as_array().expect("clip_tokens") {
+        let text = t["text"].as_str().expect("text");
+        let want: Vec<u32> = t["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        assert_eq!(tok.encode(text).expect("encodes"), want, "{text:?}");
+    }
+}

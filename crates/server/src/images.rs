@@ -113,8 +113,7 @@ impl Images {
         let (threads, model) = (self.threads, name.to_string());
         let pipe = tokio::task::spawn_blocking(move || -> Result<Pipeline, ImageError> {
             let store = hanlin_store::Store::open(home)?;
-            let dir = hanlin_image::locate(&store, Some(&model), false)?;
-            Pipeline::load(&dir, threads)
+            hanlin_image::open(&store, Some(&model), threads, false)
         })
         .await
         .map_err(|e| ApiError::internal(format!("loading the image model failed: {e}")))?

@@ -275,6 +275,19 @@ pub fn catalog() -> Vec<CatalogEntry> {
             runtime: None,
         },
         CatalogEntry {
+            name: CLIP_BPE,
+            description: "CLIP's byte-pair merges (the tokenizer of Stable Diffusion 1.x's text encoder), for single-file image checkpoints that carry none",
+            sha256: "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+            size: 1_356_917,
+            source: Source::Pip {
+                packages: vec!["open_clip_torch==3.3.0"],
+                members: vec!["open_clip/bpe_simple_vocab_16e6.txt.gz"],
+                part_sha256: vec![],
+                extras: vec![],
+            },
+            runtime: None,
+        },
+        CatalogEntry {
             name: KOKORO_MODEL,
             description: "Kokoro-82M v1.0, int8 ONNX (the natural voice for tts-1-hd; Japanese voice packs, speaks Chinese and English; runs on ONNX Runtime)",
             sha256: "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb",
@@ -319,6 +332,9 @@ pub fn catalog() -> Vec<CatalogEntry> {
         },
     ]
 }
+
+/// CLIP's byte-pair merges, for image checkpoints without a tokenizer.
+pub const CLIP_BPE: &str = "clip-bpe";
 
 /// The natural voice (Kokoro-82M).
 pub const KOKORO_MODEL: &str = "kokoro-82m";

@@ -241,11 +241,7 @@ pub fn list_from(endpoint: &str, r: &HfRepo) -> Result<Vec<Listed>, StoreError> 
 pub type Fetched = (String, u64, Vec<(String, String)>);
 
 /// Fetch a diffusers pipeline.
-pub(crate) fn fetch_repo(
-    store: &Store,
-    r: &HfRepo,
-    progress: bool,
-) -> Result<Fetched, StoreError> {
+pub(crate) fn fetch_repo(store: &Store, r: &HfRepo, progress: bool) -> Result<Fetched, StoreError> {
     fetch_repo_from(store, &endpoint(), r, progress)
 }
 
@@ -575,6 +571,14 @@ mod tests {
             b"contents of vae/diffusion_pytorch_model.safetensors"
         );
         assert!(view.join("model_index.json").exists());
+        store.remove("pipe").expect("removed");
+        assert!(!view.exists(), "the view goes with the model");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("blobs"))
+                .expect("blobs")
+                .count(),
+            0
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@ mod pip;
 mod runtime;
 
 pub use catalog::{
-    catalog, CatalogEntry, Extra, Source, DEFAULT_MODEL, E5_MODEL, KOKORO_MODEL, WHISPER_MODEL,
+    catalog, CatalogEntry, Extra, Source, CLIP_BPE, DEFAULT_MODEL, E5_MODEL, KOKORO_MODEL,
+    WHISPER_MODEL,
 };
 pub use runtime::{Runtime, ONNXRUNTIME};
 
@@ -196,6 +197,12 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(format!("removing {}", b.display()))(e)),
             }
+        }
+        // A multi-file model's directory of links (`dir_of`) goes with it.
+        let view = self.home.join("views").join(name);
+        if view.exists() {
+            std::fs::remove_dir_all(&view)
+                .map_err(io_err(format!("removing {}", view.display())))?;
         }
         Ok(m)
     }

@@ -29,6 +29,14 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}
+
 fn pipeline() -> Pipeline {
     Pipeline::load(&data().join("tiny-sd"), 2).expect("tiny pipeline loads")
 }
@@ -69,12 +77,7 @@ fn clip_tokens_match_transformers() {
     let p = pipeline();
     for t in fixture()["tokens"].as_array().expect("tokens") {
         let text = t["text"].as_str().expect("text");
-        let want: Vec<u32> = t["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
+        let want = ids(&t["ids"]);
         assert_eq!(
             p.tokenizer().encode(text).expect("encodes"),
             want,
@@ -198,12 +201,7 @@ fn clip_merges_from_the_catalog_tokenize_as_transformers_does() {
     let tok = hanlin_image::clip::ClipTokenizer::from_bpe_gz(&path).expect("CLIP's merges");
     for t in fixture()["clip_tokens"].as_array().expect("clip_tokens") {
         let text = t["text"].as_str().expect("text");
-        let want: Vec<u32> = t["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
+        let want = ids(&t["ids"]);
         assert_eq!(tok.encode(text).expect("encodes"), want, "{text:?}");
     }
 }

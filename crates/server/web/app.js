@@ -374,6 +374,25 @@ function defaultParams() {
   return { temperature: 0.7, top_p: 0.9, max_tokens: 1024 };
 }
 
+/** Read a reply's server-sent events (`data:` JSON lines), calling `onEvent` with each as it arrives. */
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const dec = new TextDecoder();
+  let pending = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    pending += dec.decode(value, { stream: true });
+    let cut;
+    while ((cut = pending.indexOf("\n\n")) >= 0) {
+      const chunk = pending.slice(0, cut);
+      pending = pending.slice(cut + 2);
+      const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
+}
+
 /**
  * Send `text` as a new user message under `parentId`, or (text null) regenerate the reply to `parentId`.
  * `hooks` (voice mode): `delta(text)` as the reply streams, `done(status)` when it ends.
@@ -395,7 +414,6 @@ async function send(text, parentId, hooks = {}) {
   setStreamingUi(true);
   let reply = null;
   let body = null;
-  let pending = "";
   let frame = 0;
   const paint = () => {
     frame = 0;
@@ -405,51 +423,38 @@ async function send(text, parentId, hooks = {}) {
     const payload = text != null ? { content: text, parent_id: parentId } : { parent_id: parentId };
     const r = await api("POST", `/api/conversations/${conv.id}/messages`, payload, { raw: true, signal: controller.signal });
     if (text != null) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
-    const reader = r.body.getReader();
-    const dec = new TextDecoder();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      pending += dec.decode(value, { stream: true });
-      let cut;
-      while ((cut = pending.indexOf("\n\n")) >= 0) {
-        const chunk = pending.slice(0, cut);
-        pending = pending.slice(cut + 2);
-        const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-        if (!data) continue;
-        const ev = JSON.parse(data);
-        if (ev.type === "user" && ev.message) {
-          addMessage(ev.message);
-        } else if (ev.type === "assistant") {
-          reply = ev.message;
-          state.streaming.replyId = reply.id;
-          addMessage(reply);
-          renderMessages();
-          body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
-        } else if ((ev.type === "tool_call" || ev.type === "tool_result") && reply) {
-          // A step the server runs: shown at once, its result when it comes.
-          reply.tools = reply.tools || [];
-          const step = ev.type === "tool_call" ? { ...ev.call, running: true } : ev.result;
-          const i = reply.tools.findIndex((s) => s.id === step.id && s.step === step.step);
-          if (i >= 0) reply.tools[i] = step; else reply.tools.push(step);
-          renderMessages();
-          body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
-        } else if (ev.type === "delta" && reply) {
-          reply.content += ev.text;
-          if (hooks.delta) hooks.delta(ev.text);
-          if (!frame) frame = requestAnimationFrame(paint);
-        } else if (ev.type === "done" && reply) {
-          reply.status = ev.status;
-          // Search mode: the text with its citations checked, and the sources.
-          if (typeof ev.content === "string") reply.content = ev.content;
-          if (ev.sources) reply.sources = ev.sources;
-          if (ev.tools) reply.tools = ev.tools;
-        } else if (ev.type === "error" && reply) {
-          reply.status = "error";
-          notice(ev.message, "error");
-        }
+    await readEvents(r, (ev) => {
+      if (ev.type === "user" && ev.message) {
+        addMessage(ev.message);
+      } else if (ev.type === "assistant") {
+        reply = ev.message;
+        state.streaming.replyId = reply.id;
+        addMessage(reply);
+        renderMessages();
+        body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+      } else if ((ev.type === "tool_call" || ev.type === "tool_result") && reply) {
+        // A step the server runs: shown at once, its result when it comes.
+        reply.tools = reply.tools || [];
+        const step = ev.type === "tool_call" ? { ...ev.call, running: true } : ev.result;
+        const i = reply.tools.findIndex((s) => s.id === step.id && s.step === step.step);
+        if (i >= 0) reply.tools[i] = step; else reply.tools.push(step);
+        renderMessages();
+        body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+      } else if (ev.type === "delta" && reply) {
+        reply.content += ev.text;
+        if (hooks.delta) hooks.delta(ev.text);
+        if (!frame) frame = requestAnimationFrame(paint);
+      } else if (ev.type === "done" && reply) {
+        reply.status = ev.status;
+        // Search mode: the text with its citations checked, and the sources.
+        if (typeof ev.content === "string") reply.content = ev.content;
+        if (ev.sources) reply.sources = ev.sources;
+        if (ev.tools) reply.tools = ev.tools;
+      } else if (ev.type === "error" && reply) {
+        reply.status = "error";
+        notice(ev.message, "error");
       }
-    }
+    });
   } catch (e) {
     if (e.name === "AbortError") {
       if (reply) reply.status = "incomplete";
@@ -491,46 +496,32 @@ async function draw(prompt, parentId) {
   state.streaming = { controller, replyId: null };
   setStreamingUi(true);
   let reply = null;
-  let pending = "";
   try {
     const r = await api("POST", `/api/conversations/${conv.id}/images`, { prompt, parent_id: parentId }, { raw: true, signal: controller.signal });
     if ($("#input").value.trim() === prompt) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
-    const reader = r.body.getReader();
-    const dec = new TextDecoder();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      pending += dec.decode(value, { stream: true });
-      let cut;
-      while ((cut = pending.indexOf("\n\n")) >= 0) {
-        const chunk = pending.slice(0, cut);
-        pending = pending.slice(cut + 2);
-        const data = chunk.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-        if (!data) continue;
-        const ev = JSON.parse(data);
-        if (ev.type === "user" && ev.message) {
-          addMessage(ev.message);
-        } else if (ev.type === "assistant") {
-          reply = ev.message;
-          state.streaming.replyId = reply.id;
-          addMessage(reply);
-          renderMessages();
-        } else if (ev.type === "progress" && reply) {
-          const body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
-          if (body) {
-            const bar = el("progress", { max: ev.steps, value: ev.step });
-            body.replaceChildren(el("img", { class: "preview", src: ev.preview, alt: "" }), el("div", { class: "muted small", text: t("drawing", { i: ev.step, n: ev.steps }) }), bar);
-            scrollToEnd();
-          }
-        } else if (ev.type === "done" && reply) {
-          reply.status = ev.status;
-          if (typeof ev.content === "string") reply.content = ev.content;
-        } else if (ev.type === "error" && reply) {
-          reply.status = "error";
-          notice(ev.message, "error");
+    await readEvents(r, (ev) => {
+      if (ev.type === "user" && ev.message) {
+        addMessage(ev.message);
+      } else if (ev.type === "assistant") {
+        reply = ev.message;
+        state.streaming.replyId = reply.id;
+        addMessage(reply);
+        renderMessages();
+      } else if (ev.type === "progress" && reply) {
+        const body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+        if (body) {
+          const bar = el("progress", { max: ev.steps, value: ev.step });
+          body.replaceChildren(el("img", { class: "preview", src: ev.preview, alt: "" }), el("div", { class: "muted small", text: t("drawing", { i: ev.step, n: ev.steps }) }), bar);
+          scrollToEnd();
         }
+      } else if (ev.type === "done" && reply) {
+        reply.status = ev.status;
+        if (typeof ev.content === "string") reply.content = ev.content;
+      } else if (ev.type === "error" && reply) {
+        reply.status = "error";
+        notice(ev.message, "error");
       }
-    }
+    });
   } catch (e) {
     if (e.name === "AbortError") {
       if (reply) reply.status = "incomplete";

@@ -38,16 +38,7 @@ impl HfFile {
     /// A store name derived from the file name.
     pub fn local_name(&self) -> String {
         let file = self.path.rsplit('/').next().unwrap_or(&self.path);
-        let stem = file.strip_suffix(".gguf").unwrap_or(file);
-        stem.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect()
+        store_name(file.strip_suffix(".gguf").unwrap_or(file))
     }
 
     pub fn url(&self, endpoint: &str) -> String {
@@ -59,6 +50,19 @@ impl HfFile {
             self.path
         )
     }
+}
+
+/// `s` lower-cased with every character a store name cannot hold as `-`.
+fn store_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// A whole repository: a diffusers pipeline (`owner/repo[@revision]`).
@@ -88,16 +92,7 @@ impl HfRepo {
 
     /// A store name from the repository's name.
     pub fn local_name(&self) -> String {
-        let name = self.repo.rsplit('/').next().unwrap_or(&self.repo);
-        name.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect()
+        store_name(self.repo.rsplit('/').next().unwrap_or(&self.repo))
     }
 
     fn file(&self, path: &str) -> HfFile {

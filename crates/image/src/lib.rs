@@ -126,7 +126,10 @@ pub fn locate(
     single.ok_or_else(|| {
         ImageError::UnknownModel(
             name,
-            installed(store).map(|v| v.join(", ")).unwrap_or_default(),
+            installed(store)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| "none".to_string(), |v| v.join(", ")),
         )
     })
 }

@@ -4,9 +4,9 @@
 //! clients work. The pipeline loads on first use; its queue
 //! (`hanlin_image::queue`) runs one image at a time, by the plan's
 //! priority, and drops a job whose client has gone. Each finished image is
-//! metered (`images`, `image_steps`); `url` answers point at the image
-//! stored as the caller's file (`/v1/files/{id}/content`, owner only),
-//! kept for `image_keep`.
+//! metered (`images`, `image_steps`); `url` answers are absolute links to
+//! the image stored as the caller's file (`/v1/files/{id}/content`, owner
+//! only: the same key or session), kept for `image_keep`.
 
 use crate::api::{admit, Via};
 use crate::error::ApiError;
@@ -386,13 +386,37 @@ pub(crate) async fn generate(
 pub async fn generations(
     State(st): State<Arc<AppState>>,
     ApiCaller(caller): ApiCaller,
+    headers: axum::http::HeaderMap,
     Body(body): Body,
 ) -> Response {
-    let r = generations_inner(&st, caller, &body).await;
+    let r = generations_inner(&st, caller, &origin(&headers), &body).await;
     crate::api::finish_response(&st, "images.generations", r)
 }
 
-async fn generations_inner(st: &Arc<AppState>, caller: Caller, body: &[u8]) -> AppResult<Response> {
+/// `scheme://host` the client reached the server at (the Host header,
+/// which `guard` has checked; https when a proxy says so), for absolute
+/// image URLs as OpenAI gives them; empty when the request names no host.
+fn origin(headers: &axum::http::HeaderMap) -> String {
+    let Some(host) = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty() && !h.contains(['/', '@', ' ']))
+    else {
+        return String::new();
+    };
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    format!("{}://{host}", if https { "https" } else { "http" })
+}
+
+async fn generations_inner(
+    st: &Arc<AppState>,
+    caller: Caller,
+    origin: &str,
+    body: &[u8],
+) -> AppResult<Response> {
     let req: GenerationRequest = crate::openai::parse(body, GENERATION_FIELDS)?;
     let requested = req.model.as_deref();
     let b64 = match req.response_format.as_deref() {
@@ -454,7 +478,7 @@ async fn generations_inner(st: &Arc<AppState>, caller: Caller, body: &[u8]) -> A
         match keep_image(st, &caller.user.id, &name, &png).await {
             Ok(id) => {
                 data.push(
-                    json!({"url": format!("/v1/files/{id}/content"), "revised_prompt": prompt}),
+                    json!({"url": format!("{origin}/v1/files/{id}/content"), "revised_prompt": prompt}),
                 );
                 stored.push(id);
             }

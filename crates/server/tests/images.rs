@@ -96,8 +96,13 @@ async fn images_are_generated_stored_for_their_owner_and_metered() {
         .collect();
     assert_eq!(urls.len(), 2);
     let http = reqwest::Client::new();
+    assert!(
+        urls.iter()
+            .all(|u| u.starts_with(&format!("{base}/v1/files/file-"))),
+        "{urls:?}"
+    );
     let got = http
-        .get(format!("{base}{}", urls[1]))
+        .get(&urls[1])
         .bearer_auth(&key)
         .send()
         .await
@@ -107,7 +112,7 @@ async fn images_are_generated_stored_for_their_owner_and_metered() {
     assert_eq!(png_size(&got.bytes().await.expect("bytes")), (48, 32));
     let stranger = srv.user_key("eve", "studio").await;
     let got = http
-        .get(format!("{base}{}", urls[0]))
+        .get(&urls[0])
         .bearer_auth(&stranger)
         .send()
         .await

@@ -38,7 +38,11 @@ impl HfFile {
     /// A store name derived from the file name.
     pub fn local_name(&self) -> String {
         let file = self.path.rsplit('/').next().unwrap_or(&self.path);
-        store_name(file.strip_suffix(".gguf").unwrap_or(file))
+        let stem = [".gguf", ".safetensors"]
+            .iter()
+            .find_map(|ext| file.strip_suffix(ext))
+            .unwrap_or(file);
+        store_name(stem)
     }
 
     pub fn url(&self, endpoint: &str) -> String {
@@ -611,6 +615,8 @@ mod tests {
         assert_eq!(f.revision, "abc");
         assert_eq!(f.local_name(), "qwen2.5-0.5b-instruct-q4_k_m");
         assert!(HfFile::parse("just-a-name").is_err());
+        let sd = HfFile::parse("org/sd/v1-5-pruned-emaonly.safetensors").expect("parse");
+        assert_eq!(sd.local_name(), "v1-5-pruned-emaonly");
         assert!(HfFile::parse("a/../b").is_err());
     }
 

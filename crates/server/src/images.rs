@@ -8,7 +8,6 @@
 //! the image stored as the caller's file (`/v1/files/{id}/content`, owner
 //! only: the same key or session), kept for `image_keep`.
 
-use crate::api::{admit, Via};
 use crate::error::ApiError;
 use crate::extract::{ApiCaller, Body};
 use crate::AppState;
@@ -66,30 +65,30 @@ impl Images {
         names
     }
 
-    /// The default image model's name, if there is one.
-    pub fn default_name(&self) -> Option<String> {
-        self.default.as_deref().map(public_name).or_else(|| {
+    /// The default image model (as configured: a name or a path), if
+    /// there is one.
+    fn default_model(&self) -> Option<String> {
+        self.default.clone().or_else(|| {
             hanlin_image::installed(&self.store)
                 .ok()
                 .and_then(|v| v.into_iter().next())
         })
     }
 
+    /// The default image model's name as users see it.
+    pub fn default_name(&self) -> Option<String> {
+        self.default_model().as_deref().map(public_name)
+    }
+
     /// The model a request's `model` means (`None`: the default).
     fn resolve(&self, requested: Option<&str>) -> AppResult<String> {
         let default = || -> AppResult<String> {
-            match &self.default {
-                Some(d) => Ok(d.clone()),
-                None => hanlin_image::installed(&self.store)
-                    .ok()
-                    .and_then(|v| v.into_iter().next())
-                    .ok_or_else(|| {
-                        ApiError::unavailable(
-                            "No image model is installed on this server; an administrator can add one with `hanlin pull hf:owner/repo`.",
-                        )
-                        .code("model_not_available")
-                    }),
-            }
+            self.default_model().ok_or_else(|| {
+                ApiError::unavailable(
+                    "No image model is installed on this server; an administrator can add one with `hanlin pull hf:owner/repo`.",
+                )
+                .code("model_not_available")
+            })
         };
         match requested {
             None => default(),
@@ -211,21 +210,24 @@ pub(crate) struct Ask {
     pub seed: Option<u64>,
 }
 
-/// A checked request: the model's queue and one pipeline request per image.
+/// A checked, admitted request: the gateway request it is metered on, the
+/// model's queue and one pipeline request per image.
 pub(crate) struct Prepared {
+    pub request: hanlin_gateway::Request,
     pub queue: Arc<Queue>,
     pub model: String,
     pub requests: Vec<Request>,
-    pub steps: usize,
 }
 
-/// Check everything a request can be refused for (before it is admitted
-/// or anything is stored), load the model, and make the image requests.
+/// Check what a request can be refused for without the model, admit it
+/// (requests per minute) before any heavy work, load the model, check the
+/// size against it, and make the image requests. Nothing is stored yet.
 pub(crate) async fn prepare(
     st: &AppState,
     caller: &Caller,
     requested: Option<&str>,
     ask: &Ask,
+    endpoint: Endpoint,
 ) -> AppResult<Prepared> {
     let prompt = ask.prompt.trim();
     if prompt.is_empty() {
@@ -297,6 +299,7 @@ pub(crate) async fn prepare(
             .param("size")
         })?),
     };
+    let request = st.gw.admit(caller, endpoint, &model).await?;
     let queue = st.images.queue(&internal).await?;
     let native = queue.pipeline.native_size();
     let (width, height) = parsed.unwrap_or((native, native));
@@ -326,23 +329,26 @@ pub(crate) async fn prepare(
         })
         .collect();
     Ok(Prepared {
+        request,
         queue,
         model,
         requests,
-        steps,
     })
 }
 
-/// Run one image through the model's queue at `priority`. `gone` stops it
+/// Run one image through the model's queue at `priority`, meter it on
+/// `request` once it is finished, and return it as PNG. `gone` stops it
 /// (the caller left); `progress` gets each step (with a small preview of
 /// the latents).
 pub(crate) async fn generate(
     queue: &Queue,
+    request: &mut hanlin_gateway::Request,
     priority: i64,
     r: Request,
     gone: &Arc<AtomicBool>,
     progress: Option<tokio::sync::mpsc::Sender<Value>>,
-) -> AppResult<hanlin_image::Image> {
+) -> AppResult<Vec<u8>> {
+    let steps = r.steps as i64;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (g1, g2) = (gone.clone(), gone.clone());
     let job = Job {
@@ -375,11 +381,19 @@ pub(crate) async fn generate(
         )
         .code("server_busy"));
     }
-    match rx.await {
-        Ok(Ok(img)) => Ok(img),
-        Ok(Err(e)) => Err(image_error(e)),
-        Err(_) => Err(ApiError::internal("The image worker stopped.")),
-    }
+    let img = match rx.await {
+        Ok(Ok(img)) => img,
+        Ok(Err(e)) => return Err(image_error(e)),
+        Err(_) => return Err(ApiError::internal("The image worker stopped.")),
+    };
+    request.record(Usage {
+        images: 1,
+        image_steps: steps,
+        ..Usage::default()
+    });
+    tokio::task::spawn_blocking(move || img.png())
+        .await
+        .map_err(|e| ApiError::internal(format!("encoding the image failed: {e}")))
 }
 
 /// `POST /v1/images/generations`.
@@ -446,30 +460,28 @@ async fn generations_inner(
         sampler: req.sampler,
         seed: req.seed,
     };
-    let p = prepare(st, &caller, requested, &ask).await?;
+    let Prepared {
+        mut request,
+        queue,
+        requests,
+        ..
+    } = prepare(st, &caller, requested, &ask, Endpoint::Images).await?;
     let prompt = ask.prompt.trim().to_string();
-    let mut request = admit(st, &caller, Endpoint::Images, &p.model, &Via::Api).await?;
     let gone = Gone(Arc::new(AtomicBool::new(false)));
     let mut data = Vec::new();
     let mut stored: Vec<String> = Vec::new();
     let mut failure = None;
-    let n = p.requests.len();
-    for (i, r) in p.requests.into_iter().enumerate() {
-        let img = match generate(&p.queue, caller.plan.priority, r, &gone.0, None).await {
-            Ok(img) => img,
+    let n = requests.len();
+    let steps = requests.first().map_or(0, |r| r.steps);
+    for (i, r) in requests.into_iter().enumerate() {
+        let png = match generate(&queue, &mut request, caller.plan.priority, r, &gone.0, None).await
+        {
+            Ok(png) => png,
             Err(e) => {
                 failure = Some(e);
                 break;
             }
         };
-        request.record(Usage {
-            images: 1,
-            image_steps: p.steps as i64,
-            ..Usage::default()
-        });
-        let png = tokio::task::spawn_blocking(move || img.png())
-            .await
-            .map_err(|e| ApiError::internal(format!("encoding the image failed: {e}")))?;
         if b64 {
             data.push(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(&png), "revised_prompt": prompt}));
             continue;
@@ -500,7 +512,7 @@ async fn generations_inner(
     Ok(Json(json!({
         "created": hanlin_accounts::now(),
         "data": data,
-        "usage": {"images": n, "steps": p.steps * n},
+        "usage": {"images": n, "steps": steps * n},
     }))
     .into_response())
 }

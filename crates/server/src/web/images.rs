@@ -17,7 +17,6 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use hanlin_accounts::chats::{MessageRole, MessageStatus};
-use hanlin_accounts::Usage;
 use hanlin_gateway::Endpoint;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -71,8 +70,12 @@ pub async fn conversation_image(
         sampler: None,
         seed: b.seed,
     };
-    let p = images::prepare(&st, &caller, None, &ask).await?;
-    let mut request = st.gw.admit(&caller, Endpoint::Images, &p.model).await?;
+    let images::Prepared {
+        mut request,
+        queue,
+        model,
+        requests,
+    } = images::prepare(&st, &caller, None, &ask, Endpoint::Images).await?;
     let prompt = ask.prompt.trim().to_string();
     let user_msg = st
         .db
@@ -95,7 +98,7 @@ pub async fn conversation_image(
             MessageRole::Assistant,
             "",
             MessageStatus::Streaming,
-            Some(&p.model),
+            Some(&model),
         )
         .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(16);
@@ -106,23 +109,18 @@ pub async fn conversation_image(
             .send(json!({"type": "assistant", "message": reply}))
             .await;
         let gone = Gone(Arc::new(AtomicBool::new(false)));
-        let r = p.requests.into_iter().next();
-        let Some(r) = r else { return };
-        let (seed, w, h) = (r.seed, r.width, r.height);
+        let Some(r) = requests.into_iter().next() else {
+            return;
+        };
+        let (seed, w, h, steps) = (r.seed, r.width, r.height, r.steps);
         let made = tokio::select! {
-            m = images::generate(&p.queue, caller.plan.priority, r, &gone.0, Some(tx.clone())) => Some(m),
+            m = images::generate(&queue, &mut request, caller.plan.priority, r, &gone.0, Some(tx.clone())) => Some(m),
             _ = tx.closed() => None,
         };
         // The client left: the job stops at its next step (`gone`).
         drop(gone);
         let (content, status, error) = match made {
-            Some(Ok(img)) => {
-                request.record(Usage {
-                    images: 1,
-                    image_steps: p.steps as i64,
-                    ..Usage::default()
-                });
-                let png = img.png();
+            Some(Ok(png)) => {
                 let name = format!("{}{}.png", file_prefix(&conv.id), reply.id);
                 match images::keep_image(&st, &user_id, &name, &png).await {
                     Ok(file) => {
@@ -134,7 +132,7 @@ pub async fn conversation_image(
                         (
                             format!(
                                 "![{alt}](/v1/files/{file}/content)\n\n*seed {seed} · {w}×{h} · {} steps · {}*",
-                                p.steps, p.model
+                                steps, model
                             ),
                             MessageStatus::Done,
                             None,

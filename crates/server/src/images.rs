@@ -99,6 +99,11 @@ impl Images {
         }
     }
 
+    /// Whether an image model is loaded.
+    pub async fn is_loaded(&self) -> bool {
+        self.loaded.lock().await.is_some()
+    }
+
     /// The queue of model `name`, loading it (and letting go of another
     /// model) when needed.
     async fn queue(&self, name: &str) -> AppResult<Arc<Queue>> {

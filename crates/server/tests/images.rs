@@ -293,3 +293,27 @@ async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
         .await;
     assert_eq!(c["messages"].as_array().map(Vec::len), Some(0), "{c}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_request_rate_does_not_make_the_server_load_a_model() {
+    // Admission comes before the model loads: a refused request costs no
+    // more than a refused chat request.
+    let srv = start_with(|c| c.image_model = Some(tiny())).await;
+    srv.plan(hanlin_accounts::Plan::limited(
+        "none", 0, 1_000_000, 10_000_000,
+    ))
+    .await;
+    let key = srv.user_key("zed", "none").await;
+    let (s, e) = call(
+        Method::POST,
+        format!("{}/v1/images/generations", srv.base),
+        &key,
+        Some(json!({"prompt": "a cat", "size": "32x32", "steps": 1})),
+    )
+    .await;
+    assert_eq!(s, 429, "{e}");
+    assert!(
+        !srv.state.images.is_loaded().await,
+        "the model was loaded for a refused request"
+    );
+}

@@ -547,6 +547,11 @@ try {
       return img && img.complete && img.naturalWidth > 0;
     }, null, { timeout: 60000 });
     assert.match(await lastReply(page).locator(".body").textContent(), /seed \d+/);
+    // The tiny pipeline's text encoder reads English only: the chat model
+    // wrote an English prompt for it, shown under the picture.
+    const quote = (await lastReply(page).locator(".body blockquote").textContent()).trim();
+    assert.match(quote, /^🖋\s*\S/);
+    assert.doesNotMatch(quote, /[\u4e00-\u9fff]/);
     const href = await lastReply(page).locator("a.download").getAttribute("href");
     assert.match(href, /^\/v1\/files\/file-[A-Za-z0-9]+\/content$/);
     const png = await page.evaluate(async (u) => { const r = await fetch(u); return [r.status, r.headers.get("content-type")]; }, href);
@@ -561,6 +566,12 @@ try {
     }, firstSeed, { timeout: 60000 });
     assert.match(await page.textContent(".msg.user .branch-pos"), /2\/2/);
     await shot(page, "13-image-mode");
+    // "Edit the English prompt" puts it into the composer, image mode on.
+    const used = (await lastReply(page).locator(".body blockquote").textContent()).replace("🖋", "").trim();
+    await lastReply(page).locator("button.edit-prompt").click();
+    assert.equal((await page.inputValue("#input")).trim(), used);
+    assert.equal(await page.getAttribute("#toggle-image", "aria-pressed"), "true");
+    await page.fill("#input", "");
     // Kept across a reload; image mode off again for the steps after.
     await page.reload();
     await page.waitForSelector(".msg.assistant .body img");

@@ -19,9 +19,10 @@ pub struct ImageArgs {
     /// What the image should not show
     #[arg(long, default_value = "")]
     negative: String,
-    /// WIDTHxHEIGHT in pixels (multiples of 64 for Stable Diffusion)
-    #[arg(long, default_value = "512x512")]
-    size: String,
+    /// WIDTHxHEIGHT in pixels (multiples of 64 for Stable Diffusion;
+    /// default: the size the model was trained at)
+    #[arg(long)]
+    size: Option<String>,
     /// Denoising steps (1–4 for Turbo models)
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -46,9 +47,6 @@ fn parse_size(s: &str) -> Option<(usize, usize)> {
 }
 
 pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<()> {
-    let Some((width, height)) = parse_size(&a.size) else {
-        bail!("--size must be WIDTHxHEIGHT, e.g. 512x512");
-    };
     let sampler = Sampler::parse(&a.sampler).with_context(|| {
         format!(
             "unknown sampler {:?} (use one of {})",
@@ -71,6 +69,13 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         pipe.dir.display(),
         t0.elapsed().as_secs_f32()
     );
+    let (width, height) = match &a.size {
+        None => (pipe.native_size(), pipe.native_size()),
+        Some(s) => parse_size(s).context("--size must be WIDTHxHEIGHT, e.g. 512x512")?,
+    };
+    if hanlin_image::has_chinese(&a.prompt) && !pipe.reads_chinese() {
+        eprintln!("note: this model's text encoder reads English only; `hanlin serve` has the chat model put Chinese prompts into English first");
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

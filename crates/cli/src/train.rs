@@ -105,6 +105,35 @@ pub enum TrainCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Train a small text-to-image model from nothing on generated pictures
+    /// of coloured shapes captioned in English and Chinese (resumes from
+    /// OUTPUT's checkpoint); it ends with OUTPUT/model, which `hanlin image
+    /// --model` and `hanlin serve --image-model` use, and samples.png
+    Image {
+        /// Settings (TOML: [model], [train], uncond, vocab); default: the
+        /// recipe in recipes/image-shapes.toml
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the number of steps
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Run directory (checkpoint, loss.csv, loss.png, model/, samples.png)
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write generated pictures of the image recipe's kind with their
+    /// captions and labels (NNNNN.png, labels.jsonl), e.g. for
+    /// bench/image_eval.py
+    ImageData {
+        #[arg(short, default_value_t = 500)]
+        n: usize,
+        #[arg(long, default_value_t = 32)]
+        side: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Evaluate a run on held-out data: perplexity and bits per byte on text
     /// files, loss on the assistant's turns for chat JSONL; then samples
     Eval {
@@ -571,6 +600,65 @@ pub fn run(store: &Store, threads: usize, cmd: TrainCmd) -> Result<()> {
             }
             println!(
                 "wrote {} (loss.csv, loss.png, summary.json, checkpoint/)",
+                output.display()
+            );
+        }
+        TrainCmd::Image {
+            config,
+            steps,
+            output,
+        } => {
+            let text = match &config {
+                Some(c) => std::fs::read_to_string(c)
+                    .with_context(|| format!("reading {}", c.display()))?,
+                None => hanlin_train::image::RECIPE.to_owned(),
+            };
+            let mut cfg = hanlin_train::image::ImageRunConfig::from_toml(&text)?;
+            if let Some(n) = steps {
+                anyhow::ensure!(n > 0, "--steps must be positive");
+                cfg.train.steps = n;
+            }
+            let (pb, f) = bar(cfg.train.steps);
+            let t0 = std::time::Instant::now();
+            let o = hanlin_train::image::train(&cfg, &output, &device(), f)?;
+            pb.finish_and_clear();
+            println!(
+                "{} steps in {:.1} min{}: loss {:.4}, validation loss {:.4}; {:.1} images/s",
+                cfg.train.steps,
+                t0.elapsed().as_secs_f64() / 60.0,
+                if o.resumed_from > 0 {
+                    format!(" (resumed at step {})", o.resumed_from)
+                } else {
+                    String::new()
+                },
+                o.final_loss,
+                o.val_loss,
+                o.images_per_sec
+            );
+            println!(
+                "wrote {} (loss.csv, loss.png, checkpoint/) and {}; samples in {}",
+                output.display(),
+                o.model_dir.display(),
+                o.samples.display()
+            );
+            println!(
+                "draw with: hanlin image --model {} \"a red circle on the left, black background\"",
+                o.model_dir.display()
+            );
+        }
+        TrainCmd::ImageData {
+            n,
+            side,
+            seed,
+            output,
+        } => {
+            anyhow::ensure!(
+                (1..=100_000).contains(&n) && (8..=256).contains(&side),
+                "-n must be 1–100000 and --side 8–256"
+            );
+            hanlin_train::image::write_dataset(&output, n, side, seed)?;
+            println!(
+                "wrote {n} pictures and labels.jsonl to {}",
                 output.display()
             );
         }

@@ -336,3 +336,100 @@ fn distill_from_a_served_teacher_into_sft_and_dpo_data() {
         ],
     ));
 }
+
+/// The smoke test of `hanlin train image`: a few steps of a small model on
+/// the generated pictures, resumed once, exported as a diffusers directory
+/// that `hanlin image` draws with — from a Chinese prompt, since the model
+/// learns both languages — and the generator's data for the evaluator.
+#[test]
+fn train_image_then_draw_with_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("image.toml"),
+        "vocab = 600\n[model]\nside = 16\nchannels = [16, 32]\nattention = [false, true]\ntext_dim = 32\n\
+         [train]\nsteps = 4\nbatch_size = 4\nlr = 1e-3\nwarmup = 1\ncheckpoint_every = 2\neval_every = 2\n",
+    )
+    .unwrap();
+    let train = |steps: &str| {
+        hanlin(
+            d,
+            &[
+                "train",
+                "image",
+                "--config",
+                "image.toml",
+                "--steps",
+                steps,
+                "-o",
+                "run",
+            ],
+        )
+    };
+    ok(train("2"));
+    let out = ok(train("4"));
+    assert!(out.contains("resumed at step 2"), "{out}");
+    let rows = std::fs::read_to_string(d.join("run/loss.csv")).unwrap();
+    assert_eq!(rows.lines().count(), 5, "a header and four steps: {rows}");
+    for f in [
+        "loss.png",
+        "samples.png",
+        "model/unet/config.json",
+        "model/tokenizer/vocab.json",
+    ] {
+        assert!(d.join("run").join(f).exists(), "{f}");
+    }
+    let o = hanlin(
+        d,
+        &[
+            "image",
+            "--model",
+            "run/model",
+            "黑色背景上左边的红色圆形",
+            "--seed",
+            "5",
+            "--steps",
+            "4",
+            "-o",
+            "a.png",
+        ],
+    );
+    ok(o);
+    let png = std::fs::read(d.join("a.png")).unwrap();
+    let be = |i: usize| u32::from_be_bytes([png[i], png[i + 1], png[i + 2], png[i + 3]]);
+    assert_eq!(
+        (be(16), be(20)),
+        (16, 16),
+        "the model's own size by default"
+    );
+
+    ok(hanlin(
+        d,
+        &[
+            "train",
+            "image-data",
+            "-n",
+            "6",
+            "--side",
+            "16",
+            "-o",
+            "data",
+        ],
+    ));
+    let labels = std::fs::read_to_string(d.join("data/labels.jsonl")).unwrap();
+    assert_eq!(labels.lines().count(), 6);
+    assert!(labels.contains("\"shape\"") && d.join("data/00005.png").exists());
+
+    // A run of another shape in the same directory is refused.
+    std::fs::write(
+        d.join("other.toml"),
+        "[model]\nside = 16\nchannels = [32, 64]\nattention = [false, true]\n[train]\nsteps = 6\n",
+    )
+    .unwrap();
+    let o = hanlin(
+        d,
+        &["train", "image", "--config", "other.toml", "-o", "run"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another model shape"));
+}

@@ -69,6 +69,9 @@ pub enum Endpoint {
     Speech,
     /// Text to image (`/v1/images/generations`).
     Images,
+    /// The chat model putting an image prompt into English for an
+    /// English-only image model.
+    ImagePrompt,
 }
 
 impl Endpoint {
@@ -86,6 +89,7 @@ impl Endpoint {
             Endpoint::Translations => "translations",
             Endpoint::Speech => "speech",
             Endpoint::Images => "images",
+            Endpoint::ImagePrompt => "image_prompt",
         }
     }
 
@@ -117,6 +121,7 @@ impl Endpoint {
             Endpoint::Translations => "trsl",
             Endpoint::Speech => "tts",
             Endpoint::Images => "img",
+            Endpoint::ImagePrompt => "imgprompt",
         }
     }
 }

@@ -36,6 +36,24 @@ fn byte_symbols() -> Vec<char> {
 const PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// The `tokenizers` description of CLIP's tokenizer with `vocab` and
+/// `merges`.
+fn spec(vocab: Value, merges: Vec<String>) -> Value {
+    json!({
+        "version": "1.0",
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
+            "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": merges},
+    })
+}
+
 pub struct ClipTokenizer {
     tok: tokenizers::Tokenizer,
     bos: u32,
@@ -106,19 +124,7 @@ impl ClipTokenizer {
         };
         let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         let pad = id(pad)?;
-        let spec = json!({
-            "version": "1.0",
-            "normalizer": {"type": "Sequence", "normalizers": [
-                {"type": "NFC"},
-                {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
-                {"type": "Lowercase"}]},
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Removed", "invert": true},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
-            "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
-                "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
-                "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": merges},
-        });
+        let spec = spec(Value::Object(vocab), merges);
         let tok = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
             .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
@@ -128,6 +134,62 @@ impl ClipTokenizer {
             pad,
             max_len,
         })
+    }
+
+    /// Learn a CLIP-style vocabulary of at most `vocab` entries from
+    /// `texts` and write it to `dir` as `vocab.json`, `merges.txt` and
+    /// `tokenizer_config.json` (prompts of `max_len` ids), the files
+    /// [`ClipTokenizer::load`] reads.
+    pub fn train(
+        texts: &[String],
+        vocab: usize,
+        max_len: usize,
+        dir: &Path,
+    ) -> Result<Self, ImageError> {
+        use tokenizers::models::bpe::BpeTrainerBuilder;
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::{AddedToken, Model};
+        let terr = |e: tokenizers::Error| ImageError::Tokenizer(e.to_string());
+        let mut tok =
+            tokenizers::Tokenizer::from_bytes(spec(json!({}), Vec::new()).to_string().as_bytes())
+                .map_err(terr)?;
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab)
+            .min_frequency(1)
+            .show_progress(false)
+            .special_tokens(vec![
+                AddedToken::from("<|startoftext|>", true),
+                AddedToken::from("<|endoftext|>", true),
+            ])
+            .initial_alphabet(byte_symbols().into_iter().collect())
+            .end_of_word_suffix("</w>".into())
+            .build()
+            .into();
+        tok.train(&mut trainer, texts.iter()).map_err(terr)?;
+        std::fs::create_dir_all(dir).map_err(|source| ImageError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        tok.get_model().save(dir, None).map_err(terr)?;
+        let config = json!({
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "model_max_length": max_len,
+            "tokenizer_class": "CLIPTokenizer",
+        });
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(&path, config.to_string()).map_err(|source| ImageError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::load(dir)
+    }
+
+    /// Ids in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
     }
 
     /// From CLIP's original `bpe_simple_vocab_16e6.txt.gz` (the merges;

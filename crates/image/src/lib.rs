@@ -31,6 +31,14 @@ pub mod weights;
 pub use pipeline::{Image, Pipeline, Progress, Request};
 pub use sched::Sampler;
 
+/// Whether `s` has Chinese characters (CJK ideographs): such a prompt
+/// means nothing to CLIP's English-only text encoder.
+pub fn has_chinese(s: &str) -> bool {
+    s.chars().any(|c| {
+        matches!(c, '\u{3400}'..='\u{4dbf}' | '\u{4e00}'..='\u{9fff}' | '\u{f900}'..='\u{faff}')
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{path}")]

@@ -270,25 +270,9 @@ impl Conv2d {
                 for i in range {
                     // SAFETY: row i of this band is written by this job only.
                     let row = unsafe { dst.slice(i * cols, cols) };
-                    let r = r0 + i;
-                    let (smp, pos) = (r / (oh * ow), r % (oh * ow));
-                    let (oy, ox) = (pos / ow, pos % ow);
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let t = (ky * k + kx) * c;
-                            let (iy, ix) = (
-                                (oy * s + ky) as isize - p as isize,
-                                (ox * s + kx) as isize - p as isize,
-                            );
-                            if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
-                                row[t..t + c].fill(0.0);
-                            } else {
-                                let at = ((smp * x.h + iy as usize) * x.w + ix as usize) * c;
-                                row[t..t + c].copy_from_slice(&x.data[at..at + c]);
-                            }
-                        }
-                    }
-                    row[k * k * c..].fill(0.0);
+                    let (taps, tail) = row.split_at_mut(k * k * c);
+                    im2col_row(taps, &x.data, c, 0.0, x, r0 + i, (oh, ow), (k, s, p));
+                    tail.fill(0.0);
                 }
             });
             self.lin
@@ -350,25 +334,44 @@ impl Conv2d {
                 for i in range {
                     // SAFETY: row i of this band is written by this job only.
                     let row = unsafe { rp.slice(i * row_blocks, row_blocks) };
-                    let r = r0 + i;
-                    let (smp, pos) = (r / (oh * ow), r % (oh * ow));
-                    let (oy, ox) = (pos / ow, pos % ow);
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let t = (ky * k + kx) * bpp;
-                            let iy = (oy * s + ky) as isize - p as isize;
-                            let ix = (ox * s + kx) as isize - p as isize;
-                            if iy >= 0 && ix >= 0 && iy < x.h as isize && ix < x.w as isize {
-                                let at = ((smp * x.h + iy as usize) * x.w + ix as usize) * bpp;
-                                row[t..t + bpp].copy_from_slice(&q[at..at + bpp]);
-                            }
-                        }
-                    }
+                    im2col_row(row, q, bpp, zero, x, r0 + i, (oh, ow), (k, s, p));
                 }
             });
             self.lin
                 .apply_q8(pool, rows, &mut out.data[r0 * self.c_out..r1 * self.c_out]);
             r0 = r1;
+        }
+    }
+}
+
+/// The im2col row of output position `r` (`oh × ow` per sample) of a
+/// `k × k` kernel with stride `s` and padding `p`: for each tap in (ky, kx)
+/// order, the `unit` values `src` holds for the input position it reads
+/// (f32 channels or Q8 blocks), or `zero` outside the map.
+#[allow(clippy::too_many_arguments)]
+fn im2col_row<T: Copy>(
+    row: &mut [T],
+    src: &[T],
+    unit: usize,
+    zero: T,
+    x: &Feat,
+    r: usize,
+    (oh, ow): (usize, usize),
+    (k, s, p): (usize, usize, usize),
+) {
+    let (smp, pos) = (r / (oh * ow), r % (oh * ow));
+    let (oy, ox) = (pos / ow, pos % ow);
+    for ky in 0..k {
+        for kx in 0..k {
+            let t = (ky * k + kx) * unit;
+            let iy = (oy * s + ky) as isize - p as isize;
+            let ix = (ox * s + kx) as isize - p as isize;
+            if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
+                row[t..t + unit].fill(zero);
+            } else {
+                let at = ((smp * x.h + iy as usize) * x.w + ix as usize) * unit;
+                row[t..t + unit].copy_from_slice(&src[at..at + unit]);
+            }
         }
     }
 }

@@ -122,23 +122,54 @@ pub struct Progress<'a> {
     pub steps: usize,
     /// The current latents (channels-last), for previews.
     pub latents: &'a Feat,
+    /// Whether the model denoises pixels rather than VAE latents.
+    pub pixels: bool,
+}
+
+impl Progress<'_> {
+    /// A quick look at the picture so far: the latents through
+    /// [`preview`], or a pixel model's current image as it is.
+    pub fn preview(&self) -> Image {
+        if self.pixels {
+            let mut f = self.latents.clone();
+            f.n = 1;
+            f.data.truncate(f.hw() * f.c);
+            f.data
+                .iter_mut()
+                .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
+            Image::from_unit(&f)
+        } else {
+            preview(self.latents)
+        }
+    }
 }
 
 pub struct Pipeline {
     pub dir: PathBuf,
+    /// Languages the text encoder was trained on (`hanlin_languages` in
+    /// `model_index.json`; CLIP's are English only).
+    pub languages: Vec<String>,
+    /// Guidance applies at timesteps from this one up (`hanlin_guidance_min_timestep`
+    /// in `model_index.json`, default 0: always). Below it, where the
+    /// picture's content is settled, the prompt alone is followed: guidance
+    /// there only amplifies the model's errors in fine detail.
+    guidance_min_t: f32,
     tokenizer: ClipTokenizer,
     text: TextEncoder,
     unet: Unet,
-    vae: VaeDecoder,
+    /// None for a model that denoises pixels (trained by `hanlin train
+    /// image`).
+    vae: Option<VaeDecoder>,
     schedule: Schedule,
     pool: ThreadPool,
 }
 
 impl Pipeline {
     /// A diffusers directory: `text_encoder/`, `tokenizer/`, `unet/`,
-    /// `vae/` and (optionally) `scheduler/`.
+    /// `vae/` and (optionally) `scheduler/`. Without `vae/`, the UNet must
+    /// work on RGB pixels (three channels in and out).
     pub fn load(dir: &Path, threads: usize) -> Result<Self, ImageError> {
-        for part in ["unet", "vae", "text_encoder", "tokenizer"] {
+        for part in ["unet", "text_encoder", "tokenizer"] {
             if !dir.join(part).is_dir() {
                 return Err(ImageError::NotDiffusion(dir.display().to_string()));
             }
@@ -148,14 +179,39 @@ impl Pipeline {
         let text = TextEncoder::load(&dir.join("text_encoder"))?;
         let unet = Unet::load(&dir.join("unet"))?;
         unet.check(&dir.join("unet"))?;
-        let vae = VaeDecoder::load(&dir.join("vae"))?;
+        let vae = if dir.join("vae").is_dir() {
+            Some(VaeDecoder::load(&dir.join("vae"))?)
+        } else {
+            None
+        };
         let schedule = if dir.join("scheduler").is_dir() {
             Schedule::load(&dir.join("scheduler"))?
         } else {
             Schedule::default()
         };
         tracing::info!(dir = %dir.display(), ms = t0.elapsed().as_millis() as u64, "image pipeline loaded");
-        Self::assemble(dir, tokenizer, text, unet, vae, schedule, threads)
+        let mut p = Self::assemble(dir, tokenizer, text, unet, vae, schedule, threads)?;
+        let index = std::fs::read_to_string(dir.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        if let Some(langs) = index
+            .as_ref()
+            .and_then(|v| v.get("hanlin_languages"))
+            .and_then(|v| v.as_array())
+        {
+            p.languages = langs
+                .iter()
+                .filter_map(|l| l.as_str().map(str::to_owned))
+                .collect();
+        }
+        if let Some(t) = index
+            .as_ref()
+            .and_then(|v| v.get("hanlin_guidance_min_timestep"))
+            .and_then(|v| v.as_f64())
+        {
+            p.guidance_min_t = t.max(0.0) as f32;
+        }
+        Ok(p)
     }
 
     /// A single-file Stable Diffusion 1.x checkpoint in the original layout
@@ -180,7 +236,10 @@ impl Pipeline {
         let text = TextEncoder::from_parts(&config.text, &part(crate::ldm::Part::TextEncoder)?)?;
         let unet = Unet::from_parts(&config.unet, &part(crate::ldm::Part::Unet)?)?;
         unet.check(file)?;
-        let vae = VaeDecoder::from_parts(&config.vae, &part(crate::ldm::Part::Vae)?)?;
+        let vae = Some(VaeDecoder::from_parts(
+            &config.vae,
+            &part(crate::ldm::Part::Vae)?,
+        )?);
         tracing::info!(file = %file.display(), ms = t0.elapsed().as_millis() as u64, "image checkpoint loaded");
         Self::assemble(
             file,
@@ -198,7 +257,7 @@ impl Pipeline {
         tokenizer: ClipTokenizer,
         text: TextEncoder,
         unet: Unet,
-        vae: VaeDecoder,
+        vae: Option<VaeDecoder>,
         schedule: Schedule,
         threads: usize,
     ) -> Result<Self, ImageError> {
@@ -211,17 +270,26 @@ impl Pipeline {
                 ),
             ));
         }
-        if unet.in_channels != vae.latent_channels {
+        let channels = vae.as_ref().map_or(3, |v| v.latent_channels);
+        if unet.in_channels != channels {
             return Err(crate::bad(
                 dir,
-                format!(
-                    "the UNet takes {} latent channels but the VAE decodes {}",
-                    unet.in_channels, vae.latent_channels
-                ),
+                match vae {
+                    Some(_) => format!(
+                        "the UNet takes {} latent channels but the VAE decodes {channels}",
+                        unet.in_channels
+                    ),
+                    None => format!(
+                        "no vae/ and the UNet takes {} channels, not RGB pixels",
+                        unet.in_channels
+                    ),
+                },
             ));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            languages: vec!["en".into()],
+            guidance_min_t: 0.0,
             tokenizer,
             text,
             unet,
@@ -231,14 +299,25 @@ impl Pipeline {
         })
     }
 
+    /// Whether prompts in Chinese reach the text encoder as meaning (else
+    /// a chat model should put them into English first).
+    pub fn reads_chinese(&self) -> bool {
+        self.languages.iter().any(|l| l == "zh")
+    }
+
     /// The side the model was trained at, in pixels (512 for SD 1.x).
     pub fn native_size(&self) -> usize {
-        self.unet.sample_size * self.vae.scale
+        self.unet.sample_size * self.scale()
+    }
+
+    /// Pixels per latent along a side (1 for pixel models).
+    fn scale(&self) -> usize {
+        self.vae.as_ref().map_or(1, |v| v.scale)
     }
 
     /// Image sides must be multiples of this many pixels.
     pub fn size_multiple(&self) -> usize {
-        self.vae.scale * self.unet.downsampling()
+        self.scale() * self.unet.downsampling()
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
@@ -259,11 +338,14 @@ impl Pipeline {
 
     /// Decode latents (as the sampler leaves them) to RGB in [0, 1].
     pub fn decode(&self, latents: &Feat) -> Feat {
-        let mut z = latents.clone();
-        z.data
-            .iter_mut()
-            .for_each(|v| *v /= self.vae.scaling_factor);
-        let mut img = self.vae.decode(&self.pool, &z);
+        let mut img = match &self.vae {
+            Some(vae) => {
+                let mut z = latents.clone();
+                z.data.iter_mut().for_each(|v| *v /= vae.scaling_factor);
+                vae.decode(&self.pool, &z)
+            }
+            None => latents.clone(),
+        };
         img.data
             .iter_mut()
             .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
@@ -273,7 +355,10 @@ impl Pipeline {
     /// The VAE decoder's raw output (RGB in about [-1, 1]) for latents
     /// already divided by the scaling factor.
     pub fn decode_raw(&self, z: &Feat) -> Feat {
-        self.vae.decode(&self.pool, z)
+        match &self.vae {
+            Some(vae) => vae.decode(&self.pool, z),
+            None => z.clone(),
+        }
     }
 
     fn check(&self, r: &Request) -> Result<(), ImageError> {
@@ -325,7 +410,7 @@ impl Pipeline {
     ) -> Result<Feat, ImageError> {
         self.check(r)?;
         let c = self.unet.in_channels;
-        let (lh, lw) = (r.height / self.vae.scale, r.width / self.vae.scale);
+        let (lh, lw) = (r.height / self.scale(), r.width / self.scale());
         let guided = r.guidance > 1.0;
         let t0 = std::time::Instant::now();
         let cond = self.encode_text(&r.prompt)?;
@@ -359,13 +444,20 @@ impl Pipeline {
             let scale = plan.input_scale(i);
             let mut inp = x.clone();
             inp.data.iter_mut().for_each(|v| *v *= scale);
-            if guided {
+            let guide = guided && t >= self.guidance_min_t;
+            if guide {
                 inp.n = 2;
                 inp.data.extend_from_within(..);
             }
-            let out = self.unet(&inp, t, &ctx);
+            // Unguided steps of a guided run take the prompt's half.
+            let c = if guided && !guide {
+                &ctx[ctx.len() / 2..]
+            } else {
+                &ctx[..]
+            };
+            let out = self.unet(&inp, t, c);
             let m = x.data.len();
-            let eps: Vec<f32> = if guided {
+            let eps: Vec<f32> = if guide {
                 let (u, c) = out.data.split_at(m);
                 u.iter()
                     .zip(c)
@@ -384,6 +476,7 @@ impl Pipeline {
                 step: i + 1,
                 steps,
                 latents: &x,
+                pixels: self.vae.is_none(),
             }) {
                 return Err(ImageError::Cancelled);
             }

@@ -44,6 +44,9 @@ pub struct Schedule {
     pub spacing: Spacing,
     steps_offset: usize,
     set_alpha_to_one: bool,
+    /// Clamp each step's estimate of the clean sample to ±this
+    /// (diffusers' `clip_sample` and `clip_sample_range`; pixel models).
+    clip_sample: Option<f32>,
 }
 
 impl Default for Schedule {
@@ -87,6 +90,7 @@ impl Schedule {
             spacing,
             steps_offset,
             set_alpha_to_one: false,
+            clip_sample: None,
         }
     }
 
@@ -136,6 +140,9 @@ impl Schedule {
             .get("set_alpha_to_one")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        if c.get("clip_sample").and_then(Value::as_bool) == Some(true) {
+            sch.clip_sample = Some(f("clip_sample_range", 1.0).abs());
+        }
         Ok(sch)
     }
 
@@ -256,12 +263,16 @@ impl Plan {
                 } else {
                     (s_next, 0.0)
                 };
+                let clip = self.schedule.clip_sample;
                 for (xv, &o) in x.iter_mut().zip(out) {
-                    let x0 = if v_pred {
+                    let mut x0 = if v_pred {
                         o * (-s / (s * s + 1.0).sqrt()) + *xv / (s * s + 1.0)
                     } else {
                         *xv - s * o
                     };
+                    if let Some(r) = clip {
+                        x0 = x0.clamp(-r, r);
+                    }
                     let d = (*xv - x0) / s;
                     *xv += d * (s_down - s);
                     if s_up > 0.0 {
@@ -282,12 +293,18 @@ impl Plan {
                     ac[0]
                 };
                 let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+                let clip = self.schedule.clip_sample;
                 for (xv, &o) in x.iter_mut().zip(out) {
-                    let (x0, eps) = if v_pred {
+                    let (mut x0, mut eps) = if v_pred {
                         (sa * *xv - sb * o, sa * o + sb * *xv)
                     } else {
                         ((*xv - sb * o) / sa, o)
                     };
+                    if let Some(r) = clip {
+                        // As diffusers' DDIM: the noise follows the clamped estimate.
+                        x0 = x0.clamp(-r, r);
+                        eps = (*xv - sa * x0) / sb;
+                    }
                     *xv = a_prev.sqrt() * x0 + (1.0 - a_prev).sqrt() * eps;
                 }
             }

@@ -9,7 +9,7 @@
 
 use hanlin_image::nn::Feat;
 use hanlin_image::{Pipeline, Request, Sampler};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 
 fn data() -> PathBuf {
@@ -204,4 +204,52 @@ fn clip_merges_from_the_catalog_tokenize_as_transformers_does() {
         let want = ids(&t["ids"]);
         assert_eq!(tok.encode(text).expect("encodes"), want, "{text:?}");
     }
+}
+
+/// `hanlin_guidance_min_timestep` above every timestep of a run turns
+/// guidance off: the same image as guidance 1; at 0 it changes nothing.
+/// `clip_sample` keeps every step's estimate within its range, so the
+/// picture changes when the estimates go beyond it.
+#[test]
+fn guidance_interval_and_clipped_estimates() {
+    let src = data().join("tiny-sd");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    for part in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+        std::fs::create_dir_all(dir.join(part)).unwrap();
+        for f in std::fs::read_dir(src.join(part)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(part).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let index = |extra: Value| {
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
+                .unwrap();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        std::fs::write(dir.join("model_index.json"), v.to_string()).unwrap();
+    };
+    let draw = |guidance: f32| {
+        let p = Pipeline::load(&dir, 2).unwrap();
+        let mut r = Request::new("a red circle");
+        (r.width, r.height, r.steps, r.guidance, r.seed) = (32, 32, 4, guidance, 9);
+        p.generate(&r, &mut |_| true).unwrap()
+    };
+    index(json!({}));
+    let (plain, unguided) = (draw(7.5), draw(1.0));
+    assert_ne!(plain, unguided);
+    index(json!({"hanlin_guidance_min_timestep": 0}));
+    assert_eq!(draw(7.5), plain);
+    index(json!({"hanlin_guidance_min_timestep": 5000}));
+    assert_eq!(draw(7.5), unguided);
+
+    index(json!({}));
+    let sched = dir.join("scheduler/scheduler_config.json");
+    let mut s: Value = serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
+    s["clip_sample"] = json!(true);
+    s["clip_sample_range"] = json!(0.05);
+    std::fs::write(&sched, s.to_string()).unwrap();
+    assert_ne!(draw(7.5), plain, "estimates clamped to ±0.05");
 }

@@ -236,6 +236,44 @@ pub(crate) fn openai_messages(messages: &[Message]) -> Vec<Value> {
     out
 }
 
+/// One greedy chat completion of `system` + `user` (at most `max_tokens`
+/// new tokens) on `model`, through `request` (admitted by the caller: the
+/// plan's limits, priority and metering apply as to any request).
+pub(crate) async fn complete(
+    st: &AppState,
+    mut request: Request,
+    model: &str,
+    system: &str,
+    user: &str,
+    max_tokens: u32,
+) -> AppResult<String> {
+    let chat = ChatModel::of(st, request.caller(), model).await?;
+    let msgs = vec![Message::new("system", system), Message::new("user", user)];
+    let prompt = chat.prompt(msgs, None).await?;
+    let max_new = chat.budget(request.caller(), &prompt, Some(max_tokens), None, "prompt")?;
+    let mut params = GenerateParams {
+        max_tokens: max_new,
+        ..Default::default()
+    };
+    params.sampler.temperature = 0.0;
+    request.reserve(prompt.reserve_len() + max_new).await?;
+    chat.submit(&mut request, prompt, params)?;
+    let mut out = String::new();
+    let mut failed = None;
+    while let Some((_, ev)) = request.next().await {
+        match ev {
+            hanlin_engine::Event::Token { text, .. } => out.push_str(&text),
+            hanlin_engine::Event::Failed(msg) => failed = Some(msg),
+            _ => {}
+        }
+    }
+    request.finish().await;
+    match failed {
+        Some(msg) => Err(ApiError::internal(format!("Generation failed: {msg}"))),
+        None => Ok(out),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,6 +145,8 @@ struct GenerationRequest {
     steps: Option<usize>,
     guidance_scale: Option<f32>,
     sampler: Option<String>,
+    /// false: a Chinese prompt reaches an English-only model unchanged.
+    revise_prompt: Option<bool>,
     #[allow(dead_code)]
     style: Option<String>,
     #[allow(dead_code)]
@@ -164,6 +166,7 @@ const GENERATION_FIELDS: &[&str] = &[
     "steps",
     "guidance_scale",
     "sampler",
+    "revise_prompt",
     "style",
     "user",
     "output_format",
@@ -213,6 +216,9 @@ pub(crate) struct Ask {
     pub guidance: Option<f32>,
     pub sampler: Option<String>,
     pub seed: Option<u64>,
+    /// Whether a Chinese prompt for an English-only model goes through
+    /// the chat model first.
+    pub revise: bool,
 }
 
 /// A checked, admitted request: the gateway request it is metered on, the
@@ -222,6 +228,53 @@ pub(crate) struct Prepared {
     pub queue: Arc<Queue>,
     pub model: String,
     pub requests: Vec<Request>,
+    /// The prompt the image model was given, when the chat model wrote it.
+    pub revised: Option<String>,
+}
+
+/// What the chat model is told when it puts a prompt into English.
+const REVISE_SYSTEM: &str = "You write prompts for an image generator that understands only English. \
+Rewrite the user's request as one English prompt that describes the picture in detail: the subject, \
+what it is doing, the setting, the style, the light and the colours. Keep everything the user asked for \
+and add nothing that contradicts it. Reply with the prompt only, in at most 60 words.";
+
+/// The chat model's English version of `prompt`: its first non-empty
+/// line, without quotes or a "Prompt:" label. `None` when the chat model
+/// fails or answers with nothing usable (the prompt is then used as it
+/// is); a refusal by the caller's limits is an error.
+async fn revise(st: &AppState, caller: &Caller, prompt: &str) -> AppResult<Option<String>> {
+    let model = st.config.default_model.clone();
+    let request = st.gw.admit(caller, Endpoint::ImagePrompt, &model).await?;
+    let text =
+        match crate::chat_model::complete(st, request, &model, REVISE_SYSTEM, prompt, 160).await {
+            Ok(t) => t,
+            Err(e) if e.status == axum::http::StatusCode::TOO_MANY_REQUESTS => return Err(e),
+            Err(e) => {
+                tracing::warn!("rewriting an image prompt with {model}: {}", e.message);
+                return Ok(None);
+            }
+        };
+    Ok(clean_revision(&text))
+}
+
+fn clean_revision(text: &str) -> Option<String> {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let line = ["Prompt:", "prompt:", "English prompt:", "English:"]
+        .iter()
+        .find_map(|p| line.strip_prefix(p))
+        .unwrap_or(line)
+        .trim()
+        .trim_matches(|c| matches!(c, '"' | '\'' | '“' | '”' | '`'))
+        .trim();
+    // No brackets, angle brackets or backticks: the line is shown as
+    // Markdown in the web app, where they could make links or markup.
+    let line: String = line
+        .chars()
+        .filter(|c| !matches!(c, '[' | ']' | '<' | '>' | '`'))
+        .take(MAX_PROMPT_CHARS)
+        .collect();
+    let line = line.trim().to_string();
+    (!line.is_empty() && !hanlin_image::has_chinese(&line)).then_some(line)
 }
 
 /// Check what a request can be refused for without the model, admit it
@@ -322,10 +375,17 @@ pub(crate) async fn prepare(
         ))
         .param("size"));
     }
+    let revised =
+        if ask.revise && hanlin_image::has_chinese(prompt) && !queue.pipeline.reads_chinese() {
+            revise(st, caller, prompt).await?
+        } else {
+            None
+        };
+    let used = revised.as_deref().unwrap_or(prompt);
     let seed = ask.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let requests = (0..ask.n)
         .map(|i| {
-            let mut r = Request::new(prompt);
+            let mut r = Request::new(used);
             r.negative = ask.negative.clone().unwrap_or_default();
             (r.width, r.height, r.steps, r.guidance, r.sampler) =
                 (width, height, steps, guidance, sampler);
@@ -338,6 +398,7 @@ pub(crate) async fn prepare(
         queue,
         model,
         requests,
+        revised,
     })
 }
 
@@ -360,7 +421,7 @@ pub(crate) async fn generate(
         request: r,
         on_step: Box::new(move |p| {
             if let Some(out) = &progress {
-                let png = hanlin_image::pipeline::preview(p.latents).png();
+                let png = p.preview().png();
                 let url = format!(
                     "data:image/png;base64,{}",
                     base64::engine::general_purpose::STANDARD.encode(png)
@@ -464,14 +525,16 @@ async fn generations_inner(
         guidance: req.guidance_scale,
         sampler: req.sampler,
         seed: req.seed,
+        revise: req.revise_prompt.unwrap_or(true),
     };
     let Prepared {
         mut request,
         queue,
         requests,
+        revised,
         ..
     } = prepare(st, &caller, requested, &ask, Endpoint::Images).await?;
-    let prompt = ask.prompt.trim().to_string();
+    let prompt = revised.unwrap_or_else(|| ask.prompt.trim().to_string());
     let gone = Gone(Arc::new(AtomicBool::new(false)));
     let mut data = Vec::new();
     let mut stored: Vec<String> = Vec::new();
@@ -548,4 +611,23 @@ pub(crate) const IMAGE_PURPOSE: &str = "image_generation";
 fn parse_size(s: &str) -> Option<(usize, usize)> {
     let (w, h) = s.split_once(['x', 'X'])?;
     Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean_revision;
+
+    #[test]
+    fn a_revision_is_one_plain_english_line() {
+        assert_eq!(
+            clean_revision("\n  Prompt: \"A cat by the West Lake at dusk\"\nMore words").as_deref(),
+            Some("A cat by the West Lake at dusk")
+        );
+        assert_eq!(
+            clean_revision("a cat ![x](http://evil/a.png) <b>bold</b> `code`").as_deref(),
+            Some("a cat !x(http://evil/a.png) bbold/b code")
+        );
+        assert_eq!(clean_revision("一只猫"), None, "still Chinese");
+        assert_eq!(clean_revision("  \n \"\" "), None);
+    }
 }

@@ -11,7 +11,6 @@
 //! key (or an admin's web session).
 
 use crate::api::blocking;
-use crate::chat_model::ChatModel;
 use crate::error::ApiError;
 use crate::extract::{AdminCaller, ApiCaller, Body, JsonBody};
 use crate::AppState;
@@ -19,8 +18,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use hanlin_accounts::kb::Readers;
 use hanlin_embed::Embedders;
-use hanlin_engine::Event;
-use hanlin_gateway::{Endpoint, Request};
+use hanlin_gateway::Endpoint;
 use hanlin_search::answer;
 use hanlin_search::index::KbConfig;
 use hanlin_search::{extract, feed, kb_dir, KnowledgeBase, Mode, Passage, SearchError};
@@ -770,7 +768,8 @@ pub async fn ask(
             user,
             passages,
         } => {
-            let text = generate(&st, request, &model, &system, &user).await?;
+            let text =
+                crate::chat_model::complete(&st, request, &model, &system, &user, 300).await?;
             answer::finish(&b.question, &text, passages)
         }
     };
@@ -783,43 +782,4 @@ pub async fn ask(
         "sources": sources,
         "citations": grounded.checked.citations,
     })))
-}
-
-/// One greedy chat completion through the model's scheduler, under the
-/// caller's plan (limits, priority) and metered like any request.
-async fn generate(
-    st: &Arc<AppState>,
-    mut request: Request,
-    model: &str,
-    system: &str,
-    user: &str,
-) -> AppResult<String> {
-    let chat = ChatModel::of(st, request.caller(), model).await?;
-    let msgs = vec![
-        hanlin_tokenizer::Message::new("system", system),
-        hanlin_tokenizer::Message::new("user", user),
-    ];
-    let prompt = chat.prompt(msgs, None).await?;
-    let max_new = chat.budget(request.caller(), &prompt, Some(300), None, "question")?;
-    let mut params = hanlin_engine::GenerateParams {
-        max_tokens: max_new,
-        ..Default::default()
-    };
-    params.sampler.temperature = 0.0;
-    request.reserve(prompt.reserve_len() + max_new).await?;
-    chat.submit(&mut request, prompt, params)?;
-    let mut out = String::new();
-    let mut failed = None;
-    while let Some((_, ev)) = request.next().await {
-        match ev {
-            Event::Token { text, .. } => out.push_str(&text),
-            Event::Failed(msg) => failed = Some(msg),
-            _ => {}
-        }
-    }
-    request.finish().await;
-    match failed {
-        Some(msg) => Err(ApiError::internal(format!("Generation failed: {msg}"))),
-        None => Ok(out),
-    }
 }

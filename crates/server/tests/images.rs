@@ -19,6 +19,13 @@ fn tiny() -> String {
         .to_string()
 }
 
+/// The tiny pipeline, and Qwen as the chat model that puts Chinese prompts
+/// into English for its English-only text encoder.
+fn drawing_with_a_chat_model(c: &mut hanlin_server::Config) {
+    c.image_model = Some(tiny());
+    c.default_model = common::QWEN.into();
+}
+
 /// Width and height from a PNG's header.
 fn png_size(b: &[u8]) -> (u32, u32) {
     assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
@@ -186,7 +193,7 @@ async fn images_are_generated_stored_for_their_owner_and_metered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
-    let srv = start_with(|c| c.image_model = Some(tiny())).await;
+    let srv = start_with(drawing_with_a_chat_model).await;
     let base = &srv.base;
     let (b, _) = common::Browser::register(base, "画家", "correct horse battery").await;
     let (s, conv) = b
@@ -237,6 +244,14 @@ async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
         !content.contains("/tests/data"),
         "no server path in the message: {content}"
     );
+    // The English prompt the chat model wrote is shown, on the line the app
+    // offers to edit.
+    let used = content
+        .lines()
+        .find_map(|l| l.strip_prefix("> 🖋 "))
+        .unwrap_or_else(|| panic!("the English prompt in {content}"));
+    assert!(used.to_lowercase().contains("cat"), "{used}");
+    assert!(!hanlin_image::has_chinese(used), "{used}");
     let url = content
         .split("](")
         .nth(1)
@@ -316,4 +331,79 @@ async fn a_caller_over_its_request_rate_does_not_make_the_server_load_a_model() 
         !srv.state.images.is_loaded().await,
         "the model was loaded for a refused request"
     );
+}
+
+/// A Chinese prompt for an English-only image model goes through the chat
+/// model first (metered as the caller's own request); the answer says what
+/// the image model was given. `revise_prompt: false` and English prompts
+/// skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chinese_prompt_is_put_into_english_for_an_english_only_model() {
+    let srv = start_with(drawing_with_a_chat_model).await;
+    let base = &srv.base;
+    srv.plan(hanlin_accounts::Plan::limited(
+        "studio", 1000, 1_000_000, 10_000_000,
+    ))
+    .await;
+    let key = srv.user_key("li", "studio").await;
+    let gen = |body: Value| {
+        call(
+            Method::POST,
+            format!("{base}/v1/images/generations"),
+            &key,
+            Some(body),
+        )
+    };
+    let chat_tokens = || async {
+        let (_, u) = call(
+            Method::GET,
+            format!("{base}/v1/admin/usage?user=li"),
+            &srv.admin_key,
+            None,
+        )
+        .await;
+        u["data"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .filter(|r| r["model"] == common::QWEN)
+                    .filter_map(|r| r["completion_tokens"].as_i64())
+                    .sum::<i64>()
+            })
+            .unwrap_or(0)
+    };
+    let ask = |prompt: &str, revise: Option<bool>| {
+        let mut b = json!({"prompt": prompt, "size": "32x32", "steps": 2, "seed": 3,
+            "response_format": "b64_json"});
+        if let Some(r) = revise {
+            b["revise_prompt"] = json!(r);
+        }
+        b
+    };
+    let (s, a) = gen(ask("画一只在西湖边的猫", None)).await;
+    assert_eq!(s, 200, "{a}");
+    let used = a["data"][0]["revised_prompt"]
+        .as_str()
+        .expect("revised_prompt");
+    assert!(used.to_lowercase().contains("cat"), "{used}");
+    assert!(!hanlin_image::has_chinese(used), "{used}");
+    let mut spent = 0;
+    for _ in 0..50 {
+        spent = chat_tokens().await;
+        if spent > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(spent > 0, "the rewrite is metered on the caller");
+
+    for (prompt, revise) in [("画一只猫", Some(false)), ("a red circle", None)] {
+        let (s, a) = gen(ask(prompt, revise)).await;
+        assert_eq!(s, 200, "{a}");
+        assert_eq!(a["data"][0]["revised_prompt"], prompt);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(chat_tokens().await, spent, "no rewrite for those");
+    let (s, e) = gen(json!({"prompt": "画猫", "revise_prompt": "yes"})).await;
+    assert_eq!(s, 400, "{e}");
 }

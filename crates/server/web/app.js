@@ -298,6 +298,9 @@ function messageView(m) {
     bar.append(
       el("a", { class: "link download", text: t("download"), href: imageUrl(m.content), download: "hanlin-image.png" }),
       el("button", { class: "link again", text: t("anotherSeed"), onclick: () => prompt && draw(prompt.content, prompt.parent_id || null) }));
+    const used = revisedPrompt(m.content);
+    // The English prompt the chat model wrote: edit it and draw again.
+    if (used) bar.append(el("button", { class: "link edit-prompt", text: t("editPrompt"), onclick: () => editPrompt(used) }));
   } else if (m.role === "assistant") {
     bar.append(
       el("button", { class: "link copy", text: t("copy"), onclick: (e) => copyText(m.content, e.target) }),
@@ -401,6 +404,50 @@ async function send(text, parentId, hooks = {}) {
   if (state.streaming) return;
   const max = state.me.max_message_chars;
   if (text != null && [...text].length > max) { notice(t("tooLong", { n: max }), "error"); return; }
+  let body = null;
+  let frame = 0;
+  let reply = null;
+  const paint = () => {
+    frame = 0;
+    if (reply && body) { renderMarkdown(body, reply.content); scrollToEnd(); }
+  };
+  const bodyOf = (m) => document.querySelector(`.msg[data-id="${CSS.escape(m.id)}"] .body`);
+  const payload = text != null ? { content: text, parent_id: parentId } : { parent_id: parentId };
+  await streamReply("messages", payload, text, {
+    assistant(m) { reply = m; body = bodyOf(m); },
+    event(ev, m) {
+      if (ev.type === "tool_call" || ev.type === "tool_result") {
+        // A step the server runs: shown at once, its result when it comes.
+        m.tools = m.tools || [];
+        const step = ev.type === "tool_call" ? { ...ev.call, running: true } : ev.result;
+        const i = m.tools.findIndex((s) => s.id === step.id && s.step === step.step);
+        if (i >= 0) m.tools[i] = step; else m.tools.push(step);
+        renderMessages();
+        body = bodyOf(m);
+      } else if (ev.type === "delta") {
+        m.content += ev.text;
+        if (hooks.delta) hooks.delta(ev.text);
+        if (!frame) frame = requestAnimationFrame(paint);
+      } else if (ev.type === "done") {
+        // Search mode: the text with its citations checked, and the sources.
+        if (ev.sources) m.sources = ev.sources;
+        if (ev.tools) m.tools = ev.tools;
+      }
+    },
+    finally(m) {
+      if (frame) cancelAnimationFrame(frame);
+      if (hooks.done) hooks.done(m ? m.status : "error");
+    },
+  });
+}
+
+/** POST to a conversation's streaming endpoint (`messages` or `images`)
+ * and follow its events: the user's and the assistant's records, then
+ * `handlers.event` for the rest, `done` (status and final content) and
+ * `error` handled here; an abort, an API error or a broken connection
+ * (recovered by `reconnect`) too. `text`, when given, is the composer's
+ * text, cleared once the server has taken it. */
+async function streamReply(path, payload, text, handlers) {
   notice("");
   let conv;
   try {
@@ -413,16 +460,9 @@ async function send(text, parentId, hooks = {}) {
   state.streaming = { controller, replyId: null };
   setStreamingUi(true);
   let reply = null;
-  let body = null;
-  let frame = 0;
-  const paint = () => {
-    frame = 0;
-    if (reply && body) { renderMarkdown(body, reply.content); scrollToEnd(); }
-  };
   try {
-    const payload = text != null ? { content: text, parent_id: parentId } : { parent_id: parentId };
-    const r = await api("POST", `/api/conversations/${conv.id}/messages`, payload, { raw: true, signal: controller.signal });
-    if (text != null) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
+    const r = await api("POST", `/api/conversations/${conv.id}/${path}`, payload, { raw: true, signal: controller.signal });
+    if (text != null && $("#input").value.trim() === text.trim()) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
     await readEvents(r, (ev) => {
       if (ev.type === "user" && ev.message) {
         addMessage(ev.message);
@@ -431,28 +471,16 @@ async function send(text, parentId, hooks = {}) {
         state.streaming.replyId = reply.id;
         addMessage(reply);
         renderMessages();
-        body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
-      } else if ((ev.type === "tool_call" || ev.type === "tool_result") && reply) {
-        // A step the server runs: shown at once, its result when it comes.
-        reply.tools = reply.tools || [];
-        const step = ev.type === "tool_call" ? { ...ev.call, running: true } : ev.result;
-        const i = reply.tools.findIndex((s) => s.id === step.id && s.step === step.step);
-        if (i >= 0) reply.tools[i] = step; else reply.tools.push(step);
-        renderMessages();
-        body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
-      } else if (ev.type === "delta" && reply) {
-        reply.content += ev.text;
-        if (hooks.delta) hooks.delta(ev.text);
-        if (!frame) frame = requestAnimationFrame(paint);
-      } else if (ev.type === "done" && reply) {
-        reply.status = ev.status;
-        // Search mode: the text with its citations checked, and the sources.
-        if (typeof ev.content === "string") reply.content = ev.content;
-        if (ev.sources) reply.sources = ev.sources;
-        if (ev.tools) reply.tools = ev.tools;
+        handlers.assistant(reply);
       } else if (ev.type === "error" && reply) {
         reply.status = "error";
         notice(ev.message, "error");
+      } else if (reply) {
+        if (ev.type === "done") {
+          reply.status = ev.status;
+          if (typeof ev.content === "string") reply.content = ev.content;
+        }
+        handlers.event(ev, reply);
       }
     });
   } catch (e) {
@@ -466,8 +494,7 @@ async function send(text, parentId, hooks = {}) {
       reconnect(conv.id);
     }
   } finally {
-    if (frame) cancelAnimationFrame(frame);
-    if (hooks.done) hooks.done(reply ? reply.status : "error");
+    if (handlers.finally) handlers.finally(reply);
     state.streaming = null;
     setStreamingUi(false);
     if (state.conv && state.conv.id === conv.id) renderMessages();
@@ -482,61 +509,36 @@ function imageUrl(content) {
 }
 
 /** Image mode: draw `prompt` into the conversation under `parentId`, showing the denoising as it goes. */
+/** The English prompt an image reply says the chat model wrote (the
+ * server's `> 🖋 …` line), or null. */
+function revisedPrompt(content) {
+  const m = /^> 🖋 (.+)$/m.exec(content || "");
+  return m ? m[1].trim() : null;
+}
+
+function editPrompt(text) {
+  state.imageMode = true;
+  renderImageToggle();
+  const input = $("#input");
+  input.value = text;
+  autoGrow();
+  input.focus();
+}
+
 async function draw(prompt, parentId) {
   if (state.streaming) return;
-  notice("");
-  let conv;
-  try {
-    conv = await ensureConversation();
-  } catch (e) {
-    if (e.status !== 401) notice(e.message, "error");
-    return;
-  }
-  const controller = new AbortController();
-  state.streaming = { controller, replyId: null };
-  setStreamingUi(true);
-  let reply = null;
-  try {
-    const r = await api("POST", `/api/conversations/${conv.id}/images`, { prompt, parent_id: parentId }, { raw: true, signal: controller.signal });
-    if ($("#input").value.trim() === prompt) { $("#input").value = ""; localStorage.removeItem(draftKey()); autoGrow(); }
-    await readEvents(r, (ev) => {
-      if (ev.type === "user" && ev.message) {
-        addMessage(ev.message);
-      } else if (ev.type === "assistant") {
-        reply = ev.message;
-        state.streaming.replyId = reply.id;
-        addMessage(reply);
-        renderMessages();
-      } else if (ev.type === "progress" && reply) {
-        const body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
-        if (body) {
-          const bar = el("progress", { max: ev.steps, value: ev.step });
-          body.replaceChildren(el("img", { class: "preview", src: ev.preview, alt: "" }), el("div", { class: "muted small", text: t("drawing", { i: ev.step, n: ev.steps }) }), bar);
-          scrollToEnd();
-        }
-      } else if (ev.type === "done" && reply) {
-        reply.status = ev.status;
-        if (typeof ev.content === "string") reply.content = ev.content;
-      } else if (ev.type === "error" && reply) {
-        reply.status = "error";
-        notice(ev.message, "error");
+  await streamReply("images", { prompt, parent_id: parentId }, prompt, {
+    assistant() {},
+    event(ev, reply) {
+      if (ev.type !== "progress") return;
+      const body = document.querySelector(`.msg[data-id="${CSS.escape(reply.id)}"] .body`);
+      if (body) {
+        const bar = el("progress", { max: ev.steps, value: ev.step });
+        body.replaceChildren(el("img", { class: "preview", src: ev.preview, alt: "" }), el("div", { class: "muted small", text: t("drawing", { i: ev.step, n: ev.steps }) }), bar);
+        scrollToEnd();
       }
-    });
-  } catch (e) {
-    if (e.name === "AbortError") {
-      if (reply) reply.status = "incomplete";
-    } else if (e instanceof ApiError) {
-      if (e.status === 401) sessionExpired(); else notice(e.message, "error");
-    } else {
-      if (reply) reply.status = "incomplete";
-      reconnect(conv.id);
-    }
-  } finally {
-    state.streaming = null;
-    setStreamingUi(false);
-    if (state.conv && state.conv.id === conv.id) renderMessages();
-    loadConversations().catch(() => {});
-  }
+    },
+  });
 }
 
 function renderImageToggle() {

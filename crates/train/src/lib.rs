@@ -16,9 +16,12 @@ pub mod curves;
 pub mod data;
 pub mod export;
 pub mod finetune;
+pub mod image;
 pub mod model;
 pub mod pretrain;
 pub mod run;
+pub mod sd;
+pub mod shapes;
 pub mod tokenizer;
 pub mod trainer;
 

@@ -33,27 +33,39 @@ pub struct Progress {
     pub extra: Vec<(&'static str, f32)>,
 }
 
-/// One training objective.
-pub trait Task {
+/// One training objective for a model `M`.
+pub trait Task<M = Gpt> {
     /// The loss of micro-batch `micro` of step `step` (differentiable), and
     /// figures to report; the batch must depend only on the step, so a
     /// resumed run sees the same data.
     fn loss(
         &mut self,
-        model: &Gpt,
+        model: &M,
         step: usize,
         micro: usize,
         device: &Device,
     ) -> (Tensor<1>, Vec<(&'static str, f32)>);
     /// The validation loss (no gradients: `model` is on the inner device).
-    fn validate(&mut self, model: &Gpt, device: &Device) -> f32;
-    /// Tokens one micro-batch trains on (for tokens/s).
+    fn validate(&mut self, model: &M, device: &Device) -> f32;
+    /// Tokens (or samples) one micro-batch trains on (for the rate shown).
     fn tokens_per_micro(&self) -> f64;
+    /// Called after each checkpoint is written (`model` on the inner
+    /// device), e.g. to export it and draw samples.
+    fn checkpointed(&mut self, _model: &M, _step: usize) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// A model the loop can train: how its checkpoint weights are written and
+/// read (the GPT writes only its adapters when it has LoRA).
+pub trait Trainable: Module + Sized {
+    fn save_weights(&self, dir: &Path) -> Result<(), TrainError>;
+    fn load_weights(self, dir: &Path) -> Result<Self, TrainError>;
 }
 
 /// What the loop ended with.
-pub struct Outcome {
-    pub model: Gpt,
+pub struct Outcome<M = Gpt> {
+    pub model: M,
     pub final_loss: f32,
     pub val_loss: f32,
     pub tokens_per_sec: f64,
@@ -102,9 +114,47 @@ fn optimizer(t: &TrainConfig) -> ModuleOptimizer {
     }
 }
 
-/// Write the model (or only its adapters) and the optimizer state.
-fn save_checkpoint(
-    model: &Gpt,
+impl Trainable for Gpt {
+    fn save_weights(&self, dir: &Path) -> Result<(), TrainError> {
+        let fail = |e: String| TrainError::Checkpoint {
+            path: dir.display().to_string(),
+            reason: e,
+        };
+        if self.has_lora() {
+            Adapters {
+                pairs: self.lora_pairs(),
+            }
+            .save_file(dir.join("adapters.bpk"))
+            .map_err(|e| fail(format!("{e}")))
+        } else {
+            self.clone()
+                .save_file(dir.join("model.bpk"))
+                .map_err(|e| fail(format!("{e}")))
+        }
+    }
+
+    fn load_weights(self, ck: &Path) -> Result<Self, TrainError> {
+        let bad = |e: String| TrainError::Checkpoint {
+            path: ck.display().to_string(),
+            reason: e,
+        };
+        if self.has_lora() {
+            let a = Adapters {
+                pairs: self.lora_pairs(),
+            }
+            .try_load_file(ck.join("adapters.bpk"))
+            .map_err(|e| bad(format!("{e}")))?;
+            Ok(self.set_lora_pairs(a.pairs).freeze_non_lora())
+        } else {
+            self.try_load_file(ck.join("model.bpk"))
+                .map_err(|e| bad(format!("{e}")))
+        }
+    }
+}
+
+/// Write the model's weights and the optimizer state.
+fn save_checkpoint<M: Trainable>(
+    model: &M,
     optim: &ModuleOptimizer,
     out: &Path,
     step: usize,
@@ -118,18 +168,7 @@ fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    if model.has_lora() {
-        Adapters {
-            pairs: model.lora_pairs(),
-        }
-        .save_file(tmp.join("adapters.bpk"))
-        .map_err(|e| fail(format!("{e}")))?;
-    } else {
-        model
-            .clone()
-            .save_file(tmp.join("model.bpk"))
-            .map_err(|e| fail(format!("{e}")))?;
-    }
+    model.save_weights(&tmp)?;
     optim
         .save(tmp.join("optim.bpk"))
         .map_err(|e| fail(format!("{e}")))?;
@@ -152,23 +191,8 @@ fn save_checkpoint(
 
 /// Load the weights of the checkpoint in `ck` into `model` (whole, or its
 /// adapters for a LoRA model).
-pub fn load_weights(model: Gpt, ck: &Path) -> Result<Gpt, TrainError> {
-    let bad = |e: String| TrainError::Checkpoint {
-        path: ck.display().to_string(),
-        reason: e,
-    };
-    if model.has_lora() {
-        let a = Adapters {
-            pairs: model.lora_pairs(),
-        }
-        .try_load_file(ck.join("adapters.bpk"))
-        .map_err(|e| bad(format!("{e}")))?;
-        Ok(model.set_lora_pairs(a.pairs).freeze_non_lora())
-    } else {
-        model
-            .try_load_file(ck.join("model.bpk"))
-            .map_err(|e| bad(format!("{e}")))
-    }
+pub fn load_weights<M: Trainable>(model: M, ck: &Path) -> Result<M, TrainError> {
+    model.load_weights(ck)
 }
 
 /// Whether `out` holds a checkpoint (recovering one left by a kill between
@@ -209,14 +233,14 @@ fn keep_freed_memory() {
 
 /// Train `model` on `task` for `t.steps` steps in `out`, resuming from its
 /// checkpoint when there is one. `progress` is called after every step.
-pub fn run(
-    mut model: Gpt,
+pub fn run<M: Trainable>(
+    mut model: M,
     t: &TrainConfig,
     out: &Path,
     device: &Device,
-    task: &mut dyn Task,
+    task: &mut dyn Task<M>,
     mut progress: impl FnMut(&Progress),
-) -> Result<Outcome, TrainError> {
+) -> Result<Outcome<M>, TrainError> {
     keep_freed_memory();
     let mut optim = optimizer(t);
     let ck = checkpoint_dir(out);
@@ -243,7 +267,7 @@ pub fn run(
     let mut last_loss = f32::NAN;
     let mut val_loss = f32::NAN;
     let mut trained = 0usize;
-    let validate = |model: &Gpt, task: &mut dyn Task| {
+    let validate = |model: &M, task: &mut dyn Task<M>| {
         let m = model.clone().valid();
         task.validate(&m, &device.clone().inner())
     };
@@ -303,6 +327,7 @@ pub fn run(
         if done % t.checkpoint_every.max(1) == 0 || done == t.steps {
             save_checkpoint(&model, &optim, out, done)?;
             curves::plot(&out.join("loss.csv"), &out.join("loss.png"))?;
+            task.checkpointed(&model.clone().valid(), done)?;
         }
     }
     if val_loss.is_nan() {

@@ -4,7 +4,9 @@
 //! `/v1/images/generations` (`crate::images`); the events: `user`,
 //! `assistant` (the stored records), `progress` (step, steps and a small
 //! preview of the latents) …, then `done` (the message's final text, which
-//! shows the image) or `error`. The image is the user's file, named after
+//! shows the image, and — when the chat model put a Chinese prompt into
+//! English for an English-only model — that prompt on a line starting
+//! `> 🖋`) or `error`. The image is the user's file, named after
 //! the conversation, and goes with it.
 
 use super::conversations::not_found;
@@ -35,6 +37,10 @@ pub struct ImageAsk {
     seed: Option<u64>,
     steps: Option<usize>,
 }
+
+/// Starts the line of an image reply that gives the English prompt the
+/// chat model wrote for the image model.
+pub(crate) const REVISED_MARK: &str = "🖋";
 
 /// The file name prefix of a conversation's images.
 pub(crate) fn file_prefix(conv_id: &str) -> String {
@@ -69,12 +75,14 @@ pub async fn conversation_image(
         guidance: None,
         sampler: None,
         seed: b.seed,
+        revise: true,
     };
     let images::Prepared {
         mut request,
         queue,
         model,
         requests,
+        revised,
     } = images::prepare(&st, &caller, None, &ask, Endpoint::Images).await?;
     let prompt = ask.prompt.trim().to_string();
     let user_msg = st
@@ -129,9 +137,15 @@ pub async fn conversation_image(
                             .filter(|c| !matches!(c, '[' | ']' | '\n' | '\r'))
                             .take(100)
                             .collect();
+                        // The chat model's English prompt, on a line of its
+                        // own the app recognises (to offer editing it).
+                        let used = revised
+                            .as_deref()
+                            .map(|r| format!("\n\n> {REVISED_MARK} {}", r.replace('\n', " ")))
+                            .unwrap_or_default();
                         (
                             format!(
-                                "![{alt}](/v1/files/{file}/content)\n\n*seed {seed} · {w}×{h} · {} steps · {}*",
+                                "![{alt}](/v1/files/{file}/content)\n\n*seed {seed} · {w}×{h} · {} steps · {}*{used}",
                                 steps, model
                             ),
                             MessageStatus::Done,

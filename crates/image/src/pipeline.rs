@@ -131,17 +131,24 @@ impl Progress<'_> {
     /// [`preview`], or a pixel model's current image as it is.
     pub fn preview(&self) -> Image {
         if self.pixels {
-            let mut f = self.latents.clone();
-            f.n = 1;
-            f.data.truncate(f.hw() * f.c);
-            f.data
-                .iter_mut()
-                .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
-            Image::from_unit(&f)
+            let f = self.latents;
+            Image {
+                width: f.w,
+                height: f.h,
+                rgb: f.data[..f.hw() * 3]
+                    .iter()
+                    .map(|&v| (signed_to_unit(v) * 255.0).round() as u8)
+                    .collect(),
+            }
         } else {
             preview(self.latents)
         }
     }
+}
+
+/// RGB in about [-1, 1] (what a VAE or a pixel model gives) to [0, 1].
+fn signed_to_unit(v: f32) -> f32 {
+    (v / 2.0 + 0.5).clamp(0.0, 1.0)
 }
 
 pub struct Pipeline {
@@ -346,9 +353,7 @@ impl Pipeline {
             }
             None => latents.clone(),
         };
-        img.data
-            .iter_mut()
-            .for_each(|v| *v = (*v / 2.0 + 0.5).clamp(0.0, 1.0));
+        img.data.iter_mut().for_each(|v| *v = signed_to_unit(*v));
         img
     }
 

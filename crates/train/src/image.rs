@@ -80,24 +80,8 @@ impl ImageRunConfig {
     }
 }
 
-impl Trainable for TextToImage {
-    fn save_weights(&self, dir: &Path) -> Result<(), TrainError> {
-        self.clone()
-            .save_file(dir.join("model.bpk"))
-            .map_err(|e| TrainError::Checkpoint {
-                path: dir.display().to_string(),
-                reason: format!("{e}"),
-            })
-    }
-
-    fn load_weights(self, dir: &Path) -> Result<Self, TrainError> {
-        self.try_load_file(dir.join("model.bpk"))
-            .map_err(|e| TrainError::Checkpoint {
-                path: dir.display().to_string(),
-                reason: format!("{e}"),
-            })
-    }
-}
+/// Checkpointed whole, as `model.bpk`.
+impl Trainable for TextToImage {}
 
 /// Captions for the tokenizer to learn from: every scene, every template,
 /// both languages.
@@ -181,11 +165,12 @@ impl ImageTask {
         Ok(b)
     }
 
-    fn mse(&self, model: &TextToImage, b: &Batch, device: &Device) -> Tensor<1> {
+    /// The loss on `b` with captions `ids` (the batch's own, or others).
+    fn mse(&self, model: &TextToImage, b: &Batch, ids: &[i64], device: &Device) -> Tensor<1> {
         let side = self.cfg.model.side;
         let x = Tensor::<4>::from_data(TensorData::new(b.x.clone(), [b.n, 3, side, side]), device);
         let ids = Tensor::<2, Int>::from_data(
-            TensorData::new(b.ids.clone(), [b.n, self.tok.max_len]),
+            TensorData::new(ids.to_vec(), [b.n, self.tok.max_len]),
             device,
         );
         let target = Tensor::<4>::from_data(
@@ -208,7 +193,7 @@ impl Task<TextToImage> for ImageTask {
         let seed = self.cfg.train.seed
             ^ ((step as u64) << 8 | micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         match self.batch(seed, self.cfg.train.batch_size) {
-            Ok(b) => (self.mse(model, &b, device), Vec::new()),
+            Ok(b) => (self.mse(model, &b, &b.ids, device), Vec::new()),
             // Captions come from our own templates, so this cannot happen
             // with a tokenizer trained on them; a NaN stops the run clearly.
             Err(e) => {
@@ -230,19 +215,12 @@ impl Task<TextToImage> for ImageTask {
         let Some(b) = &self.val else {
             return f32::NAN;
         };
-        let loss = self.mse(model, b, device).into_scalar::<f32>();
+        let loss = self.mse(model, b, &b.ids, device).into_scalar::<f32>();
         // The same pictures with each caption moved to the next picture:
         // how much the model gains from the text it is given.
-        let len = self.tok.max_len;
-        let mut shuffled = Batch {
-            x: b.x.clone(),
-            t: b.t.clone(),
-            ids: b.ids.clone(),
-            target: b.target.clone(),
-            n: b.n,
-        };
-        shuffled.ids.rotate_left(len);
-        let without = self.mse(model, &shuffled, device).into_scalar::<f32>();
+        let mut other = b.ids.clone();
+        other.rotate_left(self.tok.max_len);
+        let without = self.mse(model, b, &other, device).into_scalar::<f32>();
         tracing::info!(loss, with_other_captions = without, "validation");
         loss
     }
@@ -326,9 +304,15 @@ pub fn train(
         )
     }
     .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
-    let longest = caption_corpus(cfg.train.seed ^ 1)
+    // Every caption the generator can write must fit.
+    let longest = Scene::all()
         .iter()
-        .map(|c| tok.token_count(c).unwrap_or(usize::MAX))
+        .flat_map(|s| {
+            [Lang::En, Lang::Zh]
+                .into_iter()
+                .flat_map(move |l| (0..shapes::TEMPLATES).map(move |k| s.template(l, k)))
+        })
+        .map(|c| tok.token_count(&c).unwrap_or(usize::MAX))
         .max()
         .unwrap_or(0);
     if longest + 2 > cfg.model.max_len {

@@ -13,6 +13,7 @@
 use crate::config::{GptConfig, MoeConfig, RunConfig};
 use crate::model::{Gpt, Proj};
 use crate::tokenizer::Tok;
+use crate::trainer::Trainable;
 use crate::{io_err, TrainError};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -75,7 +76,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Run, TrainError> {
                 .map_err(|e| TrainError::Config(format!("{}: {e}", lora_path.display())))?;
         let (_, model, tok) = from_gguf(&info.base, device)?;
         let model = model.with_lora(info.rank, info.alpha, &info.targets);
-        let model = crate::trainer::load_weights(model, &ck)?;
+        let model = model.load_weights(&ck)?;
         return Ok(Run {
             cfg,
             model,
@@ -86,7 +87,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Run, TrainError> {
     let tok = Tok::Bpe(Box::new(crate::tokenizer::load(
         &dir.join("tokenizer.json"),
     )?));
-    let model = crate::trainer::load_weights(Gpt::new(&cfg.model, device), &ck)?;
+    let model = Gpt::new(&cfg.model, device).load_weights(&ck)?;
     Ok(Run {
         cfg,
         model,

@@ -24,6 +24,9 @@ pub const BACKGROUNDS: [(&str, &str, [u8; 3]); 3] = [
     ("gray", "灰色", [128, 128, 128]),
 ];
 
+/// Caption templates per language.
+pub const TEMPLATES: usize = 3;
+
 pub const SHAPES: [(&str, &str); 3] = [
     ("circle", "圆形"),
     ("square", "正方形"),
@@ -95,11 +98,16 @@ impl Scene {
 
     /// A caption in `lang`, from one of its templates.
     pub fn caption(&self, lang: Lang, rng: &mut impl Rng) -> String {
+        self.template(lang, rng.random_range(0..TEMPLATES))
+    }
+
+    /// The caption template `k` (of [`TEMPLATES`]) in `lang` writes.
+    pub fn template(&self, lang: Lang, k: usize) -> String {
         let (c_en, c_zh, _) = COLOURS[self.colour];
         let (b_en, b_zh, _) = BACKGROUNDS[self.background];
         let (s_en, s_zh) = SHAPES[self.shape];
         let (_, p_en, p_zh, _) = POSITIONS[self.position];
-        match (lang, rng.random_range(0..3)) {
+        match (lang, k) {
             (Lang::En, 0) => format!("a {c_en} {s_en} {p_en}, {b_en} background"),
             (Lang::En, 1) => format!("a {c_en} {s_en} {p_en} on a {b_en} background"),
             (Lang::En, _) => format!("{b_en} background with a {c_en} {s_en} {p_en}"),

@@ -57,10 +57,25 @@ pub trait Task<M = Gpt> {
 }
 
 /// A model the loop can train: how its checkpoint weights are written and
-/// read (the GPT writes only its adapters when it has LoRA).
+/// read — by default the whole model as `model.bpk` (the GPT writes only
+/// its adapters when it has LoRA).
 pub trait Trainable: Module + Sized {
-    fn save_weights(&self, dir: &Path) -> Result<(), TrainError>;
-    fn load_weights(self, dir: &Path) -> Result<Self, TrainError>;
+    fn save_weights(&self, dir: &Path) -> Result<(), TrainError> {
+        self.clone()
+            .save_file(dir.join("model.bpk"))
+            .map_err(|e| checkpoint_error(dir, e))
+    }
+    fn load_weights(self, dir: &Path) -> Result<Self, TrainError> {
+        self.try_load_file(dir.join("model.bpk"))
+            .map_err(|e| checkpoint_error(dir, e))
+    }
+}
+
+fn checkpoint_error(dir: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Checkpoint {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// What the loop ended with.
@@ -116,39 +131,31 @@ fn optimizer(t: &TrainConfig) -> ModuleOptimizer {
 
 impl Trainable for Gpt {
     fn save_weights(&self, dir: &Path) -> Result<(), TrainError> {
-        let fail = |e: String| TrainError::Checkpoint {
-            path: dir.display().to_string(),
-            reason: e,
-        };
-        if self.has_lora() {
-            Adapters {
-                pairs: self.lora_pairs(),
-            }
-            .save_file(dir.join("adapters.bpk"))
-            .map_err(|e| fail(format!("{e}")))
-        } else {
-            self.clone()
+        if !self.has_lora() {
+            return self
+                .clone()
                 .save_file(dir.join("model.bpk"))
-                .map_err(|e| fail(format!("{e}")))
+                .map_err(|e| checkpoint_error(dir, e));
         }
+        Adapters {
+            pairs: self.lora_pairs(),
+        }
+        .save_file(dir.join("adapters.bpk"))
+        .map_err(|e| checkpoint_error(dir, e))
     }
 
-    fn load_weights(self, ck: &Path) -> Result<Self, TrainError> {
-        let bad = |e: String| TrainError::Checkpoint {
-            path: ck.display().to_string(),
-            reason: e,
-        };
-        if self.has_lora() {
-            let a = Adapters {
-                pairs: self.lora_pairs(),
-            }
-            .try_load_file(ck.join("adapters.bpk"))
-            .map_err(|e| bad(format!("{e}")))?;
-            Ok(self.set_lora_pairs(a.pairs).freeze_non_lora())
-        } else {
-            self.try_load_file(ck.join("model.bpk"))
-                .map_err(|e| bad(format!("{e}")))
+    fn load_weights(self, dir: &Path) -> Result<Self, TrainError> {
+        if !self.has_lora() {
+            return self
+                .try_load_file(dir.join("model.bpk"))
+                .map_err(|e| checkpoint_error(dir, e));
         }
+        let a = Adapters {
+            pairs: self.lora_pairs(),
+        }
+        .try_load_file(dir.join("adapters.bpk"))
+        .map_err(|e| checkpoint_error(dir, e))?;
+        Ok(self.set_lora_pairs(a.pairs).freeze_non_lora())
     }
 }
 
@@ -187,12 +194,6 @@ fn save_checkpoint<M: Trainable>(
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
     Ok(())
-}
-
-/// Load the weights of the checkpoint in `ck` into `model` (whole, or its
-/// adapters for a LoRA model).
-pub fn load_weights<M: Trainable>(model: M, ck: &Path) -> Result<M, TrainError> {
-    model.load_weights(ck)
 }
 
 /// Whether `out` holds a checkpoint (recovering one left by a kill between
@@ -253,7 +254,7 @@ pub fn run<M: Trainable>(
         let s: State =
             serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io_err(&ck))?)
                 .map_err(|e| bad(e.to_string()))?;
-        model = load_weights(model, &ck)?;
+        model = model.load_weights(&ck)?;
         optim = optim
             .load(ck.join("optim.bpk"))
             .map_err(|e| bad(format!("{e}")))?;

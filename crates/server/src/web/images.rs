@@ -137,11 +137,12 @@ pub async fn conversation_image(
                             .filter(|c| !matches!(c, '[' | ']' | '\n' | '\r'))
                             .take(100)
                             .collect();
-                        // The chat model's English prompt, on a line of its
-                        // own the app recognises (to offer editing it).
+                        // The chat model's English prompt (one line), on a
+                        // line of its own the app recognises (to offer
+                        // editing it).
                         let used = revised
                             .as_deref()
-                            .map(|r| format!("\n\n> {REVISED_MARK} {}", r.replace('\n', " ")))
+                            .map(|r| format!("\n\n> {REVISED_MARK} {r}"))
                             .unwrap_or_default();
                         (
                             format!(

@@ -103,12 +103,17 @@ pub struct Plan {
     pub file_bytes: i64,
     /// What batch lines cost, in thousandths of the plan's price.
     pub batch_price_milli: i64,
+    /// Images (`/v1/images/generations`, the web app's image mode) one
+    /// user may have drawn per day (UTC).
+    pub images_per_day: i64,
 }
 
 /// The plan defaults for the fields added after the first plans: 1 GiB of
 /// files, batch lines at half price.
 pub const DEFAULT_FILE_BYTES: i64 = 1 << 30;
 pub const DEFAULT_BATCH_PRICE: i64 = 500;
+/// Images per day of a plan made without saying (the `free` plan has 50).
+pub const DEFAULT_IMAGES_PER_DAY: i64 = 1000;
 
 impl Plan {
     /// A plan with these limits and the defaults for the rest: every model,
@@ -131,6 +136,7 @@ impl Plan {
             price_milli: FULL_PRICE,
             file_bytes: DEFAULT_FILE_BYTES,
             batch_price_milli: DEFAULT_BATCH_PRICE,
+            images_per_day: DEFAULT_IMAGES_PER_DAY,
         }
     }
 
@@ -478,7 +484,7 @@ impl Db {
     }
 
     pub async fn plan(&self, name: &str) -> Result<Plan, AccountError> {
-        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli FROM plans WHERE name = $1")
+        let row = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli, images_per_day FROM plans WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
@@ -487,7 +493,7 @@ impl Db {
     }
 
     pub async fn plans(&self) -> Result<Vec<Plan>, AccountError> {
-        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli FROM plans ORDER BY priority, name")
+        let rows = sqlx::query("SELECT name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli, images_per_day FROM plans ORDER BY priority, name")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(plan_of).collect()
@@ -500,7 +506,7 @@ impl Db {
                 "a plan needs a name and at least one model (or *)".into(),
             ));
         }
-        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n, price_milli = excluded.price_milli, file_bytes = excluded.file_bytes, batch_price_milli = excluded.batch_price_milli")
+        sqlx::query("INSERT INTO plans (name, requests_per_minute, tokens_per_minute, tokens_per_day, max_context, models, priority, max_n, price_milli, file_bytes, batch_price_milli, images_per_day) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (name) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute, tokens_per_day = excluded.tokens_per_day, max_context = excluded.max_context, models = excluded.models, priority = excluded.priority, max_n = excluded.max_n, price_milli = excluded.price_milli, file_bytes = excluded.file_bytes, batch_price_milli = excluded.batch_price_milli, images_per_day = excluded.images_per_day")
             .bind(&p.name)
             .bind(p.requests_per_minute)
             .bind(p.tokens_per_minute)
@@ -512,6 +518,7 @@ impl Db {
             .bind(p.price_milli.max(0))
             .bind(p.file_bytes.max(0))
             .bind(p.batch_price_milli.max(0))
+            .bind(p.images_per_day.max(0))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -749,6 +756,18 @@ impl Db {
 
     /// Tokens (prompt + completion, times each request's price weight) a
     /// user spent on day `day`.
+    /// Images drawn by `user_id` on `day`.
+    pub async fn images_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2",
+        )
+        .bind(user_id)
+        .bind(day)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get(0)?)
+    }
+
     pub async fn tokens_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
         let row = sqlx::query("SELECT CAST(COALESCE(SUM((prompt_tokens + completion_tokens) * weight_milli / 1000), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2")
             .bind(user_id)
@@ -800,6 +819,7 @@ fn plan_of(row: &sqlx::any::AnyRow) -> Result<Plan, AccountError> {
         price_milli: row.try_get(8)?,
         file_bytes: row.try_get(9)?,
         batch_price_milli: row.try_get(10)?,
+        images_per_day: row.try_get(11)?,
     })
 }
 

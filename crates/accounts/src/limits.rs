@@ -28,6 +28,27 @@ pub enum LimitError {
         needed: i64,
         retry_after: Duration,
     },
+    #[error("You exceeded your daily quota of {limit} images ({left} left today, this request asks for {needed}). It resets at 00:00 UTC.")]
+    ImagesPerDay {
+        limit: i64,
+        left: i64,
+        needed: i64,
+        retry_after: Duration,
+    },
+}
+
+/// What a request may use, has used, or a user spent: tokens (weighted by
+/// the plan's price) and images.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub tokens: i64,
+    pub images: i64,
+}
+
+impl Spend {
+    pub fn tokens(tokens: i64) -> Self {
+        Self { tokens, images: 0 }
+    }
 }
 
 impl LimitError {
@@ -35,7 +56,8 @@ impl LimitError {
         match self {
             LimitError::Requests { retry_after, .. }
             | LimitError::TokensPerMinute { retry_after, .. }
-            | LimitError::TokensPerDay { retry_after, .. } => *retry_after,
+            | LimitError::TokensPerDay { retry_after, .. }
+            | LimitError::ImagesPerDay { retry_after, .. } => *retry_after,
         }
     }
 }
@@ -47,6 +69,7 @@ struct Window {
     tokens: VecDeque<(Instant, i64)>,
     day: String,
     day_tokens: i64,
+    day_images: i64,
 }
 
 impl Window {
@@ -83,7 +106,7 @@ pub struct Reservation {
     user_id: String,
     at: Instant,
     day: String,
-    reserved: i64,
+    reserved: Spend,
 }
 
 fn seconds_to_midnight(unix: i64) -> Duration {
@@ -96,13 +119,14 @@ fn window<'a>(
     users: &'a mut HashMap<String, Window>,
     user_id: &str,
     now: Instant,
-    spent_today: impl FnOnce() -> i64,
+    spent_today: impl FnOnce() -> Spend,
 ) -> (&'a mut Window, String) {
     let today = day_of(crate::now());
     let w = users.entry(user_id.to_string()).or_default();
     if w.day != today {
         w.day = today.clone();
-        w.day_tokens = spent_today();
+        let spent = spent_today();
+        (w.day_tokens, w.day_images) = (spent.tokens, spent.images);
     }
     w.expire(now);
     (w, today)
@@ -123,10 +147,11 @@ fn reserve_in(
     user_id: &str,
     w: &mut Window,
     plan: &Plan,
-    needed: i64,
+    asked: Spend,
     now: Instant,
     today: String,
 ) -> Result<Reservation, LimitError> {
+    let needed = asked.tokens;
     let minute = w.minute_tokens();
     if minute + needed > plan.tokens_per_minute {
         let retry_after = if needed > plan.tokens_per_minute {
@@ -157,14 +182,29 @@ fn reserve_in(
             retry_after: seconds_to_midnight(crate::now()),
         });
     }
+    check_images(plan, w.day_images, asked.images)?;
     w.tokens.push_back((now, needed));
     w.day_tokens += needed;
+    w.day_images += asked.images;
     Ok(Reservation {
         user_id: user_id.to_string(),
         at: now,
         day: today,
-        reserved: needed,
+        reserved: asked,
     })
+}
+
+/// Whether `asked` more images fit the plan's daily quota after `spent`.
+fn check_images(plan: &Plan, spent: i64, asked: i64) -> Result<(), LimitError> {
+    if asked > 0 && spent + asked > plan.images_per_day {
+        return Err(LimitError::ImagesPerDay {
+            limit: plan.images_per_day,
+            left: (plan.images_per_day - spent).max(0),
+            needed: asked,
+            retry_after: seconds_to_midnight(crate::now()),
+        });
+    }
+    Ok(())
 }
 
 impl Limiter {
@@ -188,14 +228,15 @@ impl Limiter {
         Ok(())
     }
 
-    /// Reserve `needed` tokens against the per-minute and per-day limits of
-    /// a request already counted by [`Limiter::count_request`].
+    /// Reserve `needed` tokens against the per-minute and per-day limits,
+    /// and images against the daily image quota, of a request already
+    /// counted by [`Limiter::count_request`].
     pub fn reserve(
         &self,
         user_id: &str,
         plan: &Plan,
-        needed: i64,
-        spent_today: impl FnOnce() -> i64,
+        needed: Spend,
+        spent_today: impl FnOnce() -> Spend,
     ) -> Result<Reservation, LimitError> {
         let now = Instant::now();
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,21 +244,22 @@ impl Limiter {
         reserve_in(user_id, w, plan, needed, now, today)
     }
 
-    /// Replace a reservation by the tokens actually used.
-    pub fn settle(&self, r: Reservation, used: i64) {
+    /// Replace a reservation by what was actually used.
+    pub fn settle(&self, r: Reservation, used: Spend) {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let Some(w) = users.get_mut(&r.user_id) else {
             return;
         };
         if w.day == r.day {
-            w.day_tokens += used - r.reserved;
+            w.day_tokens += used.tokens - r.reserved.tokens;
+            w.day_images += used.images - r.reserved.images;
         }
         if let Some(entry) = w
             .tokens
             .iter_mut()
-            .find(|(t, n)| *t == r.at && *n == r.reserved)
+            .find(|(t, n)| *t == r.at && *n == r.reserved.tokens)
         {
-            entry.1 = used;
+            entry.1 = used.tokens;
         }
     }
 }
@@ -244,11 +286,12 @@ const LOCK_USER: &str = "SELECT CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp())
 
 /// Spending of one user on a day and in the last minute, other than the
 /// request `$4`'s own: live holds, plus usage rows of requests without one.
-const SPENT: &str = "WITH live AS (SELECT h.request_id, h.day, h.at_ms, h.tokens FROM limit_holds h JOIN replicas r ON r.id = h.replica_id WHERE h.user_id = $1 AND r.heartbeat_ms > $2 AND h.request_id <> $4), \
-    settled AS (SELECT u.day, u.ts, (u.prompt_tokens + u.completion_tokens) * u.weight_milli / 1000 AS tokens FROM usage u WHERE u.user_id = $1 AND (u.day = $3 OR u.ts >= $6) AND u.request_id <> $4 AND u.request_id NOT IN (SELECT request_id FROM live)) \
+const SPENT: &str = "WITH live AS (SELECT h.request_id, h.day, h.at_ms, h.tokens, h.images FROM limit_holds h JOIN replicas r ON r.id = h.replica_id WHERE h.user_id = $1 AND r.heartbeat_ms > $2 AND h.request_id <> $4), \
+    settled AS (SELECT u.day, u.ts, (u.prompt_tokens + u.completion_tokens) * u.weight_milli / 1000 AS tokens, u.images FROM usage u WHERE u.user_id = $1 AND (u.day = $3 OR u.ts >= $6) AND u.request_id <> $4 AND u.request_id NOT IN (SELECT request_id FROM live)) \
     SELECT CAST(COALESCE((SELECT SUM(tokens) FROM live WHERE day = $3), 0) + COALESCE((SELECT SUM(tokens) FROM settled WHERE day = $3), 0) AS BIGINT), \
     CAST(COALESCE((SELECT SUM(tokens) FROM live WHERE at_ms > $5), 0) + COALESCE((SELECT SUM(tokens) FROM settled WHERE ts >= $6), 0) AS BIGINT), \
-    CAST(COALESCE((SELECT MIN(at_ms) FROM live WHERE at_ms > $5), 0) AS BIGINT)";
+    CAST(COALESCE((SELECT MIN(at_ms) FROM live WHERE at_ms > $5), 0) AS BIGINT), \
+    CAST(COALESCE((SELECT SUM(images) FROM live WHERE day = $3), 0) + COALESCE((SELECT SUM(images) FROM settled WHERE day = $3), 0) AS BIGINT)";
 
 impl SharedLimiter {
     /// Limits on `db` (PostgreSQL), whose holds count while their replica's
@@ -304,16 +347,17 @@ impl SharedLimiter {
         Ok(Ok(()))
     }
 
-    /// Hold `total` tokens for request `request_id` (all it may use in
-    /// all: what it already used plus the worst case of the step about to
-    /// run), replacing its earlier hold, if the plan's token limits allow.
+    /// Hold `asked` for request `request_id` (all it may use in all: what
+    /// it already used plus the worst case of the step about to run),
+    /// replacing its earlier hold, if the plan's limits allow.
     pub async fn reserve(
         &self,
         request_id: &str,
         user_id: &str,
         plan: &Plan,
-        total: i64,
+        asked: Spend,
     ) -> Result<Result<(), LimitError>, crate::AccountError> {
+        let total = asked.tokens;
         use sqlx::Row;
         let (mut tx, now) = self.locked(user_id).await?;
         let day = crate::day_of(now / 1000);
@@ -326,8 +370,12 @@ impl SharedLimiter {
             .bind(now / 1000 - 60)
             .fetch_one(&mut *tx)
             .await?;
-        let (day_spent, minute_spent, oldest): (i64, i64, i64) =
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let (day_spent, minute_spent, oldest, day_images): (i64, i64, i64, i64) = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        );
         if minute_spent + total > plan.tokens_per_minute {
             let retry_after = if total > plan.tokens_per_minute || oldest == 0 {
                 MINUTE
@@ -347,13 +395,17 @@ impl SharedLimiter {
                 retry_after: seconds_to_midnight(now / 1000),
             }));
         }
-        sqlx::query("INSERT INTO limit_holds (request_id, user_id, replica_id, day, at_ms, tokens) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (request_id) DO UPDATE SET tokens = excluded.tokens")
+        if let Err(e) = check_images(plan, day_images, asked.images) {
+            return Ok(Err(e));
+        }
+        sqlx::query("INSERT INTO limit_holds (request_id, user_id, replica_id, day, at_ms, tokens, images) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO UPDATE SET tokens = excluded.tokens, images = excluded.images")
             .bind(request_id)
             .bind(user_id)
             .bind(self.db.replica())
             .bind(&day)
             .bind(now)
             .bind(total)
+            .bind(asked.images)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -384,7 +436,7 @@ mod tests {
         spent: impl FnOnce() -> i64,
     ) -> Result<Reservation, LimitError> {
         l.count_request(user, p)?;
-        l.reserve(user, p, needed, spent)
+        l.reserve(user, p, Spend::tokens(needed), || Spend::tokens(spent()))
     }
 
     fn plan(rpm: i64, tpm: i64, tpd: i64) -> Plan {
@@ -400,6 +452,7 @@ mod tests {
             price_milli: 1000,
             file_bytes: crate::DEFAULT_FILE_BYTES,
             batch_price_milli: crate::DEFAULT_BATCH_PRICE,
+            images_per_day: 3,
         }
     }
 
@@ -438,9 +491,9 @@ mod tests {
             Err(LimitError::TokensPerMinute { .. })
         ));
         // It used only 100 of the 800 it reserved.
-        l.settle(r, 100);
+        l.settle(r, Spend::tokens(100));
         let r2 = admit(&l, "u", &p, 800, || 0).expect("fits after settling");
-        l.settle(r2, 800);
+        l.settle(r2, Spend::tokens(800));
         // 900 spent today; the daily quota (1500) refuses 700 more, with the
         // time to midnight.
         let l2 = l.clone();
@@ -461,19 +514,25 @@ mod tests {
         l.count_request("u", &p).expect("first");
         // Refused tokens do not undo the counted request.
         assert!(matches!(
-            l.reserve("u", &p, 500, || 0),
+            l.reserve("u", &p, Spend::tokens(500), Spend::default),
             Err(LimitError::TokensPerMinute { .. })
         ));
-        let r = l.reserve("u", &p, 50, || 0).expect("fits");
-        l.settle(r, 10);
+        let r = l
+            .reserve("u", &p, Spend::tokens(50), Spend::default)
+            .expect("fits");
+        l.settle(r, Spend::tokens(10));
         l.count_request("u", &p).expect("second");
         assert!(matches!(
             l.count_request("u", &p),
             Err(LimitError::Requests { .. })
         ));
         // 10 tokens used: 90 remain this minute.
-        assert!(l.reserve("u", &p, 90, || 0).is_ok());
-        assert!(l.reserve("u", &p, 1, || 0).is_err());
+        assert!(l
+            .reserve("u", &p, Spend::tokens(90), Spend::default)
+            .is_ok());
+        assert!(l
+            .reserve("u", &p, Spend::tokens(1), Spend::default)
+            .is_err());
     }
 
     #[test]
@@ -485,5 +544,46 @@ mod tests {
             Err(LimitError::TokensPerDay { .. })
         ));
         assert!(admit(&l, "u", &p, 5, || unreachable!("read once per day")).is_ok());
+    }
+
+    #[test]
+    fn images_count_against_the_daily_image_quota() {
+        let l = Limiter::default();
+        let p = plan(100, 1_000_000, 1_000_000);
+        let two = Spend {
+            tokens: 0,
+            images: 2,
+        };
+        // One image already made today (the database says so).
+        l.count_request("u", &p).expect("counted");
+        match l.reserve("u", &p, Spend { images: 3, ..two }, || Spend {
+            tokens: 0,
+            images: 1,
+        }) {
+            Err(LimitError::ImagesPerDay {
+                left: 2, needed: 3, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let r = l.reserve("u", &p, two, Spend::default).expect("two fit");
+        assert!(matches!(
+            l.reserve("u", &p, Spend { images: 1, ..two }, Spend::default),
+            Err(LimitError::ImagesPerDay { left: 0, .. })
+        ));
+        // One of the two was cancelled before it was drawn.
+        l.settle(
+            r,
+            Spend {
+                tokens: 0,
+                images: 1,
+            },
+        );
+        assert!(l
+            .reserve("u", &p, Spend { images: 1, ..two }, Spend::default)
+            .is_ok());
+        // Text requests do not touch the image quota.
+        assert!(l
+            .reserve("u", &p, Spend::tokens(10), Spend::default)
+            .is_ok());
     }
 }

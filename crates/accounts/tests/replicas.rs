@@ -1,7 +1,7 @@
 //! Limits shared by several replicas on one PostgreSQL database
 //! (`HANLIN_TEST_POSTGRES_URL`; `.ci/run` sets it and requires it).
 
-use hanlin_accounts::limits::{LimitError, SharedLimiter};
+use hanlin_accounts::limits::{LimitError, SharedLimiter, Spend};
 use hanlin_accounts::{Db, Plan, Role, Usage, UsageRecord};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +82,7 @@ async fn two_replicas_admit_exactly_the_quota() {
                 .expect("db")
                 .expect("rpm is high");
             match l
-                .reserve(&format!("r{i}"), &uid, &p, 100)
+                .reserve(&format!("r{i}"), &uid, &p, Spend::tokens(100))
                 .await
                 .expect("db")
             {
@@ -112,12 +112,14 @@ async fn two_replicas_admit_exactly_the_quota() {
         .await
         .expect("release");
     assert!(lb
-        .reserve("x1", &user.id, &p, 60)
+        .reserve("x1", &user.id, &p, Spend::tokens(60))
         .await
         .expect("db")
         .is_ok());
     assert!(matches!(
-        la.reserve("x2", &user.id, &p, 1).await.expect("db"),
+        la.reserve("x2", &user.id, &p, Spend::tokens(1))
+            .await
+            .expect("db"),
         Err(LimitError::TokensPerDay { .. })
     ));
 
@@ -138,7 +140,7 @@ async fn two_replicas_admit_exactly_the_quota() {
     let free = p.tokens_per_day - spent;
     assert!(free >= 60, "x1 at least comes free");
     assert!(la
-        .reserve("x4", &user.id, &p, free)
+        .reserve("x4", &user.id, &p, Spend::tokens(free))
         .await
         .expect("db")
         .is_err());
@@ -146,7 +148,7 @@ async fn two_replicas_admit_exactly_the_quota() {
     loop {
         a.heartbeat().await.expect("beat");
         if la
-            .reserve("x4", &user.id, &p, free)
+            .reserve("x4", &user.id, &p, Spend::tokens(free))
             .await
             .expect("db")
             .is_ok()
@@ -161,7 +163,7 @@ async fn two_replicas_admit_exactly_the_quota() {
     }
     // Exactly what was free: not one token more.
     assert!(la
-        .reserve("x5", &user.id, &p, 1)
+        .reserve("x5", &user.id, &p, Spend::tokens(1))
         .await
         .expect("db")
         .is_err());
@@ -196,4 +198,50 @@ async fn requests_per_minute_are_shared() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// The daily image quota across replicas: images held by a running request
+/// on one replica count on the other; once drawn they count as usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn image_quotas_are_shared() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let a = replica(&url, "a").await;
+    let b = replica(&url, "b").await;
+    let user = a.ensure_user("w", Role::User, None).await.expect("user");
+    let lease = Duration::from_secs(30);
+    let (la, lb) = (
+        SharedLimiter::new(a.clone(), lease),
+        SharedLimiter::new(b, lease),
+    );
+    let mut p = plan(100, 1_000_000, 1_000_000);
+    p.images_per_day = 3;
+    let images = |n| Spend {
+        tokens: 0,
+        images: n,
+    };
+    la.reserve("i1", &user.id, &p, images(2))
+        .await
+        .expect("db")
+        .expect("two of three");
+    match lb.reserve("i2", &user.id, &p, images(2)).await.expect("db") {
+        Err(LimitError::ImagesPerDay { left: 1, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // i1 drew one of its two (the other was cancelled): its usage row,
+    // then its hold released.
+    let mut row = usage_row("i1", &user.id, 0);
+    row.usage.images = 1;
+    a.record_usage(&row).await.expect("usage");
+    la.release("i1").await.expect("release");
+    lb.reserve("i2", &user.id, &p, images(2))
+        .await
+        .expect("db")
+        .expect("two left");
+    assert!(la
+        .reserve("i3", &user.id, &p, images(1))
+        .await
+        .expect("db")
+        .is_err());
 }

@@ -134,6 +134,9 @@ pub(crate) enum PlanCmd {
         /// What batch lines cost, in thousandths of the plan's price
         #[arg(long, default_value_t = hanlin_accounts::DEFAULT_BATCH_PRICE)]
         batch_price_milli: i64,
+        /// Images one user may have drawn per day (UTC)
+        #[arg(long, default_value_t = hanlin_accounts::DEFAULT_IMAGES_PER_DAY)]
+        images_per_day: i64,
     },
 }
 
@@ -285,18 +288,19 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
         }
         AdminCmd::Plan { cmd: PlanCmd::List } => {
             println!(
-                "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} models",
-                "plan", "rpm", "tpm", "tpd", "context", "priority"
+                "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} {:>10} models",
+                "plan", "rpm", "tpm", "tpd", "context", "priority", "images/day"
             );
             for p in db.plans().await? {
                 println!(
-                    "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} {}",
+                    "{:<10} {:>6} {:>9} {:>11} {:>8} {:>8} {:>10} {}",
                     p.name,
                     p.requests_per_minute,
                     p.tokens_per_minute,
                     p.tokens_per_day,
                     p.max_context,
                     p.priority,
+                    p.images_per_day,
                     p.models.join(",")
                 );
             }
@@ -315,6 +319,7 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                     price_milli,
                     file_bytes,
                     batch_price_milli,
+                    images_per_day,
                 },
         } => {
             let plan = Plan {
@@ -329,6 +334,7 @@ pub(crate) async fn admin(url: &str, cmd: AdminCmd) -> Result<()> {
                 price_milli,
                 file_bytes,
                 batch_price_milli,
+                images_per_day,
             };
             db.put_plan(&plan).await?;
             println!("plan {} saved", plan.name);

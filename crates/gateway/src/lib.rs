@@ -24,7 +24,7 @@ pub mod metrics;
 
 pub use metrics::Metrics;
 
-use hanlin_accounts::limits::{LimitError, Limiter, Reservation, SharedLimiter};
+use hanlin_accounts::limits::{LimitError, Limiter, Reservation, SharedLimiter, Spend};
 use hanlin_accounts::{AccountError, Caller, Db, Usage, UsageRecord, FULL_PRICE};
 use hanlin_engine::{Event, GenerateParams, Job, Scheduler, Sink, SubmitError, TokenConstraint};
 use std::sync::Arc;
@@ -266,7 +266,7 @@ impl Gateway {
             started: Instant::now(),
             reservations: Vec::new(),
             held: false,
-            charged: 0,
+            charged: Spend::default(),
             usage: Usage::default(),
             step: Vec::new(),
             rx: None,
@@ -317,8 +317,8 @@ pub struct Request {
     /// A hold in the shared limits is to be released once the usage row is
     /// final.
     held: bool,
-    /// Tokens already charged to the limiter by settled reservations.
-    charged: i64,
+    /// What settled reservations already charged to the limiter.
+    charged: Spend,
     /// Usage of the steps before the current one.
     usage: Usage,
     step: Vec<JobCounts>,
@@ -367,6 +367,17 @@ impl Request {
     /// choices) against the plan's token limits. An agent loop reserves
     /// again for each further step.
     pub async fn reserve(&mut self, tokens: usize) -> Result<(), GatewayError> {
+        self.reserve_spend(tokens, 0).await
+    }
+
+    /// Reserve `images` images against the plan's daily image quota; each
+    /// counts once [`Request::record`] records it, and the reservation of
+    /// those never drawn (cancelled, failed) is freed when the request ends.
+    pub async fn reserve_images(&mut self, images: usize) -> Result<(), GatewayError> {
+        self.reserve_spend(0, images).await
+    }
+
+    async fn reserve_spend(&mut self, tokens: usize, images: usize) -> Result<(), GatewayError> {
         // A further step: what the steps before reserved and did not use is
         // freed first, so an agent loop holds one step's worst case at a
         // time (plus what it really used), not the sum of all of them.
@@ -378,14 +389,20 @@ impl Request {
         let gw = self.gw.clone();
         let user = self.caller.user.id.clone();
         let user = &user;
-        let needed = (tokens as i64).saturating_mul(self.weight_milli) / FULL_PRICE;
+        let needed = Spend {
+            tokens: (tokens as i64).saturating_mul(self.weight_milli) / FULL_PRICE,
+            images: images as i64,
+        };
         match &gw.limits {
             Limits::Local(limiter) => {
                 let day = hanlin_accounts::day_of(hanlin_accounts::now());
                 let spent = if limiter.knows(user, &day) {
-                    0
+                    Spend::default()
                 } else {
-                    gw.db.tokens_on(user, &day).await?
+                    Spend {
+                        tokens: gw.db.tokens_on(user, &day).await?,
+                        images: gw.db.images_on(user, &day).await?,
+                    }
                 };
                 let r = limiter.reserve(user, &self.caller.plan, needed, || spent)?;
                 self.reservations.push(r);
@@ -394,7 +411,11 @@ impl Request {
                 // One hold per request: what it used in earlier steps plus
                 // this step's worst case.
                 self.end_step();
-                let total = self.used_weighted().saturating_add(needed);
+                let used = self.used_weighted();
+                let total = Spend {
+                    tokens: used.tokens.saturating_add(needed.tokens),
+                    images: used.images.saturating_add(needed.images),
+                };
                 limiter
                     .reserve(&self.id, user, &self.caller.plan, total)
                     .await??;
@@ -428,28 +449,35 @@ impl Request {
     }
 
     /// Fold the current step's counts into the request's usage.
-    /// The tokens used so far as they count against the plan's limits.
-    fn used_weighted(&self) -> i64 {
+    /// What was used so far as it counts against the plan's limits.
+    fn used_weighted(&self) -> Spend {
         if self.writer.is_some() {
-            self.usage.tokens().saturating_mul(self.weight_milli) / FULL_PRICE
+            Spend {
+                tokens: self.usage.tokens().saturating_mul(self.weight_milli) / FULL_PRICE,
+                images: self.usage.images,
+            }
         } else {
-            0
+            Spend::default()
         }
     }
 
     /// Replace the reservations held by the use not yet charged (`used`
     /// in all, less what earlier settlements charged).
-    fn settle_reservations(&mut self, used: i64) {
+    fn settle_reservations(&mut self, used: Spend) {
         let Limits::Local(limiter) = &self.gw.limits else {
             return;
         };
         let mut rs = std::mem::take(&mut self.reservations).into_iter();
         if let Some(first) = rs.next() {
-            limiter.settle(first, used - self.charged);
+            let new = Spend {
+                tokens: used.tokens - self.charged.tokens,
+                images: used.images - self.charged.images,
+            };
+            limiter.settle(first, new);
             self.charged = used;
         }
         for r in rs {
-            limiter.settle(r, 0);
+            limiter.settle(r, Spend::default());
         }
     }
 

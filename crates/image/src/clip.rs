@@ -36,9 +36,16 @@ fn byte_symbols() -> Vec<char> {
 const PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// [`PATTERN`] with each Chinese character a word of its own (the
+/// vocabularies [`ClipTokenizer::train`] learns; CLIP's own takes a run of
+/// them as one word, which lets BPE merge whole Chinese phrases, even
+/// whole captions, into single tokens that nothing else shares).
+const PATTERN_HAN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{Han}|[\p{L}&&[^\p{Han}]]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
 /// The `tokenizers` description of CLIP's tokenizer with `vocab` and
-/// `merges`.
-fn spec(vocab: Value, merges: Vec<String>) -> Value {
+/// `merges`; `split_han`: [`PATTERN_HAN`] instead of [`PATTERN`].
+fn spec(vocab: Value, merges: Vec<String>, split_han: bool) -> Value {
+    let pattern = if split_han { PATTERN_HAN } else { PATTERN };
     json!({
         "version": "1.0",
         "normalizer": {"type": "Sequence", "normalizers": [
@@ -46,7 +53,7 @@ fn spec(vocab: Value, merges: Vec<String>) -> Value {
             {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
             {"type": "Lowercase"}]},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Removed", "invert": true},
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Removed", "invert": true},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
         "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
             "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
@@ -104,7 +111,12 @@ impl ClipTokenizer {
             .and_then(Value::as_u64)
             .filter(|&n| (3..=512).contains(&n))
             .unwrap_or(77) as usize;
-        Self::from_parts(dir, vocab, merges, &pad, max_len)
+        // Hanlin's own key: Chinese characters are words of their own.
+        let split_han = config
+            .get("hanlin_split_han")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Self::from_parts(dir, vocab, merges, &pad, max_len, split_han)
     }
 
     /// From a vocabulary and merges; `pad` names the padding token.
@@ -114,6 +126,7 @@ impl ClipTokenizer {
         merges: Vec<String>,
         pad: &str,
         max_len: usize,
+        split_han: bool,
     ) -> Result<Self, ImageError> {
         let id = |t: &str| -> Result<u32, ImageError> {
             vocab
@@ -124,7 +137,7 @@ impl ClipTokenizer {
         };
         let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         let pad = id(pad)?;
-        let spec = spec(Value::Object(vocab), merges);
+        let spec = spec(Value::Object(vocab), merges, split_han);
         let tok = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
             .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
@@ -138,8 +151,8 @@ impl ClipTokenizer {
 
     /// Learn a CLIP-style vocabulary of at most `vocab` entries from
     /// `texts` and write it to `dir` as `vocab.json`, `merges.txt` and
-    /// `tokenizer_config.json` (prompts of `max_len` ids), the files
-    /// [`ClipTokenizer::load`] reads.
+    /// `tokenizer_config.json` (prompts of `max_len` ids, each Chinese
+    /// character a word), the files [`ClipTokenizer::load`] reads.
     pub fn train(
         texts: &[String],
         vocab: usize,
@@ -150,9 +163,10 @@ impl ClipTokenizer {
         use tokenizers::models::TrainerWrapper;
         use tokenizers::{AddedToken, Model};
         let terr = |e: tokenizers::Error| ImageError::Tokenizer(e.to_string());
-        let mut tok =
-            tokenizers::Tokenizer::from_bytes(spec(json!({}), Vec::new()).to_string().as_bytes())
-                .map_err(terr)?;
+        let mut tok = tokenizers::Tokenizer::from_bytes(
+            spec(json!({}), Vec::new(), true).to_string().as_bytes(),
+        )
+        .map_err(terr)?;
         let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
             .vocab_size(vocab)
             .min_frequency(1)
@@ -178,6 +192,7 @@ impl ClipTokenizer {
             "unk_token": "<|endoftext|>",
             "model_max_length": max_len,
             "tokenizer_class": "CLIPTokenizer",
+            "hanlin_split_han": true,
         });
         let path = dir.join("tokenizer_config.json");
         std::fs::write(&path, config.to_string()).map_err(|source| ImageError::Io {
@@ -226,7 +241,7 @@ impl ClipTokenizer {
         for (i, t) in list.into_iter().enumerate() {
             vocab.insert(t, Value::from(i as u64));
         }
-        Self::from_parts(path, vocab, merges, "<|endoftext|>", 77)
+        Self::from_parts(path, vocab, merges, "<|endoftext|>", 77, false)
     }
 
     /// A `tokenizer.json` (as newer transformers versions save a CLIP

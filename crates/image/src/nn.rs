@@ -569,6 +569,9 @@ pub fn attention(
 pub struct Resnet {
     norm1: GroupNorm,
     conv1: Conv2d,
+    /// The time embedding's projection: a bias per channel, or (diffusers'
+    /// `resnet_time_scale_shift = "scale_shift"`, twice as many rows) a
+    /// scale and a shift of the normed features.
     temb: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
@@ -579,14 +582,26 @@ impl Resnet {
     pub fn load(w: &Weights, prefix: &str, groups: usize, eps: f32) -> Result<Self, ImageError> {
         let temb = format!("{prefix}.time_emb_proj");
         let shortcut = format!("{prefix}.conv_shortcut");
+        let conv1 = Conv2d::load(w, &format!("{prefix}.conv1"), 1)?;
+        let temb = if w.has(&format!("{temb}.weight")) {
+            let l = linear(w, &temb)?;
+            if l.rows != conv1.c_out && l.rows != 2 * conv1.c_out {
+                return Err(bad(
+                    w.path(),
+                    format!(
+                        "{prefix}: {} time embedding rows for {} channels",
+                        l.rows, conv1.c_out
+                    ),
+                ));
+            }
+            Some(l)
+        } else {
+            None
+        };
         Ok(Self {
             norm1: GroupNorm::load(w, &format!("{prefix}.norm1"), groups, eps)?,
-            conv1: Conv2d::load(w, &format!("{prefix}.conv1"), 1)?,
-            temb: if w.has(&format!("{temb}.weight")) {
-                Some(linear(w, &temb)?)
-            } else {
-                None
-            },
+            conv1,
+            temb,
             norm2: GroupNorm::load(w, &format!("{prefix}.norm2"), groups, eps)?,
             conv2: Conv2d::load(w, &format!("{prefix}.conv2"), 1)?,
             shortcut: if w.has(&format!("{shortcut}.weight")) {
@@ -611,17 +626,36 @@ impl Resnet {
         let mut h = x.clone();
         self.norm1.apply(pool, &mut h, true);
         let mut h = self.conv1.forward(pool, &h);
-        if let (Some(proj), Some(t)) = (&self.temb, temb) {
-            let e = apply_rows(pool, proj, t, t.len() / x.n);
-            let c = h.c;
-            let hw = h.hw();
-            for (s, e) in e.chunks_exact(c).enumerate() {
-                for row in h.data[s * hw * c..(s + 1) * hw * c].chunks_exact_mut(c) {
-                    ops::add_inplace(row, e);
+        let (c, hw) = (h.c, h.hw());
+        let e = match (&self.temb, temb) {
+            (Some(proj), Some(t)) => Some(apply_rows(pool, proj, t, t.len() / x.n)),
+            _ => None,
+        };
+        match e {
+            Some(e) if e.len() == 2 * c * x.n => {
+                // (1 + scale) · norm(h) + shift, then SiLU.
+                self.norm2.apply(pool, &mut h, false);
+                for (s, e) in e.chunks_exact(2 * c).enumerate() {
+                    let (scale, shift) = e.split_at(c);
+                    for row in h.data[s * hw * c..(s + 1) * hw * c].chunks_exact_mut(c) {
+                        for ((v, a), b) in row.iter_mut().zip(scale).zip(shift) {
+                            let y = *v * (1.0 + a) + b;
+                            *v = y / (1.0 + (-y).exp());
+                        }
+                    }
                 }
             }
+            e => {
+                if let Some(e) = e {
+                    for (s, e) in e.chunks_exact(c).enumerate() {
+                        for row in h.data[s * hw * c..(s + 1) * hw * c].chunks_exact_mut(c) {
+                            ops::add_inplace(row, e);
+                        }
+                    }
+                }
+                self.norm2.apply(pool, &mut h, true);
+            }
         }
-        self.norm2.apply(pool, &mut h, true);
         let mut h = self.conv2.forward(pool, &h);
         match &self.shortcut {
             Some(sc) => ops::add_inplace(&mut h.data, &sc.forward(pool, x).data),

@@ -183,6 +183,75 @@ struct Stage {
     resample: Option<Conv2d>,
 }
 
+/// diffusers' `TextTimeEmbedding` (`addition_embed_type = "text"`): the
+/// text, layer-normed, pooled by one attention query (its mean row plus a
+/// learnt offset, over itself and the rows) and projected onto the time
+/// embedding, to which it is added.
+struct TextTime {
+    norm1: LayerNorm,
+    offset: Vec<f32>,
+    q: Linear,
+    /// `k_proj` and `v_proj` stacked.
+    kv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    heads: usize,
+}
+
+impl TextTime {
+    fn load(w: &Weights, heads: usize) -> Result<Self, ImageError> {
+        let p = "add_embedding";
+        let q = nn::linear(w, &format!("{p}.pool.q_proj"))?;
+        let d = q.rows;
+        if heads == 0 || !d.is_multiple_of(heads) {
+            return Err(bad(
+                w.path(),
+                format!("{d}-wide text pooling in {heads} heads"),
+            ));
+        }
+        Ok(Self {
+            norm1: LayerNorm::load(w, &format!("{p}.norm1"), 1e-5)?,
+            offset: w.vec(&format!("{p}.pool.positional_embedding"), d)?,
+            q,
+            kv: nn::linear_cat(w, &[format!("{p}.pool.k_proj"), format!("{p}.pool.v_proj")])?,
+            proj: nn::linear(w, &format!("{p}.proj"))?,
+            norm2: LayerNorm::load(w, &format!("{p}.norm2"), 1e-5)?,
+            heads,
+        })
+    }
+
+    /// One row of the time embedding's width for each of the `n` samples
+    /// of `ctx_len` text rows.
+    fn forward(&self, pool: &ThreadPool, ctx: &[f32], n: usize, ctx_len: usize) -> Vec<f32> {
+        let d = self.q.rows;
+        let mut out = Vec::with_capacity(n * self.proj.rows);
+        for s in 0..n {
+            let rows = self
+                .norm1
+                .apply(&ctx[s * ctx_len * d..(s + 1) * ctx_len * d]);
+            let mut all = Vec::with_capacity((ctx_len + 1) * d);
+            all.extend((0..d).map(|j| {
+                let mean = (0..ctx_len).map(|i| rows[i * d + j]).sum::<f32>() / ctx_len as f32;
+                mean + self.offset[j]
+            }));
+            all.extend_from_slice(&rows);
+            let q = apply_rows(pool, &self.q, &all[..d], d);
+            let kv = apply_rows(pool, &self.kv, &all, d);
+            let a = attention(
+                pool,
+                self.heads,
+                d,
+                (&q, d),
+                (&kv, &kv[d..], 2 * d),
+                1,
+                ctx_len + 1,
+            );
+            out.extend(self.norm2.apply(&apply_rows(pool, &self.proj, &a, d)));
+        }
+        out
+    }
+}
+
 pub struct Unet {
     /// Sinusoidal time features (`conv_in`'s width).
     time_dim: usize,
@@ -190,6 +259,7 @@ pub struct Unet {
     freq_shift: f32,
     time1: Linear,
     time2: Linear,
+    text_time: Option<TextTime>,
     conv_in: Conv2d,
     down: Vec<Stage>,
     mid: (Resnet, Transformer, Resnet),
@@ -289,8 +359,36 @@ impl Unet {
             Transformer::load(w, "mid_block.attentions.0", last, groups)?,
             Resnet::load(w, "mid_block.resnets.1", groups, eps)?,
         );
+        let text_time = match cfg.get("addition_embed_type").and_then(Value::as_str) {
+            None => None,
+            Some("text") => {
+                let heads = cfg
+                    .get("addition_embed_type_num_heads")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(64) as usize;
+                Some(TextTime::load(w, heads)?)
+            }
+            Some(other) => {
+                return Err(bad(
+                    dir,
+                    format!("addition_embed_type {other:?} is not supported"),
+                ))
+            }
+        };
         let conv_in = Conv2d::load(w, "conv_in", 1)?;
         let time1 = nn::linear(w, "time_embedding.linear_1")?;
+        let time2 = nn::linear(w, "time_embedding.linear_2")?;
+        if let Some(tt) = &text_time {
+            if tt.proj.rows != time2.rows {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "the text adds {} values to a {}-wide time embedding",
+                        tt.proj.rows, time2.rows
+                    ),
+                ));
+            }
+        }
         let context_dim = w
             .shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
             .or_else(|_| w.shape("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"))?
@@ -305,7 +403,8 @@ impl Unet {
                 .unwrap_or(true),
             freq_shift: cfg.get("freq_shift").and_then(Value::as_f64).unwrap_or(0.0) as f32,
             time1,
-            time2: nn::linear(w, "time_embedding.linear_2")?,
+            time2,
+            text_time,
             in_channels: conv_in.c_in,
             conv_in,
             down,
@@ -361,6 +460,10 @@ impl Unet {
         let mut temb = apply_rows(pool, &self.time1, &tf, f.len());
         nn::silu_inplace(&mut temb);
         let mut temb = apply_rows(pool, &self.time2, &temb, self.time1.rows);
+        if let Some(tt) = &self.text_time {
+            let add = tt.forward(pool, ctx, n, ctx_len);
+            temb.iter_mut().zip(add).for_each(|(t, a)| *t += a);
+        }
         // Every ResNet block takes the embedding through SiLU first.
         nn::silu_inplace(&mut temb);
         let temb = Some(temb.as_slice());

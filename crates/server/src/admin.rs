@@ -181,6 +181,12 @@ struct PlanBody {
     file_bytes: i64,
     #[serde(default = "default_batch_price")]
     batch_price_milli: i64,
+    #[serde(default = "default_images_per_day")]
+    images_per_day: i64,
+}
+
+fn default_images_per_day() -> i64 {
+    hanlin_accounts::DEFAULT_IMAGES_PER_DAY
 }
 
 fn default_file_bytes() -> i64 {
@@ -218,6 +224,7 @@ pub async fn put_plan(
             "price_milli",
             "file_bytes",
             "batch_price_milli",
+            "images_per_day",
         ],
     )?;
     let plan = Plan {
@@ -232,6 +239,7 @@ pub async fn put_plan(
         price_milli: p.price_milli,
         file_bytes: p.file_bytes,
         batch_price_milli: p.batch_price_milli,
+        images_per_day: p.images_per_day,
     };
     st.db.put_plan(&plan).await.map_err(account_error)?;
     Ok(Json(json!(plan)))

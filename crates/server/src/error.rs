@@ -159,7 +159,9 @@ impl From<hanlin_gateway::GatewayError> for ApiError {
         match e {
             GatewayError::Limit(l) => {
                 let code = match l {
-                    LimitError::TokensPerDay { .. } => "insufficient_quota",
+                    LimitError::TokensPerDay { .. } | LimitError::ImagesPerDay { .. } => {
+                        "insufficient_quota"
+                    }
                     _ => "rate_limit_exceeded",
                 };
                 ApiError::rate_limited(l.to_string(), code, l.retry_after())

@@ -581,6 +581,63 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Capp
     }
 }
 
+/// A request body that notes when it has been read to its end.
+struct NoteEnd {
+    inner: axum::body::Body,
+    read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for NoteEnd {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(p, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request answered before its body was read to the end (refused by
+/// authentication, a limit, a bad header …) leaves the rest of the body
+/// in the connection, which hyper then closes without a word; a client
+/// that reuses it for its next request loses that request. Such answers
+/// say `Connection: close`, so the client opens a new connection.
+pub async fn close_if_body_unread(req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().is_end_stream() || req.version() >= axum::http::Version::HTTP_2 {
+        return next.run(req).await;
+    }
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let req = req.map(|inner| {
+        axum::body::Body::new(NoteEnd {
+            inner,
+            read: read.clone(),
+        })
+    });
+    let mut r = next.run(req).await;
+    if !read.load(std::sync::atomic::Ordering::Relaxed) {
+        r.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
+}
+
 /// Counts the request as its connection's work until its handler has
 /// answered (or was dropped), so the idle timer leaves the connection be.
 pub async fn hold_busy(req: Request, next: Next) -> Response {

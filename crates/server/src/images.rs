@@ -357,7 +357,9 @@ pub(crate) async fn prepare(
             .param("size")
         })?),
     };
-    let request = st.gw.admit(caller, endpoint, &model).await?;
+    let mut request = st.gw.admit(caller, endpoint, &model).await?;
+    // The plan's daily images, before the model is loaded for them.
+    request.reserve_images(ask.n as usize).await?;
     let queue = st.images.queue(&internal).await?;
     let native = queue.pipeline.native_size();
     let (width, height) = parsed.unwrap_or((native, native));

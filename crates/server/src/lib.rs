@@ -472,6 +472,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             guard::limit_anonymous,
         ))
         .layer(axum::middleware::from_fn(guard::hold_busy))
+        .layer(axum::middleware::from_fn(guard::close_if_body_unread))
         .with_state(state)
 }
 

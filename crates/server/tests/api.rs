@@ -238,6 +238,7 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         price_milli: 1000,
         file_bytes: hanlin_accounts::DEFAULT_FILE_BYTES,
         batch_price_milli: hanlin_accounts::DEFAULT_BATCH_PRICE,
+        images_per_day: hanlin_accounts::DEFAULT_IMAGES_PER_DAY,
     })
     .await;
     let key = srv.user_key("burst", "tiny").await;
@@ -283,6 +284,7 @@ async fn rate_limits_and_quotas_are_exact_under_concurrency() {
         price_milli: 1000,
         file_bytes: hanlin_accounts::DEFAULT_FILE_BYTES,
         batch_price_milli: hanlin_accounts::DEFAULT_BATCH_PRICE,
+        images_per_day: hanlin_accounts::DEFAULT_IMAGES_PER_DAY,
     })
     .await;
     let key = srv.user_key("saver", "daily").await;

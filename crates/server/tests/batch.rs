@@ -348,6 +348,7 @@ async fn a_batch_runs_its_lines_and_bad_input_gets_openai_errors() {
         price_milli: 1000,
         file_bytes: 1000,
         batch_price_milli: 500,
+        images_per_day: hanlin_accounts::DEFAULT_IMAGES_PER_DAY,
     })
     .await;
     let small = s.user_key("tim", "tiny").await;

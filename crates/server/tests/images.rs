@@ -333,6 +333,67 @@ async fn a_caller_over_its_request_rate_does_not_make_the_server_load_a_model() 
     );
 }
 
+/// The plan's daily images: a request for more than are left is refused
+/// whole, before the model loads, with what is left; a request refused for
+/// another reason, or cancelled, uses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_count_against_the_plan_s_daily_quota() {
+    let srv = start_with(|c| c.image_model = Some(tiny())).await;
+    let mut p = hanlin_accounts::Plan::limited("sketch", 100, 1_000_000, 10_000_000);
+    (p.images_per_day, p.max_n) = (3, 4);
+    srv.plan(p).await;
+    let key = srv.user_key("painter", "sketch").await;
+    let draw = |body: Value| {
+        let (base, key) = (srv.base.clone(), key.clone());
+        async move {
+            call(
+                Method::POST,
+                format!("{base}/v1/images/generations"),
+                &key,
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (s, e) = draw(json!({"prompt": "a cat", "n": 4, "size": "32x32", "steps": 1})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (429, Some("insufficient_quota")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("3 images")),
+        "{e}"
+    );
+    assert!(
+        !srv.state.images.is_loaded().await,
+        "loaded for a refused request"
+    );
+    // A bad size is found after the reservation: it gives it back.
+    let (s, e) = draw(json!({"prompt": "a cat", "size": "33x33", "steps": 1})).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, e) = draw(json!({"prompt": "a cat", "n": 2, "size": "32x32", "steps": 1})).await;
+    assert_eq!(s, 200, "{e}");
+    let (s, e) = draw(json!({"prompt": "a dog", "n": 2, "size": "32x32", "steps": 1})).await;
+    assert_eq!(s, 429, "one left: {e}");
+    let (s, e) = draw(json!({"prompt": "a dog", "size": "32x32", "steps": 1})).await;
+    assert_eq!(s, 200, "{e}");
+    let (s, e) = draw(json!({"prompt": "a bird", "size": "32x32", "steps": 1})).await;
+    assert_eq!(s, 429, "{e}");
+    assert_eq!(images_of(&srv, "painter", 3).await, 3);
+    // Chat is not limited by the image quota.
+    let (s, e) = call(
+        Method::POST,
+        format!("{}/v1/chat/completions", srv.base),
+        &key,
+        Some(json!({"model": common::MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{e}");
+}
+
 /// A Chinese prompt for an English-only image model goes through the chat
 /// model first (metered as the caller's own request); the answer says what
 /// the image model was given. `revise_prompt: false` and English prompts

@@ -321,7 +321,48 @@ async fn unauthenticated_requests_are_refused_before_their_body_is_read() {
             reply.starts_with("HTTP/1.1 401") || reply.starts_with("HTTP/1.1 403"),
             "{path}: answered before the body, got {reply:?}"
         );
+        // The rest of the body is still on its way: the connection cannot
+        // carry another request, and the client is told so (a client that
+        // reused it lost its next request).
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{path}: {reply:?}"
+        );
     }
+    // One client, one pooled connection: a refused upload (small enough to
+    // be written whole before the answer comes), then requests that go
+    // through.
+    let key = s.user_key("keepalive", "free").await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{}/v1/chat/completions", s.base))
+            .body(vec![b' '; 64 << 10])
+            .send()
+            .await
+            .expect("refused upload");
+        assert_eq!(r.status(), 401);
+        let r = client
+            .get(format!("{}/v1/models", s.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("the next request on the same client");
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("connection").is_none(), "kept alive");
+    }
+    // A body read to its end keeps the connection open.
+    let r = client
+        .post(format!("{}/v1/embeddings", s.base))
+        .bearer_auth(&key)
+        .json(&json!({"input": 5}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("connection").is_none(), "kept alive");
 }
 
 /// `/v1/search` was neither metered nor bounded.

@@ -882,6 +882,7 @@ async fn quota_and_disabled_users_get_friendly_replies() {
         price_milli: 1000,
         file_bytes: hanlin_accounts::DEFAULT_FILE_BYTES,
         batch_price_milli: hanlin_accounts::DEFAULT_BATCH_PRICE,
+        images_per_day: hanlin_accounts::DEFAULT_IMAGES_PER_DAY,
     })
     .await;
     let wx = WeChat::new(&srv.base, "plain", "wxplain", Mode::Plain, false);

@@ -515,6 +515,28 @@ mod tests {
         m.map(&mut J(ChaCha8Rng::seed_from_u64(9)))
     }
 
+    /// A learnt vocabulary keeps Chinese characters apart: captions that
+    /// differ in one word differ in its tokens only (a run of characters
+    /// was one word, and BPE merged whole captions into single tokens).
+    #[test]
+    fn chinese_captions_are_tokenized_by_character() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = ClipTokenizer::train(&caption_corpus(1), 1000, 32, dir.path()).unwrap();
+        let red = tok.encode("黑色背景上左边的红色圆形").unwrap();
+        let blue = tok.encode("黑色背景上左边的蓝色圆形").unwrap();
+        assert_eq!(tok.token_count("黑色背景上左边的红色圆形").unwrap(), 12);
+        let differ = red.iter().zip(&blue).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 1, "{red:?} {blue:?}");
+        // English words stay whole.
+        assert_eq!(tok.token_count("a red circle on the left").unwrap(), 6);
+        // The same files, loaded, tokenize the same way.
+        let again = ClipTokenizer::load(dir.path()).unwrap();
+        assert_eq!(
+            again.encode("左边有一个红色圆形").unwrap(),
+            tok.encode("左边有一个红色圆形").unwrap()
+        );
+    }
+
     #[test]
     fn configs_are_checked() {
         let bad = RECIPE.replace("side = 32", "side = 30");

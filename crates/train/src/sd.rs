@@ -51,6 +51,16 @@ pub struct ImageModelConfig {
     /// Tokens per caption, with the start and end tokens.
     #[serde(default = "d_max_len")]
     pub max_len: usize,
+    /// Add the caption, attention-pooled, to the time embedding (diffusers'
+    /// `addition_embed_type = "text"`): a global path for what the whole
+    /// picture must show, beside the cross-attention's local one.
+    #[serde(default = "d_text_in_time")]
+    pub text_in_time: bool,
+    /// ResNet blocks scale and shift their normed features by the time
+    /// (and text) embedding (diffusers' `resnet_time_scale_shift =
+    /// "scale_shift"`), rather than adding it as a bias.
+    #[serde(default = "d_text_in_time")]
+    pub scale_shift: bool,
 }
 
 fn d_side() -> usize {
@@ -77,6 +87,9 @@ fn d_text_layers() -> usize {
 fn d_max_len() -> usize {
     32
 }
+fn d_text_in_time() -> bool {
+    true
+}
 
 impl Default for ImageModelConfig {
     fn default() -> Self {
@@ -90,6 +103,8 @@ impl Default for ImageModelConfig {
             text_layers: d_text_layers(),
             text_heads: d_heads(),
             max_len: d_max_len(),
+            text_in_time: d_text_in_time(),
+            scale_shift: d_text_in_time(),
         }
     }
 }
@@ -122,6 +137,12 @@ impl ImageModelConfig {
             return bad(format!(
                 "text width {} is not divisible into {} heads",
                 self.text_dim, self.text_heads
+            ));
+        }
+        if self.text_in_time && !self.text_dim.is_multiple_of(self.heads.max(1)) {
+            return bad(format!(
+                "text width {} is not divisible into {} heads for pooling",
+                self.text_dim, self.heads
             ));
         }
         if !(4..=77).contains(&self.max_len) || self.text_layers == 0 {
@@ -257,6 +278,58 @@ impl TextModel {
 
 // ---------------------------------------------------------------- UNet
 
+/// diffusers' `TextTimeEmbedding`: the text, layer-normed, pooled by one
+/// attention query (the mean token plus a learnt offset) and projected to
+/// the time embedding's width.
+#[derive(Module, Debug)]
+pub struct TextTime {
+    norm1: LayerNorm,
+    offset: Param<Tensor<2>>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    heads: usize,
+}
+
+impl TextTime {
+    fn new(d: usize, temb: usize, heads: usize, device: &Device) -> Self {
+        let init = burn::nn::Initializer::Normal {
+            mean: 0.0,
+            std: 1.0 / (d as f64).sqrt(),
+        };
+        Self {
+            norm1: LayerNormConfig::new(d).init(device),
+            offset: init.init([1, d], device),
+            q: linear(d, d, true, device),
+            k: linear(d, d, true, device),
+            v: linear(d, d, true, device),
+            proj: linear(d, temb, true, device),
+            norm2: LayerNormConfig::new(temb).init(device),
+            heads,
+        }
+    }
+
+    /// `[b, temb]` from the text `[b, n, d]`.
+    fn forward(&self, ctx: &Tensor<3>) -> Tensor<2> {
+        let [b, _, d] = ctx.dims();
+        let x = self.norm1.forward(ctx.clone());
+        let cls = x.clone().mean_dim(1) + self.offset.val().reshape([1, 1, d]);
+        let all = Tensor::cat(vec![cls.clone(), x], 1);
+        let a = attend(
+            self.q.forward(cls),
+            self.k.forward(all.clone()),
+            self.v.forward(all),
+            self.heads,
+            None,
+        );
+        let t = self.norm2.forward(self.proj.forward(a));
+        let w = t.dims()[2];
+        t.reshape([b, w])
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Resnet {
     norm1: GroupNorm,
@@ -265,25 +338,42 @@ pub struct Resnet {
     norm2: GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
+    scale_shift: bool,
 }
 
 impl Resnet {
-    fn new(c_in: usize, c_out: usize, temb: usize, groups: usize, device: &Device) -> Self {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        temb: usize,
+        cfg: &ImageModelConfig,
+        device: &Device,
+    ) -> Self {
+        let groups = cfg.groups;
+        let proj = if cfg.scale_shift { 2 * c_out } else { c_out };
         Self {
             norm1: group_norm(groups, c_in, 1e-5, device),
             conv1: conv(c_in, c_out, 3, 1, device),
-            temb: linear(temb, c_out, true, device),
+            temb: linear(temb, proj, true, device),
             norm2: group_norm(groups, c_out, 1e-5, device),
             conv2: conv(c_out, c_out, 3, 1, device),
             shortcut: (c_in != c_out).then(|| conv(c_in, c_out, 1, 1, device)),
+            scale_shift: cfg.scale_shift,
         }
     }
 
     fn forward(&self, x: Tensor<4>, temb: &Tensor<2>) -> Tensor<4> {
         let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
         let [b, c, _, _] = h.dims();
-        let h = h + self.temb.forward(silu(temb.clone())).reshape([b, c, 1, 1]);
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let e = self.temb.forward(silu(temb.clone()));
+        let h = if self.scale_shift {
+            let scale = e.clone().slice([0..b, 0..c]).reshape([b, c, 1, 1]);
+            let shift = e.slice([0..b, c..2 * c]).reshape([b, c, 1, 1]);
+            self.norm2.forward(h) * (scale + 1.0) + shift
+        } else {
+            self.norm2.forward(h + e.reshape([b, c, 1, 1]))
+        };
+        let h = self.conv2.forward(silu(h));
         let x = match &self.shortcut {
             Some(s) => s.forward(x),
             None => x,
@@ -392,6 +482,7 @@ pub struct Level {
 pub struct Unet {
     time1: Linear,
     time2: Linear,
+    text_time: Option<TextTime>,
     conv_in: Conv2d,
     down: Vec<Level>,
     mid: Level,
@@ -420,7 +511,7 @@ impl Unet {
                     if j == 0 { prev } else { c },
                     c,
                     temb,
-                    g,
+                    cfg,
                     device,
                 ));
                 if cfg.attention[i] {
@@ -438,8 +529,8 @@ impl Unet {
         let top = ch[levels - 1];
         let mid = Level {
             resnets: vec![
-                Resnet::new(top, top, temb, g, device),
-                Resnet::new(top, top, temb, g, device),
+                Resnet::new(top, top, temb, cfg, device),
+                Resnet::new(top, top, temb, cfg, device),
             ],
             attentions: vec![SpatialTransformer::new(top, ctx, heads, g, device)],
             sample: None,
@@ -455,7 +546,7 @@ impl Unet {
             for j in 0..=LAYERS {
                 let skip = if j == LAYERS { input } else { c };
                 let c_in = if j == 0 { prev_out } else { c };
-                resnets.push(Resnet::new(c_in + skip, c, temb, g, device));
+                resnets.push(Resnet::new(c_in + skip, c, temb, cfg, device));
                 if attn {
                     attentions.push(SpatialTransformer::new(c, ctx, heads, g, device));
                 }
@@ -471,6 +562,9 @@ impl Unet {
         Self {
             time1: linear(ch[0], temb, true, device),
             time2: linear(temb, temb, true, device),
+            text_time: cfg
+                .text_in_time
+                .then(|| TextTime::new(ctx, temb, cfg.heads, device)),
             conv_in: conv(3, ch[0], 3, 1, device),
             down,
             mid,
@@ -498,9 +592,12 @@ impl Unet {
     /// `t`, attending to text `ctx` `[b, n, d]`.
     pub fn forward(&self, x: Tensor<4>, t: &[f32], ctx: &Tensor<3>) -> Tensor<4> {
         let device = x.device();
-        let temb = self
+        let mut temb = self
             .time2
             .forward(silu(self.time1.forward(self.timestep_features(t, &device))));
+        if let Some(tt) = &self.text_time {
+            temb = temb + tt.forward(ctx);
+        }
         let mut h = self.conv_in.forward(x);
         let mut skips = vec![h.clone()];
         for l in &self.down {
@@ -615,6 +712,19 @@ impl TextToImage {
         let mut w = Vec::new();
         push_linear(&mut w, "time_embedding.linear_1", &u.time1);
         push_linear(&mut w, "time_embedding.linear_2", &u.time2);
+        if let Some(tt) = &u.text_time {
+            push_ln(&mut w, "add_embedding.norm1", &tt.norm1);
+            push_param(
+                &mut w,
+                "add_embedding.pool.positional_embedding",
+                &tt.offset,
+            );
+            push_linear(&mut w, "add_embedding.pool.q_proj", &tt.q);
+            push_linear(&mut w, "add_embedding.pool.k_proj", &tt.k);
+            push_linear(&mut w, "add_embedding.pool.v_proj", &tt.v);
+            push_linear(&mut w, "add_embedding.proj", &tt.proj);
+            push_ln(&mut w, "add_embedding.norm2", &tt.norm2);
+        }
         push_conv(&mut w, "conv_in", &u.conv_in);
         for (i, l) in u.down.iter().enumerate() {
             push_level(&mut w, &format!("down_blocks.{i}"), l, "downsamplers");
@@ -689,9 +799,7 @@ impl TextToImage {
             .rev()
             .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
             .collect();
-        write_json(
-            &tmp.join("unet/config.json"),
-            json!({
+        let mut unet_cfg = json!({
                 "_class_name": "UNet2DConditionModel",
                 "sample_size": cfg.side,
                 "in_channels": 3,
@@ -710,8 +818,13 @@ impl TextToImage {
                 "freq_shift": 0,
                 "act_fn": "silu",
                 "downsample_padding": 1,
-            }),
-        )?;
+                "resnet_time_scale_shift": if cfg.scale_shift { "scale_shift" } else { "default" },
+        });
+        if cfg.text_in_time {
+            unet_cfg["addition_embed_type"] = json!("text");
+            unet_cfg["addition_embed_type_num_heads"] = json!(cfg.heads);
+        }
+        write_json(&tmp.join("unet/config.json"), unet_cfg)?;
         write_json(
             &tmp.join("scheduler/scheduler_config.json"),
             json!({

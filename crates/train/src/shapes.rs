@@ -119,7 +119,7 @@ impl Scene {
 
     pub fn random_placement(rng: &mut impl Rng) -> Placement {
         Placement {
-            radius: rng.random_range(0.15..0.2),
+            radius: rng.random_range(0.19..0.24),
             dx: rng.random_range(-0.04..0.04),
             dy: rng.random_range(-0.04..0.04),
         }

@@ -153,12 +153,35 @@ fn one_busy_slot() -> (Scheduler, Vec<u32>, Arc<AtomicBool>) {
         !g.load(Ordering::SeqCst)
     });
     sched
-        .submit(with_sink(p.clone(), 500, 0, sink))
+        .submit(endless(&m, p.clone(), 0, sink))
         .expect("submit");
     started
         .recv_timeout(Duration::from_secs(60))
         .expect("the long request starts");
     (sched, p, gone)
+}
+
+/// Masks the model's end tokens: a job that runs until its sink says stop
+/// (counting to 100 may end before a test is done on a fast machine).
+struct NoEnd(Vec<u32>);
+
+impl hanlin_engine::TokenConstraint for NoEnd {
+    fn mask(&mut self, logits: &mut [f32]) -> bool {
+        for &id in &self.0 {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        true
+    }
+    fn accept(&mut self, _: u32) {}
+}
+
+/// A job on `prompt` that does not end until its sink returns false.
+fn endless(m: &LoadedModel, prompt: Vec<u32>, priority: i32, sink: Sink) -> Job {
+    let mut j = with_sink(prompt, 100_000, priority, sink);
+    j.constraint = Some(Box::new(NoEnd(m.tokenizer.eog.to_vec())));
+    j
 }
 
 fn with_sink(prompt: Vec<u32>, max: usize, priority: i32, sink: Sink) -> Job {
@@ -363,7 +386,7 @@ fn background_jobs_leave_the_reserved_slots_to_interactive_ones() {
             !stop.load(Ordering::SeqCst)
         });
         sched
-            .submit(with_sink(p.clone(), 400, -1, sink))
+            .submit(endless(&m, p.clone(), -1, sink))
             .expect("submit");
     }
     for _ in 0..600 {

@@ -756,25 +756,22 @@ impl Db {
 
     /// Tokens (prompt + completion, times each request's price weight) a
     /// user spent on day `day`.
-    /// Images drawn by `user_id` on `day`.
-    pub async fn images_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
-        let row = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(images), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2",
-        )
-        .bind(user_id)
-        .bind(day)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get(0)?)
+    pub async fn tokens_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
+        Ok(self.spent_on(user_id, day).await?.tokens)
     }
 
-    pub async fn tokens_on(&self, user_id: &str, day: &str) -> Result<i64, AccountError> {
-        let row = sqlx::query("SELECT CAST(COALESCE(SUM((prompt_tokens + completion_tokens) * weight_milli / 1000), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2")
+    /// What a user spent on day `day` as the plan's limits count it:
+    /// tokens as [`Db::tokens_on`] counts them, and images drawn.
+    pub async fn spent_on(&self, user_id: &str, day: &str) -> Result<limits::Spend, AccountError> {
+        let row = sqlx::query("SELECT CAST(COALESCE(SUM((prompt_tokens + completion_tokens) * weight_milli / 1000), 0) AS BIGINT), CAST(COALESCE(SUM(images), 0) AS BIGINT) FROM usage WHERE user_id = $1 AND day = $2")
             .bind(user_id)
             .bind(day)
             .fetch_one(&self.pool)
             .await?;
-        Ok(row.try_get(0)?)
+        Ok(limits::Spend {
+            tokens: row.try_get(0)?,
+            images: row.try_get(1)?,
+        })
     }
 
     /// Usage summed by day, user and model; optionally for one user / day.

@@ -49,6 +49,24 @@ impl Spend {
     pub fn tokens(tokens: i64) -> Self {
         Self { tokens, images: 0 }
     }
+
+    /// Both sums, saturating.
+    pub fn saturating_add(self, o: Self) -> Self {
+        Self {
+            tokens: self.tokens.saturating_add(o.tokens),
+            images: self.images.saturating_add(o.images),
+        }
+    }
+}
+
+impl std::ops::Sub for Spend {
+    type Output = Self;
+    fn sub(self, o: Self) -> Self {
+        Self {
+            tokens: self.tokens - o.tokens,
+            images: self.images - o.images,
+        }
+    }
 }
 
 impl LimitError {
@@ -251,8 +269,9 @@ impl Limiter {
             return;
         };
         if w.day == r.day {
-            w.day_tokens += used.tokens - r.reserved.tokens;
-            w.day_images += used.images - r.reserved.images;
+            let change = used - r.reserved;
+            w.day_tokens += change.tokens;
+            w.day_images += change.images;
         }
         if let Some(entry) = w
             .tokens

@@ -399,10 +399,7 @@ impl Request {
                 let spent = if limiter.knows(user, &day) {
                     Spend::default()
                 } else {
-                    Spend {
-                        tokens: gw.db.tokens_on(user, &day).await?,
-                        images: gw.db.images_on(user, &day).await?,
-                    }
+                    gw.db.spent_on(user, &day).await?
                 };
                 let r = limiter.reserve(user, &self.caller.plan, needed, || spent)?;
                 self.reservations.push(r);
@@ -411,11 +408,7 @@ impl Request {
                 // One hold per request: what it used in earlier steps plus
                 // this step's worst case.
                 self.end_step();
-                let used = self.used_weighted();
-                let total = Spend {
-                    tokens: used.tokens.saturating_add(needed.tokens),
-                    images: used.images.saturating_add(needed.images),
-                };
+                let total = self.used_weighted().saturating_add(needed);
                 limiter
                     .reserve(&self.id, user, &self.caller.plan, total)
                     .await??;
@@ -469,11 +462,7 @@ impl Request {
         };
         let mut rs = std::mem::take(&mut self.reservations).into_iter();
         if let Some(first) = rs.next() {
-            let new = Spend {
-                tokens: used.tokens - self.charged.tokens,
-                images: used.images - self.charged.images,
-            };
-            limiter.settle(first, new);
+            limiter.settle(first, used - self.charged);
             self.charged = used;
         }
         for r in rs {

@@ -632,29 +632,29 @@ impl Resnet {
             _ => None,
         };
         match e {
+            // (1 + scale) · norm(h) + shift, then SiLU.
             Some(e) if e.len() == 2 * c * x.n => {
-                // (1 + scale) · norm(h) + shift, then SiLU.
                 self.norm2.apply(pool, &mut h, false);
                 for (s, e) in e.chunks_exact(2 * c).enumerate() {
                     let (scale, shift) = e.split_at(c);
                     for row in h.data[s * hw * c..(s + 1) * hw * c].chunks_exact_mut(c) {
                         for ((v, a), b) in row.iter_mut().zip(scale).zip(shift) {
-                            let y = *v * (1.0 + a) + b;
-                            *v = y / (1.0 + (-y).exp());
+                            *v = *v * (1.0 + a) + b;
                         }
                     }
                 }
+                silu_inplace(&mut h.data);
             }
-            e => {
-                if let Some(e) = e {
-                    for (s, e) in e.chunks_exact(c).enumerate() {
-                        for row in h.data[s * hw * c..(s + 1) * hw * c].chunks_exact_mut(c) {
-                            ops::add_inplace(row, e);
-                        }
+            // A bias per channel, then norm and SiLU.
+            Some(e) => {
+                for (s, e) in e.chunks_exact(c).enumerate() {
+                    for row in h.data[s * hw * c..(s + 1) * hw * c].chunks_exact_mut(c) {
+                        ops::add_inplace(row, e);
                     }
                 }
                 self.norm2.apply(pool, &mut h, true);
             }
+            None => self.norm2.apply(pool, &mut h, true),
         }
         let mut h = self.conv2.forward(pool, &h);
         match &self.shortcut {

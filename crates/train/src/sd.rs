@@ -54,12 +54,12 @@ pub struct ImageModelConfig {
     /// Add the caption, attention-pooled, to the time embedding (diffusers'
     /// `addition_embed_type = "text"`): a global path for what the whole
     /// picture must show, beside the cross-attention's local one.
-    #[serde(default = "d_text_in_time")]
+    #[serde(default = "d_true")]
     pub text_in_time: bool,
     /// ResNet blocks scale and shift their normed features by the time
     /// (and text) embedding (diffusers' `resnet_time_scale_shift =
     /// "scale_shift"`), rather than adding it as a bias.
-    #[serde(default = "d_text_in_time")]
+    #[serde(default = "d_true")]
     pub scale_shift: bool,
 }
 
@@ -87,7 +87,7 @@ fn d_text_layers() -> usize {
 fn d_max_len() -> usize {
     32
 }
-fn d_text_in_time() -> bool {
+fn d_true() -> bool {
     true
 }
 
@@ -103,8 +103,8 @@ impl Default for ImageModelConfig {
             text_layers: d_text_layers(),
             text_heads: d_heads(),
             max_len: d_max_len(),
-            text_in_time: d_text_in_time(),
-            scale_shift: d_text_in_time(),
+            text_in_time: d_true(),
+            scale_shift: d_true(),
         }
     }
 }
@@ -800,25 +800,25 @@ impl TextToImage {
             .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
             .collect();
         let mut unet_cfg = json!({
-                "_class_name": "UNet2DConditionModel",
-                "sample_size": cfg.side,
-                "in_channels": 3,
-                "out_channels": 3,
-                "block_out_channels": cfg.channels,
-                "down_block_types": down,
-                "up_block_types": up,
-                "mid_block_type": "UNetMidBlock2DCrossAttn",
-                "layers_per_block": LAYERS,
-                "attention_head_dim": vec![cfg.heads; levels],
-                "cross_attention_dim": cfg.text_dim,
-                "norm_num_groups": cfg.groups,
-                "norm_eps": 1e-5,
-                "use_linear_projection": true,
-                "flip_sin_to_cos": true,
-                "freq_shift": 0,
-                "act_fn": "silu",
-                "downsample_padding": 1,
-                "resnet_time_scale_shift": if cfg.scale_shift { "scale_shift" } else { "default" },
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": cfg.side,
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": cfg.channels,
+            "down_block_types": down,
+            "up_block_types": up,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "layers_per_block": LAYERS,
+            "attention_head_dim": vec![cfg.heads; levels],
+            "cross_attention_dim": cfg.text_dim,
+            "norm_num_groups": cfg.groups,
+            "norm_eps": 1e-5,
+            "use_linear_projection": true,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "act_fn": "silu",
+            "downsample_padding": 1,
+            "resnet_time_scale_shift": if cfg.scale_shift { "scale_shift" } else { "default" },
         });
         if cfg.text_in_time {
             unet_cfg["addition_embed_type"] = json!("text");

@@ -11,9 +11,14 @@ history: TTFT relative to the first turn).
     LLAMA_SERVER=/path/to/llama-server python3 bench/serve_load.py
     python3 bench/serve_load.py --baseline /tmp/old/hanlin --no-llama   # before/after, one run
     python3 bench/serve_load.py --no-llama --prefill  # + a long prompt's prefill rate: server vs `hanlin bench`
+    python3 bench/serve_load.py --no-llama --lookup-off --quote   # prompt lookup on vs off, on edits of given code
 
 `--baseline BIN` measures a second `hanlin` binary (built from an earlier
 commit, say) the same way in the same run, and prints new / baseline ratios.
+`--lookup-off` measures the same binary a second time with prompt lookup
+off (`HANLIN_LOOKUP=false`), and `--quote` makes every stream's request an
+edit of a given piece of code (answers that quote their prompt, where
+lookup helps) instead of an essay.
 
 llama-server comes from scripts/build_llama_cpp.sh ($LLAMA_CPP_BIN, or found
 under ~/.cache/hanlin/llama.cpp); without it only Hanlin is measured.
@@ -31,6 +36,9 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HANLIN = ROOT / "target" / "release" / "hanlin"
@@ -113,6 +121,13 @@ def stream_chat(base, key, messages, max_tokens, model, out):
                elapsed=time.perf_counter() - t0, text="".join(text))
 
 
+QUOTE = ("Rename the function `{old}` to `{new}` everywhere. Reply with the whole code in a code block.\n\n"
+         "```python\ndef {old}(items):\n    \"\"\"{topic}: the total of the items' prices.\"\"\"\n"
+         "    total = 0\n    for item in items:\n        total += item.price * item.quantity\n"
+         "    return total\n\n\nprint({old}(basket))\nprint({old}(order.lines))\n```")
+QUOTE_MODE = False
+
+
 def run_load(base, key, model, streams, max_tokens, variant=0):
     results = [dict() for _ in range(streams)]
     threads = []
@@ -121,7 +136,12 @@ def run_load(base, key, model, streams, max_tokens, variant=0):
         # A run's prompts differ from the other runs' (only the chat
         # template's system prompt is shared), so no run finds them cached.
         essay = "a detailed essay" if variant == 0 else f"detailed essay number {variant}"
-        msgs = [{"role": "user", "content": f"Write {essay} about {TOPICS[i % len(TOPICS)]}."}]
+        if QUOTE_MODE:
+            content = QUOTE.format(old=f"total_{variant}_{i}", new=f"basket_total_{i}",
+                                   topic=TOPICS[i % len(TOPICS)])
+        else:
+            content = f"Write {essay} about {TOPICS[i % len(TOPICS)]}."
+        msgs = [{"role": "user", "content": content}]
         th = threading.Thread(target=stream_chat, args=(base, key, msgs, max_tokens, model, results[i]))
         th.start()
         threads.append(th)
@@ -175,8 +195,8 @@ def prefill_rate(base, key, model, reps=3):
     return n, statistics.median(rates)
 
 
-def start_hanlin(binary, model, threads, port, tmp):
-    env = dict(os.environ, HANLIN_DATABASE_URL=f"sqlite://{tmp}/bench.db", HANLIN_LOG="warn")
+def start_hanlin(binary, model, threads, port, tmp, extra_env=None):
+    env = dict(os.environ, HANLIN_DATABASE_URL=f"sqlite://{tmp}/bench.db", HANLIN_LOG="warn", **(extra_env or {}))
     key = subprocess.run([str(binary), "admin", "key", "create", "--user", "bench", "--plan", "plus"],
                          env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     proc = subprocess.Popen([str(binary), "-t", str(threads), "serve", "--port", str(port), "--model", model,
@@ -184,11 +204,11 @@ def start_hanlin(binary, model, threads, port, tmp):
     return proc, key
 
 
-def measure_hanlin(binary, name, args, rows):
+def measure_hanlin(binary, name, args, rows, extra_env=None):
     """Load runs against one `hanlin serve` binary; returns the prefix-cache TTFTs."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        proc, key = start_hanlin(binary, args.model, args.threads, port, tmp)
+        proc, key = start_hanlin(binary, args.model, args.threads, port, tmp, extra_env)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base + "/health", proc)
@@ -225,10 +245,17 @@ def main():
     ap.add_argument("--baseline", type=Path,
                     help="another hanlin binary (an earlier build) to measure in the same run")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
+    ap.add_argument("--lookup-off", action="store_true",
+                    help="also measure this binary with prompt lookup off (HANLIN_LOOKUP=false)")
+    ap.add_argument("--quote", action="store_true",
+                    help="requests that edit a given piece of code (their answers quote the prompt) instead of essays")
     ap.add_argument("--prefill", action="store_true",
                     help="also: a long prompt's prefill rate through the server against `hanlin bench` on "
                          "the same number of tokens")
     args = ap.parse_args()
+    global QUOTE_MODE
+    QUOTE_MODE = args.quote
+    print(machine.describe(args.threads))
     if not HANLIN.exists():
         subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
     gguf = subprocess.run([str(HANLIN), "show", args.model, "--path"], check=True,
@@ -237,6 +264,8 @@ def main():
     t1, t2 = measure_hanlin(HANLIN, "hanlin", args, rows)
     if args.baseline:
         b1, b2 = measure_hanlin(args.baseline, "baseline", args, rows)
+    if args.lookup_off:
+        measure_hanlin(HANLIN, "lookup off", args, rows, {"HANLIN_LOOKUP": "false"})
     llama = None if args.no_llama else find_llama_server()
     if llama:
         port = free_port()
@@ -255,7 +284,8 @@ def main():
         finally:
             proc.terminate()
             proc.wait()
-    print(f"model {args.model}, {args.threads} threads, {args.tokens} max tokens per stream")
+    print(f"model {args.model}, {args.threads} threads, {args.tokens} max tokens per stream"
+          + (", requests that quote their prompt" if args.quote else ""))
     print(f"medians of {args.reps} runs (every run's aggregate tok/s in brackets)")
     print(f"{'server':<14} {'streams':>7} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9}  runs")
     for (name, n), r in rows.items():
@@ -273,6 +303,10 @@ def main():
             print(f"hanlin / baseline at {n} stream(s): {h['tok_s'] / b['tok_s']:.2f}x tok/s, "
                   f"TTFT p50 {h['ttft_p50']:.2f}s vs {b['ttft_p50']:.2f}s")
         print(f"baseline prefix cache: second-turn TTFT {b2:.3f}s vs first turn {b1:.3f}s = {b2 / b1:.0%}")
+    if args.lookup_off:
+        for n in (1, args.streams):
+            h, b = rows["hanlin", n], rows["lookup off", n]
+            print(f"prompt lookup on / off at {n} stream(s): {h['tok_s'] / b['tok_s']:.2f}x tok/s")
     print(f"prefix cache: second-turn TTFT {t2:.3f}s vs first turn {t1:.3f}s = {t2 / t1:.0%}")
     if args.prefill:
         n, served = rows["prefill"]

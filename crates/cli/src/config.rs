@@ -25,6 +25,7 @@ pub(crate) struct FileSettings {
     pub max_queue: Option<usize>,
     pub ctx: Option<usize>,
     pub prefill_chunk: Option<usize>,
+    pub lookup: Option<bool>,
     pub memory_budget_mb: Option<u64>,
     pub max_body_kb: Option<usize>,
     pub feed_allow: Option<Vec<String>>,
@@ -69,6 +70,7 @@ pub(crate) struct ModelTable {
     pub max_batch: Option<usize>,
     pub max_queue: Option<usize>,
     pub prefill_chunk: Option<usize>,
+    pub lookup: Option<bool>,
     /// OpenAI-compatible servers that serve this model instead of this
     /// process (README: "Running at scale").
     pub upstream: Option<Vec<String>>,
@@ -119,6 +121,7 @@ impl ModelTable {
             max_batch: self.max_batch,
             max_queue: self.max_queue,
             prefill_chunk: self.prefill_chunk,
+            lookup: self.lookup,
         }
     }
 }
@@ -182,6 +185,7 @@ impl FileSettings {
         fill(m, "max_queue", &mut a.max_queue, self.max_queue);
         fill(m, "ctx", &mut a.ctx, self.ctx);
         fill(m, "prefill_chunk", &mut a.prefill_chunk, self.prefill_chunk);
+        fill(m, "lookup", &mut a.lookup, self.lookup);
         fill(
             m,
             "memory_budget_mb",

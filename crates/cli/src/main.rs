@@ -217,6 +217,11 @@ struct ServeArgs {
     /// Prompt tokens fed per step across sequences (chunked prefill)
     #[arg(long, env = "HANLIN_PREFILL_CHUNK", default_value_t = 256)]
     prefill_chunk: usize,
+    /// Prompt lookup: decode steps also check guesses copied from each
+    /// sequence's own prompt (same text, fewer steps when answers quote
+    /// their input; off by itself when the batch is busy)
+    #[arg(long, env = "HANLIN_LOOKUP", default_value_t = true, action = clap::ArgAction::Set)]
+    lookup: bool,
     /// Memory for loaded models in MiB (least recently used ones are evicted)
     #[arg(long, env = "HANLIN_MEMORY_BUDGET_MB", default_value_t = 4096)]
     memory_budget_mb: u64,
@@ -561,6 +566,7 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
             prefill_chunk: a.prefill_chunk,
             max_queue: a.max_queue,
             ctx: a.ctx,
+            lookup: a.lookup.into(),
             ..Default::default()
         },
         kb_dir: kb::root(store),

@@ -3,7 +3,7 @@
 use crate::kv::KvCache;
 use crate::model::{Logits, Model};
 use crate::sampler::{logprobs, Sampler, SamplerConfig, TokenLogprob};
-use crate::speculative::{AdaptiveK, Payoff, Proposer};
+use crate::speculative::{verify, AdaptiveK, Payoff, Proposer};
 use crate::EngineError;
 use hanlin_kernels::ThreadPool;
 use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, Utf8Stream, CHATML, GEMMA};
@@ -229,58 +229,35 @@ impl Session {
         // When the last round's work began (to time it once it is judged).
         let mut round_started = Instant::now();
         let (mut proposed, mut accepted) = (0usize, 0usize);
-        // Logits rows to sample from, in order; each (but the last) checks
-        // the proposal at the same index.
-        let mut rows = vec![first];
+        // Logits rows to sample from, in order (`verify`): one per token
+        // fed, each but the last checking the proposal at the same index.
+        let mut rows = first;
         let mut drafts: Vec<u32> = Vec::new();
-        let finish = 'gen: loop {
-            // Tokens in the cache before this round's rows were computed.
-            let base = self.cache.len() - drafts.len();
-            let n_rows = rows.len();
-            let mut next = None;
-            let mut kept = 0;
-            for (j, mut logits) in rows.drain(..).enumerate() {
-                let held = base + j;
-                let full = held >= self.cache.capacity();
-                let step = dec.next(&m.tokenizer, &mut logits, &self.tokens[..held], full);
-                // A finish mid-round: the proposals after this row were
-                // never checked, so they count neither way.
-                let unchecked = drafts.len().saturating_sub(kept);
-                if !step.text.is_empty() && !on_text(&step.text) {
-                    self.unfeed(held);
-                    (accepted, proposed) = (accepted + kept, proposed - unchecked);
-                    break 'gen FinishReason::Cancelled;
-                }
-                match (step.finish, step.feed) {
-                    (Some(f), _) => {
-                        self.unfeed(held);
-                        (accepted, proposed) = (accepted + kept, proposed - unchecked);
-                        break 'gen f;
-                    }
-                    (None, Some(id)) => {
-                        if j + 1 < n_rows && drafts[j] == id {
-                            kept += 1;
-                            continue;
-                        }
-                        // The first difference (or past the last proposal):
-                        // the cache keeps what was verified, `id` goes next.
-                        self.unfeed(held);
-                        next = Some(id);
-                        break;
-                    }
-                    (None, None) => unreachable!("a step either finishes or feeds a token"),
-                }
+        let finish = loop {
+            let round = verify(
+                &mut dec,
+                &m.tokenizer,
+                &mut rows,
+                &drafts,
+                &self.tokens,
+                self.cache.capacity(),
+                &mut on_text,
+            );
+            // The cache keeps what was verified.
+            self.unfeed(round.held);
+            (accepted, proposed) = (accepted + round.accepted, proposed + round.proposed);
+            if let Some(f) = round.finish {
+                break f;
             }
-            accepted += kept;
-            k.update(drafts.len(), kept);
+            k.update(drafts.len(), round.accepted);
             if !drafts.is_empty() {
                 payoff.round(
                     round_started.elapsed().as_secs_f64(),
-                    kept + 1,
+                    round.accepted + 1,
                     dec.out.len(),
                 );
             }
-            let Some(id) = next else {
+            let Some(id) = round.feed else {
                 unreachable!("a round ends with a token to feed or a finish")
             };
             // Propose what follows `id`, within the token and context limits.
@@ -300,21 +277,18 @@ impl Session {
                 }
                 _ => Vec::new(),
             };
-            proposed += drafts.len();
             if drafts.is_empty() {
                 let t = Instant::now();
-                rows = vec![self.step(id)?];
+                rows = self.step(id)?;
                 payoff.plain_step(t.elapsed().as_secs_f64());
             } else {
                 let mut feed = Vec::with_capacity(1 + drafts.len());
                 feed.push(id);
                 feed.extend_from_slice(&drafts);
-                let all = m
+                rows = m
                     .model
                     .forward(&m.pool, &feed, &mut self.cache, Logits::All)?;
                 self.tokens.extend_from_slice(&feed);
-                let vocab = all.len() / feed.len();
-                rows = all.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
             }
         };
         // The last sampled token is in `tokens` but was never fed back, so the

@@ -4,17 +4,26 @@
 //! admits queued requests between steps by priority, and feeds long prompts
 //! in chunks so they do not stall the sequences already decoding.
 //!
+//! With prompt lookup on, a decoding sequence whose last tokens occurred
+//! earlier in it also feeds the tokens that followed them there, and the
+//! step's logits check those guesses ([`crate::speculative`]): the same
+//! tokens as without, several per step when the answer quotes its prompt.
+//! Guesses only fill rows the step has to spare ([`SchedulerConfig::lookup_rows`]):
+//! a batch busy enough to be compute-bound gets none; and unless told to
+//! guess always, the scheduler times its decode steps with guesses and
+//! without, and stops guessing for a while when they cost more per token
+//! than they save (a machine whose multi-token passes are compute-bound).
+//!
 //! KV caches are per sequence. A finished sequence's cache goes into a
 //! prefix pool (bounded in tokens); a new request starts from the longest
 //! prefix it shares with the pool or with a running sequence, so a system
 //! prompt or a conversation's earlier turns are not recomputed.
 
-use crate::generate::{
-    DecodeStep, Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint,
-};
+use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
 use crate::kv::{KvBlocks, KvCache};
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
+use crate::speculative::{verify, AdaptiveK, Payoff, PromptLookup, Proposer, Round};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -36,6 +45,32 @@ pub struct SchedulerConfig {
     /// Slots background jobs (priority below zero: batch lines) may never
     /// take, so an interactive request finds one free at once.
     pub reserved_slots: usize,
+    /// Prompt lookup: decoding sequences also feed guesses copied from
+    /// their own earlier tokens, checked in the same step.
+    pub lookup: Lookup,
+    /// Rows a decode step may have, guesses included: guesses fill what
+    /// one row per decoding sequence leaves of it (a step's cost hardly
+    /// grows with its rows until the batch becomes compute-bound).
+    pub lookup_rows: usize,
+}
+
+/// When the scheduler guesses ahead with prompt lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    Off,
+    /// While guessing gives tokens faster than plain steps (measured).
+    WhenItPays,
+    Always,
+}
+
+impl From<bool> for Lookup {
+    fn from(on: bool) -> Self {
+        if on {
+            Lookup::WhenItPays
+        } else {
+            Lookup::Off
+        }
+    }
 }
 
 /// Jobs below this priority are background work ([`SchedulerConfig::reserved_slots`]).
@@ -50,6 +85,8 @@ impl Default for SchedulerConfig {
             ctx: 8192,
             prefix_pool_tokens: 32 * 1024,
             reserved_slots: 4,
+            lookup: Lookup::WhenItPays,
+            lookup_rows: 16,
         }
     }
 }
@@ -137,6 +174,10 @@ pub struct SchedStats {
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Guesses checked (prompt lookup), and those the model's own choice
+    /// agreed with: their ratio is the acceptance rate.
+    pub proposed_tokens: AtomicU64,
+    pub accepted_tokens: AtomicU64,
 }
 
 /// Handle to a model's scheduler thread; dropping every handle stops it once
@@ -166,6 +207,8 @@ impl Scheduler {
             blocks: KvBlocks::new(),
             arrivals: 0,
             last_probe: Instant::now(),
+            payoff: Payoff::default(),
+            steps: 0,
         };
         std::thread::Builder::new()
             .name("hanlin-sched".into())
@@ -207,6 +250,10 @@ struct Seq {
     cached: usize,
     /// Sampled and not yet fed back.
     pending: Option<u32>,
+    /// Prompt lookup's proposer and guess length, when on.
+    guess: Option<(PromptLookup, AdaptiveK)>,
+    /// Guesses fed this step after the pending token.
+    drafts: Vec<u32>,
     lps_sent: usize,
     tokens_sent: usize,
     done: bool,
@@ -220,6 +267,57 @@ impl Seq {
         if !self.done && !(self.job.sink)(e) {
             self.done = true;
         }
+    }
+
+    /// What to feed after the pending token `id`: up to `spare` guesses of
+    /// prompt lookup, within the context and the token limit.
+    fn guesses(&mut self, id: u32, spare: usize) -> Vec<u32> {
+        let room = self
+            .cache
+            .capacity()
+            .saturating_sub(self.cache.len() + 1)
+            .min(
+                self.job
+                    .params
+                    .max_tokens
+                    .saturating_sub(self.dec.out.len() + 1),
+            )
+            .min(spare);
+        match &mut self.guess {
+            Some((lookup, k)) if room > 0 => {
+                let mut context = Vec::with_capacity(self.tokens.len() + 1);
+                context.extend_from_slice(&self.tokens);
+                context.push(id);
+                let mut d = lookup
+                    .propose(&context, k.snapped().min(room))
+                    .unwrap_or_default();
+                d.truncate(room);
+                d
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Sample from this step's logits (a row per fed token when guesses
+    /// were fed; [`verify`]); the cache and `tokens` drop the guesses not
+    /// kept.
+    fn sample(&mut self, tok: &hanlin_tokenizer::Tokenizer, logits: &mut [f32]) -> Round {
+        let capacity = self.cache.capacity();
+        let round = verify(
+            &mut self.dec,
+            tok,
+            logits,
+            &self.drafts,
+            &self.tokens,
+            capacity,
+            &mut |_| true,
+        );
+        self.cache.truncate(round.held);
+        self.tokens.truncate(round.held);
+        if let Some((_, k)) = &mut self.guess {
+            k.update(self.drafts.len(), round.accepted);
+        }
+        round
     }
 }
 
@@ -236,6 +334,13 @@ struct Worker {
     blocks: Arc<KvBlocks>,
     arrivals: u64,
     last_probe: Instant,
+    /// Whether guessing pays on this machine: decode steps timed with
+    /// guesses and without.
+    payoff: Payoff,
+    /// Steps run since the scheduler started: the payoff's clock (how
+    /// long guessing stays off once it did not pay is counted in steps, so
+    /// a busy batch does not try again sooner than a single sequence).
+    steps: usize,
 }
 
 /// How often waiting requests are probed.
@@ -346,6 +451,9 @@ impl Worker {
                 tokens,
                 cached,
                 pending: None,
+                guess: (self.cfg.lookup != Lookup::Off)
+                    .then(|| (PromptLookup::default(), AdaptiveK::default())),
+                drafts: Vec::new(),
                 lps_sent: 0,
                 tokens_sent: 0,
                 done: false,
@@ -441,10 +549,32 @@ impl Worker {
         let mut order: Vec<usize> = (0..self.active.len()).collect();
         order.sort_by_key(|&i| -self.active[i].job.priority);
         let mut plan: Vec<(Vec<u32>, Logits)> = vec![(Vec::new(), Logits::None); self.active.len()];
+        let decoding = self.active.iter().filter(|s| s.pending.is_some()).count();
+        let guessing = match self.cfg.lookup {
+            Lookup::Off => false,
+            Lookup::WhenItPays => self.payoff.propose(self.steps),
+            Lookup::Always => true,
+        };
+        let mut spare = if guessing {
+            self.cfg.lookup_rows.saturating_sub(decoding)
+        } else {
+            0
+        };
         for i in order {
-            let s = &self.active[i];
+            let s = &mut self.active[i];
+            s.drafts.clear();
             plan[i] = if let Some(id) = s.pending {
-                (vec![id], Logits::Last)
+                s.drafts = s.guesses(id, spare);
+                spare -= s.drafts.len();
+                let mut feed = Vec::with_capacity(1 + s.drafts.len());
+                feed.push(id);
+                feed.extend_from_slice(&s.drafts);
+                let want = if s.drafts.is_empty() {
+                    Logits::Last
+                } else {
+                    Logits::All
+                };
+                (feed, want)
             } else if s.prefilling() && budget > 0 {
                 let rest = &s.job.prompt[s.tokens.len()..];
                 let n = rest.len().min(budget);
@@ -462,6 +592,14 @@ impl Worker {
         if plan.iter().all(|(t, _)| t.is_empty()) {
             return;
         }
+        let started = Instant::now();
+        // Only steps that decode and prefill nothing are timed for the payoff.
+        let decode_only = self
+            .active
+            .iter()
+            .zip(&plan)
+            .all(|(s, (fed, _))| fed.is_empty() || s.pending.is_some());
+        let guessed = self.active.iter().any(|s| !s.drafts.is_empty());
         let result = {
             let mut batch: Vec<BatchSeq<'_>> = self
                 .active
@@ -500,7 +638,7 @@ impl Worker {
         // Sampling (a pass or more over the vocabulary per sequence, and a
         // JSON-schema mask where one is set) runs on the pool's threads,
         // which would otherwise wait for the next step.
-        type Sampling<'a> = Mutex<(&'a mut Seq, &'a mut Vec<f32>, Option<DecodeStep>)>;
+        type Sampling<'a> = Mutex<(&'a mut Seq, &'a mut Vec<f32>, Option<Round>)>;
         let work: Vec<Sampling> = self
             .active
             .iter_mut()
@@ -512,14 +650,38 @@ impl Worker {
             for w in &work[range] {
                 let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
                 let (s, lg, st) = &mut *g;
-                let full = s.cache.len() >= s.cache.capacity();
-                *st = Some(s.dec.next(tok, lg, &s.tokens, full));
+                *st = Some(s.sample(tok, lg));
             }
         });
+        let sampled: usize = work
+            .iter()
+            .map(|w| {
+                let g = w.lock().unwrap_or_else(|e| e.into_inner());
+                g.2.as_ref().map_or(0, |r| r.sampled)
+            })
+            .sum();
+        self.steps += 1;
+        if decode_only && sampled > 0 {
+            let secs = started.elapsed().as_secs_f64();
+            if guessed {
+                self.payoff.round(secs, sampled, self.steps);
+            } else {
+                self.payoff.plain_step(secs / sampled as f64);
+            }
+        }
         for w in work {
             let (s, _, st) = w.into_inner().unwrap_or_else(|e| e.into_inner());
             let Some(st) = st else { continue };
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let stats = &self.stats;
+            stats
+                .generated_tokens
+                .fetch_add(st.sampled as u64, Ordering::Relaxed);
+            stats
+                .proposed_tokens
+                .fetch_add(st.proposed as u64, Ordering::Relaxed);
+            stats
+                .accepted_tokens
+                .fetch_add(st.accepted as u64, Ordering::Relaxed);
             let lps = s.dec.lps[s.lps_sent..].to_vec();
             s.lps_sent = s.dec.lps.len();
             let tokens = s.dec.out.len() - s.tokens_sent;

@@ -14,9 +14,77 @@
 //! or sampled — as long as the verify pass computes the same logits as
 //! one-token steps, bit for bit (`tests/speculative.rs` checks it).
 
-use crate::generate::LoadedModel;
+use crate::generate::{Decoder, FinishReason, LoadedModel};
 use crate::{EngineError, Session};
+use hanlin_tokenizer::Tokenizer;
 use std::sync::Arc;
+
+/// What one round of sampling gave (see [`verify`]).
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Text that became final this round.
+    pub text: String,
+    /// Set when the sequence is finished (or `on_text` stopped it).
+    pub finish: Option<FinishReason>,
+    /// The token to feed next when the sequence goes on.
+    pub feed: Option<u32>,
+    /// How many of the fed tokens stay: the KV cache and the token list
+    /// are to be cut back to this length.
+    pub held: usize,
+    /// Rows sampled; proposals checked (those after a finish count
+    /// neither way) and kept.
+    pub sampled: usize,
+    pub proposed: usize,
+    pub accepted: usize,
+}
+
+/// Sample one round: `logits` holds a row per token fed this round (the
+/// last sampled token, then the proposals `drafts`), and `tokens` every
+/// token fed so far, proposals included. Each row is sampled exactly as
+/// plain decoding would sample it; proposals are kept while they equal
+/// those samples, and the first row that differs (or the one past the
+/// last proposal) gives the token to feed next. `on_text` gets each row's
+/// final text; returning false cancels.
+pub fn verify(
+    dec: &mut Decoder,
+    tok: &Tokenizer,
+    logits: &mut [f32],
+    drafts: &[u32],
+    tokens: &[u32],
+    capacity: usize,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Round {
+    let rows = drafts.len() + 1;
+    let vocab = logits.len() / rows;
+    let base = tokens.len() - drafts.len();
+    let mut round = Round::default();
+    for (j, row) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
+        let held = base + j;
+        let step = dec.next(tok, row, &tokens[..held], held >= capacity);
+        round.sampled += 1;
+        round.held = held;
+        let cancelled = !step.text.is_empty() && !on_text(&step.text);
+        round.text.push_str(&step.text);
+        let finish = if cancelled {
+            Some(FinishReason::Cancelled)
+        } else {
+            step.finish
+        };
+        if finish.is_none() && j < drafts.len() && step.feed == Some(drafts[j]) {
+            round.accepted += 1;
+            continue;
+        }
+        // A finish mid-round leaves the later proposals unchecked.
+        round.proposed = if finish.is_some() {
+            round.accepted
+        } else {
+            drafts.len()
+        };
+        (round.finish, round.feed) = (finish, step.feed);
+        return round;
+    }
+    round
+}
 
 /// Guesses the tokens that follow a context.
 pub trait Proposer: Send {
@@ -160,7 +228,9 @@ impl AdaptiveK {
 }
 
 /// Whether proposing pays, measured as it goes: seconds per generated
-/// token with proposals and without. When verifying costs more than it
+/// token with proposals and without. Its clock (`generated`) is a count
+/// that grows as decoding goes: tokens for one sequence, steps for the
+/// scheduler's batch. When verifying costs more than it
 /// saves — a machine whose multi-token passes are compute-bound, a draft
 /// that is seldom right — proposals stop, and are tried again later.
 #[derive(Debug, Clone)]

@@ -6,7 +6,8 @@
 mod common;
 
 use hanlin_engine::{
-    Event, GenerateParams, Job, LoadedModel, SamplerConfig, Scheduler, SchedulerConfig, Sink,
+    Event, GenerateParams, Job, LoadedModel, Lookup, SamplerConfig, Scheduler, SchedulerConfig,
+    Sink,
 };
 use hanlin_tokenizer::Message;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,4 +413,73 @@ fn background_jobs_leave_the_reserved_slots_to_interactive_ones() {
         "the third background job still waits"
     );
     stop.store(true, Ordering::SeqCst);
+}
+
+/// Prompt lookup inside the batch: a reply that quotes its prompt takes
+/// several verified tokens per step, and every request's text (greedy, or
+/// sampled with a seed) is the one it gets without lookup.
+#[test]
+fn prompt_lookup_gives_the_same_text_in_fewer_steps() {
+    let m = model();
+    let code = "def area(width, height):\n    # width times height\n    return width * height\n\nprint(area(3, 4))\n";
+    let prompts: Vec<Vec<u32>> = [
+        format!("Rename the function to rect_area. Reply with the whole code in a code block.\n\n```python\n{code}```"),
+        "用一句话介绍杭州。".to_string(),
+    ]
+    .iter()
+    .map(|q| m.chat_prompt(&[Message::new("user", q)]).expect("prompt"))
+    .collect();
+    let sampled = GenerateParams {
+        max_tokens: 48,
+        sampler: SamplerConfig {
+            temperature: 0.8,
+            seed: 5,
+            ..SamplerConfig::default()
+        },
+        ..Default::default()
+    };
+    let run = |lookup: Lookup| {
+        let sched = Scheduler::start(
+            m.clone(),
+            SchedulerConfig {
+                lookup,
+                ..Default::default()
+            },
+        );
+        let mut rxs = Vec::new();
+        for p in &prompts {
+            for params in [greedy(48), sampled.clone()] {
+                let (tx, rx) = mpsc::channel();
+                let mut j = with_sink(p.clone(), 48, 0, Box::new(move |e| tx.send(e).is_ok()));
+                j.params = params;
+                sched.submit(j).expect("submit");
+                rxs.push(rx);
+            }
+        }
+        let texts: Vec<String> = rxs.iter().map(|rx| collect(rx).0).collect();
+        let st = &sched.stats;
+        (
+            texts,
+            st.steps.load(Ordering::Relaxed),
+            st.proposed_tokens.load(Ordering::Relaxed),
+            st.accepted_tokens.load(Ordering::Relaxed),
+        )
+    };
+    let (plain, plain_steps, none, _) = run(Lookup::Off);
+    assert_eq!(none, 0, "no guesses without lookup");
+    assert!(plain[0].contains("print(rect_area(3, 4))"), "{plain:?}");
+    // Always: whether guessing pays depends on the machine's timing.
+    let (looked, steps, proposed, accepted) = run(Lookup::Always);
+    eprintln!(
+        "lookup: {steps} steps (without: {plain_steps}), {accepted} of {proposed} guesses kept"
+    );
+    assert_eq!(looked, plain);
+    assert!(
+        accepted >= 20 && accepted <= proposed,
+        "{accepted} of {proposed} guesses kept"
+    );
+    assert!(
+        steps < plain_steps,
+        "{steps} steps with lookup, {plain_steps} without"
+    );
 }

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub kv_tokens: IntGaugeVec,
     pub prefix_pool_tokens: IntGaugeVec,
     pub kv_bytes: IntGaugeVec,
+    /// Prompt lookup's guesses checked and kept, since the model loaded.
+    pub lookup_proposed: IntGaugeVec,
+    pub lookup_accepted: IntGaugeVec,
     /// Upstream servers (models served elsewhere), by model and node.
     pub upstream_requests: IntCounterVec,
     pub upstream_ttft: HistogramVec,
@@ -81,6 +84,14 @@ impl Metrics {
             "kv_cache_bytes",
             "Bytes of KV cache blocks alive (shared prefix blocks counted once)",
         )?;
+        let lookup_proposed = gauge(
+            "lookup_proposed_tokens",
+            "Prompt lookup's guesses checked since the model loaded",
+        )?;
+        let lookup_accepted = gauge(
+            "lookup_accepted_tokens",
+            "Prompt lookup's guesses the model agreed with (acceptance rate: accepted / proposed)",
+        )?;
         let upstream_requests = IntCounterVec::new(
             Opts::new(
                 "upstream_requests_total",
@@ -134,6 +145,8 @@ impl Metrics {
             Box::new(kv_tokens.clone()),
             Box::new(prefix_pool_tokens.clone()),
             Box::new(kv_bytes.clone()),
+            Box::new(lookup_proposed.clone()),
+            Box::new(lookup_accepted.clone()),
         ] {
             registry.register(c)?;
         }
@@ -149,6 +162,8 @@ impl Metrics {
             kv_tokens,
             prefix_pool_tokens,
             kv_bytes,
+            lookup_proposed,
+            lookup_accepted,
             upstream_requests,
             upstream_ttft,
             upstream_tokens,

@@ -62,6 +62,9 @@ pub async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
         set(&m.kv_tokens, s.stats.kv_tokens.load(Relaxed));
         set(&m.prefix_pool_tokens, s.stats.pool_tokens.load(Relaxed));
         set(&m.kv_bytes, s.stats.kv_bytes.load(Relaxed));
+        let total = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as usize;
+        set(&m.lookup_proposed, total(&s.stats.proposed_tokens));
+        set(&m.lookup_accepted, total(&s.stats.accepted_tokens));
     }
     st.upstreams.gauges(&st.gw.metrics);
     st.gw.metrics.render().into_response()

@@ -17,6 +17,7 @@ pub struct ModelSettings {
     pub max_batch: Option<usize>,
     pub max_queue: Option<usize>,
     pub prefill_chunk: Option<usize>,
+    pub lookup: Option<bool>,
 }
 
 impl ModelSettings {
@@ -34,6 +35,9 @@ impl ModelSettings {
         }
         if let Some(v) = self.prefill_chunk {
             c.prefill_chunk = v;
+        }
+        if let Some(v) = self.lookup {
+            c.lookup = v.into();
         }
         c
     }

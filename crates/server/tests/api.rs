@@ -445,6 +445,8 @@ async fn admin_api_metrics_and_vanished_clients() {
         "hanlin_queue_depth",
         "hanlin_kv_cache_tokens",
         "hanlin_kv_cache_bytes",
+        "hanlin_lookup_proposed_tokens",
+        "hanlin_lookup_accepted_tokens",
     ] {
         assert!(text.contains(m), "{m} missing from /metrics");
     }

@@ -541,6 +541,15 @@ try {
     await page.click("#toggle-image");
     assert.match(await page.textContent("#toggle-image"), /画图：开|Draw: on/);
     assert.match(await page.getAttribute("#input", "placeholder"), /描述|Describe/);
+    // Under the composer: how many pictures the plan still allows today.
+    const picturesLeft = () => {
+      const m = /(\d+)\D+(\d+)/.exec(document.querySelector("#composer-hint").textContent);
+      return m && [Number(m[1]), Number(m[2])];
+    };
+    await page.waitForFunction(picturesLeft);
+    assert.match(await page.textContent("#composer-hint"), /今天还能画 \d+ 张|pictures left today/);
+    const [before, perDay] = await page.evaluate(picturesLeft);
+    assert.ok(perDay > 0 && before <= perDay, `${before} of ${perDay} left`);
     await sendMessage(page, "画一只在西湖边的猫");
     await page.waitForFunction(() => {
       const img = document.querySelector('.msg.assistant[data-status="done"] .body img:not(.preview)');
@@ -565,6 +574,11 @@ try {
       return img && img.complete && img.naturalWidth > 0 && s && s[1] !== seed;
     }, firstSeed, { timeout: 60000 });
     assert.match(await page.textContent(".msg.user .branch-pos"), /2\/2/);
+    // Two pictures drawn: two fewer left.
+    await page.waitForFunction((n) => {
+      const m = /(\d+)/.exec(document.querySelector("#composer-hint").textContent);
+      return m && Number(m[1]) === n;
+    }, before - 2);
     await shot(page, "13-image-mode");
     // "Edit the English prompt" puts it into the composer, image mode on.
     const used = (await lastReply(page).locator(".body blockquote").textContent()).replace("🖋", "").trim();

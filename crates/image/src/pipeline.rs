@@ -278,17 +278,17 @@ impl Pipeline {
             ));
         }
         let channels = vae.as_ref().map_or(3, |v| v.latent_channels);
-        if unet.in_channels != channels {
+        if unet.in_channels != channels || unet.out_channels != channels {
             return Err(crate::bad(
                 dir,
                 match vae {
                     Some(_) => format!(
-                        "the UNet takes {} latent channels but the VAE decodes {channels}",
-                        unet.in_channels
+                        "the UNet takes {} and gives {} latent channels but the VAE decodes {channels}",
+                        unet.in_channels, unet.out_channels
                     ),
                     None => format!(
-                        "no vae/ and the UNet takes {} channels, not RGB pixels",
-                        unet.in_channels
+                        "no vae/ and the UNet takes {} and gives {} channels, not RGB pixels",
+                        unet.in_channels, unet.out_channels
                     ),
                 },
             ));

@@ -266,11 +266,28 @@ pub struct Unet {
     up: Vec<Stage>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// `conv_in` also takes each position's column and row in [−1, 1]
+    /// (`hanlin_coord_channels` in `config.json`, as models trained by
+    /// `hanlin train image` say): [`Unet::forward`] appends them.
+    coords: bool,
+    /// Channels of the latents (or pixels) it denoises, in and out.
     pub in_channels: usize,
+    pub out_channels: usize,
     /// The text embedding width the cross-attention expects.
     pub context_dim: usize,
     /// Latent side the model was trained at (`config.json`'s `sample_size`).
     pub sample_size: usize,
+}
+
+/// Each position's column then row, in [−1, 1] at pixel centres.
+fn coordinates(n: usize, h: usize, w: usize) -> Feat {
+    let at = |i: usize, len: usize| (2 * i + 1) as f32 / len as f32 - 1.0;
+    let mut f = Feat::zeros(n, h, w, 2);
+    for (p, v) in f.data.chunks_exact_mut(2).enumerate() {
+        v[0] = at(p % w, w);
+        v[1] = at((p / w) % h, h);
+    }
+    f
 }
 
 /// Heads per down block from `config.json` (`num_attention_heads`, or
@@ -376,6 +393,20 @@ impl Unet {
             }
         };
         let conv_in = Conv2d::load(w, "conv_in", 1)?;
+        let coords = cfg
+            .get("hanlin_coord_channels")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let extra = if coords { 2 } else { 0 };
+        if conv_in.c_in <= extra {
+            return Err(bad(
+                dir,
+                format!(
+                    "conv_in takes {} channels, with two of them coordinates",
+                    conv_in.c_in
+                ),
+            ));
+        }
         let time1 = nn::linear(w, "time_embedding.linear_1")?;
         let time2 = nn::linear(w, "time_embedding.linear_2")?;
         if let Some(tt) = &text_time {
@@ -395,6 +426,7 @@ impl Unet {
             .get(1)
             .copied()
             .unwrap_or(0);
+        let conv_out = Conv2d::load(w, "conv_out", 1)?;
         Ok(Self {
             time_dim: w.shape("time_embedding.linear_1.weight")?[1],
             flip_sin_to_cos: cfg
@@ -405,13 +437,15 @@ impl Unet {
             time1,
             time2,
             text_time,
-            in_channels: conv_in.c_in,
+            coords,
+            in_channels: conv_in.c_in - extra,
+            out_channels: conv_out.c_out,
             conv_in,
             down,
             mid,
             up,
             norm_out: GroupNorm::load(w, "conv_norm_out", groups, eps)?,
-            conv_out: Conv2d::load(w, "conv_out", 1)?,
+            conv_out,
             context_dim,
             sample_size: cfg
                 .get("sample_size")
@@ -467,7 +501,12 @@ impl Unet {
         // Every ResNet block takes the embedding through SiLU first.
         nn::silu_inplace(&mut temb);
         let temb = Some(temb.as_slice());
-        let mut h = self.conv_in.forward(pool, x);
+        let mut h = if self.coords {
+            self.conv_in
+                .forward(pool, &x.concat(&coordinates(x.n, x.h, x.w)))
+        } else {
+            self.conv_in.forward(pool, x)
+        };
         let mut skips = vec![h.clone()];
         for s in &self.down {
             for (i, r) in s.resnets.iter().enumerate() {

@@ -275,6 +275,13 @@ async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
         .collect();
     assert!(stored.contains(&content), "{stored:?}");
     assert_eq!(images_of(&srv, "画家", 1).await, 1);
+    // The app's usage view counts it against the plan's daily images.
+    let (_, usage) = b.json(Method::GET, "/api/usage", None).await;
+    assert_eq!(usage["images_today"], 1, "{usage}");
+    assert!(
+        usage["plan"]["images_per_day"].as_i64() > Some(1),
+        "{usage}"
+    );
     // …and goes with it.
     let (s, _) = b
         .json(Method::DELETE, &format!("/api/conversations/{conv}"), None)

@@ -357,7 +357,13 @@ function autoGrow() {
   ta.style.height = Math.min(ta.scrollHeight, 240) + "px";
   const max = state.me ? state.me.max_message_chars : 100000;
   const n = [...ta.value].length;
-  $("#composer-hint").textContent = n > max ? t("tooLong", { n: max }) : "";
+  const q = state.imageMode && state.imageQuota;
+  const hint = $("#composer-hint");
+  hint.textContent = n > max ? t("tooLong", { n: max })
+    : q ? t("imagesLeft", { n: Math.max(0, q.max - q.used), max: q.max }) : "";
+  // The pictures left are information; a message too long is an error
+  // (and so is having no pictures left).
+  hint.classList.toggle("info", n <= max && !!q && q.used < q.max);
   $("#send").disabled = n > max;
 }
 
@@ -508,7 +514,6 @@ function imageUrl(content) {
   return m ? m[1] : null;
 }
 
-/** Image mode: draw `prompt` into the conversation under `parentId`, showing the denoising as it goes. */
 /** The English prompt an image reply says the chat model wrote (the
  * server's `> 🖋 …` line), or null. */
 function revisedPrompt(content) {
@@ -525,6 +530,18 @@ function editPrompt(text) {
   input.focus();
 }
 
+/** How many pictures the plan still allows today, for image mode's hint. */
+async function refreshImageQuota() {
+  try {
+    const u = await api("GET", "/api/usage");
+    state.imageQuota = { used: u.images_today, max: u.plan.images_per_day };
+  } catch (_) {
+    state.imageQuota = null;
+  }
+  autoGrow();
+}
+
+/** Image mode: draw `prompt` into the conversation under `parentId`, showing the denoising as it goes. */
 async function draw(prompt, parentId) {
   if (state.streaming) return;
   await streamReply("images", { prompt, parent_id: parentId }, prompt, {
@@ -539,6 +556,7 @@ async function draw(prompt, parentId) {
       }
     },
   });
+  await refreshImageQuota();
 }
 
 function renderImageToggle() {
@@ -552,6 +570,7 @@ function renderImageToggle() {
   b.setAttribute("aria-pressed", on ? "true" : "false");
   b.classList.toggle("on", on);
   $("#input").placeholder = on ? t("imagePlaceholder") : t("messagePlaceholder");
+  if (on) refreshImageQuota(); else autoGrow();
 }
 
 function addMessage(m) {
@@ -866,7 +885,7 @@ async function createKey() {
 async function openUsage() {
   const u = await api("GET", "/api/usage");
   const p = u.plan;
-  $("#usage-plan").textContent = `${t("plan")}: ${p.name} · ${t("tokensToday")}: ${u.tokens_today} / ${p.tokens_per_day} · ${p.tokens_per_minute} tokens ${t("perMinute")} · ${p.requests_per_minute} ${t("requests")} ${t("perMinute")}`;
+  $("#usage-plan").textContent = `${t("plan")}: ${p.name} · ${t("tokensToday")}: ${u.tokens_today} / ${p.tokens_per_day} · ${t("imagesToday")}: ${u.images_today} / ${p.images_per_day} · ${p.tokens_per_minute} tokens ${t("perMinute")} · ${p.requests_per_minute} ${t("requests")} ${t("perMinute")}`;
   const perDay = new Map();
   for (const r of u.data) perDay.set(r.day, (perDay.get(r.day) || 0) + r.prompt_tokens + r.completion_tokens);
   $("#usage-chart").replaceChildren(barChart([...perDay.entries()].slice(-30), p.tokens_per_day));

@@ -493,6 +493,24 @@ mod tests {
             .to_nchw();
         let e = max_rel(&got, &want);
         assert!(e < 0.08, "UNet: max error {e} of the range");
+
+        // The recipe's UNet also takes each pixel's coordinates; a
+        // directory that does not say so is refused, naming the channels.
+        assert!(cfg.model.coords);
+        let index = out.join("unet/config.json");
+        let text = std::fs::read_to_string(&index).unwrap();
+        let flag = "\"hanlin_coord_channels\": true";
+        assert!(text.contains(flag), "{text}");
+        std::fs::write(
+            &index,
+            text.replace(flag, "\"hanlin_coord_channels\": false"),
+        )
+        .unwrap();
+        let e = hanlin_image::pipeline::Pipeline::load(&out, 2)
+            .err()
+            .expect("a UNet with 5 input channels and no coordinates")
+            .to_string();
+        assert!(e.contains("takes 5 and gives 3"), "{e}");
     }
 
     /// Every parameter moved by noise (burn initialises biases and norms
@@ -539,7 +557,7 @@ mod tests {
 
     #[test]
     fn configs_are_checked() {
-        let bad = RECIPE.replace("side = 32", "side = 30");
+        let bad = RECIPE.replace("side = 24", "side = 30");
         assert!(ImageRunConfig::from_toml(&bad).is_err());
         let bad = RECIPE.replace("channels = [32, 64, 128]", "channels = [32, 64]");
         assert!(ImageRunConfig::from_toml(&bad).is_err());

@@ -61,6 +61,13 @@ pub struct ImageModelConfig {
     /// "scale_shift"`), rather than adding it as a bias.
     #[serde(default = "d_true")]
     pub scale_shift: bool,
+    /// Two more input channels, each pixel's column and row in [−1, 1]
+    /// (`hanlin_coord_channels` in the exported UNet's `config.json`;
+    /// `hanlin-image` appends them, as inpainting pipelines append a mask):
+    /// where "on the left" is, without having to infer it from the
+    /// convolutions' zero padding.
+    #[serde(default = "d_true")]
+    pub coords: bool,
 }
 
 fn d_side() -> usize {
@@ -105,6 +112,7 @@ impl Default for ImageModelConfig {
             max_len: d_max_len(),
             text_in_time: d_true(),
             scale_shift: d_true(),
+            coords: d_true(),
         }
     }
 }
@@ -490,6 +498,31 @@ pub struct Unet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     base: usize,
+    coords: bool,
+}
+
+/// The UNet's input channels: RGB, and the coordinates when asked for.
+fn in_channels(cfg: &ImageModelConfig) -> usize {
+    if cfg.coords {
+        5
+    } else {
+        3
+    }
+}
+
+/// Each pixel's column then row, in [−1, 1] at pixel centres: `[b, 2, h, w]`.
+pub fn coordinates(b: usize, h: usize, w: usize, device: &Device) -> Tensor<4> {
+    let mut v = Vec::with_capacity(b * 2 * h * w);
+    let at = |i: usize, n: usize| (2 * i + 1) as f32 / n as f32 - 1.0;
+    for _ in 0..b {
+        for _ in 0..h {
+            v.extend((0..w).map(|x| at(x, w)));
+        }
+        for y in 0..h {
+            v.extend(std::iter::repeat_n(at(y, h), w));
+        }
+    }
+    Tensor::from_data(TensorData::new(v, [b, 2, h, w]), device)
 }
 
 /// Layers per level (diffusers' `layers_per_block`).
@@ -565,13 +598,14 @@ impl Unet {
             text_time: cfg
                 .text_in_time
                 .then(|| TextTime::new(ctx, temb, cfg.heads, device)),
-            conv_in: conv(3, ch[0], 3, 1, device),
+            conv_in: conv(in_channels(cfg), ch[0], 3, 1, device),
             down,
             mid,
             up,
             norm_out: group_norm(g, ch[0], 1e-5, device),
             conv_out: conv(ch[0], 3, 3, 1, device),
             base: ch[0],
+            coords: cfg.coords,
         }
     }
 
@@ -598,6 +632,12 @@ impl Unet {
         if let Some(tt) = &self.text_time {
             temb = temb + tt.forward(ctx);
         }
+        let x = if self.coords {
+            let [b, _, hh, ww] = x.dims();
+            Tensor::cat(vec![x, coordinates(b, hh, ww, &device)], 1)
+        } else {
+            x
+        };
         let mut h = self.conv_in.forward(x);
         let mut skips = vec![h.clone()];
         for l in &self.down {
@@ -802,7 +842,7 @@ impl TextToImage {
         let mut unet_cfg = json!({
             "_class_name": "UNet2DConditionModel",
             "sample_size": cfg.side,
-            "in_channels": 3,
+            "in_channels": in_channels(cfg),
             "out_channels": 3,
             "block_out_channels": cfg.channels,
             "down_block_types": down,
@@ -819,6 +859,9 @@ impl TextToImage {
             "act_fn": "silu",
             "downsample_padding": 1,
             "resnet_time_scale_shift": if cfg.scale_shift { "scale_shift" } else { "default" },
+            // conv_in's last two channels are each pixel's column and row
+            // (`hanlin-image` appends them; diffusers does not know the key).
+            "hanlin_coord_channels": cfg.coords,
         });
         if cfg.text_in_time {
             unet_cfg["addition_embed_type"] = json!("text");

@@ -135,8 +135,12 @@ pub async fn my_usage(
     let plan = st.db.plan(&s.user.plan).await?;
     let rows = st.db.usage(Some(&s.user.name), None).await?;
     let today = hanlin_accounts::day_of(hanlin_accounts::now());
-    let spent = st.db.tokens_on(&s.user.id, &today).await?;
-    Ok(Json(
-        json!({"plan": plan, "today": today, "tokens_today": spent, "data": rows}),
-    ))
+    let spent = st.db.spent_on(&s.user.id, &today).await?;
+    Ok(Json(json!({
+        "plan": plan,
+        "today": today,
+        "tokens_today": spent.tokens,
+        "images_today": spent.images,
+        "data": rows,
+    })))
 }

@@ -3,7 +3,7 @@
 use crate::kv::KvCache;
 use crate::model::{Logits, Model};
 use crate::sampler::{logprobs, Sampler, SamplerConfig, TokenLogprob};
-use crate::speculative::{verify, AdaptiveK, Payoff, Proposer};
+use crate::speculative::{propose_after, room, verify, AdaptiveK, Payoff, Proposer};
 use crate::EngineError;
 use hanlin_kernels::ThreadPool;
 use hanlin_tokenizer::{ChatTemplate, Message, Tokenizer, Utf8Stream, CHATML, GEMMA};
@@ -261,19 +261,11 @@ impl Session {
                 unreachable!("a round ends with a token to feed or a finish")
             };
             // Propose what follows `id`, within the token and context limits.
-            let room = self
-                .cache
-                .capacity()
-                .saturating_sub(self.cache.len() + 1)
-                .min(params.max_tokens.saturating_sub(dec.out.len() + 1));
+            let room = room(&self.cache, params.max_tokens, dec.out.len());
             round_started = Instant::now();
             drafts = match proposer.as_deref_mut() {
-                Some(p) if room > 0 && payoff.propose(dec.out.len()) => {
-                    let mut ctx = self.tokens.clone();
-                    ctx.push(id);
-                    let mut d = p.propose(&ctx, k.snapped().min(room))?;
-                    d.truncate(room);
-                    d
+                Some(p) if payoff.propose(dec.out.len()) => {
+                    propose_after(p, &self.tokens, id, &k, room)?
                 }
                 _ => Vec::new(),
             };

@@ -23,7 +23,7 @@ use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenC
 use crate::kv::{KvBlocks, KvCache};
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
-use crate::speculative::{verify, AdaptiveK, Payoff, PromptLookup, Proposer, Round};
+use crate::speculative::{propose_after, room, verify, AdaptiveK, Payoff, PromptLookup, Round};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -272,29 +272,13 @@ impl Seq {
     /// What to feed after the pending token `id`: up to `spare` guesses of
     /// prompt lookup, within the context and the token limit.
     fn guesses(&mut self, id: u32, spare: usize) -> Vec<u32> {
-        let room = self
-            .cache
-            .capacity()
-            .saturating_sub(self.cache.len() + 1)
-            .min(
-                self.job
-                    .params
-                    .max_tokens
-                    .saturating_sub(self.dec.out.len() + 1),
-            )
-            .min(spare);
+        let room = room(&self.cache, self.job.params.max_tokens, self.dec.out.len()).min(spare);
         match &mut self.guess {
-            Some((lookup, k)) if room > 0 => {
-                let mut context = Vec::with_capacity(self.tokens.len() + 1);
-                context.extend_from_slice(&self.tokens);
-                context.push(id);
-                let mut d = lookup
-                    .propose(&context, k.snapped().min(room))
-                    .unwrap_or_default();
-                d.truncate(room);
-                d
+            // Prompt lookup only reads the tokens; it has no error to give.
+            Some((lookup, k)) => {
+                propose_after(lookup, &self.tokens, id, k, room).unwrap_or_default()
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         }
     }
 
@@ -653,25 +637,13 @@ impl Worker {
                 *st = Some(s.sample(tok, lg));
             }
         });
-        let sampled: usize = work
-            .iter()
-            .map(|w| {
-                let g = w.lock().unwrap_or_else(|e| e.into_inner());
-                g.2.as_ref().map_or(0, |r| r.sampled)
-            })
-            .sum();
-        self.steps += 1;
-        if decode_only && sampled > 0 {
-            let secs = started.elapsed().as_secs_f64();
-            if guessed {
-                self.payoff.round(secs, sampled, self.steps);
-            } else {
-                self.payoff.plain_step(secs / sampled as f64);
-            }
-        }
+        // The step's time: the forward pass and the sampling.
+        let secs = started.elapsed().as_secs_f64();
+        let mut sampled = 0;
         for w in work {
             let (s, _, st) = w.into_inner().unwrap_or_else(|e| e.into_inner());
             let Some(st) = st else { continue };
+            sampled += st.sampled;
             let stats = &self.stats;
             stats
                 .generated_tokens
@@ -705,6 +677,14 @@ impl Worker {
                     s.done = true;
                 }
                 (None, feed) => s.pending = feed,
+            }
+        }
+        self.steps += 1;
+        if decode_only && sampled > 0 {
+            if guessed {
+                self.payoff.round(secs, sampled, self.steps);
+            } else {
+                self.payoff.plain_step(secs / sampled as f64);
             }
         }
         self.retire();

@@ -15,6 +15,7 @@
 //! one-token steps, bit for bit (`tests/speculative.rs` checks it).
 
 use crate::generate::{Decoder, FinishReason, LoadedModel};
+use crate::kv::KvCache;
 use crate::{EngineError, Session};
 use hanlin_tokenizer::Tokenizer;
 use std::sync::Arc;
@@ -84,6 +85,36 @@ pub fn verify(
         return round;
     }
     round
+}
+
+/// How many proposals may follow the next token `id`: the positions the
+/// cache has left and the tokens `max_tokens` allows after `generated`
+/// (`id` takes one of each).
+pub fn room(cache: &KvCache, max_tokens: usize, generated: usize) -> usize {
+    cache
+        .capacity()
+        .saturating_sub(cache.len() + 1)
+        .min(max_tokens.saturating_sub(generated + 1))
+}
+
+/// What `p` proposes to follow `tokens` and then `id`: up to `k`'s number,
+/// never more than `room` (none when it is 0).
+pub fn propose_after(
+    p: &mut (dyn Proposer + '_),
+    tokens: &[u32],
+    id: u32,
+    k: &AdaptiveK,
+    room: usize,
+) -> Result<Vec<u32>, EngineError> {
+    if room == 0 {
+        return Ok(Vec::new());
+    }
+    let mut context = Vec::with_capacity(tokens.len() + 1);
+    context.extend_from_slice(tokens);
+    context.push(id);
+    let mut d = p.propose(&context, k.snapped().min(room))?;
+    d.truncate(room);
+    Ok(d)
 }
 
 /// Guesses the tokens that follow a context.

@@ -279,8 +279,10 @@ pub struct Unet {
     pub sample_size: usize,
 }
 
-/// Each position's column then row, in [−1, 1] at pixel centres.
-fn coordinates(n: usize, h: usize, w: usize) -> Feat {
+/// Each position's column then row, in [−1, 1] at pixel centres (what a
+/// `hanlin_coord_channels` UNet takes after its input channels; training
+/// builds them here too).
+pub fn coordinates(n: usize, h: usize, w: usize) -> Feat {
     let at = |i: usize, len: usize| (2 * i + 1) as f32 / len as f32 - 1.0;
     let mut f = Feat::zeros(n, h, w, 2);
     for (p, v) in f.data.chunks_exact_mut(2).enumerate() {

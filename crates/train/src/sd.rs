@@ -510,18 +510,10 @@ fn in_channels(cfg: &ImageModelConfig) -> usize {
     }
 }
 
-/// Each pixel's column then row, in [−1, 1] at pixel centres: `[b, 2, h, w]`.
-pub fn coordinates(b: usize, h: usize, w: usize, device: &Device) -> Tensor<4> {
-    let mut v = Vec::with_capacity(b * 2 * h * w);
-    let at = |i: usize, n: usize| (2 * i + 1) as f32 / n as f32 - 1.0;
-    for _ in 0..b {
-        for _ in 0..h {
-            v.extend((0..w).map(|x| at(x, w)));
-        }
-        for y in 0..h {
-            v.extend(std::iter::repeat_n(at(y, h), w));
-        }
-    }
+/// Each pixel's column then row as `hanlin-image` gives them to the UNet
+/// (one definition, so training and inference agree): `[b, 2, h, w]`.
+fn coordinates(b: usize, h: usize, w: usize, device: &Device) -> Tensor<4> {
+    let v = hanlin_image::unet::coordinates(b, h, w).to_nchw();
     Tensor::from_data(TensorData::new(v, [b, 2, h, w]), device)
 }
 

@@ -12,13 +12,16 @@ history: TTFT relative to the first turn).
     python3 bench/serve_load.py --baseline /tmp/old/hanlin --no-llama   # before/after, one run
     python3 bench/serve_load.py --no-llama --prefill  # + a long prompt's prefill rate: server vs `hanlin bench`
     python3 bench/serve_load.py --no-llama --lookup-off --quote   # prompt lookup on vs off, on edits of given code
+    python3 bench/serve_load.py --no-llama --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b   # with a draft model vs without
 
 `--baseline BIN` measures a second `hanlin` binary (built from an earlier
 commit, say) the same way in the same run, and prints new / baseline ratios.
 `--lookup-off` measures the same binary a second time with prompt lookup
 off (`HANLIN_LOOKUP=false`), and `--quote` makes every stream's request an
 edit of a given piece of code (answers that quote their prompt, where
-lookup helps) instead of an essay.
+lookup helps) instead of an essay. `--draft NAME` measures the same binary a
+second time with NAME as the model's draft (`HANLIN_DRAFT`), and prints the
+speed-up and each guesser's acceptance rate from /metrics.
 
 llama-server comes from scripts/build_llama_cpp.sh ($LLAMA_CPP_BIN, or found
 under ~/.cache/hanlin/llama.cpp); without it only Hanlin is measured.
@@ -217,10 +220,23 @@ def measure_hanlin(binary, name, args, rows, extra_env=None):
             rows[name, args.streams] = median_load(base, key, args.model, args.streams, args.tokens, args.reps)
             if args.prefill and name == "hanlin":
                 rows["prefill"] = prefill_rate(base, key, args.model)
+            rows[name, "guesses"] = guess_counts(base)
             return prefix_check(base, key, args.model)
         finally:
             proc.terminate()
             proc.wait()
+
+
+def guess_counts(base):
+    """Guesses checked and kept so far, per guesser, from /metrics."""
+    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    out = {}
+    for line in text.splitlines():
+        for kind in ("lookup", "draft"):
+            for what in ("proposed", "accepted"):
+                if line.startswith(f"hanlin_{kind}_{what}_tokens{{"):
+                    out[kind, what] = out.get((kind, what), 0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def find_llama_server():
@@ -247,6 +263,7 @@ def main():
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
     ap.add_argument("--lookup-off", action="store_true",
                     help="also measure this binary with prompt lookup off (HANLIN_LOOKUP=false)")
+    ap.add_argument("--draft", help="also measure this binary with this draft model (HANLIN_DRAFT)")
     ap.add_argument("--quote", action="store_true",
                     help="requests that edit a given piece of code (their answers quote the prompt) instead of essays")
     ap.add_argument("--prefill", action="store_true",
@@ -266,6 +283,8 @@ def main():
         b1, b2 = measure_hanlin(args.baseline, "baseline", args, rows)
     if args.lookup_off:
         measure_hanlin(HANLIN, "lookup off", args, rows, {"HANLIN_LOOKUP": "false"})
+    if args.draft:
+        measure_hanlin(HANLIN, "draft", args, rows, {"HANLIN_DRAFT": args.draft})
     llama = None if args.no_llama else find_llama_server()
     if llama:
         port = free_port()
@@ -288,7 +307,10 @@ def main():
           + (", requests that quote their prompt" if args.quote else ""))
     print(f"medians of {args.reps} runs (every run's aggregate tok/s in brackets)")
     print(f"{'server':<14} {'streams':>7} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9}  runs")
-    for (name, n), r in rows.items():
+    for key, r in rows.items():
+        if not isinstance(key, tuple) or key[1] == "guesses":
+            continue
+        name, n = key
         print(f"{name:<14} {n:>7} {r['tokens']:>7.0f} {r['tok_s']:>10.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s"
               f"  {r['all']}")
     h1, hn = rows["hanlin", 1], rows["hanlin", args.streams]
@@ -307,6 +329,17 @@ def main():
         for n in (1, args.streams):
             h, b = rows["hanlin", n], rows["lookup off", n]
             print(f"prompt lookup on / off at {n} stream(s): {h['tok_s'] / b['tok_s']:.2f}x tok/s")
+    if args.draft:
+        for n in (1, args.streams):
+            h, d = rows["hanlin", n], rows["draft", n]
+            print(f"with draft {args.draft} / without at {n} stream(s): {d['tok_s'] / h['tok_s']:.2f}x tok/s")
+    for name in [k[0] for k in rows if isinstance(k, tuple) and k[1] == "guesses"]:
+        g = rows[name, "guesses"]
+        rates = [f"{kind} {g[kind, 'accepted']:.0f} of {g[kind, 'proposed']:.0f} kept "
+                 f"({g[kind, 'accepted'] / g[kind, 'proposed']:.0%})"
+                 for kind in ("lookup", "draft") if g.get((kind, "proposed"))]
+        if rates:
+            print(f"guesses ({name}): " + ", ".join(rates))
     print(f"prefix cache: second-turn TTFT {t2:.3f}s vs first turn {t1:.3f}s = {t2 / t1:.0%}")
     if args.prefill:
         n, served = rows["prefill"]

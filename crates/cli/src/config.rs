@@ -26,6 +26,7 @@ pub(crate) struct FileSettings {
     pub ctx: Option<usize>,
     pub prefill_chunk: Option<usize>,
     pub lookup: Option<bool>,
+    pub draft: Option<String>,
     pub memory_budget_mb: Option<u64>,
     pub max_body_kb: Option<usize>,
     pub feed_allow: Option<Vec<String>>,
@@ -71,6 +72,8 @@ pub(crate) struct ModelTable {
     pub max_queue: Option<usize>,
     pub prefill_chunk: Option<usize>,
     pub lookup: Option<bool>,
+    /// A model in the store that guesses ahead for this one.
+    pub draft: Option<String>,
     /// OpenAI-compatible servers that serve this model instead of this
     /// process (README: "Running at scale").
     pub upstream: Option<Vec<String>>,
@@ -122,6 +125,7 @@ impl ModelTable {
             max_queue: self.max_queue,
             prefill_chunk: self.prefill_chunk,
             lookup: self.lookup,
+            draft: self.draft.clone(),
         }
     }
 }
@@ -186,6 +190,7 @@ impl FileSettings {
         fill(m, "ctx", &mut a.ctx, self.ctx);
         fill(m, "prefill_chunk", &mut a.prefill_chunk, self.prefill_chunk);
         fill(m, "lookup", &mut a.lookup, self.lookup);
+        fill(m, "draft", &mut a.draft, self.draft.map(Some));
         fill(
             m,
             "memory_budget_mb",

@@ -222,6 +222,11 @@ struct ServeArgs {
     /// their input; off by itself when the batch is busy)
     #[arg(long, env = "HANLIN_LOOKUP", default_value_t = true, action = clap::ArgAction::Set)]
     lookup: bool,
+    /// A smaller model with the same vocabulary that guesses ahead for the
+    /// default model (speculative decoding inside the batch; for another
+    /// model: `draft =` in its `[models.NAME]` table)
+    #[arg(long, env = "HANLIN_DRAFT")]
+    draft: Option<String>,
     /// Memory for loaded models in MiB (least recently used ones are evicted)
     #[arg(long, env = "HANLIN_MEMORY_BUDGET_MB", default_value_t = 4096)]
     memory_budget_mb: u64,
@@ -552,6 +557,18 @@ fn serve(store: &Store, threads: usize, mut a: ServeArgs) -> Result<()> {
     }
     if !a.upstreams.contains_key(&a.model) {
         resolve(store, &a.model)?;
+    }
+    if let Some(d) = a.draft.clone() {
+        a.per_model.entry(a.model.clone()).or_default().draft = Some(d);
+    }
+    // Drafts are fetched like the models they guess for.
+    let drafts: std::collections::BTreeSet<String> = a
+        .per_model
+        .values()
+        .filter_map(|m| m.draft.clone())
+        .collect();
+    for d in drafts {
+        resolve(store, &d).with_context(|| format!("the draft model {d}"))?;
     }
     let config = hanlin_server::Config {
         host: a.host.clone(),

@@ -193,7 +193,7 @@ fn admin_keys_and_config_file() {
     std::fs::write(
         &cfg,
         format!(
-            "database_url = \"sqlite://{}\"\n[models.\"qwen2.5-coder-0.5b\"]\nctx = 2048\nmax_batch = 4\n",
+            "database_url = \"sqlite://{}\"\n[models.\"qwen2.5-coder-0.5b\"]\nctx = 2048\nmax_batch = 4\ndraft = \"smollm2-135m\"\n",
             db.display()
         ),
     )
@@ -243,6 +243,31 @@ fn serve_with_an_unreachable_database_exits_with_a_clear_error() {
     let err = text(&out.stderr);
     assert!(
         err.contains("database") || err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+}
+
+/// `serve --draft` with a draft of another vocabulary stops at start with
+/// one error naming both models.
+#[test]
+fn serve_refuses_a_draft_with_another_vocabulary_at_start() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = format!("sqlite://{}", dir.path().join("h.db").display());
+    let out = hanlin(&[
+        "serve",
+        "--model",
+        "smollm2-135m",
+        "--draft",
+        "qwen2.5-coder-0.5b",
+        "--port",
+        "0",
+        "--database-url",
+        &db,
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("smollm2-135m") && err.contains("qwen2.5-coder-0.5b") && err.contains("vocabulary"),
         "{err}"
     );
 }

@@ -25,7 +25,8 @@ pub use kv::{KvBlocks, KvCache, KV_BLOCK};
 pub use model::{BatchSeq, Logits, Model};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
 pub use sched::{
-    Event, Job, Lookup, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError, BACKGROUND,
+    Draft, Event, Job, Lookup, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError,
+    BACKGROUND,
 };
 
 /// Compute threads to use by default: every core the OS gives us.

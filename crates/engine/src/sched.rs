@@ -14,6 +14,13 @@
 //! without, and stops guessing for a while when they cost more per token
 //! than they save (a machine whose multi-token passes are compute-bound).
 //!
+//! With a draft model (a smaller model with the same vocabulary), each
+//! decoding sequence that prompt lookup has nothing for guesses with the
+//! draft instead: the draft keeps its own KV cache per sequence, catches up
+//! on the tokens the target took (prompt chunks, kept guesses) and proposes
+//! greedily, a few one-row passes batched across the sequences, before the
+//! target's step checks the proposals like any other guesses.
+//!
 //! KV caches are per sequence. A finished sequence's cache goes into a
 //! prefix pool (bounded in tokens); a new request starts from the longest
 //! prefix it shares with the pool or with a running sequence, so a system
@@ -23,7 +30,10 @@ use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenC
 use crate::kv::{KvBlocks, KvCache};
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
-use crate::speculative::{propose_after, room, verify, AdaptiveK, Payoff, PromptLookup, Round};
+use crate::speculative::{
+    propose_after, room, same_vocabulary, verify, AdaptiveK, Payoff, PromptLookup, Round,
+};
+use crate::EngineError;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -70,6 +80,29 @@ impl From<bool> for Lookup {
         } else {
             Lookup::Off
         }
+    }
+}
+
+/// A draft model checked to share its target's vocabulary.
+pub struct Draft {
+    model: Arc<LoadedModel>,
+}
+
+impl Draft {
+    /// `draft` proposing for `target`; refused when their vocabularies
+    /// differ, naming both.
+    pub fn new(
+        draft: Arc<LoadedModel>,
+        draft_name: &str,
+        target: &LoadedModel,
+        target_name: &str,
+    ) -> Result<Self, EngineError> {
+        same_vocabulary(&draft, draft_name, target, target_name)?;
+        Ok(Self { model: draft })
+    }
+
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
     }
 }
 
@@ -178,6 +211,9 @@ pub struct SchedStats {
     /// agreed with: their ratio is the acceptance rate.
     pub proposed_tokens: AtomicU64,
     pub accepted_tokens: AtomicU64,
+    /// The same for the draft model's guesses.
+    pub draft_proposed_tokens: AtomicU64,
+    pub draft_accepted_tokens: AtomicU64,
 }
 
 /// Handle to a model's scheduler thread; dropping every handle stops it once
@@ -185,12 +221,24 @@ pub struct SchedStats {
 pub struct Scheduler {
     tx: mpsc::Sender<Job>,
     pub model: Arc<LoadedModel>,
+    /// The draft model guessing for it, when one was given.
+    pub draft: Option<Arc<LoadedModel>>,
     pub config: SchedulerConfig,
     pub stats: Arc<SchedStats>,
 }
 
 impl Scheduler {
-    pub fn start(model: Arc<LoadedModel>, mut config: SchedulerConfig) -> Self {
+    pub fn start(model: Arc<LoadedModel>, config: SchedulerConfig) -> Self {
+        Self::start_with_draft(model, None, config)
+    }
+
+    /// A scheduler whose decoding sequences also guess with `draft`.
+    pub fn start_with_draft(
+        model: Arc<LoadedModel>,
+        draft: Option<Draft>,
+        mut config: SchedulerConfig,
+    ) -> Self {
+        let draft = draft.map(|d| d.model);
         config.ctx = config.ctx.min(model.model.cfg.context_length).max(2);
         config.max_batch = config.max_batch.max(1);
         config.prefill_chunk = config.prefill_chunk.max(1);
@@ -209,6 +257,8 @@ impl Scheduler {
             last_probe: Instant::now(),
             payoff: Payoff::default(),
             steps: 0,
+            draft: draft.clone(),
+            draft_blocks: KvBlocks::new(),
         };
         std::thread::Builder::new()
             .name("hanlin-sched".into())
@@ -217,6 +267,7 @@ impl Scheduler {
         Self {
             tx,
             model,
+            draft,
             config,
             stats,
         }
@@ -241,6 +292,14 @@ struct Waiting {
     arrival: u64,
 }
 
+/// A sequence's guessers: prompt lookup first, then the draft model.
+struct Guess {
+    lookup: Option<PromptLookup>,
+    /// The draft model's KV cache, of a prefix of the sequence's tokens.
+    draft: Option<KvCache>,
+    k: AdaptiveK,
+}
+
 struct Seq {
     job: Job,
     dec: Decoder,
@@ -250,10 +309,12 @@ struct Seq {
     cached: usize,
     /// Sampled and not yet fed back.
     pending: Option<u32>,
-    /// Prompt lookup's proposer and guess length, when on.
-    guess: Option<(PromptLookup, AdaptiveK)>,
+    /// How it guesses ahead, when it does.
+    guess: Option<Guess>,
     /// Guesses fed this step after the pending token.
     drafts: Vec<u32>,
+    /// Whether they are the draft model's (else prompt lookup's).
+    drafted: bool,
     lps_sent: usize,
     tokens_sent: usize,
     done: bool,
@@ -269,17 +330,34 @@ impl Seq {
         }
     }
 
-    /// What to feed after the pending token `id`: up to `spare` guesses of
-    /// prompt lookup, within the context and the token limit.
-    fn guesses(&mut self, id: u32, spare: usize) -> Vec<u32> {
+    /// How many guesses may follow the pending token `id` (at most
+    /// `spare`, within the context and the token limit), and prompt
+    /// lookup's guesses, when it has any.
+    fn guesses(&mut self, id: u32, spare: usize) -> (usize, Vec<u32>) {
         let room = room(&self.cache, self.job.params.max_tokens, self.dec.out.len()).min(spare);
-        match &mut self.guess {
+        let Some(g) = &mut self.guess else {
+            return (0, Vec::new());
+        };
+        let room = room.min(g.k.snapped());
+        let found = match &mut g.lookup {
             // Prompt lookup only reads the tokens; it has no error to give.
-            Some((lookup, k)) => {
-                propose_after(lookup, &self.tokens, id, k, room).unwrap_or_default()
-            }
+            Some(lookup) => propose_after(lookup, &self.tokens, id, &g.k, room).unwrap_or_default(),
             None => Vec::new(),
-        }
+        };
+        (room, found)
+    }
+
+    /// The tokens the draft's cache lacks: those of `tokens` (and the
+    /// pending one) after it.
+    fn draft_lag(&self) -> &[u32] {
+        let Some(Guess {
+            draft: Some(dc), ..
+        }) = &self.guess
+        else {
+            return &[];
+        };
+        let known = dc.len().min(self.tokens.len());
+        &self.tokens[known..]
     }
 
     /// Sample from this step's logits (a row per fed token when guesses
@@ -298,8 +376,12 @@ impl Seq {
         );
         self.cache.truncate(round.held);
         self.tokens.truncate(round.held);
-        if let Some((_, k)) = &mut self.guess {
-            k.update(self.drafts.len(), round.accepted);
+        if let Some(g) = &mut self.guess {
+            g.k.update(self.drafts.len(), round.accepted);
+            if let Some(dc) = &mut g.draft {
+                // Its proposals past the first rejected one go.
+                dc.truncate(dc.len().min(round.held));
+            }
         }
         round
     }
@@ -325,6 +407,9 @@ struct Worker {
     /// long guessing stays off once it did not pay is counted in steps, so
     /// a busy batch does not try again sooner than a single sequence).
     steps: usize,
+    draft: Option<Arc<LoadedModel>>,
+    /// Counts the draft caches' blocks.
+    draft_blocks: Arc<KvBlocks>,
 }
 
 /// How often waiting requests are probed.
@@ -435,9 +520,9 @@ impl Worker {
                 tokens,
                 cached,
                 pending: None,
-                guess: (self.cfg.lookup != Lookup::Off)
-                    .then(|| (PromptLookup::default(), AdaptiveK::default())),
+                guess: self.guesser(),
                 drafts: Vec::new(),
+                drafted: false,
                 lps_sent: 0,
                 tokens_sent: 0,
                 done: false,
@@ -535,7 +620,7 @@ impl Worker {
         let mut plan: Vec<(Vec<u32>, Logits)> = vec![(Vec::new(), Logits::None); self.active.len()];
         let decoding = self.active.iter().filter(|s| s.pending.is_some()).count();
         let guessing = match self.cfg.lookup {
-            Lookup::Off => false,
+            Lookup::Off => self.draft.is_some() && self.payoff.propose(self.steps),
             Lookup::WhenItPays => self.payoff.propose(self.steps),
             Lookup::Always => true,
         };
@@ -544,21 +629,23 @@ impl Worker {
         } else {
             0
         };
+        let started = Instant::now();
+        // Guesses the draft model is to make, per sequence.
+        let mut allot = vec![0; self.active.len()];
         for i in order {
             let s = &mut self.active[i];
             s.drafts.clear();
+            s.drafted = false;
             plan[i] = if let Some(id) = s.pending {
-                s.drafts = s.guesses(id, spare);
-                spare -= s.drafts.len();
-                let mut feed = Vec::with_capacity(1 + s.drafts.len());
-                feed.push(id);
-                feed.extend_from_slice(&s.drafts);
-                let want = if s.drafts.is_empty() {
-                    Logits::Last
+                let (room, found) = s.guesses(id, spare);
+                if found.is_empty() && s.guess.as_ref().is_some_and(|g| g.draft.is_some()) {
+                    allot[i] = room;
+                    spare -= room;
                 } else {
-                    Logits::All
-                };
-                (feed, want)
+                    spare -= found.len();
+                    s.drafts = found;
+                }
+                (vec![id], Logits::Last)
             } else if s.prefilling() && budget > 0 {
                 let rest = &s.job.prompt[s.tokens.len()..];
                 let n = rest.len().min(budget);
@@ -573,10 +660,16 @@ impl Worker {
                 (Vec::new(), Logits::None)
             };
         }
+        self.propose_with_draft(&allot);
+        for (s, (feed, want)) in self.active.iter().zip(plan.iter_mut()) {
+            if s.pending.is_some() && !s.drafts.is_empty() {
+                feed.extend_from_slice(&s.drafts);
+                *want = Logits::All;
+            }
+        }
         if plan.iter().all(|(t, _)| t.is_empty()) {
             return;
         }
-        let started = Instant::now();
         // Only steps that decode and prefill nothing are timed for the payoff.
         let decode_only = self
             .active
@@ -648,12 +741,13 @@ impl Worker {
             stats
                 .generated_tokens
                 .fetch_add(st.sampled as u64, Ordering::Relaxed);
-            stats
-                .proposed_tokens
-                .fetch_add(st.proposed as u64, Ordering::Relaxed);
-            stats
-                .accepted_tokens
-                .fetch_add(st.accepted as u64, Ordering::Relaxed);
+            let (proposed, accepted) = if s.drafted {
+                (&stats.draft_proposed_tokens, &stats.draft_accepted_tokens)
+            } else {
+                (&stats.proposed_tokens, &stats.accepted_tokens)
+            };
+            proposed.fetch_add(st.proposed as u64, Ordering::Relaxed);
+            accepted.fetch_add(st.accepted as u64, Ordering::Relaxed);
             let lps = s.dec.lps[s.lps_sent..].to_vec();
             s.lps_sent = s.dec.lps.len();
             let tokens = s.dec.out.len() - s.tokens_sent;
@@ -688,6 +782,112 @@ impl Worker {
             }
         }
         self.retire();
+    }
+
+    /// How a new sequence guesses: prompt lookup when it is on, then the
+    /// draft model when there is one.
+    fn guesser(&self) -> Option<Guess> {
+        let lookup = (self.cfg.lookup != Lookup::Off).then(PromptLookup::default);
+        let draft = self.draft.as_ref().map(|d| {
+            let c = &d.model.cfg;
+            let ctx = self.cfg.ctx.min(c.context_length);
+            KvCache::counted(c.n_layer, c.kv_dim(), ctx, self.draft_blocks.clone())
+        });
+        (lookup.is_some() || draft.is_some()).then(|| Guess {
+            lookup,
+            draft,
+            k: AdaptiveK::default(),
+        })
+    }
+
+    /// The draft model's part of a step: each sequence's draft cache
+    /// catches up on the tokens its target took (up to a prefill chunk in
+    /// all), and a sequence allotted guesses (`allot`) gets up to that many
+    /// greedy proposals in `drafts`, in rounds of one batched pass. A draft
+    /// pass that fails (it never should) ends guessing with the draft.
+    fn propose_with_draft(&mut self, allot: &[usize]) {
+        let Some(dm) = self.draft.clone() else {
+            return;
+        };
+        let vocab = self.m.model.cfg.vocab_size;
+        let mut budget = self.cfg.prefill_chunk;
+        // Round 0 catches up and feeds the pending token; each later round
+        // feeds the previous round's proposal.
+        let mut feeds: Vec<(usize, Vec<u32>, Logits)> = Vec::new();
+        for (i, s) in self.active.iter().enumerate() {
+            let Some(Guess {
+                draft: Some(dc), ..
+            }) = &s.guess
+            else {
+                continue;
+            };
+            let lag = s.draft_lag();
+            let n = lag.len().min(budget);
+            let mut feed = lag[..n].to_vec();
+            let mut want = Logits::None;
+            if let (true, Some(id)) = (n == lag.len() && allot[i] > 0, s.pending) {
+                feed.push(id);
+                want = Logits::Last;
+            }
+            if feed.is_empty() || dc.len() + feed.len() + allot[i] > dc.capacity() {
+                continue;
+            }
+            budget -= n;
+            feeds.push((i, feed, want));
+        }
+        while !feeds.is_empty() {
+            let result = {
+                let mut batch = Vec::with_capacity(feeds.len());
+                let mut rest = self.active.iter_mut().enumerate();
+                for (i, feed, want) in &feeds {
+                    let cache = rest
+                        .find(|(j, _)| j == i)
+                        .and_then(|(_, s)| s.guess.as_mut())
+                        .and_then(|g| g.draft.as_mut());
+                    if let Some(cache) = cache {
+                        batch.push(BatchSeq {
+                            tokens: feed,
+                            cache,
+                            want: *want,
+                        });
+                    }
+                }
+                dm.model.forward_batch(&self.m.pool, &mut batch)
+            };
+            let logits = match result {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("the draft model failed ({e}); guessing without it");
+                    self.draft = None;
+                    for (s, &a) in self.active.iter_mut().zip(allot) {
+                        if a > 0 {
+                            s.drafts.clear();
+                        }
+                        if let Some(g) = &mut s.guess {
+                            g.draft = None;
+                        }
+                    }
+                    return;
+                }
+            };
+            let mut next = Vec::new();
+            for ((i, _, want), lg) in feeds.iter().zip(logits) {
+                if *want != Logits::Last || lg.is_empty() {
+                    continue;
+                }
+                let s = &mut self.active[*i];
+                let id = crate::sampler::argmax(&lg);
+                if id as usize >= vocab {
+                    continue;
+                }
+                s.drafts.push(id);
+                s.drafted = true;
+                if s.drafts.len() < allot[*i] {
+                    next.push((*i, vec![id], Logits::Last));
+                }
+            }
+            feeds = next;
+        }
     }
 
     /// Move finished (or abandoned) sequences' caches into the prefix pool.
@@ -739,8 +939,12 @@ impl Worker {
             Ordering::Relaxed,
         );
         let c = &self.m.model.cfg;
+        let drafts = self.draft.as_ref().map_or(0, |d| {
+            let c = &d.model.cfg;
+            self.draft_blocks.live() * KvCache::block_bytes(c.n_layer, c.kv_dim())
+        });
         st.kv_bytes.store(
-            self.blocks.live() * KvCache::block_bytes(c.n_layer, c.kv_dim()),
+            self.blocks.live() * KvCache::block_bytes(c.n_layer, c.kv_dim()) + drafts,
             Ordering::Relaxed,
         );
     }

@@ -140,21 +140,34 @@ impl DraftModel {
         target_name: &str,
         ctx: usize,
     ) -> Result<Self, EngineError> {
-        let (dt, tt) = (&draft.tokenizer, &target.tokenizer);
-        let same = dt.vocab_size() == tt.vocab_size()
-            && (0..dt.vocab_size() as u32)
-                .step_by(97)
-                .all(|id| dt.token_bytes(id, true) == tt.token_bytes(id, true));
-        if !same {
-            return Err(EngineError::BadModel(format!(
-                "the draft model {draft_name} ({} tokens) does not share the vocabulary of {target_name} ({} tokens); a draft must use the same tokenizer",
-                dt.vocab_size(),
-                tt.vocab_size()
-            )));
-        }
+        same_vocabulary(draft, draft_name, target, target_name)?;
         Ok(Self {
             session: draft.new_session(ctx),
         })
+    }
+}
+
+/// Refuses a draft whose vocabulary differs from the target's (a draft's
+/// token ids must mean the same text), naming both models.
+pub fn same_vocabulary(
+    draft: &LoadedModel,
+    draft_name: &str,
+    target: &LoadedModel,
+    target_name: &str,
+) -> Result<(), EngineError> {
+    let (dt, tt) = (&draft.tokenizer, &target.tokenizer);
+    let same = dt.vocab_size() == tt.vocab_size()
+        && (0..dt.vocab_size() as u32)
+            .step_by(97)
+            .all(|id| dt.token_bytes(id, true) == tt.token_bytes(id, true));
+    if same {
+        Ok(())
+    } else {
+        Err(EngineError::BadModel(format!(
+            "the draft model {draft_name} ({} tokens) does not share the vocabulary of {target_name} ({} tokens); a draft must use the same tokenizer",
+            dt.vocab_size(),
+            tt.vocab_size()
+        )))
     }
 }
 

@@ -6,8 +6,8 @@
 mod common;
 
 use hanlin_engine::{
-    Event, GenerateParams, Job, LoadedModel, Lookup, SamplerConfig, Scheduler, SchedulerConfig,
-    Sink,
+    Draft, Event, GenerateParams, Job, LoadedModel, Lookup, SamplerConfig, Scheduler,
+    SchedulerConfig, Sink,
 };
 use hanlin_tokenizer::Message;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -481,5 +481,93 @@ fn prompt_lookup_gives_the_same_text_in_fewer_steps() {
     assert!(
         steps < plain_steps,
         "{steps} steps with lookup, {plain_steps} without"
+    );
+}
+
+/// A draft model inside the batch: requests that do not quote their prompt
+/// (where prompt lookup has little to copy) still take several verified
+/// tokens per step from the draft's guesses, and every text, greedy or
+/// sampled with a seed, is the one they get without guessing. The model
+/// drafts for itself here, so its greedy guesses are right until a
+/// sampled token differs; the draft's KV caches (catching up on each
+/// prompt, cut back after a rejected guess) are what is tested.
+#[test]
+fn a_draft_model_gives_the_same_text_in_fewer_steps() {
+    let m = model();
+    let prompts: Vec<Vec<u32>> = [
+        "Write a Python function that checks whether a number is prime.",
+        "用两句话介绍西湖。",
+    ]
+    .iter()
+    .map(|q| m.chat_prompt(&[Message::new("user", *q)]).expect("prompt"))
+    .collect();
+    let sampled = GenerateParams {
+        max_tokens: 40,
+        sampler: SamplerConfig {
+            temperature: 0.8,
+            seed: 11,
+            ..SamplerConfig::default()
+        },
+        ..Default::default()
+    };
+    let run = |lookup: Lookup, draft: bool| {
+        let draft = draft.then(|| Draft::new(m.clone(), "draft", &m, "target").expect("draft"));
+        let sched = Scheduler::start_with_draft(
+            m.clone(),
+            draft,
+            SchedulerConfig {
+                lookup,
+                // A small chunk: the draft catches up over several steps.
+                prefill_chunk: 16,
+                ..Default::default()
+            },
+        );
+        let mut rxs = Vec::new();
+        for p in &prompts {
+            for params in [greedy(40), sampled.clone()] {
+                let (tx, rx) = mpsc::channel();
+                let mut j = with_sink(p.clone(), 40, 0, Box::new(move |e| tx.send(e).is_ok()));
+                j.params = params;
+                sched.submit(j).expect("submit");
+                rxs.push(rx);
+            }
+        }
+        let texts: Vec<String> = rxs.iter().map(|rx| collect(rx).0).collect();
+        let st = &sched.stats;
+        (
+            texts,
+            st.steps.load(Ordering::Relaxed),
+            st.accepted_tokens.load(Ordering::Relaxed),
+            st.draft_accepted_tokens.load(Ordering::Relaxed),
+        )
+    };
+    let (plain, plain_steps, _, _) = run(Lookup::Off, false);
+    let (looked, lookup_steps, lookup_kept, none) = run(Lookup::Always, false);
+    assert_eq!(none, 0, "no draft, no draft guesses");
+    let (drafted, steps, also_looked, kept) = run(Lookup::Always, true);
+    eprintln!(
+        "draft: {steps} steps, {kept} of its guesses kept (and {also_looked} of lookup's); lookup alone: {lookup_steps} steps, {lookup_kept} kept; plain: {plain_steps}"
+    );
+    assert_eq!(looked, plain);
+    assert_eq!(drafted, plain);
+    assert!(kept >= 40, "{kept} of the draft's guesses kept");
+    assert!(
+        steps * 3 < plain_steps * 2,
+        "{steps} steps with the draft, {plain_steps} without"
+    );
+}
+
+/// A draft with another vocabulary is refused, naming both models.
+#[test]
+fn a_draft_with_another_vocabulary_is_refused() {
+    let m = model();
+    let other = LoadedModel::load(&common::model_path("smollm2-135m"), 1).expect("load");
+    let err = Draft::new(other, "smollm2-135m", &m, "qwen2.5-coder-0.5b")
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("smollm2-135m") && err.contains("qwen2.5-coder-0.5b"),
+        "{err}"
     );
 }

@@ -21,6 +21,9 @@ pub struct Metrics {
     /// Prompt lookup's guesses checked and kept, since the model loaded.
     pub lookup_proposed: IntGaugeVec,
     pub lookup_accepted: IntGaugeVec,
+    /// The draft model's guesses checked and kept.
+    pub draft_proposed: IntGaugeVec,
+    pub draft_accepted: IntGaugeVec,
     /// Upstream servers (models served elsewhere), by model and node.
     pub upstream_requests: IntCounterVec,
     pub upstream_ttft: HistogramVec,
@@ -92,6 +95,14 @@ impl Metrics {
             "lookup_accepted_tokens",
             "Prompt lookup's guesses the model agreed with (acceptance rate: accepted / proposed)",
         )?;
+        let draft_proposed = gauge(
+            "draft_proposed_tokens",
+            "The draft model's guesses checked since the model loaded",
+        )?;
+        let draft_accepted = gauge(
+            "draft_accepted_tokens",
+            "The draft model's guesses the model agreed with (acceptance rate: accepted / proposed)",
+        )?;
         let upstream_requests = IntCounterVec::new(
             Opts::new(
                 "upstream_requests_total",
@@ -147,6 +158,8 @@ impl Metrics {
             Box::new(kv_bytes.clone()),
             Box::new(lookup_proposed.clone()),
             Box::new(lookup_accepted.clone()),
+            Box::new(draft_proposed.clone()),
+            Box::new(draft_accepted.clone()),
         ] {
             registry.register(c)?;
         }
@@ -164,6 +177,8 @@ impl Metrics {
             kv_bytes,
             lookup_proposed,
             lookup_accepted,
+            draft_proposed,
+            draft_accepted,
             upstream_requests,
             upstream_ttft,
             upstream_tokens,

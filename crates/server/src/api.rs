@@ -65,6 +65,8 @@ pub async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
         let total = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as usize;
         set(&m.lookup_proposed, total(&s.stats.proposed_tokens));
         set(&m.lookup_accepted, total(&s.stats.accepted_tokens));
+        set(&m.draft_proposed, total(&s.stats.draft_proposed_tokens));
+        set(&m.draft_accepted, total(&s.stats.draft_accepted_tokens));
     }
     st.upstreams.gauges(&st.gw.metrics);
     st.gw.metrics.render().into_response()

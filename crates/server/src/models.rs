@@ -3,7 +3,7 @@
 //! another would exceed the memory budget (weights and live KV cache).
 
 use crate::error::ApiError;
-use hanlin_engine::{LoadedModel, Scheduler, SchedulerConfig};
+use hanlin_engine::{Draft, LoadedModel, Scheduler, SchedulerConfig};
 use hanlin_store::Store;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,9 @@ pub struct ModelSettings {
     pub max_queue: Option<usize>,
     pub prefill_chunk: Option<usize>,
     pub lookup: Option<bool>,
+    /// A model in the store (same vocabulary) that guesses ahead for this
+    /// one: speculative decoding inside the batch.
+    pub draft: Option<String>,
 }
 
 impl ModelSettings {
@@ -151,18 +154,46 @@ impl Models {
             .ok_or_else(|| ApiError::model_not_found(name))?;
         let path = self.store.blob_path(&manifest.sha256);
         let threads = self.threads;
-        let cfg = match self.per_model.get(name) {
-            Some(m) => m.apply(&self.sched),
-            None => self.sched.clone(),
+        let settings = self.per_model.get(name).cloned().unwrap_or_default();
+        let cfg = settings.apply(&self.sched);
+        // The draft's weights count toward the memory budget with its
+        // target's (its KV caches count in the scheduler's KV bytes).
+        let draft = match &settings.draft {
+            Some(d) => {
+                let m = self
+                    .store
+                    .get(d)
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+                    .ok_or_else(|| {
+                        ApiError::internal(format!(
+                            "the draft model {d} of {name} is not in the store (hanlin pull {d})"
+                        ))
+                    })?;
+                Some((d.clone(), self.store.blob_path(&m.sha256), m.size))
+            }
+            None => None,
         };
+        let bytes = manifest.size + draft.as_ref().map_or(0, |d| d.2);
         let model_name = name.to_string();
         let started = Instant::now();
         let sched = tokio::task::spawn_blocking(move || {
-            LoadedModel::load(&path, threads).map(|m| Arc::new(Scheduler::start(m, cfg)))
+            let target = LoadedModel::load(&path, threads)?;
+            let draft = match draft {
+                Some((d, path, _)) => {
+                    // The draft runs on the target's threads, between its
+                    // steps: one thread of its own is enough for loading.
+                    let dm = LoadedModel::load(&path, 1)?;
+                    Some(Draft::new(dm, &d, &target, &model_name)?)
+                }
+                None => None,
+            };
+            Ok::<_, hanlin_engine::EngineError>(Arc::new(Scheduler::start_with_draft(
+                target, draft, cfg,
+            )))
         })
         .await
-        .map_err(|e| ApiError::internal(format!("loading {model_name}: {e}")))?
-        .map_err(|e| ApiError::internal(format!("loading {model_name}: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("loading {name}: {e}")))?
+        .map_err(|e| ApiError::internal(format!("loading {name}: {e}")))?;
         tracing::info!(
             model = name,
             secs = started.elapsed().as_secs_f32(),
@@ -175,8 +206,7 @@ impl Models {
             let mut loaded = self.lock();
             loaded.sort_by_key(|l| l.last_used);
             while !loaded.is_empty()
-                && loaded.iter().map(Loaded::memory).sum::<u64>() + manifest.size
-                    > self.budget_bytes
+                && loaded.iter().map(Loaded::memory).sum::<u64>() + bytes > self.budget_bytes
             {
                 let gone = loaded.remove(0);
                 tracing::info!(model = %gone.name, "evicting model (memory budget)");
@@ -185,7 +215,7 @@ impl Models {
         self.lock().push(Loaded {
             name: name.to_string(),
             sched: sched.clone(),
-            bytes: manifest.size,
+            bytes,
             last_used: Instant::now(),
         });
         Ok(sched)

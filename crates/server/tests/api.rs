@@ -575,6 +575,85 @@ async fn curl_streaming_and_plain() {
     assert!(!ok && text.contains("invalid_request_error"), "{text}");
 }
 
+/// `[models.NAME] draft`: the model gets a draft that guesses ahead in
+/// its batch (the same text as without, the guesses counted in /metrics),
+/// and the draft's weights count toward the memory budget; a draft with
+/// another vocabulary makes loading fail with an error naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_a_draft_gives_the_same_text_and_counts_its_guesses() {
+    let ask = json!({"model": MODEL, "messages": [{"role": "user", "content": "Write a short poem about the sea."}], "max_tokens": 40, "temperature": 0});
+    let plain = common::start().await;
+    let (st, v) = post(
+        &plain.base,
+        "/v1/chat/completions",
+        &plain.admin_key,
+        ask.clone(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let want = v["choices"][0]["message"]["content"].clone();
+    let s = common::start_with(|c| {
+        c.per_model.insert(
+            MODEL.to_string(),
+            hanlin_server::models::ModelSettings {
+                draft: Some(MODEL.to_string()),
+                ..Default::default()
+            },
+        );
+        // Lookup off: every guess is the draft's.
+        c.sched.lookup = hanlin_engine::Lookup::Off;
+    })
+    .await;
+    let (st, v) = post(&s.base, "/v1/chat/completions", &s.admin_key, ask.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want);
+    let sched = s.state.models.get(MODEL).await.expect("loaded");
+    assert!(sched.draft.is_some());
+    let metrics = client()
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(MODEL))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let (proposed, accepted) = (
+        value("hanlin_draft_proposed_tokens"),
+        value("hanlin_draft_accepted_tokens"),
+    );
+    assert!(
+        proposed > 0.0 && accepted > 0.0 && accepted <= proposed,
+        "draft guesses {accepted} of {proposed} kept\n{metrics}"
+    );
+
+    let bad = common::start_with(|c| {
+        c.per_model.insert(
+            MODEL.to_string(),
+            hanlin_server::models::ModelSettings {
+                draft: Some(common::QWEN.to_string()),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = bad.state.models.get(MODEL).await.err().expect("refused");
+    assert!(
+        e.message.contains(common::QWEN)
+            && e.message.contains(MODEL)
+            && e.message.contains("vocabulary"),
+        "{}",
+        e.message
+    );
+}
+
 /// `[models.NAME]` settings reach that model's scheduler only: a context
 /// of 64 tokens there refuses what the server-wide context allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

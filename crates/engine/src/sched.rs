@@ -800,10 +800,10 @@ impl Worker {
         })
     }
 
-    /// The draft model's part of a step: each sequence's draft cache
-    /// catches up on the tokens its target took (up to a prefill chunk in
-    /// all), and a sequence allotted guesses (`allot`) gets up to that many
-    /// greedy proposals in `drafts`, in rounds of one batched pass. A draft
+    /// The draft model's part of a step: each sequence allotted guesses
+    /// (`allot`) has its draft cache catch up on the tokens its target took
+    /// (up to a prefill chunk in all), then gets up to that many greedy
+    /// proposals in `drafts`, in rounds of one batched pass. A draft
     /// pass that fails (it never should) ends guessing with the draft.
     fn propose_with_draft(&mut self, allot: &[usize]) {
         let Some(dm) = self.draft.clone() else {
@@ -821,11 +821,17 @@ impl Worker {
             else {
                 continue;
             };
+            // Only a sequence that is to guess now catches up (a plain
+            // step, when guessing does not pay, costs no draft pass; the
+            // lag is fed in one pass later).
+            if allot[i] == 0 {
+                continue;
+            }
             let lag = s.draft_lag();
             let n = lag.len().min(budget);
             let mut feed = lag[..n].to_vec();
             let mut want = Logits::None;
-            if let (true, Some(id)) = (n == lag.len() && allot[i] > 0, s.pending) {
+            if let (true, Some(id)) = (n == lag.len(), s.pending) {
                 feed.push(id);
                 want = Logits::Last;
             }

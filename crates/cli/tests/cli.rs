@@ -267,7 +267,9 @@ fn serve_refuses_a_draft_with_another_vocabulary_at_start() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
-        err.contains("smollm2-135m") && err.contains("qwen2.5-coder-0.5b") && err.contains("vocabulary"),
+        err.contains("smollm2-135m")
+            && err.contains("qwen2.5-coder-0.5b")
+            && err.contains("vocabulary"),
         "{err}"
     );
 }

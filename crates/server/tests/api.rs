@@ -9,6 +9,18 @@ use hanlin_accounts::Plan;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// The server's `/metrics` page.
+async fn metrics(base: &str) -> String {
+    client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text")
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
@@ -429,14 +441,7 @@ async fn admin_api_metrics_and_vanished_clients() {
     }
     assert!(freed, "the abandoned sequence is still running");
 
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics(base).await;
     for m in [
         "hanlin_requests_total",
         "hanlin_time_to_first_token_seconds",
@@ -609,14 +614,7 @@ async fn a_model_with_a_draft_gives_the_same_text_and_counts_its_guesses() {
     assert_eq!(v["choices"][0]["message"]["content"], want);
     let sched = s.state.models.get(MODEL).await.expect("loaded");
     assert!(sched.draft.is_some());
-    let metrics = client()
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&s.base).await;
     let value = |name: &str| -> f64 {
         metrics
             .lines()

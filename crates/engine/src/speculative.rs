@@ -284,6 +284,11 @@ pub struct Payoff {
     rounds: usize,
     /// Generated-token count before which no proposal is made.
     off_until: usize,
+    /// How long the next switch-off lasts: [`OFF_FOR`], doubled each time
+    /// proposals are switched off again without having paid in between
+    /// (up to [`OFF_MAX`]), so a machine where they never pay soon tries
+    /// seldom.
+    off_for: usize,
     /// Times proposals were switched off.
     pub switched_off: usize,
 }
@@ -294,6 +299,8 @@ const WARM: usize = 4;
 const JUDGE_AFTER: usize = 4;
 /// Tokens decoded plainly after switching off, before trying again.
 const OFF_FOR: usize = 64;
+/// The longest switch-off.
+const OFF_MAX: usize = 4096;
 
 impl Default for Payoff {
     fn default() -> Self {
@@ -302,6 +309,7 @@ impl Default for Payoff {
             spec: None,
             rounds: 0,
             off_until: WARM,
+            off_for: OFF_FOR,
             switched_off: 0,
         }
     }
@@ -332,10 +340,13 @@ impl Payoff {
         self.rounds += 1;
         if let (Some(p), Some(s)) = (self.plain, self.spec) {
             if self.rounds >= JUDGE_AFTER && s > p {
-                self.off_until = generated + OFF_FOR;
+                self.off_until = generated + self.off_for;
+                self.off_for = (2 * self.off_for).min(OFF_MAX);
                 self.spec = None;
                 self.rounds = 0;
                 self.switched_off += 1;
+            } else if self.rounds >= JUDGE_AFTER {
+                self.off_for = OFF_FOR;
             }
         }
     }
@@ -394,9 +405,25 @@ mod tests {
         assert!(!p.propose(now));
         assert!(p.propose(now + OFF_FOR));
         // Rounds that pay keep going.
-        for i in 0..10 {
-            p.round(0.1, 4, now + OFF_FOR + 4 * i);
+        let mut now = now + OFF_FOR;
+        for _ in 0..10 {
+            now += 4;
+            p.round(0.1, 4, now);
         }
         assert_eq!(p.switched_off, 1);
+        // Costly again: off for OFF_FOR once more (they paid in between),
+        // then for twice as long when they cost more at the next try too.
+        while p.switched_off == 1 {
+            now += 1;
+            p.round(0.1, 1, now);
+        }
+        assert!(!p.propose(now + OFF_FOR - 1) && p.propose(now + OFF_FOR));
+        now += OFF_FOR;
+        for _ in 0..JUDGE_AFTER {
+            now += 1;
+            p.round(0.1, 1, now);
+        }
+        assert_eq!(p.switched_off, 3);
+        assert!(!p.propose(now + 2 * OFF_FOR - 1) && p.propose(now + 2 * OFF_FOR));
     }
 }

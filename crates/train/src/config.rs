@@ -170,6 +170,10 @@ pub struct TrainConfig {
     /// only to itself) instead of one padded conversation per row.
     #[serde(default)]
     pub pack: bool,
+    /// Keep an exponential moving average of the weights with this decay
+    /// (e.g. 0.999): validation, exports and later runs use the average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
 }
 
 /// AdamW for everything, or Muon (momentum + Newton–Schulz
@@ -243,7 +247,26 @@ impl TrainConfig {
             decay: Decay::Cosine,
             grad_accum: d_accum(),
             pack: false,
+            ema: None,
         }
+    }
+
+    /// Settings that parse but make no run.
+    pub fn check(&self) -> Result<(), TrainError> {
+        if self.steps == 0 || self.batch_size == 0 {
+            return Err(TrainError::Config(
+                "steps and batch_size must be positive".into(),
+            ));
+        }
+        if !(0.0..0.5).contains(&self.val_fraction) {
+            return Err(TrainError::Config(
+                "val_fraction is between 0 and 0.5".into(),
+            ));
+        }
+        if self.ema.is_some_and(|d| !(0.0..1.0).contains(&d)) {
+            return Err(TrainError::Config("ema is a decay in [0, 1)".into()));
+        }
+        Ok(())
     }
 
     /// The learning rate at `step`: linear warmup, then cosine (or linear)
@@ -278,6 +301,7 @@ impl TrainConfig {
         let only: Only = toml::Value::Table(toml::Table::from_iter([("train".to_string(), t)]))
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
+        only.train.check()?;
         Ok(only.train)
     }
 }
@@ -293,16 +317,7 @@ pub struct RunConfig {
 impl RunConfig {
     pub fn from_toml(text: &str) -> Result<Self, TrainError> {
         let c: Self = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
-        if c.train.steps == 0 || c.train.batch_size == 0 {
-            return Err(TrainError::Config(
-                "steps and batch_size must be positive".into(),
-            ));
-        }
-        if !(0.0..0.5).contains(&c.train.val_fraction) {
-            return Err(TrainError::Config(
-                "val_fraction is between 0 and 0.5".into(),
-            ));
-        }
+        c.train.check()?;
         Ok(c)
     }
 }
@@ -337,6 +352,9 @@ mod tests {
         let t = TrainConfig::from_toml("[train]\nsteps=10\ndecay=\"linear\"\n").unwrap();
         assert_eq!(t.decay, Decay::Linear);
         assert!(TrainConfig::from_toml("[train]\nsteps=10\ndecay=\"step\"\n").is_err());
+        let bad = "[model]\nn_layer=2\nd_model=64\nn_head=4\nd_ff=128\ncontext=64\n[train]\nsteps=10\nema=1.5\n";
+        let e = RunConfig::from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains("ema"), "{e}");
         assert!(RunConfig::from_toml("[model]\nn_layer=1\n").is_err());
         assert!(RunConfig::from_toml("[model]\nn_layer=2\nd_model=64\nn_head=4\nd_ff=128\ncontext=64\nbogus=1\n[train]\nsteps=1\n").is_err());
     }

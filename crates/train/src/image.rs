@@ -60,11 +60,7 @@ impl ImageRunConfig {
     pub fn from_toml(text: &str) -> Result<Self, TrainError> {
         let c: Self = toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
         c.model.validate()?;
-        if c.train.steps == 0 || c.train.batch_size == 0 {
-            return Err(TrainError::Config(
-                "steps and batch_size must be positive".into(),
-            ));
-        }
+        c.train.check()?;
         if !matches!(c.prediction.as_str(), "v" | "epsilon") {
             return Err(TrainError::Config(format!(
                 "prediction {:?}: use \"v\" or \"epsilon\"",
@@ -323,6 +319,8 @@ pub fn train(
         )));
     }
     let vocab = tok.vocab_size();
+    // The same seed, the same starting weights (and so the same run).
+    device.seed(cfg.train.seed);
     let model = TextToImage::new(&cfg.model, vocab, device);
     let mut task = ImageTask {
         tok,
@@ -462,6 +460,35 @@ mod tests {
         assert_eq!(p.native_size(), 16);
         assert!(p.reads_chinese(), "trained on Chinese captions too");
 
+        computes_like(&model, &tok, &p);
+
+        // The recipe's UNet also takes each pixel's coordinates; a
+        // directory that does not say so is refused, naming the channels.
+        assert!(cfg.model.coords);
+        let index = out.join("unet/config.json");
+        let text = std::fs::read_to_string(&index).unwrap();
+        let flag = "\"hanlin_coord_channels\": true";
+        assert!(text.contains(flag), "{text}");
+        std::fs::write(
+            &index,
+            text.replace(flag, "\"hanlin_coord_channels\": false"),
+        )
+        .unwrap();
+        let e = hanlin_image::pipeline::Pipeline::load(&out, 2)
+            .err()
+            .expect("a UNet with 5 input channels and no coordinates")
+            .to_string();
+        assert!(e.contains("takes 5 and gives 3"), "{e}");
+    }
+
+    /// The loaded pipeline `p` computes what `model` computes: the text
+    /// encoder's output and one UNet call (16×16).
+    fn computes_like(
+        model: &TextToImage,
+        tok: &ClipTokenizer,
+        p: &hanlin_image::pipeline::Pipeline,
+    ) {
+        let device = Device::default();
         let caption = "黑色背景上左边的红色圆形";
         let ids: Vec<i64> = tok
             .encode(caption)
@@ -493,24 +520,83 @@ mod tests {
             .to_nchw();
         let e = max_rel(&got, &want);
         assert!(e < 0.08, "UNet: max error {e} of the range");
+    }
 
-        // The recipe's UNet also takes each pixel's coordinates; a
-        // directory that does not say so is refused, naming the channels.
-        assert!(cfg.model.coords);
-        let index = out.join("unet/config.json");
-        let text = std::fs::read_to_string(&index).unwrap();
-        let flag = "\"hanlin_coord_channels\": true";
-        assert!(text.contains(flag), "{text}");
-        std::fs::write(
-            &index,
-            text.replace(flag, "\"hanlin_coord_channels\": false"),
-        )
-        .unwrap();
-        let e = hanlin_image::pipeline::Pipeline::load(&out, 2)
-            .err()
-            .expect("a UNet with 5 input channels and no coordinates")
-            .to_string();
-        assert!(e.contains("takes 5 and gives 3"), "{e}");
+    /// A run that keeps a moving average exports the average (what its
+    /// checkpoint keeps beside the trained weights), and the export
+    /// computes what the average computes in burn.
+    #[test]
+    fn a_run_with_an_average_exports_the_average() {
+        use crate::trainer::{checkpoint_dir, weights_dir, Trainable};
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny();
+        cfg.vocab = 600;
+        cfg.train.steps = 4;
+        cfg.train.batch_size = 4;
+        cfg.train.eval_every = 2;
+        cfg.train.checkpoint_every = 4;
+        cfg.train.ema = Some(0.5);
+        let o = train(&cfg, dir.path(), &Device::default().autodiff(), |_| {}).unwrap();
+        let p = hanlin_image::pipeline::Pipeline::load(&o.model_dir, 2).unwrap();
+        let tok = ClipTokenizer::load(&dir.path().join("tokenizer")).unwrap();
+        let ck = checkpoint_dir(dir.path());
+        assert!(weights_dir(&ck).ends_with("ema"));
+        let load = |d: &Path| {
+            TextToImage::new(&cfg.model, tok.vocab_size(), &Device::default())
+                .load_weights(d)
+                .unwrap()
+        };
+        computes_like(&load(&weights_dir(&ck)), &tok, &p);
+        // The trained weights are another model.
+        let trained = load(&ck);
+        let ids: Vec<i64> = tok
+            .encode("a red circle on the left, black background")
+            .unwrap()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        let n = ids.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &Device::default());
+        let a = trained
+            .text
+            .forward(ids.clone())
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let b = load(&weights_dir(&ck))
+            .text
+            .forward(ids)
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert!(max_rel(&a, &b) > 1e-3, "the average is the trained weights");
+    }
+
+    /// The same settings and tokenizer give the same run: the starting
+    /// weights come from the seed (they were drawn unseeded, so two runs of
+    /// the recipe differed from their first step).
+    #[test]
+    fn a_run_is_reproducible_from_its_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny();
+        cfg.vocab = 600;
+        cfg.train.steps = 3;
+        cfg.train.batch_size = 4;
+        cfg.train.checkpoint_every = 3;
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let device = Device::default().autodiff();
+        train(&cfg, &a, &device, |_| {}).unwrap();
+        // The second run reads the first one's tokenizer (training one
+        // breaks ties between merges in no fixed order).
+        std::fs::create_dir_all(b.join("tokenizer")).unwrap();
+        for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+            std::fs::copy(a.join("tokenizer").join(f), b.join("tokenizer").join(f)).unwrap();
+        }
+        train(&cfg, &b, &device, |_| {}).unwrap();
+        let losses = |d: &Path| crate::curves::read(&d.join("loss.csv")).unwrap();
+        assert_eq!(losses(&a), losses(&b));
     }
 
     /// Every parameter moved by noise (burn initialises biases and norms

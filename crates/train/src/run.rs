@@ -76,7 +76,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Run, TrainError> {
                 .map_err(|e| TrainError::Config(format!("{}: {e}", lora_path.display())))?;
         let (_, model, tok) = from_gguf(&info.base, device)?;
         let model = model.with_lora(info.rank, info.alpha, &info.targets);
-        let model = model.load_weights(&ck)?;
+        let model = model.load_weights(&crate::trainer::weights_dir(&ck))?;
         return Ok(Run {
             cfg,
             model,
@@ -87,7 +87,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Run, TrainError> {
     let tok = Tok::Bpe(Box::new(crate::tokenizer::load(
         &dir.join("tokenizer.json"),
     )?));
-    let model = Gpt::new(&cfg.model, device).load_weights(&ck)?;
+    let model = Gpt::new(&cfg.model, device).load_weights(&crate::trainer::weights_dir(&ck))?;
     Ok(Run {
         cfg,
         model,

@@ -136,7 +136,9 @@ impl Scene {
             let (dx, dy) = (x - cx, y - cy);
             match self.shape {
                 0 => dx * dx + dy * dy <= r * r,
-                1 => dx.abs() <= 0.85 * r && dy.abs() <= 0.85 * r,
+                // As wide as the circle of the same radius, so its corners
+                // stand out of that circle's outline.
+                1 => dx.abs() <= r && dy.abs() <= r,
                 _ => {
                     // Apex up, base below the centre.
                     let (top, base) = (cy - r, cy + 0.75 * r);

@@ -4,7 +4,9 @@
 //! every `eval_every` steps, `loss.csv` row by row and `loss.png` at each
 //! checkpoint, checkpoints written to `checkpoint.tmp/` and swapped in (the
 //! previous one stays valid when the disk fills or the process dies), and
-//! resumption from the last checkpoint with the same batches.
+//! resumption from the last checkpoint with the same batches. With `ema`
+//! set, it also keeps an exponential moving average of the weights, which
+//! validation, the checkpoints' exports and the outcome use.
 //!
 //! A task ([`Task`]) says what the loss of a step is and how to validate.
 
@@ -12,7 +14,7 @@ use crate::config::{Optimizer, TrainConfig};
 use crate::curves;
 use crate::model::{Gpt, LoraPair};
 use crate::{io_err, TrainError};
-use burn::module::{Module, ParamGroup};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::optim::{AdjustLrFn, MuonConfig};
@@ -80,6 +82,8 @@ fn checkpoint_error(dir: &Path, e: impl std::fmt::Display) -> TrainError {
 
 /// What the loop ended with.
 pub struct Outcome<M = Gpt> {
+    /// The trained weights, or their moving average when the run kept one
+    /// (then without gradients).
     pub model: M,
     pub final_loss: f32,
     pub val_loss: f32,
@@ -101,6 +105,63 @@ struct Adapters {
 
 pub fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
+}
+
+/// The weights a checkpoint `ck` hands on (to exports, chats and runs
+/// started from it): the moving average when the run kept one, else the
+/// trained weights.
+pub fn weights_dir(ck: &Path) -> PathBuf {
+    let ema = ck.join("ema");
+    if ema.is_dir() {
+        ema
+    } else {
+        ck.to_path_buf()
+    }
+}
+
+/// An exponential moving average of a model's weights: after each update
+/// `avg ← d·avg + (1 − d)·w`, with `d = min(decay, (1 + n) / (10 + n))` at
+/// the `n`-th update, so the first steps' random weights fade fast.
+struct Ema<M> {
+    avg: M,
+    decay: f64,
+}
+
+impl<M: Trainable> Ema<M> {
+    /// Fold `model`'s weights (after update `n`, counting from 0) in.
+    fn update(&mut self, model: &M, n: usize) {
+        struct Collect(Vec<Tensor<1>>);
+        impl ModuleVisitor for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0.push(param.val().flatten::<1>(0, D - 1));
+            }
+        }
+        struct Fold {
+            weights: std::vec::IntoIter<Tensor<1>>,
+            d: f64,
+        }
+        impl ModuleMapper for Fold {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                let (id, avg, mapper) = param.consume();
+                let folded = match self.weights.next() {
+                    Some(w) => {
+                        let w = w.reshape(avg.dims());
+                        avg.mul_scalar(self.d) + w.mul_scalar(1.0 - self.d)
+                    }
+                    None => avg,
+                };
+                Param::from_mapped_value(id, folded, mapper)
+            }
+        }
+        let mut weights = Collect(Vec::new());
+        model.clone().valid().visit(&mut weights);
+        let d = self.decay.min((1.0 + n as f64) / (10.0 + n as f64));
+        let avg = self.avg.clone();
+        self.avg = avg.map(&mut Fold {
+            weights: weights.0.into_iter(),
+            d,
+        });
+    }
 }
 
 fn optimizer(t: &TrainConfig) -> ModuleOptimizer {
@@ -162,6 +223,7 @@ impl Trainable for Gpt {
 /// Write the model's weights and the optimizer state.
 fn save_checkpoint<M: Trainable>(
     model: &M,
+    ema: Option<&M>,
     optim: &ModuleOptimizer,
     out: &Path,
     step: usize,
@@ -176,6 +238,11 @@ fn save_checkpoint<M: Trainable>(
     }
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     model.save_weights(&tmp)?;
+    if let Some(avg) = ema {
+        let dir = tmp.join("ema");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        avg.save_weights(&dir)?;
+    }
     optim
         .save(tmp.join("optim.bpk"))
         .map_err(|e| fail(format!("{e}")))?;
@@ -246,6 +313,7 @@ pub fn run<M: Trainable>(
     let mut optim = optimizer(t);
     let ck = checkpoint_dir(out);
     let mut start = 0;
+    let mut ema_start = None;
     if has_checkpoint(out)? {
         let bad = |e: String| TrainError::Checkpoint {
             path: ck.display().to_string(),
@@ -255,12 +323,24 @@ pub fn run<M: Trainable>(
             serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io_err(&ck))?)
                 .map_err(|e| bad(e.to_string()))?;
         model = model.load_weights(&ck)?;
+        if t.ema.is_some() && ck.join("ema").is_dir() {
+            ema_start = Some(model.clone().valid().load_weights(&ck.join("ema"))?);
+        }
         optim = optim
             .load(ck.join("optim.bpk"))
             .map_err(|e| bad(format!("{e}")))?;
         start = s.step;
         tracing::info!("resuming from step {start}");
     }
+    // A run that did not keep an average before starts it from its
+    // weights. (Taking them initialises any lazily initialised parameter,
+    // in the module's order: done with or without an average, so the
+    // setting does not change the starting weights.)
+    let weights = model.clone().valid();
+    let mut ema = t.ema.map(|decay| Ema {
+        avg: ema_start.unwrap_or(weights),
+        decay,
+    });
     let mut log = curves::LossLog::open(&out.join("loss.csv"), start)?;
     let accum = t.grad_accum.max(1);
     let tokens_per_step = task.tokens_per_micro() * accum as f64;
@@ -268,10 +348,12 @@ pub fn run<M: Trainable>(
     let mut last_loss = f32::NAN;
     let mut val_loss = f32::NAN;
     let mut trained = 0usize;
-    let validate = |model: &M, task: &mut dyn Task<M>| {
-        let m = model.clone().valid();
-        task.validate(&m, &device.clone().inner())
+    // The weights the run hands on: the average when it keeps one.
+    let handed = |model: &M, ema: &Option<Ema<M>>| match ema {
+        Some(e) => e.avg.clone(),
+        None => model.clone().valid(),
     };
+    let validate = |m: M, task: &mut dyn Task<M>| task.validate(&m, &device.clone().inner());
     for step in start..t.steps {
         let mut acc = GradientsAccumulator::new();
         let mut total = 0.0f32;
@@ -306,11 +388,14 @@ pub fn run<M: Trainable>(
         }
         let lr = t.lr_at(step);
         model = optim.step(lr, model, acc.grads());
+        if let Some(e) = &mut ema {
+            e.update(&model, step);
+        }
         last_loss = total;
         trained += 1;
         let done = step + 1;
         let eval = done % t.eval_every.max(1) == 0 || done == t.steps;
-        let v = eval.then(|| validate(&model, task));
+        let v = eval.then(|| validate(handed(&model, &ema), task));
         if let Some(v) = v {
             val_loss = v;
         }
@@ -326,13 +411,13 @@ pub fn run<M: Trainable>(
             extra,
         });
         if done % t.checkpoint_every.max(1) == 0 || done == t.steps {
-            save_checkpoint(&model, &optim, out, done)?;
+            save_checkpoint(&model, ema.as_ref().map(|e| &e.avg), &optim, out, done)?;
             curves::plot(&out.join("loss.csv"), &out.join("loss.png"))?;
-            task.checkpointed(&model.clone().valid(), done)?;
+            task.checkpointed(&handed(&model, &ema), done)?;
         }
     }
     if val_loss.is_nan() {
-        val_loss = validate(&model, task);
+        val_loss = validate(handed(&model, &ema), task);
     }
     if trained == 0 {
         // Already finished: the last logged loss.
@@ -341,6 +426,10 @@ pub fn run<M: Trainable>(
         }
     }
     let tps = tokens_per_step * trained as f64 / began.elapsed().as_secs_f64().max(1e-9);
+    let model = match ema {
+        Some(e) => e.avg,
+        None => model,
+    };
     Ok(Outcome {
         model,
         final_loss: last_loss,

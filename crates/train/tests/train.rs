@@ -309,6 +309,72 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
     .is_err());
 }
 
+/// With `ema`, a run keeps a moving average of its weights beside them in
+/// each checkpoint: the run hands the average on (what `run::load`, and so
+/// exports, read), it lies between the first and the last weights' logits
+/// rather than at the last, and a resumed run averages on from the
+/// checkpoint to the same weights as one that never stopped.
+#[test]
+fn a_moving_average_is_checkpointed_resumed_and_handed_on() {
+    use hanlin_train::trainer::Trainable;
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = poem_corpus(dir.path());
+    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
+    let tok_path = dir.path().join("tok.json");
+    hanlin_train::tokenizer::save(&tok, &tok_path).unwrap();
+    let cfg = |steps: usize, ema: &str| {
+        RunConfig::from_toml(&format!(
+            "[model]\nn_layer=2\nd_model=32\nn_head=4\nn_head_kv=2\nd_ff=64\ncontext=32\n\
+             [train]\nsteps={steps}\nbatch_size=4\nlr=5e-3\nmin_lr=5e-3\nwarmup=5\neval_every=10\ncheckpoint_every=10\nval_fraction=0.1\n{ema}"
+        ))
+        .unwrap()
+    };
+    // (A constant rate after warmup: stopping at 10 of 20 steps is then
+    // the same run as stopping at 10 of 10.)
+    let device = Device::default().autodiff();
+    let train = |out: &std::path::Path, steps: usize, ema: &str| {
+        hanlin_train::pretrain::run(cfg(steps, ema), &corpus, &tok_path, out, &device, |_| {})
+            .unwrap();
+    };
+    let (whole, halves, plain) = (
+        dir.path().join("whole"),
+        dir.path().join("halves"),
+        dir.path().join("plain"),
+    );
+    train(&whole, 20, "ema=0.9\n");
+    train(&halves, 10, "ema=0.9\n");
+    train(&halves, 20, "ema=0.9\n");
+    train(&plain, 20, "");
+    let cpu = Device::default();
+    let ids = tok
+        .encode("举头望明月，低头", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let load = |run: &std::path::Path| {
+        common::logits(&hanlin_train::run::load(run, &cpu).unwrap().model, &ids)
+    };
+    let raw = |run: &std::path::Path| {
+        let ck = hanlin_train::trainer::checkpoint_dir(run);
+        let shape = hanlin_train::run::load(run, &cpu).unwrap().cfg.model;
+        let m = Gpt::new(&shape, &cpu).load_weights(&ck).unwrap();
+        common::logits(&m, &ids)
+    };
+    let (avg, last) = (load(&whole), raw(&whole));
+    assert!(whole.join("checkpoint/ema/model.bpk").is_file());
+    assert!(!plain.join("checkpoint/ema").exists());
+    // Without ema, what is handed on is the trained weights themselves,
+    // and the average's trained weights are the same run's.
+    assert!(common::max_diff(&load(&plain), &raw(&plain)) < 1e-6);
+    assert!(common::max_diff(&last, &raw(&plain)) < 1e-4);
+    let gap = common::max_diff(&avg, &last);
+    assert!(gap > 1e-3, "the average is not the last weights: {gap}");
+    // Resumed: the same average (and the same weights) as the whole run.
+    let d = common::max_diff(&load(&halves), &avg);
+    assert!(d < 1e-4, "resumed average differs by {d}");
+    assert!(common::max_diff(&raw(&halves), &last) < 1e-4);
+}
+
 fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {
     let corpus = dir.join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();

@@ -423,6 +423,14 @@ mod tests {
     use super::*;
     use hanlin_image::nn::Feat;
 
+    /// Starting weights are drawn from the device's one random generator:
+    /// tests that draw them take turns, so a seeded run draws the same.
+    static WEIGHTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn drawing() -> std::sync::MutexGuard<'static, ()> {
+        WEIGHTS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn tiny() -> ImageRunConfig {
         let mut cfg = ImageRunConfig::from_toml(RECIPE).unwrap();
         cfg.model.channels = vec![32, 64];
@@ -443,6 +451,7 @@ mod tests {
     /// and one UNet call, through every weight name and layout.
     #[test]
     fn export_matches_the_trained_model() {
+        let _turn = drawing();
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny();
         let tok_dir = dir.path().join("tokenizer");
@@ -527,6 +536,7 @@ mod tests {
     /// computes what the average computes in burn.
     #[test]
     fn a_run_with_an_average_exports_the_average() {
+        let _turn = drawing();
         use crate::trainer::{checkpoint_dir, weights_dir, Trainable};
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny();
@@ -579,6 +589,7 @@ mod tests {
     /// the recipe differed from their first step).
     #[test]
     fn a_run_is_reproducible_from_its_seed() {
+        let _turn = drawing();
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny();
         cfg.vocab = 600;

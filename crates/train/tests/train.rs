@@ -13,6 +13,15 @@ use hanlin_train::model::Gpt;
 mod common;
 use common::assert_same_logits;
 
+/// Models draw their starting weights from the device's one random
+/// generator, and the tests run in parallel: each takes its turn, so a
+/// seeded run draws the same weights as another run with that seed.
+static WEIGHTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn drawing() -> std::sync::MutexGuard<'static, ()> {
+    WEIGHTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn tiny(vocab: usize) -> GptConfig {
     GptConfig {
         n_layer: 2,
@@ -43,6 +52,7 @@ fn windows(n: usize, len: usize, vocab: u32, seed: u32) -> Vec<Vec<u32>> {
 /// the log-probabilities they get alone (RoPE depends only on distances).
 #[test]
 fn packed_documents_read_as_if_alone() {
+    let _turn = drawing();
     use burn::tensor::Int;
     let device = Device::default();
     device.seed(3);
@@ -82,6 +92,7 @@ fn packed_documents_read_as_if_alone() {
 
 #[test]
 fn a_tiny_model_overfits_one_batch() {
+    let _turn = drawing();
     let device = Device::default().autodiff();
     device.seed(1);
     let mut model = Gpt::new(&tiny(50), &device);
@@ -147,6 +158,7 @@ fn check_gradients(model: Gpt, picks: &[(&str, Pick)], aux: f64, eps: f32) {
 /// embedding and LoRA factors.
 #[test]
 fn gradients_match_finite_differences() {
+    let _turn = drawing();
     let device = Device::default().autodiff();
     device.seed(7);
     let mut c = tiny(40);
@@ -200,6 +212,7 @@ fn gradients_match_finite_differences() {
 /// load-balancing loss) and an expert.
 #[test]
 fn moe_gradients_match_finite_differences() {
+    let _turn = drawing();
     let device = Device::default().autodiff();
     device.seed(3);
     let mut c = tiny(40);
@@ -232,6 +245,7 @@ fn moe_gradients_match_finite_differences() {
 
 #[test]
 fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
+    let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();
@@ -316,6 +330,7 @@ fn pretraining_checkpoints_resumes_and_exports_for_the_engine() {
 /// checkpoint to the same weights as one that never stopped.
 #[test]
 fn a_moving_average_is_checkpointed_resumed_and_handed_on() {
+    let _turn = drawing();
     use hanlin_train::trainer::Trainable;
     let dir = tempfile::tempdir().unwrap();
     let corpus = poem_corpus(dir.path());
@@ -390,6 +405,7 @@ fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {
 /// gives the trainer's logits.
 #[test]
 fn a_mixture_of_experts_trains_and_runs_in_the_engine() {
+    let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
     let corpus = poem_corpus(dir.path());
     let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
@@ -426,6 +442,7 @@ fn a_mixture_of_experts_trains_and_runs_in_the_engine() {
 /// F32.
 #[test]
 fn export_to_q4_k() {
+    let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
     let corpus = poem_corpus(dir.path());
     let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();

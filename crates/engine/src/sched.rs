@@ -100,10 +100,6 @@ impl Draft {
         same_vocabulary(&draft, draft_name, target, target_name)?;
         Ok(Self { model: draft })
     }
-
-    pub fn model(&self) -> &Arc<LoadedModel> {
-        &self.model
-    }
 }
 
 /// Jobs below this priority are background work ([`SchedulerConfig::reserved_slots`]).

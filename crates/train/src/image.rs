@@ -490,6 +490,22 @@ mod tests {
         assert!(e.contains("takes 5 and gives 3"), "{e}");
     }
 
+    /// `caption`'s token ids as a batch of one.
+    fn caption_ids(tok: &ClipTokenizer, caption: &str) -> Tensor<2, Int> {
+        let ids: Vec<i64> = tok
+            .encode(caption)
+            .unwrap()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        let n = ids.len();
+        Tensor::from_data(TensorData::new(ids, [1, n]), &Device::default())
+    }
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
     /// The loaded pipeline `p` computes what `model` computes: the text
     /// encoder's output and one UNet call (16×16).
     fn computes_like(
@@ -499,16 +515,8 @@ mod tests {
     ) {
         let device = Device::default();
         let caption = "黑色背景上左边的红色圆形";
-        let ids: Vec<i64> = tok
-            .encode(caption)
-            .unwrap()
-            .iter()
-            .map(|&i| i as i64)
-            .collect();
-        let n = ids.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-        let ctx = model.text.forward(ids);
-        let want: Vec<f32> = ctx.to_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let ctx = model.text.forward(caption_ids(tok, caption));
+        let want = values(ctx.clone());
         let got = p.encode_text(caption).unwrap();
         let e = max_rel(&got, &want);
         assert!(e < 0.05, "text encoder: max error {e} of the range");
@@ -517,13 +525,7 @@ mod tests {
         let x: Vec<f32> = (0..3 * 16 * 16).map(|_| normal(&mut rng)).collect();
         let t = 617.0;
         let xt = Tensor::<4>::from_data(TensorData::new(x.clone(), [1, 3, 16, 16]), &device);
-        let want: Vec<f32> = model
-            .unet
-            .forward(xt, &[t], &ctx)
-            .to_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap();
+        let want = values(model.unet.forward(xt, &[t], &ctx));
         let got = p
             .unet(&Feat::from_nchw(1, 3, 16, 16, &x), t, &got)
             .to_nchw();
@@ -558,29 +560,9 @@ mod tests {
         };
         computes_like(&load(&weights_dir(&ck)), &tok, &p);
         // The trained weights are another model.
-        let trained = load(&ck);
-        let ids: Vec<i64> = tok
-            .encode("a red circle on the left, black background")
-            .unwrap()
-            .iter()
-            .map(|&i| i as i64)
-            .collect();
-        let n = ids.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &Device::default());
-        let a = trained
-            .text
-            .forward(ids.clone())
-            .to_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let b = load(&weights_dir(&ck))
-            .text
-            .forward(ids)
-            .to_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap();
+        let ids = caption_ids(&tok, "a red circle on the left, black background");
+        let a = values(load(&ck).text.forward(ids.clone()));
+        let b = values(load(&weights_dir(&ck)).text.forward(ids));
         assert!(max_rel(&a, &b) > 1e-3, "the average is the trained weights");
     }
 

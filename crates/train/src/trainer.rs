@@ -111,12 +111,17 @@ pub fn checkpoint_dir(out: &Path) -> PathBuf {
 /// started from it): the moving average when the run kept one, else the
 /// trained weights.
 pub fn weights_dir(ck: &Path) -> PathBuf {
-    let ema = ck.join("ema");
+    let ema = ema_dir(ck);
     if ema.is_dir() {
         ema
     } else {
         ck.to_path_buf()
     }
+}
+
+/// Where checkpoint `ck` keeps the moving average, when the run keeps one.
+fn ema_dir(ck: &Path) -> PathBuf {
+    ck.join("ema")
 }
 
 /// An exponential moving average of a model's weights: after each update
@@ -239,7 +244,7 @@ fn save_checkpoint<M: Trainable>(
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     model.save_weights(&tmp)?;
     if let Some(avg) = ema {
-        let dir = tmp.join("ema");
+        let dir = ema_dir(&tmp);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         avg.save_weights(&dir)?;
     }
@@ -323,8 +328,9 @@ pub fn run<M: Trainable>(
             serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(io_err(&ck))?)
                 .map_err(|e| bad(e.to_string()))?;
         model = model.load_weights(&ck)?;
-        if t.ema.is_some() && ck.join("ema").is_dir() {
-            ema_start = Some(model.clone().valid().load_weights(&ck.join("ema"))?);
+        let dir = ema_dir(&ck);
+        if t.ema.is_some() && dir.is_dir() {
+            ema_start = Some(model.clone().valid().load_weights(&dir)?);
         }
         optim = optim
             .load(ck.join("optim.bpk"))

@@ -333,10 +333,7 @@ fn a_moving_average_is_checkpointed_resumed_and_handed_on() {
     let _turn = drawing();
     use hanlin_train::trainer::Trainable;
     let dir = tempfile::tempdir().unwrap();
-    let corpus = poem_corpus(dir.path());
-    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
-    let tok_path = dir.path().join("tok.json");
-    hanlin_train::tokenizer::save(&tok, &tok_path).unwrap();
+    let (corpus, tok, tok_path) = poem_tokenizer(dir.path());
     let cfg = |steps: usize, ema: &str| {
         RunConfig::from_toml(&format!(
             "[model]\nn_layer=2\nd_model=32\nn_head=4\nn_head_kv=2\nd_ff=64\ncontext=32\n\
@@ -390,6 +387,22 @@ fn a_moving_average_is_checkpointed_resumed_and_handed_on() {
     assert!(common::max_diff(&raw(&halves), &last) < 1e-4);
 }
 
+/// The poem corpus in `dir`, a 320-token tokenizer trained on it, and
+/// where that tokenizer is saved.
+fn poem_tokenizer(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    tokenizers::Tokenizer,
+    std::path::PathBuf,
+) {
+    let corpus = poem_corpus(dir);
+    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
+    let tok_path = dir.join("tok.json");
+    hanlin_train::tokenizer::save(&tok, &tok_path).unwrap();
+    (corpus, tok, tok_path)
+}
+
 fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {
     let corpus = dir.join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();
@@ -407,10 +420,7 @@ fn poem_corpus(dir: &std::path::Path) -> std::path::PathBuf {
 fn a_mixture_of_experts_trains_and_runs_in_the_engine() {
     let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
-    let corpus = poem_corpus(dir.path());
-    let tok = hanlin_train::tokenizer::train(&corpus, 320).unwrap();
-    let tok_path = dir.path().join("tok.json");
-    hanlin_train::tokenizer::save(&tok, &tok_path).unwrap();
+    let (corpus, _, tok_path) = poem_tokenizer(dir.path());
     let cfg = RunConfig::from_toml(
         "[model]\nn_layer=2\nd_model=32\nn_head=4\nn_head_kv=2\nd_ff=32\ncontext=32\nqk_norm=true\n\
          [model.moe]\nexperts=4\ntop_k=1\naux_weight=0.05\n\

@@ -5,7 +5,10 @@ captions? A small classifier, trained on pictures from the same generator
 shape, position and background; the score is the share read as the caption
 asked, per attribute, for English and Chinese captions.
 
-  bench/image_eval.py --model RUN/model [--n 200] [--steps 30] [--guidance 3]
+  bench/image_eval.py --model RUN/model [--n 200] [--steps N] [--guidance G]
+
+Steps and guidance default to the model's own (`hanlin_defaults` in its
+model_index.json: 30 and 2 for the recipe's models).
 
 The classifier is softmax regression on a few features of a picture (the
 border's colour as the background, the pixels that differ from it as the
@@ -170,8 +173,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the run's model/ directory")
     ap.add_argument("--n", type=int, default=200, help="captions to draw")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, help="default: the model's")
+    ap.add_argument("--guidance", type=float, help="default: the model's")
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-seed", type=int, default=303,
@@ -180,6 +183,9 @@ def main():
     ap.add_argument("--keep", help="keep the generated pictures in this directory")
     a = ap.parse_args()
     side = json.load(open(os.path.join(a.model, "unet/config.json")))["sample_size"]
+    own = json.load(open(os.path.join(a.model, "model_index.json"))).get("hanlin_defaults", {})
+    a.steps = a.steps or own.get("steps", 20)
+    a.guidance = own.get("guidance", 7.5) if a.guidance is None else a.guidance
     print(f"{machine.describe(a.threads)}; model {a.model}; {a.steps} steps, guidance {a.guidance}, {a.sampler}")
     with tempfile.TemporaryDirectory() as tmp:
         train = dataset(2000, 101, tmp, side)

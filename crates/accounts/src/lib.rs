@@ -322,6 +322,8 @@ pub struct UsageRow {
     pub completion_tokens: i64,
     pub audio_ms: i64,
     pub images: i64,
+    /// Denoising steps of those images.
+    pub image_steps: i64,
 }
 
 pub fn now() -> i64 {
@@ -780,7 +782,7 @@ impl Db {
         user: Option<&str>,
         day: Option<&str>,
     ) -> Result<Vec<UsageRow>, AccountError> {
-        let rows = sqlx::query("SELECT s.day, u.name, s.model, CAST(COUNT(*) AS BIGINT), CAST(SUM(s.prompt_tokens) AS BIGINT), CAST(SUM(s.cached_tokens) AS BIGINT), CAST(SUM(s.completion_tokens) AS BIGINT), CAST(SUM(s.audio_ms) AS BIGINT), CAST(SUM(s.images) AS BIGINT) FROM usage s JOIN users u ON u.id = s.user_id WHERE ($1 = '' OR u.name = $1) AND ($2 = '' OR s.day = $2) GROUP BY s.day, u.name, s.model ORDER BY s.day, u.name, s.model")
+        let rows = sqlx::query("SELECT s.day, u.name, s.model, CAST(COUNT(*) AS BIGINT), CAST(SUM(s.prompt_tokens) AS BIGINT), CAST(SUM(s.cached_tokens) AS BIGINT), CAST(SUM(s.completion_tokens) AS BIGINT), CAST(SUM(s.audio_ms) AS BIGINT), CAST(SUM(s.images) AS BIGINT), CAST(SUM(s.image_steps) AS BIGINT) FROM usage s JOIN users u ON u.id = s.user_id WHERE ($1 = '' OR u.name = $1) AND ($2 = '' OR s.day = $2) GROUP BY s.day, u.name, s.model ORDER BY s.day, u.name, s.model")
             .bind(user.unwrap_or(""))
             .bind(day.unwrap_or(""))
             .fetch_all(&self.pool)
@@ -797,6 +799,7 @@ impl Db {
                     completion_tokens: r.try_get(6)?,
                     audio_ms: r.try_get(7)?,
                     images: r.try_get(8)?,
+                    image_steps: r.try_get(9)?,
                 })
             })
             .collect()

@@ -1,8 +1,10 @@
-//! `hanlin image`: text to PNG with a Stable Diffusion pipeline.
+//! `hanlin image`: text to PNG with a Stable Diffusion pipeline, or a
+//! picture redrawn (`--init`) or painted into (`--mask`).
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hanlin_image::{Request, Sampler};
+use hanlin_image::picture::{Picture, Start};
+use hanlin_image::Sampler;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -23,12 +25,14 @@ pub struct ImageArgs {
     /// default: the size the model was trained at)
     #[arg(long)]
     size: Option<String>,
-    /// Denoising steps (1–4 for Turbo models)
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale (0 or 1: off, as Turbo models want)
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f32,
+    /// Denoising steps (1–4 for Turbo models; default: the model's, 20
+    /// for Stable Diffusion)
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (0 or 1: off, as Turbo models want;
+    /// default: the model's, 7.5 for Stable Diffusion)
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Sampler: euler, euler_a, ddim
     #[arg(long, default_value = "euler")]
     sampler: String,
@@ -39,6 +43,33 @@ pub struct ImageArgs {
     /// How many images (seeds SEED, SEED+1, …)
     #[arg(long, short = 'n', default_value_t = 1)]
     count: usize,
+    /// Start from this PNG picture (image-to-image; its transparent pixels,
+    /// if any, are where to paint)
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Paint only where this PNG mask is white or transparent, keep the
+    /// rest of --init's picture (inpainting)
+    #[arg(long, requires = "init")]
+    mask: Option<PathBuf>,
+    /// How far --init's picture is noised, above 0 to 1 (default: 1 where
+    /// a mask says to paint, 0.8 for the whole picture)
+    #[arg(long, requires = "init")]
+    strength: Option<f32>,
+}
+
+/// `--init`'s picture, `--mask` and `--strength`.
+fn starting_picture(a: &ImageArgs) -> Result<Option<Start>> {
+    let Some(path) = &a.init else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| -> Result<Picture> {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        Picture::from_png(&bytes).with_context(|| p.display().to_string())
+    };
+    let mask = a.mask.as_ref().map(read).transpose()?;
+    Ok(Some(
+        Start::new(read(path)?, mask.as_ref(), a.strength).context("--strength")?,
+    ))
 }
 
 fn parse_size(s: &str) -> Option<(usize, usize)> {
@@ -69,8 +100,16 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         pipe.dir.display(),
         t0.elapsed().as_secs_f32()
     );
+    let start = starting_picture(&a)?;
+    if start.is_some() && !pipe.edits() {
+        bail!("this model has no VAE encoder, so it cannot start from a picture (use a diffusers directory)");
+    }
     let (width, height) = match &a.size {
-        None => (pipe.native_size(), pipe.native_size()),
+        // A picture to start from is drawn at about its own size.
+        None => match &start {
+            Some(s) => s.size(pipe.size_multiple()),
+            None => (pipe.native_size(), pipe.native_size()),
+        },
         Some(s) => parse_size(s).context("--size must be WIDTHxHEIGHT, e.g. 512x512")?,
     };
     if hanlin_image::has_chinese(&a.prompt) && !pipe.reads_chinese() {
@@ -83,13 +122,14 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
             .unwrap_or(0)
     });
     for i in 0..a.count {
-        let mut r = Request::new(&a.prompt);
+        let mut r = pipe.request(&a.prompt);
         r.negative = a.negative.clone();
         (r.width, r.height) = (width, height);
-        r.steps = a.steps;
-        r.guidance = a.guidance;
+        r.steps = a.steps.unwrap_or(r.steps);
+        r.guidance = a.guidance.unwrap_or(r.guidance);
         r.sampler = sampler;
         r.seed = seed + i as u64;
+        r.init = start.as_ref().map(|s| s.init(width, height));
         let dropped = pipe
             .tokenizer()
             .token_count(&r.prompt)?
@@ -97,7 +137,7 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         if dropped > 0 {
             eprintln!("note: the text encoder reads 75 tokens; the last {dropped} tokens of the prompt are ignored");
         }
-        let pb = indicatif::ProgressBar::new(a.steps as u64);
+        let pb = indicatif::ProgressBar::new(r.steps as u64);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:30}] step {pos}/{len} {elapsed_precise} (~{eta} left)",
@@ -108,6 +148,7 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         pb.set_message(format!("seed {}", r.seed));
         let t = std::time::Instant::now();
         let img = pipe.generate(&r, &mut |p| {
+            pb.set_length(p.steps as u64);
             pb.set_position(p.step as u64);
             if p.step == p.steps {
                 pb.set_message("decoding".to_string());

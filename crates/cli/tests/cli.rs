@@ -369,4 +369,39 @@ fn image_writes_a_png_that_its_seed_reproduces() {
         "{}",
         text(&o.stderr)
     );
+
+    // An edit of the first picture: drawn at its size; a mask that is not
+    // a PNG or a strength out of range is refused before anything runs.
+    let edit = |extra: &[&str], o: &str| {
+        let mut a = vec![
+            "image".to_string(),
+            "a red circle".into(),
+            "-m".into(),
+            tiny.clone(),
+            "--init".into(),
+            out("a.png"),
+            "--steps".into(),
+            "4".into(),
+            "--seed".into(),
+            "2".into(),
+            "-o".into(),
+            o.into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        run(a)
+    };
+    let o = edit(&["--strength", "0.5"], &out("d.png"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let d = std::fs::read(out("d.png")).expect("PNG");
+    let be = |b: &[u8], i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    assert_eq!((be(&d, 16), be(&d, 20)), (32, 48), "the picture's size");
+    assert_ne!(d, a);
+    std::fs::write(out("m.png"), "not a png").expect("write");
+    let o = edit(&["--mask", &out("m.png")], &out("e.png"));
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("not a PNG"), "{}", text(&o.stderr));
+    let o = edit(&["--strength", "1.5"], &out("e.png"));
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("strength"), "{}", text(&o.stderr));
+    assert!(!dir.path().join("e.png").exists());
 }

@@ -13,14 +13,17 @@
 //! - [`ldm`] — single-file checkpoints in the original layout, renamed.
 //! - [`clip`] — the CLIP tokenizer and text encoder.
 //! - [`unet`] — `UNet2DConditionModel`.
-//! - [`vae`] — the `AutoencoderKL` decoder.
+//! - [`vae`] — the `AutoencoderKL` decoder and encoder.
+//! - [`picture`] — PNG pictures and masks that edits start from.
 //! - [`sched`] — noise schedules and samplers (Euler, Euler ancestral, DDIM).
-//! - [`pipeline`] — prompt → image, classifier-free guidance, seeds.
+//! - [`pipeline`] — prompt → image, classifier-free guidance, seeds;
+//!   image-to-image and inpainting.
 //! - [`queue`] — one worker per loaded pipeline, jobs by priority, cancellation.
 
 pub mod clip;
 pub mod ldm;
 pub mod nn;
+pub mod picture;
 pub mod pipeline;
 pub mod queue;
 pub mod sched;
@@ -28,7 +31,7 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use pipeline::{Image, Pipeline, Progress, Request};
+pub use pipeline::{Image, Init, Pipeline, Progress, Request};
 pub use sched::Sampler;
 
 /// Whether `s` has Chinese characters (CJK ideographs): such a prompt

@@ -199,7 +199,10 @@ pub struct Conv2d {
     pub c_out: usize,
     k: usize,
     stride: usize,
+    /// Zeros before the map's first row and column …
     pad: usize,
+    /// … and after its last.
+    pad_end: usize,
 }
 
 /// im2col rows are built and multiplied this many values at a time.
@@ -239,14 +242,22 @@ impl Conv2d {
             k,
             stride,
             pad: k / 2,
+            pad_end: k / 2,
         })
+    }
+
+    /// Padded with one row and column of zeros after the map only, as
+    /// diffusers' VAE encoder pads before each strided convolution.
+    pub fn padded_after(mut self) -> Self {
+        (self.pad, self.pad_end) = (0, 1);
+        self
     }
 
     pub fn forward(&self, pool: &ThreadPool, x: &Feat) -> Feat {
         assert_eq!(x.c, self.c_in, "conv: input channels");
         let (k, s, p) = (self.k, self.stride, self.pad);
-        let oh = (x.h + 2 * p - k) / s + 1;
-        let ow = (x.w + 2 * p - k) / s + 1;
+        let oh = (x.h + p + self.pad_end - k) / s + 1;
+        let ow = (x.w + p + self.pad_end - k) / s + 1;
         let mut out = Feat::zeros(x.n, oh, ow, self.c_out);
         if k == 1 && s == 1 {
             out.data = apply_rows(pool, &self.lin, &x.data, x.c);

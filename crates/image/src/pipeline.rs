@@ -1,12 +1,15 @@
 //! Prompt → image: tokenize and encode the prompt and the negative prompt,
 //! start from seeded Gaussian latents, run the sampler's steps with
-//! classifier-free guidance, decode with the VAE.
+//! classifier-free guidance, decode with the VAE. Image-to-image starts
+//! instead from a given picture, encoded and noised part of the way;
+//! inpainting also puts the picture back, noised to each step's level,
+//! wherever its mask says to keep it.
 
 use crate::clip::{ClipTokenizer, TextEncoder};
 use crate::nn::Feat;
 use crate::sched::{gauss, Sampler, Schedule};
 use crate::unet::Unet;
-use crate::vae::VaeDecoder;
+use crate::vae::{VaeDecoder, VaeEncoder};
 use crate::weights::Weights;
 use crate::ImageError;
 use hanlin_kernels::pool::ThreadPool;
@@ -35,20 +38,77 @@ pub struct Request {
     /// Starting latents (channels-first, unscaled standard normal) instead
     /// of the seed's.
     pub latents: Option<Vec<f32>>,
+    /// A picture to start from, instead of noise alone.
+    pub init: Option<Init>,
+}
+
+/// The picture an image-to-image or inpainting request starts from.
+#[derive(Clone, Debug)]
+pub struct Init {
+    /// At the request's width and height.
+    pub image: Image,
+    /// One value per pixel, row by row: 1 where the picture is painted
+    /// anew, 0 where it is kept (and comes back unchanged). None: the whole
+    /// picture is redrawn.
+    pub mask: Option<Vec<f32>>,
+    /// How far the picture is noised, in (0, 1]: the last `strength` share
+    /// of the steps run. 1 keeps nothing of it where it is painted.
+    pub strength: f32,
+}
+
+/// Steps and guidance a request gets when it names none: Stable
+/// Diffusion's usual 20 and 7.5, or what a model's `model_index.json`
+/// says under `hanlin_defaults` (`hanlin train image` writes the settings
+/// its models were measured with).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Defaults {
+    pub steps: usize,
+    pub guidance: f32,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            steps: 20,
+            guidance: 7.5,
+        }
+    }
+}
+
+impl Defaults {
+    /// From `model_index.json`'s `hanlin_defaults`; values out of range
+    /// keep Stable Diffusion's.
+    fn from_index(v: &serde_json::Value) -> Self {
+        let d = Self::default();
+        Self {
+            steps: v
+                .get("steps")
+                .and_then(|s| s.as_u64())
+                .filter(|s| (1..=200).contains(s))
+                .map_or(d.steps, |s| s as usize),
+            guidance: v
+                .get("guidance")
+                .and_then(|g| g.as_f64())
+                .filter(|g| (0.0..=30.0).contains(g))
+                .map_or(d.guidance, |g| g as f32),
+        }
+    }
 }
 
 impl Request {
     pub fn new(prompt: &str) -> Self {
+        let d = Defaults::default();
         Self {
             prompt: prompt.to_owned(),
             negative: String::new(),
             width: 512,
             height: 512,
-            steps: 20,
-            guidance: 7.5,
+            steps: d.steps,
+            guidance: d.guidance,
             seed: 0,
             sampler: Sampler::Euler,
             latents: None,
+            init: None,
         }
     }
 }
@@ -161,12 +221,17 @@ pub struct Pipeline {
     /// picture's content is settled, the prompt alone is followed: guidance
     /// there only amplifies the model's errors in fine detail.
     guidance_min_t: f32,
+    /// Steps and guidance when a request names none.
+    pub defaults: Defaults,
     tokenizer: ClipTokenizer,
     text: TextEncoder,
     unet: Unet,
     /// None for a model that denoises pixels (trained by `hanlin train
     /// image`).
     vae: Option<VaeDecoder>,
+    /// The VAE's encoder, for requests that start from a picture (None for
+    /// single-file checkpoints, which are read for their decoder only).
+    encoder: Option<VaeEncoder>,
     schedule: Schedule,
     pool: ThreadPool,
 }
@@ -186,10 +251,11 @@ impl Pipeline {
         let text = TextEncoder::load(&dir.join("text_encoder"))?;
         let unet = Unet::load(&dir.join("unet"))?;
         unet.check(&dir.join("unet"))?;
-        let vae = if dir.join("vae").is_dir() {
-            Some(VaeDecoder::load(&dir.join("vae"))?)
+        let (vae, encoder) = if dir.join("vae").is_dir() {
+            let (d, e) = crate::vae::load(&dir.join("vae"))?;
+            (Some(d), e)
         } else {
-            None
+            (None, None)
         };
         let schedule = if dir.join("scheduler").is_dir() {
             Schedule::load(&dir.join("scheduler"))?
@@ -198,6 +264,7 @@ impl Pipeline {
         };
         tracing::info!(dir = %dir.display(), ms = t0.elapsed().as_millis() as u64, "image pipeline loaded");
         let mut p = Self::assemble(dir, tokenizer, text, unet, vae, schedule, threads)?;
+        p.encoder = encoder;
         let index = std::fs::read_to_string(dir.join("model_index.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
@@ -217,6 +284,9 @@ impl Pipeline {
             .and_then(|v| v.as_f64())
         {
             p.guidance_min_t = t.max(0.0) as f32;
+        }
+        if let Some(d) = index.as_ref().and_then(|v| v.get("hanlin_defaults")) {
+            p.defaults = Defaults::from_index(d);
         }
         Ok(p)
     }
@@ -297,10 +367,12 @@ impl Pipeline {
             dir: dir.to_path_buf(),
             languages: vec!["en".into()],
             guidance_min_t: 0.0,
+            defaults: Defaults::default(),
             tokenizer,
             text,
             unet,
             vae,
+            encoder: None,
             schedule,
             pool: ThreadPool::new(threads.max(1)),
         })
@@ -310,6 +382,15 @@ impl Pipeline {
     /// a chat model should put them into English first).
     pub fn reads_chinese(&self) -> bool {
         self.languages.iter().any(|l| l == "zh")
+    }
+
+    /// A request for `prompt` at the model's native size with its default
+    /// steps and guidance.
+    pub fn request(&self, prompt: &str) -> Request {
+        let mut r = Request::new(prompt);
+        (r.width, r.height) = (self.native_size(), self.native_size());
+        (r.steps, r.guidance) = (self.defaults.steps, self.defaults.guidance);
+        r
     }
 
     /// The side the model was trained at, in pixels (512 for SD 1.x).
@@ -403,7 +484,66 @@ impl Pipeline {
                 r.guidance
             )));
         }
+        if let Some(init) = &r.init {
+            if (init.image.width, init.image.height) != (r.width, r.height)
+                || init.image.rgb.len() != r.width * r.height * 3
+            {
+                return Err(ImageError::Request(format!(
+                    "the picture to start from is {}×{}, not {}×{}",
+                    init.image.width, init.image.height, r.width, r.height
+                )));
+            }
+            if init
+                .mask
+                .as_ref()
+                .is_some_and(|m| m.len() != r.width * r.height)
+            {
+                return Err(ImageError::Request(
+                    "the mask is not the size of the picture".into(),
+                ));
+            }
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return Err(ImageError::Request(format!(
+                    "strength {} (above 0, at most 1)",
+                    init.strength
+                )));
+            }
+            if self.vae.is_some() && self.encoder.is_none() {
+                return Err(ImageError::Request(
+                    "this model has no VAE encoder, so it cannot start from a picture".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether requests may start from a picture ([`Request::init`]).
+    pub fn edits(&self) -> bool {
+        self.vae.is_none() || self.encoder.is_some()
+    }
+
+    /// RGB in [0, 1] (channels-last) as latents, as the sampler holds them
+    /// (multiplied by the VAE's scaling factor).
+    pub fn encode_image(&self, img: &Image) -> Result<Feat, ImageError> {
+        let signed: Vec<f32> = img.rgb.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        let x = Feat {
+            n: 1,
+            h: img.height,
+            w: img.width,
+            c: 3,
+            data: signed,
+        };
+        match (&self.vae, &self.encoder) {
+            (None, _) => Ok(x),
+            (Some(_), Some(e)) => {
+                let mut z = e.encode(&self.pool, &x);
+                z.data.iter_mut().for_each(|v| *v *= e.scaling_factor);
+                Ok(z)
+            }
+            (Some(_), None) => Err(ImageError::Request(
+                "this model has no VAE encoder, so it cannot start from a picture".into(),
+            )),
+        }
     }
 
     /// Run the sampler; returns RGB in [0, 1], channels-last. `progress`
@@ -438,12 +578,34 @@ impl Pipeline {
             }
             None => (0..c * lh * lw).map(|_| gauss(&mut rng)).collect(),
         };
-        let mut x = Feat::from_nchw(1, c, lh, lw, &noise);
-        let s0 = plan.init_noise_sigma();
-        x.data.iter_mut().for_each(|v| *v *= s0);
+        let noise = Feat::from_nchw(1, c, lh, lw, &noise);
+        // A picture to start from: its latents, and which latents to keep.
+        let known = match &r.init {
+            Some(init) => Some((
+                self.encode_image(&init.image)?,
+                init.mask
+                    .as_ref()
+                    .map(|m| latent_mask(m, r.width, self.scale(), lh, lw)),
+            )),
+            None => None,
+        };
+        let start = r.init.as_ref().map_or(0, |i| plan.start_for(i.strength));
+        let mut x = noise.clone();
+        match (&known, &r.init) {
+            // As diffusers: inpainting at full strength starts from noise
+            // alone, image-to-image from the picture noised to the first
+            // step's level.
+            (Some((x0, mask)), Some(init)) if mask.is_none() || init.strength < 1.0 => {
+                x.data = plan.noised(start, &x0.data, &noise.data);
+            }
+            _ => {
+                let s0 = plan.init_noise_sigma();
+                x.data.iter_mut().for_each(|v| *v *= s0);
+            }
+        }
         let steps = plan.timesteps.len();
         tracing::info!(ms = t0.elapsed().as_millis() as u64, "prompt encoded");
-        for i in 0..steps {
+        for i in start..steps {
             let t1 = std::time::Instant::now();
             let t = plan.timesteps[i];
             let scale = plan.input_scale(i);
@@ -472,14 +634,23 @@ impl Pipeline {
                 out.data
             };
             plan.step(i, &mut x.data, &eps, &mut rng);
+            if let Some((x0, Some(mask))) = &known {
+                // What is kept goes back, noised to the level just reached.
+                let back = plan.noised_after(i, &x0.data, &noise.data);
+                for ((xs, bs), &m) in x.data.chunks_mut(x.c).zip(back.chunks(x.c)).zip(mask) {
+                    if m == 0.0 {
+                        xs.copy_from_slice(bs);
+                    }
+                }
+            }
             tracing::info!(
                 step = i + 1,
                 ms = t1.elapsed().as_millis() as u64,
                 "denoising step"
             );
             if !progress(Progress {
-                step: i + 1,
-                steps,
+                step: i + 1 - start,
+                steps: steps - start,
                 latents: &x,
                 pixels: self.vae.is_none(),
             }) {
@@ -487,8 +658,23 @@ impl Pipeline {
             }
         }
         let t2 = std::time::Instant::now();
-        let img = self.decode(&x);
+        let mut img = self.decode(&x);
         tracing::info!(ms = t2.elapsed().as_millis() as u64, "decoded");
+        if let Some(Init {
+            image,
+            mask: Some(mask),
+            ..
+        }) = &r.init
+        {
+            // The kept pixels come back exactly (the VAE would blur them).
+            for ((px, src), &m) in img.data.chunks_mut(3).zip(image.rgb.chunks(3)).zip(mask) {
+                if m < 0.5 {
+                    for (p, &s) in px.iter_mut().zip(src) {
+                        *p = s as f32 / 255.0;
+                    }
+                }
+            }
+        }
         Ok(img)
     }
 
@@ -500,4 +686,18 @@ impl Pipeline {
     ) -> Result<Image, ImageError> {
         Ok(Image::from_unit(&self.run(r, progress)?))
     }
+}
+
+/// A per-pixel mask (`width` wide) at the latents' `lh × lw`, as diffusers
+/// takes it: binarized at ½, each latent reading the first pixel of its
+/// `scale × scale` block (nearest-neighbour). 1: painted anew.
+fn latent_mask(mask: &[f32], width: usize, scale: usize, lh: usize, lw: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(lh * lw);
+    for y in 0..lh {
+        for x in 0..lw {
+            let m = mask[(y * scale) * width + x * scale];
+            out.push(if m >= 0.5 { 1.0 } else { 0.0 });
+        }
+    }
+    out
 }

@@ -240,6 +240,58 @@ impl Plan {
         }
     }
 
+    /// ᾱ of the level DDIM's step `i` goes to.
+    fn ddim_alpha_after(&self, i: usize) -> f32 {
+        let ac = &self.schedule.alphas_cumprod;
+        let t = self.timesteps[i] as usize;
+        let prev = t as isize - (self.schedule.train_steps() / self.steps) as isize;
+        if prev >= 0 {
+            ac[prev as usize]
+        } else if self.schedule.set_alpha_to_one {
+            1.0
+        } else {
+            ac[0]
+        }
+    }
+
+    /// The step an image-to-image run of `strength` starts at: the last
+    /// `strength` share of the steps run (diffusers' rule), at least one.
+    pub fn start_for(&self, strength: f32) -> usize {
+        let n = self.timesteps.len();
+        let run = ((n as f32 * strength) as usize).clamp(1, n);
+        n - run
+    }
+
+    /// A clean sample `x0` noised with `noise` to the level step `i` starts
+    /// from (`i` = the number of steps: clean), in the sampler's own scale
+    /// (diffusers' `add_noise`).
+    pub fn noised(&self, i: usize, x0: &[f32], noise: &[f32]) -> Vec<f32> {
+        let (a, b) = if i >= self.timesteps.len() {
+            (1.0, 0.0)
+        } else {
+            match self.sampler {
+                Sampler::Ddim => {
+                    let a = self.schedule.alphas_cumprod[self.timesteps[i] as usize];
+                    (a.sqrt(), (1.0 - a).sqrt())
+                }
+                _ => (1.0, self.sigmas[i]),
+            }
+        };
+        x0.iter().zip(noise).map(|(x, n)| a * x + b * n).collect()
+    }
+
+    /// [`Plan::noised`] at the level step `i` leaves the latents at.
+    pub fn noised_after(&self, i: usize, x0: &[f32], noise: &[f32]) -> Vec<f32> {
+        match self.sampler {
+            Sampler::Ddim if i + 1 < self.timesteps.len() => {
+                let a = self.ddim_alpha_after(i);
+                let (a, b) = (a.sqrt(), (1.0 - a).sqrt());
+                x0.iter().zip(noise).map(|(x, n)| a * x + b * n).collect()
+            }
+            _ => self.noised(i + 1, x0, noise),
+        }
+    }
+
     /// What the latents are multiplied by before step `i`'s model call.
     pub fn input_scale(&self, i: usize) -> f32 {
         match self.sampler {
@@ -281,17 +333,8 @@ impl Plan {
                 }
             }
             Sampler::Ddim => {
-                let ac = &self.schedule.alphas_cumprod;
-                let t = self.timesteps[i] as usize;
-                let prev = t as isize - (self.schedule.train_steps() / self.steps) as isize;
-                let a = ac[t];
-                let a_prev = if prev >= 0 {
-                    ac[prev as usize]
-                } else if self.schedule.set_alpha_to_one {
-                    1.0
-                } else {
-                    ac[0]
-                };
+                let a = self.schedule.alphas_cumprod[self.timesteps[i] as usize];
+                let a_prev = self.ddim_alpha_after(i);
                 let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
                 let clip = self.schedule.clip_sample;
                 for (xv, &o) in x.iter_mut().zip(out) {

@@ -1,8 +1,9 @@
-//! The decoder of diffusers' `AutoencoderKL`: latents → RGB. A 1×1
+//! diffusers' `AutoencoderKL`. Its decoder turns latents into RGB: a 1×1
 //! `post_quant_conv`, a convolution in, a middle block (ResNet, one-head
 //! attention, ResNet), up blocks of ResNet blocks with 2× upsampling
 //! between them, then group norm, SiLU and a convolution to three
-//! channels.
+//! channels. Its encoder ([`VaeEncoder`]) goes the other way, for
+//! image-to-image and inpainting.
 
 use crate::nn::{self, attention, count, Conv2d, Feat, GroupNorm, Resnet};
 use crate::weights::{read_config, Weights};
@@ -80,11 +81,17 @@ pub struct VaeDecoder {
     pub scale: usize,
 }
 
-impl VaeDecoder {
-    pub fn load(dir: &Path) -> Result<Self, ImageError> {
-        Self::from_parts(&read_config(dir)?, &Weights::open_dir(dir)?)
-    }
+/// A diffusers `vae/` directory: its decoder, and its encoder when the
+/// weights hold one.
+pub fn load(dir: &Path) -> Result<(VaeDecoder, Option<VaeEncoder>), ImageError> {
+    let (cfg, w) = (read_config(dir)?, Weights::open_dir(dir)?);
+    Ok((
+        VaeDecoder::from_parts(&cfg, &w)?,
+        VaeEncoder::from_parts(&cfg, &w)?,
+    ))
+}
 
+impl VaeDecoder {
     /// From a config and weights named as diffusers names them.
     pub fn from_parts(cfg: &Value, w: &Weights) -> Result<Self, ImageError> {
         let dir = w.path();
@@ -159,5 +166,119 @@ impl VaeDecoder {
         }
         self.norm_out.apply(pool, &mut h, true);
         self.conv_out.forward(pool, &h)
+    }
+}
+
+/// The encoder of diffusers' `AutoencoderKL`: RGB → latents (the mean of
+/// the latent distribution), for image-to-image and inpainting. A
+/// convolution in, down blocks of ResNet blocks with a strided convolution
+/// between them (padded after the map only), the middle block, group norm,
+/// SiLU, a convolution to the mean and log-variance, and a 1×1
+/// `quant_conv`.
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    mid: (Resnet, Attn, Resnet),
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant: Option<Conv2d>,
+    /// Latents are multiplied by this after encoding.
+    pub scaling_factor: f32,
+    pub latent_channels: usize,
+}
+
+impl VaeEncoder {
+    /// From a config and weights named as diffusers names them; `None`
+    /// when the weights hold no encoder (single-file checkpoints are
+    /// read for their decoder only).
+    pub fn from_parts(cfg: &Value, w: &Weights) -> Result<Option<Self>, ImageError> {
+        if !w.has("encoder.conv_in.weight") {
+            return Ok(None);
+        }
+        let dir = w.path();
+        let groups = cfg
+            .get("norm_num_groups")
+            .and_then(Value::as_u64)
+            .unwrap_or(32) as usize;
+        let eps = 1e-6;
+        let n_down = count(w, "encoder.down_blocks", "resnets.0.conv1.weight");
+        if n_down == 0 {
+            return Err(bad(dir, "no encoder down blocks"));
+        }
+        let mut down = Vec::with_capacity(n_down);
+        for i in 0..n_down {
+            let p = format!("encoder.down_blocks.{i}");
+            let nr = count(w, &format!("{p}.resnets"), "conv1.weight");
+            let resnets = (0..nr)
+                .map(|j| Resnet::load(w, &format!("{p}.resnets.{j}"), groups, eps))
+                .collect::<Result<_, _>>()?;
+            let name = format!("{p}.downsamplers.0.conv");
+            let downsample = if w.has(&format!("{name}.weight")) {
+                Some(Conv2d::load(w, &name, 2)?.padded_after())
+            } else {
+                None
+            };
+            down.push((resnets, downsample));
+        }
+        let conv_out = Conv2d::load(w, "encoder.conv_out", 1)?;
+        if conv_out.c_out % 2 != 0 {
+            return Err(bad(
+                dir,
+                format!(
+                    "the encoder gives {} channels, not a mean and a log-variance",
+                    conv_out.c_out
+                ),
+            ));
+        }
+        Ok(Some(Self {
+            conv_in: Conv2d::load(w, "encoder.conv_in", 1)?,
+            down,
+            mid: (
+                Resnet::load(w, "encoder.mid_block.resnets.0", groups, eps)?,
+                Attn::load(w, "encoder.mid_block.attentions.0", groups)?,
+                Resnet::load(w, "encoder.mid_block.resnets.1", groups, eps)?,
+            ),
+            norm_out: GroupNorm::load(w, "encoder.conv_norm_out", groups, eps)?,
+            latent_channels: conv_out.c_out / 2,
+            conv_out,
+            quant: if w.has("quant_conv.weight") {
+                Some(Conv2d::load(w, "quant_conv", 1)?)
+            } else {
+                None
+            },
+            scaling_factor: cfg
+                .get("scaling_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.18215) as f32,
+        }))
+    }
+
+    /// Encode RGB `x` in [-1, 1] (three channels) to the mean latents,
+    /// not yet multiplied by the scaling factor.
+    pub fn encode(&self, pool: &ThreadPool, x: &Feat) -> Feat {
+        let mut h = self.conv_in.forward(pool, x);
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                h = r.forward(pool, &h, None);
+            }
+            if let Some(c) = downsample {
+                h = c.forward(pool, &h);
+            }
+        }
+        h = self.mid.0.forward(pool, &h, None);
+        h = self.mid.1.forward(pool, &h);
+        h = self.mid.2.forward(pool, &h, None);
+        self.norm_out.apply(pool, &mut h, true);
+        h = self.conv_out.forward(pool, &h);
+        if let Some(q) = &self.quant {
+            h = q.forward(pool, &h);
+        }
+        // Channels-last: the first half of each position's channels is the mean.
+        let lc = self.latent_channels;
+        let mut mean = Feat::zeros(h.n, h.h, h.w, lc);
+        for (dst, src) in mean.data.chunks_mut(lc).zip(h.data.chunks(2 * lc)) {
+            dst.copy_from_slice(&src[..lc]);
+        }
+        mean
     }
 }

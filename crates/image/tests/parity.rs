@@ -208,6 +208,7 @@ fn clip_merges_from_the_catalog_tokenize_as_transformers_does() {
 
 /// `hanlin_guidance_min_timestep` above every timestep of a run turns
 /// guidance off: the same image as guidance 1; at 0 it changes nothing.
+/// `hanlin_defaults` sets the steps and guidance of requests.
 /// `clip_sample` keeps every step's estimate within its range, so the
 /// picture changes when the estimates go beyond it.
 #[test]
@@ -245,6 +246,25 @@ fn guidance_interval_and_clipped_estimates() {
     index(json!({"hanlin_guidance_min_timestep": 5000}));
     assert_eq!(draw(7.5), unguided);
 
+    // A model's own defaults reach requests that name none; values out of
+    // range keep Stable Diffusion's.
+    let request = || Pipeline::load(&dir, 2).unwrap().request("a red circle");
+    let r = request();
+    assert_eq!((r.steps, r.guidance, r.width), (20, 7.5, 32));
+    index(json!({"hanlin_defaults": {"steps": 3, "guidance": 1.0}}));
+    let r = request();
+    assert_eq!((r.steps, r.guidance), (3, 1.0));
+    let mut named = Request::new("a red circle");
+    (named.width, named.height, named.steps, named.guidance) = (32, 32, 3, 1.0);
+    let p = Pipeline::load(&dir, 2).unwrap();
+    assert_eq!(
+        p.generate(&r, &mut |_| true).unwrap(),
+        p.generate(&named, &mut |_| true).unwrap()
+    );
+    index(json!({"hanlin_defaults": {"steps": 0, "guidance": -2}}));
+    let r = request();
+    assert_eq!((r.steps, r.guidance), (20, 7.5));
+
     index(json!({}));
     let sched = dir.join("scheduler/scheduler_config.json");
     let mut s: Value = serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
@@ -252,4 +272,118 @@ fn guidance_interval_and_clipped_estimates() {
     s["clip_sample_range"] = json!(0.05);
     std::fs::write(&sched, s.to_string()).unwrap();
     assert_ne!(draw(7.5), plain, "estimates clamped to ±0.05");
+}
+
+fn edits_fixture() -> Value {
+    let text = std::fs::read_to_string(data().join("tiny_sd_edits.json")).expect("fixture");
+    serde_json::from_str(&text).expect("fixture JSON")
+}
+
+/// The picture the edit fixtures start from (`scripts/image_edit_fixtures.py`).
+fn edits_picture(f: &Value) -> hanlin_image::Image {
+    hanlin_image::Image {
+        width: 32,
+        height: 32,
+        rgb: f["image"]
+            .as_array()
+            .expect("image")
+            .iter()
+            .map(|v| v.as_u64().expect("byte") as u8)
+            .collect(),
+    }
+}
+
+/// Starting from a picture: the VAE encoder's latents, image-to-image with
+/// Euler and DDIM, and inpainting (full and partial strength) agree with
+/// diffusers' `StableDiffusionImg2ImgPipeline` and
+/// `StableDiffusionInpaintPipeline` given the same noise
+/// (`tests/data/tiny_sd_edits.json`).
+#[test]
+fn image_to_image_and_inpainting_match_diffusers() {
+    let p = pipeline();
+    let f = edits_fixture();
+    let picture = edits_picture(&f);
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(data().join("tiny-sd/vae/config.json")).expect("config"),
+    )
+    .expect("json");
+    let sf = cfg["scaling_factor"].as_f64().unwrap_or(0.18215) as f32;
+    let z = p.encode_image(&picture).expect("encodes");
+    assert_eq!((z.h, z.w, z.c), (16, 16, 4));
+    let want: Vec<f32> = floats(&f["encode"]).iter().map(|v| v * sf).collect();
+    close("VAE encode", &z.to_nchw(), &want, 0.05, 0.03);
+
+    for run in f["img2img"].as_array().expect("runs") {
+        let name = run["sampler"].as_str().expect("sampler");
+        let mut r = Request::new(run["prompt"].as_str().expect("prompt"));
+        r.negative = run["negative"].as_str().expect("negative").into();
+        r.steps = run["steps"].as_u64().expect("steps") as usize;
+        r.guidance = run["guidance"].as_f64().expect("guidance") as f32;
+        r.sampler = Sampler::parse(name).expect("known sampler");
+        (r.width, r.height) = (32, 32);
+        r.latents = Some(floats(&run["noise"]));
+        r.init = Some(hanlin_image::Init {
+            image: picture.clone(),
+            mask: None,
+            strength: run["strength"].as_f64().expect("strength") as f32,
+        });
+        let mut seen = Vec::new();
+        let img = p
+            .run(&r, &mut |pr| {
+                seen.push((pr.step, pr.steps));
+                true
+            })
+            .expect("runs");
+        assert_eq!(seen, [(1, 3), (2, 3), (3, 3)], "the last 60% of 5 steps");
+        close(
+            &format!("{name} image-to-image"),
+            &img.data,
+            &floats(&run["image"]),
+            0.05,
+            0.03,
+        );
+    }
+
+    let mask = floats(&f["mask"]);
+    for run in f["inpaint"].as_array().expect("runs") {
+        let strength = run["strength"].as_f64().expect("strength") as f32;
+        let mut r = Request::new(run["prompt"].as_str().expect("prompt"));
+        r.steps = run["steps"].as_u64().expect("steps") as usize;
+        r.guidance = run["guidance"].as_f64().expect("guidance") as f32;
+        (r.width, r.height) = (32, 32);
+        r.latents = Some(floats(&run["noise"]));
+        r.init = Some(hanlin_image::Init {
+            image: picture.clone(),
+            mask: Some(mask.clone()),
+            strength,
+        });
+        let img = p.run(&r, &mut |_| true).expect("runs");
+        // diffusers decodes the kept part too; Hanlin gives those pixels
+        // back exactly, so the painted part is compared.
+        let want = floats(&run["image"]);
+        let painted = |v: &[f32]| -> Vec<f32> {
+            v.chunks(3)
+                .zip(&mask)
+                .filter(|(_, &m)| m > 0.5)
+                .flat_map(|(px, _)| px.to_vec())
+                .collect()
+        };
+        // At 0.7 two of four steps run, so the picture is mostly the
+        // encoder's latents (1.7% mean rounding above) through the
+        // random-weight decoder: a looser bound on the largest error.
+        let max_tol = if strength < 1.0 { 0.1 } else { 0.05 };
+        close(
+            &format!("inpainting at strength {strength}"),
+            &painted(&img.data),
+            &painted(&want),
+            max_tol,
+            0.03,
+        );
+        let kept = hanlin_image::Image::from_unit(&img);
+        for (i, (a, b)) in kept.rgb.chunks(3).zip(picture.rgb.chunks(3)).enumerate() {
+            if mask[i] < 0.5 {
+                assert_eq!(a, b, "kept pixel {i} comes back unchanged");
+            }
+        }
+    }
 }

@@ -17,6 +17,7 @@ use axum::Json;
 use base64::Engine;
 use hanlin_accounts::{Caller, Usage};
 use hanlin_gateway::Endpoint;
+use hanlin_image::picture::{self, Picture, Start};
 use hanlin_image::queue::{Job, Queue};
 use hanlin_image::{ImageError, Pipeline, Request, Sampler};
 use serde::Deserialize;
@@ -219,6 +220,8 @@ pub(crate) struct Ask {
     /// Whether a Chinese prompt for an English-only model goes through
     /// the chat model first.
     pub revise: bool,
+    /// A picture to start from (`/v1/images/edits`).
+    pub start: Option<Start>,
 }
 
 /// A checked, admitted request: the gateway request it is metered on, the
@@ -316,14 +319,20 @@ pub(crate) async fn prepare(
     if !crate::api::visible(caller, &model) && requested.is_none_or(|m| !ALIASES.contains(&m)) {
         return Err(ApiError::model_not_found(&model));
     }
+    // Steps named, or the model's default times the quality's fraction
+    // (known once the model is loaded).
+    enum Steps {
+        Named(usize),
+        Times(usize, usize),
+    }
     let steps = match (ask.steps, ask.quality.as_deref()) {
-        (Some(s), _) if (1..=100).contains(&s) => s,
+        (Some(s), _) if (1..=100).contains(&s) => Steps::Named(s),
         (Some(_), _) => {
             return Err(ApiError::bad_request("'steps' must be from 1 to 100.").param("steps"))
         }
-        (None, None | Some("standard" | "medium" | "auto")) => 20,
-        (None, Some("low")) => 10,
-        (None, Some("hd" | "high")) => 30,
+        (None, None | Some("standard" | "medium" | "auto")) => Steps::Times(1, 1),
+        (None, Some("low")) => Steps::Times(1, 2),
+        (None, Some("hd" | "high")) => Steps::Times(3, 2),
         (None, Some(q)) => {
             return Err(ApiError::bad_request(format!(
                 "Invalid quality '{q}': use standard, hd, low, medium, high or auto."
@@ -341,8 +350,7 @@ pub(crate) async fn prepare(
             .param("sampler")
         })?,
     };
-    let guidance = ask.guidance.unwrap_or(7.5);
-    if !(0.0..=30.0).contains(&guidance) {
+    if ask.guidance.is_some_and(|g| !(0.0..=30.0).contains(&g)) {
         return Err(
             ApiError::bad_request("'guidance_scale' must be from 0 to 30.").param("guidance_scale"),
         );
@@ -361,9 +369,25 @@ pub(crate) async fn prepare(
     // The plan's daily images, before the model is loaded for them.
     request.reserve_images(ask.n as usize).await?;
     let queue = st.images.queue(&internal).await?;
+    if ask.start.is_some() && !queue.pipeline.edits() {
+        return Err(ApiError::bad_request(format!(
+            "The image model '{model}' cannot edit pictures (it has no VAE encoder)."
+        ))
+        .param("model"));
+    }
+    let defaults = queue.pipeline.defaults;
+    let steps = match steps {
+        Steps::Named(s) => s,
+        Steps::Times(num, den) => (defaults.steps * num / den).clamp(1, 100),
+    };
+    let guidance = ask.guidance.unwrap_or(defaults.guidance);
     let native = queue.pipeline.native_size();
-    let (width, height) = parsed.unwrap_or((native, native));
     let m = queue.pipeline.size_multiple();
+    // An edit is drawn at about its picture's size.
+    let (width, height) = parsed.unwrap_or_else(|| match &ask.start {
+        Some(s) => s.size(m),
+        None => (native, native),
+    });
     if width == 0 || height == 0 || width % m != 0 || height % m != 0 {
         return Err(ApiError::bad_request(format!(
             "Invalid size '{width}x{height}': both sides must be multiples of {m}."
@@ -385,6 +409,7 @@ pub(crate) async fn prepare(
         };
     let used = revised.as_deref().unwrap_or(prompt);
     let seed = ask.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let init = ask.start.as_ref().map(|s| s.init(width, height));
     let requests = (0..ask.n)
         .map(|i| {
             let mut r = Request::new(used);
@@ -392,6 +417,7 @@ pub(crate) async fn prepare(
             (r.width, r.height, r.steps, r.guidance, r.sampler) =
                 (width, height, steps, guidance, sampler);
             r.seed = seed.wrapping_add(i as u64);
+            r.init = init.clone();
             r
         })
         .collect();
@@ -475,6 +501,182 @@ pub async fn generations(
     crate::api::finish_response(&st, "images.generations", r)
 }
 
+/// The most bytes an edit's form may have: a picture, a mask and fields.
+pub const MAX_EDIT_BYTES: usize = 2 * picture::MAX_PICTURE_BYTES + (1 << 20);
+
+/// Fields of `/v1/images/edits` besides `image` and `mask`: OpenAI's, and
+/// Hanlin's extensions as for generations plus `strength`.
+const EDIT_FIELDS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "quality",
+    "user",
+    "output_format",
+    "seed",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "sampler",
+    "strength",
+    "revise_prompt",
+];
+
+/// `POST /v1/images/edits` (multipart, as OpenAI's): `image` (a PNG) and
+/// `prompt`; `mask` (a PNG of the image's size whose fully transparent
+/// pixels — or, without alpha, white ones — are where to paint; without
+/// one, the image's own transparent pixels, and with neither the whole
+/// picture is redrawn); `strength` (how far the picture is noised: default
+/// 1 where painting, 0.8 for the whole picture).
+pub async fn edits(
+    State(st): State<Arc<AppState>>,
+    ApiCaller(caller): ApiCaller,
+    headers: axum::http::HeaderMap,
+    form: axum::extract::Multipart,
+) -> Response {
+    let r = edits_inner(&st, caller, &origin(&headers), form).await;
+    crate::api::finish_response(&st, "images.edits", r)
+}
+
+/// A field's value parsed, or an OpenAI-shaped error naming it.
+fn field<T: std::str::FromStr>(
+    fields: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> AppResult<Option<T>> {
+    fields
+        .get(name)
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("Invalid '{name}': {v:?}.")).param(name))
+        })
+        .transpose()
+}
+
+fn picture_error(e: ImageError, name: &str) -> ApiError {
+    let msg = match e {
+        ImageError::Request(m) => m,
+        other => other.to_string(),
+    };
+    ApiError::bad_request(format!("'{name}': {msg}.")).param(name)
+}
+
+async fn edits_inner(
+    st: &Arc<AppState>,
+    caller: Caller,
+    origin: &str,
+    mut form: axum::extract::Multipart,
+) -> AppResult<Response> {
+    let bad_form = |e: axum::extract::multipart::MultipartError| {
+        ApiError::bad_request(format!("Could not read the multipart form: {e}"))
+    };
+    let (mut image, mut mask) = (None::<Vec<u8>>, None::<Vec<u8>>);
+    let mut fields = std::collections::HashMap::new();
+    while let Some(mut field) = form.next_field().await.map_err(bad_form)? {
+        let name = field.name().unwrap_or_default().to_string();
+        if matches!(name.as_str(), "image" | "image[]" | "mask") {
+            let param = if name == "mask" { "mask" } else { "image" };
+            let slot = if name == "mask" {
+                &mut mask
+            } else {
+                &mut image
+            };
+            if slot.is_some() {
+                return Err(ApiError::bad_request(format!("Send one '{param}'.")).param(param));
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
+                if bytes.len() + chunk.len() > picture::MAX_PICTURE_BYTES {
+                    return Err(ApiError::bad_request(format!(
+                        "The '{param}' file is larger than {} MB.",
+                        picture::MAX_PICTURE_BYTES >> 20
+                    ))
+                    .param(param)
+                    .code("file_too_large"));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            *slot = Some(bytes);
+            continue;
+        }
+        if !EDIT_FIELDS.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "Unrecognized request argument supplied: {name}"
+            ))
+            .param(&name));
+        }
+        let mut text = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
+            if text.len() + chunk.len() > 4 * MAX_PROMPT_CHARS {
+                return Err(ApiError::bad_request(format!("'{name}' is too long.")).param(&name));
+            }
+            text.extend_from_slice(&chunk);
+        }
+        fields.insert(name, String::from_utf8_lossy(&text).into_owned());
+    }
+    let image = image.ok_or_else(|| {
+        ApiError::bad_request("The form has no 'image': send the picture as a file field.")
+            .param("image")
+    })?;
+    let picture = Picture::from_png(&image).map_err(|e| picture_error(e, "image"))?;
+    let mask = match mask {
+        Some(bytes) => {
+            let m = Picture::from_png(&bytes).map_err(|e| picture_error(e, "mask"))?;
+            if (m.rgb.width, m.rgb.height) != (picture.rgb.width, picture.rgb.height) {
+                return Err(ApiError::bad_request(format!(
+                    "The mask is {}x{} but the image is {}x{}: they must be the same size.",
+                    m.rgb.width, m.rgb.height, picture.rgb.width, picture.rgb.height
+                ))
+                .param("mask"));
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let start = Start::new(picture, mask.as_ref(), field(&fields, "strength")?)
+        .map_err(|e| picture_error(e, "strength"))?;
+    let requested = fields
+        .get("model")
+        .map(|m| m.trim())
+        .filter(|m| !m.is_empty());
+    let b64 = match fields.get("response_format").map(|f| f.trim()) {
+        Some("b64_json") => true,
+        Some("url") => false,
+        None => requested.is_some_and(|m| m.starts_with("gpt-image")),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid response_format '{other}': use url or b64_json."
+            ))
+            .param("response_format"))
+        }
+    };
+    if fields
+        .get("output_format")
+        .is_some_and(|f| f.trim() != "png")
+    {
+        return Err(
+            ApiError::bad_request("Only output_format 'png' is supported.").param("output_format"),
+        );
+    }
+    let ask = Ask {
+        prompt: fields.get("prompt").cloned().unwrap_or_default(),
+        negative: fields.get("negative_prompt").cloned(),
+        n: field(&fields, "n")?.unwrap_or(1),
+        size: fields.get("size").cloned(),
+        quality: fields.get("quality").cloned(),
+        steps: field(&fields, "steps")?,
+        guidance: field(&fields, "guidance_scale")?,
+        sampler: fields.get("sampler").cloned(),
+        seed: field(&fields, "seed")?,
+        revise: field(&fields, "revise_prompt")?.unwrap_or(true),
+        start: Some(start),
+    };
+    let requested = requested.map(str::to_owned);
+    draw(st, &caller, origin, requested.as_deref(), ask, b64).await
+}
+
 /// `scheme://host` the client reached the server at (the Host header,
 /// which `guard` has checked; https when a proxy says so), for absolute
 /// image URLs as OpenAI gives them; empty when the request names no host.
@@ -528,14 +730,28 @@ async fn generations_inner(
         sampler: req.sampler,
         seed: req.seed,
         revise: req.revise_prompt.unwrap_or(true),
+        start: None,
     };
+    draw(st, &caller, origin, requested, ask, b64).await
+}
+
+/// Prepare, generate and answer with the images (as `b64_json` or stored
+/// files' URLs): the generations and edits endpoints' common end.
+async fn draw(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    origin: &str,
+    requested: Option<&str>,
+    ask: Ask,
+    b64: bool,
+) -> AppResult<Response> {
     let Prepared {
         mut request,
         queue,
         requests,
         revised,
         ..
-    } = prepare(st, &caller, requested, &ask, Endpoint::Images).await?;
+    } = prepare(st, caller, requested, &ask, Endpoint::Images).await?;
     let prompt = revised.unwrap_or_else(|| ask.prompt.trim().to_string());
     let gone = Gone(Arc::new(AtomicBool::new(false)));
     let mut data = Vec::new();

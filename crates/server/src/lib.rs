@@ -393,6 +393,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audio/speech", post(audio::speech))
         .route("/v1/images/generations", post(images::generations))
         .route(
+            "/v1/images/edits",
+            post(images::edits).layer(DefaultBodyLimit::max(images::MAX_EDIT_BYTES)),
+        )
+        .route(
             "/v1/audio/translations",
             post(audio::translations)
                 .layer(DefaultBodyLimit::max(audio::MAX_AUDIO_BYTES + (1 << 20))),

@@ -13,34 +13,13 @@ const JFK_WEBM: &[u8] = include_bytes!("../../speech/tests/data/jfk.webm");
 /// Form parts: `(name, filename, bytes)`.
 type Parts<'a> = Vec<(&'a str, Option<&'a str>, &'a [u8])>;
 
-/// A multipart form by hand: `(name, filename, bytes)` parts.
-fn form(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
-    let boundary = "hanlin-test-boundary-7d41";
-    let mut body = Vec::new();
-    for (name, file, bytes) in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-        match file {
-            Some(f) => body.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
-            ),
-            None => body.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-            ),
-        }
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
 async fn post(
     base: &str,
     path: &str,
     key: Option<&str>,
     parts: &[(&str, Option<&str>, &[u8])],
 ) -> (u16, String) {
-    let (ty, body) = form(parts);
+    let (ty, body) = common::multipart(parts);
     let mut r = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .header("content-type", ty)

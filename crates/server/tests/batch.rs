@@ -28,25 +28,12 @@ async fn upload_as(
     purpose: &str,
     bytes: &[u8],
 ) -> (u16, Value) {
-    let boundary = "hanlin-test-boundary-7d1f";
-    let mut body = Vec::new();
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
-            .as_bytes(),
-    );
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let (ty, body) = common::multipart(&[
+        ("purpose", None, purpose.as_bytes()),
+        ("file", Some(name), bytes),
+    ]);
     let r = req
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
+        .header("content-type", ty)
         .body(body)
         .send()
         .await

@@ -165,6 +165,10 @@ async fn images_are_generated_stored_for_their_owner_and_metered() {
         ),
         (json!({"prompt": "a cat", "quality": "ultra"}), "quality"),
         (json!({"prompt": "a cat", "steps": 1000}), "steps"),
+        (
+            json!({"prompt": "a cat", "guidance_scale": 50}),
+            "guidance_scale",
+        ),
         (json!({"prompt": "a cat", "sampler": "plms"}), "sampler"),
         (
             json!({"prompt": "a cat", "output_format": "webp"}),
@@ -189,6 +193,78 @@ async fn images_are_generated_stored_for_their_owner_and_metered() {
     // The server is still healthy.
     let (s, _) = gen(body).await;
     assert_eq!(s, 200);
+}
+
+/// A model that names its own steps and guidance (`hanlin_defaults`, as
+/// `hanlin train image` exports) gets them when a request names none, and
+/// `quality` scales its steps; the steps are metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_s_own_steps_are_the_default_and_quality_scales_them() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("own-steps");
+    let src = std::path::PathBuf::from(tiny());
+    for part in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+        std::fs::create_dir_all(dir.join(part)).expect("mkdir");
+        for f in std::fs::read_dir(src.join(part)).expect("read_dir") {
+            let f = f.expect("entry").path();
+            std::fs::copy(&f, dir.join(part).join(f.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let mut index: Value = serde_json::from_str(
+        &std::fs::read_to_string(src.join("model_index.json")).expect("index"),
+    )
+    .expect("json");
+    index["hanlin_defaults"] = json!({"steps": 4, "guidance": 1.0});
+    std::fs::write(dir.join("model_index.json"), index.to_string()).expect("write");
+    let model = dir.display().to_string();
+    let srv = start_with(move |c| c.image_model = Some(model)).await;
+    let key = srv.user_key("ada", "free").await;
+    let steps_of = |user: &'static str| {
+        let (base, admin) = (srv.base.clone(), srv.admin_key.clone());
+        async move {
+            let (_, u) = call(
+                Method::GET,
+                format!("{base}/v1/admin/usage?user={user}"),
+                &admin,
+                None,
+            )
+            .await;
+            u["data"]
+                .as_array()
+                .map(|rows| {
+                    rows.iter()
+                        .filter_map(|r| r["image_steps"].as_i64())
+                        .sum::<i64>()
+                })
+                .unwrap_or(0)
+        }
+    };
+    let mut total = 0;
+    for (body, steps) in [
+        (json!({"prompt": "a cat", "seed": 1}), 4),
+        (json!({"prompt": "a cat", "seed": 1, "quality": "low"}), 2),
+        (json!({"prompt": "a cat", "seed": 1, "quality": "hd"}), 6),
+        (json!({"prompt": "a cat", "seed": 1, "steps": 3}), 3),
+    ] {
+        let (s, r) = call(
+            Method::POST,
+            format!("{}/v1/images/generations", srv.base),
+            &key,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}: {r}");
+        total += steps;
+        let mut got = 0;
+        for _ in 0..100 {
+            got = steps_of("ada").await;
+            if got >= total {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, total, "{body}: {steps} steps");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,4 +550,223 @@ async fn a_chinese_prompt_is_put_into_english_for_an_english_only_model() {
     assert_eq!(chat_tokens().await, spent, "no rewrite for those");
     let (s, e) = gen(json!({"prompt": "画猫", "revise_prompt": "yes"})).await;
     assert_eq!(s, 400, "{e}");
+}
+
+/// A multipart part: name, file name, bytes.
+type Part = (&'static str, Option<&'static str>, Vec<u8>);
+
+/// A `w × h` RGBA PNG: a gradient, fully transparent where `clear` says.
+fn rgba_png(w: u32, h: u32, clear: impl Fn(u32, u32) -> bool) -> (Vec<u8>, Vec<u8>) {
+    let mut px = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            let a = if clear(x, y) { 0 } else { 255 };
+            px.extend_from_slice(&[(x * 7) as u8, (y * 7) as u8, 200, a]);
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().expect("header");
+        wr.write_image_data(&px).expect("pixels");
+    }
+    (out, px)
+}
+
+/// RGB of a PNG.
+fn png_rgb(b: &[u8]) -> Vec<u8> {
+    let dec = png::Decoder::new(std::io::Cursor::new(b));
+    let mut r = dec.read_info().expect("png");
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).expect("frame");
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf[..info.buffer_size()].to_vec()
+}
+
+/// `/v1/images/edits` as OpenAI's clients send it: the key before the
+/// upload is read; a picture with transparent pixels is painted there and
+/// kept exactly elsewhere; a mask does the same; the whole picture is
+/// redrawn without either; edits are metered like generations; bad
+/// pictures, masks and fields are refused with OpenAI-shaped errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pictures_are_edited_where_transparent_or_masked() {
+    let srv = start_with(|c| c.image_model = Some(tiny())).await;
+    let key = srv.user_key("ada", "free").await;
+    let edit = |parts: Vec<Part>, key: Option<String>| {
+        let base = srv.base.clone();
+        async move {
+            let refs: Vec<(&str, Option<&str>, &[u8])> =
+                parts.iter().map(|(n, f, b)| (*n, *f, &b[..])).collect();
+            let (ty, body) = common::multipart(&refs);
+            let mut r = reqwest::Client::new()
+                .post(format!("{base}/v1/images/edits"))
+                .header("content-type", ty)
+                .body(body);
+            if let Some(k) = key {
+                r = r.bearer_auth(k);
+            }
+            let r = r.send().await.expect("send");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["b64_json"].as_str().expect("b64_json"))
+            .expect("base64")
+    };
+    let (picture, px) = rgba_png(32, 32, |x, _| x >= 16);
+    let text = |s: &str| s.as_bytes().to_vec();
+
+    let (s, _) = edit(
+        vec![
+            ("image", Some("a.png"), picture.clone()),
+            ("prompt", None, text("a cat")),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(s, 401, "no key");
+
+    // Transparent on the right: painted there, the left half kept exactly.
+    let (s, r) = edit(
+        vec![
+            ("image", Some("a.png"), picture.clone()),
+            ("prompt", None, text("a red circle")),
+            ("response_format", None, text("b64_json")),
+            ("steps", None, text("2")),
+            ("seed", None, text("3")),
+        ],
+        Some(key.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let out = b64(&r);
+    assert_eq!(png_size(&out), (32, 32));
+    let rgb = png_rgb(&out);
+    let (mut kept, mut changed) = (true, false);
+    for (i, (o, p)) in rgb.chunks(3).zip(px.chunks(4)).enumerate() {
+        if i % 32 < 16 {
+            kept &= o == &p[..3];
+        } else {
+            changed |= o != &p[..3];
+        }
+    }
+    assert!(kept && changed, "left half kept, right half painted");
+
+    // The same with an opaque picture and a mask (transparent = paint).
+    let (opaque, _) = rgba_png(32, 32, |_, _| false);
+    let (mask, _) = rgba_png(32, 32, |x, _| x >= 16);
+    let (s, r2) = edit(
+        vec![
+            ("image", Some("a.png"), opaque.clone()),
+            ("mask", Some("m.png"), mask.clone()),
+            ("prompt", None, text("a red circle")),
+            ("response_format", None, text("b64_json")),
+            ("steps", None, text("2")),
+            ("seed", None, text("3")),
+        ],
+        Some(key.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{r2}");
+    assert_eq!(b64(&r2), out, "a mask paints as transparency does");
+
+    // Neither: the whole picture is redrawn, stored as a URL by default.
+    let (s, r3) = edit(
+        vec![
+            ("image", Some("a.png"), opaque.clone()),
+            ("prompt", None, text("a red circle")),
+            ("strength", None, text("0.5")),
+            ("steps", None, text("4")),
+        ],
+        Some(key.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{r3}");
+    assert!(r3["data"][0]["url"].as_str().is_some(), "{r3}");
+    assert_eq!(r3["usage"]["steps"], 4);
+    assert_eq!(images_of(&srv, "ada", 3).await, 3, "three edits metered");
+
+    // Bad requests: nothing drawn or metered, the parameter named.
+    let (small_mask, _) = rgba_png(16, 16, |_, _| true);
+    let cases: Vec<(Vec<Part>, &str)> = vec![
+        (vec![("prompt", None, text("a cat"))], "image"),
+        (
+            vec![
+                ("image", Some("a.gif"), text("GIF89a")),
+                ("prompt", None, text("a cat")),
+            ],
+            "image",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("mask", Some("m.png"), small_mask),
+                ("prompt", None, text("a cat")),
+            ],
+            "mask",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("mask", Some("m.png"), text("not a png")),
+                ("prompt", None, text("a cat")),
+            ],
+            "mask",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("prompt", None, text("a cat")),
+                ("strength", None, text("2")),
+            ],
+            "strength",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("prompt", None, text("a cat")),
+                ("n", None, text("many")),
+            ],
+            "n",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("image", Some("b.png"), opaque.clone()),
+                ("prompt", None, text("a cat")),
+            ],
+            "image",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("prompt", None, text("  ")),
+            ],
+            "prompt",
+        ),
+        (
+            vec![
+                ("image", Some("a.png"), opaque.clone()),
+                ("prompt", None, text("a cat")),
+                ("colour", None, text("red")),
+            ],
+            "colour",
+        ),
+    ];
+    for (parts, param) in cases {
+        let (s, e) = edit(parts, Some(key.clone())).await;
+        assert_eq!(s, 400, "{param}: {e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+    assert_eq!(
+        images_of(&srv, "ada", 3).await,
+        3,
+        "bad edits are not metered"
+    );
 }

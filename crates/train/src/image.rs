@@ -361,8 +361,7 @@ pub fn draw_samples(model: &Path, out: &Path, seed: u64) -> Result<(), TrainErro
     let (w, h) = (cols * cell, rows * cell);
     let mut rgb = vec![0u8; w * h * 3];
     for (k, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
-        let mut req = hanlin_image::pipeline::Request::new(prompt);
-        (req.width, req.height, req.steps, req.guidance) = (side, side, 30, 3.0);
+        let mut req = p.request(prompt);
         req.seed = seed + k as u64;
         let img = p.generate(&req, &mut |_| true).map_err(img_err)?;
         let (ox, oy) = ((k % cols) * cell, (k / cols) * cell);

@@ -76,6 +76,7 @@ pub async fn conversation_image(
         sampler: None,
         seed: b.seed,
         revise: true,
+        start: None,
     };
     let images::Prepared {
         mut request,

@@ -33,9 +33,10 @@ pub struct ImageArgs {
     /// default: the model's, 7.5 for Stable Diffusion)
     #[arg(long)]
     guidance: Option<f32>,
-    /// Sampler: euler, euler_a, ddim
-    #[arg(long, default_value = "euler")]
-    sampler: String,
+    /// Sampler: euler, euler_a, ddim, lcm (default: the model's — lcm for
+    /// an LCMScheduler, else euler)
+    #[arg(long)]
+    sampler: Option<String>,
     /// Seed (the same seed, prompt and settings give the same image;
     /// default: a new one, printed)
     #[arg(long)]
@@ -78,13 +79,18 @@ fn parse_size(s: &str) -> Option<(usize, usize)> {
 }
 
 pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<()> {
-    let sampler = Sampler::parse(&a.sampler).with_context(|| {
-        format!(
-            "unknown sampler {:?} (use one of {})",
-            a.sampler,
-            Sampler::NAMES.join(", ")
-        )
-    })?;
+    let sampler = a
+        .sampler
+        .as_deref()
+        .map(|s| {
+            Sampler::parse(s).with_context(|| {
+                format!(
+                    "unknown sampler {s:?} (use one of {})",
+                    Sampler::NAMES.join(", ")
+                )
+            })
+        })
+        .transpose()?;
     if !(1..=16).contains(&a.count) {
         bail!("--count must be from 1 to 16");
     }
@@ -127,7 +133,7 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         (r.width, r.height) = (width, height);
         r.steps = a.steps.unwrap_or(r.steps);
         r.guidance = a.guidance.unwrap_or(r.guidance);
-        r.sampler = sampler;
+        r.sampler = sampler.unwrap_or(r.sampler);
         r.seed = seed + i as u64;
         r.init = start.as_ref().map(|s| s.init(width, height));
         let dropped = pipe

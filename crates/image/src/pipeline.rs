@@ -56,14 +56,17 @@ pub struct Init {
     pub strength: f32,
 }
 
-/// Steps and guidance a request gets when it names none: Stable
-/// Diffusion's usual 20 and 7.5, or what a model's `model_index.json`
-/// says under `hanlin_defaults` (`hanlin train image` writes the settings
-/// its models were measured with).
+/// Steps, guidance and sampler a request gets when it names none: Stable
+/// Diffusion's usual 20 steps of Euler at 7.5; 4 steps of LCM without
+/// guidance for a model whose scheduler is diffusers' `LCMScheduler`; or
+/// what a model's `model_index.json` says under `hanlin_defaults`
+/// (`hanlin train image` writes the settings its models were measured
+/// with).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Defaults {
     pub steps: usize,
     pub guidance: f32,
+    pub sampler: Sampler,
 }
 
 impl Default for Defaults {
@@ -71,16 +74,36 @@ impl Default for Defaults {
         Self {
             steps: 20,
             guidance: 7.5,
+            sampler: Sampler::Euler,
         }
     }
 }
 
 impl Defaults {
-    /// From `model_index.json`'s `hanlin_defaults`; values out of range
-    /// keep Stable Diffusion's.
-    fn from_index(v: &serde_json::Value) -> Self {
-        let d = Self::default();
+    /// A model made for `sampler`'s.
+    fn for_sampler(sampler: Sampler) -> Self {
+        match sampler {
+            Sampler::Lcm => Self {
+                steps: 4,
+                guidance: 1.0,
+                sampler,
+            },
+            _ => Self {
+                sampler,
+                ..Self::default()
+            },
+        }
+    }
+
+    /// `d` with what `model_index.json`'s `hanlin_defaults` changes; values
+    /// out of range keep `d`'s.
+    fn from_index(v: &serde_json::Value, d: Self) -> Self {
         Self {
+            sampler: v
+                .get("sampler")
+                .and_then(|s| s.as_str())
+                .and_then(Sampler::parse)
+                .unwrap_or(d.sampler),
             steps: v
                 .get("steps")
                 .and_then(|s| s.as_u64())
@@ -286,7 +309,7 @@ impl Pipeline {
             p.guidance_min_t = t.max(0.0) as f32;
         }
         if let Some(d) = index.as_ref().and_then(|v| v.get("hanlin_defaults")) {
-            p.defaults = Defaults::from_index(d);
+            p.defaults = Defaults::from_index(d, p.defaults);
         }
         Ok(p)
     }
@@ -367,7 +390,7 @@ impl Pipeline {
             dir: dir.to_path_buf(),
             languages: vec!["en".into()],
             guidance_min_t: 0.0,
-            defaults: Defaults::default(),
+            defaults: Defaults::for_sampler(schedule.sampler),
             tokenizer,
             text,
             unet,
@@ -389,7 +412,11 @@ impl Pipeline {
     pub fn request(&self, prompt: &str) -> Request {
         let mut r = Request::new(prompt);
         (r.width, r.height) = (self.native_size(), self.native_size());
-        (r.steps, r.guidance) = (self.defaults.steps, self.defaults.guidance);
+        (r.steps, r.guidance, r.sampler) = (
+            self.defaults.steps,
+            self.defaults.guidance,
+            self.defaults.sampler,
+        );
         r
     }
 

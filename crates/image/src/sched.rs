@@ -1,8 +1,9 @@
 //! Noise schedules and samplers. A diffusers `scheduler_config.json`
 //! gives the training schedule (betas, prediction type, timestep spacing);
 //! the sampler is the caller's choice: Euler (diffusers'
-//! `EulerDiscreteScheduler`), Euler ancestral, or DDIM (η = 0). One-step
-//! Turbo models are Euler with `trailing` spacing.
+//! `EulerDiscreteScheduler`), Euler ancestral, DDIM (η = 0), or LCM
+//! (diffusers' `LCMScheduler`, for latent consistency models: 1–8 steps).
+//! One-step Turbo models are Euler with `trailing` spacing.
 
 use crate::ImageError;
 use rand::Rng;
@@ -14,16 +15,18 @@ pub enum Sampler {
     Euler,
     EulerAncestral,
     Ddim,
+    Lcm,
 }
 
 impl Sampler {
-    pub const NAMES: [&'static str; 3] = ["euler", "euler_a", "ddim"];
+    pub const NAMES: [&'static str; 4] = ["euler", "euler_a", "ddim", "lcm"];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
             "euler" => Some(Self::Euler),
             "euler_a" | "euler_ancestral" => Some(Self::EulerAncestral),
             "ddim" => Some(Self::Ddim),
+            "lcm" => Some(Self::Lcm),
             _ => None,
         }
     }
@@ -47,6 +50,13 @@ pub struct Schedule {
     /// Clamp each step's estimate of the clean sample to ±this
     /// (diffusers' `clip_sample` and `clip_sample_range`; pixel models).
     clip_sample: Option<f32>,
+    /// LCM: the distillation schedule's steps (`original_inference_steps`)
+    /// and the boundary condition's timestep scale (`timestep_scaling`).
+    lcm_origin_steps: usize,
+    lcm_timestep_scaling: f32,
+    /// The sampler the model was made for (`_class_name`: LCMScheduler
+    /// means LCM; otherwise Euler).
+    pub sampler: Sampler,
 }
 
 impl Default for Schedule {
@@ -91,6 +101,9 @@ impl Schedule {
             steps_offset,
             set_alpha_to_one: false,
             clip_sample: None,
+            lcm_origin_steps: 50,
+            lcm_timestep_scaling: 10.0,
+            sampler: Sampler::Euler,
         }
     }
 
@@ -143,11 +156,38 @@ impl Schedule {
         if c.get("clip_sample").and_then(Value::as_bool) == Some(true) {
             sch.clip_sample = Some(f("clip_sample_range", 1.0).abs());
         }
+        if s("_class_name") == "LCMScheduler" {
+            sch.sampler = Sampler::Lcm;
+            // diffusers' LCMScheduler ends at ᾱ = 1 unless told otherwise.
+            sch.set_alpha_to_one = c
+                .get("set_alpha_to_one")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+        }
+        sch.lcm_origin_steps = (c
+            .get("original_inference_steps")
+            .and_then(Value::as_u64)
+            .unwrap_or(50) as usize)
+            .clamp(1, n);
+        sch.lcm_timestep_scaling = f("timestep_scaling", 10.0);
         Ok(sch)
     }
 
     fn train_steps(&self) -> usize {
         self.alphas_cumprod.len()
+    }
+
+    /// LCM's timesteps: `steps` of the distillation schedule's
+    /// (every k-th training step, k = train steps ÷ original steps),
+    /// evenly spaced by index, noisiest first.
+    fn lcm_timesteps(&self, steps: usize) -> Vec<f32> {
+        let orig = self.lcm_origin_steps;
+        let k = self.train_steps() / orig;
+        let origin: Vec<usize> = (1..=orig).rev().map(|i| i * k - 1).collect();
+        let steps = steps.clamp(1, orig);
+        (0..steps)
+            .map(|i| origin[i * orig / steps] as f32)
+            .collect()
     }
 
     /// The timesteps of a `steps`-step run, noisiest first.
@@ -195,7 +235,12 @@ impl Schedule {
     /// A run of `steps` steps with `sampler`.
     pub fn plan(&self, sampler: Sampler, steps: usize) -> Plan {
         let steps = steps.clamp(1, self.train_steps());
-        let timesteps = self.timesteps(steps);
+        let timesteps = if sampler == Sampler::Lcm {
+            self.lcm_timesteps(steps)
+        } else {
+            self.timesteps(steps)
+        };
+        let steps = timesteps.len();
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| self.sigma(t)).collect();
         sigmas.push(0.0);
         Plan {
@@ -228,7 +273,7 @@ impl Plan {
     /// What the initial standard-normal noise is multiplied by.
     pub fn init_noise_sigma(&self) -> f32 {
         match self.sampler {
-            Sampler::Ddim => 1.0,
+            Sampler::Ddim | Sampler::Lcm => 1.0,
             _ => {
                 let max = self.sigmas.iter().copied().fold(0f32, f32::max);
                 if self.schedule.spacing == Spacing::Leading {
@@ -270,7 +315,7 @@ impl Plan {
             (1.0, 0.0)
         } else {
             match self.sampler {
-                Sampler::Ddim => {
+                Sampler::Ddim | Sampler::Lcm => {
                     let a = self.schedule.alphas_cumprod[self.timesteps[i] as usize];
                     (a.sqrt(), (1.0 - a).sqrt())
                 }
@@ -283,6 +328,7 @@ impl Plan {
     /// [`Plan::noised`] at the level step `i` leaves the latents at.
     pub fn noised_after(&self, i: usize, x0: &[f32], noise: &[f32]) -> Vec<f32> {
         match self.sampler {
+            Sampler::Lcm => self.noised(i + 1, x0, noise),
             Sampler::Ddim if i + 1 < self.timesteps.len() => {
                 let a = self.ddim_alpha_after(i);
                 let (a, b) = (a.sqrt(), (1.0 - a).sqrt());
@@ -295,7 +341,7 @@ impl Plan {
     /// What the latents are multiplied by before step `i`'s model call.
     pub fn input_scale(&self, i: usize) -> f32 {
         match self.sampler {
-            Sampler::Ddim => 1.0,
+            Sampler::Ddim | Sampler::Lcm => 1.0,
             _ => 1.0 / (self.sigmas[i] * self.sigmas[i] + 1.0).sqrt(),
         }
     }
@@ -349,6 +395,41 @@ impl Plan {
                         eps = (*xv - sa * x0) / sb;
                     }
                     *xv = a_prev.sqrt() * x0 + (1.0 - a_prev).sqrt() * eps;
+                }
+            }
+            Sampler::Lcm => {
+                // The consistency function: the clean estimate mixed with
+                // the input by the boundary condition's scalings, then
+                // noised afresh to the next timestep (not after the last).
+                let ac = &self.schedule.alphas_cumprod;
+                let t = self.timesteps[i];
+                let a = ac[t as usize];
+                let last = i + 1 == self.timesteps.len();
+                let a_prev = if last {
+                    a
+                } else {
+                    ac[self.timesteps[i + 1] as usize]
+                };
+                let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+                let st = t * self.schedule.lcm_timestep_scaling;
+                let c_skip = 0.25 / (st * st + 0.25);
+                let c_out = st / (st * st + 0.25).sqrt();
+                let clip = self.schedule.clip_sample;
+                for (xv, &o) in x.iter_mut().zip(out) {
+                    let mut x0 = if v_pred {
+                        sa * *xv - sb * o
+                    } else {
+                        (*xv - sb * o) / sa
+                    };
+                    if let Some(r) = clip {
+                        x0 = x0.clamp(-r, r);
+                    }
+                    let denoised = c_out * x0 + c_skip * *xv;
+                    *xv = if last {
+                        denoised
+                    } else {
+                        a_prev.sqrt() * denoised + (1.0 - a_prev).sqrt() * gauss(rng)
+                    };
                 }
             }
         }

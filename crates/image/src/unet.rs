@@ -320,6 +320,14 @@ impl Unet {
             .and_then(Value::as_u64)
             .unwrap_or(32) as usize;
         let eps = cfg.get("norm_eps").and_then(Value::as_f64).unwrap_or(1e-5) as f32;
+        if w.has("time_embedding.cond_proj.weight") {
+            // LCM-distilled UNets take the guidance scale as an embedding
+            // (`time_cond_proj_dim`); drawing without it would be wrong.
+            return Err(bad(
+                dir,
+                "this UNet takes a guidance embedding (time_cond_proj_dim), which is not supported; LCM-LoRA models fused into Stable Diffusion work with --sampler lcm",
+            ));
+        }
         let n_down = count(w, "down_blocks", "resnets.0.conv1.weight");
         let n_up = count(w, "up_blocks", "resnets.0.conv1.weight");
         if n_down == 0 || n_up != n_down {

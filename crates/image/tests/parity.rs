@@ -387,3 +387,64 @@ fn image_to_image_and_inpainting_match_diffusers() {
         }
     }
 }
+
+/// diffusers' `LCMScheduler` on the tiny pipeline
+/// (`tests/data/tiny_sd_lcm.json`, from `scripts/image_lcm_fixtures.py`):
+/// a directory whose scheduler is LCM draws with it by default (4 steps,
+/// no guidance); its timesteps agree for 1 to 50 steps; one-step images
+/// (the consistency function) agree with and without guidance.
+#[test]
+fn lcm_matches_diffusers() {
+    use hanlin_image::sched::Schedule;
+    let f: Value = serde_json::from_str(
+        &std::fs::read_to_string(data().join("tiny_sd_lcm.json")).expect("fixture"),
+    )
+    .expect("fixture JSON");
+    let src = data().join("tiny-sd");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-lcm");
+    for part in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+        std::fs::create_dir_all(dir.join(part)).unwrap();
+        for e in std::fs::read_dir(src.join(part)).unwrap() {
+            let e = e.unwrap().path();
+            std::fs::copy(&e, dir.join(part).join(e.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(src.join("model_index.json"), dir.join("model_index.json")).unwrap();
+    std::fs::write(
+        dir.join("scheduler/scheduler_config.json"),
+        f["config"].to_string(),
+    )
+    .unwrap();
+    let schedule = Schedule::load(&dir.join("scheduler")).expect("LCM config");
+    for (steps, want) in f["timesteps"].as_object().expect("timesteps") {
+        let steps: usize = steps.parse().unwrap();
+        let got = schedule.plan(Sampler::Lcm, steps).timesteps;
+        assert_eq!(got, floats(want), "{steps} steps");
+    }
+    let p = Pipeline::load(&dir, 2).expect("loads");
+    let r = p.request("a cat");
+    assert_eq!((r.sampler, r.steps, r.guidance), (Sampler::Lcm, 4, 1.0));
+    for run in f["runs"].as_array().expect("runs") {
+        let mut r = p.request(run["prompt"].as_str().expect("prompt"));
+        r.steps = run["steps"].as_u64().expect("steps") as usize;
+        r.guidance = run["guidance"].as_f64().expect("guidance") as f32;
+        r.latents = Some(floats(&run["latents"]));
+        let img = p.run(&r, &mut |_| true).expect("runs");
+        close(
+            &format!("LCM, one step, guidance {}", r.guidance),
+            &img.data,
+            &floats(&run["image"]),
+            0.05,
+            0.03,
+        );
+    }
+    // Several steps draw fresh noise from the seed: the same seed, the
+    // same picture.
+    let mut r = p.request("a cat");
+    r.seed = 4;
+    assert_eq!(
+        p.generate(&r, &mut |_| true).unwrap(),
+        p.generate(&r, &mut |_| true).unwrap()
+    );
+}

@@ -341,14 +341,14 @@ pub(crate) async fn prepare(
         }
     };
     let sampler = match ask.sampler.as_deref() {
-        None => Sampler::Euler,
-        Some(s) => Sampler::parse(s).ok_or_else(|| {
+        None => None,
+        Some(s) => Some(Sampler::parse(s).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "Invalid sampler '{s}': use one of {}.",
                 Sampler::NAMES.join(", ")
             ))
             .param("sampler")
-        })?,
+        })?),
     };
     if ask.guidance.is_some_and(|g| !(0.0..=30.0).contains(&g)) {
         return Err(
@@ -381,6 +381,7 @@ pub(crate) async fn prepare(
         Steps::Times(num, den) => (defaults.steps * num / den).clamp(1, 100),
     };
     let guidance = ask.guidance.unwrap_or(defaults.guidance);
+    let sampler = sampler.unwrap_or(defaults.sampler);
     let native = queue.pipeline.native_size();
     let m = queue.pipeline.size_multiple();
     // An edit is drawn at about its picture's size.

@@ -81,6 +81,34 @@ pub struct VaeDecoder {
     pub scale: usize,
 }
 
+/// One level of the encoder or decoder at `p`: its ResNet blocks and the
+/// convolution that resamples after them (`resample`: `upsamplers`, run
+/// after a 2× upsampling, or `downsamplers`, strided and padded after the
+/// map), if the level has one.
+fn level(
+    w: &Weights,
+    p: &str,
+    resample: &str,
+    groups: usize,
+) -> Result<(Vec<Resnet>, Option<Conv2d>), ImageError> {
+    let nr = count(w, &format!("{p}.resnets"), "conv1.weight");
+    let resnets = (0..nr)
+        .map(|j| Resnet::load(w, &format!("{p}.resnets.{j}"), groups, EPS))
+        .collect::<Result<_, _>>()?;
+    let name = format!("{p}.{resample}.0.conv");
+    let conv = if !w.has(&format!("{name}.weight")) {
+        None
+    } else if resample == "downsamplers" {
+        Some(Conv2d::load(w, &name, 2)?.padded_after())
+    } else {
+        Some(Conv2d::load(w, &name, 1)?)
+    };
+    Ok((resnets, conv))
+}
+
+/// The VAE's group norm epsilon.
+const EPS: f32 = 1e-6;
+
 /// A diffusers `vae/` directory: its decoder, and its encoder when the
 /// weights hold one.
 pub fn load(dir: &Path) -> Result<(VaeDecoder, Option<VaeEncoder>), ImageError> {
@@ -99,26 +127,14 @@ impl VaeDecoder {
             .get("norm_num_groups")
             .and_then(Value::as_u64)
             .unwrap_or(32) as usize;
-        let eps = 1e-6;
+        let eps = EPS;
         let n_up = count(w, "decoder.up_blocks", "resnets.0.conv1.weight");
         if n_up == 0 {
             return Err(bad(dir, "no decoder up blocks"));
         }
-        let mut up = Vec::with_capacity(n_up);
-        for i in 0..n_up {
-            let p = format!("decoder.up_blocks.{i}");
-            let nr = count(w, &format!("{p}.resnets"), "conv1.weight");
-            let resnets = (0..nr)
-                .map(|j| Resnet::load(w, &format!("{p}.resnets.{j}"), groups, eps))
-                .collect::<Result<_, _>>()?;
-            let name = format!("{p}.upsamplers.0.conv");
-            let upsample = if w.has(&format!("{name}.weight")) {
-                Some(Conv2d::load(w, &name, 1)?)
-            } else {
-                None
-            };
-            up.push((resnets, upsample));
-        }
+        let up = (0..n_up)
+            .map(|i| level(w, &format!("decoder.up_blocks.{i}"), "upsamplers", groups))
+            .collect::<Result<Vec<_>, _>>()?;
         let ups = up.iter().filter(|u| u.1.is_some()).count();
         let conv_in = Conv2d::load(w, "decoder.conv_in", 1)?;
         Ok(Self {
@@ -200,26 +216,21 @@ impl VaeEncoder {
             .get("norm_num_groups")
             .and_then(Value::as_u64)
             .unwrap_or(32) as usize;
-        let eps = 1e-6;
+        let eps = EPS;
         let n_down = count(w, "encoder.down_blocks", "resnets.0.conv1.weight");
         if n_down == 0 {
             return Err(bad(dir, "no encoder down blocks"));
         }
-        let mut down = Vec::with_capacity(n_down);
-        for i in 0..n_down {
-            let p = format!("encoder.down_blocks.{i}");
-            let nr = count(w, &format!("{p}.resnets"), "conv1.weight");
-            let resnets = (0..nr)
-                .map(|j| Resnet::load(w, &format!("{p}.resnets.{j}"), groups, eps))
-                .collect::<Result<_, _>>()?;
-            let name = format!("{p}.downsamplers.0.conv");
-            let downsample = if w.has(&format!("{name}.weight")) {
-                Some(Conv2d::load(w, &name, 2)?.padded_after())
-            } else {
-                None
-            };
-            down.push((resnets, downsample));
-        }
+        let down = (0..n_down)
+            .map(|i| {
+                level(
+                    w,
+                    &format!("encoder.down_blocks.{i}"),
+                    "downsamplers",
+                    groups,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let conv_out = Conv2d::load(w, "encoder.conv_out", 1)?;
         if conv_out.c_out % 2 != 0 {
             return Err(bad(

@@ -37,6 +37,20 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// A copy of the tiny pipeline's components under `parent` (without
+/// `model_index.json`), for tests that change a file of it.
+fn tiny_copy(parent: &std::path::Path) -> PathBuf {
+    let (src, dir) = (data().join("tiny-sd"), parent.join("tiny"));
+    for part in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
+        std::fs::create_dir_all(dir.join(part)).unwrap();
+        for f in std::fs::read_dir(src.join(part)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(part).join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
 fn pipeline() -> Pipeline {
     Pipeline::load(&data().join("tiny-sd"), 2).expect("tiny pipeline loads")
 }
@@ -215,14 +229,7 @@ fn clip_merges_from_the_catalog_tokenize_as_transformers_does() {
 fn guidance_interval_and_clipped_estimates() {
     let src = data().join("tiny-sd");
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    for part in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
-        std::fs::create_dir_all(dir.join(part)).unwrap();
-        for f in std::fs::read_dir(src.join(part)).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, dir.join(part).join(f.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = tiny_copy(tmp.path());
     let index = |extra: Value| {
         let mut v: Value =
             serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
@@ -400,17 +407,13 @@ fn lcm_matches_diffusers() {
         &std::fs::read_to_string(data().join("tiny_sd_lcm.json")).expect("fixture"),
     )
     .expect("fixture JSON");
-    let src = data().join("tiny-sd");
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny-lcm");
-    for part in ["text_encoder", "tokenizer", "unet", "vae", "scheduler"] {
-        std::fs::create_dir_all(dir.join(part)).unwrap();
-        for e in std::fs::read_dir(src.join(part)).unwrap() {
-            let e = e.unwrap().path();
-            std::fs::copy(&e, dir.join(part).join(e.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::copy(src.join("model_index.json"), dir.join("model_index.json")).unwrap();
+    let dir = tiny_copy(tmp.path());
+    std::fs::copy(
+        data().join("tiny-sd/model_index.json"),
+        dir.join("model_index.json"),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("scheduler/scheduler_config.json"),
         f["config"].to_string(),

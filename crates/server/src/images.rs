@@ -642,25 +642,11 @@ async fn edits_inner(
         .get("model")
         .map(|m| m.trim())
         .filter(|m| !m.is_empty());
-    let b64 = match fields.get("response_format").map(|f| f.trim()) {
-        Some("b64_json") => true,
-        Some("url") => false,
-        None => requested.is_some_and(|m| m.starts_with("gpt-image")),
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "Invalid response_format '{other}': use url or b64_json."
-            ))
-            .param("response_format"))
-        }
-    };
-    if fields
-        .get("output_format")
-        .is_some_and(|f| f.trim() != "png")
-    {
-        return Err(
-            ApiError::bad_request("Only output_format 'png' is supported.").param("output_format"),
-        );
-    }
+    let b64 = as_base64(
+        requested,
+        fields.get("response_format").map(|f| f.trim()),
+        fields.get("output_format").map(|f| f.trim()),
+    )?;
     let ask = Ask {
         prompt: fields.get("prompt").cloned().unwrap_or_default(),
         negative: fields.get("negative_prompt").cloned(),
@@ -676,6 +662,30 @@ async fn edits_inner(
     };
     let requested = requested.map(str::to_owned);
     draw(st, &caller, origin, requested.as_deref(), ask, b64).await
+}
+
+/// Whether images are answered as `b64_json` (else as stored files'
+/// URLs): as asked, or by default for `gpt-image-*` as OpenAI does; PNG is
+/// the only output format.
+fn as_base64(
+    model: Option<&str>,
+    response_format: Option<&str>,
+    output_format: Option<&str>,
+) -> AppResult<bool> {
+    if output_format.is_some_and(|f| f != "png") {
+        return Err(
+            ApiError::bad_request("Only output_format 'png' is supported.").param("output_format"),
+        );
+    }
+    match response_format {
+        Some("b64_json") => Ok(true),
+        Some("url") => Ok(false),
+        None => Ok(model.is_some_and(|m| m.starts_with("gpt-image"))),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "Invalid response_format '{other}': use url or b64_json."
+        ))
+        .param("response_format")),
+    }
 }
 
 /// `scheme://host` the client reached the server at (the Host header,
@@ -704,22 +714,11 @@ async fn generations_inner(
 ) -> AppResult<Response> {
     let req: GenerationRequest = crate::openai::parse(body, GENERATION_FIELDS)?;
     let requested = req.model.as_deref();
-    let b64 = match req.response_format.as_deref() {
-        Some("b64_json") => true,
-        Some("url") => false,
-        None => requested.is_some_and(|m| m.starts_with("gpt-image")),
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "Invalid response_format '{other}': use url or b64_json."
-            ))
-            .param("response_format"))
-        }
-    };
-    if req.output_format.as_deref().is_some_and(|f| f != "png") {
-        return Err(
-            ApiError::bad_request("Only output_format 'png' is supported.").param("output_format"),
-        );
-    }
+    let b64 = as_base64(
+        requested,
+        req.response_format.as_deref(),
+        req.output_format.as_deref(),
+    )?;
     let ask = Ask {
         prompt: req.prompt,
         negative: req.negative_prompt,

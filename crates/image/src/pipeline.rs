@@ -129,7 +129,7 @@ impl Request {
             steps: d.steps,
             guidance: d.guidance,
             seed: 0,
-            sampler: Sampler::Euler,
+            sampler: d.sampler,
             latents: None,
             init: None,
         }
@@ -244,7 +244,7 @@ pub struct Pipeline {
     /// picture's content is settled, the prompt alone is followed: guidance
     /// there only amplifies the model's errors in fine detail.
     guidance_min_t: f32,
-    /// Steps and guidance when a request names none.
+    /// Steps, guidance and sampler when a request names none.
     pub defaults: Defaults,
     tokenizer: ClipTokenizer,
     text: TextEncoder,
@@ -535,10 +535,8 @@ impl Pipeline {
                     init.strength
                 )));
             }
-            if self.vae.is_some() && self.encoder.is_none() {
-                return Err(ImageError::Request(
-                    "this model has no VAE encoder, so it cannot start from a picture".into(),
-                ));
+            if !self.edits() {
+                return Err(no_encoder());
             }
         }
         Ok(())
@@ -567,9 +565,7 @@ impl Pipeline {
                 z.data.iter_mut().for_each(|v| *v *= e.scaling_factor);
                 Ok(z)
             }
-            (Some(_), None) => Err(ImageError::Request(
-                "this model has no VAE encoder, so it cannot start from a picture".into(),
-            )),
+            (Some(_), None) => Err(no_encoder()),
         }
     }
 
@@ -713,6 +709,10 @@ impl Pipeline {
     ) -> Result<Image, ImageError> {
         Ok(Image::from_unit(&self.run(r, progress)?))
     }
+}
+
+fn no_encoder() -> ImageError {
+    ImageError::Request("this model has no VAE encoder, so it cannot start from a picture".into())
 }
 
 /// A per-pixel mask (`width` wide) at the latents' `lh × lw`, as diffusers

@@ -262,6 +262,11 @@ pub struct Plan {
     steps: usize,
 }
 
+/// The clean sample's and the noise's weights at ᾱ = `a`: √ᾱ and √(1 − ᾱ).
+fn alpha_mix(a: f32) -> (f32, f32) {
+    (a.sqrt(), (1.0 - a).sqrt())
+}
+
 /// A standard normal value (Box–Muller).
 pub fn gauss(rng: &mut impl Rng) -> f32 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
@@ -316,8 +321,7 @@ impl Plan {
         } else {
             match self.sampler {
                 Sampler::Ddim | Sampler::Lcm => {
-                    let a = self.schedule.alphas_cumprod[self.timesteps[i] as usize];
-                    (a.sqrt(), (1.0 - a).sqrt())
+                    alpha_mix(self.schedule.alphas_cumprod[self.timesteps[i] as usize])
                 }
                 _ => (1.0, self.sigmas[i]),
             }
@@ -328,10 +332,9 @@ impl Plan {
     /// [`Plan::noised`] at the level step `i` leaves the latents at.
     pub fn noised_after(&self, i: usize, x0: &[f32], noise: &[f32]) -> Vec<f32> {
         match self.sampler {
-            Sampler::Lcm => self.noised(i + 1, x0, noise),
+            // DDIM's step goes a fixed stride down, not to the next timestep.
             Sampler::Ddim if i + 1 < self.timesteps.len() => {
-                let a = self.ddim_alpha_after(i);
-                let (a, b) = (a.sqrt(), (1.0 - a).sqrt());
+                let (a, b) = alpha_mix(self.ddim_alpha_after(i));
                 x0.iter().zip(noise).map(|(x, n)| a * x + b * n).collect()
             }
             _ => self.noised(i + 1, x0, noise),

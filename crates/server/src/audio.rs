@@ -182,9 +182,7 @@ struct Form {
 }
 
 async fn read_form(mut form: Multipart, translate: bool) -> AppResult<Form> {
-    let bad_form = |e: axum::extract::multipart::MultipartError| {
-        ApiError::bad_request(format!("Could not read the multipart form: {e}"))
-    };
+    use crate::extract::{bad_form, field_bytes};
     let mut file = None;
     let mut filename = String::new();
     let mut fields = std::collections::HashMap::new();
@@ -195,18 +193,14 @@ async fn read_form(mut form: Multipart, translate: bool) -> AppResult<Form> {
                 return Err(ApiError::bad_request("Send one 'file'.").param("file"));
             }
             filename = field.file_name().unwrap_or("audio").to_string();
-            let mut bytes = Vec::new();
-            while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
-                if bytes.len() + chunk.len() > MAX_AUDIO_BYTES {
-                    return Err(ApiError::bad_request(format!(
-                        "The audio file is larger than {} MB.",
-                        MAX_AUDIO_BYTES >> 20
-                    ))
-                    .param("file")
-                    .code("file_too_large"));
-                }
-                bytes.extend_from_slice(&chunk);
-            }
+            let Some(bytes) = field_bytes(&mut field, MAX_AUDIO_BYTES).await? else {
+                return Err(ApiError::bad_request(format!(
+                    "The audio file is larger than {} MB.",
+                    MAX_AUDIO_BYTES >> 20
+                ))
+                .param("file")
+                .code("file_too_large"));
+            };
             file = Some(bytes);
             continue;
         }
@@ -227,14 +221,10 @@ async fn read_form(mut form: Multipart, translate: bool) -> AppResult<Form> {
             ))
             .param(&name));
         }
-        let mut text = String::new();
-        while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
-            if text.len() + chunk.len() > 4 * MAX_PROMPT_CHARS {
-                return Err(ApiError::bad_request(format!("'{name}' is too long.")).param(&name));
-            }
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        fields.insert(name, text);
+        let Some(text) = field_bytes(&mut field, 4 * MAX_PROMPT_CHARS).await? else {
+            return Err(ApiError::bad_request(format!("'{name}' is too long.")).param(&name));
+        };
+        fields.insert(name, String::from_utf8_lossy(&text).into_owned());
     }
     let file = file.ok_or_else(|| {
         ApiError::bad_request("The form has no 'file': send the audio as a file field.")

@@ -150,3 +150,24 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
             .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
     }
 }
+
+/// The error for a multipart form that could not be read.
+pub fn bad_form(e: axum::extract::multipart::MultipartError) -> ApiError {
+    ApiError::bad_request(format!("Could not read the multipart form: {e}"))
+}
+
+/// A multipart field's bytes, or `None` as soon as it has more than
+/// `limit` of them (the caller says why that is too many).
+pub async fn field_bytes(
+    field: &mut axum::extract::multipart::Field<'_>,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
+        if bytes.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Some(bytes))
+}

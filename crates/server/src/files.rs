@@ -207,9 +207,7 @@ pub async fn upload(
     let mut size = 0usize;
     let mut anchor = None;
     let mut seconds = None;
-    let bad_form = |e: axum::extract::multipart::MultipartError| {
-        ApiError::bad_request(format!("Could not read the multipart form: {e}"))
-    };
+    use crate::extract::bad_form;
     while let Some(mut field) = form.next_field().await.map_err(bad_form)? {
         let name = field.name().unwrap_or_default().to_string();
         match name.as_str() {

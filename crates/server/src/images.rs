@@ -570,9 +570,7 @@ async fn edits_inner(
     origin: &str,
     mut form: axum::extract::Multipart,
 ) -> AppResult<Response> {
-    let bad_form = |e: axum::extract::multipart::MultipartError| {
-        ApiError::bad_request(format!("Could not read the multipart form: {e}"))
-    };
+    use crate::extract::{bad_form, field_bytes};
     let (mut image, mut mask) = (None::<Vec<u8>>, None::<Vec<u8>>);
     let mut fields = std::collections::HashMap::new();
     while let Some(mut field) = form.next_field().await.map_err(bad_form)? {
@@ -587,18 +585,14 @@ async fn edits_inner(
             if slot.is_some() {
                 return Err(ApiError::bad_request(format!("Send one '{param}'.")).param(param));
             }
-            let mut bytes = Vec::new();
-            while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
-                if bytes.len() + chunk.len() > picture::MAX_PICTURE_BYTES {
-                    return Err(ApiError::bad_request(format!(
-                        "The '{param}' file is larger than {} MB.",
-                        picture::MAX_PICTURE_BYTES >> 20
-                    ))
-                    .param(param)
-                    .code("file_too_large"));
-                }
-                bytes.extend_from_slice(&chunk);
-            }
+            let Some(bytes) = field_bytes(&mut field, picture::MAX_PICTURE_BYTES).await? else {
+                return Err(ApiError::bad_request(format!(
+                    "The '{param}' file is larger than {} MB.",
+                    picture::MAX_PICTURE_BYTES >> 20
+                ))
+                .param(param)
+                .code("file_too_large"));
+            };
             *slot = Some(bytes);
             continue;
         }
@@ -608,13 +602,9 @@ async fn edits_inner(
             ))
             .param(&name));
         }
-        let mut text = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
-            if text.len() + chunk.len() > 4 * MAX_PROMPT_CHARS {
-                return Err(ApiError::bad_request(format!("'{name}' is too long.")).param(&name));
-            }
-            text.extend_from_slice(&chunk);
-        }
+        let Some(text) = field_bytes(&mut field, 4 * MAX_PROMPT_CHARS).await? else {
+            return Err(ApiError::bad_request(format!("'{name}' is too long.")).param(&name));
+        };
         fields.insert(name, String::from_utf8_lossy(&text).into_owned());
     }
     let image = image.ok_or_else(|| {
@@ -660,8 +650,7 @@ async fn edits_inner(
         revise: field(&fields, "revise_prompt")?.unwrap_or(true),
         start: Some(start),
     };
-    let requested = requested.map(str::to_owned);
-    draw(st, &caller, origin, requested.as_deref(), ask, b64).await
+    draw(st, &caller, origin, requested, ask, b64).await
 }
 
 /// Whether images are answered as `b64_json` (else as stored files'

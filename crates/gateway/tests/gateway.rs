@@ -87,6 +87,14 @@ async fn row(gw: &Gateway) -> Vec<hanlin_accounts::UsageRow> {
     gw.db.usage(None, None).await.expect("usage")
 }
 
+/// The day the (only) request was metered on: a test that reads "today"
+/// from the clock fails when it runs across midnight.
+async fn recorded_day(gw: &Gateway) -> String {
+    let rows = row(gw).await;
+    assert_eq!(rows.len(), 1, "one day, one model: {rows:?}");
+    rows[0].day.clone()
+}
+
 #[tokio::test]
 async fn choices_share_their_prompt_and_steps_add_up_in_one_row() {
     let (gw, caller, _dir) = setup().await;
@@ -128,7 +136,7 @@ async fn choices_share_their_prompt_and_steps_add_up_in_one_row() {
         (22, 8, 20)
     );
     // The limiter was settled to the real use: 42 tokens today.
-    let day = hanlin_accounts::day_of(hanlin_accounts::now());
+    let day = recorded_day(&gw).await;
     assert_eq!(
         gw.db.tokens_on(&caller.user.id, &day).await.expect("sum"),
         42
@@ -264,7 +272,7 @@ async fn plan_price_and_request_weight_scale_what_counts_against_limits() {
         (rows[0].prompt_tokens, rows[0].completion_tokens),
         (100, 50)
     );
-    let day = hanlin_accounts::day_of(hanlin_accounts::now());
+    let day = recorded_day(&gw).await;
     assert_eq!(
         gw.db.tokens_on(&caller.user.id, &day).await.expect("sum"),
         30
@@ -289,7 +297,7 @@ async fn an_agent_loop_holds_one_steps_reservation_at_a_time() {
     }
     req.finish().await;
     // Charged exactly once: 5 × 15 tokens, today and in the minute.
-    let day = hanlin_accounts::day_of(hanlin_accounts::now());
+    let day = recorded_day(&gw).await;
     assert_eq!(
         gw.db.tokens_on(&caller.user.id, &day).await.expect("sum"),
         75

@@ -155,7 +155,27 @@ async fn web_app_sessions_conversations_and_streamed_replies() {
         "{rows:?}"
     );
     let (_, usage) = li.json(M::GET, "/api/usage", None).await;
-    assert!(usage["tokens_today"].as_i64().expect("tokens") > 0);
+    // Today's tokens are those metered today (a run can cross midnight, so
+    // "today" is the server's, and the rows are the same response's).
+    let today = usage["today"].as_str().expect("today");
+    let metered_today: i64 = usage["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter(|r| r["day"] == today)
+        .map(|r| {
+            r["prompt_tokens"].as_i64().unwrap_or(0) + r["completion_tokens"].as_i64().unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(
+        usage["tokens_today"].as_i64(),
+        Some(metered_today),
+        "{usage}"
+    );
+    assert!(
+        rows.iter().any(|r| r.day != today) || metered_today > 0,
+        "{usage}"
+    );
 
     // A client that leaves mid-reply: the reply keeps what was generated,
     // marked incomplete.

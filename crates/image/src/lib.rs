@@ -12,14 +12,18 @@
 //! - [`nn`] — convolutions, group norm, attention, the blocks UNet and VAE share.
 //! - [`ldm`] — single-file checkpoints in the original layout, renamed.
 //! - [`clip`] — the CLIP tokenizer and text encoder.
+//! - [`bert`] — a WordPiece tokenizer and BERT (Chinese-native pipelines).
+//! - [`text`] — whichever of the two a pipeline has.
 //! - [`unet`] — `UNet2DConditionModel`.
 //! - [`vae`] — the `AutoencoderKL` decoder and encoder.
+//! - [`taesd`] — the `AutoencoderTiny` decoder, for previews while denoising.
 //! - [`picture`] — PNG pictures and masks that edits start from.
 //! - [`sched`] — noise schedules and samplers (Euler, Euler ancestral, DDIM).
 //! - [`pipeline`] — prompt → image, classifier-free guidance, seeds;
 //!   image-to-image and inpainting.
 //! - [`queue`] — one worker per loaded pipeline, jobs by priority, cancellation.
 
+pub mod bert;
 pub mod clip;
 pub mod ldm;
 pub mod nn;
@@ -27,6 +31,8 @@ pub mod picture;
 pub mod pipeline;
 pub mod queue;
 pub mod sched;
+pub mod taesd;
+pub mod text;
 pub mod unet;
 pub mod vae;
 pub mod weights;
@@ -74,14 +80,54 @@ pub fn installed(store: &hanlin_store::Store) -> Result<Vec<String>, ImageError>
     Ok(store
         .list()?
         .into_iter()
-        .filter(|m| m.files.contains_key("unet/config.json") || m.source.contains(".safetensors"))
+        .filter(|m| {
+            m.files.contains_key("unet/config.json")
+                || (m.source.contains(".safetensors") && !is_previewer(store, &m.name))
+        })
         .map(|m| m.name)
         .collect())
 }
 
+/// Whether pulled model `name` is a TAESD decoder file.
+fn is_previewer(store: &hanlin_store::Store, name: &str) -> bool {
+    store
+        .path_of(name)
+        .ok()
+        .flatten()
+        .is_some_and(|p| taesd::is_file(&p))
+}
+
+/// Pulled TAESD decoders (single safetensors files, e.g. `hanlin pull
+/// hf:madebyollin/taesd/diffusion_pytorch_model.safetensors`), by name.
+pub fn previewers(store: &hanlin_store::Store) -> Result<Vec<String>, ImageError> {
+    Ok(store
+        .list()?
+        .into_iter()
+        .filter(|m| m.source.contains(".safetensors") && is_previewer(store, &m.name))
+        .map(|m| m.name)
+        .collect())
+}
+
+/// Give `pipe` the first pulled TAESD that fits its latents, if any.
+fn attach_previewer(store: &hanlin_store::Store, pipe: &mut Pipeline) {
+    for name in previewers(store).unwrap_or_default() {
+        let Some(path) = store.path_of(&name).ok().flatten() else {
+            continue;
+        };
+        match taesd::TinyDecoder::load(&path).and_then(|t| pipe.set_previewer(t)) {
+            Ok(()) => {
+                tracing::info!(taesd = %name, "previews through TAESD");
+                return;
+            }
+            Err(e) => tracing::debug!(taesd = %name, "not used for previews: {e}"),
+        }
+    }
+}
+
 /// Load image model `name` (see [`locate`]). A single-file checkpoint
 /// takes the tokenizer beside it (`tokenizer/` in its directory) or CLIP's
-/// merges from the catalog (`clip-bpe`, pulled when missing).
+/// merges from the catalog (`clip-bpe`, pulled when missing). A pulled
+/// TAESD that fits the model's latents draws its previews.
 pub fn open(
     store: &hanlin_store::Store,
     name: Option<&str>,
@@ -89,8 +135,19 @@ pub fn open(
     progress: bool,
 ) -> Result<Pipeline, ImageError> {
     let path = locate(store, name, progress)?;
+    let mut pipe = open_path(store, &path, threads, progress)?;
+    attach_previewer(store, &mut pipe);
+    Ok(pipe)
+}
+
+fn open_path(
+    store: &hanlin_store::Store,
+    path: &std::path::Path,
+    threads: usize,
+    progress: bool,
+) -> Result<Pipeline, ImageError> {
     if path.is_dir() {
-        return Pipeline::load(&path, threads);
+        return Pipeline::load(path, threads);
     }
     let beside = path.with_file_name("tokenizer");
     let tokenizer = if beside.join("vocab.json").exists() {
@@ -99,7 +156,7 @@ pub fn open(
         let m = store.pull(hanlin_store::CLIP_BPE, progress)?;
         clip::ClipTokenizer::from_bpe_gz(&store.blob_path(&m.sha256))?
     };
-    Pipeline::load_single(&path, tokenizer, &ldm::Configs::default(), threads)
+    Pipeline::load_single(path, tokenizer, &ldm::Configs::default(), threads)
 }
 
 /// Where image model `name` is: a diffusers directory or `.safetensors`

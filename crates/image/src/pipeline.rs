@@ -8,6 +8,8 @@
 use crate::clip::{ClipTokenizer, TextEncoder};
 use crate::nn::Feat;
 use crate::sched::{gauss, Sampler, Schedule};
+use crate::taesd::TinyDecoder;
+use crate::text::{Encoder, Tokenizer};
 use crate::unet::Unet;
 use crate::vae::{VaeDecoder, VaeEncoder};
 use crate::weights::Weights;
@@ -157,6 +159,34 @@ impl Image {
         }
     }
 
+    /// Halved (each pixel the mean of a 2×2 block) until no side is longer
+    /// than `side`.
+    pub fn shrunk(mut self, side: usize) -> Self {
+        while self.width.max(self.height) > side && self.width >= 2 && self.height >= 2 {
+            let (w, h) = (self.width / 2, self.height / 2);
+            let mut rgb = Vec::with_capacity(w * h * 3);
+            for y in 0..h {
+                for x in 0..w {
+                    for c in 0..3 {
+                        let at =
+                            |yy: usize, xx: usize| self.rgb[(yy * self.width + xx) * 3 + c] as u32;
+                        let sum = at(2 * y, 2 * x)
+                            + at(2 * y, 2 * x + 1)
+                            + at(2 * y + 1, 2 * x)
+                            + at(2 * y + 1, 2 * x + 1);
+                        rgb.push(((sum + 2) / 4) as u8);
+                    }
+                }
+            }
+            self = Self {
+                width: w,
+                height: h,
+                rgb,
+            };
+        }
+        self
+    }
+
     /// The image as a PNG file.
     pub fn png(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -207,12 +237,21 @@ pub struct Progress<'a> {
     pub latents: &'a Feat,
     /// Whether the model denoises pixels rather than VAE latents.
     pub pixels: bool,
+    /// The pipeline's TAESD, when it has one, and its threads.
+    pub tiny: Option<(&'a TinyDecoder, &'a ThreadPool)>,
 }
 
+/// The longest side of a preview decoded by a TAESD.
+pub const PREVIEW_SIDE: usize = 256;
+
 impl Progress<'_> {
-    /// A quick look at the picture so far: the latents through
-    /// [`preview`], or a pixel model's current image as it is.
+    /// A quick look at the picture so far: the latents through the
+    /// pipeline's TAESD (at most [`PREVIEW_SIDE`] on a side), through
+    /// [`preview`] without one, or a pixel model's current image as it is.
     pub fn preview(&self) -> Image {
+        if let Some((tiny, pool)) = self.tiny {
+            return Image::from_unit(&tiny.decode(pool, self.latents)).shrunk(PREVIEW_SIDE);
+        }
         if self.pixels {
             let f = self.latents;
             Image {
@@ -237,7 +276,8 @@ fn signed_to_unit(v: f32) -> f32 {
 pub struct Pipeline {
     pub dir: PathBuf,
     /// Languages the text encoder was trained on (`hanlin_languages` in
-    /// `model_index.json`; CLIP's are English only).
+    /// `model_index.json`; else English for CLIP, Chinese and English for
+    /// a WordPiece vocabulary with Chinese characters).
     pub languages: Vec<String>,
     /// Guidance applies at timesteps from this one up (`hanlin_guidance_min_timestep`
     /// in `model_index.json`, default 0: always). Below it, where the
@@ -246,8 +286,8 @@ pub struct Pipeline {
     guidance_min_t: f32,
     /// Steps, guidance and sampler when a request names none.
     pub defaults: Defaults,
-    tokenizer: ClipTokenizer,
-    text: TextEncoder,
+    tokenizer: Tokenizer,
+    text: Encoder,
     unet: Unet,
     /// None for a model that denoises pixels (trained by `hanlin train
     /// image`).
@@ -255,6 +295,8 @@ pub struct Pipeline {
     /// The VAE's encoder, for requests that start from a picture (None for
     /// single-file checkpoints, which are read for their decoder only).
     encoder: Option<VaeEncoder>,
+    /// A TAESD for previews ([`Pipeline::set_previewer`]).
+    tiny: Option<TinyDecoder>,
     schedule: Schedule,
     pool: ThreadPool,
 }
@@ -270,8 +312,8 @@ impl Pipeline {
             }
         }
         let t0 = std::time::Instant::now();
-        let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
-        let text = TextEncoder::load(&dir.join("text_encoder"))?;
+        let tokenizer = Tokenizer::load(&dir.join("tokenizer"))?;
+        let text = Encoder::load(&dir.join("text_encoder"))?;
         let unet = Unet::load(&dir.join("unet"))?;
         unet.check(&dir.join("unet"))?;
         let (vae, encoder) = if dir.join("vae").is_dir() {
@@ -333,7 +375,8 @@ impl Pipeline {
                 crate::ldm::rename(n, layout).and_then(|(p, name)| (p == want).then_some(name))
             })
         };
-        let text = TextEncoder::from_parts(&config.text, &part(crate::ldm::Part::TextEncoder)?)?;
+        let text =
+            TextEncoder::from_parts(&config.text, &part(crate::ldm::Part::TextEncoder)?)?.into();
         let unet = Unet::from_parts(&config.unet, &part(crate::ldm::Part::Unet)?)?;
         unet.check(file)?;
         let vae = Some(VaeDecoder::from_parts(
@@ -343,7 +386,7 @@ impl Pipeline {
         tracing::info!(file = %file.display(), ms = t0.elapsed().as_millis() as u64, "image checkpoint loaded");
         Self::assemble(
             file,
-            tokenizer,
+            tokenizer.into(),
             text,
             unet,
             vae,
@@ -354,19 +397,20 @@ impl Pipeline {
 
     fn assemble(
         dir: &Path,
-        tokenizer: ClipTokenizer,
-        text: TextEncoder,
+        tokenizer: Tokenizer,
+        text: Encoder,
         unet: Unet,
         vae: Option<VaeDecoder>,
         schedule: Schedule,
         threads: usize,
     ) -> Result<Self, ImageError> {
-        if unet.context_dim != text.dim {
+        if unet.context_dim != text.dim() {
             return Err(crate::bad(
                 dir,
                 format!(
                     "the UNet attends to {}-wide text but the text encoder gives {}",
-                    unet.context_dim, text.dim
+                    unet.context_dim,
+                    text.dim()
                 ),
             ));
         }
@@ -388,7 +432,7 @@ impl Pipeline {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            languages: vec!["en".into()],
+            languages: tokenizer.languages(),
             guidance_min_t: 0.0,
             defaults: Defaults::for_sampler(schedule.sampler),
             tokenizer,
@@ -396,9 +440,34 @@ impl Pipeline {
             unet,
             vae,
             encoder: None,
+            tiny: None,
             schedule,
             pool: ThreadPool::new(threads.max(1)),
         })
+    }
+
+    /// Preview with `tiny` (a TAESD for this pipeline's latents) instead
+    /// of the fixed latent-to-RGB map. Refused for a model without a VAE,
+    /// or whose VAE's latents are not the TAESD's shape.
+    pub fn set_previewer(&mut self, tiny: TinyDecoder) -> Result<(), ImageError> {
+        match &self.vae {
+            Some(v) if v.latent_channels == tiny.latent_channels && v.scale == tiny.scale => {
+                self.tiny = Some(tiny);
+                Ok(())
+            }
+            Some(v) => Err(ImageError::Request(format!(
+                "a TAESD for {} latent channels at {}× does not fit a VAE of {} at {}×",
+                tiny.latent_channels, tiny.scale, v.latent_channels, v.scale
+            ))),
+            None => Err(ImageError::Request(
+                "this model denoises pixels; it needs no TAESD".into(),
+            )),
+        }
+    }
+
+    /// Whether previews go through a TAESD.
+    pub fn has_previewer(&self) -> bool {
+        self.tiny.is_some()
     }
 
     /// Whether prompts in Chinese reach the text encoder as meaning (else
@@ -435,7 +504,7 @@ impl Pipeline {
         self.scale() * self.unet.downsampling()
     }
 
-    pub fn tokenizer(&self) -> &ClipTokenizer {
+    pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
@@ -447,7 +516,7 @@ impl Pipeline {
 
     /// One UNet call: the model's output for latents `x` at timestep `t`.
     pub fn unet(&self, x: &Feat, t: f32, ctx: &[f32]) -> Feat {
-        let ctx_len = ctx.len() / (x.n * self.text.dim);
+        let ctx_len = ctx.len() / (x.n * self.text.dim());
         self.unet.forward(&self.pool, x, t, ctx, ctx_len)
     }
 
@@ -676,6 +745,7 @@ impl Pipeline {
                 steps: steps - start,
                 latents: &x,
                 pixels: self.vae.is_none(),
+                tiny: self.tiny.as_ref().map(|t| (t, &self.pool)),
             }) {
                 return Err(ImageError::Cancelled);
             }

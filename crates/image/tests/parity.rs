@@ -451,3 +451,177 @@ fn lcm_matches_diffusers() {
         p.generate(&r, &mut |_| true).unwrap()
     );
 }
+
+fn parts_fixture() -> Value {
+    let text = std::fs::read_to_string(data().join("tiny_parts.json")).expect("fixture");
+    serde_json::from_str(&text).expect("fixture JSON")
+}
+
+/// TAESD (diffusers' `AutoencoderTiny`) decodes latents as diffusers does,
+/// in the tiny pipeline's shape (2× up) and in TAESD's own (8× up); read
+/// from a diffusers directory or from the one weights file.
+#[test]
+fn taesd_decodes_as_diffusers_does() {
+    use hanlin_image::taesd::TinyDecoder;
+    let f = parts_fixture();
+    let shape = ids(&f["taesd_shape"]);
+    let (c, h, w) = (shape[1] as usize, shape[2] as usize, shape[3] as usize);
+    let z = Feat::from_nchw(1, c, h, w, &floats(&f["taesd_latents"]));
+    let pool = hanlin_kernels::pool::ThreadPool::new(2);
+    for (name, scale) in [("tiny-taesd", 2), ("tiny-taesd-sd", 8)] {
+        let dir = data().join(name);
+        let file = dir.join("diffusion_pytorch_model.safetensors");
+        assert!(
+            hanlin_image::taesd::is_file(&file),
+            "{name} is a TAESD file"
+        );
+        for path in [&dir, &file] {
+            let t = TinyDecoder::load(path).expect("TAESD loads");
+            assert_eq!((t.scale, t.latent_channels), (scale, 4), "{name}");
+            let img = t.decode(&pool, &z);
+            assert_eq!((img.h, img.w, img.c), (h * scale, w * scale, 3));
+            // diffusers gives [-1, 1]; Hanlin [0, 1].
+            let got: Vec<f32> = img.to_nchw().iter().map(|v| v * 2.0 - 1.0).collect();
+            close(
+                &format!("{name} decode"),
+                &got,
+                &floats(&f[name]),
+                0.03,
+                0.02,
+            );
+        }
+    }
+    // A checkpoint is not a TAESD.
+    assert!(!hanlin_image::taesd::is_file(
+        &data().join("tiny-sd.safetensors")
+    ));
+}
+
+/// With a TAESD, a step's preview is the TAESD's picture of the latents
+/// (the fixed latent-to-RGB map gives one pixel per latent); one that does
+/// not fit the VAE is refused.
+#[test]
+fn previews_go_through_a_fitting_taesd() {
+    use hanlin_image::taesd::TinyDecoder;
+    let mut p = pipeline();
+    let wrong = TinyDecoder::load(&data().join("tiny-taesd-sd")).expect("loads");
+    let e = p
+        .set_previewer(wrong)
+        .expect_err("8× does not fit a 2× VAE");
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    let mut r = p.request("a red circle");
+    (r.width, r.height, r.steps) = (32, 32, 2);
+    let mut sizes = Vec::new();
+    p.run(&r, &mut |s| {
+        let i = s.preview();
+        sizes.push((i.width, i.height));
+        true
+    })
+    .expect("runs");
+    assert_eq!(sizes, vec![(16, 16); 2], "one pixel per latent");
+    let tiny = TinyDecoder::load(&data().join("tiny-taesd")).expect("loads");
+    p.set_previewer(tiny).expect("fits");
+    assert!(p.has_previewer());
+    let t = TinyDecoder::load(&data().join("tiny-taesd")).expect("loads");
+    let pool = hanlin_kernels::pool::ThreadPool::new(1);
+    let mut previews = Vec::new();
+    let img = p
+        .run(&r, &mut |s| {
+            let want = hanlin_image::Image::from_unit(&t.decode(&pool, s.latents));
+            previews.push(s.preview() == want);
+            true
+        })
+        .expect("runs");
+    assert_eq!(previews, vec![true; 2]);
+    assert_eq!((img.w, img.h), (32, 32));
+}
+
+/// A Chinese BERT and its WordPiece tokenizer (as Taiyi's pipeline has)
+/// in place of CLIP: ids as transformers' `BertTokenizer` gives them
+/// (Chinese characters one by one, lower case, accents stripped, `##`
+/// pieces, unknown words), BERT's last hidden state, and a whole guided
+/// Euler run as diffusers' `StableDiffusionPipeline` draws it.
+#[test]
+fn a_bert_text_encoder_matches_transformers_and_diffusers() {
+    let f = parts_fixture();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tiny_copy(tmp.path());
+    for part in ["text_encoder", "tokenizer"] {
+        std::fs::remove_dir_all(dir.join(part)).expect("rm");
+        std::fs::create_dir_all(dir.join(part)).expect("mkdir");
+        for e in std::fs::read_dir(data().join("tiny-bert").join(part)).expect("ls") {
+            let e = e.expect("entry").path();
+            std::fs::copy(&e, dir.join(part).join(e.file_name().expect("name"))).expect("cp");
+        }
+    }
+    let p = Pipeline::load(&dir, 2).expect("the pipeline with BERT loads");
+    assert!(p.reads_chinese(), "a Chinese vocabulary reads Chinese");
+    assert_eq!(p.tokenizer().max_len(), 24);
+    for (prompt, want) in f["bert_prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .zip(f["bert_ids"].as_array().expect("ids"))
+    {
+        let prompt = prompt.as_str().expect("prompt");
+        assert_eq!(
+            p.tokenizer().encode(prompt).expect("encodes"),
+            ids(want),
+            "{prompt:?}"
+        );
+    }
+    let first = f["bert_prompts"][0].as_str().expect("prompt");
+    let hidden = p.encode_text(first).expect("encodes");
+    close(
+        "BERT hidden state",
+        &hidden,
+        &floats(&f["bert_hidden"]),
+        0.03,
+        0.02,
+    );
+
+    let run = &f["bert_run"];
+    let mut r = Request::new(run["prompt"].as_str().expect("prompt"));
+    r.negative = run["negative"].as_str().expect("negative").into();
+    r.steps = run["steps"].as_u64().expect("steps") as usize;
+    r.guidance = run["guidance"].as_f64().expect("guidance") as f32;
+    r.sampler = Sampler::Euler;
+    (r.width, r.height) = (32, 32);
+    r.latents = Some(floats(&run["latents"]));
+    let img = p.run(&r, &mut |_| true).expect("runs");
+    close(
+        "BERT pipeline image",
+        &img.data,
+        &floats(&run["image"]),
+        0.05,
+        0.03,
+    );
+}
+
+/// A TAESD pulled into the store is not listed as an image model; a
+/// pipeline opened through the store previews with it when it fits.
+#[test]
+fn a_pulled_taesd_is_a_previewer_not_an_image_model() {
+    let home = tempfile::tempdir().expect("tmp");
+    let store = hanlin_store::Store::open(home.path()).expect("store");
+    store
+        .import_file("tiny-ckpt", &data().join("tiny-sd.safetensors"))
+        .expect("import");
+    store
+        .import_file(
+            "taesd",
+            &data().join("tiny-taesd/diffusion_pytorch_model.safetensors"),
+        )
+        .expect("import");
+    assert_eq!(
+        hanlin_image::installed(&store).expect("list"),
+        vec!["tiny-ckpt".to_string()]
+    );
+    assert_eq!(
+        hanlin_image::previewers(&store).expect("list"),
+        vec!["taesd".to_string()]
+    );
+    let tiny = data().join("tiny-sd");
+    let p = hanlin_image::open(&store, tiny.to_str(), 1, false).expect("opens");
+    assert!(p.has_previewer(), "the pulled TAESD fits the tiny pipeline");
+}

@@ -433,8 +433,8 @@ pub(crate) async fn prepare(
 
 /// Run one image through the model's queue at `priority`, meter it on
 /// `request` once it is finished, and return it as PNG. `gone` stops it
-/// (the caller left); `progress` gets each step (with a small preview of
-/// the latents).
+/// (the caller left); `progress` gets each step (with a small preview:
+/// a TAESD's picture when one is pulled, else the latents mapped to RGB).
 pub(crate) async fn generate(
     queue: &Queue,
     request: &mut hanlin_gateway::Request,

@@ -35,14 +35,27 @@ impl HfFile {
         })
     }
 
-    /// A store name derived from the file name.
+    /// A store name derived from the file name; a file named as every
+    /// repository names its weights (`diffusion_pytorch_model`, `model`)
+    /// takes the repository's name instead, and its folder's.
     pub fn local_name(&self) -> String {
-        let file = self.path.rsplit('/').next().unwrap_or(&self.path);
+        let (folder, file) = self.path.rsplit_once('/').unwrap_or(("", &self.path));
         let stem = [".gguf", ".safetensors"]
             .iter()
             .find_map(|ext| file.strip_suffix(ext))
             .unwrap_or(file);
-        store_name(stem)
+        let generic = ["diffusion_pytorch_model", "model", "pytorch_model"]
+            .contains(&stem.trim_end_matches(".fp16"));
+        if !generic {
+            return store_name(stem);
+        }
+        let repo = self.repo.rsplit('/').next().unwrap_or(&self.repo);
+        let folder = folder.rsplit('/').next().unwrap_or("");
+        let variant = if stem.ends_with(".fp16") { ".fp16" } else { "" };
+        match folder {
+            "" => store_name(&format!("{repo}{variant}")),
+            f => store_name(&format!("{repo}-{f}{variant}")),
+        }
     }
 
     pub fn url(&self, endpoint: &str) -> String {
@@ -617,6 +630,13 @@ mod tests {
         assert!(HfFile::parse("just-a-name").is_err());
         let sd = HfFile::parse("org/sd/v1-5-pruned-emaonly.safetensors").expect("parse");
         assert_eq!(sd.local_name(), "v1-5-pruned-emaonly");
+        // Weights named as every repository names them take the repository's name.
+        let tiny =
+            HfFile::parse("madebyollin/taesd/diffusion_pytorch_model.safetensors").expect("parse");
+        assert_eq!(tiny.local_name(), "taesd");
+        let vae = HfFile::parse("org/SD-Turbo/vae/diffusion_pytorch_model.fp16.safetensors")
+            .expect("parse");
+        assert_eq!(vae.local_name(), "sd-turbo-vae.fp16");
         assert!(HfFile::parse("a/../b").is_err());
     }
 

@@ -586,6 +586,36 @@ try {
     assert.equal((await page.inputValue("#input")).trim(), used);
     assert.equal(await page.getAttribute("#toggle-image", "aria-pressed"), "true");
     await page.fill("#input", "");
+    // "Edit this picture": it waits above the composer, and the next prompt
+    // redraws it; the user's message shows the picture it started from.
+    const drawn = await lastReply(page).locator(".body img").getAttribute("src");
+    await lastReply(page).locator("button.redraw").click();
+    await page.waitForSelector("#edit-from:not([hidden]) img");
+    assert.equal(await page.getAttribute("#edit-from img", "src"), drawn);
+    await sendMessage(page, "a red cat");
+    await page.waitForFunction((drawn) => {
+      const users = [...document.querySelectorAll(".msg.user")];
+      const src = users.length && users.pop().querySelector("img.source");
+      const m = [...document.querySelectorAll('.msg.assistant[data-status="done"] .body')].pop();
+      const img = m && m.querySelector("img:not(.preview)");
+      return src && src.getAttribute("src") === drawn && img && img.complete && img.naturalWidth > 0 && img.getAttribute("src") !== drawn;
+    }, drawn, { timeout: 60000 });
+    assert.ok(await page.isHidden("#edit-from"), "the picture is used once");
+    assert.match(await page.locator(".msg.user .body").last().textContent(), /a red cat/);
+    // A picture of the user's own (any format the browser reads, sent as PNG).
+    const mine = await page.screenshot({ clip: { x: 0, y: 0, width: 48, height: 40 } });
+    await page.setInputFiles("#picture-file", { name: "mine.png", mimeType: "image/png", buffer: mine });
+    await page.waitForSelector("#edit-from:not([hidden]) img[src^='data:image/png']");
+    await sendMessage(page, "a sunny day");
+    await page.waitForFunction(() => {
+      const msgs = [...document.querySelectorAll(".msg")];
+      const [user, reply] = msgs.slice(-2);
+      const src = user && user.classList.contains("user") && user.textContent.includes("a sunny day") && user.querySelector("img.source");
+      const img = reply && reply.dataset.status === "done" && reply.querySelector(".body img:not(.preview)");
+      return src && /^\/v1\/files\/file-/.test(src.getAttribute("src")) && src.complete && src.naturalWidth > 0
+        && img && img.complete && img.naturalWidth > 0;
+    }, null, { timeout: 60000 });
+    await shot(page, "13b-image-redraw");
     // Kept across a reload; image mode off again for the steps after.
     await page.reload();
     await page.waitForSelector(".msg.assistant .body img");

@@ -345,7 +345,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/conversations/{id}/messages", post(web::send_message))
         .route(
             "/api/conversations/{id}/images",
-            post(web::conversation_image),
+            post(web::conversation_image).layer(DefaultBodyLimit::max(web::images::MAX_ASK_BYTES)),
         )
         .route(
             "/api/conversations/{id}/export",

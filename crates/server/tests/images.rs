@@ -267,6 +267,34 @@ async fn a_model_s_own_steps_are_the_default_and_quality_scales_them() {
     }
 }
 
+/// The events of one image-mode request.
+async fn draw_events(b: &common::Browser, conv: &str, body: Value) -> Vec<Value> {
+    let r = b
+        .req(Method::POST, &format!("/api/conversations/{conv}/images"))
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    r.text()
+        .await
+        .expect("body")
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("event json"))
+        .collect()
+}
+
+/// The first picture link in a message.
+fn link_of(content: &str) -> String {
+    content
+        .split("](")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("an image link in {content}"))
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
     let srv = start_with(drawing_with_a_chat_model).await;
@@ -373,13 +401,125 @@ async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
         usage["plan"]["images_per_day"].as_i64() > Some(1),
         "{usage}"
     );
-    // …and goes with it.
+    // Redrawing the picture just drawn, by its URL: the user's message
+    // shows it above the prompt, and the reply is a new picture.
+    let events = draw_events(
+        &b,
+        &conv,
+        json!({"prompt": "a red cat", "image": url, "strength": 0.6, "steps": 5, "seed": 3}),
+    )
+    .await;
+    let shown = events[0]["message"]["content"]
+        .as_str()
+        .expect("user message");
+    assert_eq!(shown, format!("![picture]({url})\n\na red cat"));
+    let done = events.last().expect("events");
+    assert_eq!(done["type"], "done", "{events:?}");
+    // strength 0.6 of 5 steps: the last 3 run.
+    let steps = events.iter().filter(|e| e["type"] == "progress").count();
+    assert_eq!(steps, 3, "{events:?}");
+    let redrawn = link_of(done["content"].as_str().expect("content"));
+    assert_ne!(redrawn, url);
+    // A picture sent with the request (a PNG whose clear pixels are
+    // painted): kept as the user's, shown in the message, and the rest of
+    // it comes back exactly.
+    let (png, px) = rgba_png(32, 32, |x, _| x >= 16);
+    let data = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let events = draw_events(
+        &b,
+        &conv,
+        json!({"prompt": "a sun", "image": data, "steps": 3}),
+    )
+    .await;
+    let shown = events[0]["message"]["content"]
+        .as_str()
+        .expect("user message");
+    let sent = link_of(shown);
+    let got = b.req(Method::GET, &sent).send().await.expect("get");
+    assert_eq!(got.bytes().await.expect("bytes").as_ref(), png.as_slice());
+    let done = events.last().expect("events");
+    assert_eq!(done["type"], "done", "{events:?}");
+    let out = b
+        .req(
+            Method::GET,
+            &link_of(done["content"].as_str().expect("content")),
+        )
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
+    let rgb = png_rgb(&out);
+    for y in 0..32usize {
+        for x in 0..16usize {
+            let (o, i) = ((y * 32 + x) * 3, (y * 32 + x) * 4);
+            assert_eq!(rgb[o..o + 3], px[i..i + 3], "kept pixel ({x}, {y})");
+        }
+    }
+    // Bad pictures are refused before anything is stored; another user's
+    // picture is nobody's.
+    let (b2, _) = common::Browser::register(base, "旁人", "correct horse battery").await;
+    let (_, conv3) = b2
+        .json(
+            Method::POST,
+            "/api/conversations",
+            Some(json!({"model": common::MODEL})),
+        )
+        .await;
+    let conv3 = conv3["id"].as_str().expect("id").to_string();
+    for (image, says) in [
+        (json!(url), "No such picture"),
+        (json!("data:image/png;base64,@@@"), "base64"),
+        (json!("data:image/jpeg;base64,AAAA"), "PNG"),
+        (json!("data:image/png;base64,AAAA"), "image"),
+        (json!("https://example.com/cat.png"), "data URL"),
+    ] {
+        let (s, e) = b2
+            .json(
+                Method::POST,
+                &format!("/api/conversations/{conv3}/images"),
+                Some(json!({"prompt": "a cat", "image": image})),
+            )
+            .await;
+        assert_eq!(
+            (s, e["error"]["param"].as_str()),
+            (400, Some("image")),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap_or("").contains(says),
+            "{e}"
+        );
+    }
+    let (s, e) = b2
+        .json(
+            Method::POST,
+            &format!("/api/conversations/{conv3}/images"),
+            Some(json!({"prompt": "a cat", "image": data, "strength": 1.5})),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("strength")),
+        "{e}"
+    );
+    let (_, c) = b2
+        .json(Method::GET, &format!("/api/conversations/{conv3}"), None)
+        .await;
+    assert_eq!(c["messages"].as_array().map(Vec::len), Some(0), "{c}");
+    // …and goes with it, with the pictures sent to it.
     let (s, _) = b
         .json(Method::DELETE, &format!("/api/conversations/{conv}"), None)
         .await;
     assert_eq!(s, 200);
-    let got = b.req(Method::GET, &url).send().await.expect("get");
-    assert_eq!(got.status(), 404);
+    for gone in [&url, &redrawn, &sent] {
+        let got = b.req(Method::GET, gone).send().await.expect("get");
+        assert_eq!(got.status(), 404, "{gone}");
+    }
     // A bad request is refused before anything is stored.
     let (_, conv2) = b
         .json(

@@ -271,7 +271,9 @@ function renderMessages() {
 function messageView(m) {
   const body = el("div", { class: "body" });
   const steps = m.role === "assistant" && Array.isArray(m.tools) && m.tools.length ? toolSteps(m.tools) : null;
+  const redrawn = m.role === "user" ? pictureOf(m.content) : null;
   if (m.role === "assistant") renderMarkdown(body, m.content || (m.status === "streaming" ? t("thinking") : ""));
+  else if (redrawn) body.replaceChildren(el("img", { class: "source", src: redrawn.src, alt: "" }), el("div", { text: redrawn.text }));
   else body.textContent = m.content;
   const view = el("div", { class: "msg " + m.role + (m.status !== "done" ? " " + m.status : ""), "data-id": m.id, "data-status": m.status }, ...(steps ? [steps, body] : [body]));
   if (m.role === "assistant" && m.sources) {
@@ -295,9 +297,11 @@ function messageView(m) {
   } else if (m.role === "assistant" && imageUrl(m.content)) {
     // A picture from image mode: download it, or draw the prompt again.
     const prompt = state.byId.get(m.parent_id);
+    const asked = prompt && (pictureOf(prompt.content) || { src: null, text: prompt.content });
     bar.append(
       el("a", { class: "link download", text: t("download"), href: imageUrl(m.content), download: "hanlin-image.png" }),
-      el("button", { class: "link again", text: t("anotherSeed"), onclick: () => prompt && draw(prompt.content, prompt.parent_id || null) }));
+      el("button", { class: "link again", text: t("anotherSeed"), onclick: () => asked && draw(asked.text, prompt.parent_id || null, asked.src && { src: asked.src }) }),
+      el("button", { class: "link redraw", text: t("editPicture"), onclick: () => redrawFrom(imageUrl(m.content)) }));
     const used = revisedPrompt(m.content);
     // The English prompt the chat model wrote: edit it and draw again.
     if (used) bar.append(el("button", { class: "link edit-prompt", text: t("editPrompt"), onclick: () => editPrompt(used) }));
@@ -322,11 +326,14 @@ function startEdit(m, view) {
   if (state.streaming) return;
   const body = view.querySelector(".body");
   const ta = el("textarea", { class: "edit-box", rows: "3" });
-  ta.value = m.content;
+  // A redraw's prompt is edited without its picture, and redraws it again.
+  const redrawn = pictureOf(m.content);
+  ta.value = redrawn ? redrawn.text : m.content;
   const save = el("button", { class: "primary save-edit", text: t("saveAndSend"), onclick: async () => {
     const text = ta.value.trim();
     if (!text) return;
-    await send(text, m.parent_id || null);
+    if (redrawn) await draw(text, m.parent_id || null, { src: redrawn.src });
+    else await send(text, m.parent_id || null);
   } });
   const cancel = el("button", { text: t("cancel"), onclick: () => renderMessages() });
   body.replaceChildren(ta, el("div", { class: "row" }, cancel, save));
@@ -541,10 +548,65 @@ async function refreshImageQuota() {
   autoGrow();
 }
 
-/** Image mode: draw `prompt` into the conversation under `parentId`, showing the denoising as it goes. */
-async function draw(prompt, parentId) {
+/** A user's image-mode message that redraws a picture (the server writes
+ * it as the picture's link, a blank line, then the prompt): {src, text},
+ * or null. */
+function pictureOf(content) {
+  const m = /^!\[[^\]]*\]\((\/v1\/files\/[A-Za-z0-9_-]+\/content)\)\n\n([\s\S]*)$/.exec(content || "");
+  return m ? { src: m[1], text: m[2] } : null;
+}
+
+/** Redraw `src` next (a stored picture's URL or a PNG data URL): image
+ * mode on, the picture shown above the composer with how much to change. */
+function redrawFrom(src) {
+  state.editFrom = src ? { src } : null;
+  if (src) { state.imageMode = true; renderImageToggle(); $("#input").focus(); }
+  renderEditFrom();
+}
+
+function renderEditFrom() {
+  const box = $("#edit-from");
+  const f = state.imageMode && state.editFrom;
+  $("#attach-picture").hidden = !state.imageMode;
+  box.hidden = !f;
+  if (!f) { box.replaceChildren(); return; }
+  const strength = el("input", { type: "range", id: "edit-strength", min: "0.3", max: "1", step: "0.05", value: String(state.strength || 0.8), "aria-label": t("changeHowMuch") });
+  strength.addEventListener("input", () => { state.strength = Number(strength.value); });
+  box.replaceChildren(
+    el("img", { src: f.src, alt: "" }),
+    el("span", { class: "muted small", text: t("redrawing") }),
+    el("label", { class: "muted small", for: "edit-strength", text: t("changeHowMuch") }), strength,
+    el("button", { type: "button", class: "icon clear-edit", "aria-label": t("cancel"), text: "✕", onclick: () => redrawFrom(null) }));
+}
+
+/** A picture the user chose, as a PNG data URL at most 1024 pixels on a side
+ * (decoded without a URL, which the page's content policy would refuse). */
+async function pictureAsPng(file) {
+  let img;
+  try {
+    img = await createImageBitmap(file);
+  } catch (_) {
+    throw new Error(t("notAPicture"));
+  }
+  const k = Math.min(1, 1024 / Math.max(img.width, img.height));
+  const c = document.createElement("canvas");
+  c.width = Math.max(1, Math.round(img.width * k));
+  c.height = Math.max(1, Math.round(img.height * k));
+  c.getContext("2d").drawImage(img, 0, 0, c.width, c.height);
+  img.close();
+  return c.toDataURL("image/png");
+}
+
+/** Image mode: draw `prompt` into the conversation under `parentId` (redrawing
+ * `from.src` when given), showing the denoising as it goes. */
+async function draw(prompt, parentId, from) {
   if (state.streaming) return;
-  await streamReply("images", { prompt, parent_id: parentId }, prompt, {
+  const payload = { prompt, parent_id: parentId };
+  if (from && from.src) {
+    payload.image = from.src;
+    if (state.strength) payload.strength = state.strength;
+  }
+  await streamReply("images", payload, prompt, {
     assistant() {},
     event(ev, reply) {
       if (ev.type !== "progress") return;
@@ -570,6 +632,7 @@ function renderImageToggle() {
   b.setAttribute("aria-pressed", on ? "true" : "false");
   b.classList.toggle("on", on);
   $("#input").placeholder = on ? t("imagePlaceholder") : t("messagePlaceholder");
+  renderEditFrom();
   if (on) refreshImageQuota(); else autoGrow();
 }
 
@@ -1121,7 +1184,11 @@ function wire() {
     if (!text) return;
     const path = currentPath();
     const parent = path.length ? path[path.length - 1].id : null;
-    if (state.imageMode) draw(text, parent); else send(text, parent);
+    if (state.imageMode) {
+      const from = state.editFrom;
+      redrawFrom(null);
+      draw(text, parent, from);
+    } else send(text, parent);
   });
   $("#input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("#composer").requestSubmit(); }
@@ -1159,6 +1226,13 @@ function wire() {
   $("#mcp-add").addEventListener("click", addMcp);
   $("#toggle-tools").addEventListener("click", () => toggleTools().catch((e) => notice(e.message, "error")));
   $("#toggle-image").addEventListener("click", () => { state.imageMode = !state.imageMode; renderImageToggle(); $("#input").focus(); });
+  $("#attach-picture").addEventListener("click", () => $("#picture-file").click());
+  $("#picture-file").addEventListener("change", async (e) => {
+    const file = e.target.files && e.target.files[0];
+    e.target.value = "";
+    if (!file) return;
+    try { redrawFrom(await pictureAsPng(file)); } catch (err) { notice(err.message, "error"); }
+  });
   $("#kb-create").addEventListener("click", () => kbAction(async () => {
     const name = $("#kb-new-name").value.trim();
     if (!name) return;

@@ -8,7 +8,7 @@ const STRINGS = {
     manageKbs: "Manage (admin)", kbName: "New knowledge base name", createKb: "Create", uploadFiles: "Upload files…", addFeed: "Add RSS/Atom feed",
     useHere: "Use here", documents: "Documents", feeds: "Feeds", searchOff: "Search: off", searchOn: "Search: {names}", noKbs: "No knowledge bases yet.",
     uploaded: "{file}: {added} added, {duplicates} duplicates", feedAdded: "Feed added; first poll within seconds.", sources: "Sources", feedFailing: "failing",
-    imageOff: "Draw: off", imageOn: "Draw: on", imageHelp: "Draw pictures: your message becomes the prompt of the image model ({model}).", imagePlaceholder: "Describe the picture…", drawing: "Drawing… step {i} of {n}", download: "Download", anotherSeed: "Again, another seed", editPrompt: "Edit the English prompt",
+    imageOff: "Draw: off", imageOn: "Draw: on", imageHelp: "Draw pictures: your message becomes the prompt of the image model ({model}).", imagePlaceholder: "Describe the picture…", drawing: "Drawing… step {i} of {n}", download: "Download", anotherSeed: "Again, another seed", editPrompt: "Edit the English prompt", editPicture: "Edit this picture", redrawing: "Redrawing this picture", changeHowMuch: "How much to change", attachPicture: "Redraw a picture of yours", notAPicture: "That file is not a picture this browser can read.",
     toolsOff: "Tools: off", toolsOn: "Tools: on", toolsHelp: "Let the assistant run tools ({names}): exact arithmetic, dates, your knowledge bases and the MCP servers an admin added.", noTools: "This server offers no tools.",
     toolSteps: "Used tools: {n} steps", tool_calculator: "Calculator", tool_datetime: "Date and time", tool_search_knowledge: "Knowledge search", toolRunning: "running…", toolArgs: "Arguments", toolResult: "Result",
     mcpServers: "MCP servers", mcpHelp: "Their tools join the assistant's (as server__tool). Servers that run a program are set in the settings file only.", mcpName: "name", mcpPlans: "plans (all)", add: "Add", test: "Test", remove: "Remove", origin: "From", everyone: "everyone",
@@ -57,7 +57,7 @@ const STRINGS = {
     manageKbs: "管理（管理员）", kbName: "新知识库名称", createKb: "创建", uploadFiles: "上传文件…", addFeed: "添加 RSS/Atom 订阅",
     useHere: "用于本对话", documents: "文档", feeds: "订阅", searchOff: "搜索：关", searchOn: "搜索：{names}", noKbs: "还没有知识库。",
     uploaded: "{file}：新增 {added}，重复 {duplicates}", feedAdded: "已添加订阅，几秒内首次抓取。", sources: "来源", feedFailing: "抓取失败",
-    imageOff: "画图：关", imageOn: "画图：开", imageHelp: "画图：你的消息就是图像模型（{model}）的提示词。", imagePlaceholder: "描述你想要的画面……", drawing: "正在画……第 {i}/{n} 步", download: "下载", anotherSeed: "换个种子再画", editPrompt: "修改英文提示词",
+    imageOff: "画图：关", imageOn: "画图：开", imageHelp: "画图：你的消息就是图像模型（{model}）的提示词。", imagePlaceholder: "描述你想要的画面……", drawing: "正在画……第 {i}/{n} 步", download: "下载", anotherSeed: "换个种子再画", editPrompt: "修改英文提示词", editPicture: "编辑这张图", redrawing: "重画这张图", changeHowMuch: "改动多少", attachPicture: "重画你的一张图片", notAPicture: "浏览器读不出这个文件里的图片。",
     toolsOff: "工具：关", toolsOn: "工具：开", toolsHelp: "让助手调用工具（{names}）：精确计算、日期、你的知识库，以及管理员添加的 MCP 服务。", noTools: "本服务器没有可用的工具。",
     toolSteps: "使用了工具：{n} 步", tool_calculator: "计算器", tool_datetime: "日期时间", tool_search_knowledge: "知识库检索", toolRunning: "运行中…", toolArgs: "参数", toolResult: "结果",
     mcpServers: "MCP 服务", mcpHelp: "其工具加入助手的工具（名为 服务__工具）。运行程序的服务只能在配置文件中设置。", mcpName: "名称", mcpPlans: "套餐（全部）", add: "添加", test: "测试", remove: "删除", origin: "来源", everyone: "所有人",
@@ -118,11 +118,12 @@ function t(key, vars) {
   return s;
 }
 
-/** Fill every `data-i18n` element's text and `data-i18n-placeholder` placeholder. */
+/** Fill every `data-i18n` element's text, `data-i18n-placeholder` placeholder and `data-i18n-title` title. */
 function applyLanguage() {
   document.documentElement.lang = LANG === "zh" ? "zh-CN" : "en";
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
   for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of document.querySelectorAll("[data-i18n-title]")) { el.title = t(el.dataset.i18nTitle); el.setAttribute("aria-label", el.title); }
 }
 
 function setLanguage(lang) {

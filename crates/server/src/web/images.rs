@@ -1,5 +1,6 @@
 //! The web app's image mode: `POST /api/conversations/{id}/images` draws
-//! the prompt with the server's image model and keeps the picture in the
+//! the prompt with the server's image model, or redraws a picture the user
+//! sent or drew before (image-to-image), and keeps the picture in the
 //! conversation. The same checks, queue and metering as
 //! `/v1/images/generations` (`crate::images`); the events: `user`,
 //! `assistant` (the stored records), `progress` (step, steps and a small
@@ -20,6 +21,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use hanlin_accounts::chats::{MessageRole, MessageStatus};
 use hanlin_gateway::Endpoint;
+use hanlin_image::picture;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -36,6 +38,76 @@ pub struct ImageAsk {
     size: Option<String>,
     seed: Option<u64>,
     steps: Option<usize>,
+    /// A picture to redraw (image-to-image; its transparent pixels, if
+    /// any, are painted and the rest kept): a PNG as a `data:` URL (the app
+    /// converts other formats), or one of the user's stored pictures as
+    /// `/v1/files/{id}/content`.
+    image: Option<String>,
+    /// How far the picture is noised before it is redrawn (above 0, at
+    /// most 1; default 0.8, or 1 where transparent).
+    strength: Option<f32>,
+}
+
+/// The largest body of an image-mode request: a PNG of
+/// [`picture::MAX_PICTURE_BYTES`] in base64, and the rest.
+pub const MAX_ASK_BYTES: usize = picture::MAX_PICTURE_BYTES / 3 * 4 + (1 << 20);
+
+/// Where the picture to redraw comes from.
+enum Source {
+    /// Sent with the request: kept as the user's file once the request is
+    /// admitted.
+    Sent(Vec<u8>),
+    /// One of the user's stored pictures, by its URL.
+    Stored(String),
+}
+
+fn bad_image(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request(msg).param("image")
+}
+
+/// The picture `spec` names, decoded, and where it comes from.
+async fn source_picture(
+    st: &AppState,
+    user_id: &str,
+    spec: &str,
+) -> AppResult<(picture::Picture, Source)> {
+    use base64::Engine;
+    let (bytes, source) = if let Some(b64) = spec.strip_prefix("data:image/png;base64,") {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| bad_image("The picture is not valid base64."))?;
+        (bytes.clone(), Source::Sent(bytes))
+    } else if let Some(id) = spec
+        .strip_prefix("/v1/files/")
+        .and_then(|r| r.strip_suffix("/content"))
+    {
+        let f = st
+            .db
+            .file(id, Some(user_id))
+            .await?
+            .ok_or_else(|| bad_image(format!("No such picture: {id}.")))?;
+        if f.bytes as usize > picture::MAX_PICTURE_BYTES {
+            return Err(bad_image("The picture is larger than 16 MB."));
+        }
+        let bytes = tokio::fs::read(crate::files::path_of(st, &f.id))
+            .await
+            .map_err(|_| bad_image(format!("No such picture: {id}.")))?;
+        (bytes, Source::Stored(spec.to_string()))
+    } else if spec.starts_with("data:") {
+        return Err(bad_image("Send the picture as a PNG data URL."));
+    } else {
+        return Err(bad_image(
+            "'image' is a PNG data URL or /v1/files/{id}/content of your picture.",
+        ));
+    };
+    if bytes.len() > picture::MAX_PICTURE_BYTES {
+        return Err(bad_image("The picture is larger than 16 MB."));
+    }
+    let pic = tokio::task::spawn_blocking(move || picture::Picture::from_png(&bytes))
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the picture failed: {e}")))?
+        .map_err(|e| bad_image(format!("'image': {e}.")))?;
+    Ok((pic, source))
 }
 
 /// Starts the line of an image reply that gives the English prompt the
@@ -59,6 +131,19 @@ pub async fn conversation_image(
         .await?
         .ok_or_else(not_found)?;
     let caller = web_caller(&st, &s).await?;
+    let source = match b.image.as_deref().map(str::trim).filter(|i| !i.is_empty()) {
+        Some(spec) => Some(source_picture(&st, &s.user.id, spec).await?),
+        None => None,
+    };
+    let (start, source) = match source {
+        Some((pic, source)) => (
+            Some(picture::Start::new(pic, None, b.strength).map_err(|e| {
+                ApiError::bad_request(format!("'strength': {e}.")).param("strength")
+            })?),
+            Some(source),
+        ),
+        None => (None, None),
+    };
     if let Some(p) = &b.parent_id {
         let known = st.db.messages(&s.user.id, &id).await?.unwrap_or_default();
         if !known.iter().any(|m| &m.id == p) {
@@ -76,7 +161,7 @@ pub async fn conversation_image(
         sampler: None,
         seed: b.seed,
         revise: true,
-        start: None,
+        start,
     };
     let images::Prepared {
         mut request,
@@ -86,6 +171,20 @@ pub async fn conversation_image(
         revised,
     } = images::prepare(&st, &caller, None, &ask, Endpoint::Images).await?;
     let prompt = ask.prompt.trim().to_string();
+    // The user's message shows the picture redrawn, then the prompt.
+    let shown = match source {
+        Some(Source::Sent(png)) => {
+            let name = format!(
+                "{}source-{}.png",
+                file_prefix(&conv.id),
+                hanlin_accounts::random_token(12)
+            );
+            let id = images::keep_image(&st, &s.user.id, &name, &png).await?;
+            format!("![picture](/v1/files/{id}/content)\n\n{prompt}")
+        }
+        Some(Source::Stored(url)) => format!("![picture]({url})\n\n{prompt}"),
+        None => prompt.clone(),
+    };
     let user_msg = st
         .db
         .add_message(
@@ -93,7 +192,7 @@ pub async fn conversation_image(
             &conv.id,
             b.parent_id.as_deref(),
             MessageRole::User,
-            &prompt,
+            &shown,
             MessageStatus::Done,
             None,
         )

@@ -475,6 +475,16 @@ fn packed<B: Sync>(
                 let at = (g - range.start) * group_bytes;
                 let gp = data[at..at + group_bytes].as_ptr();
                 let mut t = t0;
+                while let Some(g8) = k.g8.filter(|_| t1 - t >= 8) {
+                    let o = kpack::Out {
+                        // In bounds: (t + 7) * rows + 8 * g + 7 < n_tok * rows.
+                        ptr: op.at(t * rows + 8 * g),
+                        stride: rows,
+                    };
+                    // SAFETY: as below, for eight tokens.
+                    unsafe { g8(gp, blocks, x.group(t), o) };
+                    t += 8;
+                }
                 while t < t1 {
                     let n = (t1 - t).min(4);
                     let o = kpack::Out {

@@ -139,7 +139,7 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         let dropped = pipe
             .tokenizer()
             .token_count(&r.prompt)?
-            .saturating_sub(pipe.tokenizer().max_len() - 2);
+            .saturating_sub(pipe.tokenizer().max_len - 2);
         if dropped > 0 {
             eprintln!("note: the text encoder reads 75 tokens; the last {dropped} tokens of the prompt are ignored");
         }

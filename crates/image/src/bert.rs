@@ -10,6 +10,7 @@
 //! attention and a GELU feed-forward.
 
 use crate::nn::{self, apply_rows, attention, LayerNorm};
+use crate::text::{special, tokenizer_config, Tokenizer};
 use crate::weights::{read_config, Weights};
 use crate::{bad, ImageError};
 use hanlin_kernels::linear::{gelu_erf, Linear};
@@ -18,127 +19,69 @@ use hanlin_kernels::pool::ThreadPool;
 use serde_json::{json, Value};
 use std::path::Path;
 
-pub struct WordPieceTokenizer {
-    tok: tokenizers::Tokenizer,
-    cls: u32,
-    sep: u32,
-    pad: u32,
-    /// Ids per prompt, with `[CLS]` and `[SEP]`.
-    pub max_len: usize,
+/// Whether a `tokenizer/` directory holds a WordPiece tokenizer.
+pub(crate) fn is_wordpiece(dir: &Path) -> bool {
+    dir.join("vocab.txt").exists()
+        || std::fs::read_to_string(dir.join("tokenizer.json"))
+            .is_ok_and(|t| t.contains("\"WordPiece\""))
 }
 
-impl WordPieceTokenizer {
-    /// A `tokenizer/` directory with `vocab.txt` (or `tokenizer.json`) and
-    /// `tokenizer_config.json`.
-    pub fn load(dir: &Path) -> Result<Self, ImageError> {
-        let config: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let special = |key: &str, default: &str| -> String {
-            match config.get(key) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Object(o)) => o
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .unwrap_or(default)
-                    .to_owned(),
-                _ => default.to_owned(),
+/// A BERT `tokenizer/` directory with `vocab.txt` (or `tokenizer.json`)
+/// and `tokenizer_config.json`: prompts framed by `[CLS]` and `[SEP]`,
+/// padded with `[PAD]` to `model_max_length` (512 when unsaid).
+pub(crate) fn wordpiece(dir: &Path) -> Result<Tokenizer, ImageError> {
+    let config = tokenizer_config(dir);
+    let vocab_path = dir.join("vocab.txt");
+    let mut tok = if vocab_path.exists() {
+        let text = std::fs::read_to_string(&vocab_path).map_err(|source| ImageError::Io {
+            path: vocab_path.display().to_string(),
+            source,
+        })?;
+        let mut vocab = serde_json::Map::new();
+        // One token a line; its id is the line number (a repeated token
+        // keeps its first id, as transformers keeps it).
+        for (i, t) in text.lines().enumerate() {
+            let t = t.trim_end_matches('\r');
+            if !vocab.contains_key(t) {
+                vocab.insert(t.to_owned(), Value::from(i as u64));
             }
-        };
-        let vocab_path = dir.join("vocab.txt");
-        let mut tok = if vocab_path.exists() {
-            let text = std::fs::read_to_string(&vocab_path).map_err(|source| ImageError::Io {
-                path: vocab_path.display().to_string(),
-                source,
-            })?;
-            let mut vocab = serde_json::Map::new();
-            // One token a line; its id is the line number (a repeated token
-            // keeps its first id, as transformers keeps it).
-            for (i, t) in text.lines().enumerate() {
-                let t = t.trim_end_matches('\r');
-                if !vocab.contains_key(t) {
-                    vocab.insert(t.to_owned(), Value::from(i as u64));
-                }
-            }
-            let lowercase = config
-                .get("do_lower_case")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            let spec = json!({
-                "version": "1.0",
-                "normalizer": {"type": "BertNormalizer", "clean_text": true,
-                    "handle_chinese_chars": config.get("tokenize_chinese_chars").and_then(Value::as_bool).unwrap_or(true),
-                    "strip_accents": config.get("strip_accents").and_then(Value::as_bool),
-                    "lowercase": lowercase},
-                "pre_tokenizer": {"type": "BertPreTokenizer"},
-                "model": {"type": "WordPiece", "unk_token": special("unk_token", "[UNK]"),
-                    "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
-                    "vocab": vocab},
-            });
-            tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-                .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", vocab_path.display())))?
-        } else {
-            let path = dir.join("tokenizer.json");
-            tokenizers::Tokenizer::from_file(&path)
-                .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?
-        };
-        // [CLS] and [SEP] are added here, with the cut to `max_len`.
-        tok.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
-        let id = |t: String| {
-            tok.token_to_id(&t)
-                .ok_or_else(|| bad(dir, format!("no id for {t:?}")))
-        };
-        let max_len = config
-            .get("model_max_length")
-            .and_then(Value::as_u64)
-            .filter(|&n| (3..=512).contains(&n))
-            .unwrap_or(512) as usize;
-        Ok(Self {
-            cls: id(special("cls_token", "[CLS]"))?,
-            sep: id(special("sep_token", "[SEP]"))?,
-            pad: id(special("pad_token", "[PAD]"))?,
-            tok,
-            max_len,
-        })
-    }
-
-    /// Whether a `tokenizer/` directory holds a WordPiece tokenizer.
-    pub fn is_in(dir: &Path) -> bool {
-        dir.join("vocab.txt").exists()
-            || std::fs::read_to_string(dir.join("tokenizer.json"))
-                .is_ok_and(|t| t.contains("\"WordPiece\""))
-    }
-
-    /// `max_len` ids: `[CLS]`, the prompt's pieces (cut to fit), `[SEP]`,
-    /// padding.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ImageError> {
-        let enc = self
-            .tok
-            .encode(text, false)
-            .map_err(|e| ImageError::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(self.max_len);
-        ids.push(self.cls);
-        ids.extend(enc.get_ids().iter().take(self.max_len - 2));
-        ids.push(self.sep);
-        ids.resize(self.max_len, self.pad);
-        Ok(ids)
-    }
-
-    /// How many pieces the prompt makes (those past `max_len - 2` are
-    /// dropped).
-    pub fn token_count(&self, text: &str) -> Result<usize, ImageError> {
-        Ok(self
-            .tok
-            .encode(text, false)
-            .map_err(|e| ImageError::Tokenizer(e.to_string()))?
-            .len())
-    }
-
-    /// Whether the vocabulary has Chinese characters.
-    pub fn reads_chinese(&self) -> bool {
-        self.tok.token_to_id("的").is_some()
-    }
+        }
+        let spec = json!({
+            "version": "1.0",
+            "normalizer": {"type": "BertNormalizer", "clean_text": true,
+                "handle_chinese_chars": config.get("tokenize_chinese_chars").and_then(Value::as_bool).unwrap_or(true),
+                "strip_accents": config.get("strip_accents").and_then(Value::as_bool),
+                "lowercase": config.get("do_lower_case").and_then(Value::as_bool).unwrap_or(true)},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "model": {"type": "WordPiece", "unk_token": special(&config, "unk_token", "[UNK]"),
+                "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+                "vocab": vocab},
+        });
+        tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
+            .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", vocab_path.display())))?
+    } else {
+        let path = dir.join("tokenizer.json");
+        tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?
+    };
+    // [CLS] and [SEP] are added by `Tokenizer::encode`, with the cut.
+    tok.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+    let id = |t: String| {
+        tok.token_to_id(&t)
+            .ok_or_else(|| bad(dir, format!("no id for {t:?}")))
+    };
+    let max_len = config
+        .get("model_max_length")
+        .and_then(Value::as_u64)
+        .filter(|&n| (3..=512).contains(&n))
+        .unwrap_or(512) as usize;
+    Ok(Tokenizer {
+        start: id(special(&config, "cls_token", "[CLS]"))?,
+        end: id(special(&config, "sep_token", "[SEP]"))?,
+        pad: id(special(&config, "pad_token", "[PAD]"))?,
+        tok,
+        max_len,
+    })
 }
 
 struct Layer {
@@ -275,22 +218,9 @@ impl BertEncoder {
     /// The last hidden state for `ids` (`ids.len() × dim`).
     pub fn forward(&self, pool: &ThreadPool, ids: &[u32]) -> Result<Vec<f32>, ImageError> {
         let (n, d) = (ids.len(), self.dim);
-        if n > self.max_pos {
-            return Err(ImageError::Request(format!(
-                "{n} tokens for a text encoder of {} positions",
-                self.max_pos
-            )));
-        }
-        let mut x = Vec::with_capacity(n * d);
-        for (p, &t) in ids.iter().enumerate() {
-            let t = t as usize;
-            if t >= self.vocab {
-                return Err(ImageError::Tokenizer(format!(
-                    "token {t} outside the vocabulary"
-                )));
-            }
-            x.extend((0..d).map(|c| self.word[t * d + c] + self.pos[p * d + c] + self.kind[c]));
-        }
+        let x = crate::text::embed(ids, (self.vocab, self.max_pos, d), |t, p, c| {
+            self.word[t * d + c] + self.pos[p * d + c] + self.kind[c]
+        })?;
         let mut x = self.emb_norm.apply(&x);
         for l in &self.layers {
             let qkv = apply_rows(pool, &l.qkv, &x, d);

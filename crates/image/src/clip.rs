@@ -4,6 +4,7 @@
 //! last hidden state (after the final layer norm) conditions the UNet.
 
 use crate::nn::{self, apply_rows};
+use crate::text::Tokenizer;
 use crate::weights::{read_config, Weights};
 use crate::{bad, ImageError};
 use hanlin_kernels::linear::{gelu_erf, layer_norm, Linear};
@@ -61,14 +62,8 @@ fn spec(vocab: Value, merges: Vec<String>, split_han: bool) -> Value {
     })
 }
 
-pub struct ClipTokenizer {
-    tok: tokenizers::Tokenizer,
-    bos: u32,
-    eos: u32,
-    pad: u32,
-    /// Ids per prompt, with the start and end tokens (77).
-    pub max_len: usize,
-}
+/// CLIP's tokenizer is a [`Tokenizer`] built from BPE files.
+pub type ClipTokenizer = Tokenizer;
 
 fn read_text(path: &Path) -> Result<String, ImageError> {
     std::fs::read_to_string(path).map_err(|source| ImageError::Io {
@@ -77,8 +72,14 @@ fn read_text(path: &Path) -> Result<String, ImageError> {
     })
 }
 
-impl ClipTokenizer {
-    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+/// A CLIP `tokenizer/` directory: `vocab.json`, `merges.txt` and
+/// `tokenizer_config.json`, or a `tokenizer.json`.
+pub(crate) fn bpe(dir: &Path) -> Result<Tokenizer, ImageError> {
+    Tokenizer::bpe(dir)
+}
+
+impl Tokenizer {
+    fn bpe(dir: &Path) -> Result<Self, ImageError> {
         let vocab_path = dir.join("vocab.json");
         if !vocab_path.exists() && dir.join("tokenizer.json").exists() {
             return Self::from_tokenizer_json(dir);
@@ -90,22 +91,8 @@ impl ClipTokenizer {
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
             .map(str::to_owned)
             .collect();
-        let config: Value = read_text(&dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let special = |key: &str, default: &str| -> String {
-            match config.get(key) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Object(o)) => o
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .unwrap_or(default)
-                    .to_owned(),
-                _ => default.to_owned(),
-            }
-        };
-        let pad = special("pad_token", "<|endoftext|>");
+        let config = crate::text::tokenizer_config(dir);
+        let pad = crate::text::special(&config, "pad_token", "<|endoftext|>");
         let max_len = config
             .get("model_max_length")
             .and_then(Value::as_u64)
@@ -142,8 +129,8 @@ impl ClipTokenizer {
             .map_err(|e| ImageError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
             tok,
-            bos,
-            eos,
+            start: bos,
+            end: eos,
             pad,
             max_len,
         })
@@ -152,7 +139,7 @@ impl ClipTokenizer {
     /// Learn a CLIP-style vocabulary of at most `vocab` entries from
     /// `texts` and write it to `dir` as `vocab.json`, `merges.txt` and
     /// `tokenizer_config.json` (prompts of `max_len` ids, each Chinese
-    /// character a word), the files [`ClipTokenizer::load`] reads.
+    /// character a word), the files [`Tokenizer::load`] reads.
     pub fn train(
         texts: &[String],
         vocab: usize,
@@ -200,11 +187,6 @@ impl ClipTokenizer {
             source,
         })?;
         Self::load(dir)
-    }
-
-    /// Ids in the vocabulary.
-    pub fn vocab_size(&self) -> usize {
-        self.tok.get_vocab_size(true)
     }
 
     /// From CLIP's original `bpe_simple_vocab_16e6.txt.gz` (the merges;
@@ -258,34 +240,11 @@ impl ClipTokenizer {
         let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         Ok(Self {
             tok,
-            bos,
-            eos,
+            start: bos,
+            end: eos,
             pad: eos,
             max_len: 77,
         })
-    }
-
-    /// `max_len` ids: start, the prompt's tokens (cut to fit), end, padding.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ImageError> {
-        let enc = self
-            .tok
-            .encode(text, false)
-            .map_err(|e| ImageError::Tokenizer(e.to_string()))?;
-        let mut ids = Vec::with_capacity(self.max_len);
-        ids.push(self.bos);
-        ids.extend(enc.get_ids().iter().take(self.max_len - 2));
-        ids.push(self.eos);
-        ids.resize(self.max_len, self.pad);
-        Ok(ids)
-    }
-
-    /// How many of the prompt's tokens fit (the rest is dropped).
-    pub fn token_count(&self, text: &str) -> Result<usize, ImageError> {
-        Ok(self
-            .tok
-            .encode(text, false)
-            .map_err(|e| ImageError::Tokenizer(e.to_string()))?
-            .len())
     }
 }
 
@@ -398,27 +357,9 @@ impl TextEncoder {
     /// The last hidden state for `ids` (`ids.len() × dim`).
     pub fn forward(&self, pool: &ThreadPool, ids: &[u32]) -> Result<Vec<f32>, ImageError> {
         let (n, d) = (ids.len(), self.dim);
-        if n > self.max_pos {
-            return Err(ImageError::Request(format!(
-                "{n} tokens for a text encoder of {} positions",
-                self.max_pos
-            )));
-        }
-        let mut x = Vec::with_capacity(n * d);
-        for (p, &t) in ids.iter().enumerate() {
-            let t = t as usize;
-            if t >= self.vocab {
-                return Err(ImageError::Tokenizer(format!(
-                    "token {t} outside the vocabulary"
-                )));
-            }
-            x.extend(
-                self.tok_emb[t * d..(t + 1) * d]
-                    .iter()
-                    .zip(&self.pos_emb[p * d..(p + 1) * d])
-                    .map(|(a, b)| a + b),
-            );
-        }
+        let mut x = crate::text::embed(ids, (self.vocab, self.max_pos, d), |t, p, c| {
+            self.tok_emb[t * d + c] + self.pos_emb[p * d + c]
+        })?;
         let hd = d / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
         for l in &self.layers {

@@ -386,7 +386,7 @@ impl Pipeline {
         tracing::info!(file = %file.display(), ms = t0.elapsed().as_millis() as u64, "image checkpoint loaded");
         Self::assemble(
             file,
-            tokenizer.into(),
+            tokenizer,
             text,
             unet,
             vae,

@@ -556,7 +556,7 @@ fn a_bert_text_encoder_matches_transformers_and_diffusers() {
     }
     let p = Pipeline::load(&dir, 2).expect("the pipeline with BERT loads");
     assert!(p.reads_chinese(), "a Chinese vocabulary reads Chinese");
-    assert_eq!(p.tokenizer().max_len(), 24);
+    assert_eq!(p.tokenizer().max_len, 24);
     for (prompt, want) in f["bert_prompts"]
         .as_array()
         .expect("prompts")

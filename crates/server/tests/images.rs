@@ -309,21 +309,12 @@ async fn the_web_app_draws_in_a_conversation_and_forgets_with_it() {
         .await;
     assert_eq!(s, 200, "{conv}");
     let conv = conv["id"].as_str().expect("id").to_string();
-    let r = b
-        .req(Method::POST, &format!("/api/conversations/{conv}/images"))
-        .json(&json!({"prompt": "画一只在西湖边的猫", "size": "32x32", "steps": 3, "seed": 11}))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), 200);
-    let events: Vec<Value> = r
-        .text()
-        .await
-        .expect("body")
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).expect("event json"))
-        .collect();
+    let events = draw_events(
+        &b,
+        &conv,
+        json!({"prompt": "画一只在西湖边的猫", "size": "32x32", "steps": 3, "seed": 11}),
+    )
+    .await;
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
     assert_eq!(
         kinds,

@@ -23,6 +23,13 @@ impl LoadedModel {
     pub fn load(path: &Path, threads: usize) -> Result<Arc<Self>, EngineError> {
         let model = Model::load(path)?;
         let tokenizer = Tokenizer::from_gguf(model.header())?;
+        // Building the tokenizer leaves megabytes freed but held by the
+        // allocator; a server keeps running long after.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         // Models without a template of their own get their family's format.
         let fallback = match model.cfg.arch {
             hanlin_arch::Arch::Gemma3 => GEMMA,

@@ -1,7 +1,11 @@
 //! Byte-level BPE (GPT-2 style) from GGUF vocabulary and merges.
 
 use crate::{TokenType, TokenizerError};
-use serde_json::json;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// GPT-2's reversible byte → printable-character table.
 pub(crate) fn byte_to_char() -> [char; 256] {
@@ -48,7 +52,7 @@ pub(crate) fn build(
     types: &[TokenType],
     merges: &[String],
     pre: &str,
-) -> Result<(tokenizers::Tokenizer, Vec<Vec<u8>>), TokenizerError> {
+) -> Result<(Both, Vec<Vec<u8>>), TokenizerError> {
     let table = byte_to_char();
     let mut inverse = std::collections::HashMap::new();
     for (b, c) in table.iter().enumerate() {
@@ -65,41 +69,102 @@ pub(crate) fn build(
             TokenType::Control | TokenType::UserDefined => t.as_bytes().to_vec(),
         })
         .collect();
-    let mut vocab = serde_json::Map::new();
+    // Built through the library's builders, not a JSON description: the
+    // description of a 151,936-token vocabulary and its merges (and its
+    // parse) briefly took more memory than the tokenizer itself.
+    let mut vocab = Vocab::default();
     for (i, t) in tokens.iter().enumerate() {
-        vocab.entry(t.clone()).or_insert(json!(i));
+        vocab.entry(t.clone()).or_insert(i as u32);
     }
-    let added: Vec<_> = tokens
+    let merges: Merges = merges
+        .iter()
+        .filter_map(|m| {
+            let (a, b) = m.split_once(' ')?;
+            Some((a.to_string(), b.to_string()))
+        })
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre == "llama3" || pre == "llama-bpe")
+        .build()
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let model = Shared(std::sync::Arc::new(bpe));
+    let mut pretok: Vec<PreTokenizerWrapper> = Vec::new();
+    for p in split_patterns(pre) {
+        let split = Split::new(
+            SplitPattern::Regex(p.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+        pretok.push(split.into());
+    }
+    pretok.push(ByteLevel::new(false, false, false).into());
+    let added: Vec<AddedToken> = tokens
         .iter()
         .enumerate()
         .filter(|(i, _)| matches!(types[*i], TokenType::Control | TokenType::UserDefined))
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": true})
-        })
+        .map(|(_, t)| AddedToken::from(t.clone(), true).normalized(false))
         .collect();
-    let mut pretok: Vec<serde_json::Value> = split_patterns(pre)
-        .into_iter()
-        .map(|p| json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false}))
-        .collect();
-    pretok.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}));
-    let spec = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretok},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": pre == "llama3" || pre == "llama-bpe",
-                  "vocab": vocab, "merges": merges}
-    });
-    let tk: tokenizers::Tokenizer = spec
-        .to_string()
-        .parse()
-        .map_err(|e: tokenizers::Error| TokenizerError::Build(e.to_string()))?;
-    Ok((tk, bytes))
+    let make = |plain: bool| {
+        let mut tk = Bpe::new(model.clone());
+        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(
+            pretok.clone(),
+        ))));
+        tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
+            false, false, false,
+        ))));
+        tk.add_special_tokens(&added);
+        tk.set_encode_special_tokens(plain);
+        tk
+    };
+    Ok(((make(false), make(true)), bytes))
+}
+
+/// The tokenizer that reads special tokens, and the one that reads their
+/// spellings as plain text (untrusted text never becomes control tokens).
+pub(crate) type Both = (Bpe, Bpe);
+
+/// A byte-level BPE tokenizer whose model two tokenizers share.
+pub(crate) type Bpe = tokenizers::TokenizerImpl<
+    Shared,
+    tokenizers::NormalizerWrapper,
+    PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// One BPE model (the vocabulary and merges: tens of megabytes for a large
+/// vocabulary) behind the tokenizer that reads special tokens and the one
+/// that reads their spellings as plain text.
+#[derive(Clone)]
+pub(crate) struct Shared(std::sync::Arc<BPE>);
+
+impl tokenizers::Model for Shared {
+    type Trainer = <BPE as tokenizers::Model>::Trainer;
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<tokenizers::Token>> {
+        self.0.tokenize(sequence)
+    }
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.0.token_to_id(token)
+    }
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.0.id_to_token(id)
+    }
+    fn get_vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.0.get_vocab()
+    }
+    fn get_vocab_size(&self) -> usize {
+        self.0.get_vocab_size()
+    }
+    fn save(
+        &self,
+        folder: &std::path::Path,
+        prefix: Option<&str>,
+    ) -> tokenizers::Result<Vec<std::path::PathBuf>> {
+        self.0.save(folder, prefix)
+    }
+    fn get_trainer(&self) -> Self::Trainer {
+        self.0.get_trainer()
+    }
 }

@@ -56,7 +56,7 @@ impl TokenType {
 enum Inner {
     /// The tokenizer, and a copy that reads special-token spellings as
     /// plain text.
-    Bpe(Box<tokenizers::Tokenizer>, Box<tokenizers::Tokenizer>),
+    Bpe(Box<bpe::Bpe>, Box<bpe::Bpe>),
     Spm(Box<SpmInner>),
 }
 
@@ -125,9 +125,7 @@ impl Tokenizer {
                     .iter()
                     .map(|v| v.as_str().unwrap_or_default().to_string())
                     .collect();
-                let (tk, bytes) = bpe::build(&tokens, &types, &merges, &pre)?;
-                let mut plain = tk.clone();
-                plain.set_encode_special_tokens(true);
+                let ((tk, plain), bytes) = bpe::build(&tokens, &types, &merges, &pre)?;
                 (Inner::Bpe(Box::new(tk), Box::new(plain)), bytes)
             }
             "llama" => {

@@ -56,6 +56,11 @@ pub struct ImageArgs {
     /// a mask says to paint, 0.8 for the whole picture)
     #[arg(long, requires = "init")]
     strength: Option<f32>,
+    /// Also write each step's preview into this folder (OUTPUT-step-NN.png;
+    /// through a pulled TAESD when one fits the model, else the latents'
+    /// colours at one pixel per latent), to watch the picture form
+    #[arg(long)]
+    previews: Option<PathBuf>,
 }
 
 /// `--init`'s picture, `--mask` and `--strength`.
@@ -91,6 +96,9 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
             })
         })
         .transpose()?;
+    if let Some(d) = &a.previews {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     if !(1..=16).contains(&a.count) {
         bail!("--count must be from 1 to 16");
     }
@@ -141,7 +149,10 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
             .token_count(&r.prompt)?
             .saturating_sub(pipe.tokenizer().max_len - 2);
         if dropped > 0 {
-            eprintln!("note: the text encoder reads 75 tokens; the last {dropped} tokens of the prompt are ignored");
+            eprintln!(
+                "note: the text encoder reads {} tokens; the last {dropped} tokens of the prompt are ignored",
+                pipe.tokenizer().max_len - 2
+            );
         }
         let pb = indicatif::ProgressBar::new(r.steps as u64);
         pb.set_style(
@@ -153,25 +164,57 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
         );
         pb.set_message(format!("seed {}", r.seed));
         let t = std::time::Instant::now();
-        let img = pipe.generate(&r, &mut |p| {
+        let stem = a
+            .output
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image")
+            .to_string();
+        let out = if i == 0 {
+            a.output.clone()
+        } else {
+            a.output.with_file_name(format!("{stem}-{}.png", i + 1))
+        };
+        let out_stem = out
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image")
+            .to_string();
+        let (mut failed, mut preview_s) = (None, 0f32);
+        let made = pipe.generate(&r, &mut |p| {
             pb.set_length(p.steps as u64);
             pb.set_position(p.step as u64);
+            if let Some(dir) = &a.previews {
+                let t = std::time::Instant::now();
+                let path = dir.join(format!("{out_stem}-step-{:02}.png", p.step));
+                if let Err(e) = std::fs::write(&path, p.preview().png()) {
+                    failed =
+                        Some(anyhow::Error::new(e).context(format!("writing {}", path.display())));
+                    return false;
+                }
+                preview_s += t.elapsed().as_secs_f32();
+            }
             if p.step == p.steps {
                 pb.set_message("decoding".to_string());
             }
             true
-        })?;
+        });
         pb.finish_and_clear();
-        let out = if i == 0 {
-            a.output.clone()
-        } else {
-            let stem = a
-                .output
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("image");
-            a.output.with_file_name(format!("{stem}-{}.png", i + 1))
-        };
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let img = made?;
+        if a.previews.is_some() {
+            eprintln!(
+                "previews: {} steps, {preview_s:.1} s ({})",
+                r.steps,
+                if pipe.has_previewer() {
+                    "TAESD"
+                } else {
+                    "latent colours"
+                }
+            );
+        }
         std::fs::write(&out, img.png()).with_context(|| format!("writing {}", out.display()))?;
         eprintln!(
             "{} ({}×{}, seed {}, {} steps, {:.1} s)",

@@ -340,12 +340,31 @@ fn image_writes_a_png_that_its_seed_reproduces() {
     assert!(text(&o.stderr).contains("seed 5"), "{}", text(&o.stderr));
     let a = std::fs::read(out("a.png")).expect("a PNG");
     assert_eq!(&a[1..4], b"PNG");
-    let o = run(args(&out("b.png"), "5"));
-    assert!(o.status.success());
+    // With each step's preview written beside it: the same image.
+    let mut with_previews = args(&out("b.png"), "5");
+    with_previews.extend(["--previews".to_string(), out("steps")]);
+    let o = run(with_previews);
+    assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(
         std::fs::read(out("b.png")).expect("PNG"),
         a,
         "same seed, same image"
+    );
+    let mut steps: Vec<String> = std::fs::read_dir(out("steps"))
+        .expect("previews")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["b-step-01.png", "b-step-02.png", "b-step-03.png"]);
+    let first = std::fs::read(dir.path().join("steps/b-step-01.png")).expect("preview");
+    // Width and height from the PNG header: one pixel per latent without a TAESD.
+    let side =
+        |at: usize| u32::from_be_bytes([first[at], first[at + 1], first[at + 2], first[at + 3]]);
+    assert_eq!((side(16), side(20)), (16, 24), "one pixel per latent");
+    assert!(
+        text(&o.stderr).contains("previews: 3 steps"),
+        "{}",
+        text(&o.stderr)
     );
     // Bad input: a clear error, nothing written.
     let mut bad = args(&out("c.png"), "5");

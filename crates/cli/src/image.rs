@@ -168,18 +168,13 @@ pub fn run(store: &hanlin_store::Store, threads: usize, a: ImageArgs) -> Result<
             .output
             .file_stem()
             .and_then(|s| s.to_str())
-            .unwrap_or("image")
-            .to_string();
-        let out = if i == 0 {
-            a.output.clone()
+            .unwrap_or("image");
+        let (out, out_stem) = if i == 0 {
+            (a.output.clone(), stem.to_string())
         } else {
-            a.output.with_file_name(format!("{stem}-{}.png", i + 1))
+            let n = format!("{stem}-{}", i + 1);
+            (a.output.with_file_name(format!("{n}.png")), n)
         };
-        let out_stem = out
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("image")
-            .to_string();
         let (mut failed, mut preview_s) = (None, 0f32);
         let made = pipe.generate(&r, &mut |p| {
             pb.set_length(p.steps as u64);

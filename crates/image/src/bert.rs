@@ -70,11 +70,7 @@ pub(crate) fn wordpiece(dir: &Path) -> Result<Tokenizer, ImageError> {
         tok.token_to_id(&t)
             .ok_or_else(|| bad(dir, format!("no id for {t:?}")))
     };
-    let max_len = config
-        .get("model_max_length")
-        .and_then(Value::as_u64)
-        .filter(|&n| (3..=512).contains(&n))
-        .unwrap_or(512) as usize;
+    let max_len = crate::text::max_len(&config, 512);
     Ok(Tokenizer {
         start: id(special(&config, "cls_token", "[CLS]"))?,
         end: id(special(&config, "sep_token", "[SEP]"))?,

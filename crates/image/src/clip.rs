@@ -93,11 +93,7 @@ impl Tokenizer {
             .collect();
         let config = crate::text::tokenizer_config(dir);
         let pad = crate::text::special(&config, "pad_token", "<|endoftext|>");
-        let max_len = config
-            .get("model_max_length")
-            .and_then(Value::as_u64)
-            .filter(|&n| (3..=512).contains(&n))
-            .unwrap_or(77) as usize;
+        let max_len = crate::text::max_len(&config, 77);
         // Hanlin's own key: Chinese characters are words of their own.
         let split_han = config
             .get("hanlin_split_han")

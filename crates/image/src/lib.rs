@@ -82,19 +82,25 @@ pub fn installed(store: &hanlin_store::Store) -> Result<Vec<String>, ImageError>
         .into_iter()
         .filter(|m| {
             m.files.contains_key("unet/config.json")
-                || (m.source.contains(".safetensors") && !is_previewer(store, &m.name))
+                || (m.source.contains(".safetensors") && !is_previewer(store, m))
         })
         .map(|m| m.name)
         .collect())
 }
 
-/// Whether pulled model `name` is a TAESD decoder file.
-fn is_previewer(store: &hanlin_store::Store, name: &str) -> bool {
-    store
-        .path_of(name)
-        .ok()
-        .flatten()
-        .is_some_and(|p| taesd::is_file(&p))
+/// A TAESD file is a few megabytes; larger single files (checkpoints of
+/// gigabytes) are not opened to find out.
+const MAX_TAESD_BYTES: u64 = 64 << 20;
+
+/// Whether pulled model `m` is a TAESD decoder file.
+fn is_previewer(store: &hanlin_store::Store, m: &hanlin_store::Manifest) -> bool {
+    m.source.contains(".safetensors")
+        && m.size <= MAX_TAESD_BYTES
+        && store
+            .path_of(&m.name)
+            .ok()
+            .flatten()
+            .is_some_and(|p| taesd::is_file(&p))
 }
 
 /// Pulled TAESD decoders (single safetensors files, e.g. `hanlin pull
@@ -103,7 +109,7 @@ pub fn previewers(store: &hanlin_store::Store) -> Result<Vec<String>, ImageError
     Ok(store
         .list()?
         .into_iter()
-        .filter(|m| m.source.contains(".safetensors") && is_previewer(store, &m.name))
+        .filter(|m| is_previewer(store, m))
         .map(|m| m.name)
         .collect())
 }

@@ -37,20 +37,12 @@ pub struct TinyDecoder {
 /// Whether `file` is a TAESD decoder in one safetensors file (its tensors
 /// named `decoder.layers.N…`, or TAESD's own `N.…`), not a checkpoint.
 pub fn is_file(file: &Path) -> bool {
-    let Ok(f) = std::fs::File::open(file) else {
+    let Ok(w) = Weights::open(file, &[file.to_path_buf()]) else {
         return false;
     };
-    // SAFETY: the file is only read; a file changed under a running
-    // process is outside what the program can defend against.
-    let Ok(map) = (unsafe { memmap2::Mmap::map(&f) }) else {
-        return false;
-    };
-    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&map) else {
-        return false;
-    };
-    let names = meta.tensors();
-    !names.is_empty()
-        && names.keys().all(|n| {
+    let mut names = w.names().peekable();
+    names.peek().is_some()
+        && names.all(|n| {
             n.starts_with("decoder.layers.")
                 || n.starts_with("encoder.layers.")
                 || n.split('.')

@@ -112,6 +112,16 @@ pub(crate) fn tokenizer_config(dir: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Ids per prompt as a tokenizer config says (`model_max_length`, 3 to
+/// 512), or `default`.
+pub(crate) fn max_len(config: &Value, default: usize) -> usize {
+    config
+        .get("model_max_length")
+        .and_then(Value::as_u64)
+        .filter(|&n| (3..=512).contains(&n))
+        .map_or(default, |n| n as usize)
+}
+
 /// A special token named in a tokenizer config (a string, or an object
 /// with its `content`), or `default`.
 pub(crate) fn special(config: &Value, key: &str, default: &str) -> String {

@@ -72,11 +72,12 @@ async fn source_picture(
     spec: &str,
 ) -> AppResult<(picture::Picture, Source)> {
     use base64::Engine;
-    let (bytes, source) = if let Some(b64) = spec.strip_prefix("data:image/png;base64,") {
+    // The bytes, and the stored picture's URL when it is one.
+    let (bytes, stored) = if let Some(b64) = spec.strip_prefix("data:image/png;base64,") {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
             .map_err(|_| bad_image("The picture is not valid base64."))?;
-        (bytes.clone(), Source::Sent(bytes))
+        (bytes, None)
     } else if let Some(id) = spec
         .strip_prefix("/v1/files/")
         .and_then(|r| r.strip_suffix("/content"))
@@ -92,7 +93,7 @@ async fn source_picture(
         let bytes = tokio::fs::read(crate::files::path_of(st, &f.id))
             .await
             .map_err(|_| bad_image(format!("No such picture: {id}.")))?;
-        (bytes, Source::Stored(spec.to_string()))
+        (bytes, Some(spec.to_string()))
     } else if spec.starts_with("data:") {
         return Err(bad_image("Send the picture as a PNG data URL."));
     } else {
@@ -103,11 +104,12 @@ async fn source_picture(
     if bytes.len() > picture::MAX_PICTURE_BYTES {
         return Err(bad_image("The picture is larger than 16 MB."));
     }
-    let pic = tokio::task::spawn_blocking(move || picture::Picture::from_png(&bytes))
-        .await
-        .map_err(|e| ApiError::internal(format!("reading the picture failed: {e}")))?
-        .map_err(|e| bad_image(format!("'image': {e}.")))?;
-    Ok((pic, source))
+    let (pic, bytes) =
+        tokio::task::spawn_blocking(move || picture::Picture::from_png(&bytes).map(|p| (p, bytes)))
+            .await
+            .map_err(|e| ApiError::internal(format!("reading the picture failed: {e}")))?
+            .map_err(|e| bad_image(format!("'image': {e}.")))?;
+    Ok((pic, stored.map_or(Source::Sent(bytes), Source::Stored)))
 }
 
 /// Starts the line of an image reply that gives the English prompt the

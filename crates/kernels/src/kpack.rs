@@ -12,7 +12,9 @@
 //! activation bytes multiplies eight rows: every lane is a row, nothing is
 //! summed across lanes, and one token costs what a batch of four costs per
 //! token (the idea is ik_llama.cpp's row-interleaved formats; the layout and
-//! kernels are ours).
+//! kernels are ours). With AVX-512 a batch of eight tokens or more takes two
+//! neighbouring groups in 512-bit registers ([`Kernel::wide`]): sixteen
+//! rows per load, broadcast and dot product.
 //!
 //! A packed block of eight rows, per 256 columns:
 //!
@@ -156,31 +158,51 @@ fn copy<const W: usize>(to: &mut [u8], at: usize, from: &[u8], from_at: usize) {
     to[at..at + W].copy_from_slice(&v);
 }
 
-/// Where a kernel writes: token `t`'s eight results go to
-/// `ptr + t * stride ..+ 8`.
+/// Where a kernel writes: token `t`'s results (eight, or sixteen for a
+/// wide kernel) go to `ptr + t * stride ..`.
 #[derive(Clone, Copy)]
 pub struct Out {
     pub ptr: *mut f32,
     pub stride: usize,
 }
 
-/// Eight packed rows (`blocks` blocks at `group`) × `N` tokens whose
-/// activations are blocks `B`. Safety: the group holds `blocks` packed
-/// blocks, every token as many activation blocks, and every place [`Out`]
-/// names is valid and written by no one else.
-pub type Gemm<B, const N: usize> = unsafe fn(*const u8, usize, [&[B]; N], Out);
+/// Packed rows × `N` tokens whose activations are blocks `B`:
+/// `(group, stride, blocks, xs, out)`. A narrow kernel reads eight rows
+/// (the group at `group`); a wide one sixteen, the next group `stride`
+/// bytes further. Safety: the group(s) hold `blocks` packed blocks, every
+/// token as many activation blocks, and every place [`Out`] names is valid
+/// and written by no one else.
+pub type Gemm<B, const N: usize> = unsafe fn(*const u8, usize, usize, [&[B]; N], Out);
 
-/// The kernels of one format, for one to four tokens, and for eight where
-/// the registers hold eight tokens' sums (AVX-512's 32): a decode batch of
-/// eight then unpacks each weight block once instead of twice. Each
-/// token's sums are formed in the same order whatever the kernel, so the
-/// results are the same bits.
-pub struct Kernel<B: 'static> {
+/// The kernels of one format at one register width, for one to four
+/// tokens, and for eight where the registers hold eight tokens' sums: a
+/// decode batch of eight then unpacks each weight block once instead of
+/// twice. Each token's sums are formed in the same order whatever the
+/// kernel, so the results are the same bits.
+pub struct Kernels<B: 'static> {
     pub g1: Gemm<B, 1>,
     pub g2: Gemm<B, 2>,
     pub g3: Gemm<B, 3>,
     pub g4: Gemm<B, 4>,
     pub g8: Option<Gemm<B, 8>>,
+}
+
+impl<B> Clone for Kernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Kernels<B> {}
+
+/// A format's kernels on this CPU: eight rows in 256-bit registers, and
+/// with AVX-512 sixteen rows (two neighbouring groups) in 512-bit ones.
+/// A wide kernel unpacks each weight block once for twice the rows, and
+/// every activation broadcast and dot-product instruction serves sixteen
+/// rows; each lane takes the same steps as in the narrow kernel, so the
+/// bits are the same.
+pub struct Kernel<B: 'static> {
+    pub narrow: Kernels<B>,
+    pub wide: Option<Kernels<B>>,
 }
 
 impl<B> Clone for Kernel<B> {
@@ -191,9 +213,9 @@ impl<B> Clone for Kernel<B> {
 impl<B> Copy for Kernel<B> {}
 
 #[cfg(target_arch = "x86_64")]
-macro_rules! kernel {
+macro_rules! kernels {
     ($f:ident) => {
-        Kernel {
+        Kernels {
             g1: avx2::$f::<1>,
             g2: avx2::$f::<2>,
             g3: avx2::$f::<3>,
@@ -202,9 +224,9 @@ macro_rules! kernel {
         }
     };
     ($f:ident, 8) => {
-        Kernel {
+        Kernels {
             g8: Some(avx2::$f::<8>),
-            ..kernel!($f)
+            ..kernels!($f)
         }
     };
 }
@@ -215,15 +237,16 @@ pub fn kernel_k(ty: GgmlType) -> Option<Kernel<BlockQ8K>> {
     {
         use crate::dot::{simd_level, SimdLevel};
         use GgmlType::{Q4_K, Q5_K, Q6_K};
-        return match (simd_level(), ty) {
-            (SimdLevel::Avx2Vnni, Q4_K) => Some(kernel!(q4k_vnni)),
-            (SimdLevel::Avx2Vnni, Q5_K) => Some(kernel!(q5k_vnni)),
-            (SimdLevel::Avx2, Q5_K) => Some(kernel!(q5k_avx2)),
-            (SimdLevel::Avx2Vnni, Q6_K) => Some(kernel!(q6k_vnni)),
-            (SimdLevel::Avx2, Q4_K) => Some(kernel!(q4k_avx2)),
-            (SimdLevel::Avx2, Q6_K) => Some(kernel!(q6k_avx2)),
-            _ => None,
+        let (narrow, wide) = match (simd_level(), ty) {
+            (SimdLevel::Avx2Vnni, Q4_K) => (kernels!(q4k_vnni), Some(kernels!(q4k_zmm))),
+            (SimdLevel::Avx2Vnni, Q5_K) => (kernels!(q5k_vnni), Some(kernels!(q5k_zmm))),
+            (SimdLevel::Avx2Vnni, Q6_K) => (kernels!(q6k_vnni), Some(kernels!(q6k_zmm))),
+            (SimdLevel::Avx2, Q4_K) => (kernels!(q4k_avx2), None),
+            (SimdLevel::Avx2, Q5_K) => (kernels!(q5k_avx2), None),
+            (SimdLevel::Avx2, Q6_K) => (kernels!(q6k_avx2), None),
+            _ => return None,
         };
+        return Some(Kernel { narrow, wide });
     }
     #[allow(unreachable_code)]
     {
@@ -238,13 +261,14 @@ pub fn kernel_32(ty: GgmlType) -> Option<Kernel<BlockQ8>> {
     {
         use crate::dot::{simd_level, SimdLevel};
         use GgmlType::{Q5_0, Q8_0};
-        return match (simd_level(), ty) {
-            (SimdLevel::Avx2Vnni, Q8_0) => Some(kernel!(q8_0_vnni, 8)),
-            (SimdLevel::Avx2Vnni, Q5_0) => Some(kernel!(q5_0_vnni, 8)),
-            (SimdLevel::Avx2, Q8_0) => Some(kernel!(q8_0_avx2)),
-            (SimdLevel::Avx2, Q5_0) => Some(kernel!(q5_0_avx2)),
-            _ => None,
+        let (narrow, wide) = match (simd_level(), ty) {
+            (SimdLevel::Avx2Vnni, Q8_0) => (kernels!(q8_0_vnni, 8), Some(kernels!(q8_0_zmm, 8))),
+            (SimdLevel::Avx2Vnni, Q5_0) => (kernels!(q5_0_vnni, 8), Some(kernels!(q5_0_zmm, 8))),
+            (SimdLevel::Avx2, Q8_0) => (kernels!(q8_0_avx2), None),
+            (SimdLevel::Avx2, Q5_0) => (kernels!(q5_0_avx2), None),
+            _ => return None,
         };
+        return Some(Kernel { narrow, wide });
     }
     #[allow(unreachable_code)]
     {
@@ -260,224 +284,517 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    unsafe fn ld(p: *const u8) -> __m256i {
-        _mm256_loadu_si256(p as *const __m256i)
+    /// The operations the kernels are written in, at one register width:
+    /// [`Y`] holds one group of eight rows (256 bits), [`Z`] two
+    /// neighbouring groups (512 bits, the second `stride` bytes after the
+    /// first). Lane `r` of a register is row `r` either way, so one kernel
+    /// source serves both widths and every lane takes the same steps.
+    pub(super) trait Regs {
+        type I: Copy;
+        type F: Copy;
+        /// A packed word of every row: 32 bytes at `p` (and at `p + stride`).
+        unsafe fn ld(p: *const u8, stride: usize) -> Self::I;
+        /// Sixteen i8 at `p` (and at `p + stride`) as i16.
+        unsafe fn ld_i16(p: *const u8, stride: usize) -> Self::I;
+        /// Eight f16 at `p` (and at `p + stride`) as f32.
+        unsafe fn ld_f16(p: *const u8, stride: usize) -> Self::F;
+        /// Four bytes at `x + at` in every lane.
+        unsafe fn bcast(x: *const i8, at: usize) -> Self::I;
+        unsafe fn splat(v: i32) -> Self::I;
+        unsafe fn splat8(v: i8) -> Self::I;
+        unsafe fn splat16(v: i16) -> Self::I;
+        unsafe fn splat_f(v: f32) -> Self::F;
+        unsafe fn zero_f() -> Self::F;
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn xor(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn add32(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn sub32(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn add16(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn mullo32(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn madd16(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn maddubs(u: Self::I, x: Self::I) -> Self::I;
+        unsafe fn dpbusd(acc: Self::I, u: Self::I, x: Self::I) -> Self::I;
+        /// `a` with `b`'s sign per byte (zero where `b` is).
+        unsafe fn sign8(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn srl32(a: Self::I, k: i32) -> Self::I;
+        unsafe fn sll32(a: Self::I, k: i32) -> Self::I;
+        unsafe fn sra32(a: Self::I, k: i32) -> Self::I;
+        unsafe fn srl16(a: Self::I, k: i32) -> Self::I;
+        unsafe fn sll16(a: Self::I, k: i32) -> Self::I;
+        /// Each lane's low i16 in both of its halves.
+        unsafe fn dup16(a: Self::I) -> Self::I;
+        /// `vpshufb` (within each 128-bit lane).
+        unsafe fn shuffle8(a: Self::I, idx: Self::I) -> Self::I;
+        /// Per byte: `val` where `x & m` (one bit per byte) is set, else 0.
+        unsafe fn select8(x: Self::I, m: Self::I, val: Self::I) -> Self::I;
+        unsafe fn cvt(a: Self::I) -> Self::F;
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+        unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+        unsafe fn sub_f(a: Self::F, b: Self::F) -> Self::F;
+        /// Every row's result to `p..`.
+        unsafe fn store(v: Self::F, p: *mut f32);
+        /// `vpshufb` indices that copy byte `k` of every 32-bit lane to all
+        /// four of its bytes.
+        #[inline(always)]
+        unsafe fn spread(k: i8) -> Self::I {
+            let lane = |l: i8| i32::from_le_bytes([(4 * l + k) as u8; 4]);
+            Self::ld_lanes([lane(0), lane(1), lane(2), lane(3)])
+        }
+        /// The four words repeated over every 128-bit lane.
+        unsafe fn ld_lanes(w: [i32; 4]) -> Self::I;
     }
-    /// Four activation bytes from `x + at` in every lane.
-    #[inline(always)]
-    unsafe fn bcast(x: *const i8, at: usize) -> __m256i {
-        _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
+
+    /// 256-bit registers: one group of eight rows.
+    pub(super) struct Y;
+    /// 512-bit registers: two groups of eight rows (AVX-512).
+    pub(super) struct Z;
+
+    macro_rules! ops {
+        ($($name:ident($($a:ident),*) => $f:ident;)*) => {$(
+            #[inline(always)]
+            unsafe fn $name($($a: Self::I),*) -> Self::I {
+                $f($($a),*)
+            }
+        )*};
     }
+
+    impl Regs for Y {
+        type I = __m256i;
+        type F = __m256;
+        #[inline(always)]
+        unsafe fn ld(p: *const u8, _: usize) -> __m256i {
+            _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn ld_i16(p: *const u8, _: usize) -> __m256i {
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn ld_f16(p: *const u8, _: usize) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn bcast(x: *const i8, at: usize) -> __m256i {
+            _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: i32) -> __m256i {
+            _mm256_set1_epi32(v)
+        }
+        #[inline(always)]
+        unsafe fn splat8(v: i8) -> __m256i {
+            _mm256_set1_epi8(v)
+        }
+        #[inline(always)]
+        unsafe fn splat16(v: i16) -> __m256i {
+            _mm256_set1_epi16(v)
+        }
+        #[inline(always)]
+        unsafe fn splat_f(v: f32) -> __m256 {
+            _mm256_set1_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        ops! {
+            and(a, b) => _mm256_and_si256;
+            or(a, b) => _mm256_or_si256;
+            xor(a, b) => _mm256_xor_si256;
+            add32(a, b) => _mm256_add_epi32;
+            sub32(a, b) => _mm256_sub_epi32;
+            add16(a, b) => _mm256_add_epi16;
+            mullo32(a, b) => _mm256_mullo_epi32;
+            madd16(a, b) => _mm256_madd_epi16;
+            maddubs(u, x) => _mm256_maddubs_epi16;
+            dpbusd(acc, u, x) => _mm256_dpbusd_epi32;
+            sign8(a, b) => _mm256_sign_epi8;
+            shuffle8(a, idx) => _mm256_shuffle_epi8;
+        }
+        #[inline(always)]
+        unsafe fn srl32(a: __m256i, k: i32) -> __m256i {
+            _mm256_srl_epi32(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn sll32(a: __m256i, k: i32) -> __m256i {
+            _mm256_sll_epi32(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn sra32(a: __m256i, k: i32) -> __m256i {
+            _mm256_sra_epi32(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn srl16(a: __m256i, k: i32) -> __m256i {
+            _mm256_srl_epi16(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn sll16(a: __m256i, k: i32) -> __m256i {
+            _mm256_sll_epi16(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn dup16(a: __m256i) -> __m256i {
+            _mm256_blend_epi16::<0b1010_1010>(a, _mm256_slli_epi32::<16>(a))
+        }
+        #[inline(always)]
+        unsafe fn select8(x: __m256i, m: __m256i, val: __m256i) -> __m256i {
+            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(x, m), m), val)
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: __m256i) -> __m256 {
+            _mm256_cvtepi32_ps(a)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sub_f(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m256, p: *mut f32) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn ld_lanes(w: [i32; 4]) -> __m256i {
+            _mm256_setr_epi32(w[0], w[1], w[2], w[3], w[0], w[1], w[2], w[3])
+        }
+    }
+
+    /// Two 256-bit halves as one 512-bit register.
+    #[inline(always)]
+    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+    /// Two 128-bit halves as one 256-bit register.
+    #[inline(always)]
+    unsafe fn join128(p: *const u8, stride: usize) -> __m256i {
+        let lo = _mm_loadu_si128(p as *const __m128i);
+        let hi = _mm_loadu_si128(p.add(stride) as *const __m128i);
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+    }
+
+    impl Regs for Z {
+        type I = __m512i;
+        type F = __m512;
+        #[inline(always)]
+        unsafe fn ld(p: *const u8, stride: usize) -> __m512i {
+            join(
+                _mm256_loadu_si256(p as *const __m256i),
+                _mm256_loadu_si256(p.add(stride) as *const __m256i),
+            )
+        }
+        #[inline(always)]
+        unsafe fn ld_i16(p: *const u8, stride: usize) -> __m512i {
+            _mm512_cvtepi8_epi16(join128(p, stride))
+        }
+        #[inline(always)]
+        unsafe fn ld_f16(p: *const u8, stride: usize) -> __m512 {
+            _mm512_cvtph_ps(join128(p, stride))
+        }
+        #[inline(always)]
+        unsafe fn bcast(x: *const i8, at: usize) -> __m512i {
+            _mm512_set1_epi32((x.add(at) as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: i32) -> __m512i {
+            _mm512_set1_epi32(v)
+        }
+        #[inline(always)]
+        unsafe fn splat8(v: i8) -> __m512i {
+            _mm512_set1_epi8(v)
+        }
+        #[inline(always)]
+        unsafe fn splat16(v: i16) -> __m512i {
+            _mm512_set1_epi16(v)
+        }
+        #[inline(always)]
+        unsafe fn splat_f(v: f32) -> __m512 {
+            _mm512_set1_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        ops! {
+            and(a, b) => _mm512_and_si512;
+            or(a, b) => _mm512_or_si512;
+            xor(a, b) => _mm512_xor_si512;
+            add32(a, b) => _mm512_add_epi32;
+            sub32(a, b) => _mm512_sub_epi32;
+            add16(a, b) => _mm512_add_epi16;
+            mullo32(a, b) => _mm512_mullo_epi32;
+            madd16(a, b) => _mm512_madd_epi16;
+            maddubs(u, x) => _mm512_maddubs_epi16;
+            dpbusd(acc, u, x) => _mm512_dpbusd_epi32;
+            shuffle8(a, idx) => _mm512_shuffle_epi8;
+        }
+        #[inline(always)]
+        unsafe fn sign8(a: __m512i, b: __m512i) -> __m512i {
+            let kept = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(b, b), a);
+            _mm512_mask_sub_epi8(kept, _mm512_movepi8_mask(b), _mm512_setzero_si512(), a)
+        }
+        #[inline(always)]
+        unsafe fn srl32(a: __m512i, k: i32) -> __m512i {
+            _mm512_srl_epi32(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn sll32(a: __m512i, k: i32) -> __m512i {
+            _mm512_sll_epi32(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn sra32(a: __m512i, k: i32) -> __m512i {
+            _mm512_sra_epi32(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn srl16(a: __m512i, k: i32) -> __m512i {
+            _mm512_srl_epi16(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn sll16(a: __m512i, k: i32) -> __m512i {
+            _mm512_sll_epi16(a, _mm_cvtsi32_si128(k))
+        }
+        #[inline(always)]
+        unsafe fn dup16(a: __m512i) -> __m512i {
+            _mm512_mask_blend_epi16(0xAAAA_AAAA, a, _mm512_slli_epi32::<16>(a))
+        }
+        #[inline(always)]
+        unsafe fn select8(x: __m512i, m: __m512i, val: __m512i) -> __m512i {
+            _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(x, m), val)
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: __m512i) -> __m512 {
+            _mm512_cvtepi32_ps(a)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sub_f(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m512, p: *mut f32) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn ld_lanes(w: [i32; 4]) -> __m512i {
+            _mm512_broadcast_i32x4(_mm_setr_epi32(w[0], w[1], w[2], w[3]))
+        }
+    }
+
     /// Add the products of `u` and `x` to `p`: with VNNI one `vpdpbusd`
     /// into 32-bit lanes, else a `vpmaddubsw` pair sum added as i16 (exact
     /// while a caller adds at most 8 steps of u ≤ 15, 4 of u ≤ 31 or 2 of u ≤ 63, with
     /// |x| ≤ 128, before [`scaled`]).
     #[inline(always)]
-    unsafe fn step<const VNNI: bool>(p: __m256i, u: __m256i, x: __m256i) -> __m256i {
+    unsafe fn step<R: Regs, const VNNI: bool>(p: R::I, u: R::I, x: R::I) -> R::I {
         if VNNI {
-            _mm256_dpbusd_epi32(p, u, x)
+            R::dpbusd(p, u, x)
         } else {
-            _mm256_add_epi16(p, _mm256_maddubs_epi16(u, x))
+            R::add16(p, R::maddubs(u, x))
         }
     }
     /// The first `n` of [`step`]'s partial sums added up.
     #[inline(always)]
-    unsafe fn sum<const VNNI: bool>(p: [__m256i; 4], n: usize) -> __m256i {
+    unsafe fn sum<R: Regs, const VNNI: bool>(p: [R::I; 4], n: usize) -> R::I {
         let mut s = p[0];
         for v in &p[1..n] {
             s = if VNNI {
-                _mm256_add_epi32(s, *v)
+                R::add32(s, *v)
             } else {
-                _mm256_add_epi16(s, *v)
+                R::add16(s, *v)
             };
         }
         s
     }
     /// `p` (from [`step`]) times each lane's scale `sc`, as 32-bit lanes.
     #[inline(always)]
-    unsafe fn scaled<const VNNI: bool>(p: __m256i, sc: __m256i) -> __m256i {
+    unsafe fn scaled<R: Regs, const VNNI: bool>(p: R::I, sc: R::I) -> R::I {
         if VNNI {
-            _mm256_mullo_epi32(p, sc)
+            R::mullo32(p, sc)
         } else {
-            {
-                // Each lane's scale in both of its i16 halves.
-                let pair = _mm256_blend_epi16::<0b1010_1010>(sc, _mm256_slli_epi32::<16>(sc));
-                _mm256_madd_epi16(p, pair)
-            }
+            R::madd16(p, R::dup16(sc))
         }
     }
     /// Byte `k` of every lane.
     #[inline(always)]
-    unsafe fn byte(v: __m256i, k: usize) -> __m256i {
-        let s = _mm_cvtsi32_si128(8 * k as i32);
-        _mm256_and_si256(_mm256_srl_epi32(v, s), _mm256_set1_epi32(0xFF))
-    }
-    /// Eight f16 at `p` as f32.
-    #[inline(always)]
-    unsafe fn f16x8(p: *const u8) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    unsafe fn byte<R: Regs>(v: R::I, k: usize) -> R::I {
+        R::and(R::srl32(v, 8 * k as i32), R::splat(0xFF))
     }
     /// The activations' sums over sub-blocks `2j, 2j+1` (i16 pair) in every lane.
     #[inline(always)]
-    unsafe fn bsum_pair(x: &BlockQ8K, j: usize) -> __m256i {
-        _mm256_set1_epi32((x.bsums.as_ptr().add(2 * j) as *const i32).read_unaligned())
+    unsafe fn bsum_pair<R: Regs>(x: &BlockQ8K, j: usize) -> R::I {
+        R::bcast(x.bsums.as_ptr() as *const i8, 4 * j)
     }
     #[inline(always)]
-    unsafe fn store<const N: usize>(acc: [__m256; N], macc: [__m256; N], out: Out) {
+    unsafe fn store<R: Regs, const N: usize>(acc: [R::F; N], macc: [R::F; N], out: Out) {
         for t in 0..N {
-            _mm256_storeu_ps(out.ptr.add(t * out.stride), _mm256_sub_ps(acc[t], macc[t]));
+            R::store(R::sub_f(acc[t], macc[t]), out.ptr.add(t * out.stride));
         }
     }
 
     /// Q4_K (and Q5_K, with `Q5`: a fifth bit per quant): per 32-element
     /// sub-block `j` one scale and one minimum.
     #[inline(always)]
-    unsafe fn q4k<const N: usize, const VNNI: bool, const Q5: bool>(
+    unsafe fn q4k<R: Regs, const N: usize, const VNNI: bool, const Q5: bool>(
         g: *const u8,
+        stride: usize,
         blocks: usize,
         xs: [&[BlockQ8K]; N],
         out: Out,
     ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut macc = [_mm256_setzero_ps(); N];
-        let lo4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [R::zero_f(); N];
+        let mut macc = [R::zero_f(); N];
+        let lo4 = R::splat8(0x0F);
         for b in 0..blocks {
             let blk = g.add(b * if Q5 { 1408 } else { 1152 });
             let qs = blk.add(if Q5 { 384 } else { 128 });
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // The 6-bit scales and minimums, four to a lane's word.
-            let (w0, w1, w2) = (ld(blk.add(32)), ld(blk.add(64)), ld(blk.add(96)));
-            let m6 = _mm256_set1_epi8(0x3F);
-            let top = _mm256_set1_epi8(0x30);
-            let sc_lo = _mm256_and_si256(w0, m6);
-            let m_lo = _mm256_and_si256(w1, m6);
-            let sc_hi = _mm256_or_si256(
-                _mm256_and_si256(w2, lo4),
-                _mm256_and_si256(_mm256_srli_epi32::<2>(w0), top),
+            let (w0, w1, w2) = (
+                R::ld(blk.add(32), stride),
+                R::ld(blk.add(64), stride),
+                R::ld(blk.add(96), stride),
             );
-            let m_hi = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi32::<4>(w2), lo4),
-                _mm256_and_si256(_mm256_srli_epi32::<2>(w1), top),
-            );
-            let mut s = [_mm256_setzero_si256(); N];
+            let m6 = R::splat8(0x3F);
+            let top = R::splat8(0x30);
+            let sc_lo = R::and(w0, m6);
+            let m_lo = R::and(w1, m6);
+            let sc_hi = R::or(R::and(w2, lo4), R::and(R::srl32(w0, 2), top));
+            let m_hi = R::or(R::and(R::srl32(w2, 4), lo4), R::and(R::srl32(w1, 2), top));
+            let mut s: [R::I; N] = [R::splat(0); N];
             for c in 0..4 {
                 let (sc0, sc1) = if c < 2 {
-                    (byte(sc_lo, 2 * c), byte(sc_lo, 2 * c + 1))
+                    (byte::<R>(sc_lo, 2 * c), byte::<R>(sc_lo, 2 * c + 1))
                 } else {
-                    (byte(sc_hi, 2 * c - 4), byte(sc_hi, 2 * c - 3))
+                    (byte::<R>(sc_hi, 2 * c - 4), byte::<R>(sc_hi, 2 * c - 3))
                 };
                 // Independent sums (chains) per token: few tokens need
                 // several to keep the multipliers busy.
                 let chains = (4 / N).max(1);
                 // Q5_K's fifth bits: bit 2c (low nibbles) and 2c+1 (high)
                 // of each byte of `qh` word k, moved to bit 4.
-                let fifth = |v: __m256i, bit: i32| {
+                let fifth = |v: R::I, bit: i32| {
                     let v = if bit <= 4 {
-                        _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - bit))
+                        R::sll16(v, 4 - bit)
                     } else {
-                        _mm256_srl_epi16(v, _mm_cvtsi32_si128(bit - 4))
+                        R::srl16(v, bit - 4)
                     };
-                    _mm256_and_si256(v, _mm256_set1_epi8(0x10))
+                    R::and(v, R::splat8(0x10))
                 };
                 // As i16 sums, eight steps of u ≤ 15 stay in range, four of
                 // u ≤ 31: Q5_K without VNNI scales each half on its own.
                 let halves = if Q5 && !VNNI { 2 } else { 1 };
                 for half in 0..halves {
-                    let mut plo = [[_mm256_setzero_si256(); 4]; N];
-                    let mut phi = [[_mm256_setzero_si256(); 4]; N];
+                    let mut plo = [[R::splat(0); 4]; N];
+                    let mut phi = [[R::splat(0); 4]; N];
                     for k in (8 * half / halves)..(8 * (half + 1) / halves) {
-                        let w = ld(qs.add((8 * c + k) * 32));
-                        let mut lo = _mm256_and_si256(w, lo4);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), lo4);
+                        let w = R::ld(qs.add((8 * c + k) * 32), stride);
+                        let mut lo = R::and(w, lo4);
+                        let mut hi = R::and(R::srl16(w, 4), lo4);
                         if Q5 {
-                            let qh = ld(blk.add(128 + 32 * k));
-                            lo = _mm256_or_si256(lo, fifth(qh, 2 * c as i32));
-                            hi = _mm256_or_si256(hi, fifth(qh, 2 * c as i32 + 1));
+                            let qh = R::ld(blk.add(128 + 32 * k), stride);
+                            lo = R::or(lo, fifth(qh, 2 * c as i32));
+                            hi = R::or(hi, fifth(qh, 2 * c as i32 + 1));
                         }
                         let i = k % chains;
                         for t in 0..N {
-                            let xl = bcast(xq[t], 64 * c + 4 * k);
-                            let xh = bcast(xq[t], 64 * c + 32 + 4 * k);
-                            plo[t][i] = step::<VNNI>(plo[t][i], lo, xl);
-                            phi[t][i] = step::<VNNI>(phi[t][i], hi, xh);
+                            let xl = R::bcast(xq[t], 64 * c + 4 * k);
+                            let xh = R::bcast(xq[t], 64 * c + 32 + 4 * k);
+                            plo[t][i] = step::<R, VNNI>(plo[t][i], lo, xl);
+                            phi[t][i] = step::<R, VNNI>(phi[t][i], hi, xh);
                         }
                     }
                     // Integer sums: their order does not matter.
-                    let plo: [__m256i; N] = std::array::from_fn(|t| sum::<VNNI>(plo[t], chains));
-                    let phi: [__m256i; N] = std::array::from_fn(|t| sum::<VNNI>(phi[t], chains));
                     for t in 0..N {
-                        let a = scaled::<VNNI>(plo[t], sc0);
-                        let h = scaled::<VNNI>(phi[t], sc1);
-                        s[t] = _mm256_add_epi32(s[t], _mm256_add_epi32(a, h));
+                        let a = scaled::<R, VNNI>(sum::<R, VNNI>(plo[t], chains), sc0);
+                        let h = scaled::<R, VNNI>(sum::<R, VNNI>(phi[t], chains), sc1);
+                        s[t] = R::add32(s[t], R::add32(a, h));
                     }
                 }
             }
             // M = Σ m_j · (bsum_2j + bsum_2j+1): each minimum in both
             // halves of its lane against the activations' i16 pair.
-            let mins: [__m256i; 8] = std::array::from_fn(|j| {
+            let mins: [R::I; 8] = std::array::from_fn(|j| {
                 let m = if j < 4 {
-                    byte(m_lo, j)
+                    byte::<R>(m_lo, j)
                 } else {
-                    byte(m_hi, j - 4)
+                    byte::<R>(m_hi, j - 4)
                 };
-                _mm256_or_si256(m, _mm256_slli_epi32::<16>(m))
+                R::or(m, R::sll32(m, 16))
             });
-            let d = f16x8(blk);
-            let dmin = f16x8(blk.add(16));
+            let d = R::ld_f16(blk, stride);
+            let dmin = R::ld_f16(blk.add(16), stride);
             for t in 0..N {
-                let mut m = _mm256_setzero_si256();
+                let mut m = R::splat(0);
                 for j in 0..8 {
-                    m = _mm256_add_epi32(m, _mm256_madd_epi16(mins[j], bsum_pair(xb[t], j)));
+                    m = R::add32(m, R::madd16(mins[j], bsum_pair::<R>(xb[t], j)));
                 }
-                let xd = _mm256_set1_ps(xb[t].d);
-                let dd = _mm256_mul_ps(d, xd);
-                acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s[t]), acc[t]);
-                let dm = _mm256_mul_ps(dmin, xd);
-                macc[t] = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(m), macc[t]);
+                let xd = R::splat_f(xb[t].d);
+                let dd = R::mul(d, xd);
+                acc[t] = R::fmadd(dd, R::cvt(s[t]), acc[t]);
+                let dm = R::mul(dmin, xd);
+                macc[t] = R::fmadd(dm, R::cvt(m), macc[t]);
             }
         }
-        store(acc, macc, out)
+        store::<R, N>(acc, macc, out)
     }
 
     /// Q6_K: per 16-element sub-block one signed scale; quants offset by 32.
     #[inline(always)]
-    unsafe fn q6k<const N: usize, const VNNI: bool>(
+    unsafe fn q6k<R: Regs, const N: usize, const VNNI: bool>(
         g: *const u8,
+        stride: usize,
         blocks: usize,
         xs: [&[BlockQ8K]; N],
         out: Out,
     ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        let lo4 = _mm256_set1_epi8(0x0F);
-        let top = _mm256_set1_epi8(0x30);
+        let mut acc = [R::zero_f(); N];
+        let lo4 = R::splat8(0x0F);
+        let top = R::splat8(0x30);
         for b in 0..blocks {
             let blk = g.add(b * 1680);
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // Scales of sub-blocks 2p and 2p+1 as an i16 pair per lane.
-            let pair = |p: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(16 + 16 * p) as _));
-            let mut s = [_mm256_setzero_si256(); N];
+            let pair = |p: usize| R::ld_i16(blk.add(16 + 16 * p), stride);
+            // Sub-block j's scale from its pair, as a 32-bit lane.
+            let scale = |j: usize| {
+                let pr = pair(j / 2);
+                if j.is_multiple_of(2) {
+                    R::sra32(R::sll32(pr, 16), 16)
+                } else {
+                    R::sra32(pr, 16)
+                }
+            };
+            let mut s: [R::I; N] = [R::splat(0); N];
             // The four quants of lane word `i` of a unit (16 bytes apart in
             // the row: sub-blocks 2i + q of half h).
-            let unpack = |qh: __m256i, qa: __m256i, qb: __m256i, i: usize| match i {
-                0 => _mm256_or_si256(
-                    _mm256_and_si256(qa, lo4),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top),
-                ),
-                1 => _mm256_or_si256(
-                    _mm256_and_si256(qb, lo4),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top),
-                ),
-                2 => _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(qa), lo4),
-                    _mm256_and_si256(qh, top),
-                ),
-                _ => _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(qb), lo4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top),
-                ),
+            let unpack = |qh: R::I, qa: R::I, qb: R::I, i: usize| match i {
+                0 => R::or(R::and(qa, lo4), R::and(R::sll16(qh, 4), top)),
+                1 => R::or(R::and(qb, lo4), R::and(R::sll16(qh, 2), top)),
+                2 => R::or(R::and(R::srl16(qa, 4), lo4), R::and(qh, top)),
+                _ => R::or(R::and(R::srl16(qb, 4), lo4), R::and(R::srl16(qh, 2), top)),
+            };
+            let unit = |h: usize, q: usize, mm: usize| {
+                let u = blk.add(144 + 96 * (8 * h + 4 * q + mm));
+                (
+                    R::ld(u, stride),
+                    R::ld(u.add(32), stride),
+                    R::ld(u.add(64), stride),
+                )
             };
             if !VNNI && N > 1 {
                 // Without VNNI, for several tokens, each step's i16 pair
@@ -487,26 +804,17 @@ mod avx2 {
                 // registers). One token keeps the two-step form (faster).
                 for h in 0..2 {
                     for q in 0..2 {
-                        let scp: [__m256i; 4] = std::array::from_fn(|i| {
-                            let j = 8 * h + 2 * i + q;
-                            let pr = pair(j / 2);
-                            let sc = if j % 2 == 0 {
-                                _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pr))
-                            } else {
-                                _mm256_srai_epi32::<16>(pr)
-                            };
-                            _mm256_blend_epi16::<0b1010_1010>(sc, _mm256_slli_epi32::<16>(sc))
-                        });
+                        let scp: [R::I; 4] =
+                            std::array::from_fn(|i| R::dup16(scale(8 * h + 2 * i + q)));
                         for mm in 0..4 {
                             let l0 = 16 * q + 4 * mm;
-                            let unit = blk.add(144 + 96 * (8 * h + 4 * q + mm));
-                            let (qh, qa, qb) = (ld(unit), ld(unit.add(32)), ld(unit.add(64)));
+                            let (qh, qa, qb) = unit(h, q, mm);
                             for (i, scp) in scp.iter().enumerate() {
                                 let v = unpack(qh, qa, qb, i);
                                 for t in 0..N {
-                                    let x = bcast(xq[t], 128 * h + 32 * i + l0);
-                                    let m = _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), *scp);
-                                    s[t] = _mm256_add_epi32(s[t], m);
+                                    let x = R::bcast(xq[t], 128 * h + 32 * i + l0);
+                                    let m = R::madd16(R::maddubs(v, x), *scp);
+                                    s[t] = R::add32(s[t], m);
                                 }
                             }
                         }
@@ -516,34 +824,25 @@ mod avx2 {
                 for h in 0..2 {
                     for q in 0..2 {
                         // Sub-blocks 8h + 2i + q for i in 0..4.
-                        let sc: [__m256i; 4] = std::array::from_fn(|i| {
-                            let j = 8 * h + 2 * i + q;
-                            let pr = pair(j / 2);
-                            if j % 2 == 0 {
-                                _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pr))
-                            } else {
-                                _mm256_srai_epi32::<16>(pr)
-                            }
-                        });
-                        let mut p = [[_mm256_setzero_si256(); N]; 4];
+                        let sc: [R::I; 4] = std::array::from_fn(|i| scale(8 * h + 2 * i + q));
+                        let mut p = [[R::splat(0); N]; 4];
                         for mm in 0..4 {
                             let l0 = 16 * q + 4 * mm;
-                            let unit = blk.add(144 + 96 * (8 * h + 4 * q + mm));
-                            let (qh, qa, qb) = (ld(unit), ld(unit.add(32)), ld(unit.add(64)));
+                            let (qh, qa, qb) = unit(h, q, mm);
                             for i in 0..4 {
                                 let v = unpack(qh, qa, qb, i);
                                 for t in 0..N {
-                                    let x = bcast(xq[t], 128 * h + 32 * i + l0);
-                                    p[i][t] = step::<VNNI>(p[i][t], v, x);
+                                    let x = R::bcast(xq[t], 128 * h + 32 * i + l0);
+                                    p[i][t] = step::<R, VNNI>(p[i][t], v, x);
                                 }
                             }
                             // i16 sums hold two steps of 6-bit quants.
                             if mm == 3 || (!VNNI && mm == 1) {
                                 for i in 0..4 {
                                     for t in 0..N {
-                                        let v = scaled::<VNNI>(p[i][t], sc[i]);
-                                        s[t] = _mm256_add_epi32(s[t], v);
-                                        p[i][t] = _mm256_setzero_si256();
+                                        let v = scaled::<R, VNNI>(p[i][t], sc[i]);
+                                        s[t] = R::add32(s[t], v);
+                                        p[i][t] = R::splat(0);
                                     }
                                 }
                             }
@@ -551,30 +850,31 @@ mod avx2 {
                     }
                 }
             }
-            let d = f16x8(blk);
+            let d = R::ld_f16(blk, stride);
             for t in 0..N {
                 // The offset of 32: S −= 32 · Σ sc_j · bsum_j.
-                let mut a = _mm256_setzero_si256();
+                let mut a = R::splat(0);
                 for j in 0..8 {
-                    a = _mm256_add_epi32(a, _mm256_madd_epi16(pair(j), bsum_pair(xb[t], j)));
+                    a = R::add32(a, R::madd16(pair(j), bsum_pair::<R>(xb[t], j)));
                 }
-                let si = _mm256_sub_epi32(s[t], _mm256_slli_epi32::<5>(a));
-                let dd = _mm256_mul_ps(d, _mm256_set1_ps(xb[t].d));
-                acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(si), acc[t]);
+                let si = R::sub32(s[t], R::sll32(a, 5));
+                let dd = R::mul(d, R::splat_f(xb[t].d));
+                acc[t] = R::fmadd(dd, R::cvt(si), acc[t]);
             }
         }
-        store(acc, [_mm256_setzero_ps(); N], out)
+        store::<R, N>(acc, [R::zero_f(); N], out)
     }
 
     /// Q8_0: signed quants, one scale per 32 columns.
     #[inline(always)]
-    unsafe fn q8_0<const N: usize, const VNNI: bool>(
+    unsafe fn q8_0<R: Regs, const N: usize, const VNNI: bool>(
         g: *const u8,
+        stride: usize,
         blocks: usize,
         xs: [&[BlockQ8]; N],
         out: Out,
     ) {
-        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc = [R::zero_f(); N];
         let chains = (4 / N).max(1);
         for b in 0..blocks {
             let blk = g.add(b * 272);
@@ -582,141 +882,116 @@ mod avx2 {
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // VNNI multiplies u = q + 128 and takes 128·Σx off at the start;
             // AVX2 multiplies |q| by x with q's sign.
-            let mut p = [[_mm256_setzero_si256(); 4]; N];
+            let mut p = [[R::splat(0); 4]; N];
             if VNNI {
                 for t in 0..N {
-                    p[t][0] = _mm256_set1_epi32(-128 * xb[t].isum);
+                    p[t][0] = R::splat(-128 * xb[t].isum);
                 }
             }
             for w in 0..8 {
-                let q = ld(blk.add(16 + 32 * w));
+                let q = R::ld(blk.add(16 + 32 * w), stride);
                 let i = w % chains;
                 if VNNI {
-                    let u = _mm256_xor_si256(q, _mm256_set1_epi8(-128));
+                    let u = R::xor(q, R::splat8(-128));
                     for t in 0..N {
-                        p[t][i] = _mm256_dpbusd_epi32(p[t][i], u, bcast(xq[t], 4 * w));
+                        p[t][i] = R::dpbusd(p[t][i], u, R::bcast(xq[t], 4 * w));
                     }
                 } else {
-                    let aq = _mm256_sign_epi8(q, q);
+                    let aq = R::sign8(q, q);
                     for t in 0..N {
-                        let x = _mm256_sign_epi8(bcast(xq[t], 4 * w), q);
-                        let d = _mm256_maddubs_epi16(aq, x);
-                        let d = _mm256_madd_epi16(d, _mm256_set1_epi16(1));
-                        p[t][i] = _mm256_add_epi32(p[t][i], d);
+                        let x = R::sign8(R::bcast(xq[t], 4 * w), q);
+                        let d = R::madd16(R::maddubs(aq, x), R::splat16(1));
+                        p[t][i] = R::add32(p[t][i], d);
                     }
                 }
             }
-            let d = f16x8(blk);
+            let d = R::ld_f16(blk, stride);
             for t in 0..N {
-                let isum = sum::<true>(p[t], chains);
-                let dd = _mm256_mul_ps(d, _mm256_set1_ps(xb[t].d));
-                acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[t]);
+                let isum = sum::<R, true>(p[t], chains);
+                let dd = R::mul(d, R::splat_f(xb[t].d));
+                acc[t] = R::fmadd(dd, R::cvt(isum), acc[t]);
             }
         }
-        store(acc, [_mm256_setzero_ps(); N], out)
-    }
-
-    /// `vpshufb` indices that copy byte `k` of every 32-bit lane to all
-    /// four of its bytes.
-    #[inline(always)]
-    unsafe fn spread(k: i8) -> __m256i {
-        let lane = |l: i8| i32::from_le_bytes([(4 * l + k) as u8; 4]);
-        _mm256_setr_epi32(
-            lane(0),
-            lane(1),
-            lane(2),
-            lane(3),
-            lane(0),
-            lane(1),
-            lane(2),
-            lane(3),
-        )
+        store::<R, N>(acc, [R::zero_f(); N], out)
     }
 
     /// Q5_0: 5-bit quants offset by 16, one scale per 32 columns.
     #[inline(always)]
-    unsafe fn q5_0<const N: usize, const VNNI: bool>(
+    unsafe fn q5_0<R: Regs, const N: usize, const VNNI: bool>(
         g: *const u8,
+        stride: usize,
         blocks: usize,
         xs: [&[BlockQ8]; N],
         out: Out,
     ) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        let lo4 = _mm256_set1_epi8(0x0F);
-        let bit4 = _mm256_set1_epi8(0x10);
+        let mut acc = [R::zero_f(); N];
+        let lo4 = R::splat8(0x0F);
+        let bit4 = R::splat8(0x10);
         // The fifth bits of step `s` (columns 4s..4s+4) are bits 4s..4s+4
         // of a row's `qh`: byte s/2 spread over the lane's four bytes, then
         // one bit per byte.
-        let spreads: [__m256i; 4] = std::array::from_fn(|k| spread(k as i8));
+        let spreads: [R::I; 4] = std::array::from_fn(|k| R::spread(k as i8));
         let masks = [
-            _mm256_set1_epi32(i32::from_le_bytes([1, 2, 4, 8])),
-            _mm256_set1_epi32(i32::from_le_bytes([16, 32, 64, 128])),
+            R::splat(i32::from_le_bytes([1, 2, 4, 8])),
+            R::splat(i32::from_le_bytes([16, 32, 64, 128])),
         ];
         for b in 0..blocks {
             let blk = g.add(b * 176);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
-            let qh = ld(blk.add(16));
-            let high = |s: usize| {
-                let m = masks[s % 2];
-                let v = _mm256_and_si256(_mm256_shuffle_epi8(qh, spreads[s / 2]), m);
-                _mm256_and_si256(_mm256_cmpeq_epi8(v, m), bit4)
-            };
-            let mut p = [[_mm256_setzero_si256(); 2]; N];
+            let qh = R::ld(blk.add(16), stride);
+            let high = |s: usize| R::select8(R::shuffle8(qh, spreads[s / 2]), masks[s % 2], bit4);
+            let mut p = [[R::splat(0); 2]; N];
             for w in 0..4 {
-                let q = ld(blk.add(48 + 32 * w));
-                let lo = _mm256_or_si256(_mm256_and_si256(q, lo4), high(w));
-                let hi = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), lo4),
-                    high(w + 4),
-                );
+                let q = R::ld(blk.add(48 + 32 * w), stride);
+                let lo = R::or(R::and(q, lo4), high(w));
+                let hi = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
                 for t in 0..N {
                     // With VNNI one 32-bit sum per token; i16 sums need
                     // the halves apart.
                     let h = if VNNI { 0 } else { 1 };
-                    p[t][0] = step::<VNNI>(p[t][0], lo, bcast(xq[t], 4 * w));
-                    p[t][h] = step::<VNNI>(p[t][h], hi, bcast(xq[t], 16 + 4 * w));
+                    p[t][0] = step::<R, VNNI>(p[t][0], lo, R::bcast(xq[t], 4 * w));
+                    p[t][h] = step::<R, VNNI>(p[t][h], hi, R::bcast(xq[t], 16 + 4 * w));
                 }
             }
-            let d = f16x8(blk);
+            let d = R::ld_f16(blk, stride);
             for t in 0..N {
                 // Without VNNI the sums are i16: four steps of u ≤ 31 fit.
                 let (a, h) = if VNNI {
                     (p[t][0], p[t][1])
                 } else {
-                    let ones = _mm256_set1_epi16(1);
-                    (
-                        _mm256_madd_epi16(p[t][0], ones),
-                        _mm256_madd_epi16(p[t][1], ones),
-                    )
+                    let ones = R::splat16(1);
+                    (R::madd16(p[t][0], ones), R::madd16(p[t][1], ones))
                 };
-                let off = _mm256_set1_epi32(16 * xb[t].isum);
-                let isum = _mm256_sub_epi32(_mm256_add_epi32(a, h), off);
-                let dd = _mm256_mul_ps(d, _mm256_set1_ps(xb[t].d));
-                acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum), acc[t]);
+                let off = R::splat(16 * xb[t].isum);
+                let isum = R::sub32(R::add32(a, h), off);
+                let dd = R::mul(d, R::splat_f(xb[t].d));
+                acc[t] = R::fmadd(dd, R::cvt(isum), acc[t]);
             }
         }
-        store(acc, [_mm256_setzero_ps(); N], out)
+        store::<R, N>(acc, [R::zero_f(); N], out)
     }
 
     // Safety (all of them): handed out by `kernel_k`/`kernel_32` only after
     // `simd_level()` found the features they are compiled for; the rest as
     // `Gemm` says.
     macro_rules! wrappers {
-        ($feat:literal, $vnni:literal, $($name:ident = $inner:ident($b:ty $(, $q5:literal)?)),*) => {$(
+        ($feat:literal, $regs:ty, $vnni:literal, $($name:ident = $inner:ident($b:ty $(, $q5:literal)?)),*) => {$(
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $name<const N: usize>(
                 g: *const u8,
+                stride: usize,
                 blocks: usize,
                 xs: [&[$b]; N],
                 out: Out,
             ) {
-                $inner::<N, $vnni $(, $q5)?>(g, blocks, xs, out)
+                $inner::<$regs, N, $vnni $(, $q5)?>(g, stride, blocks, xs, out)
             }
         )*};
     }
     wrappers!(
         "avx2,fma,f16c",
+        Y,
         false,
         q4k_avx2 = q4k(BlockQ8K, false),
         q5k_avx2 = q4k(BlockQ8K, true),
@@ -726,12 +1001,23 @@ mod avx2 {
     );
     wrappers!(
         "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",
+        Y,
         true,
         q4k_vnni = q4k(BlockQ8K, false),
         q5k_vnni = q4k(BlockQ8K, true),
         q6k_vnni = q6k(BlockQ8K),
         q8_0_vnni = q8_0(BlockQ8),
         q5_0_vnni = q5_0(BlockQ8)
+    );
+    wrappers!(
+        "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",
+        Z,
+        true,
+        q4k_zmm = q4k(BlockQ8K, false),
+        q5k_zmm = q4k(BlockQ8K, true),
+        q6k_zmm = q6k(BlockQ8K),
+        q8_0_zmm = q8_0(BlockQ8),
+        q5_0_zmm = q5_0(BlockQ8)
     );
 }
 
@@ -754,6 +1040,38 @@ mod tests {
             .collect()
     }
 
+    /// `n` tokens (1–4 or 8) of `xs` through `ks` into `out` (`n` × 16).
+    ///
+    /// Safety: `g` holds `blocks` packed blocks per group (two groups,
+    /// `stride` apart, for a wide set), every token as many.
+    unsafe fn run<B>(
+        ks: &Kernels<B>,
+        g: *const u8,
+        stride: usize,
+        blocks: usize,
+        xs: &[&[B]],
+        out: &mut [[f32; 16]],
+    ) {
+        let o = Out {
+            ptr: out.as_mut_ptr() as *mut f32,
+            stride: 16,
+        };
+        let x = |t: usize| xs[t];
+        match xs.len() {
+            1 => (ks.g1)(g, stride, blocks, [x(0)], o),
+            2 => (ks.g2)(g, stride, blocks, std::array::from_fn(x), o),
+            3 => (ks.g3)(g, stride, blocks, std::array::from_fn(x), o),
+            4 => (ks.g4)(g, stride, blocks, std::array::from_fn(x), o),
+            _ => (ks.g8.expect("an eight-token kernel"))(
+                g,
+                stride,
+                blocks,
+                std::array::from_fn(x),
+                o,
+            ),
+        }
+    }
+
     /// `cargo test --release -p hanlin-kernels -- --ignored --nocapture kpack_speed`
     #[test]
     #[ignore = "a measurement, not a check"]
@@ -762,7 +1080,7 @@ mod tests {
         let cols = 1536;
         for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
             let Some(k) = kernel_k(ty) else { return };
-            let m: Vec<u8> = (0..8)
+            let m: Vec<u8> = (0..16)
                 .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
                 .collect();
             let mut p = m.clone();
@@ -770,36 +1088,42 @@ mod tests {
             let t0 = std::time::Instant::now();
             for _ in 0..reps {
                 p.copy_from_slice(&m);
-                pack(ty, &mut p, 8, cols);
+                pack(ty, &mut p, 16, cols);
             }
             let pack_s = t0.elapsed().as_secs_f64() / reps as f64;
             let xq = quantized(cols, 4);
-            let xs: [&[BlockQ8K]; 4] = std::array::from_fn(|t| &xq[t][..]);
-            let mut res = [0f32; 32];
-            let out = Out {
-                ptr: res.as_mut_ptr(),
-                stride: 8,
+            let xs: Vec<&[BlockQ8K]> = xq.iter().map(|x| &x[..]).collect();
+            let mut res = [[0f32; 16]; 4];
+            let stride = 8 * ty.row_bytes(cols);
+            let n = 100_000;
+            let mut rate = |ks: &Kernels<BlockQ8K>, groups: usize, tokens: usize| {
+                let t0 = std::time::Instant::now();
+                for _ in 0..n {
+                    for g in (0..2).step_by(groups) {
+                        // SAFETY: `p` holds two groups of cols/256 packed
+                        // blocks, `res` four tokens of sixteen rows.
+                        unsafe {
+                            run(
+                                ks,
+                                p.as_ptr().add(g * stride),
+                                stride,
+                                cols / 256,
+                                &xs[..tokens],
+                                &mut res,
+                            )
+                        };
+                    }
+                }
+                (n * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
             };
-            let n = 200_000;
-            let t0 = std::time::Instant::now();
-            for _ in 0..n {
-                // SAFETY: `p` holds cols/256 packed blocks, `res` four tokens.
-                unsafe { (k.g4)(p.as_ptr(), cols / 256, xs, out) };
-            }
-            let s = t0.elapsed().as_secs_f64();
-            let t1 = std::time::Instant::now();
-            for _ in 0..n {
-                // SAFETY: as above, one token.
-                unsafe { (k.g1)(p.as_ptr(), cols / 256, [xs[0]], out) };
-            }
-            let s1 = t1.elapsed().as_secs_f64();
+            let narrow = (rate(&k.narrow, 1, 4), rate(&k.narrow, 1, 1));
+            let wide = k.wide.map(|w| (rate(&w, 2, 4), rate(&w, 2, 1)));
             println!(
-                "{ty}: 4 tokens {:.1} GMAC/s, 1 token {:.1} GMAC/s; packing 8 rows {:.2} µs = {:.1} four-token passes ({})",
-                (n * 8 * 4 * cols) as f64 / s / 1e9,
-                (n * 8 * cols) as f64 / s1 / 1e9,
+                "{ty}: narrow 4 tokens {:.1} GMAC/s, 1 token {:.1}; wide {wide:.1?}; packing 16 rows {:.2} µs ({})",
+                narrow.0,
+                narrow.1,
                 pack_s * 1e6,
-                pack_s / (s / n as f64),
-                res[0]
+                res[0][0]
             );
         }
     }
@@ -832,55 +1156,129 @@ mod tests {
         }
     }
 
-    /// Every kernel, for one to four tokens, gives the portable dot's bits.
+    /// Every kernel, narrow and wide, for one to four (and eight) tokens,
+    /// gives the portable dot's bits (the K formats), or one another's (the
+    /// 32-element formats, close to the portable dot).
     #[test]
     fn kernels_give_the_scalar_bits() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let cols = 768;
         for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
             let Some(k) = kernel_k(ty) else { return };
-            let rows: Vec<Vec<u8>> = (0..8)
-                .map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
-                .collect();
-            let mut p: Vec<u8> = rows.concat();
-            pack(ty, &mut p, 8, cols);
-            let xq = quantized(cols, 4);
-            let want: Vec<Vec<f32>> = xq
-                .iter()
-                .map(|x| {
-                    rows.iter()
-                        .map(|r| crate::dot::scalar_q8k(ty, r, x))
-                        .collect()
+            let xq = quantized(cols, 8);
+            let want = |rows: &[Vec<u8>]| -> Vec<Vec<f32>> {
+                xq.iter()
+                    .map(|x| {
+                        rows.iter()
+                            .map(|r| crate::dot::scalar_q8k(ty, r, x))
+                            .collect()
+                    })
+                    .collect()
+            };
+            check(ty, k, cols, &xq, &mut rng, want);
+        }
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+            let Some(k) = kernel_32(ty) else { return };
+            let xq: Vec<Vec<BlockQ8>> = (0..8)
+                .map(|t| {
+                    let x: Vec<f32> = (0..cols)
+                        .map(|i| (((i * 11 + t * 5) % 29) as f32 - 14.0) * 0.05)
+                        .collect();
+                    let mut v = Vec::new();
+                    quant::quantize_q8(&x, &mut v);
+                    v
                 })
                 .collect();
-            let mut got = [[f32::NAN; 8]; 4];
-            let out = Out {
-                ptr: got.as_mut_ptr() as *mut f32,
-                stride: 8,
+            // The narrow one-token kernel is the reference; it is close to
+            // the portable dot.
+            let mut first = None;
+            let want = |rows: &[Vec<u8>]| -> Vec<Vec<f32>> {
+                let mut p: Vec<u8> = rows.concat();
+                pack(ty, &mut p, 16, cols);
+                let stride = 8 * ty.row_bytes(cols);
+                let v: Vec<Vec<f32>> = xq
+                    .iter()
+                    .map(|x| {
+                        let mut o = [[0f32; 16]; 1];
+                        let mut row = Vec::new();
+                        for g in 0..2 {
+                            // SAFETY: `p` holds two groups, `o` one token.
+                            unsafe {
+                                run(
+                                    &k.narrow,
+                                    p.as_ptr().add(g * stride),
+                                    stride,
+                                    cols / 32,
+                                    &[&x[..]],
+                                    &mut o,
+                                )
+                            };
+                            row.extend_from_slice(&o[0][..8]);
+                        }
+                        row
+                    })
+                    .collect();
+                for (x, got) in xq.iter().zip(&v) {
+                    for (r, g) in rows.iter().zip(got) {
+                        let s = crate::dot::scalar_q8(ty, r, x);
+                        assert!(
+                            (s - g).abs() <= 1e-4 * (1.0 + s.abs()),
+                            "{ty}: {g} vs portable {s}"
+                        );
+                    }
+                }
+                first.get_or_insert(v).clone()
             };
-            let blocks = cols / 256;
-            // SAFETY: `p` holds `blocks` packed blocks, `got` four tokens.
-            unsafe {
-                (k.g1)(p.as_ptr(), blocks, [&xq[0]], out);
-                check(&got, &want, 1, ty);
-                (k.g2)(p.as_ptr(), blocks, [&xq[0], &xq[1]], out);
-                check(&got, &want, 2, ty);
-                (k.g3)(p.as_ptr(), blocks, [&xq[0], &xq[1], &xq[2]], out);
-                check(&got, &want, 3, ty);
-                (k.g4)(p.as_ptr(), blocks, std::array::from_fn(|t| &xq[t][..]), out);
-                check(&got, &want, 4, ty);
-            }
+            check(ty, k, cols, &xq, &mut rng, want);
         }
-        fn check(got: &[[f32; 8]; 4], want: &[Vec<f32>], n: usize, ty: GgmlType) {
-            for t in 0..n {
-                for r in 0..8 {
-                    assert_eq!(
-                        got[t][r].to_bits(),
-                        want[t][r].to_bits(),
-                        "{ty} N={n} token {t} row {r}: {} vs {}",
-                        got[t][r],
-                        want[t][r]
-                    );
+
+        fn check<B>(
+            ty: GgmlType,
+            k: Kernel<B>,
+            cols: usize,
+            xq: &[Vec<B>],
+            rng: &mut rand_chacha::ChaCha8Rng,
+            mut want: impl FnMut(&[Vec<u8>]) -> Vec<Vec<f32>>,
+        ) {
+            let rows: Vec<Vec<u8>> = (0..16)
+                .map(|_| crate::dot::tests::random_row(ty, cols, rng))
+                .collect();
+            let want = want(&rows);
+            let mut p: Vec<u8> = rows.concat();
+            pack(ty, &mut p, 16, cols);
+            let stride = 8 * ty.row_bytes(cols);
+            let blocks = cols / ty.block_size();
+            let sets = [Some((k.narrow, 1)), k.wide.map(|w| (w, 2))];
+            for (ks, groups) in sets.into_iter().flatten() {
+                for n in [1, 2, 3, 4, 8] {
+                    if n == 8 && ks.g8.is_none() {
+                        continue;
+                    }
+                    let xs: Vec<&[B]> = xq[..n].iter().map(|x| &x[..]).collect();
+                    let mut got = [[f32::NAN; 16]; 8];
+                    for g in (0..2).step_by(groups) {
+                        let mut o = [[f32::NAN; 16]; 8];
+                        // SAFETY: `p` holds two groups of `blocks` packed
+                        // blocks, `o` eight tokens of sixteen rows.
+                        unsafe {
+                            run(&ks, p.as_ptr().add(g * stride), stride, blocks, &xs, &mut o)
+                        };
+                        for t in 0..n {
+                            got[t][8 * g..8 * g + 8 * groups].copy_from_slice(&o[t][..8 * groups]);
+                        }
+                    }
+                    for t in 0..n {
+                        for r in 0..16 {
+                            assert_eq!(
+                                got[t][r].to_bits(),
+                                want[t][r].to_bits(),
+                                "{ty} {} N={n} token {t} row {r}: {} vs {}",
+                                if groups == 2 { "wide" } else { "narrow" },
+                                got[t][r],
+                                want[t][r]
+                            );
+                        }
+                    }
                 }
             }
         }

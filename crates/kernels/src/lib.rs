@@ -10,6 +10,32 @@
 //! - [`ops`]: RMSNorm, RoPE, softmax, activations.
 //! - [`pool`]: the persistent thread pool.
 
+/// A function whose body is compiled twice: as written, and with AVX2 and
+/// FMA enabled, the copy taken when the CPU has them (`dot::simd_level`).
+/// The same Rust either way, and Rust never fuses a multiply and an add on
+/// its own, so both give the same bits; the second just vectorizes wider.
+macro_rules! avx2_copy {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn body($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                if crate::dot::simd_level() != crate::dot::SimdLevel::Scalar {
+                    // SAFETY: `simd_level` found AVX2, FMA and F16C.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
 pub mod attn;
 pub mod dot;
 pub mod kpack;

@@ -1,27 +1,31 @@
 //! Element-wise and row-wise operations of the transformer layers.
 
-/// RMSNorm of each row of `x` (row length `w.len()`) into `out`.
-/// `add_one` multiplies by `(1 + w)` instead of `w` (used when the weight file
-/// stores the Gemma-style offset form).
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let n = w.len();
-    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let scale = 1.0 / (ss + eps).sqrt();
-        for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * scale * g;
+avx2_copy! {
+    /// RMSNorm of each row of `x` (row length `w.len()`) into `out`.
+    /// `add_one` multiplies by `(1 + w)` instead of `w` (used when the weight file
+    /// stores the Gemma-style offset form).
+    pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let n = w.len();
+        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let scale = 1.0 / (ss + eps).sqrt();
+            for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
+                *o = v * scale * g;
+            }
         }
     }
 }
 
-/// In-place RMSNorm over each `w.len()`-sized chunk of `x`.
-pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    let n = w.len();
-    for xr in x.chunks_exact_mut(n) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let scale = 1.0 / (ss + eps).sqrt();
-        for (v, g) in xr.iter_mut().zip(w) {
-            *v *= scale * g;
+avx2_copy! {
+    /// In-place RMSNorm over each `w.len()`-sized chunk of `x`.
+    pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+        let n = w.len();
+        for xr in x.chunks_exact_mut(n) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let scale = 1.0 / (ss + eps).sqrt();
+            for (v, g) in xr.iter_mut().zip(w) {
+                *v *= scale * g;
+            }
         }
     }
 }
@@ -135,17 +139,19 @@ pub enum Act {
     GeluTanh,
 }
 
-/// `gate = act(gate) * up`, element-wise.
-pub fn glu(gate: &mut [f32], up: &[f32], act: Act) {
-    #[inline(always)]
-    fn each(gate: &mut [f32], up: &[f32], f: impl Fn(f32) -> f32) {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = f(*g) * u;
+avx2_copy! {
+    /// `gate = act(gate) * up`, element-wise.
+    pub fn glu(gate: &mut [f32], up: &[f32], act: Act) {
+        #[inline(always)]
+        fn each(gate: &mut [f32], up: &[f32], f: impl Fn(f32) -> f32) {
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = f(*g) * u;
+            }
         }
-    }
-    match act {
-        Act::Silu => each(gate, up, silu),
-        Act::GeluTanh => each(gate, up, gelu),
+        match act {
+            Act::Silu => each(gate, up, silu),
+            Act::GeluTanh => each(gate, up, gelu),
+        }
     }
 }
 

@@ -21,10 +21,11 @@
 //! greedily, a few one-row passes batched across the sequences, before the
 //! target's step checks the proposals like any other guesses.
 //!
-//! KV caches are per sequence. A finished sequence's cache goes into a
-//! prefix pool (bounded in tokens); a new request starts from the longest
-//! prefix it shares with the pool or with a running sequence, so a system
-//! prompt or a conversation's earlier turns are not recomputed.
+//! KV caches are per sequence. A finished sequence's cache (and its draft
+//! cache) goes into a prefix pool (bounded in tokens); a new request starts
+//! from the longest prefix it shares with the pool or with a running
+//! sequence, so a system prompt or a conversation's earlier turns are not
+//! recomputed, by the model or by its draft.
 
 use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
 use crate::kv::{KvBlocks, KvCache};
@@ -210,6 +211,10 @@ pub struct SchedStats {
     /// The same for the draft model's guesses.
     pub draft_proposed_tokens: AtomicU64,
     pub draft_accepted_tokens: AtomicU64,
+    /// Tokens the draft model ran to catch up with its targets (prompts
+    /// and kept tokens; a prefix whose draft cache was found in the pool or
+    /// a running sequence is not run again).
+    pub draft_caught_up_tokens: AtomicU64,
 }
 
 /// Handle to a model's scheduler thread; dropping every handle stops it once
@@ -383,6 +388,23 @@ impl Seq {
     }
 }
 
+/// A finished sequence's caches, kept for later prefixes: the target's,
+/// and the draft model's (of a prefix of the same tokens) when it guessed
+/// with one, so that the next turn of a conversation does not run its
+/// whole history through the draft again.
+struct Pooled {
+    tokens: Vec<u32>,
+    cache: KvCache,
+    draft: Option<KvCache>,
+}
+
+/// A new sequence's start: the caches of the longest prefix found.
+struct Prefix {
+    cache: KvCache,
+    tokens: Vec<u32>,
+    draft: Option<KvCache>,
+}
+
 struct Worker {
     m: Arc<LoadedModel>,
     cfg: SchedulerConfig,
@@ -392,7 +414,7 @@ struct Worker {
     active: Vec<Seq>,
     /// Caches of finished sequences, least recently used first. Their
     /// blocks are shared with the sequences that reuse them.
-    pool: VecDeque<(Vec<u32>, KvCache)>,
+    pool: VecDeque<Pooled>,
     blocks: Arc<KvBlocks>,
     arrivals: u64,
     last_probe: Instant,
@@ -497,7 +519,11 @@ impl Worker {
                 self.embed(job);
                 continue;
             }
-            let (cache, tokens) = self.prefix_for(&job.prompt);
+            let Prefix {
+                cache,
+                tokens,
+                draft,
+            } = self.prefix_for(&job.prompt);
             let cached = tokens.len();
             self.stats
                 .prompt_tokens
@@ -516,7 +542,7 @@ impl Worker {
                 tokens,
                 cached,
                 pending: None,
-                guess: self.guesser(),
+                guess: self.guesser(draft),
                 drafts: Vec::new(),
                 drafted: false,
                 lps_sent: 0,
@@ -570,13 +596,13 @@ impl Worker {
 
     /// The longest cached prefix of `prompt` (never all of it: the last
     /// prompt token is always run, for its logits).
-    fn prefix_for(&mut self, prompt: &[u32]) -> (KvCache, Vec<u32>) {
+    fn prefix_for(&mut self, prompt: &[u32]) -> Prefix {
         let limit = prompt.len() - 1;
         let pooled = self
             .pool
             .iter()
             .enumerate()
-            .map(|(i, (t, _))| (i, common_prefix(t, prompt).min(limit)))
+            .map(|(i, p)| (i, common_prefix(&p.tokens, prompt).min(limit)))
             .max_by_key(|&(_, n)| n);
         let running = self
             .active
@@ -589,21 +615,32 @@ impl Worker {
             (Some((i, n)), _) if n > 0 && n >= rn => {
                 // Share the pooled blocks and mark the entry recently used.
                 if let Some(entry) = self.pool.remove(i) {
-                    let cache = entry.1.clone_prefix(n);
+                    let start = Prefix {
+                        cache: entry.cache.clone_prefix(n),
+                        tokens: prompt[..n].to_vec(),
+                        draft: draft_prefix(entry.draft.as_ref(), n),
+                    };
                     self.pool.push_back(entry);
-                    return (cache, prompt[..n].to_vec());
+                    return start;
                 }
             }
             (_, Some((i, n))) if n > 0 => {
-                return (self.active[i].cache.clone_prefix(n), prompt[..n].to_vec());
+                let s = &self.active[i];
+                let draft = s.guess.as_ref().and_then(|g| g.draft.as_ref());
+                return Prefix {
+                    cache: s.cache.clone_prefix(n),
+                    tokens: prompt[..n].to_vec(),
+                    draft: draft_prefix(draft, n),
+                };
             }
             _ => {}
         }
         let c = &self.m.model.cfg;
-        (
-            KvCache::counted(c.n_layer, c.kv_dim(), self.cfg.ctx, self.blocks.clone()),
-            Vec::new(),
-        )
+        Prefix {
+            cache: KvCache::counted(c.n_layer, c.kv_dim(), self.cfg.ctx, self.blocks.clone()),
+            tokens: Vec::new(),
+            draft: None,
+        }
     }
 
     fn step(&mut self) {
@@ -781,13 +818,16 @@ impl Worker {
     }
 
     /// How a new sequence guesses: prompt lookup when it is on, then the
-    /// draft model when there is one.
-    fn guesser(&self) -> Option<Guess> {
+    /// draft model when there is one, from `prefix` (the draft's cache of a
+    /// prefix of the sequence's tokens) when one was found.
+    fn guesser(&self, prefix: Option<KvCache>) -> Option<Guess> {
         let lookup = (self.cfg.lookup != Lookup::Off).then(PromptLookup::default);
         let draft = self.draft.as_ref().map(|d| {
-            let c = &d.model.cfg;
-            let ctx = self.cfg.ctx.min(c.context_length);
-            KvCache::counted(c.n_layer, c.kv_dim(), ctx, self.draft_blocks.clone())
+            prefix.unwrap_or_else(|| {
+                let c = &d.model.cfg;
+                let ctx = self.cfg.ctx.min(c.context_length);
+                KvCache::counted(c.n_layer, c.kv_dim(), ctx, self.draft_blocks.clone())
+            })
         });
         (lookup.is_some() || draft.is_some()).then(|| Guess {
             lookup,
@@ -835,6 +875,9 @@ impl Worker {
                 continue;
             }
             budget -= n;
+            self.stats
+                .draft_caught_up_tokens
+                .fetch_add(n as u64, Ordering::Relaxed);
             feeds.push((i, feed, want));
         }
         while !feeds.is_empty() {
@@ -898,15 +941,20 @@ impl Worker {
         while i < self.active.len() {
             if self.active[i].done {
                 let s = self.active.swap_remove(i);
-                self.pool_insert(s.tokens, s.cache);
+                let draft = s.guess.and_then(|g| g.draft);
+                self.pool_insert(Pooled {
+                    tokens: s.tokens,
+                    cache: s.cache,
+                    draft,
+                });
             } else {
                 i += 1;
             }
         }
-        let mut total: usize = self.pool.iter().map(|(t, _)| t.len()).sum();
+        let mut total: usize = self.pool.iter().map(|p| p.tokens.len()).sum();
         while total > self.cfg.prefix_pool_tokens {
             match self.pool.pop_front() {
-                Some((t, _)) => total -= t.len(),
+                Some(p) => total -= p.tokens.len(),
                 None => break,
             }
         }
@@ -915,18 +963,20 @@ impl Worker {
     /// Keep a finished sequence's cache for later prefixes, unless a pooled
     /// entry already covers it; entries it covers are dropped (their blocks
     /// live on in it).
-    fn pool_insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
+    fn pool_insert(&mut self, entry: Pooled) {
+        let tokens = &entry.tokens;
         if tokens.is_empty()
             || self
                 .pool
                 .iter()
-                .any(|(t, _)| t.len() >= tokens.len() && t[..tokens.len()] == tokens[..])
+                .any(|p| p.tokens.len() >= tokens.len() && p.tokens[..tokens.len()] == tokens[..])
         {
             return;
         }
-        self.pool
-            .retain(|(t, _)| !(t.len() < tokens.len() && tokens[..t.len()] == t[..]));
-        self.pool.push_back((tokens, cache));
+        self.pool.retain(|p| {
+            !(p.tokens.len() < tokens.len() && tokens[..p.tokens.len()] == p.tokens[..])
+        });
+        self.pool.push_back(entry);
     }
 
     fn publish(&self) {
@@ -937,7 +987,7 @@ impl Worker {
             Ordering::Relaxed,
         );
         st.pool_tokens.store(
-            self.pool.iter().map(|(t, _)| t.len()).sum(),
+            self.pool.iter().map(|p| p.tokens.len()).sum(),
             Ordering::Relaxed,
         );
         let c = &self.m.model.cfg;
@@ -950,4 +1000,9 @@ impl Worker {
             Ordering::Relaxed,
         );
     }
+}
+
+/// The first `n` positions of a draft cache (fewer when it holds fewer).
+fn draft_prefix(draft: Option<&KvCache>, n: usize) -> Option<KvCache> {
+    draft.map(|d| d.clone_prefix(n))
 }

@@ -557,3 +557,59 @@ fn a_draft_model_gives_the_same_text_in_fewer_steps() {
         "{steps} steps with the draft, {plain_steps} without"
     );
 }
+
+/// The draft model's caches are pooled with the target's: the next turn of
+/// a conversation (here the same prompt again, and then a longer one that
+/// starts with it) does not run the shared history through the draft again.
+/// (Before, every request's draft caught up on its whole prompt.)
+#[test]
+fn the_draft_reuses_its_cache_of_a_shared_prefix() {
+    let m = model();
+    let draft = Draft::new(m.clone(), "draft", &m, "target").expect("draft");
+    let sched = Scheduler::start_with_draft(
+        m.clone(),
+        Some(draft),
+        SchedulerConfig {
+            lookup: Lookup::Always,
+            ..Default::default()
+        },
+    );
+    let mut history = vec![Message::new(
+        "user",
+        "Write a Python function that returns the n-th Fibonacci number.",
+    )];
+    let p1 = m.chat_prompt(&history).expect("prompt");
+    let caught_up = || sched.stats.draft_caught_up_tokens.load(Ordering::Relaxed) as usize;
+    let ask = |p: &[u32], max: usize| {
+        let (j, rx) = job(p.to_vec(), max, 0);
+        sched.submit(j).expect("submit");
+        collect(&rx)
+    };
+    let (answer, _, _) = ask(&p1, 24);
+    let first = caught_up();
+    assert!(
+        first >= p1.len() - 1,
+        "the first request's draft ran {first} of {} prompt tokens",
+        p1.len()
+    );
+    let (again, cached, _) = ask(&p1, 24);
+    assert_eq!(again, answer, "the same greedy answer");
+    assert_eq!(cached, p1.len() - 1);
+    let second = caught_up() - first;
+    assert!(
+        second < 24 + 8,
+        "the draft ran {second} tokens again for a prompt of {}",
+        p1.len()
+    );
+    history.push(Message::new("assistant", &answer));
+    history.push(Message::new("user", "Now make it iterative."));
+    let p2 = m.chat_prompt(&history).expect("prompt");
+    ask(&p2, 8);
+    let third = caught_up() - first - second;
+    assert!(
+        third + p1.len() / 2 < p2.len(),
+        "the draft ran {third} of the next turn's {} tokens (first turn {})",
+        p2.len(),
+        p1.len()
+    );
+}

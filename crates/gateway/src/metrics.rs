@@ -24,6 +24,7 @@ pub struct Metrics {
     /// The draft model's guesses checked and kept.
     pub draft_proposed: IntGaugeVec,
     pub draft_accepted: IntGaugeVec,
+    pub draft_caught_up: IntGaugeVec,
     /// Upstream servers (models served elsewhere), by model and node.
     pub upstream_requests: IntCounterVec,
     pub upstream_ttft: HistogramVec,
@@ -103,6 +104,10 @@ impl Metrics {
             "draft_accepted_tokens",
             "The draft model's guesses the model agreed with (acceptance rate: accepted / proposed)",
         )?;
+        let draft_caught_up = gauge(
+            "draft_caught_up_tokens",
+            "Tokens the draft model ran to catch up with its target (a prefix found with its draft cache is not run again)",
+        )?;
         let upstream_requests = IntCounterVec::new(
             Opts::new(
                 "upstream_requests_total",
@@ -160,6 +165,7 @@ impl Metrics {
             Box::new(lookup_accepted.clone()),
             Box::new(draft_proposed.clone()),
             Box::new(draft_accepted.clone()),
+            Box::new(draft_caught_up.clone()),
         ] {
             registry.register(c)?;
         }
@@ -179,6 +185,7 @@ impl Metrics {
             lookup_accepted,
             draft_proposed,
             draft_accepted,
+            draft_caught_up,
             upstream_requests,
             upstream_ttft,
             upstream_tokens,

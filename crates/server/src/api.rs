@@ -67,6 +67,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
         set(&m.lookup_accepted, total(&s.stats.accepted_tokens));
         set(&m.draft_proposed, total(&s.stats.draft_proposed_tokens));
         set(&m.draft_accepted, total(&s.stats.draft_accepted_tokens));
+        set(&m.draft_caught_up, total(&s.stats.draft_caught_up_tokens));
     }
     st.upstreams.gauges(&st.gw.metrics);
     st.gw.metrics.render().into_response()

@@ -265,7 +265,7 @@ pub fn kernel_32(ty: GgmlType) -> Option<Kernel<BlockQ8>> {
             (SimdLevel::Avx2Vnni, Q8_0) => (kernels!(q8_0_vnni, 8), Some(kernels!(q8_0_zmm, 8))),
             (SimdLevel::Avx2Vnni, Q5_0) => (kernels!(q5_0_vnni, 8), Some(kernels!(q5_0_zmm, 8))),
             (SimdLevel::Avx2, Q8_0) => (kernels!(q8_0_avx2), None),
-            (SimdLevel::Avx2, Q5_0) => (kernels!(q5_0_avx2), None),
+            (SimdLevel::Avx2, Q5_0) => (kernels!(q5_0_avx2, 8), None),
             _ => return None,
         };
         return Some(Kernel { narrow, wide });
@@ -941,30 +941,56 @@ mod avx2 {
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             let qh = R::ld(blk.add(16), stride);
             let high = |s: usize| R::select8(R::shuffle8(qh, spreads[s / 2]), masks[s % 2], bit4);
-            let mut p = [[R::splat(0); 2]; N];
+            let d = R::ld_f16(blk, stride);
+            if !VNNI {
+                // AVX2's sixteen registers cannot hold the unpacking
+                // constants and two i16 sums per token of several tokens:
+                // the block's quants are unpacked once (the low halves,
+                // then the high), and the tokens take them one after the
+                // other with two sums each (four steps of u ≤ 31 fit).
+                let mut u = [R::splat(0); 8];
+                for w in 0..4 {
+                    let q = R::ld(blk.add(48 + 32 * w), stride);
+                    u[w] = R::or(R::and(q, lo4), high(w));
+                    u[4 + w] = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
+                }
+                let ones = R::splat16(1);
+                for t in 0..N {
+                    let x = xq[t];
+                    let mut lo = R::maddubs(u[0], R::bcast(x, 0));
+                    let mut hi = R::maddubs(u[4], R::bcast(x, 16));
+                    for w in 1..4 {
+                        lo = R::add16(lo, R::maddubs(u[w], R::bcast(x, 4 * w)));
+                        hi = R::add16(hi, R::maddubs(u[4 + w], R::bcast(x, 16 + 4 * w)));
+                    }
+                    let (a, h) = (R::madd16(lo, ones), R::madd16(hi, ones));
+                    let off = R::splat(16 * xb[t].isum);
+                    let isum = R::sub32(R::add32(a, h), off);
+                    let dd = R::mul(d, R::splat_f(xb[t].d));
+                    acc[t] = R::fmadd(dd, R::cvt(isum), acc[t]);
+                }
+                continue;
+            }
+            // One 32-bit sum per token, starting from the offset's −16·Σx
+            // (two, low and high halves, where the registers have room).
+            let h = if N <= 4 { 1 } else { 0 };
+            let mut p: [[R::I; 2]; N] =
+                std::array::from_fn(|t| [R::splat(-16 * xb[t].isum), R::splat(0)]);
             for w in 0..4 {
                 let q = R::ld(blk.add(48 + 32 * w), stride);
                 let lo = R::or(R::and(q, lo4), high(w));
                 let hi = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
                 for t in 0..N {
-                    // With VNNI one 32-bit sum per token; i16 sums need
-                    // the halves apart.
-                    let h = if VNNI { 0 } else { 1 };
-                    p[t][0] = step::<R, VNNI>(p[t][0], lo, R::bcast(xq[t], 4 * w));
-                    p[t][h] = step::<R, VNNI>(p[t][h], hi, R::bcast(xq[t], 16 + 4 * w));
+                    p[t][0] = R::dpbusd(p[t][0], lo, R::bcast(xq[t], 4 * w));
+                    p[t][h] = R::dpbusd(p[t][h], hi, R::bcast(xq[t], 16 + 4 * w));
                 }
             }
-            let d = R::ld_f16(blk, stride);
             for t in 0..N {
-                // Without VNNI the sums are i16: four steps of u ≤ 31 fit.
-                let (a, h) = if VNNI {
-                    (p[t][0], p[t][1])
+                let isum = if h == 1 {
+                    R::add32(p[t][0], p[t][1])
                 } else {
-                    let ones = R::splat16(1);
-                    (R::madd16(p[t][0], ones), R::madd16(p[t][1], ones))
+                    p[t][0]
                 };
-                let off = R::splat(16 * xb[t].isum);
-                let isum = R::sub32(R::add32(a, h), off);
                 let dd = R::mul(d, R::splat_f(xb[t].d));
                 acc[t] = R::fmadd(dd, R::cvt(isum), acc[t]);
             }
@@ -1076,10 +1102,18 @@ mod tests {
     #[test]
     #[ignore = "a measurement, not a check"]
     fn kpack_speed() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let cols = 1536;
         for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
             let Some(k) = kernel_k(ty) else { return };
+            speed(ty, k, cols, quantized(cols, 8));
+        }
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+            let Some(k) = kernel_32(ty) else { return };
+            speed(ty, k, cols, quantized_32(cols, 8));
+        }
+
+        fn speed<B>(ty: GgmlType, k: Kernel<B>, cols: usize, xq: Vec<Vec<B>>) {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
             let m: Vec<u8> = (0..16)
                 .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
                 .collect();
@@ -1091,23 +1125,25 @@ mod tests {
                 pack(ty, &mut p, 16, cols);
             }
             let pack_s = t0.elapsed().as_secs_f64() / reps as f64;
-            let xq = quantized(cols, 4);
-            let xs: Vec<&[BlockQ8K]> = xq.iter().map(|x| &x[..]).collect();
-            let mut res = [[0f32; 16]; 4];
+            let xs: Vec<&[B]> = xq.iter().map(|x| &x[..]).collect();
+            let mut res = [[0f32; 16]; 8];
             let stride = 8 * ty.row_bytes(cols);
-            let n = 100_000;
-            let mut rate = |ks: &Kernels<BlockQ8K>, groups: usize, tokens: usize| {
+            let n = 50_000;
+            let mut rate = |ks: &Kernels<B>, groups: usize, tokens: usize| {
+                if tokens == 8 && ks.g8.is_none() {
+                    return f64::NAN;
+                }
                 let t0 = std::time::Instant::now();
                 for _ in 0..n {
                     for g in (0..2).step_by(groups) {
-                        // SAFETY: `p` holds two groups of cols/256 packed
-                        // blocks, `res` four tokens of sixteen rows.
+                        // SAFETY: `p` holds two groups of packed blocks,
+                        // `res` eight tokens of sixteen rows.
                         unsafe {
                             run(
                                 ks,
                                 p.as_ptr().add(g * stride),
                                 stride,
-                                cols / 256,
+                                cols / ty.block_size(),
                                 &xs[..tokens],
                                 &mut res,
                             )
@@ -1116,16 +1152,27 @@ mod tests {
                 }
                 (n * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
             };
-            let narrow = (rate(&k.narrow, 1, 4), rate(&k.narrow, 1, 1));
-            let wide = k.wide.map(|w| (rate(&w, 2, 4), rate(&w, 2, 1)));
+            let narrow = [1, 4, 8].map(|t| rate(&k.narrow, 1, t));
+            let wide = k.wide.map(|w| [1, 4, 8].map(|t| rate(&w, 2, t)));
             println!(
-                "{ty}: narrow 4 tokens {:.1} GMAC/s, 1 token {:.1}; wide {wide:.1?}; packing 16 rows {:.2} µs ({})",
-                narrow.0,
-                narrow.1,
+                "{ty}: GMAC/s for 1, 4, 8 tokens: narrow {narrow:.1?}, wide {wide:.1?}; packing 16 rows {:.2} µs ({})",
                 pack_s * 1e6,
                 res[0][0]
             );
         }
+    }
+
+    fn quantized_32(cols: usize, n_tok: usize) -> Vec<Vec<BlockQ8>> {
+        (0..n_tok)
+            .map(|t| {
+                let x: Vec<f32> = (0..cols)
+                    .map(|i| (((i * 11 + t * 5) % 29) as f32 - 14.0) * 0.05)
+                    .collect();
+                let mut v = Vec::new();
+                quant::quantize_q8(&x, &mut v);
+                v
+            })
+            .collect()
     }
 
     #[test]
@@ -1179,16 +1226,7 @@ mod tests {
         }
         for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
             let Some(k) = kernel_32(ty) else { return };
-            let xq: Vec<Vec<BlockQ8>> = (0..8)
-                .map(|t| {
-                    let x: Vec<f32> = (0..cols)
-                        .map(|i| (((i * 11 + t * 5) % 29) as f32 - 14.0) * 0.05)
-                        .collect();
-                    let mut v = Vec::new();
-                    quant::quantize_q8(&x, &mut v);
-                    v
-                })
-                .collect();
+            let xq = quantized_32(cols, 8);
             // The narrow one-token kernel is the reference; it is close to
             // the portable dot.
             let mut first = None;

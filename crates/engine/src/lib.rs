@@ -22,7 +22,7 @@ pub use generate::{
 };
 pub use hanlin_kernels::dot::{simd_level, SimdLevel};
 pub use kv::{KvBlocks, KvCache, KV_BLOCK};
-pub use model::{BatchSeq, Logits, Model};
+pub use model::{BatchSeq, Logits, Model, FORWARD_CHUNK};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
 pub use sched::{
     Draft, Event, Job, Lookup, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError,

@@ -305,6 +305,11 @@ impl Model {
 
     /// Run `tokens` (continuing the sequence in `cache`) and return logits:
     /// `vocab` floats for the last token, or for every token with [`Logits::All`].
+    ///
+    /// A long prompt whose last logits (or none) are wanted runs in chunks
+    /// of [`FORWARD_CHUNK`] tokens, as `hanlin serve`'s scheduler feeds it:
+    /// only a chunk's activations are held at once, and every token's
+    /// results are the same bits either way (nothing depends on the batch).
     pub fn forward(
         &self,
         pool: &ThreadPool,
@@ -312,6 +317,21 @@ impl Model {
         cache: &mut KvCache,
         want: Logits,
     ) -> Result<Vec<f32>, EngineError> {
+        if tokens.len() > FORWARD_CHUNK && matches!(want, Logits::Last | Logits::None) {
+            // Refused before anything is run, as one pass would be.
+            let needed = cache.len() + tokens.len();
+            if needed > cache.capacity() {
+                return Err(EngineError::ContextOverflow {
+                    needed,
+                    limit: cache.capacity(),
+                });
+            }
+            let (head, last) = tokens.split_at((tokens.len() - 1) / FORWARD_CHUNK * FORWARD_CHUNK);
+            for chunk in head.chunks(FORWARD_CHUNK) {
+                self.forward(pool, chunk, cache, Logits::None)?;
+            }
+            return self.forward(pool, last, cache, want);
+        }
         let mut seqs = [BatchSeq {
             tokens,
             cache,
@@ -702,6 +722,9 @@ impl Model {
         }
     }
 }
+
+/// The most prompt tokens [`Model::forward`] runs in one pass.
+pub const FORWARD_CHUNK: usize = 512;
 
 /// Query tokens per attention job.
 const ATTN_TB: usize = 8;

@@ -283,3 +283,46 @@ fn bad_models_give_clear_errors() {
         .expect_err("bad token");
     assert!(matches!(err, EngineError::BadToken(_)));
 }
+
+/// A prompt longer than `FORWARD_CHUNK` runs in chunks: the same logits,
+/// bit for bit, as one pass over all of it, and the same cache after (the
+/// next step's logits agree); one that does not fit is refused before any
+/// chunk runs.
+#[test]
+fn a_long_prompt_in_chunks_gives_one_pass_bits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = Model::load(&tiny("qwen2", dir.path())).expect("load tiny model");
+    let pool = ThreadPool::new(2);
+    let n = hanlin_engine::FORWARD_CHUNK * 2 + 77;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let prompt: Vec<u32> = (0..n).map(|_| rng.random_range(0..VOCAB as u32)).collect();
+    let fresh = || KvCache::new(LAYERS, model.cfg.kv_dim(), n + 8);
+    let mut chunked = fresh();
+    let a = model
+        .forward(&pool, &prompt, &mut chunked, Logits::Last)
+        .expect("chunked");
+    let mut whole = fresh();
+    let b = model
+        .forward_batch(
+            &pool,
+            &mut [BatchSeq {
+                tokens: &prompt,
+                cache: &mut whole,
+                want: Logits::Last,
+            }],
+        )
+        .expect("one pass")
+        .remove(0);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(chunked.len(), n);
+    let next = |c: &mut KvCache| model.forward(&pool, &[5], c, Logits::Last).expect("step");
+    assert_eq!(bits(&next(&mut chunked)), bits(&next(&mut whole)));
+    let mut small = KvCache::new(LAYERS, model.cfg.kv_dim(), n - 1);
+    let err = model.forward(&pool, &prompt, &mut small, Logits::Last);
+    assert!(
+        matches!(err, Err(EngineError::ContextOverflow { .. })),
+        "{err:?}"
+    );
+    assert_eq!(small.len(), 0, "nothing was run");
+}

@@ -109,8 +109,10 @@ def main():
     print(f"{'model':<22} {'prefill':>9} {'llama.cpp':>9} {'ratio':>6} | {'decode':>7} {'llama.cpp':>9} {'ratio':>6} {'ceiling':>8} | {'RSS MB':>7} {'llama':>7} {'ratio':>6}")
     for m, hp, lp, ht, lt, c, hr, lr in rows:
         print(f"{m:<22} {hp:9.1f} {lp:9.1f} {hp/lp:6.2f} | {ht:7.1f} {lt:9.1f} {ht/lt:6.2f} {c:8.1f} | {hr/1e6:7.0f} {lr/1e6:7.0f} {hr/lr:6.2f}")
+    if ik_rows:
+        print(f"\n{'model':<22} {'prefill':>9} {'ik_llama':>9} {'ratio':>6} | {'decode':>7} {'ik_llama':>9} {'ratio':>6}")
     for m, hp, ip, ht, it in ik_rows:
-        print(f"{m:<22} {hp:9.1f} {ip:9.1f} {hp/ip:6.2f} | {ht:7.1f} {it:9.1f} {ht/it:6.2f}   (against ik_llama.cpp)")
+        print(f"{m:<22} {hp:9.1f} {ip:9.1f} {hp/ip:6.2f} | {ht:7.1f} {it:9.1f} {ht/it:6.2f}")
     peers = "AVX2-only builds (-DGGML_AVX512=OFF)" if a.avx2 else "native builds"
     print(f"\nHanlin's kernels: {simd}; peers: {peers}")
     print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")

@@ -1,4 +1,5 @@
-//! Q4_K and Q6_K weights interleaved eight rows at a time, once, at load.
+//! Weights interleaved eight rows at a time, once, at load (Q4_K, Q5_K,
+//! Q6_K, Q5_0, Q8_0, Q4_1).
 //!
 //! In a file's layout every row's blocks follow each other, so a kernel
 //! that works on one row at a time ends every block with horizontal sums,
@@ -27,7 +28,8 @@
 //!
 //! and per 32 columns: Q8_0 (272 bytes) `d`: 8 × f16, then 8 words × 8 rows
 //! × 4 bytes of quants; Q5_0 (176 bytes) `d`: 8 × f16, `qh`: 8 × 4 bytes,
-//! then 4 words × 8 rows × 4 bytes of nibbles.
+//! then 4 words × 8 rows × 4 bytes of nibbles; Q4_1 (160 bytes) `d`: 8 ×
+//! f16, `m`: 8 × f16, then 4 words × 8 rows × 4 bytes of nibbles.
 //!
 //! Each is in the order the kernels read it, so a group is one sequential
 //! stream.
@@ -66,6 +68,10 @@ fn words(ty: GgmlType) -> Vec<(usize, usize)> {
         GgmlType::Q5_0 => {
             v.extend([(0, 2), (2, 4)]);
             v.extend((0..4).map(|w| (6 + 4 * w, 4)));
+        }
+        GgmlType::Q4_1 => {
+            v.extend([(0, 2), (2, 2)]);
+            v.extend((0..4).map(|w| (4 + 4 * w, 4)));
         }
         GgmlType::Q6_K => {
             v.push((208, 2));
@@ -260,12 +266,14 @@ pub fn kernel_32(ty: GgmlType) -> Option<Kernel<BlockQ8>> {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::dot::{simd_level, SimdLevel};
-        use GgmlType::{Q5_0, Q8_0};
+        use GgmlType::{Q4_1, Q5_0, Q8_0};
         let (narrow, wide) = match (simd_level(), ty) {
             (SimdLevel::Avx2Vnni, Q8_0) => (kernels!(q8_0_vnni, 8), Some(kernels!(q8_0_zmm, 8))),
             (SimdLevel::Avx2Vnni, Q5_0) => (kernels!(q5_0_vnni, 8), Some(kernels!(q5_0_zmm, 8))),
             (SimdLevel::Avx2, Q8_0) => (kernels!(q8_0_avx2), None),
             (SimdLevel::Avx2, Q5_0) => (kernels!(q5_0_avx2, 8), None),
+            (SimdLevel::Avx2Vnni, Q4_1) => (kernels!(q4_1_vnni, 8), Some(kernels!(q4_1_zmm, 8))),
+            (SimdLevel::Avx2, Q4_1) => (kernels!(q4_1_avx2), None),
             _ => return None,
         };
         return Some(Kernel { narrow, wide });
@@ -998,6 +1006,50 @@ mod avx2 {
         store::<R, N>(acc, [R::zero_f(); N], out)
     }
 
+    /// Q4_1: 4-bit quants with a scale and a minimum per 32 columns:
+    /// `d·xd·Σu·x + m·s` (`s` the activation block's `xd·Σx`).
+    #[inline(always)]
+    unsafe fn q4_1<R: Regs, const N: usize, const VNNI: bool>(
+        g: *const u8,
+        stride: usize,
+        blocks: usize,
+        xs: [&[BlockQ8]; N],
+        out: Out,
+    ) {
+        let mut acc = [R::zero_f(); N];
+        let lo4 = R::splat8(0x0F);
+        for b in 0..blocks {
+            let blk = g.add(b * 160);
+            let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
+            let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
+            // One sum per token: 32-bit with VNNI; i16 without (eight
+            // steps of u ≤ 15 fit).
+            let mut p = [R::splat(0); N];
+            for w in 0..4 {
+                let q = R::ld(blk.add(32 + 32 * w), stride);
+                let lo = R::and(q, lo4);
+                let hi = R::and(R::srl16(q, 4), lo4);
+                for t in 0..N {
+                    p[t] = step::<R, VNNI>(p[t], lo, R::bcast(xq[t], 4 * w));
+                    p[t] = step::<R, VNNI>(p[t], hi, R::bcast(xq[t], 16 + 4 * w));
+                }
+            }
+            let d = R::ld_f16(blk, stride);
+            let m = R::ld_f16(blk.add(16), stride);
+            for t in 0..N {
+                let isum = if VNNI {
+                    p[t]
+                } else {
+                    R::madd16(p[t], R::splat16(1))
+                };
+                let dd = R::mul(d, R::splat_f(xb[t].d));
+                acc[t] = R::fmadd(dd, R::cvt(isum), acc[t]);
+                acc[t] = R::fmadd(m, R::splat_f(xb[t].s), acc[t]);
+            }
+        }
+        store::<R, N>(acc, [R::zero_f(); N], out)
+    }
+
     // Safety (all of them): handed out by `kernel_k`/`kernel_32` only after
     // `simd_level()` found the features they are compiled for; the rest as
     // `Gemm` says.
@@ -1023,7 +1075,8 @@ mod avx2 {
         q5k_avx2 = q4k(BlockQ8K, true),
         q6k_avx2 = q6k(BlockQ8K),
         q8_0_avx2 = q8_0(BlockQ8),
-        q5_0_avx2 = q5_0(BlockQ8)
+        q5_0_avx2 = q5_0(BlockQ8),
+        q4_1_avx2 = q4_1(BlockQ8)
     );
     wrappers!(
         "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",
@@ -1033,7 +1086,8 @@ mod avx2 {
         q5k_vnni = q4k(BlockQ8K, true),
         q6k_vnni = q6k(BlockQ8K),
         q8_0_vnni = q8_0(BlockQ8),
-        q5_0_vnni = q5_0(BlockQ8)
+        q5_0_vnni = q5_0(BlockQ8),
+        q4_1_vnni = q4_1(BlockQ8)
     );
     wrappers!(
         "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",
@@ -1043,7 +1097,8 @@ mod avx2 {
         q5k_zmm = q4k(BlockQ8K, true),
         q6k_zmm = q6k(BlockQ8K),
         q8_0_zmm = q8_0(BlockQ8),
-        q5_0_zmm = q5_0(BlockQ8)
+        q5_0_zmm = q5_0(BlockQ8),
+        q4_1_zmm = q4_1(BlockQ8)
     );
 }
 
@@ -1107,7 +1162,7 @@ mod tests {
             let Some(k) = kernel_k(ty) else { return };
             speed(ty, k, cols, quantized(cols, 8));
         }
-        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_1] {
             let Some(k) = kernel_32(ty) else { return };
             speed(ty, k, cols, quantized_32(cols, 8));
         }
@@ -1184,6 +1239,7 @@ mod tests {
             GgmlType::Q6_K,
             GgmlType::Q5_0,
             GgmlType::Q8_0,
+            GgmlType::Q4_1,
         ] {
             let m: Vec<u8> = (0..16)
                 .flat_map(|_| crate::dot::tests::random_row(ty, 512, &mut rng))
@@ -1224,7 +1280,7 @@ mod tests {
             };
             check(ty, k, cols, &xq, &mut rng, want);
         }
-        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_1] {
             let Some(k) = kernel_32(ty) else { return };
             let xq = quantized_32(cols, 8);
             // The narrow one-token kernel is the reference; it is close to

@@ -78,11 +78,15 @@ pub(crate) fn build(
     }
     let merges: Merges = merges
         .iter()
-        .filter_map(|m| {
-            let (a, b) = m.split_once(' ')?;
-            Some((a.to_string(), b.to_string()))
+        .enumerate()
+        .map(|(i, m)| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => Err(TokenizerError::Build(format!(
+                "merge {} ({m:?}) is not two tokens separated by a space",
+                i + 1
+            ))),
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(pre == "llama3" || pre == "llama-bpe")
@@ -166,5 +170,26 @@ impl tokenizers::Model for Shared {
     }
     fn get_trainer(&self) -> Self::Trainer {
         self.0.get_trainer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merge that is not two tokens is refused with its number, as the
+    /// tokenizers library refuses such a line, not skipped.
+    #[test]
+    fn a_malformed_merge_is_refused() {
+        let tokens: Vec<String> = ["a", "b", "ab"].map(String::from).to_vec();
+        let types = [TokenType::Normal; 3];
+        let good = ["a b".to_string()];
+        assert!(build(&tokens, &types, &good, "gpt2").is_ok());
+        let bad = ["a b".to_string(), "ab".to_string()];
+        match build(&tokens, &types, &bad, "gpt2") {
+            Err(TokenizerError::Build(m)) => assert!(m.contains("merge 2"), "{m}"),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("a malformed merge was accepted"),
+        }
     }
 }

@@ -319,13 +319,7 @@ impl Model {
     ) -> Result<Vec<f32>, EngineError> {
         if tokens.len() > FORWARD_CHUNK && matches!(want, Logits::Last | Logits::None) {
             // Refused before anything is run, as one pass would be.
-            let needed = cache.len() + tokens.len();
-            if needed > cache.capacity() {
-                return Err(EngineError::ContextOverflow {
-                    needed,
-                    limit: cache.capacity(),
-                });
-            }
+            fits(cache, tokens.len())?;
             let (head, last) = tokens.split_at((tokens.len() - 1) / FORWARD_CHUNK * FORWARD_CHUNK);
             for chunk in head.chunks(FORWARD_CHUNK) {
                 self.forward(pool, chunk, cache, Logits::None)?;
@@ -357,13 +351,7 @@ impl Model {
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(EngineError::BadToken(bad));
             }
-            let needed = s.cache.len() + s.tokens.len();
-            if needed > s.cache.capacity() {
-                return Err(EngineError::ContextOverflow {
-                    needed,
-                    limit: s.cache.capacity(),
-                });
-            }
+            fits(s.cache, s.tokens.len())?;
         }
         // Row ranges of each sequence in the stacked batch.
         let mut spans = Vec::with_capacity(seqs.len());
@@ -721,6 +709,18 @@ impl Model {
             }
         }
     }
+}
+
+/// Whether `cache` has room for `n` more positions.
+fn fits(cache: &KvCache, n: usize) -> Result<(), EngineError> {
+    let needed = cache.len() + n;
+    if needed > cache.capacity() {
+        return Err(EngineError::ContextOverflow {
+            needed,
+            limit: cache.capacity(),
+        });
+    }
+    Ok(())
 }
 
 /// The most prompt tokens [`Model::forward`] runs in one pass.

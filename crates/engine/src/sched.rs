@@ -388,21 +388,27 @@ impl Seq {
     }
 }
 
-/// A finished sequence's caches, kept for later prefixes: the target's,
-/// and the draft model's (of a prefix of the same tokens) when it guessed
-/// with one, so that the next turn of a conversation does not run its
-/// whole history through the draft again.
-struct Pooled {
+/// Tokens and the caches that hold them: the target's, and the draft
+/// model's (of a prefix of the same tokens) when it guesses with one. A
+/// finished sequence's go into the prefix pool; a new sequence starts from
+/// those of the longest prefix found, so that the next turn of a
+/// conversation runs its history through neither model again.
+struct Cached {
     tokens: Vec<u32>,
     cache: KvCache,
     draft: Option<KvCache>,
 }
 
-/// A new sequence's start: the caches of the longest prefix found.
-struct Prefix {
-    cache: KvCache,
-    tokens: Vec<u32>,
-    draft: Option<KvCache>,
+impl Cached {
+    /// The first `n` positions of `cache` and `draft` (the draft's may hold
+    /// fewer), which hold `prompt[..n]`; blocks are shared, not copied.
+    fn prefix(cache: &KvCache, draft: Option<&KvCache>, prompt: &[u32], n: usize) -> Self {
+        Self {
+            tokens: prompt[..n].to_vec(),
+            cache: cache.clone_prefix(n),
+            draft: draft.map(|d| d.clone_prefix(n)),
+        }
+    }
 }
 
 struct Worker {
@@ -414,7 +420,7 @@ struct Worker {
     active: Vec<Seq>,
     /// Caches of finished sequences, least recently used first. Their
     /// blocks are shared with the sequences that reuse them.
-    pool: VecDeque<Pooled>,
+    pool: VecDeque<Cached>,
     blocks: Arc<KvBlocks>,
     arrivals: u64,
     last_probe: Instant,
@@ -519,7 +525,7 @@ impl Worker {
                 self.embed(job);
                 continue;
             }
-            let Prefix {
+            let Cached {
                 cache,
                 tokens,
                 draft,
@@ -596,7 +602,7 @@ impl Worker {
 
     /// The longest cached prefix of `prompt` (never all of it: the last
     /// prompt token is always run, for its logits).
-    fn prefix_for(&mut self, prompt: &[u32]) -> Prefix {
+    fn prefix_for(&mut self, prompt: &[u32]) -> Cached {
         let limit = prompt.len() - 1;
         let pooled = self
             .pool
@@ -615,11 +621,7 @@ impl Worker {
             (Some((i, n)), _) if n > 0 && n >= rn => {
                 // Share the pooled blocks and mark the entry recently used.
                 if let Some(entry) = self.pool.remove(i) {
-                    let start = Prefix {
-                        cache: entry.cache.clone_prefix(n),
-                        tokens: prompt[..n].to_vec(),
-                        draft: draft_prefix(entry.draft.as_ref(), n),
-                    };
+                    let start = Cached::prefix(&entry.cache, entry.draft.as_ref(), prompt, n);
                     self.pool.push_back(entry);
                     return start;
                 }
@@ -627,16 +629,12 @@ impl Worker {
             (_, Some((i, n))) if n > 0 => {
                 let s = &self.active[i];
                 let draft = s.guess.as_ref().and_then(|g| g.draft.as_ref());
-                return Prefix {
-                    cache: s.cache.clone_prefix(n),
-                    tokens: prompt[..n].to_vec(),
-                    draft: draft_prefix(draft, n),
-                };
+                return Cached::prefix(&s.cache, draft, prompt, n);
             }
             _ => {}
         }
         let c = &self.m.model.cfg;
-        Prefix {
+        Cached {
             cache: KvCache::counted(c.n_layer, c.kv_dim(), self.cfg.ctx, self.blocks.clone()),
             tokens: Vec::new(),
             draft: None,
@@ -942,7 +940,7 @@ impl Worker {
             if self.active[i].done {
                 let s = self.active.swap_remove(i);
                 let draft = s.guess.and_then(|g| g.draft);
-                self.pool_insert(Pooled {
+                self.pool_insert(Cached {
                     tokens: s.tokens,
                     cache: s.cache,
                     draft,
@@ -963,7 +961,7 @@ impl Worker {
     /// Keep a finished sequence's cache for later prefixes, unless a pooled
     /// entry already covers it; entries it covers are dropped (their blocks
     /// live on in it).
-    fn pool_insert(&mut self, entry: Pooled) {
+    fn pool_insert(&mut self, entry: Cached) {
         let tokens = &entry.tokens;
         if tokens.is_empty()
             || self
@@ -1000,9 +998,4 @@ impl Worker {
             Ordering::Relaxed,
         );
     }
-}
-
-/// The first `n` positions of a draft cache (fewer when it holds fewer).
-fn draft_prefix(draft: Option<&KvCache>, n: usize) -> Option<KvCache> {
-    draft.map(|d| d.clone_prefix(n))
 }

@@ -2,8 +2,6 @@
 
 avx2_copy! {
     /// RMSNorm of each row of `x` (row length `w.len()`) into `out`.
-    /// `add_one` multiplies by `(1 + w)` instead of `w` (used when the weight file
-    /// stores the Gemma-style offset form).
     pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let n = w.len();
         for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {

@@ -21,10 +21,12 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path, threads: usize) -> Result<Arc<Self>, EngineError> {
-        let model = Model::load(path)?;
+        let mut model = Model::load(path)?;
         let tokenizer = Tokenizer::from_gguf(model.header())?;
-        // Building the tokenizer leaves megabytes freed but held by the
-        // allocator; a server keeps running long after.
+        model.drop_vocabulary();
+        // Building the tokenizer and dropping the vocabulary it was built
+        // from leave megabytes freed but held by the allocator; a server
+        // keeps running long after.
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe {

@@ -275,6 +275,22 @@ impl Model {
         &self.file.header
     }
 
+    /// Drop the tokenizer's vocabulary arrays (tokens, scores, types,
+    /// merges) from the header once a tokenizer has been built from them:
+    /// parsed, a 262,144-token vocabulary holds tens of megabytes the
+    /// model never reads again.
+    pub fn drop_vocabulary(&mut self) {
+        self.file.header.metadata.retain(|k, _| {
+            !matches!(
+                k.as_str(),
+                "tokenizer.ggml.tokens"
+                    | "tokenizer.ggml.scores"
+                    | "tokenizer.ggml.token_type"
+                    | "tokenizer.ggml.merges"
+            )
+        });
+    }
+
     fn q(&self, w: &WRef) -> QMat<'_> {
         QMat {
             ty: w.ty,

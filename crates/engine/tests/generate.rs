@@ -25,6 +25,10 @@ fn greedy(max: usize) -> GenerateParams {
 #[test]
 fn answers_in_chinese_streamed_and_multi_turn_reuses_the_prefix() {
     let m = model();
+    // The vocabulary the tokenizer was built from is not kept twice.
+    for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"] {
+        assert!(m.model.header().get(key).is_none(), "{key} kept");
+    }
     let mut s = m.new_session(2048);
     let mut history = vec![Message::new("user", "用中文介绍一下长城")];
     let prompt = m.chat_prompt(&history).expect("prompt");

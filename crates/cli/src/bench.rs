@@ -67,10 +67,10 @@ pub(crate) fn batched_decode(
     n_gen: usize,
     vocab: u32,
 ) -> Result<f64> {
-    use hanlin_engine::{BatchSeq, KvCache, Logits};
+    use hanlin_engine::{BatchSeq, KvCache, KvShape, Logits};
     let cfg = &m.model.cfg;
     let mut caches: Vec<KvCache> = (0..batch)
-        .map(|_| KvCache::new(cfg.n_layer, cfg.kv_dim(), 64 + n_gen + 1))
+        .map(|_| KvCache::new(KvShape::of(cfg), 64 + n_gen + 1))
         .collect();
     // Step 0 feeds each sequence a different prompt (not timed); each later
     // step one token each.

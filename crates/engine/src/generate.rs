@@ -1,6 +1,6 @@
 //! The generation loop: prompt → prefill → sample/decode → streamed text.
 
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvShape};
 use crate::model::{Logits, Model};
 use crate::sampler::{logprobs, Sampler, SamplerConfig, TokenLogprob};
 use crate::speculative::{propose_after, room, verify, AdaptiveK, Payoff, Proposer};
@@ -84,7 +84,7 @@ impl LoadedModel {
             return Ok(vec![0.0; self.model.cfg.d_model]);
         }
         let c = &self.model.cfg;
-        let mut cache = KvCache::new(c.n_layer, c.kv_dim(), tokens.len());
+        let mut cache = KvCache::new(KvShape::of(c), tokens.len());
         self.model
             .forward(&self.pool, &tokens, &mut cache, Logits::Mean)
     }
@@ -92,7 +92,7 @@ impl LoadedModel {
     pub fn new_session(self: &Arc<Self>, ctx: usize) -> Session {
         let ctx = ctx.min(self.model.cfg.context_length).max(1);
         Session {
-            cache: KvCache::new(self.model.cfg.n_layer, self.model.cfg.kv_dim(), ctx),
+            cache: KvCache::new(KvShape::of(&self.model.cfg), ctx),
             tokens: Vec::new(),
             m: self.clone(),
         }

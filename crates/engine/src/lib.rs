@@ -7,6 +7,7 @@
 //! For serving, [`Scheduler`] runs many sequences at once with continuous
 //! batching ([`Model::forward_batch`]) and a shared-prefix KV pool.
 
+mod attn;
 pub mod encoder;
 mod generate;
 pub mod kv;
@@ -21,7 +22,7 @@ pub use generate::{
     TokenConstraint,
 };
 pub use hanlin_kernels::dot::{simd_level, SimdLevel};
-pub use kv::{KvBlocks, KvCache, KV_BLOCK};
+pub use kv::{KvBlocks, KvCache, KvShape, KV_BLOCK};
 pub use model::{BatchSeq, Logits, Model, FORWARD_CHUNK};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
 pub use sched::{

@@ -28,7 +28,7 @@
 //! recomputed, by the model or by its draft.
 
 use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
-use crate::kv::{KvBlocks, KvCache};
+use crate::kv::{KvBlocks, KvCache, KvShape};
 use crate::model::{BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
 use crate::speculative::{
@@ -570,7 +570,7 @@ impl Worker {
     fn embed(&mut self, mut job: Job) {
         let c = &self.m.model.cfg;
         let n = job.prompt.len();
-        let mut cache = KvCache::counted(c.n_layer, c.kv_dim(), n, self.blocks.clone());
+        let mut cache = KvCache::counted(KvShape::of(c), n, self.blocks.clone());
         if !(job.sink)(Event::Started {
             prompt_tokens: n,
             cached_tokens: 0,
@@ -635,7 +635,7 @@ impl Worker {
         }
         let c = &self.m.model.cfg;
         Cached {
-            cache: KvCache::counted(c.n_layer, c.kv_dim(), self.cfg.ctx, self.blocks.clone()),
+            cache: KvCache::counted(KvShape::of(c), self.cfg.ctx, self.blocks.clone()),
             tokens: Vec::new(),
             draft: None,
         }
@@ -824,7 +824,7 @@ impl Worker {
             prefix.unwrap_or_else(|| {
                 let c = &d.model.cfg;
                 let ctx = self.cfg.ctx.min(c.context_length);
-                KvCache::counted(c.n_layer, c.kv_dim(), ctx, self.draft_blocks.clone())
+                KvCache::counted(KvShape::of(c), ctx, self.draft_blocks.clone())
             })
         });
         (lookup.is_some() || draft.is_some()).then(|| Guess {
@@ -991,10 +991,10 @@ impl Worker {
         let c = &self.m.model.cfg;
         let drafts = self.draft.as_ref().map_or(0, |d| {
             let c = &d.model.cfg;
-            self.draft_blocks.live() * KvCache::block_bytes(c.n_layer, c.kv_dim())
+            self.draft_blocks.live() * KvCache::block_bytes(KvShape::of(c))
         });
         st.kv_bytes.store(
-            self.blocks.live() * KvCache::block_bytes(c.n_layer, c.kv_dim()) + drafts,
+            self.blocks.live() * KvCache::block_bytes(KvShape::of(c)) + drafts,
             Ordering::Relaxed,
         );
     }

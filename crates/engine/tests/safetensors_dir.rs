@@ -1,7 +1,7 @@
 //! Hugging Face directories (config.json + tokenizer.json + safetensors) load
 //! into the same model as the equivalent GGUF file.
 
-use hanlin_engine::{KvCache, Logits, Model};
+use hanlin_engine::{KvCache, KvShape, Logits, Model};
 use hanlin_formats::hf::permute_qk_rows;
 use hanlin_formats::writer::{write_gguf, WriteTensor};
 use hanlin_formats::{GgmlType, Value};
@@ -128,7 +128,7 @@ fn byte_char(b: u8) -> char {
 }
 
 fn logits(model: &Model) -> Vec<f32> {
-    let mut c = KvCache::new(LAYERS, model.cfg.kv_dim(), 32);
+    let mut c = KvCache::new(KvShape::of(&model.cfg), 32);
     model
         .forward(
             &ThreadPool::new(2),

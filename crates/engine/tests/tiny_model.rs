@@ -1,7 +1,7 @@
 //! Forward-pass tests on tiny generated models (random weights written as GGUF):
 //! dense llama/qwen2/qwen3 layouts and a Mixture-of-Experts (qwen2moe) model.
 
-use hanlin_engine::{BatchSeq, EngineError, KvCache, Logits, Model};
+use hanlin_engine::{BatchSeq, EngineError, KvCache, KvShape, Logits, Model};
 use hanlin_formats::writer::{write_gguf, WriteTensor};
 use hanlin_formats::{GgmlType, Value};
 use hanlin_kernels::quant::{encode_f32, quantize_row_q8_0};
@@ -147,12 +147,12 @@ fn check_consistency(arch: &str) {
     let model = Model::load(&tiny(arch, dir.path())).expect("load tiny model");
     let pool = ThreadPool::new(2);
     let toks: Vec<u32> = vec![3, 17, 42, 5, 88, 1, 60, 23, 9];
-    let mut c1 = KvCache::new(LAYERS, model.cfg.kv_dim(), 64);
+    let mut c1 = KvCache::new(KvShape::of(&model.cfg), 64);
     let all = model
         .forward(&pool, &toks, &mut c1, Logits::All)
         .expect("batch");
     assert_eq!(all.len(), toks.len() * VOCAB);
-    let mut c2 = KvCache::new(LAYERS, model.cfg.kv_dim(), 64);
+    let mut c2 = KvCache::new(KvShape::of(&model.cfg), 64);
     for (i, &t) in toks.iter().enumerate() {
         let one = model
             .forward(&pool, &[t], &mut c2, Logits::Last)
@@ -185,7 +185,7 @@ fn check_consistency(arch: &str) {
 
     // Several sequences in one batched pass (continuous batching): each gets
     // the logits it would get alone, whatever its history.
-    let fresh = || KvCache::new(LAYERS, model.cfg.kv_dim(), 64);
+    let fresh = || KvCache::new(KvShape::of(&model.cfg), 64);
     let mut caches = [fresh(), fresh(), fresh()];
     let none = model
         .forward(&pool, &toks[..3], &mut caches[1], Logits::None)
@@ -277,7 +277,7 @@ fn bad_models_give_clear_errors() {
         .contains("not a GGUF"));
     // A token id outside the vocabulary.
     let m = Model::load(&tiny("llama", dir.path())).expect("load");
-    let mut c = KvCache::new(LAYERS, m.cfg.kv_dim(), 8);
+    let mut c = KvCache::new(KvShape::of(&m.cfg), 8);
     let err = m
         .forward(&ThreadPool::new(1), &[VOCAB as u32], &mut c, Logits::Last)
         .expect_err("bad token");
@@ -296,7 +296,7 @@ fn a_long_prompt_in_chunks_gives_one_pass_bits() {
     let n = hanlin_engine::FORWARD_CHUNK * 2 + 77;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
     let prompt: Vec<u32> = (0..n).map(|_| rng.random_range(0..VOCAB as u32)).collect();
-    let fresh = || KvCache::new(LAYERS, model.cfg.kv_dim(), n + 8);
+    let fresh = || KvCache::new(KvShape::of(&model.cfg), n + 8);
     let mut chunked = fresh();
     let a = model
         .forward(&pool, &prompt, &mut chunked, Logits::Last)
@@ -318,7 +318,7 @@ fn a_long_prompt_in_chunks_gives_one_pass_bits() {
     assert_eq!(chunked.len(), n);
     let next = |c: &mut KvCache| model.forward(&pool, &[5], c, Logits::Last).expect("step");
     assert_eq!(bits(&next(&mut chunked)), bits(&next(&mut whole)));
-    let mut small = KvCache::new(LAYERS, model.cfg.kv_dim(), n - 1);
+    let mut small = KvCache::new(KvShape::of(&model.cfg), n - 1);
     let err = model.forward(&pool, &prompt, &mut small, Logits::Last);
     assert!(
         matches!(err, Err(EngineError::ContextOverflow { .. })),

@@ -317,7 +317,7 @@ fn parity_with_the_engine(name: &str, prompt: &str) -> String {
     let engine = hanlin_engine::Model::load(&path).unwrap();
     let pool = hanlin_kernels::ThreadPool::new(2);
     let mut cache =
-        hanlin_engine::KvCache::new(engine.cfg.n_layer, engine.cfg.kv_dim(), ids.len() + 1);
+        hanlin_engine::KvCache::new(hanlin_engine::KvShape::of(&engine.cfg), ids.len() + 1);
     let ours = engine
         .forward(&pool, &ids, &mut cache, hanlin_engine::Logits::All)
         .unwrap();

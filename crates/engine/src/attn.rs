@@ -196,6 +196,7 @@ impl Attend<'_> {
                     continue;
                 }
                 let whole = i0 >= a && i0 + KV_BLOCK <= e;
+                let mut mv = [0f32; 16];
                 for h in (0..KV_BLOCK).step_by(16) {
                     let xs = &row[i0 + h..i0 + h + 16];
                     let vs = &sc.vs[i0 + h..i0 + h + 16];
@@ -205,6 +206,7 @@ impl Attend<'_> {
                             let w = exp2_nonpositive((xs[l] - mx) * k);
                             part[l] += w;
                             ws[l] = w * vs[l];
+                            mv[l] = if ws[l] > mv[l] { ws[l] } else { mv[l] };
                         }
                     } else {
                         for l in 0..16 {
@@ -213,10 +215,11 @@ impl Attend<'_> {
                             let w = if i >= a && i < e { w } else { 0.0 };
                             part[l] += w;
                             ws[l] = w * vs[l];
+                            mv[l] = if ws[l] > mv[l] { ws[l] } else { mv[l] };
                         }
                     }
                 }
-                let m = max16(&wv).max(0.0);
+                let m = max16(&mv);
                 let u = &mut sc.u[r * span + i0..][..KV_BLOCK];
                 if m > 0.0 && m.is_finite() {
                     // Rounded to the nearest integer, ties to even, by

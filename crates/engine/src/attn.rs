@@ -156,10 +156,7 @@ impl Attend<'_> {
         for b in 0..nb {
             let kb = self.cache.key_block(self.li, b0 + b, kvh);
             for r0 in (0..nq).step_by(rt) {
-                let mut rows = [0; 8];
-                for (i, x) in rows.iter_mut().enumerate() {
-                    *x = (r0 + i).min(nq - 1);
-                }
+                let rows: [usize; 8] = std::array::from_fn(|i| (r0 + i).min(nq - 1));
                 let out = Scores {
                     s: &mut sc.s,
                     span,
@@ -179,12 +176,12 @@ impl Attend<'_> {
         sc.u.resize(nq * span, 0);
         sc.us.resize(nq * nb, 0.0);
         sc.inv.resize(nq, 0.0);
+        let k = self.scale * std::f32::consts::LOG2_E;
         for r in 0..nq {
             let (from, pos) = seen(r);
             let (a, e) = (from - p_start, pos + 1 - p_start);
             let row = &sc.s[r * span..][..span];
             let mx = max16(&row[a..e]);
-            let k = self.scale * std::f32::consts::LOG2_E;
             let mut part = [0f32; 16];
             for b in 0..nb {
                 let i0 = b * KV_BLOCK;

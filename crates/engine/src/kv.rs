@@ -279,8 +279,9 @@ impl KvCache {
         }
     }
     /// Keys and values of layer `l` at position `p`, dequantized (`kv_dim`
-    /// values each).
-    pub fn row(&self, l: usize, p: usize) -> (Vec<f32>, Vec<f32>) {
+    /// values each), for the tests.
+    #[cfg(test)]
+    fn row(&self, l: usize, p: usize) -> (Vec<f32>, Vec<f32>) {
         let sh = self.shape;
         let (b, j) = (p / KV_BLOCK, p % KV_BLOCK);
         let (mut k, mut v) = (Vec::new(), Vec::new());

@@ -170,6 +170,9 @@ fn copy<const W: usize>(to: &mut [u8], at: usize, from: &[u8], from_at: usize) {
 pub struct Out {
     pub ptr: *mut f32,
     pub stride: usize,
+    /// The weights are streamed from memory once (a decode batch), not
+    /// reused from cache by further tokens: the kernel asks for them ahead.
+    pub stream: bool,
 }
 
 /// Packed rows × `N` tokens whose activations are blocks `B`:
@@ -292,6 +295,30 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// How far ahead (bytes) a decode batch's kernels ask for their weights.
+    const PREFETCH: usize = 1024;
+
+    /// For a decode batch of several tokens ([`Out::stream`]): asks for the
+    /// cache lines of the weights [`PREFETCH`] bytes past a block of
+    /// `bytes` at `blk` (and `stride` further). The tokens' work keeps the
+    /// kernel busy long enough that the hardware's own prefetching falls
+    /// behind; one token's does not.
+    #[inline(always)]
+    unsafe fn ahead<R: Regs, const N: usize>(
+        out: Out,
+        blk: *const u8,
+        bytes: usize,
+        stride: usize,
+    ) {
+        if N > 1 && out.stream {
+            let mut at = 0;
+            while at < bytes {
+                R::prefetch(blk.wrapping_add(PREFETCH + at), stride);
+                at += 64;
+            }
+        }
+    }
+
     /// The operations the kernels are written in, at one register width:
     /// [`Y`] holds one group of eight rows (256 bits), [`Z`] two
     /// neighbouring groups (512 bits, the second `stride` bytes after the
@@ -302,6 +329,8 @@ mod avx2 {
         type F: Copy;
         /// A packed word of every row: 32 bytes at `p` (and at `p + stride`).
         unsafe fn ld(p: *const u8, stride: usize) -> Self::I;
+        /// Asks for the cache line at `p` (and at `p + stride`) ahead of use.
+        unsafe fn prefetch(p: *const u8, stride: usize);
         /// Sixteen i8 at `p` (and at `p + stride`) as i16.
         unsafe fn ld_i16(p: *const u8, stride: usize) -> Self::I;
         /// Eight f16 at `p` (and at `p + stride`) as f32.
@@ -373,6 +402,10 @@ mod avx2 {
         #[inline(always)]
         unsafe fn ld(p: *const u8, _: usize) -> __m256i {
             _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8, _: usize) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
         }
         #[inline(always)]
         unsafe fn ld_i16(p: *const u8, _: usize) -> __m256i {
@@ -496,6 +529,11 @@ mod avx2 {
                 _mm256_loadu_si256(p as *const __m256i),
                 _mm256_loadu_si256(p.add(stride) as *const __m256i),
             )
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8, stride: usize) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.add(stride) as *const i8);
         }
         #[inline(always)]
         unsafe fn ld_i16(p: *const u8, stride: usize) -> __m512i {
@@ -666,7 +704,9 @@ mod avx2 {
         let mut macc = [R::zero_f(); N];
         let lo4 = R::splat8(0x0F);
         for b in 0..blocks {
-            let blk = g.add(b * if Q5 { 1408 } else { 1152 });
+            let bytes = if Q5 { 1408 } else { 1152 };
+            let blk = g.add(b * bytes);
+            ahead::<R, N>(out, blk, bytes, stride);
             let qs = blk.add(if Q5 { 384 } else { 128 });
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
@@ -774,6 +814,7 @@ mod avx2 {
         let top = R::splat8(0x30);
         for b in 0..blocks {
             let blk = g.add(b * 1680);
+            ahead::<R, N>(out, blk, 1680, stride);
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // Scales of sub-blocks 2p and 2p+1 as an i16 pair per lane.
@@ -886,6 +927,7 @@ mod avx2 {
         let chains = (4 / N).max(1);
         for b in 0..blocks {
             let blk = g.add(b * 272);
+            ahead::<R, N>(out, blk, 272, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // VNNI multiplies u = q + 128 and takes 128·Σx off at the start;
@@ -945,6 +987,7 @@ mod avx2 {
         ];
         for b in 0..blocks {
             let blk = g.add(b * 176);
+            ahead::<R, N>(out, blk, 176, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             let qh = R::ld(blk.add(16), stride);
@@ -1020,6 +1063,7 @@ mod avx2 {
         let lo4 = R::splat8(0x0F);
         for b in 0..blocks {
             let blk = g.add(b * 160);
+            ahead::<R, N>(out, blk, 160, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // One sum per token: 32-bit with VNNI; i16 without (eight
@@ -1136,6 +1180,8 @@ mod tests {
         let o = Out {
             ptr: out.as_mut_ptr() as *mut f32,
             stride: 16,
+            // Asking ahead must not change a bit.
+            stream: true,
         };
         let x = |t: usize| xs[t];
         match xs.len() {

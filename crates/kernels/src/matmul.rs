@@ -496,6 +496,7 @@ fn packed<B: Sync>(
                         // In bounds: (t + 7) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
                         ptr: op.at(t * rows + 8 * g),
                         stride: rows,
+                        stream: n_tok <= 8,
                     };
                     // SAFETY: as below, for eight tokens.
                     unsafe { g8(gp, group_bytes, blocks, x.group(t), o) };
@@ -507,6 +508,7 @@ fn packed<B: Sync>(
                         // In bounds: (t + n - 1) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
                         ptr: op.at(t * rows + 8 * g),
                         stride: rows,
+                        stream: n_tok <= 8,
                     };
                     // SAFETY: the groups hold `blocks` packed blocks each,
                     // every token as many (asserted above); the outputs are

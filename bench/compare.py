@@ -114,6 +114,8 @@ def main():
     for m, hp, ip, ht, it in ik_rows:
         print(f"{m:<22} {hp:9.1f} {ip:9.1f} {hp/ip:6.2f} | {ht:7.1f} {it:9.1f} {ht/it:6.2f}")
     peers = "AVX2-only builds (-DGGML_AVX512=OFF)" if a.avx2 else "native builds"
+    if not a.avx2 and os.environ.get("HANLIN_LLAMA_NO_AMX") == "1":
+        peers += " (llama.cpp without AMX)"
     print(f"\nHanlin's kernels: {simd}; peers: {peers}")
     print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")
 

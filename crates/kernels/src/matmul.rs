@@ -469,8 +469,10 @@ fn packed<B: Sync>(
     let groups = rows / 8;
     // Decode batches stream each thread's share of the weights once (see
     // `run_rows`); larger ones take four groups at a time, and tiles of
-    // tokens so that the rows and the tile's activations stay in L2.
-    let (chunk, tile) = if n_tok <= 8 {
+    // tokens so that the rows and the tile's activations stay in L2. The
+    // kernels of a decode batch ask for their weights ahead (`Out::stream`).
+    let decode = n_tok <= 8;
+    let (chunk, tile) = if decode {
         (groups.div_ceil(pool.n_threads() * 4).max(2), 8)
     } else {
         (4, 32)
@@ -496,7 +498,7 @@ fn packed<B: Sync>(
                         // In bounds: (t + 7) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
                         ptr: op.at(t * rows + 8 * g),
                         stride: rows,
-                        stream: n_tok <= 8,
+                        stream: decode,
                     };
                     // SAFETY: as below, for eight tokens.
                     unsafe { g8(gp, group_bytes, blocks, x.group(t), o) };
@@ -508,7 +510,7 @@ fn packed<B: Sync>(
                         // In bounds: (t + n - 1) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
                         ptr: op.at(t * rows + 8 * g),
                         stride: rows,
-                        stream: n_tok <= 8,
+                        stream: decode,
                     };
                     // SAFETY: the groups hold `blocks` packed blocks each,
                     // every token as many (asserted above); the outputs are

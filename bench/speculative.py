@@ -4,6 +4,7 @@ against the same model alone, same prompts, same threads, one run.
 
     bench/speculative.py [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
                          [--threads 2] [--gen 128] [--reps 3]
+    bench/speculative.py --grounded [--target qwen2.5-coder-0.5b] [--threads 2] [--reps 3]
 
 For each prompt (code that quotes its input, new code, Chinese prose) it runs
 `hanlin run --temperature 0 --verbose` alone, with `--draft`, and with
@@ -13,6 +14,13 @@ speed-up, and the bound α allows for k = 4 with free verification,
 target's bytes (0 for prompt lookup). The answers must be identical to the
 plain run's (speculative decoding never changes the tokens); a difference
 stops the benchmark.
+
+With --grounded it measures prompt lookup on grounded answers instead: the
+collection and answerable questions of bench/search_eval.py (its articles and
+唐詩三百首), each asked with `hanlin ask --lookup false` and `--lookup true`
+one after the other; per language and in all, decode tok/s over all answers
+(tokens ÷ decode seconds), α, and the speed-up, medians of the reps. The
+answers must be the same both ways.
 """
 import argparse
 import os
@@ -53,6 +61,66 @@ def run(model, prompt, threads, gen, extra):
     return p.stdout, float(m.group(3)), acc, prop
 
 
+def grounded(a):
+    """Prompt lookup on bench/search_eval.py's grounded answers."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import search_eval
+
+    here = Path(__file__).resolve().parent
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hanlin" / "search-eval"
+    poem_file = search_eval.poems(cache)
+    questions = [json.loads(l) for l in open(here / "search_eval" / "questions.jsonl", encoding="utf-8") if l.strip()]
+    questions = [q for q in questions if q["doc"] is not None]
+    subprocess.run([HANLIN, "pull", "multilingual-e5-small"], check=True, capture_output=True)
+    print(machine.describe(a.threads))
+    print(f"model {a.target}; {len(questions)} answerable questions of bench/search_eval; greedy; medians of {a.reps}\n")
+    zh = lambda q: any("\u4e00" <= ch <= "\u9fff" for ch in q["question"])
+    groups = {"中文": [q for q in questions if zh(q)], "English": [q for q in questions if not zh(q)], "all": questions}
+    with tempfile.TemporaryDirectory() as kbs:
+        env = dict(os.environ, HANLIN_KB_DIR=kbs)
+        hanlin = lambda *x: subprocess.run([HANLIN, "-t", str(a.threads), *x], env=env, check=True, capture_output=True, text=True)
+        hanlin("kb", "create", "eval", "--embedder", "multilingual-e5-small")
+        hanlin("kb", "add", "eval", str(here / "search_eval" / "docs"), str(poem_file))
+        # per rep, per mode, per question: (tokens, decode seconds, accepted, proposed)
+        reps = []
+        for r in range(a.reps):
+            got = {"off": {}, "on": {}}
+            for i, q in enumerate(questions):
+                answers = {}
+                for mode in ("off", "on"):
+                    p = hanlin("ask", "--kb", "eval", "--model", a.target, "--json", "--verbose",
+                               "--lookup", "true" if mode == "on" else "false", q["question"])
+                    answers[mode] = json.loads(p.stdout)["answer"]
+                    m = re.search(r"(\d+) tokens in ([\d.]+)s = [\d.]+ tok/s; finish", p.stderr)
+                    sp = re.search(r"speculative: (\d+) of (\d+)", p.stderr)
+                    tok, secs = (int(m.group(1)), float(m.group(2))) if m else (0, 0.0)
+                    acc, prop = (int(sp.group(1)), int(sp.group(2))) if sp else (0, 0)
+                    got[mode][q["question"]] = (tok, secs, acc, prop)
+                if answers["on"] != answers["off"]:
+                    sys.exit(f"{q['question']}: the answer with lookup differs from the one without")
+                print(f"rep {r + 1}, {i + 1}/{len(questions)}", end="\r", file=sys.stderr)
+            reps.append(got)
+        print(file=sys.stderr)
+    print(f"{'questions':<12}{'answers':>8}{'tokens':>8}{'off tok/s':>11}{'on tok/s':>10}{'α':>7}{'speed-up':>10}")
+    for label, qs in groups.items():
+        rates = {"off": [], "on": []}
+        alphas, tokens = [], 0
+        for got in reps:
+            for mode in rates:
+                rows = [got[mode][q["question"]] for q in qs]
+                tok, secs = sum(x[0] for x in rows), sum(x[1] for x in rows)
+                rates[mode].append(tok / secs if secs else 0.0)
+                if mode == "on":
+                    acc, prop = sum(x[2] for x in rows), sum(x[3] for x in rows)
+                    alphas.append(acc / prop if prop else 0.0)
+                    tokens = tok
+        off, on = median(rates["off"]), median(rates["on"])
+        print(f"{label:<12}{len(qs):>8}{tokens:>8}{off:>11.1f}{on:>10.1f}{median(alphas):>7.2f}{on / off if off else 0:>9.2f}×")
+
+
 def median(v):
     v = sorted(v)
     return v[len(v) // 2]
@@ -65,7 +133,11 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--grounded", action="store_true",
+                    help="prompt lookup on bench/search_eval.py's grounded answers (hanlin ask) instead")
     a = ap.parse_args()
+    if a.grounded:
+        return grounded(a)
     for m in (a.target, a.draft):
         subprocess.run([HANLIN, "pull", m], check=True, capture_output=True)
     print(machine.describe(a.threads))

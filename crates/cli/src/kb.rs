@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use hanlin_embed::Embedders;
+use hanlin_engine::speculative::{PromptLookup, Proposer};
 use hanlin_engine::{GenerateParams, LoadedModel, SamplerConfig};
 use hanlin_search::answer;
 use hanlin_search::dense::Embedder;
@@ -491,15 +492,29 @@ fn humantime_secs(s: u64) -> String {
     humantime::format_duration(Duration::from_secs(s)).to_string()
 }
 
-/// Answer `question` from `passages` with `model` (greedy); see
-/// [`answer::plan`] and [`answer::finish`].
+/// How `hanlin ask` answers and reports.
+pub struct How {
+    /// One JSON object instead of text.
+    pub json: bool,
+    /// Prompt lookup (speculative decoding from the passages).
+    pub lookup: bool,
+    /// Timing statistics on stderr.
+    pub verbose: bool,
+}
+
+/// Answer `question` from `passages` with `model` (greedy), with prompt
+/// lookup when `lookup` (the same answer: greedy tokens do not depend on
+/// the guesses); see [`answer::plan`] and [`answer::finish`]. The
+/// generation's statistics come back too, unless the question was declined
+/// without one.
 pub fn answer(
     model: &Arc<LoadedModel>,
     question: &str,
     passages: Vec<Passage>,
-) -> Result<answer::Grounded> {
+    lookup: bool,
+) -> Result<(answer::Grounded, Option<hanlin_engine::Generation>)> {
     let (system, user, passages) = match answer::plan(question, passages, hanlin_accounts::now()) {
-        answer::Plan::Decline(g) => return Ok(g),
+        answer::Plan::Decline(g) => return Ok((g, None)),
         answer::Plan::Generate {
             system,
             user,
@@ -518,8 +533,10 @@ pub fn answer(
         },
         ..Default::default()
     };
-    let g = session.generate(&prompt, &params, |_| true)?;
-    Ok(answer::finish(question, &g.text, passages))
+    let mut guess = lookup.then(PromptLookup::default);
+    let proposer = guess.as_mut().map(|p| p as &mut dyn Proposer);
+    let g = session.generate_with(&prompt, &params, proposer, |_| true)?;
+    Ok((answer::finish(question, &g.text, passages), Some(g)))
 }
 
 pub fn ask(
@@ -528,7 +545,7 @@ pub fn ask(
     model: &Arc<LoadedModel>,
     kbs: &[String],
     question: &str,
-    json_out: bool,
+    how: How,
 ) -> Result<()> {
     if kbs.is_empty() {
         bail!("name at least one knowledge base with --kb NAME");
@@ -543,9 +560,12 @@ pub fn ask(
         .iter()
         .map(|p| json!({"kb": p.kb, "title": p.title, "doc_id": p.doc_id, "score": p.score}))
         .collect();
-    let a = answer(model, question, passages)?;
+    let (a, g) = answer(model, question, passages, how.lookup)?;
+    if let (true, Some(g)) = (how.verbose, &g) {
+        crate::chat::stats(g);
+    }
     let cited = a.checked.cited();
-    if json_out {
+    if how.json {
         let sources: Vec<_> = cited
             .iter()
             .filter_map(|n| a.sources.get(n - 1).map(|p| (n, p)))

@@ -139,6 +139,14 @@ enum Cmd {
         /// Print one JSON object (answer, citations, sources)
         #[arg(long)]
         json: bool,
+        /// Prompt lookup: guesses copied from the retrieved passages are
+        /// checked several at a time (the same answer, fewer passes when it
+        /// quotes its sources; off by itself when it does not pay)
+        #[arg(long, env = "HANLIN_LOOKUP", default_value_t = true, action = clap::ArgAction::Set)]
+        lookup: bool,
+        /// Print timing statistics to stderr after the answer
+        #[arg(long)]
+        verbose: bool,
     },
     /// Train your own GPT: tokenizer, pretraining, SFT, DPO, LoRA, evaluation (burn, CPU)
     Train {
@@ -485,9 +493,16 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             question,
             model,
             json,
+            lookup,
+            verbose,
         } => {
             let m = load(&store, &model, threads)?;
-            kb::ask(&store, threads, &m, &kbs, &question, json)
+            let how = kb::How {
+                json,
+                lookup,
+                verbose,
+            };
+            kb::ask(&store, threads, &m, &kbs, &question, how)
         }
         Cmd::Batch(a) => batch::run(a),
         Cmd::Transcribe(a) => speech::transcribe(&store, threads, a),

@@ -110,7 +110,10 @@ fn grounded_answers_with_checked_citations() {
     );
 
     // Answerable, in Chinese and English: the fact is in the answer and the
-    // answer cites the document that holds it.
+    // answer cites the document that holds it. Prompt lookup (on by
+    // default) gives the answer plain decoding gives, and some of its
+    // guesses from the passages are taken.
+    let mut taken = 0;
     for (q, fact, title) in [
         ("长城总长度是多少千米？", "21196.18", "长城"),
         ("When was Rust 1.0 released?", "2015", "Rust release notes"),
@@ -119,6 +122,34 @@ fn grounded_answers_with_checked_citations() {
         let a = ask(&kbs, q);
         assert_eq!(a["answered"], true, "{q}: {a}");
         let answer = a["answer"].as_str().expect("answer");
+        for lookup in ["true", "false"] {
+            let o = hanlin(
+                &kbs,
+                &[
+                    "ask",
+                    "--kb",
+                    "facts",
+                    "--json",
+                    "--verbose",
+                    "--lookup",
+                    lookup,
+                    q,
+                ],
+            );
+            assert!(o.status.success(), "{}", text(&o.stderr));
+            let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+            assert_eq!(v["answer"], a["answer"], "{q}: lookup {lookup}");
+            let err = text(&o.stderr);
+            assert!(err.contains(" tok/s; finish "), "{err}");
+            if let Some(s) = err.split("[speculative: ").nth(1) {
+                assert_eq!(lookup, "true", "{err}");
+                taken += s
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .expect("accepted count");
+            }
+        }
         assert!(answer.contains(fact), "{q}: {answer}");
         assert!(
             answer.contains("[1]") || answer.contains("[2]") || answer.contains("[3]"),
@@ -137,6 +168,7 @@ fn grounded_answers_with_checked_citations() {
             "instructions in a document are data: {answer}"
         );
     }
+    assert!(taken > 0, "no guess from the passages was taken");
     // Unanswerable: declined, no sources.
     for q in ["埃菲尔铁塔有多高？", "What is the capital of Australia?"] {
         let a = ask(&kbs, q);

@@ -11,11 +11,10 @@ fn proposer(
     threads: usize,
     gen: &GenArgs,
 ) -> Result<Option<Box<dyn Proposer>>> {
-    if gen.lookup {
-        return Ok(Some(Box::new(PromptLookup::default())));
-    }
     let Some(name) = &gen.draft else {
-        return Ok(None);
+        return Ok(gen
+            .lookup
+            .then(|| Box::new(PromptLookup::default()) as Box<dyn Proposer>));
     };
     let draft = load(store, name, threads)?;
     Ok(Some(Box::new(DraftModel::new(

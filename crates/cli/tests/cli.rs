@@ -274,8 +274,8 @@ fn serve_refuses_a_draft_with_another_vocabulary_at_start() {
     );
 }
 
-/// `--lookup` and `--draft` change the speed, never the text; a draft with
-/// another vocabulary is refused, naming both models.
+/// Prompt lookup (on by default) and `--draft` change the speed, never the
+/// text; a draft with another vocabulary is refused, naming both models.
 #[test]
 fn speculative_decoding_from_the_command_line() {
     let prompt =
@@ -289,13 +289,24 @@ fn speculative_decoding_from_the_command_line() {
         "-n",
         "40",
     ];
-    let plain = hanlin(&args);
+    let mut plain = args.to_vec();
+    plain.extend(["--lookup", "false", "--verbose"]);
+    let plain = hanlin(&plain);
     assert!(plain.status.success(), "{}", text(&plain.stderr));
-    let mut with_lookup = args.to_vec();
-    with_lookup.extend(["--lookup", "--verbose"]);
-    let o = hanlin(&with_lookup);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(text(&o.stdout), text(&plain.stdout));
+    assert!(!text(&plain.stderr).contains("[speculative: "));
+    for lookup in [&["--lookup"][..], &[]] {
+        let mut with_lookup = args.to_vec();
+        with_lookup.extend(lookup);
+        with_lookup.push("--verbose");
+        let o = hanlin(&with_lookup);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), text(&plain.stdout));
+        assert!(
+            text(&o.stderr).contains("[speculative: "),
+            "{}",
+            text(&o.stderr)
+        );
+    }
     let mut bad = args.to_vec();
     bad.extend(["--draft", "smollm2-135m"]);
     let o = hanlin(&bad);

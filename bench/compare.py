@@ -2,7 +2,7 @@
 """Hanlin vs llama.cpp (and ik_llama.cpp with --ik) on the same GGUF files,
 same threads, one run.
 
-    bench/compare.py [--threads 2] [--prompt 512] [--gen 64] [--reps 3] [--ik] [MODEL ...]
+    bench/compare.py [--threads 2] [--prompt 512] [--gen 64] [--reps 3] [--ik] [--avx2 | --avxvnni] [MODEL ...]
 
 Builds llama.cpp from the llama-cpp-python source package if needed
 (scripts/build_llama_cpp.sh), pulls the models into Hanlin's store, then for
@@ -71,12 +71,19 @@ def main():
                     help="also ik_llama.cpp (scripts/build_ik_llama_cpp.sh)")
     ap.add_argument("--avx2", action="store_true",
                     help="the AVX2 paths only: HANLIN_SIMD=avx2 against peers built with AVX2 and without AVX-512")
+    ap.add_argument("--avxvnni", action="store_true",
+                    help="the AVX2 paths with AVX-VNNI (an Alder Lake's): HANLIN_SIMD=avxvnni against llama.cpp built "
+                         "with AVX2 and AVX-VNNI and ik_llama.cpp's AVX2-only build (it has no AVX-VNNI code)")
     ap.add_argument("models", nargs="*", default=["qwen2.5-coder-0.5b", "smollm2-135m"])
     a = ap.parse_args()
+    if a.avx2 and a.avxvnni:
+        sys.exit("--avx2 and --avxvnni are two different paths: choose one")
 
     subprocess.run(["cargo", "build", "--release", "--bin", "hanlin"], cwd=ROOT, check=True)
     if a.avx2:
         os.environ.update(HANLIN_SIMD="avx2", HANLIN_LLAMA_AVX2_ONLY="1", HANLIN_IK_AVX2_ONLY="1")
+    if a.avxvnni:
+        os.environ.update(HANLIN_SIMD="avxvnni", HANLIN_LLAMA_AVXVNNI="1", HANLIN_IK_AVX2_ONLY="1")
     env = dict(os.environ)
     source("build_llama_cpp.sh", env)
     if a.ik:
@@ -114,7 +121,9 @@ def main():
     for m, hp, ip, ht, it in ik_rows:
         print(f"{m:<22} {hp:9.1f} {ip:9.1f} {hp/ip:6.2f} | {ht:7.1f} {it:9.1f} {ht/it:6.2f}")
     peers = "AVX2-only builds (-DGGML_AVX512=OFF)" if a.avx2 else "native builds"
-    if not a.avx2 and os.environ.get("HANLIN_LLAMA_NO_AMX") == "1":
+    if a.avxvnni:
+        peers = "llama.cpp with AVX2 and AVX-VNNI (-DGGML_AVX_VNNI=ON -DGGML_AVX512=OFF), ik_llama.cpp AVX2-only"
+    if not (a.avx2 or a.avxvnni) and os.environ.get("HANLIN_LLAMA_NO_AMX") == "1":
         peers += " (llama.cpp without AMX)"
     print(f"\nHanlin's kernels: {simd}; peers: {peers}")
     print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")

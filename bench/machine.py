@@ -2,7 +2,7 @@
 the kernels, for the line every benchmark prints before its figures."""
 import os
 
-FLAGS = ("avx2", "fma", "f16c")
+FLAGS = ("avx2", "fma", "f16c", "avx_vnni")
 
 
 def cpu():

@@ -4,8 +4,9 @@
 #   eval "$(scripts/build_llama_cpp.sh)"
 # Cached under ${HANLIN_LLAMA_CPP_DIR:-$HOME/.cache/hanlin/llama.cpp}.
 # HANLIN_LLAMA_AVX2_ONLY=1 builds the AVX2 path only (no AVX-512), to compare
-# with HANLIN_SIMD=avx2 on an AVX-512 machine. HANLIN_LLAMA_NO_AMX=1 builds
-# natively without AMX.
+# with HANLIN_SIMD=avx2 on an AVX-512 machine; HANLIN_LLAMA_AVXVNNI=1 the
+# AVX2 path with AVX-VNNI (an Alder Lake's), to compare with
+# HANLIN_SIMD=avxvnni. HANLIN_LLAMA_NO_AMX=1 builds natively without AMX.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 DIR="${HANLIN_LLAMA_CPP_DIR:-$HOME/.cache/hanlin/llama.cpp}"
@@ -15,6 +16,9 @@ CMAKE_SIMD=(-DGGML_NATIVE=ON)
 if [ "${HANLIN_LLAMA_AVX2_ONLY:-0}" = 1 ]; then
   BUILD=build-avx2
   CMAKE_SIMD=(-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF)
+elif [ "${HANLIN_LLAMA_AVXVNNI:-0}" = 1 ]; then
+  BUILD=build-avxvnni
+  CMAKE_SIMD=(-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=OFF)
 elif [ "${HANLIN_LLAMA_NO_AMX:-0}" = 1 ]; then
   # Native, but without Intel AMX: on a Xeon (family 6 model 207) its AMX
   # matmul died at its first tileloadd (SIGILL), with 1 or 2 threads.

@@ -50,6 +50,8 @@ stage "tests"
 env -u HANLIN_TEST_POSTGRES_URL -u HANLIN_REQUIRE_POSTGRES cargo test --release --workspace "$@"
 stage "the kernels again on the narrower SIMD paths this CPU also supports"
 HANLIN_SIMD=avx2 run_tests hanlin-kernels lib
+# AVX2 with AVX-VNNI where the CPU has it (else the same as avx2).
+HANLIN_SIMD=avxvnni run_tests hanlin-kernels lib
 HANLIN_SIMD=scalar run_tests hanlin-kernels lib
 if [ -n "${HANLIN_TEST_POSTGRES_URL:-}" ]; then
   stage "accounts and server tests on PostgreSQL"

@@ -160,12 +160,12 @@ pub(crate) fn bench(
             serde_json::json!({"model": model, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen,
                 "prefill_tok_s": pp, "decode_tok_s": tg, "batch": batch,
                 "batched_decode_tok_s": bg, "peak_rss_bytes": rss,
-                "simd": format!("{:?}", hanlin_engine::simd_level())})
+                "simd": hanlin_engine::simd_name()})
         );
     } else {
         println!(
-            "model    {model} ({threads} threads, {:?})",
-            hanlin_engine::simd_level()
+            "model    {model} ({threads} threads, {})",
+            hanlin_engine::simd_name()
         );
         println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
         println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");

@@ -21,7 +21,7 @@ pub use generate::{
     DecodeStep, Decoder, FinishReason, GenerateParams, Generation, LoadedModel, Session,
     TokenConstraint,
 };
-pub use hanlin_kernels::dot::{simd_level, SimdLevel};
+pub use hanlin_kernels::dot::{simd_level, simd_name, SimdLevel};
 pub use kv::{KvBlocks, KvCache, KvShape, KV_BLOCK};
 pub use model::{BatchSeq, Logits, Model, FORWARD_CHUNK};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};

@@ -22,48 +22,94 @@ pub enum SimdLevel {
 }
 
 /// Detected once; `HANLIN_SIMD=scalar` forces the portable path and
-/// `HANLIN_SIMD=avx2` disables VNNI. A CPU without AVX2, FMA and F16C gets
-/// the portable kernels, and one line in the log says so.
+/// `HANLIN_SIMD=avx2` disables VNNI (AVX-512's and AVX-VNNI's alike). A
+/// CPU without AVX2, FMA and F16C gets the portable kernels, and one line
+/// in the log says so.
 pub fn simd_level() -> SimdLevel {
+    detected().level
+}
+
+/// Whether the packed kernels of the [`SimdLevel::Avx2`] level multiply with
+/// AVX-VNNI: `vpdpbusd` on 256-bit registers, VEX-encoded, which Intel's
+/// client CPUs since Alder Lake have without AVX-512. Only at that level,
+/// on a CPU that has it, and not under `HANLIN_SIMD=avx2` (the plain AVX2
+/// path of CPUs without it). `HANLIN_SIMD=avxvnni` chooses this path on an
+/// AVX-512 CPU too, to measure it there.
+pub fn avx_vnni() -> bool {
+    detected().avx_vnni
+}
+
+/// The kernels in use, for benchmarks' output: `Avx2Vnni` (AVX-512 VNNI),
+/// `Avx2+AvxVnni`, `Avx2` or `Scalar`.
+pub fn simd_name() -> String {
+    let d = detected();
+    match (d.level, d.avx_vnni) {
+        (SimdLevel::Avx2, true) => "Avx2+AvxVnni".to_string(),
+        (l, _) => format!("{l:?}"),
+    }
+}
+
+/// What [`choose`] made of this CPU and `HANLIN_SIMD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Detected {
+    level: SimdLevel,
+    avx_vnni: bool,
+}
+
+fn detected() -> Detected {
     use std::sync::OnceLock;
-    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    static LEVEL: OnceLock<Detected> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        let (avx2, vnni) = (
-            is_x86_feature_detected!("avx2")
+        let cpu = Cpu {
+            avx2: is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c"),
-            is_x86_feature_detected!("avx512f")
+            vnni: is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl"),
-        );
+            avx_vnni: is_x86_feature_detected!("avxvnni"),
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        let (avx2, vnni) = (false, false);
-        let (level, notice) = choose(avx2, vnni, std::env::var("HANLIN_SIMD").ok().as_deref());
+        let cpu = Cpu {
+            avx2: false,
+            vnni: false,
+            avx_vnni: false,
+        };
+        let (d, notice) = choose(cpu, std::env::var("HANLIN_SIMD").ok().as_deref());
         if let Some(n) = notice {
             tracing::warn!("{n}");
         }
-        level
+        d
     })
 }
 
-/// The level for a CPU that has (or lacks) AVX2+FMA+F16C and AVX-512 VNNI,
-/// under `HANLIN_SIMD`, and the notice to log when the portable kernels
-/// are used because the CPU has nothing faster.
-fn choose(avx2: bool, vnni: bool, forced: Option<&str>) -> (SimdLevel, Option<String>) {
+/// What a CPU has: AVX2+FMA+F16C, AVX-512 (F, BW, VL) with VNNI, AVX-VNNI.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    avx2: bool,
+    vnni: bool,
+    avx_vnni: bool,
+}
+
+/// The kernels for `cpu` under `HANLIN_SIMD`, and the notice to log when
+/// the portable kernels are used because the CPU has nothing faster.
+fn choose(cpu: Cpu, forced: Option<&str>) -> (Detected, Option<String>) {
+    let at = |level, avx_vnni| Detected { level, avx_vnni };
     match forced {
-        Some("scalar") => (SimdLevel::Scalar, None),
-        _ if !avx2 => (
-            SimdLevel::Scalar,
+        Some("scalar") => (at(SimdLevel::Scalar, false), None),
+        _ if !cpu.avx2 => (
+            at(SimdLevel::Scalar, false),
             Some(format!(
                 "this CPU ({}) has no AVX2/FMA/F16C: Hanlin runs its portable kernels, several times slower",
                 std::env::consts::ARCH
             )),
         ),
-        Some("avx2") => (SimdLevel::Avx2, None),
-        _ if vnni => (SimdLevel::Avx2Vnni, None),
-        _ => (SimdLevel::Avx2, None),
+        Some("avx2") => (at(SimdLevel::Avx2, false), None),
+        Some("avxvnni") => (at(SimdLevel::Avx2, cpu.avx_vnni), None),
+        _ if cpu.vnni => (at(SimdLevel::Avx2Vnni, false), None),
+        _ => (at(SimdLevel::Avx2, cpu.avx_vnni), None),
     }
 }
 
@@ -1118,20 +1164,60 @@ mod avx2 {
 pub(crate) mod tests {
     #[test]
     fn a_cpu_without_avx2_gets_the_portable_kernels_and_a_notice() {
-        use super::{choose, SimdLevel};
-        let (level, notice) = choose(false, false, None);
-        assert_eq!(level, SimdLevel::Scalar);
+        use super::{choose, Cpu, SimdLevel};
+        let cpu = |avx2, vnni, avx_vnni| Cpu {
+            avx2,
+            vnni,
+            avx_vnni,
+        };
+        let level = |c, forced| {
+            let (d, _) = choose(c, forced);
+            (d.level, d.avx_vnni)
+        };
+        let (d, notice) = choose(cpu(false, false, false), None);
+        assert_eq!(d.level, SimdLevel::Scalar);
         assert!(notice.is_some_and(|n| n.contains("portable")));
         // Asked for, the portable path is not news.
+        assert!(choose(cpu(true, true, true), Some("scalar")).1.is_none());
         assert_eq!(
-            choose(true, true, Some("scalar")),
-            (SimdLevel::Scalar, None)
+            level(cpu(true, true, true), Some("scalar")),
+            (SimdLevel::Scalar, false)
         );
-        assert_eq!(choose(true, true, None), (SimdLevel::Avx2Vnni, None));
-        assert_eq!(choose(true, true, Some("avx2")), (SimdLevel::Avx2, None));
-        assert_eq!(choose(true, false, None), (SimdLevel::Avx2, None));
-        // HANLIN_SIMD=avx2 cannot conjure AVX2.
-        assert_eq!(choose(false, false, Some("avx2")).0, SimdLevel::Scalar);
+        assert_eq!(
+            level(cpu(true, true, true), None),
+            (SimdLevel::Avx2Vnni, false)
+        );
+        assert_eq!(
+            level(cpu(true, true, true), Some("avx2")),
+            (SimdLevel::Avx2, false)
+        );
+        assert_eq!(
+            level(cpu(true, false, false), None),
+            (SimdLevel::Avx2, false)
+        );
+        // An Alder Lake: AVX2 with AVX-VNNI, unless the plain AVX2 path is
+        // asked for; an AVX-512 CPU takes that path only when asked to.
+        assert_eq!(
+            level(cpu(true, false, true), None),
+            (SimdLevel::Avx2, true)
+        );
+        assert_eq!(
+            level(cpu(true, false, true), Some("avx2")),
+            (SimdLevel::Avx2, false)
+        );
+        assert_eq!(
+            level(cpu(true, true, true), Some("avxvnni")),
+            (SimdLevel::Avx2, true)
+        );
+        // Neither can conjure what the CPU lacks.
+        assert_eq!(
+            level(cpu(true, true, false), Some("avxvnni")),
+            (SimdLevel::Avx2, false)
+        );
+        assert_eq!(
+            level(cpu(false, false, false), Some("avx2")).0,
+            SimdLevel::Scalar
+        );
     }
 
     use super::*;

@@ -240,16 +240,20 @@ macro_rules! kernels {
     };
 }
 
-/// The kernels for a K format `ty` on this CPU (AVX2, or AVX-512 VNNI).
+/// The kernels for a K format `ty` on this CPU (AVX2, AVX2 with AVX-VNNI,
+/// or AVX-512 VNNI).
 pub fn kernel_k(ty: GgmlType) -> Option<Kernel<BlockQ8K>> {
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::dot::{simd_level, SimdLevel};
+        use crate::dot::{avx_vnni, simd_level, SimdLevel};
         use GgmlType::{Q4_K, Q5_K, Q6_K};
         let (narrow, wide) = match (simd_level(), ty) {
             (SimdLevel::Avx2Vnni, Q4_K) => (kernels!(q4k_vnni), Some(kernels!(q4k_zmm))),
             (SimdLevel::Avx2Vnni, Q5_K) => (kernels!(q5k_vnni), Some(kernels!(q5k_zmm))),
             (SimdLevel::Avx2Vnni, Q6_K) => (kernels!(q6k_vnni), Some(kernels!(q6k_zmm))),
+            (SimdLevel::Avx2, Q4_K) if avx_vnni() => (kernels!(q4k_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q5_K) if avx_vnni() => (kernels!(q5k_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q6_K) if avx_vnni() => (kernels!(q6k_avxvnni, 8), None),
             (SimdLevel::Avx2, Q4_K) => (kernels!(q4k_avx2), None),
             (SimdLevel::Avx2, Q5_K) => (kernels!(q5k_avx2), None),
             (SimdLevel::Avx2, Q6_K) => (kernels!(q6k_avx2), None),
@@ -268,11 +272,14 @@ pub fn kernel_k(ty: GgmlType) -> Option<Kernel<BlockQ8K>> {
 pub fn kernel_32(ty: GgmlType) -> Option<Kernel<BlockQ8>> {
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::dot::{simd_level, SimdLevel};
+        use crate::dot::{avx_vnni, simd_level, SimdLevel};
         use GgmlType::{Q4_1, Q5_0, Q8_0};
         let (narrow, wide) = match (simd_level(), ty) {
             (SimdLevel::Avx2Vnni, Q8_0) => (kernels!(q8_0_vnni, 8), Some(kernels!(q8_0_zmm, 8))),
             (SimdLevel::Avx2Vnni, Q5_0) => (kernels!(q5_0_vnni, 8), Some(kernels!(q5_0_zmm, 8))),
+            (SimdLevel::Avx2, Q8_0) if avx_vnni() => (kernels!(q8_0_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q5_0) if avx_vnni() => (kernels!(q5_0_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q4_1) if avx_vnni() => (kernels!(q4_1_avxvnni, 8), None),
             (SimdLevel::Avx2, Q8_0) => (kernels!(q8_0_avx2), None),
             (SimdLevel::Avx2, Q5_0) => (kernels!(q5_0_avx2, 8), None),
             (SimdLevel::Avx2Vnni, Q4_1) => (kernels!(q4_1_vnni, 8), Some(kernels!(q4_1_zmm, 8))),
@@ -380,10 +387,16 @@ mod avx2 {
         }
         /// The four words repeated over every 128-bit lane.
         unsafe fn ld_lanes(w: [i32; 4]) -> Self::I;
+        /// Whether a VNNI kernel has only sixteen vector registers (VEX
+        /// encoding: AVX-VNNI), so that sums kept for four values of each
+        /// token would spill.
+        const SIXTEEN: bool = false;
     }
 
     /// 256-bit registers: one group of eight rows.
     pub(super) struct Y;
+    /// [`Y`] with AVX-VNNI's `vpdpbusd` (VEX-encoded; no AVX-512).
+    pub(super) struct V;
     /// 512-bit registers: two groups of eight rows (AVX-512).
     pub(super) struct Z;
 
@@ -396,9 +409,12 @@ mod avx2 {
         )*};
     }
 
-    impl Regs for Y {
+    macro_rules! ymm {
+        ($t:ident, $dpbusd:ident, $sixteen:literal) => {
+    impl Regs for $t {
         type I = __m256i;
         type F = __m256;
+        const SIXTEEN: bool = $sixteen;
         #[inline(always)]
         unsafe fn ld(p: *const u8, _: usize) -> __m256i {
             _mm256_loadu_si256(p as *const __m256i)
@@ -449,7 +465,7 @@ mod avx2 {
             mullo32(a, b) => _mm256_mullo_epi32;
             madd16(a, b) => _mm256_madd_epi16;
             maddubs(u, x) => _mm256_maddubs_epi16;
-            dpbusd(acc, u, x) => _mm256_dpbusd_epi32;
+            dpbusd(acc, u, x) => $dpbusd;
             sign8(a, b) => _mm256_sign_epi8;
             shuffle8(a, idx) => _mm256_shuffle_epi8;
         }
@@ -506,6 +522,10 @@ mod avx2 {
             _mm256_setr_epi32(w[0], w[1], w[2], w[3], w[0], w[1], w[2], w[3])
         }
     }
+        };
+    }
+    ymm!(Y, _mm256_dpbusd_epi32, false);
+    ymm!(V, _mm256_dpbusd_avx_epi32, true);
 
     /// Two 256-bit halves as one 512-bit register.
     #[inline(always)]
@@ -745,6 +765,37 @@ mod avx2 {
                 // As i16 sums, eight steps of u ≤ 15 stay in range, four of
                 // u ≤ 31: Q5_K without VNNI scales each half on its own.
                 let halves = if Q5 && !VNNI { 2 } else { 1 };
+                if R::SIXTEEN && N == 8 {
+                    // Eight tokens in sixteen registers (AVX-VNNI): the low
+                    // nibbles for every token, then the high ones, so that
+                    // each unpacked word serves eight tokens with eight sums
+                    // live (both at once would need sixteen).
+                    for nib in 0..2 {
+                        let sc = if nib == 0 { sc0 } else { sc1 };
+                        let mut p = [R::splat(0); N];
+                        // An opaque bound keeps this a loop: unrolled, LLVM
+                        // hoisted the activations' loads into scalar
+                        // registers and the stack, and each broadcast became
+                        // a move and a shuffle.
+                        for k in 0..std::hint::black_box(8) {
+                            let w = R::ld(qs.add((8 * c + k) * 32), stride);
+                            let w = if nib == 0 { w } else { R::srl16(w, 4) };
+                            let mut u = R::and(w, lo4);
+                            if Q5 {
+                                let qh = R::ld(blk.add(128 + 32 * k), stride);
+                                u = R::or(u, fifth(qh, (2 * c + nib) as i32));
+                            }
+                            for t in 0..N {
+                                let x = R::bcast(xq[t], 64 * c + 32 * nib + 4 * k);
+                                p[t] = step::<R, VNNI>(p[t], u, x);
+                            }
+                        }
+                        for t in 0..N {
+                            s[t] = R::add32(s[t], scaled::<R, VNNI>(p[t], sc));
+                        }
+                    }
+                    continue;
+                }
                 for half in 0..halves {
                     let mut plo = [[R::splat(0); 4]; N];
                     let mut phi = [[R::splat(0); 4]; N];
@@ -865,6 +916,31 @@ mod avx2 {
                                     let m = R::madd16(R::maddubs(v, x), *scp);
                                     s[t] = R::add32(s[t], m);
                                 }
+                            }
+                        }
+                    }
+                }
+            } else if VNNI && R::SIXTEEN && N > 1 {
+                // AVX-VNNI's sixteen registers cannot keep four values'
+                // sums for every token: one value at a time over the four
+                // units (each unit's words are loaded again from L1, and
+                // each value is still unpacked once).
+                for h in 0..2 {
+                    for q in 0..2 {
+                        for i in 0..4 {
+                            let sc = scale(8 * h + 2 * i + q);
+                            let mut p = [R::splat(0); N];
+                            for mm in 0..4 {
+                                let l0 = 16 * q + 4 * mm;
+                                let (qh, qa, qb) = unit(h, q, mm);
+                                let v = unpack(qh, qa, qb, i);
+                                for t in 0..N {
+                                    let x = R::bcast(xq[t], 128 * h + 32 * i + l0);
+                                    p[t] = R::dpbusd(p[t], v, x);
+                                }
+                            }
+                            for t in 0..N {
+                                s[t] = R::add32(s[t], R::mullo32(p[t], sc));
                             }
                         }
                     }
@@ -1132,6 +1208,17 @@ mod avx2 {
         q8_0_vnni = q8_0(BlockQ8),
         q5_0_vnni = q5_0(BlockQ8),
         q4_1_vnni = q4_1(BlockQ8)
+    );
+    wrappers!(
+        "avx2,fma,f16c,avxvnni",
+        V,
+        true,
+        q4k_avxvnni = q4k(BlockQ8K, false),
+        q5k_avxvnni = q4k(BlockQ8K, true),
+        q6k_avxvnni = q6k(BlockQ8K),
+        q8_0_avxvnni = q8_0(BlockQ8),
+        q5_0_avxvnni = q5_0(BlockQ8),
+        q4_1_avxvnni = q4_1(BlockQ8)
     );
     wrappers!(
         "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",

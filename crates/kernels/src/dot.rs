@@ -1197,10 +1197,7 @@ pub(crate) mod tests {
         );
         // An Alder Lake: AVX2 with AVX-VNNI, unless the plain AVX2 path is
         // asked for; an AVX-512 CPU takes that path only when asked to.
-        assert_eq!(
-            level(cpu(true, false, true), None),
-            (SimdLevel::Avx2, true)
-        );
+        assert_eq!(level(cpu(true, false, true), None), (SimdLevel::Avx2, true));
         assert_eq!(
             level(cpu(true, false, true), Some("avx2")),
             (SimdLevel::Avx2, false)

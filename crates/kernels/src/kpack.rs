@@ -411,117 +411,117 @@ mod avx2 {
 
     macro_rules! ymm {
         ($t:ident, $dpbusd:ident, $sixteen:literal) => {
-    impl Regs for $t {
-        type I = __m256i;
-        type F = __m256;
-        const SIXTEEN: bool = $sixteen;
-        #[inline(always)]
-        unsafe fn ld(p: *const u8, _: usize) -> __m256i {
-            _mm256_loadu_si256(p as *const __m256i)
-        }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const u8, _: usize) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-        }
-        #[inline(always)]
-        unsafe fn ld_i16(p: *const u8, _: usize) -> __m256i {
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i))
-        }
-        #[inline(always)]
-        unsafe fn ld_f16(p: *const u8, _: usize) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        }
-        #[inline(always)]
-        unsafe fn bcast(x: *const i8, at: usize) -> __m256i {
-            _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
-        }
-        #[inline(always)]
-        unsafe fn splat(v: i32) -> __m256i {
-            _mm256_set1_epi32(v)
-        }
-        #[inline(always)]
-        unsafe fn splat8(v: i8) -> __m256i {
-            _mm256_set1_epi8(v)
-        }
-        #[inline(always)]
-        unsafe fn splat16(v: i16) -> __m256i {
-            _mm256_set1_epi16(v)
-        }
-        #[inline(always)]
-        unsafe fn splat_f(v: f32) -> __m256 {
-            _mm256_set1_ps(v)
-        }
-        #[inline(always)]
-        unsafe fn zero_f() -> __m256 {
-            _mm256_setzero_ps()
-        }
-        ops! {
-            and(a, b) => _mm256_and_si256;
-            or(a, b) => _mm256_or_si256;
-            xor(a, b) => _mm256_xor_si256;
-            add32(a, b) => _mm256_add_epi32;
-            sub32(a, b) => _mm256_sub_epi32;
-            add16(a, b) => _mm256_add_epi16;
-            mullo32(a, b) => _mm256_mullo_epi32;
-            madd16(a, b) => _mm256_madd_epi16;
-            maddubs(u, x) => _mm256_maddubs_epi16;
-            dpbusd(acc, u, x) => $dpbusd;
-            sign8(a, b) => _mm256_sign_epi8;
-            shuffle8(a, idx) => _mm256_shuffle_epi8;
-        }
-        #[inline(always)]
-        unsafe fn srl32(a: __m256i, k: i32) -> __m256i {
-            _mm256_srl_epi32(a, _mm_cvtsi32_si128(k))
-        }
-        #[inline(always)]
-        unsafe fn sll32(a: __m256i, k: i32) -> __m256i {
-            _mm256_sll_epi32(a, _mm_cvtsi32_si128(k))
-        }
-        #[inline(always)]
-        unsafe fn sra32(a: __m256i, k: i32) -> __m256i {
-            _mm256_sra_epi32(a, _mm_cvtsi32_si128(k))
-        }
-        #[inline(always)]
-        unsafe fn srl16(a: __m256i, k: i32) -> __m256i {
-            _mm256_srl_epi16(a, _mm_cvtsi32_si128(k))
-        }
-        #[inline(always)]
-        unsafe fn sll16(a: __m256i, k: i32) -> __m256i {
-            _mm256_sll_epi16(a, _mm_cvtsi32_si128(k))
-        }
-        #[inline(always)]
-        unsafe fn dup16(a: __m256i) -> __m256i {
-            _mm256_blend_epi16::<0b1010_1010>(a, _mm256_slli_epi32::<16>(a))
-        }
-        #[inline(always)]
-        unsafe fn select8(x: __m256i, m: __m256i, val: __m256i) -> __m256i {
-            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(x, m), m), val)
-        }
-        #[inline(always)]
-        unsafe fn cvt(a: __m256i) -> __m256 {
-            _mm256_cvtepi32_ps(a)
-        }
-        #[inline(always)]
-        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-            _mm256_mul_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn sub_f(a: __m256, b: __m256) -> __m256 {
-            _mm256_sub_ps(a, b)
-        }
-        #[inline(always)]
-        unsafe fn store(v: __m256, p: *mut f32) {
-            _mm256_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn ld_lanes(w: [i32; 4]) -> __m256i {
-            _mm256_setr_epi32(w[0], w[1], w[2], w[3], w[0], w[1], w[2], w[3])
-        }
-    }
+            impl Regs for $t {
+                type I = __m256i;
+                type F = __m256;
+                const SIXTEEN: bool = $sixteen;
+                #[inline(always)]
+                unsafe fn ld(p: *const u8, _: usize) -> __m256i {
+                    _mm256_loadu_si256(p as *const __m256i)
+                }
+                #[inline(always)]
+                unsafe fn prefetch(p: *const u8, _: usize) {
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                }
+                #[inline(always)]
+                unsafe fn ld_i16(p: *const u8, _: usize) -> __m256i {
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i))
+                }
+                #[inline(always)]
+                unsafe fn ld_f16(p: *const u8, _: usize) -> __m256 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+                }
+                #[inline(always)]
+                unsafe fn bcast(x: *const i8, at: usize) -> __m256i {
+                    _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
+                }
+                #[inline(always)]
+                unsafe fn splat(v: i32) -> __m256i {
+                    _mm256_set1_epi32(v)
+                }
+                #[inline(always)]
+                unsafe fn splat8(v: i8) -> __m256i {
+                    _mm256_set1_epi8(v)
+                }
+                #[inline(always)]
+                unsafe fn splat16(v: i16) -> __m256i {
+                    _mm256_set1_epi16(v)
+                }
+                #[inline(always)]
+                unsafe fn splat_f(v: f32) -> __m256 {
+                    _mm256_set1_ps(v)
+                }
+                #[inline(always)]
+                unsafe fn zero_f() -> __m256 {
+                    _mm256_setzero_ps()
+                }
+                ops! {
+                    and(a, b) => _mm256_and_si256;
+                    or(a, b) => _mm256_or_si256;
+                    xor(a, b) => _mm256_xor_si256;
+                    add32(a, b) => _mm256_add_epi32;
+                    sub32(a, b) => _mm256_sub_epi32;
+                    add16(a, b) => _mm256_add_epi16;
+                    mullo32(a, b) => _mm256_mullo_epi32;
+                    madd16(a, b) => _mm256_madd_epi16;
+                    maddubs(u, x) => _mm256_maddubs_epi16;
+                    dpbusd(acc, u, x) => $dpbusd;
+                    sign8(a, b) => _mm256_sign_epi8;
+                    shuffle8(a, idx) => _mm256_shuffle_epi8;
+                }
+                #[inline(always)]
+                unsafe fn srl32(a: __m256i, k: i32) -> __m256i {
+                    _mm256_srl_epi32(a, _mm_cvtsi32_si128(k))
+                }
+                #[inline(always)]
+                unsafe fn sll32(a: __m256i, k: i32) -> __m256i {
+                    _mm256_sll_epi32(a, _mm_cvtsi32_si128(k))
+                }
+                #[inline(always)]
+                unsafe fn sra32(a: __m256i, k: i32) -> __m256i {
+                    _mm256_sra_epi32(a, _mm_cvtsi32_si128(k))
+                }
+                #[inline(always)]
+                unsafe fn srl16(a: __m256i, k: i32) -> __m256i {
+                    _mm256_srl_epi16(a, _mm_cvtsi32_si128(k))
+                }
+                #[inline(always)]
+                unsafe fn sll16(a: __m256i, k: i32) -> __m256i {
+                    _mm256_sll_epi16(a, _mm_cvtsi32_si128(k))
+                }
+                #[inline(always)]
+                unsafe fn dup16(a: __m256i) -> __m256i {
+                    _mm256_blend_epi16::<0b1010_1010>(a, _mm256_slli_epi32::<16>(a))
+                }
+                #[inline(always)]
+                unsafe fn select8(x: __m256i, m: __m256i, val: __m256i) -> __m256i {
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(x, m), m), val)
+                }
+                #[inline(always)]
+                unsafe fn cvt(a: __m256i) -> __m256 {
+                    _mm256_cvtepi32_ps(a)
+                }
+                #[inline(always)]
+                unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+                    _mm256_mul_ps(a, b)
+                }
+                #[inline(always)]
+                unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+                    _mm256_fmadd_ps(a, b, c)
+                }
+                #[inline(always)]
+                unsafe fn sub_f(a: __m256, b: __m256) -> __m256 {
+                    _mm256_sub_ps(a, b)
+                }
+                #[inline(always)]
+                unsafe fn store(v: __m256, p: *mut f32) {
+                    _mm256_storeu_ps(p, v)
+                }
+                #[inline(always)]
+                unsafe fn ld_lanes(w: [i32; 4]) -> __m256i {
+                    _mm256_setr_epi32(w[0], w[1], w[2], w[3], w[0], w[1], w[2], w[3])
+                }
+            }
         };
     }
     ymm!(Y, _mm256_dpbusd_epi32, false);

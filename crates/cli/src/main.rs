@@ -357,8 +357,9 @@ struct GenArgs {
     /// Speculative decoding with drafts copied from the prompt (prompt
     /// lookup; no draft model): the same text, several tokens a pass when
     /// an answer quotes its input; off by itself while it does not pay.
-    /// On unless `--draft` is given; `--lookup false` turns it off
-    #[arg(long, env = "HANLIN_LOOKUP", conflicts_with = "draft", num_args = 0..=1,
+    /// On unless `--draft` is given (the draft is used instead); `--lookup
+    /// false` turns it off
+    #[arg(long, env = "HANLIN_LOOKUP", num_args = 0..=1,
           default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     lookup: bool,
 }

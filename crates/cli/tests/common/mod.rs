@@ -11,6 +11,15 @@ pub fn hanlin(args: &[&str]) -> Output {
         .expect("run hanlin")
 }
 
+/// [`hanlin`] with environment variables set.
+pub fn hanlin_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hanlin"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run hanlin")
+}
+
 /// Output bytes as text.
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

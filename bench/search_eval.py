@@ -65,6 +65,17 @@ def poems(cache: Path) -> Path:
     return out
 
 
+def cache_dir() -> Path:
+    """Where the fetched poems are kept between runs."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hanlin" / "search-eval"
+
+
+def load_questions() -> list:
+    """bench/search_eval/questions.jsonl: `doc` is None for the unanswerable ones."""
+    with open(HERE / "search_eval" / "questions.jsonl", encoding="utf-8") as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hanlin", default=str(ROOT / "target" / "release" / "hanlin"))
@@ -74,9 +85,8 @@ def main() -> int:
     ap.add_argument("--retrieval-only", action="store_true", help="skip the answering pass")
     args = ap.parse_args()
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hanlin" / "search-eval"
-    poem_file = poems(cache)
-    questions = [json.loads(l) for l in open(HERE / "search_eval" / "questions.jsonl", encoding="utf-8") if l.strip()]
+    poem_file = poems(cache_dir())
+    questions = load_questions()
 
     with tempfile.TemporaryDirectory() as kbs:
         env = dict(os.environ, HANLIN_KB_DIR=kbs)

@@ -65,15 +65,11 @@ def grounded(a):
     """Prompt lookup on bench/search_eval.py's grounded answers."""
     import json
     import tempfile
-    from pathlib import Path
 
     import search_eval
 
-    here = Path(__file__).resolve().parent
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hanlin" / "search-eval"
-    poem_file = search_eval.poems(cache)
-    questions = [json.loads(l) for l in open(here / "search_eval" / "questions.jsonl", encoding="utf-8") if l.strip()]
-    questions = [q for q in questions if q["doc"] is not None]
+    poem_file = search_eval.poems(search_eval.cache_dir())
+    questions = [q for q in search_eval.load_questions() if q["doc"] is not None]
     subprocess.run([HANLIN, "pull", "multilingual-e5-small"], check=True, capture_output=True)
     print(machine.describe(a.threads))
     print(f"model {a.target}; {len(questions)} answerable questions of bench/search_eval; greedy; medians of {a.reps}\n")
@@ -83,7 +79,7 @@ def grounded(a):
         env = dict(os.environ, HANLIN_KB_DIR=kbs)
         hanlin = lambda *x: subprocess.run([HANLIN, "-t", str(a.threads), *x], env=env, check=True, capture_output=True, text=True)
         hanlin("kb", "create", "eval", "--embedder", "multilingual-e5-small")
-        hanlin("kb", "add", "eval", str(here / "search_eval" / "docs"), str(poem_file))
+        hanlin("kb", "add", "eval", str(search_eval.HERE / "search_eval" / "docs"), str(poem_file))
         # per rep, per mode, per question: (tokens, decode seconds, accepted, proposed)
         reps = []
         for r in range(a.reps):

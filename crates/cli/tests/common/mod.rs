@@ -5,10 +5,7 @@ use std::process::{Command, Output};
 
 /// Run the `hanlin` binary with `args`, as a user would.
 pub fn hanlin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hanlin"))
-        .args(args)
-        .output()
-        .expect("run hanlin")
+    hanlin_env(args, &[])
 }
 
 /// [`hanlin`] with environment variables set.

@@ -54,6 +54,8 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 
 pub(crate) struct BenchSizes {
     pub(crate) n_prompt: usize,
+    /// A second, longer prompt prefilled right after `n_prompt` (0: none).
+    pub(crate) n_long: usize,
     pub(crate) n_gen: usize,
     pub(crate) batch: usize,
 }
@@ -115,17 +117,24 @@ pub(crate) fn bench(
 ) -> Result<()> {
     let BenchSizes {
         n_prompt,
+        n_long,
         n_gen,
         batch,
     } = sizes;
     let m = load(store, model, threads)?;
     let vocab = m.model.cfg.vocab_size as u32;
     // A fixed, ordinary token sequence (like llama-bench, content does not matter for speed).
-    let prompt: Vec<u32> = (0..n_prompt as u32)
-        .map(|i| (i * 7919 + 13) % vocab.min(30000))
-        .collect();
+    let tokens = |n: usize| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 7919 + 13) % vocab.min(30000))
+            .collect()
+    };
+    let prompt = tokens(n_prompt);
+    let long = tokens(n_long);
     let reps = reps.max(1);
     let mut pp = Vec::new();
+    let mut lp = Vec::new();
+    let mut ratios = Vec::new();
     let mut tg = Vec::new();
     let mut bg = Vec::new();
     for _ in 0..reps {
@@ -134,6 +143,16 @@ pub(crate) fn bench(
             let t = Instant::now();
             s.prefill(&prompt)?;
             pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        if n_long > 0 {
+            drop(s);
+            s = m.new_session(n_long + 1);
+            let t = Instant::now();
+            s.prefill(&long)?;
+            lp.push(n_long as f64 / t.elapsed().as_secs_f64());
+            if let (Some(&l), Some(&p)) = (lp.last(), pp.last()) {
+                ratios.push(l / p);
+            }
         }
         if n_gen > 0 {
             let mut s = m.new_session(n_gen + 2);
@@ -151,6 +170,12 @@ pub(crate) fn bench(
         }
     }
     let pp = if pp.is_empty() { 0.0 } else { median(pp) };
+    let lp = if lp.is_empty() { 0.0 } else { median(lp) };
+    let ratio = if ratios.is_empty() {
+        0.0
+    } else {
+        median(ratios)
+    };
     let tg = if tg.is_empty() { 0.0 } else { median(tg) };
     let bg = if bg.is_empty() { 0.0 } else { median(bg) };
     let rss = peak_rss_bytes().unwrap_or(0);
@@ -159,6 +184,7 @@ pub(crate) fn bench(
             "{}",
             serde_json::json!({"model": model, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen,
                 "prefill_tok_s": pp, "decode_tok_s": tg, "batch": batch,
+                "long_prompt": n_long, "long_prefill_tok_s": lp, "long_ratio": ratio,
                 "batched_decode_tok_s": bg, "peak_rss_bytes": rss,
                 "simd": hanlin_engine::simd_name()})
         );
@@ -168,6 +194,11 @@ pub(crate) fn bench(
             hanlin_engine::simd_name()
         );
         println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
+        if n_long > 0 {
+            println!(
+                "prefill  {lp:8.1} tok/s  ({n_long} tokens, median of {reps}; {ratio:.2}× the {n_prompt}-token rate, median of each repetition's ratio)"
+            );
+        }
         println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");
         if batch > 0 {
             println!(

@@ -174,6 +174,12 @@ enum Cmd {
         /// Prompt tokens for the prefill measurement
         #[arg(short = 'p', long, default_value_t = 512)]
         prompt_tokens: usize,
+        /// Also prefill a prompt this long in every repetition, right after
+        /// the `-p` one, and report its rate and its ratio to the `-p` rate
+        /// (the median of each repetition's ratio, so a machine whose speed
+        /// drifts between repetitions still gives a steady ratio)
+        #[arg(long, value_name = "TOKENS")]
+        long_prompt: Option<usize>,
         /// Tokens to decode
         #[arg(short = 'n', long, default_value_t = 64)]
         gen_tokens: usize,
@@ -528,6 +534,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
         Cmd::Bench {
             model,
             prompt_tokens,
+            long_prompt,
             gen_tokens,
             reps,
             batch,
@@ -539,6 +546,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             threads,
             BenchSizes {
                 n_prompt: prompt_tokens,
+                n_long: long_prompt.unwrap_or(0),
                 n_gen: gen_tokens,
                 batch,
             },

@@ -1,5 +1,5 @@
 //! Causal attention over the quantized KV cache ([`crate::kv`]), one job
-//! per (sequence, KV head, block of up to [`ATTN_TB`] query tokens).
+//! per (sequence, KV head, block of up to [`tokens_per_job`] query tokens).
 //!
 //! Queries are quantized per row like keys (16-bit integers in a 12-bit
 //! range), so a query·key product is an exact integer sum: `vpdpwssd` with
@@ -11,20 +11,36 @@
 //! the weighted sum of the 8-bit values is again an exact integer sum
 //! (`vpdpbusd`, or `vpmaddubsw` — 127·127·2 fits in i16 — with AVX2).
 //!
+//! A job's query rows (its tokens × the group's heads) sit side by side:
+//! the scores, the weights and their quantized form are stored key-major,
+//! `[key][row]`, so the softmax runs along the keys with sixteen rows in
+//! the vector lanes and never sums or compares across lanes; `vpdpwssd`
+//! and `vpmaddwd` compute the scores that way too (a key pair broadcast,
+//! query pairs in the lanes).
+//!
 //! Every float step is the same plain code at every SIMD level, and every
 //! index that decides an order is an absolute position: a score is the
 //! exact sum over the head's dimensions, the softmax's partial sums take
 //! key `p` into sum `p % 16`, blocks are aligned to multiples of
 //! [`KV_BLOCK`] and added in order, and keys a query does not see weigh
 //! exact zeros. So a token's output depends neither on the other tokens of
-//! its job (a prompt's block of queries or a single decode step) nor on
-//! the SIMD level.
+//! its job (a prompt's block of queries or a single decode step), nor on
+//! its lane, nor on the SIMD level. The arithmetic is the one the earlier
+//! row-major layout did, step for step, so the bits are the same too.
 
 use crate::kv::{key_limit, quantize_row, KeyBlock, KvCache, ValBlock, KV_BLOCK};
 use hanlin_kernels::pool::SendPtr;
 
-/// Query tokens per attention job.
-pub(crate) const ATTN_TB: usize = 8;
+/// Query tokens per attention job: eight, or sixteen where eight tokens'
+/// rows (× the group's heads) would leave lanes of the last vector empty
+/// (groups of 3, 5, 7 … heads fill them exactly at sixteen).
+pub(crate) fn tokens_per_job(group: usize) -> usize {
+    if (8 * group).is_multiple_of(LANES) {
+        8
+    } else {
+        16
+    }
+}
 
 /// Which kernels a job runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -72,14 +88,21 @@ pub(crate) struct Attend<'a> {
 /// Per-thread buffers, kept between jobs and steps.
 #[derive(Default)]
 pub(crate) struct Scratch {
+    /// Quantized query rows, `hd` each.
     q: Vec<i16>,
+    /// The same as `[hd / 2][rn]` pairs.
+    qp: Vec<i32>,
+    /// Each row's scale.
     qs: Vec<f32>,
-    /// Scores: a row per query, a column per key of the job's blocks.
+    /// Scores, then weights times the values' scales: `[key][rn]` over
+    /// the job's blocks.
     s: Vec<f32>,
-    /// Quantized weights, laid out as `s`.
-    u: Vec<u8>,
-    /// Scale of each (query, block) of `u`.
+    /// Quantized weights, four keys to a word: per block, per sixteen rows,
+    /// `[KV_BLOCK / 4][16]` (see [`Weights`]).
+    u: Vec<u32>,
+    /// Scale of each (block, row) of `u`, `[block][rn]`.
     us: Vec<f32>,
+    /// One over each row's sum of weights.
     inv: Vec<f32>,
     /// The values' scales of the job's keys.
     vs: Vec<f32>,
@@ -119,16 +142,25 @@ impl Attend<'_> {
 
     /// `L`: 0 portable, 1 AVX2 (inside [`Self::job_avx2`]), 2 AVX-512 VNNI
     /// (inside [`Self::job_vnni`]).
+    ///
+    /// The job's query rows (`tb` tokens × `group` heads, padded to a
+    /// multiple of [`LANES`] with copies of the last row) sit side by side:
+    /// scores, weights and their quantized form are stored key-major,
+    /// `[key][row]`, so the softmax runs down each row with the rows in
+    /// vector lanes and needs no sum or maximum across lanes.
     #[inline(always)]
     fn job<const L: u8>(&self, kvh: usize, blk: usize, sc: &mut Scratch) {
         let (hd, nh, group) = (self.hd, self.nh, self.group);
-        let t0 = blk * ATTN_TB;
-        let tb = ATTN_TB.min(self.t_n - t0);
+        let per = tokens_per_job(group);
+        let t0 = blk * per;
+        let tb = per.min(self.t_n - t0);
         let nq = tb * group;
+        let rn = nq.next_multiple_of(LANES);
         let last = self.p0 + t0 + tb - 1;
-        // Each query row's keys: positions from..=pos.
+        // Each query row's keys: positions from..=pos (padding rows are
+        // the last row's).
         let seen = |r: usize| {
-            let pos = self.p0 + t0 + r / group;
+            let pos = self.p0 + t0 + r.min(nq - 1) / group;
             let from = self
                 .window
                 .map(|w| (pos + 1).saturating_sub(w))
@@ -140,99 +172,109 @@ impl Attend<'_> {
         let span = nb * KV_BLOCK;
         let p_start = b0 * KV_BLOCK;
 
-        // Queries, quantized per row like the keys.
+        // Queries, quantized per row like the keys, then laid out as
+        // `[hd / 2][rn]` pairs; the score's float factor folds in the
+        // softmax's scale in base 2.
         let lim = key_limit(hd);
+        let k = self.scale * std::f32::consts::LOG2_E;
         sc.q.resize(nq * hd, 0);
-        sc.qs.resize(nq, 0.0);
+        sc.qs.resize(rn, 0.0);
         for r in 0..nq {
             let (t, g) = (r / group, r % group);
             let src = &self.q[(t0 + t) * nh * hd + (kvh * group + g) * hd..][..hd];
             sc.qs[r] = quantize_row(src, lim, &mut sc.q[r * hd..(r + 1) * hd]);
         }
-
-        // Scores: exact integer products, then one scale per (query, key).
-        sc.s.resize(nq * span, 0.0);
-        let rt = if L == 2 { 8 } else { 4 };
-        for b in 0..nb {
-            let kb = self.cache.key_block(self.li, b0 + b, kvh);
-            for r0 in (0..nq).step_by(rt) {
-                let rows: [usize; 8] = std::array::from_fn(|i| (r0 + i).min(nq - 1));
-                let out = Scores {
-                    s: &mut sc.s,
-                    span,
-                    col: b * KV_BLOCK,
-                };
-                qk::<L>(&sc.q, &sc.qs, &rows[..rt], hd, &kb, out);
+        for r in nq..rn {
+            sc.qs[r] = sc.qs[nq - 1];
+        }
+        sc.qp.resize(hd / 2 * rn, 0);
+        for dp in 0..hd / 2 {
+            for r in 0..rn {
+                let q = &sc.q[r.min(nq - 1) * hd + 2 * dp..];
+                sc.qp[dp * rn + r] = (q[0] as u16 as u32 | (q[1] as u16 as u32) << 16) as i32;
             }
         }
 
+        // Scores in base 2: exact integer products times one factor per
+        // (row, key).
+        sc.s.resize(span * rn, 0.0);
+        for b in 0..nb {
+            let kb = self.cache.key_block(self.li, b0 + b, kvh);
+            qk::<L>(
+                &sc.qp,
+                &sc.qs,
+                rn,
+                hd,
+                &kb,
+                &mut sc.s[b * KV_BLOCK * rn..][..KV_BLOCK * rn],
+            );
+        }
+
         // Softmax weights (unnormalized) and, block by block, the weights
-        // times the values' scales, quantized: one pass over each row.
+        // times the values' scales, quantized to 0..=127 with one scale per
+        // (row, block), four keys to a word as `pv` reads them.
         sc.vs.resize(span, 0.0);
         for b in 0..nb {
             let vb = self.cache.val_block(self.li, b0 + b, kvh);
             sc.vs[b * KV_BLOCK..(b + 1) * KV_BLOCK].copy_from_slice(vb.scale);
         }
-        sc.u.resize(nq * span, 0);
-        sc.us.resize(nq * nb, 0.0);
-        sc.inv.resize(nq, 0.0);
-        let k = self.scale * std::f32::consts::LOG2_E;
-        for r in 0..nq {
-            let (from, pos) = seen(r);
-            let (a, e) = (from - p_start, pos + 1 - p_start);
-            let row = &sc.s[r * span..][..span];
-            let mx = max16(&row[a..e]);
-            let mut part = [0f32; 16];
-            for b in 0..nb {
-                let i0 = b * KV_BLOCK;
-                let mut wv = [0f32; KV_BLOCK];
-                if i0 + KV_BLOCK <= a || i0 >= e {
-                    // No key of the block is seen.
-                    sc.u[r * span + i0..][..KV_BLOCK].fill(0);
-                    sc.us[r * nb + b] = 0.0;
-                    continue;
-                }
-                let whole = i0 >= a && i0 + KV_BLOCK <= e;
-                let mut mv = [0f32; 16];
-                for h in (0..KV_BLOCK).step_by(16) {
-                    let xs = &row[i0 + h..i0 + h + 16];
-                    let vs = &sc.vs[i0 + h..i0 + h + 16];
-                    let ws = &mut wv[h..h + 16];
-                    if whole {
-                        for l in 0..16 {
-                            let w = exp2_nonpositive((xs[l] - mx) * k);
-                            part[l] += w;
-                            ws[l] = w * vs[l];
-                            mv[l] = if ws[l] > mv[l] { ws[l] } else { mv[l] };
-                        }
-                    } else {
-                        for l in 0..16 {
-                            let i = i0 + h + l;
-                            let w = exp2_nonpositive((xs[l] - mx) * k);
-                            let w = if i >= a && i < e { w } else { 0.0 };
-                            part[l] += w;
-                            ws[l] = w * vs[l];
-                            mv[l] = if ws[l] > mv[l] { ws[l] } else { mv[l] };
-                        }
-                    }
-                }
-                let m = max16(&mv);
-                let u = &mut sc.u[r * span + i0..][..KV_BLOCK];
-                if m > 0.0 && m.is_finite() {
-                    // Rounded to the nearest integer, ties to even, by
-                    // adding 1.5·2²³: the integer lands in the low bits.
-                    const MAGIC: f32 = 12_582_912.0;
-                    let ip = 127.0 / m;
-                    for (u, &w) in u.iter_mut().zip(&wv) {
-                        *u = ((w * ip).clamp(0.0, 127.0) + MAGIC).to_bits() as u8;
-                    }
-                    sc.us[r * nb + b] = m / 127.0;
-                } else {
-                    u.fill(0);
-                    sc.us[r * nb + b] = 0.0;
+        sc.u.resize(span / 4 * rn, 0);
+        sc.us.resize(nb * rn, 0.0);
+        sc.inv.resize(rn, 0.0);
+        for c in (0..rn).step_by(LANES) {
+            // Lane `l` sees keys `a[l]..e[l]` of the job's span.
+            let mut a = [0i32; LANES];
+            let mut e = [0i32; LANES];
+            for l in 0..LANES {
+                let (from, pos) = seen(c + l);
+                (a[l], e[l]) = ((from - p_start) as i32, (pos + 1 - p_start) as i32);
+            }
+            let (amin, amax) = (min_of(&a), max_of(&a));
+            let (emin, emax) = (min_of(&e), max_of(&e));
+            // Blocks every lane sees whole, and blocks no lane sees at all.
+            let whole = |i0: usize| i0 as i32 >= amax && (i0 + KV_BLOCK) as i32 <= emin;
+            let none = |i0: usize| (i0 + KV_BLOCK) as i32 <= amin || i0 as i32 >= emax;
+            let mut mx = [f32::NEG_INFINITY; LANES];
+            for i0 in (0..span).step_by(KV_BLOCK) {
+                let block = &sc.s[i0 * rn..(i0 + KV_BLOCK) * rn];
+                if whole(i0) {
+                    block_max::<true>(block, rn, c, i0, (&a, &e), &mut mx);
+                } else if !none(i0) {
+                    block_max::<false>(block, rn, c, i0, (&a, &e), &mut mx);
                 }
             }
-            sc.inv[r] = 1.0 / part.iter().sum::<f32>();
+            // Each lane's sum of weights, key `p` into sum `p % 16`.
+            let mut part = [[0f32; LANES]; 16];
+            for (b, i0) in (0..span).step_by(KV_BLOCK).enumerate() {
+                let u = &mut sc.u[i0 / 4 * rn..][..KV_BLOCK / 4 * rn];
+                let us = &mut sc.us[b * rn + c..][..LANES];
+                if none(i0) {
+                    u[c * KV_BLOCK / 4..][..KV_BLOCK / 4 * LANES].fill(0);
+                    us.fill(0.0);
+                    continue;
+                }
+                let mut mv = [0f32; LANES];
+                let block = &mut sc.s[i0 * rn..(i0 + KV_BLOCK) * rn];
+                let vs = &sc.vs[i0..i0 + KV_BLOCK];
+                let sm = Softmax { mx: &mx, k };
+                if whole(i0) {
+                    weigh::<true>(block, rn, c, (i0, vs), sm, (&a, &e), &mut part, &mut mv);
+                } else {
+                    weigh::<false>(block, rn, c, (i0, vs), sm, (&a, &e), &mut part, &mut mv);
+                }
+                let mut ip = [0f32; LANES];
+                // A lane with no weight (m = 0) or an infinite product gets
+                // zeros (127/∞ is 0, and `quantize_block` turns NaN into 0).
+                for l in 0..LANES {
+                    let m = mv[l];
+                    ip[l] = if m > 0.0 { 127.0 / m } else { 0.0 };
+                    us[l] = if m < f32::INFINITY { m / 127.0 } else { 0.0 };
+                }
+                quantize_block(block, rn, c, &ip, u);
+            }
+            for (l, inv) in sc.inv[c..c + LANES].iter_mut().enumerate() {
+                *inv = 1.0 / part.iter().map(|p| p[l]).sum::<f32>();
+            }
         }
 
         // Weighted values: exact integer sums per block, added in block order.
@@ -242,15 +284,15 @@ impl Attend<'_> {
         let kvd = self.hd * self.nh / self.group;
         for b in 0..nb {
             let vb = self.cache.val_block(self.li, b0 + b, kvh);
+            let uw = &sc.u[b * KV_BLOCK / 4 * rn..][..KV_BLOCK / 4 * rn];
             for r0 in (0..nq).step_by(4) {
                 let rows: [usize; 4] = std::array::from_fn(|i| (r0 + i).min(nq - 1));
-                let ws = rows.map(|r| sc.us[r * nb + b]);
+                let ws = rows.map(|r| sc.us[b * rn + r]);
                 if ws.iter().all(|&w| w == 0.0) {
                     continue;
                 }
-                let us: [&[u8]; 4] = rows.map(|r| &sc.u[r * span + b * KV_BLOCK..][..KV_BLOCK]);
                 let o = &mut sc.o[r0 * hd..(r0 + 4) * hd];
-                pv::<L>(us, ws, &vb, kvd, hd, o);
+                pv::<L>(Weights { u: uw, rn, rows }, ws, &vb, kvd, hd, o);
             }
         }
         for r in 0..nq {
@@ -268,28 +310,145 @@ impl Attend<'_> {
     }
 }
 
-/// The largest value of `x` (−∞ if empty), sixteen lanes at a time so the
-/// loop vectorizes (a maximum does not depend on the order).
+/// Rows a softmax pass keeps in vector lanes.
+const LANES: usize = 16;
+
+fn min_of(x: &[i32; LANES]) -> i32 {
+    x.iter().copied().min().unwrap_or(0)
+}
+
+fn max_of(x: &[i32; LANES]) -> i32 {
+    x.iter().copied().max().unwrap_or(0)
+}
+
+/// The largest score each lane of `c..c + LANES` sees in a block (`block`:
+/// `[KV_BLOCK][rn]`, keys from `i0`), folded into `mx`. `ALL`: every lane
+/// sees every key; otherwise lane `l` sees `a[l]..e[l]`.
 #[inline(always)]
-fn max16(x: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (m, &v) in m.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
+fn block_max<const ALL: bool>(
+    block: &[f32],
+    rn: usize,
+    c: usize,
+    i0: usize,
+    (a, e): (&[i32; LANES], &[i32; LANES]),
+    mx: &mut [f32; LANES],
+) {
+    // Four running maxima, so the loop is not one chain of dependent
+    // steps (a maximum does not depend on the order).
+    let mut m4 = [*mx; 4];
+    for (jq, quad) in block.chunks_exact(4 * rn).enumerate() {
+        for (q, mx) in m4.iter_mut().enumerate() {
+            let j = (i0 + jq * 4 + q) as i32;
+            let x: &[f32; LANES] = quad[q * rn + c..][..LANES]
+                .try_into()
+                .unwrap_or(&[0.0; LANES]);
+            for l in 0..LANES {
+                let see = ALL || (j >= a[l] && j < e[l]);
+                let m = if x[l] > mx[l] { x[l] } else { mx[l] };
+                mx[l] = if see { m } else { mx[l] };
+            }
         }
     }
-    for (m, &v) in m.iter_mut().zip(chunks.remainder()) {
-        *m = if v > *m { v } else { *m };
-    }
-    let mut w = 16;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            m[i] = if m[i + w] > m[i] { m[i + w] } else { m[i] };
+    for m in &m4 {
+        for l in 0..LANES {
+            mx[l] = if m[l] > mx[l] { m[l] } else { mx[l] };
         }
     }
-    m[0]
+}
+
+/// Each lane's largest score and the softmax's scale in base 2: a weight
+/// is `2^((s − mx)·k)`.
+#[derive(Clone, Copy)]
+struct Softmax<'a> {
+    mx: &'a [f32; LANES],
+    k: f32,
+}
+
+/// One block's softmax weights for lanes `c..c + LANES`: `block` holds its
+/// keys' scores (`[KV_BLOCK][rn]`, keys from `i0`, their values' scales
+/// `vs`) and gets each weight times its value's scale in place; the weight
+/// of key `p` is added to `part[p % 16]` and the largest product of each
+/// lane is kept in `mv`. `ALL`: every lane sees every key of the block;
+/// otherwise lane `l` sees `a[l]..e[l]` and the others weigh exact zeros.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn weigh<const ALL: bool>(
+    block: &mut [f32],
+    rn: usize,
+    c: usize,
+    (i0, vs): (usize, &[f32]),
+    Softmax { mx, k }: Softmax,
+    (a, e): (&[i32; LANES], &[i32; LANES]),
+    part: &mut [[f32; LANES]; 16],
+    mv: &mut [f32; LANES],
+) {
+    // `i0` is a multiple of 16, so key `i0 + jj` goes into sum `jj % 16`.
+    for (half, (rows, vs)) in block
+        .chunks_exact_mut(16 * rn)
+        .zip(vs.chunks_exact(16))
+        .enumerate()
+    {
+        for (p, (row, &v)) in rows.chunks_exact_mut(rn).zip(vs).enumerate() {
+            let j = (i0 + half * 16 + p) as i32;
+            let Ok(x): Result<&mut [f32; LANES], _> = (&mut row[c..c + LANES]).try_into() else {
+                continue;
+            };
+            weigh_key::<ALL>(x, v, (j, a, e), mx, k, &mut part[p], mv);
+        }
+    }
+}
+
+/// [`weigh`] for one key `j` (its scores `x`, its value's scale `v`).
+#[inline(always)]
+fn weigh_key<const ALL: bool>(
+    x: &mut [f32; LANES],
+    v: f32,
+    (j, a, e): (i32, &[i32; LANES], &[i32; LANES]),
+    mx: &[f32; LANES],
+    k: f32,
+    part: &mut [f32; LANES],
+    mv: &mut [f32; LANES],
+) {
+    for l in 0..LANES {
+        let w = exp2_nonpositive((x[l] - mx[l]) * k);
+        let w = if ALL || (j >= a[l] && j < e[l]) {
+            w
+        } else {
+            0.0
+        };
+        part[l] += w;
+        let wv = w * v;
+        x[l] = wv;
+        mv[l] = if wv > mv[l] { wv } else { mv[l] };
+    }
+}
+
+/// A block's weights times their values' scales (`block`, `[KV_BLOCK][rn]`)
+/// for lanes `c..c + LANES`, quantized with each lane's factor `ip`
+/// (rounded to the nearest integer, ties to even, within 0..=127) into `u`
+/// (the block's words, laid out as [`Weights`] says), four keys to a
+/// word, the first in the low byte.
+#[inline(always)]
+fn quantize_block(block: &[f32], rn: usize, c: usize, ip: &[f32; LANES], u: &mut [u32]) {
+    // Adding 1.5·2²³ rounds: the integer lands in the low bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let u = &mut u[c * KV_BLOCK / 4..][..KV_BLOCK / 4 * LANES];
+    for (quad, out) in block.chunks_exact(4 * rn).zip(u.chunks_exact_mut(LANES)) {
+        let mut word = [0u32; LANES];
+        for (q, row) in quad.chunks_exact(rn).enumerate() {
+            let Ok(x): Result<&[f32; LANES], _> = row[c..c + LANES].try_into() else {
+                continue;
+            };
+            for l in 0..LANES {
+                // NaN (a non-finite scale's lane, whose factor is 0) gives 0.
+                let y = x[l] * ip[l];
+                let y = if y > 0.0 { y } else { 0.0 };
+                let y = if y < 127.0 { y } else { 127.0 };
+                word[l] |= ((y + MAGIC).to_bits() & 0xff) << (8 * q);
+            }
+        }
+        out.copy_from_slice(&word);
+    }
 }
 
 /// `2^t` for `t <= 0` (about 4·10⁻⁵ relative error; `2^-126` below −126):
@@ -299,7 +458,7 @@ fn max16(x: &[f32]) -> f32 {
 fn exp2_nonpositive(t: f32) -> f32 {
     // 1.5 × 2^23: adding it rounds to an integer, held in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let t = t.max(-126.0);
+    let t = if t > -126.0 { t } else { -126.0 };
     let r = t + MAGIC;
     let n = r - MAGIC;
     let f = t - n;
@@ -313,117 +472,153 @@ fn exp2_nonpositive(t: f32) -> f32 {
     p * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
-/// Where [`qk`] writes: row `r`'s scores of the block at `s[r·span + col..]`.
-struct Scores<'a> {
-    s: &'a mut [f32],
-    span: usize,
-    col: usize,
-}
-
-/// Scores of query rows `rows` against a block's keys:
-/// `(Σ_d q[r][d] · k[d][j]) · (qs[r] · kscale[j])`, the sum exact in i32.
-/// Rows may repeat (a short last tile): they get the same values.
+/// A block's scores for every row: `out[j][r] = (Σ_d q[r][d]·k[j][d]) ·
+/// (qs[r]·kscale[j])`, the sum exact in i32; `qp` holds the queries as
+/// `[hd / 2][rn]` pairs of i16 and `out` is `[KV_BLOCK][rn]`.
 #[inline(always)]
-fn qk<const L: u8>(q: &[i16], qs: &[f32], rows: &[usize], hd: usize, kb: &KeyBlock, out: Scores) {
-    let Scores { s, span, col } = out;
+fn qk<const L: u8>(qp: &[i32], qs: &[f32], rn: usize, hd: usize, kb: &KeyBlock, out: &mut [f32]) {
     let (keys, ks) = (kb.keys, kb.scale);
     assert!(
-        rows.len() <= 8
-            && rows
-                .iter()
-                .all(|&r| (r + 1) * hd <= q.len() && r < qs.len())
-            && rows.iter().all(|&r| r * span + col + KV_BLOCK <= s.len())
+        rn.is_multiple_of(LANES)
+            && qp.len() >= hd / 2 * rn
+            && qs.len() >= rn
+            && out.len() >= KV_BLOCK * rn
             && keys.len() >= hd * KV_BLOCK
             && ks.len() >= KV_BLOCK
             && hd.is_multiple_of(2)
     );
     #[cfg(target_arch = "x86_64")]
-    if L == 2 && rows.len() == 8 {
-        // SAFETY: in bounds (asserted above); AVX-512 VNNI is enabled in
-        // the function this is inlined into (`L == 2`).
-        unsafe {
-            use std::arch::x86_64::*;
-            let mut acc = [[_mm512_setzero_si512(); 2]; 8];
-            let kp = keys.as_ptr();
-            for dp in 0..hd / 2 {
-                let k0 = _mm512_loadu_si512(kp.add(dp * 64) as *const _);
-                let k1 = _mm512_loadu_si512(kp.add(dp * 64 + 32) as *const _);
-                for (a, &r) in acc.iter_mut().zip(rows) {
-                    let qb = _mm512_set1_epi32(
-                        (q.as_ptr().add(r * hd + 2 * dp) as *const i32).read_unaligned(),
-                    );
-                    a[0] = _mm512_dpwssd_epi32(a[0], k0, qb);
-                    a[1] = _mm512_dpwssd_epi32(a[1], k1, qb);
+    if L == 2 {
+        let mut v0 = 0;
+        while v0 < rn / 16 {
+            // SAFETY: in bounds (asserted above; `v0 + NV <= rn / 16`);
+            // AVX-512 VNNI is enabled in the function this is inlined into.
+            v0 += unsafe {
+                match rn / 16 - v0 {
+                    1 => qk_zmm::<1, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    2 => qk_zmm::<2, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    3 => qk_zmm::<3, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    _ => qk_zmm::<4, 4>(qp, qs, rn, v0, hd, keys, ks, out),
                 }
-            }
-            let k0 = _mm512_loadu_ps(ks.as_ptr());
-            let k1 = _mm512_loadu_ps(ks.as_ptr().add(16));
-            for (a, &r) in acc.iter().zip(rows) {
-                let sq = _mm512_set1_ps(*qs.get_unchecked(r));
-                let o = s.as_mut_ptr().add(r * span + col);
-                _mm512_storeu_ps(
-                    o,
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(a[0]), _mm512_mul_ps(sq, k0)),
-                );
-                _mm512_storeu_ps(
-                    o.add(16),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(a[1]), _mm512_mul_ps(sq, k1)),
-                );
-            }
-            return;
+            };
         }
+        return;
     }
     #[cfg(target_arch = "x86_64")]
-    if L >= 1 && rows.len() == 4 {
+    if L == 1 {
         // SAFETY: in bounds (asserted above); AVX2 is enabled in the
-        // function this is inlined into (`L >= 1`).
+        // function this is inlined into (`L == 1`).
         unsafe {
             use std::arch::x86_64::*;
-            let kp = keys.as_ptr();
-            for half in [0, 16] {
-                let mut acc = [[_mm256_setzero_si256(); 2]; 4];
-                for dp in 0..hd / 2 {
-                    let k0 = _mm256_loadu_si256(kp.add(dp * 64 + half * 2) as *const _);
-                    let k1 = _mm256_loadu_si256(kp.add(dp * 64 + half * 2 + 16) as *const _);
-                    for (a, &r) in acc.iter_mut().zip(rows) {
-                        let qb = _mm256_set1_epi32(
-                            (q.as_ptr().add(r * hd + 2 * dp) as *const i32).read_unaligned(),
-                        );
-                        a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(k0, qb));
-                        a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(k1, qb));
+            let kp = keys.as_ptr() as *const i32;
+            for v0 in (0..rn / 8).step_by(2) {
+                for j0 in (0..KV_BLOCK).step_by(4) {
+                    let mut acc = [[_mm256_setzero_si256(); 4]; 2];
+                    for dp in 0..hd / 2 {
+                        let q = &qp[dp * rn + v0 * 8..];
+                        let qv = [
+                            _mm256_loadu_si256(q.as_ptr() as *const _),
+                            _mm256_loadu_si256(q.as_ptr().add(8) as *const _),
+                        ];
+                        for j in 0..4 {
+                            let kk =
+                                _mm256_set1_epi32(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
+                            for (a, q) in acc.iter_mut().zip(&qv) {
+                                a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(*q, kk));
+                            }
+                        }
                     }
-                }
-                let k0 = _mm256_loadu_ps(ks.as_ptr().add(half));
-                let k1 = _mm256_loadu_ps(ks.as_ptr().add(half + 8));
-                for (a, &r) in acc.iter().zip(rows) {
-                    let sq = _mm256_set1_ps(*qs.get_unchecked(r));
-                    let o = s.as_mut_ptr().add(r * span + col + half);
-                    _mm256_storeu_ps(
-                        o,
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), _mm256_mul_ps(sq, k0)),
-                    );
-                    _mm256_storeu_ps(
-                        o.add(8),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), _mm256_mul_ps(sq, k1)),
-                    );
+                    for (v, a) in acc.iter().enumerate() {
+                        let f = _mm256_loadu_ps(qs.as_ptr().add((v0 + v) * 8));
+                        for (j, x) in a.iter().enumerate() {
+                            let m = _mm256_mul_ps(f, _mm256_set1_ps(ks[j0 + j]));
+                            let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * 8);
+                            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(*x), m));
+                        }
+                    }
                 }
             }
             return;
         }
     }
-    for &r in rows {
-        let qr = &q[r * hd..(r + 1) * hd];
-        let mut acc = [0i32; KV_BLOCK];
-        for (dp, pair) in qr.chunks_exact(2).enumerate() {
-            let k = &keys[dp * 2 * KV_BLOCK..(dp + 1) * 2 * KV_BLOCK];
-            for (a, kk) in acc.iter_mut().zip(k.chunks_exact(2)) {
-                *a += pair[0] as i32 * kk[0] as i32 + pair[1] as i32 * kk[1] as i32;
+    for j in 0..KV_BLOCK {
+        let o = &mut out[j * rn..][..rn];
+        for (r, o) in o.iter_mut().enumerate() {
+            let mut acc = 0i32;
+            for dp in 0..hd / 2 {
+                let q = qp[dp * rn + r];
+                let (q0, q1) = (q as i16 as i32, (q >> 16) as i16 as i32);
+                let k = &keys[(dp * KV_BLOCK + j) * 2..];
+                acc += q0 * k[0] as i32 + q1 * k[1] as i32;
+            }
+            *o = acc as f32 * (qs[r] * ks[j]);
+        }
+    }
+}
+
+/// [`qk`]'s AVX-512 tile: lane vectors `v0..v0 + NV` (sixteen rows each)
+/// against the block's keys, `KJ` at a time; returns `NV`.
+///
+/// # Safety
+/// AVX-512 VNNI; the bounds [`qk`] asserts, with `(v0 + NV)·16 <= rn`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn qk_zmm<const NV: usize, const KJ: usize>(
+    qp: &[i32],
+    qs: &[f32],
+    rn: usize,
+    v0: usize,
+    hd: usize,
+    keys: &[i16],
+    ks: &[f32],
+    out: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let kp = keys.as_ptr() as *const i32;
+    for j0 in (0..KV_BLOCK).step_by(KJ) {
+        let mut acc = [[_mm512_setzero_si512(); KJ]; NV];
+        for dp in 0..hd / 2 {
+            let q = qp.as_ptr().add(dp * rn + v0 * 16);
+            let mut qv = [_mm512_setzero_si512(); NV];
+            for (v, x) in qv.iter_mut().enumerate() {
+                *x = _mm512_loadu_si512(q.add(v * 16) as *const _);
+            }
+            for j in 0..KJ {
+                let kk = _mm512_set1_epi32(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
+                for (a, q) in acc.iter_mut().zip(&qv) {
+                    a[j] = _mm512_dpwssd_epi32(a[j], *q, kk);
+                }
             }
         }
-        let o = &mut s[r * span + col..][..KV_BLOCK];
-        for ((o, &a), &k) in o.iter_mut().zip(&acc).zip(ks) {
-            *o = a as f32 * (qs[r] * k);
+        for (v, a) in acc.iter().enumerate() {
+            let f = _mm512_loadu_ps(qs.as_ptr().add((v0 + v) * 16));
+            for (j, x) in a.iter().enumerate() {
+                let m = _mm512_mul_ps(f, _mm512_set1_ps(*ks.get_unchecked(j0 + j)));
+                let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * 16);
+                _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(*x), m));
+            }
         }
+    }
+    NV
+}
+
+/// A block's quantized weights as [`pv`] reads them: row `r`'s weights of
+/// keys `4jq..4jq + 4`, a byte each (low byte first), are the word
+/// [`Weights::at`]`(r, jq)`. Sixteen rows' words for one `jq` lie side by
+/// side, so a row's eight words are a constant stride apart. `rows` are the
+/// four rows of the tile.
+struct Weights<'a> {
+    u: &'a [u32],
+    rn: usize,
+    rows: [usize; 4],
+}
+
+impl Weights<'_> {
+    /// Where row `r`'s word of keys `4jq..4jq + 4` lies in a block's words.
+    #[inline(always)]
+    fn at(r: usize, jq: usize) -> usize {
+        (r / LANES * KV_BLOCK / 4 + jq) * LANES + r % LANES
     }
 }
 
@@ -431,17 +626,11 @@ fn qk<const L: u8>(q: &[i16], qs: &[f32], rows: &[usize], hd: usize, kb: &KeyBlo
 /// `o[i][d] += ws[i] · Σ_j u[i][j] · v[j][d]`, the sum exact in i32, for
 /// the four rows of `o` (`hd` values each).
 #[inline(always)]
-fn pv<const L: u8>(
-    u: [&[u8]; 4],
-    ws: [f32; 4],
-    vb: &ValBlock,
-    kvd: usize,
-    hd: usize,
-    o: &mut [f32],
-) {
+fn pv<const L: u8>(w: Weights, ws: [f32; 4], vb: &ValBlock, kvd: usize, hd: usize, o: &mut [f32]) {
     let (vals, at) = (vb.vals, vb.at);
     assert!(
-        u.iter().all(|x| x.len() >= KV_BLOCK)
+        w.rows.iter().all(|&r| r < w.rn)
+            && w.u.len() >= KV_BLOCK / 4 * w.rn
             && at + hd <= kvd
             && vals.len() >= KV_BLOCK * kvd
             && o.len() == 4 * hd
@@ -456,10 +645,10 @@ fn pv<const L: u8>(
                 let at = at + d0;
                 d0 += 16
                     * match (hd - d0) / 16 {
-                        1 => pv_zmm::<1>(u, ws, vals, at, kvd, hd, &mut o[d0..]),
-                        2 => pv_zmm::<2>(u, ws, vals, at, kvd, hd, &mut o[d0..]),
-                        3 => pv_zmm::<3>(u, ws, vals, at, kvd, hd, &mut o[d0..]),
-                        _ => pv_zmm::<4>(u, ws, vals, at, kvd, hd, &mut o[d0..]),
+                        1 => pv_zmm::<1>(&w, ws, vals, at, kvd, hd, &mut o[d0..]),
+                        2 => pv_zmm::<2>(&w, ws, vals, at, kvd, hd, &mut o[d0..]),
+                        3 => pv_zmm::<3>(&w, ws, vals, at, kvd, hd, &mut o[d0..]),
+                        _ => pv_zmm::<4>(&w, ws, vals, at, kvd, hd, &mut o[d0..]),
                     };
             }
             return;
@@ -479,8 +668,8 @@ fn pv<const L: u8>(
                     let vp = vals.as_ptr().add((jq * kvd + at + d0) * 4);
                     let v0 = _mm256_loadu_si256(vp as *const _);
                     let v1 = _mm256_loadu_si256(vp.add(32) as *const _);
-                    for (a, ur) in acc.iter_mut().zip(&u) {
-                        let ub = _mm256_set1_epi32(word(ur, jq));
+                    for (a, &r) in acc.iter_mut().zip(&w.rows) {
+                        let ub = _mm256_set1_epi32(*w.u.get_unchecked(Weights::at(r, jq)) as i32);
                         // Weights are at most 127: pairs sum within i16.
                         let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v0), ones);
                         let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v1), ones);
@@ -503,27 +692,19 @@ fn pv<const L: u8>(
             return;
         }
     }
-    for (i, (ur, &w)) in u.iter().zip(&ws).enumerate() {
+    for (i, (&r, &ws)) in w.rows.iter().zip(&ws).enumerate() {
         let mut acc = vec![0i32; hd];
-        for (j, &x) in ur[..KV_BLOCK].iter().enumerate() {
+        for j in 0..KV_BLOCK {
+            let x = (w.u[Weights::at(r, j / 4)] >> (8 * (j % 4))) as u8;
             let base = ((j / 4) * kvd + at) * 4 + j % 4;
             for (d, a) in acc.iter_mut().enumerate() {
                 *a += x as i32 * vals[base + d * 4] as i32;
             }
         }
         for (o, &a) in o[i * hd..(i + 1) * hd].iter_mut().zip(&acc) {
-            *o += w * a as f32;
+            *o += ws * a as f32;
         }
     }
-}
-
-/// Four key positions' weights of a row as one 32-bit word.
-///
-/// # Safety
-/// `x` holds at least `jq·4 + 4` bytes.
-#[inline(always)]
-unsafe fn word(x: &[u8], jq: usize) -> i32 {
-    (x.as_ptr().add(jq * 4) as *const i32).read_unaligned()
 }
 
 /// [`pv`]'s AVX-512 tile: `NC` chunks of sixteen dimensions from `at`,
@@ -535,7 +716,7 @@ unsafe fn word(x: &[u8], jq: usize) -> i32 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn pv_zmm<const NC: usize>(
-    u: [&[u8]; 4],
+    w: &Weights,
     ws: [f32; 4],
     vals: &[i8],
     at: usize,
@@ -552,8 +733,8 @@ unsafe fn pv_zmm<const NC: usize>(
         for (c, x) in v.iter_mut().enumerate() {
             *x = _mm512_loadu_si512(vp.add(c * 64) as *const _);
         }
-        for (a, ur) in acc.iter_mut().zip(&u) {
-            let ub = _mm512_set1_epi32(word(ur, jq));
+        for (a, &r) in acc.iter_mut().zip(&w.rows) {
+            let ub = _mm512_set1_epi32(*w.u.get_unchecked(Weights::at(r, jq)) as i32);
             for (x, vv) in a.iter_mut().zip(&v) {
                 *x = _mm512_dpbusd_epi32(*x, ub, *vv);
             }
@@ -585,12 +766,12 @@ mod tests {
     /// computed from the unquantized keys and values.
     fn run(
         level: Level,
-        hd: usize,
+        (hd, group): (usize, usize),
         window: Option<usize>,
         p0: usize,
         t_n: usize,
     ) -> (Vec<f32>, Vec<f64>) {
-        let (n_kv, group) = (2, 3);
+        let n_kv = 2;
         let nh = n_kv * group;
         let kvd = n_kv * hd;
         let n = p0 + t_n;
@@ -629,7 +810,7 @@ mod tests {
         };
         let mut sc = Scratch::default();
         for kvh in 0..n_kv {
-            for blk in 0..t_n.div_ceil(ATTN_TB) {
+            for blk in 0..t_n.div_ceil(tokens_per_job(group)) {
                 a.run(level, kvh, blk, &mut sc);
             }
         }
@@ -684,9 +865,18 @@ mod tests {
                 levels.push(Level::Vnni);
             }
         }
-        for (hd, window) in [(64, None), (128, None), (16, Some(40)), (256, Some(70))] {
+        // Groups of 3, 6 and 7 heads put 24, 48 and 56 query rows of a
+        // full block of tokens side by side (one to four vectors of lanes).
+        for (hd, group, window) in [
+            (64, 3, None),
+            (128, 3, None),
+            (16, 3, Some(40)),
+            (256, 3, Some(70)),
+            (64, 7, None),
+            (64, 6, Some(50)),
+        ] {
             let (p0, t_n) = (95, 11);
-            let (base, want) = run(Level::Portable, hd, window, p0, t_n);
+            let (base, want) = run(Level::Portable, (hd, group), window, p0, t_n);
             let err = base
                 .iter()
                 .zip(&want)
@@ -697,7 +887,7 @@ mod tests {
                 "hd {hd}: max error {err} against exact attention"
             );
             for &l in &levels[1..] {
-                let (got, _) = run(l, hd, window, p0, t_n);
+                let (got, _) = run(l, (hd, group), window, p0, t_n);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert!(
                     bits(&got) == bits(&base),

@@ -1,6 +1,6 @@
 //! Loading a model's weights (memory-mapped GGUF) and the forward pass.
 
-use crate::attn::{self, Attend, ATTN_TB};
+use crate::attn::{self, Attend};
 use crate::kv::KvCache;
 use crate::EngineError;
 use hanlin_arch::{names, Activation, ModelConfig};
@@ -545,7 +545,7 @@ impl Model {
         let mut jobs = Vec::new();
         for (si, a) in parts.iter().enumerate() {
             for kvh in 0..cfg.n_head_kv {
-                for blk in 0..a.t_n.div_ceil(ATTN_TB) {
+                for blk in 0..a.t_n.div_ceil(attn::tokens_per_job(a.group)) {
                     jobs.push((si, kvh, blk));
                 }
             }

@@ -55,19 +55,11 @@ fn list_and_show_describe_the_store() {
 /// reports the long one's rate and its ratio to the short one's.
 #[test]
 fn bench_measures_a_long_prompt_beside_the_short_one() {
-    let o = hanlin(&[
-        "bench",
-        "smollm2-135m",
-        "-p",
-        "32",
-        "--long-prompt",
-        "96",
-        "-n",
-        "2",
-        "-r",
-        "2",
-        "--json",
-    ]);
+    let bench = |more: &[&str]| {
+        let short_and_long = ["bench", "smollm2-135m", "-p", "32", "--long-prompt", "96"];
+        hanlin(&[&short_and_long[..], more].concat())
+    };
+    let o = bench(&["-n", "2", "-r", "2", "--json"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
     let rate = |k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -80,18 +72,7 @@ fn bench_measures_a_long_prompt_beside_the_short_one() {
         rate("long_ratio") > 0.0 && rate("long_ratio").is_finite(),
         "{v}"
     );
-    let o = hanlin(&[
-        "bench",
-        "smollm2-135m",
-        "-p",
-        "32",
-        "--long-prompt",
-        "96",
-        "-n",
-        "0",
-        "-r",
-        "1",
-    ]);
+    let o = bench(&["-n", "0", "-r", "1"]);
     let out = text(&o.stdout);
     assert!(
         o.status.success() && out.contains("96 tokens") && out.contains("the 32-token rate"),

@@ -760,9 +760,91 @@ mod tests {
     use crate::kv::KvShape;
     use rand::{Rng, SeedableRng};
 
-    /// Attention of `t_n` query tokens from `p0` over a cache of random
-    /// keys (one dimension with a large offset, as Qwen's key bias gives)
-    /// and values, at one level: the output rows and the f64 reference
+    /// A one-layer cache of `n` positions of random keys (one dimension
+    /// with a large offset, as Qwen's key bias gives) and values, with
+    /// random queries for `t_n` tokens.
+    struct Case {
+        hd: usize,
+        group: usize,
+        n_kv: usize,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        q: Vec<f32>,
+        cache: KvCache,
+    }
+
+    impl Case {
+        fn new((hd, group): (usize, usize), n: usize, t_n: usize, seed: u64) -> Self {
+            let n_kv = 2;
+            let (nh, kvd) = (n_kv * group, n_kv * hd);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut gen = |len: usize, bias: bool| -> Vec<f32> {
+                (0..len)
+                    .map(|i| {
+                        rng.random_range(-1.0..1.0f32)
+                            + if bias && i % hd == 5 { 12.0 } else { 0.0 }
+                    })
+                    .collect()
+            };
+            let k = gen(n * kvd, true);
+            let v = gen(n * kvd, false);
+            let q = gen(t_n * nh * hd, true);
+            let shape = KvShape {
+                n_layer: 1,
+                n_kv,
+                head_dim: hd,
+            };
+            let mut cache = KvCache::new(shape, n);
+            cache.append(0, &k, &v);
+            cache.commit(n);
+            Case {
+                hd,
+                group,
+                n_kv,
+                k,
+                v,
+                q,
+                cache,
+            }
+        }
+
+        /// Every job of the queries' tokens, positions `p0..`, at one level,
+        /// into `out` (`t_n · heads · hd`).
+        fn attend(
+            &self,
+            level: Level,
+            window: Option<usize>,
+            p0: usize,
+            out: &mut [f32],
+            sc: &mut Scratch,
+        ) {
+            let (hd, group) = (self.hd, self.group);
+            let nh = self.n_kv * group;
+            let t_n = self.q.len() / (nh * hd);
+            assert_eq!(out.len(), self.q.len());
+            let a = Attend {
+                hd,
+                nh,
+                group,
+                scale: 1.0 / (hd as f32).sqrt(),
+                window,
+                li: 0,
+                cache: &self.cache,
+                q: &self.q,
+                p0,
+                t_n,
+                out: SendPtr(out.as_mut_ptr()),
+            };
+            for kvh in 0..self.n_kv {
+                for blk in 0..t_n.div_ceil(tokens_per_job(group)) {
+                    a.run(level, kvh, blk, sc);
+                }
+            }
+        }
+    }
+
+    /// Attention of `t_n` query tokens from `p0` over a random cache
+    /// ([`Case`]) at one level: the output rows and the f64 reference
     /// computed from the unquantized keys and values.
     fn run(
         level: Level,
@@ -771,49 +853,11 @@ mod tests {
         p0: usize,
         t_n: usize,
     ) -> (Vec<f32>, Vec<f64>) {
-        let n_kv = 2;
-        let nh = n_kv * group;
-        let kvd = n_kv * hd;
-        let n = p0 + t_n;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hd as u64);
-        let mut gen = |len: usize, bias: bool| -> Vec<f32> {
-            (0..len)
-                .map(|i| {
-                    rng.random_range(-1.0..1.0f32) + if bias && i % hd == 5 { 12.0 } else { 0.0 }
-                })
-                .collect()
-        };
-        let k = gen(n * kvd, true);
-        let v = gen(n * kvd, false);
-        let q = gen(t_n * nh * hd, true);
-        let shape = KvShape {
-            n_layer: 1,
-            n_kv,
-            head_dim: hd,
-        };
-        let mut cache = KvCache::new(shape, n);
-        cache.append(0, &k, &v);
-        cache.commit(n);
-        let mut out = vec![0f32; t_n * nh * hd];
-        let a = Attend {
-            hd,
-            nh,
-            group,
-            scale: 1.0 / (hd as f32).sqrt(),
-            window,
-            li: 0,
-            cache: &cache,
-            q: &q,
-            p0,
-            t_n,
-            out: SendPtr(out.as_mut_ptr()),
-        };
-        let mut sc = Scratch::default();
-        for kvh in 0..n_kv {
-            for blk in 0..t_n.div_ceil(tokens_per_job(group)) {
-                a.run(level, kvh, blk, &mut sc);
-            }
-        }
+        let c = Case::new((hd, group), p0 + t_n, t_n, hd as u64);
+        let (n_kv, k, v, q) = (c.n_kv, &c.k, &c.v, &c.q);
+        let (nh, kvd) = (n_kv * group, n_kv * hd);
+        let mut out = vec![0f32; q.len()];
+        c.attend(level, window, p0, &mut out, &mut Scratch::default());
         let mut want = vec![0f64; out.len()];
         for t in 0..t_n {
             let pos = p0 + t;
@@ -865,8 +909,9 @@ mod tests {
                 levels.push(Level::Vnni);
             }
         }
-        // Groups of 3, 6 and 7 heads put 24, 48 and 56 query rows of a
-        // full block of tokens side by side (one to four vectors of lanes).
+        // Eleven tokens: groups of 3, 6 and 7 heads give jobs of 33 rows,
+        // 48 and 18 rows, and 77 rows (16, 8 and 16 tokens a job): two to
+        // five vectors of lanes, with padding.
         for (hd, group, window) in [
             (64, 3, None),
             (128, 3, None),
@@ -912,5 +957,33 @@ mod tests {
         assert_eq!(q, [4095, -2048, 1024, 0], "ties to even: -2047.5 → -2048");
         assert_eq!(s, 1.0 / 4095.0);
         assert_eq!(quantize_row(&[0.0; 3], 127, &mut [0i8; 3]), 0.0);
+    }
+
+    /// Attention's speed on a long context, alone (`cargo test --release -p
+    /// hanlin-engine --lib attn_speed -- --ignored --nocapture`): 512 query
+    /// tokens after 0 or 3,584 cached positions, Qwen2.5-0.5B's shape (head
+    /// 64, 2 KV heads of 7 query heads), one thread, at the detected level.
+    #[test]
+    #[ignore = "a measurement; run it by hand"]
+    fn attn_speed() {
+        let t_n = 512;
+        for n in [512, 4096] {
+            let c = Case::new((64, 7), n, t_n, 7);
+            let mut out = vec![0f32; c.q.len()];
+            let mut sc = Scratch::default();
+            let mut times = Vec::new();
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                c.attend(Level::detect(), None, n - t_n, &mut out, &mut sc);
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{t_n} queries over {n} keys: median {:.2} ms, best {:.2} ms ({:.1} µs a token)",
+                times[times.len() / 2],
+                times[0],
+                times[times.len() / 2] * 1e3 / t_n as f64
+            );
+        }
     }
 }

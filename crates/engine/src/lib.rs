@@ -8,8 +8,6 @@
 //! batching ([`Model::forward_batch`]) and a shared-prefix KV pool.
 
 mod attn;
-#[cfg(test)]
-mod attn_speed;
 pub mod encoder;
 mod generate;
 pub mod kv;

@@ -173,8 +173,7 @@ impl Attend<'_> {
         let p_start = b0 * KV_BLOCK;
 
         // Queries, quantized per row like the keys, then laid out as
-        // `[hd / 2][rn]` pairs; the score's float factor folds in the
-        // softmax's scale in base 2.
+        // `[hd / 2][rn]` pairs (padding rows copy the last row).
         let lim = key_limit(hd);
         let k = self.scale * std::f32::consts::LOG2_E;
         sc.q.resize(nq * hd, 0);
@@ -195,8 +194,8 @@ impl Attend<'_> {
             }
         }
 
-        // Scores in base 2: exact integer products times one factor per
-        // (row, key).
+        // Scores: exact integer products times one factor per (row, key);
+        // the softmax applies its scale `k`.
         sc.s.resize(span * rn, 0.0);
         for b in 0..nb {
             let kb = self.cache.key_block(self.li, b0 + b, kvh);

@@ -2,8 +2,10 @@
 """Load test: N concurrent streaming chats against `hanlin serve` and against
 llama.cpp's `llama-server -np N` (same GGUF, same threads), in one run.
 
-Prints aggregate decode tokens/s, TTFT p50/p95 and the ratios, plus the
-prefix-cache check (second turn of a conversation with a ~1,500-token
+Prints aggregate decode tokens/s, TTFT p50/p95 and the ratios, the N
+streams' rate against the engine's own 512-token prefill rate (`hanlin bench
+-p 512`, measured in the same run: how close batched decode comes to the
+compute roof that prefill shows), plus the prefix-cache check (second turn of a conversation with a ~1,500-token
 history: TTFT relative to the first turn).
 
     python3 bench/serve_load.py                       # default model, 1 and 8 streams, medians of 3
@@ -239,6 +241,13 @@ def guess_counts(base):
     return out
 
 
+def bench_prefill(binary, model, tokens, threads, reps):
+    """`hanlin bench`'s prefill rate (tok/s, median of `reps`) for a `tokens`-token prompt."""
+    out = subprocess.run([str(binary), "bench", model, "-p", str(tokens), "-n", "1", "-r", str(reps), "-t",
+                          str(threads), "--json"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["prefill_tok_s"]
+
+
 def find_llama_server():
     p = os.environ.get("LLAMA_SERVER")
     if p:
@@ -303,6 +312,7 @@ def main():
         finally:
             proc.terminate()
             proc.wait()
+    pp512 = bench_prefill(HANLIN, args.model, 512, args.threads, reps=3)
     print(f"model {args.model}, {args.threads} threads, {args.tokens} max tokens per stream"
           + (", requests that quote their prompt" if args.quote else ""))
     print(f"medians of {args.reps} runs (every run's aggregate tok/s in brackets)")
@@ -315,6 +325,8 @@ def main():
               f"  {r['all']}")
     h1, hn = rows["hanlin", 1], rows["hanlin", args.streams]
     print(f"hanlin {args.streams} streams / hanlin 1 stream: {hn['tok_s'] / h1['tok_s']:.2f}x")
+    print(f"hanlin {args.streams} streams / own pp512 ({pp512:.1f} tok/s in hanlin bench): "
+          f"{hn['tok_s'] / pp512:.2f}x")
     if ("llama-server", args.streams) in rows:
         ln = rows["llama-server", args.streams]
         print(f"hanlin / llama-server at {args.streams} streams: {hn['tok_s'] / ln['tok_s']:.2f}x")
@@ -343,9 +355,7 @@ def main():
     print(f"prefix cache: second-turn TTFT {t2:.3f}s vs first turn {t1:.3f}s = {t2 / t1:.0%}")
     if args.prefill:
         n, served = rows["prefill"]
-        out = subprocess.run([str(HANLIN), "bench", args.model, "-p", str(n), "-n", "1", "-r", "2", "-t",
-                              str(args.threads), "--json"], check=True, capture_output=True, text=True).stdout
-        bench = json.loads(out.strip().splitlines()[-1])["prefill_tok_s"]
+        bench = bench_prefill(HANLIN, args.model, n, args.threads, reps=2)
         print(f"prefill of {n} tokens: {served:.1f} tok/s through the server, {bench:.1f} tok/s in hanlin bench "
               f"= {served / bench:.2f}x")
 

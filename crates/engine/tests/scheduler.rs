@@ -538,24 +538,40 @@ fn a_draft_model_gives_the_same_text_in_fewer_steps() {
         (
             texts,
             st.steps.load(Ordering::Relaxed),
+            st.generated_tokens.load(Ordering::Relaxed),
             st.accepted_tokens.load(Ordering::Relaxed),
             st.draft_accepted_tokens.load(Ordering::Relaxed),
         )
     };
-    let (plain, plain_steps, _, _) = run(Lookup::Off, false);
-    let (looked, lookup_steps, lookup_kept, none) = run(Lookup::Always, false);
+    let (plain, plain_steps, plain_generated, _, _) = run(Lookup::Off, false);
+    let (looked, lookup_steps, _, lookup_kept, none) = run(Lookup::Always, false);
     assert_eq!(none, 0, "no draft, no draft guesses");
-    let (drafted, steps, also_looked, kept) = run(Lookup::Always, true);
+    let (drafted, steps, generated, also_looked, kept) = run(Lookup::Always, true);
+    // The passes that decoded for some sequence, summed over the
+    // sequences: each gives its sampled token and the guesses it kept.
+    let passes = generated
+        .checked_sub(kept + also_looked)
+        .expect("no more guesses kept than tokens generated");
     eprintln!(
-        "draft: {steps} steps, {kept} of its guesses kept (and {also_looked} of lookup's); lookup alone: {lookup_steps} steps, {lookup_kept} kept; plain: {plain_steps}"
+        "draft: {steps} steps, {passes} decode passes, {kept} of its guesses kept (and {also_looked} of lookup's); lookup alone: {lookup_steps} steps, {lookup_kept} kept; plain: {plain_steps} steps, {plain_generated} decode passes"
     );
     assert_eq!(looked, plain);
     assert_eq!(drafted, plain);
+    assert_eq!(generated, plain_generated, "the same tokens");
     assert!(kept >= 40, "{kept} of the draft's guesses kept");
-    // At most two thirds of the steps (how many a sampled text saves
-    // depends on where its draws differ from the greedy guesses).
+    // The sequences decode in at most two thirds of the passes (how many a
+    // sampled text saves depends on where its draws differ from the greedy
+    // guesses). The scheduler's steps also count prefill chunks, and how
+    // many there are depends on when the scheduler thread admits each
+    // request (two requests of one prompt share its prefill when the second
+    // arrives after it): one step more or less between runs, so they are
+    // only checked to be fewer.
     assert!(
-        steps * 3 <= plain_steps * 2,
+        passes * 3 <= plain_generated * 2,
+        "{passes} decode passes with the draft, {plain_generated} without"
+    );
+    assert!(
+        steps < plain_steps,
         "{steps} steps with the draft, {plain_steps} without"
     );
 }

@@ -5,8 +5,9 @@ llama.cpp's `llama-server -np N` (same GGUF, same threads), in one run.
 Prints aggregate decode tokens/s, TTFT p50/p95 and the ratios, the N
 streams' rate against the engine's own 512-token prefill rate (`hanlin bench
 -p 512`, measured in the same run: how close batched decode comes to the
-compute roof that prefill shows), plus the prefix-cache check (second turn of a conversation with a ~1,500-token
-history: TTFT relative to the first turn).
+compute roof that prefill shows), plus the prefix-cache check (second turn
+of a conversation with a ~1,500-token history: TTFT relative to the first
+turn).
 
     python3 bench/serve_load.py                       # default model, 1 and 8 streams, medians of 3
     python3 bench/serve_load.py --streams 4 --tokens 64

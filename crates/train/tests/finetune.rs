@@ -11,7 +11,7 @@ use hanlin_train::finetune::{self, LoraOptions, Options};
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{assert_same_logits, logits, max_diff};
+use common::{assert_same_logits, drawing, logits, max_diff};
 
 fn pretrained(dir: &Path) -> PathBuf {
     let corpus = dir.join("corpus");
@@ -55,6 +55,7 @@ fn train_cfg(steps: usize, lr: f64) -> TrainConfig {
 
 #[test]
 fn sft_learns_the_assistant_turns_and_reports_bad_lines() {
+    let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
     let pre = pretrained(dir.path());
     let data = dir.path().join("chat.jsonl");
@@ -158,6 +159,7 @@ fn sft_learns_the_assistant_turns_and_reports_bad_lines() {
 
 #[test]
 fn dpo_prefers_the_chosen_answers_on_held_out_pairs() {
+    let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
     let pre = pretrained(dir.path());
     let data = dir.path().join("prefs.jsonl");
@@ -199,6 +201,7 @@ fn dpo_prefers_the_chosen_answers_on_held_out_pairs() {
 
 #[test]
 fn lora_trains_adapters_only_resumes_and_merges_on_export() {
+    let _turn = drawing();
     let dir = tempfile::tempdir().unwrap();
     let pre = pretrained(dir.path());
     let base = dir.path().join("base.gguf");
@@ -312,7 +315,12 @@ fn parity_with_the_engine(name: &str, prompt: &str) -> String {
             "{name} is not in the store: run `cargo run --release -- pull {name}` (CI does this)"
         )
     });
-    let (cfg, model, tok) = hanlin_train::run::from_gguf(&path, &Device::default()).unwrap();
+    // Building the model draws starting weights before the file's replace
+    // them: that takes its turn too.
+    let (cfg, model, tok) = {
+        let _turn = drawing();
+        hanlin_train::run::from_gguf(&path, &Device::default()).unwrap()
+    };
     let ids = tok.encode(prompt).unwrap();
     let engine = hanlin_engine::Model::load(&path).unwrap();
     let pool = hanlin_kernels::ThreadPool::new(2);

@@ -11,16 +11,7 @@ use hanlin_train::config::{GptConfig, MoeConfig, RunConfig};
 use hanlin_train::model::Gpt;
 
 mod common;
-use common::assert_same_logits;
-
-/// Models draw their starting weights from the device's one random
-/// generator, and the tests run in parallel: each takes its turn, so a
-/// seeded run draws the same weights as another run with that seed.
-static WEIGHTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn drawing() -> std::sync::MutexGuard<'static, ()> {
-    WEIGHTS.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{assert_same_logits, drawing};
 
 fn tiny(vocab: usize) -> GptConfig {
     GptConfig {

@@ -6,6 +6,16 @@ use hanlin_train::burn;
 use hanlin_train::model::Gpt;
 use std::path::Path;
 
+/// Models draw their starting weights (and LoRA adapters theirs) from the
+/// device's one random generator, and the tests run in parallel: each
+/// takes its turn, so a seeded run draws the same weights as another run
+/// with that seed, whichever tests run beside it.
+static WEIGHTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn drawing() -> std::sync::MutexGuard<'static, ()> {
+    WEIGHTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The trainer's logits for `ids` (`[len × vocab]`).
 pub fn logits(model: &Gpt, ids: &[u32]) -> Vec<f32> {
     let input = Tensor::<2, Int>::from_data(

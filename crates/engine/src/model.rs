@@ -6,7 +6,7 @@ use crate::EngineError;
 use hanlin_arch::{names, Activation, ModelConfig};
 use hanlin_formats::{GgmlType, GgufFile, TensorInfo};
 use hanlin_kernels::ops::{self, Rope, RopeStyle};
-use hanlin_kernels::{matmul, Activations, QMat, ThreadPool};
+use hanlin_kernels::{matmul, matmul_many, Activations, QMat, ThreadPool};
 use std::path::Path;
 
 /// A weight matrix inside the mapped file.
@@ -320,6 +320,24 @@ impl Model {
         matmul(pool, &self.q(w), a, out);
     }
 
+    /// [`Model::mm`] of several weights over the same activations in one
+    /// round of the pool ([`matmul_many`]).
+    fn mm_many<const N: usize>(
+        &self,
+        pool: &ThreadPool,
+        ws: [&WRef; N],
+        a: &Activations,
+        outs: [&mut Vec<f32>; N],
+    ) {
+        let mats = ws.map(|w| self.q(w));
+        let mut outs = outs;
+        for (out, w) in outs.iter_mut().zip(&ws) {
+            out.resize(a.n_tok * w.rows, 0.0);
+        }
+        let mut outs = outs.map(|o| o.as_mut_slice());
+        matmul_many(pool, &mats, a, &mut outs);
+    }
+
     /// Run `tokens` (continuing the sequence in `cache`) and return logits:
     /// `vocab` floats for the last token, or for every token with [`Logits::All`].
     ///
@@ -405,9 +423,12 @@ impl Model {
             ops::rms_norm(&x, &layer.attn_norm, cfg.norm_eps, &mut h);
             {
                 let a = Activations::new(&h, d);
-                self.mm(pool, &layer.wq, &a, &mut q);
-                self.mm(pool, &layer.wk, &a, &mut k);
-                self.mm(pool, &layer.wv, &a, &mut v);
+                self.mm_many(
+                    pool,
+                    [&layer.wq, &layer.wk, &layer.wv],
+                    &a,
+                    [&mut q, &mut k, &mut v],
+                );
             }
             for (buf, bias) in [
                 (&mut q, &layer.bq),
@@ -577,8 +598,7 @@ impl Model {
         out: &mut Vec<f32>,
     ) {
         let a = Activations::new(h, self.cfg.d_model);
-        self.mm(pool, &f.gate, &a, g);
-        self.mm(pool, &f.up, &a, u);
+        self.mm_many(pool, [&f.gate, &f.up], &a, [g, u]);
         glu_par(pool, g, u, self.act());
         let a = Activations::new(g, f.gate.rows);
         self.mm(pool, &f.down, &a, out);

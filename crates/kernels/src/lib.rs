@@ -45,5 +45,5 @@ pub mod ops;
 pub mod pool;
 pub mod quant;
 
-pub use matmul::{matmul, Activations, QMat};
+pub use matmul::{matmul, matmul_many, Activations, QMat};
 pub use pool::ThreadPool;

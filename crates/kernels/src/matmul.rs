@@ -187,6 +187,7 @@ struct Wide<'a> {
 /// `dot4(row, t)` for tokens `t..t+4` when a four-token kernel exists.
 fn run_rows(
     pool: &ThreadPool,
+    sink: Sink,
     w: &QMat,
     n_tok: usize,
     out: &mut [f32],
@@ -214,7 +215,7 @@ fn run_rows(
     } else {
         64
     };
-    pool.for_chunks(rows, chunk, &|range| {
+    sink(rows, chunk, &|range| {
         let mut t = 0;
         if let (Some(d28), Some(dot4)) = (dot2x8, dot4) {
             // Whole groups of eight tokens: each weight pair is unpacked
@@ -284,6 +285,66 @@ fn run_rows(
 
 /// `out[t * w.rows + r] = dot(x[t], W[r])` for all tokens `t` and rows `r`.
 pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
+    plan(pool, w, a, out, &mut |n, chunk, f| {
+        pool.for_chunks(n, chunk, f)
+    });
+}
+
+/// [`matmul`] of several matrices with the same activations (a layer's
+/// query, key and value projections; its gate and up projections) in one
+/// round of the pool: every thread takes chunks of any of the matrices as
+/// it comes free, so the threads wait for each other once instead of once
+/// per matrix. Each output holds the same bits [`matmul`] gives.
+pub fn matmul_many(pool: &ThreadPool, ws: &[QMat], a: &Activations, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "matmul_many: one output per matrix");
+    // Each matrix's work is planned inside the previous one's hand-over, so
+    // that every plan's closure is alive when the round runs them all.
+    fn go(
+        pool: &ThreadPool,
+        ws: &[QMat],
+        a: &Activations,
+        outs: &mut [&mut [f32]],
+        parts: &[Part<'_>],
+    ) {
+        match (ws.split_first(), outs.split_first_mut()) {
+            (Some((w, ws)), Some((out, outs))) => plan(pool, w, a, out, &mut |n, chunk, f| {
+                let mut more = parts.to_vec();
+                more.push((n, chunk, f));
+                go(pool, ws, a, outs, &more);
+            }),
+            _ => {
+                let tasks: Vec<(usize, std::ops::Range<usize>)> = parts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &(n, chunk, _))| {
+                        let chunk = chunk.max(1);
+                        (0..n)
+                            .step_by(chunk)
+                            .map(move |s| (i, s..(s + chunk).min(n)))
+                    })
+                    .collect();
+                pool.for_chunks(tasks.len(), 1, &|r| {
+                    for (i, range) in &tasks[r] {
+                        (parts[*i].2)(range.clone());
+                    }
+                });
+            }
+        }
+    }
+    go(pool, ws, a, outs, &[]);
+}
+
+/// One matrix product's work: `n` items (rows or groups of rows) in chunks
+/// of `chunk`, each chunk done by the closure.
+type Part<'a> = (usize, usize, &'a (dyn Fn(std::ops::Range<usize>) + Sync));
+
+/// Where a matrix product hands over its work ([`Part`]) to be run: alone
+/// ([`matmul`]) or in one round with others ([`matmul_many`]).
+type Sink<'s> = &'s mut dyn FnMut(usize, usize, &(dyn Fn(std::ops::Range<usize>) + Sync));
+
+/// Quantize the activations as `w` needs them and hand the product's work
+/// to `sink`.
+fn plan(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32], sink: Sink) {
     assert_eq!(w.cols, a.cols, "matmul: inner dimensions differ");
     assert!(out.len() >= a.n_tok * w.rows, "matmul: output too small");
     assert!(
@@ -296,6 +357,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
         return match w.ty.block_size() {
             256 => packed(
                 pool,
+                sink,
                 w,
                 out,
                 a.q8k(pool),
@@ -305,6 +367,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             ),
             _ => packed(
                 pool,
+                sink,
                 w,
                 out,
                 a.q8(pool),
@@ -316,11 +379,12 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
     }
     let batch = dot::batch_kernel(w.ty).filter(|_| n_tok >= UNPACK_MIN_TOKENS);
     match (w.ty.block_size(), batch) {
-        (32, Some(k)) => unpacked(pool, w, out, a.q8(pool), n_tok, k),
+        (32, Some(k)) => unpacked(sink, w, out, a.q8(pool), n_tok, k),
         (32, None) => {
             let two_row = dot::dot_q8_2row(w.ty);
             quantized(
                 pool,
+                sink,
                 w,
                 out,
                 a.q8(pool),
@@ -335,10 +399,11 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             match kpack::kernel_k(w.ty).filter(|_| n_tok >= REPACK_MIN_TOKENS && w.rows >= 8) {
                 Some(k) => {
                     let one = dot::dot_q8k(w.ty).expect("K type has a dot");
-                    packed(pool, w, out, a.q8k(pool), n_tok, k, Some(one))
+                    packed(pool, sink, w, out, a.q8k(pool), n_tok, k, Some(one))
                 }
                 None => quantized(
                     pool,
+                    sink,
                     w,
                     out,
                     a.q8k(pool),
@@ -355,6 +420,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
             let x = a.x;
             run_rows(
                 pool,
+                sink,
                 w,
                 n_tok,
                 out,
@@ -377,7 +443,7 @@ thread_local! {
 /// thread-local buffer, then dots them with every token, four rows × four
 /// tokens at a time.
 fn unpacked(
-    pool: &ThreadPool,
+    sink: Sink,
     w: &QMat,
     out: &mut [f32],
     xq: &[BlockQ8],
@@ -387,7 +453,7 @@ fn unpacked(
     let rows = w.rows;
     let x = Tokens::new(xq, n_tok);
     let op = OutPtr(out.as_mut_ptr());
-    pool.for_chunks(rows, 16, &|range| {
+    sink(rows, 16, &|range| {
         UNPACKED.with_borrow_mut(|up| {
             up.clear();
             for r in range.clone() {
@@ -448,6 +514,7 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 fn packed<B: Sync>(
     pool: &ThreadPool,
+    sink: Sink,
     w: &QMat,
     out: &mut [f32],
     xq: &[B],
@@ -529,7 +596,7 @@ fn packed<B: Sync>(
             }
         }
     };
-    pool.for_chunks(groups, chunk, &|range| {
+    sink(groups, chunk, &|range| {
         let span = range.start * group_bytes..range.end * group_bytes;
         let Some(one) = one else {
             return run(range, &w.data[span]);
@@ -566,6 +633,7 @@ type Kernel2x8<B> = fn(&[u8], &[u8], [&[B]; 8]) -> [[f32; 8]; 2];
 #[allow(clippy::too_many_arguments)]
 fn quantized<B: Sync>(
     pool: &ThreadPool,
+    sink: Sink,
     w: &QMat,
     out: &mut [f32],
     xq: &[B],
@@ -581,6 +649,7 @@ fn quantized<B: Sync>(
     let d28 = f28.map(|f| move |w0: &[u8], w1: &[u8], t: usize| f(w0, w1, x.group(t)));
     run_rows(
         pool,
+        sink,
         w,
         n_tok,
         out,
@@ -703,6 +772,66 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Several matrices in one round give each matrix's own bits: mixed
+    /// formats, packed at load or not, one token, a decode batch, a prefill.
+    #[test]
+    fn matmul_many_is_bit_identical_to_one_matmul_each() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let pool = ThreadPool::new(3);
+        let cols = 512;
+        let specs = [
+            (GgmlType::Q5_0, 72, true),
+            (GgmlType::Q4_K, 16, true),
+            (GgmlType::Q6_K, 24, false),
+            (GgmlType::Q8_0, 37, false),
+        ];
+        let mats: Vec<(GgmlType, usize, bool, Vec<u8>)> = specs
+            .iter()
+            .map(|&(ty, rows, pack)| {
+                let mut data: Vec<u8> = (0..rows)
+                    .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
+                    .collect();
+                let pack = pack && kpack::packs(ty);
+                if pack {
+                    kpack::pack(ty, &mut data, rows, cols);
+                }
+                (ty, rows, pack, data)
+            })
+            .collect();
+        let qmats: Vec<QMat> = mats
+            .iter()
+            .map(|(ty, rows, packed, data)| QMat {
+                ty: *ty,
+                data,
+                rows: *rows,
+                cols,
+                packed: *packed,
+            })
+            .collect();
+        for n_tok in [1, 3, 8, 20] {
+            let x: Vec<f32> = (0..n_tok * cols)
+                .map(|_| rng.random_range(-2.0..2.0f32))
+                .collect();
+            let a = Activations::new(&x, cols);
+            let mut bufs: Vec<Vec<f32>> = qmats
+                .iter()
+                .map(|w| vec![f32::NAN; n_tok * w.rows])
+                .collect();
+            let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+            matmul_many(&pool, &qmats, &a, &mut outs);
+            for (w, got) in qmats.iter().zip(&bufs) {
+                let mut want = vec![f32::NAN; n_tok * w.rows];
+                matmul(&pool, w, &Activations::new(&x, cols), &mut want);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{} {}x{cols}, {n_tok} tokens", w.ty, w.rows);
             }
         }
     }

@@ -210,12 +210,14 @@ fn run_rows(
     // output, so two threads seldom write the same cache line (8-row chunks
     // made them share one at every chunk for every token, which cost a batch
     // of 8 sequences a third of its speed).
-    let chunk = if n_tok <= 8 {
-        rows.div_ceil(pool.n_threads() * 4).max(16)
+    // A decode step's chunks shrink to 16 rows as the matrix drains
+    // ([`ThreadPool::for_guided`]).
+    let (min, max) = if n_tok <= 8 {
+        (16, rows.div_ceil(pool.n_threads() * 4).max(16))
     } else {
-        64
+        (64, 64)
     };
-    sink(rows, chunk, &|range| {
+    sink(rows, min, max, &|range| {
         let mut t = 0;
         if let (Some(d28), Some(dot4)) = (dot2x8, dot4) {
             // Whole groups of eight tokens: each weight pair is unpacked
@@ -285,8 +287,8 @@ fn run_rows(
 
 /// `out[t * w.rows + r] = dot(x[t], W[r])` for all tokens `t` and rows `r`.
 pub fn matmul(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32]) {
-    plan(pool, w, a, out, &mut |n, chunk, f| {
-        pool.for_chunks(n, chunk, f)
+    plan(pool, w, a, out, &mut |n, min, max, f| {
+        run_parts(pool, &[(n, min, max, f)])
     });
 }
 
@@ -307,40 +309,71 @@ pub fn matmul_many(pool: &ThreadPool, ws: &[QMat], a: &Activations, outs: &mut [
         parts: &[Part<'_>],
     ) {
         match (ws.split_first(), outs.split_first_mut()) {
-            (Some((w, ws)), Some((out, outs))) => plan(pool, w, a, out, &mut |n, chunk, f| {
+            (Some((w, ws)), Some((out, outs))) => plan(pool, w, a, out, &mut |n, min, max, f| {
                 let mut more = parts.to_vec();
-                more.push((n, chunk, f));
+                more.push((n, min, max, f));
                 go(pool, ws, a, outs, &more);
             }),
-            _ => {
-                let tasks: Vec<(usize, std::ops::Range<usize>)> = parts
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, &(n, chunk, _))| {
-                        let chunk = chunk.max(1);
-                        (0..n)
-                            .step_by(chunk)
-                            .map(move |s| (i, s..(s + chunk).min(n)))
-                    })
-                    .collect();
-                pool.for_chunks(tasks.len(), 1, &|r| {
-                    for (i, range) in &tasks[r] {
-                        (parts[*i].2)(range.clone());
-                    }
-                });
-            }
+            _ => run_parts(pool, parts),
         }
     }
     go(pool, ws, a, outs, &[]);
 }
 
 /// One matrix product's work: `n` items (rows or groups of rows) in chunks
-/// of `chunk`, each chunk done by the closure.
-type Part<'a> = (usize, usize, &'a (dyn Fn(std::ops::Range<usize>) + Sync));
+/// of `min` to `max` items ([`ThreadPool::for_guided`]), each chunk done by
+/// the closure.
+type Part<'a> = (
+    usize,
+    usize,
+    usize,
+    &'a (dyn Fn(std::ops::Range<usize>) + Sync),
+);
 
 /// Where a matrix product hands over its work ([`Part`]) to be run: alone
 /// ([`matmul`]) or in one round with others ([`matmul_many`]).
-type Sink<'s> = &'s mut dyn FnMut(usize, usize, &(dyn Fn(std::ops::Range<usize>) + Sync));
+type Sink<'s> = &'s mut dyn FnMut(usize, usize, usize, &(dyn Fn(std::ops::Range<usize>) + Sync));
+
+/// Run the parts in one round of the pool. Several parts are cut into
+/// their smallest chunks and handed out, in order, as one list whose
+/// chunks shrink as it drains; a thread's neighbouring chunks of one part
+/// run as one range.
+fn run_parts(pool: &ThreadPool, parts: &[Part<'_>]) {
+    if let [(n, min, max, f)] = parts {
+        return pool.for_guided(*n, *min, *max, f);
+    }
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &(n, min, _, _))| {
+            let min = min.max(1);
+            (0..n).step_by(min).map(move |s| (i, s..(s + min).min(n)))
+        })
+        .collect();
+    // The largest matrix's longest chunk sets the pace (a small matrix's
+    // chunks may run together beyond its own longest).
+    let most = parts
+        .iter()
+        .map(|&(_, min, max, _)| max / min.max(1))
+        .max()
+        .unwrap_or(1);
+    pool.for_guided(tasks.len(), 1, most, &|r| {
+        let mut run: Option<(usize, std::ops::Range<usize>)> = None;
+        for (i, range) in &tasks[r] {
+            match &mut run {
+                Some((j, cur)) if j == i && cur.end == range.start => cur.end = range.end,
+                _ => {
+                    if let Some((j, cur)) = run.replace((*i, range.clone())) {
+                        (parts[j].3)(cur);
+                    }
+                }
+            }
+        }
+        if let Some((j, cur)) = run {
+            (parts[j].3)(cur);
+        }
+    });
+}
 
 /// Quantize the activations as `w` needs them and hand the product's work
 /// to `sink`.
@@ -453,7 +486,7 @@ fn unpacked(
     let rows = w.rows;
     let x = Tokens::new(xq, n_tok);
     let op = OutPtr(out.as_mut_ptr());
-    sink(rows, 16, &|range| {
+    sink(rows, 16, 16, &|range| {
         UNPACKED.with_borrow_mut(|up| {
             up.clear();
             for r in range.clone() {
@@ -539,10 +572,11 @@ fn packed<B: Sync>(
     // tokens so that the rows and the tile's activations stay in L2. The
     // kernels of a decode batch ask for their weights ahead (`Out::stream`).
     let decode = n_tok <= 8;
-    let (chunk, tile) = if decode {
-        (groups.div_ceil(pool.n_threads() * 4).max(2), 8)
+    // A decode step's chunks shrink to two groups as the matrix drains.
+    let (min, max, tile) = if decode {
+        (2, groups.div_ceil(pool.n_threads() * 4).max(2), 8)
     } else {
-        (4, 32)
+        (4, 4, 32)
     };
     let run = |range: std::ops::Range<usize>, data: &[u8]| {
         for t0 in (0..n_tok).step_by(tile) {
@@ -596,7 +630,7 @@ fn packed<B: Sync>(
             }
         }
     };
-    sink(groups, chunk, &|range| {
+    sink(groups, min, max, &|range| {
         let span = range.start * group_bytes..range.end * group_bytes;
         let Some(one) = one else {
             return run(range, &w.data[span]);

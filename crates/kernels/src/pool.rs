@@ -120,6 +120,43 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Hand out `0..n` dynamically, as [`ThreadPool::for_chunks`] does, in
+    /// chunks that shrink as the work drains: a thread takes a
+    /// `2 × threads`-th of what is left, at most `max` and at least `min`
+    /// items. Early chunks stay long (a decode step's threads stream their
+    /// weights in long runs); the last ones are short, so a thread that
+    /// takes the last chunk does not keep the others waiting for long.
+    pub fn for_guided(
+        &self,
+        n: usize,
+        min: usize,
+        max: usize,
+        f: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) {
+        let min = min.max(1);
+        let max = max.max(min);
+        if min == max {
+            return self.for_chunks(n, min, f);
+        }
+        let share = 2 * self.n_threads();
+        let next = AtomicUsize::new(0);
+        self.run(&|_| {
+            let mut start = next.load(Ordering::Relaxed);
+            while start < n {
+                let end = (start + ((n - start) / share).clamp(min, max)).min(n);
+                match next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => {
+                        f(start..end);
+                        start = next.load(Ordering::Relaxed);
+                    }
+                    Err(now) => start = now,
+                }
+            }
+        });
+    }
+}
+
 fn worker(s: Arc<Shared>, idx: usize) {
     let mut seen = 0usize;
     loop {
@@ -191,6 +228,46 @@ mod tests {
             assert_eq!(hits.load(Ordering::SeqCst), 0x010101, "round {round}");
             if round % 500 == 0 {
                 std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    #[test]
+    fn guided_chunks_cover_the_range_once_and_shrink() {
+        let pool = ThreadPool::new(3);
+        for (n, min, max) in [
+            (1000, 2, 40),
+            (7, 2, 40),
+            (0, 1, 8),
+            (130, 16, 16),
+            (55, 4, 3),
+        ] {
+            let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            let sizes = std::sync::Mutex::new(Vec::new());
+            pool.for_guided(n, min, max, &|r| {
+                sizes.lock().unwrap().push((r.start, r.len()));
+                for i in r {
+                    seen[i].fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            assert!(
+                seen.iter().all(|c| c.load(Ordering::SeqCst) == 1),
+                "{n} {min} {max}"
+            );
+            let mut sizes = sizes.into_inner().unwrap();
+            sizes.sort();
+            let max = max.max(min);
+            for (i, &(start, len)) in sizes.iter().enumerate() {
+                // Every chunk but the very last is within the bounds.
+                assert!(len <= max, "{n} {min} {max}: {len}");
+                assert!(len >= min || start + len == n, "{n} {min} {max}: {len}");
+                if i > 0 && max > min {
+                    assert!(len <= sizes[i - 1].1, "chunks shrink: {sizes:?}");
+                }
+            }
+            if n == 1000 {
+                assert_eq!(sizes[0].1, 40, "{sizes:?}");
+                assert!(sizes[sizes.len() - 1].1 <= 2, "{sizes:?}");
             }
         }
     }

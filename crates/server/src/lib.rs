@@ -208,6 +208,35 @@ pub struct AppState {
     pub draining: std::sync::atomic::AtomicBool,
     /// Models served by upstream servers, by name.
     pub upstreams: upstream::Upstreams,
+    /// The task that renews this replica's row; stopped before the row is
+    /// retired, so that a late renewal cannot bring the row back.
+    heartbeat: Heartbeat,
+}
+
+/// The heartbeat task and the switch that stops it between renewals.
+struct Heartbeat {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Heartbeat {
+    fn start(db: Db, lease: std::time::Duration) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(heartbeat(db, lease, rx));
+        Self {
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Stop renewing, and wait for a renewal under way to finish.
+    async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
 }
 
 impl AppState {
@@ -235,7 +264,7 @@ impl AppState {
             Ok(_) => {}
             Err(e) => tracing::warn!("reading the database's clock: {e}"),
         }
-        tokio::spawn(heartbeat(db.clone(), config.replica_lease));
+        let heartbeat = Heartbeat::start(db.clone(), config.replica_lease);
         if let Some(p) = config.signup {
             db.set_signup_policy(p).await?;
         }
@@ -311,6 +340,7 @@ impl AppState {
             channels,
             config,
             draining: Default::default(),
+            heartbeat,
             upstreams,
         });
         upstream::Upstreams::spawn_health_checks(&state, std::time::Duration::from_secs(5));
@@ -539,6 +569,7 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
     tokio::select! {
         r = &mut server => {
             r.map_err(std::io::Error::other)??;
+            st.heartbeat.stop().await;
             st.db.retire_replica().await?;
             return Ok(());
         }
@@ -566,6 +597,7 @@ pub async fn serve(state: Arc<AppState>) -> Result<(), ServerError> {
             server.abort();
         }
     }
+    st.heartbeat.stop().await;
     st.db.retire_replica().await?;
     Ok(())
 }
@@ -593,13 +625,24 @@ async fn stop_signal() {
     }
 }
 
-/// Renew this replica's heartbeat, and release what dead replicas held,
-/// until the process ends (a few times per lease).
-async fn heartbeat(db: Db, lease: std::time::Duration) {
+/// Renew this replica's heartbeat, and release what dead replicas held, a
+/// few times per lease, until `stop` turns true (checked between renewals:
+/// a renewal under way finishes first).
+async fn heartbeat(
+    db: Db,
+    lease: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval((lease / 6).max(std::time::Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
         if let Err(e) = db.heartbeat().await {
             tracing::warn!("replica heartbeat: {e}");
             continue;
@@ -628,5 +671,32 @@ async fn prune_sessions(st: Arc<AppState>) {
             Ok(n) => tracing::info!("{n} expired sessions deleted"),
             Err(e) => tracing::warn!("pruning sessions: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A replica that stops cleanly stays retired: its heartbeat is
+    /// stopped before the row goes. (The heartbeat used to run on, and a
+    /// renewal that raced the retirement put the row back, so a stopped
+    /// replica was listed as live until its lease ran out.)
+    #[tokio::test]
+    async fn a_retired_replica_stays_retired() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let mut db = Db::connect(&url).await.expect("db");
+        db.set_replica("r");
+        db.register_replica().await.expect("register");
+        // A renewal every 100 ms.
+        let beat = Heartbeat::start(db.clone(), Duration::from_millis(600));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        beat.stop().await;
+        db.retire_replica().await.expect("retire");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let live = db.live_replicas(60_000).await.expect("replicas");
+        assert!(live.is_empty(), "{live:?}");
     }
 }

@@ -83,6 +83,7 @@ pub(crate) fn batched_decode(
                 .collect()
         })
         .collect();
+    let mut logits = hanlin_engine::BatchLogits::default();
     let mut t = Instant::now();
     for step in 0..=n_gen {
         if step == 1 {
@@ -97,9 +98,9 @@ pub(crate) fn batched_decode(
                 want: Logits::Last,
             })
             .collect();
-        inputs = m
-            .model
-            .forward_batch(&m.pool, &mut batch_seqs)?
+        m.model
+            .forward_batch_into(&m.pool, &mut batch_seqs, &mut logits)?;
+        inputs = logits
             .iter()
             .map(|l| vec![hanlin_engine::sampler::argmax(l)])
             .collect();

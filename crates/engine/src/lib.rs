@@ -23,7 +23,7 @@ pub use generate::{
 };
 pub use hanlin_kernels::dot::{simd_level, simd_name, SimdLevel};
 pub use kv::{KvBlocks, KvCache, KvShape, KV_BLOCK};
-pub use model::{BatchSeq, Logits, Model, FORWARD_CHUNK};
+pub use model::{BatchLogits, BatchSeq, Logits, Model, FORWARD_CHUNK};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprob};
 pub use sched::{
     Draft, Event, Job, Lookup, SchedStats, Scheduler, SchedulerConfig, Sink, SubmitError,

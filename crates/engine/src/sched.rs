@@ -29,7 +29,7 @@
 
 use crate::generate::{Decoder, FinishReason, GenerateParams, LoadedModel, TokenConstraint};
 use crate::kv::{KvBlocks, KvCache, KvShape};
-use crate::model::{BatchSeq, Logits};
+use crate::model::{BatchLogits, BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
 use crate::speculative::{
     propose_after, room, same_vocabulary, verify, AdaptiveK, Payoff, PromptLookup, Round,
@@ -260,6 +260,7 @@ impl Scheduler {
             steps: 0,
             draft: draft.clone(),
             draft_blocks: KvBlocks::new(),
+            logits: BatchLogits::default(),
         };
         std::thread::Builder::new()
             .name("hanlin-sched".into())
@@ -434,6 +435,8 @@ struct Worker {
     draft: Option<Arc<LoadedModel>>,
     /// Counts the draft caches' blocks.
     draft_blocks: Arc<KvBlocks>,
+    /// A step's logits, in a buffer kept from step to step.
+    logits: BatchLogits,
 }
 
 /// How often waiting requests are probed.
@@ -719,22 +722,20 @@ impl Worker {
                     want: *want,
                 })
                 .collect();
-            self.m.model.forward_batch(&self.m.pool, &mut batch)
+            self.m
+                .model
+                .forward_batch_into(&self.m.pool, &mut batch, &mut self.logits)
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                for s in &mut self.active {
-                    s.send(Event::Failed(e.to_string()));
-                    s.done = true;
-                }
-                self.retire();
-                return;
+        if let Err(e) = result {
+            for s in &mut self.active {
+                s.send(Event::Failed(e.to_string()));
+                s.done = true;
             }
-        };
+            self.retire();
+            return;
+        }
         let tok = &self.m.tokenizer;
-        let mut logits = logits;
         for (s, (fed, _)) in self.active.iter_mut().zip(plan) {
             s.tokens.extend_from_slice(&fed);
             s.pending = None;
@@ -746,11 +747,11 @@ impl Worker {
         // Sampling (a pass or more over the vocabulary per sequence, and a
         // JSON-schema mask where one is set) runs on the pool's threads,
         // which would otherwise wait for the next step.
-        type Sampling<'a> = Mutex<(&'a mut Seq, &'a mut Vec<f32>, Option<Round>)>;
+        type Sampling<'a> = Mutex<(&'a mut Seq, &'a mut [f32], Option<Round>)>;
         let work: Vec<Sampling> = self
             .active
             .iter_mut()
-            .zip(logits.iter_mut())
+            .zip(self.logits.slices_mut())
             .filter(|(s, lg)| !s.done && !lg.is_empty())
             .map(|(s, lg)| Mutex::new((s, lg, None)))
             .collect();
@@ -895,31 +896,29 @@ impl Worker {
                         });
                     }
                 }
-                dm.model.forward_batch(&self.m.pool, &mut batch)
+                dm.model
+                    .forward_batch_into(&self.m.pool, &mut batch, &mut self.logits)
             };
-            let logits = match result {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!("the draft model failed ({e}); guessing without it");
-                    self.draft = None;
-                    for (s, &a) in self.active.iter_mut().zip(allot) {
-                        if a > 0 {
-                            s.drafts.clear();
-                        }
-                        if let Some(g) = &mut s.guess {
-                            g.draft = None;
-                        }
+            if let Err(e) = result {
+                tracing::warn!("the draft model failed ({e}); guessing without it");
+                self.draft = None;
+                for (s, &a) in self.active.iter_mut().zip(allot) {
+                    if a > 0 {
+                        s.drafts.clear();
                     }
-                    return;
+                    if let Some(g) = &mut s.guess {
+                        g.draft = None;
+                    }
                 }
-            };
+                return;
+            }
             let mut next = Vec::new();
-            for ((i, _, want), lg) in feeds.iter().zip(logits) {
+            for ((i, _, want), lg) in feeds.iter().zip(self.logits.iter()) {
                 if *want != Logits::Last || lg.is_empty() {
                     continue;
                 }
                 let s = &mut self.active[*i];
-                let id = crate::sampler::argmax(&lg);
+                let id = crate::sampler::argmax(lg);
                 if id as usize >= vocab {
                     continue;
                 }

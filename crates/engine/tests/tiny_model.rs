@@ -186,13 +186,21 @@ fn check_consistency(arch: &str) {
     // Several sequences in one batched pass (continuous batching): each gets
     // the logits it would get alone, whatever its history.
     let fresh = || KvCache::new(KvShape::of(&model.cfg), 64);
-    let mut caches = [fresh(), fresh(), fresh()];
+    // A mean embedding sits in the batch's buffer after every sequence's
+    // logits, and a sequence that wants nothing gets an empty slice.
+    let mut caches = [fresh(), fresh(), fresh(), fresh(), fresh()];
     let none = model
-        .forward(&pool, &toks[..3], &mut caches[1], Logits::None)
+        .forward(&pool, &toks[..3], &mut caches[2], Logits::None)
         .expect("history");
     assert!(none.is_empty());
-    let inputs: [&[u32]; 3] = [&toks[..5], &[7], &toks[2..]];
-    let wants = [Logits::All, Logits::Last, Logits::Last];
+    let inputs: [&[u32]; 5] = [&toks[1..4], &toks[..5], &[7], &toks[..2], &toks[2..]];
+    let wants = [
+        Logits::Mean,
+        Logits::All,
+        Logits::Last,
+        Logits::None,
+        Logits::Last,
+    ];
     let mut expected = Vec::new();
     for ((c, t), w) in caches.iter().zip(inputs).zip(wants) {
         let mut alone = c.clone_prefix(c.len());
@@ -208,8 +216,16 @@ fn check_consistency(arch: &str) {
             want,
         })
         .collect();
-    let got = model.forward_batch(&pool, &mut batch).expect("batch");
-    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+    let mut got = model.forward_batch(&pool, &mut batch).expect("batch");
+    assert_eq!(got.len(), 5);
+    let lens: Vec<usize> = expected.iter().map(Vec::len).collect();
+    assert_eq!(lens, [D, 5 * VOCAB, VOCAB, 0, VOCAB], "{arch}");
+    let by_index: Vec<Vec<f32>> = (0..5).map(|i| got.get(i).to_vec()).collect();
+    let by_iter: Vec<Vec<f32>> = got.iter().map(<[f32]>::to_vec).collect();
+    let by_slices: Vec<Vec<f32>> = got.slices_mut().into_iter().map(|s| s.to_vec()).collect();
+    assert_eq!(by_index, by_iter);
+    assert_eq!(by_index, by_slices);
+    for (i, (g, e)) in by_index.iter().zip(&expected).enumerate() {
         assert_eq!(g.len(), e.len(), "{arch}: sequence {i}");
         let max = g
             .iter()
@@ -218,7 +234,43 @@ fn check_consistency(arch: &str) {
             .fold(0f32, f32::max);
         assert!(max < 1e-3, "{arch}: batched sequence {i} differs by {max}");
     }
-    assert_eq!(caches[1].len(), 4);
+    assert_eq!(caches[2].len(), 4);
+    assert_eq!(
+        caches[3].len(),
+        2,
+        "a sequence that wants no logits still runs"
+    );
+    // A buffer kept across passes gives the same as a fresh one.
+    let mut kept = got.clone();
+    let again: [&[u32]; 2] = [&[9], &[11, 12]];
+    let mut two: Vec<KvCache> = (0..2).map(|_| fresh()).collect();
+    let fresh_out = {
+        let mut b: Vec<BatchSeq> = two
+            .iter_mut()
+            .zip(again)
+            .map(|(cache, tokens)| BatchSeq {
+                tokens,
+                cache,
+                want: Logits::Last,
+            })
+            .collect();
+        model.forward_batch(&pool, &mut b).expect("fresh")
+    };
+    let mut two: Vec<KvCache> = (0..2).map(|_| fresh()).collect();
+    let mut b: Vec<BatchSeq> = two
+        .iter_mut()
+        .zip(again)
+        .map(|(cache, tokens)| BatchSeq {
+            tokens,
+            cache,
+            want: Logits::Last,
+        })
+        .collect();
+    model
+        .forward_batch_into(&pool, &mut b, &mut kept)
+        .expect("kept");
+    assert_eq!(kept.len(), 2);
+    assert!(kept.iter().eq(fresh_out.iter()), "{arch}");
 }
 
 #[test]
@@ -312,7 +364,7 @@ fn a_long_prompt_in_chunks_gives_one_pass_bits() {
             }],
         )
         .expect("one pass")
-        .remove(0);
+        .take(0);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a), bits(&b));
     assert_eq!(chunked.len(), n);

@@ -78,10 +78,21 @@ pub fn quantize_row<T: TryFrom<i32> + Default>(x: &[f32], lim: i32, out: &mut [T
     }
     let inv = lim as f32 / amax;
     for (o, &v) in out.iter_mut().zip(x) {
-        let q = ((v * inv).round_ties_even() as i32).clamp(-lim, lim);
+        let q = (round_small(v * inv) as i32).clamp(-lim, lim);
         *o = T::try_from(q).unwrap_or_default();
     }
     amax / lim as f32
+}
+
+/// `y.round_ties_even()` for `|y| < 2²²` (a quantized value is within
+/// `±lim` ≤ 4,095): adding and taking away 1.5 · 2²³ leaves no fraction
+/// bits, and IEEE addition rounds half to even. Plain arithmetic, where
+/// `round_ties_even` is a call to `rintf` on a baseline x86-64 build (it
+/// was 0.6 % of a 4,096-token prefill on Zen 4).
+#[inline(always)]
+fn round_small(y: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (y + MAGIC) - MAGIC
 }
 
 struct Block {
@@ -301,6 +312,23 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_small_is_round_ties_even() {
+        // Every half step, its neighbours one ulp apart, and a spread of
+        // ordinary values, across the range a quantized value can take.
+        let mut ys = Vec::new();
+        for i in -2 * 4100..=2 * 4100 {
+            let half = i as f32 * 0.5;
+            ys.extend([half, half.next_up(), half.next_down()]);
+        }
+        ys.extend((0..100_000).map(|i| (i as f32 * 0.0823).sin() * 4200.0));
+        ys.extend([0.0, -0.0, 1e-30, -1e-30, 4_194_303.5, -4_194_303.5]);
+        for y in ys {
+            assert_eq!(round_small(y), y.round_ties_even(), "{y}");
+        }
+        assert!(round_small(f32::NAN).is_nan());
+    }
 
     fn row(p: usize, kvd: usize, l: usize) -> Vec<f32> {
         (0..kvd).map(|i| (p * 10 + i + l * 3) as f32).collect()

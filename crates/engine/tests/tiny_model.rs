@@ -243,8 +243,9 @@ fn check_consistency(arch: &str) {
     // A buffer kept across passes gives the same as a fresh one.
     let mut kept = got.clone();
     let again: [&[u32]; 2] = [&[9], &[11, 12]];
-    let mut two: Vec<KvCache> = (0..2).map(|_| fresh()).collect();
-    let fresh_out = {
+    // The same two-sequence pass on fresh caches, into `into` or a new buffer.
+    let pass = |into: Option<&mut hanlin_engine::BatchLogits>| {
+        let mut two: Vec<KvCache> = (0..2).map(|_| fresh()).collect();
         let mut b: Vec<BatchSeq> = two
             .iter_mut()
             .zip(again)
@@ -254,21 +255,14 @@ fn check_consistency(arch: &str) {
                 want: Logits::Last,
             })
             .collect();
-        model.forward_batch(&pool, &mut b).expect("fresh")
+        match into {
+            Some(out) => model.forward_batch_into(&pool, &mut b, out).map(|()| None),
+            None => model.forward_batch(&pool, &mut b).map(Some),
+        }
+        .expect("pass")
     };
-    let mut two: Vec<KvCache> = (0..2).map(|_| fresh()).collect();
-    let mut b: Vec<BatchSeq> = two
-        .iter_mut()
-        .zip(again)
-        .map(|(cache, tokens)| BatchSeq {
-            tokens,
-            cache,
-            want: Logits::Last,
-        })
-        .collect();
-    model
-        .forward_batch_into(&pool, &mut b, &mut kept)
-        .expect("kept");
+    let fresh_out = pass(None).expect("a new buffer");
+    assert!(pass(Some(&mut kept)).is_none());
     assert_eq!(kept.len(), 2);
     assert!(kept.iter().eq(fresh_out.iter()), "{arch}");
 }

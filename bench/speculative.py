@@ -144,7 +144,7 @@ def main():
     for label, prompt in PROMPTS.items():
         base_text, base = None, []
         rows = {}
-        for mode, extra, cost in (("alone", ["--lookup", "false"], 0), ("draft", ["--draft", a.draft], c), ("lookup", ["--lookup"], 0.0)):
+        for mode, extra, cost in (("alone", ["--lookup", "false"], 0), ("draft", ["--draft", a.draft], c), ("lookup", ["--lookup", "true"], 0.0)):
             speeds, acc, prop = [], 0, 0
             for _ in range(a.reps):
                 text, tps, ac, pr = run(a.target, prompt, a.threads, a.gen, extra)

@@ -21,12 +21,11 @@
 //! Every float step is the same plain code at every SIMD level, and every
 //! index that decides an order is an absolute position: a score is the
 //! exact sum over the head's dimensions, the softmax's partial sums take
-//! key `p` into sum `p % 16`, blocks are aligned to multiples of
+//! key `p` into sum `p % PARTS`, blocks are aligned to multiples of
 //! [`KV_BLOCK`] and added in order, and keys a query does not see weigh
 //! exact zeros. So a token's output depends neither on the other tokens of
 //! its job (a prompt's block of queries or a single decode step), nor on
-//! its lane, nor on the SIMD level. The arithmetic is the one the earlier
-//! row-major layout did, step for step, so the bits are the same too.
+//! its lane, nor on the SIMD level.
 
 use crate::kv::{key_limit, quantize_row, KeyBlock, KvCache, ValBlock, KV_BLOCK};
 use hanlin_kernels::pool::SendPtr;
@@ -181,7 +180,9 @@ impl Attend<'_> {
         for r in 0..nq {
             let (t, g) = (r / group, r % group);
             let src = &self.q[(t0 + t) * nh * hd + (kvh * group + g) * hd..][..hd];
-            sc.qs[r] = quantize_row(src, lim, &mut sc.q[r * hd..(r + 1) * hd]);
+            // The softmax's scale rides on the query's: scores come out in
+            // base-2 exponent units.
+            sc.qs[r] = quantize_row(src, lim, &mut sc.q[r * hd..(r + 1) * hd]) * k;
         }
         for r in nq..rn {
             sc.qs[r] = sc.qs[nq - 1];
@@ -194,9 +195,9 @@ impl Attend<'_> {
             }
         }
 
-        // Scores: exact integer products times one factor per (row, key);
-        // the softmax applies its scale `k`.
-        sc.s.resize(span * rn, 0.0);
+        // Scores: exact integer products times one factor per (row, key),
+        // the softmax's scale `k` included.
+        let s = aligned(&mut sc.s, span * rn);
         for b in 0..nb {
             let kb = self.cache.key_block(self.li, b0 + b, kvh);
             qk::<L>(
@@ -205,7 +206,7 @@ impl Attend<'_> {
                 rn,
                 hd,
                 &kb,
-                &mut sc.s[b * KV_BLOCK * rn..][..KV_BLOCK * rn],
+                &mut s[b * KV_BLOCK * rn..][..KV_BLOCK * rn],
             );
         }
 
@@ -217,7 +218,7 @@ impl Attend<'_> {
             let vb = self.cache.val_block(self.li, b0 + b, kvh);
             sc.vs[b * KV_BLOCK..(b + 1) * KV_BLOCK].copy_from_slice(vb.scale);
         }
-        sc.u.resize(span / 4 * rn, 0);
+        let uq = aligned(&mut sc.u, span / 4 * rn);
         sc.us.resize(nb * rn, 0.0);
         sc.inv.resize(rn, 0.0);
         for c in (0..rn).step_by(LANES) {
@@ -235,17 +236,17 @@ impl Attend<'_> {
             let none = |i0: usize| (i0 + KV_BLOCK) as i32 <= amin || i0 as i32 >= emax;
             let mut mx = [f32::NEG_INFINITY; LANES];
             for i0 in (0..span).step_by(KV_BLOCK) {
-                let block = &sc.s[i0 * rn..(i0 + KV_BLOCK) * rn];
+                let block = &s[i0 * rn..(i0 + KV_BLOCK) * rn];
                 if whole(i0) {
                     block_max::<true>(block, rn, c, i0, (&a, &e), &mut mx);
                 } else if !none(i0) {
                     block_max::<false>(block, rn, c, i0, (&a, &e), &mut mx);
                 }
             }
-            // Each lane's sum of weights, key `p` into sum `p % 16`.
-            let mut part = [[0f32; LANES]; 16];
+            // Each lane's sum of weights, key `p` into sum `p % PARTS`.
+            let mut part = [[0f32; LANES]; PARTS];
             for (b, i0) in (0..span).step_by(KV_BLOCK).enumerate() {
-                let u = &mut sc.u[i0 / 4 * rn..][..KV_BLOCK / 4 * rn];
+                let u = &mut uq[i0 / 4 * rn..][..KV_BLOCK / 4 * rn];
                 let us = &mut sc.us[b * rn + c..][..LANES];
                 if none(i0) {
                     u[c * KV_BLOCK / 4..][..KV_BLOCK / 4 * LANES].fill(0);
@@ -253,13 +254,12 @@ impl Attend<'_> {
                     continue;
                 }
                 let mut mv = [0f32; LANES];
-                let block = &mut sc.s[i0 * rn..(i0 + KV_BLOCK) * rn];
+                let block = &mut s[i0 * rn..(i0 + KV_BLOCK) * rn];
                 let vs = &sc.vs[i0..i0 + KV_BLOCK];
-                let sm = Softmax { mx: &mx, k };
                 if whole(i0) {
-                    weigh::<true>(block, rn, c, (i0, vs), sm, (&a, &e), &mut part, &mut mv);
+                    weigh::<true>(block, rn, c, (i0, vs), &mx, (&a, &e), &mut part, &mut mv);
                 } else {
-                    weigh::<false>(block, rn, c, (i0, vs), sm, (&a, &e), &mut part, &mut mv);
+                    weigh::<false>(block, rn, c, (i0, vs), &mx, (&a, &e), &mut part, &mut mv);
                 }
                 let mut ip = [0f32; LANES];
                 // A lane with no weight (m = 0) or an infinite product gets
@@ -278,19 +278,19 @@ impl Attend<'_> {
 
         // Weighted values: exact integer sums per block, added in block order.
         // Room for a last tile of four rows past the queries.
-        sc.o.clear();
-        sc.o.resize((nq + 3) * hd, 0.0);
+        let o_all = aligned(&mut sc.o, (nq + 3) * hd);
+        o_all.fill(0.0);
         let kvd = self.hd * self.nh / self.group;
         for b in 0..nb {
             let vb = self.cache.val_block(self.li, b0 + b, kvh);
-            let uw = &sc.u[b * KV_BLOCK / 4 * rn..][..KV_BLOCK / 4 * rn];
+            let uw = &uq[b * KV_BLOCK / 4 * rn..][..KV_BLOCK / 4 * rn];
             for r0 in (0..nq).step_by(4) {
                 let rows: [usize; 4] = std::array::from_fn(|i| (r0 + i).min(nq - 1));
                 let ws = rows.map(|r| sc.us[b * rn + r]);
                 if ws.iter().all(|&w| w == 0.0) {
                     continue;
                 }
-                let o = &mut sc.o[r0 * hd..(r0 + 4) * hd];
+                let o = &mut o_all[r0 * hd..(r0 + 4) * hd];
                 pv::<L>(Weights { u: uw, rn, rows }, ws, &vb, kvd, hd, o);
             }
         }
@@ -302,15 +302,28 @@ impl Attend<'_> {
                     .slice((t0 + t) * nh * hd + (kvh * group + g) * hd, hd)
             };
             let inv = sc.inv[r];
-            for (o, &x) in out.iter_mut().zip(&sc.o[r * hd..(r + 1) * hd]) {
+            for (o, &x) in out.iter_mut().zip(&o_all[r * hd..(r + 1) * hd]) {
                 *o = x * inv;
             }
         }
     }
 }
 
+/// `len` elements of `v` from a 64-byte boundary (`v` grows to hold
+/// them), so a vector of sixteen lanes never straddles two cache lines.
+fn aligned<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    let pad = 64 / std::mem::size_of::<T>();
+    v.resize(len + pad, T::default());
+    let off = v.as_ptr().align_offset(64).min(pad);
+    &mut v[off..off + len]
+}
+
 /// Rows a softmax pass keeps in vector lanes.
 const LANES: usize = 16;
+
+/// Partial sums of each row's weights: key `p` goes into sum `p % PARTS`
+/// (an absolute position, so the order does not depend on the job).
+const PARTS: usize = 4;
 
 fn min_of(x: &[i32; LANES]) -> i32 {
     x.iter().copied().min().unwrap_or(0)
@@ -355,18 +368,11 @@ fn block_max<const ALL: bool>(
     }
 }
 
-/// Each lane's largest score and the softmax's scale in base 2: a weight
-/// is `2^((s − mx)·k)`.
-#[derive(Clone, Copy)]
-struct Softmax<'a> {
-    mx: &'a [f32; LANES],
-    k: f32,
-}
-
 /// One block's softmax weights for lanes `c..c + LANES`: `block` holds its
 /// keys' scores (`[KV_BLOCK][rn]`, keys from `i0`, their values' scales
-/// `vs`) and gets each weight times its value's scale in place; the weight
-/// of key `p` is added to `part[p % 16]` and the largest product of each
+/// `vs`; a score `s` weighs `2^(s − mx)`, `mx` the lane's largest) and
+/// gets each weight times its value's scale in place; the weight
+/// of key `p` is added to `part[p % PARTS]` and the largest product of each
 /// lane is kept in `mv`. `ALL`: every lane sees every key of the block;
 /// otherwise lane `l` sees `a[l]..e[l]` and the others weigh exact zeros.
 #[allow(clippy::too_many_arguments)]
@@ -376,25 +382,29 @@ fn weigh<const ALL: bool>(
     rn: usize,
     c: usize,
     (i0, vs): (usize, &[f32]),
-    Softmax { mx, k }: Softmax,
+    mx: &[f32; LANES],
     (a, e): (&[i32; LANES], &[i32; LANES]),
-    part: &mut [[f32; LANES]; 16],
+    part: &mut [[f32; LANES]; PARTS],
     mv: &mut [f32; LANES],
 ) {
-    // `i0` is a multiple of 16, so key `i0 + jj` goes into sum `jj % 16`.
-    for (half, (rows, vs)) in block
-        .chunks_exact_mut(16 * rn)
-        .zip(vs.chunks_exact(16))
+    // `i0` is a multiple of `PARTS`, so key `i0 + jj` goes into sum
+    // `jj % PARTS`. The sums and maxima stay in registers for the block.
+    let (mut sums, mut m) = (*part, *mv);
+    for (jq, (quad, vs)) in block
+        .chunks_exact_mut(PARTS * rn)
+        .zip(vs.chunks_exact(PARTS))
         .enumerate()
     {
-        for (p, (row, &v)) in rows.chunks_exact_mut(rn).zip(vs).enumerate() {
-            let j = (i0 + half * 16 + p) as i32;
-            let Ok(x): Result<&mut [f32; LANES], _> = (&mut row[c..c + LANES]).try_into() else {
+        for (q, (sum, &v)) in sums.iter_mut().zip(vs).enumerate() {
+            let j = (i0 + jq * PARTS + q) as i32;
+            let Ok(x): Result<&mut [f32; LANES], _> = (&mut quad[q * rn + c..][..LANES]).try_into()
+            else {
                 continue;
             };
-            weigh_key::<ALL>(x, v, (j, a, e), mx, k, &mut part[p], mv);
+            weigh_key::<ALL>(x, v, (j, a, e), mx, sum, &mut m);
         }
     }
+    (*part, *mv) = (sums, m);
 }
 
 /// [`weigh`] for one key `j` (its scores `x`, its value's scale `v`).
@@ -404,12 +414,11 @@ fn weigh_key<const ALL: bool>(
     v: f32,
     (j, a, e): (i32, &[i32; LANES], &[i32; LANES]),
     mx: &[f32; LANES],
-    k: f32,
     part: &mut [f32; LANES],
     mv: &mut [f32; LANES],
 ) {
     for l in 0..LANES {
-        let w = exp2_nonpositive((x[l] - mx[l]) * k);
+        let w = exp2_nonpositive(x[l] - mx[l]);
         let w = if ALL || (j >= a[l] && j < e[l]) {
             w
         } else {
@@ -450,9 +459,9 @@ fn quantize_block(block: &[f32], rn: usize, c: usize, ip: &[f32; LANES], u: &mut
     }
 }
 
-/// `2^t` for `t <= 0` (about 4·10⁻⁵ relative error; `2^-126` below −126):
-/// the attention weights, quantized to seven bits per block afterwards,
-/// need no more. Plain arithmetic, so loops of it vectorize.
+/// `2^t` for `t <= 0` (at most 7.5·10⁻⁵ relative error; `2^-126` below
+/// −126): the attention weights, quantized to seven bits per block
+/// afterwards, need no more. Plain arithmetic, so loops of it vectorize.
 #[inline(always)]
 fn exp2_nonpositive(t: f32) -> f32 {
     // 1.5 × 2^23: adding it rounds to an integer, held in the low mantissa bits.
@@ -461,12 +470,12 @@ fn exp2_nonpositive(t: f32) -> f32 {
     let r = t + MAGIC;
     let n = r - MAGIC;
     let f = t - n;
-    // e^(f·ln 2), Taylor to the fourth power, for |f| <= 1/2.
-    let mut p = 9.618_129e-3;
-    p = p * f + 5.550_411e-2;
-    p = p * f + 2.402_265e-1;
-    p = p * f + 6.931_472e-1;
-    p = p * f + 1.0;
+    // 2^f for |f| <= 1/2: the cubic of least largest relative error.
+    let mut p = 9.570_102e-3;
+    p = p * f + 5.591_786_3e-2;
+    p = p * f + 2.402_474_4e-1;
+    p = p * f + 6.931_218e-1;
+    p = p * f + 9.999_993e-1;
     let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     p * f32::from_bits(((ni + 127) << 23) as u32)
 }
@@ -661,14 +670,15 @@ fn pv<const L: u8>(w: Weights, ws: [f32; 4], vb: &ValBlock, kvd: usize, hd: usiz
         unsafe {
             use std::arch::x86_64::*;
             let ones = _mm256_set1_epi16(1);
+            let up = w.rows.map(|r| w.u.as_ptr().add(Weights::at(r, 0)));
             for d0 in (0..hd).step_by(16) {
                 let mut acc = [[_mm256_setzero_si256(); 2]; 4];
                 for jq in 0..KV_BLOCK / 4 {
                     let vp = vals.as_ptr().add((jq * kvd + at + d0) * 4);
                     let v0 = _mm256_loadu_si256(vp as *const _);
                     let v1 = _mm256_loadu_si256(vp.add(32) as *const _);
-                    for (a, &r) in acc.iter_mut().zip(&w.rows) {
-                        let ub = _mm256_set1_epi32(*w.u.get_unchecked(Weights::at(r, jq)) as i32);
+                    for (a, &u) in acc.iter_mut().zip(&up) {
+                        let ub = _mm256_set1_epi32(*u.add(jq * LANES) as i32);
                         // Weights are at most 127: pairs sum within i16.
                         let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v0), ones);
                         let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v1), ones);
@@ -726,14 +736,16 @@ unsafe fn pv_zmm<const NC: usize>(
     use std::arch::x86_64::*;
     debug_assert!(o.len() >= 3 * hd + NC * 16);
     let mut acc = [[_mm512_setzero_si512(); NC]; 4];
+    // Each row's first word; its word of quad `jq` lies `jq · LANES` on.
+    let up = w.rows.map(|r| w.u.as_ptr().add(Weights::at(r, 0)));
     for jq in 0..KV_BLOCK / 4 {
         let vp = vals.as_ptr().add((jq * kvd + at) * 4);
         let mut v = [_mm512_setzero_si512(); NC];
         for (c, x) in v.iter_mut().enumerate() {
             *x = _mm512_loadu_si512(vp.add(c * 64) as *const _);
         }
-        for (a, &r) in acc.iter_mut().zip(&w.rows) {
-            let ub = _mm512_set1_epi32(*w.u.get_unchecked(Weights::at(r, jq)) as i32);
+        for (a, &u) in acc.iter_mut().zip(&up) {
+            let ub = _mm512_set1_epi32(*u.add(jq * LANES) as i32);
             for (x, vv) in a.iter_mut().zip(&v) {
                 *x = _mm512_dpbusd_epi32(*x, ub, *vv);
             }

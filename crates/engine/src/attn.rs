@@ -28,6 +28,7 @@
 //! its lane, nor on the SIMD level.
 
 use crate::kv::{key_limit, quantize_row, KeyBlock, KvCache, ValBlock, KV_BLOCK};
+use hanlin_kernels::ops::ROUND_MAGIC;
 use hanlin_kernels::pool::SendPtr;
 
 /// Query tokens per attention job: eight, or sixteen where eight tokens'
@@ -438,8 +439,6 @@ fn weigh_key<const ALL: bool>(
 /// word, the first in the low byte.
 #[inline(always)]
 fn quantize_block(block: &[f32], rn: usize, c: usize, ip: &[f32; LANES], u: &mut [u32]) {
-    // Adding 1.5·2²³ rounds: the integer lands in the low bits.
-    const MAGIC: f32 = 12_582_912.0;
     let u = &mut u[c * KV_BLOCK / 4..][..KV_BLOCK / 4 * LANES];
     for (quad, out) in block.chunks_exact(4 * rn).zip(u.chunks_exact_mut(LANES)) {
         let mut word = [0u32; LANES];
@@ -452,7 +451,8 @@ fn quantize_block(block: &[f32], rn: usize, c: usize, ip: &[f32; LANES], u: &mut
                 let y = x[l] * ip[l];
                 let y = if y > 0.0 { y } else { 0.0 };
                 let y = if y < 127.0 { y } else { 127.0 };
-                word[l] |= ((y + MAGIC).to_bits() & 0xff) << (8 * q);
+                // The rounded integer lands in the sum's low bits.
+                word[l] |= ((y + ROUND_MAGIC).to_bits() & 0xff) << (8 * q);
             }
         }
         out.copy_from_slice(&word);
@@ -464,11 +464,9 @@ fn quantize_block(block: &[f32], rn: usize, c: usize, ip: &[f32; LANES], u: &mut
 /// afterwards, need no more. Plain arithmetic, so loops of it vectorize.
 #[inline(always)]
 fn exp2_nonpositive(t: f32) -> f32 {
-    // 1.5 × 2^23: adding it rounds to an integer, held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
     let t = if t > -126.0 { t } else { -126.0 };
-    let r = t + MAGIC;
-    let n = r - MAGIC;
+    let r = t + ROUND_MAGIC;
+    let n = r - ROUND_MAGIC;
     let f = t - n;
     // 2^f for |f| <= 1/2: the quartic of least largest relative error.
     let mut p = 9.570_102e-3;
@@ -476,7 +474,7 @@ fn exp2_nonpositive(t: f32) -> f32 {
     p = p * f + 2.402_474_4e-1;
     p = p * f + 6.931_218e-1;
     p = p * f + 9.999_993e-1;
-    let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let ni = (r.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     p * f32::from_bits(((ni + 127) << 23) as u32)
 }
 

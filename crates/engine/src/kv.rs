@@ -16,6 +16,7 @@
 //! lives, so the engine reports real KV memory, shared blocks counted once.
 
 use hanlin_arch::ModelConfig;
+use hanlin_kernels::ops::ROUND_MAGIC;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -85,14 +86,11 @@ pub fn quantize_row<T: TryFrom<i32> + Default>(x: &[f32], lim: i32, out: &mut [T
 }
 
 /// `y.round_ties_even()` for `|y| < 2²²` (a quantized value is within
-/// `±lim` ≤ 4,095): adding and taking away 1.5 · 2²³ leaves no fraction
-/// bits, and IEEE addition rounds half to even. Plain arithmetic, where
-/// `round_ties_even` is a call to `rintf` on a baseline x86-64 build (it
-/// was 0.6 % of a 4,096-token prefill on Zen 4).
+/// `±lim` ≤ 4,095), by [`ROUND_MAGIC`]: `rintf` was 0.6 % of a 4,096-token
+/// prefill on Zen 4.
 #[inline(always)]
 fn round_small(y: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (y + MAGIC) - MAGIC
+    (y + ROUND_MAGIC) - ROUND_MAGIC
 }
 
 struct Block {

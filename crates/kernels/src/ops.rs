@@ -236,6 +236,13 @@ fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
+/// 1.5 · 2²³: adding it to an `f32` below 2²² in magnitude leaves no
+/// fraction bits, so the sum holds the value rounded to an integer (half to
+/// even, as IEEE addition rounds) in its low mantissa bits, and taking it
+/// away again gives that integer as a float. Plain arithmetic in place of
+/// `round_ties_even` (a call to `rintf` on a baseline x86-64 build).
+pub const ROUND_MAGIC: f32 = 12_582_912.0;
+
 /// `exp(x)` for `x` clamped to `[-87.33, 88.37]` (so `2^n` stays a normal
 /// float): Cody–Waite reduction and a degree-6 polynomial, within a few
 /// ulp of libm's, branch-free so that loops of it vectorize.
@@ -244,12 +251,10 @@ fn exp_clamped(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5 × 2^23: adding it rounds to an integer, held in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.33, 88.37);
-    let t = x * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let t = x * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;

@@ -6,8 +6,9 @@
 //! and one that wants several rows side by side has to rearrange them first
 //! for every matmul (that rearranging cost a 16-token batch more than its
 //! products). Here the rows of a matrix are rearranged once, in place, when
-//! the model loads: each block of eight rows keeps exactly its bytes
-//! (the same size, so memory does not grow), but word `w` of all eight rows
+//! the model loads: each block of eight rows keeps its bytes (the same
+//! size, so memory does not grow; only Q5_0's fifth bits are reordered
+//! within their word), but word `w` of all eight rows
 //! sits side by side. One 256-bit load then holds the same four bytes of
 //! eight rows, the nibbles are masked out in place, and one broadcast of four
 //! activation bytes multiplies eight rows: every lane is a row, nothing is
@@ -27,7 +28,8 @@
 //! | `qs`: 32 words × 8 rows × 4 bytes | |
 //!
 //! and per 32 columns: Q8_0 (272 bytes) `d`: 8 × f16, then 8 words × 8 rows
-//! × 4 bytes of quants; Q5_0 (176 bytes) `d`: 8 × f16, `qh`: 8 × 4 bytes,
+//! × 4 bytes of quants; Q5_0 (176 bytes) `d`: 8 × f16, `qh`: 8 × 4 bytes
+//! (each row's fifth bits transposed, see [`qh_transpose`]),
 //! then 4 words × 8 rows × 4 bytes of nibbles; Q4_1 (160 bytes) `d`: 8 ×
 //! f16, `m`: 8 × f16, then 4 words × 8 rows × 4 bytes of nibbles.
 //!
@@ -92,6 +94,51 @@ fn words(ty: GgmlType) -> Vec<(usize, usize)> {
     v
 }
 
+/// A Q5_0 row's fifth bits as a packed block stores them: bit `4w + i` of
+/// the file's `qh` (the quant in byte `i` of nibble word `w`, `w` 0..8 with
+/// the high nibbles as words 4..8) becomes bit `w` of byte `i`. Word `w`'s
+/// fifth bits are then one shift and one mask away (`(qh >> w) << 4 &
+/// 0x10` in every byte), where the file's order needs a byte shuffle and a
+/// compare per word.
+fn qh_transpose(qh: u32) -> u32 {
+    // Byte k of `qh` holds words 2k and 2k + 1: a table spreads it as
+    // words 0 and 1, shifted into place.
+    (0..4).fold(0, |o, k| {
+        o | QH_SPREAD[(qh >> (8 * k) & 0xFF) as usize] << (2 * k)
+    })
+}
+
+/// [`qh_transpose`] of one byte of `qh` as if it were the first.
+const QH_SPREAD: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if b >> j & 1 != 0 {
+                t[b] |= 1 << (8 * (j % 4) + j / 4);
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The inverse of [`qh_transpose`].
+fn qh_untranspose(t: u32) -> u32 {
+    (0..8).fold(0, |o, w| {
+        let x = t >> w & 0x0101_0101;
+        o | ((x | x >> 7 | x >> 14 | x >> 21) & 0xF) << (4 * w)
+    })
+}
+
+/// Whether the word at `src` of a `ty` block is a Q5_0 `qh` (stored
+/// transposed).
+fn is_qh(ty: GgmlType, src: usize) -> bool {
+    ty == GgmlType::Q5_0 && src == 2
+}
+
 /// Whether matrices of `ty` are packed on this CPU: a kernel exists for it.
 pub fn packs(ty: GgmlType) -> bool {
     kernel_k(ty).is_some() || kernel_32(ty).is_some()
@@ -119,6 +166,11 @@ pub fn pack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
                     // Fixed sizes: moves, not a call to memcpy per word.
                     match wb {
                         2 => copy::<2>(group, packed, &tmp, file),
+                        _ if is_qh(ty, src) => {
+                            let qh = word(&tmp, file);
+                            group[packed..packed + 4]
+                                .copy_from_slice(&qh_transpose(qh).to_le_bytes());
+                        }
                         _ => copy::<4>(group, packed, &tmp, file),
                     }
                     packed += wb;
@@ -139,7 +191,12 @@ pub fn unpack_row(ty: GgmlType, group: &[u8], lane: usize, cols: usize, row: &mu
         let mut packed = 8 * b * size;
         for &(src, wb) in &words {
             let at = packed + lane * wb;
-            row[b * size + src..b * size + src + wb].copy_from_slice(&group[at..at + wb]);
+            let to = &mut row[b * size + src..b * size + src + wb];
+            if is_qh(ty, src) {
+                to.copy_from_slice(&qh_untranspose(word(group, at)).to_le_bytes());
+            } else {
+                to.copy_from_slice(&group[at..at + wb]);
+            }
             packed += 8 * wb;
         }
     }
@@ -156,6 +213,11 @@ pub fn unpack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
             unpack_row(ty, &group, lane, cols, row);
         }
     }
+}
+
+/// The little-endian word at `at`.
+fn word(from: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(from[at..at + 4].try_into().unwrap_or([0; 4]))
 }
 
 #[inline(always)]
@@ -368,25 +430,12 @@ mod avx2 {
         unsafe fn sll16(a: Self::I, k: i32) -> Self::I;
         /// Each lane's low i16 in both of its halves.
         unsafe fn dup16(a: Self::I) -> Self::I;
-        /// `vpshufb` (within each 128-bit lane).
-        unsafe fn shuffle8(a: Self::I, idx: Self::I) -> Self::I;
-        /// Per byte: `val` where `x & m` (one bit per byte) is set, else 0.
-        unsafe fn select8(x: Self::I, m: Self::I, val: Self::I) -> Self::I;
         unsafe fn cvt(a: Self::I) -> Self::F;
         unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
         unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
         unsafe fn sub_f(a: Self::F, b: Self::F) -> Self::F;
         /// Every row's result to `p..`.
         unsafe fn store(v: Self::F, p: *mut f32);
-        /// `vpshufb` indices that copy byte `k` of every 32-bit lane to all
-        /// four of its bytes.
-        #[inline(always)]
-        unsafe fn spread(k: i8) -> Self::I {
-            let lane = |l: i8| i32::from_le_bytes([(4 * l + k) as u8; 4]);
-            Self::ld_lanes([lane(0), lane(1), lane(2), lane(3)])
-        }
-        /// The four words repeated over every 128-bit lane.
-        unsafe fn ld_lanes(w: [i32; 4]) -> Self::I;
         /// Whether a VNNI kernel has only sixteen vector registers (VEX
         /// encoding: AVX-VNNI), so that sums kept for four values of each
         /// token would spill.
@@ -467,7 +516,6 @@ mod avx2 {
                     maddubs(u, x) => _mm256_maddubs_epi16;
                     dpbusd(acc, u, x) => $dpbusd;
                     sign8(a, b) => _mm256_sign_epi8;
-                    shuffle8(a, idx) => _mm256_shuffle_epi8;
                 }
                 #[inline(always)]
                 unsafe fn srl32(a: __m256i, k: i32) -> __m256i {
@@ -494,10 +542,6 @@ mod avx2 {
                     _mm256_blend_epi16::<0b1010_1010>(a, _mm256_slli_epi32::<16>(a))
                 }
                 #[inline(always)]
-                unsafe fn select8(x: __m256i, m: __m256i, val: __m256i) -> __m256i {
-                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(x, m), m), val)
-                }
-                #[inline(always)]
                 unsafe fn cvt(a: __m256i) -> __m256 {
                     _mm256_cvtepi32_ps(a)
                 }
@@ -516,10 +560,6 @@ mod avx2 {
                 #[inline(always)]
                 unsafe fn store(v: __m256, p: *mut f32) {
                     _mm256_storeu_ps(p, v)
-                }
-                #[inline(always)]
-                unsafe fn ld_lanes(w: [i32; 4]) -> __m256i {
-                    _mm256_setr_epi32(w[0], w[1], w[2], w[3], w[0], w[1], w[2], w[3])
                 }
             }
         };
@@ -598,7 +638,6 @@ mod avx2 {
             madd16(a, b) => _mm512_madd_epi16;
             maddubs(u, x) => _mm512_maddubs_epi16;
             dpbusd(acc, u, x) => _mm512_dpbusd_epi32;
-            shuffle8(a, idx) => _mm512_shuffle_epi8;
         }
         #[inline(always)]
         unsafe fn sign8(a: __m512i, b: __m512i) -> __m512i {
@@ -630,10 +669,6 @@ mod avx2 {
             _mm512_mask_blend_epi16(0xAAAA_AAAA, a, _mm512_slli_epi32::<16>(a))
         }
         #[inline(always)]
-        unsafe fn select8(x: __m512i, m: __m512i, val: __m512i) -> __m512i {
-            _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(x, m), val)
-        }
-        #[inline(always)]
         unsafe fn cvt(a: __m512i) -> __m512 {
             _mm512_cvtepi32_ps(a)
         }
@@ -652,10 +687,6 @@ mod avx2 {
         #[inline(always)]
         unsafe fn store(v: __m512, p: *mut f32) {
             _mm512_storeu_ps(p, v)
-        }
-        #[inline(always)]
-        unsafe fn ld_lanes(w: [i32; 4]) -> __m512i {
-            _mm512_broadcast_i32x4(_mm_setr_epi32(w[0], w[1], w[2], w[3]))
         }
     }
 
@@ -1053,21 +1084,24 @@ mod avx2 {
         let mut acc = [R::zero_f(); N];
         let lo4 = R::splat8(0x0F);
         let bit4 = R::splat8(0x10);
-        // The fifth bits of step `s` (columns 4s..4s+4) are bits 4s..4s+4
-        // of a row's `qh`: byte s/2 spread over the lane's four bytes, then
-        // one bit per byte.
-        let spreads: [R::I; 4] = std::array::from_fn(|k| R::spread(k as i8));
-        let masks = [
-            R::splat(i32::from_le_bytes([1, 2, 4, 8])),
-            R::splat(i32::from_le_bytes([16, 32, 64, 128])),
-        ];
         for b in 0..blocks {
             let blk = g.add(b * 176);
             ahead::<R, N>(out, blk, 176, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             let qh = R::ld(blk.add(16), stride);
-            let high = |s: usize| R::select8(R::shuffle8(qh, spreads[s / 2]), masks[s % 2], bit4);
+            // The fifth bits of nibble word `w` (low nibbles 0..4, high
+            // 4..8): bit `w` of every byte of the transposed `qh`, moved to
+            // bit 4 (a 16-bit shift by at most 4 brings no bit of the
+            // neighbouring byte to bit 4).
+            let high = |w: usize| {
+                let v = match w {
+                    0..4 => R::sll16(qh, 4 - w as i32),
+                    4 => qh,
+                    _ => R::srl16(qh, w as i32 - 4),
+                };
+                R::and(v, bit4)
+            };
             let d = R::ld_f16(blk, stride);
             if !VNNI {
                 // AVX2's sixteen registers cannot hold the unpacking
@@ -1361,6 +1395,21 @@ mod tests {
                 v
             })
             .collect()
+    }
+
+    /// Every bit of a Q5_0 `qh` lands where the kernels look for it, and
+    /// comes back.
+    #[test]
+    fn qh_transpose_moves_each_bit_to_its_word() {
+        for w in 0..8 {
+            for i in 0..4 {
+                let qh = 1u32 << (4 * w + i);
+                assert_eq!(qh_transpose(qh), 1 << (8 * i + w), "word {w} byte {i}");
+                assert_eq!(qh_untranspose(qh_transpose(qh)), qh);
+            }
+        }
+        let all = 0xDEAD_BEEF;
+        assert_eq!(qh_untranspose(qh_transpose(all)), all);
     }
 
     #[test]

@@ -327,17 +327,35 @@ impl Model {
                 ws.extend([&mut f.gate, &mut f.up, &mut f.down]);
             }
         }
-        let bytes = self.file.bytes_mut();
-        let mut n = 0;
+        let fits = |w: &WRef| {
+            w.rows.is_multiple_of(8)
+                && w.size == w.rows * w.ty.row_bytes(w.cols)
+                && hanlin_kernels::kpack::packs(w.ty)
+        };
+        ws.retain(|w| fits(w));
+        // Disjoint slices of the file's bytes, in file order; a matrix
+        // whose bytes another one already holds is left as it is.
+        ws.sort_by_key(|w| w.offset);
+        let mut rest = self.file.bytes_mut();
+        let mut at = 0;
+        let mut jobs = Vec::with_capacity(ws.len());
         for w in ws {
-            let fits = w.rows.is_multiple_of(8) && w.size == w.rows * w.ty.row_bytes(w.cols);
-            if fits && hanlin_kernels::kpack::packs(w.ty) {
-                let data = &mut bytes[w.offset..w.offset + w.size];
-                hanlin_kernels::kpack::pack(w.ty, data, w.rows, w.cols);
-                w.packed = true;
-                n += 1;
+            if w.offset < at || w.offset + w.size > at + rest.len() {
+                continue;
             }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(w.offset - at);
+            let (data, tail) = tail.split_at_mut(w.size);
+            (rest, at) = (tail, w.offset + w.size);
+            jobs.push(hanlin_kernels::kpack::PackJob {
+                ty: w.ty,
+                data,
+                rows: w.rows,
+                cols: w.cols,
+            });
+            w.packed = true;
         }
+        let n = jobs.len();
+        hanlin_kernels::kpack::pack_all(jobs);
         if tied {
             self.embd.packed = self.output.packed;
         }

@@ -6,6 +6,7 @@ pub mod ct2;
 pub mod e5;
 pub mod gguf;
 pub mod hf;
+pub mod par;
 pub mod writer;
 
 pub use gguf::{GgufFile, GgufHeader, TensorInfo, Value};

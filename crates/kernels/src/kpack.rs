@@ -180,6 +180,53 @@ pub fn pack(ty: GgmlType, data: &mut [u8], rows: usize, cols: usize) {
     }
 }
 
+/// One matrix for [`pack_all`]: its bytes in the file's layout, its format
+/// and shape (`rows` a multiple of eight).
+pub struct PackJob<'a> {
+    pub ty: GgmlType,
+    pub data: &'a mut [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// [`pack`] every matrix of `jobs`, on all cores: a model's matrices are
+/// cut into pieces of whole row groups (about 4 MiB each, so that one
+/// large output matrix does not leave the other threads waiting) that the
+/// threads take in turn. A packed group depends only on its own rows, so
+/// the result is the same as packing each matrix whole.
+pub fn pack_all(jobs: Vec<PackJob<'_>>) {
+    pack_in_pieces(jobs, 4 << 20);
+}
+
+/// [`pack_all`] with pieces of at most `piece` bytes (at least one group).
+fn pack_in_pieces(jobs: Vec<PackJob<'_>>, piece: usize) {
+    let mut pieces = Vec::new();
+    for PackJob {
+        ty,
+        data,
+        rows,
+        cols,
+    } in jobs
+    {
+        let row_bytes = ty.row_bytes(cols).max(1);
+        let per = (piece / row_bytes / 8 * 8).clamp(8, rows.max(8));
+        for data in data.chunks_mut(per * row_bytes) {
+            let rows = data.len() / row_bytes;
+            pieces.push(PackJob {
+                ty,
+                data,
+                rows,
+                cols,
+            });
+        }
+    }
+    let packed: Result<(), std::convert::Infallible> = hanlin_formats::par::for_each(pieces, |p| {
+        pack(p.ty, p.data, p.rows, p.cols);
+        Ok(())
+    });
+    let Ok(()) = packed;
+}
+
 /// Row `lane` of a packed group of eight rows (`group`, `cols` columns)
 /// in the file's layout, into `row` (an embedding lookup of a packed
 /// matrix: the output matrix that is also the token embedding).
@@ -1410,6 +1457,50 @@ mod tests {
         }
         let all = 0xDEAD_BEEF;
         assert_eq!(qh_untranspose(qh_transpose(all)), all);
+    }
+
+    /// Packing many matrices at once, cut into pieces of one or more row
+    /// groups on several threads, gives what packing each whole gives.
+    #[test]
+    fn pack_all_packs_each_matrix_as_pack_does() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let shapes = [
+            (GgmlType::Q4_K, 16),
+            (GgmlType::Q5_0, 24),
+            (GgmlType::Q8_0, 40),
+        ];
+        let mats: Vec<(GgmlType, usize, Vec<u8>)> = shapes
+            .iter()
+            .map(|&(ty, rows)| {
+                let m = (0..rows)
+                    .flat_map(|_| crate::dot::tests::random_row(ty, 512, &mut rng))
+                    .collect();
+                (ty, rows, m)
+            })
+            .collect();
+        let whole: Vec<Vec<u8>> = mats
+            .iter()
+            .map(|(ty, rows, m)| {
+                let mut p = m.clone();
+                pack(*ty, &mut p, *rows, 512);
+                p
+            })
+            .collect();
+        for piece in [1, 3 * 8 * GgmlType::Q8_0.row_bytes(512), 4 << 20] {
+            let mut got: Vec<Vec<u8>> = mats.iter().map(|(_, _, m)| m.clone()).collect();
+            let jobs = got
+                .iter_mut()
+                .zip(&mats)
+                .map(|(data, &(ty, rows, _))| PackJob {
+                    ty,
+                    data,
+                    rows,
+                    cols: 512,
+                })
+                .collect();
+            pack_in_pieces(jobs, piece);
+            assert_eq!(got, whole, "pieces of {piece} bytes");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 /// Threads for loading work: the cores this process may use, at most eight
 /// (memory bandwidth, not arithmetic, bounds it beyond that).
-pub fn threads() -> usize {
+fn threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

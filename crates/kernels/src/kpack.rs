@@ -411,14 +411,13 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// How far ahead (bytes) a decode batch's kernels ask for their weights.
-    const PREFETCH: usize = 1024;
-
     /// For a decode batch of several tokens ([`Out::stream`]): asks for the
-    /// cache lines of the weights [`PREFETCH`] bytes past a block of
+    /// cache lines of the weights [`Regs::AHEAD`] bytes past a block of
     /// `bytes` at `blk` (and `stride` further). The tokens' work keeps the
     /// kernel busy long enough that the hardware's own prefetching falls
-    /// behind; one token's does not.
+    /// behind; one token's does not (and asking far ahead for one token
+    /// made single-sequence decode slower: its two threads already read at
+    /// the machine's full bandwidth).
     #[inline(always)]
     unsafe fn ahead<R: Regs, const N: usize>(
         out: Out,
@@ -429,7 +428,7 @@ mod avx2 {
         if N > 1 && out.stream {
             let mut at = 0;
             while at < bytes {
-                R::prefetch(blk.wrapping_add(PREFETCH + at), stride);
+                R::prefetch(blk.wrapping_add(R::AHEAD + at), stride);
                 at += 64;
             }
         }
@@ -447,6 +446,9 @@ mod avx2 {
         unsafe fn ld(p: *const u8, stride: usize) -> Self::I;
         /// Asks for the cache line at `p` (and at `p + stride`) ahead of use.
         unsafe fn prefetch(p: *const u8, stride: usize);
+        /// How far ahead (bytes) a decode batch's kernels ask for their
+        /// weights ([`ahead`]).
+        const AHEAD: usize;
         /// Sixteen i8 at `p` (and at `p + stride`) as i16.
         unsafe fn ld_i16(p: *const u8, stride: usize) -> Self::I;
         /// Eight f16 at `p` (and at `p + stride`) as f32.
@@ -511,6 +513,12 @@ mod avx2 {
                 type I = __m256i;
                 type F = __m256;
                 const SIXTEEN: bool = $sixteen;
+                // The 256-bit kernels consume their weights slowly enough
+                // for the hardware's prefetching and a short distance into
+                // L1; asking far ahead into L2 as [`Z`] does measured
+                // slightly slower here (`kpack_stream_speed` with
+                // `HANLIN_SIMD=avx2`, Zen 4).
+                const AHEAD: usize = 1024;
                 #[inline(always)]
                 unsafe fn ld(p: *const u8, _: usize) -> __m256i {
                     _mm256_loadu_si256(p as *const __m256i)
@@ -630,6 +638,14 @@ mod avx2 {
     impl Regs for Z {
         type I = __m512i;
         type F = __m512;
+        // Far enough to cover the memory's latency at the rate eight tokens
+        // consume sixteen rows, into L2: the requests in flight are then
+        // not bounded by L1's few miss buffers, and lines asked for early
+        // do not push the block in use out of L1. 1 KiB into L1 left eight
+        // tokens' Q5_0 at 0.55× and Q8_0 at 0.45× their in-cache rate, and
+        // four tokens' Q4_K at 0.37× (`kpack_stream_speed`, Zen 4); 32 KiB
+        // into L2 gives 0.85×, 0.78× and 0.86×. Small against any L2.
+        const AHEAD: usize = 32 << 10;
         #[inline(always)]
         unsafe fn ld(p: *const u8, stride: usize) -> __m512i {
             join(
@@ -639,8 +655,8 @@ mod avx2 {
         }
         #[inline(always)]
         unsafe fn prefetch(p: *const u8, stride: usize) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(p.add(stride) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(p.add(stride) as *const i8);
         }
         #[inline(always)]
         unsafe fn ld_i16(p: *const u8, stride: usize) -> __m512i {
@@ -1364,6 +1380,75 @@ mod tests {
                 std::array::from_fn(x),
                 o,
             ),
+        }
+    }
+
+    /// `cargo test --release -p hanlin-kernels -- --ignored --nocapture kpack_stream_speed`
+    ///
+    /// A decode batch's kernels on weights that come from memory (96 MiB,
+    /// read once, as a decode step reads a model), against the same
+    /// kernels on one cache-resident pair of groups: how much of the
+    /// kernel's own rate the asking ahead ([`Out::stream`]) keeps.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn kpack_stream_speed() {
+        // The 1.5B model's width for the K formats, the 0.5B model's (which
+        // no K format divides) for the others.
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            let Some(k) = kernel_k(ty) else { return };
+            stream(ty, k, 1536, quantized(1536, 8));
+        }
+        for ty in [GgmlType::Q5_0, GgmlType::Q8_0] {
+            let Some(k) = kernel_32(ty) else { return };
+            stream(ty, k, 896, quantized_32(896, 8));
+        }
+
+        fn stream<B>(ty: GgmlType, k: Kernel<B>, cols: usize, xq: Vec<Vec<B>>) {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            let mut pair: Vec<u8> = (0..16)
+                .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
+                .collect();
+            pack(ty, &mut pair, 16, cols);
+            let copies = (96 << 20) / pair.len();
+            let big = pair.repeat(copies);
+            let xs: Vec<&[B]> = xq.iter().map(|x| &x[..]).collect();
+            let mut res = [[0f32; 16]; 8];
+            let stride = 8 * ty.row_bytes(cols);
+            let (ks, groups) = match k.wide {
+                Some(w) => (w, 2),
+                None => (k.narrow, 1),
+            };
+            let tokens = if ks.g8.is_some() { 8 } else { 4 };
+            let mut rate = |from_memory: bool| {
+                let t0 = std::time::Instant::now();
+                for i in 0..copies * (2 / groups) {
+                    let at = if from_memory { i * groups * stride } else { 0 };
+                    // SAFETY: `big` holds `2 * copies` packed groups.
+                    unsafe {
+                        run(
+                            &ks,
+                            big.as_ptr().add(at),
+                            stride,
+                            cols / ty.block_size(),
+                            &xs[..tokens],
+                            &mut res,
+                        )
+                    };
+                }
+                (copies * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
+            };
+            let rates: Vec<[f64; 2]> = (0..3).map(|_| [rate(false), rate(true)]).collect();
+            let median = |i: usize| {
+                let mut v: Vec<f64> = rates.iter().map(|r| r[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[1]
+            };
+            let (cache, memory) = (median(0), median(1));
+            println!(
+                "{ty}, {tokens} tokens: GMAC/s in cache {cache:.1}, from memory {memory:.1} ({:.2}×, {:.1} GB/s)",
+                memory / cache,
+                memory / tokens as f64 * ty.row_bytes(cols) as f64 / cols as f64
+            );
         }
     }
 

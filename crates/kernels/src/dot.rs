@@ -1220,6 +1220,11 @@ pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// `rows` rows of [`random_row`], one after another.
+    pub(crate) fn random_rows(ty: GgmlType, rows: usize, n: usize, rng: &mut impl Rng) -> Vec<u8> {
+        (0..rows).flat_map(|_| random_row(ty, n, rng)).collect()
+    }
+
     /// Random but valid weight bytes: scales are sane f16 values, quants random.
     pub(crate) fn random_row(ty: GgmlType, n: usize, rng: &mut impl Rng) -> Vec<u8> {
         let mut b: Vec<u8> = (0..ty.row_bytes(n)).map(|_| rng.random()).collect();

@@ -1405,9 +1405,7 @@ mod tests {
 
         fn stream<B>(ty: GgmlType, k: Kernel<B>, cols: usize, xq: Vec<Vec<B>>) {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-            let mut pair: Vec<u8> = (0..16)
-                .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
-                .collect();
+            let mut pair = crate::dot::tests::random_rows(ty, 16, cols, &mut rng);
             pack(ty, &mut pair, 16, cols);
             let copies = (96 << 20) / pair.len();
             let big = pair.repeat(copies);
@@ -1468,9 +1466,7 @@ mod tests {
 
         fn speed<B>(ty: GgmlType, k: Kernel<B>, cols: usize, xq: Vec<Vec<B>>) {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-            let m: Vec<u8> = (0..16)
-                .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
-                .collect();
+            let m = crate::dot::tests::random_rows(ty, 16, cols, &mut rng);
             let mut p = m.clone();
             let reps = 2000;
             let t0 = std::time::Instant::now();
@@ -1557,9 +1553,7 @@ mod tests {
         let mats: Vec<(GgmlType, usize, Vec<u8>)> = shapes
             .iter()
             .map(|&(ty, rows)| {
-                let m = (0..rows)
-                    .flat_map(|_| crate::dot::tests::random_row(ty, 512, &mut rng))
-                    .collect();
+                let m = crate::dot::tests::random_rows(ty, rows, 512, &mut rng);
                 (ty, rows, m)
             })
             .collect();
@@ -1599,9 +1593,7 @@ mod tests {
             GgmlType::Q8_0,
             GgmlType::Q4_1,
         ] {
-            let m: Vec<u8> = (0..16)
-                .flat_map(|_| crate::dot::tests::random_row(ty, 512, &mut rng))
-                .collect();
+            let m = crate::dot::tests::random_rows(ty, 16, 512, &mut rng);
             let mut p = m.clone();
             pack(ty, &mut p, 16, 512);
             assert_ne!(p, m, "{ty}: packing moves bytes");

@@ -725,9 +725,7 @@ mod tests {
                 &[(37, 512), (21, 256), (45, 768), (40, 768)]
             };
             for &(rows, cols) in shapes {
-                let data: Vec<u8> = (0..rows)
-                    .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
-                    .collect();
+                let data = crate::dot::tests::random_rows(ty, rows, cols, &mut rng);
                 let w = QMat {
                     ty,
                     data: &data,
@@ -827,9 +825,7 @@ mod tests {
         let mats: Vec<(GgmlType, usize, bool, Vec<u8>)> = specs
             .iter()
             .map(|&(ty, rows, pack)| {
-                let mut data: Vec<u8> = (0..rows)
-                    .flat_map(|_| crate::dot::tests::random_row(ty, cols, &mut rng))
-                    .collect();
+                let mut data = crate::dot::tests::random_rows(ty, rows, cols, &mut rng);
                 let pack = pack && kpack::packs(ty);
                 if pack {
                     kpack::pack(ty, &mut data, rows, cols);

@@ -271,9 +271,15 @@ impl Session {
             };
             // Propose what follows `id`, within the token and context limits.
             let room = room(&self.cache, params.max_tokens, dec.out.len());
-            round_started = Instant::now();
+            let resumed = drafts.is_empty();
             drafts = match proposer.as_deref_mut() {
                 Some(p) if payoff.propose(dec.out.len()) => {
+                    // Resuming after the prompt or plain steps: the proposer
+                    // catches up first, outside the round's time.
+                    if resumed && room > 0 {
+                        p.catch_up(&self.tokens)?;
+                    }
+                    round_started = Instant::now();
                     propose_after(p, &self.tokens, id, &k, room)?
                 }
                 _ => Vec::new(),

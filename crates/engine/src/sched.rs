@@ -694,7 +694,7 @@ impl Worker {
                 (Vec::new(), Logits::None)
             };
         }
-        self.propose_with_draft(&allot);
+        let catching_up = self.propose_with_draft(&allot);
         for (s, (feed, want)) in self.active.iter().zip(plan.iter_mut()) {
             if s.pending.is_some() && !s.drafts.is_empty() {
                 feed.extend_from_slice(&s.drafts);
@@ -762,8 +762,9 @@ impl Worker {
                 *st = Some(s.sample(tok, lg));
             }
         });
-        // The step's time: the forward pass and the sampling.
-        let secs = started.elapsed().as_secs_f64();
+        // The step's time: the forward pass and the sampling (and the draft's
+        // proposals, but not its catching up after a pause).
+        let secs = (started.elapsed().as_secs_f64() - catching_up).max(0.0);
         let mut sampled = 0;
         for w in work {
             let (s, _, st) = w.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -840,10 +841,20 @@ impl Worker {
     /// (up to a prefill chunk in all), then gets up to that many greedy
     /// proposals in `drafts`, in rounds of one batched pass. A draft
     /// pass that fails (it never should) ends guessing with the draft.
-    fn propose_with_draft(&mut self, allot: &[usize]) {
+    /// Returns the seconds its first pass took when that pass caught a
+    /// sequence's draft up on more than the token or two a round leaves
+    /// (after the prompt, or after plain steps while guessing did not pay):
+    /// a cost of the pause, which the payoff's clock leaves out, as
+    /// [`Proposer::catch_up`](crate::speculative::Proposer::catch_up) is
+    /// for `hanlin run` (else each resumption looked too costly, and
+    /// guessing stayed off).
+    fn propose_with_draft(&mut self, allot: &[usize]) -> f64 {
         let Some(dm) = self.draft.clone() else {
-            return;
+            return 0.0;
         };
+        let started = Instant::now();
+        let mut resumed = false;
+        let mut catching_up = 0.0;
         let vocab = self.m.model.cfg.vocab_size;
         let mut budget = self.cfg.prefill_chunk;
         // Round 0 catches up and feeds the pending token; each later round
@@ -874,6 +885,7 @@ impl Worker {
                 continue;
             }
             budget -= n;
+            resumed |= n > 1;
             self.stats
                 .draft_caught_up_tokens
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -910,7 +922,11 @@ impl Worker {
                         g.draft = None;
                     }
                 }
-                return;
+                return catching_up;
+            }
+            if resumed {
+                catching_up = started.elapsed().as_secs_f64();
+                resumed = false;
             }
             let mut next = Vec::new();
             for ((i, _, want), lg) in feeds.iter().zip(self.logits.iter()) {
@@ -930,6 +946,7 @@ impl Worker {
             }
             feeds = next;
         }
+        catching_up
     }
 
     /// Move finished (or abandoned) sequences' caches into the prefix pool.

@@ -122,6 +122,17 @@ pub trait Proposer: Send {
     /// Up to `k` tokens likely to follow `context` (every token of the
     /// sequence so far).
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError>;
+
+    /// Bring any state the proposer keeps up to `context`, before proposing
+    /// resumes after the prompt or a pause. This is a cost of having
+    /// paused, not of the next round, so callers keep it out of the
+    /// round's time ([`Payoff`]): a draft model's catch-up on a prompt or
+    /// on 64 tokens decoded without it is a prefill many steps long, and
+    /// counted in the round it made proposals look too costly each time
+    /// they resumed (so they were switched off for good).
+    fn catch_up(&mut self, _context: &[u32]) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 /// A smaller model with the same vocabulary, decoding greedily. Its cache
@@ -172,6 +183,13 @@ pub fn same_vocabulary(
 }
 
 impl Proposer for DraftModel {
+    fn catch_up(&mut self, context: &[u32]) -> Result<(), EngineError> {
+        if !context.is_empty() && context.len() < self.session.cache.capacity() {
+            self.session.prefill(context)?;
+        }
+        Ok(())
+    }
+
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError> {
         let room = self.session.cache.capacity();
         if k == 0 || context.is_empty() || context.len() + k > room {

@@ -114,6 +114,68 @@ fn proposers_never_change_the_tokens() {
     }
 }
 
+/// Proposes what a plain run generated (always right), and records what
+/// it was asked.
+struct Oracle {
+    prompt_len: usize,
+    answer: Vec<u32>,
+    calls: Vec<(&'static str, usize)>,
+}
+
+impl Proposer for Oracle {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+    ) -> Result<Vec<u32>, hanlin_engine::EngineError> {
+        self.calls.push(("propose", context.len()));
+        let done = context.len() - self.prompt_len;
+        Ok(self.answer.iter().skip(done).take(k).copied().collect())
+    }
+
+    fn catch_up(&mut self, context: &[u32]) -> Result<(), hanlin_engine::EngineError> {
+        self.calls.push(("catch_up", context.len()));
+        Ok(())
+    }
+}
+
+/// A proposer catches up (a draft model on the prompt, or on what was
+/// decoded while proposals were off) before proposing resumes, in a call of
+/// its own that the round's timing leaves out.
+#[test]
+fn proposers_catch_up_before_proposing_resumes() {
+    let m = load("qwen2.5-coder-0.5b");
+    let prompt = m
+        .chat_prompt(&[Message::new("user", "用一句话介绍长江。")])
+        .expect("prompt");
+    let p = params(40, SamplerConfig::greedy());
+    let plain = m
+        .new_session(1024)
+        .generate(&prompt, &p, |_| true)
+        .expect("plain");
+    let mut oracle = Oracle {
+        prompt_len: prompt.len(),
+        answer: plain.tokens.clone(),
+        calls: Vec::new(),
+    };
+    let with = m
+        .new_session(1024)
+        .generate_with(&prompt, &p, Some(&mut oracle as &mut dyn Proposer), |_| {
+            true
+        })
+        .expect("oracle");
+    assert_eq!(with.tokens, plain.tokens);
+    assert!(with.proposed > 0 && with.accepted == with.proposed);
+    let calls = &oracle.calls;
+    assert_eq!(calls.first().map(|c| c.0), Some("catch_up"), "{calls:?}");
+    // Each catch-up has the tokens fed so far; the proposal right after it
+    // adds the token to be fed next.
+    for (i, c) in calls.iter().enumerate().filter(|(_, c)| c.0 == "catch_up") {
+        assert!(c.1 > prompt.len(), "{calls:?}");
+        assert_eq!(calls.get(i + 1), Some(&("propose", c.1 + 1)), "{calls:?}");
+    }
+}
+
 #[test]
 fn a_draft_with_another_vocabulary_is_refused_with_both_names() {
     let target = load("qwen2.5-coder-0.5b");

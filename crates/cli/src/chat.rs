@@ -8,7 +8,6 @@ fn proposer(
     store: &Store,
     target: &LoadedModel,
     target_name: &str,
-    threads: usize,
     gen: &GenArgs,
 ) -> Result<Option<Box<dyn Proposer>>> {
     let Some(name) = &gen.draft else {
@@ -16,7 +15,9 @@ fn proposer(
             .lookup
             .then(|| Box::new(PromptLookup::default()) as Box<dyn Proposer>));
     };
-    let draft = load(store, name, threads)?;
+    let path = resolve(store, name)?;
+    let draft = LoadedModel::load_with_pool(&path, target.pool.clone())
+        .with_context(|| format!("loading {name}"))?;
     Ok(Some(Box::new(DraftModel::new(
         &draft,
         name,
@@ -28,7 +29,7 @@ fn proposer(
 
 pub(crate) fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) -> Result<()> {
     let m = load(store, model, threads)?;
-    let mut proposer = proposer(store, &m, model, threads, gen)?;
+    let mut proposer = proposer(store, &m, model, gen)?;
     let mut session = m.new_session(gen.ctx);
     let mut history = system(gen);
     let params = gen.params();
@@ -246,7 +247,7 @@ pub(crate) fn one_shot(
         msgs.push(Message::new("user", text));
         m.chat_prompt(&msgs)?
     };
-    let mut proposer = proposer(store, &m, model, threads, gen)?;
+    let mut proposer = proposer(store, &m, model, gen)?;
     let mut session = m.new_session(gen.ctx);
     let mut out = std::io::stdout();
     let g = session.generate_with(&prompt, &gen.params(), proposer.as_deref_mut(), |t| {

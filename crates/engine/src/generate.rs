@@ -16,11 +16,18 @@ pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
-    pub pool: ThreadPool,
+    pub pool: Arc<ThreadPool>,
 }
 
 impl LoadedModel {
     pub fn load(path: &Path, threads: usize) -> Result<Arc<Self>, EngineError> {
+        Self::load_with_pool(path, Arc::new(ThreadPool::new(threads)))
+    }
+
+    /// [`Self::load`], computing on `pool`, which another model may share:
+    /// a draft model and its target take turns, and two pools of their own
+    /// would keep twice the threads spinning on the same cores.
+    pub fn load_with_pool(path: &Path, pool: Arc<ThreadPool>) -> Result<Arc<Self>, EngineError> {
         let mut model = Model::load(path)?;
         let tokenizer = Tokenizer::from_gguf(model.header())?;
         model.drop_vocabulary();
@@ -52,7 +59,7 @@ impl LoadedModel {
             model,
             tokenizer,
             template,
-            pool: ThreadPool::new(threads),
+            pool,
         }))
     }
 
@@ -165,6 +172,16 @@ impl Session {
     /// Run `ids`, reusing the cached prefix they share with what is in the
     /// cache; returns the last token's logits and how many were reused.
     pub fn prefill(&mut self, ids: &[u32]) -> Result<(Vec<f32>, usize), EngineError> {
+        self.prefill_for(ids, Logits::Last)
+    }
+
+    /// [`Self::prefill`] wanting `want` (`Logits::Last` or
+    /// `Logits::LastFirst`) for the last token.
+    pub fn prefill_for(
+        &mut self,
+        ids: &[u32],
+        want: Logits,
+    ) -> Result<(Vec<f32>, usize), EngineError> {
         if ids.is_empty() {
             return Err(EngineError::BadModel("empty prompt".into()));
         }
@@ -184,20 +201,25 @@ impl Session {
         common = common.min(ids.len() - 1);
         self.cache.truncate(common);
         self.tokens.truncate(common);
-        let logits =
-            self.m
-                .model
-                .forward(&self.m.pool, &ids[common..], &mut self.cache, Logits::Last)?;
+        let logits = self
+            .m
+            .model
+            .forward(&self.m.pool, &ids[common..], &mut self.cache, want)?;
         self.tokens.extend_from_slice(&ids[common..]);
         Ok((logits, common))
     }
 
     /// Feed one token and get the next logits.
     pub fn step(&mut self, id: u32) -> Result<Vec<f32>, EngineError> {
+        self.step_for(id, Logits::Last)
+    }
+
+    /// [`Self::step`] wanting `want` (`Logits::Last` or `Logits::LastFirst`).
+    pub fn step_for(&mut self, id: u32, want: Logits) -> Result<Vec<f32>, EngineError> {
         let logits = self
             .m
             .model
-            .forward(&self.m.pool, &[id], &mut self.cache, Logits::Last)?;
+            .forward(&self.m.pool, &[id], &mut self.cache, want)?;
         self.tokens.push(id);
         Ok(logits)
     }
@@ -242,6 +264,8 @@ impl Session {
         // fed, each but the last checking the proposal at the same index.
         let mut rows = first;
         let mut drafts: Vec<u32> = Vec::new();
+        // How long the last verify pass took (timed for `k`).
+        let mut verify_secs = None;
         let finish = loop {
             let round = verify(
                 &mut dec,
@@ -259,6 +283,9 @@ impl Session {
                 break f;
             }
             k.update(drafts.len(), round.accepted);
+            if let Some(secs) = verify_secs.take() {
+                k.pass(drafts.len() + 1, secs);
+            }
             if !drafts.is_empty() {
                 payoff.round(
                     round_started.elapsed().as_secs_f64(),
@@ -280,14 +307,18 @@ impl Session {
                         p.catch_up(&self.tokens)?;
                     }
                     round_started = Instant::now();
-                    propose_after(p, &self.tokens, id, &k, room)?
+                    let d = propose_after(p, &self.tokens, id, &k, room)?;
+                    k.proposing(d.len(), round_started.elapsed().as_secs_f64());
+                    d
                 }
                 _ => Vec::new(),
             };
+            let t = Instant::now();
             if drafts.is_empty() {
-                let t = Instant::now();
                 rows = self.step(id)?;
-                payoff.plain_step(t.elapsed().as_secs_f64());
+                let secs = t.elapsed().as_secs_f64();
+                payoff.plain_step(secs);
+                k.pass(1, secs);
             } else {
                 let mut feed = Vec::with_capacity(1 + drafts.len());
                 feed.push(id);
@@ -296,6 +327,7 @@ impl Session {
                     .model
                     .forward(&m.pool, &feed, &mut self.cache, Logits::All)?;
                 self.tokens.extend_from_slice(&feed);
+                verify_secs = Some(t.elapsed().as_secs_f64());
             }
         };
         // The last sampled token is in `tokens` but was never fed back, so the

@@ -155,6 +155,12 @@ pub enum Logits {
     /// None (a prompt chunk that is not the prompt's end).
     None,
     Last,
+    /// The last token's logits over the first `n` ids of the vocabulary
+    /// only (rounded up to [`SHORT_LIST_ROWS`]): the rest of the output
+    /// matrix is not read. A draft model proposing greedily needs no more
+    /// than the ids it may propose ([`crate::speculative::DraftModel`]).
+    /// In a batch with sequences that want whole rows, it gets a whole row.
+    LastFirst(usize),
     All,
     /// No logits: the mean over the positions of the final-normalised
     /// hidden state, L2-normalised (`d_model` floats; a sentence embedding).
@@ -442,7 +448,9 @@ impl Model {
         cache: &mut KvCache,
         want: Logits,
     ) -> Result<Vec<f32>, EngineError> {
-        if tokens.len() > FORWARD_CHUNK && matches!(want, Logits::Last | Logits::None) {
+        if tokens.len() > FORWARD_CHUNK
+            && matches!(want, Logits::Last | Logits::LastFirst(_) | Logits::None)
+        {
             // Refused before anything is run, as one pass would be.
             fits(cache, tokens.len())?;
             let (head, last) = tokens.split_at((tokens.len() - 1) / FORWARD_CHUNK * FORWARD_CHUNK);
@@ -585,7 +593,7 @@ impl Model {
             s.cache.commit(span.len());
             let wanted = match (s.want, span.is_empty()) {
                 (_, true) | (Logits::None, _) => 0..0,
-                (Logits::Last, false) => span.end - 1..span.end,
+                (Logits::Last | Logits::LastFirst(_), false) => span.end - 1..span.end,
                 (Logits::All, false) => span.clone(),
                 (Logits::Mean, false) => {
                     let seq = &x[span.start * d..span.end * d];
@@ -604,15 +612,42 @@ impl Model {
             rows.extend_from_slice(&x[wanted.start * d..wanted.end * d]);
             counts.push(wanted.len());
         }
+        // How many ids each row of logits covers: the whole vocabulary
+        // unless every sequence wants a short list.
+        let vocab = seqs
+            .iter()
+            .zip(&counts)
+            .filter(|(_, &n)| n > 0)
+            .map(|(s, _)| match s.want {
+                Logits::LastFirst(n) => n
+                    .div_ceil(SHORT_LIST_ROWS)
+                    .saturating_mul(SHORT_LIST_ROWS)
+                    .min(cfg.vocab_size),
+                _ => cfg.vocab_size,
+            })
+            .max()
+            .unwrap_or(cfg.vocab_size);
         // The logits of the wanted rows fill the buffer's front, in the
         // batch's order; any mean embeddings follow them.
         if !rows.is_empty() {
             let mut normed = vec![0f32; rows.len()];
             ops::rms_norm(&rows, &self.output_norm, cfg.norm_eps, &mut normed);
             let a = Activations::new(&normed, d);
-            self.mm(pool, &self.output, &a, &mut out.data);
+            if vocab == cfg.vocab_size {
+                self.mm(pool, &self.output, &a, &mut out.data);
+            } else {
+                // The first rows of a matrix, packed or not, are its
+                // front bytes (a packed group holds eight whole rows).
+                let w = self.q(&self.output);
+                let short = QMat {
+                    data: &w.data[..vocab * w.row_bytes()],
+                    rows: vocab,
+                    ..w
+                };
+                out.data.resize(a.n_tok * vocab, 0.0);
+                matmul(pool, &short, &a, &mut out.data);
+            }
         }
-        let vocab = cfg.vocab_size;
         let mut at = 0;
         let mut tail = out.data.len();
         for (n, mean) in counts.into_iter().zip(means) {
@@ -794,6 +829,10 @@ fn fits(cache: &KvCache, n: usize) -> Result<(), EngineError> {
 
 /// The most prompt tokens [`Model::forward`] runs in one pass.
 pub const FORWARD_CHUNK: usize = 512;
+
+/// [`Logits::LastFirst`]'s lengths are multiples of this (whole groups of
+/// packed rows for every kernel).
+pub const SHORT_LIST_ROWS: usize = 64;
 
 /// `ops::glu` split across the pool when there is enough of it (a batch of
 /// tokens); the same operations per element either way.

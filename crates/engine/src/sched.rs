@@ -32,7 +32,8 @@ use crate::kv::{KvBlocks, KvCache, KvShape};
 use crate::model::{BatchLogits, BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
 use crate::speculative::{
-    propose_after, room, same_vocabulary, verify, AdaptiveK, Payoff, PromptLookup, Round,
+    draft_logits, propose_after, room, same_vocabulary, verify, AdaptiveK, Payoff, PromptLookup,
+    Round,
 };
 use crate::EngineError;
 use std::collections::VecDeque;
@@ -340,7 +341,7 @@ impl Seq {
         let Some(g) = &mut self.guess else {
             return (0, Vec::new());
         };
-        let room = room.min(g.k.snapped());
+        let room = room.min(g.k.next());
         let found = match &mut g.lookup {
             // Prompt lookup only reads the tokens; it has no error to give.
             Some(lookup) => propose_after(lookup, &self.tokens, id, &g.k, room).unwrap_or_default(),
@@ -694,7 +695,9 @@ impl Worker {
                 (Vec::new(), Logits::None)
             };
         }
+        let drafting = Instant::now();
         let catching_up = self.propose_with_draft(&allot);
+        let draft_secs = (drafting.elapsed().as_secs_f64() - catching_up).max(0.0);
         for (s, (feed, want)) in self.active.iter().zip(plan.iter_mut()) {
             if s.pending.is_some() && !s.drafts.is_empty() {
                 feed.extend_from_slice(&s.drafts);
@@ -766,9 +769,17 @@ impl Worker {
         // proposals, but not its catching up after a pause).
         let secs = (started.elapsed().as_secs_f64() - catching_up).max(0.0);
         let mut sampled = 0;
+        // A sequence decoding alone times its own passes and proposals, and
+        // chooses how many to propose from them (`AdaptiveK`), as `hanlin
+        // run` does; in a batch its rows have no time of their own.
+        let alone = decode_only && work.len() == 1;
         for w in work {
             let (s, _, st) = w.into_inner().unwrap_or_else(|e| e.into_inner());
             let Some(st) = st else { continue };
+            if let (true, Some(g)) = (alone, &mut s.guess) {
+                g.k.pass(1 + s.drafts.len(), (secs - draft_secs).max(0.0));
+                g.k.proposing(s.drafts.len(), draft_secs);
+            }
             sampled += st.sampled;
             let stats = &self.stats;
             stats
@@ -879,7 +890,7 @@ impl Worker {
             let mut want = Logits::None;
             if let (true, Some(id)) = (n == lag.len(), s.pending) {
                 feed.push(id);
-                want = Logits::Last;
+                want = draft_logits(&s.tokens, vocab);
             }
             if feed.is_empty() || dc.len() + feed.len() + allot[i] > dc.capacity() {
                 continue;
@@ -930,7 +941,7 @@ impl Worker {
             }
             let mut next = Vec::new();
             for ((i, _, want), lg) in feeds.iter().zip(self.logits.iter()) {
-                if *want != Logits::Last || lg.is_empty() {
+                if *want == Logits::None || lg.is_empty() {
                     continue;
                 }
                 let s = &mut self.active[*i];
@@ -941,7 +952,7 @@ impl Worker {
                 s.drafts.push(id);
                 s.drafted = true;
                 if s.drafts.len() < allot[*i] {
-                    next.push((*i, vec![id], Logits::Last));
+                    next.push((*i, vec![id], *want));
                 }
             }
             feeds = next;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use hanlin_engine::speculative::{DraftModel, PromptLookup, Proposer};
+use hanlin_engine::speculative::{DraftModel, PromptLookup, Proposer, SHORT_LIST};
 use hanlin_engine::{GenerateParams, LoadedModel, Logits, SamplerConfig};
 use hanlin_tokenizer::Message;
 use std::sync::Arc;
@@ -106,9 +106,19 @@ fn proposers_never_change_the_tokens() {
         );
         assert_eq!(with_draft.text, plain.text);
         if p.sampler.temperature == 0.0 {
-            assert_eq!(
-                with_draft.accepted, with_draft.proposed,
-                "a greedy model agrees with itself"
+            // A greedy model agrees with itself, except where its token
+            // lies past the short list the draft proposes from (and at the
+            // end of the turn, whose token is past it too).
+            let outside = plain
+                .tokens
+                .iter()
+                .filter(|&&t| t as usize >= SHORT_LIST)
+                .count();
+            assert!(
+                with_draft.proposed - with_draft.accepted <= outside + 1,
+                "a greedy model agrees with itself: {} of {} kept, {outside} tokens past the short list",
+                with_draft.accepted,
+                with_draft.proposed
             );
         }
     }

@@ -284,6 +284,67 @@ fn moe_batch_equals_incremental() {
     check_consistency("qwen2moe");
 }
 
+/// A short list's logits are the first ids' logits of a whole row, bit
+/// for bit; a batch that also wants whole rows gets whole rows.
+#[test]
+fn short_list_logits_are_the_front_of_the_whole_row() {
+    use hanlin_engine::model::SHORT_LIST_ROWS;
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = Model::load(&tiny("qwen2", dir.path())).expect("load tiny model");
+    let pool = ThreadPool::new(2);
+    let fresh = || KvCache::new(KvShape::of(&model.cfg), 64);
+    let toks = [3u32, 17, 42, 5];
+    let whole = model
+        .forward(&pool, &toks, &mut fresh(), Logits::Last)
+        .expect("whole");
+    let n: usize = 50;
+    assert!(n.div_ceil(SHORT_LIST_ROWS) * SHORT_LIST_ROWS < VOCAB);
+    let short = model
+        .forward(&pool, &toks, &mut fresh(), Logits::LastFirst(n))
+        .expect("short");
+    assert_eq!(short.len(), SHORT_LIST_ROWS, "rounded up to whole groups");
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(&short, &whole[..SHORT_LIST_ROWS]));
+    // Longer than the vocabulary: the whole row.
+    let long = model
+        .forward(&pool, &toks, &mut fresh(), Logits::LastFirst(10 * VOCAB))
+        .expect("long");
+    assert_eq!(long.len(), VOCAB);
+    // Batched with a sequence wanting a whole row, and alone with others
+    // wanting short lists.
+    let (mut c1, mut c2) = (fresh(), fresh());
+    let mut mixed = [
+        BatchSeq {
+            tokens: &toks,
+            cache: &mut c1,
+            want: Logits::LastFirst(n),
+        },
+        BatchSeq {
+            tokens: &toks,
+            cache: &mut c2,
+            want: Logits::Last,
+        },
+    ];
+    let out = model.forward_batch(&pool, &mut mixed).expect("mixed");
+    assert_eq!(out.get(0).len(), VOCAB);
+    assert!(same(out.get(0), &whole) && same(out.get(1), &whole));
+    let (mut c1, mut c2) = (fresh(), fresh());
+    let mut shorts = [
+        BatchSeq {
+            tokens: &toks,
+            cache: &mut c1,
+            want: Logits::LastFirst(n),
+        },
+        BatchSeq {
+            tokens: &toks[..2],
+            cache: &mut c2,
+            want: Logits::None,
+        },
+    ];
+    let out = model.forward_batch(&pool, &mut shorts).expect("shorts");
+    assert!(same(out.get(0), &short) && out.get(1).is_empty());
+}
+
 #[test]
 fn bad_models_give_clear_errors() {
     let dir = tempfile::tempdir().expect("tmp");

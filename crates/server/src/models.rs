@@ -181,8 +181,8 @@ impl Models {
             let draft = match draft {
                 Some((d, path, _)) => {
                     // The draft runs on the target's threads, between its
-                    // steps: one thread of its own is enough for loading.
-                    let dm = LoadedModel::load(&path, 1)?;
+                    // steps.
+                    let dm = LoadedModel::load_with_pool(&path, target.pool.clone())?;
                     Some(Draft::new(dm, &d, &target, &model_name)?)
                 }
                 None => None,

@@ -307,7 +307,7 @@ impl Session {
                         p.catch_up(&self.tokens)?;
                     }
                     round_started = Instant::now();
-                    let d = propose_after(p, &self.tokens, id, &k, room)?;
+                    let d = propose_after(p, &self.tokens, id, k.next().min(room))?;
                     k.proposing(d.len(), round_started.elapsed().as_secs_f64());
                     d
                 }

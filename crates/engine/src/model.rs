@@ -633,20 +633,16 @@ impl Model {
             let mut normed = vec![0f32; rows.len()];
             ops::rms_norm(&rows, &self.output_norm, cfg.norm_eps, &mut normed);
             let a = Activations::new(&normed, d);
-            if vocab == cfg.vocab_size {
-                self.mm(pool, &self.output, &a, &mut out.data);
-            } else {
-                // The first rows of a matrix, packed or not, are its
-                // front bytes (a packed group holds eight whole rows).
-                let w = self.q(&self.output);
-                let short = QMat {
-                    data: &w.data[..vocab * w.row_bytes()],
-                    rows: vocab,
-                    ..w
-                };
-                out.data.resize(a.n_tok * vocab, 0.0);
-                matmul(pool, &short, &a, &mut out.data);
-            }
+            // The first `vocab` rows of a matrix, packed or not, are its
+            // front bytes (a packed group holds eight whole rows).
+            let w = self.q(&self.output);
+            let w = QMat {
+                data: &w.data[..vocab * w.row_bytes()],
+                rows: vocab,
+                ..w
+            };
+            out.data.resize(a.n_tok * vocab, 0.0);
+            matmul(pool, &w, &a, &mut out.data);
         }
         let mut at = 0;
         let mut tail = out.data.len();

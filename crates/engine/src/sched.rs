@@ -344,7 +344,7 @@ impl Seq {
         let room = room.min(g.k.next());
         let found = match &mut g.lookup {
             // Prompt lookup only reads the tokens; it has no error to give.
-            Some(lookup) => propose_after(lookup, &self.tokens, id, &g.k, room).unwrap_or_default(),
+            Some(lookup) => propose_after(lookup, &self.tokens, id, room).unwrap_or_default(),
             None => Vec::new(),
         };
         (room, found)

@@ -98,23 +98,22 @@ pub fn room(cache: &KvCache, max_tokens: usize, generated: usize) -> usize {
         .min(max_tokens.saturating_sub(generated + 1))
 }
 
-/// What `p` proposes to follow `tokens` and then `id`: up to `k`'s number,
-/// never more than `room` (none when it is 0).
+/// What `p` proposes to follow `tokens` and then `id`: never more than
+/// `n` (the smaller of [`AdaptiveK::next`] and [`room`]; none when it is 0).
 pub fn propose_after(
     p: &mut (dyn Proposer + '_),
     tokens: &[u32],
     id: u32,
-    k: &AdaptiveK,
-    room: usize,
+    n: usize,
 ) -> Result<Vec<u32>, EngineError> {
-    if room == 0 {
+    if n == 0 {
         return Ok(Vec::new());
     }
     let mut context = Vec::with_capacity(tokens.len() + 1);
     context.extend_from_slice(tokens);
     context.push(id);
-    let mut d = p.propose(&context, k.next().min(room))?;
-    d.truncate(room);
+    let mut d = p.propose(&context, n)?;
+    d.truncate(n);
     Ok(d)
 }
 
@@ -156,6 +155,7 @@ pub const SHORT_LIST: usize = 65_536;
 /// Chinese answer leaves the list at once, and code with Chinese comments
 /// after a few lines).
 pub const SHORT_LIST_MISSES: usize = 4;
+/// How many of the context's last tokens [`draft_logits`] looks at.
 pub const SHORT_LIST_WINDOW: usize = 64;
 
 /// What logits a draft model proposing after `context` needs: those of the
@@ -277,8 +277,8 @@ impl Proposer for PromptLookup {
 
 /// How many tokens to propose next.
 ///
-/// Where rounds are timed (`hanlin run`: [`Self::pass`] and
-/// [`Self::proposing`]), `k` is chosen from what they measured: the
+/// Where rounds are timed (`hanlin run`, and a sequence decoding alone in
+/// `hanlin serve`: [`Self::pass`] and [`Self::proposing`]), `k` is chosen from what they measured: the
 /// acceptance rate α of this proposer on this sequence, the seconds a
 /// proposal takes (a draft model's pass; next to nothing for prompt
 /// lookup) and the seconds a pass of the model over `n` rows takes. A

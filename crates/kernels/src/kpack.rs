@@ -411,25 +411,36 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// For a decode batch of several tokens ([`Out::stream`]): asks for the
-    /// cache lines of the weights [`Regs::AHEAD`] bytes past a block of
-    /// `bytes` at `blk` (and `stride` further). The tokens' work keeps the
-    /// kernel busy long enough that the hardware's own prefetching falls
-    /// behind; one token's does not (and asking far ahead for one token
-    /// made single-sequence decode slower: its two threads already read at
-    /// the machine's full bandwidth).
+    /// For a decode batch of several tokens ([`Out::stream`]): asks for
+    /// part `part` of `parts` of the cache lines of the weights
+    /// [`Regs::AHEAD`] bytes past a block of `bytes` at `blk` (and `stride`
+    /// further). The tokens' work keeps the kernel busy long enough that
+    /// the hardware's own prefetching falls behind; one token's does not
+    /// (and asking far ahead for one token made single-sequence decode
+    /// slower: its two threads already read at the machine's full
+    /// bandwidth).
+    ///
+    /// A kernel asks for a block's lines a part at a time, spread over its
+    /// steps on the block, not all at its start: a burst of requests (36
+    /// for a Q4_K block of sixteen rows) fills the core's miss buffers and
+    /// the rest wait or are dropped. Spread over the four sub-block steps,
+    /// four tokens' Q4_K from memory went from 0.44× to 0.9× the kernel's
+    /// in-cache rate and Q6_K from 0.33× to 0.75× (`kpack_stream_speed`,
+    /// Zen 5, one thread); the 32-element formats, whose blocks are a few
+    /// lines, gained within noise.
     #[inline(always)]
     unsafe fn ahead<R: Regs, const N: usize>(
         out: Out,
         blk: *const u8,
         bytes: usize,
         stride: usize,
+        part: usize,
+        parts: usize,
     ) {
         if N > 1 && out.stream {
-            let mut at = 0;
-            while at < bytes {
-                R::prefetch(blk.wrapping_add(R::AHEAD + at), stride);
-                at += 64;
+            let lines = bytes.div_ceil(64);
+            for l in lines * part / parts..lines * (part + 1) / parts {
+                R::prefetch(blk.wrapping_add(R::AHEAD + 64 * l), stride);
             }
         }
     }
@@ -514,11 +525,13 @@ mod avx2 {
                 type F = __m256;
                 const SIXTEEN: bool = $sixteen;
                 // The 256-bit kernels consume their weights slowly enough
-                // for the hardware's prefetching and a short distance into
-                // L1; asking far ahead into L2 as [`Z`] does measured
-                // slightly slower here (`kpack_stream_speed` with
-                // `HANLIN_SIMD=avx2`, Zen 4).
-                const AHEAD: usize = 1024;
+                // for a short distance into L1; asking far ahead into L2 as
+                // [`Z`] does measured slightly slower (`kpack_stream_speed`
+                // with `HANLIN_SIMD=avx2`, Zen 4, requests all at a block's
+                // start). With the requests spread over the block ([`ahead`]),
+                // 4 KiB beat 1 KiB for two and three tokens (Zen 5's AVX2
+                // path: Q4_K 1.2×, Q5_0 1.15×, Q8_0 1.2×) and equalled 16 KiB.
+                const AHEAD: usize = 4096;
                 #[inline(always)]
                 unsafe fn ld(p: *const u8, _: usize) -> __m256i {
                     _mm256_loadu_si256(p as *const __m256i)
@@ -820,7 +833,6 @@ mod avx2 {
         for b in 0..blocks {
             let bytes = if Q5 { 1408 } else { 1152 };
             let blk = g.add(b * bytes);
-            ahead::<R, N>(out, blk, bytes, stride);
             let qs = blk.add(if Q5 { 384 } else { 128 });
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
@@ -838,6 +850,7 @@ mod avx2 {
             let m_hi = R::or(R::and(R::srl32(w2, 4), lo4), R::and(R::srl32(w1, 2), top));
             let mut s: [R::I; N] = [R::splat(0); N];
             for c in 0..4 {
+                ahead::<R, N>(out, blk, bytes, stride, c, 4);
                 let (sc0, sc1) = if c < 2 {
                     (byte::<R>(sc_lo, 2 * c), byte::<R>(sc_lo, 2 * c + 1))
                 } else {
@@ -959,7 +972,6 @@ mod avx2 {
         let top = R::splat8(0x30);
         for b in 0..blocks {
             let blk = g.add(b * 1680);
-            ahead::<R, N>(out, blk, 1680, stride);
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // Scales of sub-blocks 2p and 2p+1 as an i16 pair per lane.
@@ -998,6 +1010,7 @@ mod avx2 {
                 // registers). One token keeps the two-step form (faster).
                 for h in 0..2 {
                     for q in 0..2 {
+                        ahead::<R, N>(out, blk, 1680, stride, 2 * h + q, 4);
                         let scp: [R::I; 4] =
                             std::array::from_fn(|i| R::dup16(scale(8 * h + 2 * i + q)));
                         for mm in 0..4 {
@@ -1021,6 +1034,7 @@ mod avx2 {
                 // each value is still unpacked once).
                 for h in 0..2 {
                     for q in 0..2 {
+                        ahead::<R, N>(out, blk, 1680, stride, 2 * h + q, 4);
                         for i in 0..4 {
                             let sc = scale(8 * h + 2 * i + q);
                             let mut p = [R::splat(0); N];
@@ -1042,6 +1056,7 @@ mod avx2 {
             } else {
                 for h in 0..2 {
                     for q in 0..2 {
+                        ahead::<R, N>(out, blk, 1680, stride, 2 * h + q, 4);
                         // Sub-blocks 8h + 2i + q for i in 0..4.
                         let sc: [R::I; 4] = std::array::from_fn(|i| scale(8 * h + 2 * i + q));
                         let mut p = [[R::splat(0); N]; 4];
@@ -1097,7 +1112,6 @@ mod avx2 {
         let chains = (4 / N).max(1);
         for b in 0..blocks {
             let blk = g.add(b * 272);
-            ahead::<R, N>(out, blk, 272, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // VNNI multiplies u = q + 128 and takes 128·Σx off at the start;
@@ -1109,6 +1123,9 @@ mod avx2 {
                 }
             }
             for w in 0..8 {
+                if w % 2 == 0 {
+                    ahead::<R, N>(out, blk, 272, stride, w / 2, 4);
+                }
                 let q = R::ld(blk.add(16 + 32 * w), stride);
                 let i = w % chains;
                 if VNNI {
@@ -1149,7 +1166,6 @@ mod avx2 {
         let bit4 = R::splat8(0x10);
         for b in 0..blocks {
             let blk = g.add(b * 176);
-            ahead::<R, N>(out, blk, 176, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             let qh = R::ld(blk.add(16), stride);
@@ -1174,6 +1190,7 @@ mod avx2 {
                 // other with two sums each (four steps of u ≤ 31 fit).
                 let mut u = [R::splat(0); 8];
                 for w in 0..4 {
+                    ahead::<R, N>(out, blk, 176, stride, w, 4);
                     let q = R::ld(blk.add(48 + 32 * w), stride);
                     u[w] = R::or(R::and(q, lo4), high(w));
                     u[4 + w] = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
@@ -1201,6 +1218,7 @@ mod avx2 {
             let mut p: [[R::I; 2]; N] =
                 std::array::from_fn(|t| [R::splat(-16 * xb[t].isum), R::splat(0)]);
             for w in 0..4 {
+                ahead::<R, N>(out, blk, 176, stride, w, 4);
                 let q = R::ld(blk.add(48 + 32 * w), stride);
                 let lo = R::or(R::and(q, lo4), high(w));
                 let hi = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
@@ -1236,13 +1254,13 @@ mod avx2 {
         let lo4 = R::splat8(0x0F);
         for b in 0..blocks {
             let blk = g.add(b * 160);
-            ahead::<R, N>(out, blk, 160, stride);
             let xb: [&BlockQ8; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // One sum per token: 32-bit with VNNI; i16 without (eight
             // steps of u ≤ 15 fit).
             let mut p = [R::splat(0); N];
             for w in 0..4 {
+                ahead::<R, N>(out, blk, 160, stride, w, 4);
                 let q = R::ld(blk.add(32 + 32 * w), stride);
                 let lo = R::and(q, lo4);
                 let hi = R::and(R::srl16(q, 4), lo4);
@@ -1412,41 +1430,49 @@ mod tests {
             let xs: Vec<&[B]> = xq.iter().map(|x| &x[..]).collect();
             let mut res = [[0f32; 16]; 8];
             let stride = 8 * ty.row_bytes(cols);
-            let (ks, groups) = match k.wide {
-                Some(w) => (w, 2),
-                None => (k.narrow, 1),
+            let most = if k.wide.or(Some(k.narrow)).is_some_and(|w| w.g8.is_some()) {
+                8
+            } else {
+                4
             };
-            let tokens = if ks.g8.is_some() { 8 } else { 4 };
-            let mut rate = |from_memory: bool| {
-                let t0 = std::time::Instant::now();
-                for i in 0..copies * (2 / groups) {
-                    let at = if from_memory { i * groups * stride } else { 0 };
-                    // SAFETY: `big` holds `2 * copies` packed groups.
-                    unsafe {
-                        run(
-                            &ks,
-                            big.as_ptr().add(at),
-                            stride,
-                            cols / ty.block_size(),
-                            &xs[..tokens],
-                            &mut res,
-                        )
-                    };
-                }
-                (copies * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
-            };
-            let rates: Vec<[f64; 2]> = (0..3).map(|_| [rate(false), rate(true)]).collect();
-            let median = |i: usize| {
-                let mut v: Vec<f64> = rates.iter().map(|r| r[i]).collect();
-                v.sort_by(f64::total_cmp);
-                v[1]
-            };
-            let (cache, memory) = (median(0), median(1));
-            println!(
+            for tokens in [1, 2, 3, 4, 8].into_iter().filter(|&t| t <= most) {
+                // The kernels `matmul` takes for this many tokens.
+                let (ks, groups) = match k.wide.filter(|_| tokens >= crate::matmul::WIDE_MIN_TOKENS)
+                {
+                    Some(w) => (w, 2),
+                    None => (k.narrow, 1),
+                };
+                let mut rate = |from_memory: bool| {
+                    let t0 = std::time::Instant::now();
+                    for i in 0..copies * (2 / groups) {
+                        let at = if from_memory { i * groups * stride } else { 0 };
+                        // SAFETY: `big` holds `2 * copies` packed groups.
+                        unsafe {
+                            run(
+                                &ks,
+                                big.as_ptr().add(at),
+                                stride,
+                                cols / ty.block_size(),
+                                &xs[..tokens],
+                                &mut res,
+                            )
+                        };
+                    }
+                    (copies * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
+                };
+                let rates: Vec<[f64; 2]> = (0..3).map(|_| [rate(false), rate(true)]).collect();
+                let median = |i: usize| {
+                    let mut v: Vec<f64> = rates.iter().map(|r| r[i]).collect();
+                    v.sort_by(f64::total_cmp);
+                    v[1]
+                };
+                let (cache, memory) = (median(0), median(1));
+                println!(
                 "{ty}, {tokens} tokens: GMAC/s in cache {cache:.1}, from memory {memory:.1} ({:.2}×, {:.1} GB/s)",
                 memory / cache,
                 memory / tokens as f64 * ty.row_bytes(cols) as f64 / cols as f64
             );
+            }
         }
     }
 

@@ -524,11 +524,28 @@ fn unpacked(
 }
 
 /// From this many tokens on, a matmul takes two groups of rows at once
-/// where the CPU has wide kernels (AVX-512). Below it, the narrow kernels
-/// decode faster (measured on Zen 5: one token 80 against 93 tok/s, two
-/// and four sequences 150 against 185 and 245 against 260; eight 350
-/// against 335).
-const WIDE_MIN_TOKENS: usize = 8;
+/// where the CPU has wide kernels (AVX-512). One token decodes faster with
+/// the narrow kernels (Zen 5: 80 against 93 tok/s), and two alike. Since
+/// the kernels spread their requests for the weights over each block
+/// (`kpack`'s `ahead`), the wide ones stream from memory nearly at their
+/// in-cache rate from three tokens on (Zen 5, `hanlin bench -b N`: three
+/// sequences of the 1.5B model 1.14×, four 1.25× the narrow kernels'
+/// rate); before, they lost to the narrow ones up to eight tokens.
+pub(crate) const WIDE_MIN_TOKENS: usize = 3;
+
+/// Up to this many tokens a packed matmul streams its weights as a decode
+/// step does: each thread takes long runs of groups, every group meets all
+/// the tokens while it is in L1, and the kernels ask for the weights ahead
+/// ([`kpack::Out::stream`]). A server step of 8 sequences and their prompt
+/// lookup guesses has up to 16 rows (the scheduler's default), so when this
+/// was 8 such steps lost the asking ahead and read the weights in chunks of
+/// four groups (the prefill layout). Zen 5, `hanlin bench -b N`, 0.5B:
+/// 12 sequences 1.5×, 16 1.5×, 24 1.4×, 32 1.3× the rate with 8; its AVX2
+/// path 16 sequences 1.27×, 32 1.13×. 64 tokens gained again (1.15× over
+/// 32), but 64 tokens' activations of the 1.5B model's down projection
+/// (650 KB) would not stay in a 512 KB L2 (Zen 3), and batches that large
+/// come from prefill chunks, not from decoding.
+const DECODE_MAX_TOKENS: usize = 32;
 
 /// From this many tokens on, K-format rows not packed at load are packed
 /// per matmul, a chunk at a time, and reused by every token.
@@ -567,14 +584,19 @@ fn packed<B: Sync>(
     let x = Tokens::new(xq, n_tok);
     let op = OutPtr(out.as_mut_ptr());
     let groups = rows / 8;
-    // Decode batches stream each thread's share of the weights once (see
-    // `run_rows`); larger ones take four groups at a time, and tiles of
-    // tokens so that the rows and the tile's activations stay in L2. The
-    // kernels of a decode batch ask for their weights ahead (`Out::stream`).
-    let decode = n_tok <= 8;
+    // Decode batches ([`DECODE_MAX_TOKENS`]) stream each thread's share of
+    // the weights once (see `run_rows`); larger ones take four groups at a
+    // time, and tiles of tokens so that the rows and the tile's activations
+    // stay in L2. The kernels of a decode batch ask for their weights ahead
+    // (`Out::stream`).
+    let decode = n_tok <= DECODE_MAX_TOKENS;
     // A decode step's chunks shrink to two groups as the matrix drains.
     let (min, max, tile) = if decode {
-        (2, groups.div_ceil(pool.n_threads() * 4).max(2), 8)
+        (
+            2,
+            groups.div_ceil(pool.n_threads() * 4).max(2),
+            DECODE_MAX_TOKENS,
+        )
     } else {
         (4, 4, 32)
     };

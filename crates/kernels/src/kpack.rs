@@ -1430,18 +1430,14 @@ mod tests {
             let xs: Vec<&[B]> = xq.iter().map(|x| &x[..]).collect();
             let mut res = [[0f32; 16]; 8];
             let stride = 8 * ty.row_bytes(cols);
-            let most = if k.wide.or(Some(k.narrow)).is_some_and(|w| w.g8.is_some()) {
+            let most = if k.wide.unwrap_or(k.narrow).g8.is_some() {
                 8
             } else {
                 4
             };
             for tokens in [1, 2, 3, 4, 8].into_iter().filter(|&t| t <= most) {
                 // The kernels `matmul` takes for this many tokens.
-                let (ks, groups) = match k.wide.filter(|_| tokens >= crate::matmul::WIDE_MIN_TOKENS)
-                {
-                    Some(w) => (w, 2),
-                    None => (k.narrow, 1),
-                };
+                let (ks, groups) = crate::matmul::kernels_for(&k, tokens, true);
                 let mut rate = |from_memory: bool| {
                     let t0 = std::time::Instant::now();
                     for i in 0..copies * (2 / groups) {

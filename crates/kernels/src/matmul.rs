@@ -531,7 +531,23 @@ fn unpacked(
 /// in-cache rate from three tokens on (Zen 5, `hanlin bench -b N`: three
 /// sequences of the 1.5B model 1.14×, four 1.25× the narrow kernels'
 /// rate); before, they lost to the narrow ones up to eight tokens.
-pub(crate) const WIDE_MIN_TOKENS: usize = 3;
+const WIDE_MIN_TOKENS: usize = 3;
+
+/// The kernels a packed matmul of `n_tok` tokens runs on a group, and how
+/// many groups they take: two at once where the CPU has wide kernels, the
+/// group's neighbour is in the same run (`pair`), and there are
+/// [`WIDE_MIN_TOKENS`] tokens; else one.
+#[inline(always)]
+pub(crate) fn kernels_for<B>(
+    k: &kpack::Kernel<B>,
+    n_tok: usize,
+    pair: bool,
+) -> (kpack::Kernels<B>, usize) {
+    match k.wide.filter(|_| pair && n_tok >= WIDE_MIN_TOKENS) {
+        Some(wide) => (wide, 2),
+        None => (k.narrow, 1),
+    }
+}
 
 /// Up to this many tokens a packed matmul streams its weights as a decode
 /// step does: each thread takes long runs of groups, every group meets all
@@ -606,13 +622,7 @@ fn packed<B: Sync>(
             let mut g = range.start;
             while g < range.end {
                 // Two groups at once where the CPU has wide kernels.
-                let (ks, n_groups) = match k
-                    .wide
-                    .filter(|_| g + 1 < range.end && n_tok >= WIDE_MIN_TOKENS)
-                {
-                    Some(wide) => (wide, 2),
-                    None => (k.narrow, 1),
-                };
+                let (ks, n_groups) = kernels_for(&k, n_tok, g + 1 < range.end);
                 let at = (g - range.start) * group_bytes;
                 let gp = data[at..at + n_groups * group_bytes].as_ptr();
                 let mut t = t0;

@@ -411,14 +411,17 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// For a decode batch of several tokens ([`Out::stream`]): asks for
-    /// part `part` of `parts` of the cache lines of the weights
-    /// [`Regs::AHEAD`] bytes past a block of `bytes` at `blk` (and `stride`
-    /// further). The tokens' work keeps the kernel busy long enough that
-    /// the hardware's own prefetching falls behind; one token's does not
-    /// (and asking far ahead for one token made single-sequence decode
-    /// slower: its two threads already read at the machine's full
-    /// bandwidth).
+    /// For a decode step ([`Out::stream`]): asks for part `part` of
+    /// `parts` of the cache lines of the weights [`Regs::AHEAD`] bytes past
+    /// a block of `bytes` at `blk` (and `stride` further). Several tokens'
+    /// work keeps the kernel busy long enough that the hardware's own
+    /// prefetching falls behind.
+    ///
+    /// One token asks ahead too. It did not while the requests came in a
+    /// burst at each block's start (that made single-sequence decode
+    /// slower); spread over the block's steps they raise it: Zen 5,
+    /// `hanlin bench -p 16 -n 128 -t 2`, 1.5B 1.17–1.18× (55 → 65 tok/s,
+    /// 73 GB/s), 0.5B 1.09×; its AVX2 path 1.19× and 1.10×.
     ///
     /// A kernel asks for a block's lines a part at a time, spread over its
     /// steps on the block, not all at its start: a burst of requests (36
@@ -429,7 +432,7 @@ mod avx2 {
     /// Zen 5, one thread); the 32-element formats, whose blocks are a few
     /// lines, gained within noise.
     #[inline(always)]
-    unsafe fn ahead<R: Regs, const N: usize>(
+    unsafe fn ahead<R: Regs>(
         out: Out,
         blk: *const u8,
         bytes: usize,
@@ -437,7 +440,7 @@ mod avx2 {
         part: usize,
         parts: usize,
     ) {
-        if N > 1 && out.stream {
+        if out.stream {
             let lines = bytes.div_ceil(64);
             for l in lines * part / parts..lines * (part + 1) / parts {
                 R::prefetch(blk.wrapping_add(R::AHEAD + 64 * l), stride);
@@ -457,7 +460,7 @@ mod avx2 {
         unsafe fn ld(p: *const u8, stride: usize) -> Self::I;
         /// Asks for the cache line at `p` (and at `p + stride`) ahead of use.
         unsafe fn prefetch(p: *const u8, stride: usize);
-        /// How far ahead (bytes) a decode batch's kernels ask for their
+        /// How far ahead (bytes) a decode step's kernels ask for their
         /// weights ([`ahead`]).
         const AHEAD: usize;
         /// Sixteen i8 at `p` (and at `p + stride`) as i16.
@@ -531,6 +534,9 @@ mod avx2 {
                 // start). With the requests spread over the block ([`ahead`]),
                 // 4 KiB beat 1 KiB for two and three tokens (Zen 5's AVX2
                 // path: Q4_K 1.2×, Q5_0 1.15×, Q8_0 1.2×) and equalled 16 KiB.
+                // One token (the narrow kernels of a single sequence's
+                // decode, 1.5B): 4 KiB 1.18×, 2 KiB 1.09×, 16 KiB 1.04× the
+                // rate without asking ahead (Zen 5).
                 const AHEAD: usize = 4096;
                 #[inline(always)]
                 unsafe fn ld(p: *const u8, _: usize) -> __m256i {
@@ -850,7 +856,7 @@ mod avx2 {
             let m_hi = R::or(R::and(R::srl32(w2, 4), lo4), R::and(R::srl32(w1, 2), top));
             let mut s: [R::I; N] = [R::splat(0); N];
             for c in 0..4 {
-                ahead::<R, N>(out, blk, bytes, stride, c, 4);
+                ahead::<R>(out, blk, bytes, stride, c, 4);
                 let (sc0, sc1) = if c < 2 {
                     (byte::<R>(sc_lo, 2 * c), byte::<R>(sc_lo, 2 * c + 1))
                 } else {
@@ -1010,7 +1016,7 @@ mod avx2 {
                 // registers). One token keeps the two-step form (faster).
                 for h in 0..2 {
                     for q in 0..2 {
-                        ahead::<R, N>(out, blk, 1680, stride, 2 * h + q, 4);
+                        ahead::<R>(out, blk, 1680, stride, 2 * h + q, 4);
                         let scp: [R::I; 4] =
                             std::array::from_fn(|i| R::dup16(scale(8 * h + 2 * i + q)));
                         for mm in 0..4 {
@@ -1034,7 +1040,7 @@ mod avx2 {
                 // each value is still unpacked once).
                 for h in 0..2 {
                     for q in 0..2 {
-                        ahead::<R, N>(out, blk, 1680, stride, 2 * h + q, 4);
+                        ahead::<R>(out, blk, 1680, stride, 2 * h + q, 4);
                         for i in 0..4 {
                             let sc = scale(8 * h + 2 * i + q);
                             let mut p = [R::splat(0); N];
@@ -1056,7 +1062,7 @@ mod avx2 {
             } else {
                 for h in 0..2 {
                     for q in 0..2 {
-                        ahead::<R, N>(out, blk, 1680, stride, 2 * h + q, 4);
+                        ahead::<R>(out, blk, 1680, stride, 2 * h + q, 4);
                         // Sub-blocks 8h + 2i + q for i in 0..4.
                         let sc: [R::I; 4] = std::array::from_fn(|i| scale(8 * h + 2 * i + q));
                         let mut p = [[R::splat(0); N]; 4];
@@ -1124,7 +1130,7 @@ mod avx2 {
             }
             for w in 0..8 {
                 if w % 2 == 0 {
-                    ahead::<R, N>(out, blk, 272, stride, w / 2, 4);
+                    ahead::<R>(out, blk, 272, stride, w / 2, 4);
                 }
                 let q = R::ld(blk.add(16 + 32 * w), stride);
                 let i = w % chains;
@@ -1190,7 +1196,7 @@ mod avx2 {
                 // other with two sums each (four steps of u ≤ 31 fit).
                 let mut u = [R::splat(0); 8];
                 for w in 0..4 {
-                    ahead::<R, N>(out, blk, 176, stride, w, 4);
+                    ahead::<R>(out, blk, 176, stride, w, 4);
                     let q = R::ld(blk.add(48 + 32 * w), stride);
                     u[w] = R::or(R::and(q, lo4), high(w));
                     u[4 + w] = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
@@ -1218,7 +1224,7 @@ mod avx2 {
             let mut p: [[R::I; 2]; N] =
                 std::array::from_fn(|t| [R::splat(-16 * xb[t].isum), R::splat(0)]);
             for w in 0..4 {
-                ahead::<R, N>(out, blk, 176, stride, w, 4);
+                ahead::<R>(out, blk, 176, stride, w, 4);
                 let q = R::ld(blk.add(48 + 32 * w), stride);
                 let lo = R::or(R::and(q, lo4), high(w));
                 let hi = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
@@ -1260,7 +1266,7 @@ mod avx2 {
             // steps of u ≤ 15 fit).
             let mut p = [R::splat(0); N];
             for w in 0..4 {
-                ahead::<R, N>(out, blk, 160, stride, w, 4);
+                ahead::<R>(out, blk, 160, stride, w, 4);
                 let q = R::ld(blk.add(32 + 32 * w), stride);
                 let lo = R::and(q, lo4);
                 let hi = R::and(R::srl16(q, 4), lo4);
@@ -1421,14 +1427,14 @@ mod tests {
             stream(ty, k, 896, quantized_32(896, 8));
         }
 
-        fn stream<B>(ty: GgmlType, k: Kernel<B>, cols: usize, xq: Vec<Vec<B>>) {
+        fn stream<B: Sync>(ty: GgmlType, k: Kernel<B>, cols: usize, xq: Vec<Vec<B>>) {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
             let mut pair = crate::dot::tests::random_rows(ty, 16, cols, &mut rng);
             pack(ty, &mut pair, 16, cols);
             let copies = (96 << 20) / pair.len();
             let big = pair.repeat(copies);
+            let big2 = pair.repeat(copies);
             let xs: Vec<&[B]> = xq.iter().map(|x| &x[..]).collect();
-            let mut res = [[0f32; 16]; 8];
             let stride = 8 * ty.row_bytes(cols);
             let most = if k.wide.unwrap_or(k.narrow).g8.is_some() {
                 8
@@ -1438,8 +1444,10 @@ mod tests {
             for tokens in [1, 2, 3, 4, 8].into_iter().filter(|&t| t <= most) {
                 // The kernels `matmul` takes for this many tokens.
                 let (ks, groups) = crate::matmul::kernels_for(&k, tokens, true);
-                let mut rate = |from_memory: bool| {
-                    let t0 = std::time::Instant::now();
+                // One pass over `big`'s groups, or over its first group again
+                // and again (in cache).
+                let sweep = |big: &[u8], from_memory: bool| {
+                    let mut res = [[0f32; 16]; 8];
                     for i in 0..copies * (2 / groups) {
                         let at = if from_memory { i * groups * stride } else { 0 };
                         // SAFETY: `big` holds `2 * copies` packed groups.
@@ -1454,19 +1462,39 @@ mod tests {
                             )
                         };
                     }
+                };
+                let rate = |from_memory: bool| {
+                    let t0 = std::time::Instant::now();
+                    sweep(&big, from_memory);
                     (copies * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
                 };
-                let rates: Vec<[f64; 2]> = (0..3).map(|_| [rate(false), rate(true)]).collect();
+                // Two threads, each streaming its own copy, as a decode
+                // step's two threads share the memory.
+                let both = || {
+                    let t0 = std::time::Instant::now();
+                    std::thread::scope(|s| {
+                        for big in [&big, &big2] {
+                            let sweep = &sweep;
+                            s.spawn(move || sweep(big, true));
+                        }
+                    });
+                    (2 * copies * 16 * tokens * cols) as f64 / t0.elapsed().as_secs_f64() / 1e9
+                };
+                let rates: Vec<[f64; 3]> =
+                    (0..3).map(|_| [rate(false), rate(true), both()]).collect();
                 let median = |i: usize| {
                     let mut v: Vec<f64> = rates.iter().map(|r| r[i]).collect();
                     v.sort_by(f64::total_cmp);
                     v[1]
                 };
-                let (cache, memory) = (median(0), median(1));
+                let (cache, memory, two) = (median(0), median(1), median(2));
+                let gb = |r: f64| r / tokens as f64 * ty.row_bytes(cols) as f64 / cols as f64;
                 println!(
-                "{ty}, {tokens} tokens: GMAC/s in cache {cache:.1}, from memory {memory:.1} ({:.2}×, {:.1} GB/s)",
+                "{ty}, {tokens} tokens: GMAC/s in cache {cache:.1}, from memory {memory:.1} ({:.2}×, {:.1} GB/s), two threads {two:.1} ({:.2}× twice in cache, {:.1} GB/s)",
                 memory / cache,
-                memory / tokens as f64 * ty.row_bytes(cols) as f64 / cols as f64
+                gb(memory),
+                two / cache / 2.0,
+                gb(two)
             );
             }
         }

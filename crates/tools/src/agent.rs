@@ -390,6 +390,8 @@ mod tests {
         replies: VecDeque<String>,
         seen: Vec<Vec<Message>>,
         offered: Vec<bool>,
+        /// How the last reply ends (the others stop).
+        last_finish: Finish,
     }
 
     impl Model for Script {
@@ -408,10 +410,12 @@ mod tests {
                     break;
                 }
             }
-            Ok(StepEnd {
-                text,
-                finish: Finish::Stop,
-            })
+            let finish = if self.replies.is_empty() {
+                self.last_finish
+            } else {
+                Finish::Stop
+            };
+            Ok(StepEnd { text, finish })
         }
     }
 
@@ -420,6 +424,7 @@ mod tests {
             replies: replies.iter().map(|s| s.to_string()).collect(),
             seen: Vec::new(),
             offered: Vec::new(),
+            last_finish: Finish::Stop,
         }
     }
 
@@ -559,20 +564,23 @@ mod tests {
     /// out as the answer.
     #[tokio::test]
     async fn a_call_cut_after_its_name_is_not_the_answer() {
+        // The router multiplies; the model's last step is `m`'s last reply.
+        async fn multiplied(m: &mut Script) {
+            let (r, events) = go(m, "123456 乘以 654321 等于多少？", Options { route: true }).await;
+            let a = r.expect("ends");
+            assert!(a.content.contains("80779853376"), "{}", a.content);
+            assert!(!text(&events).contains('{'), "{}", text(&events));
+        }
         let mut m = script(&[
             r#"{"name": "calculator", "arguments": {"expression": "123456 * 654321"}}"#,
             "{\"name\": \"calculator\n",
         ]);
-        let (r, events) = go(
-            &mut m,
-            "123456 乘以 654321 等于多少？",
-            Options { route: true },
-        )
-        .await;
-        let a = r.expect("ends");
+        multiplied(&mut m).await;
         assert_eq!(m.offered, [true, false]);
-        assert!(a.content.contains("80779853376"), "{}", a.content);
-        assert!(!text(&events).contains("\"name\""), "{}", text(&events));
+        // Cut by the token limit before it named anything: not the answer.
+        let mut m = script(&["{\"na"]);
+        m.last_finish = Finish::Length;
+        multiplied(&mut m).await;
         // A JSON answer that names no tool stays the answer.
         let mut m = script(&[r#"{"name": "Alice", "age": 30}"#]);
         let (r, _) = go(&mut m, "A JSON person, please.", Options::default()).await;

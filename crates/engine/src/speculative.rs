@@ -493,6 +493,11 @@ impl Payoff {
         generated >= self.off_until && self.plain.is_some() && self.since_plain < PLAIN_EVERY
     }
 
+    /// How many tokens are generated before the first proposal.
+    pub fn first_proposal(&self) -> usize {
+        self.off_until
+    }
+
     /// One plain step took `secs`.
     pub fn plain_step(&mut self, secs: f64) {
         self.since_plain = 0;

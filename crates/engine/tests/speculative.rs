@@ -149,9 +149,11 @@ impl Proposer for Oracle {
     }
 }
 
-/// A proposer catches up (a draft model on the prompt, or on what was
-/// decoded while proposals were off) before proposing resumes, in a call of
-/// its own that the round's timing leaves out.
+/// A proposer catches up on the prompt as part of the prompt's work (a
+/// draft model's prefill counts as prefill, not as decoding), and on what
+/// was decoded while proposals were off before proposing resumes, in a
+/// call of its own that the round's timing leaves out. An answer that ends
+/// before proposals start costs it nothing.
 #[test]
 fn proposers_catch_up_before_proposing_resumes() {
     let m = load("qwen2.5-coder-0.5b");
@@ -177,13 +179,34 @@ fn proposers_catch_up_before_proposing_resumes() {
     assert_eq!(with.tokens, plain.tokens);
     assert!(with.proposed > 0 && with.accepted == with.proposed);
     let calls = &oracle.calls;
-    assert_eq!(calls.first().map(|c| c.0), Some("catch_up"), "{calls:?}");
-    // Each catch-up has the tokens fed so far; the proposal right after it
-    // adds the token to be fed next.
-    for (i, c) in calls.iter().enumerate().filter(|(_, c)| c.0 == "catch_up") {
+    assert_eq!(
+        calls.first(),
+        Some(&("catch_up", prompt.len())),
+        "{calls:?}"
+    );
+    // Each later catch-up has the tokens fed so far; the proposal right
+    // after it adds the token to be fed next.
+    let later = calls.iter().enumerate().skip(1);
+    for (i, c) in later.filter(|(_, c)| c.0 == "catch_up") {
         assert!(c.1 > prompt.len(), "{calls:?}");
         assert_eq!(calls.get(i + 1), Some(&("propose", c.1 + 1)), "{calls:?}");
     }
+    let mut oracle = Oracle {
+        prompt_len: prompt.len(),
+        answer: plain.tokens.clone(),
+        calls: Vec::new(),
+    };
+    let short = m
+        .new_session(1024)
+        .generate_with(
+            &prompt,
+            &params(3, SamplerConfig::greedy()),
+            Some(&mut oracle as &mut dyn Proposer),
+            |_| true,
+        )
+        .expect("short");
+    assert_eq!(short.tokens, plain.tokens[..3]);
+    assert!(oracle.calls.is_empty(), "{:?}", oracle.calls);
 }
 
 #[test]

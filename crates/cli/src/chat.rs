@@ -1,7 +1,7 @@
 //! `hanlin chat` (the interactive REPL) and `hanlin run` (one prompt).
 
 use super::*;
-use hanlin_engine::speculative::{DraftModel, PromptLookup, Proposer};
+use hanlin_engine::speculative::{DraftModel, LookupThenDraft, PromptLookup, Proposer};
 
 /// The proposer `--draft` / `--lookup` ask for (speculative decoding).
 fn proposer(
@@ -18,13 +18,15 @@ fn proposer(
     let path = resolve(store, name)?;
     let draft = LoadedModel::load_with_pool(&path, target.pool.clone())
         .with_context(|| format!("loading {name}"))?;
-    Ok(Some(Box::new(DraftModel::new(
-        &draft,
-        name,
-        target,
-        target_name,
-        gen.ctx,
-    )?)))
+    let draft = DraftModel::new(&draft, name, target, target_name, gen.ctx)?;
+    Ok(Some(if gen.lookup {
+        Box::new(LookupThenDraft {
+            lookup: PromptLookup::default(),
+            draft,
+        })
+    } else {
+        Box::new(draft)
+    }))
 }
 
 pub(crate) fn chat(store: &Store, model: &str, threads: usize, gen: &GenArgs) -> Result<()> {

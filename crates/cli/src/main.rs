@@ -363,8 +363,8 @@ struct GenArgs {
     /// Speculative decoding with drafts copied from the prompt (prompt
     /// lookup; no draft model): the same text, several tokens a pass when
     /// an answer quotes its input; off by itself while it does not pay.
-    /// On unless `--draft` is given (the draft is used instead); `--lookup
-    /// false` turns it off
+    /// On by default; with `--draft`, lookup's guess is taken where it has
+    /// one and the draft's where not; `--lookup false` turns it off
     #[arg(long, env = "HANLIN_LOOKUP", num_args = 0..=1,
           default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     lookup: bool,

@@ -236,6 +236,31 @@ impl Proposer for DraftModel {
     }
 }
 
+/// Prompt lookup first, and the draft model when lookup has nothing (as
+/// the server's scheduler guesses): a guess copied from the prompt costs
+/// nothing to make, a draft's a pass over the draft's weights each. The
+/// draft's cache follows along: its next proposal first feeds what lookup's
+/// kept guesses added.
+pub struct LookupThenDraft {
+    pub lookup: PromptLookup,
+    pub draft: DraftModel,
+}
+
+impl Proposer for LookupThenDraft {
+    fn catch_up(&mut self, context: &[u32]) -> Result<(), EngineError> {
+        self.draft.catch_up(context)
+    }
+
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Vec<u32>, EngineError> {
+        let copied = self.lookup.propose(context, k)?;
+        if copied.is_empty() {
+            self.draft.propose(context, k)
+        } else {
+            Ok(copied)
+        }
+    }
+}
+
 /// Prompt lookup: the tokens that followed the most recent earlier
 /// occurrence of the context's last n-gram (longest n first). Free to run,
 /// and strong where the answer quotes its prompt (grounded answers, edits

@@ -4,7 +4,7 @@
 
 mod common;
 
-use hanlin_engine::speculative::{DraftModel, PromptLookup, Proposer, SHORT_LIST};
+use hanlin_engine::speculative::{DraftModel, LookupThenDraft, PromptLookup, Proposer, SHORT_LIST};
 use hanlin_engine::{GenerateParams, LoadedModel, Logits, SamplerConfig};
 use hanlin_tokenizer::Message;
 use std::sync::Arc;
@@ -105,6 +105,21 @@ fn proposers_never_change_the_tokens() {
             "the draft changed the tokens"
         );
         assert_eq!(with_draft.text, plain.text);
+        // Lookup first, the draft where lookup has nothing; the draft's
+        // cache follows what lookup's kept guesses added.
+        let mut both = LookupThenDraft {
+            lookup: PromptLookup::default(),
+            draft: DraftModel::new(&m, "self", &m, "self", 1024).expect("draft"),
+        };
+        let with_both = m
+            .new_session(1024)
+            .generate_with(&prompt, &p, Some(&mut both as &mut dyn Proposer), |_| true)
+            .expect("both");
+        assert_eq!(
+            with_both.tokens, plain.tokens,
+            "lookup and the draft changed the tokens"
+        );
+        assert!(with_both.proposed > 0, "nothing was proposed");
         if p.sampler.temperature == 0.0 {
             // A greedy model agrees with itself, except where its token
             // lies past the short list the draft proposes from (and at the

@@ -258,9 +258,10 @@ impl Session {
         // its time counts as the prompt's (as llama.cpp's speculative
         // example counts it): caught up at the first round instead, a
         // 111-token prompt's catch-up was a tenth of a 128-token answer's
-        // decode time. Not when the answer ends before proposals start.
+        // decode time. Not when the answer ends before proposals start:
+        // the first proposals follow token `first_proposal() + 1` ([`room`]).
         if let Some(p) = proposer.as_deref_mut() {
-            if params.max_tokens > payoff.first_proposal() {
+            if params.max_tokens > payoff.first_proposal() + 1 {
                 p.catch_up(&self.tokens)?;
             }
         }

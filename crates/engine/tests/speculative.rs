@@ -82,24 +82,21 @@ fn proposers_never_change_the_tokens() {
             .new_session(1024)
             .generate(&prompt, &p, |_| true)
             .expect("plain");
-        let mut lookup = PromptLookup::default();
-        let with_lookup = m
-            .new_session(1024)
-            .generate_with(&prompt, &p, Some(&mut lookup as &mut dyn Proposer), |_| {
-                true
-            })
-            .expect("lookup");
+        // One run of the model with `proposer` guessing.
+        let with = |what: &str, proposer: &mut dyn Proposer| {
+            m.new_session(1024)
+                .generate_with(&prompt, &p, Some(proposer), |_| true)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+        };
+        // The model drafting for itself: greedy proposals of its own.
+        let self_draft = || DraftModel::new(&m, "self", &m, "self", 1024).expect("draft");
+        let with_lookup = with("lookup", &mut PromptLookup::default());
         assert_eq!(
             with_lookup.tokens, plain.tokens,
             "prompt lookup changed the tokens"
         );
         assert!(with_lookup.proposed > 0, "nothing was proposed");
-        // The model drafting for itself: greedy proposals of its own.
-        let mut draft = DraftModel::new(&m, "self", &m, "self", 1024).expect("draft");
-        let with_draft = m
-            .new_session(1024)
-            .generate_with(&prompt, &p, Some(&mut draft as &mut dyn Proposer), |_| true)
-            .expect("draft");
+        let with_draft = with("draft", &mut self_draft());
         assert_eq!(
             with_draft.tokens, plain.tokens,
             "the draft changed the tokens"
@@ -107,14 +104,13 @@ fn proposers_never_change_the_tokens() {
         assert_eq!(with_draft.text, plain.text);
         // Lookup first, the draft where lookup has nothing; the draft's
         // cache follows what lookup's kept guesses added.
-        let mut both = LookupThenDraft {
-            lookup: PromptLookup::default(),
-            draft: DraftModel::new(&m, "self", &m, "self", 1024).expect("draft"),
-        };
-        let with_both = m
-            .new_session(1024)
-            .generate_with(&prompt, &p, Some(&mut both as &mut dyn Proposer), |_| true)
-            .expect("both");
+        let with_both = with(
+            "both",
+            &mut LookupThenDraft {
+                lookup: PromptLookup::default(),
+                draft: self_draft(),
+            },
+        );
         assert_eq!(
             with_both.tokens, plain.tokens,
             "lookup and the draft changed the tokens"

@@ -176,20 +176,28 @@ fn proposers_catch_up_before_proposing_resumes() {
         .new_session(1024)
         .generate(&prompt, &p, |_| true)
         .expect("plain");
-    let mut oracle = Oracle {
-        prompt_len: prompt.len(),
-        answer: plain.tokens.clone(),
-        calls: Vec::new(),
+    // A run of at most `max` tokens with the oracle guessing, and the
+    // calls it was asked.
+    let with_oracle = |max: usize| {
+        let mut oracle = Oracle {
+            prompt_len: prompt.len(),
+            answer: plain.tokens.clone(),
+            calls: Vec::new(),
+        };
+        let g = m
+            .new_session(1024)
+            .generate_with(
+                &prompt,
+                &params(max, SamplerConfig::greedy()),
+                Some(&mut oracle as &mut dyn Proposer),
+                |_| true,
+            )
+            .expect("oracle");
+        (g, oracle.calls)
     };
-    let with = m
-        .new_session(1024)
-        .generate_with(&prompt, &p, Some(&mut oracle as &mut dyn Proposer), |_| {
-            true
-        })
-        .expect("oracle");
+    let (with, calls) = with_oracle(40);
     assert_eq!(with.tokens, plain.tokens);
     assert!(with.proposed > 0 && with.accepted == with.proposed);
-    let calls = &oracle.calls;
     assert_eq!(
         calls.first(),
         Some(&("catch_up", prompt.len())),
@@ -202,22 +210,9 @@ fn proposers_catch_up_before_proposing_resumes() {
         assert!(c.1 > prompt.len(), "{calls:?}");
         assert_eq!(calls.get(i + 1), Some(&("propose", c.1 + 1)), "{calls:?}");
     }
-    let mut oracle = Oracle {
-        prompt_len: prompt.len(),
-        answer: plain.tokens.clone(),
-        calls: Vec::new(),
-    };
-    let short = m
-        .new_session(1024)
-        .generate_with(
-            &prompt,
-            &params(5, SamplerConfig::greedy()),
-            Some(&mut oracle as &mut dyn Proposer),
-            |_| true,
-        )
-        .expect("short");
+    let (short, calls) = with_oracle(5);
     assert_eq!(short.tokens, plain.tokens[..5]);
-    assert!(oracle.calls.is_empty(), "{:?}", oracle.calls);
+    assert!(calls.is_empty(), "{calls:?}");
 }
 
 #[test]

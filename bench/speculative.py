@@ -13,7 +13,11 @@ draft's where not), the modes taking turns in each repetition, and prints
 the prompt's seconds (a draft reads the prompt too), median decode tok/s, the acceptance rate α, the
 speed-up, and the bound α allows for k = 4 with free verification,
 (1 − α^(k+1)) / ((1 − α)(c·k + 1)), c being the draft's share of the
-target's bytes (0 for prompt lookup). The answers must be identical to the
+target's bytes (0 for prompt lookup). Verification is not free: a pass
+over k + 1 rows costs v(k+1) one-row passes (`hanlin bench --rows`,
+measured in each repetition beside the runs), so it also prints the bound with those
+costs, the best k of 0–5 of (1 − α^(k+1)) / ((1 − α)(c·k + v(k+1))), and
+the speed-up as a share of it. The answers must be identical to the
 plain run's (speculative decoding never changes the tokens); a difference
 stops the benchmark.
 
@@ -25,6 +29,7 @@ one after the other; per language and in all, decode tok/s over all answers
 answers must be the same both ways.
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -66,7 +71,6 @@ def run(model, prompt, threads, gen, extra):
 
 def grounded(a):
     """Prompt lookup on bench/search_eval.py's grounded answers."""
-    import json
     import tempfile
 
     import search_eval
@@ -120,6 +124,19 @@ def grounded(a):
         print(f"{label:<12}{len(qs):>8}{tokens:>8}{off:>11.1f}{on:>10.1f}{median(alphas):>7.2f}{on / off if off else 0:>9.2f}×")
 
 
+def tokens_per_round(alpha, k):
+    """Tokens a round of k proposals makes at acceptance rate alpha."""
+    return (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+
+
+def pass_costs(model, threads):
+    """{rows: a forward pass over that many rows in one-row passes}, 1–6 rows."""
+    out = subprocess.run([HANLIN, "-t", str(threads), "bench", model, "-p", "0", "-n", "0", "-r", "1",
+                          "--rows", "2,3,4,5,6", "--json"], check=True, capture_output=True, text=True).stdout
+    j = json.loads(out.strip().splitlines()[-1])
+    return {1: 1.0, **dict(zip(j["pass_rows"], j["pass_cost"]))}
+
+
 def median(v):
     v = sorted(v)
     return v[len(v) // 2]
@@ -144,7 +161,7 @@ def main():
     print(f"target {a.target}, draft {a.draft} ({c:.2f} of its bytes), {a.gen} tokens, greedy, medians of {a.reps}\n")
     # The prompt's seconds too: a draft model reads the prompt as well,
     # and that time is the prompt's, not the decoding's.
-    print(f"{'prompt':<16}{'mode':<8}{'prompt s':>9}{'tok/s':>8}{'α':>7}{'speed-up':>10}{'bound k=4':>11}")
+    print(f"{'prompt':<16}{'mode':<8}{'prompt s':>9}{'tok/s':>8}{'α':>7}{'speed-up':>10}{'bound k=4':>11}{'measured':>10}{'share':>7}")
     k = 4
     # "both": `--draft` with prompt lookup on (`hanlin run`'s default):
     # lookup's guess where it has one, the draft's where not.
@@ -155,7 +172,12 @@ def main():
         runs = {mode: ([], [], 0, 0) for mode, _, _ in modes}
         # The modes take turns within each repetition: a virtual machine's
         # speed drifts, and a drift must not fall on one mode.
+        # What verify passes cost, measured in each repetition with its
+        # runs (a drift of the machine moves it: where memory is fast, a
+        # pass over several rows is bound by the kernels' arithmetic).
+        costs = []
         for _ in range(a.reps):
+            costs.append(pass_costs(a.target, a.threads))
             for mode, extra, _ in modes:
                 text, tps, ac, pr, secs = run(a.target, prompt, a.threads, a.gen, extra)
                 if base_text is None:
@@ -167,14 +189,18 @@ def main():
         rows = {mode: (median(runs[mode][0]), median(runs[mode][1]), runs[mode][2] / runs[mode][3] if runs[mode][3] else 0.0, cost)
                 for mode, _, cost in modes}
         alone = rows["alone"][0]
+        v = {n: median([x[n] for x in costs]) for n in costs[0]}
         for mode, (tps, secs, alpha, cost) in rows.items():
             if mode == "alone":
                 print(f"{label:<16}{mode:<8}{secs:>9.2f}{tps:>8.1f}{'':>7}{'':>10}{'':>11}")
                 continue
-            bound = (1 - alpha ** (k + 1)) / ((1 - alpha) * (cost * k + 1)) if alpha < 1 else (k + 1) / (cost * k + 1)
+            bound = tokens_per_round(alpha, k) / (cost * k + 1)
+            # k = 0: no proposals (the payoff switches them off when they lose).
+            real = max([1.0] + [tokens_per_round(alpha, j) / (cost * j + v[j + 1]) for j in range(1, 6)])
             # "both" mixes free guesses and the draft's: no single bound.
-            bound = "—" if mode == "both" else f"{bound:.2f}×"
-            print(f"{'':<16}{mode:<8}{secs:>9.2f}{tps:>8.1f}{alpha:>7.2f}{tps / alone:>9.2f}×{bound:>11}")
+            cols = ("—", "—", "") if mode == "both" else (f"{bound:.2f}×", f"{real:.2f}×", f"{tps / alone / real:.0%}")
+            print(f"{'':<16}{mode:<8}{secs:>9.2f}{tps:>8.1f}{alpha:>7.2f}{tps / alone:>9.2f}×{cols[0]:>11}{cols[1]:>10}{cols[2]:>7}")
+        print(f"{'':<16}verify passes of 2–6 rows: " + ", ".join(f"{v[n]:.2f}" for n in range(2, 7)) + " one-row passes")
 
 
 if __name__ == "__main__":

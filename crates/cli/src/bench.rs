@@ -58,6 +58,45 @@ pub(crate) struct BenchSizes {
     pub(crate) n_long: usize,
     pub(crate) n_gen: usize,
     pub(crate) batch: usize,
+    /// Row counts whose forward pass is timed against one row's (`--rows`).
+    pub(crate) rows: Vec<usize>,
+}
+
+/// The most rows `--rows` times in one pass.
+const MAX_PASS_ROWS: usize = 64;
+/// One-row and `n`-row passes timed per row count and repetition.
+const PASS_PAIRS: usize = 5;
+
+/// What a forward pass over each of `rows` rows (every row's logits, as a
+/// speculative round's verify pass wants them) costs in one-row passes:
+/// after a 64-token prompt, a one-row pass and an `n`-row pass, each cut
+/// back off the cache, [`PASS_PAIRS`] times; the median of the pairs'
+/// ratios, so that a machine whose speed drifts still gives a steady one.
+pub(crate) fn pass_costs(m: &LoadedModel, rows: &[usize], vocab: u32) -> Result<Vec<f64>> {
+    use hanlin_engine::{KvCache, KvShape, Logits};
+    let most = rows.iter().copied().max().unwrap_or(1);
+    let tokens: Vec<u32> = (0..(64 + most) as u32)
+        .map(|i| (i * 7919 + 13) % vocab.min(30000))
+        .collect();
+    let (prompt, fed) = tokens.split_at(64);
+    let mut cache = KvCache::new(KvShape::of(&m.model.cfg), 64 + most);
+    m.model.forward(&m.pool, prompt, &mut cache, Logits::Last)?;
+    let mut pass = |n: usize| -> Result<f64> {
+        let t = Instant::now();
+        m.model
+            .forward(&m.pool, &fed[..n], &mut cache, Logits::All)?;
+        let secs = t.elapsed().as_secs_f64();
+        cache.truncate(prompt.len());
+        Ok(secs)
+    };
+    rows.iter()
+        .map(|&n| {
+            let ratios = (0..PASS_PAIRS)
+                .map(|_| Ok(pass(1)?.recip() * pass(n)?))
+                .collect::<Result<Vec<f64>>>()?;
+            Ok(median(ratios))
+        })
+        .collect()
 }
 
 /// Aggregate decode rate of `batch` sequences stepped together: each gets a
@@ -121,7 +160,11 @@ pub(crate) fn bench(
         n_long,
         n_gen,
         batch,
+        rows,
     } = sizes;
+    if let Some(&n) = rows.iter().find(|&&n| n == 0 || n > MAX_PASS_ROWS) {
+        bail!("--rows {n}: each number of rows must be 1 to {MAX_PASS_ROWS}");
+    }
     let m = load(store, model, threads)?;
     let vocab = m.model.cfg.vocab_size as u32;
     // A fixed, ordinary token sequence (like llama-bench, content does not matter for speed).
@@ -138,6 +181,8 @@ pub(crate) fn bench(
     let mut ratios = Vec::new();
     let mut tg = Vec::new();
     let mut bg = Vec::new();
+    // Per row count, each repetition's cost in one-row passes.
+    let mut costs: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     for _ in 0..reps {
         let mut s = m.new_session(n_prompt + n_gen + 1);
         if n_prompt > 0 {
@@ -169,7 +214,13 @@ pub(crate) fn bench(
         if batch > 0 && n_gen > 0 {
             bg.push(batched_decode(&m, batch, n_gen, vocab)?);
         }
+        if !rows.is_empty() {
+            for (c, x) in costs.iter_mut().zip(pass_costs(&m, &rows, vocab)?) {
+                c.push(x);
+            }
+        }
     }
+    let costs: Vec<f64> = costs.into_iter().map(median).collect();
     let pp = if pp.is_empty() { 0.0 } else { median(pp) };
     let lp = if lp.is_empty() { 0.0 } else { median(lp) };
     let ratio = if ratios.is_empty() {
@@ -187,6 +238,7 @@ pub(crate) fn bench(
                 "prefill_tok_s": pp, "decode_tok_s": tg, "batch": batch,
                 "long_prompt": n_long, "long_prefill_tok_s": lp, "long_ratio": ratio,
                 "batched_decode_tok_s": bg, "peak_rss_bytes": rss,
+                "pass_rows": rows, "pass_cost": costs,
                 "simd": hanlin_engine::simd_name()})
         );
     } else {
@@ -194,17 +246,32 @@ pub(crate) fn bench(
             "model    {model} ({threads} threads, {})",
             hanlin_engine::simd_name()
         );
-        println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
+        if n_prompt > 0 {
+            println!("prefill  {pp:8.1} tok/s  ({n_prompt} tokens, median of {reps})");
+        }
         if n_long > 0 {
             println!(
                 "prefill  {lp:8.1} tok/s  ({n_long} tokens, median of {reps}; {ratio:.2}× the {n_prompt}-token rate, median of each repetition's ratio)"
             );
         }
-        println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");
+        if n_gen > 0 {
+            println!("decode   {tg:8.1} tok/s  ({n_gen} tokens, median of {reps})");
+        }
         if batch > 0 {
             println!(
                 "batched  {bg:8.1} tok/s  ({batch} sequences × {n_gen} tokens, aggregate, {:.2}× one sequence)",
                 bg / tg.max(f64::MIN_POSITIVE)
+            );
+        }
+        if !rows.is_empty() {
+            let each: Vec<String> = rows
+                .iter()
+                .zip(&costs)
+                .map(|(n, c)| format!("{n} rows {c:.2}×"))
+                .collect();
+            println!(
+                "passes   {} one row's time (all logits; median of {reps})",
+                each.join(", ")
             );
         }
         println!("peak RSS {}", human(rss));

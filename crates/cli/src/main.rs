@@ -191,6 +191,12 @@ enum Cmd {
         /// aggregate rate
         #[arg(short = 'b', long, default_value_t = 0)]
         batch: usize,
+        /// Also time one forward pass over each of these numbers of rows
+        /// (a speculative round's verify pass: a token and its proposals,
+        /// every row's logits), each as a multiple of a one-row pass timed
+        /// right before it, e.g. `--rows 2,3,4,5`
+        #[arg(long, value_delimiter = ',', value_name = "N,…")]
+        rows: Vec<usize>,
         /// Print one JSON line instead of a table
         #[arg(long)]
         json: bool,
@@ -538,6 +544,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
             gen_tokens,
             reps,
             batch,
+            rows,
             json,
             ..
         } => bench(
@@ -549,6 +556,7 @@ fn run(cli: Cli, settings: FileSettings) -> Result<()> {
                 n_long: long_prompt.unwrap_or(0),
                 n_gen: gen_tokens,
                 batch,
+                rows,
             },
             reps,
             json,

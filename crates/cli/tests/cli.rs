@@ -80,6 +80,51 @@ fn bench_measures_a_long_prompt_beside_the_short_one() {
     );
 }
 
+/// `bench --rows` times a pass over each number of rows against a
+/// one-row pass and reports the ratios in the order asked; a number of
+/// rows out of range is refused before the model loads.
+#[test]
+fn bench_times_passes_over_several_rows() {
+    let o = hanlin(&[
+        "bench",
+        "smollm2-135m",
+        "-p",
+        "0",
+        "-n",
+        "0",
+        "-r",
+        "1",
+        "--rows",
+        "3,1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).expect("one JSON line");
+    assert_eq!(v["pass_rows"], serde_json::json!([3, 1]), "{v}");
+    let costs: Vec<f64> = v["pass_cost"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_f64()).collect())
+        .unwrap_or_default();
+    assert!(
+        costs.len() == 2 && costs.iter().all(|c| c.is_finite() && *c > 0.0),
+        "{v}"
+    );
+    let o = hanlin(&["bench", "smollm2-135m", "-p", "0", "-n", "0", "--rows", "2"]);
+    assert!(
+        o.status.success() && text(&o.stdout).contains("2 rows"),
+        "{}",
+        text(&o.stdout)
+    );
+    for bad in ["0", "65"] {
+        let o = hanlin(&["bench", "no-such-model", "--rows", bad]);
+        let err = text(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(&format!("--rows {bad}")),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_gets_one_clear_error_and_nonzero_exit() {
     let dir = tempfile::tempdir().expect("tmp");

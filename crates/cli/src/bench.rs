@@ -62,6 +62,14 @@ pub(crate) struct BenchSizes {
     pub(crate) rows: Vec<usize>,
 }
 
+/// `n` fixed, ordinary token ids (like llama-bench, content does not
+/// matter for speed); `seed` makes another such sequence.
+fn ordinary_tokens(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 7919 + seed * 104_729 + 13) % vocab.min(30000))
+        .collect()
+}
+
 /// The most rows `--rows` times in one pass.
 const MAX_PASS_ROWS: usize = 64;
 /// One-row and `n`-row passes timed per row count and repetition.
@@ -75,9 +83,7 @@ const PASS_PAIRS: usize = 5;
 pub(crate) fn pass_costs(m: &LoadedModel, rows: &[usize], vocab: u32) -> Result<Vec<f64>> {
     use hanlin_engine::{KvCache, KvShape, Logits};
     let most = rows.iter().copied().max().unwrap_or(1);
-    let tokens: Vec<u32> = (0..(64 + most) as u32)
-        .map(|i| (i * 7919 + 13) % vocab.min(30000))
-        .collect();
+    let tokens = ordinary_tokens(64 + most, 0, vocab);
     let (prompt, fed) = tokens.split_at(64);
     let mut cache = KvCache::new(KvShape::of(&m.model.cfg), 64 + most);
     m.model.forward(&m.pool, prompt, &mut cache, Logits::Last)?;
@@ -116,11 +122,7 @@ pub(crate) fn batched_decode(
     // Step 0 feeds each sequence a different prompt (not timed); each later
     // step one token each.
     let mut inputs: Vec<Vec<u32>> = (0..batch as u32)
-        .map(|b| {
-            (0..64u32)
-                .map(|i| (i * 7919 + b * 104_729 + 13) % vocab.min(30000))
-                .collect()
-        })
+        .map(|b| ordinary_tokens(64, b, vocab))
         .collect();
     let mut logits = hanlin_engine::BatchLogits::default();
     let mut t = Instant::now();
@@ -167,14 +169,8 @@ pub(crate) fn bench(
     }
     let m = load(store, model, threads)?;
     let vocab = m.model.cfg.vocab_size as u32;
-    // A fixed, ordinary token sequence (like llama-bench, content does not matter for speed).
-    let tokens = |n: usize| -> Vec<u32> {
-        (0..n as u32)
-            .map(|i| (i * 7919 + 13) % vocab.min(30000))
-            .collect()
-    };
-    let prompt = tokens(n_prompt);
-    let long = tokens(n_long);
+    let prompt = ordinary_tokens(n_prompt, 0, vocab);
+    let long = ordinary_tokens(n_long, 0, vocab);
     let reps = reps.max(1);
     let mut pp = Vec::new();
     let mut lp = Vec::new();

@@ -16,7 +16,7 @@ fn proposer(
             .then(|| Box::new(PromptLookup::default()) as Box<dyn Proposer>));
     };
     let path = resolve(store, name)?;
-    let draft = LoadedModel::load_with_pool(&path, target.pool.clone())
+    let draft = LoadedModel::load_draft(&path, target.pool.clone())
         .with_context(|| format!("loading {name}"))?;
     let draft = DraftModel::new(&draft, name, target, target_name, gen.ctx)?;
     Ok(Some(if gen.lookup {

@@ -28,7 +28,16 @@ impl LoadedModel {
     /// a draft model and its target take turns, and two pools of their own
     /// would keep twice the threads spinning on the same cores.
     pub fn load_with_pool(path: &Path, pool: Arc<ThreadPool>) -> Result<Arc<Self>, EngineError> {
-        let mut model = Model::load(path)?;
+        Self::with_model(Model::load(path)?, pool)
+    }
+
+    /// A draft model for a target computing on `pool`: [`Model::load_draft`]
+    /// (its weights at 4 bits), on the target's threads.
+    pub fn load_draft(path: &Path, pool: Arc<ThreadPool>) -> Result<Arc<Self>, EngineError> {
+        Self::with_model(Model::load_draft(path)?, pool)
+    }
+
+    fn with_model(mut model: Model, pool: Arc<ThreadPool>) -> Result<Arc<Self>, EngineError> {
         let tokenizer = Tokenizer::from_gguf(model.header())?;
         model.drop_vocabulary();
         // Building the tokenizer and dropping the vocabulary it was built

@@ -223,6 +223,18 @@ impl Loader<'_> {
 impl Model {
     /// Load a GGUF file, or a Hugging Face safetensors directory.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
+        Self::open(path, false)
+    }
+
+    /// [`Model::load`] for a draft model: its 5-, 6- and 8-bit matrices
+    /// become 4-bit ones ([`Model::requantize_to_four_bits`]). A draft's guesses only
+    /// have to be likely — the target checks every one — and each byte it
+    /// reads is time the target waits.
+    pub fn load_draft(path: &Path) -> Result<Self, EngineError> {
+        Self::open(path, true)
+    }
+
+    fn open(path: &Path, four_bit: bool) -> Result<Self, EngineError> {
         let file = if path.is_dir() {
             GgufFile::from_hf_dir(path)?
         } else {
@@ -314,8 +326,80 @@ impl Model {
             output_norm,
             layers,
         };
+        if four_bit {
+            model.requantize_to_four_bits();
+        }
         model.pack();
         Ok(model)
+    }
+
+    /// The matrices the matmul reads (the output matrix and each dense
+    /// layer's), each with its bytes in the mapped file: disjoint slices,
+    /// in file order. A matrix that is not whole rows, or whose bytes
+    /// another one already holds, is left out.
+    fn matrices_mut(&mut self) -> Vec<(&mut WRef, &mut [u8])> {
+        let mut ws: Vec<&mut WRef> = vec![&mut self.output];
+        for l in &mut self.layers {
+            ws.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo]);
+            if let FeedForward::Dense(f) = &mut l.ffn {
+                ws.extend([&mut f.gate, &mut f.up, &mut f.down]);
+            }
+        }
+        ws.retain(|w| w.size == w.rows * w.ty.row_bytes(w.cols));
+        ws.sort_by_key(|w| w.offset);
+        let mut rest = self.file.bytes_mut();
+        let mut at = 0;
+        let mut out = Vec::with_capacity(ws.len());
+        for w in ws {
+            if w.offset < at || w.offset + w.size > at + rest.len() {
+                continue;
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(w.offset - at);
+            let (data, tail) = tail.split_at_mut(w.size);
+            (rest, at) = (tail, w.offset + w.size);
+            out.push((w, data));
+        }
+        out
+    }
+
+    /// Re-quantize the matrices the matmul reads to 4 bits where that
+    /// shrinks them (Q8_0, Q5_0, Q5_1 → Q4_1; Q6_K, Q5_K → Q4_K;
+    /// [`hanlin_kernels::quant::four_bit`]), in place in the mapped file's
+    /// bytes, before they are interleaved. A tied token embedding follows
+    /// the output matrix. Each matrix's freed tail stays mapped and is
+    /// never read again (memory does not grow).
+    fn requantize_to_four_bits(&mut self) {
+        use hanlin_kernels::quant::{four_bit, requantize_all, RequantJob};
+        let start = std::time::Instant::now();
+        let tied = self.output.offset == self.embd.offset;
+        let (mut jobs, mut shrunk) = (Vec::new(), Vec::new());
+        for (w, data) in self.matrices_mut() {
+            let Some(to) = four_bit(w.ty, w.cols) else {
+                continue;
+            };
+            jobs.push(RequantJob {
+                from: w.ty,
+                to,
+                data,
+                rows: w.rows,
+                cols: w.cols,
+            });
+            shrunk.push((w, to));
+        }
+        let before: usize = shrunk.iter().map(|(w, _)| w.size).sum();
+        let sizes = requantize_all(jobs);
+        for ((w, to), size) in shrunk.iter_mut().zip(&sizes) {
+            (w.ty, w.size) = (*to, *size);
+        }
+        if tied {
+            self.embd = self.output;
+        }
+        tracing::debug!(
+            mb_before = before / 1_000_000,
+            mb_after = sizes.iter().sum::<usize>() / 1_000_000,
+            elapsed = ?start.elapsed(),
+            "draft weights at 4 bits"
+        );
     }
 
     /// Interleave the weights the matmul reads, eight rows at a time, where
@@ -326,32 +410,11 @@ impl Model {
     fn pack(&mut self) {
         let start = std::time::Instant::now();
         let tied = self.output.offset == self.embd.offset;
-        let mut ws: Vec<&mut WRef> = vec![&mut self.output];
-        for l in &mut self.layers {
-            ws.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo]);
-            if let FeedForward::Dense(f) = &mut l.ffn {
-                ws.extend([&mut f.gate, &mut f.up, &mut f.down]);
-            }
-        }
-        let fits = |w: &WRef| {
-            w.rows.is_multiple_of(8)
-                && w.size == w.rows * w.ty.row_bytes(w.cols)
-                && hanlin_kernels::kpack::packs(w.ty)
-        };
-        ws.retain(|w| fits(w));
-        // Disjoint slices of the file's bytes, in file order; a matrix
-        // whose bytes another one already holds is left as it is.
-        ws.sort_by_key(|w| w.offset);
-        let mut rest = self.file.bytes_mut();
-        let mut at = 0;
-        let mut jobs = Vec::with_capacity(ws.len());
-        for w in ws {
-            if w.offset < at || w.offset + w.size > at + rest.len() {
+        let mut jobs = Vec::new();
+        for (w, data) in self.matrices_mut() {
+            if !w.rows.is_multiple_of(8) || !hanlin_kernels::kpack::packs(w.ty) {
                 continue;
             }
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(w.offset - at);
-            let (data, tail) = tail.split_at_mut(w.size);
-            (rest, at) = (tail, w.offset + w.size);
             jobs.push(hanlin_kernels::kpack::PackJob {
                 ty: w.ty,
                 data,

@@ -76,6 +76,10 @@ fn proposers_never_change_the_tokens() {
         seed: 7,
         ..Default::default()
     };
+    // The same model as a draft at 4 bits (as `--draft` loads one).
+    let four_bit =
+        LoadedModel::load_draft(&common::model_path("qwen2.5-coder-0.5b"), m.pool.clone())
+            .expect("load a 4-bit draft");
     for sampler in [SamplerConfig::greedy(), sampled] {
         let p = params(60, sampler);
         let plain = m
@@ -116,6 +120,22 @@ fn proposers_never_change_the_tokens() {
             "lookup and the draft changed the tokens"
         );
         assert!(with_both.proposed > 0, "nothing was proposed");
+        let mut four = DraftModel::new(&four_bit, "4-bit self", &m, "self", 1024).expect("draft");
+        let with_four = with("4-bit draft", &mut four);
+        assert_eq!(
+            with_four.tokens, plain.tokens,
+            "the 4-bit draft changed the tokens"
+        );
+        if p.sampler.temperature == 0.0 {
+            // At 4 bits the model still guesses its own greedy choices
+            // nearly always (28 of 29 here).
+            assert!(
+                with_four.proposed > 0 && with_four.accepted * 10 >= with_four.proposed * 8,
+                "the 4-bit draft kept {} of {}",
+                with_four.accepted,
+                with_four.proposed
+            );
+        }
         if p.sampler.temperature == 0.0 {
             // A greedy model agrees with itself, except where its token
             // lies past the short list the draft proposes from (and at the

@@ -534,6 +534,137 @@ pub fn quantize_row_q8_0(x: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Quantize `x` (a multiple of 32 values) into ggml Q4_1 bytes: per block
+/// of 32 an f16 scale and minimum and 4-bit values (`x ≈ d·q + m`), the
+/// block fitted by its minimum and maximum.
+pub fn quantize_row_q4_1(x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; x.len() / QK * 20];
+    for (chunk, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(20)) {
+        let (mut lo, mut hi) = (chunk[0], chunk[0]);
+        for &v in chunk {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        let d = f16::from_f32((hi - lo) / 15.0);
+        let m = f16::from_f32(lo);
+        let (df, mf) = (d.to_f32(), m.to_f32());
+        let id = if df > 0.0 { 1.0 / df } else { 0.0 };
+        o[..2].copy_from_slice(&d.to_bits().to_le_bytes());
+        o[2..4].copy_from_slice(&m.to_bits().to_le_bytes());
+        let mut q = [0u8; QK];
+        for (q, &v) in q.iter_mut().zip(chunk) {
+            *q = round_away((v - mf) * id).clamp(0, 15) as u8;
+        }
+        for j in 0..16 {
+            o[4 + j] = q[j] | (q[j + 16] << 4);
+        }
+    }
+    out
+}
+
+/// The 4-bit type [`requantize_in_place`] turns `ty` into for rows of
+/// `cols` values, if it would shrink them: Q4_K for the 5- and 6-bit K
+/// formats, Q4_1 for the 5- and 8-bit 32-element ones.
+pub fn four_bit(ty: GgmlType, cols: usize) -> Option<GgmlType> {
+    match ty {
+        GgmlType::Q5_K | GgmlType::Q6_K if cols.is_multiple_of(QK_K) => Some(GgmlType::Q4_K),
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 if cols.is_multiple_of(QK) => {
+            Some(GgmlType::Q4_1)
+        }
+        _ => None,
+    }
+}
+
+/// Re-quantize a `rows × cols` matrix of type `from` (in a file's layout)
+/// to the smaller `to` (Q4_1 or Q4_K) in place, and return its new size
+/// in bytes (at the front of `bytes`; the rest is left as it was). Row
+/// `r`'s new bytes only cover rows up to `r`'s old ones, and each row is
+/// read before it is written, so going row by row in order is safe.
+///
+/// # Panics
+/// If `to` is neither Q4_1 nor Q4_K, is larger per row than `from`, or
+/// `bytes` is shorter than the matrix.
+pub fn requantize_in_place(
+    from: GgmlType,
+    to: GgmlType,
+    bytes: &mut [u8],
+    rows: usize,
+    cols: usize,
+) -> usize {
+    let (ob, nb) = (from.row_bytes(cols), to.row_bytes(cols));
+    assert!(nb <= ob, "requantize_in_place: {from:?} → {to:?} grows");
+    assert!(
+        bytes.len() >= rows * ob,
+        "requantize_in_place: too few bytes"
+    );
+    let quantize = match to {
+        GgmlType::Q4_1 => quantize_row_q4_1,
+        GgmlType::Q4_K => quantize_row_q4_k,
+        _ => panic!("requantize_in_place: to {to:?}"),
+    };
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        dequantize_row(from, &bytes[r * ob..(r + 1) * ob], &mut row);
+        let q = quantize(&row);
+        bytes[r * nb..(r + 1) * nb].copy_from_slice(&q);
+    }
+    rows * nb
+}
+
+/// A matrix for [`requantize_all`]: `rows × cols` values of type `from`
+/// in `data`, to become `to`.
+pub struct RequantJob<'a> {
+    pub from: GgmlType,
+    pub to: GgmlType,
+    pub data: &'a mut [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// [`requantize_in_place`] for every matrix of `jobs`, on all cores, with
+/// the same bytes as a matrix done whole: each matrix is cut into pieces of
+/// about 4 MiB of whole rows, each piece re-quantized at its own start
+/// (the pieces do not touch each other's bytes, so they run at once), and
+/// then the pieces are moved together, in order (each moves towards the
+/// front, past bytes already moved). Returns each matrix's new size.
+pub fn requantize_all(jobs: Vec<RequantJob<'_>>) -> Vec<usize> {
+    requantize_all_in(jobs, 4 << 20)
+}
+
+/// [`requantize_all`] with pieces of at most `piece` bytes (at least a row).
+fn requantize_all_in(mut jobs: Vec<RequantJob<'_>>, piece: usize) -> Vec<usize> {
+    let mut pieces = Vec::new();
+    // Per matrix, per piece: where its new bytes are, where they go, how many.
+    let mut spans: Vec<Vec<(usize, usize, usize)>> = Vec::with_capacity(jobs.len());
+    for job in &mut jobs {
+        let (from, to, rows, cols) = (job.from, job.to, job.rows, job.cols);
+        let (ob, nb) = (from.row_bytes(cols).max(1), to.row_bytes(cols));
+        let per = (piece / ob).clamp(1, rows.max(1));
+        let mut moves = Vec::new();
+        for (i, part) in job.data[..rows * ob].chunks_mut(per * ob).enumerate() {
+            let n = part.len() / ob;
+            moves.push((i * per * ob, i * per * nb, n * nb));
+            pieces.push((from, to, part, n, cols));
+        }
+        spans.push(moves);
+    }
+    let done: Result<(), std::convert::Infallible> =
+        hanlin_formats::par::for_each(pieces, |(from, to, piece, n, cols)| {
+            requantize_in_place(from, to, piece, n, cols);
+            Ok(())
+        });
+    let Ok(()) = done;
+    jobs.into_iter()
+        .zip(spans)
+        .map(|(job, moves)| {
+            for (at, to, len) in moves {
+                job.data.copy_within(at..at + len, to);
+            }
+            job.rows * job.to.row_bytes(job.cols)
+        })
+        .collect()
+}
+
 /// Quantize `x` (a multiple of 256 values) into ggml Q4_K bytes: per block
 /// of 256, an f16 scale and min, eight 6-bit sub-block scales and mins, and
 /// 4-bit values (`x ≈ d·sc·q − dmin·m`). Each sub-block of 32 is fitted by
@@ -646,6 +777,117 @@ mod tests {
             }
         }
         assert!(back[QK_K * 3..QK_K * 4].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn q4_1_round_trips_within_half_a_step() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        // Blocks of different ranges and offsets, an all-zero block and a
+        // constant one.
+        let mut x: Vec<f32> = (0..QK * 40)
+            .map(|i| rng.random_range(-1.0..1.0f32) * (1 + i / 64) as f32 + (i / 96) as f32)
+            .collect();
+        x.extend(std::iter::repeat_n(0.0, QK));
+        x.extend(std::iter::repeat_n(-0.75, QK));
+        let bytes = quantize_row_q4_1(&x);
+        assert_eq!(bytes.len(), GgmlType::Q4_1.row_bytes(x.len()));
+        let mut back = vec![0f32; x.len()];
+        dequantize_row(GgmlType::Q4_1, &bytes, &mut back);
+        for (b, (xs, ys)) in x.chunks(QK).zip(back.chunks(QK)).enumerate() {
+            let lo = xs.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+            let hi = xs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            for (a, c) in xs.iter().zip(ys) {
+                // Half a step, plus the f16 rounding of the scale and minimum.
+                let tol = (hi - lo) / 15.0 * 0.5 + (hi.abs() + lo.abs()) * 2e-3 + 1e-6;
+                assert!((a - c).abs() <= tol, "block {b}: {a} vs {c}");
+            }
+        }
+        assert!(back[QK * 40..QK * 41].iter().all(|&v| v == 0.0));
+        assert!(back[QK * 41..].iter().all(|&v| v == -0.75));
+    }
+
+    /// In place, row by row, gives what quantizing each row's values into a
+    /// buffer of its own gives, for every format a draft model shrinks.
+    #[test]
+    fn requantize_in_place_matches_quantizing_each_row() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (rows, cols) = (7, 512);
+        for from in [
+            GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q6_K,
+            GgmlType::Q5_K,
+        ] {
+            let to = four_bit(from, cols).expect("a 4-bit type");
+            let mut bytes = crate::dot::tests::random_rows(from, rows, cols, &mut rng);
+            let before = bytes.clone();
+            let n = requantize_in_place(from, to, &mut bytes, rows, cols);
+            assert_eq!(n, rows * to.row_bytes(cols), "{from:?}");
+            let (ob, nb) = (from.row_bytes(cols), to.row_bytes(cols));
+            let mut vals = vec![0f32; cols];
+            for r in 0..rows {
+                dequantize_row(from, &before[r * ob..(r + 1) * ob], &mut vals);
+                let want = match to {
+                    GgmlType::Q4_1 => quantize_row_q4_1(&vals),
+                    _ => quantize_row_q4_k(&vals),
+                };
+                assert_eq!(&bytes[r * nb..(r + 1) * nb], &want[..], "{from:?} row {r}");
+            }
+            // Close to the values it came from: 4-bit steps of each block's range.
+            let mut back = vec![0f32; cols];
+            for r in 0..rows {
+                dequantize_row(from, &before[r * ob..(r + 1) * ob], &mut vals);
+                dequantize_row(to, &bytes[r * nb..(r + 1) * nb], &mut back);
+                let range = vals.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                let err = vals
+                    .iter()
+                    .zip(&back)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err <= range / 15.0, "{from:?} row {r}: {err} of {range}");
+            }
+        }
+        // All at once, in pieces on several threads: the same bytes as
+        // each matrix done whole, each at the front of its own slice.
+        let mats: Vec<(GgmlType, usize, usize)> = vec![
+            (GgmlType::Q8_0, 3000, 64),
+            (GgmlType::Q6_K, 40, 256),
+            (GgmlType::Q5_0, 1, 896),
+        ];
+        let mut datas: Vec<Vec<u8>> = mats
+            .iter()
+            .map(|&(ty, r, c)| crate::dot::tests::random_rows(ty, r, c, &mut rng))
+            .collect();
+        let wants: Vec<Vec<u8>> = datas
+            .iter()
+            .zip(&mats)
+            .map(|(d, &(ty, r, c))| {
+                let mut d = d.clone();
+                let n = requantize_in_place(ty, four_bit(ty, c).expect("4-bit"), &mut d, r, c);
+                d.truncate(n);
+                d
+            })
+            .collect();
+        let jobs = datas
+            .iter_mut()
+            .zip(&mats)
+            .map(|(data, &(from, rows, cols))| RequantJob {
+                from,
+                to: four_bit(from, cols).expect("4-bit"),
+                data,
+                rows,
+                cols,
+            })
+            .collect();
+        let sizes = super::requantize_all_in(jobs, 4096);
+        for ((d, w), n) in datas.iter().zip(&wants).zip(sizes) {
+            assert_eq!(&d[..n], &w[..]);
+        }
+        assert_eq!(four_bit(GgmlType::Q4_K, 512), None);
+        assert_eq!(four_bit(GgmlType::Q6_K, 896), None);
+        assert_eq!(four_bit(GgmlType::Q8_0, 896), Some(GgmlType::Q4_1));
     }
 
     /// The AVX2 quantizers give the portable loops' bits: scales, quants,

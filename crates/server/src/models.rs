@@ -182,7 +182,7 @@ impl Models {
                 Some((d, path, _)) => {
                     // The draft runs on the target's threads, between its
                     // steps.
-                    let dm = LoadedModel::load_with_pool(&path, target.pool.clone())?;
+                    let dm = LoadedModel::load_draft(&path, target.pool.clone())?;
                     Some(Draft::new(dm, &d, &target, &model_name)?)
                 }
                 None => None,

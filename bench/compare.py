@@ -127,6 +127,9 @@ def main():
         peers += " (llama.cpp without AMX)"
     print(f"\nHanlin's kernels: {simd}; peers: {peers}")
     print(f"\n(prefill: {a.prompt}-token prompt; decode: {a.gen} tokens; medians of {a.reps}; {a.threads} threads; ceiling = read bandwidth / file size)")
+    llc = machine.last_level_cache()
+    if llc:
+        print(f"(the ceiling is memory's; a last-level cache of {llc[1]} can hold part of a model, and decode then passes it)")
 
 
 if __name__ == "__main__":

@@ -135,8 +135,6 @@ fn proposers_never_change_the_tokens() {
                 with_four.accepted,
                 with_four.proposed
             );
-        }
-        if p.sampler.temperature == 0.0 {
             // A greedy model agrees with itself, except where its token
             // lies past the short list the draft proposes from (and at the
             // end of the turn, whose token is past it too).

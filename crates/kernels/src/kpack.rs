@@ -190,12 +190,11 @@ pub struct PackJob<'a> {
 }
 
 /// [`pack`] every matrix of `jobs`, on all cores: a model's matrices are
-/// cut into pieces of whole row groups (about 4 MiB each, so that one
-/// large output matrix does not leave the other threads waiting) that the
-/// threads take in turn. A packed group depends only on its own rows, so
-/// the result is the same as packing each matrix whole.
+/// cut into pieces of whole row groups ([`crate::LOAD_PIECE_BYTES`]) that
+/// the threads take in turn. A packed group depends only on its own rows,
+/// so the result is the same as packing each matrix whole.
 pub fn pack_all(jobs: Vec<PackJob<'_>>) {
-    pack_in_pieces(jobs, 4 << 20);
+    pack_in_pieces(jobs, crate::LOAD_PIECE_BYTES);
 }
 
 /// [`pack_all`] with pieces of at most `piece` bytes (at least one group).
@@ -209,7 +208,7 @@ fn pack_in_pieces(jobs: Vec<PackJob<'_>>, piece: usize) {
     } in jobs
     {
         let row_bytes = ty.row_bytes(cols).max(1);
-        let per = (piece / row_bytes / 8 * 8).clamp(8, rows.max(8));
+        let per = crate::rows_per_piece(row_bytes, rows, piece, 8);
         for data in data.chunks_mut(per * row_bytes) {
             let rows = data.len() / row_bytes;
             pieces.push(PackJob {

@@ -36,6 +36,19 @@ macro_rules! avx2_copy {
     };
 }
 
+/// Load-time work on a model's matrices (interleaving rows,
+/// re-quantizing a draft's) runs on all cores in pieces of about this many
+/// bytes of whole rows, so that one large output matrix does not leave the
+/// other threads waiting.
+pub(crate) const LOAD_PIECE_BYTES: usize = 4 << 20;
+
+/// How many rows of `row_bytes` bytes (at least 1) make a piece of at most
+/// `piece` bytes: a multiple of `align`, at least `align`, and no more
+/// than the matrix's `rows` rounded up to `align`.
+pub(crate) fn rows_per_piece(row_bytes: usize, rows: usize, piece: usize, align: usize) -> usize {
+    (piece / row_bytes / align * align).clamp(align, rows.max(align))
+}
+
 pub mod attn;
 pub mod dot;
 pub mod kpack;

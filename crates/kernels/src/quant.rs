@@ -623,12 +623,12 @@ pub struct RequantJob<'a> {
 
 /// [`requantize_in_place`] for every matrix of `jobs`, on all cores, with
 /// the same bytes as a matrix done whole: each matrix is cut into pieces of
-/// about 4 MiB of whole rows, each piece re-quantized at its own start
+/// whole rows ([`crate::LOAD_PIECE_BYTES`]), each re-quantized at its own start
 /// (the pieces do not touch each other's bytes, so they run at once), and
 /// then the pieces are moved together, in order (each moves towards the
 /// front, past bytes already moved). Returns each matrix's new size.
 pub fn requantize_all(jobs: Vec<RequantJob<'_>>) -> Vec<usize> {
-    requantize_all_in(jobs, 4 << 20)
+    requantize_all_in(jobs, crate::LOAD_PIECE_BYTES)
 }
 
 /// [`requantize_all`] with pieces of at most `piece` bytes (at least a row).
@@ -639,7 +639,7 @@ fn requantize_all_in(mut jobs: Vec<RequantJob<'_>>, piece: usize) -> Vec<usize> 
     for job in &mut jobs {
         let (from, to, rows, cols) = (job.from, job.to, job.rows, job.cols);
         let (ob, nb) = (from.row_bytes(cols).max(1), to.row_bytes(cols));
-        let per = (piece / ob).clamp(1, rows.max(1));
+        let per = crate::rows_per_piece(ob, rows, piece, 1);
         let mut moves = Vec::new();
         for (i, part) in job.data[..rows * ob].chunks_mut(per * ob).enumerate() {
             let n = part.len() / ob;

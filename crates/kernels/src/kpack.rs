@@ -139,6 +139,67 @@ fn is_qh(ty: GgmlType, src: usize) -> bool {
     ty == GgmlType::Q5_0 && src == 2
 }
 
+/// Bytes of one block of eight rows [`expand`]ed: the packed block's header
+/// (scales, minimums), then a byte per quant.
+const Q4_K_EXPANDED: usize = 128 + 2048;
+const Q6_K_EXPANDED: usize = 144 + 2048;
+
+/// The bytes one block of eight rows of `ty` takes [`expand`]ed, for the
+/// formats that expand (Q4_K, Q6_K).
+pub fn expanded_block_bytes(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q4_K => Some(Q4_K_EXPANDED),
+        GgmlType::Q6_K => Some(Q6_K_EXPANDED),
+        _ => None,
+    }
+}
+
+/// Packed groups of `ty` (whole blocks of eight rows, in [`pack`]'s layout)
+/// with every quant in a byte of its own, into `out`: each block keeps its
+/// header (scales, minimums) and its words in the order the kernels read
+/// them, a Q4_K word as its low nibbles then its high ones, a Q6_K unit as
+/// its four 6-bit values. The kernels of [`kernel_k_expanded`] read these
+/// without unpacking: a prefill chunk of groups meets hundreds of tokens,
+/// and pays for the expansion once instead of once per four tokens.
+///
+/// # Panics
+/// If `ty` does not expand or `packed` is not whole blocks.
+pub fn expand(ty: GgmlType, packed: &[u8], out: &mut Vec<u8>) {
+    let size = 8 * ty.type_size();
+    let xb = expanded_block_bytes(ty).expect("a format that expands");
+    assert!(packed.len().is_multiple_of(size), "expand: whole blocks");
+    out.resize(packed.len() / size * xb, 0);
+    for (src, dst) in packed.chunks_exact(size).zip(out.chunks_exact_mut(xb)) {
+        if ty == GgmlType::Q4_K {
+            dst[..128].copy_from_slice(&src[..128]);
+            for (w, d) in src[128..]
+                .chunks_exact(32)
+                .zip(dst[128..].chunks_exact_mut(64))
+            {
+                let (lo, hi) = d.split_at_mut(32);
+                for j in 0..32 {
+                    lo[j] = w[j] & 0x0F;
+                    hi[j] = w[j] >> 4;
+                }
+            }
+        } else {
+            dst[..144].copy_from_slice(&src[..144]);
+            for (u, d) in src[144..]
+                .chunks_exact(96)
+                .zip(dst[144..].chunks_exact_mut(128))
+            {
+                let (qh, qa, qb) = (&u[..32], &u[32..64], &u[64..]);
+                for j in 0..32 {
+                    d[j] = (qa[j] & 0x0F) | ((qh[j] << 4) & 0x30);
+                    d[32 + j] = (qb[j] & 0x0F) | ((qh[j] << 2) & 0x30);
+                    d[64 + j] = (qa[j] >> 4) | (qh[j] & 0x30);
+                    d[96 + j] = (qb[j] >> 4) | ((qh[j] >> 2) & 0x30);
+                }
+            }
+        }
+    }
+}
+
 /// Whether matrices of `ty` are packed on this CPU: a kernel exists for it.
 pub fn packs(ty: GgmlType) -> bool {
     kernel_k(ty).is_some() || kernel_32(ty).is_some()
@@ -351,27 +412,44 @@ macro_rules! kernels {
 /// The kernels for a K format `ty` on this CPU (AVX2, AVX2 with AVX-VNNI,
 /// or AVX-512 VNNI).
 pub fn kernel_k(ty: GgmlType) -> Option<Kernel<BlockQ8K>> {
+    k_kernels(ty, false)
+}
+
+/// The kernels for a K format's groups [`expand`]ed to a byte per quant
+/// (Q4_K and Q6_K), on this CPU.
+pub fn kernel_k_expanded(ty: GgmlType) -> Option<Kernel<BlockQ8K>> {
+    k_kernels(ty, true)
+}
+
+fn k_kernels(ty: GgmlType, x: bool) -> Option<Kernel<BlockQ8K>> {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::dot::{avx_vnni, simd_level, SimdLevel};
         use GgmlType::{Q4_K, Q5_K, Q6_K};
-        let (narrow, wide) = match (simd_level(), ty) {
-            (SimdLevel::Avx2Vnni, Q4_K) => (kernels!(q4k_vnni), Some(kernels!(q4k_zmm))),
-            (SimdLevel::Avx2Vnni, Q5_K) => (kernels!(q5k_vnni), Some(kernels!(q5k_zmm))),
-            (SimdLevel::Avx2Vnni, Q6_K) => (kernels!(q6k_vnni), Some(kernels!(q6k_zmm))),
-            (SimdLevel::Avx2, Q4_K) if avx_vnni() => (kernels!(q4k_avxvnni, 8), None),
-            (SimdLevel::Avx2, Q5_K) if avx_vnni() => (kernels!(q5k_avxvnni, 8), None),
-            (SimdLevel::Avx2, Q6_K) if avx_vnni() => (kernels!(q6k_avxvnni, 8), None),
-            (SimdLevel::Avx2, Q4_K) => (kernels!(q4k_avx2), None),
-            (SimdLevel::Avx2, Q5_K) => (kernels!(q5k_avx2), None),
-            (SimdLevel::Avx2, Q6_K) => (kernels!(q6k_avx2), None),
+        let vnni = avx_vnni();
+        let (narrow, wide) = match (simd_level(), ty, x) {
+            (SimdLevel::Avx2Vnni, Q4_K, false) => (kernels!(q4k_vnni), Some(kernels!(q4k_zmm))),
+            (SimdLevel::Avx2Vnni, Q5_K, false) => (kernels!(q5k_vnni), Some(kernels!(q5k_zmm))),
+            (SimdLevel::Avx2Vnni, Q6_K, false) => (kernels!(q6k_vnni), Some(kernels!(q6k_zmm))),
+            (SimdLevel::Avx2Vnni, Q4_K, true) => (kernels!(q4kx_vnni), Some(kernels!(q4kx_zmm))),
+            (SimdLevel::Avx2Vnni, Q6_K, true) => (kernels!(q6kx_vnni), Some(kernels!(q6kx_zmm))),
+            (SimdLevel::Avx2, Q4_K, false) if vnni => (kernels!(q4k_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q5_K, false) if vnni => (kernels!(q5k_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q6_K, false) if vnni => (kernels!(q6k_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q4_K, true) if vnni => (kernels!(q4kx_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q6_K, true) if vnni => (kernels!(q6kx_avxvnni, 8), None),
+            (SimdLevel::Avx2, Q4_K, false) => (kernels!(q4k_avx2), None),
+            (SimdLevel::Avx2, Q5_K, false) => (kernels!(q5k_avx2), None),
+            (SimdLevel::Avx2, Q6_K, false) => (kernels!(q6k_avx2), None),
+            (SimdLevel::Avx2, Q4_K, true) => (kernels!(q4kx_avx2), None),
+            (SimdLevel::Avx2, Q6_K, true) => (kernels!(q6kx_avx2), None),
             _ => return None,
         };
         return Some(Kernel { narrow, wide });
     }
     #[allow(unreachable_code)]
     {
-        let _ = ty;
+        let _ = (ty, x);
         None
     }
 }
@@ -825,7 +903,7 @@ mod avx2 {
     /// Q4_K (and Q5_K, with `Q5`: a fifth bit per quant): per 32-element
     /// sub-block `j` one scale and one minimum.
     #[inline(always)]
-    unsafe fn q4k<R: Regs, const N: usize, const VNNI: bool, const Q5: bool>(
+    unsafe fn q4k<R: Regs, const N: usize, const VNNI: bool, const Q5: bool, const X: bool>(
         g: *const u8,
         stride: usize,
         blocks: usize,
@@ -836,7 +914,11 @@ mod avx2 {
         let mut macc = [R::zero_f(); N];
         let lo4 = R::splat8(0x0F);
         for b in 0..blocks {
-            let bytes = if Q5 { 1408 } else { 1152 };
+            let bytes = match (X, Q5) {
+                (true, _) => Q4_K_EXPANDED,
+                (_, true) => 1408,
+                _ => 1152,
+            };
             let blk = g.add(b * bytes);
             let qs = blk.add(if Q5 { 384 } else { 128 });
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
@@ -890,9 +972,13 @@ mod avx2 {
                         // registers and the stack, and each broadcast became
                         // a move and a shuffle.
                         for k in 0..std::hint::black_box(8) {
-                            let w = R::ld(qs.add((8 * c + k) * 32), stride);
-                            let w = if nib == 0 { w } else { R::srl16(w, 4) };
-                            let mut u = R::and(w, lo4);
+                            let mut u = if X {
+                                R::ld(qs.add((8 * c + k) * 64 + 32 * nib), stride)
+                            } else {
+                                let w = R::ld(qs.add((8 * c + k) * 32), stride);
+                                let w = if nib == 0 { w } else { R::srl16(w, 4) };
+                                R::and(w, lo4)
+                            };
                             if Q5 {
                                 let qh = R::ld(blk.add(128 + 32 * k), stride);
                                 u = R::or(u, fifth(qh, (2 * c + nib) as i32));
@@ -912,9 +998,13 @@ mod avx2 {
                     let mut plo = [[R::splat(0); 4]; N];
                     let mut phi = [[R::splat(0); 4]; N];
                     for k in (8 * half / halves)..(8 * (half + 1) / halves) {
-                        let w = R::ld(qs.add((8 * c + k) * 32), stride);
-                        let mut lo = R::and(w, lo4);
-                        let mut hi = R::and(R::srl16(w, 4), lo4);
+                        let (mut lo, mut hi) = if X {
+                            let w = qs.add((8 * c + k) * 64);
+                            (R::ld(w, stride), R::ld(w.add(32), stride))
+                        } else {
+                            let w = R::ld(qs.add((8 * c + k) * 32), stride);
+                            (R::and(w, lo4), R::and(R::srl16(w, 4), lo4))
+                        };
                         if Q5 {
                             let qh = R::ld(blk.add(128 + 32 * k), stride);
                             lo = R::or(lo, fifth(qh, 2 * c as i32));
@@ -936,22 +1026,25 @@ mod avx2 {
                     }
                 }
             }
-            // M = Σ m_j · (bsum_2j + bsum_2j+1): each minimum in both
-            // halves of its lane against the activations' i16 pair.
-            let mins: [R::I; 8] = std::array::from_fn(|j| {
-                let m = if j < 4 {
-                    byte::<R>(m_lo, j)
-                } else {
-                    byte::<R>(m_hi, j - 4)
-                };
-                R::or(m, R::sll32(m, 16))
-            });
+            // M = Σ m_j · S_j (S_j: the activations' sum over sub-block j):
+            // the minimums as i16 pairs (m_j, m_j+2) per lane, two pairs in
+            // each of `m_lo` (j = 0..4) and `m_hi` (4..8), against the pairs
+            // of `pair_sums` (S0 S2, S1 S3, S4 S6, S5 S7): four `vpmaddwd`
+            // a token where one per minimum took eight.
+            let even = R::splat(0x00FF_00FF);
+            let mins = [
+                R::and(m_lo, even),
+                R::and(R::srl32(m_lo, 8), even),
+                R::and(m_hi, even),
+                R::and(R::srl32(m_hi, 8), even),
+            ];
             let d = R::ld_f16(blk, stride);
             let dmin = R::ld_f16(blk.add(16), stride);
             for t in 0..N {
-                let mut m = R::splat(0);
-                for j in 0..8 {
-                    m = R::add32(m, R::madd16(mins[j], bsum_pair::<R>(xb[t], j)));
+                let sums = xb[t].pair_sums.as_ptr() as *const i8;
+                let mut m = R::madd16(mins[0], R::bcast(sums, 0));
+                for (i, mn) in mins.iter().enumerate().skip(1) {
+                    m = R::add32(m, R::madd16(*mn, R::bcast(sums, 4 * i)));
                 }
                 let xd = R::splat_f(xb[t].d);
                 let dd = R::mul(d, xd);
@@ -965,7 +1058,7 @@ mod avx2 {
 
     /// Q6_K: per 16-element sub-block one signed scale; quants offset by 32.
     #[inline(always)]
-    unsafe fn q6k<R: Regs, const N: usize, const VNNI: bool>(
+    unsafe fn q6k<R: Regs, const N: usize, const VNNI: bool, const X: bool>(
         g: *const u8,
         stride: usize,
         blocks: usize,
@@ -976,7 +1069,8 @@ mod avx2 {
         let lo4 = R::splat8(0x0F);
         let top = R::splat8(0x30);
         for b in 0..blocks {
-            let blk = g.add(b * 1680);
+            let bytes = if X { Q6_K_EXPANDED } else { 1680 };
+            let blk = g.add(b * bytes);
             let xb: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(b));
             let xq: [*const i8; N] = std::array::from_fn(|t| xb[t].qs.as_ptr());
             // Scales of sub-blocks 2p and 2p+1 as an i16 pair per lane.
@@ -999,6 +1093,14 @@ mod avx2 {
                 2 => R::or(R::and(R::srl16(qa, 4), lo4), R::and(qh, top)),
                 _ => R::or(R::and(R::srl16(qb, 4), lo4), R::and(R::srl16(qh, 2), top)),
             };
+            // Expanded: value `i` of unit (h, q, mm) is a word of bytes.
+            let value = |qh: R::I, qa: R::I, qb: R::I, h: usize, q: usize, mm: usize, i: usize| {
+                if X {
+                    R::ld(blk.add(144 + 128 * (8 * h + 4 * q + mm) + 32 * i), stride)
+                } else {
+                    unpack(qh, qa, qb, i)
+                }
+            };
             let unit = |h: usize, q: usize, mm: usize| {
                 let u = blk.add(144 + 96 * (8 * h + 4 * q + mm));
                 (
@@ -1015,14 +1117,14 @@ mod avx2 {
                 // registers). One token keeps the two-step form (faster).
                 for h in 0..2 {
                     for q in 0..2 {
-                        ahead::<R>(out, blk, 1680, stride, 2 * h + q, 4);
+                        ahead::<R>(out, blk, bytes, stride, 2 * h + q, 4);
                         let scp: [R::I; 4] =
                             std::array::from_fn(|i| R::dup16(scale(8 * h + 2 * i + q)));
                         for mm in 0..4 {
                             let l0 = 16 * q + 4 * mm;
                             let (qh, qa, qb) = unit(h, q, mm);
                             for (i, scp) in scp.iter().enumerate() {
-                                let v = unpack(qh, qa, qb, i);
+                                let v = value(qh, qa, qb, h, q, mm, i);
                                 for t in 0..N {
                                     let x = R::bcast(xq[t], 128 * h + 32 * i + l0);
                                     let m = R::madd16(R::maddubs(v, x), *scp);
@@ -1039,14 +1141,14 @@ mod avx2 {
                 // each value is still unpacked once).
                 for h in 0..2 {
                     for q in 0..2 {
-                        ahead::<R>(out, blk, 1680, stride, 2 * h + q, 4);
+                        ahead::<R>(out, blk, bytes, stride, 2 * h + q, 4);
                         for i in 0..4 {
                             let sc = scale(8 * h + 2 * i + q);
                             let mut p = [R::splat(0); N];
                             for mm in 0..4 {
                                 let l0 = 16 * q + 4 * mm;
                                 let (qh, qa, qb) = unit(h, q, mm);
-                                let v = unpack(qh, qa, qb, i);
+                                let v = value(qh, qa, qb, h, q, mm, i);
                                 for t in 0..N {
                                     let x = R::bcast(xq[t], 128 * h + 32 * i + l0);
                                     p[t] = R::dpbusd(p[t], v, x);
@@ -1061,7 +1163,7 @@ mod avx2 {
             } else {
                 for h in 0..2 {
                     for q in 0..2 {
-                        ahead::<R>(out, blk, 1680, stride, 2 * h + q, 4);
+                        ahead::<R>(out, blk, bytes, stride, 2 * h + q, 4);
                         // Sub-blocks 8h + 2i + q for i in 0..4.
                         let sc: [R::I; 4] = std::array::from_fn(|i| scale(8 * h + 2 * i + q));
                         let mut p = [[R::splat(0); N]; 4];
@@ -1069,7 +1171,7 @@ mod avx2 {
                             let l0 = 16 * q + 4 * mm;
                             let (qh, qa, qb) = unit(h, q, mm);
                             for i in 0..4 {
-                                let v = unpack(qh, qa, qb, i);
+                                let v = value(qh, qa, qb, h, q, mm, i);
                                 for t in 0..N {
                                     let x = R::bcast(xq[t], 128 * h + 32 * i + l0);
                                     p[i][t] = step::<R, VNNI>(p[i][t], v, x);
@@ -1294,7 +1396,7 @@ mod avx2 {
     // `simd_level()` found the features they are compiled for; the rest as
     // `Gemm` says.
     macro_rules! wrappers {
-        ($feat:literal, $regs:ty, $vnni:literal, $($name:ident = $inner:ident($b:ty $(, $q5:literal)?)),*) => {$(
+        ($feat:literal, $regs:ty, $vnni:literal, $($name:ident = $inner:ident($b:ty $(, $c:literal)*)),*) => {$(
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $name<const N: usize>(
                 g: *const u8,
@@ -1303,7 +1405,7 @@ mod avx2 {
                 xs: [&[$b]; N],
                 out: Out,
             ) {
-                $inner::<$regs, N, $vnni $(, $q5)?>(g, stride, blocks, xs, out)
+                $inner::<$regs, N, $vnni $(, $c)*>(g, stride, blocks, xs, out)
             }
         )*};
     }
@@ -1311,9 +1413,11 @@ mod avx2 {
         "avx2,fma,f16c",
         Y,
         false,
-        q4k_avx2 = q4k(BlockQ8K, false),
-        q5k_avx2 = q4k(BlockQ8K, true),
-        q6k_avx2 = q6k(BlockQ8K),
+        q4k_avx2 = q4k(BlockQ8K, false, false),
+        q5k_avx2 = q4k(BlockQ8K, true, false),
+        q6k_avx2 = q6k(BlockQ8K, false),
+        q4kx_avx2 = q4k(BlockQ8K, false, true),
+        q6kx_avx2 = q6k(BlockQ8K, true),
         q8_0_avx2 = q8_0(BlockQ8),
         q5_0_avx2 = q5_0(BlockQ8),
         q4_1_avx2 = q4_1(BlockQ8)
@@ -1322,9 +1426,11 @@ mod avx2 {
         "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",
         Y,
         true,
-        q4k_vnni = q4k(BlockQ8K, false),
-        q5k_vnni = q4k(BlockQ8K, true),
-        q6k_vnni = q6k(BlockQ8K),
+        q4k_vnni = q4k(BlockQ8K, false, false),
+        q5k_vnni = q4k(BlockQ8K, true, false),
+        q6k_vnni = q6k(BlockQ8K, false),
+        q4kx_vnni = q4k(BlockQ8K, false, true),
+        q6kx_vnni = q6k(BlockQ8K, true),
         q8_0_vnni = q8_0(BlockQ8),
         q5_0_vnni = q5_0(BlockQ8),
         q4_1_vnni = q4_1(BlockQ8)
@@ -1333,9 +1439,11 @@ mod avx2 {
         "avx2,fma,f16c,avxvnni",
         V,
         true,
-        q4k_avxvnni = q4k(BlockQ8K, false),
-        q5k_avxvnni = q4k(BlockQ8K, true),
-        q6k_avxvnni = q6k(BlockQ8K),
+        q4k_avxvnni = q4k(BlockQ8K, false, false),
+        q5k_avxvnni = q4k(BlockQ8K, true, false),
+        q6k_avxvnni = q6k(BlockQ8K, false),
+        q4kx_avxvnni = q4k(BlockQ8K, false, true),
+        q6kx_avxvnni = q6k(BlockQ8K, true),
         q8_0_avxvnni = q8_0(BlockQ8),
         q5_0_avxvnni = q5_0(BlockQ8),
         q4_1_avxvnni = q4_1(BlockQ8)
@@ -1344,9 +1452,11 @@ mod avx2 {
         "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw",
         Z,
         true,
-        q4k_zmm = q4k(BlockQ8K, false),
-        q5k_zmm = q4k(BlockQ8K, true),
-        q6k_zmm = q6k(BlockQ8K),
+        q4k_zmm = q4k(BlockQ8K, false, false),
+        q5k_zmm = q4k(BlockQ8K, true, false),
+        q6k_zmm = q6k(BlockQ8K, false),
+        q4kx_zmm = q4k(BlockQ8K, false, true),
+        q6kx_zmm = q6k(BlockQ8K, true),
         q8_0_zmm = q8_0(BlockQ8),
         q5_0_zmm = q5_0(BlockQ8),
         q4_1_zmm = q4_1(BlockQ8)
@@ -1706,7 +1816,9 @@ mod tests {
                     })
                     .collect()
             };
-            check(ty, k, cols, &xq, &mut rng, want);
+            // The expanded groups' kernels give the same bits as the packed
+            // ones (and so as the portable dot).
+            check(ty, k, kernel_k_expanded(ty), cols, &xq, &mut rng, want);
         }
         for ty in [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_1] {
             let Some(k) = kernel_32(ty) else { return };
@@ -1751,12 +1863,13 @@ mod tests {
                 }
                 first.get_or_insert(v).clone()
             };
-            check(ty, k, cols, &xq, &mut rng, want);
+            check(ty, k, None, cols, &xq, &mut rng, want);
         }
 
         fn check<B>(
             ty: GgmlType,
             k: Kernel<B>,
+            expanded: Option<Kernel<B>>,
             cols: usize,
             xq: &[Vec<B>],
             rng: &mut rand_chacha::ChaCha8Rng,
@@ -1768,37 +1881,47 @@ mod tests {
             let want = want(&rows);
             let mut p: Vec<u8> = rows.concat();
             pack(ty, &mut p, 16, cols);
-            let stride = 8 * ty.row_bytes(cols);
             let blocks = cols / ty.block_size();
-            let sets = [Some((k.narrow, 1)), k.wide.map(|w| (w, 2))];
-            for (ks, groups) in sets.into_iter().flatten() {
-                for n in [1, 2, 3, 4, 8] {
-                    if n == 8 && ks.g8.is_none() {
-                        continue;
-                    }
-                    let xs: Vec<&[B]> = xq[..n].iter().map(|x| &x[..]).collect();
-                    let mut got = [[f32::NAN; 16]; 8];
-                    for g in (0..2).step_by(groups) {
-                        let mut o = [[f32::NAN; 16]; 8];
-                        // SAFETY: `p` holds two groups of `blocks` packed
-                        // blocks, `o` eight tokens of sixteen rows.
-                        unsafe {
-                            run(&ks, p.as_ptr().add(g * stride), stride, blocks, &xs, &mut o)
-                        };
-                        for t in 0..n {
-                            got[t][8 * g..8 * g + 8 * groups].copy_from_slice(&o[t][..8 * groups]);
+            let mut runs = vec![(k, p.clone(), 8 * ty.row_bytes(cols), "")];
+            if let Some(x) = expanded {
+                let mut e = Vec::new();
+                expand(ty, &p, &mut e);
+                let stride = blocks * expanded_block_bytes(ty).expect("it expands");
+                assert_eq!(e.len(), 2 * stride);
+                runs.push((x, e, stride, " expanded"));
+            }
+            for (k, p, stride, form) in runs {
+                let sets = [Some((k.narrow, 1)), k.wide.map(|w| (w, 2))];
+                for (ks, groups) in sets.into_iter().flatten() {
+                    for n in [1, 2, 3, 4, 8] {
+                        if n == 8 && ks.g8.is_none() {
+                            continue;
                         }
-                    }
-                    for t in 0..n {
-                        for r in 0..16 {
-                            assert_eq!(
-                                got[t][r].to_bits(),
-                                want[t][r].to_bits(),
-                                "{ty} {} N={n} token {t} row {r}: {} vs {}",
-                                if groups == 2 { "wide" } else { "narrow" },
-                                got[t][r],
-                                want[t][r]
-                            );
+                        let xs: Vec<&[B]> = xq[..n].iter().map(|x| &x[..]).collect();
+                        let mut got = [[f32::NAN; 16]; 8];
+                        for g in (0..2).step_by(groups) {
+                            let mut o = [[f32::NAN; 16]; 8];
+                            // SAFETY: `p` holds two groups of `blocks` packed
+                            // blocks, `o` eight tokens of sixteen rows.
+                            unsafe {
+                                run(&ks, p.as_ptr().add(g * stride), stride, blocks, &xs, &mut o)
+                            };
+                            for t in 0..n {
+                                got[t][8 * g..8 * g + 8 * groups]
+                                    .copy_from_slice(&o[t][..8 * groups]);
+                            }
+                        }
+                        for t in 0..n {
+                            for r in 0..16 {
+                                assert_eq!(
+                                    got[t][r].to_bits(),
+                                    want[t][r].to_bits(),
+                                    "{ty}{form} {} N={n} token {t} row {r}: {} vs {}",
+                                    if groups == 2 { "wide" } else { "narrow" },
+                                    got[t][r],
+                                    want[t][r]
+                                );
+                            }
                         }
                     }
                 }

@@ -397,6 +397,7 @@ fn plan(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32], sink: Sin
                 n_tok,
                 kpack::kernel_k(w.ty).expect(WHY),
                 None,
+                Expanded::for_matrix(w, n_tok),
             ),
             _ => packed(
                 pool,
@@ -406,6 +407,7 @@ fn plan(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32], sink: Sin
                 a.q8(pool),
                 n_tok,
                 kpack::kernel_32(w.ty).expect(WHY),
+                None,
                 None,
             ),
         };
@@ -432,7 +434,7 @@ fn plan(pool: &ThreadPool, w: &QMat, a: &Activations, out: &mut [f32], sink: Sin
             match kpack::kernel_k(w.ty).filter(|_| n_tok >= REPACK_MIN_TOKENS && w.rows >= 8) {
                 Some(k) => {
                     let one = dot::dot_q8k(w.ty).expect("K type has a dot");
-                    packed(pool, sink, w, out, a.q8k(pool), n_tok, k, Some(one))
+                    packed(pool, sink, w, out, a.q8k(pool), n_tok, k, Some(one), None)
                 }
                 None => quantized(
                     pool,
@@ -567,8 +569,48 @@ const DECODE_MAX_TOKENS: usize = 32;
 /// per matmul, a chunk at a time, and reused by every token.
 const REPACK_MIN_TOKENS: usize = 16;
 
+/// From this many tokens on, a matrix packed at load in a format that
+/// [`kpack::expand`]s is expanded a chunk of groups at a time (a byte per
+/// quant) and every token meets the expanded chunk: no unpacking in the
+/// kernels' inner loops. Below it a chunk meets too few tokens to pay for
+/// its expansion.
+const EXPAND_MIN_TOKENS: usize = 64;
+
+/// A chunk of expanded groups stays below this size (in L2 beside the
+/// tokens' activations): two groups a chunk where four would pass it.
+const EXPANDED_CHUNK_BYTES: usize = 128 << 10;
+
 thread_local! {
     static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static EXPANDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The kernels of a format's [`kpack::expand`]ed groups and the bytes of an
+/// expanded block of eight rows.
+struct Expanded<B: 'static> {
+    k: kpack::Kernel<B>,
+    block_bytes: usize,
+}
+
+impl<B> Clone for Expanded<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Expanded<B> {}
+
+impl Expanded<BlockQ8K> {
+    /// For a packed K-format matrix multiplied with `n_tok` tokens, where
+    /// expanding pays ([`EXPAND_MIN_TOKENS`]) and the format expands.
+    fn for_matrix(w: &QMat, n_tok: usize) -> Option<Self> {
+        if n_tok < EXPAND_MIN_TOKENS || !w.packed {
+            return None;
+        }
+        Some(Expanded {
+            k: kpack::kernel_k_expanded(w.ty)?,
+            block_bytes: kpack::expanded_block_bytes(w.ty)?,
+        })
+    }
 }
 
 /// Rows interleaved eight at a time ([`kpack`]), each group meeting the
@@ -587,6 +629,7 @@ fn packed<B: Sync>(
     n_tok: usize,
     k: kpack::Kernel<B>,
     one: Option<Kernel1<B>>,
+    expanded: Option<Expanded<B>>,
 ) {
     let rows = w.rows;
     let group_bytes = 8 * w.row_bytes();
@@ -614,7 +657,10 @@ fn packed<B: Sync>(
             DECODE_MAX_TOKENS,
         )
     } else {
-        (4, 4, 32)
+        match expanded {
+            Some(e) if 4 * blocks * e.block_bytes > EXPANDED_CHUNK_BYTES => (2, 2, 32),
+            _ => (4, 4, 32),
+        }
     };
     let run = |range: std::ops::Range<usize>, data: &[u8]| {
         for t0 in (0..n_tok).step_by(tile) {
@@ -662,10 +708,68 @@ fn packed<B: Sync>(
             }
         }
     };
+    // The same over expanded groups (`group_bytes` apart, kernels `k`). A
+    // closure of its own: `run` taking the kernels and the layout as
+    // arguments made a decode step 6-8% slower (Xeon, AVX2 path, `hanlin
+    // bench -b 8`).
+    let run_x =
+        |range: std::ops::Range<usize>, data: &[u8], group_bytes: usize, k: &kpack::Kernel<B>| {
+            for t0 in (0..n_tok).step_by(tile) {
+                let t1 = (t0 + tile).min(n_tok);
+                let mut g = range.start;
+                while g < range.end {
+                    // Two groups at once where the CPU has wide kernels.
+                    let (ks, n_groups) = kernels_for(k, n_tok, g + 1 < range.end);
+                    let at = (g - range.start) * group_bytes;
+                    let gp = data[at..at + n_groups * group_bytes].as_ptr();
+                    let mut t = t0;
+                    while let Some(g8) = ks.g8.filter(|_| t1 - t >= 8) {
+                        let o = kpack::Out {
+                            // In bounds: (t + 7) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
+                            ptr: op.at(t * rows + 8 * g),
+                            stride: rows,
+                            stream: decode,
+                        };
+                        // SAFETY: as below, for eight tokens.
+                        unsafe { g8(gp, group_bytes, blocks, x.group(t), o) };
+                        t += 8;
+                    }
+                    while t < t1 {
+                        let n = (t1 - t).min(4);
+                        let o = kpack::Out {
+                            // In bounds: (t + n - 1) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
+                            ptr: op.at(t * rows + 8 * g),
+                            stride: rows,
+                            stream: decode,
+                        };
+                        // SAFETY: the groups hold `blocks` packed blocks each,
+                        // every token as many (asserted above); the outputs are
+                        // in bounds (above), and this thread's groups are its own.
+                        unsafe {
+                            match n {
+                                4 => (ks.g4)(gp, group_bytes, blocks, x.group(t), o),
+                                3 => (ks.g3)(gp, group_bytes, blocks, x.group(t), o),
+                                2 => (ks.g2)(gp, group_bytes, blocks, x.group(t), o),
+                                _ => (ks.g1)(gp, group_bytes, blocks, x.group(t), o),
+                            }
+                        }
+                        t += n;
+                    }
+                    g += n_groups;
+                }
+            }
+        };
+
     sink(groups, min, max, &|range| {
         let span = range.start * group_bytes..range.end * group_bytes;
         let Some(one) = one else {
-            return run(range, &w.data[span]);
+            return match expanded {
+                Some(e) => EXPANDED.with_borrow_mut(|buf| {
+                    kpack::expand(w.ty, &w.data[span], buf);
+                    run_x(range, buf, blocks * e.block_bytes, &e.k)
+                }),
+                None => run(range, &w.data[span]),
+            };
         };
         PACKED.with_borrow_mut(|buf| {
             buf.clear();

@@ -26,13 +26,35 @@ pub struct BlockQ8 {
 }
 
 /// Activation block for the K-quant formats (256 elements); `bsums[k]` is the
-/// sum of `qs[16k..16k+16]`.
+/// sum of `qs[16k..16k+16]`, and `pair_sums` holds the sums of the eight
+/// 32-element sub-blocks (`S_j = bsums[2j] + bsums[2j+1]`) in the order
+/// S0 S2 S1 S3 S4 S6 S5 S7: the i16 pairs against which the packed Q4_K/Q5_K
+/// kernels take each row's pair of minimums (`m_j`, `m_{j+2}`) in one
+/// `vpmaddwd` (see [`BlockQ8K::finish`]).
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct BlockQ8K {
     pub d: f32,
     pub qs: [i8; QK_K],
     pub bsums: [i16; 16],
+    pub pair_sums: [i16; 8],
+}
+
+impl BlockQ8K {
+    /// The order of [`BlockQ8K::pair_sums`]: entry `i` is sub-block
+    /// `PAIR_ORDER[i]`'s sum.
+    pub const PAIR_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+
+    /// A block of `d`, `qs` and `bsums`, with its sub-block sums.
+    fn finish(d: f32, qs: [i8; QK_K], bsums: [i16; 16]) -> Self {
+        let pair_sums = Self::PAIR_ORDER.map(|j| bsums[2 * j] + bsums[2 * j + 1]);
+        BlockQ8K {
+            d,
+            qs,
+            bsums,
+            pair_sums,
+        }
+    }
 }
 
 /// `v.round()` (half away from zero) for |v| < 2^31, without a libm call:
@@ -116,7 +138,7 @@ fn quantize_q8k_portable(x: &[f32], out: &mut Vec<BlockQ8K>) {
         for (k, b) in bsums.iter_mut().enumerate() {
             *b = qs[16 * k..16 * k + 16].iter().map(|&q| q as i16).sum();
         }
-        out.push(BlockQ8K { d, qs, bsums });
+        out.push(BlockQ8K::finish(d, qs, bsums));
     }
 }
 
@@ -193,11 +215,8 @@ mod avx2 {
             let v: [__m256; 32] = std::array::from_fn(|i| load(chunk, i));
             let (d, id) = scale(amax(&v));
             let idv = _mm256_set1_ps(id);
-            let mut b = BlockQ8K {
-                d,
-                qs: [0; QK_K],
-                bsums: [0; 16],
-            };
+            let mut qs = [0i8; QK_K];
+            let mut bsums = [0i16; 16];
             // 32 values at a time; their two sums of sixteen from byte
             // pairs and quads, then `vphaddd` twice.
             let mut quads = [_mm256_setzero_si256(); 2];
@@ -207,7 +226,7 @@ mod avx2 {
                     _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
                 });
                 let p = pack(q);
-                _mm256_storeu_si256(b.qs.as_mut_ptr().add(32 * j) as *mut __m256i, p);
+                _mm256_storeu_si256(qs.as_mut_ptr().add(32 * j) as *mut __m256i, p);
                 quads[j % 2] = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, p), ones16);
                 if j % 2 == 1 {
                     let h = _mm256_hadd_epi32(quads[0], quads[1]);
@@ -216,13 +235,13 @@ mod avx2 {
                     let s = [_mm256_extract_epi32::<0>(h), _mm256_extract_epi32::<4>(h)];
                     let t = [_mm256_extract_epi32::<1>(h), _mm256_extract_epi32::<5>(h)];
                     let k = 4 * (j / 2);
-                    b.bsums[k] = s[0] as i16;
-                    b.bsums[k + 1] = s[1] as i16;
-                    b.bsums[k + 2] = t[0] as i16;
-                    b.bsums[k + 3] = t[1] as i16;
+                    bsums[k] = s[0] as i16;
+                    bsums[k + 1] = s[1] as i16;
+                    bsums[k + 2] = t[0] as i16;
+                    bsums[k + 3] = t[1] as i16;
                 }
             }
-            out.push(b);
+            out.push(BlockQ8K::finish(d, qs, bsums));
         }
     }
 }

@@ -632,7 +632,7 @@ fn packed<B: Sync>(
     expanded: Option<Expanded<B>>,
 ) {
     let rows = w.rows;
-    let group_bytes = 8 * w.row_bytes();
+    let packed_bytes = 8 * w.row_bytes();
     let blocks = w.cols / w.ty.block_size();
     assert!(
         (one.is_some() || rows.is_multiple_of(8))
@@ -661,6 +661,16 @@ fn packed<B: Sync>(
             Some(e) if 4 * blocks * e.block_bytes > EXPANDED_CHUNK_BYTES => (2, 2, 32),
             _ => (4, 4, 32),
         }
+    };
+    // The layout the kernels read: the packed groups, or each chunk of them
+    // expanded first (into `EXPANDED`).
+    debug_assert!(
+        one.is_none() || expanded.is_none(),
+        "only packed matrices expand"
+    );
+    let (k, group_bytes) = match expanded {
+        Some(e) => (e.k, blocks * e.block_bytes),
+        None => (k, packed_bytes),
     };
     let run = |range: std::ops::Range<usize>, data: &[u8]| {
         for t0 in (0..n_tok).step_by(tile) {
@@ -708,65 +718,13 @@ fn packed<B: Sync>(
             }
         }
     };
-    // The same over expanded groups (`group_bytes` apart, kernels `k`). A
-    // closure of its own: `run` taking the kernels and the layout as
-    // arguments made a decode step 6-8% slower (Xeon, AVX2 path, `hanlin
-    // bench -b 8`).
-    let run_x =
-        |range: std::ops::Range<usize>, data: &[u8], group_bytes: usize, k: &kpack::Kernel<B>| {
-            for t0 in (0..n_tok).step_by(tile) {
-                let t1 = (t0 + tile).min(n_tok);
-                let mut g = range.start;
-                while g < range.end {
-                    // Two groups at once where the CPU has wide kernels.
-                    let (ks, n_groups) = kernels_for(k, n_tok, g + 1 < range.end);
-                    let at = (g - range.start) * group_bytes;
-                    let gp = data[at..at + n_groups * group_bytes].as_ptr();
-                    let mut t = t0;
-                    while let Some(g8) = ks.g8.filter(|_| t1 - t >= 8) {
-                        let o = kpack::Out {
-                            // In bounds: (t + 7) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
-                            ptr: op.at(t * rows + 8 * g),
-                            stride: rows,
-                            stream: decode,
-                        };
-                        // SAFETY: as below, for eight tokens.
-                        unsafe { g8(gp, group_bytes, blocks, x.group(t), o) };
-                        t += 8;
-                    }
-                    while t < t1 {
-                        let n = (t1 - t).min(4);
-                        let o = kpack::Out {
-                            // In bounds: (t + n - 1) * rows + 8 * (g + n_groups) ≤ n_tok * rows.
-                            ptr: op.at(t * rows + 8 * g),
-                            stride: rows,
-                            stream: decode,
-                        };
-                        // SAFETY: the groups hold `blocks` packed blocks each,
-                        // every token as many (asserted above); the outputs are
-                        // in bounds (above), and this thread's groups are its own.
-                        unsafe {
-                            match n {
-                                4 => (ks.g4)(gp, group_bytes, blocks, x.group(t), o),
-                                3 => (ks.g3)(gp, group_bytes, blocks, x.group(t), o),
-                                2 => (ks.g2)(gp, group_bytes, blocks, x.group(t), o),
-                                _ => (ks.g1)(gp, group_bytes, blocks, x.group(t), o),
-                            }
-                        }
-                        t += n;
-                    }
-                    g += n_groups;
-                }
-            }
-        };
-
     sink(groups, min, max, &|range| {
-        let span = range.start * group_bytes..range.end * group_bytes;
+        let span = range.start * packed_bytes..range.end * packed_bytes;
         let Some(one) = one else {
             return match expanded {
-                Some(e) => EXPANDED.with_borrow_mut(|buf| {
+                Some(_) => EXPANDED.with_borrow_mut(|buf| {
                     kpack::expand(w.ty, &w.data[span], buf);
-                    run_x(range, buf, blocks * e.block_bytes, &e.k)
+                    run(range, buf)
                 }),
                 None => run(range, &w.data[span]),
             };

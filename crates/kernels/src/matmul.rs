@@ -91,8 +91,14 @@ impl<'a> Activations<'a> {
     }
 }
 
+/// Up to this many values a matmul's activations are quantized on the
+/// calling thread: a decode step's few rows (8 sequences × 4,864 values at
+/// most for the 0.5B model) take a few microseconds, less than a round of
+/// the pool and a vector per row would cost.
+const QUANTIZE_ALONE_MAX: usize = 64 << 10;
+
 /// Quantize each `cols`-long row of `x` with `f`, rows spread over the pool
-/// when there are several (each row's blocks are independent).
+/// when there are many (each row's blocks are independent).
 fn quantize_rows<B: Send>(
     pool: &ThreadPool,
     x: &[f32],
@@ -100,7 +106,7 @@ fn quantize_rows<B: Send>(
     f: fn(&[f32], &mut Vec<B>),
 ) -> Vec<B> {
     let n_tok = x.len().checked_div(cols).unwrap_or(0);
-    if n_tok < 2 {
+    if n_tok < 2 || x.len() <= QUANTIZE_ALONE_MAX {
         let mut v = Vec::new();
         f(x, &mut v);
         return v;

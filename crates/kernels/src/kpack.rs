@@ -466,7 +466,7 @@ pub fn kernel_32(ty: GgmlType) -> Option<Kernel<BlockQ8>> {
             (SimdLevel::Avx2, Q8_0) if avx_vnni() => (kernels!(q8_0_avxvnni, 8), None),
             (SimdLevel::Avx2, Q5_0) if avx_vnni() => (kernels!(q5_0_avxvnni, 8), None),
             (SimdLevel::Avx2, Q4_1) if avx_vnni() => (kernels!(q4_1_avxvnni, 8), None),
-            (SimdLevel::Avx2, Q8_0) => (kernels!(q8_0_avx2), None),
+            (SimdLevel::Avx2, Q8_0) => (kernels!(q8_0_avx2, 8), None),
             (SimdLevel::Avx2, Q5_0) => (kernels!(q5_0_avx2, 8), None),
             (SimdLevel::Avx2Vnni, Q4_1) => (kernels!(q4_1_vnni, 8), Some(kernels!(q4_1_zmm, 8))),
             (SimdLevel::Avx2, Q4_1) => (kernels!(q4_1_avx2), None),
@@ -847,6 +847,22 @@ mod avx2 {
         unsafe fn store(v: __m512, p: *mut f32) {
             _mm512_storeu_ps(p, v)
         }
+    }
+
+    /// `$body` for `$t` = 0, 1, … `$n − 1` (`$n` ≤ 8, a constant), written
+    /// out: a loop over eight tokens' bodies is too long for the compiler to
+    /// unroll, and rolled it keeps every token's pointers on the stack.
+    macro_rules! unrolled {
+        ($n:expr, $t:ident, $body:block) => {{
+            const { assert!($n <= 8) };
+            unrolled!(@ $n, $t, $body, 0 1 2 3 4 5 6 7)
+        }};
+        (@ $n:expr, $t:ident, $body:block, $($i:literal)*) => {{$(
+            if $i < $n {
+                let $t: usize = $i;
+                $body
+            }
+        )*}};
     }
 
     /// Add the products of `u` and `x` to `p`: with VNNI one `vpdpbusd`
@@ -1303,7 +1319,7 @@ mod avx2 {
                     u[4 + w] = R::or(R::and(R::srl16(q, 4), lo4), high(w + 4));
                 }
                 let ones = R::splat16(1);
-                for t in 0..N {
+                unrolled!(N, t, {
                     let x = xq[t];
                     let mut lo = R::maddubs(u[0], R::bcast(x, 0));
                     let mut hi = R::maddubs(u[4], R::bcast(x, 16));
@@ -1316,7 +1332,7 @@ mod avx2 {
                     let isum = R::sub32(R::add32(a, h), off);
                     let dd = R::mul(d, R::splat_f(xb[t].d));
                     acc[t] = R::fmadd(dd, R::cvt(isum), acc[t]);
-                }
+                });
                 continue;
             }
             // One 32-bit sum per token, starting from the offset's −16·Σx

@@ -115,7 +115,7 @@ impl Sampler {
             return argmax(logits);
         }
         let t = c.temperature;
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = ops::max(logits);
         if c.top_k == 0 && c.top_p >= 1.0 && c.min_p <= 0.0 {
             // No truncation: draw from the whole softmax, weights computed
             // once, with no sort over the vocabulary.

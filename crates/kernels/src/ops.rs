@@ -199,6 +199,31 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
 }
 
 avx2_copy! {
+    /// The largest value of `x` (NaN passed over, −∞ for none), as
+    /// `x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))` gives it, in
+    /// sixteen running maxima the compiler vectorizes (a maximum does not
+    /// depend on the order). That fold, compiled for baseline x86-64 (four
+    /// lanes with NaN checks), was nine tenths of sampling's own time at a
+    /// temperature; this pass takes half as long, bound by reading the
+    /// logits (8-stream server on the AVX2 path, Xeon: 1.2 % → 0.6 % of
+    /// the samples).
+    pub fn max(x: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut c = x.chunks_exact(16);
+        for xs in &mut c {
+            for (m, &v) in lanes.iter_mut().zip(xs) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let mut best = f32::NEG_INFINITY;
+        for &v in lanes.iter().chain(c.remainder()) {
+            best = if v > best { v } else { best };
+        }
+        best
+    }
+}
+
+avx2_copy! {
     /// `out[i] = exp((x[i] - shift) * scale)`, returning their sum: the
     /// weights of a softmax with temperature (sampling), in one pass that the
     /// compiler vectorizes. The exponential is Cephes' single-precision one
@@ -316,6 +341,26 @@ mod tests {
                 "gelu({v}) = {got}, want {want}"
             );
         }
+    }
+
+    #[test]
+    fn max_is_the_folds() {
+        let mut x: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919) % 1003) as f32 * -0.5 + 3.0)
+            .collect();
+        let fold = |x: &[f32]| x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        assert_eq!(max(&x), fold(&x));
+        // The largest in the remainder past the last whole chunk, NaN and
+        // infinities anywhere, an empty slice.
+        x[1001] = 9.0;
+        x[5] = f32::NAN;
+        x[700] = f32::NEG_INFINITY;
+        assert_eq!(max(&x), 9.0);
+        x[17] = f32::INFINITY;
+        assert_eq!(max(&x), f32::INFINITY);
+        assert_eq!(max(&[f32::NAN; 40]), f32::NEG_INFINITY);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(max(&x[..16]), fold(&x[..16]));
     }
 
     #[test]

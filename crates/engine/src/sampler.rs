@@ -215,7 +215,7 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Log-softmax of `logits`: the chosen token's log-probability and the `top` best.
 pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<TokenLogprob>) {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let max = ops::max(logits);
     let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let top = top.min(idx.len());

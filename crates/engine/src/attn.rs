@@ -254,7 +254,7 @@ impl Attend<'_> {
                 qk::<L>(
                     &sc.qp,
                     &sc.qs,
-                    rn,
+                    (nq, rn),
                     hd,
                     &kb,
                     &mut s[i * KV_BLOCK * rn..][..KV_BLOCK * rn],
@@ -617,12 +617,23 @@ fn exp2_nonpositive(t: f32) -> f32 {
 
 /// A block's scores for every row: `out[j][r] = (Σ_d q[r][d]·k[j][d]) ·
 /// (qs[r]·kscale[j])`, the sum exact in i32; `qp` holds the queries as
-/// `[hd / 2][rn]` pairs of i16 and `out` is `[KV_BLOCK][rn]`.
+/// `[hd / 2][rn]` pairs of i16 and `out` is `[KV_BLOCK][rn]`. Rows from
+/// `nq` on are padding: where eight of them fill a vector of AVX2 lanes
+/// (a decode step's seven or six rows padded to sixteen), they score
+/// zeros instead.
 #[inline(always)]
-fn qk<const L: u8>(qp: &[i32], qs: &[f32], rn: usize, hd: usize, kb: &KeyBlock, out: &mut [f32]) {
+fn qk<const L: u8>(
+    qp: &[i32],
+    qs: &[f32],
+    (nq, rn): (usize, usize),
+    hd: usize,
+    kb: &KeyBlock,
+    out: &mut [f32],
+) {
     let (keys, ks) = (kb.keys, kb.scale);
     assert!(
         rn.is_multiple_of(LANES)
+            && nq <= rn
             && qp.len() >= hd / 2 * rn
             && qs.len() >= rn
             && out.len() >= KV_BLOCK * rn
@@ -649,40 +660,23 @@ fn qk<const L: u8>(qp: &[i32], qs: &[f32], rn: usize, hd: usize, kb: &KeyBlock, 
     }
     #[cfg(target_arch = "x86_64")]
     if L == 1 {
-        // SAFETY: in bounds (asserted above); AVX2 is enabled in the
-        // function this is inlined into (`L == 1`).
+        // Vectors of eight rows holding a query row.
+        let nv = nq.div_ceil(8);
+        // SAFETY: in bounds (asserted above; `v0 + NV <= nv <= rn / 8`);
+        // AVX2 is enabled in the function this is inlined into (`L == 1`).
         unsafe {
-            use std::arch::x86_64::*;
-            let kp = keys.as_ptr() as *const i32;
-            for v0 in (0..rn / 8).step_by(2) {
-                for j0 in (0..KV_BLOCK).step_by(4) {
-                    let mut acc = [[_mm256_setzero_si256(); 4]; 2];
-                    for dp in 0..hd / 2 {
-                        let q = &qp[dp * rn + v0 * 8..];
-                        let qv = [
-                            _mm256_loadu_si256(q.as_ptr() as *const _),
-                            _mm256_loadu_si256(q.as_ptr().add(8) as *const _),
-                        ];
-                        for j in 0..4 {
-                            let kk =
-                                _mm256_set1_epi32(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
-                            for (a, q) in acc.iter_mut().zip(&qv) {
-                                a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(*q, kk));
-                            }
-                        }
-                    }
-                    for (v, a) in acc.iter().enumerate() {
-                        let f = _mm256_loadu_ps(qs.as_ptr().add((v0 + v) * 8));
-                        for (j, x) in a.iter().enumerate() {
-                            let m = _mm256_mul_ps(f, _mm256_set1_ps(ks[j0 + j]));
-                            let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * 8);
-                            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(*x), m));
-                        }
-                    }
-                }
+            let mut v0 = 0;
+            while v0 < nv {
+                v0 += match nv - v0 {
+                    1 => qk_ymm::<1>(qp, qs, rn, v0, hd, keys, ks, out),
+                    _ => qk_ymm::<2>(qp, qs, rn, v0, hd, keys, ks, out),
+                };
             }
-            return;
         }
+        for j in 0..KV_BLOCK {
+            out[j * rn + nv * 8..(j + 1) * rn].fill(0.0);
+        }
+        return;
     }
     for j in 0..KV_BLOCK {
         let o = &mut out[j * rn..][..rn];
@@ -697,6 +691,53 @@ fn qk<const L: u8>(qp: &[i32], qs: &[f32], rn: usize, hd: usize, kb: &KeyBlock, 
             *o = acc as f32 * (qs[r] * ks[j]);
         }
     }
+}
+
+/// [`qk`]'s AVX2 tile: vectors `v0..v0 + NV` (eight rows each) against
+/// the block's keys, four at a time; returns `NV`.
+///
+/// # Safety
+/// AVX2; the bounds [`qk`] asserts, with `(v0 + NV)·8 <= rn`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn qk_ymm<const NV: usize>(
+    qp: &[i32],
+    qs: &[f32],
+    rn: usize,
+    v0: usize,
+    hd: usize,
+    keys: &[i16],
+    ks: &[f32],
+    out: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let kp = keys.as_ptr() as *const i32;
+    for j0 in (0..KV_BLOCK).step_by(4) {
+        let mut acc = [[_mm256_setzero_si256(); 4]; NV];
+        for dp in 0..hd / 2 {
+            let q = qp.as_ptr().add(dp * rn + v0 * 8);
+            let mut qv = [_mm256_setzero_si256(); NV];
+            for (v, x) in qv.iter_mut().enumerate() {
+                *x = _mm256_loadu_si256(q.add(v * 8) as *const _);
+            }
+            for j in 0..4 {
+                let kk = _mm256_set1_epi32(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
+                for (a, q) in acc.iter_mut().zip(&qv) {
+                    a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(*q, kk));
+                }
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            let f = _mm256_loadu_ps(qs.as_ptr().add((v0 + v) * 8));
+            for (j, x) in a.iter().enumerate() {
+                let m = _mm256_mul_ps(f, _mm256_set1_ps(*ks.get_unchecked(j0 + j)));
+                let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * 8);
+                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(*x), m));
+            }
+        }
+    }
+    NV
 }
 
 /// [`qk`]'s AVX-512 tile: lane vectors `v0..v0 + NV` (sixteen rows each)

@@ -204,13 +204,7 @@ impl Sampler {
 }
 
 pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
+    ops::argmax(x) as u32
 }
 
 /// Log-softmax of `logits`: the chosen token's log-probability and the `top` best.

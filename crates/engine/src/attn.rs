@@ -649,10 +649,10 @@ fn qk<const L: u8>(
             // AVX-512 VNNI is enabled in the function this is inlined into.
             v0 += unsafe {
                 match rn / 16 - v0 {
-                    1 => qk_zmm::<1, 8>(qp, qs, rn, v0, hd, keys, ks, out),
-                    2 => qk_zmm::<2, 8>(qp, qs, rn, v0, hd, keys, ks, out),
-                    3 => qk_zmm::<3, 8>(qp, qs, rn, v0, hd, keys, ks, out),
-                    _ => qk_zmm::<4, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    1 => qk_tile::<Zmm, 1, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    2 => qk_tile::<Zmm, 2, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    3 => qk_tile::<Zmm, 3, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    _ => qk_tile::<Zmm, 4, 4>(qp, qs, rn, v0, hd, keys, ks, out),
                 }
             };
         }
@@ -668,8 +668,8 @@ fn qk<const L: u8>(
             let mut v0 = 0;
             while v0 < nv {
                 v0 += match nv - v0 {
-                    1 => qk_ymm::<1>(qp, qs, rn, v0, hd, keys, ks, out),
-                    _ => qk_ymm::<2>(qp, qs, rn, v0, hd, keys, ks, out),
+                    1 => qk_tile::<Ymm, 1, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    _ => qk_tile::<Ymm, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
                 };
             }
         }
@@ -693,62 +693,104 @@ fn qk<const L: u8>(
     }
 }
 
-/// [`qk`]'s AVX2 tile: vectors `v0..v0 + NV` (eight rows each) against
-/// the block's keys, four at a time; returns `NV`.
-///
-/// # Safety
-/// AVX2; the bounds [`qk`] asserts, with `(v0 + NV)·8 <= rn`.
+/// The vector operations of [`qk_tile`], at one width: eight lanes with
+/// AVX2 (`vpmaddwd`, then an add), sixteen with AVX-512 VNNI (`vpdpwssd`).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn qk_ymm<const NV: usize>(
-    qp: &[i32],
-    qs: &[f32],
-    rn: usize,
-    v0: usize,
-    hd: usize,
-    keys: &[i16],
-    ks: &[f32],
-    out: &mut [f32],
-) -> usize {
-    use std::arch::x86_64::*;
-    let kp = keys.as_ptr() as *const i32;
-    for j0 in (0..KV_BLOCK).step_by(4) {
-        let mut acc = [[_mm256_setzero_si256(); 4]; NV];
-        for dp in 0..hd / 2 {
-            let q = qp.as_ptr().add(dp * rn + v0 * 8);
-            let mut qv = [_mm256_setzero_si256(); NV];
-            for (v, x) in qv.iter_mut().enumerate() {
-                *x = _mm256_loadu_si256(q.add(v * 8) as *const _);
-            }
-            for j in 0..4 {
-                let kk = _mm256_set1_epi32(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
-                for (a, q) in acc.iter_mut().zip(&qv) {
-                    a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(*q, kk));
-                }
-            }
-        }
-        for (v, a) in acc.iter().enumerate() {
-            let f = _mm256_loadu_ps(qs.as_ptr().add((v0 + v) * 8));
-            for (j, x) in a.iter().enumerate() {
-                let m = _mm256_mul_ps(f, _mm256_set1_ps(*ks.get_unchecked(j0 + j)));
-                let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * 8);
-                _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(*x), m));
-            }
-        }
-    }
-    NV
+trait QkLanes {
+    /// Query rows a vector holds.
+    const W: usize;
+    type I: Copy;
+    /// # Safety
+    /// The width's features are enabled where this is inlined.
+    unsafe fn zero() -> Self::I;
+    /// # Safety
+    /// As [`QkLanes::zero`]; `W` values readable at `p`.
+    unsafe fn load(p: *const i32) -> Self::I;
+    /// # Safety
+    /// As [`QkLanes::zero`].
+    unsafe fn splat(x: i32) -> Self::I;
+    /// `acc` plus each lane's i16 pair of `q` times the pair `k`.
+    /// # Safety
+    /// As [`QkLanes::zero`].
+    unsafe fn dot(acc: Self::I, q: Self::I, k: Self::I) -> Self::I;
+    /// `o[l] = sum[l] as f32 · (f[l] · k)`, `f` and `o` `W` floats.
+    /// # Safety
+    /// As [`QkLanes::zero`]; `W` floats readable at `f`, writable at `o`.
+    unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32);
 }
 
-/// [`qk`]'s AVX-512 tile: lane vectors `v0..v0 + NV` (sixteen rows each)
-/// against the block's keys, `KJ` at a time; returns `NV`.
+#[cfg(target_arch = "x86_64")]
+struct Ymm;
+
+#[cfg(target_arch = "x86_64")]
+impl QkLanes for Ymm {
+    const W: usize = 8;
+    type I = std::arch::x86_64::__m256i;
+    #[inline(always)]
+    unsafe fn zero() -> Self::I {
+        std::arch::x86_64::_mm256_setzero_si256()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const i32) -> Self::I {
+        std::arch::x86_64::_mm256_loadu_si256(p as *const _)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: i32) -> Self::I {
+        std::arch::x86_64::_mm256_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn dot(acc: Self::I, q: Self::I, k: Self::I) -> Self::I {
+        use std::arch::x86_64::*;
+        _mm256_add_epi32(acc, _mm256_madd_epi16(q, k))
+    }
+    #[inline(always)]
+    unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32) {
+        use std::arch::x86_64::*;
+        let m = _mm256_mul_ps(_mm256_loadu_ps(f), _mm256_set1_ps(k));
+        _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(sum), m));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Zmm;
+
+#[cfg(target_arch = "x86_64")]
+impl QkLanes for Zmm {
+    const W: usize = 16;
+    type I = std::arch::x86_64::__m512i;
+    #[inline(always)]
+    unsafe fn zero() -> Self::I {
+        std::arch::x86_64::_mm512_setzero_si512()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const i32) -> Self::I {
+        std::arch::x86_64::_mm512_loadu_si512(p as *const _)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: i32) -> Self::I {
+        std::arch::x86_64::_mm512_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn dot(acc: Self::I, q: Self::I, k: Self::I) -> Self::I {
+        std::arch::x86_64::_mm512_dpwssd_epi32(acc, q, k)
+    }
+    #[inline(always)]
+    unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32) {
+        use std::arch::x86_64::*;
+        let m = _mm512_mul_ps(_mm512_loadu_ps(f), _mm512_set1_ps(k));
+        _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), m));
+    }
+}
+
+/// [`qk`]'s tile: vectors `v0..v0 + NV` (`R::W` rows each) against the
+/// block's keys, `KJ` at a time; returns `NV`.
 ///
 /// # Safety
-/// AVX-512 VNNI; the bounds [`qk`] asserts, with `(v0 + NV)·16 <= rn`.
+/// `R`'s features; the bounds [`qk`] asserts, with `(v0 + NV)·R::W <= rn`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn qk_zmm<const NV: usize, const KJ: usize>(
+unsafe fn qk_tile<R: QkLanes, const NV: usize, const KJ: usize>(
     qp: &[i32],
     qs: &[f32],
     rn: usize,
@@ -758,29 +800,27 @@ unsafe fn qk_zmm<const NV: usize, const KJ: usize>(
     ks: &[f32],
     out: &mut [f32],
 ) -> usize {
-    use std::arch::x86_64::*;
     let kp = keys.as_ptr() as *const i32;
     for j0 in (0..KV_BLOCK).step_by(KJ) {
-        let mut acc = [[_mm512_setzero_si512(); KJ]; NV];
+        let mut acc = [[R::zero(); KJ]; NV];
         for dp in 0..hd / 2 {
-            let q = qp.as_ptr().add(dp * rn + v0 * 16);
-            let mut qv = [_mm512_setzero_si512(); NV];
+            let q = qp.as_ptr().add(dp * rn + v0 * R::W);
+            let mut qv = [R::zero(); NV];
             for (v, x) in qv.iter_mut().enumerate() {
-                *x = _mm512_loadu_si512(q.add(v * 16) as *const _);
+                *x = R::load(q.add(v * R::W));
             }
             for j in 0..KJ {
-                let kk = _mm512_set1_epi32(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
+                let kk = R::splat(kp.add(dp * KV_BLOCK + j0 + j).read_unaligned());
                 for (a, q) in acc.iter_mut().zip(&qv) {
-                    a[j] = _mm512_dpwssd_epi32(a[j], *q, kk);
+                    a[j] = R::dot(a[j], *q, kk);
                 }
             }
         }
         for (v, a) in acc.iter().enumerate() {
-            let f = _mm512_loadu_ps(qs.as_ptr().add((v0 + v) * 16));
+            let f = qs.as_ptr().add((v0 + v) * R::W);
             for (j, x) in a.iter().enumerate() {
-                let m = _mm512_mul_ps(f, _mm512_set1_ps(*ks.get_unchecked(j0 + j)));
-                let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * 16);
-                _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(*x), m));
+                let o = out.as_mut_ptr().add((j0 + j) * rn + (v0 + v) * R::W);
+                R::scale_store(*x, f, *ks.get_unchecked(j0 + j), o);
             }
         }
     }

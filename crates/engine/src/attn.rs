@@ -54,15 +54,19 @@ pub(crate) enum Level {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI.
     Vnni,
+    /// AVX2 with AVX-VNNI (`vpdpwssd`/`vpdpbusd` on 256-bit registers:
+    /// Intel's client CPUs since Alder Lake, which lack AVX-512).
+    AvxVnni,
 }
 
 impl Level {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            use hanlin_kernels::dot::{simd_level, SimdLevel};
+            use hanlin_kernels::dot::{avx_vnni, simd_level, SimdLevel};
             match simd_level() {
                 SimdLevel::Avx2Vnni => Level::Vnni,
+                SimdLevel::Avx2 if avx_vnni() => Level::AvxVnni,
                 SimdLevel::Avx2 => Level::Avx2,
                 SimdLevel::Scalar => Level::Portable,
             }
@@ -135,6 +139,9 @@ impl Attend<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2 and FMA were detected at run time.
             Level::Avx2 => unsafe { self.job_avx2(kvh, blk, sc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2, FMA and AVX-VNNI were detected at run time.
+            Level::AvxVnni => unsafe { self.job_avxvnni(kvh, blk, sc) },
             _ => self.job::<0>(kvh, blk, sc),
         }
     }
@@ -151,8 +158,15 @@ impl Attend<'_> {
         self.job::<1>(kvh, blk, sc)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    unsafe fn job_avxvnni(&self, kvh: usize, blk: usize, sc: &mut Scratch) {
+        self.job::<3>(kvh, blk, sc)
+    }
+
     /// `L`: 0 portable, 1 AVX2 (inside [`Self::job_avx2`]), 2 AVX-512 VNNI
-    /// (inside [`Self::job_vnni`]).
+    /// (inside [`Self::job_vnni`]), 3 AVX2 with AVX-VNNI (inside
+    /// [`Self::job_avxvnni`]).
     ///
     /// The job's query rows (`tb` tokens × `group` heads, padded to a
     /// multiple of [`LANES`] with copies of the last row) sit side by side:
@@ -659,17 +673,20 @@ fn qk<const L: u8>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if L == 1 {
+    if L == 1 || L == 3 {
         // Vectors of eight rows holding a query row.
         let nv = nq.div_ceil(8);
         // SAFETY: in bounds (asserted above; `v0 + NV <= nv <= rn / 8`);
-        // AVX2 is enabled in the function this is inlined into (`L == 1`).
+        // AVX2 is enabled in the function this is inlined into (`L` 1 or
+        // 3), and AVX-VNNI with it where `L == 3`.
         unsafe {
             let mut v0 = 0;
             while v0 < nv {
-                v0 += match nv - v0 {
-                    1 => qk_tile::<Ymm, 1, 4>(qp, qs, rn, v0, hd, keys, ks, out),
-                    _ => qk_tile::<Ymm, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                v0 += match (L, nv - v0) {
+                    (1, 1) => qk_tile::<Ymm, 1, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    (1, _) => qk_tile::<Ymm, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    (_, 1) => qk_tile::<YmmVnni, 1, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    _ => qk_tile::<YmmVnni, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
                 };
             }
         }
@@ -748,6 +765,36 @@ impl QkLanes for Ymm {
         use std::arch::x86_64::*;
         let m = _mm256_mul_ps(_mm256_loadu_ps(f), _mm256_set1_ps(k));
         _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(sum), m));
+    }
+}
+
+/// [`Ymm`] with AVX-VNNI's `vpdpwssd`, which adds as it multiplies.
+#[cfg(target_arch = "x86_64")]
+struct YmmVnni;
+
+#[cfg(target_arch = "x86_64")]
+impl QkLanes for YmmVnni {
+    const W: usize = 8;
+    type I = std::arch::x86_64::__m256i;
+    #[inline(always)]
+    unsafe fn zero() -> Self::I {
+        Ymm::zero()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const i32) -> Self::I {
+        Ymm::load(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: i32) -> Self::I {
+        Ymm::splat(x)
+    }
+    #[inline(always)]
+    unsafe fn dot(acc: Self::I, q: Self::I, k: Self::I) -> Self::I {
+        std::arch::x86_64::_mm256_dpwssd_avx_epi32(acc, q, k)
+    }
+    #[inline(always)]
+    unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32) {
+        Ymm::scale_store(sum, f, k, o)
     }
 }
 
@@ -879,10 +926,11 @@ fn pv<const L: u8>(w: Weights, ws: [f32; 4], vb: &ValBlock, kvd: usize, hd: usiz
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if L >= 1 && hd.is_multiple_of(16) {
+    if (L == 1 || L == 3) && hd.is_multiple_of(16) {
         // SAFETY: in bounds (asserted above: dimension `at + d0 + 15` of
         // key quad `jq < KV_BLOCK/4` lies within `vals`); AVX2 is enabled
-        // in the function this is inlined into (`L >= 1`).
+        // in the function this is inlined into (`L` 1 or 3), and AVX-VNNI
+        // with it where `L == 3`.
         unsafe {
             use std::arch::x86_64::*;
             let ones = _mm256_set1_epi16(1);
@@ -895,11 +943,16 @@ fn pv<const L: u8>(w: Weights, ws: [f32; 4], vb: &ValBlock, kvd: usize, hd: usiz
                     let v1 = _mm256_loadu_si256(vp.add(32) as *const _);
                     for (a, &u) in acc.iter_mut().zip(&up) {
                         let ub = _mm256_set1_epi32(*u.add(jq * LANES) as i32);
-                        // Weights are at most 127: pairs sum within i16.
-                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v0), ones);
-                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v1), ones);
-                        a[0] = _mm256_add_epi32(a[0], p0);
-                        a[1] = _mm256_add_epi32(a[1], p1);
+                        if L == 3 {
+                            a[0] = _mm256_dpbusd_avx_epi32(a[0], ub, v0);
+                            a[1] = _mm256_dpbusd_avx_epi32(a[1], ub, v1);
+                        } else {
+                            // Weights are at most 127: pairs sum within i16.
+                            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v0), ones);
+                            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ub, v1), ones);
+                            a[0] = _mm256_add_epi32(a[0], p0);
+                            a[1] = _mm256_add_epi32(a[1], p1);
+                        }
                     }
                 }
                 for (i, (a, &w)) in acc.iter().zip(&ws).enumerate() {
@@ -1127,6 +1180,9 @@ mod tests {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 levels.push(Level::Avx2);
+                if is_x86_feature_detected!("avxvnni") {
+                    levels.push(Level::AvxVnni);
+                }
             }
             if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")

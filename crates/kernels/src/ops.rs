@@ -333,24 +333,26 @@ pub const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// `exp(x)` for `x` clamped to `[-87.33, 88.37]` (so `2^n` stays a normal
 /// float): Cody–Waite reduction and a degree-6 polynomial, within a few
-/// ulp of libm's, branch-free so that loops of it vectorize.
+/// ulp of libm's, branch-free so that loops of it vectorize. Its steps are
+/// fused multiply-adds (a third fewer operations in the AVX2 loops; the
+/// portable build calls libm's exact `fmaf`, so the bits are the same).
 #[inline(always)]
 fn exp_clamped(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.33, 88.37);
-    let t = x * LOG2E + ROUND_MAGIC;
+    let t = x.mul_add(LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let mut p: f32 = 1.987_569_1e-4;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let y = (p * r).mul_add(r, r) + 1.0;
     y * f32::from_bits(((ni + 127) << 23) as u32)
 }
 

@@ -10,11 +10,13 @@
 //! - [`ops`]: RMSNorm, RoPE, softmax, activations.
 //! - [`pool`]: the persistent thread pool.
 
-/// A function whose body is compiled twice: as written, and with AVX2 and
-/// FMA enabled, the copy taken when the CPU has them (`dot::simd_level`).
-/// The same Rust either way, and Rust never fuses a multiply and an add on
-/// its own, so both give the same bits; the second just vectorizes wider.
-macro_rules! avx2_copy {
+/// A function whose body is compiled three times: as written, with AVX2
+/// and FMA enabled, and with AVX-512 F/BW/VL as well, the copy taken being
+/// the one `dot::simd_level` allows. The same Rust each time, and Rust
+/// never fuses a multiply and an add on its own (an explicit `mul_add` is
+/// one instruction in the SIMD copies and libm's exact `fmaf` in the
+/// first), so all give the same bits; the later ones just vectorize wider.
+macro_rules! simd_copies {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) $(-> $r)? {
@@ -26,9 +28,17 @@ macro_rules! avx2_copy {
                 unsafe fn avx2($($a: $t),*) $(-> $r)? {
                     body($($a),*)
                 }
-                if crate::dot::simd_level() != crate::dot::SimdLevel::Scalar {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512($($a: $t),*) $(-> $r)? {
+                    body($($a),*)
+                }
+                match crate::dot::simd_level() {
+                    // SAFETY: `simd_level` found AVX-512 F/BW/VL (with
+                    // VNNI), AVX2, FMA and F16C.
+                    crate::dot::SimdLevel::Avx2Vnni => return unsafe { avx512($($a),*) },
                     // SAFETY: `simd_level` found AVX2, FMA and F16C.
-                    return unsafe { avx2($($a),*) };
+                    crate::dot::SimdLevel::Avx2 => return unsafe { avx2($($a),*) },
+                    crate::dot::SimdLevel::Scalar => {}
                 }
             }
             body($($a),*)

@@ -1,12 +1,11 @@
 //! Element-wise and row-wise operations of the transformer layers.
 
-avx2_copy! {
+simd_copies! {
     /// RMSNorm of each row of `x` (row length `w.len()`) into `out`.
     pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let n = w.len();
         for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let scale = 1.0 / (ss + eps).sqrt();
+            let scale = 1.0 / (sum_squares(xr) / n as f32 + eps).sqrt();
             for ((o, v), g) in or.iter_mut().zip(xr).zip(w) {
                 *o = v * scale * g;
             }
@@ -14,18 +13,37 @@ avx2_copy! {
     }
 }
 
-avx2_copy! {
+simd_copies! {
     /// In-place RMSNorm over each `w.len()`-sized chunk of `x`.
     pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
         let n = w.len();
         for xr in x.chunks_exact_mut(n) {
-            let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let scale = 1.0 / (ss + eps).sqrt();
+            let scale = 1.0 / (sum_squares(xr) / n as f32 + eps).sqrt();
             for (v, g) in xr.iter_mut().zip(w) {
                 *v *= scale * g;
             }
         }
     }
+}
+
+/// `Σ v²` of a row in sixteen running sums (element `i` into sum `i % 16`,
+/// then the sixteen and the remainder in order), so the SIMD copies
+/// vectorize it: one sum in order was a chain of dependent adds, and a
+/// prefill's norms run on one thread while the others wait.
+#[inline(always)]
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut c = x.chunks_exact(16);
+    for xs in &mut c {
+        for (l, v) in lanes.iter_mut().zip(xs) {
+            *l = v.mul_add(*v, *l);
+        }
+    }
+    let mut ss = lanes.iter().sum::<f32>();
+    for v in c.remainder() {
+        ss = v.mul_add(*v, ss);
+    }
+    ss
 }
 
 /// Rotary position embedding layout.
@@ -148,7 +166,7 @@ pub enum Act {
     GeluTanh,
 }
 
-avx2_copy! {
+simd_copies! {
     /// `gate = act(gate) * up`, element-wise.
     pub fn glu(gate: &mut [f32], up: &[f32], act: Act) {
         #[inline(always)]
@@ -198,7 +216,7 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
-avx2_copy! {
+simd_copies! {
     /// The largest value of `x` (NaN passed over, −∞ for none), as
     /// `x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))` gives it, in
     /// sixteen running maxima the compiler vectorizes (a maximum does not
@@ -234,7 +252,7 @@ fn argmax_long(x: &[f32]) -> usize {
     best
 }
 
-avx2_copy! {
+simd_copies! {
     /// Where the first largest value of `x` lies (NaN passed over; 0 when
     /// nothing is larger than −∞): greedy decoding's choice. Sixteen
     /// running maxima with their positions, which the compiler vectorizes
@@ -281,7 +299,7 @@ avx2_copy! {
     }
 }
 
-avx2_copy! {
+simd_copies! {
     /// `out[i] = exp((x[i] - shift) * scale)`, returning their sum: the
     /// weights of a softmax with temperature (sampling), in one pass that the
     /// compiler vectorizes. The exponential is Cephes' single-precision one
@@ -461,8 +479,39 @@ mod tests {
     }
 
     #[test]
+    fn rms_norm_gives_the_portable_bits_close_to_exact() {
+        // Rows of 899 (sixteen-lane chunks and a remainder), the SIMD copy
+        // against the steps compiled for baseline x86-64, and both against
+        // f64.
+        let n = 899;
+        let x: Vec<f32> = (0..3 * n)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.013 - 6.5)
+            .collect();
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let mut out = vec![0f32; x.len()];
+        rms_norm(&x, &w, 1e-6, &mut out);
+        let mut inplace = x.clone();
+        rms_norm_inplace(&mut inplace, &w, 1e-6);
+        for (r, xr) in x.chunks_exact(n).enumerate() {
+            let scale = 1.0 / (sum_squares(xr) / n as f32 + 1e-6).sqrt();
+            let exact = 1.0
+                / (xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64 + 1e-6).sqrt();
+            for (i, (&v, &g)) in xr.iter().zip(&w).enumerate() {
+                let got = out[r * n + i];
+                assert_eq!(got.to_bits(), (v * scale * g).to_bits(), "row {r}, {i}");
+                assert_eq!(inplace[r * n + i].to_bits(), (v * (scale * g)).to_bits());
+                let want = v as f64 * exact * g as f64;
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{got} against {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn exp_weights_give_the_portable_bits() {
-        // The AVX2 copy (taken on this CPU unless HANLIN_SIMD says less)
+        // The SIMD copy (taken on this CPU unless HANLIN_SIMD says less)
         // against the element function compiled for baseline x86-64: a
         // seeded sample must not depend on the SIMD level.
         let x: Vec<f32> = (0..4099)

@@ -686,10 +686,10 @@ fn qk<const L: u8>(
             let mut v0 = 0;
             while v0 < nv {
                 v0 += match (L, nv - v0) {
-                    (1, 1) => qk_tile::<Ymm, 1, 4>(qp, qs, rn, v0, hd, keys, ks, out),
-                    (1, _) => qk_tile::<Ymm, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
-                    (_, 1) => qk_tile::<YmmVnni, 1, 8>(qp, qs, rn, v0, hd, keys, ks, out),
-                    _ => qk_tile::<YmmVnni, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    (1, 1) => qk_tile::<Ymm<false>, 1, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    (1, _) => qk_tile::<Ymm<false>, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
+                    (_, 1) => qk_tile::<Ymm<true>, 1, 8>(qp, qs, rn, v0, hd, keys, ks, out),
+                    _ => qk_tile::<Ymm<true>, 2, 4>(qp, qs, rn, v0, hd, keys, ks, out),
                 };
             }
         }
@@ -714,7 +714,8 @@ fn qk<const L: u8>(
 }
 
 /// The vector operations of [`qk_tile`], at one width: eight lanes with
-/// AVX2 (`vpmaddwd`, then an add), sixteen with AVX-512 VNNI (`vpdpwssd`).
+/// AVX2 (`vpmaddwd`, then an add) or AVX-VNNI (`vpdpwssd`), sixteen with
+/// AVX-512 VNNI (`vpdpwssd`).
 #[cfg(target_arch = "x86_64")]
 trait QkLanes {
     /// Query rows a vector holds.
@@ -739,11 +740,12 @@ trait QkLanes {
     unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32);
 }
 
+/// Eight lanes; `VNNI`: multiply and add in one AVX-VNNI `vpdpwssd`.
 #[cfg(target_arch = "x86_64")]
-struct Ymm;
+struct Ymm<const VNNI: bool>;
 
 #[cfg(target_arch = "x86_64")]
-impl QkLanes for Ymm {
+impl<const VNNI: bool> QkLanes for Ymm<VNNI> {
     const W: usize = 8;
     type I = std::arch::x86_64::__m256i;
     #[inline(always)]
@@ -761,43 +763,17 @@ impl QkLanes for Ymm {
     #[inline(always)]
     unsafe fn dot(acc: Self::I, q: Self::I, k: Self::I) -> Self::I {
         use std::arch::x86_64::*;
-        _mm256_add_epi32(acc, _mm256_madd_epi16(q, k))
+        if VNNI {
+            _mm256_dpwssd_avx_epi32(acc, q, k)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(q, k))
+        }
     }
     #[inline(always)]
     unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32) {
         use std::arch::x86_64::*;
         let m = _mm256_mul_ps(_mm256_loadu_ps(f), _mm256_set1_ps(k));
         _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(sum), m));
-    }
-}
-
-/// [`Ymm`] with AVX-VNNI's `vpdpwssd`, which adds as it multiplies.
-#[cfg(target_arch = "x86_64")]
-struct YmmVnni;
-
-#[cfg(target_arch = "x86_64")]
-impl QkLanes for YmmVnni {
-    const W: usize = 8;
-    type I = std::arch::x86_64::__m256i;
-    #[inline(always)]
-    unsafe fn zero() -> Self::I {
-        Ymm::zero()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const i32) -> Self::I {
-        Ymm::load(p)
-    }
-    #[inline(always)]
-    unsafe fn splat(x: i32) -> Self::I {
-        Ymm::splat(x)
-    }
-    #[inline(always)]
-    unsafe fn dot(acc: Self::I, q: Self::I, k: Self::I) -> Self::I {
-        std::arch::x86_64::_mm256_dpwssd_avx_epi32(acc, q, k)
-    }
-    #[inline(always)]
-    unsafe fn scale_store(sum: Self::I, f: *const f32, k: f32, o: *mut f32) {
-        Ymm::scale_store(sum, f, k, o)
     }
 }
 

@@ -842,7 +842,8 @@ mod tests {
                     kpack::pack(ty, &mut p, rows, cols);
                     p
                 });
-                for n_tok in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 15, 16, 17, 18, 33] {
+                // 70: a prefill's expanded groups (`EXPAND_MIN_TOKENS`).
+                for n_tok in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 15, 16, 17, 18, 33, 70] {
                     let x: Vec<f32> = (0..n_tok * cols)
                         .map(|_| rng.random_range(-2.0..2.0f32))
                         .collect();

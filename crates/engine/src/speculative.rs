@@ -480,7 +480,7 @@ pub struct Payoff {
 /// for one timed plain step ([`Payoff::propose`]), so one step is plain.
 /// (Four, before: the 1.5B model's grounded answers average ten tokens, so
 /// three plain steps were a third of an answer; `bench/speculative.py
-/// --grounded`, Zen 3, 1.25–1.39× → 1.44–1.45×.)
+/// --grounded`, Zen 3, 1.25–1.39× → 1.43–1.45×.)
 const WARM: usize = 1;
 /// Rounds measured before proposals may be switched off (after four, a
 /// code answer that began with two rejections was switched off for 64

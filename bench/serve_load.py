@@ -5,7 +5,9 @@ llama.cpp's `llama-server -np N` (same GGUF, same threads), in one run.
 Prints aggregate decode tokens/s, TTFT p50/p95 and the ratios, the N
 streams' rate against the engine's own 512-token prefill rate (`hanlin bench
 -p 512`, measured in the same run: how close batched decode comes to the
-compute roof that prefill shows), plus the prefix-cache check (second turn
+compute roof that prefill shows) and against the engine's own batched decode
+of as many sequences (`hanlin bench -b N`: what the server itself costs),
+plus the prefix-cache check (second turn
 of a conversation with a ~1,500-token history: TTFT relative to the first
 turn).
 
@@ -249,6 +251,17 @@ def bench_prefill(binary, model, tokens, threads, reps):
     return json.loads(out.strip().splitlines()[-1])["prefill_tok_s"]
 
 
+def bench_engine(binary, model, threads, streams, tokens, reps):
+    """`hanlin bench`'s 512-token prefill rate and its `streams`-sequence
+    decode rate (`-b`, `tokens` steps; the engine's batched forward pass
+    without the server), each the median of `reps`."""
+    out = subprocess.run([str(binary), "bench", model, "-p", "512", "-n", str(tokens), "-b", str(streams),
+                          "-r", str(reps), "-t", str(threads), "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    j = json.loads(out.strip().splitlines()[-1])
+    return j["prefill_tok_s"], j["batched_decode_tok_s"]
+
+
 def find_llama_server():
     p = os.environ.get("LLAMA_SERVER")
     if p:
@@ -313,7 +326,7 @@ def main():
         finally:
             proc.terminate()
             proc.wait()
-    pp512 = bench_prefill(HANLIN, args.model, 512, args.threads, reps=3)
+    pp512, batched = bench_engine(HANLIN, args.model, args.threads, args.streams, args.tokens, reps=3)
     print(f"model {args.model}, {args.threads} threads, {args.tokens} max tokens per stream"
           + (", requests that quote their prompt" if args.quote else ""))
     print(f"medians of {args.reps} runs (every run's aggregate tok/s in brackets)")
@@ -328,6 +341,10 @@ def main():
     print(f"hanlin {args.streams} streams / hanlin 1 stream: {hn['tok_s'] / h1['tok_s']:.2f}x")
     print(f"hanlin {args.streams} streams / own pp512 ({pp512:.1f} tok/s in hanlin bench): "
           f"{hn['tok_s'] / pp512:.2f}x")
+    # Which part of that is the server's: its streams against the engine's
+    # own batched decode of as many sequences, and that against pp512.
+    print(f"hanlin {args.streams} streams / the engine's own {args.streams}-sequence decode ({batched:.1f} tok/s in "
+          f"hanlin bench -b {args.streams}): {hn['tok_s'] / batched:.2f}x; that decode / pp512: {batched / pp512:.2f}x")
     if ("llama-server", args.streams) in rows:
         ln = rows["llama-server", args.streams]
         print(f"hanlin / llama-server at {args.streams} streams: {hn['tok_s'] / ln['tok_s']:.2f}x")

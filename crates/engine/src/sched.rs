@@ -32,8 +32,8 @@ use crate::kv::{KvBlocks, KvCache, KvShape};
 use crate::model::{BatchLogits, BatchSeq, Logits};
 use crate::sampler::TokenLogprob;
 use crate::speculative::{
-    draft_logits, propose_after, room, same_vocabulary, verify, AdaptiveK, Payoff, PromptLookup,
-    Round,
+    draft_logits, draft_start, propose_after, room, same_vocabulary, verify, AdaptiveK, Payoff,
+    PromptLookup, Round,
 };
 use crate::EngineError;
 use std::collections::VecDeque;
@@ -298,9 +298,18 @@ struct Waiting {
 /// A sequence's guessers: prompt lookup first, then the draft model.
 struct Guess {
     lookup: Option<PromptLookup>,
-    /// The draft model's KV cache, of a prefix of the sequence's tokens.
-    draft: Option<KvCache>,
+    /// The draft model's KV cache, of a stretch of the sequence's tokens.
+    draft: Option<DraftCache>,
     k: AdaptiveK,
+}
+
+/// A draft model's KV cache of a sequence's tokens from `off` on (`off` is
+/// 0 unless the draft had to catch up on more than
+/// [`DRAFT_WINDOW`](crate::speculative::DRAFT_WINDOW) tokens and started
+/// afresh on the latest ones: see [`draft_start`]).
+struct DraftCache {
+    cache: KvCache,
+    off: usize,
 }
 
 struct Seq {
@@ -350,8 +359,7 @@ impl Seq {
         (room, found)
     }
 
-    /// The tokens the draft's cache lacks: those of `tokens` (and the
-    /// pending one) after it.
+    /// The tokens the draft's cache lacks: those of `tokens` after it.
     fn draft_lag(&self) -> &[u32] {
         let Some(Guess {
             draft: Some(dc), ..
@@ -359,8 +367,25 @@ impl Seq {
         else {
             return &[];
         };
-        let known = dc.len().min(self.tokens.len());
+        let known = (dc.off + dc.cache.len()).min(self.tokens.len());
         &self.tokens[known..]
+    }
+
+    /// Starts the draft afresh on the latest tokens when it lags by more
+    /// than [`DRAFT_WINDOW`](crate::speculative::DRAFT_WINDOW) of them.
+    fn draft_window(&mut self) {
+        let len = self.tokens.len();
+        if let Some(Guess {
+            draft: Some(dc), ..
+        }) = &mut self.guess
+        {
+            let held = dc.cache.len().min(len.saturating_sub(dc.off));
+            let off = draft_start(dc.off, held, len);
+            if off != dc.off {
+                dc.cache.truncate(0);
+                dc.off = off;
+            }
+        }
     }
 
     /// Sample from this step's logits (a row per fed token when guesses
@@ -383,7 +408,8 @@ impl Seq {
             g.k.update(self.drafts.len(), round.accepted);
             if let Some(dc) = &mut g.draft {
                 // Its proposals past the first rejected one go.
-                dc.truncate(dc.len().min(round.held));
+                let held = round.held.saturating_sub(dc.off);
+                dc.cache.truncate(dc.cache.len().min(held));
             }
         }
         round
@@ -398,17 +424,21 @@ impl Seq {
 struct Cached {
     tokens: Vec<u32>,
     cache: KvCache,
-    draft: Option<KvCache>,
+    draft: Option<DraftCache>,
 }
 
 impl Cached {
-    /// The first `n` positions of `cache` and `draft` (the draft's may hold
-    /// fewer), which hold `prompt[..n]`; blocks are shared, not copied.
-    fn prefix(cache: &KvCache, draft: Option<&KvCache>, prompt: &[u32], n: usize) -> Self {
+    /// The first `n` positions of `cache` and what `draft` holds of them
+    /// (it may hold fewer), which hold `prompt[..n]`; blocks are shared,
+    /// not copied.
+    fn prefix(cache: &KvCache, draft: Option<&DraftCache>, prompt: &[u32], n: usize) -> Self {
         Self {
             tokens: prompt[..n].to_vec(),
             cache: cache.clone_prefix(n),
-            draft: draft.map(|d| d.clone_prefix(n)),
+            draft: draft.filter(|d| d.off < n).map(|d| DraftCache {
+                cache: d.cache.clone_prefix(n - d.off),
+                off: d.off,
+            }),
         }
     }
 }
@@ -831,13 +861,16 @@ impl Worker {
     /// How a new sequence guesses: prompt lookup when it is on, then the
     /// draft model when there is one, from `prefix` (the draft's cache of a
     /// prefix of the sequence's tokens) when one was found.
-    fn guesser(&self, prefix: Option<KvCache>) -> Option<Guess> {
+    fn guesser(&self, prefix: Option<DraftCache>) -> Option<Guess> {
         let lookup = (self.cfg.lookup != Lookup::Off).then(PromptLookup::default);
         let draft = self.draft.as_ref().map(|d| {
             prefix.unwrap_or_else(|| {
                 let c = &d.model.cfg;
                 let ctx = self.cfg.ctx.min(c.context_length);
-                KvCache::counted(KvShape::of(c), ctx, self.draft_blocks.clone())
+                DraftCache {
+                    cache: KvCache::counted(KvShape::of(c), ctx, self.draft_blocks.clone()),
+                    off: 0,
+                }
             })
         });
         (lookup.is_some() || draft.is_some()).then(|| Guess {
@@ -871,6 +904,9 @@ impl Worker {
         // Round 0 catches up and feeds the pending token; each later round
         // feeds the previous round's proposal.
         let mut feeds: Vec<(usize, Vec<u32>, Logits)> = Vec::new();
+        for (s, _) in self.active.iter_mut().zip(allot).filter(|(_, &a)| a > 0) {
+            s.draft_window();
+        }
         for (i, s) in self.active.iter().enumerate() {
             let Some(Guess {
                 draft: Some(dc), ..
@@ -892,7 +928,7 @@ impl Worker {
                 feed.push(id);
                 want = draft_logits(&s.tokens, vocab);
             }
-            if feed.is_empty() || dc.len() + feed.len() + allot[i] > dc.capacity() {
+            if feed.is_empty() || dc.cache.len() + feed.len() + allot[i] > dc.cache.capacity() {
                 continue;
             }
             budget -= n;
@@ -910,7 +946,8 @@ impl Worker {
                     let cache = rest
                         .find(|(j, _)| j == i)
                         .and_then(|(_, s)| s.guess.as_mut())
-                        .and_then(|g| g.draft.as_mut());
+                        .and_then(|g| g.draft.as_mut())
+                        .map(|d| &mut d.cache);
                     if let Some(cache) = cache {
                         batch.push(BatchSeq {
                             tokens: feed,

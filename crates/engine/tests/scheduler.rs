@@ -631,3 +631,58 @@ fn the_draft_reuses_its_cache_of_a_shared_prefix() {
         p1.len()
     );
 }
+
+/// A sequence's draft catches up on at most
+/// [`DRAFT_WINDOW`](hanlin_engine::speculative::DRAFT_WINDOW) tokens of a
+/// long prompt (before, on all of it: a pass of the draft per prefill
+/// chunk, each as long as a quarter of the target's), still guesses, and
+/// the answer is the one without a draft.
+#[test]
+fn a_drafts_catch_up_on_a_long_prompt_is_bounded_by_its_window() {
+    use hanlin_engine::speculative::DRAFT_WINDOW;
+    let m = model();
+    let mut notes = String::new();
+    for i in 0..60 {
+        notes += &format!("{i}. The river passes town number {i} before it reaches the sea.\n");
+    }
+    let p = m
+        .chat_prompt(&[Message::new(
+            "user",
+            format!("{notes}\nWrite a Python function that adds two numbers."),
+        )])
+        .expect("prompt");
+    assert!(p.len() > 3 * DRAFT_WINDOW, "{} tokens", p.len());
+    let ask = |sched: &Scheduler| {
+        let (j, rx) = job(p.clone(), 24, 0);
+        sched.submit(j).expect("submit");
+        collect(&rx).0
+    };
+    let plain = ask(&Scheduler::start(
+        m.clone(),
+        SchedulerConfig {
+            lookup: Lookup::Off,
+            ..Default::default()
+        },
+    ));
+    let draft = Draft::new(m.clone(), "draft", &m, "target").expect("draft");
+    let sched = Scheduler::start_with_draft(
+        m.clone(),
+        Some(draft),
+        SchedulerConfig {
+            lookup: Lookup::Always,
+            ..Default::default()
+        },
+    );
+    assert_eq!(ask(&sched), plain, "the draft changed the answer");
+    let stat = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as usize;
+    let caught_up = stat(&sched.stats.draft_caught_up_tokens);
+    assert!(
+        caught_up > 0 && caught_up <= DRAFT_WINDOW + 24,
+        "the draft caught up on {caught_up} tokens of a {}-token prompt",
+        p.len()
+    );
+    assert!(
+        stat(&sched.stats.draft_proposed_tokens) > 0,
+        "the draft proposed nothing"
+    );
+}

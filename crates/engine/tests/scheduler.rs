@@ -576,6 +576,19 @@ fn a_draft_model_gives_the_same_text_in_fewer_steps() {
     );
 }
 
+/// A scheduler whose model drafts for itself, with prompt lookup always on.
+fn with_self_draft(m: &Arc<LoadedModel>) -> Scheduler {
+    let draft = Draft::new(m.clone(), "draft", m, "target").expect("draft");
+    Scheduler::start_with_draft(
+        m.clone(),
+        Some(draft),
+        SchedulerConfig {
+            lookup: Lookup::Always,
+            ..Default::default()
+        },
+    )
+}
+
 /// The draft model's caches are pooled with the target's: the next turn of
 /// a conversation (here the same prompt again, and then a longer one that
 /// starts with it) does not run the shared history through the draft again.
@@ -583,15 +596,7 @@ fn a_draft_model_gives_the_same_text_in_fewer_steps() {
 #[test]
 fn the_draft_reuses_its_cache_of_a_shared_prefix() {
     let m = model();
-    let draft = Draft::new(m.clone(), "draft", &m, "target").expect("draft");
-    let sched = Scheduler::start_with_draft(
-        m.clone(),
-        Some(draft),
-        SchedulerConfig {
-            lookup: Lookup::Always,
-            ..Default::default()
-        },
-    );
+    let sched = with_self_draft(&m);
     let mut history = vec![Message::new(
         "user",
         "Write a Python function that returns the n-th Fibonacci number.",
@@ -641,16 +646,7 @@ fn the_draft_reuses_its_cache_of_a_shared_prefix() {
 fn a_drafts_catch_up_on_a_long_prompt_is_bounded_by_its_window() {
     use hanlin_engine::speculative::DRAFT_WINDOW;
     let m = model();
-    let mut notes = String::new();
-    for i in 0..60 {
-        notes += &format!("{i}. The river passes town number {i} before it reaches the sea.\n");
-    }
-    let p = m
-        .chat_prompt(&[Message::new(
-            "user",
-            format!("{notes}\nWrite a Python function that adds two numbers."),
-        )])
-        .expect("prompt");
+    let p = common::long_notes_prompt(&m);
     assert!(p.len() > 3 * DRAFT_WINDOW, "{} tokens", p.len());
     let ask = |sched: &Scheduler| {
         let (j, rx) = job(p.clone(), 24, 0);
@@ -664,15 +660,7 @@ fn a_drafts_catch_up_on_a_long_prompt_is_bounded_by_its_window() {
             ..Default::default()
         },
     ));
-    let draft = Draft::new(m.clone(), "draft", &m, "target").expect("draft");
-    let sched = Scheduler::start_with_draft(
-        m.clone(),
-        Some(draft),
-        SchedulerConfig {
-            lookup: Lookup::Always,
-            ..Default::default()
-        },
-    );
+    let sched = with_self_draft(&m);
     assert_eq!(ask(&sched), plain, "the draft changed the answer");
     let stat = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as usize;
     let caught_up = stat(&sched.stats.draft_caught_up_tokens);

@@ -255,16 +255,7 @@ fn proposers_catch_up_before_proposing_resumes() {
 #[test]
 fn a_draft_reads_only_the_end_of_a_long_prompt() {
     let m = load("qwen2.5-coder-0.5b");
-    let mut notes = String::new();
-    for i in 0..60 {
-        notes += &format!("{i}. The river passes town number {i} before it reaches the sea.\n");
-    }
-    let prompt = m
-        .chat_prompt(&[Message::new(
-            "user",
-            format!("{notes}\nWrite a Python function that adds two numbers."),
-        )])
-        .expect("prompt");
+    let prompt = common::long_notes_prompt(&m);
     assert!(prompt.len() > 3 * DRAFT_WINDOW, "{} tokens", prompt.len());
     let p = params(40, SamplerConfig::greedy());
     let plain = m

@@ -35,3 +35,16 @@ pub const PARITY_MODELS: [&str; 4] = [
     "gemma3-270m",
     "qwen2.5-coder-1.5b",
 ];
+
+/// A chat prompt of about a thousand tokens (sixty numbered notes, then a
+/// short coding question): longer than a draft reads
+/// ([`hanlin_engine::speculative::DRAFT_WINDOW`]).
+pub fn long_notes_prompt(m: &hanlin_engine::LoadedModel) -> Vec<u32> {
+    let mut notes = String::new();
+    for i in 0..60 {
+        notes += &format!("{i}. The river passes town number {i} before it reaches the sea.\n");
+    }
+    let ask = format!("{notes}\nWrite a Python function that adds two numbers.");
+    m.chat_prompt(&[hanlin_tokenizer::Message::new("user", ask)])
+        .expect("prompt")
+}

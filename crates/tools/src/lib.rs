@@ -262,6 +262,25 @@ impl Toolset {
         self.tools.iter().any(|(n, _)| n == name)
     }
 
+    /// The tool a call's `name` means: the one of that name, else the one
+    /// MCP tool (`SERVER__TOOL`) whose own name it is, when exactly one
+    /// offered server has it — small models often drop the server's
+    /// prefix (the 0.5B model called `order_status` for
+    /// `shop__order_status`).
+    fn resolve(&self, name: &str) -> Option<(&str, &Arc<dyn Tool>)> {
+        if let Some((n, t)) = self.tools.iter().find(|(n, _)| n == name) {
+            return Some((n.as_str(), t));
+        }
+        let suffix = format!("{}{name}", mcp::SEP);
+        let mut found = self.tools.iter().filter(|(n, _)| n.ends_with(&suffix));
+        match (found.next(), found.next()) {
+            (Some((n, t)), None) if !name.is_empty() && !name.contains(mcp::SEP) => {
+                Some((n.as_str(), t))
+            }
+            _ => None,
+        }
+    }
+
     /// The tools in OpenAI's `tools` shape, for the chat template.
     pub fn openai(&self) -> Value {
         Value::Array(self.tools.iter().map(|(_, t)| t.spec().openai()).collect())
@@ -272,11 +291,10 @@ impl Toolset {
     /// fails: an error is an `ok: false` outcome the model reads.
     pub async fn run(&self, call: &Call, cx: &Context) -> Outcome {
         let start = Instant::now();
-        let tool = self
-            .tools
-            .iter()
-            .find(|(n, _)| *n == call.name)
-            .map(|(_, t)| t);
+        let (name, tool) = match self.resolve(&call.name) {
+            Some((n, t)) => (n.to_string(), Some(t)),
+            None => (call.name.clone(), None),
+        };
         let max = tool
             .and_then(|t| t.max_output())
             .unwrap_or(cx.limits.max_output);
@@ -287,7 +305,7 @@ impl Toolset {
         Outcome {
             step: 0,
             id: call.id.clone(),
-            name: call.name.clone(),
+            name,
             arguments: call.arguments.clone(),
             ok,
             content,
@@ -385,6 +403,65 @@ mod tests {
         ) -> BoxFuture<'a, Result<String, ToolError>> {
             Box::pin(async { Ok("数".repeat(10 << 20)) })
         }
+    }
+
+    /// A tool of any name, answering with its name.
+    struct Named(&'static str);
+    impl Tool for Named {
+        fn spec(&self) -> Spec {
+            Spec {
+                name: self.0.into(),
+                description: "names itself".into(),
+                parameters: json!({"type": "object", "properties": {}}),
+            }
+        }
+        fn call<'a>(
+            &'a self,
+            _: Value,
+            _: &'a Context,
+        ) -> BoxFuture<'a, Result<String, ToolError>> {
+            Box::pin(async { Ok(self.0.to_string()) })
+        }
+    }
+
+    /// A call that drops an MCP tool's server prefix runs that tool when
+    /// one offered server has it, and is an error when two do.
+    #[tokio::test]
+    async fn a_tool_named_without_its_servers_prefix_runs_when_one_server_has_it() {
+        let mut b = Toolbox::builtin();
+        for n in ["shop__order_status", "shop__refund", "bank__refund"] {
+            b.insert(Arc::new(Named(n)));
+        }
+        let names = [
+            "shop__order_status",
+            "shop__refund",
+            "bank__refund",
+            "calculator",
+        ];
+        let set = b.select(&names.map(String::from)).expect("known");
+        let cx = Context::new(chrono_tz::Asia::Shanghai, Limits::default());
+        let out = set
+            .run_all(
+                &[
+                    call("order_status", "{}"),
+                    call("refund", "{}"),
+                    call("shop__order_status", "{}"),
+                    call("status", "{}"),
+                ],
+                &cx,
+            )
+            .await;
+        assert_eq!(
+            (out[0].ok, out[0].name.as_str(), out[0].content.as_str()),
+            (true, "shop__order_status", "shop__order_status")
+        );
+        assert!(
+            !out[1].ok && out[1].content.contains("no tool named"),
+            "{:?}",
+            out[1]
+        );
+        assert!(out[2].ok, "{:?}", out[2]);
+        assert!(!out[3].ok, "{:?}", out[3]);
     }
 
     fn call(name: &str, args: &str) -> Call {

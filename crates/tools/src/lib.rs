@@ -366,14 +366,19 @@ pub fn cap(mut s: String, max: usize) -> String {
 mod tests {
     use super::*;
 
+    /// A test tool's spec: a name, a description, no arguments.
+    fn no_arguments(name: &str, description: &str) -> Spec {
+        Spec {
+            name: name.into(),
+            description: description.into(),
+            parameters: json!({"type": "object", "properties": {}}),
+        }
+    }
+
     struct Slow;
     impl Tool for Slow {
         fn spec(&self) -> Spec {
-            Spec {
-                name: "slow".into(),
-                description: "sleeps".into(),
-                parameters: json!({"type": "object", "properties": {}}),
-            }
+            no_arguments("slow", "sleeps")
         }
         fn call<'a>(
             &'a self,
@@ -390,11 +395,7 @@ mod tests {
     struct Big;
     impl Tool for Big {
         fn spec(&self) -> Spec {
-            Spec {
-                name: "big".into(),
-                description: "10 MB".into(),
-                parameters: json!({"type": "object", "properties": {}}),
-            }
+            no_arguments("big", "10 MB")
         }
         fn call<'a>(
             &'a self,
@@ -409,11 +410,7 @@ mod tests {
     struct Named(&'static str);
     impl Tool for Named {
         fn spec(&self) -> Spec {
-            Spec {
-                name: self.0.into(),
-                description: "names itself".into(),
-                parameters: json!({"type": "object", "properties": {}}),
-            }
+            no_arguments(self.0, "names itself")
         }
         fn call<'a>(
             &'a self,

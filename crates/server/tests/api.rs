@@ -2,9 +2,9 @@
 //! exact rate limits and quotas under concurrency, exact metering, the admin
 //! API, metrics, and a vanished client freeing its sequence.
 
-mod common;
+use crate::common;
 
-use common::{start, MODEL};
+use crate::common::{start, MODEL};
 use hanlin_accounts::Plan;
 use serde_json::{json, Value};
 use std::time::Duration;

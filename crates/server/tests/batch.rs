@@ -4,9 +4,9 @@
 //! quota, and a runner killed mid-batch that resumes without losing or
 //! repeating a line.
 
-mod common;
+use crate::common;
 
-use common::{call, MODEL};
+use crate::common::{call, MODEL};
 use futures::StreamExt;
 use hanlin_accounts::Plan;
 use reqwest::Method as M;

@@ -3,10 +3,10 @@
 //! owner-only stored images, metering per image, and OpenAI-shaped errors
 //! for bad requests.
 
-mod common;
+use crate::common;
 
+use crate::common::{call, start_with};
 use base64::Engine;
-use common::{call, start_with};
 use reqwest::Method;
 use serde_json::{json, Value};
 

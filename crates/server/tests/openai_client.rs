@@ -1,7 +1,7 @@
 //! The official `openai` Python package against a real server (installed by
 //! scripts/test.sh; a missing package fails the test).
 
-mod common;
+use crate::common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_python_client() {

@@ -5,7 +5,7 @@
 //! limits of replicas live in the database too). The database is reached through a TCP proxy
 //! the test cuts and restores. (PostgreSQL only; `.ci/run` provides it.)
 
-mod common;
+use crate::common;
 
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,9 +3,7 @@
 //! get a grounded answer whose citations point at the fact's document, or
 //! "I don't know".
 
-mod common;
-
-use common::{call, start, start_with, QWEN};
+use crate::common::{call, start, start_with, QWEN};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,9 @@
 //! loopback (issue: server foundation). Each test fails on the server as it
 //! was before its fix; they run on SQLite and, in CI, on PostgreSQL.
 
-mod common;
+use crate::common;
 
-use common::{start, start_with, MODEL, QWEN};
+use crate::common::{start, start_with, MODEL, QWEN};
 use hanlin_accounts::web::SignupPolicy;
 use hanlin_accounts::Role;
 use reqwest::Method as M;

@@ -3,9 +3,9 @@
 //! the answer and of the stream (never as standard `tool_calls`), and the
 //! requests it refuses.
 
-mod common;
+use crate::common;
 
-use common::{call, QWEN};
+use crate::common::{call, QWEN};
 use serde_json::{json, Value};
 
 async fn post(base: &str, key: &str, body: Value) -> (u16, String) {

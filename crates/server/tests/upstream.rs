@@ -1,14 +1,14 @@
 //! Models served by upstream servers: fake OpenAI-compatible servers on
 //! loopback (that behave, break, hang, lie) and a second Hanlin node.
 
-mod common;
+use crate::common;
 
+use crate::common::{call, MODEL};
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::{call, MODEL};
 use futures::StreamExt;
 use hanlin_accounts::Plan;
 use hanlin_upstream::UpstreamConfig;

@@ -4,9 +4,9 @@
 //! between users, import/export and bad input. (The page itself is tested
 //! in a real browser by e2e/chat.test.mjs.)
 
-mod common;
+use crate::common;
 
-use common::{start, Browser, MODEL};
+use crate::common::{start, Browser, MODEL};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;

@@ -5,12 +5,10 @@
 //! messages) — with a token it revokes mid-test. The answers come from the
 //! real SmolLM2 model.
 
-mod common;
-
+use crate::common::*;
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::Json;
-use common::*;
 use hanlin_accounts::Plan;
 use hanlin_channels::wechat::{crypto, xml, AccountConfig, Kind, Mode};
 use serde_json::{json, Value};

@@ -822,16 +822,24 @@ impl Worker {
             };
             proposed.fetch_add(st.proposed as u64, Ordering::Relaxed);
             accepted.fetch_add(st.accepted as u64, Ordering::Relaxed);
-            let lps = s.dec.lps[s.lps_sent..].to_vec();
-            s.lps_sent = s.dec.lps.len();
-            let tokens = s.dec.out.len() - s.tokens_sent;
-            if !st.text.is_empty() || !lps.is_empty() || (tokens > 0 && st.finish.is_some()) {
-                s.tokens_sent = s.dec.out.len();
-                s.send(Event::Token {
-                    text: st.text,
-                    tokens,
-                    logprobs: lps,
-                });
+            // An event per sampled row, as plain decoding sends them: a
+            // reader that stops at some text (a tool loop at a repeated
+            // call) then stops at the same token whether or not guesses
+            // were checked with it.
+            let last = st.rows.len().saturating_sub(1);
+            for (j, row) in st.rows.into_iter().enumerate() {
+                let lps = s.dec.lps[s.lps_sent..row.logprobs].to_vec();
+                s.lps_sent = row.logprobs;
+                let tokens = row.tokens - s.tokens_sent;
+                let end = j == last && st.finish.is_some();
+                if !row.text.is_empty() || !lps.is_empty() || (tokens > 0 && end) {
+                    s.tokens_sent = row.tokens;
+                    s.send(Event::Token {
+                        text: row.text,
+                        tokens,
+                        logprobs: lps,
+                    });
+                }
             }
             match (st.finish, st.feed) {
                 (Some(finish), _) => {

@@ -38,6 +38,22 @@ pub struct Round {
     pub sampled: usize,
     pub proposed: usize,
     pub accepted: usize,
+    /// Each sampled row's part: its text and the decoder's token and
+    /// log-probability counts after it, so that a caller can report a
+    /// round row by row, as plain decoding would (what a reader of the
+    /// events decides after each piece then cannot depend on how many
+    /// guesses a round checked).
+    pub rows: Vec<RowPart>,
+}
+
+/// One sampled row of a [`Round`].
+#[derive(Debug, Default)]
+pub struct RowPart {
+    /// Text that became final at this row.
+    pub text: String,
+    /// The decoder's `out` and `lps` lengths after this row.
+    pub tokens: usize,
+    pub logprobs: usize,
 }
 
 /// Sample one round: `logits` holds a row per token fed this round (the
@@ -67,6 +83,11 @@ pub fn verify(
         round.held = held;
         let cancelled = !step.text.is_empty() && !on_text(&step.text);
         round.text.push_str(&step.text);
+        round.rows.push(RowPart {
+            text: step.text.clone(),
+            tokens: dec.out.len(),
+            logprobs: dec.lps.len(),
+        });
         let finish = if cancelled {
             Some(FinishReason::Cancelled)
         } else {

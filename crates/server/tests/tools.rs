@@ -140,13 +140,6 @@ async fn mcp_servers_tools_run_for_the_callers_their_allow_lists_name() {
             .insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
         shop.plans = vec!["plus".into()];
         c.mcp.insert("shop".into(), shop);
-        // Without prompt lookup: with it, this request's greedy answer
-        // differed between runs of the same binary (three different
-        // answers in six runs with `Lookup::Always`, the same one in six
-        // with `Lookup::Off`; the default failed this test in one of
-        // four) — a scheduler fault not yet found, and not this test's
-        // subject.
-        c.sched.lookup = hanlin_engine::Lookup::Off;
     })
     .await;
     let key = srv.user_key("mia", "plus").await;

@@ -810,11 +810,11 @@ impl Worker {
                 g.k.pass(1 + s.drafts.len(), (secs - draft_secs).max(0.0));
                 g.k.proposing(s.drafts.len(), draft_secs);
             }
-            sampled += st.sampled;
+            sampled += st.rows.len();
             let stats = &self.stats;
             stats
                 .generated_tokens
-                .fetch_add(st.sampled as u64, Ordering::Relaxed);
+                .fetch_add(st.rows.len() as u64, Ordering::Relaxed);
             let (proposed, accepted) = if s.drafted {
                 (&stats.draft_proposed_tokens, &stats.draft_accepted_tokens)
             } else {

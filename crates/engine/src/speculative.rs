@@ -24,8 +24,6 @@ use std::sync::Arc;
 /// What one round of sampling gave (see [`verify`]).
 #[derive(Debug, Default)]
 pub struct Round {
-    /// Text that became final this round.
-    pub text: String,
     /// Set when the sequence is finished (or `on_text` stopped it).
     pub finish: Option<FinishReason>,
     /// The token to feed next when the sequence goes on.
@@ -33,9 +31,8 @@ pub struct Round {
     /// How many of the fed tokens stay: the KV cache and the token list
     /// are to be cut back to this length.
     pub held: usize,
-    /// Rows sampled; proposals checked (those after a finish count
-    /// neither way) and kept.
-    pub sampled: usize,
+    /// Proposals checked (those after a finish count neither way) and
+    /// kept.
     pub proposed: usize,
     pub accepted: usize,
     /// Each sampled row's part: its text and the decoder's token and
@@ -79,12 +76,10 @@ pub fn verify(
     for (j, row) in logits.chunks_exact_mut(vocab.max(1)).enumerate() {
         let held = base + j;
         let step = dec.next(tok, row, &tokens[..held], held >= capacity);
-        round.sampled += 1;
         round.held = held;
         let cancelled = !step.text.is_empty() && !on_text(&step.text);
-        round.text.push_str(&step.text);
         round.rows.push(RowPart {
-            text: step.text.clone(),
+            text: step.text,
             tokens: dec.out.len(),
             logprobs: dec.lps.len(),
         });

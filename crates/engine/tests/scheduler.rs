@@ -30,13 +30,20 @@ fn job(prompt: Vec<u32>, max: usize, priority: i32) -> (Job, mpsc::Receiver<Even
 
 /// Collect one request's events: (text, Started's cached tokens, Done).
 fn collect(rx: &mpsc::Receiver<Event>) -> (String, usize, Event) {
-    let mut text = String::new();
+    let (pieces, cached, end) = collect_pieces(rx);
+    (pieces.concat(), cached, end)
+}
+
+/// [`collect`], with the text as its `Token` events gave it, an item an
+/// event.
+fn collect_pieces(rx: &mpsc::Receiver<Event>) -> (Vec<String>, usize, Event) {
+    let mut pieces = Vec::new();
     let mut cached = usize::MAX;
     loop {
         match rx.recv_timeout(Duration::from_secs(300)).expect("event") {
             Event::Started { cached_tokens, .. } => cached = cached_tokens,
-            Event::Token { text: t, .. } => text.push_str(&t),
-            e @ (Event::Done { .. } | Event::Failed(_)) => return (text, cached, e),
+            Event::Token { text, .. } => pieces.push(text),
+            e @ (Event::Done { .. } | Event::Failed(_)) => return (pieces, cached, e),
             Event::Embedding(_) => panic!("a generation job got an embedding"),
             Event::Queued { .. } | Event::Prefill { .. } => {}
         }
@@ -415,19 +422,6 @@ fn background_jobs_leave_the_reserved_slots_to_interactive_ones() {
     stop.store(true, Ordering::SeqCst);
 }
 
-/// One request's text as its `Token` events gave it, an item an event.
-fn pieces(rx: &mpsc::Receiver<Event>) -> Vec<String> {
-    let mut out = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(300)).expect("event") {
-            Event::Token { text, .. } => out.push(text),
-            Event::Done { .. } => return out,
-            Event::Failed(e) => panic!("{e}"),
-            _ => {}
-        }
-    }
-}
-
 /// Each prompt twice at once, greedy and sampled with `sampled` (both
 /// `sampled.max_tokens` long): the texts in that order, as their events
 /// gave them (guesses checked in a round must not change what a reader
@@ -448,7 +442,7 @@ fn greedy_and_sampled(
             rxs.push(rx);
         }
     }
-    rxs.iter().map(pieces).collect()
+    rxs.iter().map(|rx| collect_pieces(rx).0).collect()
 }
 
 /// Prompt lookup inside the batch: a reply that quotes its prompt takes

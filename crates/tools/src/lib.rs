@@ -271,12 +271,13 @@ impl Toolset {
         if let Some((n, t)) = self.tools.iter().find(|(n, _)| n == name) {
             return Some((n.as_str(), t));
         }
+        if name.is_empty() || name.contains(mcp::SEP) {
+            return None;
+        }
         let suffix = format!("{}{name}", mcp::SEP);
         let mut found = self.tools.iter().filter(|(n, _)| n.ends_with(&suffix));
         match (found.next(), found.next()) {
-            (Some((n, t)), None) if !name.is_empty() && !name.contains(mcp::SEP) => {
-                Some((n.as_str(), t))
-            }
+            (Some((n, t)), None) => Some((n.as_str(), t)),
             _ => None,
         }
     }
